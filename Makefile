@@ -1,0 +1,41 @@
+# The two commands of the README: `make demo` and `make test`. Everything they need is set up here.
+PY     ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Debian packages of the real test peers (IPMI client, SNMP receiver and MIB checker, SSH server,
+# fence_ipmilan for the benchmark baseline, Chromium for the UI tests).
+DEBS   := ipmitool snmptrapd snmp openssh-server smitools fence-agents chromium
+
+.PHONY: demo test venv debs lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+demo: $(STAMP)
+	$(BIN)/fencer demo $(ARGS)
+
+test: $(STAMP) debs
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy fencing
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks --json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

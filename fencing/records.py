@@ -1,0 +1,161 @@
+"""Wire records: the JSON value of every fencer topic, one pydantic model per topic.
+
+Each record carries `schema_version`; `docs/schemas/` is generated from these models so other
+systems can consume the topics. Keys: host uuid for host-signals, probe requests and results;
+cluster uuid for fence proposals; host uuid for decisions, outcomes and notices.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fencing.events import Evidence, FenceAction, HostStatus, NoticeKind, WithheldReason
+
+SCHEMA_VERSION = 1
+
+
+class WireRecord(BaseModel):
+    """Base of every topic value."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    schema_version: int = SCHEMA_VERSION
+
+
+class HostRef(BaseModel):
+    """Who a record is about."""
+
+    model_config = ConfigDict(frozen=True)
+    host_uuid: str
+    host_name: str | None = None
+    cluster_uuid: str | None = None
+    cluster_name: str | None = None
+    zone_uuid: str | None = None
+    zone_name: str | None = None
+    ip_address: str | None = None
+
+
+class HostSignal(WireRecord):
+    """A fact about a host from the event bus or the listHosts poller (topic host-signals)."""
+
+    kind: Literal["disconnected", "up", "maintenance_started", "maintenance_ended", "inventory"]
+    host: HostRef
+    at: float = Field(description="epoch seconds the fact became true (event time or poll time)")
+    status: HostStatus | None = None
+    resource_state: str | None = None
+    source: Literal["event-bus", "poller", "api"] = "event-bus"
+    cluster_host_count: int | None = Field(None, description="hosts in the cluster (poller)")
+
+
+class ProbeRequest(WireRecord):
+    """Check one suspect host's storage activity (topic probe-requests)."""
+
+    host: HostRef
+    episode: int
+    check: int
+    suspect_since: float
+    requested_at: float
+
+
+class ProbeResult(WireRecord):
+    """The answer (topic probe-results)."""
+
+    host: HostRef
+    episode: int
+    check: int
+    evidence: Evidence
+    suspect_since: float
+    finished_at: float
+    newest_write: float | None = None
+    heartbeat: float | None = None
+    files_checked: int = 0
+    files_missing: int = 0
+    neighbour: str | None = None
+    reason: str | None = None
+    duration: float = 0.0
+    probe: str = "nfs"
+
+
+class EvidenceSummary(BaseModel):
+    """The evidence behind a fence, carried on proposals, decisions, outcomes and notices."""
+
+    model_config = ConfigDict(frozen=True)
+    suspect_since: float
+    stale_checks: int
+    newest_write: float | None = None
+    files_checked: int = 0
+    last_neighbour: str | None = None
+
+
+class FenceProposal(WireRecord):
+    """The host's episode asks its cluster's gate for a fence (topic fence-proposals)."""
+
+    decision_id: str
+    host: HostRef
+    episode: int
+    action: FenceAction
+    evidence: EvidenceSummary
+    proposed_at: float
+
+
+class FenceDecision(WireRecord):
+    """Approved or withheld (topic fence-decisions)."""
+
+    decision_id: str
+    host: HostRef
+    episode: int
+    action: FenceAction
+    approved: bool
+    withheld_reason: WithheldReason | None = None
+    evidence: EvidenceSummary
+    decided_at: float
+    budget_used: int = 0
+    budget_cap: int = 0
+
+
+class FenceOutcome(WireRecord):
+    """What the actuator did (topic fence-outcomes)."""
+
+    decision_id: str
+    host: HostRef
+    episode: int
+    action: FenceAction
+    driver: str
+    success: bool
+    verified: bool = False
+    power_before: str | None = None
+    power_after: str | None = None
+    started_at: float
+    finished_at: float
+    attempts: int = 1
+    cloudstack_call: str | None = None
+    cloudstack_job: str | None = None
+    cloudstack_result: str | None = None
+    error: str | None = None
+
+
+class Notice(WireRecord):
+    """Something to tell people (topic notices), rendered by the notifiers."""
+
+    notice_id: str
+    kind: NoticeKind
+    host: HostRef
+    at: float
+    action: FenceAction | None = None
+    decision_id: str | None = None
+    result: str | None = None
+    reason: str | None = None
+    evidence: EvidenceSummary | None = None
+
+
+class DeadLetter(WireRecord):
+    """Input fencer could not use (topic dead-letter)."""
+
+    topic: str
+    partition: int | None = None
+    offset: int | None = None
+    reason: str
+    key: str | None = None
+    value_b64: str = Field(description="the original bytes, base64")
+    at: float

@@ -1,0 +1,470 @@
+"""Operator settings: one YAML file plus `FENCER_...` environment variables, validated by pydantic.
+
+Secrets are `SecretStr` everywhere, so they print as '**********' in reprs, logs and
+`fencer config check`. IPMI settings follow the feature design: cluster-level values, host-level
+overrides inherited field by field (`effective_ipmi`), falling back to `defaults.ipmi`.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from fencing.events import FenceAction
+from fencing.policy import Policy
+
+DEFAULT_EXECUTION_SYNTAX = (
+    "$IPMI_EXEC --username $IPMI_USERNAME --password $IPMI_PASSWORD "
+    "--command $IPMI_ACTION --host $IPMI_HOST"
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PolicySettings(_Model):
+    """The decision policy (see fencing.policy.Policy for the meaning of each number)."""
+
+    check_interval: float = Field(60.0, gt=0, description="seconds between checks of a suspect host")
+    extra_checks: int = Field(2, ge=0, le=100, description="stale checks needed after the first")
+    heartbeat_max_age: float = Field(61.0, gt=0)
+    unknown_alert_after: int = Field(3, ge=1)
+    fence_cap: int = Field(3, ge=0, description="power-downs per cluster per window")
+    fence_window: float = Field(3600.0, gt=0)
+    global_cap: int = Field(10, ge=0)
+    storm_ratio: float = Field(0.5, ge=0, le=1)
+    startup_quiet: float = Field(120.0, ge=0)
+
+    def to_policy(self) -> Policy:
+        """The core's plain-data view."""
+        return Policy(**self.model_dump())
+
+
+class Driver(str, Enum):
+    """How the actuator talks to a BMC."""
+
+    IPMI = "ipmi"  # native IPMI 2.0 lanplus through pyghmi
+    TEMPLATE = "template"  # the feature design's command template (ipmitool, iLO tools, scripts)
+    REDFISH = "redfish"
+    FAKE = "fake"  # in-process fake, for tests and dry runs
+
+
+class RestartVia(str, Enum):
+    """How CloudStack is told to restart the fenced host's VMs elsewhere."""
+
+    DECLARE_DEGRADED = "declareHostAsDegraded"
+    MAINTENANCE = "prepareHostForMaintenance"
+    NONE = "none"
+
+
+class PasswordVia(str, Enum):
+    """How the command-template driver hands the password to the tool."""
+
+    ARGV = "argv"  # substituted into $IPMI_PASSWORD (visible in /proc; config check warns)
+    ENV = "env"  # exported as IPMI_PASSWORD (ipmitool -E reads it)
+    FILE = "file"  # written to a 0600 temp file whose path is $IPMI_PASSWORD_FILE
+
+
+IPMI_FIELDS = (
+    "action",
+    "driver",
+    "username",
+    "password",
+    "exec",
+    "action_stop",
+    "action_start",
+    "action_reboot",
+    "action_blink",
+    "action_test",
+    "execution_syntax",
+    "password_via",
+    "port",
+    "redfish_system",
+    "verify_tls",
+    "restart_via",
+    "restart_without_fence",
+)
+
+
+class IpmiSettings(_Model):
+    """Cluster-level fencing settings (the feature design's IPMI tab), all with defaults."""
+
+    action: FenceAction = Field(
+        FenceAction.NOTHING, description="default fencing action: nothing | stop | reboot | blink"
+    )
+    driver: Driver = Driver.IPMI
+    username: str = "admin"
+    password: SecretStr = SecretStr("")
+    exec: str = Field("ipmitool", description="IPMI Exec: the tool the template runs")
+    action_stop: str = "power off"
+    action_start: str = "power on"
+    action_reboot: str = "power reset"
+    action_blink: str = "chassis identify"
+    action_test: str = "power status"
+    execution_syntax: str = DEFAULT_EXECUTION_SYNTAX
+    password_via: PasswordVia = PasswordVia.ARGV
+    port: int = Field(623, ge=1, le=65535, description="BMC port (623 for IPMI, 443 Redfish)")
+    redfish_system: str | None = Field(None, description="Redfish system id; first one if unset")
+    verify_tls: bool = True
+    restart_via: RestartVia = RestartVia.DECLARE_DEGRADED
+    restart_without_fence: bool = Field(
+        False,
+        description="tell CloudStack to restart VMs after nothing/blink (VMs may run twice)",
+    )
+
+    @field_validator("action")
+    @classmethod
+    def _decision_action(cls, v: FenceAction) -> FenceAction:
+        if v in (FenceAction.START, FenceAction.TEST):
+            raise ValueError("the fencing action must be one of nothing, stop, reboot, blink")
+        return v
+
+
+class IpmiOverrides(_Model):
+    """Host-level overrides: every field optional (None = inherit from the cluster)."""
+
+    address: str | None = Field(None, description="BMC hostname or IP")
+    action: FenceAction | None = None
+    driver: Driver | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    exec: str | None = None
+    action_stop: str | None = None
+    action_start: str | None = None
+    action_reboot: str | None = None
+    action_blink: str | None = None
+    action_test: str | None = None
+    execution_syntax: str | None = None
+    password_via: PasswordVia | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    redfish_system: str | None = None
+    verify_tls: bool | None = None
+    restart_via: RestartVia | None = None
+    restart_without_fence: bool | None = None
+
+    @field_validator("action")
+    @classmethod
+    def _decision_action(cls, v: FenceAction | None) -> FenceAction | None:
+        if v in (FenceAction.START, FenceAction.TEST):
+            raise ValueError("the fencing action must be one of nothing, stop, reboot, blink")
+        return v
+
+
+class ClusterSettings(_Model):
+    """Per-cluster settings; the key in `clusters` is the CloudStack cluster uuid."""
+
+    name: str | None = None
+    ipmi: IpmiOverrides = Field(default_factory=IpmiOverrides)
+    email_to: list[str] | None = Field(None, description="recipients; the global list if unset")
+    fence_cap: int | None = Field(None, ge=0)
+    paused: bool = False
+
+
+class HostSettings(_Model):
+    """Per-host settings; the key in `hosts` is the CloudStack host uuid."""
+
+    name: str | None = None
+    ipmi: IpmiOverrides = Field(default_factory=IpmiOverrides)
+
+
+class EffectiveIpmi(_Model):
+    """A host's resolved settings and where each value came from."""
+
+    address: str | None
+    values: IpmiSettings
+    sources: dict[str, Literal["host", "cluster", "default"]]
+
+
+class SaslSettings(_Model):
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    username: str = ""
+    password: SecretStr = SecretStr("")
+
+
+class TopicNames(_Model):
+    """Every topic name, defined once."""
+
+    cloudstack: str = "cloudstack"
+    host_signals: str = "fencer.host-signals"
+    probe_requests: str = "fencer.probe-requests"
+    probe_results: str = "fencer.probe-results"
+    fence_proposals: str = "fencer.fence-proposals"
+    fence_decisions: str = "fencer.fence-decisions"
+    fence_outcomes: str = "fencer.fence-outcomes"
+    notices: str = "fencer.notices"
+    dead_letter: str = "fencer.dead-letter"
+    settings: str = "fencer.settings"
+
+
+class KafkaSettings(_Model):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    embedded: bool = Field(
+        False, description="the broker is the embedded Tansu: apply its workarounds"
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ssl_cafile: Path | None = None
+    sasl: SaslSettings | None = None
+    partitions: int = Field(4, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    topics: TopicNames = Field(default_factory=TopicNames)
+    group_id: str = "fencer"
+    session_timeout: float = Field(
+        6.0, gt=0, description="Faust broker_session_timeout; Tansu waits half of it on join"
+    )
+    heartbeat_interval: float = Field(1.5, gt=0)
+
+
+class CloudStackSettings(_Model):
+    endpoint: str = Field("http://127.0.0.1:8080/client/api", description="API URL")
+    api_key: SecretStr = SecretStr("")
+    secret_key: SecretStr = SecretStr("")
+    timeout: float = Field(10.0, gt=0)
+    verify_tls: bool = True
+    poll_interval: float = Field(30.0, gt=0, description="seconds between listHosts polls")
+    job_timeout: float = Field(300.0, gt=0)
+
+
+class SshSettings(_Model):
+    user: str = "root"
+    key_file: Path | None = None
+    known_hosts: Path | None = Field(None, description="required outside the lab")
+    insecure_skip_host_key_check: bool = Field(False, description="lab only")
+    port: int = Field(22, ge=1, le=65535)
+    connect_timeout: float = Field(5.0, gt=0)
+    command_timeout: float = Field(20.0, gt=0)
+    max_neighbours: int = Field(2, ge=1, description="neighbours tried per check")
+    mount_root: str = "/mnt"
+
+
+class EmailSettings(_Model):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(25, ge=1, le=65535)
+    security: Literal["plain", "starttls", "smtps"] = "plain"
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: Path | None = None
+    sender: str = "fencer@localhost"
+    to: list[str] = Field(default_factory=list)
+    timeout: float = Field(10.0, gt=0)
+
+
+class SnmpReceiver(_Model):
+    host: str
+    port: int = Field(162, ge=1, le=65535)
+    version: Literal["v2c", "v3"] = "v2c"
+    community: SecretStr = SecretStr("public")
+    user: str | None = None
+    auth_key: SecretStr | None = None
+    priv_key: SecretStr | None = None
+    auth_protocol: Literal["SHA", "SHA256", "SHA512", "MD5"] = "SHA"
+    priv_protocol: Literal["AES", "AES256", "DES"] = "AES"
+    notify_type: Literal["trap", "inform"] = "trap"
+
+    @model_validator(mode="after")
+    def _v3_needs_user(self) -> SnmpReceiver:
+        if self.version == "v3" and not (self.user and self.auth_key and self.priv_key):
+            raise ValueError("an SNMP v3 receiver needs user, auth_key and priv_key (authPriv)")
+        return self
+
+
+class SnmpSettings(_Model):
+    enabled: bool = False
+    engine_id: str | None = Field(None, description="hex; fixed so v3 trap receivers know it")
+    receivers: list[SnmpReceiver] = Field(default_factory=list)
+
+
+class ActuatorSettings(_Model):
+    power_timeout: float = Field(60.0, gt=0, description="seconds to see the power state change")
+    poll_interval: float = Field(1.0, gt=0)
+    retries: int = Field(2, ge=0)
+    retry_backoff: float = Field(2.0, ge=0)
+    preflight_interval: float = Field(0.0, ge=0, description="0 = no periodic BMC pre-flight")
+
+
+class ApiSettings(_Model):
+    listen: str = "127.0.0.1"
+    port: int = Field(8480, ge=1, le=65535)
+    token: SecretStr | None = None
+    secrets_key_file: Path | None = Field(None, description="key that encrypts stored passwords")
+
+
+class FencerSettings(BaseSettings):
+    """Everything fencer is configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FENCER_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    defaults: IpmiSettings = Field(default_factory=IpmiSettings)
+    clusters: dict[str, ClusterSettings] = Field(default_factory=dict)
+    hosts: dict[str, HostSettings] = Field(default_factory=dict)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    cloudstack: CloudStackSettings = Field(default_factory=CloudStackSettings)
+    ssh: SshSettings = Field(default_factory=SshSettings)
+    email: EmailSettings = Field(default_factory=EmailSettings)
+    snmp: SnmpSettings = Field(default_factory=SnmpSettings)
+    actuator: ActuatorSettings = Field(default_factory=ActuatorSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    data_dir: Path = Field(Path("var"), description="Faust tables and local state")
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file, as operators expect of FENCER_... variables.
+        return (env_settings, init_settings)
+
+    def effective_ipmi(self, host_uuid: str, cluster_uuid: str | None) -> EffectiveIpmi:
+        """The host's settings: host override, else cluster, else defaults, field by field."""
+        host = self.hosts.get(host_uuid, HostSettings()).ipmi
+        cluster = self.clusters.get(cluster_uuid or "", ClusterSettings()).ipmi
+        values: dict[str, Any] = {}
+        sources: dict[str, Literal["host", "cluster", "default"]] = {}
+        for name in IPMI_FIELDS:
+            hv, cv = getattr(host, name), getattr(cluster, name)
+            if hv is not None:
+                values[name], sources[name] = hv, "host"
+            elif cv is not None:
+                values[name], sources[name] = cv, "cluster"
+            else:
+                values[name], sources[name] = getattr(self.defaults, name), "default"
+        return EffectiveIpmi(
+            address=host.address, values=IpmiSettings(**values), sources=sources
+        )
+
+    def fence_cap_for(self, cluster_uuid: str) -> int:
+        """The cluster's cap, or the policy's."""
+        c = self.clusters.get(cluster_uuid)
+        return c.fence_cap if c and c.fence_cap is not None else self.policy.fence_cap
+
+    def email_to_for(self, cluster_uuid: str | None) -> list[str]:
+        """The cluster's recipients, or the global list."""
+        c = self.clusters.get(cluster_uuid or "")
+        return c.email_to if c and c.email_to is not None else list(self.email.to)
+
+
+class SettingsError(Exception):
+    """Bad settings: the message names the field (and the file line where known)."""
+
+
+def _line_index(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    index: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = (*path, str(k.value))
+                index[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                key = (*path, str(i))
+                index[key] = v.start_mark.line + 1
+                walk(v, key)
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _describe(err: ValidationError, lines: dict[tuple[str, ...], int], source: str) -> str:
+    out = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        where = ""
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in lines:
+                where = f" ({source} line {lines[loc[:n]]})"
+                break
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        out.append(f"{'.'.join(loc) or '<root>'}: {msg}{where}")
+    return "invalid settings:\n  " + "\n  ".join(out)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> FencerSettings:
+    """Load settings from a YAML file (optional) plus the environment; raise SettingsError."""
+    data: dict[str, Any] = {}
+    lines: dict[tuple[str, ...], int] = {}
+    source = "environment"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise SettingsError(f"cannot read settings file {p}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+            lines = _line_index(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" line {mark.line + 1}" if mark is not None else ""
+            raise SettingsError(f"{p}{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"{p}: the top level must be a mapping of settings")
+        data = loaded
+    data.update(overrides)
+    try:
+        return FencerSettings(**data)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, lines, source)) from None
+
+
+def redacted_dump(settings: FencerSettings) -> dict[str, Any]:
+    """The effective settings as plain data, every secret shown as '**********' or null."""
+    return settings.model_dump(mode="json")
+
+
+def settings_warnings(settings: FencerSettings) -> list[str]:
+    """Things that validate but that an operator should fix (printed by `config check`)."""
+    warnings: list[str] = []
+
+    def check(where: str, ipmi: IpmiSettings) -> None:
+        if ipmi.driver is Driver.TEMPLATE and "$IPMI_PASSWORD" in ipmi.execution_syntax:
+            if ipmi.password_via is PasswordVia.ARGV:
+                warnings.append(
+                    f"{where}: the execution syntax puts $IPMI_PASSWORD in the command line, "
+                    "where any local user can read it in /proc; use password_via: env "
+                    "(ipmitool -E) or file"
+                )
+
+    check("defaults", settings.defaults)
+    for cuuid in settings.clusters:
+        check(f"clusters.{cuuid}", settings.effective_ipmi("", cuuid).values)
+    for huuid, host in settings.hosts.items():
+        check(f"hosts.{huuid}", settings.effective_ipmi(huuid, None).values)
+    if settings.ssh.insecure_skip_host_key_check:
+        warnings.append("ssh.insecure_skip_host_key_check is on: only acceptable in the lab")
+    elif settings.ssh.known_hosts is None:
+        warnings.append("ssh.known_hosts is not set: probes will refuse to connect")
+    return warnings
