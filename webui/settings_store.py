@@ -1,0 +1,395 @@
+"""Operator settings changed at run time live in the compacted settings topic, and nowhere else.
+
+Keys: `cluster:<uuid>`, `host:<uuid>`, `pause:global`, `pause:cluster:<uuid>`. A cluster or host
+record replaces that entry of the YAML file as a whole; a tombstone (null value) deletes the
+record, so the file's entry applies again. IPMI passwords are Fernet-encrypted inside the record
+(key from `FENCER_SECRETS_KEY` or `api.secrets_key_file`) and a record without a password keeps
+the file's. `SettingsStore` reads the topic from the beginning and keeps the merged view; the API
+writes through it, and the workers read `effective()` / `is_paused()` from it.
+
+    store = SettingsStore(load_settings(path))
+    await store.start()                      # returns once the whole topic has been read
+    store.effective(host_uuid, cluster_uuid) # EffectiveIpmi, passwords decrypted (SecretStr)
+    store.is_paused(cluster_uuid)            # global or cluster pause in force
+    await store.put_cluster(uuid, ClusterSettings(...)); await store.pause(cluster_uuid)
+    await store.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from cryptography.fernet import Fernet, InvalidToken
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from fencing.settings import (
+    ApiSettings,
+    ClusterSettings,
+    EffectiveIpmi,
+    FencerSettings,
+    HostSettings,
+)
+from webui.topic_reader import TopicReader, kafka_client_kwargs
+
+log = logging.getLogger(__name__)
+
+SECRETS_KEY_ENV = "FENCER_SECRETS_KEY"
+GLOBAL_PAUSE_KEY = "pause:global"
+
+
+class SettingsStoreError(Exception):
+    """A settings change or the settings topic failed; the message is one operator line."""
+
+
+class SecretsKeyMissing(SettingsStoreError):
+    """A password was to be stored but no encryption key is configured."""
+
+
+def cluster_key(uuid: str) -> str:
+    """The topic key of a cluster's settings."""
+    return f"cluster:{uuid}"
+
+
+def host_key(uuid: str) -> str:
+    """The topic key of a host's overrides."""
+    return f"host:{uuid}"
+
+
+def pause_key(cluster_uuid: str | None) -> str:
+    """The topic key of a pause flag: global when `cluster_uuid` is None."""
+    return GLOBAL_PAUSE_KEY if cluster_uuid is None else f"pause:cluster:{cluster_uuid}"
+
+
+def generate_secrets_key() -> str:
+    """A new key for `FENCER_SECRETS_KEY` or `api.secrets_key_file`."""
+    return Fernet.generate_key().decode()
+
+
+def load_secrets_key(api: ApiSettings) -> Fernet | None:
+    """The password encryption key from the environment, else the key file, else None."""
+    raw = os.environ.get(SECRETS_KEY_ENV)
+    where = SECRETS_KEY_ENV
+    if not raw and api.secrets_key_file is not None:
+        where = f"api.secrets_key_file ({api.secrets_key_file})"
+        try:
+            raw = Path(api.secrets_key_file).read_text().strip()
+        except OSError as exc:
+            raise SettingsStoreError(f"cannot read {where}: {exc.strerror}") from None
+    if not raw:
+        return None
+    try:
+        return Fernet(raw.strip().encode())
+    except ValueError:
+        raise SettingsStoreError(
+            f"{where} is not a Fernet key (32 url-safe base64-encoded bytes)"
+        ) from None
+
+
+class PauseFlag(BaseModel):
+    """The value of a pause record."""
+
+    model_config = ConfigDict(extra="ignore")
+    paused: bool
+    reason: str | None = Field(None, max_length=500)
+    at: float = 0.0
+    by: str | None = None
+
+
+class _Entry(BaseModel):
+    """A decoded cluster or host record: its settings, and its password state."""
+
+    settings: ClusterSettings | HostSettings
+    # Absent: keep the file's password; None: cleared; a string: the Fernet token.
+    token: str | None = None
+    has_token: bool = False
+
+
+_UNSET: Any = object()
+
+
+class SettingsStore:
+    """The YAML settings overlaid with the settings topic; the one place operators' changes go."""
+
+    def __init__(
+        self,
+        settings: FencerSettings,
+        *,
+        secrets_key: Fernet | None = _UNSET,
+        client_id: str = "fencer-settings",
+    ) -> None:
+        self._file = settings
+        self._fernet: Fernet | None = (
+            load_secrets_key(settings.api) if secrets_key is _UNSET else secrets_key
+        )
+        self._topic = settings.kafka.topics.settings
+        self._client_id = client_id
+        self._entries: dict[str, _Entry] = {}
+        self._pauses: dict[str, PauseFlag] = {}
+        self._merged = settings
+        self._reader = TopicReader(
+            settings.kafka, [self._topic], self._on_record, client_id=client_id
+        )
+        self._producer: AIOKafkaProducer | None = None
+        self.version = 0  # bumped on every applied record: cheap change detection
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, within: float = 30.0) -> None:
+        """Create the topic if missing (compacted), then read it all before returning."""
+        await self._ensure_topic(within)
+        producer = AIOKafkaProducer(
+            client_id=self._client_id, acks="all", **kafka_client_kwargs(self._file.kafka)
+        )
+        try:
+            await producer.start()
+        except Exception as exc:
+            await producer.stop()
+            raise SettingsStoreError(
+                f"cannot reach Kafka at {self._file.kafka.bootstrap_servers}: {exc}"
+            ) from None
+        self._producer = producer
+        try:
+            await self._reader.start(within)
+        except Exception:
+            await self.stop()
+            raise
+
+    async def _ensure_topic(self, within: float) -> None:
+        kafka = self._file.kafka
+        admin = AIOKafkaAdminClient(
+            client_id=self._client_id,
+            request_timeout_ms=int(within * 1000),
+            **kafka_client_kwargs(kafka),
+        )
+        try:
+            await admin.start()
+            await admin.create_topics(
+                [
+                    NewTopic(
+                        self._topic,
+                        num_partitions=kafka.partitions,
+                        replication_factor=kafka.replication_factor,
+                        topic_configs={"cleanup.policy": "compact"},
+                    )
+                ]
+            )
+        except TopicAlreadyExistsError:
+            pass
+        except Exception as exc:
+            raise SettingsStoreError(
+                f"cannot create the settings topic {self._topic} at "
+                f"{kafka.bootstrap_servers}: {type(exc).__name__} {exc}".rstrip()
+            ) from None
+        finally:
+            await admin.close()
+
+    async def stop(self) -> None:
+        """Stop reading and writing."""
+        await self._reader.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def __aenter__(self) -> SettingsStore:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> FencerSettings:
+        """The merged settings (file + topic), as the workers should use them."""
+        return self._merged
+
+    @property
+    def file_settings(self) -> FencerSettings:
+        """The settings as loaded from the file and the environment."""
+        return self._file
+
+    @property
+    def can_store_passwords(self) -> bool:
+        """Whether an encryption key is configured."""
+        return self._fernet is not None
+
+    def effective(self, host_uuid: str, cluster_uuid: str | None) -> EffectiveIpmi:
+        """A host's IPMI settings and the source of each value (host, cluster, default)."""
+        return self._merged.effective_ipmi(host_uuid, cluster_uuid)
+
+    def cluster(self, uuid: str) -> ClusterSettings:
+        """A cluster's merged settings (an empty entry if none is set)."""
+        return self._merged.clusters.get(uuid) or ClusterSettings()
+
+    def host(self, uuid: str) -> HostSettings:
+        """A host's merged overrides (an empty entry if none is set)."""
+        return self._merged.hosts.get(uuid) or HostSettings()
+
+    def pause_flag(self, cluster_uuid: str | None) -> PauseFlag | None:
+        """The stored pause record of the cluster (or the global one when None)."""
+        return self._pauses.get(pause_key(cluster_uuid))
+
+    def is_paused(self, cluster_uuid: str | None = None) -> bool:
+        """Whether fencing is paused globally or for this cluster."""
+        flag = self._pauses.get(GLOBAL_PAUSE_KEY)
+        if flag is not None and flag.paused:
+            return True
+        return cluster_uuid is not None and self.cluster(cluster_uuid).paused
+
+    # -- writing --------------------------------------------------------------------------------
+
+    async def put_cluster(self, uuid: str, settings: ClusterSettings) -> None:
+        """Replace a cluster's settings. ipmi.password None keeps the current one; "" clears."""
+        await self._put_entry(cluster_key(uuid), settings, self._file.clusters.get(uuid))
+
+    async def put_host(self, uuid: str, settings: HostSettings) -> None:
+        """Replace a host's overrides. ipmi.password None keeps the current one; "" clears."""
+        await self._put_entry(host_key(uuid), settings, self._file.hosts.get(uuid))
+
+    async def delete_cluster(self, uuid: str) -> None:
+        """Forget the API's settings of a cluster (the file's apply again)."""
+        await self._send(cluster_key(uuid), None)
+
+    async def delete_host(self, uuid: str) -> None:
+        """Forget the API's overrides of a host (the file's apply again)."""
+        await self._send(host_key(uuid), None)
+
+    async def pause(
+        self, cluster_uuid: str | None = None, *, reason: str | None = None, by: str | None = None
+    ) -> None:
+        """Pause fencing for a cluster, or everywhere when `cluster_uuid` is None."""
+        flag = PauseFlag(paused=True, reason=reason, at=time.time(), by=by)
+        await self._send(pause_key(cluster_uuid), flag.model_dump_json().encode())
+
+    async def resume(self, cluster_uuid: str | None = None, *, by: str | None = None) -> None:
+        """Resume fencing (an explicit flag, so it also overrides `paused: true` in the file)."""
+        flag = PauseFlag(paused=False, at=time.time(), by=by)
+        await self._send(pause_key(cluster_uuid), flag.model_dump_json().encode())
+
+    async def _put_entry(
+        self,
+        key: str,
+        settings: ClusterSettings | HostSettings,
+        from_file: ClusterSettings | HostSettings | None,
+    ) -> None:
+        exclude: dict[str, Any] = {"ipmi": {"password"}}
+        if isinstance(settings, ClusterSettings):
+            exclude["paused"] = True  # pausing has its own keys
+        record: dict[str, Any] = {"settings": settings.model_dump(mode="json", exclude=exclude)}
+        new = settings.ipmi.password
+        if new is None:
+            current = self._entries.get(key)
+            if current is not None and current.has_token:
+                record["ipmi_password"] = current.token  # ciphertext copied: no key needed
+        elif new.get_secret_value() == "":
+            record["ipmi_password"] = None
+        else:
+            if self._fernet is None:
+                raise SecretsKeyMissing(
+                    "ipmi.password: cannot store a password without an encryption key; set "
+                    f"{SECRETS_KEY_ENV} or api.secrets_key_file (fencer can generate one)"
+                )
+            record["ipmi_password"] = self._fernet.encrypt(new.get_secret_value().encode()).decode()
+        await self._send(key, json.dumps(record).encode())
+
+    async def _send(self, key: str, value: bytes | None) -> None:
+        if self._producer is None:
+            raise SettingsStoreError("the settings store is not started")
+        try:
+            await self._producer.send_and_wait(self._topic, key=key.encode(), value=value)
+        except Exception as exc:
+            raise SettingsStoreError(
+                f"cannot write {key} to the settings topic {self._topic}: {type(exc).__name__}"
+            ) from None
+        # Applied now so the writer reads its own write; the tail applies it again, harmlessly.
+        self._apply(key, value)
+
+    # -- the topic ------------------------------------------------------------------------------
+
+    def _on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        if record.key is None:
+            return
+        self._apply(record.key.decode(), record.value)
+
+    def _apply(self, key: str, value: bytes | None) -> None:
+        if key.startswith("pause:"):
+            if value is None:
+                self._pauses.pop(key, None)
+            else:
+                self._pauses[key] = PauseFlag.model_validate_json(value)
+        elif key.startswith(("cluster:", "host:")):
+            if value is None:
+                self._entries.pop(key, None)
+            else:
+                self._entries[key] = self._decode(key, value)
+        else:
+            log.warning("ignored settings record with unknown key %r", key)
+            return
+        self._rebuild()
+        self.version += 1
+
+    def _decode(self, key: str, value: bytes) -> _Entry:
+        data = json.loads(value)
+        model = ClusterSettings if key.startswith("cluster:") else HostSettings
+        settings = model.model_validate(data.get("settings") or {})
+        if "ipmi_password" in data:
+            return _Entry(settings=settings, token=data["ipmi_password"], has_token=True)
+        return _Entry(settings=settings)
+
+    def _password(self, key: str, entry: _Entry, file_pw: SecretStr | None) -> SecretStr | None:
+        if not entry.has_token:
+            return file_pw
+        if entry.token is None:
+            return None
+        if self._fernet is None:
+            log.warning("%s: stored password ignored: no %s configured", key, SECRETS_KEY_ENV)
+            return None
+        try:
+            return SecretStr(self._fernet.decrypt(entry.token.encode()).decode())
+        except InvalidToken:
+            log.warning("%s: stored password ignored: encrypted with another key", key)
+            return None
+
+    def _rebuild(self) -> None:
+        clusters = dict(self._file.clusters)
+        hosts = dict(self._file.hosts)
+        for key, entry in self._entries.items():
+            kind, _, uuid = key.partition(":")
+            if kind == "cluster":
+                base = self._file.clusters.get(uuid)
+                pw = self._password(key, entry, base.ipmi.password if base else None)
+                cs = entry.settings.model_copy(
+                    update={
+                        "ipmi": entry.settings.ipmi.model_copy(update={"password": pw}),
+                        "paused": base.paused if base else False,
+                    }
+                )
+                assert isinstance(cs, ClusterSettings)
+                clusters[uuid] = cs
+            else:
+                hbase = self._file.hosts.get(uuid)
+                pw = self._password(key, entry, hbase.ipmi.password if hbase else None)
+                hs = entry.settings.model_copy(
+                    update={"ipmi": entry.settings.ipmi.model_copy(update={"password": pw})}
+                )
+                assert isinstance(hs, HostSettings)
+                hosts[uuid] = hs
+        for key, flag in self._pauses.items():
+            if key.startswith("pause:cluster:"):
+                uuid = key.removeprefix("pause:cluster:")
+                clusters[uuid] = (clusters.get(uuid) or ClusterSettings()).model_copy(
+                    update={"paused": flag.paused}
+                )
+        self._merged = self._file.model_copy(update={"clusters": clusters, "hosts": hosts})

@@ -1,0 +1,151 @@
+"""Read whole Kafka topics from the beginning, without a consumer group, and know when caught up.
+
+Every reader sees every partition (manual assignment), so each API process and each worker
+builds the same view. "Caught up" compares the position with the high watermark of the last
+fetch response, never with `end_offsets()`, which the embedded Tansu broker reports too low.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from fencing.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+def kafka_client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
+    """The aiokafka connection arguments (bootstrap, TLS, SASL) of fencer's Kafka settings."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "security_protocol": kafka.security_protocol,
+    }
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_context"] = ssl.create_default_context(
+            cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None
+        )
+    if kafka.sasl is not None:
+        kwargs["sasl_mechanism"] = kafka.sasl.mechanism
+        kwargs["sasl_plain_username"] = kafka.sasl.username
+        kwargs["sasl_plain_password"] = kafka.sasl.password.get_secret_value()
+    return kwargs
+
+
+class TopicReaderError(Exception):
+    """A topic could not be read (the message names the topic or the broker)."""
+
+
+class TopicReader:
+    """Tails `topics` from offset 0 and calls `on_record` for each record, in partition order."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topics: list[str],
+        on_record: Callable[[ConsumerRecord[bytes, bytes]], None],
+        *,
+        client_id: str = "fencer-reader",
+    ) -> None:
+        self._kafka = kafka
+        self._topics = topics
+        self._on_record = on_record
+        self._client_id = client_id
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.caught_up = asyncio.Event()
+
+    async def start(self, within: float = 30.0) -> None:
+        """Connect, assign every partition, and return once everything present has been read."""
+        consumer = AIOKafkaConsumer(
+            client_id=self._client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=200,
+            **kafka_client_kwargs(self._kafka),
+        )
+        try:
+            await asyncio.wait_for(consumer.start(), within)
+            parts = await asyncio.wait_for(self._partitions(consumer), within)
+        except (TimeoutError, Exception) as exc:
+            await consumer.stop()
+            if isinstance(exc, TopicReaderError):
+                raise
+            raise TopicReaderError(
+                f"cannot read {', '.join(self._topics)} from Kafka at "
+                f"{self._kafka.bootstrap_servers}: {type(exc).__name__} {exc}".rstrip()
+            ) from None
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        self._consumer = consumer
+        self._task = asyncio.create_task(self._run(parts), name=f"{self._client_id}-tail")
+        waiter = asyncio.create_task(self.caught_up.wait())
+        done, _ = await asyncio.wait(
+            [self._task, waiter], timeout=within, return_when=asyncio.FIRST_COMPLETED
+        )
+        waiter.cancel()
+        if self._task in done:
+            await self.stop()
+            raise TopicReaderError(f"reading {', '.join(self._topics)} stopped early")
+        if not self.caught_up.is_set():
+            await self.stop()
+            raise TopicReaderError(
+                f"could not catch up with {', '.join(self._topics)} within {within:.0f}s"
+            )
+
+    async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        while True:
+            await consumer.topics()  # refreshes the metadata
+            missing = [t for t in self._topics if not consumer.partitions_for_topic(t)]
+            if not missing:
+                return [
+                    TopicPartition(t, p)
+                    for t in self._topics
+                    for p in sorted(consumer.partitions_for_topic(t) or ())
+                ]
+            await asyncio.sleep(0.2)
+
+    async def _run(self, parts: list[TopicPartition]) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        while True:
+            batches = await consumer.getmany(timeout_ms=300)
+            for records in batches.values():
+                for record in records:
+                    try:
+                        self._on_record(record)
+                    except Exception:
+                        # One bad record must not stop the view; the topic still holds it.
+                        log.exception(
+                            "skipped record %s[%d]@%d",
+                            record.topic,
+                            record.partition,
+                            record.offset,
+                        )
+            if not self.caught_up.is_set() and await self._at_end(parts):
+                self.caught_up.set()
+
+    async def _at_end(self, parts: list[TopicPartition]) -> bool:
+        assert self._consumer is not None
+        for tp in parts:
+            high = self._consumer.highwater(tp)
+            if high is None or await self._consumer.position(tp) < high:
+                return False
+        return True
+
+    async def stop(self) -> None:
+        """Stop tailing and close the connection."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
