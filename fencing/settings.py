@@ -227,6 +227,9 @@ class KafkaSettings(_Model):
         6.0, gt=0, description="Faust broker_session_timeout; Tansu waits half of it on join"
     )
     heartbeat_interval: float = Field(1.5, gt=0)
+    table_store: Literal["rocksdb", "memory"] = Field(
+        "rocksdb", description="Faust table store under data_dir (memory: rebuilt from changelogs)"
+    )
 
 
 class CloudStackSettings(_Model):
