@@ -17,6 +17,7 @@ writes through it, and the workers read `effective()` / `is_paused()` from it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -26,8 +27,6 @@ from types import TracebackType
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 from cryptography.fernet import Fernet, InvalidToken
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -38,7 +37,8 @@ from fencing.settings import (
     FencerSettings,
     HostSettings,
 )
-from webui.topic_reader import TopicReader, kafka_client_kwargs
+from streams.kafka import aiokafka_kwargs, ensure_topics, prepare_kafka
+from webui.topic_reader import TopicReader
 
 log = logging.getLogger(__name__)
 
@@ -135,19 +135,18 @@ class SettingsStore:
         self._entries: dict[str, _Entry] = {}
         self._pauses: dict[str, PauseFlag] = {}
         self._merged = settings
-        self._reader = TopicReader(
-            settings.kafka, [self._topic], self._on_record, client_id=client_id
-        )
+        self._reader = TopicReader(settings, [self._topic], self._on_record, client_id=client_id)
         self._producer: AIOKafkaProducer | None = None
         self.version = 0  # bumped on every applied record: cheap change detection
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, within: float = 30.0) -> None:
-        """Create the topic if missing (compacted), then read it all before returning."""
+        """Create fencer's topics if missing, then read the settings topic before returning."""
+        prepare_kafka(self._file)
         await self._ensure_topic(within)
         producer = AIOKafkaProducer(
-            client_id=self._client_id, acks="all", **kafka_client_kwargs(self._file.kafka)
+            client_id=self._client_id, acks="all", **aiokafka_kwargs(self._file)
         )
         try:
             await producer.start()
@@ -164,33 +163,13 @@ class SettingsStore:
             raise
 
     async def _ensure_topic(self, within: float) -> None:
-        kafka = self._file.kafka
-        admin = AIOKafkaAdminClient(
-            client_id=self._client_id,
-            request_timeout_ms=int(within * 1000),
-            **kafka_client_kwargs(kafka),
-        )
         try:
-            await admin.start()
-            await admin.create_topics(
-                [
-                    NewTopic(
-                        self._topic,
-                        num_partitions=kafka.partitions,
-                        replication_factor=kafka.replication_factor,
-                        topic_configs={"cleanup.policy": "compact"},
-                    )
-                ]
-            )
-        except TopicAlreadyExistsError:
-            pass
+            await asyncio.wait_for(ensure_topics(self._file), within)
         except Exception as exc:
             raise SettingsStoreError(
-                f"cannot create the settings topic {self._topic} at "
-                f"{kafka.bootstrap_servers}: {type(exc).__name__} {exc}".rstrip()
+                f"cannot prepare the topics at {self._file.kafka.bootstrap_servers}: "
+                f"{type(exc).__name__} {exc}".rstrip()
             ) from None
-        finally:
-            await admin.close()
 
     async def stop(self) -> None:
         """Stop reading and writing."""

@@ -10,32 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Callable
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from fencing.settings import KafkaSettings
+from fencing.settings import FencerSettings
+from streams.kafka import aiokafka_kwargs
 
 log = logging.getLogger(__name__)
-
-
-def kafka_client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
-    """The aiokafka connection arguments (bootstrap, TLS, SASL) of fencer's Kafka settings."""
-    kwargs: dict[str, Any] = {
-        "bootstrap_servers": kafka.bootstrap_servers,
-        "security_protocol": kafka.security_protocol,
-    }
-    if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        kwargs["ssl_context"] = ssl.create_default_context(
-            cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None
-        )
-    if kafka.sasl is not None:
-        kwargs["sasl_mechanism"] = kafka.sasl.mechanism
-        kwargs["sasl_plain_username"] = kafka.sasl.username
-        kwargs["sasl_plain_password"] = kafka.sasl.password.get_secret_value()
-    return kwargs
 
 
 class TopicReaderError(Exception):
@@ -47,13 +29,13 @@ class TopicReader:
 
     def __init__(
         self,
-        kafka: KafkaSettings,
+        settings: FencerSettings,
         topics: list[str],
         on_record: Callable[[ConsumerRecord[bytes, bytes]], None],
         *,
         client_id: str = "fencer-reader",
     ) -> None:
-        self._kafka = kafka
+        self._settings = settings
         self._topics = topics
         self._on_record = on_record
         self._client_id = client_id
@@ -68,7 +50,7 @@ class TopicReader:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=200,
-            **kafka_client_kwargs(self._kafka),
+            **aiokafka_kwargs(self._settings),
         )
         try:
             await asyncio.wait_for(consumer.start(), within)
@@ -79,7 +61,7 @@ class TopicReader:
                 raise
             raise TopicReaderError(
                 f"cannot read {', '.join(self._topics)} from Kafka at "
-                f"{self._kafka.bootstrap_servers}: {type(exc).__name__} {exc}".rstrip()
+                f"{self._settings.kafka.bootstrap_servers}: {type(exc).__name__} {exc}".rstrip()
             ) from None
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)

@@ -1,0 +1,365 @@
+"""What the operator sees about hosts and fences, rebuilt only from fencer's own topics.
+
+Rule: this view never decides anything and never asks the workers; it folds the records of
+host-signals, probe-results, fence-decisions, fence-outcomes and notices (read from the
+beginning) into per-host states, a fence history with each fence's evidence timeline, and the
+per-cluster fence budget. The decision core's table stays the truth; this is its public echo.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Literal
+
+from aiokafka import ConsumerRecord
+from pydantic import BaseModel, Field
+
+from fencing.events import Evidence, FenceAction, HostStatus, WithheldReason
+from fencing.records import (
+    EvidenceSummary,
+    FenceDecision,
+    FenceOutcome,
+    HostRef,
+    HostSignal,
+    Notice,
+    ProbeResult,
+)
+from fencing.settings import TopicNames
+
+HostFencingState = Literal[
+    "up", "suspect", "withheld", "fencing", "fenced", "fence_failed", "maintenance", "unknown"
+]
+FenceResult = Literal["withheld", "pending", "succeeded", "failed"]
+_DOWN = (HostStatus.DISCONNECTED, HostStatus.ALERT, HostStatus.DOWN)
+
+
+class TimelineEntry(BaseModel):
+    """One step of a fence's story, oldest first."""
+
+    at: float
+    kind: Literal["signal", "probe", "decision", "outcome", "notice"]
+    text: str
+    evidence: Evidence | None = None
+
+
+class HostStateView(BaseModel):
+    """A host as fencer sees it: its state, the current episode's evidence, its last probe."""
+
+    host: HostRef
+    state: HostFencingState
+    status: HostStatus | None = None
+    episode: int | None = None
+    suspect_since: float | None = None
+    stale_checks: int = Field(0, description="stale checks in a row in the current episode")
+    last_signal: HostSignal | None = None
+    last_probe: ProbeResult | None = None
+    evidence: list[ProbeResult] = Field(default_factory=list, description="the episode's probes")
+    last_decision_id: str | None = None
+
+
+class FenceRecord(BaseModel):
+    """A fence decision, its outcome (if any) and the evidence timeline behind it."""
+
+    decision_id: str
+    host: HostRef
+    episode: int
+    action: FenceAction
+    approved: bool
+    withheld_reason: WithheldReason | None = None
+    decided_at: float
+    evidence: EvidenceSummary
+    budget_used: int
+    budget_cap: int
+    result: FenceResult
+    outcome: FenceOutcome | None = None
+    timeline: list[TimelineEntry] = Field(default_factory=list)
+
+
+class BudgetView(BaseModel):
+    """Power-downs approved for a cluster in the current window, against its cap."""
+
+    cluster_uuid: str
+    used: int
+    cap: int
+    window: float
+    window_start: float
+    resets_at: float | None = Field(None, description="when the oldest counted fence expires")
+
+
+class _Host:
+    def __init__(self, ref: HostRef, limit: int) -> None:
+        self.ref = ref
+        self.signals: deque[HostSignal] = deque(maxlen=limit)
+        self.probes: deque[ProbeResult] = deque(maxlen=limit)
+        self.notices: deque[Notice] = deque(maxlen=limit)
+        self.decisions: list[str] = []
+
+
+def _merge_ref(old: HostRef, new: HostRef) -> HostRef:
+    """Keep names learnt earlier when a later record carries only the uuid."""
+    data = old.model_dump()
+    data.update({k: v for k, v in new.model_dump().items() if v is not None})
+    return HostRef(**data)
+
+
+class FencingView:
+    """Folds fencer's topics into host states, the fence history and fence budgets."""
+
+    def __init__(self, topics: TopicNames, *, per_host_limit: int = 500) -> None:
+        self._names = topics
+        self._limit = per_host_limit
+        self._hosts: dict[str, _Host] = {}
+        self._decisions: dict[str, FenceDecision] = {}
+        self._outcomes: dict[str, FenceOutcome] = {}
+
+    @property
+    def topics(self) -> list[str]:
+        """The topics this view reads."""
+        n = self._names
+        return [n.host_signals, n.probe_results, n.fence_decisions, n.fence_outcomes, n.notices]
+
+    def on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        """Fold one record (a TopicReader callback); raises on a record that does not parse."""
+        if record.value is None:
+            return
+        n, value = self._names, record.value
+        if record.topic == n.host_signals:
+            sig = HostSignal.model_validate_json(value)
+            self._host(sig.host).signals.append(sig)
+        elif record.topic == n.probe_results:
+            probe = ProbeResult.model_validate_json(value)
+            self._host(probe.host).probes.append(probe)
+        elif record.topic == n.fence_decisions:
+            dec = FenceDecision.model_validate_json(value)
+            h = self._host(dec.host)
+            if dec.decision_id not in self._decisions:
+                h.decisions.append(dec.decision_id)
+            self._decisions[dec.decision_id] = dec
+        elif record.topic == n.fence_outcomes:
+            out = FenceOutcome.model_validate_json(value)
+            self._host(out.host)
+            self._outcomes[out.decision_id] = out
+        elif record.topic == n.notices:
+            notice = Notice.model_validate_json(value)
+            self._host(notice.host).notices.append(notice)
+
+    def _host(self, ref: HostRef) -> _Host:
+        h = self._hosts.get(ref.host_uuid)
+        if h is None:
+            h = self._hosts[ref.host_uuid] = _Host(ref, self._limit)
+        else:
+            h.ref = _merge_ref(h.ref, ref)
+        return h
+
+    # -- hosts ----------------------------------------------------------------------------------
+
+    def host_refs(self) -> list[HostRef]:
+        """Every host any topic mentioned."""
+        return [h.ref for h in self._hosts.values()]
+
+    def host(self, uuid: str, ref: HostRef | None = None) -> HostStateView:
+        """A host's state; `ref` names a host the topics have not mentioned yet."""
+        h = self._hosts.get(uuid)
+        if h is None:
+            return HostStateView(host=ref or HostRef(host_uuid=uuid), state="unknown")
+        up_at = down_at = maint_at = maint_end = None
+        status: HostStatus | None = None
+        for sig in h.signals:
+            if sig.status is not None:
+                status = sig.status
+            if sig.kind == "up" or (sig.kind == "inventory" and sig.status is HostStatus.UP):
+                up_at = max(up_at or sig.at, sig.at)
+                status = HostStatus.UP
+            elif sig.kind == "disconnected" or (sig.kind == "inventory" and sig.status in _DOWN):
+                down_at = max(down_at or sig.at, sig.at)
+                status = sig.status or HostStatus.DISCONNECTED
+            elif sig.kind == "maintenance_started":
+                maint_at = sig.at
+            elif sig.kind == "maintenance_ended":
+                maint_end = sig.at
+        decision = self._decisions[h.decisions[-1]] if h.decisions else None
+        episode = max((p.episode for p in h.probes), default=None)
+        if decision is not None and (episode is None or decision.episode >= episode):
+            episode = decision.episode
+        evidence = [p for p in h.probes if p.episode == episode] if episode is not None else []
+        state: HostFencingState
+        if maint_at is not None and (maint_end is None or maint_at > maint_end):
+            state = "maintenance"
+        elif decision is not None and (up_at is None or decision.decided_at >= up_at):
+            outcome = self._outcomes.get(decision.decision_id)
+            if outcome is not None:
+                state = "fenced" if outcome.success else "fence_failed"
+            else:
+                state = "fencing" if decision.approved else "withheld"
+        elif down_at is not None and (up_at is None or down_at > up_at):
+            state = "suspect"
+        elif up_at is not None:
+            state = "up"
+        else:
+            state = "unknown"
+        suspect_since = None
+        if evidence:
+            suspect_since = evidence[-1].suspect_since
+        elif state == "suspect":
+            suspect_since = down_at
+        return HostStateView(
+            host=h.ref,
+            state=state,
+            status=status,
+            episode=episode,
+            suspect_since=suspect_since,
+            stale_checks=_stale_run(evidence),
+            last_signal=h.signals[-1] if h.signals else None,
+            last_probe=h.probes[-1] if h.probes else None,
+            evidence=evidence,
+            last_decision_id=decision.decision_id if decision else None,
+        )
+
+    # -- fences ---------------------------------------------------------------------------------
+
+    def fence(self, decision_id: str) -> FenceRecord | None:
+        """One fence with its timeline."""
+        dec = self._decisions.get(decision_id)
+        return self._record(dec, with_timeline=True) if dec else None
+
+    def history(
+        self,
+        *,
+        cluster: str | None = None,
+        host: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        result: FenceResult | None = None,
+        limit: int = 100,
+    ) -> list[FenceRecord]:
+        """Fences, newest first, filtered; each with its evidence timeline."""
+        out: list[FenceRecord] = []
+        for dec in sorted(self._decisions.values(), key=lambda d: d.decided_at, reverse=True):
+            if cluster is not None and dec.host.cluster_uuid != cluster:
+                continue
+            if host is not None and dec.host.host_uuid != host:
+                continue
+            if since is not None and dec.decided_at < since:
+                continue
+            if until is not None and dec.decided_at > until:
+                continue
+            rec = self._record(dec, with_timeline=True)
+            if result is not None and rec.result != result:
+                continue
+            out.append(rec)
+            if len(out) >= limit:
+                break
+        return out
+
+    def _record(self, dec: FenceDecision, *, with_timeline: bool) -> FenceRecord:
+        outcome = self._outcomes.get(dec.decision_id)
+        result: FenceResult
+        if not dec.approved:
+            result = "withheld"
+        elif outcome is None:
+            result = "pending"
+        else:
+            result = "succeeded" if outcome.success else "failed"
+        h = self._hosts.get(dec.host.host_uuid)
+        return FenceRecord(
+            decision_id=dec.decision_id,
+            host=h.ref if h else dec.host,
+            episode=dec.episode,
+            action=dec.action,
+            approved=dec.approved,
+            withheld_reason=dec.withheld_reason,
+            decided_at=dec.decided_at,
+            evidence=dec.evidence,
+            budget_used=dec.budget_used,
+            budget_cap=dec.budget_cap,
+            result=result,
+            outcome=outcome,
+            timeline=self._timeline(dec, outcome) if with_timeline else [],
+        )
+
+    def _timeline(self, dec: FenceDecision, outcome: FenceOutcome | None) -> list[TimelineEntry]:
+        h = self._hosts.get(dec.host.host_uuid)
+        start = dec.evidence.suspect_since - 1.0
+        end = (outcome.finished_at if outcome else dec.decided_at) + 1.0
+        items: list[TimelineEntry] = []
+        if h is not None:
+            for sig in h.signals:
+                if start <= sig.at <= end and sig.kind != "inventory":
+                    status = f" ({sig.status.value})" if sig.status else ""
+                    items.append(
+                        TimelineEntry(at=sig.at, kind="signal", text=f"{sig.kind}{status}")
+                    )
+            for p in h.probes:
+                if p.episode == dec.episode:
+                    items.append(
+                        TimelineEntry(
+                            at=p.finished_at,
+                            kind="probe",
+                            text=_probe_text(p),
+                            evidence=p.evidence,
+                        )
+                    )
+            for note in h.notices:
+                if note.decision_id == dec.decision_id:
+                    items.append(
+                        TimelineEntry(at=note.at, kind="notice", text=f"notice {note.kind.value}")
+                    )
+        verdict = "approved" if dec.approved else f"withheld ({dec.withheld_reason})"
+        items.append(
+            TimelineEntry(
+                at=dec.decided_at,
+                kind="decision",
+                text=f"{dec.action.value} {verdict}; budget {dec.budget_used}/{dec.budget_cap}",
+            )
+        )
+        if outcome is not None:
+            ok = "succeeded" if outcome.success else "failed"
+            power = f", power {outcome.power_before} -> {outcome.power_after}"
+            err = f": {outcome.error}" if outcome.error else ""
+            items.append(
+                TimelineEntry(
+                    at=outcome.finished_at,
+                    kind="outcome",
+                    text=f"{outcome.action.value} via {outcome.driver} {ok}{power}{err}",
+                )
+            )
+        return sorted(items, key=lambda e: e.at)
+
+    # -- budget ---------------------------------------------------------------------------------
+
+    def budget(self, cluster_uuid: str, *, now: float, window: float, cap: int) -> BudgetView:
+        """Approved power-downs of the cluster in (now - window, now]."""
+        start = now - window
+        times = [
+            d.decided_at
+            for d in self._decisions.values()
+            if d.approved
+            and d.action.powers_down
+            and d.host.cluster_uuid == cluster_uuid
+            and start < d.decided_at <= now
+        ]
+        return BudgetView(
+            cluster_uuid=cluster_uuid,
+            used=len(times),
+            cap=cap,
+            window=window,
+            window_start=start,
+            resets_at=min(times) + window if times else None,
+        )
+
+
+def _stale_run(probes: list[ProbeResult]) -> int:
+    """Stale checks since the last alive one; unknown neither counts nor resets."""
+    run = 0
+    for p in probes:
+        if p.evidence is Evidence.ALIVE:
+            run = 0
+        elif p.evidence is Evidence.STALE:
+            run += 1
+    return run
+
+
+def _probe_text(p: ProbeResult) -> str:
+    via = f" via {p.neighbour}" if p.neighbour else ""
+    why = f": {p.reason}" if p.reason else ""
+    return f"check {p.check}: {p.evidence.value}{via}, {p.files_checked} files{why}"
