@@ -22,10 +22,21 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NestedSecretsSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings import SettingsError as _SourceError
 
 from fencing.events import FenceAction
 from fencing.policy import Policy
+
+# A directory of secret files, one per setting, named by the setting's path joined with "__"
+# (`cloudstack__api_key`, `defaults__password`, `clusters__<uuid>__ipmi__password`); each file
+# holds the value (a trailing newline is stripped). Docker/compose secrets land in /run/secrets.
+SECRETS_DIR_ENV = "FENCER_SECRETS_DIR"
 
 DEFAULT_EXECUTION_SYNTAX = (
     "$IPMI_EXEC --username $IPMI_USERNAME --password $IPMI_PASSWORD "
@@ -339,7 +350,19 @@ class FencerSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment wins over the file, as operators expect of FENCER_... variables.
-        return (env_settings, init_settings)
+        # Secret files (FENCER_SECRETS_DIR, e.g. compose's /run/secrets) sit between the two:
+        # one file per setting, named by its path with "__" (cloudstack__api_key).
+        secrets_dir = os.environ.get(SECRETS_DIR_ENV) or None
+        if secrets_dir is None:
+            return (env_settings, init_settings)
+        secret_files = NestedSecretsSettingsSource(
+            file_secret_settings,
+            secrets_dir=secrets_dir,
+            secrets_dir_missing="error",
+            secrets_prefix="",
+            secrets_nested_delimiter="__",
+        )
+        return (env_settings, secret_files, init_settings)
 
     def effective_ipmi(self, host_uuid: str, cluster_uuid: str | None) -> EffectiveIpmi:
         """The host's settings: host override, else cluster, else defaults, field by field."""
@@ -441,6 +464,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         return FencerSettings(**data)
     except ValidationError as exc:
         raise SettingsError(_describe(exc, lines, source)) from None
+    except _SourceError as exc:
+        raise SettingsError(f"{SECRETS_DIR_ENV}: {exc}") from None
 
 
 def redacted_dump(settings: FencerSettings) -> dict[str, Any]:
