@@ -318,6 +318,14 @@ class ApiSettings(_Model):
     secrets_key_file: Path | None = Field(None, description="key that encrypts stored passwords")
 
 
+class MetricsSettings(_Model):
+    """The Prometheus endpoint each `fencer worker` process serves (streams.observability)."""
+
+    enabled: bool = False
+    listen: str = Field("127.0.0.1", description="0.0.0.0 in a container, for the scraper")
+    port: int = Field(9464, ge=0, le=65535, description="0 = a free port (tests)")
+
+
 class FencerSettings(BaseSettings):
     """Everything fencer is configured with."""
 
@@ -336,6 +344,7 @@ class FencerSettings(BaseSettings):
     snmp: SnmpSettings = Field(default_factory=SnmpSettings)
     actuator: ActuatorSettings = Field(default_factory=ActuatorSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     data_dir: Path = Field(Path("var"), description="Faust tables and local state")
     log_json: bool = False
     log_level: str = "INFO"
