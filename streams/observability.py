@@ -434,3 +434,13 @@ def install_secret_scrubber(settings: FencerSettings) -> SecretScrubber:
         if SCRUBBER not in handler.filters:
             handler.addFilter(SCRUBBER)
     return SCRUBBER
+
+
+def setup_observability(settings: FencerSettings) -> MetricsServer | None:
+    """What every fencer process calls first: logging as configured (`log_level`, `log_json`),
+    the secret scrubber, and the metrics endpoint if `metrics.enabled`."""
+    configure_logging(settings.log_level, json=settings.log_json)
+    install_secret_scrubber(settings)
+    if not settings.metrics.enabled:
+        return None
+    return start_metrics_server(settings.metrics.port, addr=settings.metrics.listen)

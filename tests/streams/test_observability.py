@@ -324,3 +324,23 @@ def test_scrubber_can_be_replaced_and_cleared(root_logging: None) -> None:
     obs.SCRUBBER.set_secrets(())
     logging.getLogger("fencer.r").info("second-key")
     assert out.getvalue().rstrip().endswith("second-key")
+
+
+def test_setup_observability_starts_what_the_settings_ask(root_logging: None) -> None:
+    s = load_settings(
+        None,
+        log_json=True,
+        metrics={"enabled": True, "port": 0},
+        email={"password": "setup-smtp-pw"},
+    )
+    server = obs.setup_observability(s)
+    assert server is not None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as r:
+            assert b"# HELP fencer_probes_total" in r.read()
+        (handler,) = logging.getLogger().handlers
+        assert isinstance(handler.formatter, obs.JsonFormatter)
+        assert obs.SCRUBBER.scrub("pw=setup-smtp-pw") == "pw=**********"
+    finally:
+        server.close()
+    assert obs.setup_observability(load_settings(None)) is None
