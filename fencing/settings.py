@@ -8,6 +8,7 @@ overrides inherited field by field (`effective_ipmi`), falling back to `defaults
 from __future__ import annotations
 
 import os
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +52,9 @@ class _Model(BaseModel):
 class PolicySettings(_Model):
     """The decision policy (see fencing.policy.Policy for the meaning of each number)."""
 
-    check_interval: float = Field(60.0, gt=0, description="seconds between checks of a suspect host")
+    check_interval: float = Field(
+        60.0, gt=0, description="seconds between checks of a suspect host"
+    )
     extra_checks: int = Field(2, ge=0, le=100, description="stale checks needed after the first")
     heartbeat_max_age: float = Field(61.0, gt=0)
     unknown_alert_after: int = Field(3, ge=1)
@@ -66,7 +69,7 @@ class PolicySettings(_Model):
         return Policy(**self.model_dump())
 
 
-class Driver(str, Enum):
+class Driver(str, Enum):  # noqa: UP042 - same base as the core enums
     """How the actuator talks to a BMC."""
 
     IPMI = "ipmi"  # native IPMI 2.0 lanplus through pyghmi
@@ -75,7 +78,7 @@ class Driver(str, Enum):
     FAKE = "fake"  # in-process fake, for tests and dry runs
 
 
-class RestartVia(str, Enum):
+class RestartVia(str, Enum):  # noqa: UP042
     """How CloudStack is told to restart the fenced host's VMs elsewhere."""
 
     DECLARE_DEGRADED = "declareHostAsDegraded"
@@ -83,7 +86,7 @@ class RestartVia(str, Enum):
     NONE = "none"
 
 
-class PasswordVia(str, Enum):
+class PasswordVia(str, Enum):  # noqa: UP042
     """How the command-template driver hands the password to the tool."""
 
     ARGV = "argv"  # substituted into $IPMI_PASSWORD (visible in /proc; config check warns)
@@ -387,9 +390,7 @@ class FencerSettings(BaseSettings):
                 values[name], sources[name] = cv, "cluster"
             else:
                 values[name], sources[name] = getattr(self.defaults, name), "default"
-        return EffectiveIpmi(
-            address=host.address, values=IpmiSettings(**values), sources=sources
-        )
+        return EffectiveIpmi(address=host.address, values=IpmiSettings(**values), sources=sources)
 
     def fence_cap_for(self, cluster_uuid: str) -> int:
         """The cluster's cap, or the policy's."""
@@ -406,16 +407,31 @@ class SettingsError(Exception):
     """Bad settings: the message names the field (and the file line where known)."""
 
 
-def _line_index(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path in a YAML document to its 1-based line number."""
+def _line_index(text: str, source: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line; refuse duplicate keys.
+
+    PyYAML keeps the last of two equal keys without a word, so a second `hosts:` block would
+    silently drop every host override above it: for fencing settings that is an error.
+    """
     index: dict[tuple[str, ...], int] = {}
+    seen: set[int] = set()
 
     def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if id(node) in seen:  # an alias: indexed where its anchor is (and may be recursive)
+            return
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
+            here: dict[str, int] = {}
             for k, v in node.value:
-                key = (*path, str(k.value))
-                index[key] = k.start_mark.line + 1
-                walk(v, key)
+                name, line = str(k.value), k.start_mark.line + 1
+                if name in here and name != "<<":
+                    raise SettingsError(
+                        f"{source} line {line}: duplicate key {'.'.join((*path, name))} "
+                        f"(first at line {here[name]})"
+                    )
+                here[name] = line
+                index[(*path, name)] = line
+                walk(v, (*path, name))
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
                 key = (*path, str(i))
@@ -428,12 +444,24 @@ def _line_index(text: str) -> dict[tuple[str, ...], int]:
     return index
 
 
+def _env_names() -> dict[str, str]:
+    """FENCER_ variables present, by upper-case name (pydantic-settings ignores case)."""
+    return {name.upper(): name for name in os.environ if name.upper().startswith("FENCER_")}
+
+
 def _describe(err: ValidationError, lines: dict[tuple[str, ...], int], source: str) -> str:
+    # Messages only, never the input: the bad value may be a password.
+    env = _env_names()
     out = []
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
         where = ""
         for n in range(len(loc), 0, -1):
+            # The environment wins over the file, so a variable is the value's origin.
+            var = env.get(("FENCER_" + "__".join(loc[:n])).upper())
+            if var is not None:
+                where = f" (environment {var})"
+                break
             if loc[:n] in lines:
                 where = f" ({source} line {lines[loc[:n]]})"
                 break
@@ -453,16 +481,22 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         p = Path(path)
         source = str(p)
         try:
-            text = p.read_text()
+            text = p.read_text(encoding="utf-8")
         except OSError as exc:
             raise SettingsError(f"cannot read settings file {p}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise SettingsError(f"{p}: not UTF-8 text (byte {exc.start})") from None
         try:
             loaded = yaml.safe_load(text)
-            lines = _line_index(text)
+            lines = _line_index(text, source)
         except yaml.YAMLError as exc:
+            # Only the problem and its line: the YAML snippet could hold a password.
             mark = getattr(exc, "problem_mark", None)
             at = f" line {mark.line + 1}" if mark is not None else ""
-            raise SettingsError(f"{p}{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise SettingsError(f"{p}{at}: not valid YAML: {problem}") from None
+        except RecursionError:
+            raise SettingsError(f"{p}: nested too deeply to be a settings file") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -474,7 +508,22 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     except ValidationError as exc:
         raise SettingsError(_describe(exc, lines, source)) from None
     except _SourceError as exc:
-        raise SettingsError(f"{SECRETS_DIR_ENV}: {exc}") from None
+        raise SettingsError(_describe_source_error(exc)) from None
+
+
+def _describe_source_error(exc: Exception) -> str:
+    """One line for a value pydantic-settings could not even decode (never the value)."""
+    text = str(exc)
+    field = re.search(r'field "([^"]+)"', text)
+    if "EnvSettingsSource" in text and field is not None:
+        prefix = f"FENCER_{field.group(1)}".upper()
+        names = sorted(v for k, v in _env_names().items() if k.startswith(prefix))
+        return (
+            f"environment {', '.join(names) or prefix}: cannot parse the value of setting "
+            f"{field.group(1)} (lists and mappings must be JSON, e.g. "
+            """FENCER_EMAIL__TO='["ops@example.com"]')"""
+        )
+    return f"{SECRETS_DIR_ENV}: {text}"
 
 
 def redacted_dump(settings: FencerSettings) -> dict[str, Any]:
@@ -482,24 +531,43 @@ def redacted_dump(settings: FencerSettings) -> dict[str, Any]:
     return settings.model_dump(mode="json")
 
 
+# $IPMI_PASSWORD, ${IPMI_PASSWORD}, or the feature design's $IPMI_password; not $IPMI_PASSWORD_FILE.
+_PASSWORD_IN_TEMPLATE = re.compile(r"\$\{?IPMI_PASSWORD\b", re.IGNORECASE)
+_CHECKED_FIELDS = frozenset(
+    {"driver", "execution_syntax", "password_via", "action", "restart_without_fence"}
+)
+
+
 def settings_warnings(settings: FencerSettings) -> list[str]:
     """Things that validate but that an operator should fix (printed by `config check`)."""
     warnings: list[str] = []
 
     def check(where: str, ipmi: IpmiSettings) -> None:
-        if ipmi.driver is Driver.TEMPLATE and "$IPMI_PASSWORD" in ipmi.execution_syntax:
-            if ipmi.password_via is PasswordVia.ARGV:
-                warnings.append(
-                    f"{where}: the execution syntax puts $IPMI_PASSWORD in the command line, "
-                    "where any local user can read it in /proc; use password_via: env "
-                    "(ipmitool -E) or file"
-                )
+        if (
+            ipmi.driver is Driver.TEMPLATE
+            and ipmi.password_via is PasswordVia.ARGV
+            and _PASSWORD_IN_TEMPLATE.search(ipmi.execution_syntax)
+        ):
+            warnings.append(
+                f"{where}: the execution syntax puts $IPMI_PASSWORD in the command line, "
+                "where any local user can read it in /proc; use password_via: env "
+                "(ipmitool -E) or file"
+            )
+        if ipmi.restart_without_fence and ipmi.action in (FenceAction.NOTHING, FenceAction.BLINK):
+            warnings.append(
+                f"{where}: restart_without_fence with action {ipmi.action.value}: CloudStack "
+                "will restart VMs of a host that may still run them (disk corruption)"
+            )
 
     check("defaults", settings.defaults)
-    for cuuid in settings.clusters:
-        check(f"clusters.{cuuid}", settings.effective_ipmi("", cuuid).values)
+    # A cluster or host is checked only where it changes something the checks look at, so a
+    # problem in the defaults is reported once, not once per cluster and host.
+    for cuuid, cluster in settings.clusters.items():
+        if cluster.ipmi.model_fields_set & _CHECKED_FIELDS:
+            check(f"clusters.{cuuid}", settings.effective_ipmi("", cuuid).values)
     for huuid, host in settings.hosts.items():
-        check(f"hosts.{huuid}", settings.effective_ipmi(huuid, None).values)
+        if host.ipmi.model_fields_set & _CHECKED_FIELDS:
+            check(f"hosts.{huuid}", settings.effective_ipmi(huuid, None).values)
     if settings.ssh.insecure_skip_host_key_check:
         warnings.append("ssh.insecure_skip_host_key_check is on: only acceptable in the lab")
     elif settings.ssh.known_hosts is None:
