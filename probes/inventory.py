@@ -1,0 +1,272 @@
+"""CloudStack inventory lookups for probes: which files a suspect host writes, and who its
+neighbours are.
+
+Rule: everything here is read from the CloudStack API through the `cs` client (async, signed
+requests, every page fetched); any API or transport failure raises `InventoryError`, whose text
+is safe to publish (never a key, a signature or a request URL) and becomes unknown evidence.
+A host's storage is cached per (host, episode): the VMs that were running when the episode
+started are the ones whose disks tell whether the host still writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import posixpath
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from cs import AIOCloudStack, CloudStackApiException, CloudStackException
+
+from fencing.settings import FencerSettings
+
+NFS_POOL_TYPES = {"NetworkFilesystem"}
+_CACHE_SIZE = 4096
+
+
+class InventoryError(Exception):
+    """CloudStack could not tell us what we needed; the message is safe to publish."""
+
+
+@dataclass(frozen=True)
+class KvmHost:
+    """A host as listHosts reports it."""
+
+    uuid: str
+    name: str
+    ip: str
+    cluster_uuid: str | None
+    zone_uuid: str | None
+    state: str
+    resourcestate: str
+    hypervisor: str = "KVM"
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A primary storage pool."""
+
+    uuid: str
+    name: str
+    type: str
+    ipaddress: str | None
+    path: str | None
+    cluster_uuid: str | None
+    zone_uuid: str | None
+    scope: str | None
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One VM disk as the host sees it: `<mount root>/<pool uuid>/<volume path>`."""
+
+    volume_uuid: str
+    vm_uuid: str
+    pool_uuid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class HostStorage:
+    """What a suspect host writes: the disks of its running VMs and a heartbeat per NFS pool."""
+
+    host: KvmHost
+    pools: tuple[Pool, ...]
+    disks: tuple[Disk, ...]
+    vm_count: int
+    skipped_disks: int  # disks on pools this probe cannot read (not NFS)
+    mount_root: str
+
+    def mount_point(self, pool: Pool) -> str:
+        """Where KVM mounts `pool`."""
+        return posixpath.join(self.mount_root, pool.uuid)
+
+    def heartbeat(self, pool: Pool) -> str:
+        """CloudStack's heartbeat file for this host on `pool` (KVMHAMonitor)."""
+        return posixpath.join(self.mount_root, pool.uuid, "KVMHA", f"hb-{self.host.ip}")
+
+
+def host_from_api(h: dict[str, Any]) -> KvmHost:
+    """A listHosts entry -> KvmHost."""
+    return KvmHost(
+        uuid=h["id"],
+        name=h.get("name", h["id"]),
+        ip=h.get("ipaddress", ""),
+        cluster_uuid=h.get("clusterid"),
+        zone_uuid=h.get("zoneid"),
+        state=h.get("state", ""),
+        resourcestate=h.get("resourcestate", ""),
+        hypervisor=h.get("hypervisor", ""),
+    )
+
+
+def _pool_from_api(p: dict[str, Any]) -> Pool:
+    return Pool(
+        uuid=p["id"],
+        name=p.get("name", p["id"]),
+        type=p.get("type", ""),
+        ipaddress=p.get("ipaddress"),
+        path=p.get("path"),
+        cluster_uuid=p.get("clusterid"),
+        zone_uuid=p.get("zoneid"),
+        scope=p.get("scope"),
+    )
+
+
+def _safe_path(part: str) -> bool:
+    # A volume path is a file name under the pool; anything that climbs out or breaks the
+    # one-path-per-line protocol of the probes is refused.
+    return bool(part) and "\n" not in part and "\x00" not in part and ".." not in part.split("/")
+
+
+class Inventory:
+    """CloudStack lookups with one shared HTTP session; `close()` when done."""
+
+    def __init__(self, settings: FencerSettings) -> None:
+        self._settings = settings
+        self._api: AIOCloudStack | None = None
+        self._storage: OrderedDict[tuple[str, int], HostStorage] = OrderedDict()
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+
+    def _client(self) -> AIOCloudStack:
+        if self._api is None:
+            cs = self._settings.cloudstack
+            self._api = AIOCloudStack(
+                cs.endpoint,
+                key=cs.api_key.get_secret_value(),
+                secret=cs.secret_key.get_secret_value(),
+                timeout=max(1, math.ceil(cs.timeout)),
+                dangerous_no_tls_verify=not cs.verify_tls,
+            )
+            self._api.session = self._api._new_session()
+            self._api._owns_session = True
+        return self._api
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._api is not None:
+            await self._api.close()
+            self._api = None
+
+    async def _list(self, command: str, **params: Any) -> list[dict[str, Any]]:
+        """Every page of a list command."""
+        timeout = self._settings.cloudstack.timeout * 3
+        try:
+            async with asyncio.timeout(timeout):
+                result = await getattr(self._client(), command)(fetch_list=True, **params)
+        except CloudStackApiException as exc:
+            err = exc.error if isinstance(exc.error, dict) else {}
+            text = err.get("errortext") or "error"
+            code = err.get("errorcode", "?")
+            raise InventoryError(f"CloudStack {command} failed ({code}): {text}") from None
+        except CloudStackException as exc:
+            raise InventoryError(f"CloudStack {command} failed: {exc.args[0]}") from None
+        except TimeoutError:
+            raise InventoryError(f"CloudStack {command}: no answer within {timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            # aiohttp messages can carry the request URL (api key and signature): name the
+            # failure's type and the endpoint's host only.
+            where = urlsplit(self._settings.cloudstack.endpoint).netloc
+            raise InventoryError(
+                f"CloudStack {command}: cannot reach {where} ({type(exc).__name__})"
+            ) from None
+        if not isinstance(result, list):
+            raise InventoryError(f"CloudStack {command}: unexpected answer")
+        return result
+
+    async def host(self, host_uuid: str) -> KvmHost:
+        """One host by uuid."""
+        hosts = await self._list("listHosts", id=host_uuid)
+        if not hosts:
+            raise InventoryError(f"CloudStack listHosts: no host {host_uuid}")
+        return host_from_api(hosts[0])
+
+    async def cluster_hosts(self, cluster_uuid: str) -> list[KvmHost]:
+        """Every KVM routing host of a cluster (any state; neighbours.py chooses)."""
+        hosts = await self._list(
+            "listHosts", type="Routing", hypervisor="KVM", clusterid=cluster_uuid
+        )
+        return [host_from_api(h) for h in hosts]
+
+    async def running_vms(self, host_uuid: str) -> list[dict[str, Any]]:
+        """VMs Running on the host, in every account and every project."""
+        # As root admin, no projectid lists only non-project VMs and projectid=-1 lists only
+        # project VMs, so both are needed.
+        plain, projects = await asyncio.gather(
+            self._list("listVirtualMachines", hostid=host_uuid, state="Running", listall=True),
+            self._list(
+                "listVirtualMachines",
+                hostid=host_uuid,
+                state="Running",
+                listall=True,
+                projectid="-1",
+            ),
+        )
+        seen: dict[str, dict[str, Any]] = {}
+        for vm in [*plain, *projects]:
+            seen.setdefault(vm["id"], vm)
+        return list(seen.values())
+
+    async def volumes(self, vm: dict[str, Any]) -> list[dict[str, Any]]:
+        """The VM's volumes."""
+        extra = {"projectid": "-1"} if vm.get("projectid") else {}
+        return await self._list("listVolumes", virtualmachineid=vm["id"], listall=True, **extra)
+
+    async def pools(self) -> list[Pool]:
+        """Every primary storage pool."""
+        return [_pool_from_api(p) for p in await self._list("listStoragePools")]
+
+    async def storage_of(self, host_uuid: str, episode: int) -> HostStorage:
+        """The host's disks and heartbeat files, cached for the episode."""
+        key = (host_uuid, episode)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            cached = self._storage.get(key)
+            if cached is not None:
+                self._storage.move_to_end(key)
+                return cached
+            storage = await self._lookup(host_uuid)
+            self._storage[key] = storage
+            while len(self._storage) > _CACHE_SIZE:
+                old, _ = self._storage.popitem(last=False)
+                self._locks.pop(old, None)
+            return storage
+
+    async def _lookup(self, host_uuid: str) -> HostStorage:
+        host, vms, pools = await asyncio.gather(
+            self.host(host_uuid), self.running_vms(host_uuid), self.pools()
+        )
+        if not host.ip:
+            raise InventoryError(f"CloudStack listHosts: host {host.name} has no ipaddress")
+        by_uuid = {p.uuid: p for p in pools}
+        # The pools a KVM host mounts: its cluster's, and the zone-wide ones of its zone.
+        mounted = [
+            p
+            for p in pools
+            if p.type in NFS_POOL_TYPES
+            and (
+                (p.cluster_uuid is not None and p.cluster_uuid == host.cluster_uuid)
+                or (p.scope == "ZONE" and p.zone_uuid in (None, host.zone_uuid))
+            )
+        ]
+        root = self._settings.ssh.mount_root
+        disks: list[Disk] = []
+        skipped = 0
+        for vm, vols in zip(
+            vms, await asyncio.gather(*(self.volumes(v) for v in vms)), strict=True
+        ):
+            for vol in vols:
+                pool = by_uuid.get(vol.get("storageid", ""))
+                path = vol.get("path") or ""
+                if pool is None or pool.type not in NFS_POOL_TYPES or not _safe_path(path):
+                    skipped += 1
+                    continue
+                if pool not in mounted:
+                    mounted.append(pool)
+                disks.append(
+                    Disk(vol["id"], vm["id"], pool.uuid, posixpath.join(root, pool.uuid, path))
+                )
+        return HostStorage(host, tuple(mounted), tuple(disks), len(vms), skipped, root)
