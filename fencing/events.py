@@ -55,6 +55,7 @@ class WithheldReason(str, Enum):
     STORM_GUARD = "storm_guard"
     QUIET_PERIOD = "quiet_period"
     PAUSED = "paused"
+    CLUSTER_SIZE_UNKNOWN = "cluster_size_unknown"  # the storm guard cannot judge: withhold
 
 
 class NoticeKind(str, Enum):
@@ -122,6 +123,8 @@ class ProbeFinished:
     files_missing: int = 0
     neighbour: str | None = None
     reason: str | None = None
+    # Which RunProbe this answers: required, so a redelivered result can never count twice.
+    check: int = field(kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,8 @@ class ProposeFence:
     stale_checks: int
     newest_write: float | None
     files_checked: int
+    decision_id: str = ""  # always set by the core: "<host>/<episode>/<suspect second>"
+    neighbour: str | None = None  # who saw the last stale check
 
 
 @dataclass(frozen=True)
@@ -201,4 +206,20 @@ class Notify:
     details: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
 
-HostAction = RunProbe | ProposeFence | Notify
+@dataclass(frozen=True)
+class MarkSuspect:
+    """The host's episode opened: the cluster gate counts it for the storm guard."""
+
+    episode: int
+    at: float
+
+
+@dataclass(frozen=True)
+class ClearSuspect:
+    """The host's episode ended (back Up or in maintenance): the gate stops counting it."""
+
+    episode: int
+    at: float
+
+
+HostAction = RunProbe | ProposeFence | Notify | MarkSuspect | ClearSuspect

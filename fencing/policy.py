@@ -18,3 +18,4 @@ class Policy:
     global_cap: int = 10  # power-downs across all clusters per window
     storm_ratio: float = 0.5  # more than this share of a cluster suspect: withhold every fence
     startup_quiet: float = 120.0  # seconds after start-up in which no fence is approved
+    probe_timeout: float = 180.0  # an unanswered probe this old is lost: it counts as unknown

@@ -63,6 +63,9 @@ class PolicySettings(_Model):
     global_cap: int = Field(10, ge=0)
     storm_ratio: float = Field(0.5, ge=0, le=1)
     startup_quiet: float = Field(120.0, ge=0)
+    probe_timeout: float = Field(
+        180.0, gt=0, description="seconds before an unanswered probe counts as unknown"
+    )
 
     def to_policy(self) -> Policy:
         """The core's plain-data view."""
