@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from fencing.settings import IpmiOverrides, IpmiSettings
-from webui.fencing_view import BudgetView, HostStateView
+from webui.fencing_view import BudgetView, FenceResult, HostStateView
 
 Source = Literal["host", "cluster", "default"]
 
@@ -209,3 +209,22 @@ class IpmiTestResult(BaseModel):
     output: str | None = None
     error: str | None = None
     duration: float
+
+
+class FenceQuery(BaseModel):
+    """The filters of GET /api/fences (query parameters)."""
+
+    model_config = ConfigDict(extra="forbid")
+    cluster: str | None = Field(None, description="cluster uuid")
+    host: str | None = Field(None, description="host uuid")
+    since: float | None = Field(None, description="decided at or after (epoch seconds)")
+    until: float | None = Field(None, description="decided at or before (epoch seconds)")
+    result: FenceResult | None = None
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class HostQuery(BaseModel):
+    """The filter of GET /api/hosts (query parameter)."""
+
+    model_config = ConfigDict(extra="forbid")
+    cluster: str | None = Field(None, description="only the hosts of this cluster uuid")
