@@ -1,0 +1,182 @@
+"""Every workaround for the embedded Tansu 0.6 broker lives here, and is applied only to it.
+
+Rule: nothing outside this module knows about Tansu's defects. `streams.kafka.prepare_kafka`
+calls `apply_tansu_workarounds()` when `settings.kafka.embedded` is true and never otherwise,
+so a configured real Kafka always sees unmodified aiokafka.
+
+The two defects (research/feasibility-kafka.md):
+
+- ListOffsets(LATEST) answers the base offset of the partition's *last batch* + 1, not the high
+  watermark, so `end_offsets()` is too low. Faust reads a table's changelog up to that offset on
+  recovery, so a restarted worker silently loses table rows (memory store) or refuses to start
+  (RocksDB store: "persisted offset is higher than highwater"). Patch B asks the partition
+  leader for a Fetch response, whose high watermark is right, and returns the larger of the two.
+- aiokafka sends InitProducerId v0 only; Tansu needs the v3 fields (producer id and epoch = -1)
+  and answers v0 with UnknownError, so an idempotent or transactional producer cannot start.
+  Patch A teaches aiokafka InitProducerId v3.
+
+Both patches are process-wide monkeypatches of aiokafka classes; `apply_tansu_workarounds` is
+idempotent and `remove_tansu_workarounds` restores the originals (used by the test that shows
+the defect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.protocol.api import RequestStruct, Response
+from aiokafka.protocol.fetch import FetchRequest
+from aiokafka.protocol.transaction import InitProducerIdRequest, InitProducerIdRequest_v0
+from aiokafka.protocol.types import CompactString, Int16, Int32, Int64, Schema, TaggedFields
+from aiokafka.structs import TopicPartition
+
+log = logging.getLogger("fencer.tansu")
+
+# Tansu answers a Fetch with max_wait_ms=0 with an empty topic list; 100 ms gets an answer
+# (immediately when the partition has data, after 100 ms when it is empty).
+FETCH_MAX_WAIT_MS = 100
+
+_lock = threading.Lock()
+_originals: dict[str, Any] = {}
+
+
+class InitProducerIdResponse_v3(Response):
+    """InitProducerId v3 response (flexible)."""
+
+    API_KEY = 22
+    API_VERSION = 3
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("error_code", Int16),
+        ("producer_id", Int64),
+        ("producer_epoch", Int16),
+        ("tags", TaggedFields),
+    )
+
+
+class InitProducerIdRequest_v3(RequestStruct):
+    """InitProducerId v3 request: adds the current producer id and epoch (-1 = new producer)."""
+
+    FLEXIBLE_VERSION = True
+    API_KEY = 22
+    API_VERSION = 3
+    RESPONSE_TYPE = InitProducerIdResponse_v3
+    SCHEMA = Schema(
+        ("transactional_id", CompactString("utf-8")),
+        ("transaction_timeout_ms", Int32),
+        ("producer_id", Int64),
+        ("producer_epoch", Int16),
+        ("tags", TaggedFields),
+    )
+
+
+def _build_init_producer_id(self: Any, request_struct_class: type[RequestStruct]) -> Any:
+    if request_struct_class.API_VERSION >= 3:
+        return request_struct_class(
+            self._transactional_id, self._transaction_timeout_ms, -1, -1, {}
+        )
+    return request_struct_class(self._transactional_id, self._transaction_timeout_ms)
+
+
+async def _fetch_highwaters(
+    client: Any, offsets: Mapping[TopicPartition, int]
+) -> dict[TopicPartition, int]:
+    """The high watermark of each partition, read from a Fetch response of its leader."""
+    by_leader: dict[int, dict[str, list[tuple[int, int, int]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for tp, listed in offsets.items():
+        leader = client.cluster.leader_for_partition(tp)
+        if leader is None or leader < 0:
+            continue
+        # Fetch the last batch that ListOffsets saw; one byte is enough to get the header back.
+        by_leader[leader][tp.topic].append((tp.partition, max(listed - 1, 0), 1))
+
+    async def ask(node: int, topics: dict[str, list[tuple[int, int, int]]]) -> Any:
+        request = FetchRequest(
+            max_wait_time=FETCH_MAX_WAIT_MS,
+            min_bytes=1,
+            max_bytes=1,
+            isolation_level=0,
+            topics=list(topics.items()),
+        )
+        return await client.send(node, request)
+
+    responses = await asyncio.gather(
+        *(ask(node, topics) for node, topics in by_leader.items()), return_exceptions=True
+    )
+    highwaters: dict[TopicPartition, int] = {}
+    for response in responses:
+        if isinstance(response, BaseException):
+            # ListOffsets' answer still stands; a lost correction is logged, not hidden.
+            log.warning("tansu workaround: fetch for the high watermark failed: %s", response)
+            continue
+        for topic, partitions in response.topics:
+            for partition, error_code, highwater, *_ in partitions:
+                if error_code == 0 and highwater >= 0:
+                    highwaters[TopicPartition(topic, partition)] = highwater
+    return highwaters
+
+
+def _patched_end_offsets(
+    original: Callable[..., Coroutine[Any, Any, dict[TopicPartition, int]]],
+) -> Callable[..., Coroutine[Any, Any, dict[TopicPartition, int]]]:
+    async def end_offsets(
+        self: AIOKafkaConsumer, partitions: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        """Tansu workaround: the larger of ListOffsets(LATEST) and the Fetch high watermark."""
+        listed = await original(self, partitions)
+        highwaters = await _fetch_highwaters(self._client, listed)
+        return {tp: max(off, highwaters.get(tp, off)) for tp, off in listed.items()}
+
+    end_offsets.__tansu_workaround__ = True  # type: ignore[attr-defined]
+    return end_offsets
+
+
+def apply_tansu_workarounds() -> None:
+    """Patch aiokafka for Tansu 0.6 (end offsets, InitProducerId v3); idempotent."""
+    with _lock:
+        if _originals:
+            return
+        _originals["end_offsets"] = AIOKafkaConsumer.end_offsets
+        _originals["init_classes"] = InitProducerIdRequest._CLASSES
+        _originals["init_build"] = InitProducerIdRequest.__dict__["build"]
+        AIOKafkaConsumer.end_offsets = _patched_end_offsets(  # type: ignore[method-assign]
+            _originals["end_offsets"]
+        )
+        InitProducerIdRequest._CLASSES = (  # type: ignore[assignment]
+            InitProducerIdRequest_v0,
+            InitProducerIdRequest_v3,
+        )
+        InitProducerIdRequest.build = _build_init_producer_id  # type: ignore[method-assign]
+        log.debug("tansu workarounds applied to aiokafka")
+
+
+def remove_tansu_workarounds() -> None:
+    """Restore aiokafka exactly as it was; calling it when nothing is applied is a no-op."""
+    with _lock:
+        if not _originals:
+            return
+        AIOKafkaConsumer.end_offsets = _originals.pop("end_offsets")  # type: ignore[method-assign]
+        InitProducerIdRequest._CLASSES = _originals.pop("init_classes")
+        InitProducerIdRequest.build = _originals.pop("init_build")  # type: ignore[method-assign]
+        log.debug("tansu workarounds removed from aiokafka")
+
+
+def tansu_workarounds_applied() -> bool:
+    """Whether aiokafka is currently patched for Tansu."""
+    return bool(_originals)
+
+
+__all__ = [
+    "FETCH_MAX_WAIT_MS",
+    "apply_tansu_workarounds",
+    "remove_tansu_workarounds",
+    "tansu_workarounds_applied",
+]
