@@ -69,6 +69,7 @@ class ProbeTarget:
     suspect_since: float
     pools: tuple[PoolTarget, ...]
     neighbours: tuple[Neighbour, ...] = ()
+    cluster_uuid: str | None = None
 
     @property
     def files(self) -> tuple[str, ...]:

@@ -1,0 +1,76 @@
+"""The mounted probe: the same check as the NFS probe, on the worker's own filesystem (the
+shared storage is mounted where fencer runs, e.g. a CephFS or NFS mount on the worker).
+
+Rule: only reads (stat, a heartbeat's first bytes), in a worker thread with a deadline, so a hung
+mount gives "timeout" instead of a stuck event loop; `probes.base.judge` decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+
+from fencing.settings import FencerSettings
+from probes.base import ProbeOutcome, ProbeTarget, Reading, Reason, judge
+
+
+def read_local(target: ProbeTarget, clock: Callable[[], float] = time.time) -> Reading:
+    """Stat every file and read every heartbeat on this machine."""
+    mounted = {
+        p.mount_point: os.path.isdir(p.mount_point) and os.access(p.mount_point, os.R_OK | os.X_OK)
+        for p in target.pools
+    }
+    mtimes: dict[str, float] = {}
+    for path in (*target.files, *target.heartbeats):
+        try:
+            mtimes[path] = float(int(os.stat(path).st_mtime))
+        except OSError:
+            continue
+    beats: dict[str, str] = {}
+    for path in target.heartbeats:
+        try:
+            with open(path, "rb") as f:
+                beats[path] = f.read(64).decode("ascii", "replace")
+        except OSError:
+            continue
+    return Reading(now=clock(), mtimes=mtimes, heartbeat_values=beats, mounted=mounted)
+
+
+class MountedProbe:
+    """Storage probe over a filesystem mounted on the worker itself."""
+
+    name = "mounted"
+
+    def __init__(
+        self,
+        settings: FencerSettings,
+        *,
+        heartbeat_max_age: float | None = None,
+        timeout: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.heartbeat_max_age = heartbeat_max_age or settings.policy.heartbeat_max_age
+        self.timeout = timeout or settings.ssh.command_timeout
+        self.clock = clock
+
+    async def close(self) -> None:
+        """Nothing pooled."""
+
+    async def check(self, target: ProbeTarget) -> ProbeOutcome:
+        """One local check."""
+        started = time.monotonic()
+        try:
+            reading = await asyncio.wait_for(
+                asyncio.to_thread(read_local, target, self.clock), self.timeout
+            )
+        except TimeoutError:
+            return ProbeOutcome.unknown(
+                f"{Reason.TIMEOUT}: the local mount did not answer within {self.timeout:g} s",
+                self.name,
+                neighbour="local",
+                duration=time.monotonic() - started,
+            )
+        verdict = judge(target, reading, self.heartbeat_max_age)
+        return ProbeOutcome.from_verdict(verdict, self.name, "local", time.monotonic() - started)

@@ -1,0 +1,285 @@
+"""The NFS probe: ask a neighbour over SSH for the mtimes of the suspect host's disks and the
+content of its heartbeat files, in ONE exec per (neighbour, suspect host) check.
+
+Rule: host keys are always verified against `ssh.known_hosts` (the bypass exists only for the
+lab, behind `insecure_skip_host_key_check`); key authentication only; one pooled connection per
+neighbour, reused across checks with keepalives. Every failure is an unknown outcome whose reason
+names it (auth failed, host key mismatch, timeout, unreachable, storage not mounted, no files),
+and the next neighbour is tried. What the output means is decided by `probes.base.judge`.
+
+The remote side is a POSIX shell script (bash, dash) plus GNU `xargs` and `stat`: pool mount
+points and heartbeat files go in the script's arguments (a few per host), file paths go on stdin
+(a thousand paths would overflow one argv string), and an `E` line marks complete output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import asyncssh
+
+from fencing.settings import FencerSettings, SshSettings
+from probes.base import Neighbour, ProbeOutcome, ProbeTarget, Reading, Reason, judge
+
+# `N` the neighbour's clock, `M i ok|no` pool mount i usable, `H i <content>` heartbeat i,
+# `S <mtime> <path>` one per file that exists, `E` the end. EPOCHSECONDS (bash 5) saves a fork.
+REMOTE_SCRIPT = r"""
+printf 'N %s\n' "${EPOCHSECONDS:-$(date +%s)}"
+i=0
+for a in "$@"; do
+  p=${a#?:}
+  case $a in
+    m:*) s=no; if [ -d "$p" ] && [ -r "$p" ] && [ -x "$p" ]; then s=ok; fi; echo "M $i $s" ;;
+    h:*) v=; { read -r v < "$p"; } 2>/dev/null; echo "H $i $v" ;;
+  esac
+  i=$((i+1))
+done
+xargs -r -d '\n' stat -c 'S %Y %n' -- 2>/dev/null
+echo E
+"""
+
+# OpenSSH's sshd allows 10 sessions per connection (MaxSessions); stay under it.
+MAX_SESSIONS_PER_CONNECTION = 8
+
+
+def build_command(target: ProbeTarget) -> tuple[str, str]:
+    """The exec command line and its stdin for one check."""
+    args = []
+    for pool in target.pools:
+        args.append(f"m:{pool.mount_point}")
+        if pool.heartbeat:
+            args.append(f"h:{pool.heartbeat}")
+    command = "set -- " + " ".join(shlex.quote(a) for a in args) + "\n" + REMOTE_SCRIPT
+    stdin = "".join(f"{p}\n" for p in (*target.files, *target.heartbeats))
+    return command, stdin
+
+
+def parse_output(target: ProbeTarget, stdout: str, fallback_now: float) -> Reading:
+    """Turn the script's output (possibly cut short) into a Reading."""
+    args: list[tuple[str, str]] = []
+    for pool in target.pools:
+        args.append(("m", pool.mount_point))
+        if pool.heartbeat:
+            args.append(("h", pool.heartbeat))
+    now = fallback_now
+    mtimes: dict[str, float] = {}
+    beats: dict[str, str] = {}
+    mounted: dict[str, bool] = {}
+    complete = False
+    for line in stdout.splitlines():
+        kind, _, rest = line.partition(" ")
+        try:
+            if kind == "N":
+                now = float(rest)
+            elif kind == "M":
+                idx, _, state = rest.partition(" ")
+                mounted[args[int(idx)][1]] = state == "ok"
+            elif kind == "H":
+                idx, _, value = rest.partition(" ")
+                if value:
+                    beats[args[int(idx)][1]] = value
+            elif kind == "S":
+                mtime, _, path = rest.partition(" ")
+                mtimes[path] = float(mtime)
+            elif kind == "E" and not rest:
+                complete = True
+        except (ValueError, IndexError):
+            continue  # a garbled line (cut mid-way) is as good as absent
+    return Reading(
+        now=now, mtimes=mtimes, heartbeat_values=beats, mounted=mounted, complete=complete
+    )
+
+
+@dataclass
+class _Conn:
+    conn: asyncssh.SSHClientConnection
+    sessions: asyncio.Semaphore
+
+
+class SshPool:
+    """One SSH connection per neighbour address, opened on demand and reused."""
+
+    def __init__(self, ssh: SshSettings, keepalive_interval: float = 15.0) -> None:
+        self.ssh = ssh
+        self.keepalive_interval = keepalive_interval
+        self._conns: dict[tuple[str, int], _Conn] = {}
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self.connects = 0  # how many connections were opened (for tests and benchmarks)
+
+    def _known_hosts(self) -> str | None:
+        if self.ssh.insecure_skip_host_key_check:
+            return None
+        assert self.ssh.known_hosts is not None
+        return str(self.ssh.known_hosts)
+
+    async def get(self, address: str, port: int | None = None) -> _Conn:
+        """A live connection to `address` (raises asyncssh / OS errors)."""
+        key = (address, port or self.ssh.port)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            entry = self._conns.get(key)
+            if entry is not None and not entry.conn.is_closed():
+                return entry
+            client_keys = [str(self.ssh.key_file)] if self.ssh.key_file else ()
+            conn = await asyncssh.connect(
+                key[0],
+                key[1],
+                username=self.ssh.user,
+                client_keys=client_keys or None,
+                known_hosts=self._known_hosts(),
+                agent_path=None,
+                preferred_auth="publickey",
+                password=None,
+                connect_timeout=self.ssh.connect_timeout,
+                keepalive_interval=self.keepalive_interval,
+                keepalive_count_max=3,
+            )
+            self.connects += 1
+            entry = _Conn(conn, asyncio.Semaphore(MAX_SESSIONS_PER_CONNECTION))
+            self._conns[key] = entry
+            return entry
+
+    def discard(self, address: str, port: int | None = None) -> None:
+        """Forget (and close) a connection that failed."""
+        entry = self._conns.pop((address, port or self.ssh.port), None)
+        if entry is not None:
+            entry.conn.close()
+
+    async def close(self) -> None:
+        """Close every connection."""
+        entries, self._conns = list(self._conns.values()), {}
+        for e in entries:
+            e.conn.close()
+        for e in entries:
+            await e.conn.wait_closed()
+
+
+def _connect_failure(exc: BaseException) -> str:
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return f"{Reason.AUTH_FAILED}: the neighbour refused the key"
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        return f"{Reason.HOST_KEY}: {exc.reason} (not in ssh.known_hosts)"
+    if isinstance(exc, TimeoutError):
+        return f"{Reason.TIMEOUT}: connecting took too long"
+    if isinstance(exc, asyncssh.Error):
+        return f"{Reason.SSH_ERROR}: {exc.reason}"
+    if isinstance(exc, OSError):
+        return f"{Reason.UNREACHABLE}: {exc.strerror or type(exc).__name__}"
+    return f"{Reason.SSH_ERROR}: {type(exc).__name__}"
+
+
+class NfsSshProbe:
+    """Storage probe for NFS pools, looking through a neighbour over SSH."""
+
+    name = "nfs"
+
+    def __init__(
+        self,
+        settings: FencerSettings,
+        *,
+        pool: SshPool | None = None,
+        heartbeat_max_age: float | None = None,
+        port: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool or SshPool(settings.ssh)
+        self.heartbeat_max_age = heartbeat_max_age or settings.policy.heartbeat_max_age
+        self.port = port
+        self.clock = clock
+        self.round_trips = 0  # execs issued (for benchmarks)
+
+    async def close(self) -> None:
+        """Close pooled connections."""
+        await self.pool.close()
+
+    async def check(self, target: ProbeTarget) -> ProbeOutcome:
+        """Try each neighbour until one gives alive or stale; otherwise unknown with reasons."""
+        started = time.monotonic()
+        ssh = self.settings.ssh
+        if not ssh.insecure_skip_host_key_check and ssh.known_hosts is None:
+            return ProbeOutcome.unknown(
+                f"{Reason.CONFIG}: ssh.known_hosts is not set, host keys cannot be verified",
+                self.name,
+            )
+        if not target.neighbours:
+            return ProbeOutcome.unknown(
+                f"{Reason.NO_NEIGHBOUR}: no Up, Enabled KVM host in the cluster", self.name
+            )
+        reasons: list[str] = []
+        last = None
+        for n in target.neighbours:
+            got = await self._read(n, target)
+            if isinstance(got, str):
+                reasons.append(f"{got} [{n.name}]")
+                continue
+            verdict = judge(target, got, self.heartbeat_max_age)
+            outcome = ProbeOutcome.from_verdict(
+                verdict, self.name, n.name, time.monotonic() - started
+            )
+            if verdict.reason is None:
+                return outcome
+            reasons.append(f"{verdict.reason} [{n.name}]")
+            last = outcome
+        reason = "; ".join(reasons)
+        if last is not None:
+            return replace(last, reason=reason, duration=time.monotonic() - started)
+        return ProbeOutcome.unknown(reason, self.name, duration=time.monotonic() - started)
+
+    async def _read(self, n: Neighbour, target: ProbeTarget) -> Reading | str:
+        """One exec on the neighbour; a Reading, or the reason it could not be had."""
+        command, stdin = build_command(target)
+        timeout = self.settings.ssh.command_timeout
+        for attempt in (1, 2):
+            try:
+                entry = await self.pool.get(n.address, self.port)
+            except Exception as exc:  # every connect failure is an unknown with a reason
+                return _connect_failure(exc)
+            try:
+                async with entry.sessions:
+                    self.round_trips += 1
+                    result = await entry.conn.run(
+                        command, input=stdin, check=False, timeout=timeout
+                    )
+            except asyncssh.TimeoutError as exc:
+                partial = parse_output(target, str(exc.stdout or ""), self.clock())
+                return Reading(
+                    partial.now,
+                    partial.mtimes,
+                    partial.heartbeat_values,
+                    partial.mounted,
+                    complete=False,
+                    incomplete_reason=f"{Reason.TIMEOUT}: no complete answer within {timeout:g} s",
+                )
+            except (
+                asyncssh.ChannelOpenError,
+                asyncssh.ConnectionLost,
+                asyncssh.DisconnectError,
+                BrokenPipeError,
+                ConnectionResetError,
+            ) as exc:
+                # A pooled connection that died since last use: reconnect once.
+                self.pool.discard(n.address, self.port)
+                if attempt == 2:
+                    return _connect_failure(exc)
+                continue
+            reading = parse_output(target, str(result.stdout or ""), self.clock())
+            if not reading.complete:
+                err = str(result.stderr or "").strip().splitlines()
+                detail = f": {err[0][:200]}" if err else ""
+                status = (
+                    result.exit_status if result.exit_status is not None else result.exit_signal
+                )
+                return Reading(
+                    reading.now,
+                    reading.mtimes,
+                    reading.heartbeat_values,
+                    reading.mounted,
+                    complete=False,
+                    incomplete_reason=f"{Reason.COMMAND_FAILED}: exit {status}{detail}",
+                )
+            return reading
+        return f"{Reason.SSH_ERROR}: unreachable"  # pragma: no cover - the loop always returns
