@@ -1,0 +1,178 @@
+"""The notifier: a record in, one notification out on every channel, and never a delay for
+fencing.
+
+Rules:
+- `handle()` only renders and schedules: it returns at once and never raises for a delivery
+  problem. Sending runs in background tasks; `drain()` waits for them (shutdown, tests).
+- Each channel is tried on its own, concurrently, with bounded exponential backoff; a
+  non-retryable failure (credentials refused) is not retried. Every failure is logged as one
+  line naming the channel and the peer.
+- One notification per record id (`render.record_id`): ids in flight are skipped in memory,
+  and an id is written to the store, with the time, once its sends have finished (delivered or
+  given up). The Faust app passes a changelog-backed table as the store, so a redelivery after a
+  restart is skipped too; a crash mid-send sends again (at least once) rather than never.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, MutableMapping, Sequence
+
+from fencing.records import FenceDecision, FenceOutcome, Notice
+from fencing.settings import FencerSettings
+from notifiers.channel import AuthenticationFailed, Channel, DeliveryFailed, NotifyError
+from notifiers.email import EmailChannel
+from notifiers.render import Message, record_id, to_message
+from notifiers.snmp import snmp_channels
+
+__all__ = [
+    "AuthenticationFailed",
+    "Channel",
+    "DeliveryFailed",
+    "Notifier",
+    "NotifyError",
+    "channels_from_settings",
+]
+
+log = logging.getLogger("fencer.notifiers")
+
+Record = FenceDecision | FenceOutcome | Notice
+
+
+def channels_from_settings(settings: FencerSettings) -> list[Channel]:
+    """The enabled channels: email (per-cluster recipients) and one per SNMP receiver."""
+    channels: list[Channel] = []
+    if settings.email.enabled:
+        channels.append(EmailChannel(settings.email, settings.email_to_for))
+    if settings.snmp.enabled:
+        channels.extend(snmp_channels(settings.snmp))
+    return channels
+
+
+class Notifier:
+    """Turns fence decisions, outcomes and notices into notifications on every channel."""
+
+    def __init__(
+        self,
+        channels: Sequence[Channel],
+        store: MutableMapping[str, float] | None = None,
+        *,
+        retries: int = 4,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        send_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.channels = list(channels)
+        self.store: MutableMapping[str, float] = {} if store is None else store
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.send_timeout = send_timeout
+        self._clock = clock
+        self._in_flight: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: FencerSettings,
+        store: MutableMapping[str, float] | None = None,
+        *,
+        retries: int = 4,
+        backoff: float = 1.0,
+    ) -> Notifier:
+        """A notifier with every channel the settings enable."""
+        return cls(channels_from_settings(settings), store, retries=retries, backoff=backoff)
+
+    async def handle(self, record: Record) -> None:
+        """Schedule the record's notification; return at once (see the module docstring)."""
+        try:
+            key = record_id(record)
+            if key in self.store or key in self._in_flight:
+                log.debug("notification %s already sent; skipped", key)
+                return
+            message = to_message(record)
+        except Exception:
+            # A record we cannot render must not reach the caller (fencing) as an exception.
+            log.exception("cannot render a notification for %s", type(record).__name__)
+            return
+        if not self.channels:
+            self.store[key] = self._clock()
+            return
+        self._in_flight.add(key)
+        task = asyncio.get_running_loop().create_task(self._deliver(key, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def pending(self) -> int:
+        """Notifications still being sent or retried."""
+        return len(self._tasks)
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Wait for every scheduled notification; after `grace` s, cancel what is left."""
+        tasks = set(self._tasks)
+        if not tasks:
+            return
+        _done, left = await asyncio.wait(tasks, timeout=grace)
+        for t in left:
+            t.cancel()
+        if left:
+            await asyncio.wait(left)
+            log.warning("%d notification(s) cancelled at drain", len(left))
+
+    async def _deliver(self, key: str, message: Message) -> None:
+        try:
+            results = await asyncio.gather(*(self._send(ch, message) for ch in self.channels))
+            fields = {"record": key, "kind": message.kind.value, "host": message.host_uuid}
+            if all(results):
+                log.info(
+                    "notified %s on %d channel(s)", key, len(results), extra={"fields": fields}
+                )
+        finally:
+            # Written when the sends are over, so a redelivery mid-send is caught by the
+            # in-flight set and a restart mid-send notifies again rather than never.
+            self._in_flight.discard(key)
+            self.store[key] = self._clock()
+
+    async def _send(self, channel: Channel, message: Message) -> bool:
+        attempts = self.retries + 1
+        for attempt in range(1, attempts + 1):
+            retryable = True
+            try:
+                await asyncio.wait_for(channel.send(message), self.send_timeout)
+                return True
+            except NotifyError as exc:
+                problem, retryable = str(exc), exc.retryable
+            except TimeoutError:
+                problem = f"{channel.name}: no answer within {self.send_timeout:g} s"
+            except Exception as exc:
+                # A bug in a channel: log it like a failure, never let it escape.
+                problem = f"{channel.name}: unexpected {type(exc).__name__}: {exc}"
+            fields = {"record": message.record_id, "channel": channel.name, "attempt": attempt}
+            if not retryable or attempt == attempts:
+                log.error(
+                    "notification %s on %s given up after %d attempt(s): %s",
+                    message.record_id,
+                    channel.name,
+                    attempt,
+                    problem,
+                    extra={"fields": fields},
+                )
+                return False
+            delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+            log.warning(
+                "notification %s on %s failed (attempt %d of %d), retrying in %g s: %s",
+                message.record_id,
+                channel.name,
+                attempt,
+                attempts,
+                delay,
+                problem,
+                extra={"fields": fields},
+            )
+            await asyncio.sleep(delay)
+        return False
