@@ -39,13 +39,23 @@ class HostRef(BaseModel):
 class HostSignal(WireRecord):
     """A fact about a host from the event bus or the listHosts poller (topic host-signals)."""
 
-    kind: Literal["disconnected", "up", "maintenance_started", "maintenance_ended", "inventory"]
+    kind: Literal["disconnected", "up", "maintenance_started", "maintenance_ended", "tick"]
     host: HostRef
     at: float = Field(description="epoch seconds the fact became true (event time or poll time)")
     status: HostStatus | None = None
     resource_state: str | None = None
-    source: Literal["event-bus", "poller", "api"] = "event-bus"
-    cluster_host_count: int | None = Field(None, description="hosts in the cluster (poller)")
+    source: Literal["event-bus", "poller", "api", "timer"] = "event-bus"
+
+
+class GateSignal(WireRecord):
+    """What the cluster gate learns besides proposals (topic fence-proposals, key cluster uuid):
+    the cluster's host count (poller) and which hosts are suspect (the host watcher)."""
+
+    kind: Literal["cluster_size", "suspect", "cleared"]
+    cluster_uuid: str
+    at: float
+    host_uuid: str | None = None
+    host_count: int | None = None
 
 
 class ProbeRequest(WireRecord):
