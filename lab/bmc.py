@@ -2,14 +2,21 @@
 
 Rule: the simulator tracks power and identify state exactly as a client would observe it and
 never lies about it; faults (unreachable, wrong password) are injected by the lab, not faked
-by the client. It binds 127.0.0.1 on a free UDP port and serves from a thread, so ipmitool,
-fence_ipmilan and the pyghmi client all talk to the same state.
+by the client. It binds 127.0.0.1 on a free UDP port, so ipmitool, fence_ipmilan and the pyghmi
+client all talk to the same state.
+
+`BmcSimulator` serves the BMC from a child process and mirrors its state in a thread of the
+caller. It is a separate process, like a real BMC, because pyghmi runs client and server
+sessions on one process-wide event loop: with a server thread and a client thread pumping it
+together, a client login occasionally waits forever (seen about once in 50 logins).
 
 Two patches to pyghmi's server side, applied once on import:
 - pyghmi's server only implements cipher suite 3 (HMAC-SHA1) but answers OK to any proposal,
   so pyghmi's own client (which proposes suite 17, SHA-256 first) fails in RAKP 2 with
   `struct.error`. Refusing non-SHA1 proposals (status 0x11, "invalid integrity algorithm")
   makes the client fall back to suite 3; ipmitool works either way.
+- pyghmi's server stays silent when RAKP 1 names an unknown user; real BMCs answer RAKP 2 with
+  status 0x0D (unauthorized name), and pyghmi's client waits forever on the silence.
 - a paused or stopped simulator must drop every packet, including those of sessions it
   already opened, so a client sees a dead BMC rather than a half-answering one.
 """
@@ -18,13 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from multiprocessing.connection import Connection
 from typing import Any
 
 import pyghmi.ipmi.bmc as ipmibmc
+import pyghmi.ipmi.private.constants as constants
 import pyghmi.ipmi.private.serversession as serversession
 import pyghmi.ipmi.private.session as ipmisession
 
@@ -34,6 +45,7 @@ the IPMI directive: 'off', 'on', 'cycle', 'reset', 'shutdown')."""
 
 _original_open_session_response = serversession.ServerSession.create_open_session_response
 _original_process_pktqueue = serversession.ServerSession.process_pktqueue
+_original_got_rakp1 = serversession.ServerSession._got_rakp1
 
 
 def _sha1_only_open_session_response(self: Any, request: bytearray) -> bytearray:
@@ -43,6 +55,16 @@ def _sha1_only_open_session_response(self: Any, request: bytearray) -> bytearray
         return bytearray([request[0], 0x11, 0, 0]) + request[4:8]
     response: bytearray = _original_open_session_response(self, request)
     return response
+
+
+def _got_rakp1_refusing_unknown_users(self: Any, data: bytearray) -> None:
+    name = bytes(data[28:]).decode("utf-8", "replace") if len(data) > 27 and data[27] else ""
+    if self.authdata.get(name) is None:
+        self.clientsessionid = getattr(self, "clientsessionid", bytearray(4))
+        refusal = bytearray([data[0], 0x0D, 0, 0]) + self.clientsessionid
+        self.send_payload(refusal, constants.payload_types["rakp2"], retry=False)
+        return
+    _original_got_rakp1(self, data)
 
 
 def _process_pktqueue_unless_down(self: Any) -> None:
@@ -55,6 +77,7 @@ def _process_pktqueue_unless_down(self: Any) -> None:
 
 serversession.ServerSession.create_open_session_response = _sha1_only_open_session_response
 serversession.ServerSession.process_pktqueue = _process_pktqueue_unless_down
+serversession.ServerSession._got_rakp1 = _got_rakp1_refusing_unknown_users
 
 _DIRECTIVES = {0: "off", 1: "on", 2: "cycle", 3: "reset", 4: "diag", 5: "shutdown"}
 
@@ -69,8 +92,10 @@ class SimBmc(ipmibmc.Bmc):
         address: str = "127.0.0.1",
         power: str = "on",
         on_power_change: PowerCallback | None = None,
+        on_record: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(dict(users), port=port, address=address)
+        self.on_record = on_record
         # pyghmi routes session packets by the server socket's real port, so a port-0 bind must
         # record the port the kernel chose.
         self.port = self.serversocket.getsockname()[1]
@@ -91,6 +116,8 @@ class SimBmc(ipmibmc.Bmc):
         with self._lock:
             self.commands[name] += 1
             self.history.append((time.time(), name))
+        if self.on_record is not None:
+            self.on_record(name)
 
     def _set_power(self, state: str, cause: str) -> None:
         changed = state != self.powerstate
@@ -187,7 +214,10 @@ class SimBmc(ipmibmc.Bmc):
 
 
 class BmcSimulator:
-    """Runs a SimBmc on 127.0.0.1 in a thread: `with BmcSimulator(...) as sim: sim.port`."""
+    """A SimBmc in a child process, its state mirrored here: `with BmcSimulator() as sim:`.
+
+    `on_power_change(state, cause)` runs in this process's listener thread after each change.
+    """
 
     def __init__(
         self,
@@ -200,99 +230,222 @@ class BmcSimulator:
     ) -> None:
         self.username = username
         self.password = password
-        self._args = (power, on_power_change, address, port)
-        self.bmc: SimBmc | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.address = address
+        self.on_power_change = on_power_change
+        self._requested_port = port
+        self.port = 0
+        self._power = power
+        self._identify: str | None = None
+        self._resets = 0
+        self._commands: Counter[str] = Counter()
+        self._cond = threading.Condition()
+        self._synced = 0
+        self._sync_seq = 0
+        self._proc: Any = None
+        self._conn: Any = None
+        self._listener: threading.Thread | None = None
+        self._send_lock = threading.Lock()
 
-    @property
-    def port(self) -> int:
-        """The UDP port the BMC listens on."""
-        return self._sim.port
+    # -- state, read through the child so no event is still in flight --------------------
 
-    @property
-    def address(self) -> str:
-        """The address the BMC listens on."""
-        return self._sim.address
-
-    @property
-    def _sim(self) -> SimBmc:
-        if self.bmc is None:
-            raise RuntimeError("the BMC simulator is not started")
-        return self.bmc
+    def _sync(self) -> None:
+        if self._conn is None:
+            return
+        with self._cond:
+            self._sync_seq += 1
+            seq = self._sync_seq
+        self._send(("sync", seq))
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._synced >= seq, timeout=5):
+                raise RuntimeError("the BMC simulator process does not answer")
 
     @property
     def power(self) -> str:
         """'on' or 'off' as the BMC would report it."""
-        return self._sim.powerstate
+        self._sync()
+        return self._power
 
     @power.setter
     def power(self, state: str) -> None:
-        self._sim.powerstate = state
+        self._send(("power", state))
+        self._sync()
 
     @property
     def identify(self) -> str | None:
         """'on'/'off' after a Chassis Identify, None if never asked."""
-        return self._sim.identify
+        self._sync()
+        return self._identify
 
     @property
     def resets(self) -> int:
         """Resets and cycles applied while the host was on."""
-        return self._sim.resets
+        self._sync()
+        return self._resets
 
     @property
     def commands(self) -> Counter[str]:
         """How many of each command the BMC received (power_off, get_power, identify_on, ...)."""
-        return self._sim.commands
+        self._sync()
+        with self._cond:
+            return Counter(self._commands)
 
     def count(self, name: str | None = None) -> int:
         """Commands received, of one name or in total."""
-        c = self._sim.commands
+        c = self.commands
         return c[name] if name else sum(c.values())
 
+    # -- lifecycle and faults ------------------------------------------------------------
+
     def start(self) -> BmcSimulator:
-        """Bind and serve in a daemon thread."""
-        power, callback, address, port = self._args
-        self.bmc = SimBmc(
-            {self.username: self.password},
-            port=port,
-            address=address,
-            power=power,
-            on_power_change=callback,
+        """Start the BMC process, wait until it listens, and start the listener thread."""
+        # A plain child process with a socketpair, not multiprocessing's spawn, so the caller's
+        # __main__ is never re-imported; the password travels over the pipe, not argv.
+        ours, theirs = socket.socketpair()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "lab.bmc", "--child-fd", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
         )
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._serve, name=f"bmc-{self.port}", daemon=True)
-        self._thread.start()
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._send(
+            (
+                "init",
+                {self.username: self.password},
+                self.address,
+                self._requested_port,
+                self._power,
+            )
+        )
+        if not self._conn.poll(15):
+            self.stop()
+            raise RuntimeError("the BMC simulator process did not start")
+        kind, port = self._conn.recv()
+        if kind != "ready":
+            self.stop()
+            raise RuntimeError(f"the BMC simulator process failed: {port}")
+        self.port = port
+        self._listener = threading.Thread(target=self._listen, name=f"bmc-{port}", daemon=True)
+        self._listener.start()
         return self
 
-    def _serve(self) -> None:
-        # pyghmi serves every in-process session from one event loop; any thread that calls
-        # wait_for_rsp moves it along, so a short timeout keeps stop() prompt.
-        while not self._stop.is_set():
-            ipmisession.Session.wait_for_rsp(0.2)
+    def _send(self, message: tuple[Any, ...]) -> None:
+        if self._conn is None:
+            raise RuntimeError("the BMC simulator is not started")
+        with self._send_lock:
+            self._conn.send(message)
+
+    def _listen(self) -> None:
+        conn = self._conn
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return
+            kind = message[0]
+            callback = None
+            with self._cond:
+                if kind == "cmd":
+                    name = message[1]
+                    self._commands[name] += 1
+                    if name.startswith("identify_"):
+                        self._identify = name.removeprefix("identify_")
+                elif kind == "power":
+                    _, state, cause = message
+                    self._power = state
+                    if cause in ("reset", "cycle"):
+                        self._resets += 1
+                    callback = self.on_power_change
+                elif kind == "synced":
+                    self._synced = max(self._synced, message[1])
+                self._cond.notify_all()
+            if callback is not None:
+                callback(message[1], message[2])
 
     def pause(self) -> None:
         """Make the BMC unreachable (drops every packet, keeps its state)."""
-        self._sim.pause()
+        self._send(("pause",))
+        self._sync()
 
     def resume(self) -> None:
         """Make it reachable again."""
-        self._sim.resume()
+        self._send(("resume",))
+        self._sync()
 
     def stop(self) -> None:
-        """Stop serving and free the port; idempotent."""
-        if self.bmc is not None:
-            self.bmc.close()
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        """Stop the BMC process and free its port; idempotent."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._send(("stop",))
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=3)
+            self._proc = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._listener is not None:
+            self._listener.join(timeout=3)
+            self._listener = None
 
     def __enter__(self) -> BmcSimulator:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _serve_child(conn: Any) -> None:
+    """The BMC process: serve IPMI, obey the lab's controls, report every change."""
+    _, users, address, port, power = conn.recv()
+    send_lock = threading.Lock()
+
+    def send(message: tuple[Any, ...]) -> None:
+        with send_lock:
+            conn.send(message)
+
+    try:
+        bmc = SimBmc(
+            users,
+            port=port,
+            address=address,
+            power=power,
+            on_power_change=lambda state, cause: send(("power", state, cause)),
+            on_record=lambda name: send(("cmd", name)),
+        )
+    except OSError as exc:
+        conn.send(("error", str(exc)))
+        return
+    stopping = threading.Event()
+
+    def controls() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                stopping.set()
+                return
+            kind = message[0]
+            if kind == "pause":
+                bmc.pause()
+            elif kind == "resume":
+                bmc.resume()
+            elif kind == "power":
+                bmc.powerstate = message[1]
+            elif kind == "sync":
+                send(("synced", message[1]))
+            elif kind == "stop":
+                stopping.set()
+                return
+
+    conn.send(("ready", bmc.port))
+    threading.Thread(target=controls, daemon=True).start()
+    while not stopping.is_set():
+        ipmisession.Session.wait_for_rsp(0.2)
+    bmc.close()
+    conn.close()
 
 
 def free_udp_port() -> int:
@@ -310,11 +463,13 @@ if __name__ == "__main__":
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--username", default="admin")
     ap.add_argument("--password", default="password")
+    ap.add_argument("--child-fd", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    sim = BmcSimulator(a.username, a.password, port=a.port).start()
-    print(f"BMC simulator on 127.0.0.1:{sim.port} ({a.username})", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        sim.stop()
+    if a.child_fd is not None:
+        _serve_child(Connection(a.child_fd))
+        sys.exit(0)
+    with BmcSimulator(a.username, a.password, port=a.port) as sim:
+        print(f"BMC simulator on 127.0.0.1:{sim.port} ({a.username})", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
