@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 from fencing.events import FenceAction, NoticeKind, WithheldReason
 from fencing.records import EvidenceSummary, FenceDecision, FenceOutcome, HostRef, Notice
-
-MIB_DIR = Path(__file__).resolve().parents[2] / "notifiers" / "mibs"
-NET_SNMP_NPM = "net-snmp@3.29.2"
-BASE_MODULES = ("SNMPv2-SMI", "SNMPv2-TC", "SNMPv2-CONF", "SNMPv2-MIB")
-SMTP_USER, SMTP_PASSWORD = "fencer", "s3cret-pw"
-
 
 # ---------------------------------------------------------------------------------------------
 # records
@@ -96,5 +91,8 @@ def notice(host: HostRef, evidence: EvidenceSummary) -> Notice:
     )
 
 
-# The receivers' fixtures live beside their helpers; importing them here registers them.
+# The suite runs with --import-mode=importlib, which puts no test directory on sys.path; the
+# receivers are a plain module so test files can import their helpers, and importing their
+# fixtures here registers them.
+sys.path.insert(0, str(Path(__file__).parent))
 from notifier_peers import ietf_mib_dir, smtp_server, snmptrapd, tls  # noqa: E402, F401

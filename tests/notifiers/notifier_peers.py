@@ -204,6 +204,31 @@ def ietf_mib_dir() -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class Trap:
+    """One logged notification: snmptrapd's %P header and the varbinds by MIB name."""
+
+    header: str
+    varbinds: dict[str, str]
+
+    @property
+    def version(self) -> str:
+        return self.header.split(", ")[1]  # "SNMP v2c" | "SNMP v3"
+
+    def value(self, name: str) -> str:
+        """The printed value without its type, e.g. 'kvm03' for 'STRING: kvm03'."""
+        return self.varbinds[name].partition(": ")[2]
+
+
+def parse_trap(line: str) -> Trap:
+    header, _, rest = line.removeprefix("TRAP ").partition(" | ")
+    varbinds = {}
+    for item in rest.split("~~ "):
+        name, _, value = item.partition(" = ")
+        varbinds[name.strip()] = value
+    return Trap(header, varbinds)
+
+
 @dataclass
 class TrapReceiver:
     """A running snmptrapd; `lines()` reads what it logged so far."""
@@ -217,6 +242,9 @@ class TrapReceiver:
         if not self.log.exists():
             return []
         return [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
+
+    def received(self) -> list[Trap]:
+        return [parse_trap(t) for t in self.traps()]
 
     def traps(self) -> list[str]:
         return [ln for ln in self.lines() if ln.startswith("TRAP ")]
