@@ -1,0 +1,264 @@
+"""The one fencing engine: every driver's power action goes through `Engine.run`.
+
+Rule: success means the BMC was seen in the requested state, never that a command was sent.
+The engine reads power first (already off is fenced: no action for stop), sets power, then
+polls until the state shows or `power_timeout` passes (a timeout is a failure), retries with
+backoff, lets one action at a time touch a host, and turns every exception into a failed
+`EngineResult` whose text carries no secret.
+
+Reboot is off, verified off, on, verified on ("onoff", as fence-agents does by default): it
+proves the host really went down. "cycle" sends one reset and verifies the host is on again,
+for BMCs that refuse a hard off; it proves less and says so (`verified` stays True only for the
+acknowledged reset plus power on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fencing.drivers.base import DriverError, PowerDriver, PowerState
+from fencing.events import FenceAction
+
+log = logging.getLogger("fencer.engine")
+
+REDACTED = "[set]"
+
+
+class Redactor:
+    """Scrubs every configured secret value from text."""
+
+    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+        # Longest first, so a secret that contains another is replaced whole.
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for s in self.secrets:
+            text = text.replace(s, REDACTED)
+        return text
+
+
+@dataclass
+class EngineResult:
+    """What one action did to one host."""
+
+    action: FenceAction
+    driver: str
+    success: bool
+    verified: bool = False
+    power_before: str | None = None
+    power_after: str | None = None
+    attempts: int = 0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    detail: str | None = None  # the test action's output, "already off", ...
+    error: str | None = None
+    steps: list[str] = field(default_factory=list)
+
+    @property
+    def duration(self) -> float:
+        """Seconds from start to finish."""
+        return self.finished_at - self.started_at
+
+
+class _VerifyTimeout(Exception):
+    """The power state did not show within power_timeout."""
+
+
+class Engine:
+    """Runs actions through drivers; one per process, shared by all hosts."""
+
+    def __init__(
+        self,
+        power_timeout: float = 60.0,
+        poll_interval: float = 1.0,
+        retries: int = 2,
+        retry_backoff: float = 2.0,
+        reboot_method: Literal["onoff", "cycle"] = "onoff",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.power_timeout = power_timeout
+        self.poll_interval = poll_interval
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self.reboot_method = reboot_method
+        self.clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def lock_for(self, host: str) -> asyncio.Lock:
+        """The host's lock: one action at a time per host."""
+        lock = self._locks.get(host)
+        if lock is None:
+            lock = self._locks[host] = asyncio.Lock()
+        return lock
+
+    async def run(
+        self,
+        host: str,
+        driver: PowerDriver,
+        action: FenceAction,
+        secrets: Iterable[str | None] = (),
+    ) -> EngineResult:
+        """Carry out `action` on `host` through `driver`; never raises."""
+        redact = Redactor(secrets)
+        result = EngineResult(action=action, driver=driver.name, success=False)
+        async with self.lock_for(host):
+            result.started_at = self.clock()
+            try:
+                await self._with_retries(host, driver, action, result, redact)
+            except Exception as exc:  # the engine's promise: an outcome, never a traceback
+                result.success = False
+                result.error = redact(_describe(exc))
+            finally:
+                try:
+                    await driver.aclose()
+                except Exception as exc:
+                    log.warning(
+                        "host %s: closing the %s driver failed: %s",
+                        host,
+                        driver.name,
+                        redact(_describe(exc)),
+                    )
+                result.finished_at = self.clock()
+        level = logging.INFO if result.success else logging.WARNING
+        log.log(
+            level,
+            "host %s: %s via %s %s (verified=%s, power %s -> %s, %d attempt(s), %.2f s)%s",
+            host,
+            action.value,
+            driver.name,
+            "succeeded" if result.success else "FAILED",
+            result.verified,
+            result.power_before,
+            result.power_after,
+            result.attempts,
+            result.duration,
+            f": {result.error}" if result.error else "",
+        )
+        return result
+
+    async def _with_retries(
+        self,
+        host: str,
+        driver: PowerDriver,
+        action: FenceAction,
+        result: EngineResult,
+        redact: Redactor,
+    ) -> None:
+        if action is FenceAction.NOTHING:
+            result.success, result.detail = True, "no BMC action configured"
+            return
+        delay = self.retry_backoff
+        for attempt in range(1, self.retries + 2):
+            result.attempts = attempt
+            try:
+                await self._once(driver, action, result)
+                result.success, result.error = True, None
+                return
+            except (DriverError, _VerifyTimeout) as exc:
+                result.error = redact(_describe(exc))
+                retryable = getattr(exc, "retryable", True)
+                log.warning(
+                    "host %s: %s attempt %d failed: %s", host, action.value, attempt, result.error
+                )
+                if not retryable or attempt > self.retries:
+                    return
+            await asyncio.sleep(delay)
+            delay *= 2
+
+    async def _once(self, driver: PowerDriver, action: FenceAction, r: EngineResult) -> None:
+        if action is FenceAction.TEST:
+            r.detail = await driver.test()
+            r.power_before = r.power_after = await _try_power(driver)
+            return
+        r.power_before = await driver.get_power()
+        r.steps.append(f"power {r.power_before}")
+        if action is FenceAction.STOP:
+            if r.power_before == "off":
+                r.detail, r.verified, r.power_after = "already off", True, "off"
+                return
+            await driver.set_power("off")
+            r.steps.append("set off")
+            r.power_after = await self._wait_for(driver, "off", r)
+            r.verified = True
+        elif action is FenceAction.START:
+            if r.power_before != "on":
+                await driver.set_power("on")
+                r.steps.append("set on")
+            r.power_after = await self._wait_for(driver, "on", r)
+            r.verified = True
+        elif action is FenceAction.REBOOT:
+            if r.power_before == "off":
+                r.detail = "was off: powered on"
+            elif self.reboot_method == "cycle":
+                await driver.set_power("reset")
+                r.steps.append("set reset")
+                r.detail = "reset acknowledged"
+            else:
+                await driver.set_power("off")
+                r.steps.append("set off")
+                await self._wait_for(driver, "off", r)
+                r.detail = "seen off, then on"
+            if r.power_before == "off" or self.reboot_method != "cycle":
+                await driver.set_power("on")
+                r.steps.append("set on")
+            r.power_after = await self._wait_for(driver, "on", r)
+            r.verified = True
+        elif action is FenceAction.BLINK:
+            await driver.identify(True)
+            r.steps.append("identify on")
+            r.power_after = r.power_before
+            r.detail = "identify LED on"
+        else:
+            raise DriverError(f"unknown action {action!r}")
+
+    async def _wait_for(self, driver: PowerDriver, want: PowerState, r: EngineResult) -> str:
+        """Poll until the BMC reports `want`; a deadline is a failure, never a success."""
+        deadline = time.monotonic() + self.power_timeout
+        last: str | None = None
+        last_error: str | None = None
+        while True:
+            try:
+                last = await driver.get_power()
+                if last == want:
+                    r.steps.append(f"seen {want}")
+                    return last
+            except DriverError as exc:
+                # BMCs often drop a session while the host changes power; keep polling.
+                last_error = _describe(exc)
+            if time.monotonic() >= deadline:
+                r.power_after = last
+                raise _VerifyTimeout(
+                    f"power did not read {want} within {self.power_timeout:g} s "
+                    f"(last read: {last or 'none'}{'; ' + last_error if last_error else ''})"
+                )
+            await asyncio.sleep(min(self.poll_interval, max(0.0, deadline - time.monotonic())))
+
+
+async def _try_power(driver: PowerDriver) -> str | None:
+    try:
+        return await driver.get_power()
+    except DriverError:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, (DriverError, _VerifyTimeout)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def gather_limited(coros: Iterable[Awaitable[object]], limit: int) -> list[object]:
+    """Run awaitables with at most `limit` at once; results in order."""
+    sem = asyncio.Semaphore(limit)
+
+    async def one(c: Awaitable[object]) -> object:
+        async with sem:
+            return await c
+
+    return list(await asyncio.gather(*(one(c) for c in coros)))
