@@ -201,9 +201,9 @@ class LabKvmHost:
 
     async def _write_loop(self) -> None:
         while True:
+            await asyncio.sleep(self.lab.interval)  # start() has just written once
             if self.powered and self.writing:
                 await asyncio.to_thread(self.write_once)
-            await asyncio.sleep(self.lab.interval)
 
     # --- faults -------------------------------------------------------------------------------
 

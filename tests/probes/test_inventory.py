@@ -1,0 +1,104 @@
+"""Inventory lookups against the CloudStack simulator (signed requests, every page)."""
+
+import posixpath
+import time
+
+import pytest
+from pydantic import SecretStr
+
+from fencing.events import Evidence
+from fencing.records import HostRef, ProbeRequest
+from probes.inventory import Inventory, InventoryError
+from probes.service import ProbeService
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_storage_of_a_host_gives_mount_paths_and_heartbeats(world):
+    cloud, host = world.cloud, world.suspect.cloud_host
+    project_vm = cloud.add_vm(host, "proj-vm", project_uuid="p-1", account="alice")
+    project_disk = cloud.add_volume(project_vm, world.pool, name="DATA", type="DATADISK")
+    other_vm = cloud.add_vm(host, "stopped", state="Stopped")
+    cloud.add_volume(other_vm, world.pool)
+    inv = Inventory(world.settings)
+    try:
+        s = await inv.storage_of(host.uuid, 1)
+        again = await inv.storage_of(host.uuid, 1)
+    finally:
+        await inv.close()
+    root = world.settings.ssh.mount_root
+    assert again is s and s.vm_count == 5
+    assert posixpath.join(root, world.pool.uuid, project_disk.path) in {d.path for d in s.disks}
+    assert len(s.disks) == 5
+    assert [s.heartbeat(p) for p in s.pools] == [f"{root}/{world.pool.uuid}/KVMHA/hb-{host.ip}"]
+    assert ("listVirtualMachines", "-1") in {(c, p.get("projectid")) for c, p in cloud.calls}
+
+
+async def test_cluster_hosts_reads_every_page(world):
+    cluster = world.cloud.clusters[world.suspect.cloud_host.cluster_uuid]
+    for i in range(520):
+        world.cloud.add_host(cluster, f"extra{i:03d}", f"10.9.{i // 250}.{i % 250}")
+    inv = Inventory(world.settings)
+    try:
+        hosts = await inv.cluster_hosts(cluster.uuid)
+    finally:
+        await inv.close()
+    assert len(hosts) == 523
+    pages = [p.get("page") for c, p in world.cloud.calls if c == "listHosts"]
+    assert pages == ["1", "2"]
+
+
+async def test_bad_secret_is_refused_and_becomes_unknown_evidence(world):
+    cs = world.settings.cloudstack.model_copy(update={"secret_key": SecretStr("not-the-secret")})
+    settings = world.settings.model_copy(update={"cloudstack": cs})
+    inv = Inventory(settings)
+    with pytest.raises(InventoryError, match=r"\(401\): unable to verify"):
+        await inv.host(world.suspect.uuid)
+    await inv.close()
+    svc = ProbeService(settings)
+    try:
+        r = await svc.run(
+            ProbeRequest(
+                host=HostRef(host_uuid=world.suspect.uuid),
+                episode=1,
+                check=1,
+                suspect_since=time.time(),
+                requested_at=time.time(),
+            )
+        )
+    finally:
+        await svc.close()
+    assert r.evidence is Evidence.UNKNOWN and r.reason.startswith("inventory: CloudStack")
+    assert (
+        "not-the-secret" not in r.model_dump_json() and world.sim.api_key not in r.model_dump_json()
+    )
+
+
+async def test_unreachable_cloudstack_is_a_clean_error(world):
+    cs = world.settings.cloudstack.model_copy(update={"endpoint": "http://127.0.0.1:9/client/api"})
+    inv = Inventory(world.settings.model_copy(update={"cloudstack": cs}))
+    with pytest.raises(InventoryError, match=r"cannot reach 127\.0\.0\.1:9") as err:
+        await inv.host("x")
+    await inv.close()
+    assert "apikey" not in str(err.value).lower() and "signature" not in str(err.value).lower()
+
+
+async def test_mounted_probe_reads_the_workers_own_filesystem(world):
+    suspect = time.time() - 100
+    world.age_everything(suspect - 500)
+    svc = ProbeService(world.settings, probe_name="mounted")
+    req = ProbeRequest(
+        host=HostRef(host_uuid=world.suspect.uuid),
+        episode=1,
+        check=1,
+        suspect_since=suspect,
+        requested_at=suspect,
+    )
+    try:
+        stale = await svc.run(req)
+        world.heartbeat().write_text(f"{int(time.time())}\n")
+        alive = await svc.run(req)
+    finally:
+        await svc.close()
+    assert (stale.evidence, stale.probe, stale.neighbour) == (Evidence.STALE, "mounted", "local")
+    assert alive.evidence is Evidence.ALIVE

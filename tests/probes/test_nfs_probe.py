@@ -1,0 +1,220 @@
+"""The NFS probe through real SSH (asyncssh lab hosts on loopback) over real files."""
+
+import asyncio
+import os
+import time
+
+import asyncssh
+import pytest
+
+from fencing.events import Evidence
+from fencing.records import HostRef, ProbeRequest
+from probes.base import Neighbour, PoolTarget, ProbeTarget
+from probes.nfs_ssh import NfsSshProbe
+from probes.service import ProbeService
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def request(world, suspect_since: float, episode: int = 1) -> ProbeRequest:
+    return ProbeRequest(
+        host=HostRef(host_uuid=world.suspect.uuid),
+        episode=episode,
+        check=1,
+        suspect_since=suspect_since,
+        requested_at=suspect_since,
+    )
+
+
+async def test_disk_written_after_suspect_time_is_alive(world, service):
+    suspect = time.time() - 100
+    world.age_everything(suspect - 500)
+    os.utime(world.disks()[2], (suspect + 5, suspect + 5))
+    r = await service.run(request(world, suspect))
+    assert r.evidence is Evidence.ALIVE
+    assert r.newest_write == int(suspect + 5)
+    assert (r.files_checked, r.files_missing) == (5, 0)
+    assert r.neighbour in ("kvm02", "kvm03") and r.reason is None
+
+
+async def test_fresh_heartbeat_is_alive(world, service):
+    suspect = time.time() - 100
+    world.age_everything(suspect - 500)
+    world.heartbeat().write_text(f"{int(time.time()) - 5}\n")
+    r = await service.run(request(world, suspect))
+    assert r.evidence is Evidence.ALIVE
+    assert r.heartbeat == int(time.time()) - 5 or r.heartbeat == int(time.time()) - 6
+    assert r.newest_write == int(suspect - 500)
+
+
+async def test_everything_old_is_stale(world, service):
+    suspect = time.time() - 100
+    world.age_everything(suspect - 500)
+    r = await service.run(request(world, suspect))
+    assert r.evidence is Evidence.STALE
+    assert r.heartbeat == int(suspect - 500) and r.newest_write == int(suspect - 500)
+    assert (r.files_checked, r.files_missing, r.probe) == (5, 0, "nfs")
+
+
+async def test_missing_files_are_counted_one_by_one(world, service):
+    suspect = time.time() - 100
+    world.age_everything(suspect - 500)
+    world.disks()[0].unlink()
+    world.disks()[1].unlink()
+    r = await service.run(request(world, suspect))
+    assert r.evidence is Evidence.STALE
+    assert (r.files_checked, r.files_missing) == (5, 2)
+
+
+async def test_first_neighbour_down_second_answers(world, service):
+    suspect = time.time() - 100
+    world.age_everything(suspect - 500)
+    kvm02 = world.lab.by_name("kvm02")
+    await kvm02.ssh_unreachable("refuse")
+    r = await service.run(request(world, suspect))
+    assert r.evidence is Evidence.STALE and r.neighbour == "kvm03"
+    # The one that answered is asked first next time, even after kvm02 is back.
+    await kvm02.recover()
+    before = kvm02.execs
+    r2 = await service.run(request(world, suspect, episode=2))
+    assert r2.neighbour == "kvm03" and kvm02.execs == before
+
+
+async def test_no_neighbour_reachable_is_unknown_with_every_reason(world, service):
+    suspect = time.time() - 100
+    world.age_everything(suspect - 500)
+    await world.lab.by_name("kvm02").ssh_unreachable("refuse")
+    await world.lab.by_name("kvm03").crash(state=None)  # CloudStack has not noticed yet
+    r = await service.run(request(world, suspect))
+    assert r.evidence is Evidence.UNKNOWN
+    assert r.reason.count("unreachable") == 2 and "[kvm02]" in r.reason and "[kvm03]" in r.reason
+    # Once CloudStack shows them down, nobody is left to ask.
+    world.cloud.set_host_state(world.lab.by_name("kvm02").uuid, "Alert")
+    world.cloud.set_host_state(world.lab.by_name("kvm03").uuid, "Disconnected")
+    r = await service.run(request(world, suspect, episode=2))
+    assert r.evidence is Evidence.UNKNOWN and r.reason.startswith("no neighbour")
+
+
+async def test_wrong_host_key_is_unknown_and_says_why(world, service):
+    suspect = time.time() - 100
+    world.age_everything(suspect - 500)
+    for h in world.hosts:
+        h.host_key = asyncssh.generate_private_key("ssh-ed25519")  # keys changed, known_hosts not
+        await h.start_ssh()
+    r = await service.run(request(world, suspect))
+    assert r.evidence is Evidence.UNKNOWN
+    assert r.reason.startswith("host key mismatch") and "not in ssh.known_hosts" in r.reason
+
+
+async def test_unauthorised_client_key_is_auth_failed(world):
+    other = world.lab.root / "other_key"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(other))
+    settings = world.settings.model_copy(
+        update={"ssh": world.settings.ssh.model_copy(update={"key_file": other})}
+    )
+    svc = ProbeService(settings)
+    try:
+        r = await svc.run(request(world, time.time()))
+    finally:
+        await svc.close()
+    assert r.evidence is Evidence.UNKNOWN and r.reason.startswith("auth failed")
+
+
+async def test_command_timeout_is_unknown_and_partial_output_is_not_trusted(world, service):
+    suspect = time.time() - 100
+    world.age_everything(suspect - 500)
+    for h in world.hosts[1:]:
+        h.slow_exec(10)
+    started = time.monotonic()
+    r = await service.run(request(world, suspect))
+    assert r.evidence is Evidence.UNKNOWN
+    assert r.reason.startswith("timeout") and r.reason.count("timeout") == 2
+    assert time.monotonic() - started < 6  # two neighbours x command_timeout 2 s
+
+
+async def test_hung_ssh_endpoint_times_out_on_connect(world, service):
+    suspect = time.time() - 100
+    world.age_everything(suspect - 500)
+    await world.lab.by_name("kvm02").ssh_unreachable("hang")
+    r = await service.run(request(world, suspect))
+    assert r.evidence is Evidence.STALE and r.neighbour == "kvm03"
+
+
+async def test_storage_outage_is_unknown(world, service):
+    suspect = time.time() - 100
+    world.age_everything(suspect - 500)
+    world.lab.storage_outage()
+    r = await service.run(request(world, suspect))
+    assert r.evidence is Evidence.UNKNOWN and r.reason.startswith("storage not mounted")
+    world.lab.storage_restored()
+    assert (await service.run(request(world, suspect))).evidence is Evidence.STALE
+
+
+async def test_thousand_files_in_one_exec_over_one_connection(world, nfs):
+    suspect = time.time() - 100
+    root = world.lab.mount_root / world.pool.uuid
+    paths = []
+    for i in range(1000):
+        p = root / f"vol-{i:04d} with space"
+        p.write_bytes(b"")
+        os.utime(p, (suspect - 10, suspect - 10))
+        paths.append(str(p))
+    os.utime(paths[777], (suspect + 1, suspect + 1))
+    world.age_everything(suspect - 500)
+    kvm02 = world.lab.by_name("kvm02")
+    target = ProbeTarget(
+        world.suspect.uuid,
+        "kvm01",
+        world.suspect.ip,
+        suspect,
+        (PoolTarget(world.pool.uuid, str(root), str(world.heartbeat()), tuple(paths)),),
+        (Neighbour(kvm02.uuid, "kvm02", kvm02.ip),),
+    )
+    before = kvm02.execs
+    out = await nfs.check(target)
+    assert out.evidence is Evidence.ALIVE and out.newest_write == int(suspect + 1)
+    assert (out.files_checked, out.files_missing) == (1001, 0)
+    assert kvm02.execs - before == 1
+    os.utime(paths[777], (suspect - 10, suspect - 10))
+    outs = await asyncio.gather(*(nfs.check(target) for _ in range(3)))
+    assert {o.evidence for o in outs} == {Evidence.STALE}
+    assert nfs.pool.connects == 1 and kvm02.execs - before == 4
+
+
+async def test_pooled_connection_that_died_is_replaced(world, nfs):
+    suspect = time.time() - 100
+    world.age_everything(suspect - 500)
+    kvm02 = world.lab.by_name("kvm02")
+    target = ProbeTarget(
+        world.suspect.uuid,
+        "kvm01",
+        world.suspect.ip,
+        suspect,
+        (
+            PoolTarget(
+                world.pool.uuid,
+                str(world.lab.mount_root / world.pool.uuid),
+                str(world.heartbeat()),
+                tuple(str(d) for d in world.disks()),
+            ),
+        ),
+        (Neighbour(kvm02.uuid, "kvm02", kvm02.ip),),
+    )
+    assert (await nfs.check(target)).evidence is Evidence.STALE
+    await kvm02.stop_ssh()  # drops the established connection
+    await kvm02.start_ssh()
+    assert (await nfs.check(target)).evidence is Evidence.STALE
+    assert nfs.pool.connects == 2
+
+
+async def test_missing_known_hosts_refuses_to_probe(world):
+    settings = world.settings.model_copy(
+        update={"ssh": world.settings.ssh.model_copy(update={"known_hosts": None})}
+    )
+    probe = NfsSshProbe(settings)
+    kvm02 = world.lab.by_name("kvm02")
+    out = await probe.check(
+        ProbeTarget("h", None, None, 0.0, (), (Neighbour(kvm02.uuid, "kvm02", kvm02.ip),))
+    )
+    await probe.close()
+    assert out.evidence is Evidence.UNKNOWN and "known_hosts is not set" in out.reason

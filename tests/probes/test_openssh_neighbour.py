@@ -1,0 +1,97 @@
+"""The NFS probe against Debian's OpenSSH sshd (the server real KVM hosts run)."""
+
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from fencing.events import Evidence
+from fencing.settings import FencerSettings
+from probes.base import Neighbour, PoolTarget, ProbeTarget
+from probes.nfs_ssh import NfsSshProbe
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    os.makedirs("/run/sshd", exist_ok=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "host"], check=True
+    )
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "client"], check=True
+    )
+    (tmp_path / "authorized_keys").write_text((tmp_path / "client.pub").read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "sshd_config"
+    cfg.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {tmp_path / 'host'}\n"
+        f"PidFile {tmp_path / 'sshd.pid'}\nAuthorizedKeysFile {tmp_path / 'authorized_keys'}\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+    )
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", cfg], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        host_pub = (tmp_path / "host.pub").read_text().split()
+        (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+async def test_openssh_neighbour_reports_stale_then_alive(sshd, tmp_path):
+    import getpass
+
+    mnt = tmp_path / "mnt"
+    pool = mnt / "pool-1"
+    (pool / "KVMHA").mkdir(parents=True)
+    suspect = time.time() - 100
+    disks = []
+    for i in range(20):
+        d = pool / f"disk-{i}"
+        d.write_bytes(b"")
+        os.utime(d, (suspect - 50, suspect - 50))
+        disks.append(str(d))
+    hb = pool / "KVMHA" / "hb-10.0.0.11"
+    hb.write_text(f"{int(suspect - 50)}\n")
+    settings = FencerSettings(
+        ssh={
+            "user": getpass.getuser(),
+            "port": sshd,
+            "key_file": str(tmp_path / "client"),
+            "known_hosts": str(tmp_path / "known_hosts"),
+            "mount_root": str(mnt),
+        }
+    )
+    probe = NfsSshProbe(settings)
+    target = ProbeTarget(
+        "h1",
+        "kvm01",
+        "10.0.0.11",
+        suspect,
+        (PoolTarget("pool-1", str(pool), str(hb), (*disks, str(pool / "gone"))),),
+        (Neighbour("n1", "kvm02", "127.0.0.1"),),
+    )
+    try:
+        stale = await probe.check(target)
+        hb.write_text(f"{int(time.time())}\n")
+        alive = await probe.check(target)
+    finally:
+        await probe.close()
+    assert stale.evidence is Evidence.STALE, stale.reason
+    assert (stale.files_checked, stale.files_missing) == (22, 1)
+    assert alive.evidence is Evidence.ALIVE and alive.neighbour == "kvm02"
+    assert probe.pool.connects == 1 and probe.round_trips == 2
