@@ -1,0 +1,266 @@
+"""The Notifier: one record in, one notification per channel out, in the background, retried
+with backoff, logged, and never twice for a redelivered record."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import logging
+import socket
+import time
+
+import pytest
+from notifier_peers import (
+    SENDER_ENGINE_ID,
+    SMTP_PASSWORD,
+    SMTP_USER,
+    V3_AUTH,
+    V3_PRIV,
+    V3_USER,
+    SmtpFactory,
+    Tls,
+    TrapReceiver,
+    free_port,
+    parse_trap,
+)
+from pydantic import SecretStr
+
+from fencing.records import FenceDecision, FenceOutcome, Notice
+from fencing.settings import EmailSettings, FencerSettings, SnmpReceiver, SnmpSettings
+from notifiers.email import EmailChannel
+from notifiers.render import Message
+from notifiers.service import Channel, Notifier, channels_from_settings
+from notifiers.snmp import SnmpChannel
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def settings_for(smtp_port: int, tls: Tls, trap_port: int) -> FencerSettings:
+    return FencerSettings(
+        email=EmailSettings(
+            enabled=True,
+            port=smtp_port,
+            security="starttls",
+            username=SMTP_USER,
+            password=SecretStr(SMTP_PASSWORD),
+            ca_file=tls.cert,
+            to=["ops@example.org"],
+        ),
+        snmp=SnmpSettings(
+            enabled=True,
+            engine_id=SENDER_ENGINE_ID,
+            receivers=[
+                SnmpReceiver(
+                    host="127.0.0.1",
+                    port=trap_port,
+                    version="v3",
+                    notify_type="inform",
+                    user=V3_USER,
+                    auth_key=SecretStr(V3_AUTH),
+                    priv_key=SecretStr(V3_PRIV),
+                )
+            ],
+        ),
+    )
+
+
+async def test_every_record_reaches_every_channel(
+    smtp_server: SmtpFactory,
+    tls: Tls,
+    snmptrapd: TrapReceiver,
+    decision: FenceDecision,
+    outcome: FenceOutcome,
+    notice: Notice,
+) -> None:
+    srv = smtp_server("starttls", tls)
+    notifier = Notifier.from_settings(settings_for(srv.port, tls, snmptrapd.port))
+    assert [ch.name for ch in notifier.channels] == [
+        "email",
+        f"snmp v3 inform 127.0.0.1:{snmptrapd.port}",
+    ]
+    for record in (decision, outcome, notice):
+        await notifier.handle(record)
+    await notifier.drain()
+
+    subjects = sorted(
+        email.message_from_bytes(e.original_content or b"")["Subject"]
+        for e in srv.mailbox.envelopes
+    )
+    assert subjects == [
+        "[fencer] kvm03 CANNOT-VERIFY: ssh to kvm02 timed out (cluster c1)",
+        "[fencer] kvm03 stop DECIDED (cluster c1)",
+        "[fencer] kvm03 stop SUCCEEDED (cluster c1)",
+    ]
+    kinds = sorted(parse_trap(t).value("SNMPv2-MIB::snmpTrapOID.0") for t in snmptrapd.wait_for(3))
+    assert kinds == [
+        "FENCER-MIB::fencerCannotVerify",
+        "FENCER-MIB::fencerFenceDecided",
+        "FENCER-MIB::fencerFenceSucceeded",
+    ]
+    assert set(notifier.store) == {
+        "decision:dec-0001:fence_decided",
+        "outcome:dec-0001",
+        "notice:n-0001",
+    }
+
+
+async def test_a_redelivered_record_is_notified_once(
+    smtp_server: SmtpFactory,
+    tls: Tls,
+    snmptrapd: TrapReceiver,
+    decision: FenceDecision,
+    withheld: FenceDecision,
+) -> None:
+    srv = smtp_server("starttls", tls)
+    settings = settings_for(srv.port, tls, snmptrapd.port)
+    store: dict[str, float] = {}
+    notifier = Notifier.from_settings(settings, store)
+    await notifier.handle(decision)
+    await notifier.handle(decision.model_copy())  # redelivered while the first is in flight
+    await notifier.drain()
+    await notifier.handle(decision)  # redelivered after it was sent
+    await notifier.drain()
+    restarted = Notifier.from_settings(settings, store)  # the store is the Faust table
+    await restarted.handle(decision)
+    await restarted.drain()
+    assert len(srv.mailbox.envelopes) == 1
+    assert len(snmptrapd.wait_for(2, timeout=0.5)) == 1
+    # The same decision id withheld is a different notification, not a redelivery.
+    await restarted.handle(withheld)
+    await restarted.drain()
+    assert len(srv.mailbox.envelopes) == 2
+    assert len(snmptrapd.wait_for(2)) == 2
+
+
+async def test_a_receiver_that_is_down_is_retried_and_logged_while_fencing_goes_on(
+    smtp_server: SmtpFactory, decision: FenceDecision, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = smtp_server("plain")
+    dead_smtp = free_port()
+    dead_snmp = free_port(socket.SOCK_DGRAM)
+    notifier = Notifier(
+        [
+            EmailChannel(EmailSettings(port=good.port, to=["ops@example.org"])),
+            EmailChannel(EmailSettings(port=dead_smtp, to=["ops@example.org"], timeout=1)),
+            SnmpChannel(
+                SnmpReceiver(host="127.0.0.1", port=dead_snmp, notify_type="inform"),
+                SENDER_ENGINE_ID,
+                timeout=0.2,
+                retries=0,
+            ),
+        ],
+        retries=2,
+        backoff=0.05,
+    )
+    # "Fencing": a loop that must keep its 10 ms rhythm while notifications fail and retry.
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def fencing() -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lags.append(time.perf_counter() - t - 0.01)
+
+    beat = asyncio.create_task(fencing())
+    caplog.set_level(logging.INFO, logger="fencer.notifiers")
+    t = time.perf_counter()
+    await notifier.handle(decision)
+    handle_took = time.perf_counter() - t
+    assert notifier.pending == 1
+    await notifier.drain()
+    stop.set()
+    await beat
+
+    assert handle_took < 0.05
+    assert max(lags) < 0.25, f"the loop stalled for {max(lags):.3f} s"
+    assert len(good.mailbox.envelopes) == 1
+    assert notifier.pending == 0
+    assert "decision:dec-0001:fence_decided" in notifier.store
+    for peer in (f"SMTP server 127.0.0.1:{dead_smtp}", f"receiver 127.0.0.1:{dead_snmp}"):
+        lines = [r.getMessage() for r in caplog.records if peer in r.getMessage()]
+        assert len(lines) == 3, lines
+        assert "(attempt 1 of 3), retrying in 0.05 s" in lines[0]
+        assert "(attempt 2 of 3), retrying in 0.1 s" in lines[1]
+        assert "given up after 3 attempt(s)" in lines[2]
+        assert [r.levelname for r in caplog.records if peer in r.getMessage()] == [
+            "WARNING",
+            "WARNING",
+            "ERROR",
+        ]
+
+
+async def test_wrong_password_is_not_retried_and_never_logged(
+    smtp_server: SmtpFactory, tls: Tls, decision: FenceDecision, caplog: pytest.LogCaptureFixture
+) -> None:
+    srv = smtp_server("starttls", tls)
+    wrong = "Wrong-Secret-77"
+    ch = EmailChannel(
+        EmailSettings(
+            port=srv.port,
+            security="starttls",
+            username=SMTP_USER,
+            password=SecretStr(wrong),
+            ca_file=tls.cert,
+            to=["ops@example.org"],
+        )
+    )
+    notifier = Notifier([ch], retries=3, backoff=0.05)
+    caplog.set_level(logging.DEBUG)
+    await notifier.handle(decision)
+    await notifier.drain()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "fencer.notifiers"]
+    assert "given up after 1 attempt(s)" in line
+    assert f"SMTP server 127.0.0.1:{srv.port}: authentication failed" in line
+    assert wrong not in caplog.text
+
+
+class Broken:
+    """A channel with a bug: the notifier must contain it."""
+
+    name = "broken"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def send(self, message: Message) -> None:
+        self.calls += 1
+        raise RuntimeError("boom")
+
+
+class Stuck:
+    """A channel whose peer never answers."""
+
+    name = "stuck"
+
+    async def send(self, message: Message) -> None:
+        await asyncio.sleep(3600)
+
+
+async def test_a_broken_or_stuck_channel_never_reaches_the_caller(
+    decision: FenceDecision, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = Broken()
+    assert isinstance(broken, Channel) and isinstance(Stuck(), Channel)
+    notifier = Notifier([broken, Stuck()], retries=1, backoff=0.01, send_timeout=0.1)
+    await notifier.handle(decision)
+    await notifier.drain()
+    assert broken.calls == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("broken: unexpected RuntimeError: boom" in e for e in errors)
+    assert any("stuck: no answer within 0.1 s" in e for e in errors)
+
+
+async def test_drain_with_grace_cancels_what_is_left(decision: FenceDecision) -> None:
+    notifier = Notifier([Stuck()], send_timeout=3600)
+    await notifier.handle(decision)
+    t = time.perf_counter()
+    await notifier.drain(grace=0.1)
+    assert time.perf_counter() - t < 1
+    assert notifier.pending == 0
+
+
+def test_channels_follow_the_settings(tls: Tls) -> None:
+    assert channels_from_settings(FencerSettings()) == []
+    names = [ch.name for ch in channels_from_settings(settings_for(2525, tls, 1162))]
+    assert names == ["email", "snmp v3 inform 127.0.0.1:1162"]
