@@ -69,6 +69,8 @@ def setting_exists(path: list[str], tp: Any = FencerSettings) -> bool:
     origin = get_origin(tp)
     if origin is dict:
         return setting_exists(path[1:], get_args(tp)[1])
+    if origin is list:
+        return setting_exists(path, get_args(tp)[0])
     if origin in (Union, UnionType):
         return any(setting_exists(path, a) for a in get_args(tp) if a is not type(None))
     if isinstance(tp, type) and issubclass(tp, BaseModel):
@@ -83,6 +85,8 @@ def test_setting_paths_are_checked_for_real() -> None:
     assert setting_exists(["kafka", "sasl", "password"])
     assert not setting_exists(["cloudstack", "apikey"])
     assert not setting_exists(["clusters", "any-uuid", "password"])
+    assert setting_exists(["snmp", "receivers", "community"])
+    assert not setting_exists(["snmp", "receivers", "password"])
 
 
 # --- the schema ----------------------------------------------------------------------------
@@ -383,3 +387,61 @@ def test_systemd_units_run_real_commands(unit: str) -> None:
             if var.startswith("FENCER_") and var != SECRETS_DIR_ENV:
                 assert setting_exists(var.removeprefix("FENCER_").lower().split("__")), var
     assert "Install" in parser and parser["Install"]["WantedBy"]
+
+
+# --- the operator's guide ------------------------------------------------------------------
+
+GUIDE = ROOT / "docs" / "operators-guide.md"
+
+
+def guide_code_blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", GUIDE.read_text(), flags=re.S)
+
+
+def test_every_setting_the_guide_names_exists() -> None:
+    text = GUIDE.read_text()
+    top = set(FencerSettings.model_fields)
+    checked = 0
+    for name in re.findall(r"`([a-z_]+(?:\.[a-z_<>-]+(?:\[\])?)+)`", text):
+        parts = name.replace("[]", "").split(".")
+        if parts[0] not in top:
+            continue  # CloudStack's own settings (ping.interval, kvm.ha.*) are not ours
+        assert setting_exists(parts), f"the guide names {name}, which is not a setting"
+        checked += 1
+    assert checked >= 60
+    # The secret file names of the table are settings paths too.
+    for name in re.findall(r"`([a-z_<>-]+(?:__[a-z_<>-]+)+)`", text):
+        assert setting_exists(name.split("__")), f"secret file {name} names no setting"
+
+
+def test_every_settings_example_in_the_guide_loads() -> None:
+    blocks = guide_code_blocks("yaml")
+    assert len(blocks) >= 3
+    for block in blocks:
+        load_settings(None, **yaml.safe_load(block))
+
+
+def test_every_fencer_command_in_the_guide_parses() -> None:
+    subcommands = fencer_subcommands()
+    commands = 0
+    for block in guide_code_blocks("sh"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["sudo"]:
+                words = words[1:]
+            if not words or Path(words[0]).name != "fencer":
+                continue
+            # <placeholders> stand for values the operator fills in.
+            argv = ["fencer", *("x" if w.startswith("<") else w for w in words[1:])]
+            check_fencer_command(argv, subcommands)
+            commands += 1
+    assert commands >= 3
+
+
+def test_every_metric_the_guide_lists_is_defined() -> None:
+    defined = defined_samples()
+    families = set(defined.values())
+    listed = set(re.findall(r"`(fencer_[a-z_]+)`", GUIDE.read_text()))
+    for name in listed:
+        assert name in defined or name in families, name
+    assert families <= {defined.get(n, n) for n in listed}
