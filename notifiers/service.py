@@ -107,6 +107,13 @@ class Notifier:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def prune(self, older_than: float) -> int:
+        """Forget ids notified before `older_than` (epoch s) so the store stays bounded."""
+        old = [k for k, t in list(self.store.items()) if t < older_than]
+        for k in old:
+            del self.store[k]
+        return len(old)
+
     @property
     def pending(self) -> int:
         """Notifications still being sent or retried."""

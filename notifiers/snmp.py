@@ -16,6 +16,8 @@ check satisfied.
 from __future__ import annotations
 
 import socket
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from pysnmp.hlapi.v3arch.asyncio import (
@@ -58,6 +60,11 @@ PRIV_PROTOCOLS = {
 _AUTH_ERRORS = ("WrongDigest", "UnknownUserName", "DecryptionError", "UnsupportedSecLevel")
 
 _ENGINE_ID_FORMAT_TEXT = 4  # RFC 3411 SnmpEngineID format 4: administratively assigned text
+
+
+def mib_file() -> Path:
+    """FENCER-MIB as installed with the package (for `snmptrapd -M +<its dir> -m +FENCER-MIB`)."""
+    return Path(str(files("notifiers") / "mibs" / "FENCER-MIB.txt"))
 
 
 def default_engine_id(hostname: str | None = None) -> str:

@@ -11,6 +11,7 @@ from notifier_peers import MIB_DIR
 
 from fencing.events import NoticeKind
 from notifiers.render import FENCER_OID, KINDS, OBJECT_NUMBERS
+from notifiers.snmp import mib_file
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -79,3 +80,7 @@ def test_net_snmp_loads_the_mib_and_oids_match_the_code(ietf_mib_dir: Path) -> N
     got = translate(ietf_mib_dir, *(f"FENCER-MIB::{NOTIFICATION_NAMES[k]}" for k in kinds))
     assert got == [f".{dotted}.0.{KINDS[k][2]}" for k in kinds]
     assert set(kinds) == set(NoticeKind)
+
+
+def test_the_package_finds_its_mib() -> None:
+    assert mib_file().read_text() == MIB.read_text()
