@@ -1,0 +1,346 @@
+"""The actuator: turns an approved fence decision into a verified power action, then (and only
+then) tells CloudStack to restart the host's VMs elsewhere.
+
+Rule: CloudStack hears "restart the VMs" only after the engine has *seen* the host off (stop) or
+seen it go down and come back (reboot). After nothing or blink it is not told, unless the
+cluster sets `restart_without_fence` (VMs would run twice if the host is alive: CloudStack
+issue #2890). A decision acts at most once: its outcome is stored under its id before
+`handle` returns, so a redelivered decision gets the first outcome back without touching the
+BMC, and a per-host lock keeps two decisions for one host from acting at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import aiohttp
+from cs import AIOCloudStack, CloudStackException
+
+from fencing.drivers import build_driver
+from fencing.drivers.base import PowerDriver
+from fencing.engine import Engine, EngineResult, Redactor
+from fencing.events import FenceAction
+from fencing.records import FenceDecision, FenceOutcome, HostRef
+from fencing.settings import FencerSettings, IpmiSettings, RestartVia
+
+log = logging.getLogger("fencer.actuator")
+
+DriverFactory = Callable[[IpmiSettings, str | None, float], PowerDriver]
+CloudStackFactory = Callable[[FencerSettings], AIOCloudStack]
+
+
+def call_timeout(settings: FencerSettings) -> float:
+    """Deadline of one BMC call: long enough for a slow BMC, short enough to retry."""
+    return max(5.0, min(30.0, settings.actuator.power_timeout))
+
+
+def engine_for(settings: FencerSettings) -> Engine:
+    """An engine configured from `actuator` settings."""
+    a = settings.actuator
+    return Engine(
+        power_timeout=a.power_timeout,
+        poll_interval=a.poll_interval,
+        retries=a.retries,
+        retry_backoff=a.retry_backoff,
+    )
+
+
+def cloudstack_client(settings: FencerSettings) -> AIOCloudStack:
+    """The `cs` async client for the configured management server."""
+    c = settings.cloudstack
+    return AIOCloudStack(
+        endpoint=c.endpoint,
+        key=c.api_key.get_secret_value(),
+        secret=c.secret_key.get_secret_value(),
+        timeout=int(max(1, c.timeout)),
+        verify=c.verify_tls,
+        dangerous_no_tls_verify=not c.verify_tls,
+    )
+
+
+def secrets_of(settings: FencerSettings, ipmi: IpmiSettings | None = None) -> list[str]:
+    """Every secret value an error text could carry."""
+    values = [
+        settings.cloudstack.api_key.get_secret_value(),
+        settings.cloudstack.secret_key.get_secret_value(),
+    ]
+    if ipmi is not None:
+        values.append(ipmi.password.get_secret_value())
+    return [v for v in values if v]
+
+
+@dataclass
+class CloudStackResult:
+    """What CloudStack said about restarting the VMs."""
+
+    call: str
+    job: str | None
+    success: bool
+    result: str
+
+
+class Actuator:
+    """Carries out fence decisions; one per worker."""
+
+    def __init__(
+        self,
+        settings: FencerSettings,
+        store: MutableMapping[str, dict[str, Any]] | None = None,
+        engine: Engine | None = None,
+        driver_factory: DriverFactory = build_driver,
+        cloudstack_factory: CloudStackFactory = cloudstack_client,
+        job_poll_interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store: MutableMapping[str, dict[str, Any]] = store if store is not None else {}
+        self.engine = engine or engine_for(settings)
+        self.driver_factory = driver_factory
+        self.cloudstack_factory = cloudstack_factory
+        self.job_poll_interval = job_poll_interval
+        self.clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, host: str) -> asyncio.Lock:
+        lock = self._locks.get(host)
+        if lock is None:
+            lock = self._locks[host] = asyncio.Lock()
+        return lock
+
+    async def handle(self, decision: FenceDecision) -> FenceOutcome | None:
+        """Act on an approved decision once; None for a withheld one."""
+        if not decision.approved:
+            return None
+        host = decision.host.host_uuid
+        async with self._lock(host):
+            done = self.store.get(decision.decision_id)
+            if done is not None:
+                log.info("decision %s already carried out: not acting again", decision.decision_id)
+                return FenceOutcome.model_validate(done)
+            outcome = await self._act(decision)
+            self.store[decision.decision_id] = outcome.model_dump(mode="json")
+            return outcome
+
+    async def _act(self, decision: FenceDecision) -> FenceOutcome:
+        host = decision.host
+        started = self.clock()
+        eff = self.settings.effective_ipmi(host.host_uuid, host.cluster_uuid)
+        ipmi = eff.values
+        redact = Redactor(secrets_of(self.settings, ipmi))
+        action = decision.action
+        try:
+            driver = self.driver_factory(ipmi, eff.address, call_timeout(self.settings))
+        except Exception as exc:
+            return self._outcome(
+                decision, ipmi.driver.value, started, error=redact(str(exc)), success=False
+            )
+        result = await self.engine.run(
+            host.host_uuid, driver, action, secrets=secrets_of(self.settings, ipmi)
+        )
+        cloud: CloudStackResult | None = None
+        restart_via = RestartVia(ipmi.restart_via)
+        fenced = result.success and result.verified and action.powers_down
+        unfenced_ok = (
+            result.success and action in (FenceAction.NOTHING, FenceAction.BLINK)
+        ) and ipmi.restart_without_fence
+        if restart_via is not RestartVia.NONE and (fenced or unfenced_ok):
+            cloud = await self._restart_vms(host, restart_via, redact)
+        error = result.error
+        success = result.success
+        if cloud is not None and not cloud.success:
+            success = False
+            error = f"{cloud.call} failed: {cloud.result}"
+        return self._outcome(
+            decision,
+            driver.name,
+            started,
+            success=success,
+            result=result,
+            cloud=cloud,
+            error=error,
+        )
+
+    def _outcome(
+        self,
+        decision: FenceDecision,
+        driver: str,
+        started: float,
+        success: bool,
+        result: EngineResult | None = None,
+        cloud: CloudStackResult | None = None,
+        error: str | None = None,
+    ) -> FenceOutcome:
+        return FenceOutcome(
+            decision_id=decision.decision_id,
+            host=decision.host,
+            episode=decision.episode,
+            action=decision.action,
+            driver=driver,
+            success=success,
+            verified=bool(result and result.verified),
+            power_before=result.power_before if result else None,
+            power_after=result.power_after if result else None,
+            started_at=started,
+            finished_at=self.clock(),
+            attempts=result.attempts if result else 0,
+            cloudstack_call=cloud.call if cloud else None,
+            cloudstack_job=cloud.job if cloud else None,
+            cloudstack_result=cloud.result if cloud else None,
+            error=error,
+        )
+
+    async def _restart_vms(
+        self, host: HostRef, via: RestartVia, redact: Redactor
+    ) -> CloudStackResult:
+        """Call declareHostAsDegraded / prepareHostForMaintenance and follow the job to its end."""
+        call = via.value
+        job: str | None = None
+        try:
+            async with self.cloudstack_factory(self.settings) as cs:
+                started = await getattr(cs, call)(id=host.host_uuid, fetch_result=False)
+                job = started.get("jobid")
+                if not job:
+                    return CloudStackResult(call, None, True, "done (no job)")
+                deadline = time.monotonic() + self.settings.cloudstack.job_timeout
+                while True:
+                    j = await cs.queryAsyncJobResult(jobid=job, fetch_result=False)
+                    status = int(j.get("jobstatus", 0))
+                    if status == 1:
+                        return CloudStackResult(call, job, True, "succeeded")
+                    if status == 2:
+                        r = j.get("jobresult") or {}
+                        text = r.get("errortext") or json.dumps(r)[:300]
+                        return CloudStackResult(
+                            call, job, False, redact(f"job failed ({r.get('errorcode')}): {text}")
+                        )
+                    if time.monotonic() > deadline:
+                        return CloudStackResult(
+                            call, job, False, "job still pending at cloudstack.job_timeout"
+                        )
+                    await asyncio.sleep(self.job_poll_interval)
+        except CloudStackException as exc:
+            return CloudStackResult(call, job, False, redact(_cs_error(exc)))
+        except (TimeoutError, OSError, aiohttp.ClientError) as exc:
+            return CloudStackResult(
+                call, job, False, redact(f"cannot reach CloudStack: {type(exc).__name__}: {exc}")
+            )
+
+
+def _cs_error(exc: CloudStackException) -> str:
+    error = getattr(exc, "error", None)
+    if isinstance(error, dict):
+        return f"{error.get('errorcode', '')} {error.get('errortext', '')}".strip()
+    return str(exc)
+
+
+# -------------------------------------------------------------------------------------------
+# Operators: `fencer ipmi test` and the periodic pre-flight
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    """Whether a fence of this host could work right now."""
+
+    host_uuid: str
+    cluster_uuid: str | None
+    driver: str
+    ok: bool
+    power: str | None
+    detail: str | None
+    error: str | None
+    checked_at: float
+
+
+async def check_host(
+    settings: FencerSettings,
+    host_uuid: str,
+    cluster_uuid: str | None,
+    engine: Engine | None = None,
+    driver_factory: DriverFactory = build_driver,
+) -> PreflightResult:
+    """Run the test action through the host's effective settings; never changes power."""
+    eff = settings.effective_ipmi(host_uuid, cluster_uuid)
+    redact = Redactor(secrets_of(settings, eff.values))
+    now = time.time()
+    try:
+        driver = driver_factory(eff.values, eff.address, call_timeout(settings))
+    except Exception as exc:
+        return PreflightResult(
+            host_uuid,
+            cluster_uuid,
+            eff.values.driver.value,
+            False,
+            None,
+            None,
+            redact(str(exc)),
+            now,
+        )
+    eng = engine or Engine(
+        power_timeout=settings.actuator.power_timeout,
+        poll_interval=settings.actuator.poll_interval,
+        retries=0,
+    )
+    r = await eng.run(host_uuid, driver, FenceAction.TEST, secrets_of(settings, eff.values))
+    return PreflightResult(
+        host_uuid, cluster_uuid, driver.name, r.success, r.power_after, r.detail, r.error, now
+    )
+
+
+async def preflight(
+    settings: FencerSettings,
+    hosts: Iterable[HostRef | tuple[str, str | None]],
+    engine: Engine | None = None,
+    limit: int = 8,
+) -> list[PreflightResult]:
+    """Read every host's BMC (test action); a result with ok=False means a fence would fail."""
+    sem = asyncio.Semaphore(limit)
+
+    async def one(h: HostRef | tuple[str, str | None]) -> PreflightResult:
+        host_uuid, cluster = (h.host_uuid, h.cluster_uuid) if isinstance(h, HostRef) else h
+        async with sem:
+            return await check_host(settings, host_uuid, cluster, engine)
+
+    return list(await asyncio.gather(*(one(h) for h in hosts)))
+
+
+async def _cluster_of(settings: FencerSettings, host_uuid: str) -> str | None:
+    async with cloudstack_client(settings) as cs:
+        r = await cs.listHosts(id=host_uuid, fetch_result=False)
+    hosts = r.get("host") or []
+    return str(hosts[0].get("clusterid")) if hosts else None
+
+
+def cli_ipmi_test(args: argparse.Namespace) -> int:
+    """`fencer ipmi test --host UUID [--cluster C] [-c FILE]`: read the BMC, change nothing."""
+    from fencing.settings import load_settings
+
+    settings = load_settings(getattr(args, "config", None))
+    cluster = getattr(args, "cluster", None)
+
+    async def run() -> PreflightResult:
+        nonlocal cluster
+        if cluster is None and args.host not in settings.hosts:
+            try:
+                cluster = await _cluster_of(settings, args.host)
+            except (CloudStackException, OSError) as exc:
+                print(
+                    f"fencer: cannot look up the host's cluster in CloudStack "
+                    f"({Redactor(secrets_of(settings))(str(exc))}); pass --cluster",
+                    file=sys.stderr,
+                )
+        return await check_host(settings, args.host, cluster)
+
+    r = asyncio.run(run())
+    eff = settings.effective_ipmi(args.host, cluster)
+    print(json.dumps({**asdict(r), "address": eff.address, "sources": eff.sources}, indent=2))
+    if not r.ok:
+        print(f"fencer: IPMI test failed for host {args.host}: {r.error}", file=sys.stderr)
+    return 0 if r.ok else 1
