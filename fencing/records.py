@@ -66,6 +66,7 @@ class ProbeRequest(WireRecord):
     check: int
     suspect_since: float
     requested_at: float
+    requested_by: str | None = Field(None, description="the worker that owns the host (host:pid)")
 
 
 class ProbeResult(WireRecord):

@@ -1,0 +1,255 @@
+"""The fencer topology on one page: topics, tables, agents and timers, top to bottom.
+
+Nothing here decides. Every decision is `fencing.decision.step` (per host) or
+`fencing.gate.decide` (per cluster); this module turns Kafka records into core events, keeps the
+core's records in changelog-backed tables (so they survive restarts and move with partitions),
+and sends each action to its topic.
+
+    cloudstack ──ingest──▶ host-signals ─┐
+    listHosts poller ─────▶ host-signals ─┤
+    timer (ticks) ────────▶ host-signals ─┤
+                            probe-results ┼─▶ watch (hosts table, step) ─▶ probe-requests ─▶ probe
+                          fence-decisions ┤                              ├▶ fence-proposals ─▶ gate
+                           fence-outcomes ┘                              └▶ notices
+    gate (gates table, one partition: the global cap has one owner) ─▶ fence-decisions
+    fence-decisions ─▶ actuate (done table) ─▶ fence-outcomes
+    fence-decisions + fence-outcomes + notices ─▶ notify (notified table) ─▶ email, SNMP
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Any
+
+import faust
+
+from fencing.records import FenceDecision, ProbeRequest, ProbeResult
+from fencing.settings import FencerSettings
+from streams import records as wire
+from streams.kafka import faust_app_kwargs, prepare_kafka
+
+log = logging.getLogger("fencer.app")
+
+ROLES = ("ingest", "probe", "actuate", "notify")
+RAW = {"key_serializer": "raw", "value_serializer": "raw"}
+
+
+def parse_roles(text: str) -> tuple[str, ...]:
+    """`all` or a comma list of roles; raise ValueError naming a bad one."""
+    if text.strip() in ("", "all"):
+        return ROLES
+    roles = tuple(r.strip() for r in text.split(",") if r.strip())
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise ValueError(f"--roles: unknown role {', '.join(bad)} (choose from {', '.join(ROLES)})")
+    return roles
+
+
+def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faust.App:
+    """Build the Faust app for these roles (all of them in one process by default)."""
+    prepare_kafka(settings)
+    app_id = (
+        settings.kafka.group_id
+        if roles == ROLES
+        else f"{settings.kafka.group_id}-{'-'.join(roles)}"
+    )
+    app = faust.App(app_id, **faust_app_kwargs(settings))
+    names = settings.kafka.topics
+    policy = settings.policy.to_policy()
+    started_at = time.time()
+    runtime = wire.Runtime(settings=settings, started_at=started_at)
+
+    # -- topics ------------------------------------------------------------------------------
+    cloudstack = app.topic(names.cloudstack, **RAW)
+    host_signals = app.topic(names.host_signals, **RAW)
+    probe_requests = app.topic(names.probe_requests, **RAW)
+    probe_results = app.topic(names.probe_results, **RAW)
+    # One partition: the global fence cap must have exactly one owner.
+    fence_proposals = app.topic(names.fence_proposals, partitions=1, **RAW)
+    fence_decisions = app.topic(names.fence_decisions, **RAW)
+    fence_outcomes = app.topic(names.fence_outcomes, **RAW)
+    notices = app.topic(names.notices, **RAW)
+    dead_letter = app.topic(names.dead_letter, **RAW)
+    # Everything that changes a host's record, keyed by host uuid and co-partitioned with `hosts`.
+    by_name = {
+        t.get_topic_name(): t
+        for t in (
+            host_signals,
+            probe_requests,
+            probe_results,
+            fence_proposals,
+            fence_decisions,
+            fence_outcomes,
+            notices,
+            dead_letter,
+        )
+    }
+    host_inputs = app.topic(
+        names.host_signals, names.probe_results, names.fence_decisions, names.fence_outcomes, **RAW
+    )
+
+    # -- tables (changelog-backed) -----------------------------------------------------------
+    if "ingest" in roles:
+        hosts = app.Table("hosts", help="host uuid -> the core's HostRecord + HostRef")
+        gates = app.Table("gates", partitions=1, help="cluster uuid (and '*') -> gate state")
+    if "actuate" in roles:
+        done = app.Table("actuated", help="host uuid -> {decision id: outcome}")
+    if "notify" in roles:
+        notified = app.Table("notified", help="host uuid -> {notification id: time}")
+
+    async def dead(message: Any, reason: str) -> None:
+        await dead_letter.send(value=wire.dead_letter(message, reason))
+
+    # -- ingest: CloudStack's event bus -> host signals ----------------------------------------
+    if "ingest" in roles:
+
+        @app.agent(cloudstack)
+        async def ingest(stream: Any) -> None:
+            async for event in stream.events():
+                try:
+                    signal, reason = await runtime.signal_from_event_bus(event.message)
+                except Exception as exc:  # a bug or an outage must not stop the stream
+                    log.exception("cannot ingest a CloudStack event")
+                    signal, reason = None, f"ingest failed: {type(exc).__name__}"
+                if signal is not None:
+                    await host_signals.send(
+                        key=signal.host.host_uuid.encode(), value=wire.dump(signal)
+                    )
+                elif reason is not None:
+                    await dead(event.message, reason)
+
+        @app.timer(interval=settings.cloudstack.poll_interval, on_leader=True)
+        async def poll_hosts() -> None:
+            # CloudStack publishes nothing when a host comes back Up: listHosts tells us.
+            signals, sizes = await runtime.poll_hosts()
+            for s in signals:
+                await host_signals.send(key=s.host.host_uuid.encode(), value=wire.dump(s))
+            for g in sizes:
+                await fence_proposals.send(key=g.cluster_uuid.encode(), value=wire.dump(g))
+
+        @app.timer(interval=min(policy.check_interval / 2, 5.0))
+        async def tick() -> None:
+            # Ticks are delivered through the topic so the table is written inside a stream.
+            now = time.time()
+            for host_uuid, row in list(hosts.items()):
+                if row is not None and wire.wants_tick(row):
+                    tick_signal = wire.tick(row, now)
+                    await host_signals.send(key=host_uuid.encode(), value=wire.dump(tick_signal))
+
+        # -- watch: the per-host state machine ---------------------------------------------
+        @app.agent(host_inputs)
+        async def watch(stream: Any) -> None:
+            async for event in stream.events():
+                parsed = wire.host_input(event.message, names)
+                if isinstance(parsed, str):
+                    await dead(event.message, parsed)
+                    continue
+                key = event.message.key.decode()
+                try:
+                    row, actions = wire.apply(hosts.get(key), parsed, key, policy, settings, names)
+                except Exception as exc:  # a bug must not stop every other host's stream
+                    log.exception("host %s: cannot apply %s", key, type(parsed.event).__name__)
+                    await dead(event.message, f"watch failed: {type(exc).__name__}")
+                    continue
+                if row is not None:
+                    hosts[key] = row
+                for topic_name, out_key, value in actions:
+                    await by_name[topic_name].send(key=out_key, value=value)
+
+        # -- gate: per-cluster budget, storm guard, quiet period, pause -----------------
+        @app.agent(fence_proposals)
+        async def gate(stream: Any) -> None:
+            async for event in stream.events():
+                parsed = wire.gate_input(event.message)
+                if isinstance(parsed, str):
+                    await dead(event.message, parsed)
+                    continue
+                try:
+                    decision = wire.apply_gate(gates, parsed, runtime)
+                except Exception as exc:
+                    log.exception("gate: cannot judge a record")
+                    await dead(event.message, f"gate failed: {type(exc).__name__}")
+                    continue
+                if decision is not None:
+                    log_decision(decision)
+                    await fence_decisions.send(
+                        key=decision.host.host_uuid.encode(), value=wire.dump(decision)
+                    )
+
+    # -- probe: ask a neighbour about the suspect host's storage ----------------------------------
+    if "probe" in roles:
+
+        @app.agent(probe_requests, concurrency=8)
+        async def probe(stream: Any) -> None:
+            async for value in stream:
+                request = wire.load(ProbeRequest, value)
+                if request is None:
+                    continue
+                result: ProbeResult = await runtime.run_probe(request)
+                await probe_results.send(
+                    key=request.host.host_uuid.encode(), value=wire.dump(result)
+                )
+
+    # -- actuate: fence through the BMC, verify, then let CloudStack restart the VMs ---------------
+    if "actuate" in roles:
+
+        @app.agent(fence_decisions)
+        async def actuate(stream: Any) -> None:
+            async for event in stream.events():
+                decision = wire.load(FenceDecision, event.value)
+                if decision is None or not decision.approved:
+                    continue
+                key = decision.host.host_uuid
+                outcome = await runtime.actuate(decision, done, key)
+                if outcome is not None:
+                    await fence_outcomes.send(key=key.encode(), value=wire.dump(outcome))
+
+    # -- notify: email and SNMP for every step ------------------------------------------------------
+    if "notify" in roles:
+
+        @app.agent(app.topic(names.fence_decisions, names.fence_outcomes, names.notices, **RAW))
+        async def notify(stream: Any) -> None:
+            async for event in stream.events():
+                record = wire.notifiable(event.message, names)
+                if record is not None:
+                    await runtime.notify(record, notified, event.message.key.decode())
+
+    @app.on_before_shutdown.connect
+    async def close_clients(app: faust.App, **kwargs: Any) -> None:
+        await runtime.close()
+
+    app.fencer_runtime = runtime  # type: ignore[attr-defined]
+    return app
+
+
+def log_decision(decision: FenceDecision) -> None:
+    """One log line per decision with its evidence."""
+    ev = decision.evidence
+    log.info(
+        "decision %s host=%s cluster=%s action=%s approved=%s reason=%s suspect_since=%.0f "
+        "stale_checks=%d newest_write=%s files=%d",
+        decision.decision_id,
+        decision.host.host_name or decision.host.host_uuid,
+        decision.host.cluster_uuid,
+        decision.action.value,
+        decision.approved,
+        decision.withheld_reason.value if decision.withheld_reason else "-",
+        ev.suspect_since,
+        ev.stale_checks,
+        ev.newest_write,
+        ev.files_checked,
+    )
+
+
+def cli_worker(args: argparse.Namespace) -> int:
+    """`fencer worker`: run the service until interrupted."""
+    from fencing.settings import load_settings
+
+    settings = load_settings(args.config)
+    roles = parse_roles(args.roles)
+    app = create_app(settings, roles)
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    worker.execute_from_commandline()
+    return 0

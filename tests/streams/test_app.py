@@ -1,0 +1,262 @@
+"""The Faust topology on the embedded broker with real `fencer worker` processes.
+
+The test plays the prober: it answers each probe request on `probe-requests` with a result of
+its choosing, so what is checked is the topology (ingest, watch, timer, gate, tables, changelog
+recovery, rebalancing, dead letters), not the probes."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fencing.events import Evidence, FenceAction
+from fencing.records import HostRef, ProbeRequest, ProbeResult
+from fencing.settings import CloudStackSettings, IpmiSettings, PolicySettings
+from lab.cloudstack_sim import CloudStackSimulator, SimCloud
+from lab.pipeline import Tap, WorkerProcess, write_settings
+
+pytestmark = pytest.mark.timeout(240)
+
+CHECK = 1.0  # check_interval in these tests
+EXTRA = 2  # extra_checks
+
+
+class Cloud:
+    """A simulated cloud, one worker settings file, a tap on the topics and a scripted prober."""
+
+    def __init__(self, sim: CloudStackSimulator, settings: Any, tmp: Path) -> None:
+        self.sim, self.settings, self.tmp = sim, settings, tmp
+        self.topics = settings.kafka.topics
+        self.file = write_settings(settings, tmp / "fencer.yaml")
+        self.tap = Tap(settings)
+        self.answer: Evidence | None = Evidence.STALE  # None: leave requests unanswered
+        self.workers: list[WorkerProcess] = []
+        self.answered: list[ProbeRequest] = []
+
+    async def start(self) -> None:
+        t = self.topics
+        self.tap.on_record = self._on_record
+        await self.tap.start(
+            [t.probe_requests, t.fence_decisions, t.dead_letter, t.notices, t.host_signals]
+        )
+
+    async def _on_record(self, topic: str, key: str | None, value: dict[str, Any]) -> None:
+        if topic != self.topics.probe_requests or self.answer is None:
+            return
+        req = ProbeRequest.model_validate(value)
+        self.answered.append(req)
+        stale = self.answer is Evidence.STALE
+        result = ProbeResult(
+            host=req.host,
+            episode=req.episode,
+            check=req.check,
+            evidence=self.answer,
+            suspect_since=req.suspect_since,
+            finished_at=time.time(),
+            newest_write=req.suspect_since - 100 if stale else time.time(),
+            heartbeat=None,
+            files_checked=3,
+            neighbour="kvm-n",
+        )
+        await self.tap.send(self.topics.probe_results, key, result)
+
+    def worker(self, roles: str = "ingest") -> WorkerProcess:
+        w = WorkerProcess(self.file, roles, self.tmp / f"worker{len(self.workers)}.log").start()
+        self.workers.append(w)
+        return w
+
+    async def publish_events(self) -> None:
+        """Send what the simulated management server published to the event bus topic."""
+        while self.sim.cloud.events:
+            key, value = self.sim.cloud.events.pop(0)
+            await self.tap.send(self.topics.cloudstack, key, value)
+
+    def decisions(self, host: str | None = None) -> list[dict[str, Any]]:
+        return [v for k, v in self.tap.of(self.topics.fence_decisions) if host in (None, k)]
+
+    def requests(self, host: str) -> list[dict[str, Any]]:
+        return [v for k, v in self.tap.of(self.topics.probe_requests) if k == host]
+
+    def logs(self) -> str:
+        return "\n".join(
+            (w.log_file.read_text() if w.log_file and w.log_file.exists() else "")
+            for w in self.workers
+        )
+
+    async def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        await self.tap.stop()
+
+
+@pytest.fixture
+async def cloud(fencer_settings: Any, tmp_path: Path) -> AsyncIterator[Cloud]:
+    sim_cloud = SimCloud()
+    sim_cloud.events = []
+    zone = sim_cloud.add_zone("zone1")
+    cluster = sim_cloud.add_cluster(zone, "cluster1")
+    for i in range(1, 9):
+        sim_cloud.add_host(cluster, f"kvm{i:02d}", f"10.1.0.{i}")
+    sim = await CloudStackSimulator(sim_cloud).start()
+    settings = fencer_settings(
+        isolated_topics=True,
+        policy=PolicySettings(
+            check_interval=CHECK, extra_checks=EXTRA, startup_quiet=0, probe_timeout=30
+        ),
+        defaults=IpmiSettings(action=FenceAction.STOP),
+        cloudstack=CloudStackSettings(
+            endpoint=sim.url, api_key=sim.api_key, secret_key=sim.secret_key, poll_interval=1.0
+        ),
+    )
+    c = Cloud(sim, settings, tmp_path)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+        await sim.stop()
+
+
+def host_named(cloud: Cloud, name: str) -> Any:
+    return next(h for h in cloud.sim.cloud.hosts.values() if h.name == name)
+
+
+async def disconnect(cloud: Cloud, name: str) -> str:
+    h = host_named(cloud, name)
+    cloud.sim.cloud.set_host_state(h.uuid, "Disconnected")
+    await cloud.publish_events()
+    return h.uuid
+
+
+async def test_stale_evidence_gives_exactly_one_decision_at_the_expected_check(cloud: Cloud):
+    cloud.worker()
+    host = await disconnect(cloud, "kvm01")
+    await cloud.tap.wait_for(lambda: cloud.decisions(host), 60, "a fence decision")
+    decision = cloud.decisions(host)[0]
+    # 1 + extra_checks stale results, then the decision; no probe after it.
+    assert decision["approved"] is True
+    assert decision["action"] == "stop"
+    assert decision["evidence"]["stale_checks"] == 1 + EXTRA
+    assert [r["check"] for r in cloud.requests(host)] == [1, 2, 3]
+    assert decision["host"]["cluster_uuid"] == host_named(cloud, "kvm01").cluster_uuid
+    await _quiet(cloud, 3 * CHECK)
+    assert len(cloud.decisions(host)) == 1
+    assert [r["check"] for r in cloud.requests(host)] == [1, 2, 3]
+
+
+async def test_alive_evidence_never_fences(cloud: Cloud):
+    cloud.answer = Evidence.ALIVE
+    cloud.worker()
+    host = await disconnect(cloud, "kvm02")
+    await cloud.tap.wait_for(lambda: len(cloud.requests(host)) >= 5, 60, "five checks")
+    assert cloud.decisions(host) == []
+
+
+async def test_worker_restart_mid_episode_recovers_the_record_and_decides_once(cloud: Cloud):
+    w = cloud.worker()
+    host = await disconnect(cloud, "kvm03")
+    await cloud.tap.wait_for(lambda: len(cloud.answered) >= 2, 60, "two stale checks")
+    cloud.answer = None  # the third check is requested by the restarted worker
+    w.kill()
+    first = cloud.requests(host)
+    suspect_since = first[0]["suspect_since"]
+    assert [r["check"] for r in first] == [1, 2]
+    cloud.answer = Evidence.STALE
+    cloud.worker()
+    await cloud.tap.wait_for(lambda: cloud.decisions(host), 90, "a decision after restart")
+    reqs = cloud.requests(host)
+    # The restarted worker went on from the recovered record: same suspect time, check 3.
+    assert [r["check"] for r in reqs] == [1, 2, 3]
+    assert {r["suspect_since"] for r in reqs} == {suspect_since}
+    assert reqs[2]["requested_by"] != reqs[0]["requested_by"]
+    await _quiet(cloud, 3 * CHECK)
+    assert len(cloud.decisions(host)) == 1
+    assert cloud.decisions(host)[0]["evidence"]["suspect_since"] == suspect_since
+
+
+async def test_two_workers_split_hosts_and_the_survivor_takes_over_with_state(cloud: Cloud):
+    cloud.answer = Evidence.UNKNOWN  # keep every host suspect, checks counting up
+    a, b = cloud.worker(), cloud.worker()
+    hosts = [await disconnect(cloud, f"kvm0{i}") for i in range(4, 8)]
+    await cloud.tap.wait_for(
+        lambda: all(len(cloud.requests(h)) >= 3 for h in hosts), 90, "three checks per host"
+    )
+    owners = {h: {r["requested_by"] for r in cloud.requests(h)} for h in hosts}
+    assert all(len(o) == 1 for o in owners.values()), owners  # one worker per host
+    by_pid = {w.pid: w for w in (a, b)}
+    used = {next(iter(o)).split(":")[1] for o in owners.values()}
+    if len(used) < 2:  # the assignment may give one worker all four hosts' partitions
+        pytest.fail(f"one worker owns every host: {owners}")
+    victim = by_pid[int(next(iter(owners[hosts[0]])).split(":")[1])]
+    moved = [h for h in hosts if next(iter(owners[h])).endswith(f":{victim.pid}")]
+    counts = {h: len(cloud.requests(h)) for h in moved}
+    victim.kill()
+    await cloud.tap.wait_for(
+        lambda: all(len(cloud.requests(h)) >= counts[h] + 2 for h in moved), 90, "takeover"
+    )
+    for h in moved:
+        reqs = cloud.requests(h)
+        checks = [r["check"] for r in reqs]
+        # State intact: check numbers go on from where the dead worker left them.
+        assert checks == sorted(set(checks)) and checks[0] == 1, checks
+        assert {r["suspect_since"] for r in reqs} == {reqs[0]["suspect_since"]}
+        assert len({r["requested_by"] for r in reqs}) == 2
+
+
+async def test_junk_goes_to_dead_letter_and_good_events_still_flow(cloud: Cloud):
+    cloud.worker()
+    t = cloud.topics
+    await cloud.tap.send(t.cloudstack, None, b"\xff\xfe not json")
+    await cloud.tap.send(t.cloudstack, None, json.dumps({"event": 5}))
+    await cloud.tap.send(t.host_signals, "h-x", b"{broken")
+    host = await disconnect(cloud, "kvm08")
+    await cloud.tap.wait_for(lambda: cloud.decisions(host), 60, "a decision after junk")
+    dead = [v for _k, v in cloud.tap.of(t.dead_letter)]
+    await cloud.tap.wait_for(lambda: len(cloud.tap.of(t.dead_letter)) >= 3, 10, "dead letters")
+    dead = [v for _k, v in cloud.tap.of(t.dead_letter)]
+    assert {d["topic"] for d in dead} == {t.cloudstack, t.host_signals}
+    assert all(d["reason"] for d in dead)
+    import base64
+
+    assert base64.b64decode(dead[0]["value_b64"]) == b"\xff\xfe not json"
+
+
+async def test_duplicate_alerts_and_an_old_poll_never_double_count_or_reopen(cloud: Cloud):
+    cloud.worker()
+    h = host_named(cloud, "kvm05")
+    cloud.sim.cloud.set_host_state(h.uuid, "Disconnected")
+    alert = cloud.sim.cloud.events[0]
+    await cloud.publish_events()
+    await cloud.tap.send(cloud.topics.cloudstack, alert[0], alert[1])  # the same alert twice
+    await cloud.tap.wait_for(lambda: cloud.decisions(h.uuid), 60, "a decision")
+    assert [r["check"] for r in cloud.requests(h.uuid)] == [1, 2, 3]
+    episode = cloud.decisions(h.uuid)[0]["episode"]
+    # The host comes back; then an old "Disconnected" (from before it came back) arrives late.
+    cloud.sim.cloud.set_host_state(h.uuid, "Up")
+    await cloud.tap.wait_for(
+        lambda: any(
+            v["kind"] == "host_recovered"
+            for k, v in cloud.tap.of(cloud.topics.notices)
+            if k == h.uuid
+        ),
+        30,
+        "the episode to end",
+    )
+    old = json.loads(alert[1])
+    await cloud.tap.send(cloud.topics.cloudstack, None, json.dumps(old))
+    await _quiet(cloud, 3 * CHECK)
+    reqs = cloud.requests(h.uuid)
+    assert {r["episode"] for r in reqs} == {episode}
+    assert len(cloud.decisions(h.uuid)) == 1
+
+
+async def _quiet(cloud: Cloud, seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+    _ = HostRef  # keep the import for type readers
