@@ -87,7 +87,7 @@ NOTIFICATION_FAILURES = Counter(
 )
 CONSUMER_LAG = Gauge(
     "fencer_consumer_lag",
-    "Records not yet consumed by this worker's consumer group, by topic (summed over partitions).",
+    "Records not yet consumed on the partitions this worker owns, by topic (sum over workers).",
     ["topic"],
 )
 
@@ -250,6 +250,38 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
     return handler
+
+
+def logging_config(level: str | int = "INFO", json: bool = False) -> dict[str, Any]:
+    """The same setup as `configure_logging`, as a `logging.config.dictConfig` dict.
+
+    For frameworks that configure logging themselves: Faust's `Worker(logging_config=...)`
+    (mode clears the root handlers and applies this dict) keeps fencer's format and scrubber.
+    """
+    formatter = "JsonFormatter" if json else "TextFormatter"
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"fencer": {"()": f"{__name__}.{formatter}"}},
+        "filters": {"scrub": {"()": f"{__name__}.secret_scrubber"}},
+        "handlers": {
+            "default": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "fencer",
+                "filters": ["scrub"],
+            }
+        },
+        "root": {
+            "level": level.upper() if isinstance(level, str) else level,
+            "handlers": ["default"],
+        },
+    }
+
+
+def secret_scrubber() -> SecretScrubber:
+    """The process-wide scrubber (a factory for dictConfig)."""
+    return SCRUBBER
 
 
 def log_decision(logger: logging.Logger, decision: FenceDecision) -> None:

@@ -344,3 +344,20 @@ def test_setup_observability_starts_what_the_settings_ask(root_logging: None) ->
     finally:
         server.close()
     assert obs.setup_observability(load_settings(None)) is None
+
+
+def test_faust_logging_setup_keeps_format_and_scrubber(
+    root_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mode.utils.logging import setup_logging
+
+    obs.install_secret_scrubber(load_settings(None, api={"token": "mode-token-1"}))
+    # What faust.Worker(logging_config=...) does with it: clear root handlers, dictConfig.
+    setup_logging(loglevel="INFO", logging_config=obs.logging_config("INFO", json=True))
+    logging.getLogger("fencer.faust").info(
+        "token %s", "mode-token-1", extra={"fields": {"t": "mode-token-1"}}
+    )
+    err = capsys.readouterr().err
+    (line,) = [json.loads(x) for x in err.splitlines() if "fencer.faust" in x]
+    assert line["msg"] == "token **********" and line["t"] == "**********"
+    assert "mode-token-1" not in err
