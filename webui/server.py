@@ -137,17 +137,17 @@ IpmiTester = Callable[[FencerSettings, HostRef], Awaitable[m.IpmiTestResult]]
 
 async def actuator_ipmi_test(settings: FencerSettings, host: HostRef) -> m.IpmiTestResult:
     """Run the host's test action through the actuator (the only code that talks to BMCs)."""
-    from fencing import actuator
+    from fencing.actuator import check_host
 
     started = time.monotonic()
-    result = await actuator.ipmi_test(settings, host)
+    r = await check_host(settings, host.host_uuid, host.cluster_uuid)
     return m.IpmiTestResult(
         host_uuid=host.host_uuid,
-        success=bool(result.success),
-        driver=str(result.driver),
-        power_state=result.power_state,
-        output=result.output,
-        error=result.error,
+        success=r.ok,
+        driver=r.driver,
+        power_state=r.power,
+        output=r.detail,
+        error=r.error,
         duration=round(time.monotonic() - started, 3),
     )
 

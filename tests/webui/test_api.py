@@ -325,3 +325,35 @@ async def _until_async(get, cond, timeout: float = 10.0):
             return value
         assert time.monotonic() < deadline, f"condition not met in time: {value!r}"
         await asyncio.sleep(0.1)
+
+
+async def test_ipmi_test_button_reads_the_lab_bmc_through_the_actuator(api, lab):
+    async with api.aclient() as c:
+        r = await c.put(
+            f"/api/hosts/{lab.host_a1}/settings",
+            json={
+                "ipmi": {
+                    "address": "127.0.0.1",
+                    "username": lab.bmc.username,
+                    "password": lab.bmc.password,
+                }
+            },
+        )
+        assert r.status_code == 200, r.text
+        r = await c.post(f"/api/hosts/{lab.host_a1}/ipmi-test")
+        assert r.status_code == 200, r.text
+        result = r.json()
+        assert result["success"] is True, result
+        assert result["power_state"] == "on" and result["driver"] == "ipmi"
+        assert lab.bmc.password not in r.text
+
+        await c.put(
+            f"/api/hosts/{lab.host_a1}/settings",
+            json={"ipmi": {"address": "127.0.0.1", "password": "wrong-" + lab.bmc.password}},
+        )
+        r = await c.post(f"/api/hosts/{lab.host_a1}/ipmi-test")
+        assert r.status_code == 200 and r.json()["success"] is False and r.json()["error"]
+        assert lab.bmc.password not in r.text
+
+        r = await c.post(f"/api/hosts/{lab.host_a2}/ipmi-test")
+        assert r.status_code == 422 and r.json()["fields"][0]["field"] == "ipmi.address"
