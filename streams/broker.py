@@ -76,7 +76,7 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
+def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine to completion from sync code, even if this thread has a running loop."""
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fencer-broker") as pool:
         return pool.submit(asyncio.run, coro).result()
@@ -242,7 +242,7 @@ class EmbeddedBroker:
             for attempt in range(PORT_ATTEMPTS):
                 self._launch()
                 try:
-                    ready = _run_coroutine(self._await_ready())
+                    ready = run_coroutine(self._await_ready())
                 except BaseException:
                     self._terminate()
                     raise
@@ -250,7 +250,7 @@ class EmbeddedBroker:
                     break
                 self._port_failed(attempt)
             try:
-                _run_coroutine(self._after_ready())
+                run_coroutine(self._after_ready())
             except BaseException:
                 self._terminate()
                 raise

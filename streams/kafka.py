@@ -90,10 +90,15 @@ def faust_broker_url(kafka: KafkaSettings) -> str:
 
 
 def faust_app_kwargs(settings: FencerSettings) -> dict[str, Any]:
-    """Keyword arguments for `faust.App(app_id, **faust_app_kwargs(settings))`."""
+    """Keyword arguments for `faust.App(app_id, **faust_app_kwargs(settings))`.
+
+    Creates `data_dir/faust` if needed: Faust makes only the last level of its datadir.
+    """
     import faust
 
     k = settings.kafka
+    faust_dir = settings.data_dir / "faust"
+    faust_dir.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {
         "broker": faust_broker_url(k),
         # Tansu's JoinGroup waits half the session timeout; Faust's default (60 s) makes every
@@ -105,7 +110,7 @@ def faust_app_kwargs(settings: FencerSettings) -> dict[str, Any]:
         "table_standby_replicas": 0,
         "web_enabled": False,
         "store": "rocksdb://" if k.table_store == "rocksdb" else "memory://",
-        "datadir": str(settings.data_dir / "faust" / "{conf.id}"),
+        "datadir": str(faust_dir / "{conf.id}"),
     }
     context = ssl_context(k)
     if k.security_protocol.startswith("SASL_"):
