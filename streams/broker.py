@@ -66,8 +66,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """preexec_fn: ask the kernel for SIGKILL when the parent goes, even if it is SIGKILLed."""
+def die_with_parent(parent_pid: int) -> None:
+    """A preexec_fn body: SIGKILL this child when the thread that forked it dies, however it dies.
+
+    Use as `preexec_fn=lambda: die_with_parent(os.getpid())` evaluated in the parent, e.g.
+    `parent = os.getpid(); Popen(..., preexec_fn=lambda: die_with_parent(parent))`.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         os._exit(127)
@@ -172,7 +176,7 @@ class EmbeddedBroker:
             # Tansu logs to stdout; send it to our stderr so a failure shows its warnings.
             stdout=2,
             start_new_session=True,
-            preexec_fn=lambda: _die_with_parent(parent),
+            preexec_fn=lambda: die_with_parent(parent),
         )
 
     async def _answers(self, deadline: float) -> bool:

@@ -147,14 +147,12 @@ def apply_tansu_workarounds() -> None:
         _originals["end_offsets"] = AIOKafkaConsumer.end_offsets
         _originals["init_classes"] = InitProducerIdRequest._CLASSES
         _originals["init_build"] = InitProducerIdRequest.__dict__["build"]
-        AIOKafkaConsumer.end_offsets = _patched_end_offsets(  # type: ignore[method-assign]
-            _originals["end_offsets"]
-        )
-        InitProducerIdRequest._CLASSES = (  # type: ignore[assignment]
+        AIOKafkaConsumer.end_offsets = _patched_end_offsets(_originals["end_offsets"])
+        InitProducerIdRequest._CLASSES = (
             InitProducerIdRequest_v0,
             InitProducerIdRequest_v3,
         )
-        InitProducerIdRequest.build = _build_init_producer_id  # type: ignore[method-assign]
+        InitProducerIdRequest.build = _build_init_producer_id
         log.debug("tansu workarounds applied to aiokafka")
 
 
@@ -163,9 +161,9 @@ def remove_tansu_workarounds() -> None:
     with _lock:
         if not _originals:
             return
-        AIOKafkaConsumer.end_offsets = _originals.pop("end_offsets")  # type: ignore[method-assign]
+        AIOKafkaConsumer.end_offsets = _originals.pop("end_offsets")
         InitProducerIdRequest._CLASSES = _originals.pop("init_classes")
-        InitProducerIdRequest.build = _originals.pop("init_build")  # type: ignore[method-assign]
+        InitProducerIdRequest.build = _originals.pop("init_build")
         log.debug("tansu workarounds removed from aiokafka")
 
 

@@ -25,7 +25,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.structs import TopicPartition
 
 from fencing.settings import FencerSettings, TopicNames
-from streams.broker import BrokerError, EmbeddedBroker, free_port
+from streams.broker import BrokerError, EmbeddedBroker, die_with_parent, free_port
 from streams.kafka import aiokafka_kwargs, ensure_topics, faust_app_kwargs, topic_specs
 from streams.tansu_compat import (
     apply_tansu_workarounds,
@@ -298,10 +298,13 @@ class CounterWorker:
     def __init__(self, settings_file: Path, out: Path) -> None:
         self.out = out
         out.unlink(missing_ok=True)
+        parent = os.getpid()
         self.proc = subprocess.Popen(
             [sys.executable, str(COUNTER), str(settings_file), str(out)],
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            # If pytest itself is killed, the worker must not keep running.
+            preexec_fn=lambda: die_with_parent(parent),
         )
 
     def table(self) -> dict[str, int] | None:
