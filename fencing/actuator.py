@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, MutableMapping
@@ -218,6 +219,11 @@ class Actuator:
                     if status == 2:
                         r = j.get("jobresult") or {}
                         text = r.get("errortext") or json.dumps(r)[:300]
+                        if _ALREADY_DONE.search(text):
+                            # An earlier decision for this host already got the VMs restarted.
+                            return CloudStackResult(
+                                call, job, True, redact(f"already done: {text}")
+                            )
                         return CloudStackResult(
                             call, job, False, redact(f"job failed ({r.get('errorcode')}): {text}")
                         )
@@ -232,6 +238,9 @@ class Actuator:
             return CloudStackResult(
                 call, job, False, redact(f"cannot reach CloudStack: {type(exc).__name__}: {exc}")
             )
+
+
+_ALREADY_DONE = re.compile(r"already marked as Degraded|is already in Maintenance", re.IGNORECASE)
 
 
 def _cs_error(exc: CloudStackException) -> str:

@@ -269,6 +269,8 @@ class BmcSimulator:
     def power(self, state: str) -> None:
         self._send(("power", state))
         self._sync()
+        with self._cond:
+            self._power = state
 
     @property
     def identify(self) -> str | None:

@@ -1,0 +1,276 @@
+"""The actuator end to end on loopback: decisions in, the lab's pyghmi BMC (and ipmitool through
+the command template) fenced and verified, CloudStack's simulator told to restart the VMs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import SecretStr
+
+from fencing.actuator import Actuator, cli_ipmi_test, preflight
+from fencing.events import FenceAction
+from fencing.records import EvidenceSummary, FenceDecision, HostRef
+from fencing.settings import (
+    ActuatorSettings,
+    CloudStackSettings,
+    FencerSettings,
+    HostSettings,
+    IpmiOverrides,
+)
+from lab.bmc import BmcSimulator, free_udp_port
+
+from .conftest import BMC_PASSWORD, Cloud, ipmitool_template
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def make_settings(cloud: Cloud, port: int, **ipmi: Any) -> FencerSettings:
+    fields: dict[str, Any] = {
+        "address": "127.0.0.1",
+        "port": port,
+        "username": "admin",
+        "password": SecretStr(BMC_PASSWORD),
+        "action": "stop",
+    }
+    fields.update(ipmi)
+    return FencerSettings(
+        cloudstack=CloudStackSettings(
+            endpoint=cloud.sim.url,
+            api_key=SecretStr(cloud.sim.api_key),
+            secret_key=SecretStr(cloud.sim.secret_key),
+            job_timeout=10,
+        ),
+        hosts={cloud.host.uuid: HostSettings(ipmi=IpmiOverrides(**fields))},
+        actuator=ActuatorSettings(power_timeout=5, poll_interval=0.05, retries=0),
+    )
+
+
+def decision(cloud: Cloud, action: FenceAction = FenceAction.STOP, **kw: Any) -> FenceDecision:
+    fields: dict[str, Any] = {
+        "decision_id": str(uuid.uuid4()),
+        "host": HostRef(host_uuid=cloud.host.uuid, cluster_uuid=cloud.cluster_uuid),
+        "episode": 1,
+        "action": action,
+        "approved": True,
+        "evidence": EvidenceSummary(suspect_since=time.time() - 300, stale_checks=3),
+        "decided_at": time.time(),
+    }
+    fields.update(kw)
+    return FenceDecision(**fields)
+
+
+def actuator(settings: FencerSettings, store: dict | None = None) -> Actuator:
+    return Actuator(settings, store=store, job_poll_interval=0.05)
+
+
+def restart_calls(cloud: Cloud) -> list[str]:
+    return [
+        c
+        for c, _ in cloud.cloud.calls
+        if c in ("declareHostAsDegraded", "prepareHostForMaintenance")
+    ]
+
+
+async def test_stop_is_verified_then_cloudstack_restarts_the_vms(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    out = await actuator(make_settings(cloud, bmc.port)).handle(decision(cloud))
+    assert out is not None
+    assert (out.success, out.verified, out.power_before, out.power_after) == (
+        True,
+        True,
+        "on",
+        "off",
+    )
+    assert out.driver == "ipmi" and out.error is None
+    assert out.cloudstack_call == "declareHostAsDegraded"
+    assert out.cloudstack_result == "succeeded" and out.cloudstack_job in cloud.cloud.jobs
+    assert bmc.power == "off" and bmc.count("power_off") == 1
+    assert cloud.cloud.hosts[cloud.host.uuid].resourcestate == "Degraded"
+    assert cloud.cloud.vms[cloud.vm_uuid].host_uuid != cloud.host.uuid
+    assert BMC_PASSWORD not in out.model_dump_json()
+
+
+async def test_already_off_is_fenced_without_a_power_command(cloud: Cloud) -> None:
+    with BmcSimulator("admin", BMC_PASSWORD, power="off") as bmc:
+        out = await actuator(make_settings(cloud, bmc.port)).handle(decision(cloud))
+        assert out is not None and out.success and out.verified
+        assert out.power_before == "off" and out.power_after == "off"
+        assert bmc.count("power_off") == 0 and bmc.count("power_shutdown") == 0
+    assert restart_calls(cloud) == ["declareHostAsDegraded"]
+
+
+async def test_unreachable_bmc_fails_and_vms_are_not_restarted(cloud: Cloud) -> None:
+    out = await actuator(make_settings(cloud, free_udp_port())).handle(decision(cloud))
+    assert out is not None
+    assert not out.success and not out.verified
+    assert "no answer" in (out.error or "")
+    assert out.cloudstack_call is None and restart_calls(cloud) == []
+    assert cloud.cloud.vms[cloud.vm_uuid].host_uuid == cloud.host.uuid
+
+
+async def test_wrong_password_fails_fast_and_never_shows_it(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    settings = make_settings(cloud, bmc.port, password=SecretStr("Wr0ng-pass"))
+    started = time.monotonic()
+    out = await actuator(settings).handle(decision(cloud))
+    assert out is not None and not out.success
+    assert time.monotonic() - started < 3
+    assert "refused the credentials" in (out.error or "")
+    assert "Wr0ng-pass" not in out.model_dump_json()
+    assert restart_calls(cloud) == [] and bmc.power == "on"
+
+
+async def test_reboot_through_ipmitool_template(cloud: Cloud, bmc: BmcSimulator) -> None:
+    fields = ipmitool_template(bmc.port)
+    del fields["port"]
+    settings = make_settings(cloud, bmc.port, **fields)
+    out = await actuator(settings).handle(decision(cloud, FenceAction.REBOOT))
+    assert out is not None and out.success and out.verified, out.error
+    assert out.driver == "template"
+    assert (out.power_before, out.power_after) == ("on", "on")
+    assert bmc.count("power_off") == 1 and bmc.count("power_on") == 1
+    assert restart_calls(cloud) == ["declareHostAsDegraded"]
+
+
+async def test_power_change_callback_lets_the_lab_stop_the_host(cloud: Cloud) -> None:
+    seen: list[tuple[str, str]] = []
+    with BmcSimulator("admin", BMC_PASSWORD, on_power_change=lambda s, c: seen.append((s, c))) as b:
+        out = await actuator(make_settings(cloud, b.port)).handle(decision(cloud))
+        assert out is not None and out.success
+        assert b.power == "off"
+    assert seen == [("off", "off")]
+
+
+async def test_blink_lights_the_led_and_does_not_restart_vms(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    out = await actuator(make_settings(cloud, bmc.port)).handle(decision(cloud, FenceAction.BLINK))
+    assert out is not None and out.success and not out.verified
+    assert bmc.identify == "on" and bmc.power == "on"
+    assert out.cloudstack_call is None and restart_calls(cloud) == []
+
+
+async def test_blink_restarts_vms_only_when_the_cluster_allows_it(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    settings = make_settings(
+        cloud, bmc.port, restart_without_fence=True, restart_via="prepareHostForMaintenance"
+    )
+    out = await actuator(settings).handle(decision(cloud, FenceAction.BLINK))
+    assert out is not None and out.success
+    assert out.cloudstack_call == "prepareHostForMaintenance"
+    assert cloud.cloud.hosts[cloud.host.uuid].resourcestate == "Maintenance"
+
+
+async def test_nothing_touches_neither_bmc_nor_cloudstack(cloud: Cloud, bmc: BmcSimulator) -> None:
+    out = await actuator(make_settings(cloud, bmc.port)).handle(
+        decision(cloud, FenceAction.NOTHING)
+    )
+    assert out is not None and out.success and out.power_before is None
+    assert bmc.count() == 0 and restart_calls(cloud) == []
+
+
+async def test_withheld_decision_is_skipped(cloud: Cloud, bmc: BmcSimulator) -> None:
+    out = await actuator(make_settings(cloud, bmc.port)).handle(
+        decision(cloud, approved=False, withheld_reason="cap_reached")
+    )
+    assert out is None and bmc.count() == 0
+
+
+async def test_redelivered_decision_acts_once_even_after_a_restart(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    store: dict = {}
+    settings = make_settings(cloud, bmc.port)
+    d = decision(cloud)
+    first = await actuator(settings, store).handle(d)
+    bmc.power = "on"  # even if the host came back, a redelivery must not fence again
+    again = await actuator(settings, store).handle(d)  # a new worker, the same table
+    assert first is not None and again == first
+    assert bmc.count("power_off") == 1 and bmc.power == "on"
+    assert restart_calls(cloud) == ["declareHostAsDegraded"]
+
+
+async def test_two_decisions_for_one_host_never_act_at_once(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    act = actuator(make_settings(cloud, bmc.port))
+    a, b = await asyncio.gather(act.handle(decision(cloud)), act.handle(decision(cloud)))
+    assert a is not None and b is not None and a.success and b.success
+    assert sorted([a.power_before, b.power_before]) == ["off", "on"]
+    assert bmc.count("power_off") == 1
+    first, second = sorted([a, b], key=lambda o: o.started_at)
+    assert second.started_at >= first.finished_at
+    assert second.cloudstack_result is not None
+    assert second.cloudstack_result.startswith("already done")
+
+
+async def test_cloudstack_job_failure_is_reported(cloud: Cloud, bmc: BmcSimulator) -> None:
+    cloud.cloud.fail_jobs["declareHostAsDegraded"] = "HA is disabled for this host"
+    out = await actuator(make_settings(cloud, bmc.port)).handle(decision(cloud))
+    assert out is not None
+    assert out.verified and not out.success
+    assert out.cloudstack_job and "HA is disabled for this host" in (out.cloudstack_result or "")
+    assert "declareHostAsDegraded failed" in (out.error or "")
+
+
+async def test_cloudstack_refusing_the_call_is_reported(cloud: Cloud, bmc: BmcSimulator) -> None:
+    settings = make_settings(cloud, bmc.port)
+    settings.cloudstack.secret_key = SecretStr("not-the-secret")
+    out = await actuator(settings).handle(decision(cloud))
+    assert out is not None and out.verified and not out.success
+    assert "401" in (out.cloudstack_result or "") and out.cloudstack_job is None
+    assert "not-the-secret" not in out.model_dump_json()
+
+
+async def test_preflight_reports_each_host(cloud: Cloud, bmc: BmcSimulator) -> None:
+    settings = make_settings(cloud, bmc.port)
+    settings.hosts["other"] = HostSettings(
+        ipmi=IpmiOverrides(address="127.0.0.1", port=bmc.port, password=SecretStr("bad"))
+    )
+    results = await preflight(settings, [(cloud.host.uuid, cloud.cluster_uuid), ("other", None)])
+    ok, bad = results
+    assert ok.ok and ok.power == "on" and ok.detail == "Chassis Power is on"
+    assert not bad.ok and "refused the credentials" in (bad.error or "")
+    assert bmc.count("power_off") == 0
+
+
+def test_cli_ipmi_test_reads_without_changing_power(
+    cloud: Cloud, bmc: BmcSimulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = tmp_path / "fencer.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "hosts": {
+                    cloud.host.uuid: {
+                        "ipmi": {
+                            "address": "127.0.0.1",
+                            "port": bmc.port,
+                            "password": BMC_PASSWORD,
+                        }
+                    }
+                },
+            }
+        )
+    )
+    args = argparse.Namespace(host=cloud.host.uuid, cluster="c1", config=str(conf))
+    assert cli_ipmi_test(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] and out["power"] == "on" and out["sources"]["password"] == "host"
+    assert BMC_PASSWORD not in json.dumps(out)
+    conf.write_text(conf.read_text().replace(BMC_PASSWORD, "bad-pass"))
+    assert cli_ipmi_test(args) == 1
+    captured = capsys.readouterr()
+    assert "refused the credentials" in captured.err and "bad-pass" not in captured.err
+    assert bmc.power == "on" and bmc.count("power_off") == 0
