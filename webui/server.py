@@ -29,6 +29,7 @@ from aiohttp import web
 from cs import AIOCloudStack, CloudStackException
 from pydantic import BaseModel, ValidationError
 
+from fencing.events import HostStatus
 from fencing.records import HostRef
 from fencing.settings import (
     ClusterSettings,
@@ -396,8 +397,16 @@ def _host_summary(api: Api, h: dict[str, Any]) -> dict[str, Any]:
         "cluster_name": ref.cluster_name,
         "status": h.get("state"),
         "resource_state": h.get("resourcestate"),
-        "fencing": api.view.host(ref.host_uuid, ref),
+        "fencing": _fencing_state(api, ref, h.get("state")),
     }
+
+
+def _fencing_state(api: Api, ref: HostRef, cs_state: Any) -> Any:
+    view = api.view.host(ref.host_uuid, ref)
+    if view.state == "unknown" and cs_state == HostStatus.UP.value:
+        # No topic has mentioned the host yet; CloudStack's listHosts says it is fine.
+        view = view.model_copy(update={"state": "up", "status": HostStatus.UP})
+    return view
 
 
 def _path_id(request: web.Request, name: str) -> str:

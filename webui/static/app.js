@@ -97,10 +97,12 @@ function banner(text, ok) {
   b.classList.toggle("ok", !!ok);
 }
 
-function main(...children) {
-  const m = document.getElementById("main");
-  m.replaceChildren(...children);
+// replaceChildren() would print null as "null": drop the empty parts first.
+function fill(el, ...children) {
+  el.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
 }
+
+function main(...children) { fill(document.getElementById("main"), ...children); }
 
 function show(v) {
   if (v === null || v === undefined || v === "") return "(none)";
@@ -170,7 +172,7 @@ async function hostsPage() {
       h("th", {}, "Fencing state"), h("th", {}, "Stale checks"), h("th", {}, "Last probe"))), body));
   const load = async () => {
     const hosts = await api("GET", "/hosts");
-    body.replaceChildren(...hosts.map((x) => {
+    fill(body, hosts.map((x) => {
       const f = x.fencing, p = f.last_probe;
       return h("tr", { class: "clickable", "data-host": x.uuid, onclick: () => { location.hash = `#/host/${x.uuid}`; } },
         h("td", {}, h("a", { href: `#/host/${x.uuid}` }, x.name), h("div", { class: "muted small" }, x.ip_address || "")),
@@ -209,9 +211,9 @@ function enumValues(kind) {
 function fieldRow(name, label, kind, current, inherited, source, extra) {
   const id = `f-${name}`;
   let input;
-  const inh = kind === "password"
-    ? (extra.passwordSet ? `a password is set (${extra.passwordSource})` : "no password set")
-    : `inherits: ${show(inherited)}`;
+  let inh = `inherits: ${show(inherited)}`;
+  if (kind === "password") inh = extra.passwordSet ? `a password is set (${extra.passwordSource})` : "no password set";
+  else if (name === "address") inh = "set per host (no inheritance)";
   if (kind.startsWith("enum:")) {
     input = h("select", { id, name },
       h("option", { value: "" }, `(inherit: ${show(inherited)})`),
@@ -359,15 +361,15 @@ async function hostPage(uuid) {
     type: "button", id: "ipmi-test",
     onclick: async () => {
       testBtn.disabled = true;
-      result.replaceChildren(h("span", { class: "muted" }, "Testing the BMC…"));
+      fill(result, h("span", { class: "muted" }, "Testing the BMC…"));
       try {
         const r = await api("POST", `/hosts/${encodeURIComponent(uuid)}/ipmi-test`);
-        result.replaceChildren(
+        fill(result, 
           h("p", {}, badge(r.success ? "test passed" : "test failed", r.success ? "result-succeeded" : "result-failed"),
             ` via ${r.driver}`, r.power_state ? `, power ${r.power_state}` : "", ` (${r.duration.toFixed(2)} s)`),
           r.output ? h("pre", { class: "output" }, r.output) : null,
           r.error ? h("p", { class: "error" }, r.error) : null);
-      } catch (ex) { result.replaceChildren(h("p", { class: "error" }, ex.message)); }
+      } catch (ex) { fill(result, h("p", { class: "error" }, ex.message)); }
       testBtn.disabled = false;
     },
   }, "Test IPMI");
