@@ -27,6 +27,7 @@ import faust
 
 from fencing.records import FenceDecision, ProbeRequest, ProbeResult
 from fencing.settings import FencerSettings
+from streams import observability as obs
 from streams import records as wire
 from streams.kafka import faust_app_kwargs, prepare_kafka
 
@@ -61,7 +62,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
     started_at = time.time()
     runtime = wire.Runtime(settings=settings, started_at=started_at)
 
-    # -- topics ------------------------------------------------------------------------------
+    # -- topics -------------------------------------------------------------------------
     cloudstack = app.topic(names.cloudstack, **RAW)
     host_signals = app.topic(names.host_signals, **RAW)
     probe_requests = app.topic(names.probe_requests, **RAW)
@@ -90,7 +91,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         names.host_signals, names.probe_results, names.fence_decisions, names.fence_outcomes, **RAW
     )
 
-    # -- tables (changelog-backed) -----------------------------------------------------------
+    # -- tables (changelog-backed) ------------------------------------------------------
     if "ingest" in roles:
         hosts = app.Table("hosts", help="host uuid -> the core's HostRecord + HostRef")
         gates = app.Table("gates", partitions=1, help="cluster uuid (and '*') -> gate state")
@@ -102,7 +103,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
     async def dead(message: Any, reason: str) -> None:
         await dead_letter.send(value=wire.dead_letter(message, reason))
 
-    # -- ingest: CloudStack's event bus -> host signals ----------------------------------------
+    # -- ingest: CloudStack's event bus -> host signals ---------------------------------
     if "ingest" in roles:
 
         @app.agent(cloudstack)
@@ -148,7 +149,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     continue
                 key = event.message.key.decode()
                 try:
-                    row, actions = wire.apply(hosts.get(key), parsed, key, policy, settings, names)
+                    live = await runtime.live()
+                    row, actions = wire.apply(hosts.get(key), parsed, key, policy, live, names)
                 except Exception as exc:  # a bug must not stop every other host's stream
                     log.exception("host %s: cannot apply %s", key, type(parsed.event).__name__)
                     await dead(event.message, f"watch failed: {type(exc).__name__}")
@@ -167,18 +169,20 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     await dead(event.message, parsed)
                     continue
                 try:
+                    await runtime.live()
                     decision = wire.apply_gate(gates, parsed, runtime)
                 except Exception as exc:
                     log.exception("gate: cannot judge a record")
                     await dead(event.message, f"gate failed: {type(exc).__name__}")
                     continue
                 if decision is not None:
-                    log_decision(decision)
+                    obs.log_decision(log, decision)
+                    obs.observe_decision(decision)
                     await fence_decisions.send(
                         key=decision.host.host_uuid.encode(), value=wire.dump(decision)
                     )
 
-    # -- probe: ask a neighbour about the suspect host's storage ----------------------------------
+    # -- probe: ask a neighbour about the suspect host's storage ------------------------
     if "probe" in roles:
 
         @app.agent(probe_requests, concurrency=8)
@@ -188,11 +192,12 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 if request is None:
                     continue
                 result: ProbeResult = await runtime.run_probe(request)
+                obs.observe_probe(result)
                 await probe_results.send(
                     key=request.host.host_uuid.encode(), value=wire.dump(result)
                 )
 
-    # -- actuate: fence through the BMC, verify, then let CloudStack restart the VMs ---------------
+    # -- actuate: fence through the BMC, verify, then let CloudStack restart the VMs ----
     if "actuate" in roles:
 
         @app.agent(fence_decisions)
@@ -204,9 +209,10 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 key = decision.host.host_uuid
                 outcome = await runtime.actuate(decision, done, key)
                 if outcome is not None:
+                    obs.observe_outcome(outcome)
                     await fence_outcomes.send(key=key.encode(), value=wire.dump(outcome))
 
-    # -- notify: email and SNMP for every step ------------------------------------------------------
+    # -- notify: email and SNMP for every step ------------------------------------------
     if "notify" in roles:
 
         @app.agent(app.topic(names.fence_decisions, names.fence_outcomes, names.notices, **RAW))
@@ -224,32 +230,24 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
     return app
 
 
-def log_decision(decision: FenceDecision) -> None:
-    """One log line per decision with its evidence."""
-    ev = decision.evidence
-    log.info(
-        "decision %s host=%s cluster=%s action=%s approved=%s reason=%s suspect_since=%.0f "
-        "stale_checks=%d newest_write=%s files=%d",
-        decision.decision_id,
-        decision.host.host_name or decision.host.host_uuid,
-        decision.host.cluster_uuid,
-        decision.action.value,
-        decision.approved,
-        decision.withheld_reason.value if decision.withheld_reason else "-",
-        ev.suspect_since,
-        ev.stale_checks,
-        ev.newest_write,
-        ev.files_checked,
-    )
-
-
 def cli_worker(args: argparse.Namespace) -> int:
     """`fencer worker`: run the service until interrupted."""
     from fencing.settings import load_settings
 
     settings = load_settings(args.config)
     roles = parse_roles(args.roles)
+    obs.setup_observability(settings)
     app = create_app(settings, roles)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    log.info(
+        "fencer worker starting: roles %s, broker %s",
+        ",".join(roles),
+        settings.kafka.bootstrap_servers,
+    )
+    worker = faust.Worker(
+        app,
+        loglevel=settings.log_level.lower(),
+        quiet=True,
+        logging_config=obs.logging_config(settings.log_level, settings.log_json),
+    )
     worker.execute_from_commandline()
     return 0

@@ -372,7 +372,7 @@ def apply_gate(
         table[item.cluster_uuid] = _jsonable(gatecore.observe(row, fact))
         return None
     cluster = item.host.cluster_uuid or ""
-    settings = runtime.settings
+    settings = runtime.current
     row = cluster_row(table.get(cluster), cluster)
     row = gatecore.observe(row, gatecore.ClusterPaused(runtime.cluster_paused(cluster)))
     glob = gatecore.pause_all(global_row(table.get(GLOBAL_ROW)), runtime.globally_paused())
@@ -434,16 +434,40 @@ class Runtime:
     _names: dict[str, str] = field(default_factory=dict)
     _last_state: dict[str, str] = field(default_factory=dict)
 
+    _store: Any = None
+    _store_failed: bool = False
+
     @property
     def policy(self) -> Policy:
         return self.settings.policy.to_policy()
 
+    async def live(self) -> FencerSettings:
+        """The file's settings overlaid with the settings topic (what the UI changed)."""
+        if self._store is None and not self._store_failed:
+            from webui.settings_store import SettingsStore
+
+            store = SettingsStore(self.settings)
+            try:
+                await store.start(within=15.0)
+                self._store = store
+            except Exception as exc:
+                log.warning("settings topic unreadable, using the settings file only: %s", exc)
+                self._store_failed = True
+        return self._store.settings if self._store is not None else self.settings
+
+    @property
+    def current(self) -> FencerSettings:
+        """The live settings once read, else the file's."""
+        return self._store.settings if self._store is not None else self.settings
+
     def cluster_paused(self, cluster: str) -> bool:
+        if self._store is not None:
+            return bool(self._store.is_paused(cluster))
         c = self.settings.clusters.get(cluster)
         return bool(c and c.paused)
 
     def globally_paused(self) -> bool:
-        return False
+        return bool(self._store.is_paused(None)) if self._store is not None else False
 
     def inventory(self) -> Any:
         if self._inventory is None:
@@ -608,6 +632,7 @@ class Runtime:
             from fencing.actuator import Actuator
 
             self._actuator = Actuator(self.settings)
+        self._actuator.settings = await self.live()
         done = dict(table.get(key) or {})
         if decision.decision_id in done:
             return FenceOutcome.model_validate(done[decision.decision_id])
@@ -640,6 +665,8 @@ class Runtime:
 
     async def close(self) -> None:
         """Close every client."""
+        if self._store is not None:
+            await self._store.stop()
         for service in (self._probes, self._inventory):
             if service is not None:
                 await service.close()
