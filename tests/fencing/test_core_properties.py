@@ -261,12 +261,12 @@ class HostMachine(RuleBasedStateMachine):
     def gate_or_actuator(self, verdict: str, reason: WithheldReason) -> None:
         p = self.proposal
         assert p is not None
-        common = {"at": self.now, "episode": p.episode, "decision_id": p.decision_id}
+        at, ep, did = self.now, p.episode, p.decision_id
         events: dict[str, HostEvent] = {
-            "approve": FenceApproved(**common),  # type: ignore[arg-type]
-            "withhold": FenceWithheld(**common, reason=reason),  # type: ignore[arg-type]
-            "success": FenceFinished(**common, success=True),  # type: ignore[arg-type]
-            "failure": FenceFinished(**common, success=False),  # type: ignore[arg-type]
+            "approve": FenceApproved(at=at, episode=ep, decision_id=did),
+            "withhold": FenceWithheld(at=at, episode=ep, decision_id=did, reason=reason),
+            "success": FenceFinished(at=at, episode=ep, decision_id=did, success=True),
+            "failure": FenceFinished(at=at, episode=ep, decision_id=did, success=False),
         }
         self.apply(events[verdict])
 

@@ -4,9 +4,11 @@ after it, and the exact actions."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from fencing import diagram
 from fencing.decision import (
     TRANSITIONS,
     DecisionMismatch,
@@ -648,3 +650,16 @@ def test_record_round_trips_through_plain_data() -> None:
     assert data["state"] == "fence_proposed" and data["last_evidence"] == "stale"
     assert HostRecord.from_dict({**data, "added_later": 1}) == withheld
     assert HostRecord.from_dict({"host": "h9"}) == HostRecord("h9")
+
+
+def test_committed_state_diagram_is_generated_from_the_table() -> None:
+    page = Path(__file__).resolve().parents[2] / "docs" / "state-diagram.md"
+    assert page.read_text() == diagram.page(), "run: python -m fencing.diagram > " + str(page)
+    for state in HostState:
+        assert state.name in diagram.mermaid()
+    assert "SUSPECT --> FENCE_PROPOSED : probe_stale" in diagram.mermaid()
+
+
+def test_diagram_module_prints_the_page(capsys: pytest.CaptureFixture[str]) -> None:
+    diagram.main()
+    assert capsys.readouterr().out == diagram.page()
