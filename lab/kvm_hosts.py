@@ -21,9 +21,11 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import asyncssh
@@ -31,6 +33,13 @@ import asyncssh
 from lab.cloudstack_sim import Cluster, Host, SimCloud
 
 LAB_NET = "127.0.2."
+
+
+def _run_bash(command: str, stdin: str) -> tuple[int, bytes, bytes]:
+    # Blocking, in the lab's thread pool: Python 3.11's asyncio child watcher starts a thread
+    # per process, which made the lab, not the probe, the bottleneck of a 500-check round.
+    p = subprocess.run(["bash", "-c", command], input=stdin.encode(), capture_output=True)
+    return p.returncode, p.stdout, p.stderr
 
 
 class _Session(asyncssh.SSHServer):
@@ -90,15 +99,9 @@ class LabKvmHost:
                 proc.exit(1)
                 return
             data = await proc.stdin.read() if proc.stdin else ""
-            p = await asyncio.create_subprocess_exec(
-                "bash",
-                "-c",
-                proc.command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            out, err = await p.communicate(data.encode())
+            loop = asyncio.get_running_loop()
+            done = await loop.run_in_executor(self.lab.executor, _run_bash, proc.command, data)
+            code, out, err = done
             text = out.decode(errors="replace")
             if self.exec_delay is not None:
                 # A hung NFS mount: part of the answer, then nothing until the client gives up.
@@ -106,7 +109,7 @@ class LabKvmHost:
                 await asyncio.sleep(self.exec_delay)
             proc.stdout.write(text)
             proc.stderr.write(err.decode(errors="replace"))
-            proc.exit(p.returncode or 0)
+            proc.exit(code)
         except (asyncssh.Error, BrokenPipeError, ConnectionError):
             pass
         finally:
@@ -266,6 +269,7 @@ class KvmLab:
         self.known_hosts_file = self.root / "known_hosts"
         self.hosts: dict[str, LabKvmHost] = {}
         self._next_ip = 11
+        self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lab-exec")
 
     def add_host(self, cluster: Cluster, name: str) -> LabKvmHost:
         """A CloudStack host plus its lab machine (address 127.0.2.N)."""
@@ -331,6 +335,7 @@ class KvmLab:
                     await h._writer
                 h._writer = None
             await h.stop_ssh()
+        self.executor.shutdown(wait=True, cancel_futures=True)
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 

@@ -218,3 +218,49 @@ async def test_missing_known_hosts_refuses_to_probe(world):
     )
     await probe.close()
     assert out.evidence is Evidence.UNKNOWN and "known_hosts is not set" in out.reason
+
+
+@pytest.mark.parametrize("shell", ["bash", "dash"])
+def test_remote_script_gives_the_same_reading_under_bash_and_dash(world, shell):
+    import subprocess
+
+    from probes.nfs_ssh import build_command, parse_output
+
+    suspect = time.time() - 100
+    world.age_everything(suspect - 500)
+    world.disks()[0].unlink()
+    target = ProbeTarget(
+        world.suspect.uuid,
+        "kvm01",
+        world.suspect.ip,
+        suspect,
+        (
+            PoolTarget(
+                world.pool.uuid,
+                str(world.lab.mount_root / world.pool.uuid),
+                str(world.heartbeat()),
+                (*tuple(str(d) for d in world.disks(world.suspect)), "/nope/x"),
+            ),
+        ),
+    )
+    command, stdin = build_command(target)
+    out = subprocess.run([shell, "-c", command], input=stdin, capture_output=True, text=True).stdout
+    reading = parse_output(target, out, 0.0)
+    assert reading.complete and abs(reading.now - time.time()) < 5
+    assert reading.heartbeat_values[str(world.heartbeat())] == str(int(suspect - 500))
+    assert len(reading.mtimes) == 4 and "/nope/x" not in reading.mtimes  # 3 disks + heartbeat
+    assert set(reading.mounted.values()) == {True}
+
+
+async def test_host_without_files_still_gets_an_answer(world, nfs):
+    kvm02 = world.lab.by_name("kvm02")
+    target = ProbeTarget(
+        "h",
+        "kvm09",
+        "10.0.0.99",
+        time.time(),
+        (PoolTarget(world.pool.uuid, str(world.lab.mount_root / world.pool.uuid), None, ()),),
+        (Neighbour(kvm02.uuid, "kvm02", kvm02.ip),),
+    )
+    out = await nfs.check(target)
+    assert out.evidence is Evidence.UNKNOWN and out.reason.startswith("no files")
