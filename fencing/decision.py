@@ -35,7 +35,8 @@ How a host is judged (numbers from `fencing.policy.Policy`):
 - `HostCameBack` or `MaintenanceStarted` ends an open episode: `ClearSuspect` for the gate and
   `Notify(HOST_RECOVERED)` with `ended_by`. Maintenance ignores disconnections until it ends.
 - Results for an older episode, for an ended episode, or repeating what the record already
-  knows are *late*: ignored, not illegal (Kafka redelivers; hosts come back mid-probe).
+  knows are *late*: ignored, not illegal (Kafka redelivers; hosts come back mid-probe). So is a
+  disconnection reported with a time before the host was last seen back Up.
 - Notices about verdicts and outcomes come from the gate's decision and the actuator's outcome
   records (one per decision id); the core only notifies what only it knows: CANNOT_VERIFY and
   HOST_RECOVERED.
@@ -282,7 +283,15 @@ def classify(record: HostRecord, event: HostEvent, policy: Policy) -> Trigger:
     """What `event` means for `record`; raises for references to things that never existed."""
     signal = _SIGNALS.get(type(event))
     if signal is not None:
-        return signal
+        # A report of a disconnection from before the host was last seen back (a delayed poll,
+        # an alert redelivered after recovery) must not reopen the ended episode.
+        reported_before_return = (
+            signal is T.DISCONNECTED
+            and record.state is S.IDLE
+            and record.since is not None
+            and event.at < record.since
+        )
+        return T.LATE if reported_before_return else signal
     assert isinstance(event, ProbeFinished | FenceApproved | FenceWithheld | FenceFinished)
     if not 1 <= event.episode <= record.episode:
         raise UnknownEpisode(

@@ -204,6 +204,25 @@ def test_next_disconnection_opens_a_new_episode_with_fresh_counts() -> None:
     run(IDLE, rows)
 
 
+def test_a_disconnection_older_than_the_return_never_reopens_the_episode() -> None:
+    proposed, rows = to_proposal()
+    back = replace(proposed, state=HostState.IDLE, since=T0 + 500)
+    recovered = Notify(
+        NoticeKind.HOST_RECOVERED, 1, (("ended_by", "up"), ("state", "fence_proposed"))
+    )
+    t1 = T0 + 501
+    second = HostRecord("h1", state=HostState.SUSPECT, since=t1, episode=2, suspect_since=t1)
+    rows += [
+        (HostCameBack(at=T0 + 500), back, (ClearSuspect(1, T0 + 500), recovered)),
+        # a delayed poll (or the alert redelivered) from before the host came back: late
+        (HostDisconnected(at=T0 + 10), back, ()),
+        (HostDisconnected(at=T0 + 499.9), back, ()),
+        # a disconnection after the return opens episode 2
+        (HostDisconnected(at=t1), second, (MarkSuspect(2, t1),)),
+    ]
+    run(IDLE, rows)
+
+
 def test_alive_resets_the_stale_run_and_fresh_writes_beat_a_stale_report() -> None:
     r1 = requested(SUSPECT, T0 + 60)
     s1 = judged_stale(r1, T0 + 61, 1)
