@@ -27,8 +27,13 @@ debs:
 demo: $(STAMP)
 	$(BIN)/fencer demo $(ARGS)
 
+# The decision core must stay typed (mypy strict) and fully branch-covered.
+CORE := fencing/decision.py fencing/gate.py fencing/events.py fencing/policy.py fencing/diagram.py
+
 test: $(STAMP) debs
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/mypy $(CORE)
+	$(BIN)/python -m pytest --cov=fencing.decision --cov=fencing.gate --cov-branch \
+	  --cov-report=term --cov-fail-under=100 $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
