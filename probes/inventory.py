@@ -131,7 +131,7 @@ class Inventory:
         self._storage: OrderedDict[tuple[str, int], HostStorage] = OrderedDict()
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
 
-    def _client(self) -> AIOCloudStack:
+    async def _client(self) -> AIOCloudStack:
         if self._api is None:
             cs = self._settings.cloudstack
             self._api = AIOCloudStack(
@@ -141,8 +141,7 @@ class Inventory:
                 timeout=max(1, math.ceil(cs.timeout)),
                 dangerous_no_tls_verify=not cs.verify_tls,
             )
-            self._api.session = self._api._new_session()
-            self._api._owns_session = True
+            await self._api.__aenter__()  # one shared aiohttp session until close()
         return self._api
 
     async def close(self) -> None:
@@ -156,7 +155,7 @@ class Inventory:
         timeout = self._settings.cloudstack.timeout * 3
         try:
             async with asyncio.timeout(timeout):
-                result = await getattr(self._client(), command)(fetch_list=True, **params)
+                result = await getattr(await self._client(), command)(fetch_list=True, **params)
         except CloudStackApiException as exc:
             err = exc.error if isinstance(exc.error, dict) else {}
             text = err.get("errortext") or "error"
