@@ -564,9 +564,13 @@ class Runtime:
             previous = self._polled.get(uuid)
             self._polled[uuid] = (cluster, h.get("ipaddress", ""))
             key = f"{state}/{rstate}"
-            if previous is not None and self._last_state.get(uuid) == key:
-                continue
+            # Non-Up hosts are reported on every poll (the core ignores repeats, and a host whose
+            # maintenance ended while it is still down must open a new episode); Up hosts and
+            # maintenance only when they change.
+            changed = previous is None or self._last_state.get(uuid) != key
             self._last_state[uuid] = key
+            if not changed and (state not in DOWN_STATES or rstate in MAINTENANCE_STATES):
+                continue
             ref = HostRef(
                 host_uuid=uuid,
                 host_name=h.get("name"),
@@ -636,11 +640,43 @@ class Runtime:
         done = dict(table.get(key) or {})
         if decision.decision_id in done:
             return FenceOutcome.model_validate(done[decision.decision_id])
-        outcome: FenceOutcome | None = await self._actuator.handle(decision)
+        outcome: FenceOutcome | None = await self._recheck(decision)
+        if outcome is None:
+            outcome = await self._actuator.handle(decision)
         if outcome is not None:
             done[decision.decision_id] = outcome.model_dump(mode="json")
             table[key] = done
         return outcome
+
+    async def _recheck(self, decision: FenceDecision) -> FenceOutcome | None:
+        """A failed outcome if CloudStack sees the host Up again: a live host is never fenced.
+
+        The decision may have waited in the topic; the host can have come back meanwhile. If
+        CloudStack cannot be asked, the decision stands (the evidence was already gathered)."""
+        if not decision.action.powers_down:
+            return None
+        try:
+            host = await self.inventory().host(decision.host.host_uuid)
+        except Exception as exc:
+            log.warning("cannot re-check host %s before fencing: %s", decision.host.host_uuid, exc)
+            return None
+        if host.state != "Up":
+            return None
+        now = time.time()
+        log.warning(
+            "host %s is Up again: decision %s not carried out", host.name, decision.decision_id
+        )
+        return FenceOutcome(
+            decision_id=decision.decision_id,
+            host=decision.host,
+            episode=decision.episode,
+            action=decision.action,
+            driver="none",
+            success=False,
+            started_at=now,
+            finished_at=now,
+            error="the host is Up again in CloudStack: not fenced",
+        )
 
     async def notify(
         self,
