@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import BaseModel, SecretStr
 
 from fencing.settings import FencerSettings
+from streams.broker import die_with_parent
 from streams.kafka import aiokafka_kwargs, prepare_kafka
 
 
@@ -59,7 +60,8 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         """Start it (returns at once; the worker needs a few seconds to join its group)."""
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        parent = os.getpid()
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -76,6 +78,8 @@ class WorkerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # A worker never outlives the demo or test that started it, however that ends.
+            preexec_fn=lambda: die_with_parent(parent),
         )
         return self
 

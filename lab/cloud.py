@@ -1,0 +1,398 @@
+"""The whole simulated cloud a scenario runs against, started and stopped as one.
+
+Rule: only CloudStack is simulated; everything fencer touches is a real peer on loopback. The
+management server is `CloudStackSimulator` (real HTTP API, signatures checked) over a `SimCloud`
+whose event-bus records are produced to Kafka's `cloudstack` topic exactly as CloudStack's
+KafkaEventBus would (key = resource uuid or none, value = the description JSON); the hypervisors
+are `KvmLab` hosts (real SSH, real files whose mtimes move while the host lives); each host has
+its own pyghmi BMC whose power-off really stops the host; mail and traps land in in-process
+receivers. Every `LabCloud` uses its own topic prefix and consumer group, so several clouds can
+share one broker without seeing each other's records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from pydantic import SecretStr
+
+from fencing.events import FenceAction
+from fencing.settings import (
+    ActuatorSettings,
+    CloudStackSettings,
+    Driver,
+    EmailSettings,
+    FencerSettings,
+    HostSettings,
+    IpmiOverrides,
+    IpmiSettings,
+    PolicySettings,
+    SnmpReceiver,
+    SnmpSettings,
+    SshSettings,
+    TopicNames,
+)
+from lab.bmc import BmcSimulator
+from lab.cloudstack_sim import CloudStackSimulator, SimCloud, StoragePool
+from lab.kvm_hosts import KvmLab, LabKvmHost
+from lab.receivers import MailReceiver, TrapReceiver
+from streams.broker import EmbeddedBroker
+from streams.kafka import aiokafka_kwargs, ensure_topics, prepare_kafka
+
+log = logging.getLogger("fencer.lab")
+
+BMC_USER = "admin"
+
+
+class LabCloud:
+    """A zone, one KVM cluster of `hosts` lab hosts with BMCs, NFS pools, VMs, receivers.
+
+    `async with LabCloud(broker) as lab:` then `lab.settings(...)` for the workers and the fault
+    helpers (`agent_dies`, `crash`, `storage_outage`, `neighbours_unreachable`, `recovers`).
+    """
+
+    def __init__(
+        self,
+        broker: EmbeddedBroker | None = None,
+        *,
+        hosts: int = 10,
+        vms_per_host: int = 2,
+        hosts_without_vms: tuple[str, ...] = (),
+        pools: int = 1,
+        interval: float = 1.0,
+        root: Path | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.broker = broker
+        self._own_broker = broker is None
+        self.host_count = hosts
+        self.vms_per_host = vms_per_host
+        self.hosts_without_vms = set(hosts_without_vms)
+        self.pool_count = pools
+        self.interval = interval
+        self._own_root = root is None
+        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="fencer-labcloud-"))
+        self.name = name or uuid.uuid4().hex[:8]
+        self.topics = TopicNames(
+            **{f: f"lab{self.name}.{n}" for f, n in TopicNames().model_dump().items()}
+        )
+        self.cloud = SimCloud(on_event=self._on_event)
+        self.zone = self.cloud.add_zone("zone1")
+        self.cluster = self.cloud.add_cluster(self.zone, "cluster1")
+        self.pools: list[StoragePool] = []
+        self.kvm = KvmLab(self.cloud, self.root / "kvm", interval=interval)
+        self.sim: CloudStackSimulator | None = None
+        self.bmcs: dict[str, BmcSimulator] = {}  # host name -> BMC
+        self.bmc_passwords: dict[str, str] = {}
+        self.power_offs: list[tuple[float, str]] = []  # (time, host name) seen on a BMC
+        self.mail = MailReceiver()
+        self.traps = TrapReceiver()
+        self.forwarded: list[tuple[float, str | None, str]] = []
+        self.home: dict[str, str] = {}  # vm uuid -> the host name it first ran on
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[tuple[str | None, str]] = asyncio.Queue()
+        self._producer: AIOKafkaProducer | None = None
+        self._forwarder: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._base: FencerSettings | None = None
+        self._build()
+
+    # -- building -------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        for i in range(1, self.pool_count + 1):
+            self.pools.append(
+                self.cloud.add_pool(self.cluster, f"nfs{i}", "10.0.0.5", path=f"/export/pri{i}")
+            )
+        for i in range(1, self.host_count + 1):
+            h = self.kvm.add_host(self.cluster, f"kvm{i:02d}")
+            if h.name in self.hosts_without_vms:
+                continue
+            for j in range(1, self.vms_per_host + 1):
+                vm = self.cloud.add_vm(h.cloud_host, f"vm-{h.name}-{j}")
+                self.home[vm.uuid] = h.name
+                self.cloud.add_volume(vm, self.pools[(i + j) % len(self.pools)])
+
+    def host(self, name: str) -> LabKvmHost:
+        """A lab host by name (kvm01, kvm02, ...)."""
+        return self.kvm.by_name(name)
+
+    def names(self) -> list[str]:
+        """Every host name, in order."""
+        return sorted(h.name for h in self.kvm.hosts.values())
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> LabCloud:
+        """Start the broker (unless given), the API, hosts, BMCs, receivers and the forwarder."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            if self.broker is None:
+                self.broker = await EmbeddedBroker(create_topics=False).astart()
+            self.sim = await CloudStackSimulator(self.cloud).start()
+            await self.kvm.start()
+            await asyncio.gather(*(asyncio.to_thread(self._start_bmc, n) for n in self.names()))
+            self.mail.start()
+            await self.traps.start()
+            self._base = self._base_settings()
+            await ensure_topics(self._base)
+            self._producer = AIOKafkaProducer(**aiokafka_kwargs(self._base))
+            await self._producer.start()
+            self._forwarder = asyncio.create_task(self._forward())
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    def _start_bmc(self, name: str) -> None:
+        password = uuid.uuid4().hex
+        bmc = BmcSimulator(
+            BMC_USER,
+            password,
+            on_power_change=lambda state, cause: self._power_changed(name, state),
+        )
+        bmc.start()
+        self.bmcs[name] = bmc
+        self.bmc_passwords[name] = password
+
+    async def stop(self) -> None:
+        """Stop everything this cloud started; safe to call twice."""
+        if self._forwarder is not None:
+            # Let queued events reach the topic first (a scenario may end right after a fault).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queue.join(), 2)
+            self._forwarder.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._forwarder
+            self._forwarder = None
+        for t in list(self._tasks):
+            t.cancel()
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+            self._producer = None
+        bmcs, self.bmcs = list(self.bmcs.values()), {}
+        await asyncio.gather(*(asyncio.to_thread(b.stop) for b in bmcs), return_exceptions=True)
+        self.traps.stop()
+        self.mail.stop()
+        with contextlib.suppress(Exception):
+            await self.kvm.stop()
+        if self.sim is not None:
+            await self.sim.stop()
+            self.sim = None
+        if self._own_broker and self.broker is not None:
+            await self.broker.astop()
+            self.broker = None
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    async def __aenter__(self) -> LabCloud:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- the event bus forwarder ------------------------------------------------------------------
+
+    def _on_event(self, key: str | None, value: str) -> None:
+        # SimCloud calls this from the loop (API jobs, faults) or a BMC listener thread.
+        loop = self._loop
+        if loop is None:
+            return
+        if _in_loop(loop):
+            self._queue.put_nowait((key, value))
+        else:
+            loop.call_soon_threadsafe(self._queue.put_nowait, (key, value))
+
+    async def _forward(self) -> None:
+        assert self._producer is not None
+        while True:
+            key, value = await self._queue.get()
+            try:
+                await self._producer.send_and_wait(
+                    self.topics.cloudstack,
+                    key=key.encode() if key else None,
+                    value=value.encode(),
+                )
+                self.forwarded.append((time.time(), key, value))
+            except Exception as exc:  # a lost event is a lab failure: say so, keep going
+                log.warning("lab: cannot forward a CloudStack event: %s", exc)
+            finally:
+                self._queue.task_done()
+
+    async def flush(self) -> None:
+        """Wait until every event published so far is on the `cloudstack` topic."""
+        await asyncio.wait_for(self._queue.join(), 10)
+
+    # -- BMC power -> the host ------------------------------------------------------------------
+
+    def _power_changed(self, name: str, state: str) -> None:
+        # The BMC's listener thread: hand over to the loop, where the lab's state lives.
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._spawn, self._apply_power(name, state))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _apply_power(self, name: str, state: str) -> None:
+        h = self.host(name)
+        if state == "off":
+            self.power_offs.append((time.time(), name))
+            await h.power_off()
+            if self.cloud.hosts[h.uuid].state == "Up":
+                # The agent's connection drops with the power.
+                self.cloud.set_host_state(h.uuid, "Disconnected")
+        else:
+            await h.power_on(reconnect=True)
+
+    # -- settings -------------------------------------------------------------------------------
+
+    def _base_settings(self) -> FencerSettings:
+        assert self.broker is not None and self.sim is not None
+        kafka = self.broker.kafka_settings().model_copy(
+            update={"topics": self.topics, "group_id": f"fencer-lab-{self.name}"}
+        )
+        data_dir = self.root / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        hosts = {
+            h.uuid: HostSettings(
+                name=h.name,
+                ipmi=IpmiOverrides(
+                    address=self.bmcs[h.name].address,
+                    port=self.bmcs[h.name].port,
+                    password=SecretStr(self.bmc_passwords[h.name]),
+                ),
+            )
+            for h in self.kvm.hosts.values()
+        }
+        settings = self.broker.fencer_settings(
+            kafka=kafka,
+            data_dir=data_dir,
+            defaults=IpmiSettings(action=FenceAction.STOP, driver=Driver.IPMI, username=BMC_USER),
+            hosts=hosts,
+            cloudstack=CloudStackSettings(
+                endpoint=self.sim.url,
+                api_key=SecretStr(self.sim.api_key),
+                secret_key=SecretStr(self.sim.secret_key),
+                poll_interval=1.0,
+                timeout=5.0,
+                job_timeout=30.0,
+            ),
+            ssh=SshSettings(**self.kvm.ssh_settings()),  # type: ignore[arg-type]
+            email=EmailSettings(
+                enabled=True,
+                host="127.0.0.1",
+                port=self.mail.port,
+                sender="fencer@lab.example",
+                to=["ops@lab.example"],
+                timeout=5.0,
+            ),
+            snmp=SnmpSettings(
+                enabled=True,
+                receivers=[SnmpReceiver(host="127.0.0.1", port=self.traps.port, version="v2c")],
+            ),
+            actuator=ActuatorSettings(
+                power_timeout=5.0, poll_interval=0.5, retries=1, retry_backoff=0.5
+            ),
+            log_level="INFO",
+        )
+        prepare_kafka(settings)
+        return settings
+
+    def settings(self, **policy: Any) -> FencerSettings:
+        """The workers' settings; `policy` overrides the lab policy (e.g. fence_cap=3)."""
+        assert self._base is not None, "start the LabCloud first"
+        values: dict[str, Any] = {
+            "check_interval": max(1.0, 2 * self.interval),
+            "extra_checks": 2,
+            "startup_quiet": 0.0,
+            "heartbeat_max_age": 3 * self.interval,
+            "probe_timeout": 20.0,
+            "unknown_alert_after": 3,
+        }
+        values.update(policy)
+        return self._base.model_copy(update={"policy": PolicySettings(**values)})
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def agent_dies(self, name: str) -> None:
+        """CloudStack sees the host Disconnected; the host keeps running and writing."""
+        self.host(name).agent_dies("Disconnected")
+
+    async def crash(self, name: str) -> None:
+        """The host dies: writes stop, SSH is gone, CloudStack sees it Disconnected.
+
+        It stays Disconnected (not Down): CloudStack's declareHostAsDegraded accepts only
+        Disconnected or Alert hosts, and a KVM host without host-HA stays there.
+        """
+        await self.host(name).crash("Disconnected")
+
+    def storage_outage(self) -> None:
+        """Every pool's mount point vanishes for every host."""
+        self.kvm.storage_outage()
+
+    def storage_restored(self) -> None:
+        """The pools come back."""
+        self.kvm.storage_restored()
+
+    async def neighbours_unreachable(self, *suspects: str) -> None:
+        """Every host except `suspects` refuses SSH (CloudStack still sees them Up)."""
+        for h in self.kvm.hosts.values():
+            if h.name not in suspects:
+                await h.ssh_unreachable("refuse")
+
+    async def recovers(self, name: str) -> None:
+        """The host is back: powered, writing, SSH up, agent Up."""
+        await self.host(name).recover()
+
+    def bmc_unreachable(self, name: str) -> None:
+        """The host's BMC drops every packet."""
+        self.bmcs[name].pause()
+
+    # -- what happened --------------------------------------------------------------------------
+
+    def vms_of(self, name: str) -> list[str]:
+        """VM uuids that first ran on host `name`."""
+        return [vm for vm, home in self.home.items() if home == name]
+
+    def restarted_elsewhere(self, name: str) -> list[str]:
+        """VMs of host `name` now Running on another host."""
+        h = self.host(name)
+        return [
+            u
+            for u in self.vms_of(name)
+            if self.cloud.vms[u].state == "Running" and self.cloud.vms[u].host_uuid != h.uuid
+        ]
+
+    def degraded_calls(self, name: str) -> list[dict[str, str]]:
+        """declareHostAsDegraded calls the API received for host `name`."""
+        uuid_ = self.host(name).uuid
+        return [
+            p
+            for c, p in self.cloud.calls
+            if c.lower() == "declarehostasdegraded" and p.get("id") == uuid_
+        ]
+
+    def bmc_power_offs(self, name: str) -> int:
+        """Power-off commands the host's BMC received."""
+        return self.bmcs[name].count("power_off")
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

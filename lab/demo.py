@@ -1,0 +1,803 @@
+"""`fencer demo`: the lab cloud, real `fencer worker` processes, and scenarios that show every
+decision with the evidence behind it.
+
+Rule: a scenario only injects faults into the lab and watches; every verdict comes from the
+real workers through the real topics, and a scenario passes only on what the peers saw (the BMC's
+power-offs, CloudStack's API calls and VM states, the mails and traps received). Each scenario
+gets a fresh `LabCloud` (own topics, own consumer group) on one shared embedded broker. The
+scenarios are also the end-to-end tests (tests/e2e).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lab.cloud import LabCloud
+from lab.pipeline import Tap, WorkerProcess, write_settings
+from streams.broker import BrokerError, EmbeddedBroker
+
+Printer = Callable[[dict[str, Any]], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# One scenario's run: the cloud, the workers, the tap and the timeline
+
+
+class Run:
+    """A scenario being played: its lab cloud, workers, topic tap and timeline."""
+
+    def __init__(
+        self, name: str, lab: LabCloud, workdir: Path, fast: bool, printer: Printer | None
+    ) -> None:
+        self.name = name
+        self.lab = lab
+        self.workdir = workdir
+        self.fast = fast
+        self.printer = printer
+        self.t0 = time.time()
+        self.timeline: list[dict[str, Any]] = []
+        self.workers: list[WorkerProcess] = []
+        self.settings: Any = None
+        self.file: Path | None = None
+        self.tap: Tap | None = None
+        self.marks: dict[str, float] = {}
+        self._seen_mails = 0
+        self._seen_traps = 0
+        self._watch: asyncio.Task[None] | None = None
+        self._suspects: set[str] = set()
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    async def start(self, **policy: Any) -> Run:
+        """Write the settings, start the tap and one all-roles worker, wait until it polls."""
+        self.settings = self.lab.settings(**policy)
+        self.file = write_settings(self.settings, self.workdir / f"{self.name}.yaml")
+        t = self.settings.kafka.topics
+        self.tap = Tap(self.settings)
+        self.tap.on_record = self._on_record
+        await self.tap.start(
+            [
+                t.host_signals,
+                t.probe_results,
+                t.fence_proposals,
+                t.fence_decisions,
+                t.fence_outcomes,
+                t.notices,
+            ]
+        )
+        self._watch = asyncio.create_task(self._watch_receivers())
+        p = self.settings.policy
+        self.event(
+            "lab",
+            None,
+            f"cloud up: {len(self.lab.names())} KVM hosts in one cluster, "
+            f"{len(self.lab.cloud.vms)} VMs on NFS; check every {p.check_interval:g} s, "
+            f"fence after {1 + p.extra_checks} stale checks, cap {p.fence_cap} per cluster",
+        )
+        await self.start_worker()
+        return self
+
+    async def start_worker(self) -> WorkerProcess:
+        """Start one more `fencer worker` (all roles) and wait until it polls CloudStack."""
+        assert self.file is not None and self.tap is not None
+        seen = len(self.sizes())
+        w = WorkerProcess(
+            self.file, "all", self.workdir / f"{self.name}-worker{len(self.workers)}.log"
+        ).start()
+        self.workers.append(w)
+        await self.tap.wait_for(lambda: len(self.sizes()) > seen, 90, "the worker to start")
+        self.event("worker", None, f"fencer worker pid {w.pid} running (all roles)")
+        return w
+
+    def kill_worker(self) -> None:
+        """SIGKILL the newest worker (a crash, no clean shutdown)."""
+        w = self.workers[-1]
+        w.kill()
+        self.event("worker", None, f"fencer worker pid {w.pid} killed (SIGKILL)")
+
+    async def stop(self) -> None:
+        """Stop the workers, the tap and the receiver watcher."""
+        await asyncio.gather(*(asyncio.to_thread(w.stop, 10) for w in self.workers))
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        self._poll_receivers()
+        if self.tap is not None:
+            await self.tap.stop()
+
+    # -- timeline -------------------------------------------------------------------------------
+
+    def event(self, kind: str, host: str | None, text: str, **data: Any) -> None:
+        """Add one line to the timeline (and print it)."""
+        e = {
+            "scenario": self.name,
+            "t": round(time.time() - self.t0, 2),
+            "kind": kind,
+            "host": host,
+            "text": text,
+        }
+        if data:
+            e["data"] = data
+        self.timeline.append(e)
+        if self.printer is not None:
+            self.printer(e)
+
+    def fault(self, text: str, host: str | None = None) -> None:
+        """Record a fault the scenario injects."""
+        self.marks[f"fault:{host}"] = time.time()
+        self.event("fault", host, text)
+
+    def _name(self, value: dict[str, Any]) -> str:
+        h = value.get("host") or {}
+        return str(h.get("host_name") or h.get("host_uuid") or "?")
+
+    def _age(self, at: float | None, ref: float) -> str:
+        return "never" if at is None else f"{ref - at:.1f} s before"
+
+    async def _on_record(self, topic: str, key: str | None, v: dict[str, Any]) -> None:
+        t = self.settings.kafka.topics
+        if topic == t.host_signals:
+            kind, name = v.get("kind"), self._name(v)
+            if kind == "disconnected":
+                if name not in self._suspects:
+                    self._suspects.add(name)
+                    self.event(
+                        "signal",
+                        name,
+                        f"CloudStack reports {name} {v.get('status')} (from {v.get('source')})",
+                    )
+            elif kind == "up" and name in self._suspects:
+                self._suspects.discard(name)
+                self.event("signal", name, f"CloudStack reports {name} Up again")
+        elif topic == t.probe_results:
+            name = self._name(v)
+            ev = v.get("evidence")
+            fin = float(v.get("finished_at") or time.time())
+            detail = (
+                f"newest disk write {self._age(v.get('newest_write'), fin)}, heartbeat "
+                f"{self._age(v.get('heartbeat'), fin)}, {v.get('files_checked', 0)} files"
+            )
+            if v.get("reason"):
+                detail += f"; {v['reason']}"
+            self.event(
+                "probe",
+                name,
+                f"check {v.get('check')} of {name} via {v.get('neighbour') or 'no neighbour'}: "
+                f"{str(ev).upper()} ({detail})",
+                evidence=ev,
+                check=v.get("check"),
+                newest_write=v.get("newest_write"),
+                heartbeat=v.get("heartbeat"),
+                neighbour=v.get("neighbour"),
+                reason=v.get("reason"),
+            )
+        elif topic == t.fence_decisions:
+            name = self._name(v)
+            ev = v.get("evidence") or {}
+            if v.get("approved"):
+                self.event(
+                    "decision",
+                    name,
+                    f"FENCE {name}: {v.get('action')} approved after {ev.get('stale_checks')} "
+                    f"stale checks (budget {v.get('budget_used')}/{v.get('budget_cap')})",
+                    approved=True,
+                    decision_id=v.get("decision_id"),
+                )
+            else:
+                self.event(
+                    "decision",
+                    name,
+                    f"fence of {name} WITHHELD: {v.get('withheld_reason')} "
+                    f"(budget {v.get('budget_used')}/{v.get('budget_cap')})",
+                    approved=False,
+                    reason=v.get("withheld_reason"),
+                )
+        elif topic == t.fence_outcomes:
+            name = self._name(v)
+            if v.get("success"):
+                text = (
+                    f"{name} powered {v.get('power_after')} through its BMC ({v.get('driver')}, "
+                    f"verified {v.get('verified')}); CloudStack {v.get('cloudstack_call')}: "
+                    f"{v.get('cloudstack_result')}"
+                )
+            else:
+                text = f"fencing {name} FAILED: {v.get('error')}"
+            self.event(
+                "outcome",
+                name,
+                text,
+                success=v.get("success"),
+                verified=v.get("verified"),
+                error=v.get("error"),
+            )
+        elif topic == t.notices:
+            name = self._name(v)
+            self.event(
+                "notice",
+                name,
+                f"notice {v.get('kind')} for {name}"
+                + (f": {v['reason']}" if v.get("reason") else ""),
+                notice=v.get("kind"),
+            )
+
+    def _poll_receivers(self) -> None:
+        mails, traps = self.lab.mail.mails, self.lab.traps.traps
+        for m in mails[self._seen_mails :]:
+            self.event("mail", None, f"mail to {', '.join(m.to)}: {m.subject}")
+        self._seen_mails = len(mails)
+        for tr in traps[self._seen_traps :]:
+            host = tr.varbinds.get("fencerHostName")
+            self.event(
+                "trap",
+                host,
+                f"SNMP trap {tr.kind} for {host} ({tr.varbinds.get('fencerResult') or ''})",
+            )
+        self._seen_traps = len(traps)
+
+    async def _watch_receivers(self) -> None:
+        while True:
+            self._poll_receivers()
+            await asyncio.sleep(0.2)
+
+    # -- what the topics and peers say ----------------------------------------------------------
+
+    def _of(self, topic: str) -> list[dict[str, Any]]:
+        assert self.tap is not None
+        return [v for _k, v in self.tap.of(topic)]
+
+    def sizes(self) -> list[dict[str, Any]]:
+        """cluster_size records (the poller is alive)."""
+        return [
+            v
+            for v in self._of(self.settings.kafka.topics.fence_proposals)
+            if v.get("kind") == "cluster_size"
+        ]
+
+    def uuid(self, name: str) -> str:
+        return self.lab.host(name).uuid
+
+    def results(self, name: str | None = None, evidence: str | None = None) -> list[dict[str, Any]]:
+        """Probe results (for one host, of one evidence)."""
+        return [
+            v
+            for v in self._of(self.settings.kafka.topics.probe_results)
+            if (name is None or v["host"]["host_uuid"] == self.uuid(name))
+            and (evidence is None or v.get("evidence") == evidence)
+        ]
+
+    def decisions(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Fence decisions (for one host)."""
+        return [
+            v
+            for v in self._of(self.settings.kafka.topics.fence_decisions)
+            if name is None or v["host"]["host_uuid"] == self.uuid(name)
+        ]
+
+    def outcomes(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Fence outcomes (for one host)."""
+        return [
+            v
+            for v in self._of(self.settings.kafka.topics.fence_outcomes)
+            if name is None or v["host"]["host_uuid"] == self.uuid(name)
+        ]
+
+    def notices(self, kind: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+        """Notices (of one kind, for one host)."""
+        return [
+            v
+            for v in self._of(self.settings.kafka.topics.notices)
+            if (kind is None or v.get("kind") == kind)
+            and (name is None or v["host"]["host_uuid"] == self.uuid(name))
+        ]
+
+    def fenced(self) -> list[dict[str, Any]]:
+        """Outcomes of fences carried out and verified."""
+        return [o for o in self.outcomes() if o.get("success") and o.get("verified")]
+
+    def withheld(self) -> list[dict[str, Any]]:
+        """Decisions the gate withheld."""
+        return [d for d in self.decisions() if not d.get("approved")]
+
+    async def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+        """Wait for a condition on the topics or the peers."""
+        assert self.tap is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            self._poll_receivers()
+            got = predicate()
+            if got:
+                return got
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+            with contextlib.suppress(TimeoutError):
+                await self.tap.wait_for(predicate, min(0.5, deadline - time.monotonic()), what)
+
+    async def checks(self, name: str, n: int, evidence: str | None = None) -> None:
+        """Wait until `n` checks of host `name` finished (with that evidence)."""
+        ci = self.settings.policy.check_interval
+        await self.wait(
+            lambda: len(self.results(name, evidence)) >= n,
+            ci * (n + 3) + 20,
+            f"{n} {evidence or ''} checks of {name}",
+        )
+
+    @property
+    def fence_deadline(self) -> float:
+        """check_interval x (extra_checks + 2) plus a few seconds: the fence must be done by."""
+        p = self.settings.policy
+        return p.check_interval * (p.extra_checks + 2) + 8.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A stable name, what it must show, how to play it and how to judge it."""
+
+    name: str
+    expected: str
+    play: Callable[[Run], Awaitable[None]]
+    judge: Callable[[Run], list[str]]
+    lab: dict[str, Any] = field(default_factory=dict)
+    policy: dict[str, Any] = field(default_factory=dict)
+
+
+def _expect(failures: list[str], ok: bool, text: str) -> None:
+    if not ok:
+        failures.append(text)
+
+
+# -- agent-dies
+
+
+async def _agent_dies(run: Run) -> None:
+    run.fault("kvm02's CloudStack agent dies; the host and its VMs keep running", "kvm02")
+    run.lab.agent_dies("kvm02")
+    need = 2 + run.settings.policy.extra_checks
+    await run.checks("kvm02", need)
+
+
+def _judge_agent_dies(run: Run) -> list[str]:
+    f: list[str] = []
+    need = 2 + run.settings.policy.extra_checks
+    _expect(f, len(run.results("kvm02")) >= need, f"fewer than {need} checks of kvm02")
+    _expect(f, run.results("kvm02", "stale") == [], "a check of a live host said stale")
+    _expect(f, run.decisions() == [], "a fence was decided for a live host")
+    _expect(f, run.lab.bmc_power_offs("kvm02") == 0, "kvm02's BMC got a power-off")
+    _expect(f, run.lab.degraded_calls("kvm02") == [], "CloudStack was told kvm02 is degraded")
+    return f
+
+
+# -- host-crash
+
+
+async def _host_crash(run: Run) -> None:
+    run.fault("kvm03 crashes: its disks and heartbeat stop, SSH is gone, BMC still up", "kvm03")
+    await run.lab.crash("kvm03")
+    await run.wait(lambda: run.outcomes("kvm03"), run.fence_deadline + 10, "kvm03 fenced")
+    await run.wait(
+        lambda: run.lab.mail.mails and run.lab.traps.traps and run.lab.restarted_elsewhere("kvm03"),
+        15,
+        "a mail, a trap and the VMs restarted",
+    )
+    run.event(
+        "cloud",
+        "kvm03",
+        f"CloudStack restarted {len(run.lab.restarted_elsewhere('kvm03'))} VMs of kvm03 on "
+        + ", ".join(
+            sorted(
+                {
+                    run.lab.cloud.hosts[run.lab.cloud.vms[u].host_uuid or ""].name
+                    for u in run.lab.restarted_elsewhere("kvm03")
+                }
+            )
+        ),
+    )
+    await asyncio.sleep(run.settings.policy.check_interval * 2)  # nothing more may happen
+
+
+def _judge_host_crash(run: Run) -> list[str]:
+    f: list[str] = []
+    outs = run.outcomes("kvm03")
+    _expect(f, len(run.decisions("kvm03")) == 1, "not exactly one decision for kvm03")
+    _expect(f, len(outs) == 1 and bool(outs[0].get("success")), "kvm03 was not fenced once")
+    _expect(f, bool(outs) and bool(outs[0].get("verified")), "the power-off was not verified")
+    _expect(f, run.lab.bmc_power_offs("kvm03") == 1, "kvm03's BMC did not get exactly 1 power-off")
+    _expect(f, run.lab.bmcs["kvm03"].power == "off", "kvm03's BMC does not report power off")
+    _expect(f, len(run.lab.degraded_calls("kvm03")) == 1, "no single declareHostAsDegraded")
+    vms = run.lab.vms_of("kvm03")
+    _expect(f, sorted(run.lab.restarted_elsewhere("kvm03")) == sorted(vms), "VMs not restarted")
+    _expect(f, len(run.lab.mail.mails) >= 1, "no mail arrived")
+    _expect(f, len(run.lab.traps.traps) >= 1, "no trap arrived")
+    crashed = run.marks.get("fault:kvm03")
+    if outs and crashed:
+        took = outs[0]["finished_at"] - crashed
+        _expect(
+            f, took <= run.fence_deadline, f"fenced after {took:.1f} s (> {run.fence_deadline:g})"
+        )
+    _expect(f, len(run.fenced()) == 1, "some other host was fenced")
+    return f
+
+
+# -- storage-outage
+
+
+async def _storage_outage(run: Run) -> None:
+    run.fault("the cluster's NFS storage becomes unreadable for every host")
+    run.lab.storage_outage()
+    run.fault("kvm04 and kvm05 crash during the outage", "kvm04")
+    await run.lab.crash("kvm04")
+    await run.lab.crash("kvm05")
+    after = run.settings.policy.unknown_alert_after
+    await run.wait(
+        lambda: run.notices("cannot_verify") or run.notices("fence_withheld") or run.withheld(),
+        run.settings.policy.check_interval * (after + 3) + 20,
+        "a cannot-verify or storm-guard notice",
+    )
+    await run.checks("kvm04", 2 + run.settings.policy.extra_checks)
+
+
+def _judge_storage_outage(run: Run) -> list[str]:
+    f: list[str] = []
+    _expect(f, run.fenced() == [], "a host was fenced during a storage outage")
+    _expect(f, run.results(evidence="stale") == [], "an unreadable pool was taken as stale")
+    warned = run.notices("cannot_verify") or any(
+        d.get("withheld_reason") == "storm_guard" for d in run.withheld()
+    )
+    _expect(f, bool(warned), "no cannot-verify or storm-guard notice")
+    _expect(f, run.lab.bmc_power_offs("kvm04") + run.lab.bmc_power_offs("kvm05") == 0, "power-off")
+    _expect(f, len(run.lab.mail.mails) >= 1, "the operators got no mail")
+    return f
+
+
+# -- cap-reached
+
+CAP_HOSTS = ("kvm02", "kvm04", "kvm06", "kvm08")
+
+
+async def _cap_reached(run: Run) -> None:
+    run.fault(f"{', '.join(CAP_HOSTS)} crash together (fence cap 3 per cluster)")
+    for n in CAP_HOSTS:
+        await run.lab.crash(n)
+    await run.wait(
+        lambda: len(run.decisions()) >= 4 and len(run.outcomes()) >= 3,
+        run.fence_deadline + 30,
+        "four decisions and three outcomes",
+    )
+    await run.wait(lambda: run.notices("fence_withheld") or _withheld_mail(run), 15, "withheld")
+    await asyncio.sleep(run.settings.policy.check_interval * 2)
+
+
+def _withheld_mail(run: Run) -> bool:
+    return any("withheld" in m.subject.lower() for m in run.lab.mail.mails)
+
+
+def _judge_cap_reached(run: Run) -> list[str]:
+    f: list[str] = []
+    _expect(f, len(run.fenced()) == 3, f"{len(run.fenced())} hosts fenced, not 3")
+    w = run.withheld()
+    _expect(f, len(w) == 1, f"{len(w)} fences withheld, not 1")
+    _expect(f, all(d.get("withheld_reason") == "cap_reached" for d in w), "not withheld by cap")
+    offs = sum(run.lab.bmc_power_offs(n) for n in CAP_HOSTS)
+    _expect(f, offs == 3, f"{offs} power-offs on the BMCs, not 3")
+    kinds = {t.kind for t in run.lab.traps.traps}
+    _expect(f, "fence_withheld" in kinds, "no withheld trap")
+    _expect(f, _withheld_mail(run), "no withheld mail")
+    return f
+
+
+# -- neighbour-unreachable
+
+
+async def _neighbour_unreachable(run: Run) -> None:
+    run.fault("every other host refuses SSH, then kvm04 crashes", "kvm04")
+    await run.lab.neighbours_unreachable("kvm04")
+    await run.lab.crash("kvm04")
+    await run.wait(
+        lambda: run.notices("cannot_verify", "kvm04"),
+        run.settings.policy.check_interval * 8 + 20,
+        "a cannot-verify notice",
+    )
+
+
+def _judge_neighbour_unreachable(run: Run) -> list[str]:
+    f: list[str] = []
+    _expect(f, run.decisions() == [], "a fence was decided without evidence")
+    _expect(f, run.results(evidence="stale") == [], "a check without a neighbour said stale")
+    _expect(f, bool(run.notices("cannot_verify", "kvm04")), "no cannot-verify notice")
+    _expect(f, run.lab.bmc_power_offs("kvm04") == 0, "kvm04's BMC got a power-off")
+    return f
+
+
+# -- host-recovers
+
+
+async def _host_recovers(run: Run) -> None:
+    run.fault("kvm06 crashes", "kvm06")
+    await run.lab.crash("kvm06")
+    await run.checks("kvm06", 1, "stale")
+    run.fault("kvm06 comes back before the next check", "kvm06")
+    await run.lab.recovers("kvm06")
+    await run.wait(
+        lambda: run.notices("host_recovered", "kvm06"),
+        run.settings.policy.check_interval * 4 + 15,
+        "kvm06 to be seen back",
+    )
+    await asyncio.sleep(run.settings.policy.check_interval * (run.settings.policy.extra_checks + 2))
+
+
+def _judge_host_recovers(run: Run) -> list[str]:
+    f: list[str] = []
+    _expect(f, run.decisions() == [], "a host that came back was fenced")
+    _expect(f, bool(run.notices("host_recovered", "kvm06")), "no host-recovered notice")
+    _expect(f, run.lab.bmc_power_offs("kvm06") == 0, "kvm06's BMC got a power-off")
+    return f
+
+
+# -- worker-restart
+
+
+async def _worker_restart(run: Run) -> None:
+    run.fault("kvm05 crashes", "kvm05")
+    await run.lab.crash("kvm05")
+    await run.checks("kvm05", 2, "stale")
+    run.kill_worker()
+    await run.start_worker()
+    await run.wait(lambda: run.outcomes("kvm05"), run.fence_deadline + 40, "kvm05 fenced")
+    await asyncio.sleep(run.settings.policy.check_interval * 3)
+
+
+def _judge_worker_restart(run: Run) -> list[str]:
+    f: list[str] = []
+    n = len(run.fenced())
+    _expect(f, n == 1, f"{n} fences after the restart, not exactly 1")
+    offs = run.lab.bmc_power_offs("kvm05")
+    _expect(f, offs == 1, f"kvm05's BMC got {offs} power-offs, not 1")
+    _expect(f, len(run.lab.degraded_calls("kvm05")) == 1, "not one declareHostAsDegraded")
+    eps = {r["episode"] for r in run.results("kvm05")}
+    _expect(f, len(eps) == 1, f"the restart opened a new episode: {sorted(eps)}")
+    return f
+
+
+# -- bmc-unreachable
+
+
+async def _bmc_unreachable(run: Run) -> None:
+    run.fault("kvm07's BMC stops answering, then kvm07 crashes", "kvm07")
+    run.lab.bmc_unreachable("kvm07")
+    await run.lab.crash("kvm07")
+    await run.wait(lambda: run.outcomes("kvm07"), run.fence_deadline + 40, "the fence outcome")
+    await run.wait(lambda: run.lab.mail.mails and run.lab.traps.traps, 15, "mail and trap")
+    await asyncio.sleep(1.0)
+
+
+def _judge_bmc_unreachable(run: Run) -> list[str]:
+    f: list[str] = []
+    outs = run.outcomes("kvm07")
+    _expect(f, bool(outs) and not any(o.get("success") for o in outs), "the fence did not fail")
+    _expect(f, bool(outs) and all(o.get("error") for o in outs), "the failure gives no reason")
+    _expect(f, run.lab.degraded_calls("kvm07") == [], "CloudStack was told to restart the VMs")
+    _expect(f, run.lab.restarted_elsewhere("kvm07") == [], "VMs restarted without a fence")
+    kinds = {t.kind for t in run.lab.traps.traps}
+    _expect(f, "fence_failed" in kinds, "no fence-failed trap")
+    _expect(f, any("fail" in m.subject.lower() for m in run.lab.mail.mails), "no failure mail")
+    return f
+
+
+# -- no-vms
+
+
+async def _no_vms(run: Run) -> None:
+    run.fault("kvm08 (no VMs) crashes: only its heartbeat file stops", "kvm08")
+    await run.lab.crash("kvm08")
+    await run.wait(lambda: run.outcomes("kvm08"), run.fence_deadline + 10, "kvm08 fenced")
+
+
+def _judge_no_vms(run: Run) -> list[str]:
+    f: list[str] = []
+    stale = run.results("kvm08", "stale")
+    _expect(f, len(stale) >= 1 + run.settings.policy.extra_checks, "not enough stale checks")
+    _expect(f, all(r.get("heartbeat") is not None for r in stale), "stale without a heartbeat")
+    outs = run.outcomes("kvm08")
+    _expect(f, len(outs) == 1 and bool(outs[0].get("success")), "kvm08 was not fenced once")
+    _expect(f, run.lab.bmc_power_offs("kvm08") == 1, "kvm08's BMC did not get one power-off")
+    return f
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "agent-dies",
+            "the agent dies but the host keeps writing: checked, never fenced",
+            _agent_dies,
+            _judge_agent_dies,
+        ),
+        Scenario(
+            "host-crash",
+            "one verified power-off, declareHostAsDegraded, VMs restarted elsewhere, "
+            "a mail and a trap, in time",
+            _host_crash,
+            _judge_host_crash,
+        ),
+        Scenario(
+            "storage-outage",
+            "storage unreadable: nothing fenced, a cannot-verify (or storm-guard) notice",
+            _storage_outage,
+            _judge_storage_outage,
+        ),
+        Scenario(
+            "cap-reached",
+            "four hosts crash with a cap of 3: three fenced, the fourth withheld and notified",
+            _cap_reached,
+            _judge_cap_reached,
+            policy={"fence_cap": 3},
+        ),
+        Scenario(
+            "neighbour-unreachable",
+            "no neighbour can check: no fence, a cannot-verify notice",
+            _neighbour_unreachable,
+            _judge_neighbour_unreachable,
+        ),
+        Scenario(
+            "host-recovers",
+            "the host comes back between checks: no fence",
+            _host_recovers,
+            _judge_host_recovers,
+        ),
+        Scenario(
+            "worker-restart",
+            "the worker is killed mid-episode and restarted: exactly one fence",
+            _worker_restart,
+            _judge_worker_restart,
+        ),
+        Scenario(
+            "bmc-unreachable",
+            "the fence fails and is reported; the VMs are not restarted elsewhere",
+            _bmc_unreachable,
+            _judge_bmc_unreachable,
+        ),
+        Scenario(
+            "no-vms",
+            "a crashed host without VMs is fenced on its stale heartbeat",
+            _no_vms,
+            _judge_no_vms,
+            lab={"hosts_without_vms": ("kvm08",)},
+        ),
+    )
+}
+DEFAULT_STORY = ("agent-dies", "host-crash")
+
+
+def summary_of(run: Run, scenario: Scenario, failures: list[str]) -> dict[str, Any]:
+    """One scenario's line of the summary."""
+    restarted = sum(len(run.lab.restarted_elsewhere(n)) for n in run.lab.names())
+    return {
+        "fences_executed": len(run.fenced()),
+        "fences_withheld": len(run.withheld()),
+        "fences_failed": len([o for o in run.outcomes() if not o.get("success")]),
+        "emails": len(run.lab.mail.mails),
+        "traps": len(run.lab.traps.traps),
+        "vms_restarted_elsewhere": restarted,
+        "expected": scenario.expected,
+        "passed": not failures,
+        "failures": failures,
+        "seconds": round(time.time() - run.t0, 1),
+    }
+
+
+async def play(
+    name: str,
+    broker: EmbeddedBroker,
+    workdir: Path,
+    *,
+    fast: bool = True,
+    printer: Printer | None = None,
+) -> tuple[Run, dict[str, Any]]:
+    """Play one scenario on a fresh lab cloud; its run and its summary (never raises on a
+    failed expectation: the summary says what failed)."""
+    scenario = SCENARIOS[name]
+    interval = 0.5 if fast else 1.0
+    lab_kw = {"interval": interval, **scenario.lab}
+    async with LabCloud(broker, root=workdir / name, **lab_kw) as lab:
+        run = Run(name, lab, workdir, fast, printer)
+        failures: list[str] = []
+        try:
+            await run.start(**scenario.policy)
+            await scenario.play(run)
+        except TimeoutError as exc:
+            failures.append(str(exc))
+        finally:
+            await run.stop()
+        failures.extend(scenario.judge(run))
+        return run, summary_of(run, scenario, failures)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def _human(e: dict[str, Any]) -> None:
+    host = f"{e['host']:<6} " if e.get("host") else " " * 7
+    print(f"  +{e['t']:6.1f}s  {e['kind']:<8} {host}{e['text']}", flush=True)
+
+
+def _json_line(e: dict[str, Any]) -> None:
+    print(json.dumps(e), flush=True)
+
+
+async def _main(names: list[str], as_json: bool, fast: bool, workdir: Path) -> int:
+    printer = _json_line if as_json else _human
+    results: dict[str, Any] = {}
+    if not as_json:
+        print("starting the embedded Kafka broker ...", flush=True)
+    async with EmbeddedBroker(create_topics=False) as broker:
+        for name in names:
+            if not as_json:
+                print(f"\n== {name}: {SCENARIOS[name].expected}", flush=True)
+            _run, summary = await play(name, broker, workdir, fast=fast, printer=printer)
+            results[name] = summary
+            if not as_json:
+                verdict = "PASSED" if summary["passed"] else "FAILED"
+                print(
+                    f"  -> {verdict}: {summary['fences_executed']} fenced, "
+                    f"{summary['fences_withheld']} withheld, {summary['emails']} mails, "
+                    f"{summary['traps']} traps, {summary['vms_restarted_elsewhere']} VMs "
+                    f"restarted elsewhere ({summary['seconds']} s)",
+                    flush=True,
+                )
+                for why in summary["failures"]:
+                    print(f"     - {why}", flush=True)
+    passed = all(s["passed"] for s in results.values())
+    if as_json:
+        print(json.dumps({"summary": {"passed": passed, "scenarios": results}}), flush=True)
+    else:
+        print(f"\n{'all scenarios passed' if passed else 'some scenarios FAILED'}", flush=True)
+    return 0 if passed else 1
+
+
+def cli_demo(args: argparse.Namespace) -> int:
+    """`fencer demo`: play the story (or --scenario NAME ...) and print the timeline."""
+    if args.list:
+        for s in SCENARIOS.values():
+            print(f"{s.name:<22} {s.expected}")
+        return 0
+    names = list(args.scenario) or list(DEFAULT_STORY)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(
+            f"fencer demo: unknown scenario {', '.join(unknown)} (see fencer demo --list)",
+            file=sys.stderr,
+        )
+        return 2
+    # The lab's own chatter (aiosmtpd, aiokafka) would drown the timeline.
+    logging.basicConfig(level=logging.CRITICAL)
+    workdir = Path(tempfile.mkdtemp(prefix="fencer-demo-"))
+    try:
+        return asyncio.run(_main(names, args.json, args.fast, workdir))
+    except KeyboardInterrupt:
+        print("\nfencer demo: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    except BrokerError as exc:
+        print(f"fencer demo: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the operator sees one line, never a traceback
+        print(f"fencer demo: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
