@@ -276,3 +276,40 @@ async def _quiet(cloud: Cloud, seconds: float) -> None:
 
     await asyncio.sleep(seconds)
     _ = HostRef  # keep the import for type readers
+
+
+async def test_no_configured_secret_appears_in_any_worker_log_line(cloud: Cloud):
+    """Every log line of a whole episode (all roles, DEBUG level) is free of every secret."""
+    from fencing.settings import EmailSettings, IpmiOverrides, SnmpReceiver, SnmpSettings
+
+    ipmi_pw, smtp_pw, community = "ipmi-S3cret-pw", "smtp-S3cret-pw", "snmp-S3cret-community"
+    s = cloud.settings.model_copy(
+        update={
+            "log_level": "DEBUG",
+            "defaults": IpmiSettings(action=FenceAction.NOTHING, password=ipmi_pw),
+            "email": EmailSettings(
+                enabled=True, port=1, password=smtp_pw, username="u", to=["ops@example.com"]
+            ),
+            "snmp": SnmpSettings(
+                enabled=True,
+                receivers=[SnmpReceiver(host="127.0.0.1", port=1, community=community)],
+            ),
+        }
+    )
+    s.clusters = {}
+    s.hosts = {
+        h.uuid: {"ipmi": IpmiOverrides(address="127.0.0.1", password=ipmi_pw)}
+        for h in cloud.sim.cloud.hosts.values()
+    }
+    cloud.file = write_settings(s, cloud.tmp / "fencer-secrets.yaml")
+    # Every role but probe (the test is the prober: these hosts' addresses are not on loopback).
+    cloud.worker("ingest,actuate,notify")
+    host = await disconnect(cloud, "kvm06")
+    await cloud.tap.wait_for(lambda: cloud.decisions(host), 60, "a decision")
+    await _quiet(cloud, 2)
+    for w in cloud.workers:
+        w.stop()
+    text = cloud.logs()
+    assert "decision" in text  # the log really was collected
+    for secret in (ipmi_pw, smtp_pw, community, cloud.sim.api_key, cloud.sim.secret_key):
+        assert secret not in text, f"a secret leaked into the worker log ({len(text)} bytes)"
