@@ -212,6 +212,14 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     obs.observe_outcome(outcome)
                     await fence_outcomes.send(key=key.encode(), value=wire.dump(outcome))
 
+        if settings.actuator.preflight_interval > 0:
+
+            @app.timer(interval=settings.actuator.preflight_interval, on_leader=True)
+            async def preflight() -> None:
+                # Read every BMC now, so a wrong password is found before a fence needs it.
+                for notice in await runtime.preflight():
+                    await notices.send(key=notice.host.host_uuid.encode(), value=wire.dump(notice))
+
     # -- notify: email and SNMP for every step ------------------------------------------
     if "notify" in roles:
 

@@ -33,6 +33,7 @@ from fencing.events import (
     MaintenanceEnded,
     MaintenanceStarted,
     MarkSuspect,
+    NoticeKind,
     Notify,
     ProbeFinished,
     ProposeFence,
@@ -677,6 +678,41 @@ class Runtime:
             finished_at=now,
             error="the host is Up again in CloudStack: not fenced",
         )
+
+    async def preflight(self) -> list[Notice]:
+        """A PREFLIGHT_FAILED notice for each host whose BMC would not answer a fence now
+        (at most one per host per day: the notice id carries the day)."""
+        from fencing.actuator import preflight
+
+        try:
+            hosts = await self.inventory()._list("listHosts", type="Routing", hypervisor="KVM")
+        except Exception as exc:
+            log.warning("pre-flight: cannot list hosts: %s", exc)
+            return []
+        live = await self.live()
+        refs = {
+            h["id"]: HostRef(
+                host_uuid=h["id"],
+                host_name=h.get("name"),
+                cluster_uuid=h.get("clusterid"),
+                zone_uuid=h.get("zoneid"),
+            )
+            for h in hosts
+            if live.effective_ipmi(h["id"], h.get("clusterid")).address
+        }
+        results = await preflight(live, list(refs.values()))
+        day = int(time.time() // 86400)
+        return [
+            Notice(
+                notice_id=f"{r.host_uuid}/preflight/{day}",
+                kind=NoticeKind.PREFLIGHT_FAILED,
+                host=refs[r.host_uuid],
+                at=r.checked_at,
+                reason=r.error or r.detail or "the BMC did not answer",
+            )
+            for r in results
+            if not r.ok
+        ]
 
     async def notify(
         self,

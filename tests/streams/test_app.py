@@ -313,3 +313,34 @@ async def test_no_configured_secret_appears_in_any_worker_log_line(cloud: Cloud)
     assert "decision" in text  # the log really was collected
     for secret in (ipmi_pw, smtp_pw, community, cloud.sim.api_key, cloud.sim.secret_key):
         assert secret not in text, f"a secret leaked into the worker log ({len(text)} bytes)"
+
+
+async def test_preflight_reports_a_bmc_that_would_fail_a_fence(cloud: Cloud):
+    """The periodic pre-flight reads each host's BMC (here: a lab BMC with another password)."""
+    from fencing.settings import ActuatorSettings, IpmiOverrides
+    from lab.bmc import BmcSimulator
+
+    with BmcSimulator(password="the-real-one") as bmc:
+        s = cloud.settings.model_copy(
+            update={"actuator": ActuatorSettings(preflight_interval=1.0, power_timeout=5)}
+        )
+        h = host_named(cloud, "kvm01")
+        s.hosts = {
+            h.uuid: {
+                "ipmi": IpmiOverrides(address="127.0.0.1", port=bmc.port, password="a-wrong-one")
+            }
+        }
+        cloud.file = write_settings(s, cloud.tmp / "fencer-preflight.yaml")
+        cloud.worker("actuate")
+        notices = cloud.topics.notices
+        got = await cloud.tap.wait_for(
+            lambda: [
+                v
+                for k, v in cloud.tap.of(notices)
+                if k == h.uuid and v["kind"] == "preflight_failed"
+            ],
+            60,
+            "a pre-flight failure notice",
+        )
+        assert "a-wrong-one" not in json.dumps(got)
+        assert bmc.power == "on"  # a pre-flight never changes power
