@@ -102,10 +102,10 @@ def run(hosts: int) -> dict[str, Any]:
 
     inputs_bytes, _ = _traced(lambda: None)  # tracemalloc's floor, for the record
     rows_bytes, table = _traced(lambda: build_rows(hosts))
-    recovered_bytes, recovered = _traced(
-        lambda: {k: json.loads(json.dumps(v)) for k, v in table.items()}
-    )
-    del recovered
+    dumped = {k: json.dumps(v) for k, v in table.items()}
+    recovered_bytes, _recovered = _traced(lambda: {k: json.loads(v) for k, v in dumped.items()})
+    dumped.clear()
+    _recovered.clear()
     json_bytes = sum(len(k) + len(json.dumps(v, separators=(",", ":"))) for k, v in table.items())
     del table
     baseline_bytes, _base = _traced(lambda: {str(k): {} for k in keys})
