@@ -1,0 +1,285 @@
+"""Latency from the last required stale probe result to the fence decision record, through a
+real `fencer worker --roles ingest` process (watch + gate) on the embedded broker; baseline: a
+plain produce -> consume round trip of one record on the same broker, in the same run.
+
+Rule: the benchmark plays the prober as tests/streams/test_app.py does: it answers every probe
+request with a stale result at once. For each of M suspect hosts (one per cluster of four, so
+the per-cluster budget and the storm guard approve every fence) the clock starts just before
+the producer is handed check 1+extra_checks's stale result and stops when the decision record
+for that host is read from `fence-decisions` by a tailing consumer (`seen`); `created` stops at
+the decision record's CreateTime (stamped by the worker). The baseline consumer has the same
+configuration as the tail (aiokafka defaults), so both pay the same fetch behaviour.
+
+    python -m benchmarks.decision_latency --json [--hosts M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from benchmarks.ingest_rate import isolated_settings
+from fencing.events import Evidence, FenceAction
+from fencing.records import ProbeRequest, ProbeResult
+from fencing.settings import CloudStackSettings, FencerSettings, IpmiSettings, PolicySettings
+from lab.cloudstack_sim import CloudStackSimulator, SimCloud
+from lab.pipeline import WorkerProcess, write_settings
+from streams.broker import EmbeddedBroker
+from streams.kafka import aiokafka_kwargs
+
+TARGET_P99_S = 0.100
+CHECK = 1.0
+EXTRA = 2
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def summary(samples: list[float]) -> dict[str, Any]:
+    """p50 / p99 / max in milliseconds."""
+    return {
+        "n": len(samples),
+        "p50_ms": round(statistics.median(samples) * 1000, 1),
+        "p99_ms": round(_pct(samples, 0.99) * 1000, 1),
+        "max_ms": round(max(samples) * 1000, 1),
+    }
+
+
+async def round_trips(settings: FencerSettings, count: int, fetch_wait_ms: int) -> list[float]:
+    """Produce one record, wait until a tailing consumer reads it; `count` times."""
+    topic = settings.kafka.topics.fence_decisions
+    kw = aiokafka_kwargs(settings)
+    producer = AIOKafkaProducer(**kw)
+    consumer = AIOKafkaConsumer(
+        topic,
+        group_id=None,
+        auto_offset_reset="latest",
+        fetch_max_wait_ms=fetch_wait_ms,
+        **kw,
+    )
+    await producer.start()
+    await consumer.start()
+    try:
+        await consumer.getmany(timeout_ms=1000)  # assignment and first fetch position
+        samples = []
+        for i in range(count):
+            marker = f"ping-{i}".encode()
+            t0 = time.perf_counter()
+            await producer.send(topic, marker, key=marker)
+            while True:
+                msg = await consumer.getone()
+                if msg.value == marker:
+                    break
+            samples.append(time.perf_counter() - t0)
+        return samples
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def _baselines(settings: FencerSettings, pings: int) -> dict[str, list[float]]:
+    # aiokafka's default fetch wait, and the one Faust's aiokafka driver hard-codes (1500 ms):
+    # how long a broker holds an empty fetch matters on every hop of the topology.
+    return {
+        "fetch_max_wait_500ms_aiokafka_default": await round_trips(settings, pings, 500),
+        "fetch_max_wait_1500ms_as_faust": await round_trips(settings, pings, 1500),
+    }
+
+
+class Prober:
+    """Answers every probe request with a stale result; times the decisions."""
+
+    def __init__(self, settings: FencerSettings) -> None:
+        self.settings = settings
+        self.topics = settings.kafka.topics
+        self.last_sent: dict[str, float] = {}  # host -> time.time() before the final result
+        self.seen: dict[str, float] = {}
+        self.created: dict[str, float] = {}
+        self.proposed: dict[str, float] = {}  # host -> CreateTime of its fence proposal
+        self.decisions: list[dict[str, Any]] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        kw = aiokafka_kwargs(self.settings)
+        self.producer = AIOKafkaProducer(**kw)
+        self.consumer = AIOKafkaConsumer(
+            self.topics.probe_requests,
+            self.topics.fence_decisions,
+            self.topics.fence_proposals,
+            group_id=None,
+            auto_offset_reset="earliest",
+            **kw,
+        )
+        await self.producer.start()
+        await self.consumer.start()
+        self.loop = asyncio.create_task(self._tail())
+
+    async def _tail(self) -> None:
+        async for msg in self.consumer:
+            now = time.time()
+            if msg.topic == self.topics.probe_requests:
+                task = asyncio.create_task(
+                    self._answer(ProbeRequest.model_validate_json(msg.value))
+                )
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            elif msg.topic == self.topics.fence_proposals:
+                value = json.loads(msg.value)
+                if "decision_id" in value:  # not a gate signal
+                    self.proposed.setdefault(value["host"]["host_uuid"], msg.timestamp / 1000)
+            elif msg.key:
+                host = msg.key.decode()
+                self.decisions.append(json.loads(msg.value))
+                self.seen.setdefault(host, now)
+                self.created.setdefault(host, msg.timestamp / 1000)
+
+    async def _answer(self, req: ProbeRequest) -> None:
+        result = ProbeResult(
+            host=req.host,
+            episode=req.episode,
+            check=req.check,
+            evidence=Evidence.STALE,
+            suspect_since=req.suspect_since,
+            finished_at=time.time(),
+            newest_write=req.suspect_since - 100,
+            heartbeat=None,
+            files_checked=3,
+            neighbour="kvm-n",
+        )
+        value = result.model_dump_json().encode()
+        key = req.host.host_uuid.encode()
+        if req.check == 1 + EXTRA:
+            self.last_sent[req.host.host_uuid] = time.time()
+        await self.producer.send_and_wait(self.topics.probe_results, value, key=key)
+
+    async def stop(self) -> None:
+        self.loop.cancel()
+        for t in [self.loop, *self.tasks]:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.consumer.stop()
+        await self.producer.stop()
+
+
+async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
+    """Broker, simulator, worker, prober; the figures."""
+    cloud = SimCloud()
+    zone = cloud.add_zone("zone1")
+    suspects = []
+    for c in range(hosts):
+        cluster = cloud.add_cluster(zone, f"cluster{c:02d}")
+        members = [cloud.add_host(cluster, f"kvm{c:02d}{i}", f"10.2.{c}.{i + 1}") for i in range(4)]
+        suspects.append(members[0])
+    with tempfile.TemporaryDirectory(prefix="fencer-bench-") as tmp:
+        async with EmbeddedBroker() as broker, CloudStackSimulator(cloud) as sim:
+            settings = await isolated_settings(
+                broker,
+                Path(tmp),
+                policy=PolicySettings(
+                    check_interval=CHECK,
+                    extra_checks=EXTRA,
+                    startup_quiet=0,
+                    probe_timeout=30,
+                    global_cap=hosts + 10,
+                ),
+                defaults=IpmiSettings(action=FenceAction.STOP),
+                cloudstack=CloudStackSettings(
+                    endpoint=sim.url,
+                    api_key=sim.api_key,
+                    secret_key=sim.secret_key,
+                    poll_interval=1.0,
+                ),
+            )
+            ping_settings = await isolated_settings(broker, Path(tmp))
+            before = await _baselines(ping_settings, pings)
+            prober = Prober(settings)
+            await prober.start()
+            worker = WorkerProcess(
+                write_settings(settings, Path(tmp) / "fencer.yaml"),
+                "ingest",
+                Path(tmp) / "worker.log",
+            ).start()
+            producer = AIOKafkaProducer(**aiokafka_kwargs(settings))
+            await producer.start()
+            try:
+                for h in suspects:
+                    cloud.set_host_state(h.uuid, "Disconnected")
+                    while cloud.events:
+                        key, value = cloud.events.pop(0)
+                        await producer.send_and_wait(
+                            settings.kafka.topics.cloudstack,
+                            value.encode(),
+                            key=key.encode() if key else None,
+                        )
+                    await asyncio.sleep(0.05)  # spread the hosts over the tick phases
+                deadline = time.monotonic() + timeout
+                wanted = {h.uuid for h in suspects}
+                while not wanted <= set(prober.seen):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"{len(wanted - set(prober.seen))} of {hosts} decisions missing "
+                            f"after {timeout:g} s (see {worker.log_file})"
+                        )
+                    if worker.proc is not None and worker.proc.poll() is not None:
+                        raise RuntimeError(f"the worker exited ({worker.log_file})")
+                    await asyncio.sleep(0.1)
+            finally:
+                worker.stop()
+                await producer.stop()
+                await prober.stop()
+            after = await _baselines(ping_settings, pings)
+    seen = [prober.seen[h] - prober.last_sent[h] for h in wanted]
+    created = [prober.created[h] - prober.last_sent[h] for h in wanted]
+    watch_hop = [prober.proposed[h] - prober.last_sent[h] for h in wanted]
+    gate_hop = [prober.created[h] - prober.proposed[h] for h in wanted]
+    approved = sum(1 for d in prober.decisions if d.get("approved"))
+    result = {
+        "benchmark": "decision_latency",
+        "hosts": hosts,
+        "checks_to_decide": 1 + EXTRA,
+        "fencer": {
+            "seen": summary(seen),
+            "created": summary(created),
+            "hops": {
+                "result_to_proposal_created": summary(watch_hop),
+                "proposal_to_decision_created": summary(gate_hop),
+            },
+            "decisions": len(prober.decisions),
+            "approved": approved,
+        },
+        "baseline_produce_consume": {
+            name: {"before": summary(before[name]), "after": summary(after[name])}
+            for name in before
+        },
+        "targets_met": {"p99_under_100ms": _pct(seen, 0.99) < TARGET_P99_S},
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hosts", type=int, default=30)
+    p.add_argument("--pings", type=int, default=100, help="baseline round trips, each side")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    result = asyncio.run(run(args.hosts, args.pings, args.timeout))
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
