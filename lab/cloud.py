@@ -263,7 +263,14 @@ class LabCloud:
     def _base_settings(self) -> FencerSettings:
         assert self.broker is not None and self.sim is not None
         kafka = self.broker.kafka_settings().model_copy(
-            update={"topics": self.topics, "group_id": f"fencer-lab-{self.name}"}
+            update={
+                "topics": self.topics,
+                "group_id": f"fencer-lab-{self.name}",
+                # Tansu's join waits half the session timeout: a shorter one starts workers
+                # (and takes over from a killed one) sooner; loopback never misses heartbeats.
+                "session_timeout": 3.0,
+                "heartbeat_interval": 0.5,
+            }
         )
         data_dir = self.root / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
