@@ -214,12 +214,12 @@ async def _committed(
 
 
 def _alert_signals(batch: dict[Any, list[Any]]) -> list[float]:
-    """CreateTimes (s) of the host signals made from event-bus records (not the poller's)."""
+    """CreateTimes (s) of the host signals made from event-bus records (not polls or ticks)."""
     return [
         m.timestamp / 1000
         for msgs in batch.values()
         for m in msgs
-        if json.loads(m.value).get("source") != "poller"
+        if json.loads(m.value).get("source", "event-bus") == "event-bus"
     ]
 
 
