@@ -100,7 +100,7 @@ class Run:
         ).start()
         self.workers.append(w)
         await self.tap.wait_for(lambda: len(self.sizes()) > seen, 90, "the worker to start")
-        self.event("worker", None, f"fencer worker pid {w.pid} running (all roles)")
+        self.event("worker", None, f"fencer worker pid {w.pid} running (all roles)", pid=w.pid)
         return w
 
     def kill_worker(self) -> None:
@@ -696,15 +696,34 @@ DEFAULT_STORY = ("agent-dies", "host-crash")
 
 def summary_of(run: Run, scenario: Scenario, failures: list[str]) -> dict[str, Any]:
     """One scenario's line of the summary."""
-    restarted = sum(len(run.lab.restarted_elsewhere(n)) for n in run.lab.names())
+    lab = run.lab
+    restarted = {n: len(lab.restarted_elsewhere(n)) for n in lab.names()}
+    crash_to_fence = {}
+    for o in run.fenced():
+        name = o["host"].get("host_name")
+        if f"fault:{name}" in run.marks:
+            crash_to_fence[name] = round(o["finished_at"] - run.marks[f"fault:{name}"], 1)
     return {
         "fences_executed": len(run.fenced()),
         "fences_withheld": len(run.withheld()),
         "fences_failed": len([o for o in run.outcomes() if not o.get("success")]),
         "emails": len(run.lab.mail.mails),
         "traps": len(run.lab.traps.traps),
-        "vms_restarted_elsewhere": restarted,
+        "vms_restarted_elsewhere": sum(restarted.values()),
         "expected": scenario.expected,
+        # What the peers saw, per host (only hosts where something happened).
+        "bmc_power_offs": {n: c for n in lab.names() if (c := lab.bmc_power_offs(n))},
+        "declare_degraded": {n: c for n in lab.names() if (c := len(lab.degraded_calls(n)))},
+        "restarted": {n: c for n, c in restarted.items() if c},
+        "crash_to_fence_seconds": crash_to_fence,
+        "fence_deadline_seconds": round(run.fence_deadline, 1),
+        "mail_subjects": [m.subject for m in lab.mail.mails],
+        "trap_kinds": [t.kind for t in lab.traps.traps],
+        "notices": [v.get("kind") for v in run.notices()],
+        "withheld_reasons": [d.get("withheld_reason") for d in run.withheld()],
+        "checks": {
+            n: [r.get("evidence") for r in run.results(n)] for n in lab.names() if run.results(n)
+        },
         "passed": not failures,
         "failures": failures,
         "seconds": round(time.time() - run.t0, 1),
