@@ -154,7 +154,7 @@ class LabCloud:
         return self
 
     def _start_bmc(self, name: str) -> None:
-        password = uuid.uuid4().hex
+        password = uuid.uuid4().hex[:16]  # IPMI 2.0 passwords are at most 20 bytes
         bmc = BmcSimulator(
             BMC_USER,
             password,

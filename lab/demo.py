@@ -56,6 +56,7 @@ class Run:
         self.marks: dict[str, float] = {}
         self._seen_mails = 0
         self._seen_traps = 0
+        self._seen_offs = 0
         self._watch: asyncio.Task[None] | None = None
         self._suspects: set[str] = set()
         self._checks_seen: set[tuple[str, Any, Any]] = set()
@@ -102,6 +103,17 @@ class Run:
         await self.tap.wait_for(lambda: len(self.sizes()) > seen, 90, "the worker to start")
         self.event("worker", None, f"fencer worker pid {w.pid} running (all roles)", pid=w.pid)
         return w
+
+    def worker_log_tail(self, lines: int = 3) -> str:
+        """The last lines the newest worker logged (for a failure message), or ''."""
+        if not self.workers or self.workers[-1].log_file is None:
+            return ""
+        try:
+            text = self.workers[-1].log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        tail = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
+        return ("; worker log: " + " | ".join(tail)) if tail else ""
 
     def kill_worker(self) -> None:
         """SIGKILL the newest worker (a crash, no clean shutdown)."""
@@ -240,6 +252,10 @@ class Run:
             )
 
     def _poll_receivers(self) -> None:
+        offs = self.lab.power_offs
+        for _at, name in offs[self._seen_offs :]:
+            self.event("bmc", name, f"{name}'s BMC powered the host off: its writes stop")
+        self._seen_offs = len(offs)
         mails, traps = self.lab.mail.mails, self.lab.traps.traps
         for m in mails[self._seen_mails :]:
             self.event("mail", None, f"mail to {', '.join(m.to)}: {m.subject}")
@@ -750,7 +766,7 @@ async def play(
             await run.start(**scenario.policy)
             await scenario.play(run)
         except TimeoutError as exc:
-            failures.append(str(exc))
+            failures.append(str(exc) + run.worker_log_tail())
         finally:
             await run.stop()
         failures.extend(scenario.judge(run))
