@@ -368,6 +368,8 @@ def _classify(d: dict[str, str], key: str | None) -> ParsedEvent:
             return Ignored(f"alert {event[:60]}")
         if "status" in d or "entity" in d or "user" in d:  # ActionEvent
             return _parse_action(d, event, key)
+        if "resource" in d or "zone" in d:  # UsageEvent (UsageEventUtils.publishUsageEvent)
+            return Ignored(f"usage event {event[:60]}")
         return Rejected("event without subject (alert) or status (action)", b"")
     if "usage type" in d or "usageType" in d:
         return Ignored("usage event")

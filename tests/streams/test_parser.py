@@ -642,3 +642,14 @@ def test_cli_missing_file_is_one_clear_line() -> None:
     err = proc.stderr.decode()
     assert "/nonexistent/events.jsonl" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_usage_events_as_cloudstack_publishes_them_are_ignored():
+    # UsageEventUtils.publishUsageEvent: account, zone, event, resource, id, eventDateTime
+    value = (
+        '{"eventDateTime":"2025-03-14 10:25:07 +0000","zone":"a7f3e0b2","event":"VM.START",'
+        '"resource":"VirtualMachine","id":"e1d2c3b4","account":"c3b1f2d4"}'
+    )
+    parsed = parse_record(None, value)
+    assert isinstance(parsed, Ignored)
+    assert "usage" in parsed.reason
