@@ -360,7 +360,7 @@ class Run:
     def fence_deadline(self) -> float:
         """check_interval x (extra_checks + 2) plus a few seconds: the fence must be done by."""
         p = self.settings.policy
-        return p.check_interval * (p.extra_checks + 2) + 8.0
+        return float(p.check_interval * (p.extra_checks + 2) + 8.0)
 
 
 # ---------------------------------------------------------------------------------------------

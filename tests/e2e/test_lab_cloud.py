@@ -5,6 +5,7 @@ what a real SNMP sender and SMTP client deliver."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import time
@@ -50,8 +51,6 @@ async def test_forwarder_sends_cloudstacks_exact_records(
             )
             assert got
             received = tap.of(settings.kafka.topics.cloudstack)
-            import json
-
             assert [(k, v) for k, v in received] == [(k, json.loads(v)) for k, v in published]
             assert received[0][0] is None  # alerts carry no key, as in CloudStack
             assert "Host disconnected" in received[0][1]["subject"]
