@@ -7,7 +7,7 @@ cluster uuid for fence proposals; host uuid for decisions, outcomes and notices.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -158,6 +158,16 @@ class Notice(WireRecord):
     result: str | None = None
     reason: str | None = None
     evidence: EvidenceSummary | None = None
+
+
+class HostStateRecord(WireRecord):
+    """A host's record as the core left it (compacted topic host-states, key host uuid): what
+    the UI, the metrics and the actuator's last-moment check display or read; they derive
+    nothing from other topics."""
+
+    host: HostRef
+    record: dict[str, Any] = Field(description="fencing.decision.HostRecord.to_dict()")
+    updated_at: float = Field(description="the watch worker's clock when the record changed")
 
 
 class DeadLetter(WireRecord):

@@ -224,6 +224,7 @@ class TopicNames(_Model):
     fence_decisions: str = "fencer.fence-decisions"
     fence_outcomes: str = "fencer.fence-outcomes"
     notices: str = "fencer.notices"
+    host_states: str = "fencer.host-states"
     dead_letter: str = "fencer.dead-letter"
     settings: str = "fencer.settings"
 

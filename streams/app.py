@@ -72,6 +72,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
     fence_decisions = app.topic(names.fence_decisions, **RAW)
     fence_outcomes = app.topic(names.fence_outcomes, **RAW)
     notices = app.topic(names.notices, **RAW)
+    host_states = app.topic(names.host_states, **RAW)
     dead_letter = app.topic(names.dead_letter, **RAW)
     # Everything that changes a host's record, keyed by host uuid and co-partitioned with `hosts`.
     by_name = {
@@ -148,15 +149,18 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     await dead(event.message, parsed)
                     continue
                 key = event.message.key.decode()
+                before = hosts.get(key)
                 try:
                     live = await runtime.live()
-                    row, actions = wire.apply(hosts.get(key), parsed, key, policy, live, names)
+                    row, actions = wire.apply(before, parsed, key, policy, live, names)
                 except Exception as exc:  # a bug must not stop every other host's stream
                     log.exception("host %s: cannot apply %s", key, type(parsed.event).__name__)
                     await dead(event.message, f"watch failed: {type(exc).__name__}")
                     continue
                 if row is not None:
                     hosts[key] = row
+                    if row != before:
+                        await host_states.send(key=key.encode(), value=wire.host_state(row))
                 for topic_name, out_key, value in actions:
                     await by_name[topic_name].send(key=out_key, value=value)
 

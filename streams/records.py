@@ -51,6 +51,7 @@ from fencing.records import (
     GateSignal,
     HostRef,
     HostSignal,
+    HostStateRecord,
     Notice,
     ProbeRequest,
     ProbeResult,
@@ -273,6 +274,11 @@ def apply(
             )
             out.append((topics.notices, hkey, dump(notice)))
     return {"record": new.to_dict(), "host": ref.model_dump()}, out
+
+
+def host_state(row: dict[str, Any]) -> bytes:
+    """The host-states record of a hosts-table row."""
+    return dump(HostStateRecord(host=HostRef(**row["host"]), record=row["record"], updated_at=time.time()))
 
 
 def _evidence_of(r: core.HostRecord) -> EvidenceSummary | None:

@@ -20,6 +20,7 @@ from fencing.records import (
     FenceProposal,
     GateSignal,
     HostSignal,
+    HostStateRecord,
     Notice,
     ProbeRequest,
     ProbeResult,
@@ -35,6 +36,7 @@ TOPIC_MODELS: dict[str, tuple[type[BaseModel], ...]] = {
     "fence_decisions": (FenceDecision,),
     "fence_outcomes": (FenceOutcome,),
     "notices": (Notice,),
+    "host_states": (HostStateRecord,),
     "dead_letter": (DeadLetter,),
 }
 
