@@ -161,6 +161,9 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     hosts[key] = row
                     if row != before:
                         await host_states.send(key=key.encode(), value=wire.host_state(row))
+                        judged = wire.judged_check(before, row)
+                        if judged is not None:
+                            obs.observe_check(judged)
                 for topic_name, out_key, value in actions:
                     await by_name[topic_name].send(key=out_key, value=value)
 

@@ -21,14 +21,34 @@ from fencing.records import (
     FenceOutcome,
     HostRef,
     HostSignal,
+    HostStateRecord,
     Notice,
     ProbeResult,
 )
 from fencing.settings import TopicNames
 
 HostFencingState = Literal[
-    "up", "suspect", "withheld", "fencing", "fenced", "fence_failed", "maintenance", "unknown"
+    "up",
+    "suspect",
+    "fence_proposed",
+    "withheld",
+    "fencing",
+    "fenced",
+    "fence_failed",
+    "maintenance",
+    "unknown",
 ]
+# The core's states (fencing.decision.HostState) as the UI names them.
+_CORE_STATES: dict[str, HostFencingState] = {
+    "idle": "up",
+    "suspect": "suspect",
+    "fence_proposed": "fence_proposed",
+    "fencing": "fencing",
+    "fenced": "fenced",
+    "withheld": "withheld",
+    "failed": "fence_failed",
+    "maintenance": "maintenance",
+}
 FenceResult = Literal["withheld", "pending", "succeeded", "failed"]
 _DOWN = (HostStatus.DISCONNECTED, HostStatus.ALERT, HostStatus.DOWN)
 
@@ -55,6 +75,9 @@ class HostStateView(BaseModel):
     last_probe: ProbeResult | None = None
     evidence: list[ProbeResult] = Field(default_factory=list, description="the episode's probes")
     last_decision_id: str | None = None
+    record: dict[str, object] | None = Field(
+        None, description="the core's record of the host (topic host-states), as it left it"
+    )
 
 
 class FenceRecord(BaseModel):
@@ -92,6 +115,7 @@ class _Host:
         self.signals: deque[HostSignal] = deque(maxlen=limit)
         self.probes: deque[ProbeResult] = deque(maxlen=limit)
         self.notices: deque[Notice] = deque(maxlen=limit)
+        self.states: deque[HostStateRecord] = deque(maxlen=limit)
         self.decisions: list[str] = []
 
 
@@ -116,7 +140,14 @@ class FencingView:
     def topics(self) -> list[str]:
         """The topics this view reads."""
         n = self._names
-        return [n.host_signals, n.probe_results, n.fence_decisions, n.fence_outcomes, n.notices]
+        return [
+            n.host_signals,
+            n.probe_results,
+            n.fence_decisions,
+            n.fence_outcomes,
+            n.notices,
+            n.host_states,
+        ]
 
     def on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
         """Fold one record (a TopicReader callback); raises on a record that does not parse."""
@@ -142,6 +173,9 @@ class FencingView:
         elif record.topic == n.notices:
             notice = Notice.model_validate_json(value)
             self._host(notice.host).notices.append(notice)
+        elif record.topic == n.host_states:
+            st = HostStateRecord.model_validate_json(value)
+            self._host(st.host).states.append(st)
 
     def _host(self, ref: HostRef) -> _Host:
         h = self._hosts.get(ref.host_uuid)
@@ -202,13 +236,23 @@ class FencingView:
             suspect_since = evidence[-1].suspect_since
         elif state == "suspect":
             suspect_since = down_at
+        stale_checks = 0
+        core = h.states[-1].record if h.states else None
+        if core is not None:
+            # The core's own record is the truth: shown as it is, nothing re-derived.
+            state = _CORE_STATES.get(str(core.get("state")), "unknown")
+            episode = int(core.get("episode") or 0) or episode
+            suspect_since = core.get("suspect_since") or suspect_since  # type: ignore[assignment]
+            stale_checks = int(core.get("stale_count") or 0)
+            evidence = [p for p in h.probes if p.episode == episode]
         return HostStateView(
             host=h.ref,
             state=state,
             status=status,
             episode=episode,
             suspect_since=suspect_since,
-            stale_checks=_stale_run(evidence),
+            stale_checks=stale_checks,
+            record=core,
             last_signal=h.signals[-1] if h.signals else None,
             last_probe=h.probes[-1] if h.probes else None,
             evidence=evidence,
@@ -289,16 +333,21 @@ class FencingView:
                     items.append(
                         TimelineEntry(at=sig.at, kind="signal", text=f"{sig.kind}{status}")
                     )
-            for p in h.probes:
-                if p.episode == dec.episode:
-                    items.append(
-                        TimelineEntry(
-                            at=p.finished_at,
-                            kind="probe",
-                            text=_probe_text(p),
-                            evidence=p.evidence,
-                        )
+            seen: set[tuple[object, ...]] = set()
+            for st in h.states:
+                r = st.record
+                judged = (r.get("episode"), r.get("last_check"), r.get("last_probe_at"))
+                if r.get("episode") != dec.episode or not r.get("last_evidence") or judged in seen:
+                    continue
+                seen.add(judged)
+                items.append(
+                    TimelineEntry(
+                        at=st.updated_at,
+                        kind="probe",
+                        text=_check_text(r),
+                        evidence=Evidence(str(r["last_evidence"])),
                     )
+                )
             for note in h.notices:
                 if note.decision_id == dec.decision_id:
                     items.append(
@@ -348,18 +397,9 @@ class FencingView:
         )
 
 
-def _stale_run(probes: list[ProbeResult]) -> int:
-    """Stale checks since the last alive one; unknown neither counts nor resets."""
-    run = 0
-    for p in probes:
-        if p.evidence is Evidence.ALIVE:
-            run = 0
-        elif p.evidence is Evidence.STALE:
-            run += 1
-    return run
-
-
-def _probe_text(p: ProbeResult) -> str:
-    via = f" via {p.neighbour}" if p.neighbour else ""
-    why = f": {p.reason}" if p.reason else ""
-    return f"check {p.check}: {p.evidence.value}{via}, {p.files_checked} files{why}"
+def _check_text(r: dict[str, object]) -> str:
+    """One judged check of the core's record, in words."""
+    via = f" via {r.get('neighbour')}" if r.get("neighbour") else ""
+    why = f": {r.get('reason')}" if r.get("reason") else ""
+    files = r.get("files_checked") or 0
+    return f"check {r.get('last_check')}: {r.get('last_evidence')}{via}, {files} files{why}"
