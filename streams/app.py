@@ -252,6 +252,12 @@ def cli_worker(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     roles = parse_roles(args.roles)
     obs.setup_observability(settings)
+    # Services start in any order (compose, systemd): wait, one line per try, no traceback.
+    import asyncio
+
+    from streams.startup import wait_for_dependencies
+
+    asyncio.run(wait_for_dependencies(settings))
     app = create_app(settings, roles)
     log.info(
         "fencer worker starting: roles %s, broker %s",
