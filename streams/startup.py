@@ -24,13 +24,13 @@ log = logging.getLogger("fencer.startup")
 Check = Callable[[], Awaitable[None]]
 
 
-async def kafka_reachable(settings: FencerSettings, timeout: float = 5.0) -> None:
+async def kafka_reachable(settings: FencerSettings, within: float = 5.0) -> None:
     """Raise unless a Kafka broker of `kafka.bootstrap_servers` answers a metadata request."""
     prepare_kafka(settings)
     kwargs = aiokafka_kwargs(settings)
-    client = AIOKafkaClient(**kwargs, request_timeout_ms=int(timeout * 1000))
+    client = AIOKafkaClient(**kwargs, request_timeout_ms=int(within * 1000))
     try:
-        await asyncio.wait_for(client.bootstrap(), timeout)
+        await asyncio.wait_for(client.bootstrap(), within)
     finally:
         await client.close()
 
