@@ -195,8 +195,8 @@ def tansu_workarounds_applied() -> bool:
 
 
 __all__ = [
-    "FETCH_MAX_WAIT_MS",
     "CONSUMER_FETCH_MAX_WAIT_MS",
+    "FETCH_MAX_WAIT_MS",
     "apply_tansu_workarounds",
     "remove_tansu_workarounds",
     "tansu_workarounds_applied",
