@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fencing.events import Evidence, FenceAction, HostStatus, NoticeKind, WithheldReason
+from fencing.events import FenceAction, HostStatus, NoticeKind, WithheldReason
 
 SCHEMA_VERSION = 1
 
@@ -70,20 +70,33 @@ class ProbeRequest(WireRecord):
 
 
 class ProbeResult(WireRecord):
-    """The answer (topic probe-results)."""
+    """The answer (topic probe-results): a *reading* of the suspect host's files, never a verdict.
+
+    The watch worker's core compares it with the previous reading of the same files (mtimes are
+    the filer's clock, heartbeat contents the host's); this record carries no judgement."""
 
     host: HostRef
     episode: int
     check: int
-    evidence: Evidence
     suspect_since: float
-    finished_at: float
-    newest_write: float | None = None
-    heartbeat: float | None = None
-    files_checked: int = 0
-    files_missing: int = 0
+    finished_at: float = Field(description="the probe worker's clock (shown, never compared)")
+    mtimes: dict[str, float] = Field(
+        default_factory=dict, description="file -> mtime (filer clock), every file read"
+    )
+    heartbeats: dict[str, str] = Field(
+        default_factory=dict, description="heartbeat file -> raw content (the host's clock)"
+    )
+    complete: bool = Field(False, description="every pool answered, output read to its end")
+    files_wanted: int = 0
+    unreadable: int = Field(0, description="disks on storage this probe cannot read")
     neighbour: str | None = None
-    reason: str | None = None
+    reason: str | None = Field(None, description="why the reading is incomplete")
+    neighbour_offset: float | None = Field(
+        None, description="the neighbour's clock minus the probe worker's (shown only)"
+    )
+    filer_offset: float | None = Field(
+        None, description="the filer's clock minus the host's: heartbeat mtime minus content"
+    )
     duration: float = 0.0
     probe: str = "nfs"
 

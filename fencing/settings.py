@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -56,7 +57,12 @@ class PolicySettings(_Model):
         60.0, gt=0, description="seconds between checks of a suspect host"
     )
     extra_checks: int = Field(2, ge=0, le=100, description="stale checks needed after the first")
-    heartbeat_max_age: float = Field(61.0, gt=0)
+    heartbeat_max_age: float | None = Field(
+        None,
+        gt=0,
+        description="ignored (kept so older files load): heartbeats are judged by whether their "
+        "content changed between checks, never by their age against a clock",
+    )
     unknown_alert_after: int = Field(3, ge=1)
     fence_cap: int = Field(3, ge=0, description="power-downs per cluster per window")
     fence_window: float = Field(3600.0, gt=0)
@@ -66,10 +72,27 @@ class PolicySettings(_Model):
     probe_timeout: float = Field(
         180.0, gt=0, description="seconds before an unanswered probe counts as unknown"
     )
+    judge_readable_only: bool = Field(
+        False,
+        description="judge a host stale on the files the probe can read even when some of its "
+        "disks sit on storage it cannot read (RBD, local); per cluster in clusters.<uuid>",
+    )
+    clock_skew_alert: float = Field(
+        30.0, gt=0, description="measured clock skew (seconds) that raises a clock_skew notice"
+    )
+    suspect_alert_after: float = Field(
+        1800.0, gt=0, description="seconds suspect without a decision before suspect_too_long"
+    )
+    suspect_renotify: float = Field(
+        3600.0, gt=0, description="seconds between repeated suspect_too_long notices"
+    )
+    fencing_resend_after: float = Field(
+        900.0, gt=0, description="approved without an outcome this long: the proposal is re-sent"
+    )
 
     def to_policy(self) -> Policy:
         """The core's plain-data view."""
-        return Policy(**self.model_dump())
+        return Policy(**self.model_dump(exclude={"heartbeat_max_age"}))
 
 
 class Driver(str, Enum):  # noqa: UP042 - same base as the core enums
@@ -190,6 +213,9 @@ class ClusterSettings(_Model):
     email_to: list[str] | None = Field(None, description="recipients; the global list if unset")
     fence_cap: int | None = Field(None, ge=0)
     paused: bool = False
+    judge_readable_only: bool | None = Field(
+        None, description="see policy.judge_readable_only; the policy's value if unset"
+    )
 
 
 class HostSettings(_Model):
@@ -400,6 +426,19 @@ class FencerSettings(BaseSettings):
         """The cluster's cap, or the policy's."""
         c = self.clusters.get(cluster_uuid)
         return c.fence_cap if c and c.fence_cap is not None else self.policy.fence_cap
+
+    def policy_for(self, cluster_uuid: str | None) -> Policy:
+        """The core's policy for a host of this cluster (cluster overrides applied)."""
+        policy = self.policy.to_policy()
+        c = self.clusters.get(cluster_uuid or "")
+        if c is None:
+            return policy
+        updates: dict[str, Any] = {}
+        if c.fence_cap is not None:
+            updates["fence_cap"] = c.fence_cap
+        if c.judge_readable_only is not None:
+            updates["judge_readable_only"] = c.judge_readable_only
+        return replace(policy, **updates) if updates else policy
 
     def email_to_for(self, cluster_uuid: str | None) -> list[str]:
         """The cluster's recipients, or the global list."""

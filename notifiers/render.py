@@ -44,6 +44,8 @@ KINDS: dict[NoticeKind, tuple[str, Severity, int]] = {
     NoticeKind.CANNOT_VERIFY: ("CANNOT-VERIFY", Severity.WARNING, 5),
     NoticeKind.PREFLIGHT_FAILED: ("PREFLIGHT-FAILED", Severity.WARNING, 6),
     NoticeKind.HOST_RECOVERED: ("RECOVERED", Severity.INFO, 7),
+    NoticeKind.CLOCK_SKEW: ("CLOCK-SKEW", Severity.WARNING, 8),
+    NoticeKind.SUSPECT_TOO_LONG: ("SUSPECT-TOO-LONG", Severity.CRITICAL, 9),
 }
 
 # FENCER-MIB FencerActionKind; none(0) when the notification concerns no action.
@@ -320,6 +322,14 @@ _LEADS: dict[NoticeKind, str] = {
     ),
     NoticeKind.PREFLIGHT_FAILED: "A pre-flight check of this host's BMC failed.",
     NoticeKind.HOST_RECOVERED: "CloudStack reports this host Up again.",
+    NoticeKind.CLOCK_SKEW: (
+        "A check measured a clock offset above the threshold. fencer never compares two "
+        "machines' clocks, so no verdict changes, but fix the clock (NTP) of the machine named."
+    ),
+    NoticeKind.SUSPECT_TOO_LONG: (
+        "This host has been suspect for a long time without a fencing decision. "
+        "Its VMs may be down: a person must look at it."
+    ),
 }
 
 

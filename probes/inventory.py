@@ -4,8 +4,9 @@ neighbours are.
 Rule: everything here is read from the CloudStack API through the `cs` client (async, signed
 requests, every page fetched); any API or transport failure raises `InventoryError`, whose text
 is safe to publish (never a key, a signature or a request URL) and becomes unknown evidence.
-A host's storage is cached per (host, episode): the VMs that were running when the episode
-started are the ones whose disks tell whether the host still writes.
+A host's storage is looked up afresh at every check: the VMs CloudStack places on the host now
+are the ones whose disks tell whether the host still writes (a VM that CloudStack's HA restarted
+elsewhere no longer counts).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import math
 import posixpath
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,7 +24,6 @@ from cs import AIOCloudStack, CloudStackApiException, CloudStackException
 from fencing.settings import FencerSettings
 
 NFS_POOL_TYPES = {"NetworkFilesystem"}
-_CACHE_SIZE = 4096
 
 
 class InventoryError(Exception):
@@ -128,8 +127,6 @@ class Inventory:
     def __init__(self, settings: FencerSettings) -> None:
         self._settings = settings
         self._api: AIOCloudStack | None = None
-        self._storage: OrderedDict[tuple[str, int], HostStorage] = OrderedDict()
-        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
 
     async def _client(self) -> AIOCloudStack:
         if self._api is None:
@@ -218,21 +215,9 @@ class Inventory:
         """Every primary storage pool."""
         return [_pool_from_api(p) for p in await self._list("listStoragePools")]
 
-    async def storage_of(self, host_uuid: str, episode: int) -> HostStorage:
-        """The host's disks and heartbeat files, cached for the episode."""
-        key = (host_uuid, episode)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            cached = self._storage.get(key)
-            if cached is not None:
-                self._storage.move_to_end(key)
-                return cached
-            storage = await self._lookup(host_uuid)
-            self._storage[key] = storage
-            while len(self._storage) > _CACHE_SIZE:
-                old, _ = self._storage.popitem(last=False)
-                self._locks.pop(old, None)
-            return storage
+    async def storage_of(self, host_uuid: str) -> HostStorage:
+        """The host's disks and heartbeat files, as CloudStack places them now."""
+        return await self._lookup(host_uuid)
 
     async def _lookup(self, host_uuid: str) -> HostStorage:
         host, vms, pools = await asyncio.gather(

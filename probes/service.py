@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from fencing.events import Evidence
 from fencing.records import ProbeRequest, ProbeResult
 from fencing.settings import FencerSettings
 from probes.base import (
@@ -54,6 +53,7 @@ def target_for(
         pools=pools,
         cluster_uuid=storage.host.cluster_uuid,
         neighbours=chosen,
+        unreadable=storage.skipped_disks,
     )
 
 
@@ -82,7 +82,9 @@ class ProbeService:
 
     async def target(self, request: ProbeRequest) -> ProbeTarget:
         """The check's target (raises InventoryError)."""
-        storage = await self.inventory.storage_of(request.host.host_uuid, request.episode)
+        # Asked again at every check: a VM that CloudStack's own HA restarted on another host no
+        # longer counts for the suspect (its new writes are not the suspect's).
+        storage = await self.inventory.storage_of(request.host.host_uuid)
         hosts = []
         if storage.host.cluster_uuid:
             hosts = await self.inventory.cluster_hosts(storage.host.cluster_uuid)
@@ -99,7 +101,7 @@ class ProbeService:
             )
             return outcome.to_result(request, self.clock())
         outcome = await self.probe.check(target)
-        if outcome.evidence is not Evidence.UNKNOWN and outcome.neighbour:
+        if outcome.complete and outcome.neighbour:
             for n in target.neighbours:
                 if n.name == outcome.neighbour:
                     self.neighbours.answered(target.cluster_uuid, n.uuid)

@@ -161,6 +161,9 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     hosts[key] = row
                     if row != before:
                         await host_states.send(key=key.encode(), value=wire.host_state(row))
+                        judged = wire.judged_check(before, row)
+                        if judged is not None:
+                            obs.observe_check(judged)
                 for topic_name, out_key, value in actions:
                     await by_name[topic_name].send(key=out_key, value=value)
 
@@ -249,6 +252,12 @@ def cli_worker(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     roles = parse_roles(args.roles)
     obs.setup_observability(settings)
+    # Services start in any order (compose, systemd): wait, one line per try, no traceback.
+    import asyncio
+
+    from streams.startup import wait_for_dependencies
+
+    asyncio.run(wait_for_dependencies(settings))
     app = create_app(settings, roles)
     log.info(
         "fencer worker starting: roles %s, broker %s",

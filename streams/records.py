@@ -141,21 +141,7 @@ def host_input(message: Any, topics: Any) -> HostInput | str:
             return HostInput(_signal_event(s), s.host)
         if message.topic == topics.probe_results:
             r = ProbeResult.model_validate_json(message.value)
-            return HostInput(
-                ProbeFinished(
-                    at=r.finished_at,
-                    episode=r.episode,
-                    check=r.check,
-                    evidence=r.evidence,
-                    newest_write=r.newest_write,
-                    heartbeat=r.heartbeat,
-                    files_checked=r.files_checked,
-                    files_missing=r.files_missing,
-                    neighbour=r.neighbour,
-                    reason=r.reason,
-                ),
-                r.host,
-            )
+            return HostInput(probe_finished(r, time.time()), r.host)
         if message.topic == topics.fence_decisions:
             d = FenceDecision.model_validate_json(message.value)
             if d.approved:
@@ -173,6 +159,25 @@ def host_input(message: Any, topics: Any) -> HostInput | str:
     except (ValidationError, ValueError) as exc:
         return f"invalid {message.topic} record: {_first(exc)}"
     return f"unexpected topic {message.topic}"
+
+
+def probe_finished(r: ProbeResult, arrived_at: float) -> ProbeFinished:
+    """A probe result as the core's event, stamped with the watch worker's clock on arrival:
+    intervals are measured on that one clock, never on the probe's or the filer's."""
+    return ProbeFinished(
+        at=arrived_at,
+        episode=r.episode,
+        check=r.check,
+        mtimes=tuple(sorted(r.mtimes.items())),
+        heartbeats=tuple(sorted(r.heartbeats.items())),
+        complete=r.complete,
+        files_wanted=r.files_wanted,
+        unreadable=r.unreadable,
+        neighbour=r.neighbour,
+        reason=r.reason,
+        neighbour_offset=r.neighbour_offset,
+        filer_offset=r.filer_offset,
+    )
 
 
 def _signal_event(s: HostSignal) -> HostEvent:
@@ -195,8 +200,9 @@ def _merge_ref(old: HostRef | None, new: HostRef | None) -> HostRef | None:
 
 
 def wants_tick(row: dict[str, Any]) -> bool:
-    """Whether the host's record is in a state that checks on ticks."""
-    return bool(row.get("record", {}).get("state") == core.HostState.SUSPECT.value)
+    """Whether the host's record has an open episode (ticks check, re-send and remind)."""
+    state = row.get("record", {}).get("state")
+    return state not in (None, core.HostState.IDLE.value, core.HostState.MAINTENANCE.value)
 
 
 def tick(row: dict[str, Any], now: float) -> HostSignal:
@@ -216,6 +222,7 @@ def apply(
     record = core.HostRecord.from_dict(row["record"]) if row else core.HostRecord(host=key)
     old_ref = HostRef(**row["host"]) if row and row.get("host") else None
     ref = _merge_ref(old_ref, item.ref) or HostRef(host_uuid=key)
+    policy = settings.policy_for(ref.cluster_uuid)  # the live settings, cluster overrides applied
     try:
         new, actions = core.step(record, item.event, policy)
     except core.CoreError as exc:
@@ -276,9 +283,19 @@ def apply(
     return {"record": new.to_dict(), "host": ref.model_dump()}, out
 
 
+def judged_check(before: dict[str, Any] | None, row: dict[str, Any]) -> str | None:
+    """The evidence of the check the core just judged, if this row change judged one."""
+    new, old = row["record"], (before or {}).get("record", {})
+    judged = (new.get("episode"), new.get("last_check"), new.get("last_probe_at"))
+    if judged == (old.get("episode"), old.get("last_check"), old.get("last_probe_at")):
+        return None
+    return str(new.get("last_evidence")) if new.get("last_evidence") else None
+
+
 def host_state(row: dict[str, Any]) -> bytes:
     """The host-states record of a hosts-table row."""
-    return dump(HostStateRecord(host=HostRef(**row["host"]), record=row["record"], updated_at=time.time()))
+    ref = HostRef(**row["host"])
+    return dump(HostStateRecord(host=ref, record=row["record"], updated_at=time.time()))
 
 
 def _evidence_of(r: core.HostRecord) -> EvidenceSummary | None:
@@ -598,6 +615,17 @@ class Runtime:
                     )
                 )
             elif state in DOWN_STATES:
+                # CloudStack's resource state says the host is out of maintenance: end it here
+                # too (the cancel event may have been missed); the core ignores it otherwise.
+                signals.append(
+                    HostSignal(
+                        kind="maintenance_ended",
+                        host=ref,
+                        at=now,
+                        source="poller",
+                        resource_state=rstate,
+                    )
+                )
                 signals.append(
                     HostSignal(
                         kind="disconnected",
@@ -609,6 +637,15 @@ class Runtime:
                     )
                 )
             elif state == "Up":
+                signals.append(
+                    HostSignal(
+                        kind="maintenance_ended",
+                        host=ref,
+                        at=now,
+                        source="poller",
+                        resource_state=rstate,
+                    )
+                )
                 signals.append(
                     HostSignal(
                         kind="up",
