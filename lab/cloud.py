@@ -342,11 +342,16 @@ class LabCloud:
         prepare_kafka(settings)
         return settings
 
+    @staticmethod
+    def default_check_interval(interval: float) -> float:
+        """The lab policy's check_interval for hosts writing every `interval` seconds."""
+        return max(1.0, 2 * interval)
+
     def settings(self, **policy: Any) -> FencerSettings:
         """The workers' settings; `policy` overrides the lab policy (e.g. fence_cap=3)."""
         assert self._base is not None, "start the LabCloud first"
         values: dict[str, Any] = {
-            "check_interval": max(1.0, 2 * self.interval),
+            "check_interval": self.default_check_interval(self.interval),
             "extra_checks": 2,
             "startup_quiet": 0.0,
             "heartbeat_max_age": 3 * self.interval,
