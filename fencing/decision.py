@@ -24,9 +24,11 @@ never compared with anything.
   redelivered or late result never counts twice. A probe reports a *reading* and the core
   judges it (`judge`): **unknown** when the reading is incomplete, when the host has disks on
   storage the probe cannot read (unless `judge_readable_only`), or when nothing could be read;
-  else **baseline** when there is no earlier complete reading; else **alive** when any file's
-  mtime or any heartbeat's content changed (or a file appeared) since the previous complete
-  reading; else **stale** when at least `check_interval` passed between the two readings
+  else **alive** when the reading carries a direct sign of life (`live_signs`: an RBD watch held
+  by the host); else **baseline** when there is no earlier complete reading; else **alive** when
+  any file's mtime or any heartbeat's content changed (or a file appeared) since the previous
+  complete reading; else **stale** when at least `check_interval` (or the back end's `min_gap`,
+  if larger) passed between the two readings
   (from the arrival of the previous one to the request of this one: both worker clock, and a
   lower bound of the real gap); else unknown ("too soon"). Every complete reading becomes the
   reference for the next.
@@ -399,6 +401,8 @@ def judge(record: HostRecord, result: ProbeFinished, policy: Policy) -> tuple[Ev
         )
     if not result.mtimes and not result.heartbeats:
         return Evidence.UNKNOWN, result.reason or "no files to read"
+    if result.live_signs:
+        return Evidence.ALIVE, result.live_signs[0]
     if record.ref_at is None:
         return Evidence.BASELINE, None
     changed = _changed(record.ref_mtimes, result.mtimes) or _changed(
@@ -408,10 +412,10 @@ def judge(record: HostRecord, result: ProbeFinished, policy: Policy) -> tuple[Ev
         return Evidence.ALIVE, changed
     assert record.last_request_at is not None
     gap = record.last_request_at - record.ref_at
-    if gap < policy.check_interval:
+    floor = max(policy.check_interval, result.min_gap)
+    if gap < floor:
         return Evidence.UNKNOWN, (
-            f"too soon: {gap:.0f} s since the previous reading, "
-            f"check_interval is {policy.check_interval:g} s"
+            f"too soon: {gap:.0f} s since the previous reading, at least {floor:g} s needed"
         )
     return Evidence.STALE, None
 

@@ -134,6 +134,8 @@ class ProbeFinished:
     reason: str | None = None  # why the reading is incomplete
     neighbour_offset: float | None = None  # neighbour clock minus probe worker clock (shown only)
     filer_offset: float | None = None  # filer clock minus the host's (heartbeat mtime - content)
+    live_signs: tuple[str, ...] = ()  # direct signs of life seen now (an RBD watch of the host)
+    min_gap: float = 0.0  # a back end's own floor for a stale window (RBD: the watch timeout)
 
 
 @dataclass(frozen=True)

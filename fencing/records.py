@@ -97,6 +97,10 @@ class ProbeResult(WireRecord):
     filer_offset: float | None = Field(
         None, description="the filer's clock minus the host's: heartbeat mtime minus content"
     )
+    live_signs: list[str] = Field(
+        default_factory=list, description="direct signs of life seen now (an RBD watch held)"
+    )
+    min_gap: float = Field(0.0, description="the back end's floor for a stale window, seconds")
     duration: float = 0.0
     probe: str = "nfs"
 

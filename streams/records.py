@@ -177,6 +177,8 @@ def probe_finished(r: ProbeResult, arrived_at: float) -> ProbeFinished:
         reason=r.reason,
         neighbour_offset=r.neighbour_offset,
         filer_offset=r.filer_offset,
+        live_signs=tuple(r.live_signs),
+        min_gap=r.min_gap,
     )
 
 
