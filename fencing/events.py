@@ -68,6 +68,8 @@ class NoticeKind(str, Enum):
     CANNOT_VERIFY = "cannot_verify"
     PREFLIGHT_FAILED = "preflight_failed"
     HOST_RECOVERED = "host_recovered"
+    FORGED_RECORD = "forged_record"  # a decision or settings record fencer did not sign
+    FENCE_REFUSED = "fence_refused"  # the actuator's last-moment checks refused a decision
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ KINDS: dict[NoticeKind, tuple[str, Severity, int]] = {
     NoticeKind.CANNOT_VERIFY: ("CANNOT-VERIFY", Severity.WARNING, 5),
     NoticeKind.PREFLIGHT_FAILED: ("PREFLIGHT-FAILED", Severity.WARNING, 6),
     NoticeKind.HOST_RECOVERED: ("RECOVERED", Severity.INFO, 7),
+    NoticeKind.FORGED_RECORD: ("FORGED-RECORD", Severity.CRITICAL, 20),
+    NoticeKind.FENCE_REFUSED: ("REFUSED", Severity.WARNING, 21),
 }
 
 # FENCER-MIB FencerActionKind; none(0) when the notification concerns no action.
@@ -254,8 +256,17 @@ def _from_notice(n: Notice) -> Message:
         action=n.action,
         reason=n.reason,
         decision_id=n.decision_id,
-        details=(("Detail", n.result),) if n.result else (),
+        details=_notice_details(n),
     )
+
+
+def _notice_details(n: Notice) -> tuple[tuple[str, str], ...]:
+    rows = [("Detail", n.result or "")]
+    if n.topic is not None:
+        rows.append(("Record", f"{n.topic} partition {n.partition} offset {n.offset}"))
+    if n.claimed_host is not None:
+        rows.append(("Host named", n.claimed_host))
+    return tuple((k, v) for k, v in rows if v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +331,13 @@ _LEADS: dict[NoticeKind, str] = {
     ),
     NoticeKind.PREFLIGHT_FAILED: "A pre-flight check of this host's BMC failed.",
     NoticeKind.HOST_RECOVERED: "CloudStack reports this host Up again.",
+    NoticeKind.FORGED_RECORD: (
+        "A record fencer did not sign was refused: something other than fencer writes to its "
+        "topics. Nothing was done to the host it names."
+    ),
+    NoticeKind.FENCE_REFUSED: (
+        "The actuator refused an approved fence at the last moment; the host was not touched."
+    ),
 }
 
 
