@@ -175,7 +175,7 @@ class FenceClaim(WireRecord):
     host_uuid: str
     claim_id: str = Field(description="unique per claim attempt")
     claimed_by: str = Field(description="worker host:pid")
-    state: Literal["claimed", "done"]
+    state: Literal["claimed", "done", "released"]
     takeover_of: str | None = Field(None, description="the dead claim this one follows")
     outcome: dict[str, Any] | None = Field(None, description="done: the FenceOutcome")
 

@@ -36,11 +36,13 @@ from fencing.settings import (
     IpmiOverrides,
     IpmiSettings,
     PolicySettings,
+    SigningSettings,
     SnmpReceiver,
     SnmpSettings,
     SshSettings,
     TopicNames,
 )
+from fencing.signing import write_keys_file
 from lab.bmc import BmcSimulator
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud, StoragePool
 from lab.kvm_hosts import KvmLab, LabKvmHost
@@ -315,6 +317,10 @@ class LabCloud:
                 power_timeout=5.0, poll_interval=0.5, retries=1, retry_backoff=0.5
             ),
             log_level="INFO",
+            # The lab's own signing key (the gate signs, the actuator verifies) and the flag
+            # that allows driver fake.
+            signing=SigningSettings(keys_file=write_keys_file(self.root / "signing.keys", "lab")),
+            lab=True,
         )
         prepare_kafka(settings)
         return settings
