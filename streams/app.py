@@ -212,6 +212,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
 
         @app.agent(fence_decisions)
         async def actuate(stream: Any) -> None:
+            # Read the host-states and fence-claims topics before the first decision arrives.
+            await runtime.start_actuation()
             async for event in stream.events():
                 # Signed, fresh, backed, confirmed, claimed: else refused (streams.actuation).
                 try:

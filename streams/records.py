@@ -653,6 +653,13 @@ class Runtime:
         signed = sign(self.keyring(), DECISION, decision.model_dump(mode="json"))
         return FenceDecision.model_validate(signed)
 
+    async def start_actuation(self) -> None:
+        """Start reading what the actuator's checks need (host states, claims); retried on use."""
+        try:
+            await self._actuation_service()
+        except Exception as exc:
+            log.warning("actuate: cannot read the host-states or fence-claims topic yet: %s", exc)
+
     async def _actuation_service(self) -> Any:
         if self._actuation is None:
             from streams.actuation import Actuation
