@@ -39,7 +39,7 @@ from fencing.records import (
     HostStateRecord,
     Notice,
 )
-from fencing.settings import FencerSettings
+from fencing.settings import Driver, FencerSettings
 from fencing.signing import DECISION, Keyring, SignatureError, verify_bytes
 from streams.kafka import aiokafka_kwargs
 
@@ -396,6 +396,10 @@ class Actuation:
     async def last_moment(self, decision: FenceDecision, live: FencerSettings) -> None:
         """Raise NotNow with the reason unless every last-moment check passes."""
         check_age(decision, live.decision_max_age(), self.clock())
+        eff = live.effective_ipmi(decision.host.host_uuid, decision.host.cluster_uuid)
+        if eff.values.driver is Driver.FAKE and not live.lab:
+            # A settings-topic record can choose a driver the file check never saw.
+            raise NotNow("driver fake powers off nothing: allowed only with lab: true")
         deadline = time.monotonic() + RECORD_WAIT
         while True:
             try:

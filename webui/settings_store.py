@@ -396,7 +396,12 @@ class SettingsStore:
                 )
             )
             self._notices.add(task)
-            task.add_done_callback(self._notices.discard)
+            task.add_done_callback(self._notice_sent)
+
+    def _notice_sent(self, task: asyncio.Task[Any]) -> None:
+        self._notices.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cannot send a forged_record notice: %s", task.exception())
 
     def _apply(self, key: str, value: bytes | None) -> None:
         if key.startswith("pause:"):

@@ -6,7 +6,11 @@ two workers racing for one decision, and a follower of a claimant that died."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -247,3 +251,41 @@ async def test_a_released_claim_lets_a_later_decision_act_at_once(fencer_setting
         assert acted and time.monotonic() - started < 10
     finally:
         await log.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusing to start
+
+
+def _fencer(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streams.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FENCER_DEBUG": ""},
+    )
+
+
+@pytest.mark.parametrize("roles", ["actuate", "ingest", "notify,actuate", "all"])
+def test_the_gate_and_actuator_roles_refuse_to_start_without_a_key(
+    tmp_path: Path, roles: str
+) -> None:
+    f = tmp_path / "fencer.yaml"
+    f.write_text("kafka:\n  bootstrap_servers: 127.0.0.1:1\n")
+    p = _fencer("worker", "-c", str(f), "--roles", roles)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("fencer: roles ") and "signing.keys_file is not set" in lines[0]
+
+
+def test_config_check_refuses_driver_fake_outside_the_lab(tmp_path: Path) -> None:
+    f = tmp_path / "fencer.yaml"
+    f.write_text("clusters:\n  c1:\n    ipmi:\n      driver: fake\n")
+    p = _fencer("config", "check", str(f))
+    assert p.returncode == 1 and p.stdout == ""
+    assert "clusters.c1.ipmi.driver: driver fake" in p.stderr and "lab: true" in p.stderr
+    f.write_text("lab: true\nclusters:\n  c1:\n    ipmi:\n      driver: fake\n")
+    p = _fencer("config", "check", str(f))
+    assert p.returncode == 0, p.stderr
