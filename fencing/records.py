@@ -147,6 +147,9 @@ class FenceOutcome(WireRecord):
     cloudstack_job: str | None = None
     cloudstack_result: str | None = None
     error: str | None = None
+    refused: bool = Field(
+        False, description="the actuator's last-moment checks refused it: nothing was done"
+    )
 
 
 class Notice(WireRecord):

@@ -147,7 +147,8 @@ def record_id(record: FenceDecision | FenceOutcome | Notice) -> str:
     if isinstance(record, FenceDecision):
         return f"decision:{record.decision_id}:{_decision_kind(record).value}"
     if isinstance(record, FenceOutcome):
-        return f"outcome:{record.decision_id}"
+        # A refusal is not the decision's outcome: a later fence of it is notified too.
+        return f"outcome:{record.decision_id}{':refused' if record.refused else ''}"
     return f"notice:{record.notice_id}"
 
 

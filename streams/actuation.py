@@ -346,6 +346,7 @@ def refusal(decision: FenceDecision, reason: str, now: float) -> FenceOutcome:
         finished_at=now,
         attempts=0,
         error=f"refused: {reason}",
+        refused=True,
     )
 
 

@@ -150,6 +150,13 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         @app.agent(host_inputs)
         async def watch(stream: Any) -> None:
             async for event in stream.events():
+                if event.message.topic == names.fence_decisions and not runtime.decision_is_signed(
+                    event.message
+                ):
+                    # Only the gate's own decisions move a host's record (the actuator reports
+                    # the forged record to people).
+                    await dead(event.message, "a fence decision without fencer's signature")
+                    continue
                 parsed = wire.host_input(event.message, names)
                 if isinstance(parsed, str):
                     await dead(event.message, parsed)
@@ -243,6 +250,10 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         @app.agent(app.topic(names.fence_decisions, names.fence_outcomes, names.notices, **RAW))
         async def notify(stream: Any) -> None:
             async for event in stream.events():
+                if event.message.topic == names.fence_decisions and not runtime.decision_is_signed(
+                    event.message, required=False
+                ):
+                    continue  # a forged decision is told as a forged_record notice, not as news
                 record = wire.notifiable(event.message, names)
                 if record is not None:
                     await runtime.notify(record, notified, event.message.key.decode())

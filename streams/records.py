@@ -646,6 +646,23 @@ class Runtime:
             self._keyring = load_keyring(self.settings)
         return self._keyring
 
+    def decision_is_signed(self, message: Any, required: bool = True) -> bool:
+        """Whether a fence-decisions record carries the gate's signature (when not `required`
+        and this worker holds no key, it cannot tell and says yes)."""
+        from fencing.signing import DECISION, KeyringError, SignatureError, verify_bytes
+
+        try:
+            ring = self.keyring()
+        except KeyringError:
+            if required:
+                raise
+            return True
+        try:
+            verify_bytes(ring, DECISION, message.value)
+        except SignatureError:
+            return False
+        return True
+
     def sign_decision(self, decision: FenceDecision) -> FenceDecision:
         """The decision with the gate's signature."""
         from fencing.signing import DECISION, sign

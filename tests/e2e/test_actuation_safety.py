@@ -132,7 +132,12 @@ async def back_with_record(s: Stage, d: FenceDecision) -> None:
 async def test_forged_decisions_are_refused_and_reported(stage: Stage) -> None:
     s, lab = stage, stage.lab
     await s.worker()
+    # The case: the agent died, CloudStack says Disconnected, the host runs and writes.
+    lab.agent_dies("kvm02")
     live = lab.host("kvm02")
+    await s.tap.wait_for(
+        lambda: s.of(s.t.host_states, live.uuid), 30, "fencer to watch the disconnected host"
+    )
     now = time.time()
     unsigned = decision_for(lab, "kvm02", now)
     stranger = signed(
@@ -159,12 +164,17 @@ async def test_forged_decisions_are_refused_and_reported(stage: Stage) -> None:
     assert isinstance(n["partition"], int) and isinstance(n["offset"], int)
     trap = next(t for t in lab.traps.traps if t.kind == "forged_record")
     assert s.t.fence_decisions in str(trap.varbinds.get("fencerReason"))
-    assert len(s.of(s.t.dead_letter)) >= 2
+    # The actuator and the host watcher both dead-letter them.
+    await s.tap.wait_for(lambda: len(s.of(s.t.dead_letter)) >= 4, 30, "four dead letters")
     await asyncio.sleep(3)  # nothing may follow
-    assert lab.bmc_power_offs("kvm02") == 0
+    assert lab.bmc_power_offs("kvm02") == 0 and lab.power_offs == []
     assert s.of(s.t.fence_outcomes) == [] and s.of(s.t.fence_claims) == []
     assert lab.degraded_calls("kvm02") == []
-    assert lab.cloud.hosts[live.uuid].state == "Up"
+    assert lab.host("kvm02").powered and lab.restarted_elsewhere("kvm02") == []
+    # Fencer's record of the host never saw an approval; nobody was told of a "decision".
+    states = [v["record"]["state"] for v in s.of(s.t.host_states, live.uuid)]
+    assert "fencing" not in states and "fenced" not in states, states
+    assert not [t for t in lab.traps.traps if t.kind == "fence_decided"]
 
 
 async def test_replayed_and_unconfirmed_decisions_are_refused(stage: Stage) -> None:
