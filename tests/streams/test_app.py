@@ -314,7 +314,15 @@ async def test_no_configured_secret_appears_in_any_worker_log_line(cloud: Cloud)
         w.stop()
     text = cloud.logs()
     assert "decision" in text  # the log really was collected
-    for secret in (ipmi_pw, smtp_pw, community, cloud.sim.api_key, cloud.sim.secret_key):
+    signing_secret = (cloud.tmp / "signing.keys").read_text().split()[1]
+    for secret in (
+        ipmi_pw,
+        smtp_pw,
+        community,
+        cloud.sim.api_key,
+        cloud.sim.secret_key,
+        signing_secret,
+    ):
         assert secret not in text, f"a secret leaked into the worker log ({len(text)} bytes)"
 
 
