@@ -24,6 +24,8 @@ NOTIFICATION_NAMES = {
     NoticeKind.CANNOT_VERIFY: "fencerCannotVerify",
     NoticeKind.PREFLIGHT_FAILED: "fencerPreflightFailed",
     NoticeKind.HOST_RECOVERED: "fencerHostRecovered",
+    NoticeKind.FORGED_RECORD: "fencerForgedRecord",
+    NoticeKind.FENCE_REFUSED: "fencerFenceRefused",
 }
 
 
