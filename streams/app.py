@@ -158,6 +158,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     await dead(event.message, "a fence decision without fencer's signature")
                     continue
                 parsed = wire.host_input(event.message, names)
+                if parsed is None:
+                    continue
                 if isinstance(parsed, str):
                     await dead(event.message, parsed)
                     continue
