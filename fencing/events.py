@@ -68,6 +68,8 @@ class NoticeKind(str, Enum):
     CANNOT_VERIFY = "cannot_verify"
     PREFLIGHT_FAILED = "preflight_failed"
     HOST_RECOVERED = "host_recovered"
+    CLOCK_SKEW = "clock_skew"
+    VMS_NOT_RESTARTED = "vms_not_restarted"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -316,6 +316,20 @@ class ActuatorSettings(_Model):
     retries: int = Field(2, ge=0)
     retry_backoff: float = Field(2.0, ge=0)
     preflight_interval: float = Field(0.0, ge=0, description="0 = no periodic BMC pre-flight")
+    fence_deadline: float = Field(
+        600.0, gt=0, description="seconds one fence keeps retrying its BMC before fence_failed"
+    )
+    renotify_interval: float = Field(
+        3600.0, gt=0, description="seconds between fence_failed reminders until an operator acts"
+    )
+
+
+class GateSettings(_Model):
+    """The cluster gate's own clock."""
+
+    clock_tolerance: float = Field(
+        300.0, gt=0, description="seconds a proposal's stamp may differ from the gate's clock"
+    )
 
 
 class ApiSettings(_Model):
@@ -350,6 +364,7 @@ class FencerSettings(BaseSettings):
     email: EmailSettings = Field(default_factory=EmailSettings)
     snmp: SnmpSettings = Field(default_factory=SnmpSettings)
     actuator: ActuatorSettings = Field(default_factory=ActuatorSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     data_dir: Path = Field(Path("var"), description="Faust tables and local state")

@@ -25,7 +25,7 @@ from typing import Any
 
 import faust
 
-from fencing.records import FenceDecision, ProbeRequest, ProbeResult
+from fencing.records import FenceDecision, Notice, ProbeRequest, ProbeResult
 from fencing.settings import FencerSettings
 from streams import observability as obs
 from streams import records as wire
@@ -174,12 +174,16 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     continue
                 try:
                     await runtime.live()
-                    decision = wire.apply_gate(gates, parsed, runtime)
+                    # The gate's own clock: never the proposing worker's stamp.
+                    decision = wire.apply_gate(gates, parsed, runtime, now=time.time())
                 except Exception as exc:
                     log.exception("gate: cannot judge a record")
                     await dead(event.message, f"gate failed: {type(exc).__name__}")
                     continue
-                if decision is not None:
+                if isinstance(decision, Notice):
+                    key = decision.host.host_uuid.encode()
+                    await notices.send(key=key, value=wire.dump(decision))
+                elif decision is not None:
                     obs.log_decision(log, decision)
                     obs.observe_decision(decision)
                     await fence_decisions.send(

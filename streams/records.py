@@ -257,9 +257,11 @@ def apply(
             out.append((topics.fence_proposals, ckey, dump(prop)))
         elif isinstance(action, MarkSuspect | ClearSuspect):
             kind = "suspect" if isinstance(action, MarkSuspect) else "cleared"
-            sig = GateSignal(
-                kind=kind, cluster_uuid=ref.cluster_uuid or "", at=action.at, host_uuid=key
-            )
+            if not ref.cluster_uuid:
+                # Never counted under a cluster "": sent once the inventory knows the cluster.
+                log.info("host %s: cluster not known yet, the gate hears of it later", key)
+                continue
+            sig = GateSignal(kind=kind, cluster_uuid=ref.cluster_uuid, at=action.at, host_uuid=key)
             out.append((topics.fence_proposals, ckey, dump(sig)))
         elif isinstance(action, Notify):
             details = dict(action.details)
@@ -273,7 +275,19 @@ def apply(
                 evidence=_evidence_of(new),
             )
             out.append((topics.notices, hkey, dump(notice)))
+    out.extend(_late_suspect(old_ref, ref, new, key, at, topics))
     return {"record": new.to_dict(), "host": ref.model_dump()}, out
+
+
+def _late_suspect(
+    old: HostRef | None, ref: HostRef, record: core.HostRecord, key: str, at: float, topics: Any
+) -> list[Out]:
+    """The gate's `suspect` signal held back while the host's cluster was unknown."""
+    episode_open = record.state not in (core.HostState.IDLE, core.HostState.MAINTENANCE)
+    if not episode_open or not ref.cluster_uuid or old is None or old.cluster_uuid:
+        return []  # (a new row's MarkSuspect already went out with its cluster)
+    sig = GateSignal(kind="suspect", cluster_uuid=ref.cluster_uuid, at=at, host_uuid=key)
+    return [(topics.fence_proposals, ref.cluster_uuid.encode(), dump(sig))]
 
 
 def host_state(row: dict[str, Any]) -> bytes:
@@ -365,9 +379,15 @@ def apply_gate(
     table: MutableMapping[str, Any],
     item: FenceProposal | GateSignal,
     runtime: Runtime,
-) -> FenceDecision | None:
-    """Feed the gate one record; the decision for a proposal."""
+    now: float | None = None,
+) -> FenceDecision | Notice | None:
+    """Feed the gate one record at the gate worker's clock `now`: the decision for a proposal,
+    a clock_skew notice for a proposal the gate refuses to judge, else None."""
+    now = time.time() if now is None else now
     if isinstance(item, GateSignal):
+        if not item.cluster_uuid:
+            log.warning("gate: a %s signal without a cluster dropped", item.kind)
+            return None
         row = cluster_row(table.get(item.cluster_uuid), item.cluster_uuid)
         fact: gatecore.GateFact
         if item.kind == "cluster_size":
@@ -378,34 +398,74 @@ def apply_gate(
             fact = gatecore.HostCleared(item.host_uuid or "")
         table[item.cluster_uuid] = _jsonable(gatecore.observe(row, fact))
         return None
-    cluster = item.host.cluster_uuid or ""
     settings = runtime.current
+    cluster = item.host.cluster_uuid
+    if not cluster:
+        # No cluster row to judge against: a temporary withhold, proposed again later.
+        log.warning("gate: %s names no cluster: withheld until it is known", item.decision_id)
+        return _decision(item, False, WithheldReason.CLUSTER_SIZE_UNKNOWN, now, 0, 0)
     row = cluster_row(table.get(cluster), cluster)
     row = gatecore.observe(row, gatecore.ClusterPaused(runtime.cluster_paused(cluster)))
     glob = gatecore.pause_all(global_row(table.get(GLOBAL_ROW)), runtime.globally_paused())
     policy = replace(runtime.policy, fence_cap=settings.fence_cap_for(cluster))
-    ctx = gatecore.GateContext(policy=policy, started_at=runtime.started_at)
+    ctx = gatecore.GateContext(
+        policy=policy,
+        started_at=runtime.started_at,
+        clock_tolerance=settings.gate.clock_tolerance,
+    )
     request = gatecore.FenceRequest(
         item.decision_id, item.host.host_uuid, cluster, item.action, item.proposed_at
     )
     try:
-        row, glob, verdict = gatecore.decide(row, glob, request, ctx)
+        row, glob, verdict = gatecore.decide(row, glob, request, ctx, now)
     except core.CoreError as exc:
         log.warning("gate refused %s: %s", item.decision_id, exc)
         return None
     table[cluster] = _jsonable(row)
     table[GLOBAL_ROW] = _jsonable(glob)
+    if verdict.skew is not None:
+        tolerance = ctx.clock_tolerance
+        text = (
+            f"proposal {item.decision_id} is stamped {verdict.skew:+.0f} s from the gate's clock "
+            f"(tolerance {tolerance:g} s): not judged; fix the clock (NTP) of the worker that "
+            "watches this host, the proposal is judged once it is sent with a sane stamp"
+        )
+        log.warning("gate: %s", text)
+        return Notice(
+            # One notice per decision and tolerance period: repeated while the skew lasts.
+            notice_id=f"{item.decision_id}/clock_skew/{int(now // tolerance)}",
+            kind=NoticeKind.CLOCK_SKEW,
+            host=item.host,
+            at=now,
+            action=item.action,
+            decision_id=item.decision_id,
+            reason=text,
+            evidence=item.evidence,
+        )
+    return _decision(
+        item, verdict.approved, verdict.reason, verdict.at, verdict.budget_used, verdict.budget_cap
+    )
+
+
+def _decision(
+    item: FenceProposal,
+    approved: bool,
+    reason: WithheldReason | None,
+    at: float,
+    used: int,
+    cap: int,
+) -> FenceDecision:
     return FenceDecision(
         decision_id=item.decision_id,
         host=item.host,
         episode=item.episode,
         action=item.action,
-        approved=verdict.approved,
-        withheld_reason=verdict.reason,
+        approved=approved,
+        withheld_reason=reason,
         evidence=item.evidence,
-        decided_at=verdict.at,
-        budget_used=verdict.budget_used,
-        budget_cap=verdict.budget_cap,
+        decided_at=at,
+        budget_used=used,
+        budget_cap=cap,
     )
 
 
@@ -565,7 +625,11 @@ class Runtime:
         for h in hosts:
             uuid = h["id"]
             cluster = h.get("clusterid") or ""
-            sizes[cluster] = sizes.get(cluster, 0) + 1
+            sizes.setdefault(cluster, 0)
+            if h.get("resourcestate") == "Enabled":
+                # The storm guard's denominator: hosts that could be running VMs (not Disabled,
+                # not in or entering maintenance).
+                sizes[cluster] = sizes.get(cluster, 0) + 1
             state, rstate = h.get("state", ""), h.get("resourcestate", "")
             self._names[h.get("name", uuid)] = uuid
             previous = self._polled.get(uuid)
