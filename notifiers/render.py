@@ -44,6 +44,8 @@ KINDS: dict[NoticeKind, tuple[str, Severity, int]] = {
     NoticeKind.CANNOT_VERIFY: ("CANNOT-VERIFY", Severity.WARNING, 5),
     NoticeKind.PREFLIGHT_FAILED: ("PREFLIGHT-FAILED", Severity.WARNING, 6),
     NoticeKind.HOST_RECOVERED: ("RECOVERED", Severity.INFO, 7),
+    NoticeKind.CLOCK_SKEW: ("CLOCK-SKEW", Severity.CRITICAL, 8),
+    NoticeKind.VMS_NOT_RESTARTED: ("VMS-DOWN", Severity.CRITICAL, 9),
 }
 
 # FENCER-MIB FencerActionKind; none(0) when the notification concerns no action.
@@ -75,6 +77,7 @@ OBJECT_NUMBERS: dict[str, int] = {
     "fencerStaleChecks": 13,
     "fencerSeverity": 14,
     "fencerEventTime": 15,
+    "fencerNoticeId": 16,
 }
 
 # SNMP OCTET STRING sizes in the MIB (FencerText 0..255, FencerUtcTime 0..32).
@@ -85,7 +88,7 @@ _TEXT_MAX = 255
 class Message:
     """One normalised notification: everything any channel needs, from any record."""
 
-    record_id: str  # the idempotency key: one notification per id
+    record_id: str  # the stable notice id: a re-delivery carries the same one (receivers dedupe)
     kind: NoticeKind
     severity: Severity
     at: float
@@ -298,6 +301,7 @@ def _rows(m: Message) -> list[tuple[str, str]]:
         ("Severity", m.severity.value),
         ("Time", iso_utc(m.at)),
         ("Decision id", m.decision_id or ""),
+        ("Notice id", m.record_id),
         ("Suspect since", iso_utc(m.suspect_since)),
         ("Stale checks", "" if m.stale_checks is None else str(m.stale_checks)),
         ("Files checked", "" if m.files_checked is None else str(m.files_checked)),
@@ -320,6 +324,13 @@ _LEADS: dict[NoticeKind, str] = {
     ),
     NoticeKind.PREFLIGHT_FAILED: "A pre-flight check of this host's BMC failed.",
     NoticeKind.HOST_RECOVERED: "CloudStack reports this host Up again.",
+    NoticeKind.CLOCK_SKEW: (
+        "A fence proposal was refused unjudged: its time stamp is too far from the gate's "
+        "clock. Fix the worker's clock (NTP)."
+    ),
+    NoticeKind.VMS_NOT_RESTARTED: (
+        "The host was fenced, but some of its VMs are still not running. A person must look."
+    ),
 }
 
 
@@ -374,6 +385,7 @@ def render_snmp(m: Message) -> SnmpContent:
         "fencerStaleChecks": ("unsigned", max(0, m.stale_checks or 0)),
         "fencerSeverity": ("integer", SEVERITY_NUMBERS[m.severity]),
         "fencerEventTime": ("octets", iso_utc(m.at)),
+        "fencerNoticeId": ("octets", _text(m.record_id)),
     }
     # accessible-for-notify scalars are sent as instance .0, as net-snmp expects.
     varbinds = tuple(

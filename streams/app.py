@@ -231,7 +231,12 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
     # -- notify: email and SNMP for every step ------------------------------------------
     if "notify" in roles:
 
-        @app.agent(app.topic(names.fence_decisions, names.fence_outcomes, names.notices, **RAW))
+        # Each record is delivered before its offset is committed (at least once); a peer that
+        # is down holds one actor, not every notification.
+        @app.agent(
+            app.topic(names.fence_decisions, names.fence_outcomes, names.notices, **RAW),
+            concurrency=4,
+        )
         async def notify(stream: Any) -> None:
             async for event in stream.events():
                 record = wire.notifiable(event.message, names)

@@ -483,6 +483,34 @@ def notifiable(message: Any, topics: Any) -> FenceDecision | FenceOutcome | Noti
     return load(model, message.value)  # type: ignore[return-value]
 
 
+class RowStore(MutableMapping[str, float]):
+    """One key of a Faust table as a mapping: each write stores the whole row (a changelog
+    record), so a mark is durable as soon as it is set."""
+
+    def __init__(self, table: MutableMapping[str, Any], key: str) -> None:
+        self.table, self.key = table, key
+
+    def _row(self) -> dict[str, float]:
+        return dict(self.table.get(self.key) or {})
+
+    def __getitem__(self, k: str) -> float:
+        return self._row()[k]
+
+    def __setitem__(self, k: str, v: float) -> None:
+        self.table[self.key] = {**self._row(), k: v}
+
+    def __delitem__(self, k: str) -> None:
+        row = self._row()
+        del row[k]
+        self.table[self.key] = row
+
+    def __iter__(self) -> Any:
+        return iter(self._row())
+
+    def __len__(self) -> int:
+        return len(self._row())
+
+
 # ---------------------------------------------------------------------------------------------
 # The services behind the agents, created lazily (a role that does not need one never opens it)
 
@@ -790,20 +818,13 @@ class Runtime:
         table: MutableMapping[str, Any],
         key: str,
     ) -> None:
-        """Hand a record to the notifier once (the table remembers what was handed over)."""
-        from notifiers.render import record_id
-
+        """Deliver a record's notification before returning (so the offset is committed after
+        delivery): marked in the table per channel once its peer accepted it, at least once."""
         if self._notifier is None:
             from notifiers.service import Notifier
 
             self._notifier = Notifier.from_settings(self.settings)
-        rid = record_id(record)
-        sent = dict(table.get(key) or {})
-        if rid in sent:
-            return
-        sent[rid] = time.time()
-        table[key] = sent
-        await self._notifier.handle(record)
+        await self._notifier.deliver(record, RowStore(table, key), forever=True)
 
     async def close(self) -> None:
         """Close every client."""

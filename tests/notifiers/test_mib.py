@@ -24,6 +24,8 @@ NOTIFICATION_NAMES = {
     NoticeKind.CANNOT_VERIFY: "fencerCannotVerify",
     NoticeKind.PREFLIGHT_FAILED: "fencerPreflightFailed",
     NoticeKind.HOST_RECOVERED: "fencerHostRecovered",
+    NoticeKind.CLOCK_SKEW: "fencerClockSkew",
+    NoticeKind.VMS_NOT_RESTARTED: "fencerVmsNotRestarted",
 }
 
 
