@@ -312,7 +312,11 @@ class LabCloud:
                 receivers=[SnmpReceiver(host="127.0.0.1", port=self.traps.port, version="v2c")],
             ),
             actuator=ActuatorSettings(
-                power_timeout=5.0, poll_interval=0.5, retries=1, retry_backoff=0.5
+                power_timeout=5.0,
+                poll_interval=0.5,
+                retries=1,
+                retry_backoff=0.5,
+                fence_deadline=15.0,
             ),
             log_level="INFO",
         )
