@@ -227,6 +227,7 @@ class TopicNames(_Model):
     host_states: str = "fencer.host-states"
     dead_letter: str = "fencer.dead-letter"
     settings: str = "fencer.settings"
+    operator_actions: str = "fencer.operator-actions"
 
 
 class KafkaSettings(_Model):

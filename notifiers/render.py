@@ -148,7 +148,8 @@ def record_id(record: FenceDecision | FenceOutcome | Notice) -> str:
     if isinstance(record, FenceDecision):
         return f"decision:{record.decision_id}:{_decision_kind(record).value}"
     if isinstance(record, FenceOutcome):
-        return f"outcome:{record.decision_id}"
+        # An operator's retry of the same decision is a new outcome: a new notification.
+        return f"outcome:{record.decision_id}:{record.started_at:.0f}"
     return f"notice:{record.notice_id}"
 
 

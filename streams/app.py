@@ -13,6 +13,8 @@ and sends each action to its topic.
                            fence-outcomes ┘                              └▶ notices
     gate (gates table, one partition: the global cap has one owner) ─▶ fence-decisions
     fence-decisions ─▶ actuate (done table) ─▶ fence-outcomes
+    operator-actions (retry / handled) ─▶ operator (done table) ─▶ fence-outcomes
+    timer (fence_failed reminders, every renotify_interval) ─▶ notices
     fence-decisions + fence-outcomes + notices ─▶ notify (notified table) ─▶ email, SNMP
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 
 import faust
 
-from fencing.records import FenceDecision, Notice, ProbeRequest, ProbeResult
+from fencing.records import FenceDecision, Notice, OperatorAction, ProbeRequest, ProbeResult
 from fencing.settings import FencerSettings
 from streams import observability as obs
 from streams import records as wire
@@ -207,8 +209,16 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
 
     # -- actuate: fence through the BMC, verify, then let CloudStack restart the VMs ----
     if "actuate" in roles:
+        operator_actions = app.topic(names.operator_actions, **RAW)
 
-        @app.agent(fence_decisions)
+        async def send_notice(notice: Notice) -> None:
+            await notices.send(key=notice.host.host_uuid.encode(), value=wire.dump(notice))
+
+        runtime.notice_sink = send_notice
+
+        # A fence retries for up to actuator.fence_deadline: decisions run concurrently (one
+        # lock per host inside the actuator), so one host's retries never hold up another's.
+        @app.agent(fence_decisions, concurrency=16)
         async def actuate(stream: Any) -> None:
             async for event in stream.events():
                 decision = wire.load(FenceDecision, event.value)
@@ -219,6 +229,28 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 if outcome is not None:
                     obs.observe_outcome(outcome)
                     await fence_outcomes.send(key=key.encode(), value=wire.dump(outcome))
+
+        @app.agent(operator_actions, concurrency=4)
+        async def operator(stream: Any) -> None:
+            # `fencer fence retry|handled HOST` and the web UI's buttons.
+            async for event in stream.events():
+                action = wire.load(OperatorAction, event.value)
+                if action is None:
+                    continue
+                outcome = await runtime.operator_action(action, done, action.host_uuid)
+                if outcome is not None:
+                    obs.observe_outcome(outcome)
+                    key = outcome.host.host_uuid.encode()
+                    await fence_outcomes.send(key=key, value=wire.dump(outcome))
+
+        renotify = settings.actuator.renotify_interval
+
+        @app.timer(interval=max(0.5, min(renotify / 4, 60.0)))
+        async def remind() -> None:
+            # A failed fence nobody acted on is told again every renotify_interval (the notice
+            # id carries the count, so the notify table sends each reminder once).
+            for notice in wire.reminders(list(done.items()), time.time(), renotify):
+                await send_notice(notice)
 
         if settings.actuator.preflight_interval > 0:
 

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -53,6 +53,7 @@ from fencing.records import (
     HostSignal,
     HostStateRecord,
     Notice,
+    OperatorAction,
     ProbeRequest,
     ProbeResult,
 )
@@ -483,6 +484,76 @@ def notifiable(message: Any, topics: Any) -> FenceDecision | FenceOutcome | Noti
     return load(model, message.value)  # type: ignore[return-value]
 
 
+def _done_entry(decision: FenceDecision, outcome: FenceOutcome) -> dict[str, Any]:
+    """An `actuated` table entry: the outcome, and the decision (an operator may retry it)."""
+    return {**outcome.model_dump(mode="json"), "decision": decision.model_dump(mode="json")}
+
+
+def failed_fence(
+    row: dict[str, Any], decision_id: str | None = None
+) -> tuple[str, dict[str, Any]] | None:
+    """The host's failed fence: the named decision, else the latest one if it failed."""
+    entries = {k: v for k, v in row.items() if isinstance(v, dict) and "success" in v}
+    if decision_id is None and entries:
+        decision_id = max(entries, key=lambda k: entries[k].get("finished_at") or 0.0)
+    entry = entries.get(decision_id or "")
+    if entry is None or entry.get("success"):
+        return None
+    return decision_id or "", entry
+
+
+def reminders(rows: Iterable[tuple[str, Any]], now: float, interval: float) -> list[Notice]:
+    """A fence_failed notice for each host whose latest fence failed and that no operator has
+    retried or marked handled: one per `interval` since the failure, each with its own id."""
+    out: list[Notice] = []
+    for host, row in rows:
+        target = failed_fence(dict(row or {}))
+        if target is None or target[1].get("handled_at") is not None:
+            continue
+        decision_id, entry = target
+        o = FenceOutcome.model_validate(entry)
+        n = int((now - o.finished_at) // interval)
+        if n < 1:
+            continue
+        minutes = (now - o.finished_at) / 60
+        out.append(
+            Notice(
+                notice_id=f"{decision_id}/fence_failed/{o.started_at:.0f}/{n}",
+                kind=NoticeKind.FENCE_FAILED,
+                host=o.host,
+                at=now,
+                action=o.action,
+                decision_id=decision_id,
+                result=f"reminder {n}: not handled for {minutes:.0f} min",
+                reason=(
+                    f"the fence failed and nobody has acted: {o.error or 'no reason given'}; "
+                    f"`fencer fence retry {host}` runs it again, `fencer fence handled {host}` "
+                    "stops these reminders (or the buttons in the web UI)"
+                ),
+            )
+        )
+    return out
+
+
+async def send_operator_action(settings: FencerSettings, action: OperatorAction) -> None:
+    """Write an operator's retry or handled record to its topic (CLI and web UI)."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.kafka import aiokafka_kwargs, prepare_kafka
+
+    prepare_kafka(settings)
+    producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            settings.kafka.topics.operator_actions,
+            key=action.host_uuid.encode(),
+            value=dump(action),
+        )
+    finally:
+        await producer.stop()
+
+
 class RowStore(MutableMapping[str, float]):
     """One key of a Faust table as a mapping: each write stores the whole row (a changelog
     record), so a mark is durable as soon as it is set."""
@@ -531,6 +602,8 @@ class Runtime:
 
     _store: Any = None
     _store_failed: bool = False
+    # async (Notice) -> None, set by the topology: how the actuator's notices reach the topic
+    notice_sink: Any = None
 
     @property
     def policy(self) -> Policy:
@@ -734,7 +807,7 @@ class Runtime:
         if self._actuator is None:
             from fencing.actuator import Actuator
 
-            self._actuator = Actuator(self.settings)
+            self._actuator = Actuator(self.settings, notify=self.emit_notice)
         self._actuator.settings = await self.live()
         done = dict(table.get(key) or {})
         if decision.decision_id in done:
@@ -743,8 +816,56 @@ class Runtime:
         if outcome is None:
             outcome = await self._actuator.handle(decision)
         if outcome is not None:
-            done[decision.decision_id] = outcome.model_dump(mode="json")
+            done = dict(table.get(key) or {})  # other decisions may have finished meanwhile
+            done[decision.decision_id] = _done_entry(decision, outcome)
             table[key] = done
+        return outcome
+
+    async def emit_notice(self, notice: Notice) -> None:
+        """Send a notice the actuator raised (VMs still down, ...) to the notices topic."""
+        if self.notice_sink is None:
+            log.error("notice %s (%s) has nowhere to go", notice.notice_id, notice.kind.value)
+            return
+        await self.notice_sink(notice)
+
+    async def operator_action(
+        self, action: OperatorAction, table: MutableMapping[str, Any], key: str
+    ) -> FenceOutcome | None:
+        """An operator's retry (runs the failed decision again; the new outcome) or handled
+        (stops the reminders; None)."""
+        target = failed_fence(dict(table.get(key) or {}), action.decision_id)
+        if target is None:
+            log.warning(
+                "operator %s for host %s: no failed fence %s to act on",
+                action.kind,
+                key,
+                action.decision_id or "(latest)",
+            )
+            return None
+        decision_id, entry = target
+        if action.kind == "handled":
+            row = dict(table.get(key) or {})
+            row[decision_id] = {**entry, "handled_at": action.at, "handled_by": action.by}
+            table[key] = row
+            log.info("fence %s marked handled by %s", decision_id, action.by or "an operator")
+            return None
+        if "decision" not in entry:
+            log.warning("fence %s cannot be retried: its decision was not kept", decision_id)
+            return None
+        decision = FenceDecision.model_validate(entry["decision"])
+        if self._actuator is None:
+            from fencing.actuator import Actuator
+
+            self._actuator = Actuator(self.settings, notify=self.emit_notice)
+        self._actuator.settings = await self.live()
+        log.info("fence %s retried by %s", decision_id, action.by or "an operator")
+        outcome: FenceOutcome | None = await self._recheck(decision)
+        if outcome is None:
+            outcome = await self._actuator.handle(decision, again=True)
+        if outcome is not None:
+            row = dict(table.get(key) or {})
+            row[decision_id] = {**_done_entry(decision, outcome), "retried_by": action.by}
+            table[key] = row
         return outcome
 
     async def _recheck(self, decision: FenceDecision) -> FenceOutcome | None:

@@ -99,7 +99,7 @@ async def test_every_record_reaches_every_channel(
     ]
     assert set(notifier.store) == {
         "decision:dec-0001:fence_decided",
-        "outcome:dec-0001",
+        "outcome:dec-0001:1736935626",
         "notice:n-0001",
     }
 
