@@ -18,7 +18,7 @@ from fencing.drivers import build_driver
 from fencing.drivers.base import PowerDriver
 from fencing.engine import Engine
 from fencing.events import FenceAction, NoticeKind
-from fencing.records import EvidenceSummary, FenceDecision, HostRef, Notice
+from fencing.records import EvidenceSummary, FenceDecision, HostRef, Notice, OperatorAction
 from fencing.settings import (
     ActuatorSettings,
     CloudStackSettings,
@@ -28,6 +28,7 @@ from fencing.settings import (
     IpmiSettings,
 )
 from lab.bmc import BmcSimulator
+from streams import records as wire
 
 from .conftest import BMC_PASSWORD, Cloud
 
@@ -147,6 +148,7 @@ async def test_an_operator_retry_runs_a_failed_decision_again(
     first = await act.handle(d)
     assert first is not None and not first.success
     bmc.resume()
+    act.settings = settings_for(cloud, {cloud.host.uuid: bmc.port})  # a longer deadline now
     assert await act.handle(d) == first  # a redelivery: the stored outcome, no BMC call
     assert bmc.count("power_off") == 0
     again = await act.handle(d, again=True)
@@ -225,3 +227,69 @@ async def test_one_hosts_retries_never_hold_up_another_host(cloud: Cloud) -> Non
         )
         assert done[other.uuid] < 2.5 < done[cloud.host.uuid]
         assert fine.power == "off" and stuck.power == "on"
+
+
+# -- the worker's shell: reminders until an operator retries or marks the fence handled -------
+
+
+def shell(settings: FencerSettings, act: Actuator) -> wire.Runtime:
+    rt = wire.Runtime(settings=settings, started_at=time.time())
+    rt._store_failed = True  # no settings topic here: the file's settings are the live ones
+    rt._actuator = act
+    return rt
+
+
+async def test_a_failed_fence_is_repeated_until_an_operator_retries_it(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    bmc.pause()
+    settings = settings_for(cloud, {cloud.host.uuid: bmc.port}, deadline=1.5)
+    act, _ = actuator(settings)
+    rt = shell(settings, act)
+    done: dict[str, Any] = {}
+    host = cloud.host.uuid
+    d = decision(host, cloud.cluster_uuid)
+    failed = await rt.actuate(d, done, host)
+    assert failed is not None and not failed.success
+    t0, every = failed.finished_at, 60.0
+    assert wire.reminders(done.items(), t0 + 59, every) == []
+    (first,) = wire.reminders(done.items(), t0 + 61, every)
+    assert first.kind is NoticeKind.FENCE_FAILED and first.decision_id == d.decision_id
+    assert first.notice_id.endswith("/1") and f"fencer fence retry {host}" in (first.reason or "")
+    (again,) = wire.reminders(done.items(), t0 + 61.5, every)
+    assert again.notice_id == first.notice_id  # the same reminder: sent once
+    (second,) = wire.reminders(done.items(), t0 + 125, every)
+    assert second.notice_id.endswith("/2") and second.notice_id != first.notice_id
+
+    bmc.resume()
+    rt.settings = settings_for(cloud, {host: bmc.port})  # a longer deadline now
+    retry = OperatorAction(kind="retry", host_uuid=host, by="ops", at=time.time())
+    out = await rt.operator_action(retry, done, host)
+    assert out is not None and out.success and out.decision_id == d.decision_id
+    assert out.started_at > failed.started_at  # a new run: a new notification id
+    assert bmc.power == "off" and bmc.count("power_off") == 1
+    assert degraded_calls(cloud) == ["declareHostAsDegraded"]
+    assert done[host][d.decision_id]["success"] and done[host][d.decision_id]["retried_by"] == "ops"
+    assert wire.reminders(done.items(), t0 + 1000, every) == []
+    # a second retry of a fence that worked does nothing
+    assert await rt.operator_action(retry, done, host) is None
+    assert bmc.count("power_off") == 1
+
+
+async def test_marking_a_failed_fence_handled_stops_the_reminders(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    bmc.pause()
+    settings = settings_for(cloud, {cloud.host.uuid: bmc.port}, deadline=1.0)
+    act, _ = actuator(settings)
+    rt = shell(settings, act)
+    done: dict[str, Any] = {}
+    host = cloud.host.uuid
+    failed = await rt.actuate(decision(host, cloud.cluster_uuid), done, host)
+    assert failed is not None and not failed.success
+    later = failed.finished_at + 3600
+    assert len(wire.reminders(done.items(), later, 600)) == 1
+    handled = OperatorAction(kind="handled", host_uuid=host, by="ops", at=time.time())
+    assert await rt.operator_action(handled, done, host) is None
+    assert wire.reminders(done.items(), later, 600) == []
+    assert bmc.count("power_off") == 0
