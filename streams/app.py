@@ -247,9 +247,9 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
 
         @app.timer(interval=max(0.5, min(renotify / 4, 60.0)))
         async def remind() -> None:
-            # A failed fence nobody acted on is told again every renotify_interval (the notice
-            # id carries the count, so the notify table sends each reminder once).
-            for notice in wire.reminders(list(done.items()), time.time(), renotify):
+            # A failed fence nobody acted on is told again every renotify_interval (each
+            # reminder has its own stable id: the notify table delivers it once).
+            for notice in runtime.due_reminders(list(done.items()), time.time()):
                 await send_notice(notice)
 
         if settings.actuator.preflight_interval > 0:

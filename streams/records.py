@@ -604,6 +604,7 @@ class Runtime:
     _store_failed: bool = False
     # async (Notice) -> None, set by the topology: how the actuator's notices reach the topic
     notice_sink: Any = None
+    _reminded: set[str] = field(default_factory=set)
 
     @property
     def policy(self) -> Policy:
@@ -820,6 +821,14 @@ class Runtime:
             done[decision.decision_id] = _done_entry(decision, outcome)
             table[key] = done
         return outcome
+
+    def due_reminders(self, rows: Iterable[tuple[str, Any]], now: float) -> list[Notice]:
+        """The fence_failed reminders due now that this worker has not sent yet (after a
+        restart one may go out again: the same id, dropped by the notify table)."""
+        every = self.current.actuator.renotify_interval
+        due = [n for n in reminders(rows, now, every) if n.notice_id not in self._reminded]
+        self._reminded.update(n.notice_id for n in due)
+        return due
 
     async def emit_notice(self, notice: Notice) -> None:
         """Send a notice the actuator raised (VMs still down, ...) to the notices topic."""
