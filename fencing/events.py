@@ -73,6 +73,7 @@ class NoticeKind(str, Enum):
     SUSPECT_TOO_LONG = "suspect_too_long"  # suspect without a decision: repeated until it ends
     FORGED_RECORD = "forged_record"  # a decision or settings record fencer did not sign
     FENCE_REFUSED = "fence_refused"  # the actuator's last-moment checks refused a decision
+    VMS_NOT_RESTARTED = "vms_not_restarted"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,6 +210,18 @@ class HostStateRecord(WireRecord):
     updated_at: float = Field(description="the watch worker's clock when the record changed")
 
 
+class OperatorAction(WireRecord):
+    """An operator's answer to a failed fence (topic operator-actions, key host uuid): `retry`
+    runs the same decision again now, `handled` stops the fence_failed reminders."""
+
+    kind: Literal["retry", "handled"]
+    host_uuid: str
+    decision_id: str | None = Field(None, description="None: the host's latest failed fence")
+    by: str | None = Field(None, description="who asked (UI user, CLI user)")
+    note: str | None = None
+    at: float
+
+
 class DeadLetter(WireRecord):
     """Input fencer could not use (topic dead-letter)."""
 

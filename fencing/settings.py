@@ -254,6 +254,7 @@ class TopicNames(_Model):
     dead_letter: str = "fencer.dead-letter"
     settings: str = "fencer.settings"
     fence_claims: str = "fencer.fence-claims"
+    operator_actions: str = "fencer.operator-actions"
 
 
 class KafkaSettings(_Model):
@@ -356,6 +357,13 @@ class ActuatorSettings(_Model):
         description="seconds another worker's unfinished claim is waited for before taking over",
     )
 
+    fence_deadline: float = Field(
+        600.0, gt=0, description="seconds one fence keeps retrying its BMC before fence_failed"
+    )
+    renotify_interval: float = Field(
+        3600.0, gt=0, description="seconds between fence_failed reminders until an operator acts"
+    )
+
 
 class SigningSettings(_Model):
     """Keys that sign fence decisions and settings records (fencing.signing).
@@ -366,6 +374,14 @@ class SigningSettings(_Model):
     keys_file: Path | None = Field(None, description="file of signing keys (mode 0600)")
     keys: SecretStr | None = Field(
         None, description="the same lines inline (e.g. FENCER_SECRETS_DIR file signing__keys)"
+    )
+
+
+class GateSettings(_Model):
+    """The cluster gate's own clock."""
+
+    clock_tolerance: float = Field(
+        300.0, gt=0, description="seconds a proposal's stamp may differ from the gate's clock"
     )
 
 
@@ -401,6 +417,7 @@ class FencerSettings(BaseSettings):
     email: EmailSettings = Field(default_factory=EmailSettings)
     snmp: SnmpSettings = Field(default_factory=SnmpSettings)
     actuator: ActuatorSettings = Field(default_factory=ActuatorSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     signing: SigningSettings = Field(default_factory=SigningSettings)

@@ -345,6 +345,7 @@ class LabCloud:
                 # waited for a worker to start.
                 decision_max_age=15.0,
                 claim_lease=20.0,
+                fence_deadline=15.0,
             ),
             log_level="INFO",
             # The lab's own signing key (the gate signs, the actuator verifies) and the flag

@@ -28,6 +28,7 @@ NOTIFICATION_NAMES = {
     NoticeKind.SUSPECT_TOO_LONG: "fencerSuspectTooLong",
     NoticeKind.FORGED_RECORD: "fencerForgedRecord",
     NoticeKind.FENCE_REFUSED: "fencerFenceRefused",
+    NoticeKind.VMS_NOT_RESTARTED: "fencerVmsNotRestarted",
 }
 
 
