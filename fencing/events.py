@@ -68,6 +68,7 @@ class NoticeKind(str, Enum):
     CANNOT_VERIFY = "cannot_verify"
     PREFLIGHT_FAILED = "preflight_failed"
     HOST_RECOVERED = "host_recovered"
+    BMC_IDENTITY_CHANGED = "bmc_identity_changed"  # the BMC reports another system GUID
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ KINDS: dict[NoticeKind, tuple[str, Severity, int]] = {
     NoticeKind.CANNOT_VERIFY: ("CANNOT-VERIFY", Severity.WARNING, 5),
     NoticeKind.PREFLIGHT_FAILED: ("PREFLIGHT-FAILED", Severity.WARNING, 6),
     NoticeKind.HOST_RECOVERED: ("RECOVERED", Severity.INFO, 7),
+    NoticeKind.BMC_IDENTITY_CHANGED: ("BMC-IDENTITY-CHANGED", Severity.CRITICAL, 20),
 }
 
 # FENCER-MIB FencerActionKind; none(0) when the notification concerns no action.
@@ -320,6 +321,10 @@ _LEADS: dict[NoticeKind, str] = {
     ),
     NoticeKind.PREFLIGHT_FAILED: "A pre-flight check of this host's BMC failed.",
     NoticeKind.HOST_RECOVERED: "CloudStack reports this host Up again.",
+    NoticeKind.BMC_IDENTITY_CHANGED: (
+        "This host's BMC reports another system GUID than the one pinned for it: it is not used "
+        "for fencing until an operator confirms it (fencer ipmi pin, or the UI)."
+    ),
 }
 
 

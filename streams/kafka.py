@@ -26,7 +26,7 @@ log = logging.getLogger("fencer.kafka")
 # `fence_proposals` feeds a one-partition table (the global fence cap has one owner).
 SINGLE_PARTITION_TOPICS = frozenset({"fence_proposals"})
 # Topics that hold the latest value per key.
-COMPACTED_TOPICS = frozenset({"settings", "host_states"})
+COMPACTED_TOPICS = frozenset({"settings", "host_states", "bmc_pins"})
 
 TOPIC_ALREADY_EXISTS = 36
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from fencing.records import (
     SCHEMA_VERSION,
+    BmcPin,
     DeadLetter,
     FenceDecision,
     FenceOutcome,
@@ -38,6 +39,7 @@ TOPIC_MODELS: dict[str, tuple[type[BaseModel], ...]] = {
     "notices": (Notice,),
     "host_states": (HostStateRecord,),
     "dead_letter": (DeadLetter,),
+    "bmc_pins": (BmcPin,),
 }
 
 

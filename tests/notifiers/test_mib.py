@@ -24,6 +24,7 @@ NOTIFICATION_NAMES = {
     NoticeKind.CANNOT_VERIFY: "fencerCannotVerify",
     NoticeKind.PREFLIGHT_FAILED: "fencerPreflightFailed",
     NoticeKind.HOST_RECOVERED: "fencerHostRecovered",
+    NoticeKind.BMC_IDENTITY_CHANGED: "fencerBmcIdentityChanged",
 }
 
 
