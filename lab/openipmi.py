@@ -24,10 +24,19 @@ from pathlib import Path
 
 _CHASSIS = """#!/bin/sh
 # ipmi_sim chassis_control: called as "get power" (prints power:1|0) or "set power 0|1".
+# Faults, switched by files: `refuse` (the BMC answers an error to Chassis Control),
+# `off_delay` (seconds before a power-off shows, as on BMCs that report late).
 D=$(dirname "$0")
 case "$1 $2" in
   "get power") echo "power:$(cat "$D/power")";;
-  "set power") echo "$3" > "$D/power"; echo "set $3" >> "$D/commands";;
+  "set power")
+    [ -e "$D/refuse" ] && exit 1
+    echo "set $3" >> "$D/commands"
+    if [ "$3" = 0 ] && [ -s "$D/off_delay" ]; then
+      (sleep "$(cat "$D/off_delay")"; echo 0 > "$D/power") </dev/null >/dev/null 2>&1 &
+    else
+      echo "$3" > "$D/power"
+    fi;;
   *) exit 1;;
 esac
 """
@@ -80,6 +89,20 @@ class IpmiSim:
         assert self._dir is not None
         path = self._dir / "commands"
         return path.read_text().split("\n")[:-1] if path.exists() else []
+
+    def refuse_power_control(self, refuse: bool = True) -> None:
+        """Make the BMC answer an error (completion code 0xff) to Chassis Control."""
+        assert self._dir is not None
+        flag = self._dir / "refuse"
+        if refuse:
+            flag.touch()
+        else:
+            flag.unlink(missing_ok=True)
+
+    def delay_power_off(self, seconds: float) -> None:
+        """Accept a power-off at once but let it show only `seconds` later (0: at once)."""
+        assert self._dir is not None
+        (self._dir / "off_delay").write_text(f"{seconds:g}\n" if seconds > 0 else "")
 
     def start(self) -> IpmiSim:
         """Write the configuration, start ipmi_sim, wait until it answers."""

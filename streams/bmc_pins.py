@@ -10,12 +10,17 @@ actuator compares with. Nothing here decides: fencing.identity compares.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import getpass
+import json
 import logging
+import sys
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from pydantic import ValidationError
 
+from fencing.drivers.base import DriverError
 from fencing.identity import PinStoreError
 from fencing.records import BmcPin, Notice
 from fencing.settings import FencerSettings
@@ -108,3 +113,77 @@ class BmcPinStore:
             self._pins[key] = BmcPin.model_validate_json(record.value)
         except ValidationError as exc:
             log.warning("ignored a bmc-pins record for %s that does not fit: %s", key, exc)
+
+
+# -------------------------------------------------------------------------------------------
+# `fencer ipmi pin HOST`: an operator confirms the GUID the host's BMC reports now
+
+
+async def confirm_pin(
+    settings: FencerSettings,
+    host_uuid: str,
+    cluster_uuid: str | None,
+    *,
+    by: str,
+    expect: str | None = None,
+    store: BmcPinStore | None = None,
+) -> tuple[BmcPin | None, BmcPin]:
+    """Read the BMC's GUID through the host's effective settings and pin it; (old, new).
+
+    Raises DriverError (the BMC), ValueError (no GUID or not the expected one), PinStoreError."""
+    from fencing.actuator import call_timeout, secrets_of
+    from fencing.drivers import build_driver
+    from fencing.engine import Redactor
+    from fencing.identity import pin_current
+
+    eff = settings.effective_ipmi(host_uuid, cluster_uuid)
+    redact = Redactor(secrets_of(settings, eff.values))
+    driver = build_driver(eff.values, eff.address, call_timeout(settings))
+    own = store is None
+    pins = store or BmcPinStore(settings, client_id="fencer-ipmi-pin")
+    try:
+        if own:
+            await pins.start()
+        return await pin_current(host_uuid, driver, pins, address=eff.address, by=by, expect=expect)
+    except DriverError as exc:
+        raise type(exc)(redact(str(exc))) from None
+    finally:
+        await driver.aclose()
+        if own:
+            await pins.stop()
+
+
+def cli_ipmi_pin(args: argparse.Namespace) -> int:
+    """`fencer ipmi pin HOST [--cluster C] [--expect GUID] [-c FILE]`: pin the BMC's GUID now."""
+    from fencing.actuator import cluster_for_cli
+    from fencing.settings import load_settings
+    from streams.observability import configure_logging, install_secret_scrubber
+
+    settings = load_settings(getattr(args, "config", None))
+    configure_logging(settings.log_level, json=settings.log_json)
+    install_secret_scrubber(settings)
+    by = f"operator {args.by or getpass.getuser()}"
+
+    async def run() -> tuple[BmcPin | None, BmcPin]:
+        cluster = await cluster_for_cli(settings, args.host, args.cluster)
+        return await confirm_pin(settings, args.host, cluster, by=by, expect=args.expect)
+
+    try:
+        old, new = asyncio.run(run())
+    except (DriverError, ValueError, PinStoreError) as exc:
+        print(f"fencer: BMC of host {args.host} not pinned: {exc}", file=sys.stderr)
+        return 1
+    print(
+        json.dumps(
+            {
+                "host_uuid": new.host_uuid,
+                "guid": new.guid,
+                "address": new.address,
+                "pinned_by": new.pinned_by,
+                "previous_guid": old.guid if old else None,
+                "changed": bool(old and old.guid != new.guid),
+            },
+            indent=2,
+        )
+    )
+    return 0
