@@ -92,9 +92,7 @@ def run(calls: int = 200) -> dict[str, Any]:
         result["lab_bmc"] = asyncio.run(_both(sim.port, "admin", "bench-throwaway", calls))
     if openipmi.available():
         with openipmi.IpmiSim() as isim:
-            result["ipmi_sim"] = asyncio.run(
-                _both(isim.port, isim.username, isim.password, calls)
-            )
+            result["ipmi_sim"] = asyncio.run(_both(isim.port, isim.username, isim.password, calls))
     else:
         result["ipmi_sim"] = "not installed (Debian package openipmi)"
     return result

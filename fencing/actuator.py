@@ -190,13 +190,17 @@ class Actuator:
             host.host_uuid, driver, self.pins, address=address, pinned_by="first-fence"
         )
         if check.verdict == "pinned":
-            log.info("host %s: BMC system GUID %s pinned at first fence", host.host_uuid, check.guid)
+            log.info(
+                "host %s: BMC system GUID %s pinned at first fence", host.host_uuid, check.guid
+            )
         elif check.verdict == "unsupported":
             log.warning("host %s: %s", host.host_uuid, check.reason)
         if check.ok:
             return None
         reason = redact(check.reason or "BMC identity not confirmed")
-        log.warning("host %s: decision %s refused: %s", host.host_uuid, decision.decision_id, reason)
+        log.warning(
+            "host %s: decision %s refused: %s", host.host_uuid, decision.decision_id, reason
+        )
         try:
             await driver.aclose()
         except Exception as exc:  # the refusal stands; a failed logout changes nothing

@@ -190,12 +190,12 @@ class BmcPin(WireRecord):
 
     host_uuid: str
     guid: str = Field(description="the pinned system GUID (IPMI Get System GUID, Redfish UUID)")
-    address: str | None = Field(None, description="the BMC address it was read from")
+    address: str | None = Field(default=None, description="the BMC address it was read from")
     driver: str
     pinned_at: float
     pinned_by: str = Field(description="preflight, first-fence, or 'operator <name>'")
     seen_guid: str | None = Field(
-        None, description="another GUID the BMC reported since; awaits an operator"
+        default=None, description="another GUID the BMC reported since; awaits an operator"
     )
     seen_address: str | None = None
     seen_at: float | None = None

@@ -129,8 +129,16 @@ class IpmiSim:
         log = (d / "sim.log").open("wb")
         # setsid: a stopped ipmi_sim in an orphaned process group dies of SIGHUP otherwise.
         self._proc = subprocess.Popen(
-            ["ipmi_sim", "-c", str(d / "lan.conf"), "-f", str(d / "sim.emu"), "-s",
-             str(d / "state"), "-n"],
+            [
+                "ipmi_sim",
+                "-c",
+                str(d / "lan.conf"),
+                "-f",
+                str(d / "sim.emu"),
+                "-s",
+                str(d / "state"),
+                "-n",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

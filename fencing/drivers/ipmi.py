@@ -87,9 +87,7 @@ def _reply_queued_for(address: Any) -> bool:
     return False
 
 
-def _io_wait_seeing_queued_replies(
-    timeout: float, myaddr: Any = None, evq: Any = None
-) -> None:
+def _io_wait_seeing_queued_replies(timeout: float, myaddr: Any = None, evq: Any = None) -> None:
     """pyghmi's `_io_wait`, which also returns at once when the reply is already queued."""
     evt = threading.Event()
     if evq is not None:

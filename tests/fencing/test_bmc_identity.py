@@ -44,7 +44,8 @@ from lab.bmc import BmcSimulator
 from streams.bmc_pins import BmcPinStore
 from webui.topic_reader import TopicReader
 
-from .conftest import BMC_PASSWORD
+from .conftest import BMC_PASSWORD, Cloud
+from .test_actuator import make_settings
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -81,13 +82,12 @@ def settings_for(port: int, user: str = "admin", password: str = BMC_PASSWORD, *
             ),
             "hosts": {
                 HOST: HostSettings(
-                    ipmi=IpmiOverrides(
-                        address="127.0.0.1", port=port, password=SecretStr(password)
-                    )
+                    ipmi=IpmiOverrides(address="127.0.0.1", port=port, password=SecretStr(password))
                 )
             },
-            "actuator": ActuatorSettings(power_timeout=5, poll_interval=0.1, retries=1,
-                                         retry_backoff=0.1),
+            "actuator": ActuatorSettings(
+                power_timeout=5, poll_interval=0.1, retries=1, retry_backoff=0.1
+            ),
             **kw,
         }
     )
@@ -109,7 +109,10 @@ def fencer_cli(*argv: str) -> subprocess.CompletedProcess[str]:
     """Run the `fencer` command as an operator would (this worktree's code)."""
     return subprocess.run(
         [sys.executable, "-m", "streams.cli", *argv],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
@@ -136,8 +139,9 @@ async def test_both_bmcs_report_their_configured_system_guid(
     assert sim_bmc.count("get_system_guid") == 1
     # ipmi_sim sends lan.conf's 16 bytes as they are; pyghmi decodes the first three fields
     # little-endian as SMBIOS does: one fixed reading per board, which is all a pin needs.
-    sim = IpmiDriver("127.0.0.1", ipmi_sim.username, SecretStr(ipmi_sim.password),
-                     ipmi_sim.port, timeout=5)
+    sim = IpmiDriver(
+        "127.0.0.1", ipmi_sim.username, SecretStr(ipmi_sim.password), ipmi_sim.port, timeout=5
+    )
     first = await sim.system_guid()
     assert first == await sim.system_guid()
     assert uuid.UUID(first).bytes_le == uuid.UUID(GUID_A).bytes
@@ -228,14 +232,26 @@ async def test_changed_guid_no_power_action_notice_then_operator_pin_and_fence(
 
     # The operator confirms the new board through the CLI, as documented.
     conf = tmp_path / "fencer.yaml"
-    conf.write_text(yaml.safe_dump({
-        "kafka": settings.kafka.model_dump(mode="json"),
-        "defaults": {"action": "stop", "username": "admin", "restart_via": "none"},
-        "hosts": {HOST: {"ipmi": {"address": "127.0.0.1", "port": sim_bmc.port,
-                                  "password": BMC_PASSWORD}}},
-    }))
-    r = fencer_cli("ipmi", "pin", HOST, "--cluster", "c1", "--expect", GUID_B, "--by", "alice",
-                   "-c", str(conf))
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": settings.kafka.model_dump(mode="json"),
+                "defaults": {"action": "stop", "username": "admin", "restart_via": "none"},
+                "hosts": {
+                    HOST: {
+                        "ipmi": {
+                            "address": "127.0.0.1",
+                            "port": sim_bmc.port,
+                            "password": BMC_PASSWORD,
+                        }
+                    }
+                },
+            }
+        )
+    )
+    r = fencer_cli(
+        "ipmi", "pin", HOST, "--cluster", "c1", "--expect", GUID_B, "--by", "alice", "-c", str(conf)
+    )
     assert r.returncode == 0, r.stderr
     assert BMC_PASSWORD not in r.stdout + r.stderr
     printed = json.loads(r.stdout)
@@ -257,11 +273,22 @@ def test_cli_pin_refuses_a_guid_other_than_the_expected_one(
 ) -> None:
     settings = fencer_settings(isolated_topics=True)
     conf = tmp_path / "fencer.yaml"
-    conf.write_text(yaml.safe_dump({
-        "kafka": settings.kafka.model_dump(mode="json"),
-        "hosts": {HOST: {"ipmi": {"address": "127.0.0.1", "port": sim_bmc.port,
-                                  "password": BMC_PASSWORD}}},
-    }))
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": settings.kafka.model_dump(mode="json"),
+                "hosts": {
+                    HOST: {
+                        "ipmi": {
+                            "address": "127.0.0.1",
+                            "port": sim_bmc.port,
+                            "password": BMC_PASSWORD,
+                        }
+                    }
+                },
+            }
+        )
+    )
     r = fencer_cli("ipmi", "pin", HOST, "--cluster", "c1", "--expect", GUID_B, "-c", str(conf))
     assert r.returncode == 1
     assert f"reports system GUID {GUID_A}, not {GUID_B}" in r.stderr
@@ -302,15 +329,23 @@ async def test_unreadable_pins_refuse_the_fence(sim_bmc: BmcSimulator) -> None:
 def test_config_check_refuses_long_ipmi_user_and_password_naming_each(tmp_path: Path) -> None:
     long_pw = "p" * 21
     conf = tmp_path / "fencer.yaml"
-    conf.write_text(yaml.safe_dump({
-        "defaults": {"driver": "ipmi"},
-        "clusters": {"c1": {"ipmi": {"username": "u" * 17}}},
-        "hosts": {HOST: {"ipmi": {"address": "10.0.0.9", "password": long_pw}}},
-    }))
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"driver": "ipmi"},
+                "clusters": {"c1": {"ipmi": {"username": "u" * 17}}},
+                "hosts": {HOST: {"ipmi": {"address": "10.0.0.9", "password": long_pw}}},
+            }
+        )
+    )
     r = fencer_cli("config", "check", str(conf))
     assert r.returncode == 1
-    assert f"hosts.{HOST}.ipmi.password: password is 21 bytes; IPMI 2.0 carries at most 20" in r.stderr
-    assert "clusters.c1.ipmi.username: username is 17 bytes; IPMI 2.0 carries at most 16" in r.stderr
+    assert (
+        f"hosts.{HOST}.ipmi.password: password is 21 bytes; IPMI 2.0 carries at most 20" in r.stderr
+    )
+    assert (
+        "clusters.c1.ipmi.username: username is 17 bytes; IPMI 2.0 carries at most 16" in r.stderr
+    )
     assert long_pw not in r.stderr + r.stdout
     # 20 bytes (multi-byte characters count as bytes) and 16 are fine; Redfish has no such limit.
     ok = {"hosts": {HOST: {"ipmi": {"password": "é" * 10, "username": "u" * 16}}}}
@@ -334,8 +369,11 @@ async def test_driver_refuses_long_credentials_before_any_packet(
     # outcome still says why, and the BMC saw nothing.
     settings = settings_for(port)
     host = settings.hosts[HOST].model_copy(
-        update={"ipmi": settings.hosts[HOST].ipmi.model_copy(
-            update={"password": SecretStr("secret-" * 3)})}
+        update={
+            "ipmi": settings.hosts[HOST].ipmi.model_copy(
+                update={"password": SecretStr("secret-" * 3)}
+            )
+        }
     )
     settings = settings.model_copy(update={"hosts": {HOST: host}})
     outcome = await Actuator(settings, pins=MemoryPinStore()).handle(decision())
@@ -353,8 +391,9 @@ async def test_power_before_is_the_first_attempts_reading(ipmi_sim: openipmi.Ipm
     # reads off ("already off"). The outcome must say on -> off, not off -> off.
     ipmi_sim.delay_power_off(1.0)
     engine = Engine(power_timeout=0.6, poll_interval=0.1, retries=2, retry_backoff=0.8)
-    driver = IpmiDriver("127.0.0.1", ipmi_sim.username, SecretStr(ipmi_sim.password),
-                        ipmi_sim.port, timeout=5)
+    driver = IpmiDriver(
+        "127.0.0.1", ipmi_sim.username, SecretStr(ipmi_sim.password), ipmi_sim.port, timeout=5
+    )
     r = await engine.run(HOST, driver, FenceAction.STOP)
     assert r.success and r.verified and r.attempts == 2, r
     assert (r.power_before, r.power_after) == ("on", "off")
@@ -363,8 +402,9 @@ async def test_power_before_is_the_first_attempts_reading(ipmi_sim: openipmi.Ipm
 
 
 async def test_errors_name_the_ipmi_command_that_failed(ipmi_sim: openipmi.IpmiSim) -> None:
-    driver = IpmiDriver("127.0.0.1", ipmi_sim.username, SecretStr(ipmi_sim.password),
-                        ipmi_sim.port, timeout=5)
+    driver = IpmiDriver(
+        "127.0.0.1", ipmi_sim.username, SecretStr(ipmi_sim.password), ipmi_sim.port, timeout=5
+    )
     try:
         with pytest.raises(BmcRefused, match=r"Chassis Identify \(netfn 0x00 cmd 0x04\) failed"):
             await driver.identify(True)  # ipmi_sim has no identify LED
@@ -383,12 +423,23 @@ def test_ipmi_test_cli_prints_the_error_once_and_never_the_password(
     ipmi_sim: openipmi.IpmiSim, tmp_path: Path
 ) -> None:
     conf = tmp_path / "fencer.yaml"
-    conf.write_text(yaml.safe_dump({
-        "defaults": {"username": ipmi_sim.username},
-        "hosts": {HOST: {"ipmi": {"address": "127.0.0.1", "port": ipmi_sim.port,
-                                  "password": "wrong-sim-pw"}}},
-        "actuator": {"retries": 2, "retry_backoff": 0.1},
-    }))
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"username": ipmi_sim.username},
+                "hosts": {
+                    HOST: {
+                        "ipmi": {
+                            "address": "127.0.0.1",
+                            "port": ipmi_sim.port,
+                            "password": "wrong-sim-pw",
+                        }
+                    }
+                },
+                "actuator": {"retries": 2, "retry_backoff": 0.1},
+            }
+        )
+    )
     r = fencer_cli("ipmi", "test", "--host", HOST, "--cluster", "c1", "-c", str(conf))
     assert r.returncode == 1
     assert r.stderr.count("refused the credentials") == 1, r.stderr
@@ -436,3 +487,49 @@ async def test_reply_race_workaround_keeps_every_call_working(sim_bmc: BmcSimula
         await driver.aclose()
     assert results == ["on"] * 30 and sim_bmc.count("get_power") == 30
 
+
+# -- the worker's runtime: pre-flight pins, then the actuate path refuses ------------------
+
+
+async def test_worker_runtime_preflight_pins_then_notices_and_refuses_a_changed_bmc(
+    cloud: Cloud, fencer_settings: Any
+) -> None:
+    from streams.records import Runtime
+
+    with BmcSimulator("admin", BMC_PASSWORD, guid=GUID_A) as bmc:
+        base = fencer_settings(isolated_topics=True)
+        settings = make_settings(cloud, bmc.port).model_copy(
+            update={"kafka": base.kafka, "data_dir": base.data_dir}
+        )
+        runtime = Runtime(settings=settings, started_at=time.time())
+        try:
+            assert await runtime.preflight() == []  # GUID_A pinned, BMC fine
+            pins = await runtime.bmc_pins()
+            assert pins.get(cloud.host.uuid).guid == GUID_A
+            assert pins.get(cloud.host.uuid).pinned_by == "preflight"
+
+            bmc.guid = GUID_B
+            notices = await runtime.preflight()
+            assert [n.kind for n in notices] == [NoticeKind.BMC_IDENTITY_CHANGED]
+            assert GUID_B in (notices[0].reason or "")
+            assert notices[0].notice_id.startswith(f"{cloud.host.uuid}/bmc-identity/{GUID_B}/")
+
+            table: dict[str, Any] = {}
+            d = FenceDecision(
+                decision_id=str(uuid.uuid4()),
+                host=HostRef(host_uuid=cloud.host.uuid, cluster_uuid=cloud.cluster_uuid),
+                episode=1,
+                action=FenceAction.STOP,
+                approved=True,
+                evidence=EvidenceSummary(suspect_since=time.time() - 300, stale_checks=3),
+                decided_at=time.time(),
+            )
+            outcome = await runtime.actuate(d, table, cloud.host.uuid)
+            assert outcome is not None and not outcome.success
+            assert "BMC identity changed" in (outcome.error or "")
+            assert bmc.power == "on" and bmc.count("power_off") == 0
+            assert not any(c == "declareHostAsDegraded" for c, _ in cloud.cloud.calls)
+        finally:
+            await runtime.close()
+    sent = [n for n in await _notices_on(settings) if n.host.host_uuid == cloud.host.uuid]
+    assert [n.kind for n in sent] == [NoticeKind.BMC_IDENTITY_CHANGED]  # from the actuator
