@@ -186,9 +186,17 @@ class Actuator:
         if self.pins is None or decision.action is FenceAction.NOTHING:
             return None
         host = decision.host
-        check = await verify_identity(
-            host.host_uuid, driver, self.pins, address=address, pinned_by="first-fence"
-        )
+        delay = self.engine.retry_backoff
+        for attempt in range(self.engine.retries + 1):
+            # An unanswered GUID read is retried like an unanswered power command.
+            if attempt:
+                await asyncio.sleep(delay)
+                delay *= 2
+            check = await verify_identity(
+                host.host_uuid, driver, self.pins, address=address, pinned_by="first-fence"
+            )
+            if not check.retryable:
+                break
         if check.verdict == "pinned":
             log.info(
                 "host %s: BMC system GUID %s pinned at first fence", host.host_uuid, check.guid

@@ -65,6 +65,7 @@ class IdentityCheck:
     guid: str | None = None  # what the BMC reported now
     pinned: str | None = None  # the pin it was compared with (None: newly pinned)
     reason: str | None = None  # why a fence must not go through this BMC
+    retryable: bool = False  # unreadable because the BMC did not answer: worth another try
 
     @property
     def ok(self) -> bool:
@@ -93,6 +94,7 @@ async def verify_identity(
             "unreadable",
             reason=f"cannot read the system GUID of BMC {where}: {exc}; not fenced "
             "through a BMC whose identity is unknown",
+            retryable=exc.retryable,
         )
     if guid is None:
         return IdentityCheck(

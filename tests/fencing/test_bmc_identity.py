@@ -533,3 +533,17 @@ async def test_worker_runtime_preflight_pins_then_notices_and_refuses_a_changed_
             await runtime.close()
     sent = [n for n in await _notices_on(settings) if n.host.host_uuid == cloud.host.uuid]
     assert [n.kind for n in sent] == [NoticeKind.BMC_IDENTITY_CHANGED]  # from the actuator
+
+
+async def test_unanswered_guid_read_is_retried_then_the_fence_goes_on(
+    sim_bmc: BmcSimulator,
+) -> None:
+    # The BMC misses the whole first GUID read (5 s call deadline), answers the retry: fenced.
+    sim_bmc.pause()
+    threading.Timer(6.0, sim_bmc.resume).start()
+    pins = MemoryPinStore()
+    outcome = await Actuator(settings_for(sim_bmc.port), pins=pins).handle(decision())
+    assert outcome is not None and outcome.success and outcome.verified, outcome
+    assert outcome.finished_at - outcome.started_at > 5  # the first read did time out
+    assert pins.get(HOST) is not None and pins.get(HOST).guid == GUID_A
+    assert sim_bmc.power == "off" and sim_bmc.count("power_off") == 1
