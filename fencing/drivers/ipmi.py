@@ -53,7 +53,6 @@ from fencing.drivers.base import (
 )
 from fencing.settings import ipmi_credentials_error
 
-
 _AUTH_MARKERS = ("password", "unauthorized name", "unauthorized role", "invalid session id")
 
 
@@ -77,7 +76,11 @@ _original_io_wait = ipmisession._io_wait
 
 
 def _reply_queued_for(address: Any) -> bool:
-    """Whether a reply from the BMC at `address` already waits to be processed."""
+    """Whether a reply from the BMC at `address` (any BMC: None) already waits to be processed."""
+    if address is None:
+        # pyghmi's event loop (`_poller`, used while logging in) waits for any packet: the IO
+        # thread queues the session of every packet it read in `sessionqueue`.
+        return bool(ipmisession.sessionqueue)
     for sess in list(ipmisession.Session.bmc_handlers.get(address, {}).values()):
         if getattr(sess, "pktqueue", None) or (
             getattr(sess, "awaitingresponse", False)
@@ -96,7 +99,7 @@ def _io_wait_seeing_queued_replies(timeout: float, myaddr: Any = None, evq: Any 
     # Registered first, checked second: a reply read by the IO thread after the check finds
     # the wait registered; one read before it is in the session's queue, where the check sees it.
     ipmisession.ioqueue.append((deadline, evt, myaddr))
-    if myaddr is not None and _reply_queued_for(myaddr):
+    if _reply_queued_for(myaddr):
         evt.set()
     elif deadline < ipmisession.selectdeadline:
         intsock = ipmisession.iosockets[0]
