@@ -517,8 +517,45 @@ async def put_cluster_settings(request: web.Request) -> web.Response:
         )
     except ValidationError as exc:
         raise _validation(exc, "cluster settings") from None
+    _refuse_what_ipmi_cannot_carry(api, settings, uuid, None)
     await _store_write(api.store.put_cluster(uuid, settings))
     return _json(_cluster_settings_view(api, uuid))
+
+
+def _refuse_what_ipmi_cannot_carry(
+    api: Api, change: ClusterSettings | HostSettings, cluster: str | None, host: str | None
+) -> None:
+    """422 naming the field when the change leaves a user name or password IPMI 2.0 cannot
+    carry (16 / 20 bytes) on a BMC reached with the `ipmi` driver."""
+    from fencing.settings import Driver, ipmi_credentials_error
+
+    current = api.store.settings
+    keep = api.store.host(host) if host else api.store.cluster(cluster or "")
+    if change.ipmi.password is None:  # the stored password stays
+        change = change.model_copy(
+            update={"ipmi": change.ipmi.model_copy(update={"password": keep.ipmi.password})}
+        )
+    if host is not None:
+        assert isinstance(change, HostSettings)
+        candidate = current.model_copy(update={"hosts": {**current.hosts, host: change}})
+    else:
+        assert isinstance(change, ClusterSettings)
+        candidate = current.model_copy(
+            update={"clusters": {**current.clusters, cluster or "": change}}
+        )
+    values = candidate.effective_ipmi(host or "", cluster).values
+    if values.driver is not Driver.IPMI:
+        return
+    for name, problem in (
+        ("username", ipmi_credentials_error(values.username, None)),
+        ("password", ipmi_credentials_error("", values.password)),
+    ):
+        if problem is not None:
+            raise ApiError(
+                422,
+                f"invalid settings: ipmi.{name}: {problem}",
+                [m.ErrorField(field=f"ipmi.{name}", message=problem)],
+            )
 
 
 @routes.delete("/api/clusters/{cluster_id}/settings")
@@ -571,6 +608,7 @@ async def put_host_settings(request: web.Request) -> web.Response:
         settings = HostSettings(name=body.name, ipmi=ipmi)
     except ValidationError as exc:
         raise _validation(exc, "host settings") from None
+    _refuse_what_ipmi_cannot_carry(api, settings, h.get("clusterid"), uuid)
     await _store_write(api.store.put_host(uuid, settings))
     return _json(_host_settings_view(api, uuid, h.get("clusterid")))
 
