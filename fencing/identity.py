@@ -144,6 +144,11 @@ async def verify_identity(
             reason=f"cannot read or write the BMC pin of host {host_uuid}: "
             f"{type(exc).__name__}: {exc}",
         )
+    other_driver = (
+        f"; pinned through the {pin.driver} driver, read through {driver.name}"
+        if pin.driver != driver.name
+        else ""
+    )
     return IdentityCheck(
         host_uuid,
         "changed",
@@ -151,8 +156,8 @@ async def verify_identity(
         pinned=pin.guid,
         reason=(
             f"BMC identity changed: {where} reports system GUID {guid}, but the host's BMC "
-            f"was pinned as {pin.guid} (by {pin.pinned_by}); not used for fencing until an "
-            f"operator confirms it: fencer ipmi pin {host_uuid}"
+            f"was pinned as {pin.guid} (by {pin.pinned_by}{other_driver}); not used for "
+            f"fencing until an operator confirms it: fencer ipmi pin {host_uuid}"
         ),
     )
 
