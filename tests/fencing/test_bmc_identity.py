@@ -24,10 +24,13 @@ from pyghmi.ipmi.private import session as ipmisession
 from fencing.actuator import Actuator, check_host
 from fencing.drivers import ipmi as ipmidriver
 from fencing.drivers.base import BmcRefused, DriverConfigError
+from fencing.drivers.fake import FakeDriver
 from fencing.drivers.ipmi import IpmiDriver
+from fencing.drivers.redfish import RedfishDriver
+from fencing.drivers.template import TemplateDriver
 from fencing.engine import Engine
 from fencing.events import FenceAction, NoticeKind
-from fencing.identity import MemoryPinStore
+from fencing.identity import MemoryPinStore, check_identity, verify_identity
 from fencing.records import EvidenceSummary, FenceDecision, HostRef, Notice
 from fencing.settings import (
     ActuatorSettings,
@@ -44,7 +47,7 @@ from lab.bmc import BmcSimulator
 from streams.bmc_pins import BmcPinStore
 from webui.topic_reader import TopicReader
 
-from .conftest import BMC_PASSWORD, Cloud
+from .conftest import BMC_PASSWORD, Cloud, Redfish, ipmitool_template
 from .test_actuator import make_settings
 
 # ipmi_sim comes from the Debian package openipmi (Makefile DEBS): never skipped.
@@ -545,3 +548,42 @@ async def test_unanswered_guid_read_is_retried_then_the_fence_goes_on(
     assert outcome.finished_at - outcome.started_at > 5  # the first read did time out
     assert pins.get(HOST) is not None and pins.get(HOST).guid == GUID_A
     assert sim_bmc.power == "off" and sim_bmc.count("power_off") == 1
+
+
+# -- the identity rules, through the other drivers -----------------------------------------
+
+
+async def test_redfish_guid_is_the_systems_uuid(redfish: Redfish) -> None:
+    driver = RedfishDriver(
+        redfish.url, redfish.username, SecretStr(redfish.password), system=redfish.system
+    )
+    try:
+        assert await driver.system_guid() == redfish.system.lower()
+    finally:
+        await driver.aclose()
+
+
+async def test_command_template_cannot_read_a_guid_and_says_identity_is_unchecked(
+    sim_bmc: BmcSimulator,
+) -> None:
+    settings = IpmiSettings(**ipmitool_template(sim_bmc.port))
+    check = await verify_identity(
+        HOST, TemplateDriver(settings, "127.0.0.1"), MemoryPinStore(), address="127.0.0.1"
+    )
+    assert check.ok and check.verdict == "unsupported"
+    assert "cannot read a system GUID: identity not checked" in (check.reason or "")
+
+
+async def test_back_to_the_pinned_board_clears_the_other_guid() -> None:
+    pins, fake = MemoryPinStore(), FakeDriver()
+    fake.guid = GUID_A
+    assert (await verify_identity(HOST, fake, pins, address="10.0.0.1")).verdict == "pinned"
+    fake.guid = GUID_B  # the address had a typo: another machine answered
+    changed = await verify_identity(HOST, fake, pins, address="10.0.0.2")
+    assert changed.verdict == "changed" and not changed.ok
+    assert pins.pins[HOST].seen_guid == GUID_B and pins.pins[HOST].seen_address == "10.0.0.2"
+    fake.guid = GUID_A  # typo fixed
+    back = await verify_identity(HOST, fake, pins, address="10.0.0.1")
+    assert back.verdict == "matches" and back.ok
+    assert pins.pins[HOST].seen_guid is None and pins.pins[HOST].guid == GUID_A
+    assert await check_identity(HOST, fake, pins, address="10.0.0.1") is None
