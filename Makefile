@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages of the real test peers (IPMI client, SNMP receiver and MIB checker, SSH server,
 # fence_ipmilan for the benchmark baseline, Chromium for the UI tests).
-DEBS   := ipmitool snmptrapd snmp openssh-server smitools fence-agents chromium
+DEBS   := ipmitool openipmi snmptrapd snmp openssh-server smitools fence-agents chromium
 
 .PHONY: demo test venv debs lint bench clean
 
