@@ -29,6 +29,9 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
+from typing import Any
+
+from streams.broker import die_with_parent
 
 CEPH_PACKAGES = ("ceph-mon", "ceph-osd", "ceph-common")
 SYSTEM_PYTHON = "/usr/bin/python3"  # the interpreter python3-rbd (ceph-common) is built for
@@ -117,6 +120,7 @@ class RbdClient:
 
     def start(self, timeout: float = 20.0) -> RbdClient:
         """Open the image; returns once the watch is registered."""
+        parent = os.getpid()
         self.proc = subprocess.Popen(
             [
                 SYSTEM_PYTHON,
@@ -134,6 +138,7 @@ class RbdClient:
             stderr=subprocess.PIPE,
             text=True,
             env=self.cluster.env(self.address),
+            preexec_fn=lambda: die_with_parent(parent),
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
@@ -377,6 +382,8 @@ class CephCluster:
         return self
 
     def _daemon(self, *argv: str) -> subprocess.Popen[bytes]:
+        # Killed by the kernel if the thread that started it dies (an interrupted test run).
+        parent = os.getpid()
         return subprocess.Popen(
             list(argv),
             env=self.env(),
@@ -384,6 +391,7 @@ class CephCluster:
             stdout=subprocess.DEVNULL,
             stderr=open(self.base / "log" / f"{argv[0]}.stderr", "ab"),
             start_new_session=True,
+            preexec_fn=lambda: die_with_parent(parent),
         )
 
     def start_mon(self) -> None:
@@ -461,6 +469,76 @@ class CephCluster:
         """A librbd client process (not started) for `pool/image`, bound to `address`."""
         pool, _, image = spec.partition("/")
         return RbdClient(self, pool, image, address)
+
+
+class LabRbd:
+    """RBD disks for a lab cloud: an RBD pool in the SimCloud backed by `cluster`'s pool `rbd`,
+    one image per volume, and one librbd client per Running VM on its lab host's address, so the
+    host's watchers exist while it runs and vanish (after the watch timeout) when it crashes.
+
+    Call `sync()` after changing where VMs run; `crash(host)` crashes a lab host and kills its
+    VMs' clients (SIGKILL: the watch lingers, as a dead hypervisor's does); `agent_dies` keeps
+    them. Clients are started in the calling thread (their PDEATHSIG binds to it)."""
+
+    def __init__(self, cluster: CephCluster, cloud: Any, lab: Any) -> None:
+        self.cluster, self.cloud, self.lab = cluster, cloud, lab
+        self.clients: dict[str, RbdClient] = {}  # volume uuid -> its client
+        self.pool: Any = None
+
+    def add_pool(self, cluster_obj: Any, name: str = "ceph1") -> Any:
+        """The SimCloud pool (type RBD, path = the Ceph pool `rbd`)."""
+        self.pool = self.cloud.add_pool(cluster_obj, name, "127.0.0.1", path="rbd", type="RBD")
+        return self.pool
+
+    def add_disk(self, vm: Any, name: str | None = None) -> Any:
+        """A volume of `vm` on the RBD pool, with its image created."""
+        image = name or f"lab-{uuid.uuid4().hex[:12]}"
+        self.cluster.create_image(image)
+        return self.cloud.add_volume(vm, self.pool, path=image)
+
+    def sync(self) -> None:
+        """One client per Running VM's RBD volume, from its host's address; no others."""
+        want: dict[str, tuple[str, str]] = {}
+        for v in self.cloud.volumes.values():
+            vm = self.cloud.vms.get(v.vm_uuid or "")
+            if self.pool is None or v.storage_uuid != self.pool.uuid or vm is None:
+                continue
+            host = self.lab.hosts.get(vm.host_uuid or "")
+            if vm.state == "Running" and host is not None and host.powered:
+                want[v.uuid] = (f"rbd/{v.path}", host.ip)
+        for vol, client in list(self.clients.items()):
+            if want.get(vol) != (f"{client.pool}/{client.image}", client.address):
+                client.close()
+                del self.clients[vol]
+        for vol, (spec, ip) in want.items():
+            if vol not in self.clients:
+                self.clients[vol] = self.cluster.client(spec, ip).start()
+
+    def watchers_of(self, ip: str) -> list[str]:
+        """`image address` of every watcher from `ip` on the lab's RBD images."""
+        out = []
+        for v in self.cloud.volumes.values():
+            if self.pool is not None and v.storage_uuid == self.pool.uuid:
+                spec = f"rbd/{v.path}"
+                out += [
+                    f"{spec} {a}" for a in self.cluster.watchers(spec) if a.startswith(ip + ":")
+                ]
+        return out
+
+    async def crash(self, host: Any) -> None:
+        """The lab host dies: SSH and writes stop, its VMs' librbd clients are killed."""
+        await host.crash()
+        for vol, client in list(self.clients.items()):
+            if client.address == host.ip:
+                client.kill()
+                client.close()
+                del self.clients[vol]
+
+    def close(self) -> None:
+        """Close every client."""
+        for client in self.clients.values():
+            client.close()
+        self.clients.clear()
 
 
 if __name__ == "__main__":  # pragma: no cover - manual check: python -m lab.ceph

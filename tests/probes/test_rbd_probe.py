@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,7 +17,10 @@ from fencing.decision import HostRecord, HostState, step
 from fencing.events import Evidence, HostDisconnected, ProposeFence, RunProbe, Tick
 from fencing.policy import Policy
 from fencing.records import HostRef, ProbeRequest, ProbeResult
-from fencing.settings import HostSettings
+from fencing.settings import FencerSettings, HostSettings
+from lab.ceph import LabRbd
+from lab.cloudstack_sim import CloudStackSimulator, SimCloud
+from lab.kvm_hosts import KvmLab
 from probes.rbd import CEPH_HEALTH, parse_output, watcher_ip
 from probes.service import ProbeService
 from streams.records import probe_finished
@@ -225,3 +229,40 @@ def test_health_err_makes_the_reading_incomplete():
 )
 def test_watcher_address_to_ip(address, ip):
     assert watcher_ip(address) == ip
+
+
+async def test_lab_rbd_watchers_stay_when_the_agent_dies_and_expire_when_the_host_crashes(
+    ceph_clean,
+):
+    cloud = SimCloud()
+    cluster = cloud.add_cluster(cloud.add_zone())
+    lab = KvmLab(cloud, interval=3600)
+    hosts = [lab.add_host(cluster, f"kvm0{i}") for i in range(1, 4)]
+    rbd = LabRbd(ceph_clean.cluster, cloud, lab)
+    rbd.add_pool(cluster)
+    rbd.add_disk(cloud.add_vm(hosts[0].cloud_host, "vm0"))
+    rbd.add_disk(cloud.add_vm(hosts[1].cloud_host, "vm1"))
+    async with CloudStackSimulator(cloud) as sim, lab:
+        settings = FencerSettings(
+            ssh={**lab.ssh_settings(), "command_timeout": 15.0},
+            cloudstack={"endpoint": sim.url, "api_key": sim.api_key, "secret_key": sim.secret_key},
+            rbd=ceph_clean.rbd_settings(),
+        )
+        world = SimpleNamespace(suspect=hosts[0], settings=settings)
+        rbd.sync()
+        try:
+            hosts[0].agent_dies()
+            agent_dead = await probe(world)
+            await rbd.crash(hosts[0])
+            crashed_at = time.monotonic()
+            while rbd.watchers_of(hosts[0].ip) and time.monotonic() - crashed_at < 15:
+                await asyncio.sleep(0.2)
+            expired_after = time.monotonic() - crashed_at
+            crashed = await probe(world)
+            others = rbd.watchers_of(hosts[1].ip)
+        finally:
+            rbd.close()
+    assert agent_dead.complete and len(agent_dead.live_signs) == 1
+    assert crashed.complete and crashed.live_signs == [] and len(crashed.mtimes) == 1
+    assert 2 < expired_after < settings.rbd.watch_timeout + 3  # lingered, then expired
+    assert len(others) == 1  # kvm02's VM still runs
