@@ -311,6 +311,9 @@ class RbdSettings(_Model):
     keyring: str = Field(
         "/etc/ceph/ceph.client.fencer-probe.keyring", description="its keyring, on the neighbours"
     )
+    python: str = Field(
+        "python3", description="the neighbours' Python with python3-rados/-rbd (from ceph-common)"
+    )
     connect_timeout: float = Field(5.0, gt=0, description="seconds for each Ceph command")
     watch_timeout: float = Field(
         30.0, gt=0, description="the cluster's osd_client_watch_timeout: a dead client's lingering"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fencing.settings import FencerSettings
-from lab.ceph import CephCluster, ceph_installed
+from lab.ceph import SYSTEM_PYTHON, CephCluster, ceph_installed
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud, StoragePool
 from lab.kvm_hosts import KvmLab, LabKvmHost
 from probes.nfs_ssh import NfsSshProbe
@@ -117,6 +117,7 @@ class Ceph:
         c = self.cluster
         return {
             "conf": str(c.conf),
+            "python": SYSTEM_PYTHON,
             "user": "fencer-probe",
             "keyring": str(self.probe_keyring),
             "connect_timeout": 3.0,
