@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from types import SimpleNamespace
 
@@ -272,3 +273,11 @@ async def test_lab_rbd_watchers_stay_when_the_agent_dies_and_expire_when_the_hos
     assert crashed.complete and crashed.live_signs == [] and len(crashed.mtimes) == 1
     assert 2 < expired_after < settings.rbd.watch_timeout + 3  # lingered, then expired
     assert len(others) == 1  # kvm02's VM still runs
+
+
+async def test_neighbour_without_the_ceph_python_modules_is_an_incomplete_reading(rworld):
+    # fencer's own venv Python has no python3-rados: a neighbour set up without ceph-common.
+    rbd = rworld.settings.rbd.model_copy(update={"python": sys.executable})
+    r = await probe(rworld, rworld.settings.model_copy(update={"rbd": rbd}))
+    assert not r.complete and r.reason is not None
+    assert "command failed: no python3-rados/python3-rbd on the neighbour" in r.reason
