@@ -319,6 +319,11 @@ class RbdSettings(_Model):
         30.0, gt=0, description="the cluster's osd_client_watch_timeout: a dead client's lingering"
     )
     watch_margin: float = Field(5.0, ge=0, description="added to watch_timeout for a stale window")
+    foreign_watchers: Literal["unknown", "ignore"] = Field(
+        "unknown",
+        description="a watch from another address on the host's image: the check is unknown "
+        "(a storage_ip that is not set), or ignored (e.g. rbd-mirror watches every image)",
+    )
     fence_conf: str = Field("/etc/ceph/ceph.conf", description="ceph.conf on the fencer worker")
     fence_user: str = Field("fencer-fence", description="the Ceph client id that may blocklist")
     fence_keyring: str = Field(

@@ -14,7 +14,10 @@ A dead client's watch lingers for the cluster's `osd_client_watch_timeout`, so e
 carries `min_gap = rbd.watch_timeout + rbd.watch_margin`: the core never calls a host stale on
 a window shorter than that. The reading is incomplete (unknown) when Ceph cannot be asked
 (monitor unreachable, keyring refused, `HEALTH_ERR`) or any image's status or info cannot be
-read; an image that no longer exists is simply absent, as a deleted file is for NFS.
+read; an image that no longer exists is simply absent, as a deleted file is for NFS. A watcher
+from any other address on one of the host's images also makes it incomplete (unless
+`rbd.foreign_watchers` is `ignore`): the likeliest cause is the host itself on a storage network
+that `hosts.<uuid>.storage_ip` does not name, and then its watches would go unrecognised.
 
 The remote side is a short Python script run by the neighbour's `python3` with the
 python3-rados and python3-rbd modules that `ceph-common` depends on (one cluster connection for
@@ -45,6 +48,7 @@ CEPH_UNREACHABLE = "ceph unreachable"
 KEYRING_REFUSED = "keyring refused"
 CEPH_HEALTH = "ceph health"
 IMAGE_UNREADABLE = "image unreadable"
+FOREIGN_WATCHER = "foreign watcher"
 
 # The neighbour runs this with the system python3 and the python3-rados/python3-rbd modules that
 # ceph-common depends on: ONE cluster connection for every image (the CLI costs ~0.28 s per image
@@ -300,9 +304,21 @@ class RbdProbe:
             for a in r.watchers.get(spec, [])
             if watcher_ip(a) == ip
         )
+        foreign = [
+            (spec, a) for spec in specs for a in r.watchers.get(spec, []) if watcher_ip(a) != ip
+        ]
         reason = r.problem
         if reason is None and not r.done:
             reason = Reason.PARTIAL
+        if reason is None and foreign and self.settings.rbd.foreign_watchers == "unknown":
+            # The host's running VMs hold watches; a watch from another address on its disk is
+            # most likely the host itself on a storage network its `storage_ip` does not name.
+            # Judging without it could call a live host with idle VMs stale: say so instead.
+            spec, a = foreign[0]
+            reason = (
+                f"{FOREIGN_WATCHER}: {spec} watched from {watcher_ip(a)}, not the host's storage "
+                f"address {ip} (set hosts.<uuid>.storage_ip, or rbd.foreign_watchers: ignore)"
+            )
         if reason is None and not r.mtimes:
             reason = f"{Reason.NO_FILES}: none of the host's {len(specs)} RBD images exists"
         return ProbeOutcome(

@@ -48,11 +48,10 @@ async def probe(world, settings=None, check: int = 1) -> ProbeResult:
         await svc.close()
 
 
-async def test_watch_of_the_suspects_address_is_a_live_sign_and_anothers_is_not(rworld):
+async def test_watch_of_the_suspects_address_is_a_live_sign(rworld):
     a, b = rworld.images
     c = rworld.ceph.cluster
-    other = rworld.hosts[1].ip  # kvm02 has image b open (a VM migrated there, say)
-    with c.client(f"rbd/{a}", rworld.suspect.ip), c.client(f"rbd/{b}", other):
+    with c.client(f"rbd/{a}", rworld.suspect.ip):
         execs = sum(h.execs for h in rworld.hosts)
         r = await probe(rworld)
         execs = sum(h.execs for h in rworld.hosts) - execs
@@ -68,6 +67,24 @@ async def test_watch_of_the_suspects_address_is_a_live_sign_and_anothers_is_not(
     print(f"one RBD check of 2 images: {r.duration:.2f} s")
 
 
+async def test_anothers_watch_on_the_hosts_image_is_unknown_unless_ignored(rworld):
+    """A watch from an address that is not the host's is no sign of the host's life, and most
+    likely IS the host on an unnamed storage network: unknown, unless the operator says ignore."""
+    a, b = rworld.images
+    c = rworld.ceph.cluster
+    other = rworld.hosts[1].ip
+    ignore = rworld.settings.rbd.model_copy(update={"foreign_watchers": "ignore"})
+    with c.client(f"rbd/{a}", rworld.suspect.ip), c.client(f"rbd/{b}", other):
+        default = await probe(rworld)
+        ignored = await probe(rworld, rworld.settings.model_copy(update={"rbd": ignore}))
+    assert not default.complete and default.reason is not None
+    assert default.reason.startswith(
+        f"foreign watcher: rbd/{b} watched from {other}, not the host's storage address "
+        f"{rworld.suspect.ip}"
+    ), default.reason
+    assert ignored.complete and len(ignored.live_signs) == 1 and f"rbd/{a}" in ignored.live_signs[0]
+
+
 async def test_the_storage_ip_setting_names_the_hosts_watchers(rworld):
     a = rworld.images[0]
     storage_ip = "127.0.2.200"  # the host's Ceph-network address differs from its management one
@@ -78,7 +95,10 @@ async def test_the_storage_ip_setting_names_the_hosts_watchers(rworld):
         by_management_ip = await probe(rworld)
     assert by_storage_ip.complete and by_storage_ip.live_signs
     assert storage_ip in by_storage_ip.live_signs[0]
-    assert by_management_ip.complete and by_management_ip.live_signs == []
+    # Without the setting the host's own watch is not recognised: never stale, unknown, saying why.
+    assert not by_management_ip.complete and by_management_ip.live_signs == []
+    assert f"watched from {storage_ip}" in (by_management_ip.reason or "")
+    assert "hosts.<uuid>.storage_ip" in (by_management_ip.reason or "")
 
 
 async def test_a_write_advances_modify_timestamp_on_the_osds_clock(rworld):
