@@ -16,7 +16,6 @@ short watch timeout used here comes with a one-second tick.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -547,5 +546,3 @@ if __name__ == "__main__":  # pragma: no cover - manual check: python -m lab.cep
         spec = c.create_image("probe-check")
         with c.client(spec, "127.0.2.11") as cl:
             print(c.watchers(spec), cl.write())
-        with contextlib.suppress(KeyboardInterrupt):
-            pass
