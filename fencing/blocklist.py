@@ -96,7 +96,11 @@ def _ip_of(watcher: str) -> str:
     addr = watcher.split("/", 1)[0]
     for proto in ("v1:", "v2:", "any:"):
         addr = addr.removeprefix(proto)
-    return addr.rsplit(":", 1)[0].strip("[]") if ":" in addr else addr
+    host = addr.rsplit(":", 1)[0].strip("[]") if ":" in addr else addr
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
 
 
 class Blocklister:

@@ -27,6 +27,7 @@ arguments, image specs (`pool/image`) on stdin, and a last `D` line marks comple
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shlex
@@ -126,7 +127,15 @@ def watcher_ip(address: str) -> str:
         if addr.startswith(proto):
             addr = addr[len(proto) :]
     host = addr.rsplit(":", 1)[0] if ":" in addr else addr
-    return host.strip("[]")
+    return _canonical(host.strip("[]"))
+
+
+def _canonical(ip: str) -> str:
+    """One spelling per address (`fd00:0::5` and `fd00::5` are the same host)."""
+    try:
+        return ipaddress.ip_address(ip).compressed
+    except ValueError:
+        return ip
 
 
 # errno values of a refused key (EPERM, EACCES); anything else means Ceph could not be asked.
@@ -297,7 +306,7 @@ class RbdProbe:
         neighbour: str,
         started: float,
     ) -> ProbeOutcome:
-        ip = target.host_ip or ""
+        ip = _canonical(target.host_ip or "")
         signs = tuple(
             f"watcher {a} of {ip} on {spec}"
             for spec in specs

@@ -252,6 +252,7 @@ def test_health_err_makes_the_reading_incomplete():
         ("127.0.2.11:0/4147887291", "127.0.2.11"),
         ("v2:10.0.0.5:0/1", "10.0.0.5"),
         ("[fd00::5]:0/77", "fd00::5"),
+        ("[fd00:0:0::05]:0/77", "fd00::5"),
     ],
 )
 def test_watcher_address_to_ip(address, ip):
