@@ -247,6 +247,11 @@ class HostSettings(_Model):
 
     name: str | None = None
     ipmi: IpmiOverrides = Field(default_factory=IpmiOverrides)
+    storage_ip: str | None = Field(
+        None,
+        description="the host's address on the Ceph network (its RBD watchers carry it, a "
+        "blocklist names it); CloudStack's ipaddress if unset",
+    )
 
 
 class EffectiveIpmi(_Model):
@@ -327,6 +332,37 @@ class SshSettings(_Model):
     command_timeout: float = Field(20.0, gt=0)
     max_neighbours: int = Field(2, ge=1, description="neighbours tried per check")
     mount_root: str = "/mnt"
+
+
+class RbdSettings(_Model):
+    """The RBD back end (probes.rbd) and the storage fence (fencing.blocklist)."""
+
+    conf: str = Field("/etc/ceph/ceph.conf", description="ceph.conf on the neighbours")
+    user: str = Field("fencer-probe", description="the probe's read-only Ceph client id")
+    keyring: str = Field(
+        "/etc/ceph/ceph.client.fencer-probe.keyring", description="its keyring, on the neighbours"
+    )
+    python: str = Field(
+        "python3", description="the neighbours' Python with python3-rados/-rbd (from ceph-common)"
+    )
+    connect_timeout: float = Field(5.0, gt=0, description="seconds for each Ceph command")
+    watch_timeout: float = Field(
+        30.0, gt=0, description="the cluster's osd_client_watch_timeout: a dead client's lingering"
+    )
+    watch_margin: float = Field(5.0, ge=0, description="added to watch_timeout for a stale window")
+    foreign_watchers: Literal["unknown", "ignore"] = Field(
+        "unknown",
+        description="a watch from another address on the host's image: the check is unknown "
+        "(a storage_ip that is not set), or ignored (e.g. rbd-mirror watches every image)",
+    )
+    fence_conf: str = Field("/etc/ceph/ceph.conf", description="ceph.conf on the fencer worker")
+    fence_user: str = Field("fencer-fence", description="the Ceph client id that may blocklist")
+    fence_keyring: str = Field(
+        "/etc/ceph/ceph.client.fencer-fence.keyring", description="its keyring, on the worker"
+    )
+    blocklist_expire: float = Field(
+        86400.0, gt=0, description="seconds a blocklist lasts unless lifted (outlive BMC retries)"
+    )
 
 
 class EmailSettings(_Model):
@@ -439,6 +475,7 @@ class FencerSettings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     cloudstack: CloudStackSettings = Field(default_factory=CloudStackSettings)
     ssh: SshSettings = Field(default_factory=SshSettings)
+    rbd: RbdSettings = Field(default_factory=RbdSettings)
     email: EmailSettings = Field(default_factory=EmailSettings)
     snmp: SnmpSettings = Field(default_factory=SnmpSettings)
     actuator: ActuatorSettings = Field(default_factory=ActuatorSettings)
@@ -521,6 +558,11 @@ class FencerSettings(BaseSettings):
             else:
                 values[name], sources[name] = getattr(self.defaults, name), "default"
         return EffectiveIpmi(address=host.address, values=IpmiSettings(**values), sources=sources)
+
+    def storage_ip_for(self, host_uuid: str, management_ip: str) -> str:
+        """The host's Ceph-network address: its `storage_ip` setting, else CloudStack's."""
+        h = self.hosts.get(host_uuid)
+        return h.storage_ip if h and h.storage_ip else management_ip
 
     def fence_cap_for(self, cluster_uuid: str) -> int:
         """The cluster's cap, or the policy's."""
