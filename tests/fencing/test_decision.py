@@ -776,9 +776,7 @@ def test_a_temporary_withhold_keeps_probing_and_the_next_stale_check_proposes_ag
     reason: WithheldReason,
 ) -> None:
     proposed, rows = to_proposal()
-    withheld = replace(
-        proposed, state=HostState.WITHHELD, since=T0 + 206, withheld_reason=reason, stale_count=2
-    )
+    withheld = replace(proposed, state=HostState.WITHHELD, since=T0 + 206, withheld_reason=reason)
     r5 = requested(withheld, T0 + 265)
     u5 = judged(r5, failed(T0 + 266, 5), Evidence.UNKNOWN, "ssh refused", unknown_count=1)
     r6 = requested(u5, T0 + 326)
@@ -808,7 +806,6 @@ def test_an_approval_may_follow_a_temporary_withhold() -> None:
         state=HostState.WITHHELD,
         since=T0 + 206,
         withheld_reason=WithheldReason.QUIET_PERIOD,
-        stale_count=2,
     )
     r5 = requested(withheld, T0 + 265)
     fencing = replace(r5, state=HostState.FENCING, since=T0 + 266, withheld_reason=None)
@@ -822,6 +819,30 @@ def test_an_approval_may_follow_a_temporary_withhold() -> None:
     run(IDLE, rows)
 
 
+def test_a_proposal_resent_after_an_approval_that_followed_a_temporary_withhold_is_the_same() -> (
+    None
+):
+    """The approval of the re-sent proposal came while the host was withheld: once fencing, the
+    proposal re-sent on a tick must be the one proposed (1 + extra_checks stale checks), not a
+    weaker one."""
+    proposed, rows = to_proposal()
+    withheld = replace(
+        proposed,
+        state=HostState.WITHHELD,
+        since=T0 + 206,
+        withheld_reason=WithheldReason.QUIET_PERIOD,
+    )
+    fencing = replace(withheld, state=HostState.FENCING, since=T0 + 207, withheld_reason=None)
+    record = run(
+        proposed,
+        [
+            (FenceWithheld(T0 + 206, 1, DID, WithheldReason.QUIET_PERIOD), withheld, ()),
+            (FenceApproved(at=T0 + 207, episode=1, decision_id=DID), fencing, ()),
+        ],
+    )
+    assert step(record, Tick(at=T0 + 205 + 900), POLICY)[1] == (PROPOSAL,)
+
+
 def test_alive_after_a_temporary_withhold_returns_to_suspect_and_approvals_are_late() -> None:
     proposed, rows = to_proposal()
     withheld = replace(
@@ -829,7 +850,6 @@ def test_alive_after_a_temporary_withhold_returns_to_suspect_and_approvals_are_l
         state=HostState.WITHHELD,
         since=T0 + 206,
         withheld_reason=WithheldReason.STORM_GUARD,
-        stale_count=2,
     )
     r5 = requested(withheld, T0 + 265)
     wrote = reading(T0 + 266, 5, WRITTEN)
@@ -879,7 +899,6 @@ def test_an_outcome_after_the_host_proved_alive_again_is_recorded() -> None:
         state=HostState.WITHHELD,
         since=T0 + 206,
         withheld_reason=WithheldReason.PAUSED,
-        stale_count=2,
     )
     r5 = requested(withheld, T0 + 265)
     alive, _ = step(r5, reading(T0 + 266, 5, WRITTEN), POLICY)
