@@ -475,7 +475,10 @@ class HostMachine(RuleBasedStateMachine):
             self.run += 1
         elif verdict is Evidence.ALIVE:
             self.run = 0
-        self.ref, self.ref_at = (dict(event.mtimes), dict(event.heartbeats)), event.at
+        # every file keeps its last known value, also while a reading lacks it
+        mtimes, beats = self.ref or ({}, {})
+        self.ref = ({**mtimes, **dict(event.mtimes)}, {**beats, **dict(event.heartbeats)})
+        self.ref_at = event.at
         return verdict
 
     def oracle(self, r: ProbeFinished) -> Evidence:

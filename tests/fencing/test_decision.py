@@ -157,12 +157,13 @@ def judged(
     )
     if evidence is Evidence.UNKNOWN:
         return new
-    # a judged complete reading is the reference for the next check
+    # a judged complete reading is the reference for the next check; a file it lacks keeps
+    # its last known value (a file is only ever compared with itself)
     return replace(
         new,
         ref_at=r.at,
-        ref_mtimes=tuple(sorted(r.mtimes)),
-        ref_heartbeats=tuple(sorted(r.heartbeats)),
+        ref_mtimes=tuple(sorted({**dict(record.ref_mtimes), **dict(r.mtimes)}.items())),
+        ref_heartbeats=tuple(sorted({**dict(record.ref_heartbeats), **dict(r.heartbeats)}.items())),
     )
 
 
@@ -376,6 +377,44 @@ def test_a_disk_that_left_the_host_is_no_change() -> None:
         ],
     )
     assert s2.newest_write == T0 - 500 and s2.files_checked == 2
+
+
+def test_a_file_missing_from_one_reading_and_back_unchanged_is_no_change() -> None:
+    """The probe drops a file it cannot stat (ESTALE, EIO: `stat 2>/dev/null`) and the reading
+    stays complete. Back with the same mtime, it did not change: no sign of life. Otherwise a
+    flaky file resets the stale run every other check and a dead host is never fenced."""
+    two = ((DISK, T0 - 500), (DISK2, T0 - 300), (HB, T0 - 400))
+    policy = replace(POLICY, extra_checks=1)
+    r1 = requested(replace(SUSPECT, opened_at=T0), T0)
+    b1 = judged(r1, reading(T0 + 1, 1, two), Evidence.BASELINE)
+    r2 = requested(b1, T0 + 61)
+    s2 = judged(r2, reading(T0 + 62, 2), Evidence.STALE, stale_count=1)
+    assert dict(s2.ref_mtimes)[DISK2] == T0 - 300  # remembered while missing
+    r3 = requested(s2, T0 + 122)
+    s3 = judged(r3, reading(T0 + 123, 3, two), Evidence.STALE, stale_count=2)
+    proposed = replace(
+        s3, state=HostState.FENCE_PROPOSED, since=T0 + 123, decision_id=DID, sent_at=T0 + 123
+    )
+    run(
+        SUSPECT,
+        [
+            (Tick(at=T0), r1, (probe(1),)),
+            (reading(T0 + 1, 1, two), b1, ()),
+            (Tick(at=T0 + 61), r2, (probe(2),)),
+            (reading(T0 + 62, 2), s2, ()),
+            (Tick(at=T0 + 122), r3, (probe(3),)),
+            (
+                reading(T0 + 123, 3, two),
+                proposed,
+                (replace(PROPOSAL, stale_checks=2, newest_write=T0 - 300, files_checked=3),),
+            ),
+        ],
+        policy,
+    )
+    # back *changed* while it was missing: that is a change
+    moved = ((DISK, T0 - 500), (DISK2, T0 - 299), (HB, T0 - 400))
+    alive, _ = step(r3, reading(T0 + 123, 3, moved), policy)
+    assert (alive.last_evidence, alive.reason) == (Evidence.ALIVE, f"{DISK2} changed")
 
 
 def test_host_without_vms_is_judged_on_its_heartbeat_file_alone() -> None:
@@ -825,7 +864,7 @@ def test_a_proposal_resent_after_an_approval_that_followed_a_temporary_withhold_
     """The approval of the re-sent proposal came while the host was withheld: once fencing, the
     proposal re-sent on a tick must be the one proposed (1 + extra_checks stale checks), not a
     weaker one."""
-    proposed, rows = to_proposal()
+    proposed, _ = to_proposal()
     withheld = replace(
         proposed,
         state=HostState.WITHHELD,
