@@ -24,9 +24,11 @@ never compared with anything.
   redelivered or late result never counts twice. A probe reports a *reading* and the core
   judges it (`judge`): **unknown** when the reading is incomplete, when the host has disks on
   storage the probe cannot read (unless `judge_readable_only`), or when nothing could be read;
-  else **baseline** when there is no earlier complete reading; else **alive** when any file's
-  mtime or any heartbeat's content changed (or a file appeared) since the previous complete
-  reading; else **stale** when at least `check_interval` passed between the two readings
+  else **alive** when the reading carries a direct sign of life (`live_signs`: an RBD watch held
+  by the host); else **baseline** when there is no earlier complete reading; else **alive** when
+  any file's mtime or any heartbeat's content changed (or a file appeared) since the previous
+  complete reading; else **stale** when at least `check_interval` (or the back end's `min_gap`,
+  if larger) passed between the two readings
   (from the arrival of the previous one to the request of this one: both worker clock, and a
   lower bound of the real gap); else unknown ("too soon"). Every complete reading becomes the
   reference for the next.
@@ -168,6 +170,8 @@ TRANSITIONS: Final[Mapping[HostState, Mapping[Trigger, tuple[HostState, ...]]]] 
     S.SUSPECT: {
         **_stay(S.SUSPECT, *_OPEN_COMMON, T.PROBE_BASELINE, T.PROBE_ALIVE, T.PROBE_UNKNOWN),
         T.PROBE_STALE: (S.SUSPECT, S.FENCE_PROPOSED),
+        # An approval the actuator carried out although the host proved alive meanwhile: a fact.
+        T.FENCE_SUCCEEDED: (S.FENCED,),
         **_ends(),
     },
     S.FENCE_PROPOSED: {
@@ -371,6 +375,11 @@ def classify(record: HostRecord, event: HostEvent, policy: Policy) -> Trigger:
         if not answers_outstanding:
             return T.LATE
         return _PROBE_TRIGGERS[judge(record, event, policy)[0]]
+    if record.decision_id is None and isinstance(event, FenceFinished):
+        raise IllegalTransition(
+            f"host {record.host}: {type(event).__name__} for decision {event.decision_id}, "
+            f"but episode {record.episode} proposed nothing"
+        )
     if record.decision_id is not None and event.decision_id != record.decision_id:
         raise DecisionMismatch(
             f"host {record.host}: {type(event).__name__} for decision {event.decision_id}, "
@@ -385,7 +394,9 @@ def classify(record: HostRecord, event: HostEvent, policy: Policy) -> Trigger:
         return T.LATE if record.state is not S.FENCE_PROPOSED else T.FENCE_WITHHELD
     if event.success:
         return T.LATE if record.state is S.FENCED else T.FENCE_SUCCEEDED
-    return T.LATE if record.state in (S.FAILED, S.FENCED) else T.FENCE_FAILED
+    # A failure (or a refusal) while the host is being checked again changes nothing: the
+    # checks go on and may propose again.
+    return T.LATE if record.state in (S.FAILED, S.FENCED, S.SUSPECT) else T.FENCE_FAILED
 
 
 def judge(record: HostRecord, result: ProbeFinished, policy: Policy) -> tuple[Evidence, str | None]:
@@ -399,6 +410,8 @@ def judge(record: HostRecord, result: ProbeFinished, policy: Policy) -> tuple[Ev
         )
     if not result.mtimes and not result.heartbeats:
         return Evidence.UNKNOWN, result.reason or "no files to read"
+    if result.live_signs:
+        return Evidence.ALIVE, result.live_signs[0]
     if record.ref_at is None:
         return Evidence.BASELINE, None
     changed = _changed(record.ref_mtimes, result.mtimes) or _changed(
@@ -408,10 +421,10 @@ def judge(record: HostRecord, result: ProbeFinished, policy: Policy) -> tuple[Ev
         return Evidence.ALIVE, changed
     assert record.last_request_at is not None
     gap = record.last_request_at - record.ref_at
-    if gap < policy.check_interval:
+    floor = max(policy.check_interval, result.min_gap)
+    if gap < floor:
         return Evidence.UNKNOWN, (
-            f"too soon: {gap:.0f} s since the previous reading, "
-            f"check_interval is {policy.check_interval:g} s"
+            f"too soon: {gap:.0f} s since the previous reading, at least {floor:g} s needed"
         )
     return Evidence.STALE, None
 
@@ -643,7 +656,10 @@ def _probe_baseline(record: HostRecord, event: ProbeFinished, policy: Policy) ->
 
 def _probe_alive(record: HostRecord, event: ProbeFinished, policy: Policy) -> Step:
     record, notices, _ = _judged(record, event, policy)
-    record = replace(record, state=S.SUSPECT, stale_count=0, unknown_count=0, withheld_reason=None)
+    since = record.since if record.state is S.SUSPECT else event.at
+    record = replace(
+        record, state=S.SUSPECT, since=since, stale_count=0, unknown_count=0, withheld_reason=None
+    )
     return record, notices
 
 

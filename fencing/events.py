@@ -71,6 +71,8 @@ class NoticeKind(str, Enum):
     HOST_RECOVERED = "host_recovered"
     CLOCK_SKEW = "clock_skew"  # measured and shown, never used in a verdict
     SUSPECT_TOO_LONG = "suspect_too_long"  # suspect without a decision: repeated until it ends
+    FORGED_RECORD = "forged_record"  # a decision or settings record fencer did not sign
+    FENCE_REFUSED = "fence_refused"  # the actuator's last-moment checks refused a decision
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +136,8 @@ class ProbeFinished:
     reason: str | None = None  # why the reading is incomplete
     neighbour_offset: float | None = None  # neighbour clock minus probe worker clock (shown only)
     filer_offset: float | None = None  # filer clock minus the host's (heartbeat mtime - content)
+    live_signs: tuple[str, ...] = ()  # direct signs of life seen now (an RBD watch of the host)
+    min_gap: float = 0.0  # a back end's own floor for a stale window (RBD: the watch timeout)
 
 
 @dataclass(frozen=True)

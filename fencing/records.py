@@ -97,6 +97,10 @@ class ProbeResult(WireRecord):
     filer_offset: float | None = Field(
         None, description="the filer's clock minus the host's: heartbeat mtime minus content"
     )
+    live_signs: list[str] = Field(
+        default_factory=list, description="direct signs of life seen now (an RBD watch held)"
+    )
+    min_gap: float = Field(0.0, description="the back end's floor for a stale window, seconds")
     duration: float = 0.0
     probe: str = "nfs"
 
@@ -133,9 +137,12 @@ class FenceDecision(WireRecord):
     approved: bool
     withheld_reason: WithheldReason | None = None
     evidence: EvidenceSummary
-    decided_at: float
+    decided_at: float = Field(description="the gate's own clock when it decided")
     budget_used: int = 0
     budget_cap: int = 0
+    signature: dict[str, str] | None = Field(
+        None, description="the gate's HMAC-SHA256 of the record without it (fencing.signing)"
+    )
 
 
 class FenceOutcome(WireRecord):
@@ -157,6 +164,9 @@ class FenceOutcome(WireRecord):
     cloudstack_job: str | None = None
     cloudstack_result: str | None = None
     error: str | None = None
+    refused: bool = Field(
+        False, description="the actuator's last-moment checks refused it: nothing was done"
+    )
 
 
 class Notice(WireRecord):
@@ -171,6 +181,23 @@ class Notice(WireRecord):
     result: str | None = None
     reason: str | None = None
     evidence: EvidenceSummary | None = None
+    topic: str | None = Field(None, description="forged_record: where the record was read")
+    partition: int | None = None
+    offset: int | None = None
+    claimed_host: str | None = Field(None, description="forged_record: the host it named")
+
+
+class FenceClaim(WireRecord):
+    """An actuator's claim on a decision, before any BMC call (topic fence-claims, key decision
+    id, one partition): the first `claimed` record of a decision in the log wins."""
+
+    decision_id: str
+    host_uuid: str
+    claim_id: str = Field(description="unique per claim attempt")
+    claimed_by: str = Field(description="worker host:pid")
+    state: Literal["claimed", "done", "released"]
+    takeover_of: str | None = Field(None, description="the dead claim this one follows")
+    outcome: dict[str, Any] | None = Field(None, description="done: the FenceOutcome")
 
 
 class HostStateRecord(WireRecord):

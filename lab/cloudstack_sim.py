@@ -488,14 +488,23 @@ class SimCloud:
         for vm in list(self.vms.values()):
             if vm.host_uuid != h.uuid or vm.state not in ("Running", "Starting", "Stopping"):
                 continue
-            self.set_vm_state(vm.uuid, "Stopped")
-            target = self._other_up_host(h)
-            if target is None:
-                continue
-            self.set_vm_state(vm.uuid, "Starting", target.uuid)
-            self.set_vm_state(vm.uuid, "Running", target.uuid)
-            moved.append(vm.uuid)
+            if self.restart_vm_elsewhere(vm.uuid):
+                moved.append(vm.uuid)
         return moved
+
+    def restart_vm_elsewhere(self, vm_uuid: str, target_uuid: str | None = None) -> str | None:
+        """VM-HA for one VM: Stopped, then Starting and Running on `target_uuid` (default: the
+        first other Up, Enabled host of its cluster). Returns the new host's uuid, or None when
+        no host could take it (the VM stays Stopped, as CloudStack leaves it)."""
+        vm = self.vms[vm_uuid]
+        h = self.hosts[vm.host_uuid or ""]
+        target = self.hosts[target_uuid] if target_uuid else self._other_up_host(h)
+        self.set_vm_state(vm.uuid, "Stopped")
+        if target is None:
+            return None
+        self.set_vm_state(vm.uuid, "Starting", target.uuid)
+        self.set_vm_state(vm.uuid, "Running", target.uuid)
+        return target.uuid
 
     # --- async commands -----------------------------------------------------------------------
 

@@ -46,6 +46,8 @@ KINDS: dict[NoticeKind, tuple[str, Severity, int]] = {
     NoticeKind.HOST_RECOVERED: ("RECOVERED", Severity.INFO, 7),
     NoticeKind.CLOCK_SKEW: ("CLOCK-SKEW", Severity.WARNING, 8),
     NoticeKind.SUSPECT_TOO_LONG: ("SUSPECT-TOO-LONG", Severity.CRITICAL, 9),
+    NoticeKind.FORGED_RECORD: ("FORGED-RECORD", Severity.CRITICAL, 20),
+    NoticeKind.FENCE_REFUSED: ("REFUSED", Severity.WARNING, 21),
 }
 
 # FENCER-MIB FencerActionKind; none(0) when the notification concerns no action.
@@ -147,7 +149,8 @@ def record_id(record: FenceDecision | FenceOutcome | Notice) -> str:
     if isinstance(record, FenceDecision):
         return f"decision:{record.decision_id}:{_decision_kind(record).value}"
     if isinstance(record, FenceOutcome):
-        return f"outcome:{record.decision_id}"
+        # A refusal is not the decision's outcome: a later fence of it is notified too.
+        return f"outcome:{record.decision_id}{':refused' if record.refused else ''}"
     return f"notice:{record.notice_id}"
 
 
@@ -256,8 +259,17 @@ def _from_notice(n: Notice) -> Message:
         action=n.action,
         reason=n.reason,
         decision_id=n.decision_id,
-        details=(("Detail", n.result),) if n.result else (),
+        details=_notice_details(n),
     )
+
+
+def _notice_details(n: Notice) -> tuple[tuple[str, str], ...]:
+    rows = [("Detail", n.result or "")]
+    if n.topic is not None:
+        rows.append(("Record", f"{n.topic} partition {n.partition} offset {n.offset}"))
+    if n.claimed_host is not None:
+        rows.append(("Host named", n.claimed_host))
+    return tuple((k, v) for k, v in rows if v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +341,13 @@ _LEADS: dict[NoticeKind, str] = {
     NoticeKind.SUSPECT_TOO_LONG: (
         "This host has been suspect for a long time without a fencing decision. "
         "Its VMs may be down: a person must look at it."
+    ),
+    NoticeKind.FORGED_RECORD: (
+        "A record fencer did not sign was refused: something other than fencer writes to its "
+        "topics. Nothing was done to the host it names."
+    ),
+    NoticeKind.FENCE_REFUSED: (
+        "The actuator refused an approved fence at the last moment; the host was not touched."
     ),
 }
 

@@ -111,6 +111,8 @@ class ProbeOutcome:
     probe: str = "nfs"
     neighbour_offset: float | None = None
     filer_offset: float | None = None
+    live_signs: tuple[str, ...] = ()  # direct signs of life (an RBD watch held by the host)
+    min_gap: float = 0.0  # this back end's floor for a stale window (RBD: the watch timeout)
 
     @classmethod
     def unknown(cls, reason: str, probe: str, **kw: Any) -> ProbeOutcome:
@@ -136,6 +138,8 @@ class ProbeOutcome:
             filer_offset=self.filer_offset,
             duration=self.duration,
             probe=self.probe,
+            live_signs=list(self.live_signs),
+            min_gap=self.min_gap,
         )
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import faust
 
-from fencing.records import FenceDecision, ProbeRequest, ProbeResult
+from fencing.records import FenceOutcome, ProbeRequest, ProbeResult
 from fencing.settings import FencerSettings
 from streams import observability as obs
 from streams import records as wire
@@ -51,11 +51,17 @@ def parse_roles(text: str) -> tuple[str, ...]:
 def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faust.App:
     """Build the Faust app for these roles (all of them in one process by default)."""
     prepare_kafka(settings)
-    app_id = (
-        settings.kafka.group_id
-        if roles == ROLES
-        else f"{settings.kafka.group_id}-{'-'.join(roles)}"
-    )
+    if {"ingest", "actuate"} & set(roles):
+        # The gate signs decisions, the actuator verifies them: neither runs without a key.
+        from fencing.settings import SettingsError
+        from fencing.signing import KeyringError, load_keyring
+
+        try:
+            load_keyring(settings)
+        except KeyringError as exc:
+            raise SettingsError(f"roles {','.join(sorted(roles))}: {exc}") from None
+    # The same role set is the same consumer group whatever the order of --roles.
+    app_id = settings.group_for(roles, ROLES)
     app = faust.App(app_id, **faust_app_kwargs(settings))
     names = settings.kafka.topics
     policy = settings.policy.to_policy()
@@ -144,7 +150,16 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         @app.agent(host_inputs)
         async def watch(stream: Any) -> None:
             async for event in stream.events():
+                if event.message.topic == names.fence_decisions and not runtime.decision_is_signed(
+                    event.message
+                ):
+                    # Only the gate's own decisions move a host's record (the actuator reports
+                    # the forged record to people).
+                    await dead(event.message, "a fence decision without fencer's signature")
+                    continue
                 parsed = wire.host_input(event.message, names)
+                if parsed is None:
+                    continue
                 if isinstance(parsed, str):
                     await dead(event.message, parsed)
                     continue
@@ -209,15 +224,22 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
 
         @app.agent(fence_decisions)
         async def actuate(stream: Any) -> None:
+            # Read the host-states and fence-claims topics before the first decision arrives.
+            await runtime.start_actuation()
             async for event in stream.events():
-                decision = wire.load(FenceDecision, event.value)
-                if decision is None or not decision.approved:
+                # Signed, fresh, backed, confirmed, claimed: else refused (streams.actuation).
+                try:
+                    out = await runtime.actuate(event.message, done)
+                except Exception as exc:  # a bug must not stop the stream; nothing was fenced
+                    log.exception("actuate: cannot handle a decision")
+                    await dead(event.message, f"actuate failed: {type(exc).__name__}")
                     continue
-                key = decision.host.host_uuid
-                outcome = await runtime.actuate(decision, done, key)
-                if outcome is not None:
-                    obs.observe_outcome(outcome)
-                    await fence_outcomes.send(key=key.encode(), value=wire.dump(outcome))
+                for topic_name, out_key, value in out:
+                    if topic_name == names.fence_outcomes:
+                        outcome = wire.load(FenceOutcome, value)
+                        if outcome is not None:
+                            obs.observe_outcome(outcome)
+                    await by_name[topic_name].send(key=out_key, value=value)
 
         if settings.actuator.preflight_interval > 0:
 
@@ -233,6 +255,10 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         @app.agent(app.topic(names.fence_decisions, names.fence_outcomes, names.notices, **RAW))
         async def notify(stream: Any) -> None:
             async for event in stream.events():
+                if event.message.topic == names.fence_decisions and not runtime.decision_is_signed(
+                    event.message, required=False
+                ):
+                    continue  # a forged decision is told as a forged_record notice, not as news
                 record = wire.notifiable(event.message, names)
                 if record is not None:
                     await runtime.notify(record, notified, event.message.key.decode())
@@ -252,6 +278,12 @@ def cli_worker(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     roles = parse_roles(args.roles)
     obs.setup_observability(settings)
+    # Services start in any order (compose, systemd): wait, one line per try, no traceback.
+    import asyncio
+
+    from streams.startup import wait_for_dependencies
+
+    asyncio.run(wait_for_dependencies(settings))
     app = create_app(settings, roles)
     log.info(
         "fencer worker starting: roles %s, broker %s",

@@ -131,8 +131,9 @@ class HostInput:
     ref: HostRef | None = None
 
 
-def host_input(message: Any, topics: Any) -> HostInput | str:
-    """The core event a record on one of the host's input topics carries, or why not."""
+def host_input(message: Any, topics: Any) -> HostInput | str | None:
+    """The core event a record on one of the host's input topics carries, why not (a
+    dead-letter reason), or None for a record that changes nothing (a refused fence)."""
     if not message.key:
         return f"a {message.topic} record without a host uuid key"
     try:
@@ -150,6 +151,11 @@ def host_input(message: Any, topics: Any) -> HostInput | str:
             return HostInput(FenceWithheld(d.decided_at, d.episode, d.decision_id, reason), d.host)
         if message.topic == topics.fence_outcomes:
             o = FenceOutcome.model_validate_json(message.value)
+            if o.refused:
+                # Nothing was done to the host: its record stays where it is and the core sends
+                # the proposal again later (the gate re-approves at its own now, the actuator
+                # checks everything afresh). People were told by the fence_refused notice.
+                return None
             return HostInput(
                 FenceFinished(
                     o.finished_at, o.episode, o.decision_id, o.success, o.power_after, o.error
@@ -177,6 +183,8 @@ def probe_finished(r: ProbeResult, arrived_at: float) -> ProbeFinished:
         reason=r.reason,
         neighbour_offset=r.neighbour_offset,
         filer_offset=r.filer_offset,
+        live_signs=tuple(r.live_signs),
+        min_gap=r.min_gap,
     )
 
 
@@ -412,7 +420,7 @@ def apply_gate(
         return None
     table[cluster] = _jsonable(row)
     table[GLOBAL_ROW] = _jsonable(glob)
-    return FenceDecision(
+    decision = FenceDecision(
         decision_id=item.decision_id,
         host=item.host,
         episode=item.episode,
@@ -424,6 +432,7 @@ def apply_gate(
         budget_used=verdict.budget_used,
         budget_cap=verdict.budget_cap,
     )
+    return runtime.sign_decision(decision)  # the actuator obeys only signed decisions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,6 +469,8 @@ class Runtime:
 
     _store: Any = None
     _store_failed: bool = False
+    _keyring: Any = None
+    _actuation: Any = None
 
     @property
     def policy(self) -> Policy:
@@ -470,7 +481,7 @@ class Runtime:
         if self._store is None and not self._store_failed:
             from webui.settings_store import SettingsStore
 
-            store = SettingsStore(self.settings)
+            store = SettingsStore(self.settings, keyring=self.keyring())
             try:
                 await store.start(within=15.0)
                 self._store = store
@@ -672,54 +683,166 @@ class Runtime:
         result: ProbeResult = await self._probes.run(request)
         return result
 
-    async def actuate(
-        self, decision: FenceDecision, table: MutableMapping[str, Any], key: str
-    ) -> FenceOutcome | None:
-        """Fence once per decision id; the first outcome again for a redelivered decision."""
+    def keyring(self) -> Any:
+        """The signing keys (fencing.signing.Keyring); KeyringError names the setting if none."""
+        if self._keyring is None:
+            from fencing.signing import load_keyring
+
+            self._keyring = load_keyring(self.settings)
+        return self._keyring
+
+    def decision_is_signed(self, message: Any, required: bool = True) -> bool:
+        """Whether a fence-decisions record carries the gate's signature (when not `required`
+        and this worker holds no key, it cannot tell and says yes)."""
+        from fencing.signing import DECISION, KeyringError, SignatureError, verify_bytes
+
+        try:
+            ring = self.keyring()
+        except KeyringError:
+            if required:
+                raise
+            return True
+        try:
+            verify_bytes(ring, DECISION, message.value)
+        except SignatureError:
+            return False
+        return True
+
+    def sign_decision(self, decision: FenceDecision) -> FenceDecision:
+        """The decision with the gate's signature."""
+        from fencing.signing import DECISION, sign
+
+        signed = sign(self.keyring(), DECISION, decision.model_dump(mode="json"))
+        return FenceDecision.model_validate(signed)
+
+    async def start_actuation(self) -> None:
+        """Start reading what the actuator's checks need (host states, claims); retried on use."""
+        try:
+            await self._actuation_service()
+        except Exception as exc:
+            log.warning("actuate: cannot read the host-states or fence-claims topic yet: %s", exc)
+
+    async def _actuation_service(self) -> Any:
+        if self._actuation is None:
+            from streams.actuation import Actuation
+
+            act = Actuation(
+                self.settings, self.keyring(), WORKER_ID, lambda h: self.inventory().host(h)
+            )
+            await act.start()
+            self._actuation = act
+        return self._actuation
+
+    async def actuate(self, message: Any, table: MutableMapping[str, Any]) -> list[Out]:
+        """A fence-decisions record -> what to send: the outcome (and a notice), or nothing.
+
+        Only a decision fencer's gate signed, fresh, backed by fencer's own host record,
+        confirmed by CloudStack now and claimed once is carried out (streams.actuation)."""
+        from streams.actuation import (
+            Forged,
+            NotNow,
+            forged_notice,
+            read_decision,
+            refusal,
+            refused_notice,
+        )
+
+        topics = self.settings.kafka.topics
+        act = await self._actuation_service()
+        parsed = read_decision(act.ring, message)
+        if isinstance(parsed, Forged):
+            log.error(
+                "REFUSED a fence-decisions record fencer did not sign (%s partition %s offset %s, "
+                "names host %s): %s",
+                message.topic,
+                message.partition,
+                message.offset,
+                parsed.claimed_host,
+                parsed.reason,
+            )
+            notice = forged_notice(message, parsed, time.time())
+            return [
+                (topics.notices, notice.host.host_uuid.encode(), dump(notice)),
+                (topics.dead_letter, b"", dead_letter(message, f"forged record: {parsed.reason}")),
+            ]
+        decision = parsed
+        if not decision.approved:
+            return []
+        key = decision.host.host_uuid
         if self._actuator is None:
             from fencing.actuator import Actuator
 
             self._actuator = Actuator(self.settings)
-        self._actuator.settings = await self.live()
+        live = await self.live()
+        self._actuator.settings = live
         done = dict(table.get(key) or {})
-        if decision.decision_id in done:
-            return FenceOutcome.model_validate(done[decision.decision_id])
-        outcome: FenceOutcome | None = await self._recheck(decision)
-        if outcome is None:
-            outcome = await self._actuator.handle(decision)
-        if outcome is not None:
-            done[decision.decision_id] = outcome.model_dump(mode="json")
-            table[key] = done
-        return outcome
-
-    async def _recheck(self, decision: FenceDecision) -> FenceOutcome | None:
-        """A failed outcome if CloudStack sees the host Up again: a live host is never fenced.
-
-        The decision may have waited in the topic; the host can have come back meanwhile. If
-        CloudStack cannot be asked, the decision stands (the evidence was already gathered)."""
-        if not decision.action.powers_down:
-            return None
+        first = done.get(decision.decision_id)
+        claimed = act.claims.done(decision.decision_id)
+        if first is None and claimed is not None and claimed.outcome is not None:
+            first = claimed.outcome
+        if first is not None:
+            log.info("decision %s already carried out: not acting again", decision.decision_id)
+            return [(topics.fence_outcomes, key.encode(), dump(FenceOutcome.model_validate(first)))]
         try:
-            host = await self.inventory().host(decision.host.host_uuid)
-        except Exception as exc:
-            log.warning("cannot re-check host %s before fencing: %s", decision.host.host_uuid, exc)
-            return None
-        if host.state != "Up":
-            return None
+            await act.last_moment(decision, live)
+
+            async def carry_out(takeover: bool) -> FenceOutcome:
+                if takeover:
+                    await act.last_moment(decision, live)  # time passed while waiting
+                return await self._carry_out(decision, takeover)
+
+            outcome, _acted = await act.claims.run_once(
+                decision, live.actuator.claim_lease, carry_out
+            )
+        except NotNow as exc:
+            now = time.time()
+            log.warning(
+                "host %s: decision %s REFUSED at the last moment: %s",
+                decision.host.host_name or key,
+                decision.decision_id,
+                exc,
+            )
+            n = refused_notice(decision, str(exc), now)
+            return [
+                (topics.fence_outcomes, key.encode(), dump(refusal(decision, str(exc), now))),
+                (topics.notices, key.encode(), dump(n)),
+            ]
+        done[decision.decision_id] = outcome.model_dump(mode="json")
+        table[key] = done
+        return [(topics.fence_outcomes, key.encode(), dump(outcome))]
+
+    async def _carry_out(self, decision: FenceDecision, takeover: bool) -> FenceOutcome:
+        """The BMC action; after a dead claimant, read the power first (never reboot twice)."""
+        assert self._actuator is not None
+        if not takeover or decision.action is not FenceAction.REBOOT:
+            # The engine reads power first: a stop finds a host already off and calls it fenced.
+            outcome: FenceOutcome = await self._actuator.handle(decision)
+            return outcome
+        from fencing.actuator import check_host
+
+        live = self._actuator.settings
+        read = await check_host(live, decision.host.host_uuid, decision.host.cluster_uuid)
+        if read.power == "off":
+            stop = decision.model_copy(update={"action": FenceAction.STOP})
+            outcome = await self._actuator.handle(stop)
+            return outcome.model_copy(update={"action": decision.action})
         now = time.time()
-        log.warning(
-            "host %s is Up again: decision %s not carried out", host.name, decision.decision_id
-        )
         return FenceOutcome(
             decision_id=decision.decision_id,
             host=decision.host,
             episode=decision.episode,
             action=decision.action,
-            driver="none",
+            driver=read.driver,
             success=False,
+            power_before=read.power,
+            power_after=read.power,
             started_at=now,
             finished_at=now,
-            error="the host is Up again in CloudStack: not fenced",
+            attempts=0,
+            error=(
+                f"a claimant died during this reboot and the power reads {read.power or 'unknown'}:"
+                " a reboot is never repeated blindly; an operator must check the host"
+            ),
         )
 
     async def preflight(self) -> list[Notice]:
@@ -782,6 +905,8 @@ class Runtime:
         """Close every client."""
         if self._store is not None:
             await self._store.stop()
+        if self._actuation is not None:
+            await self._actuation.stop()
         for service in (self._probes, self._inventory):
             if service is not None:
                 await service.close()

@@ -9,6 +9,7 @@ per-cluster fence budget. The decision core's table stays the truth; this is its
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from typing import Literal
 
 from aiokafka import ConsumerRecord
@@ -62,6 +63,20 @@ class TimelineEntry(BaseModel):
     evidence: Evidence | None = None
 
 
+class CheckView(BaseModel):
+    """One check of a suspect host as the core judged it (from the host-states topic)."""
+
+    check: int
+    evidence: Evidence
+    finished_at: float = Field(description="when the core judged it (the watch worker's clock)")
+    neighbour: str | None = None
+    files_checked: int = 0
+    newest_write: float | None = Field(None, description="newest disk mtime, the filer's clock")
+    reason: str | None = None
+    neighbour_offset: float | None = None
+    filer_offset: float | None = None
+
+
 class HostStateView(BaseModel):
     """A host as fencer sees it: its state, the current episode's evidence, its last probe."""
 
@@ -72,8 +87,10 @@ class HostStateView(BaseModel):
     suspect_since: float | None = None
     stale_checks: int = Field(0, description="stale checks in a row in the current episode")
     last_signal: HostSignal | None = None
-    last_probe: ProbeResult | None = None
-    evidence: list[ProbeResult] = Field(default_factory=list, description="the episode's probes")
+    last_probe: CheckView | None = None
+    evidence: list[CheckView] = Field(
+        default_factory=list, description="the episode's checks, as the core judged them"
+    )
     last_decision_id: str | None = None
     record: dict[str, object] | None = Field(
         None, description="the core's record of the host (topic host-states), as it left it"
@@ -237,6 +254,7 @@ class FencingView:
         elif state == "suspect":
             suspect_since = down_at
         stale_checks = 0
+        checks = _checks(h.states)
         core = h.states[-1].record if h.states else None
         if core is not None:
             # The core's own record is the truth: shown as it is, nothing re-derived.
@@ -244,7 +262,6 @@ class FencingView:
             episode = int(core.get("episode") or 0) or episode
             suspect_since = core.get("suspect_since") or suspect_since  # type: ignore[assignment]
             stale_checks = int(core.get("stale_count") or 0)
-            evidence = [p for p in h.probes if p.episode == episode]
         return HostStateView(
             host=h.ref,
             state=state,
@@ -254,8 +271,8 @@ class FencingView:
             stale_checks=stale_checks,
             record=core,
             last_signal=h.signals[-1] if h.signals else None,
-            last_probe=h.probes[-1] if h.probes else None,
-            evidence=evidence,
+            last_probe=checks[-1][1] if checks else None,
+            evidence=[c for ep, c in checks if ep == episode],
             last_decision_id=decision.decision_id if decision else None,
         )
 
@@ -395,6 +412,31 @@ class FencingView:
             window_start=start,
             resets_at=min(times) + window if times else None,
         )
+
+
+def _checks(states: Iterable[HostStateRecord]) -> list[tuple[object, CheckView]]:
+    """Every judged check (episode, check) in the host-states history, oldest first."""
+    out: list[tuple[object, CheckView]] = []
+    seen: set[tuple[object, ...]] = set()
+    for st in states:
+        r = st.record
+        judged = (r.get("episode"), r.get("last_check"), r.get("last_probe_at"))
+        if not r.get("last_evidence") or not r.get("last_check") or judged in seen:
+            continue
+        seen.add(judged)
+        view = CheckView(
+            check=int(r["last_check"]),
+            evidence=Evidence(str(r["last_evidence"])),
+            finished_at=st.updated_at,
+            neighbour=r.get("neighbour"),  # type: ignore[arg-type]
+            files_checked=int(r.get("files_checked") or 0),
+            newest_write=r.get("newest_write"),  # type: ignore[arg-type]
+            reason=r.get("reason"),  # type: ignore[arg-type]
+            neighbour_offset=r.get("neighbour_offset"),  # type: ignore[arg-type]
+            filer_offset=r.get("filer_offset"),  # type: ignore[arg-type]
+        )
+        out.append((r.get("episode"), view))
+    return out
 
 
 def _check_text(r: dict[str, object]) -> str:

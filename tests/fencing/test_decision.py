@@ -447,7 +447,7 @@ def test_no_change_sooner_than_an_interval_after_the_reference_is_unknown() -> N
         r3,
         reading(T0 + 31, 3),
         Evidence.UNKNOWN,
-        "too soon: 20 s since the previous reading, check_interval is 60 s",
+        "too soon: 20 s since the previous reading, at least 60 s needed",
         unknown_count=2,
     )
     r4 = requested(soon, T0 + 91)
@@ -947,11 +947,9 @@ def test_an_outcome_after_the_host_proved_alive_again_is_recorded() -> None:
         replace(alive, state=HostState.FENCED, since=T0 + 300, power_state="off"),
         (),
     )
+    # A failure or a refusal while the host is checked again changes nothing: checks go on.
     bad = FenceFinished(at=T0 + 300, episode=1, decision_id=DID, success=False, error="x")
-    assert step(alive, bad, POLICY) == (
-        replace(alive, state=HostState.FAILED, since=T0 + 300, error="x"),
-        (),
-    )
+    assert step(alive, bad, POLICY) == (alive, ())
 
 
 @pytest.mark.parametrize("reason", [WithheldReason.CAP_REACHED, WithheldReason.GLOBAL_CAP_REACHED])
@@ -1238,3 +1236,45 @@ def test_committed_state_diagram_is_generated_from_the_table() -> None:
 def test_diagram_module_prints_the_page(capsys: pytest.CaptureFixture[str]) -> None:
     diagram.main()
     assert capsys.readouterr().out == diagram.page()
+
+
+def _baselined() -> HostRecord:
+    """h1 suspect, baseline read at T0 + 5, check 2 requested at T0 + 70."""
+    r1 = requested(replace(SUSPECT, opened_at=T0 + 1), T0 + 1)
+    base, _ = step(r1, reading(T0 + 5, 1), POLICY)
+    assert base.last_evidence is Evidence.BASELINE
+    return requested(base, T0 + 70)
+
+
+def test_a_direct_sign_of_life_is_alive_without_any_change() -> None:
+    r2 = _baselined()
+    watched = replace(reading(T0 + 71, 2), live_signs=("watcher of 10.0.0.11 on rbd/vol-1",))
+    new, actions = step(r2, watched, POLICY)
+    assert (new.last_evidence, new.reason, actions) == (
+        Evidence.ALIVE,
+        "watcher of 10.0.0.11 on rbd/vol-1",
+        (),
+    )
+
+
+def test_a_back_ends_own_floor_keeps_a_short_window_from_being_stale() -> None:
+    r2 = _baselined()  # 65 s between the baseline's arrival and this request
+    slow = replace(reading(T0 + 71, 2), min_gap=90.0)
+    new, _ = step(r2, slow, POLICY)
+    assert new.last_evidence is Evidence.UNKNOWN
+    assert new.reason == "too soon: 65 s since the previous reading, at least 90 s needed"
+    assert new.ref_at == T0 + 5  # the reference stays: the next window is measured from it
+
+
+def test_an_event_without_an_entry_in_the_table_raises_and_changes_nothing() -> None:
+    from unittest import mock
+
+    from fencing.decision import TRANSITIONS as TABLE
+
+    fenced = replace(SUSPECT, state=HostState.FENCED, decision_id=DID)
+    snapshot = fenced.to_dict()
+    with mock.patch.dict(TABLE[HostState.FENCED]):  # type: ignore[arg-type]
+        del TABLE[HostState.FENCED][Trigger.TICK]  # type: ignore[attr-defined]
+        with pytest.raises(IllegalTransition, match="not allowed in state fenced"):
+            step(fenced, Tick(at=T0 + 1), POLICY)
+    assert fenced.to_dict() == snapshot

@@ -17,6 +17,7 @@ from fencing.records import (
     FenceOutcome,
     HostRef,
     HostSignal,
+    HostStateRecord,
     Notice,
     ProbeResult,
 )
@@ -192,6 +193,7 @@ async def test_fence_history_state_and_budget_come_from_the_topics(api, lab):
         lab.host_a2,
         HostSignal(kind="disconnected", host=ref, at=suspect, status=HostStatus.ALERT),
     )
+    stale_run = 0
     for check, evidence in enumerate([Evidence.STALE, Evidence.UNKNOWN, Evidence.STALE], 1):
         await api.publish(
             t.probe_results,
@@ -200,11 +202,33 @@ async def test_fence_history_state_and_budget_come_from_the_topics(api, lab):
                 host=ref,
                 episode=1,
                 check=check,
-                evidence=evidence,
                 suspect_since=suspect,
                 finished_at=suspect + 60 * check,
-                files_checked=4,
+                mtimes={f"/mnt/p/d{i}": 1_000.0 for i in range(4)},
+                complete=evidence is not Evidence.UNKNOWN,
                 neighbour="kvm-a1",
+            ),
+        )
+        stale_run += evidence is Evidence.STALE
+        # The core's judgement of each check, as the watch agent publishes it.
+        await api.publish(
+            t.host_states,
+            lab.host_a2,
+            HostStateRecord(
+                host=ref,
+                record={
+                    "host": lab.host_a2,
+                    "state": "suspect",
+                    "episode": 1,
+                    "suspect_since": suspect,
+                    "last_check": check,
+                    "last_probe_at": suspect + 60 * check,
+                    "last_evidence": evidence.value,
+                    "stale_count": stale_run,
+                    "files_checked": 4,
+                    "neighbour": "kvm-a1",
+                },
+                updated_at=suspect + 60 * check,
             ),
         )
     summary = EvidenceSummary(suspect_since=suspect, stale_checks=2, files_checked=4)
@@ -238,6 +262,25 @@ async def test_fence_history_state_and_budget_come_from_the_topics(api, lab):
             power_after="off",
             started_at=now - 99,
             finished_at=now - 95,
+        ),
+    )
+    await api.publish(
+        t.host_states,
+        lab.host_a2,
+        HostStateRecord(
+            host=ref,
+            record={
+                "host": lab.host_a2,
+                "state": "fenced",
+                "episode": 1,
+                "suspect_since": suspect,
+                "last_check": 3,
+                "last_probe_at": suspect + 180,
+                "last_evidence": "stale",
+                "stale_count": 2,
+                "decision_id": "d-a2-1",
+            },
+            updated_at=now - 95,
         ),
     )
     await api.publish(
