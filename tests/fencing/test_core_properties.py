@@ -438,7 +438,11 @@ class HostMachine(RuleBasedStateMachine):
             assert new == before  # late, repeated or for an ended episode: ignored
         if isinstance(event, FenceApproved) and before.state is HostState.SUSPECT:
             assert new == before  # nothing proposed, or the host proved alive since
-        if isinstance(event, FenceWithheld) and before.state is HostState.FENCE_PROPOSED:
+        if (
+            isinstance(event, FenceWithheld)
+            and before.state is HostState.FENCE_PROPOSED
+            and event.episode == before.episode
+        ):
             assert new.state is HostState.WITHHELD and new.withheld_reason is event.reason
             if event.reason in TEMPORARY:
                 self.run = self.policy.extra_checks  # the next stale check proposes again
@@ -487,6 +491,8 @@ class HostMachine(RuleBasedStateMachine):
             return Evidence.UNKNOWN
         if not r.mtimes and not r.heartbeats:
             return Evidence.UNKNOWN
+        if r.live_signs:  # a direct sign of life (an RBD watch held by the host)
+            return Evidence.ALIVE
         if self.ref is None or self.ref_at is None:
             return Evidence.BASELINE
         mtimes, beats = self.ref
@@ -494,7 +500,7 @@ class HostMachine(RuleBasedStateMachine):
             return Evidence.ALIVE
         if any(beats.get(p) != v for p, v in r.heartbeats):
             return Evidence.ALIVE
-        if self.requested_at - self.ref_at < self.policy.check_interval:
+        if self.requested_at - self.ref_at < max(self.policy.check_interval, r.min_gap):
             return Evidence.UNKNOWN  # too soon: not an interval between the two readings
         return Evidence.STALE
 
@@ -612,6 +618,8 @@ class HostMachine(RuleBasedStateMachine):
         beat=st.none() | st.sampled_from(["1\n", "2\n", "garbage"]),
         complete=st.booleans(),
         unreadable=st.integers(0, 2),
+        live=st.booleans(),
+        min_gap=st.sampled_from([0.0, 0.0, 90.0, 600.0]),
         delay=st.floats(0, 30),
     )
     def answer_anything(
@@ -620,6 +628,8 @@ class HostMachine(RuleBasedStateMachine):
         beat: str | None,
         complete: bool,
         unreadable: int,
+        live: bool,
+        min_gap: float,
         delay: float,
     ) -> None:
         out = self.outstanding
@@ -633,6 +643,8 @@ class HostMachine(RuleBasedStateMachine):
                 heartbeats=() if beat is None else ((HB, beat),),
                 complete=complete,
                 unreadable=unreadable,
+                live_signs=("watcher of 10.0.0.11 on rbd/vol-1",) if live else (),
+                min_gap=min_gap,
             )
         )
 
