@@ -6,7 +6,15 @@ seen it go down and come back (reboot). After nothing or blink it is not told, u
 cluster sets `restart_without_fence` (VMs would run twice if the host is alive: CloudStack
 issue #2890). A decision acts at most once: its outcome is stored under its id before
 `handle` returns, so a redelivered decision gets the first outcome back without touching the
-BMC, and a per-host lock keeps two decisions for one host from acting at once.
+BMC, and a per-host lock keeps two decisions for one host from acting at once (hosts never wait
+for each other: the shell runs decisions concurrently).
+
+Never gives up silently: the BMC action is retried until `actuator.fence_deadline` (the
+engine's one overall deadline), a failed or unfinished `declareHostAsDegraded` is retried with
+backoff until the same deadline, and the VMs the host ran are followed afterwards: those still
+not Running are reported in a `vms_not_restarted` notice. What still fails is a failed outcome
+(a `fence_failed` notification, repeated by the shell until an operator retries or marks it
+handled: `retry` runs the same decision again).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,14 +36,15 @@ from cs import AIOCloudStack, CloudStackException
 from fencing.drivers import build_driver
 from fencing.drivers.base import PowerDriver
 from fencing.engine import Engine, EngineResult, Redactor
-from fencing.events import FenceAction
-from fencing.records import FenceDecision, FenceOutcome, HostRef
+from fencing.events import FenceAction, NoticeKind
+from fencing.records import FenceDecision, FenceOutcome, HostRef, Notice
 from fencing.settings import FencerSettings, IpmiSettings, RestartVia
 
 log = logging.getLogger("fencer.actuator")
 
 DriverFactory = Callable[[IpmiSettings, str | None, float], PowerDriver]
 CloudStackFactory = Callable[[FencerSettings], AIOCloudStack]
+NoticeSink = Callable[[Notice], Awaitable[None]]
 
 
 def call_timeout(settings: FencerSettings) -> float:
@@ -100,8 +109,10 @@ class Actuator:
         cloudstack_factory: CloudStackFactory = cloudstack_client,
         job_poll_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
+        notify: NoticeSink | None = None,
     ) -> None:
         self.settings = settings
+        self.notify = notify
         self.store: MutableMapping[str, dict[str, Any]] = store if store is not None else {}
         self.engine = engine or engine_for(settings)
         self.driver_factory = driver_factory
@@ -116,14 +127,15 @@ class Actuator:
             lock = self._locks[host] = asyncio.Lock()
         return lock
 
-    async def handle(self, decision: FenceDecision) -> FenceOutcome | None:
-        """Act on an approved decision once; None for a withheld one."""
+    async def handle(self, decision: FenceDecision, again: bool = False) -> FenceOutcome | None:
+        """Act on an approved decision once; None for a withheld one. `again` (an operator's
+        retry of a failed fence) runs a decision whose outcome was a failure once more."""
         if not decision.approved:
             return None
         host = decision.host.host_uuid
         async with self._lock(host):
             done = self.store.get(decision.decision_id)
-            if done is not None:
+            if done is not None and not (again and not done.get("success")):
                 log.info("decision %s already carried out: not acting again", decision.decision_id)
                 return FenceOutcome.model_validate(done)
             outcome = await self._act(decision)
@@ -143,8 +155,14 @@ class Actuator:
             return self._outcome(
                 decision, ipmi.driver.value, started, error=redact(str(exc)), success=False
             )
+        deadline = self.settings.actuator.fence_deadline
+        ends = time.monotonic() + deadline
         result = await self.engine.run(
-            host.host_uuid, driver, action, secrets=secrets_of(self.settings, ipmi)
+            host.host_uuid,
+            driver,
+            action,
+            secrets=secrets_of(self.settings, ipmi),
+            deadline=deadline,
         )
         cloud: CloudStackResult | None = None
         restart_via = RestartVia(ipmi.restart_via)
@@ -153,7 +171,10 @@ class Actuator:
             result.success and action in (FenceAction.NOTHING, FenceAction.BLINK)
         ) and ipmi.restart_without_fence
         if restart_via is not RestartVia.NONE and (fenced or unfenced_ok):
-            cloud = await self._restart_vms(host, restart_via, redact)
+            vms = await self._vms_on(host, redact)
+            cloud = await self._restart_until(host, restart_via, redact, ends)
+            if cloud.success and vms:
+                await self._follow_vms(decision, vms, redact)
         error = result.error
         success = result.success
         if cloud is not None and not cloud.success:
@@ -197,6 +218,95 @@ class Actuator:
             cloudstack_result=cloud.result if cloud else None,
             error=error,
         )
+
+    async def _restart_until(
+        self, host: HostRef, via: RestartVia, redact: Redactor, ends: float
+    ) -> CloudStackResult:
+        """`_restart_vms`, retried with backoff while the fence deadline lasts (3 tries at least):
+        the host is off, its VMs are down until CloudStack restarts them."""
+        delay = max(self.settings.actuator.retry_backoff, 0.1)
+        tries = 0
+        while True:
+            tries += 1
+            cloud = await self._restart_vms(host, via, redact)
+            if cloud.success:
+                return cloud
+            left = ends - time.monotonic()
+            if left <= 0 and tries >= 3:
+                cloud.result = f"{cloud.result} (gave up after {tries} attempts)"
+                return cloud
+            wait = delay if left <= 0 else min(delay, left)
+            log.warning(
+                "host %s: %s attempt %d failed, retrying in %.1f s: %s",
+                host.host_name or host.host_uuid,
+                cloud.call,
+                tries,
+                wait,
+                cloud.result,
+            )
+            await asyncio.sleep(wait)
+            delay = min(30.0, delay * 2)
+
+    async def _vms_on(self, host: HostRef, redact: Redactor) -> dict[str, str]:
+        """The VMs CloudStack places on the host now (id -> name); {} if it cannot say."""
+        try:
+            async with self.cloudstack_factory(self.settings) as cs:
+                r = await cs.listVirtualMachines(
+                    hostid=host.host_uuid, listall=True, fetch_result=False
+                )
+        except (CloudStackException, TimeoutError, OSError, aiohttp.ClientError) as exc:
+            log.warning("cannot list the VMs of host %s: %s", host.host_uuid, redact(str(exc)))
+            return {}
+        return {vm["id"]: vm.get("name") or vm["id"] for vm in r.get("virtualmachine") or []}
+
+    async def _follow_vms(
+        self, decision: FenceDecision, vms: dict[str, str], redact: Redactor
+    ) -> list[str]:
+        """Wait (up to cloudstack.job_timeout) for the fenced host's VMs to run again; report the
+        ones that do not in a `vms_not_restarted` notice. The names of those still down."""
+        deadline = time.monotonic() + self.settings.cloudstack.job_timeout
+        down: dict[str, str] = dict(vms)
+        states: dict[str, str] = {}
+        while down:
+            try:
+                async with self.cloudstack_factory(self.settings) as cs:
+                    for vm_id in list(down):
+                        r = await cs.listVirtualMachines(id=vm_id, listall=True, fetch_result=False)
+                        found = r.get("virtualmachine") or []
+                        states[vm_id] = found[0].get("state", "?") if found else "gone"
+                        if states[vm_id] in ("Running", "gone"):
+                            del down[vm_id]
+            except (CloudStackException, TimeoutError, OSError, aiohttp.ClientError) as exc:
+                log.warning("cannot follow the VMs of a fenced host: %s", redact(str(exc)))
+            if not down or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(self.job_poll_interval)
+        if down:
+            names = ", ".join(f"{name} ({states.get(i, '?')})" for i, name in down.items())
+            text = f"{len(down)} of {len(vms)} VM(s) not running after the fence: {names}"
+            log.error("host %s: %s", decision.host.host_name or decision.host.host_uuid, text)
+            await self._emit(
+                Notice(
+                    notice_id=f"{decision.decision_id}/vms_not_restarted",
+                    kind=NoticeKind.VMS_NOT_RESTARTED,
+                    host=decision.host,
+                    at=self.clock(),
+                    action=decision.action,
+                    decision_id=decision.decision_id,
+                    reason=text,
+                    evidence=decision.evidence,
+                )
+            )
+        return list(down.values())
+
+    async def _emit(self, notice: Notice) -> None:
+        if self.notify is None:
+            log.warning("no notice sink: %s %s not sent", notice.kind.value, notice.notice_id)
+            return
+        try:
+            await self.notify(notice)
+        except Exception:
+            log.exception("cannot send notice %s", notice.notice_id)
 
     async def _restart_vms(
         self, host: HostRef, via: RestartVia, redact: Redactor

@@ -170,6 +170,8 @@ TRANSITIONS: Final[Mapping[HostState, Mapping[Trigger, tuple[HostState, ...]]]] 
     S.SUSPECT: {
         **_stay(S.SUSPECT, *_OPEN_COMMON, T.PROBE_BASELINE, T.PROBE_ALIVE, T.PROBE_UNKNOWN),
         T.PROBE_STALE: (S.SUSPECT, S.FENCE_PROPOSED),
+        # An approval the actuator carried out although the host proved alive meanwhile: a fact.
+        T.FENCE_SUCCEEDED: (S.FENCED,),
         **_ends(),
     },
     S.FENCE_PROPOSED: {
@@ -373,6 +375,11 @@ def classify(record: HostRecord, event: HostEvent, policy: Policy) -> Trigger:
         if not answers_outstanding:
             return T.LATE
         return _PROBE_TRIGGERS[judge(record, event, policy)[0]]
+    if record.decision_id is None and isinstance(event, FenceFinished):
+        raise IllegalTransition(
+            f"host {record.host}: {type(event).__name__} for decision {event.decision_id}, "
+            f"but episode {record.episode} proposed nothing"
+        )
     if record.decision_id is not None and event.decision_id != record.decision_id:
         raise DecisionMismatch(
             f"host {record.host}: {type(event).__name__} for decision {event.decision_id}, "
@@ -387,7 +394,9 @@ def classify(record: HostRecord, event: HostEvent, policy: Policy) -> Trigger:
         return T.LATE if record.state is not S.FENCE_PROPOSED else T.FENCE_WITHHELD
     if event.success:
         return T.LATE if record.state is S.FENCED else T.FENCE_SUCCEEDED
-    return T.LATE if record.state in (S.FAILED, S.FENCED) else T.FENCE_FAILED
+    # A failure (or a refusal) while the host is being checked again changes nothing: the
+    # checks go on and may propose again.
+    return T.LATE if record.state in (S.FAILED, S.FENCED, S.SUSPECT) else T.FENCE_FAILED
 
 
 def judge(record: HostRecord, result: ProbeFinished, policy: Policy) -> tuple[Evidence, str | None]:
@@ -647,7 +656,10 @@ def _probe_baseline(record: HostRecord, event: ProbeFinished, policy: Policy) ->
 
 def _probe_alive(record: HostRecord, event: ProbeFinished, policy: Policy) -> Step:
     record, notices, _ = _judged(record, event, policy)
-    record = replace(record, state=S.SUSPECT, stale_count=0, unknown_count=0, withheld_reason=None)
+    since = record.since if record.state is S.SUSPECT else event.at
+    record = replace(
+        record, state=S.SUSPECT, since=since, stale_count=0, unknown_count=0, withheld_reason=None
+    )
     return record, notices
 
 

@@ -71,6 +71,9 @@ class NoticeKind(str, Enum):
     HOST_RECOVERED = "host_recovered"
     CLOCK_SKEW = "clock_skew"  # measured and shown, never used in a verdict
     SUSPECT_TOO_LONG = "suspect_too_long"  # suspect without a decision: repeated until it ends
+    FORGED_RECORD = "forged_record"  # a decision or settings record fencer did not sign
+    FENCE_REFUSED = "fence_refused"  # the actuator's last-moment checks refused a decision
+    VMS_NOT_RESTARTED = "vms_not_restarted"
 
 
 # ---------------------------------------------------------------------------------------------

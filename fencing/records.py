@@ -137,9 +137,12 @@ class FenceDecision(WireRecord):
     approved: bool
     withheld_reason: WithheldReason | None = None
     evidence: EvidenceSummary
-    decided_at: float
+    decided_at: float = Field(description="the gate's own clock when it decided")
     budget_used: int = 0
     budget_cap: int = 0
+    signature: dict[str, str] | None = Field(
+        None, description="the gate's HMAC-SHA256 of the record without it (fencing.signing)"
+    )
 
 
 class FenceOutcome(WireRecord):
@@ -161,6 +164,9 @@ class FenceOutcome(WireRecord):
     cloudstack_job: str | None = None
     cloudstack_result: str | None = None
     error: str | None = None
+    refused: bool = Field(
+        False, description="the actuator's last-moment checks refused it: nothing was done"
+    )
 
 
 class Notice(WireRecord):
@@ -175,6 +181,23 @@ class Notice(WireRecord):
     result: str | None = None
     reason: str | None = None
     evidence: EvidenceSummary | None = None
+    topic: str | None = Field(None, description="forged_record: where the record was read")
+    partition: int | None = None
+    offset: int | None = None
+    claimed_host: str | None = Field(None, description="forged_record: the host it named")
+
+
+class FenceClaim(WireRecord):
+    """An actuator's claim on a decision, before any BMC call (topic fence-claims, key decision
+    id, one partition): the first `claimed` record of a decision in the log wins."""
+
+    decision_id: str
+    host_uuid: str
+    claim_id: str = Field(description="unique per claim attempt")
+    claimed_by: str = Field(description="worker host:pid")
+    state: Literal["claimed", "done", "released"]
+    takeover_of: str | None = Field(None, description="the dead claim this one follows")
+    outcome: dict[str, Any] | None = Field(None, description="done: the FenceOutcome")
 
 
 class HostStateRecord(WireRecord):
@@ -185,6 +208,18 @@ class HostStateRecord(WireRecord):
     host: HostRef
     record: dict[str, Any] = Field(description="fencing.decision.HostRecord.to_dict()")
     updated_at: float = Field(description="the watch worker's clock when the record changed")
+
+
+class OperatorAction(WireRecord):
+    """An operator's answer to a failed fence (topic operator-actions, key host uuid): `retry`
+    runs the same decision again now, `handled` stops the fence_failed reminders."""
+
+    kind: Literal["retry", "handled"]
+    host_uuid: str
+    decision_id: str | None = Field(None, description="None: the host's latest failed fence")
+    by: str | None = Field(None, description="who asked (UI user, CLI user)")
+    note: str | None = None
+    at: float
 
 
 class DeadLetter(WireRecord):

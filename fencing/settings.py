@@ -253,6 +253,8 @@ class TopicNames(_Model):
     host_states: str = "fencer.host-states"
     dead_letter: str = "fencer.dead-letter"
     settings: str = "fencer.settings"
+    fence_claims: str = "fencer.fence-claims"
+    operator_actions: str = "fencer.operator-actions"
 
 
 class KafkaSettings(_Model):
@@ -267,6 +269,10 @@ class KafkaSettings(_Model):
     replication_factor: int = Field(1, ge=1)
     topics: TopicNames = Field(default_factory=TopicNames)
     group_id: str = "fencer"
+    role_groups: dict[str, str] = Field(
+        default_factory=dict,
+        description="pinned consumer group per role set, e.g. {'actuate,notify': 'fencer-act'}",
+    )
     session_timeout: float = Field(
         6.0, gt=0, description="Faust broker_session_timeout; Tansu waits half of it on join"
     )
@@ -342,6 +348,41 @@ class ActuatorSettings(_Model):
     retries: int = Field(2, ge=0)
     retry_backoff: float = Field(2.0, ge=0)
     preflight_interval: float = Field(0.0, ge=0, description="0 = no periodic BMC pre-flight")
+    decision_max_age: float | None = Field(
+        None, gt=0, description="seconds a decision may wait; default 2 x policy.check_interval"
+    )
+    claim_lease: float = Field(
+        180.0,
+        gt=0,
+        description="seconds another worker's unfinished claim is waited for before taking over",
+    )
+
+    fence_deadline: float = Field(
+        600.0, gt=0, description="seconds one fence keeps retrying its BMC before fence_failed"
+    )
+    renotify_interval: float = Field(
+        3600.0, gt=0, description="seconds between fence_failed reminders until an operator acts"
+    )
+
+
+class SigningSettings(_Model):
+    """Keys that sign fence decisions and settings records (fencing.signing).
+
+    One key per line, `KEY_ID SECRET` (32 characters or more); the first line signs, every line
+    verifies (rotation: add the new key first, remove the old one once its records are gone)."""
+
+    keys_file: Path | None = Field(None, description="file of signing keys (mode 0600)")
+    keys: SecretStr | None = Field(
+        None, description="the same lines inline (e.g. FENCER_SECRETS_DIR file signing__keys)"
+    )
+
+
+class GateSettings(_Model):
+    """The cluster gate's own clock."""
+
+    clock_tolerance: float = Field(
+        300.0, gt=0, description="seconds a proposal's stamp may differ from the gate's clock"
+    )
 
 
 class ApiSettings(_Model):
@@ -376,8 +417,11 @@ class FencerSettings(BaseSettings):
     email: EmailSettings = Field(default_factory=EmailSettings)
     snmp: SnmpSettings = Field(default_factory=SnmpSettings)
     actuator: ActuatorSettings = Field(default_factory=ActuatorSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    signing: SigningSettings = Field(default_factory=SigningSettings)
+    lab: bool = Field(False, description="this is the lab: allows driver fake")
     data_dir: Path = Field(Path("var"), description="Faust tables and local state")
     log_json: bool = False
     log_level: str = "INFO"
@@ -405,6 +449,30 @@ class FencerSettings(BaseSettings):
             secrets_nested_delimiter="__",
         )
         return (env_settings, secret_files, init_settings)
+
+    @model_validator(mode="after")
+    def _fake_driver_only_in_the_lab(self) -> FencerSettings:
+        where = fake_driver_fields(self)
+        if where and not self.lab:
+            raise ValueError(
+                f"{where[0]}: driver fake powers off nothing; it is allowed only with lab: true"
+            )
+        return self
+
+    def decision_max_age(self) -> float:
+        """How old a decision may be when the actuator acts on it (its own clock)."""
+        a = self.actuator.decision_max_age
+        return a if a is not None else 2 * self.policy.check_interval
+
+    def group_for(self, roles: tuple[str, ...] | list[str], all_roles: tuple[str, ...]) -> str:
+        """The consumer group (Faust app id) of a role set: the same whatever the order."""
+        wanted = tuple(sorted(set(roles)))
+        for key, group in self.kafka.role_groups.items():
+            if tuple(sorted({r.strip() for r in key.split(",") if r.strip()})) == wanted:
+                return group
+        if set(wanted) == set(all_roles):
+            return self.kafka.group_id
+        return f"{self.kafka.group_id}-{'-'.join(wanted)}"
 
     def effective_ipmi(self, host_uuid: str, cluster_uuid: str | None) -> EffectiveIpmi:
         """The host's settings: host override, else cluster, else defaults, field by field."""
@@ -444,6 +512,17 @@ class FencerSettings(BaseSettings):
         """The cluster's recipients, or the global list."""
         c = self.clusters.get(cluster_uuid or "")
         return c.email_to if c and c.email_to is not None else list(self.email.to)
+
+
+def fake_driver_fields(settings: FencerSettings) -> list[str]:
+    """Where the settings choose driver fake (defaults, a cluster or a host)."""
+    where = ["defaults.driver"] if settings.defaults.driver is Driver.FAKE else []
+    fake = Driver.FAKE
+    where += [
+        f"clusters.{u}.ipmi.driver" for u, c in settings.clusters.items() if c.ipmi.driver is fake
+    ]
+    where += [f"hosts.{u}.ipmi.driver" for u, h in settings.hosts.items() if h.ipmi.driver is fake]
+    return where
 
 
 class SettingsError(Exception):

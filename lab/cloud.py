@@ -36,11 +36,13 @@ from fencing.settings import (
     IpmiOverrides,
     IpmiSettings,
     PolicySettings,
+    SigningSettings,
     SnmpReceiver,
     SnmpSettings,
     SshSettings,
     TopicNames,
 )
+from fencing.signing import write_keys_file
 from lab.bmc import BmcSimulator
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud, StoragePool
 from lab.kvm_hosts import KvmLab, LabKvmHost
@@ -335,9 +337,21 @@ class LabCloud:
                 receivers=[SnmpReceiver(host="127.0.0.1", port=self.traps.port, version="v2c")],
             ),
             actuator=ActuatorSettings(
-                power_timeout=5.0, poll_interval=0.5, retries=1, retry_backoff=0.5
+                power_timeout=5.0,
+                poll_interval=0.5,
+                retries=1,
+                retry_backoff=0.5,
+                # The lab checks every second: 2 x check_interval would refuse a decision that
+                # waited for a worker to start.
+                decision_max_age=15.0,
+                claim_lease=20.0,
+                fence_deadline=15.0,
             ),
             log_level="INFO",
+            # The lab's own signing key (the gate signs, the actuator verifies) and the flag
+            # that allows driver fake.
+            signing=SigningSettings(keys_file=write_keys_file(self.root / "signing.keys", "lab")),
+            lab=True,
         )
         prepare_kafka(settings)
         return settings

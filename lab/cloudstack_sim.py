@@ -13,7 +13,8 @@ description JSON, key = the resource uuid or None for alerts).
 Asynchronous commands return a `jobid` at once and run their effect `SimCloud.job_delay` seconds
 later, as CloudStack's job executor does; a failing precondition (e.g. declaring an Up host
 degraded) therefore fails the job with the error code CloudStack would use, and
-`SimCloud.fail_jobs` makes any async command fail on purpose.
+`SimCloud.fail_jobs` makes any async command fail on purpose; `SimCloud.fail_next_jobs` makes
+the next N jobs of a command fail, then work again.
 """
 
 from __future__ import annotations
@@ -290,6 +291,8 @@ class SimCloud:
         self.job_delay = 0.05
         # command name (case-insensitive) -> error text: that async command's jobs fail.
         self.fail_jobs: dict[str, str] = {}
+        # command name (lower case) -> how many of its next jobs fail, then they work again.
+        self.fail_next_jobs: dict[str, int] = {}
         self.user_uuid = _uuid()
         self.account_uuid = _uuid()
         self.calls: list[tuple[str, dict[str, str]]] = []
@@ -617,6 +620,9 @@ class SimCloud:
             "cancelhostmaintenance": self.run_cancel_maintenance,
         }[job.command.lower()]
         forced = {k.lower(): v for k, v in self.fail_jobs.items()}.get(job.command.lower())
+        if forced is None and self.fail_next_jobs.get(job.command.lower(), 0) > 0:
+            self.fail_next_jobs[job.command.lower()] -= 1
+            forced = f"Failed to run {job.command}: management server busy (injected fault)"
         try:
             if forced is not None:
                 raise ApiError(INTERNAL_ERROR, forced)

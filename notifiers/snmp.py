@@ -15,6 +15,7 @@ check satisfied.
 
 from __future__ import annotations
 
+import functools
 import socket
 from importlib.resources import files
 from pathlib import Path
@@ -94,6 +95,14 @@ def _value(vb: Varbind) -> Any:
     return Integer32(int(vb.value))
 
 
+@functools.cache
+def _load_mibs_once() -> None:
+    # pysnmp loads its MIB modules synchronously when the first engine of a process is made
+    # (~0.3 s, longer under load): pay it when the channel is built, never in the middle of a
+    # fence. Later engines cost ~45 ms each (see the module docstring).
+    SnmpEngine()
+
+
 class SnmpChannel:
     """Sends each notification to one receiver (a trap or an inform, v2c or v3)."""
 
@@ -106,6 +115,7 @@ class SnmpChannel:
         self.retries = retries
         r = receiver
         self.name = f"snmp {r.version} {r.notify_type} {r.host}:{r.port}"
+        _load_mibs_once()
 
     def _auth(self) -> CommunityData | UsmUserData:
         r = self.receiver

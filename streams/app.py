@@ -13,6 +13,8 @@ and sends each action to its topic.
                            fence-outcomes ┘                              └▶ notices
     gate (gates table, one partition: the global cap has one owner) ─▶ fence-decisions
     fence-decisions ─▶ actuate (done table) ─▶ fence-outcomes
+    operator-actions (retry / handled) ─▶ operator (done table) ─▶ fence-outcomes
+    timer (fence_failed reminders, every renotify_interval) ─▶ notices
     fence-decisions + fence-outcomes + notices ─▶ notify (notified table) ─▶ email, SNMP
 """
 
@@ -25,7 +27,13 @@ from typing import Any
 
 import faust
 
-from fencing.records import FenceDecision, ProbeRequest, ProbeResult
+from fencing.records import (
+    FenceOutcome,
+    Notice,
+    OperatorAction,
+    ProbeRequest,
+    ProbeResult,
+)
 from fencing.settings import FencerSettings
 from streams import observability as obs
 from streams import records as wire
@@ -51,11 +59,17 @@ def parse_roles(text: str) -> tuple[str, ...]:
 def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faust.App:
     """Build the Faust app for these roles (all of them in one process by default)."""
     prepare_kafka(settings)
-    app_id = (
-        settings.kafka.group_id
-        if roles == ROLES
-        else f"{settings.kafka.group_id}-{'-'.join(roles)}"
-    )
+    if {"ingest", "actuate"} & set(roles):
+        # The gate signs decisions, the actuator verifies them: neither runs without a key.
+        from fencing.settings import SettingsError
+        from fencing.signing import KeyringError, load_keyring
+
+        try:
+            load_keyring(settings)
+        except KeyringError as exc:
+            raise SettingsError(f"roles {','.join(sorted(roles))}: {exc}") from None
+    # The same role set is the same consumer group whatever the order of --roles.
+    app_id = settings.group_for(roles, ROLES)
     app = faust.App(app_id, **faust_app_kwargs(settings))
     names = settings.kafka.topics
     policy = settings.policy.to_policy()
@@ -144,7 +158,16 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         @app.agent(host_inputs)
         async def watch(stream: Any) -> None:
             async for event in stream.events():
+                if event.message.topic == names.fence_decisions and not runtime.decision_is_signed(
+                    event.message
+                ):
+                    # Only the gate's own decisions move a host's record (the actuator reports
+                    # the forged record to people).
+                    await dead(event.message, "a fence decision without fencer's signature")
+                    continue
                 parsed = wire.host_input(event.message, names)
+                if parsed is None:
+                    continue
                 if isinstance(parsed, str):
                     await dead(event.message, parsed)
                     continue
@@ -177,12 +200,16 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     continue
                 try:
                     await runtime.live()
-                    decision = wire.apply_gate(gates, parsed, runtime)
+                    # The gate's own clock: never the proposing worker's stamp.
+                    decision = wire.apply_gate(gates, parsed, runtime, now=time.time())
                 except Exception as exc:
                     log.exception("gate: cannot judge a record")
                     await dead(event.message, f"gate failed: {type(exc).__name__}")
                     continue
-                if decision is not None:
+                if isinstance(decision, Notice):
+                    key = decision.host.host_uuid.encode()
+                    await notices.send(key=key, value=wire.dump(decision))
+                elif decision is not None:
                     obs.log_decision(log, decision)
                     obs.observe_decision(decision)
                     await fence_decisions.send(
@@ -206,18 +233,55 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
 
     # -- actuate: fence through the BMC, verify, then let CloudStack restart the VMs ----
     if "actuate" in roles:
+        operator_actions = app.topic(names.operator_actions, **RAW)
 
-        @app.agent(fence_decisions)
+        async def send_notice(notice: Notice) -> None:
+            await notices.send(key=notice.host.host_uuid.encode(), value=wire.dump(notice))
+
+        runtime.notice_sink = send_notice
+
+        # A fence retries for up to actuator.fence_deadline: decisions run concurrently (one
+        # lock per host inside the actuator), so one host's retries never hold up another's.
+        @app.agent(fence_decisions, concurrency=16)
         async def actuate(stream: Any) -> None:
+            # Read the host-states and fence-claims topics before the first decision arrives.
+            await runtime.start_actuation()
             async for event in stream.events():
-                decision = wire.load(FenceDecision, event.value)
-                if decision is None or not decision.approved:
+                # Signed, fresh, backed, confirmed, claimed: else refused (streams.actuation).
+                try:
+                    out = await runtime.actuate(event.message, done)
+                except Exception as exc:  # a bug must not stop the stream; nothing was fenced
+                    log.exception("actuate: cannot handle a decision")
+                    await dead(event.message, f"actuate failed: {type(exc).__name__}")
                     continue
-                key = decision.host.host_uuid
-                outcome = await runtime.actuate(decision, done, key)
+                for topic_name, out_key, value in out:
+                    if topic_name == names.fence_outcomes:
+                        outcome = wire.load(FenceOutcome, value)
+                        if outcome is not None:
+                            obs.observe_outcome(outcome)
+                    await by_name[topic_name].send(key=out_key, value=value)
+
+        @app.agent(operator_actions, concurrency=4)
+        async def operator(stream: Any) -> None:
+            # `fencer fence retry|handled HOST` and the web UI's buttons.
+            async for event in stream.events():
+                action = wire.load(OperatorAction, event.value)
+                if action is None:
+                    continue
+                outcome = await runtime.operator_action(action, done, action.host_uuid)
                 if outcome is not None:
                     obs.observe_outcome(outcome)
-                    await fence_outcomes.send(key=key.encode(), value=wire.dump(outcome))
+                    key = outcome.host.host_uuid.encode()
+                    await fence_outcomes.send(key=key, value=wire.dump(outcome))
+
+        renotify = settings.actuator.renotify_interval
+
+        @app.timer(interval=max(0.5, min(renotify / 4, 60.0)))
+        async def remind() -> None:
+            # A failed fence nobody acted on is told again every renotify_interval (each
+            # reminder has its own stable id: the notify table delivers it once).
+            for notice in runtime.due_reminders(list(done.items()), time.time()):
+                await send_notice(notice)
 
         if settings.actuator.preflight_interval > 0:
 
@@ -229,10 +293,18 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
 
     # -- notify: email and SNMP for every step ------------------------------------------
     if "notify" in roles:
-
-        @app.agent(app.topic(names.fence_decisions, names.fence_outcomes, names.notices, **RAW))
+        # Each record is delivered before its offset is committed (at least once); a peer that
+        # is down holds one actor, not every notification.
+        @app.agent(
+            app.topic(names.fence_decisions, names.fence_outcomes, names.notices, **RAW),
+            concurrency=4,
+        )
         async def notify(stream: Any) -> None:
             async for event in stream.events():
+                if event.message.topic == names.fence_decisions and not runtime.decision_is_signed(
+                    event.message, required=False
+                ):
+                    continue  # a forged decision is told as a forged_record notice, not as news
                 record = wire.notifiable(event.message, names)
                 if record is not None:
                     await runtime.notify(record, notified, event.message.key.decode())

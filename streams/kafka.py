@@ -23,8 +23,9 @@ from fencing.settings import FencerSettings, KafkaSettings
 log = logging.getLogger("fencer.kafka")
 
 # Topics that must have exactly one partition, by their TopicNames field: the gate's
-# `fence_proposals` feeds a one-partition table (the global fence cap has one owner).
-SINGLE_PARTITION_TOPICS = frozenset({"fence_proposals"})
+# `fence_proposals` feeds a one-partition table (the global fence cap has one owner); in
+# `fence_claims` the log order decides between two claimants of one decision.
+SINGLE_PARTITION_TOPICS = frozenset({"fence_proposals", "fence_claims"})
 # Topics that hold the latest value per key.
 COMPACTED_TOPICS = frozenset({"settings", "host_states"})
 

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -53,6 +53,7 @@ from fencing.records import (
     HostSignal,
     HostStateRecord,
     Notice,
+    OperatorAction,
     ProbeRequest,
     ProbeResult,
 )
@@ -131,8 +132,9 @@ class HostInput:
     ref: HostRef | None = None
 
 
-def host_input(message: Any, topics: Any) -> HostInput | str:
-    """The core event a record on one of the host's input topics carries, or why not."""
+def host_input(message: Any, topics: Any) -> HostInput | str | None:
+    """The core event a record on one of the host's input topics carries, why not (a
+    dead-letter reason), or None for a record that changes nothing (a refused fence)."""
     if not message.key:
         return f"a {message.topic} record without a host uuid key"
     try:
@@ -150,6 +152,11 @@ def host_input(message: Any, topics: Any) -> HostInput | str:
             return HostInput(FenceWithheld(d.decided_at, d.episode, d.decision_id, reason), d.host)
         if message.topic == topics.fence_outcomes:
             o = FenceOutcome.model_validate_json(message.value)
+            if o.refused:
+                # Nothing was done to the host: its record stays where it is and the core sends
+                # the proposal again later (the gate re-approves at its own now, the actuator
+                # checks everything afresh). People were told by the fence_refused notice.
+                return None
             return HostInput(
                 FenceFinished(
                     o.finished_at, o.episode, o.decision_id, o.success, o.power_after, o.error
@@ -266,9 +273,11 @@ def apply(
             out.append((topics.fence_proposals, ckey, dump(prop)))
         elif isinstance(action, MarkSuspect | ClearSuspect):
             kind = "suspect" if isinstance(action, MarkSuspect) else "cleared"
-            sig = GateSignal(
-                kind=kind, cluster_uuid=ref.cluster_uuid or "", at=action.at, host_uuid=key
-            )
+            if not ref.cluster_uuid:
+                # Never counted under a cluster "": sent once the inventory knows the cluster.
+                log.info("host %s: cluster not known yet, the gate hears of it later", key)
+                continue
+            sig = GateSignal(kind=kind, cluster_uuid=ref.cluster_uuid, at=action.at, host_uuid=key)
             out.append((topics.fence_proposals, ckey, dump(sig)))
         elif isinstance(action, Notify):
             details = dict(action.details)
@@ -282,6 +291,7 @@ def apply(
                 evidence=_evidence_of(new),
             )
             out.append((topics.notices, hkey, dump(notice)))
+    out.extend(_late_suspect(old_ref, ref, new, key, at, topics))
     return {"record": new.to_dict(), "host": ref.model_dump()}, out
 
 
@@ -292,6 +302,17 @@ def judged_check(before: dict[str, Any] | None, row: dict[str, Any]) -> str | No
     if judged == (old.get("episode"), old.get("last_check"), old.get("last_probe_at")):
         return None
     return str(new.get("last_evidence")) if new.get("last_evidence") else None
+
+
+def _late_suspect(
+    old: HostRef | None, ref: HostRef, record: core.HostRecord, key: str, at: float, topics: Any
+) -> list[Out]:
+    """The gate's `suspect` signal held back while the host's cluster was unknown."""
+    episode_open = record.state not in (core.HostState.IDLE, core.HostState.MAINTENANCE)
+    if not episode_open or not ref.cluster_uuid or old is None or old.cluster_uuid:
+        return []  # (a new row's MarkSuspect already went out with its cluster)
+    sig = GateSignal(kind="suspect", cluster_uuid=ref.cluster_uuid, at=at, host_uuid=key)
+    return [(topics.fence_proposals, ref.cluster_uuid.encode(), dump(sig))]
 
 
 def host_state(row: dict[str, Any]) -> bytes:
@@ -384,9 +405,15 @@ def apply_gate(
     table: MutableMapping[str, Any],
     item: FenceProposal | GateSignal,
     runtime: Runtime,
-) -> FenceDecision | None:
-    """Feed the gate one record; the decision for a proposal."""
+    now: float | None = None,
+) -> FenceDecision | Notice | None:
+    """Feed the gate one record at the gate worker's clock `now`: the decision for a proposal,
+    a clock_skew notice for a proposal the gate refuses to judge, else None."""
+    now = time.time() if now is None else now
     if isinstance(item, GateSignal):
+        if not item.cluster_uuid:
+            log.warning("gate: a %s signal without a cluster dropped", item.kind)
+            return None
         row = cluster_row(table.get(item.cluster_uuid), item.cluster_uuid)
         fact: gatecore.GateFact
         if item.kind == "cluster_size":
@@ -397,34 +424,82 @@ def apply_gate(
             fact = gatecore.HostCleared(item.host_uuid or "")
         table[item.cluster_uuid] = _jsonable(gatecore.observe(row, fact))
         return None
-    cluster = item.host.cluster_uuid or ""
     settings = runtime.current
+    cluster = item.host.cluster_uuid
+    if not cluster:
+        # No cluster row to judge against: a temporary withhold, proposed again later.
+        log.warning("gate: %s names no cluster: withheld until it is known", item.decision_id)
+        return _decision(item, False, WithheldReason.CLUSTER_SIZE_UNKNOWN, now, 0, 0)
     row = cluster_row(table.get(cluster), cluster)
     row = gatecore.observe(row, gatecore.ClusterPaused(runtime.cluster_paused(cluster)))
     glob = gatecore.pause_all(global_row(table.get(GLOBAL_ROW)), runtime.globally_paused())
     policy = replace(runtime.policy, fence_cap=settings.fence_cap_for(cluster))
-    ctx = gatecore.GateContext(policy=policy, started_at=runtime.started_at)
+    ctx = gatecore.GateContext(
+        policy=policy,
+        started_at=runtime.started_at,
+        clock_tolerance=settings.gate.clock_tolerance,
+    )
     request = gatecore.FenceRequest(
         item.decision_id, item.host.host_uuid, cluster, item.action, item.proposed_at
     )
     try:
-        row, glob, verdict = gatecore.decide(row, glob, request, ctx)
+        row, glob, verdict = gatecore.decide(row, glob, request, ctx, now)
     except core.CoreError as exc:
         log.warning("gate refused %s: %s", item.decision_id, exc)
         return None
     table[cluster] = _jsonable(row)
     table[GLOBAL_ROW] = _jsonable(glob)
+    if verdict.skew is not None:
+        tolerance = ctx.clock_tolerance
+        text = (
+            f"proposal {item.decision_id} is stamped {verdict.skew:+.0f} s from the gate's clock "
+            f"(tolerance {tolerance:g} s): not judged; fix the clock (NTP) of the worker that "
+            "watches this host, the proposal is judged once it is sent with a sane stamp"
+        )
+        log.warning("gate: %s", text)
+        return Notice(
+            # One notice per decision and tolerance period: repeated while the skew lasts.
+            notice_id=f"{item.decision_id}/clock_skew/{int(now // tolerance)}",
+            kind=NoticeKind.CLOCK_SKEW,
+            host=item.host,
+            at=now,
+            action=item.action,
+            decision_id=item.decision_id,
+            reason=text,
+            evidence=item.evidence,
+        )
+    # The actuator obeys only signed decisions.
+    return runtime.sign_decision(
+        _decision(
+            item,
+            verdict.approved,
+            verdict.reason,
+            verdict.at,
+            verdict.budget_used,
+            verdict.budget_cap,
+        )
+    )
+
+
+def _decision(
+    item: FenceProposal,
+    approved: bool,
+    reason: WithheldReason | None,
+    at: float,
+    used: int,
+    cap: int,
+) -> FenceDecision:
     return FenceDecision(
         decision_id=item.decision_id,
         host=item.host,
         episode=item.episode,
         action=item.action,
-        approved=verdict.approved,
-        withheld_reason=verdict.reason,
+        approved=approved,
+        withheld_reason=reason,
         evidence=item.evidence,
-        decided_at=verdict.at,
-        budget_used=verdict.budget_used,
-        budget_cap=verdict.budget_cap,
+        decided_at=at,
+        budget_used=used,
+        budget_cap=cap,
     )
 
 
@@ -440,6 +515,104 @@ def notifiable(message: Any, topics: Any) -> FenceDecision | FenceOutcome | Noti
         topics.notices: Notice,
     }[message.topic]
     return load(model, message.value)  # type: ignore[return-value]
+
+
+def _done_entry(decision: FenceDecision, outcome: FenceOutcome) -> dict[str, Any]:
+    """An `actuated` table entry: the outcome, and the decision (an operator may retry it)."""
+    return {**outcome.model_dump(mode="json"), "decision": decision.model_dump(mode="json")}
+
+
+def failed_fence(
+    row: dict[str, Any], decision_id: str | None = None
+) -> tuple[str, dict[str, Any]] | None:
+    """The host's failed fence: the named decision, else the latest one if it failed."""
+    entries = {k: v for k, v in row.items() if isinstance(v, dict) and "success" in v}
+    if decision_id is None and entries:
+        decision_id = max(entries, key=lambda k: entries[k].get("finished_at") or 0.0)
+    entry = entries.get(decision_id or "")
+    if entry is None or entry.get("success"):
+        return None
+    return decision_id or "", entry
+
+
+def reminders(rows: Iterable[tuple[str, Any]], now: float, interval: float) -> list[Notice]:
+    """A fence_failed notice for each host whose latest fence failed and that no operator has
+    retried or marked handled: one per `interval` since the failure, each with its own id."""
+    out: list[Notice] = []
+    for host, row in rows:
+        target = failed_fence(dict(row or {}))
+        if target is None or target[1].get("handled_at") is not None:
+            continue
+        decision_id, entry = target
+        o = FenceOutcome.model_validate(entry)
+        n = int((now - o.finished_at) // interval)
+        if n < 1:
+            continue
+        minutes = (now - o.finished_at) / 60
+        out.append(
+            Notice(
+                notice_id=f"{decision_id}/fence_failed/{o.started_at:.0f}/{n}",
+                kind=NoticeKind.FENCE_FAILED,
+                host=o.host,
+                at=now,
+                action=o.action,
+                decision_id=decision_id,
+                result=f"reminder {n}: not handled for {minutes:.0f} min",
+                reason=(
+                    f"the fence failed and nobody has acted: {o.error or 'no reason given'}; "
+                    f"`fencer fence retry {host}` runs it again, `fencer fence handled {host}` "
+                    "stops these reminders (or the buttons in the web UI)"
+                ),
+            )
+        )
+    return out
+
+
+async def send_operator_action(settings: FencerSettings, action: OperatorAction) -> None:
+    """Write an operator's retry or handled record to its topic (CLI and web UI)."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.kafka import aiokafka_kwargs, prepare_kafka
+
+    prepare_kafka(settings)
+    producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            settings.kafka.topics.operator_actions,
+            key=action.host_uuid.encode(),
+            value=dump(action),
+        )
+    finally:
+        await producer.stop()
+
+
+class RowStore(MutableMapping[str, float]):
+    """One key of a Faust table as a mapping: each write stores the whole row (a changelog
+    record), so a mark is durable as soon as it is set."""
+
+    def __init__(self, table: MutableMapping[str, Any], key: str) -> None:
+        self.table, self.key = table, key
+
+    def _row(self) -> dict[str, float]:
+        return dict(self.table.get(self.key) or {})
+
+    def __getitem__(self, k: str) -> float:
+        return self._row()[k]
+
+    def __setitem__(self, k: str, v: float) -> None:
+        self.table[self.key] = {**self._row(), k: v}
+
+    def __delitem__(self, k: str) -> None:
+        row = self._row()
+        del row[k]
+        self.table[self.key] = row
+
+    def __iter__(self) -> Any:
+        return iter(self._row())
+
+    def __len__(self) -> int:
+        return len(self._row())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,6 +635,11 @@ class Runtime:
 
     _store: Any = None
     _store_failed: bool = False
+    _keyring: Any = None
+    _actuation: Any = None
+    # async (Notice) -> None, set by the topology: how the actuator's notices reach the topic
+    notice_sink: Any = None
+    _reminded: set[str] = field(default_factory=set)
 
     @property
     def policy(self) -> Policy:
@@ -472,7 +650,7 @@ class Runtime:
         if self._store is None and not self._store_failed:
             from webui.settings_store import SettingsStore
 
-            store = SettingsStore(self.settings)
+            store = SettingsStore(self.settings, keyring=self.keyring())
             try:
                 await store.start(within=15.0)
                 self._store = store
@@ -584,7 +762,11 @@ class Runtime:
         for h in hosts:
             uuid = h["id"]
             cluster = h.get("clusterid") or ""
-            sizes[cluster] = sizes.get(cluster, 0) + 1
+            sizes.setdefault(cluster, 0)
+            if h.get("resourcestate") == "Enabled":
+                # The storm guard's denominator: hosts that could be running VMs (not Disabled,
+                # not in or entering maintenance).
+                sizes[cluster] = sizes.get(cluster, 0) + 1
             state, rstate = h.get("state", ""), h.get("resourcestate", "")
             self._names[h.get("name", uuid)] = uuid
             previous = self._polled.get(uuid)
@@ -674,54 +856,230 @@ class Runtime:
         result: ProbeResult = await self._probes.run(request)
         return result
 
-    async def actuate(
-        self, decision: FenceDecision, table: MutableMapping[str, Any], key: str
-    ) -> FenceOutcome | None:
-        """Fence once per decision id; the first outcome again for a redelivered decision."""
+    def keyring(self) -> Any:
+        """The signing keys (fencing.signing.Keyring); KeyringError names the setting if none."""
+        if self._keyring is None:
+            from fencing.signing import load_keyring
+
+            self._keyring = load_keyring(self.settings)
+        return self._keyring
+
+    def decision_is_signed(self, message: Any, required: bool = True) -> bool:
+        """Whether a fence-decisions record carries the gate's signature (when not `required`
+        and this worker holds no key, it cannot tell and says yes)."""
+        from fencing.signing import DECISION, KeyringError, SignatureError, verify_bytes
+
+        try:
+            ring = self.keyring()
+        except KeyringError:
+            if required:
+                raise
+            return True
+        try:
+            verify_bytes(ring, DECISION, message.value)
+        except SignatureError:
+            return False
+        return True
+
+    def sign_decision(self, decision: FenceDecision) -> FenceDecision:
+        """The decision with the gate's signature."""
+        from fencing.signing import DECISION, sign
+
+        signed = sign(self.keyring(), DECISION, decision.model_dump(mode="json"))
+        return FenceDecision.model_validate(signed)
+
+    async def start_actuation(self) -> None:
+        """Start reading what the actuator's checks need (host states, claims); retried on use."""
+        try:
+            await self._actuation_service()
+        except Exception as exc:
+            log.warning("actuate: cannot read the host-states or fence-claims topic yet: %s", exc)
+
+    async def _actuation_service(self) -> Any:
+        if self._actuation is None:
+            from streams.actuation import Actuation
+
+            act = Actuation(
+                self.settings, self.keyring(), WORKER_ID, lambda h: self.inventory().host(h)
+            )
+            await act.start()
+            self._actuation = act
+        return self._actuation
+
+    async def actuate(self, message: Any, table: MutableMapping[str, Any]) -> list[Out]:
+        """A fence-decisions record -> what to send: the outcome (and a notice), or nothing.
+
+        Only a decision fencer's gate signed, fresh, backed by fencer's own host record,
+        confirmed by CloudStack now and claimed once is carried out (streams.actuation)."""
+        from streams.actuation import (
+            Forged,
+            NotNow,
+            forged_notice,
+            read_decision,
+            refusal,
+            refused_notice,
+        )
+
+        topics = self.settings.kafka.topics
+        act = await self._actuation_service()
+        parsed = read_decision(act.ring, message)
+        if isinstance(parsed, Forged):
+            log.error(
+                "REFUSED a fence-decisions record fencer did not sign (%s partition %s offset %s, "
+                "names host %s): %s",
+                message.topic,
+                message.partition,
+                message.offset,
+                parsed.claimed_host,
+                parsed.reason,
+            )
+            notice = forged_notice(message, parsed, time.time())
+            return [
+                (topics.notices, notice.host.host_uuid.encode(), dump(notice)),
+                (topics.dead_letter, b"", dead_letter(message, f"forged record: {parsed.reason}")),
+            ]
+        decision = parsed
+        if not decision.approved:
+            return []
+        key = decision.host.host_uuid
         if self._actuator is None:
             from fencing.actuator import Actuator
 
-            self._actuator = Actuator(self.settings)
-        self._actuator.settings = await self.live()
+            self._actuator = Actuator(self.settings, notify=self.emit_notice)
+        live = await self.live()
+        self._actuator.settings = live
         done = dict(table.get(key) or {})
-        if decision.decision_id in done:
-            return FenceOutcome.model_validate(done[decision.decision_id])
-        outcome: FenceOutcome | None = await self._recheck(decision)
-        if outcome is None:
-            outcome = await self._actuator.handle(decision)
+        first = done.get(decision.decision_id)
+        claimed = act.claims.done(decision.decision_id)
+        if first is None and claimed is not None and claimed.outcome is not None:
+            first = claimed.outcome
+        if first is not None:
+            log.info("decision %s already carried out: not acting again", decision.decision_id)
+            return [(topics.fence_outcomes, key.encode(), dump(FenceOutcome.model_validate(first)))]
+        try:
+            await act.last_moment(decision, live)
+
+            async def carry_out(takeover: bool) -> FenceOutcome:
+                if takeover:
+                    await act.last_moment(decision, live)  # time passed while waiting
+                return await self._carry_out(decision, takeover)
+
+            outcome, _acted = await act.claims.run_once(
+                decision, live.actuator.claim_lease, carry_out
+            )
+        except NotNow as exc:
+            now = time.time()
+            log.warning(
+                "host %s: decision %s REFUSED at the last moment: %s",
+                decision.host.host_name or key,
+                decision.decision_id,
+                exc,
+            )
+            n = refused_notice(decision, str(exc), now)
+            return [
+                (topics.fence_outcomes, key.encode(), dump(refusal(decision, str(exc), now))),
+                (topics.notices, key.encode(), dump(n)),
+            ]
+        done = dict(table.get(key) or {})  # other decisions may have finished meanwhile
+        done[decision.decision_id] = _done_entry(decision, outcome)
+        table[key] = done
+        return [(topics.fence_outcomes, key.encode(), dump(outcome))]
+
+    def due_reminders(self, rows: Iterable[tuple[str, Any]], now: float) -> list[Notice]:
+        """The fence_failed reminders due now that this worker has not sent yet (after a
+        restart one may go out again: the same id, dropped by the notify table)."""
+        every = self.current.actuator.renotify_interval
+        due = [n for n in reminders(rows, now, every) if n.notice_id not in self._reminded]
+        self._reminded.update(n.notice_id for n in due)
+        return due
+
+    async def emit_notice(self, notice: Notice) -> None:
+        """Send a notice the actuator raised (VMs still down, ...) to the notices topic."""
+        if self.notice_sink is None:
+            log.error("notice %s (%s) has nowhere to go", notice.notice_id, notice.kind.value)
+            return
+        await self.notice_sink(notice)
+
+    async def operator_action(
+        self, action: OperatorAction, table: MutableMapping[str, Any], key: str
+    ) -> FenceOutcome | None:
+        """An operator's retry (runs the failed decision again; the new outcome) or handled
+        (stops the reminders; None)."""
+        target = failed_fence(dict(table.get(key) or {}), action.decision_id)
+        if target is None:
+            log.warning(
+                "operator %s for host %s: no failed fence %s to act on",
+                action.kind,
+                key,
+                action.decision_id or "(latest)",
+            )
+            return None
+        decision_id, entry = target
+        if action.kind == "handled":
+            row = dict(table.get(key) or {})
+            row[decision_id] = {**entry, "handled_at": action.at, "handled_by": action.by}
+            table[key] = row
+            log.info("fence %s marked handled by %s", decision_id, action.by or "an operator")
+            return None
+        if "decision" not in entry:
+            log.warning("fence %s cannot be retried: its decision was not kept", decision_id)
+            return None
+        decision = FenceDecision.model_validate(entry["decision"])
+        if self._actuator is None:
+            from fencing.actuator import Actuator
+
+            self._actuator = Actuator(self.settings, notify=self.emit_notice)
+        self._actuator.settings = await self.live()
+        log.info("fence %s retried by %s", decision_id, action.by or "an operator")
+        from streams.actuation import NotNow, operator_checks, refusal
+
+        try:
+            # The operator is the authority on age and evidence; CloudStack must still agree.
+            await operator_checks(
+                decision, self._actuator.settings, lambda h: self.inventory().host(h)
+            )
+            outcome: FenceOutcome | None = await self._actuator.handle(decision, again=True)
+        except NotNow as exc:
+            log.warning("fence %s: operator retry refused: %s", decision_id, exc)
+            return refusal(decision, str(exc), time.time())
         if outcome is not None:
-            done[decision.decision_id] = outcome.model_dump(mode="json")
-            table[key] = done
+            row = dict(table.get(key) or {})
+            row[decision_id] = {**_done_entry(decision, outcome), "retried_by": action.by}
+            table[key] = row
         return outcome
 
-    async def _recheck(self, decision: FenceDecision) -> FenceOutcome | None:
-        """A failed outcome if CloudStack sees the host Up again: a live host is never fenced.
+    async def _carry_out(self, decision: FenceDecision, takeover: bool) -> FenceOutcome:
+        """The BMC action; after a dead claimant, read the power first (never reboot twice)."""
+        assert self._actuator is not None
+        if not takeover or decision.action is not FenceAction.REBOOT:
+            # The engine reads power first: a stop finds a host already off and calls it fenced.
+            outcome: FenceOutcome = await self._actuator.handle(decision)
+            return outcome
+        from fencing.actuator import check_host
 
-        The decision may have waited in the topic; the host can have come back meanwhile. If
-        CloudStack cannot be asked, the decision stands (the evidence was already gathered)."""
-        if not decision.action.powers_down:
-            return None
-        try:
-            host = await self.inventory().host(decision.host.host_uuid)
-        except Exception as exc:
-            log.warning("cannot re-check host %s before fencing: %s", decision.host.host_uuid, exc)
-            return None
-        if host.state != "Up":
-            return None
+        live = self._actuator.settings
+        read = await check_host(live, decision.host.host_uuid, decision.host.cluster_uuid)
+        if read.power == "off":
+            stop = decision.model_copy(update={"action": FenceAction.STOP})
+            outcome = await self._actuator.handle(stop)
+            return outcome.model_copy(update={"action": decision.action})
         now = time.time()
-        log.warning(
-            "host %s is Up again: decision %s not carried out", host.name, decision.decision_id
-        )
         return FenceOutcome(
             decision_id=decision.decision_id,
             host=decision.host,
             episode=decision.episode,
             action=decision.action,
-            driver="none",
+            driver=read.driver,
             success=False,
+            power_before=read.power,
+            power_after=read.power,
             started_at=now,
             finished_at=now,
-            error="the host is Up again in CloudStack: not fenced",
+            attempts=0,
+            error=(
+                f"a claimant died during this reboot and the power reads {read.power or 'unknown'}:"
+                " a reboot is never repeated blindly; an operator must check the host"
+            ),
         )
 
     async def preflight(self) -> list[Notice]:
@@ -765,25 +1123,20 @@ class Runtime:
         table: MutableMapping[str, Any],
         key: str,
     ) -> None:
-        """Hand a record to the notifier once (the table remembers what was handed over)."""
-        from notifiers.render import record_id
-
+        """Deliver a record's notification before returning (so the offset is committed after
+        delivery): marked in the table per channel once its peer accepted it, at least once."""
         if self._notifier is None:
             from notifiers.service import Notifier
 
             self._notifier = Notifier.from_settings(self.settings)
-        rid = record_id(record)
-        sent = dict(table.get(key) or {})
-        if rid in sent:
-            return
-        sent[rid] = time.time()
-        table[key] = sent
-        await self._notifier.handle(record)
+        await self._notifier.deliver(record, RowStore(table, key), forever=True)
 
     async def close(self) -> None:
         """Close every client."""
         if self._store is not None:
             await self._store.stop()
+        if self._actuation is not None:
+            await self._actuation.stop()
         for service in (self._probes, self._inventory):
             if service is not None:
                 await service.close()

@@ -22,6 +22,7 @@ from fencing.records import (
     HostSignal,
     HostStateRecord,
     Notice,
+    OperatorAction,
     ProbeRequest,
     ProbeResult,
 )
@@ -38,6 +39,7 @@ TOPIC_MODELS: dict[str, tuple[type[BaseModel], ...]] = {
     "notices": (Notice,),
     "host_states": (HostStateRecord,),
     "dead_letter": (DeadLetter,),
+    "operator_actions": (OperatorAction,),
 }
 
 

@@ -117,6 +117,24 @@ class PauseInput(BaseModel):
     reason: str | None = Field(None, max_length=500)
 
 
+class FenceOperatorInput(BaseModel):
+    """Which failed fence an operator answers (default: the host's latest one)."""
+
+    model_config = ConfigDict(extra="forbid")
+    decision_id: str | None = Field(None, max_length=300)
+    note: str | None = Field(None, max_length=500)
+
+
+class FenceOperatorResult(BaseModel):
+    """The operator record written to the operator-actions topic."""
+
+    kind: str
+    host_uuid: str
+    decision_id: str | None = None
+    by: str | None = None
+    at: float
+
+
 class PauseState(BaseModel):
     """A pause flag as stored."""
 

@@ -30,7 +30,7 @@ from cs import AIOCloudStack, CloudStackException
 from pydantic import BaseModel, ValidationError
 
 from fencing.events import HostStatus
-from fencing.records import HostRef
+from fencing.records import HostRef, OperatorAction
 from fencing.settings import (
     ClusterSettings,
     FencerSettings,
@@ -174,6 +174,8 @@ class Api:
     clock: Callable[[], float] = time.time
     sessions: dict[str, _Session] = field(default_factory=dict)
     topics_ready: Callable[[], bool] = lambda: True
+    # writes an operator's retry / handled record (the actuate workers act on it)
+    send_operator: Callable[[FencerSettings, OperatorAction], Awaitable[None]] | None = None
 
     @property
     def token(self) -> str:
@@ -596,6 +598,46 @@ async def ipmi_test(request: web.Request) -> web.Response:
             [m.ErrorField(field="ipmi.address", message="no BMC address is set for this host")],
         )
     return _json(await api.ipmi_test(api.store.settings, _host_ref(h)))
+
+
+async def _fence_operator(request: web.Request, kind: str) -> web.Response:
+    api = _api(request)
+    uuid = _path_id(request, "host_id")
+    body: m.FenceOperatorInput = await _body(request, m.FenceOperatorInput, f"fence {kind}")
+    await api.inventory.host(uuid)
+    action = OperatorAction(
+        kind=kind,  # type: ignore[arg-type]
+        host_uuid=uuid,
+        decision_id=body.decision_id,
+        by="api",
+        note=body.note,
+        at=api.clock(),
+    )
+    if api.send_operator is None:
+        from streams.records import send_operator_action
+
+        api.send_operator = send_operator_action
+    try:
+        await asyncio.wait_for(api.send_operator(api.settings, action), 30)
+    except Exception as exc:
+        raise ApiError(503, f"cannot write to Kafka: {type(exc).__name__}: {exc}") from None
+    return _json(
+        m.FenceOperatorResult(
+            kind=kind, host_uuid=uuid, decision_id=body.decision_id, by="api", at=action.at
+        )
+    )
+
+
+@routes.post("/api/hosts/{host_id}/fence/retry")
+async def fence_retry(request: web.Request) -> web.Response:
+    """Run the host's failed fence again now (same decision)."""
+    return await _fence_operator(request, "retry")
+
+
+@routes.post("/api/hosts/{host_id}/fence/handled")
+async def fence_handled(request: web.Request) -> web.Response:
+    """Mark the host's failed fence handled: the fence_failed reminders stop."""
+    return await _fence_operator(request, "handled")
 
 
 @routes.get("/api/fences")

@@ -30,12 +30,23 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from cryptography.fernet import Fernet, InvalidToken
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from fencing.events import NoticeKind
+from fencing.records import HostRef, Notice
 from fencing.settings import (
     ApiSettings,
     ClusterSettings,
     EffectiveIpmi,
     FencerSettings,
     HostSettings,
+)
+from fencing.signing import (
+    SETTINGS,
+    Keyring,
+    KeyringError,
+    SignatureError,
+    load_keyring,
+    sign,
+    verify_bytes,
 )
 from streams.kafka import aiokafka_kwargs, ensure_topics, prepare_kafka
 from webui.topic_reader import TopicReader
@@ -94,6 +105,51 @@ def load_secrets_key(api: ApiSettings) -> Fernet | None:
         ) from None
 
 
+def _ring_or_none(settings: FencerSettings) -> Keyring | None:
+    try:
+        return load_keyring(settings)
+    except KeyringError as exc:
+        if settings.signing.keys_file is not None or settings.signing.keys is not None:
+            raise SettingsStoreError(str(exc)) from None
+        return None
+
+
+def sign_settings_value(ring: Keyring, key: str, value: bytes | None) -> bytes:
+    """A settings record as written: signed over its key and value (a deletion is signed too,
+    as `{"deleted": true}`, so nobody can clear an operator's pause with a tombstone)."""
+    body = {"key": key, "value": None if value is None else json.loads(value)}
+    return json.dumps(sign(ring, SETTINGS, body)).encode()
+
+
+def verify_settings_value(ring: Keyring, key: str, raw: bytes | None) -> bytes | None:
+    """The value a signed settings record carries (None: deleted); SignatureError if forged."""
+    if raw is None:
+        raise SignatureError("unsigned deletion (tombstone)")
+    body = verify_bytes(ring, SETTINGS, raw)
+    if body.get("key") != key:
+        raise SignatureError(f"signed for key {str(body.get('key'))[:100]!r}, not this key")
+    value = body.get("value")
+    return None if value is None else json.dumps(value).encode()
+
+
+def forged_settings_notice(record: ConsumerRecord[bytes, bytes], key: str, reason: str) -> Notice:
+    """The forged_record notice of a settings record fencer did not sign."""
+    where = f"{record.topic} partition {record.partition} offset {record.offset}"
+    kind, _, uuid = key.partition(":")
+    host = uuid if kind == "host" else None
+    return Notice(
+        notice_id=f"forged/{record.topic}/{record.partition}/{record.offset}",
+        kind=NoticeKind.FORGED_RECORD,
+        host=HostRef(host_uuid=host or f"settings:{key[:100]}"),
+        at=time.time(),
+        reason=f"refused settings record {where}, key {key[:100]!r} ({reason})",
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        claimed_host=host,
+    )
+
+
 class PauseFlag(BaseModel):
     """The value of a pause record."""
 
@@ -125,8 +181,14 @@ class SettingsStore:
         *,
         secrets_key: Fernet | None = _UNSET,
         client_id: str = "fencer-settings",
+        keyring: Keyring | None = _UNSET,
     ) -> None:
         self._file = settings
+        # Signing keys: every record written is signed, every record read must be. Without a
+        # configured key (an API or test without `signing`) records are neither signed nor
+        # checked; the workers that fence always pass one (streams.app refuses to start).
+        self._ring: Keyring | None = _ring_or_none(settings) if keyring is _UNSET else keyring
+        self.refused: list[tuple[str, int, int, str]] = []  # (key, partition, offset, reason)
         self._fernet: Fernet | None = (
             load_secrets_key(settings.api) if secrets_key is _UNSET else secrets_key
         )
@@ -137,6 +199,7 @@ class SettingsStore:
         self._merged = settings
         self._reader = TopicReader(settings, [self._topic], self._on_record, client_id=client_id)
         self._producer: AIOKafkaProducer | None = None
+        self._notices: set[asyncio.Task[Any]] = set()
         self.version = 0  # bumped on every applied record: cheap change detection
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -286,6 +349,9 @@ class SettingsStore:
     async def _send(self, key: str, value: bytes | None) -> None:
         if self._producer is None:
             raise SettingsStoreError("the settings store is not started")
+        plain = value
+        if self._ring is not None:
+            value = sign_settings_value(self._ring, key, value)
         try:
             await self._producer.send_and_wait(self._topic, key=key.encode(), value=value)
         except Exception as exc:
@@ -293,14 +359,49 @@ class SettingsStore:
                 f"cannot write {key} to the settings topic {self._topic}: {type(exc).__name__}"
             ) from None
         # Applied now so the writer reads its own write; the tail applies it again, harmlessly.
-        self._apply(key, value)
+        self._apply(key, plain)
 
     # -- the topic ------------------------------------------------------------------------------
 
     def _on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
         if record.key is None:
             return
-        self._apply(record.key.decode(), record.value)
+        key = record.key.decode("utf-8", "replace")
+        value = record.value
+        if self._ring is not None:
+            try:
+                value = verify_settings_value(self._ring, key, value)
+            except SignatureError as exc:
+                self._refuse(record, key, str(exc))
+                return
+        self._apply(key, value)
+
+    def _refuse(self, record: ConsumerRecord[bytes, bytes], key: str, reason: str) -> None:
+        log.error(
+            "REFUSED settings record %s partition %d offset %d (key %r): %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            key[:100],
+            reason,
+        )
+        self.refused.append((key, record.partition, record.offset, reason))
+        if self._producer is not None:
+            notice = forged_settings_notice(record, key, reason)
+            task = asyncio.get_running_loop().create_task(
+                self._producer.send_and_wait(
+                    self._file.kafka.topics.notices,
+                    key=notice.host.host_uuid.encode(),
+                    value=notice.model_dump_json().encode(),
+                )
+            )
+            self._notices.add(task)
+            task.add_done_callback(self._notice_sent)
+
+    def _notice_sent(self, task: asyncio.Task[Any]) -> None:
+        self._notices.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cannot send a forged_record notice: %s", task.exception())
 
     def _apply(self, key: str, value: bytes | None) -> None:
         if key.startswith("pause:"):

@@ -32,6 +32,7 @@ from fencing.events import (
     WithheldReason,
 )
 from fencing.gate import (
+    TEMPORARY,
     ClusterGate,
     ClusterPaused,
     ClusterSized,
@@ -355,17 +356,25 @@ class GateMachine(RuleBasedStateMachine):
 
     def judge(self, request: FenceRequest) -> None:
         row = self.rows[request.cluster]
-        result = decide(row, self.glob, request, self.ctx)
-        assert decide(row, self.glob, request, self.ctx) == result  # deterministic
+        result = decide(row, self.glob, request, self.ctx, self.now)
+        assert decide(row, self.glob, request, self.ctx, self.now) == result  # deterministic
         row, self.glob, verdict = result
         self.rows[request.cluster] = row
-        assert verdict.approved == (verdict.reason is None)
+        if verdict.skew is not None:
+            # refused unjudged: the stamp is too far from the gate's own clock
+            assert abs(request.at - self.now) > self.ctx.clock_tolerance
+            assert not verdict.approved and verdict.reason is None
+            return
+        assert verdict.approved == (verdict.reason is None) and verdict.at == self.now
         first = self.first.get(request.decision_id)
         if verdict.repeated:
-            assert first is not None and verdict == replace(first, repeated=True)
+            assert first is not None and (first.approved or first.reason not in TEMPORARY)
+            assert verdict == replace(first, repeated=True, at=self.now)
             return
         window = self.ctx.policy.fence_window
-        assert first is None or verdict.at - first.at >= window, "a redelivery was judged again"
+        assert first is None or first.reason in TEMPORARY or verdict.at - first.at >= window, (
+            "a redelivery was judged again"
+        )
         self.first[request.decision_id] = verdict
         if verdict.approved and request.action.powers_down:
             self.grants.append((request.cluster, verdict.at))
@@ -375,13 +384,14 @@ class GateMachine(RuleBasedStateMachine):
         action=st.sampled_from(
             [FenceAction.STOP, FenceAction.REBOOT, FenceAction.NOTHING, FenceAction.BLINK]
         ),
-        dt=st.floats(-100, 400),
+        dt=st.floats(0, 400),
+        skew=st.floats(-8000, 8000) | st.floats(-400, 400),
     )
-    def request(self, cluster: str, action: FenceAction, dt: float) -> None:
-        self.now += max(dt, 0.0)
+    def request(self, cluster: str, action: FenceAction, dt: float, skew: float) -> None:
+        self.now += dt
         self.n += 1
-        # a negative dt is a worker with a slow clock
-        r = FenceRequest(f"d{self.n}", f"h{self.n % 5}", cluster, action, self.now + min(dt, 0.0))
+        # the proposing worker's clock is off by `skew`; the gate judges at its own clock
+        r = FenceRequest(f"d{self.n}", f"h{self.n % 5}", cluster, action, self.now + skew)
         self.requests.append(r)
         self.judge(r)
 
@@ -389,7 +399,8 @@ class GateMachine(RuleBasedStateMachine):
     @rule(data=st.data(), dt=st.floats(0, 100))
     def redeliver(self, data: st.DataObject, dt: float) -> None:
         r = data.draw(st.sampled_from(self.requests))
-        self.judge(replace(r, at=self.now + dt))
+        self.now += dt
+        self.judge(replace(r, at=self.now))
 
     @rule(
         cluster=st.sampled_from(CLUSTERS),

@@ -26,6 +26,9 @@ NOTIFICATION_NAMES = {
     NoticeKind.HOST_RECOVERED: "fencerHostRecovered",
     NoticeKind.CLOCK_SKEW: "fencerClockSkew",
     NoticeKind.SUSPECT_TOO_LONG: "fencerSuspectTooLong",
+    NoticeKind.FORGED_RECORD: "fencerForgedRecord",
+    NoticeKind.FENCE_REFUSED: "fencerFenceRefused",
+    NoticeKind.VMS_NOT_RESTARTED: "fencerVmsNotRestarted",
 }
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from fencing.events import Evidence, FenceAction
 from fencing.records import HostRef, ProbeRequest, ProbeResult
-from fencing.settings import CloudStackSettings, IpmiSettings, PolicySettings
+from fencing.settings import CloudStackSettings, IpmiSettings, PolicySettings, SigningSettings
+from fencing.signing import write_keys_file
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud
 from lab.pipeline import Tap, WorkerProcess, write_settings
 
@@ -131,6 +132,8 @@ async def cloud(fencer_settings: Any, tmp_path: Path) -> AsyncIterator[Cloud]:
         cloudstack=CloudStackSettings(
             endpoint=sim.url, api_key=sim.api_key, secret_key=sim.secret_key, poll_interval=1.0
         ),
+        # The gate (ingest role) signs its decisions: it does not start without a key.
+        signing=SigningSettings(keys_file=write_keys_file(tmp_path / "signing.keys")),
     )
     c = Cloud(sim, settings, tmp_path)
     await c.start()
@@ -316,7 +319,15 @@ async def test_no_configured_secret_appears_in_any_worker_log_line(cloud: Cloud)
         w.stop()
     text = cloud.logs()
     assert "decision" in text  # the log really was collected
-    for secret in (ipmi_pw, smtp_pw, community, cloud.sim.api_key, cloud.sim.secret_key):
+    signing_secret = (cloud.tmp / "signing.keys").read_text().split()[1]
+    for secret in (
+        ipmi_pw,
+        smtp_pw,
+        community,
+        cloud.sim.api_key,
+        cloud.sim.secret_key,
+        signing_secret,
+    ):
         assert secret not in text, f"a secret leaked into the worker log ({len(text)} bytes)"
 
 

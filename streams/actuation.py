@@ -1,0 +1,446 @@
+"""The actuator's side of the safety rules, checked at the last moment before any BMC call.
+
+Rule: the actuator obeys only a decision that (1) fencer's gate signed, (2) is younger than
+`decision_max_age` on the actuator's clock, (3) fencer's own host record still backs (same
+decision and episode, fence proposed or fencing, last evidence stale), (4) CloudStack confirms
+*now* (Disconnected, Alert or Down, and resource state Enabled), and (5) this worker has claimed
+in the fence-claims log. Nothing here decides to fence: it refuses, or lets a decision the gate
+made through. A refusal is an outcome with `success: false` plus a `fence_refused` notice and is
+never remembered as done, so a fresh re-sent decision is judged again.
+
+Exactly once: the claim is a record on the one-partition topic `fencer.fence-claims`, keyed by
+decision id and written with `acks=all` before the BMC is touched; the log's order decides
+between two claimants (the first `claimed` record of a round wins, the other waits for its
+`done`). A claim with no `done` after `actuator.claim_lease` (this worker's clock) belongs to a
+claimant that died: the follower reads the power first (stop: off already = fenced; reboot:
+never repeated blindly, only an "off" reading counts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+from pydantic import ValidationError
+
+from fencing.events import NoticeKind
+from fencing.records import (
+    FenceClaim,
+    FenceDecision,
+    FenceOutcome,
+    HostRef,
+    HostStateRecord,
+    Notice,
+)
+from fencing.settings import Driver, FencerSettings
+from fencing.signing import DECISION, Keyring, SignatureError, verify_bytes
+from streams.kafka import aiokafka_kwargs
+
+log = logging.getLogger("fencer.actuation")
+
+DOWN_STATES = frozenset({"Disconnected", "Alert", "Down"})
+BACKED_STATES = frozenset({"fence_proposed", "fencing"})
+RECORD_WAIT = 5.0  # seconds the host-states view may lag behind the decision it produced
+CLOUDSTACK_TRIES = 3
+
+
+HostLookup = Callable[[str], Awaitable[Any]]  # host uuid -> an object with state, resourcestate
+
+
+class NotNow(Exception):
+    """A last-moment check refused the decision; the message is the reason."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Signed: fencer's gate wrote it
+
+
+@dataclass(frozen=True)
+class Forged:
+    """A fence-decisions record that fencer's gate did not sign."""
+
+    reason: str
+    claimed_host: str | None
+    decision_id: str | None
+
+
+def _claimed(value: bytes | None) -> tuple[str | None, str | None]:
+    try:
+        data = json.loads(value or b"")
+        host = data.get("host", {}).get("host_uuid")
+        did = data.get("decision_id")
+        return (str(host)[:100] if host else None, str(did)[:200] if did else None)
+    except (ValueError, AttributeError, TypeError):
+        return None, None
+
+
+def read_decision(ring: Keyring, message: Any) -> FenceDecision | Forged:
+    """The decision a fence-decisions record carries, if the gate signed all of it."""
+    claimed, did = _claimed(message.value)
+    try:
+        body = verify_bytes(ring, DECISION, message.value)
+    except SignatureError as exc:
+        return Forged(str(exc), claimed, did)
+    try:
+        decision = FenceDecision.model_validate(body)
+    except ValidationError:
+        return Forged("signed, but not a fence decision", claimed, did)
+    key = message.key.decode("utf-8", "replace") if message.key else None
+    if key != decision.host.host_uuid:
+        return Forged(f"record key {key!r} is not the signed host", claimed, did)
+    return decision
+
+
+def forged_notice(message: Any, forged: Forged, now: float) -> Notice:
+    """The forged_record notice for a record fencer did not sign."""
+    where = f"{message.topic} partition {message.partition} offset {message.offset}"
+    return Notice(
+        notice_id=f"forged/{message.topic}/{message.partition}/{message.offset}",
+        kind=NoticeKind.FORGED_RECORD,
+        host=HostRef(host_uuid=forged.claimed_host or "unknown"),
+        at=now,
+        decision_id=forged.decision_id,
+        reason=f"refused {where} ({forged.reason}); it names host {forged.claimed_host}",
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        claimed_host=forged.claimed_host,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-4. Fresh, backed by fencer's own record, confirmed by CloudStack now
+
+
+def check_age(decision: FenceDecision, max_age: float, now: float) -> None:
+    """Raise NotNow if the decision is older than `max_age` (or stamped far in the future)."""
+    age = now - decision.decided_at
+    if age > max_age:
+        raise NotNow(f"decision is {age:.0f} s old (decision_max_age {max_age:g} s)")
+    if age < -max_age:
+        raise NotNow(f"decision is stamped {-age:.0f} s in the future of this worker's clock")
+
+
+def check_record(decision: FenceDecision, row: Mapping[str, Any] | None) -> None:
+    """Raise NotNow unless fencer's host record still stands behind this decision."""
+    if row is None:
+        raise NotNow("fencer has no record of this host on the host-states topic")
+    rec = row.get("record") or {}
+    if rec.get("decision_id") != decision.decision_id or rec.get("episode") != decision.episode:
+        raise NotNow(
+            f"fencer's record of the host is at decision {rec.get('decision_id')} episode "
+            f"{rec.get('episode')}, not this one"
+        )
+    if rec.get("state") not in BACKED_STATES:
+        raise NotNow(f"fencer's record of the host is {rec.get('state')}, not fence_proposed")
+    if rec.get("last_evidence") != "stale":
+        raise NotNow(f"the host's last check is {rec.get('last_evidence')}, not stale")
+
+
+def check_cloudstack(state: str, resourcestate: str) -> None:
+    """Raise NotNow unless CloudStack's answer allows a fence."""
+    if state not in DOWN_STATES:
+        raise NotNow(f"CloudStack says the host is {state or 'unknown'} now")
+    if resourcestate != "Enabled":
+        raise NotNow(f"CloudStack says the host's resource state is {resourcestate or 'unknown'}")
+
+
+@dataclass
+class HostStatesView:
+    """The latest fencer.host-states record of every host, read from the topic's beginning."""
+
+    settings: FencerSettings
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _reader: Any = None
+
+    async def start(self, within: float = 30.0) -> None:
+        from webui.topic_reader import TopicReader
+
+        self._reader = TopicReader(
+            self.settings,
+            [self.settings.kafka.topics.host_states],
+            self._on_record,
+            client_id="fencer-actuate-host-states",
+        )
+        await self._reader.start(within)
+
+    def _on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        if record.key is None:
+            return
+        key = record.key.decode()
+        if record.value is None:
+            self.rows.pop(key, None)
+            return
+        r = HostStateRecord.model_validate_json(record.value)
+        self.rows[key] = {"record": r.record, "host": r.host.model_dump()}
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            await self._reader.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Claimed once
+
+
+class ClaimLog:
+    """The fence-claims log: written with acks=all, read back from the beginning."""
+
+    def __init__(self, settings: FencerSettings, worker: str) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.topic = settings.kafka.topics.fence_claims
+        self.claims: dict[str, list[tuple[int, FenceClaim]]] = {}
+        self._seen = asyncio.Condition()
+        self._producer: AIOKafkaProducer | None = None
+        self._reader: Any = None
+        self._high = -1
+
+    async def start(self, within: float = 30.0) -> None:
+        from webui.topic_reader import TopicReader
+
+        producer = AIOKafkaProducer(
+            client_id="fencer-claims", acks="all", **aiokafka_kwargs(self.settings)
+        )
+        await producer.start()
+        self._producer = producer
+        self._reader = TopicReader(
+            self.settings, [self.topic], self._on_record, client_id="fencer-claims-reader"
+        )
+        await self._reader.start(within)
+
+    def _on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        if record.value is None:
+            return
+        claim = FenceClaim.model_validate_json(record.value)
+        self.claims.setdefault(claim.decision_id, []).append((record.offset, claim))
+        self._high = max(self._high, record.offset)
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._seen:
+            self._seen.notify_all()
+
+    def of(self, decision_id: str) -> list[FenceClaim]:
+        return [c for _, c in sorted(self.claims.get(decision_id, []), key=lambda x: x[0])]
+
+    def done(self, decision_id: str) -> FenceClaim | None:
+        return next((c for c in self.of(decision_id) if c.state == "done"), None)
+
+    def open_claims(self, decision_id: str) -> list[FenceClaim]:
+        """Claims of the decision that were neither finished nor released, in log order."""
+        recs = self.of(decision_id)
+        released = {c.claim_id for c in recs if c.state == "released"}
+        return [c for c in recs if c.state == "claimed" and c.claim_id not in released]
+
+    async def _wait(self, pred: Callable[[], Any], within: float) -> Any:
+        deadline = time.monotonic() + within
+        async with self._seen:
+            while not (result := pred()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return result
+                try:
+                    await asyncio.wait_for(self._seen.wait(), min(left, 0.5))
+                except TimeoutError:
+                    pass
+            return result
+
+    async def append(self, claim: FenceClaim) -> None:
+        """Write a claim record and wait until it is read back (its place in the log known)."""
+        assert self._producer is not None
+        await self._producer.send_and_wait(
+            self.topic, key=claim.decision_id.encode(), value=claim.model_dump_json().encode()
+        )
+        seen = await self._wait(
+            lambda: any(
+                c.claim_id == claim.claim_id and c.state == claim.state
+                for c in self.of(claim.decision_id)
+            ),
+            30.0,
+        )
+        if not seen:
+            raise RuntimeError(f"claim {claim.claim_id} was written but not read back in 30 s")
+
+    async def run_once(
+        self,
+        decision: FenceDecision,
+        lease: float,
+        act: Callable[[bool], Awaitable[FenceOutcome]],
+    ) -> tuple[FenceOutcome, bool]:
+        """The decision's outcome, carried out by at most one live claimant; (outcome, acted)."""
+        did = decision.decision_id
+        while True:
+            done = self.done(did)
+            if done is not None and done.outcome is not None:
+                return FenceOutcome.model_validate(done.outcome), False
+            open_claims = self.open_claims(did)
+            base = open_claims[-1].claim_id if open_claims else None
+            takeover = False
+            if open_claims:
+                log.warning(
+                    "decision %s is claimed by %s: waiting up to %g s for its outcome",
+                    did,
+                    open_claims[-1].claimed_by,
+                    lease,
+                )
+                if await self._wait(lambda: self.done(did), lease):
+                    continue
+                takeover = True
+                log.warning(
+                    "decision %s: the claim of %s lapsed; taking over",
+                    did,
+                    open_claims[-1].claimed_by,
+                )
+            mine = FenceClaim(
+                decision_id=did,
+                host_uuid=decision.host.host_uuid,
+                claim_id=uuid.uuid4().hex,
+                claimed_by=self.worker,
+                state="claimed",
+                takeover_of=base,
+            )
+            await self.append(mine)
+            first = next(c for c in self.open_claims(did) if c.takeover_of == base)
+            if first.claim_id != mine.claim_id:
+                log.warning("decision %s: %s claimed it first", did, first.claimed_by)
+                continue
+            try:
+                outcome = await act(takeover)
+            except NotNow:
+                # Refused after the claim (a takeover re-checks): nothing was done, let go.
+                await self.append(mine.model_copy(update={"state": "released"}))
+                raise
+            await self.append(
+                mine.model_copy(
+                    update={"state": "done", "outcome": outcome.model_dump(mode="json")}
+                )
+            )
+            return outcome, True
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            await self._reader.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything together, for the actuate agent
+
+
+def refusal(decision: FenceDecision, reason: str, now: float) -> FenceOutcome:
+    """The outcome of a decision the last-moment checks refused."""
+    return FenceOutcome(
+        decision_id=decision.decision_id,
+        host=decision.host,
+        episode=decision.episode,
+        action=decision.action,
+        driver="none",
+        success=False,
+        started_at=now,
+        finished_at=now,
+        attempts=0,
+        error=f"refused: {reason}",
+        refused=True,
+    )
+
+
+def refused_notice(decision: FenceDecision, reason: str, now: float) -> Notice:
+    """The fence_refused notice of a refusal."""
+    return Notice(
+        notice_id=f"{decision.host.host_uuid}/{decision.decision_id}/refused/{now:.3f}",
+        kind=NoticeKind.FENCE_REFUSED,
+        host=decision.host,
+        at=now,
+        action=decision.action,
+        decision_id=decision.decision_id,
+        reason=reason,
+        evidence=decision.evidence,
+    )
+
+
+class Actuation:
+    """The actuate role's checks and claims around `fencing.actuator.Actuator`."""
+
+    def __init__(
+        self,
+        settings: FencerSettings,
+        ring: Keyring,
+        worker: str,
+        cloudstack_host: Callable[[str], Awaitable[Any]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.ring = ring
+        self.cloudstack_host = cloudstack_host
+        self.clock = clock
+        self.states = HostStatesView(settings)
+        self.claims = ClaimLog(settings, worker)
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            await self.states.start()
+            await self.claims.start()
+            self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            await self.states.stop()
+            await self.claims.stop()
+
+    async def last_moment(self, decision: FenceDecision, live: FencerSettings) -> None:
+        """Raise NotNow with the reason unless every last-moment check passes."""
+        check_age(decision, live.decision_max_age(), self.clock())
+        eff = live.effective_ipmi(decision.host.host_uuid, decision.host.cluster_uuid)
+        if eff.values.driver is Driver.FAKE and not live.lab:
+            # A settings-topic record can choose a driver the file check never saw.
+            raise NotNow("driver fake powers off nothing: allowed only with lab: true")
+        deadline = time.monotonic() + RECORD_WAIT
+        while True:
+            try:
+                check_record(decision, self.states.rows.get(decision.host.host_uuid))
+                break
+            except NotNow:
+                # The view may lag behind the record that produced this decision.
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        await self.cloudstack_confirms(decision)
+
+    async def cloudstack_confirms(self, decision: FenceDecision) -> None:
+        """Raise NotNow unless CloudStack says now: Disconnected/Alert/Down and Enabled."""
+        await cloudstack_confirms(decision, self.cloudstack_host)
+
+
+async def operator_checks(decision: FenceDecision, live: FencerSettings, ask: HostLookup) -> None:
+    """An operator's retry: no age or record check (the operator decided), but never driver
+    fake outside the lab and never a host CloudStack does not show down and Enabled now."""
+    eff = live.effective_ipmi(decision.host.host_uuid, decision.host.cluster_uuid)
+    if eff.values.driver is Driver.FAKE and not live.lab:
+        raise NotNow("driver fake powers off nothing: allowed only with lab: true")
+    await cloudstack_confirms(decision, ask)
+
+
+async def cloudstack_confirms(decision: FenceDecision, ask: HostLookup) -> None:
+    """Raise NotNow unless CloudStack says now: Disconnected/Alert/Down and Enabled."""
+    last_error = ""
+    for attempt in range(CLOUDSTACK_TRIES):
+        try:
+            host = await ask(decision.host.host_uuid)
+        except Exception as exc:
+            last_error = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("cannot ask CloudStack about %s: %s", decision.host.host_uuid, last_error)
+            await asyncio.sleep(1.0 + attempt)
+            continue
+        check_cloudstack(host.state, host.resourcestate)
+        return
+    raise NotNow(f"CloudStack cannot be asked now ({last_error}); not a yes")

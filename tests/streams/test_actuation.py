@@ -1,0 +1,291 @@
+"""The actuator's last-moment checks and its claim log (streams/actuation.py).
+
+The checks are plain functions over records; the claim log runs against the embedded broker:
+two workers racing for one decision, and a follower of a claimant that died."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fencing.events import FenceAction, NoticeKind
+from fencing.records import EvidenceSummary, FenceClaim, FenceDecision, FenceOutcome, HostRef
+from fencing.signing import DECISION, parse_keys, sign
+from streams.actuation import (
+    ClaimLog,
+    Forged,
+    NotNow,
+    check_age,
+    check_cloudstack,
+    check_record,
+    forged_notice,
+    read_decision,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+RING = parse_keys("k1 " + "s" * 40, "test")
+OTHER = parse_keys("k1 " + "t" * 40, "test")
+
+
+def decision(at: float = 1000.0, **update: Any) -> FenceDecision:
+    d = FenceDecision(
+        decision_id="h1/2",
+        host=HostRef(host_uuid="h1", host_name="kvm01"),
+        episode=2,
+        action=FenceAction.STOP,
+        approved=True,
+        evidence=EvidenceSummary(suspect_since=900.0, stale_checks=3),
+        decided_at=at,
+    )
+    return d.model_copy(update=update)
+
+
+def message(value: bytes, key: bytes | None = b"h1") -> Any:
+    return SimpleNamespace(
+        key=key, value=value, topic="fencer.fence-decisions", partition=1, offset=7
+    )
+
+
+def signed(d: FenceDecision, ring: Any = RING) -> bytes:
+    return (
+        FenceDecision.model_validate(sign(ring, DECISION, d.model_dump(mode="json")))
+        .model_dump_json()
+        .encode()
+    )
+
+
+def test_only_a_signed_decision_for_its_own_key_is_read() -> None:
+    d = decision()
+    assert read_decision(RING, message(signed(d))) == d
+    unsigned = read_decision(RING, message(d.model_dump_json().encode()))
+    assert isinstance(unsigned, Forged) and unsigned.reason == "unsigned"
+    assert unsigned.claimed_host == "h1" and unsigned.decision_id == "h1/2"
+    other = read_decision(RING, message(signed(d, OTHER)))
+    assert isinstance(other, Forged) and "bad signature" in other.reason
+    moved = read_decision(RING, message(signed(d), key=b"h9"))
+    assert isinstance(moved, Forged) and "not the signed host" in moved.reason
+
+
+def test_a_forged_record_notice_names_topic_partition_offset_and_host() -> None:
+    m = message(decision().model_dump_json().encode())
+    forged = read_decision(RING, m)
+    assert isinstance(forged, Forged)
+    n = forged_notice(m, forged, 5.0)
+    assert n.kind is NoticeKind.FORGED_RECORD
+    assert (n.topic, n.partition, n.offset, n.claimed_host) == (
+        "fencer.fence-decisions",
+        1,
+        7,
+        "h1",
+    )
+    assert n.notice_id == "forged/fencer.fence-decisions/1/7"
+    assert "partition 1 offset 7" in (n.reason or "")
+
+
+def test_a_decision_older_than_max_age_is_refused() -> None:
+    check_age(decision(at=1000.0), 120.0, 1119.0)
+    with pytest.raises(NotNow, match="decision is 121 s old"):
+        check_age(decision(at=1000.0), 120.0, 1121.0)
+    with pytest.raises(NotNow, match="in the future"):
+        check_age(decision(at=2000.0), 120.0, 1000.0)
+
+
+def row(**record: Any) -> dict[str, Any]:
+    base = {"decision_id": "h1/2", "episode": 2, "state": "fencing", "last_evidence": "stale"}
+    return {"record": {**base, **record}, "host": {"host_uuid": "h1"}}
+
+
+def test_fencers_own_record_must_back_the_decision() -> None:
+    check_record(decision(), row())
+    check_record(decision(), row(state="fence_proposed"))
+    with pytest.raises(NotNow, match="no record"):
+        check_record(decision(), None)
+    with pytest.raises(NotNow, match="not this one"):
+        check_record(decision(), row(decision_id="h1/1", episode=1))
+    with pytest.raises(NotNow, match="not this one"):
+        check_record(decision(), row(episode=3))
+    for state in ("idle", "suspect", "fenced", "failed", "maintenance", "withheld"):
+        with pytest.raises(NotNow, match=f"record of the host is {state}"):
+            check_record(decision(), row(state=state))
+    for evidence in ("alive", "unknown", None):
+        with pytest.raises(NotNow, match="not stale"):
+            check_record(decision(), row(last_evidence=evidence))
+
+
+def test_cloudstack_must_say_down_and_enabled_now() -> None:
+    for state in ("Disconnected", "Alert", "Down"):
+        check_cloudstack(state, "Enabled")
+    for state in ("Up", "Connecting", "Error", "Removed", ""):
+        with pytest.raises(NotNow, match="CloudStack says the host is"):
+            check_cloudstack(state, "Enabled")
+    for rs in (
+        "Maintenance",
+        "PrepareForMaintenance",
+        "ErrorInMaintenance",
+        "Disabled",
+        "Degraded",
+    ):
+        with pytest.raises(NotNow, match=f"resource state is {rs}"):
+            check_cloudstack("Disconnected", rs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The claim log on the embedded broker
+
+
+def outcome_of(d: FenceDecision, by: str) -> FenceOutcome:
+    now = time.time()
+    return FenceOutcome(
+        decision_id=d.decision_id,
+        host=d.host,
+        episode=d.episode,
+        action=d.action,
+        driver=by,
+        success=True,
+        started_at=now,
+        finished_at=now,
+    )
+
+
+async def test_two_claimants_racing_act_once(fencer_settings: Any) -> None:
+    settings = fencer_settings(isolated_topics=True)
+    a, b = ClaimLog(settings, "worker-a"), ClaimLog(settings, "worker-b")
+    await a.start()
+    await b.start()
+    acted: list[str] = []
+    d = decision(at=time.time())
+
+    def actor(name: str) -> Any:
+        async def act(takeover: bool) -> FenceOutcome:
+            acted.append(name)
+            await asyncio.sleep(0.5)  # the BMC call
+            return outcome_of(d, name)
+
+        return act
+
+    try:
+        (oa, acted_a), (ob, acted_b) = await asyncio.gather(
+            a.run_once(d, 30.0, actor("a")), b.run_once(d, 30.0, actor("b"))
+        )
+        assert len(acted) == 1 and acted_a != acted_b
+        assert oa == ob  # the loser returns the winner's outcome
+        # A third worker started later sees the outcome and does not act.
+        c = ClaimLog(settings, "worker-c")
+        await c.start()
+        try:
+            oc, acted_c = await c.run_once(d, 30.0, actor("c"))
+        finally:
+            await c.stop()
+        assert acted_c is False and oc == oa and len(acted) == 1
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_dead_claimant_is_followed_after_the_lease_with_takeover(
+    fencer_settings: Any,
+) -> None:
+    settings = fencer_settings(isolated_topics=True)
+    d = decision(at=time.time())
+    dead = ClaimLog(settings, "dead-worker")
+    await dead.start()
+    # It claimed, then died before the BMC call: no `done` follows.
+    await dead.append(
+        FenceClaim(
+            decision_id=d.decision_id,
+            host_uuid="h1",
+            claim_id="dead-claim",
+            claimed_by="dead-worker",
+            state="claimed",
+        )
+    )
+    await dead.stop()
+    follower = ClaimLog(settings, "follower")
+    await follower.start()
+    seen: list[bool] = []
+
+    async def act(takeover: bool) -> FenceOutcome:
+        seen.append(takeover)
+        return outcome_of(d, "follower")
+
+    try:
+        started = time.monotonic()
+        out, acted = await follower.run_once(d, 2.0, act)
+        waited = time.monotonic() - started
+    finally:
+        await follower.stop()
+    assert acted is True and seen == [True] and out.driver == "follower"
+    assert waited >= 2.0  # it waited for the claimant's lease on its own clock first
+    claims = follower.of(d.decision_id)
+    assert [c.state for c in claims] == ["claimed", "claimed", "done"]
+    assert claims[1].takeover_of == "dead-claim"
+
+
+async def test_a_released_claim_lets_a_later_decision_act_at_once(fencer_settings: Any) -> None:
+    settings = fencer_settings(isolated_topics=True)
+    d = decision(at=time.time())
+    log = ClaimLog(settings, "w")
+    await log.start()
+
+    async def refuse(takeover: bool) -> FenceOutcome:
+        raise NotNow("the host came back")
+
+    async def act(takeover: bool) -> FenceOutcome:
+        return outcome_of(d, "w")
+
+    try:
+        with pytest.raises(NotNow):
+            await log.run_once(d, 30.0, refuse)
+        assert log.open_claims(d.decision_id) == []
+        started = time.monotonic()
+        _out, acted = await log.run_once(d, 30.0, act)
+        assert acted and time.monotonic() - started < 10
+    finally:
+        await log.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusing to start
+
+
+def _fencer(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streams.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FENCER_DEBUG": ""},
+    )
+
+
+@pytest.mark.parametrize("roles", ["actuate", "ingest", "notify,actuate", "all"])
+def test_the_gate_and_actuator_roles_refuse_to_start_without_a_key(
+    tmp_path: Path, roles: str
+) -> None:
+    f = tmp_path / "fencer.yaml"
+    f.write_text("kafka:\n  bootstrap_servers: 127.0.0.1:1\n")
+    p = _fencer("worker", "-c", str(f), "--roles", roles)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("fencer: roles ") and "signing.keys_file is not set" in lines[0]
+
+
+def test_config_check_refuses_driver_fake_outside_the_lab(tmp_path: Path) -> None:
+    f = tmp_path / "fencer.yaml"
+    f.write_text("clusters:\n  c1:\n    ipmi:\n      driver: fake\n")
+    p = _fencer("config", "check", str(f))
+    assert p.returncode == 1 and p.stdout == ""
+    assert "clusters.c1.ipmi.driver: driver fake" in p.stderr and "lab: true" in p.stderr
+    f.write_text("lab: true\nclusters:\n  c1:\n    ipmi:\n      driver: fake\n")
+    p = _fencer("config", "check", str(f))
+    assert p.returncode == 0, p.stderr

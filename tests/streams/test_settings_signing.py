@@ -1,0 +1,99 @@
+"""The settings topic is signed: workers apply only records fencer's API signed.
+
+Against the embedded broker: a store that signs, a worker's store that verifies, and records
+written straight to the topic by something else (unsigned, a tombstone, another key)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from fencing.events import FenceAction
+from fencing.settings import ClusterSettings, IpmiOverrides, SigningSettings
+from fencing.signing import parse_keys, write_keys_file
+from lab.pipeline import Tap
+from streams.kafka import aiokafka_kwargs
+from webui.settings_store import SettingsStore
+from webui.topic_reader import TopicReader
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def _wait(pred: Any, what: str, tap: Tap | None = None) -> None:
+    import asyncio
+
+    for _ in range(200):
+        if pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_unsigned_or_foreign_settings_records_are_refused(
+    fencer_settings: Any, tmp_path: Path
+) -> None:
+    keys = write_keys_file(tmp_path / "signing.keys", "k1")
+    settings = fencer_settings(isolated_topics=True, signing=SigningSettings(keys_file=keys))
+    t = settings.kafka.topics
+    api, worker = SettingsStore(settings, client_id="api"), SettingsStore(settings, client_id="w")
+    stranger = SettingsStore(settings, client_id="s", keyring=parse_keys("k1 " + "x" * 40, "t"))
+    tap = Tap(settings)
+    await tap.start([t.settings])
+    producer = AIOKafkaProducer(**aiokafka_kwargs(settings))
+    await producer.start()
+    await api.start()
+    await worker.start()
+    await stranger.start()
+    try:
+        # The API signs what it writes; a worker with the same key applies it.
+        await api.put_cluster("c1", ClusterSettings(ipmi=IpmiOverrides(action=FenceAction.STOP)))
+        await _wait(lambda: worker.cluster("c1").ipmi.action is FenceAction.STOP, "c1")
+        raw = await tap.wait_for(
+            lambda: [v for k, v in tap.of(t.settings) if k == "cluster:c1"], 30, "the record"
+        )
+        assert raw and raw[0]["signature"]["key_id"] == "k1"
+        # Something else writes to the topic: a pause, a tombstone, a cluster entry.
+        await producer.send_and_wait(
+            t.settings, key=b"pause:global", value=json.dumps({"paused": True}).encode()
+        )
+        await producer.send_and_wait(t.settings, key=b"cluster:c1", value=None)
+        stolen = dict(raw[0])  # a genuine record replayed under another key
+        await producer.send_and_wait(
+            t.settings, key=b"cluster:c2", value=json.dumps(stolen).encode()
+        )
+        await _wait(lambda: len(worker.refused) >= 3, "three refusals")
+        assert worker.is_paused(None) is False
+        assert worker.cluster("c1").ipmi.action is FenceAction.STOP
+        assert "c2" not in worker.settings.clusters
+        reasons = {k: r for k, _p, _o, r in worker.refused}
+        assert reasons["pause:global"] == "unsigned"
+        assert "tombstone" in reasons["cluster:c1"]
+        assert "signed for key 'cluster:c1', not this key" in reasons["cluster:c2"]
+        # A store with another key refuses even the API's genuine record.
+        await _wait(lambda: len(stranger.refused) >= 4, "the stranger's refusals")
+        assert "c1" not in stranger.settings.clusters
+        # Every store that read a forged record sent a notice (one id per record).
+        notices: list[dict[str, Any]] = []
+        reader = TopicReader(settings, [t.notices], lambda r: notices.append(json.loads(r.value)))
+        await reader.start(30)
+        try:
+            await _wait(
+                lambda: len({v["notice_id"] for v in notices if v["kind"] == "forged_record"}) >= 4,
+                "forged_record notices",
+            )
+        finally:
+            await reader.stop()
+        n = next(v for v in notices if v["kind"] == "forged_record")
+        assert n["topic"] == t.settings and isinstance(n["offset"], int)
+        # A signed deletion is applied.
+        await api.delete_cluster("c1")
+        await _wait(lambda: "c1" not in worker.settings.clusters, "the deletion")
+    finally:
+        for s in (api, worker, stranger):
+            await s.stop()
+        await producer.stop()
+        await tap.stop()
