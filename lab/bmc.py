@@ -24,6 +24,7 @@ Two patches to pyghmi's server side, applied once on import:
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -471,8 +472,13 @@ def _serve_child(conn: Any) -> None:
     threading.Thread(target=controls, daemon=True).start()
     while not stopping.is_set():
         ipmisession.Session.wait_for_rsp(0.2)
-    bmc.close()
+    bmc.reachable = False
     conn.close()
+    # The process ends here and the OS frees the port. Closing the socket first races with
+    # pyghmi's IO thread, which may still be in select() on it: an EBADF traceback on stderr.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_udp_port() -> int:
