@@ -965,7 +965,8 @@ class Runtime:
 
             async def carry_out(takeover: bool) -> FenceOutcome:
                 if takeover:
-                    await act.last_moment(decision, live)  # time passed while waiting
+                    # Time passed while the dead claimant's lease ran out: ask again.
+                    await act.last_moment(decision, live, fresh=False)
                 return await self._carry_out(decision, takeover)
 
             outcome, _acted = await act.claims.run_once(
