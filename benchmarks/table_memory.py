@@ -1,5 +1,5 @@
 """Memory per monitored host in the `hosts` table: 10,000 suspect rows, built exactly as
-`streams.records.apply` stores them, held in a plain dict (what Faust's memory store holds: it
+`streams.watch.apply` stores them, held in a plain dict (what Faust's memory store holds: it
 keeps the Python values, no serialisation), against the same 10,000 keys with empty rows.
 
 Rule: each row is a realistic suspect row: a HostDisconnected with a full HostRef (name,
@@ -25,7 +25,8 @@ from typing import Any
 from fencing.events import HostDisconnected, HostStatus, Tick
 from fencing.records import HostRef
 from fencing.settings import FencerSettings, PolicySettings
-from streams.records import HostInput, apply
+from streams.codec import HostInput
+from streams.watch import apply
 
 TARGET_BYTES = 2048
 

@@ -51,7 +51,9 @@ class GateSignal(WireRecord):
     """What the cluster gate learns besides proposals (topic fence-proposals, key cluster uuid):
     the cluster's host count (poller) and which hosts are suspect (the host watcher)."""
 
-    kind: Literal["cluster_size", "suspect", "cleared"]
+    kind: Literal["cluster_size", "suspect", "cleared"] = Field(
+        description="also tells a GateSignal from a FenceProposal on the same topic"
+    )
     cluster_uuid: str
     at: float
     host_uuid: str | None = None
@@ -119,6 +121,11 @@ class EvidenceSummary(BaseModel):
 class FenceProposal(WireRecord):
     """The host's episode asks its cluster's gate for a fence (topic fence-proposals)."""
 
+    kind: Literal["proposal"] = Field(
+        default="proposal",
+        description="tells a proposal from a GateSignal on the same topic (a record written "
+        "before this field existed has none: it is a proposal when it carries a decision_id)",
+    )
     decision_id: str
     host: HostRef
     episode: int

@@ -962,7 +962,7 @@ def _judge_suspect_too_long(run: Run) -> list[str]:
 
 async def _pause_then_resume(run: Run) -> None:
     # As the UI does it: a pause record on the settings topic, which every worker reads.
-    from webui.settings_store import SettingsStore
+    from streams.settings_store import SettingsStore
 
     cluster = run.lab.cluster
     store = SettingsStore(run.settings, secrets_key=None, client_id="fencer-demo")

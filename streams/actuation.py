@@ -161,7 +161,7 @@ class HostStatesView:
     _reader: Any = None
 
     async def start(self, within: float = 30.0) -> None:
-        from webui.topic_reader import TopicReader
+        from streams.topic_reader import TopicReader
 
         self._reader = TopicReader(
             self.settings,
@@ -204,7 +204,7 @@ class ClaimLog:
         self._high = -1
 
     async def start(self, within: float = 30.0) -> None:
-        from webui.topic_reader import TopicReader
+        from streams.topic_reader import TopicReader
 
         producer = AIOKafkaProducer(
             client_id="fencer-claims", acks="all", **aiokafka_kwargs(self.settings)

@@ -16,6 +16,11 @@ and sends each action to its topic.
     operator-actions (retry / handled) ─▶ operator (done table) ─▶ fence-outcomes
     timer (fence_failed reminders, every renotify_interval) ─▶ notices
     fence-decisions + fence-outcomes + notices ─▶ notify (notified table) ─▶ email, SNMP
+
+Where each agent's work lives: ingest in `streams.ingest`, the poller in `streams.poller`,
+watch in `streams.watch`, gate in `streams.gating`, actuate, operator and pre-flight in
+`streams.actuating`; records to and from core types in `streams.codec`, table rows in
+`streams.tables`, the shared services in `streams.runtime`.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ from fencing.records import (
     ProbeResult,
 )
 from fencing.settings import FencerSettings
+from streams import actuating, codec, gating
 from streams import observability as obs
-from streams import records as wire
+from streams import watch as host_watch
 from streams.kafka import faust_app_kwargs, prepare_kafka
+from streams.runtime import Runtime
 
 log = logging.getLogger("fencer.app")
 
@@ -74,7 +81,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
     names = settings.kafka.topics
     policy = settings.policy.to_policy()
     started_at = time.time()
-    runtime = wire.Runtime(settings=settings, started_at=started_at)
+    runtime = Runtime(settings=settings, started_at=started_at)
 
     # -- topics -------------------------------------------------------------------------
     cloudstack = app.topic(names.cloudstack, **RAW)
@@ -116,7 +123,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         notified = app.Table("notified", help="host uuid -> {notification id: time}")
 
     async def dead(message: Any, reason: str) -> None:
-        await dead_letter.send(value=wire.dead_letter(message, reason))
+        await dead_letter.send(value=codec.dead_letter(message, reason))
 
     # -- ingest: CloudStack's event bus -> host signals ---------------------------------
     if "ingest" in roles:
@@ -125,13 +132,13 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         async def ingest(stream: Any) -> None:
             async for event in stream.events():
                 try:
-                    signal, reason = await runtime.signal_from_event_bus(event.message)
+                    signal, reason = await runtime.ingest.signal(event.message)
                 except Exception as exc:  # a bug or an outage must not stop the stream
                     log.exception("cannot ingest a CloudStack event")
                     signal, reason = None, f"ingest failed: {type(exc).__name__}"
                 if signal is not None:
                     await host_signals.send(
-                        key=signal.host.host_uuid.encode(), value=wire.dump(signal)
+                        key=signal.host.host_uuid.encode(), value=codec.dump(signal)
                     )
                 elif reason is not None:
                     await dead(event.message, reason)
@@ -139,20 +146,20 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         @app.timer(interval=settings.cloudstack.poll_interval, on_leader=True)
         async def poll_hosts() -> None:
             # CloudStack publishes nothing when a host comes back Up: listHosts tells us.
-            signals, sizes = await runtime.poll_hosts()
+            signals, sizes = await runtime.poller.poll()
             for s in signals:
-                await host_signals.send(key=s.host.host_uuid.encode(), value=wire.dump(s))
+                await host_signals.send(key=s.host.host_uuid.encode(), value=codec.dump(s))
             for g in sizes:
-                await fence_proposals.send(key=g.cluster_uuid.encode(), value=wire.dump(g))
+                await fence_proposals.send(key=g.cluster_uuid.encode(), value=codec.dump(g))
 
         @app.timer(interval=min(policy.check_interval / 2, 5.0))
         async def tick() -> None:
             # Ticks are delivered through the topic so the table is written inside a stream.
             now = time.time()
             for host_uuid, row in list(hosts.items()):
-                if row is not None and wire.wants_tick(row):
-                    tick_signal = wire.tick(row, now)
-                    await host_signals.send(key=host_uuid.encode(), value=wire.dump(tick_signal))
+                if row is not None and host_watch.wants_tick(row):
+                    tick_signal = host_watch.tick(row, now)
+                    await host_signals.send(key=host_uuid.encode(), value=codec.dump(tick_signal))
 
         # -- watch: the per-host state machine ---------------------------------------------
         @app.agent(host_inputs)
@@ -165,7 +172,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     # the forged record to people).
                     await dead(event.message, "a fence decision without fencer's signature")
                     continue
-                parsed = wire.host_input(event.message, names)
+                parsed = codec.host_input(event.message, names)
                 if parsed is None:
                     continue
                 if isinstance(parsed, str):
@@ -175,7 +182,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 before = hosts.get(key)
                 try:
                     live = await runtime.live()
-                    row, actions = wire.apply(before, parsed, key, policy, live, names)
+                    row, actions = host_watch.apply(before, parsed, key, policy, live, names)
                 except Exception as exc:  # a bug must not stop every other host's stream
                     log.exception("host %s: cannot apply %s", key, type(parsed.event).__name__)
                     await dead(event.message, f"watch failed: {type(exc).__name__}")
@@ -183,8 +190,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 if row is not None:
                     hosts[key] = row
                     if row != before:
-                        await host_states.send(key=key.encode(), value=wire.host_state(row))
-                        judged = wire.judged_check(before, row)
+                        await host_states.send(key=key.encode(), value=host_watch.host_state(row))
+                        judged = host_watch.judged_check(before, row)
                         if judged is not None:
                             obs.observe_check(judged)
                 for topic_name, out_key, value in actions:
@@ -194,26 +201,26 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         @app.agent(fence_proposals)
         async def gate(stream: Any) -> None:
             async for event in stream.events():
-                parsed = wire.gate_input(event.message)
+                parsed = codec.gate_input(event.message)
                 if isinstance(parsed, str):
                     await dead(event.message, parsed)
                     continue
                 try:
                     await runtime.live()
                     # The gate's own clock: never the proposing worker's stamp.
-                    decision = wire.apply_gate(gates, parsed, runtime, now=time.time())
+                    decision = gating.apply_gate(gates, parsed, runtime, now=time.time())
                 except Exception as exc:
                     log.exception("gate: cannot judge a record")
                     await dead(event.message, f"gate failed: {type(exc).__name__}")
                     continue
                 if isinstance(decision, Notice):
                     key = decision.host.host_uuid.encode()
-                    await notices.send(key=key, value=wire.dump(decision))
+                    await notices.send(key=key, value=codec.dump(decision))
                 elif decision is not None:
                     obs.log_decision(log, decision)
                     obs.observe_decision(decision)
                     await fence_decisions.send(
-                        key=decision.host.host_uuid.encode(), value=wire.dump(decision)
+                        key=decision.host.host_uuid.encode(), value=codec.dump(decision)
                     )
 
     # -- probe: ask a neighbour about the suspect host's storage ------------------------
@@ -222,13 +229,13 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         @app.agent(probe_requests, concurrency=8)
         async def probe(stream: Any) -> None:
             async for value in stream:
-                request = wire.load(ProbeRequest, value)
+                request = codec.load(ProbeRequest, value)
                 if request is None:
                     continue
                 result: ProbeResult = await runtime.run_probe(request)
                 obs.observe_probe(result)
                 await probe_results.send(
-                    key=request.host.host_uuid.encode(), value=wire.dump(result)
+                    key=request.host.host_uuid.encode(), value=codec.dump(result)
                 )
 
     # -- actuate: fence through the BMC, verify, then let CloudStack restart the VMs ----
@@ -236,7 +243,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         operator_actions = app.topic(names.operator_actions, **RAW)
 
         async def send_notice(notice: Notice) -> None:
-            await notices.send(key=notice.host.host_uuid.encode(), value=wire.dump(notice))
+            await notices.send(key=notice.host.host_uuid.encode(), value=codec.dump(notice))
 
         runtime.notice_sink = send_notice
 
@@ -249,14 +256,14 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             async for event in stream.events():
                 # Signed, fresh, backed, confirmed, claimed: else refused (streams.actuation).
                 try:
-                    out = await runtime.actuate(event.message, done)
+                    out = await actuating.actuate(runtime, event.message, done)
                 except Exception as exc:  # a bug must not stop the stream; nothing was fenced
                     log.exception("actuate: cannot handle a decision")
                     await dead(event.message, f"actuate failed: {type(exc).__name__}")
                     continue
                 for topic_name, out_key, value in out:
                     if topic_name == names.fence_outcomes:
-                        outcome = wire.load(FenceOutcome, value)
+                        outcome = codec.load(FenceOutcome, value)
                         if outcome is not None:
                             obs.observe_outcome(outcome)
                     await by_name[topic_name].send(key=out_key, value=value)
@@ -265,14 +272,14 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         async def operator(stream: Any) -> None:
             # `fencer fence retry|handled HOST` and the web UI's buttons.
             async for event in stream.events():
-                action = wire.load(OperatorAction, event.value)
+                action = codec.load(OperatorAction, event.value)
                 if action is None:
                     continue
-                outcome = await runtime.operator_action(action, done, action.host_uuid)
+                outcome = await actuating.operator_action(runtime, action, done, action.host_uuid)
                 if outcome is not None:
                     obs.observe_outcome(outcome)
                     key = outcome.host.host_uuid.encode()
-                    await fence_outcomes.send(key=key, value=wire.dump(outcome))
+                    await fence_outcomes.send(key=key, value=codec.dump(outcome))
 
         renotify = settings.actuator.renotify_interval
 
@@ -288,8 +295,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             @app.timer(interval=settings.actuator.preflight_interval, on_leader=True)
             async def preflight() -> None:
                 # Read every BMC now, so a wrong password is found before a fence needs it.
-                for notice in await runtime.preflight():
-                    await notices.send(key=notice.host.host_uuid.encode(), value=wire.dump(notice))
+                for notice in await actuating.preflight(runtime):
+                    await notices.send(key=notice.host.host_uuid.encode(), value=codec.dump(notice))
 
     # -- notify: email and SNMP for every step ------------------------------------------
     if "notify" in roles:
@@ -305,7 +312,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     event.message, required=False
                 ):
                     continue  # a forged decision is told as a forged_record notice, not as news
-                record = wire.notifiable(event.message, names)
+                record = codec.notifiable(event.message, names)
                 if record is not None:
                     await runtime.notify(record, notified, event.message.key.decode())
 

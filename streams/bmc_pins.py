@@ -33,7 +33,7 @@ class BmcPinStore:
     """The pins topic read from the beginning and kept current; writes go through it."""
 
     def __init__(self, settings: FencerSettings, *, client_id: str = "fencer-bmc-pins") -> None:
-        from webui.topic_reader import TopicReader
+        from streams.topic_reader import TopicReader
 
         self._settings = settings
         self._topic = settings.kafka.topics.bmc_pins

@@ -38,7 +38,7 @@ def _fence_operator(args: argparse.Namespace) -> int:
 
     from fencing.records import OperatorAction
     from fencing.settings import load_settings
-    from streams.records import send_operator_action
+    from streams.actuating import send_operator_action
 
     settings = load_settings(args.config)
     action = OperatorAction(

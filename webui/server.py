@@ -40,11 +40,11 @@ from fencing.settings import (
     load_settings,
 )
 from streams.bmc_pins import BmcPinStore
+from streams.settings_store import SettingsStore, SettingsStoreError
+from streams.topic_reader import TopicReader, TopicReaderError
 from webui import api_models as m
 from webui.fencing_view import FencingView
 from webui.openapi import build_openapi
-from webui.settings_store import SettingsStore, SettingsStoreError
-from webui.topic_reader import TopicReader, TopicReaderError
 
 log = logging.getLogger("fencer.api")
 
@@ -654,7 +654,7 @@ async def _fence_operator(request: web.Request, kind: str) -> web.Response:
         at=api.clock(),
     )
     if api.send_operator is None:
-        from streams.records import send_operator_action
+        from streams.actuating import send_operator_action
 
         api.send_operator = send_operator_action
     try:

@@ -45,7 +45,7 @@ from fencing.settings import (
 from lab import openipmi
 from lab.bmc import BmcSimulator
 from streams.bmc_pins import BmcPinStore
-from webui.topic_reader import TopicReader
+from streams.topic_reader import TopicReader
 
 from .conftest import BMC_PASSWORD, Cloud, Redfish, ipmitool_template
 from .test_actuator import make_settings
@@ -495,7 +495,8 @@ async def test_reply_race_workaround_keeps_every_call_working(sim_bmc: BmcSimula
 async def test_worker_runtime_preflight_pins_then_notices_and_refuses_a_changed_bmc(
     cloud: Cloud, fencer_settings: Any
 ) -> None:
-    from streams.records import Runtime
+    from streams.actuating import preflight
+    from streams.runtime import Runtime
 
     with BmcSimulator("admin", BMC_PASSWORD, guid=GUID_A) as bmc:
         base = fencer_settings(isolated_topics=True)
@@ -512,13 +513,13 @@ async def test_worker_runtime_preflight_pins_then_notices_and_refuses_a_changed_
         )
         runtime = Runtime(settings=settings, started_at=time.time())
         try:
-            assert await runtime.preflight() == []  # GUID_A pinned, BMC fine
+            assert await preflight(runtime) == []  # GUID_A pinned, BMC fine
             pins = await runtime.bmc_pins()
             assert pins.get(cloud.host.uuid).guid == GUID_A
             assert pins.get(cloud.host.uuid).pinned_by == "preflight"
 
             bmc.guid = GUID_B
-            notices = await runtime.preflight()
+            notices = await preflight(runtime)
             assert [n.kind for n in notices] == [NoticeKind.BMC_IDENTITY_CHANGED]
             assert GUID_B in (notices[0].reason or "")
             assert notices[0].notice_id.startswith(f"{cloud.host.uuid}/bmc-identity/{GUID_B}/")

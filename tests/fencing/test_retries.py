@@ -28,7 +28,8 @@ from fencing.settings import (
     IpmiSettings,
 )
 from lab.bmc import BmcSimulator
-from streams import records as wire
+from streams import actuating, tables
+from streams.runtime import Runtime
 
 from .conftest import BMC_PASSWORD, Cloud
 
@@ -232,8 +233,8 @@ async def test_one_hosts_retries_never_hold_up_another_host(cloud: Cloud) -> Non
 # -- the worker's shell: reminders until an operator retries or marks the fence handled -------
 
 
-def shell(settings: FencerSettings, act: Actuator) -> wire.Runtime:
-    rt = wire.Runtime(settings=settings, started_at=time.time())
+def shell(settings: FencerSettings, act: Actuator) -> Runtime:
+    rt = Runtime(settings=settings, started_at=time.time())
     rt._store_failed = True  # no settings topic here: the file's settings are the live ones
     rt._actuator = act
     return rt
@@ -250,30 +251,30 @@ async def test_a_failed_fence_is_repeated_until_an_operator_retries_it(
     host = cloud.host.uuid
     d = decision(host, cloud.cluster_uuid)
     failed = await act.handle(d)  # what the actuate agent stores once its checks passed
-    done[host] = {d.decision_id: wire._done_entry(d, failed)}
+    done[host] = {d.decision_id: tables.done_entry(d, failed)}
     assert failed is not None and not failed.success
     t0, every = failed.finished_at, 60.0
-    assert wire.reminders(done.items(), t0 + 59, every) == []
-    (first,) = wire.reminders(done.items(), t0 + 61, every)
+    assert tables.reminders(done.items(), t0 + 59, every) == []
+    (first,) = tables.reminders(done.items(), t0 + 61, every)
     assert first.kind is NoticeKind.FENCE_FAILED and first.decision_id == d.decision_id
     assert first.notice_id.endswith("/1") and f"fencer fence retry {host}" in (first.reason or "")
-    (again,) = wire.reminders(done.items(), t0 + 61.5, every)
+    (again,) = tables.reminders(done.items(), t0 + 61.5, every)
     assert again.notice_id == first.notice_id  # the same reminder: sent once
-    (second,) = wire.reminders(done.items(), t0 + 125, every)
+    (second,) = tables.reminders(done.items(), t0 + 125, every)
     assert second.notice_id.endswith("/2") and second.notice_id != first.notice_id
 
     bmc.resume()
     rt.settings = settings_for(cloud, {host: bmc.port})  # a longer deadline now
     retry = OperatorAction(kind="retry", host_uuid=host, by="ops", at=time.time())
-    out = await rt.operator_action(retry, done, host)
+    out = await actuating.operator_action(rt, retry, done, host)
     assert out is not None and out.success and out.decision_id == d.decision_id
     assert out.started_at > failed.started_at  # a new run: a new notification id
     assert bmc.power == "off" and bmc.count("power_off") == 1
     assert degraded_calls(cloud) == ["declareHostAsDegraded"]
     assert done[host][d.decision_id]["success"] and done[host][d.decision_id]["retried_by"] == "ops"
-    assert wire.reminders(done.items(), t0 + 1000, every) == []
+    assert tables.reminders(done.items(), t0 + 1000, every) == []
     # a second retry of a fence that worked does nothing
-    assert await rt.operator_action(retry, done, host) is None
+    assert await actuating.operator_action(rt, retry, done, host) is None
     assert bmc.count("power_off") == 1
 
 
@@ -288,11 +289,11 @@ async def test_marking_a_failed_fence_handled_stops_the_reminders(
     host = cloud.host.uuid
     d = decision(host, cloud.cluster_uuid)
     failed = await act.handle(d)
-    done[host] = {d.decision_id: wire._done_entry(d, failed)}
+    done[host] = {d.decision_id: tables.done_entry(d, failed)}
     assert failed is not None and not failed.success
     later = failed.finished_at + 3600
-    assert len(wire.reminders(done.items(), later, 600)) == 1
+    assert len(tables.reminders(done.items(), later, 600)) == 1
     handled = OperatorAction(kind="handled", host_uuid=host, by="ops", at=time.time())
-    assert await rt.operator_action(handled, done, host) is None
-    assert wire.reminders(done.items(), later, 600) == []
+    assert await actuating.operator_action(rt, handled, done, host) is None
+    assert tables.reminders(done.items(), later, 600) == []
     assert bmc.count("power_off") == 0

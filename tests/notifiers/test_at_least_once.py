@@ -15,7 +15,8 @@ from notifier_peers import Mailbox, SmtpFactory, TrapReceiver, free_port, parse_
 from fencing.records import FenceDecision, Notice
 from fencing.settings import EmailSettings, FencerSettings, SnmpReceiver, SnmpSettings
 from notifiers.service import Notifier
-from streams.records import RowStore, Runtime
+from streams.runtime import Runtime
+from streams.tables import RowStore
 
 pytestmark = pytest.mark.timeout(30)
 

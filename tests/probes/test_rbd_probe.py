@@ -24,7 +24,7 @@ from lab.cloudstack_sim import CloudStackSimulator, SimCloud
 from lab.kvm_hosts import KvmLab
 from probes.rbd import CEPH_HEALTH, parse_output, watcher_ip
 from probes.service import ProbeService
-from streams.records import probe_finished
+from streams.codec import probe_finished
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -19,6 +19,7 @@ import pytest
 from fencing.events import FenceAction, NoticeKind
 from fencing.records import EvidenceSummary, FenceClaim, FenceDecision, FenceOutcome, HostRef
 from fencing.signing import DECISION, parse_keys, sign
+from streams.actuating import carry_out
 from streams.actuation import (
     ClaimLog,
     Forged,
@@ -298,7 +299,7 @@ def test_config_check_refuses_driver_fake_outside_the_lab(tmp_path: Path) -> Non
 def _runtime_for(bmc: Any, action: FenceAction) -> Any:
     from fencing.actuator import Actuator
     from fencing.settings import FencerSettings, IpmiSettings, RestartVia
-    from streams.records import Runtime
+    from streams.runtime import Runtime
 
     settings = FencerSettings.model_validate(
         {
@@ -320,7 +321,7 @@ async def test_a_reboot_is_never_repeated_blindly_after_a_dead_claimant(power: s
 
     d = decision(at=time.time(), action=FenceAction.REBOOT)
     with BmcSimulator(password="pw", power=power) as bmc:
-        out = await _runtime_for(bmc, FenceAction.REBOOT)._carry_out(d, takeover=True)
+        out = await carry_out(_runtime_for(bmc, FenceAction.REBOOT), d, takeover=True)
         assert bmc.power == power  # the takeover changed nothing
         changes = ("power_off", "power_on", "power_reset", "power_cycle", "power_shutdown")
         commands = {c for c in changes if bmc.count(c)}
@@ -340,6 +341,6 @@ async def test_a_stop_after_a_dead_claimant_powers_off_only_a_host_still_on() ->
     for power, offs in (("off", 0), ("on", 1)):
         d = decision(at=time.time())
         with BmcSimulator(password="pw", power=power) as bmc:
-            out = await _runtime_for(bmc, FenceAction.STOP)._carry_out(d, takeover=True)
+            out = await carry_out(_runtime_for(bmc, FenceAction.STOP), d, takeover=True)
             assert bmc.power == "off" and bmc.count("power_off") == offs
         assert out.success and out.verified and out.power_before == power

@@ -22,7 +22,10 @@ from fencing.records import (
 from fencing.settings import CloudStackSettings, FencerSettings, PolicySettings, SigningSettings
 from fencing.signing import DECISION, load_keyring, new_key_line, verify
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud
-from streams import records as wire
+from streams import gating
+from streams.codec import HostInput
+from streams.runtime import Runtime
+from streams.watch import apply
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,11 +36,11 @@ HOUR = 3600.0
 SIGNING = SigningSettings(keys=SecretStr(new_key_line("gate-test")))
 
 
-def runtime(**policy: Any) -> wire.Runtime:
+def runtime(**policy: Any) -> Runtime:
     settings = FencerSettings(
         policy=PolicySettings(**{"startup_quiet": 0, "fence_cap": 3, **policy}), signing=SIGNING
     )
-    return wire.Runtime(settings=settings, started_at=NOW - 1000)
+    return Runtime(settings=settings, started_at=NOW - 1000)
 
 
 def signed(d: FenceDecision) -> dict[str, Any]:
@@ -57,31 +60,31 @@ def proposal(n: int, at: float, cluster: str | None = "c1") -> FenceProposal:
     )
 
 
-def sized(table: dict[str, Any], rt: wire.Runtime, hosts: int = 20) -> None:
+def sized(table: dict[str, Any], rt: Runtime, hosts: int = 20) -> None:
     sig = GateSignal(kind="cluster_size", cluster_uuid="c1", at=NOW, host_count=hosts)
-    assert wire.apply_gate(table, sig, rt, now=NOW) is None
+    assert gating.apply_gate(table, sig, rt, now=NOW) is None
 
 
 def test_a_proposal_stamped_two_hours_ahead_is_refused_and_never_empties_the_window() -> None:
     rt, table = runtime(), {}
     sized(table, rt)
     for n in range(3):
-        d = wire.apply_gate(table, proposal(n, NOW + n), rt, now=NOW + n)
+        d = gating.apply_gate(table, proposal(n, NOW + n), rt, now=NOW + n)
         assert isinstance(d, FenceDecision) and d.approved and d.decided_at == NOW + n
     window = dict(table)
     ahead = proposal(7, NOW + 10 + 2 * HOUR)
-    notice = wire.apply_gate(table, ahead, rt, now=NOW + 10)
+    notice = gating.apply_gate(table, ahead, rt, now=NOW + 10)
     assert isinstance(notice, Notice)
     assert notice.kind is NoticeKind.CLOCK_SKEW and notice.decision_id == ahead.decision_id
     assert notice.at == NOW + 10 and "+7200 s" in (notice.reason or "")
     assert table["c1"]["grants"] == window["c1"]["grants"]
-    assert table[wire.GLOBAL_ROW]["grants"] == window[wire.GLOBAL_ROW]["grants"]
+    assert table[gating.GLOBAL_ROW]["grants"] == window[gating.GLOBAL_ROW]["grants"]
     # an honest proposal after it meets the full window: never more than 3 approvals
-    late = wire.apply_gate(table, proposal(8, NOW + 20), rt, now=NOW + 20)
+    late = gating.apply_gate(table, proposal(8, NOW + 20), rt, now=NOW + 20)
     assert isinstance(late, FenceDecision) and not late.approved
     assert late.withheld_reason is WithheldReason.CAP_REACHED and late.budget_used == 3
     # the same skewed proposal again in the same hour: the same notice id (receivers dedupe)
-    again = wire.apply_gate(table, ahead, rt, now=NOW + 30)
+    again = gating.apply_gate(table, ahead, rt, now=NOW + 30)
     assert isinstance(again, Notice) and again.notice_id == notice.notice_id
 
 
@@ -89,7 +92,7 @@ def test_the_gate_judges_at_its_own_clock_not_the_stamp() -> None:
     rt, table = runtime(), {}
     sized(table, rt)
     p = proposal(1, NOW - 250)  # a worker 250 s slow: within the tolerance
-    d = wire.apply_gate(table, p, rt, now=NOW)
+    d = gating.apply_gate(table, p, rt, now=NOW)
     assert isinstance(d, FenceDecision) and d.approved and d.decided_at == NOW
     assert table["c1"]["grants"][0]["at"] == NOW
 
@@ -98,8 +101,10 @@ def test_a_repeated_approval_is_sent_again_at_the_gate_clock() -> None:
     rt, table = runtime(), {}
     sized(table, rt)
     p = proposal(1, NOW)
-    first = wire.apply_gate(table, p, rt, now=NOW)
-    again = wire.apply_gate(table, p.model_copy(update={"proposed_at": NOW + 60}), rt, now=NOW + 61)
+    first = gating.apply_gate(table, p, rt, now=NOW)
+    again = gating.apply_gate(
+        table, p.model_copy(update={"proposed_at": NOW + 60}), rt, now=NOW + 61
+    )
     assert isinstance(first, FenceDecision) and isinstance(again, FenceDecision)
     # re-sent fresh (the actuator refuses old decisions), signed again by the gate
     assert signed(again) == {**signed(first), "decided_at": NOW + 61}
@@ -109,43 +114,43 @@ def test_a_repeated_approval_is_sent_again_at_the_gate_clock() -> None:
 def test_a_temporary_withhold_is_judged_again() -> None:
     rt, table = runtime(), {}
     p = proposal(1, NOW)
-    first = wire.apply_gate(table, p, rt, now=NOW)  # no cluster size yet
+    first = gating.apply_gate(table, p, rt, now=NOW)  # no cluster size yet
     assert isinstance(first, FenceDecision)
     assert first.withheld_reason is WithheldReason.CLUSTER_SIZE_UNKNOWN
     sized(table, rt)
-    again = wire.apply_gate(table, p, rt, now=NOW + 60)
+    again = gating.apply_gate(table, p, rt, now=NOW + 60)
     assert isinstance(again, FenceDecision) and again.approved and again.decided_at == NOW + 60
 
 
 def test_a_proposal_without_a_cluster_is_withheld_as_temporary_and_touches_no_row() -> None:
     rt, table = runtime(), {}
-    d = wire.apply_gate(table, proposal(1, NOW, cluster=None), rt, now=NOW)
+    d = gating.apply_gate(table, proposal(1, NOW, cluster=None), rt, now=NOW)
     assert isinstance(d, FenceDecision) and not d.approved
     assert d.withheld_reason is WithheldReason.CLUSTER_SIZE_UNKNOWN
     assert table == {}
     sig = GateSignal(kind="suspect", cluster_uuid="", at=NOW, host_uuid="h1")
-    assert wire.apply_gate(table, sig, rt, now=NOW) is None and table == {}
+    assert gating.apply_gate(table, sig, rt, now=NOW) is None and table == {}
 
 
 def test_a_suspect_waits_for_its_cluster_before_the_gate_counts_it() -> None:
     settings = FencerSettings(policy=PolicySettings(startup_quiet=0))
     topics = settings.kafka.topics
     policy = settings.policy.to_policy()
-    bare = wire.HostInput(HostDisconnected(NOW), HostRef(host_uuid="h1"))
-    row, out = wire.apply(None, bare, "h1", policy, settings, topics)
+    bare = HostInput(HostDisconnected(NOW), HostRef(host_uuid="h1"))
+    row, out = apply(None, bare, "h1", policy, settings, topics)
     assert row is not None
     gate_out = [o for o in out if o[0] == topics.fence_proposals]
     assert gate_out == []  # never a row named ""
     # the poller tells the cluster: the held-back suspect signal goes out now, once
-    known = wire.HostInput(HostDisconnected(NOW + 30), HostRef(host_uuid="h1", cluster_uuid="c1"))
-    row, out = wire.apply(row, known, "h1", policy, settings, topics)
+    known = HostInput(HostDisconnected(NOW + 30), HostRef(host_uuid="h1", cluster_uuid="c1"))
+    row, out = apply(row, known, "h1", policy, settings, topics)
     signals = [GateSignal.model_validate_json(v) for t, _, v in out if t == topics.fence_proposals]
     assert [(s.kind, s.cluster_uuid, s.host_uuid) for s in signals] == [("suspect", "c1", "h1")]
     assert row is not None
-    _, out = wire.apply(row, known, "h1", policy, settings, topics)
+    _, out = apply(row, known, "h1", policy, settings, topics)
     assert [o for o in out if o[0] == topics.fence_proposals] == []
     # a host whose cluster is known from the start: one suspect signal, as before
-    _, out = wire.apply(None, known, "h2", policy, settings, topics)
+    _, out = apply(None, known, "h2", policy, settings, topics)
     assert len([o for o in out if o[0] == topics.fence_proposals]) == 1
 
 
@@ -162,7 +167,7 @@ async def test_the_poller_counts_only_enabled_hosts_for_the_storm_guard() -> Non
     sc.add_host(c2, "only-disabled", "10.0.1.10", resourcestate="Disabled")
     sim = CloudStackSimulator(sc)
     await sim.start()
-    rt = wire.Runtime(
+    rt = Runtime(
         settings=FencerSettings(
             cloudstack=CloudStackSettings(
                 endpoint=sim.url,
@@ -173,7 +178,7 @@ async def test_the_poller_counts_only_enabled_hosts_for_the_storm_guard() -> Non
         started_at=time.time(),
     )
     try:
-        _, sizes = await rt.poll_hosts()
+        _, sizes = await rt.poller.poll()
     finally:
         await rt.close()
         await sim.stop()

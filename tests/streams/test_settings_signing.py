@@ -17,8 +17,8 @@ from fencing.settings import ClusterSettings, IpmiOverrides, SigningSettings
 from fencing.signing import parse_keys, write_keys_file
 from lab.pipeline import Tap
 from streams.kafka import aiokafka_kwargs
-from webui.settings_store import SettingsStore
-from webui.topic_reader import TopicReader
+from streams.settings_store import SettingsStore
+from streams.topic_reader import TopicReader
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -31,7 +31,7 @@ from fencing.settings import FencerSettings, TopicNames
 from lab.bmc import BmcSimulator
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud
 from streams.broker import EmbeddedBroker, free_port
-from webui.settings_store import generate_secrets_key
+from streams.settings_store import generate_secrets_key
 
 REPO = Path(__file__).resolve().parents[2]
 BMC_PASSWORD = "bmc-Secret-4711"  # a known secret: no response may ever contain it

@@ -22,7 +22,7 @@ from fencing.records import (
     ProbeResult,
 )
 from fencing.settings import FencerSettings
-from webui.settings_store import SettingsStore
+from streams.settings_store import SettingsStore
 
 pytestmark = pytest.mark.timeout(60)
 

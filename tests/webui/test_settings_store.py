@@ -18,7 +18,7 @@ from fencing.settings import (
     IpmiOverrides,
     TopicNames,
 )
-from webui.settings_store import SecretsKeyMissing, SettingsStore, SettingsStoreError
+from streams.settings_store import SecretsKeyMissing, SettingsStore, SettingsStoreError
 
 pytestmark = pytest.mark.timeout(60)
 

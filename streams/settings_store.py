@@ -54,7 +54,7 @@ from fencing.signing import (
     verify_bytes,
 )
 from streams.kafka import aiokafka_kwargs, ensure_topics, prepare_kafka
-from webui.topic_reader import TopicReader
+from streams.topic_reader import TopicReader
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,247 @@
+"""What the actuate and operator agents do with the runtime's services.
+
+Rule: a BMC is driven only for a decision fencer's gate signed, that is fresh, backed by fencer's
+own host record, confirmed by CloudStack now and claimed once (the checks are
+streams.actuation; the BMC calls fencing.actuator), or for an operator's retry that CloudStack
+still confirms. Every outcome is stored in the `actuated` table (streams.tables).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from fencing.events import FenceAction, NoticeKind
+from fencing.records import FenceDecision, FenceOutcome, HostRef, Notice, OperatorAction
+from fencing.settings import FencerSettings
+from streams.codec import Out, dead_letter, dump
+from streams.tables import done_entry, failed_fence
+
+if TYPE_CHECKING:
+    from streams.runtime import Runtime
+
+log = logging.getLogger("fencer.streams")
+
+
+async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) -> list[Out]:
+    """A fence-decisions record -> what to send: the outcome (and a notice), or nothing.
+
+    Only a decision fencer's gate signed, fresh, backed by fencer's own host record,
+    confirmed by CloudStack now and claimed once is carried out (streams.actuation)."""
+    from streams.actuation import (
+        Forged,
+        NotNow,
+        forged_notice,
+        read_decision,
+        refusal,
+        refused_notice,
+    )
+
+    topics = rt.settings.kafka.topics
+    act = await rt.actuation()
+    parsed = read_decision(act.ring, message)
+    if isinstance(parsed, Forged):
+        log.error(
+            "REFUSED a fence-decisions record fencer did not sign (%s partition %s offset %s, "
+            "names host %s): %s",
+            message.topic,
+            message.partition,
+            message.offset,
+            parsed.claimed_host,
+            parsed.reason,
+        )
+        notice = forged_notice(message, parsed, time.time())
+        return [
+            (topics.notices, notice.host.host_uuid.encode(), dump(notice)),
+            (topics.dead_letter, b"", dead_letter(message, f"forged record: {parsed.reason}")),
+        ]
+    decision = parsed
+    if not decision.approved:
+        return []
+    key = decision.host.host_uuid
+    actuator = rt.actuator()
+    live = await rt.live()
+    actuator.settings = live
+    pins = await rt.bmc_pins()
+    actuator.pins = pins
+    actuator.announce = getattr(pins, "send_notice", None)
+    done = dict(table.get(key) or {})
+    first = done.get(decision.decision_id)
+    claimed = act.claims.done(decision.decision_id)
+    if first is None and claimed is not None and claimed.outcome is not None:
+        first = claimed.outcome
+    if first is not None:
+        log.info("decision %s already carried out: not acting again", decision.decision_id)
+        return [(topics.fence_outcomes, key.encode(), dump(FenceOutcome.model_validate(first)))]
+    try:
+        await act.last_moment(decision, live)
+
+        async def run(takeover: bool) -> FenceOutcome:
+            if takeover:
+                # Time passed while the dead claimant's lease ran out: ask again.
+                await act.last_moment(decision, live, fresh=False)
+            return await carry_out(rt, decision, takeover)
+
+        outcome, _acted = await act.claims.run_once(decision, live.actuator.claim_lease, run)
+    except NotNow as exc:
+        now = time.time()
+        log.warning(
+            "host %s: decision %s REFUSED at the last moment: %s",
+            decision.host.host_name or key,
+            decision.decision_id,
+            exc,
+        )
+        n = refused_notice(decision, str(exc), now)
+        return [
+            (topics.fence_outcomes, key.encode(), dump(refusal(decision, str(exc), now))),
+            (topics.notices, key.encode(), dump(n)),
+        ]
+    done = dict(table.get(key) or {})  # other decisions may have finished meanwhile
+    done[decision.decision_id] = done_entry(decision, outcome)
+    table[key] = done
+    return [(topics.fence_outcomes, key.encode(), dump(outcome))]
+
+
+async def operator_action(
+    rt: Runtime, action: OperatorAction, table: MutableMapping[str, Any], key: str
+) -> FenceOutcome | None:
+    """An operator's retry (runs the failed decision again; the new outcome) or handled
+    (stops the reminders; None)."""
+    target = failed_fence(dict(table.get(key) or {}), action.decision_id)
+    if target is None:
+        log.warning(
+            "operator %s for host %s: no failed fence %s to act on",
+            action.kind,
+            key,
+            action.decision_id or "(latest)",
+        )
+        return None
+    decision_id, entry = target
+    if action.kind == "handled":
+        row = dict(table.get(key) or {})
+        row[decision_id] = {**entry, "handled_at": action.at, "handled_by": action.by}
+        table[key] = row
+        log.info("fence %s marked handled by %s", decision_id, action.by or "an operator")
+        return None
+    if "decision" not in entry:
+        log.warning("fence %s cannot be retried: its decision was not kept", decision_id)
+        return None
+    decision = FenceDecision.model_validate(entry["decision"])
+    actuator = rt.actuator()
+    actuator.settings = await rt.live()
+    log.info("fence %s retried by %s", decision_id, action.by or "an operator")
+    from streams.actuation import NotNow, operator_checks, refusal
+
+    try:
+        # The operator is the authority on age and evidence; CloudStack must still agree.
+        await operator_checks(decision, actuator.settings, lambda h: rt.inventory().host(h))
+        outcome: FenceOutcome | None = await actuator.handle(decision, again=True)
+    except NotNow as exc:
+        log.warning("fence %s: operator retry refused: %s", decision_id, exc)
+        return refusal(decision, str(exc), time.time())
+    if outcome is not None:
+        row = dict(table.get(key) or {})
+        row[decision_id] = {**done_entry(decision, outcome), "retried_by": action.by}
+        table[key] = row
+    return outcome
+
+
+async def carry_out(rt: Runtime, decision: FenceDecision, takeover: bool) -> FenceOutcome:
+    """The BMC action; after a dead claimant, read the power first (never reboot twice)."""
+    actuator = rt.actuator()
+    if not takeover or decision.action is not FenceAction.REBOOT:
+        # The engine reads power first: a stop finds a host already off and calls it fenced.
+        outcome: FenceOutcome = await actuator.handle(decision)
+        return outcome
+    from fencing.actuator import check_host
+
+    live = actuator.settings
+    read = await check_host(live, decision.host.host_uuid, decision.host.cluster_uuid)
+    if read.power == "off":
+        stop = decision.model_copy(update={"action": FenceAction.STOP})
+        outcome = await actuator.handle(stop)
+        return outcome.model_copy(update={"action": decision.action})
+    now = time.time()
+    return FenceOutcome(
+        decision_id=decision.decision_id,
+        host=decision.host,
+        episode=decision.episode,
+        action=decision.action,
+        driver=read.driver,
+        success=False,
+        power_before=read.power,
+        power_after=read.power,
+        started_at=now,
+        finished_at=now,
+        attempts=0,
+        error=(
+            f"a claimant died during this reboot and the power reads {read.power or 'unknown'}:"
+            " a reboot is never repeated blindly; an operator must check the host"
+        ),
+    )
+
+
+async def preflight(rt: Runtime) -> list[Notice]:
+    """A PREFLIGHT_FAILED notice for each host whose BMC would not answer a fence now, a
+    BMC_IDENTITY_CHANGED one for each BMC whose system GUID is not the pinned one (at most
+    one per host per day: the notice id carries the day). GUIDs are pinned on first read."""
+    from fencing.actuator import preflight
+    from fencing.identity import IdentityCheck, identity_notice
+
+    try:
+        hosts = await rt.inventory()._list("listHosts", type="Routing", hypervisor="KVM")
+    except Exception as exc:
+        log.warning("pre-flight: cannot list hosts: %s", exc)
+        return []
+    live = await rt.live()
+    refs = {
+        h["id"]: HostRef(
+            host_uuid=h["id"],
+            host_name=h.get("name"),
+            cluster_uuid=h.get("clusterid"),
+            zone_uuid=h.get("zoneid"),
+        )
+        for h in hosts
+        if live.effective_ipmi(h["id"], h.get("clusterid")).address
+    }
+    pins = await rt.bmc_pins()
+    results = await preflight(live, list(refs.values()), pins=pins)
+    day = int(time.time() // 86400)
+    return [
+        identity_notice(
+            IdentityCheck(r.host_uuid, "changed", guid=r.guid, reason=r.error),
+            refs[r.host_uuid],
+            r.checked_at,
+        )
+        if r.identity == "changed"
+        else Notice(
+            notice_id=f"{r.host_uuid}/preflight/{day}",
+            kind=NoticeKind.PREFLIGHT_FAILED,
+            host=refs[r.host_uuid],
+            at=r.checked_at,
+            reason=r.error or r.detail or "the BMC did not answer",
+        )
+        for r in results
+        if not r.ok
+    ]
+
+
+async def send_operator_action(settings: FencerSettings, action: OperatorAction) -> None:
+    """Write an operator's retry or handled record to its topic (CLI and web UI)."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.kafka import aiokafka_kwargs, prepare_kafka
+
+    prepare_kafka(settings)
+    producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            settings.kafka.topics.operator_actions,
+            key=action.host_uuid.encode(),
+            value=dump(action),
+        )
+    finally:
+        await producer.stop()

@@ -1,0 +1,182 @@
+"""The gate's shell: the gates table's rows to and from the core's gate state.
+
+Rule: `fencing.gate.observe` and `fencing.gate.decide` decide; this module loads the cluster's
+and the shared row, applies the live pauses and cap, stores the new rows and returns the signed
+decision (or a clock_skew notice). Rows are ClusterGate / GlobalGate as JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import MutableMapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from fencing import decision as core
+from fencing import gate as gatecore
+from fencing.events import FenceAction, NoticeKind, WithheldReason
+from fencing.records import FenceDecision, FenceProposal, GateSignal, Notice
+
+if TYPE_CHECKING:
+    from streams.runtime import Runtime
+
+log = logging.getLogger("fencer.streams")
+
+GLOBAL_ROW = "*"  # the gate table's row that every cluster shares
+
+
+def _grant(d: dict[str, Any]) -> gatecore.Grant:
+    return gatecore.Grant(d["decision_id"], d["host"], d["cluster"], d["at"])
+
+
+def _verdict(d: dict[str, Any]) -> gatecore.Verdict:
+    return gatecore.Verdict(
+        **{
+            **d,
+            "action": FenceAction(d["action"]),
+            "reason": WithheldReason(d["reason"]) if d.get("reason") else None,
+        }
+    )
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, frozenset):
+        return sorted(obj)
+    if isinstance(obj, tuple):
+        return [_jsonable(x) for x in obj]
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: _jsonable(getattr(obj, k)) for k in obj.__dataclass_fields__}
+    if hasattr(obj, "value") and not isinstance(obj, int | float | str):
+        return obj.value
+    if obj == float("-inf"):
+        return None
+    return obj
+
+
+def cluster_row(d: dict[str, Any] | None, cluster: str) -> gatecore.ClusterGate:
+    """The gate table's row for one cluster."""
+    if not d:
+        return gatecore.ClusterGate(cluster=cluster)
+    return gatecore.ClusterGate(
+        cluster=cluster,
+        hosts=d.get("hosts", 0),
+        suspect=frozenset(d.get("suspect", ())),
+        paused=d.get("paused", False),
+        clock=d["clock"] if d.get("clock") is not None else float("-inf"),
+        grants=tuple(_grant(g) for g in d.get("grants", ())),
+        verdicts=tuple(_verdict(v) for v in d.get("verdicts", ())),
+    )
+
+
+def global_row(d: dict[str, Any] | None) -> gatecore.GlobalGate:
+    """The gate table's shared row."""
+    if not d:
+        return gatecore.GlobalGate()
+    return gatecore.GlobalGate(
+        paused=d.get("paused", False),
+        clock=d["clock"] if d.get("clock") is not None else float("-inf"),
+        grants=tuple(_grant(g) for g in d.get("grants", ())),
+    )
+
+
+def apply_gate(
+    table: MutableMapping[str, Any],
+    item: FenceProposal | GateSignal,
+    runtime: Runtime,
+    now: float | None = None,
+) -> FenceDecision | Notice | None:
+    """Feed the gate one record at the gate worker's clock `now`: the decision for a proposal,
+    a clock_skew notice for a proposal the gate refuses to judge, else None."""
+    now = time.time() if now is None else now
+    if isinstance(item, GateSignal):
+        if not item.cluster_uuid:
+            log.warning("gate: a %s signal without a cluster dropped", item.kind)
+            return None
+        row = cluster_row(table.get(item.cluster_uuid), item.cluster_uuid)
+        fact: gatecore.GateFact
+        if item.kind == "cluster_size":
+            fact = gatecore.ClusterSized(item.host_count or 0)
+        elif item.kind == "suspect":
+            fact = gatecore.HostSuspected(item.host_uuid or "")
+        else:
+            fact = gatecore.HostCleared(item.host_uuid or "")
+        table[item.cluster_uuid] = _jsonable(gatecore.observe(row, fact))
+        return None
+    settings = runtime.current
+    cluster = item.host.cluster_uuid
+    if not cluster:
+        # No cluster row to judge against: a temporary withhold, proposed again later.
+        log.warning("gate: %s names no cluster: withheld until it is known", item.decision_id)
+        return _decision(item, False, WithheldReason.CLUSTER_SIZE_UNKNOWN, now, 0, 0)
+    row = cluster_row(table.get(cluster), cluster)
+    row = gatecore.observe(row, gatecore.ClusterPaused(runtime.cluster_paused(cluster)))
+    glob = gatecore.pause_all(global_row(table.get(GLOBAL_ROW)), runtime.globally_paused())
+    policy = replace(runtime.policy, fence_cap=settings.fence_cap_for(cluster))
+    ctx = gatecore.GateContext(
+        policy=policy,
+        started_at=runtime.started_at,
+        clock_tolerance=settings.gate.clock_tolerance,
+    )
+    request = gatecore.FenceRequest(
+        item.decision_id, item.host.host_uuid, cluster, item.action, item.proposed_at
+    )
+    try:
+        row, glob, verdict = gatecore.decide(row, glob, request, ctx, now)
+    except core.CoreError as exc:
+        log.warning("gate refused %s: %s", item.decision_id, exc)
+        return None
+    table[cluster] = _jsonable(row)
+    table[GLOBAL_ROW] = _jsonable(glob)
+    if verdict.skew is not None:
+        tolerance = ctx.clock_tolerance
+        text = (
+            f"proposal {item.decision_id} is stamped {verdict.skew:+.0f} s from the gate's clock "
+            f"(tolerance {tolerance:g} s): not judged; fix the clock (NTP) of the worker that "
+            "watches this host, the proposal is judged once it is sent with a sane stamp"
+        )
+        log.warning("gate: %s", text)
+        return Notice(
+            # One notice per decision and tolerance period: repeated while the skew lasts.
+            notice_id=f"{item.decision_id}/clock_skew/{int(now // tolerance)}",
+            kind=NoticeKind.CLOCK_SKEW,
+            host=item.host,
+            at=now,
+            action=item.action,
+            decision_id=item.decision_id,
+            reason=text,
+            evidence=item.evidence,
+        )
+    # The actuator obeys only signed decisions.
+    return runtime.sign_decision(
+        _decision(
+            item,
+            verdict.approved,
+            verdict.reason,
+            verdict.at,
+            verdict.budget_used,
+            verdict.budget_cap,
+        )
+    )
+
+
+def _decision(
+    item: FenceProposal,
+    approved: bool,
+    reason: WithheldReason | None,
+    at: float,
+    used: int,
+    cap: int,
+) -> FenceDecision:
+    return FenceDecision(
+        decision_id=item.decision_id,
+        host=item.host,
+        episode=item.episode,
+        action=item.action,
+        approved=approved,
+        withheld_reason=reason,
+        evidence=item.evidence,
+        decided_at=at,
+        budget_used=used,
+        budget_cap=cap,
+    )

@@ -1,0 +1,237 @@
+"""The long-lived services the topology's agents share, each built on first use.
+
+Rule: a role that does not need a service never opens it. Runtime holds the settings store (the
+live settings), the inventory, the poller and event-bus ingest (sharing one HostDirectory), the
+probes, the signing keys, the actuator and its last-moment checks, the BMC pins and the
+notifier; what the actuate and operator agents do with them is streams.actuating.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fencing.policy import Policy
+from fencing.records import FenceDecision, FenceOutcome, Notice, ProbeRequest, ProbeResult
+from fencing.settings import FencerSettings
+from streams.ingest import Ingest
+from streams.poller import HostDirectory, Poller
+from streams.tables import RowStore, reminders
+from streams.watch import WORKER_ID
+
+log = logging.getLogger("fencer.streams")
+
+
+@dataclass
+class Runtime:
+    """Long-lived clients the agents share: CloudStack, SSH probes, BMCs, mail and traps."""
+
+    settings: FencerSettings
+    started_at: float
+    _probes: Any = None
+    _actuator: Any = None
+    _notifier: Any = None
+    _inventory: Any = None
+    # listHosts and the event bus share what they learn about hosts (uuid -> cluster, name -> uuid)
+    directory: HostDirectory = field(default_factory=HostDirectory)
+    poller: Poller = field(init=False)
+    ingest: Ingest = field(init=False)
+
+    _store: Any = None
+    _store_failed: bool = False
+    _keyring: Any = None
+    _actuation: Any = None
+    # async (Notice) -> None, set by the topology: how the actuator's notices reach the topic
+    notice_sink: Any = None
+    _reminded: set[str] = field(default_factory=set)
+    _pins: Any = None  # streams.bmc_pins.BmcPinStore once it has read the topic
+
+    def __post_init__(self) -> None:
+        self.poller = Poller(self.inventory, self.directory)
+        self.ingest = Ingest(self.inventory, self.directory)
+
+    @property
+    def policy(self) -> Policy:
+        return self.settings.policy.to_policy()
+
+    async def live(self) -> FencerSettings:
+        """The file's settings overlaid with the settings topic (what the UI changed)."""
+        if self._store is None and not self._store_failed:
+            from streams.settings_store import SettingsStore
+
+            store = SettingsStore(self.settings, keyring=self.keyring())
+            try:
+                await store.start(within=15.0)
+                self._store = store
+            except Exception as exc:
+                log.warning("settings topic unreadable, using the settings file only: %s", exc)
+                self._store_failed = True
+        return self._store.settings if self._store is not None else self.settings
+
+    @property
+    def current(self) -> FencerSettings:
+        """The live settings once read, else the file's."""
+        return self._store.settings if self._store is not None else self.settings
+
+    def cluster_paused(self, cluster: str) -> bool:
+        if self._store is not None:
+            return bool(self._store.is_paused(cluster))
+        c = self.settings.clusters.get(cluster)
+        return bool(c and c.paused)
+
+    def globally_paused(self) -> bool:
+        return bool(self._store.is_paused(None)) if self._store is not None else False
+
+    def inventory(self) -> Any:
+        if self._inventory is None:
+            from probes.inventory import Inventory
+
+            self._inventory = Inventory(self.settings)
+        return self._inventory
+
+    async def run_probe(self, request: ProbeRequest) -> ProbeResult:
+        """One storage-activity check."""
+        if self._probes is None:
+            from probes.service import ProbeService
+
+            self._probes = ProbeService(self.settings, inventory=self.inventory())
+        result: ProbeResult = await self._probes.run(request)
+        return result
+
+    def keyring(self) -> Any:
+        """The signing keys (fencing.signing.Keyring); KeyringError names the setting if none."""
+        if self._keyring is None:
+            from fencing.signing import load_keyring
+
+            self._keyring = load_keyring(self.settings)
+        return self._keyring
+
+    def decision_is_signed(self, message: Any, required: bool = True) -> bool:
+        """Whether a fence-decisions record carries the gate's signature (when not `required`
+        and this worker holds no key, it cannot tell and says yes)."""
+        from fencing.signing import DECISION, KeyringError, SignatureError, verify_bytes
+
+        try:
+            ring = self.keyring()
+        except KeyringError:
+            if required:
+                raise
+            return True
+        try:
+            verify_bytes(ring, DECISION, message.value)
+        except SignatureError:
+            return False
+        return True
+
+    def sign_decision(self, decision: FenceDecision) -> FenceDecision:
+        """The decision with the gate's signature."""
+        from fencing.signing import DECISION, sign
+
+        signed = sign(self.keyring(), DECISION, decision.model_dump(mode="json"))
+        return FenceDecision.model_validate(signed)
+
+    async def start_actuation(self) -> None:
+        """Start reading what the actuator's checks need (host states, claims); retried on use."""
+        try:
+            await self.actuation()
+        except Exception as exc:
+            log.warning("actuate: cannot read the host-states or fence-claims topic yet: %s", exc)
+
+    async def actuation(self) -> Any:
+        """The actuator's last-moment checks (streams.actuation.Actuation), started once."""
+        if self._actuation is None:
+            from streams.actuation import Actuation
+
+            act = Actuation(
+                self.settings, self.keyring(), WORKER_ID, lambda h: self.inventory().host(h)
+            )
+            await act.start()
+            self._actuation = act
+        return self._actuation
+
+    def actuator(self) -> Any:
+        """The BMC actuator (fencing.actuator.Actuator); its notices go to `emit_notice`."""
+        if self._actuator is None:
+            from fencing.actuator import Actuator
+
+            self._actuator = Actuator(self.settings, notify=self.emit_notice)
+        return self._actuator
+
+    def due_reminders(self, rows: Iterable[tuple[str, Any]], now: float) -> list[Notice]:
+        """The fence_failed reminders due now that this worker has not sent yet (after a
+        restart one may go out again: the same id, dropped by the notify table)."""
+        every = self.current.actuator.renotify_interval
+        due = [n for n in reminders(rows, now, every) if n.notice_id not in self._reminded]
+        self._reminded.update(n.notice_id for n in due)
+        return due
+
+    async def emit_notice(self, notice: Notice) -> None:
+        """Send a notice the actuator raised (VMs still down, ...) to the notices topic."""
+        if self.notice_sink is None:
+            log.error("notice %s (%s) has nowhere to go", notice.notice_id, notice.kind.value)
+            return
+        await self.notice_sink(notice)
+
+    async def bmc_pins(self) -> Any:
+        """The BMC pin store (topic bmc-pins), or one that refuses every fence while the topic
+        cannot be read: a BMC whose identity cannot be checked is not used (fencing.identity)."""
+        if self._pins is not None:
+            return self._pins
+        from fencing.identity import PinStoreError
+        from streams.bmc_pins import BmcPinStore
+
+        store = BmcPinStore(self.settings)
+        try:
+            await store.start(within=15.0)
+        except PinStoreError as exc:
+            log.warning("BMC pins unreadable, fences refused until they are: %s", exc)
+            return _UnreadablePins(str(exc))
+        self._pins = store
+        return store
+
+    async def notify(
+        self,
+        record: FenceDecision | FenceOutcome | Notice,
+        table: MutableMapping[str, Any],
+        key: str,
+    ) -> None:
+        """Deliver a record's notification before returning (so the offset is committed after
+        delivery): marked in the table per channel once its peer accepted it, at least once."""
+        if self._notifier is None:
+            from notifiers.service import Notifier
+
+            self._notifier = Notifier.from_settings(self.settings)
+        await self._notifier.deliver(record, RowStore(table, key), forever=True)
+
+    async def close(self) -> None:
+        """Close every client."""
+        if self._store is not None:
+            await self._store.stop()
+        if self._actuation is not None:
+            await self._actuation.stop()
+        if self._pins is not None:
+            await self._pins.stop()
+        for service in (self._probes, self._inventory):
+            if service is not None:
+                await service.close()
+        if self._notifier is not None:
+            await self._notifier.drain(grace=5)
+
+
+class _UnreadablePins:
+    """A pin store that cannot be read: every identity check through it is refused."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def get(self, host_uuid: str) -> Any:
+        from fencing.identity import PinStoreError
+
+        raise PinStoreError(self.reason)
+
+    async def put(self, pin: Any) -> None:
+        from fencing.identity import PinStoreError
+
+        raise PinStoreError(self.reason)

@@ -1,0 +1,93 @@
+"""The Faust tables' rows as the stores the services use.
+
+Rule: a row is read and written whole (each write is one changelog record, durable once set);
+the `actuated` table (host uuid -> {decision id: outcome and decision}) says which fences
+failed and which reminders are due, the `notified` table is the notifier's idempotency store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+from fencing.events import NoticeKind
+from fencing.records import FenceDecision, FenceOutcome, Notice
+
+
+def done_entry(decision: FenceDecision, outcome: FenceOutcome) -> dict[str, Any]:
+    """An `actuated` table entry: the outcome, and the decision (an operator may retry it)."""
+    return {**outcome.model_dump(mode="json"), "decision": decision.model_dump(mode="json")}
+
+
+def failed_fence(
+    row: dict[str, Any], decision_id: str | None = None
+) -> tuple[str, dict[str, Any]] | None:
+    """The host's failed fence: the named decision, else the latest one if it failed."""
+    entries = {k: v for k, v in row.items() if isinstance(v, dict) and "success" in v}
+    if decision_id is None and entries:
+        decision_id = max(entries, key=lambda k: entries[k].get("finished_at") or 0.0)
+    entry = entries.get(decision_id or "")
+    if entry is None or entry.get("success"):
+        return None
+    return decision_id or "", entry
+
+
+def reminders(rows: Iterable[tuple[str, Any]], now: float, interval: float) -> list[Notice]:
+    """A fence_failed notice for each host whose latest fence failed and that no operator has
+    retried or marked handled: one per `interval` since the failure, each with its own id."""
+    out: list[Notice] = []
+    for host, row in rows:
+        target = failed_fence(dict(row or {}))
+        if target is None or target[1].get("handled_at") is not None:
+            continue
+        decision_id, entry = target
+        o = FenceOutcome.model_validate(entry)
+        n = int((now - o.finished_at) // interval)
+        if n < 1:
+            continue
+        minutes = (now - o.finished_at) / 60
+        out.append(
+            Notice(
+                notice_id=f"{decision_id}/fence_failed/{o.started_at:.0f}/{n}",
+                kind=NoticeKind.FENCE_FAILED,
+                host=o.host,
+                at=now,
+                action=o.action,
+                decision_id=decision_id,
+                result=f"reminder {n}: not handled for {minutes:.0f} min",
+                reason=(
+                    f"the fence failed and nobody has acted: {o.error or 'no reason given'}; "
+                    f"`fencer fence retry {host}` runs it again, `fencer fence handled {host}` "
+                    "stops these reminders (or the buttons in the web UI)"
+                ),
+            )
+        )
+    return out
+
+
+class RowStore(MutableMapping[str, float]):
+    """One key of a Faust table as a mapping: each write stores the whole row (a changelog
+    record), so a mark is durable as soon as it is set."""
+
+    def __init__(self, table: MutableMapping[str, Any], key: str) -> None:
+        self.table, self.key = table, key
+
+    def _row(self) -> dict[str, float]:
+        return dict(self.table.get(self.key) or {})
+
+    def __getitem__(self, k: str) -> float:
+        return self._row()[k]
+
+    def __setitem__(self, k: str, v: float) -> None:
+        self.table[self.key] = {**self._row(), k: v}
+
+    def __delitem__(self, k: str) -> None:
+        row = self._row()
+        del row[k]
+        self.table[self.key] = row
+
+    def __iter__(self) -> Any:
+        return iter(self._row())
+
+    def __len__(self) -> int:
+        return len(self._row())

@@ -1,0 +1,166 @@
+"""The host watcher's shell: one host's table row stepped by one core event.
+
+Rule: `fencing.decision.step` decides; this module only loads the row, calls it with the live
+settings and turns its actions into topic records (probe requests, proposals, gate signals,
+notices). A row is {"record": HostRecord.to_dict(), "host": HostRef}.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from fencing import decision as core
+from fencing.events import ClearSuspect, MarkSuspect, Notify, ProposeFence, RunProbe
+from fencing.policy import Policy
+from fencing.records import (
+    EvidenceSummary,
+    FenceProposal,
+    GateSignal,
+    HostRef,
+    HostSignal,
+    HostStateRecord,
+    Notice,
+    ProbeRequest,
+)
+from fencing.settings import FencerSettings
+from streams.codec import HostInput, Out, dump
+
+log = logging.getLogger("fencer.streams")
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _merge_ref(old: HostRef | None, new: HostRef | None) -> HostRef | None:
+    if old is None or new is None:
+        return new or old
+    known = {k: v for k, v in new.model_dump().items() if v is not None}
+    return old.model_copy(update=known)
+
+
+def wants_tick(row: dict[str, Any]) -> bool:
+    """Whether the host's record has an open episode (ticks check, re-send and remind)."""
+    state = row.get("record", {}).get("state")
+    return state not in (None, core.HostState.IDLE.value, core.HostState.MAINTENANCE.value)
+
+
+def tick(row: dict[str, Any], now: float) -> HostSignal:
+    """A tick for this row's host."""
+    return HostSignal(kind="tick", host=HostRef(**row["host"]), at=now, source="timer")
+
+
+def apply(
+    row: dict[str, Any] | None,
+    item: HostInput,
+    key: str,
+    policy: Policy,
+    settings: FencerSettings,
+    topics: Any,
+) -> tuple[dict[str, Any] | None, list[Out]]:
+    """Step the host's record with one event; the new row and the records to send."""
+    record = core.HostRecord.from_dict(row["record"]) if row else core.HostRecord(host=key)
+    old_ref = HostRef(**row["host"]) if row and row.get("host") else None
+    ref = _merge_ref(old_ref, item.ref) or HostRef(host_uuid=key)
+    policy = settings.policy_for(ref.cluster_uuid)  # the live settings, cluster overrides applied
+    try:
+        new, actions = core.step(record, item.event, policy)
+    except core.CoreError as exc:
+        log.warning("host %s: %s ignored: %s", ref.host_name or key, type(item.event).__name__, exc)
+        new, actions = record, ()
+    if row is None and new == record and not actions:
+        return None, []  # nothing worth remembering about a host we never saw in trouble
+    out: list[Out] = []
+    hkey = key.encode()
+    ckey = (ref.cluster_uuid or "").encode()
+    at = getattr(item.event, "at", time.time())
+    for action in actions:
+        if isinstance(action, RunProbe):
+            req = ProbeRequest(
+                host=ref,
+                episode=action.episode,
+                check=action.check,
+                suspect_since=action.suspect_since,
+                requested_at=at,
+                requested_by=WORKER_ID,
+            )
+            out.append((topics.probe_requests, hkey, dump(req)))
+        elif isinstance(action, ProposeFence):
+            fence = settings.effective_ipmi(key, ref.cluster_uuid).values.action
+            prop = FenceProposal(
+                decision_id=action.decision_id,
+                host=ref,
+                episode=action.episode,
+                action=fence,
+                evidence=EvidenceSummary(
+                    suspect_since=action.suspect_since,
+                    stale_checks=action.stale_checks,
+                    newest_write=action.newest_write,
+                    files_checked=action.files_checked,
+                    last_neighbour=action.neighbour,
+                ),
+                proposed_at=at,
+            )
+            out.append((topics.fence_proposals, ckey, dump(prop)))
+        elif isinstance(action, MarkSuspect | ClearSuspect):
+            kind = "suspect" if isinstance(action, MarkSuspect) else "cleared"
+            if not ref.cluster_uuid:
+                # Never counted under a cluster "": sent once the inventory knows the cluster.
+                log.info("host %s: cluster not known yet, the gate hears of it later", key)
+                continue
+            sig = GateSignal(kind=kind, cluster_uuid=ref.cluster_uuid, at=action.at, host_uuid=key)
+            out.append((topics.fence_proposals, ckey, dump(sig)))
+        elif isinstance(action, Notify):
+            details = dict(action.details)
+            notice = Notice(
+                notice_id=f"{key}/{action.episode}/{action.kind.value}/{at:.3f}",
+                kind=action.kind,
+                host=ref,
+                at=at,
+                reason=details.get("reason") or details.get("ended_by"),
+                result=details.get("state"),
+                evidence=_evidence_of(new),
+            )
+            out.append((topics.notices, hkey, dump(notice)))
+    out.extend(_late_suspect(old_ref, ref, new, key, at, topics))
+    return {"record": new.to_dict(), "host": ref.model_dump()}, out
+
+
+def judged_check(before: dict[str, Any] | None, row: dict[str, Any]) -> str | None:
+    """The evidence of the check the core just judged, if this row change judged one."""
+    new, old = row["record"], (before or {}).get("record", {})
+    judged = (new.get("episode"), new.get("last_check"), new.get("last_probe_at"))
+    if judged == (old.get("episode"), old.get("last_check"), old.get("last_probe_at")):
+        return None
+    return str(new.get("last_evidence")) if new.get("last_evidence") else None
+
+
+def _late_suspect(
+    old: HostRef | None, ref: HostRef, record: core.HostRecord, key: str, at: float, topics: Any
+) -> list[Out]:
+    """The gate's `suspect` signal held back while the host's cluster was unknown."""
+    episode_open = record.state not in (core.HostState.IDLE, core.HostState.MAINTENANCE)
+    if not episode_open or not ref.cluster_uuid or old is None or old.cluster_uuid:
+        return []  # (a new row's MarkSuspect already went out with its cluster)
+    sig = GateSignal(kind="suspect", cluster_uuid=ref.cluster_uuid, at=at, host_uuid=key)
+    return [(topics.fence_proposals, ref.cluster_uuid.encode(), dump(sig))]
+
+
+def host_state(row: dict[str, Any]) -> bytes:
+    """The host-states record of a hosts-table row."""
+    ref = HostRef(**row["host"])
+    return dump(HostStateRecord(host=ref, record=row["record"], updated_at=time.time()))
+
+
+def _evidence_of(r: core.HostRecord) -> EvidenceSummary | None:
+    if r.suspect_since is None:
+        return None
+    return EvidenceSummary(
+        suspect_since=r.suspect_since,
+        stale_checks=r.stale_count,
+        newest_write=r.newest_write,
+        files_checked=r.files_checked,
+        last_neighbour=r.neighbour,
+    )
