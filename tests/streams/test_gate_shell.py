@@ -4,7 +4,9 @@ the cluster's Enabled hosts as CloudStack's simulator lists them."""
 
 from __future__ import annotations
 
+import json
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,7 +25,7 @@ from fencing.settings import CloudStackSettings, FencerSettings, PolicySettings,
 from fencing.signing import DECISION, load_keyring, new_key_line, verify
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud
 from streams import gating
-from streams.codec import HostInput
+from streams.codec import HostInput, dump, gate_input
 from streams.runtime import Runtime
 from streams.watch import apply
 
@@ -183,3 +185,27 @@ async def test_the_poller_counts_only_enabled_hosts_for_the_storm_guard() -> Non
         await rt.close()
         await sim.stop()
     assert {g.cluster_uuid: g.host_count for g in sizes} == {c1.uuid: 5, c2.uuid: 0}
+
+
+def test_the_gate_topic_tells_its_two_record_kinds_apart_by_kind_and_reads_legacy_records() -> None:
+    p, sig = proposal(1, NOW), GateSignal(kind="suspect", cluster_uuid="c1", at=NOW, host_uuid="h1")
+    assert json.loads(dump(p))["kind"] == "proposal"
+    assert gate_input(SimpleNamespace(value=dump(p))) == p
+    assert gate_input(SimpleNamespace(value=dump(sig))) == sig
+    # Written before proposals carried a kind: still a proposal (it has a decision_id).
+    legacy = {k: v for k, v in json.loads(dump(p)).items() if k != "kind"}
+    assert gate_input(SimpleNamespace(value=json.dumps(legacy).encode())) == p
+    # A record is read as the kind it names; what does not fit says which field is wrong.
+    assert gate_input(SimpleNamespace(value=b'{"kind": "proposal", "episode": 1}')) == (
+        "invalid gate record: decision_id: Field required"
+    )
+    bad = {**json.loads(dump(sig)), "kind": "evicted"}
+    assert str(gate_input(SimpleNamespace(value=json.dumps(bad).encode()))).startswith(
+        "invalid gate record: kind: Input should be"
+    )
+    assert gate_input(SimpleNamespace(value=b'{"cluster_uuid": "c1", "at": 1}')) == (
+        "invalid gate record: kind: Field required"
+    )
+    assert str(gate_input(SimpleNamespace(value=b"not json"))).startswith(
+        "invalid gate record: value: Invalid JSON"
+    )
