@@ -29,11 +29,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from benchmarks.ingest_rate import isolated_settings
 from fencing.events import FenceAction
-from fencing.records import ProbeRequest, ProbeResult
+from fencing.records import FenceProposal, ProbeRequest, ProbeResult
 from fencing.settings import CloudStackSettings, FencerSettings, IpmiSettings, PolicySettings
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud
 from lab.pipeline import WorkerProcess, write_settings
 from streams.broker import EmbeddedBroker
+from streams.codec import gate_input
 from streams.kafka import aiokafka_kwargs
 
 TARGET_P99_S = 0.100
@@ -135,9 +136,9 @@ class Prober:
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
             elif msg.topic == self.topics.fence_proposals:
-                value = json.loads(msg.value)
-                if "decision_id" in value:  # not a gate signal
-                    self.proposed.setdefault(value["host"]["host_uuid"], msg.timestamp / 1000)
+                record = gate_input(msg)
+                if isinstance(record, FenceProposal):  # not a gate signal
+                    self.proposed.setdefault(record.host.host_uuid, msg.timestamp / 1000)
             elif msg.key:
                 host = msg.key.decode()
                 self.decisions.append(json.loads(msg.value))
