@@ -17,7 +17,7 @@ from fencing.events import FenceAction, NoticeKind
 from fencing.records import FenceDecision, FenceOutcome, HostRef, Notice, OperatorAction
 from fencing.settings import FencerSettings
 from streams.codec import Out, dead_letter, dump
-from streams.tables import done_entry, failed_fence
+from streams.tables import done_entry, failed_fence, put_entry
 
 if TYPE_CHECKING:
     from streams.runtime import Runtime
@@ -98,9 +98,7 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
             (topics.fence_outcomes, key.encode(), dump(refusal(decision, str(exc), now))),
             (topics.notices, key.encode(), dump(n)),
         ]
-    done = dict(table.get(key) or {})  # other decisions may have finished meanwhile
-    done[decision.decision_id] = done_entry(decision, outcome)
-    table[key] = done
+    put_entry(table, key, decision.decision_id, done_entry(decision, outcome))
     return [(topics.fence_outcomes, key.encode(), dump(outcome))]
 
 
@@ -120,9 +118,9 @@ async def operator_action(
         return None
     decision_id, entry = target
     if action.kind == "handled":
-        row = dict(table.get(key) or {})
-        row[decision_id] = {**entry, "handled_at": action.at, "handled_by": action.by}
-        table[key] = row
+        put_entry(
+            table, key, decision_id, {**entry, "handled_at": action.at, "handled_by": action.by}
+        )
         log.info("fence %s marked handled by %s", decision_id, action.by or "an operator")
         return None
     if "decision" not in entry:
@@ -142,9 +140,9 @@ async def operator_action(
         log.warning("fence %s: operator retry refused: %s", decision_id, exc)
         return refusal(decision, str(exc), time.time())
     if outcome is not None:
-        row = dict(table.get(key) or {})
-        row[decision_id] = {**done_entry(decision, outcome), "retried_by": action.by}
-        table[key] = row
+        put_entry(
+            table, key, decision_id, {**done_entry(decision, outcome), "retried_by": action.by}
+        )
     return outcome
 
 

@@ -19,6 +19,14 @@ def done_entry(decision: FenceDecision, outcome: FenceOutcome) -> dict[str, Any]
     return {**outcome.model_dump(mode="json"), "decision": decision.model_dump(mode="json")}
 
 
+def put_entry(table: MutableMapping[str, Any], key: str, decision_id: str, entry: Any) -> None:
+    """Store one decision's entry in the host's `actuated` row, read afresh (other decisions of
+    the host may have finished meanwhile) and written whole."""
+    row = dict(table.get(key) or {})
+    row[decision_id] = entry
+    table[key] = row
+
+
 def failed_fence(
     row: dict[str, Any], decision_id: str | None = None
 ) -> tuple[str, dict[str, Any]] | None:
