@@ -164,7 +164,7 @@ def _signal_event(s: HostSignal) -> HostEvent:
     return Tick(s.at)
 
 
-def _gate_kind(value: Any) -> str | None:
+def _gate_kind(value: Any) -> str:
     """The union member a fence-proposals record is: its `kind` says which. A record written
     before proposals carried a `kind` (the legacy path) is a proposal if it has a decision_id."""
     if not isinstance(value, dict):
