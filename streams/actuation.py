@@ -47,7 +47,7 @@ log = logging.getLogger("fencer.actuation")
 
 DOWN_STATES = frozenset({"Disconnected", "Alert", "Down"})
 BACKED_STATES = frozenset({"fence_proposed", "fencing"})
-RECORD_WAIT = 5.0  # seconds the host-states view may lag behind the decision it produced
+RECORD_WAIT = 10.0  # seconds the host-states view may lag behind the decision it produced
 CLOUDSTACK_TRIES = 3
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from fencing.records import (
     SCHEMA_VERSION,
     DeadLetter,
+    FenceClaim,
     FenceDecision,
     FenceOutcome,
     FenceProposal,
@@ -38,6 +39,7 @@ TOPIC_MODELS: dict[str, tuple[type[BaseModel], ...]] = {
     "notices": (Notice,),
     "host_states": (HostStateRecord,),
     "dead_letter": (DeadLetter,),
+    "fence_claims": (FenceClaim,),
 }
 
 
