@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -266,6 +267,35 @@ class ClaimLog:
         if not seen:
             raise RuntimeError(f"claim {claim.claim_id} was written but not read back in 30 s")
 
+    async def _renew(self, claim: FenceClaim, every: float) -> None:
+        """While acting, say so: a renewal every `every` seconds keeps followers waiting."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.append(claim.model_copy(update={"state": "renewed"}))
+            except Exception as exc:  # a missed renewal shortens the wait, never the action
+                log.warning("cannot renew claim %s: %s", claim.claim_id, exc)
+
+    def _moved(self, decision_id: str, seen: int) -> bool:
+        return self.done(decision_id) is not None or len(self.of(decision_id)) > seen
+
+    async def _wait_while_renewed(self, decision_id: str, lease: float) -> FenceClaim | None:
+        """The `done` record, or None once `lease` seconds (this worker's clock) passed without
+        any new record for the decision: its claimant stopped renewing, so it is dead."""
+        seen = len(self.of(decision_id))
+        deadline = time.monotonic() + lease
+        while True:
+            done = self.done(decision_id)
+            if done is not None:
+                return done
+            now = len(self.of(decision_id))
+            if now > seen:
+                seen, deadline = now, time.monotonic() + lease
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            await self._wait(partial(self._moved, decision_id, seen), min(left, 1.0))
+
     async def run_once(
         self,
         decision: FenceDecision,
@@ -283,12 +313,13 @@ class ClaimLog:
             takeover = False
             if open_claims:
                 log.warning(
-                    "decision %s is claimed by %s: waiting up to %g s for its outcome",
+                    "decision %s is claimed by %s: waiting for its outcome (lapses after %g s "
+                    "without a renewal)",
                     did,
                     open_claims[-1].claimed_by,
                     lease,
                 )
-                if await self._wait(lambda: self.done(did), lease):
+                if await self._wait_while_renewed(did, lease):
                     continue
                 takeover = True
                 log.warning(
@@ -308,13 +339,17 @@ class ClaimLog:
             first = next(c for c in self.open_claims(did) if c.takeover_of == base)
             if first.claim_id != mine.claim_id:
                 log.warning("decision %s: %s claimed it first", did, first.claimed_by)
+                await self.append(mine.model_copy(update={"state": "released"}))
                 continue
+            renewing = asyncio.create_task(self._renew(mine, lease / 3))
             try:
                 outcome = await act(takeover)
             except NotNow:
                 # Refused after the claim (a takeover re-checks): nothing was done, let go.
                 await self.append(mine.model_copy(update={"state": "released"}))
                 raise
+            finally:
+                renewing.cancel()
             await self.append(
                 mine.model_copy(
                     update={"state": "done", "outcome": outcome.model_dump(mode="json")}

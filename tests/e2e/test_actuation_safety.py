@@ -271,7 +271,11 @@ async def test_a_worker_killed_between_claim_and_bmc_call_powers_off_once(
             await asyncio.sleep(3)
             assert lab.bmc_power_offs("kvm03") == 1
             assert len(lab.degraded_calls("kvm03")) == 1
-            claims = [c for c in s.of(s.t.fence_claims) if c["host_uuid"] == victim.uuid]
+            claims = [
+                c
+                for c in s.of(s.t.fence_claims)
+                if c["host_uuid"] == victim.uuid and c["state"] != "renewed"
+            ]
             states = [c["state"] for c in claims]
             assert states == ["claimed", "claimed", "done"], states
             assert claims[1]["takeover_of"] == claims[0]["claim_id"]
@@ -301,4 +305,4 @@ async def test_roles_in_another_order_rerun_nothing(stage: Stage) -> None:
     groups = [p.name for p in (s.settings.data_dir / "faust").iterdir()]
     assert groups == [s.settings.kafka.group_id], groups
     claims = [c for c in s.of(s.t.fence_claims) if c["host_uuid"] == victim.uuid]
-    assert [c["state"] for c in claims] == ["claimed", "done"]
+    assert [c["state"] for c in claims if c["state"] != "renewed"] == ["claimed", "done"]
