@@ -5,10 +5,11 @@ plain produce -> consume round trip of one record on the same broker, in the sam
 Rule: the benchmark plays the prober as tests/streams/test_app.py does: it answers every probe
 request with a stale result at once. For each of M suspect hosts (one per cluster of four, so
 the per-cluster budget and the storm guard approve every fence) the clock starts just before
-the producer is handed check 1+extra_checks's stale result and stops when the decision record
-for that host is read from `fence-decisions` by a tailing consumer (`seen`); `created` stops at
-the decision record's CreateTime (stamped by the worker). The baseline consumer has the same
-configuration as the tail (aiokafka defaults), so both pay the same fetch behaviour.
+the producer is handed check 2+extra_checks's stale result (check 1 is the baseline) and stops
+when the decision record for that host is read from `fence-decisions` by a tailing consumer
+(`seen`); `created` stops at the decision record's CreateTime (stamped by the worker). The
+baseline consumer has the same configuration as the tail (aiokafka defaults), so both pay the
+same fetch behaviour.
 
     python -m benchmarks.decision_latency --json [--hosts M]
 """
@@ -27,7 +28,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from benchmarks.ingest_rate import isolated_settings
-from fencing.events import Evidence, FenceAction
+from fencing.events import FenceAction
 from fencing.records import ProbeRequest, ProbeResult
 from fencing.settings import CloudStackSettings, FencerSettings, IpmiSettings, PolicySettings
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud
@@ -148,17 +149,16 @@ class Prober:
             host=req.host,
             episode=req.episode,
             check=req.check,
-            evidence=Evidence.STALE,
             suspect_since=req.suspect_since,
             finished_at=time.time(),
-            newest_write=req.suspect_since - 100,
-            heartbeat=None,
-            files_checked=3,
+            mtimes={"/mnt/pool/disk-1": 1_000.0},  # never changes: stale after the baseline
+            complete=True,
+            files_wanted=1,
             neighbour="kvm-n",
         )
         value = result.model_dump_json().encode()
         key = req.host.host_uuid.encode()
-        if req.check == 1 + EXTRA:
+        if req.check == 2 + EXTRA:  # the baseline, then 1 + EXTRA stale
             self.last_sent[req.host.host_uuid] = time.time()
         await self.producer.send_and_wait(self.topics.probe_results, value, key=key)
 
@@ -248,7 +248,7 @@ async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
     result = {
         "benchmark": "decision_latency",
         "hosts": hosts,
-        "checks_to_decide": 1 + EXTRA,
+        "checks_to_decide": 2 + EXTRA,  # the baseline and 1 + extra_checks stale
         "fencer": {
             "seen": summary(seen),
             "created": summary(created),

@@ -18,7 +18,6 @@ from typing import Any
 
 import asyncssh
 
-from fencing.events import Evidence
 from fencing.settings import FencerSettings
 from lab.cloudstack_sim import SimCloud
 from lab.kvm_hosts import KvmLab
@@ -89,8 +88,8 @@ async def run(hosts: int, disks: int, neighbours: int, baseline: bool) -> dict[s
                 "wall_seconds": round(ours_wall, 3),
                 "connections": probe.pool.connects,
                 "cpu_seconds": ours_cpu,
-                "evidence": {e.value: sum(o.evidence is e for o in outcomes) for e in Evidence},
-                "files_checked": sum(o.files_checked for o in outcomes),
+                "complete_readings": sum(o.complete for o in outcomes),
+                "files_read": sum(len(o.mtimes) for o in outcomes),
             }
             result: dict[str, Any] = {
                 "suspect_hosts": hosts,

@@ -5,41 +5,58 @@ touches the network.
 Kafka record into an event (`fencing.events`), calls `step`, stores the new record and carries
 out the actions. Time arrives on events. Records are frozen, so a refused event changes nothing.
 
-How a host is judged (numbers from `fencing.policy.Policy`):
+How a host is judged (numbers from `fencing.policy.Policy`). The one rule about clocks: a value
+is only ever compared with an earlier value from the same clock. Disk and heartbeat-file mtimes
+are the filer's clock, heartbeat contents the suspect host's, and intervals are measured on the
+watch worker's clock (`Tick.at`, and `ProbeFinished.at`, stamped when the result arrived).
+CloudStack's time of the disconnection (`suspect_since`) is shown and names the decision, and is
+never compared with anything.
 
 - A `HostDisconnected` (Disconnected, Alert or Down) opens an *episode*: the episode id goes up
   by one, the suspect time is that event's time (a second report in the same episode changes
-  nothing, the first time wins), and `MarkSuspect` tells the cluster gate.
-- The first check runs one `check_interval` after the suspect time, not at once: a live host
-  then had a whole interval to write, so a single early look can never start the count. Then a
-  `Tick` requests a probe when `at - last_request_at >= check_interval` and no probe is
-  outstanding. An outstanding probe older than `probe_timeout` is *lost*: it counts as one
-  unknown result and the next probe may be requested on the same tick, so a lost result can
-  never stall an episode.
-- Each `ProbeFinished` must name the `check` it answers; only the outstanding check counts, so
-  a redelivered or late result never counts twice. The core re-reads the raw fields: any write
-  after the suspect time or a heartbeat no older than `heartbeat_max_age` (at the probe's
-  finish time) is *alive*, whatever the probe said; a *stale* report with no files and no
-  heartbeat is *unknown*.
+  nothing), and `MarkSuspect` tells the cluster gate.
+- The first `Tick` of the episode requests check 1, the *baseline*, at once. Each later check is
+  requested on the first tick at least `check_interval` after the previous result arrived and
+  when no probe is outstanding. An outstanding probe older than `probe_timeout` is *lost*: it
+  counts as one unknown result and the next probe is requested on the same tick, so a lost
+  result can never stall an episode.
+- Each `ProbeFinished` must name the `check` it answers; only the outstanding check counts, so a
+  redelivered or late result never counts twice. A probe reports a *reading* and the core
+  judges it (`judge`): **unknown** when the reading is incomplete, when the host has disks on
+  storage the probe cannot read (unless `judge_readable_only`), or when nothing could be read;
+  else **alive** when the reading carries a direct sign of life (`live_signs`: an RBD watch held
+  by the host); else **baseline** when there is no earlier complete reading; else **alive** when
+  any file's mtime or any heartbeat's content changed (or a file appeared) since the previous
+  complete reading; else **stale** when at least `check_interval` (or the back end's `min_gap`,
+  if larger) passed between the two readings
+  (from the arrival of the previous one to the request of this one: both worker clock, and a
+  lower bound of the real gap); else unknown ("too soon"). Every complete reading becomes the
+  reference for the next.
 - alive: the stale and unknown runs reset. stale: the stale run grows; at `1 + extra_checks`
   stale results in a row (unknown results in between neither count nor break the run) exactly
   one `ProposeFence` is made, carrying a decision id `<host>/<episode>/<suspect second>`.
   unknown: never counts toward a fence and never as alive; the `unknown_alert_after`-th unknown
-  in a row emits one `Notify(CANNOT_VERIFY)` per run.
-- The gate answers `FenceApproved` (-> FENCING) or `FenceWithheld` (-> WITHHELD, final for the
-  episode). The actuator answers `FenceFinished`: success -> FENCED until the host comes back
-  Up or enters maintenance; failure -> FAILED, no new proposal in that episode (an operator
-  putting the host in maintenance, or the host coming back, ends it). A success after a
-  failure (a retried decision) moves FAILED to FENCED. An outcome may overtake the approval
-  (different consumers): FENCE_PROPOSED accepts it directly.
+  in a row emits one `Notify(CANNOT_VERIFY)` per run. A measured clock skew above
+  `clock_skew_alert` emits one `Notify(CLOCK_SKEW)` per episode; it never changes a verdict.
+- The gate answers `FenceApproved` (-> FENCING) or `FenceWithheld` (-> WITHHELD). A withhold for
+  a *temporary* reason (quiet period, pause, cluster size unknown, storm guard) keeps probing:
+  the next stale check proposes again (same decision id, the gate judges again), an alive check
+  returns the host to SUSPECT. A budget withhold is final for the episode. The actuator answers
+  `FenceFinished`: success -> FENCED until the host comes back Up or enters maintenance;
+  failure -> FAILED (the actuator retries and notifies). A success after a failure moves FAILED
+  to FENCED. An outcome may overtake the approval (different consumers): FENCE_PROPOSED accepts
+  it directly.
+- Nothing stalls silently: a proposal unanswered for `check_interval` is sent again on a tick (the
+  gate repeats its verdict), an approval without an outcome for `fencing_resend_after` too; a
+  host suspect for `suspect_alert_after` without a decision emits `Notify(SUSPECT_TOO_LONG)`,
+  again every `suspect_renotify`, until the episode ends.
 - `HostCameBack` or `MaintenanceStarted` ends an open episode: `ClearSuspect` for the gate and
   `Notify(HOST_RECOVERED)` with `ended_by`. Maintenance ignores disconnections until it ends.
 - Results for an older episode, for an ended episode, or repeating what the record already
   knows are *late*: ignored, not illegal (Kafka redelivers; hosts come back mid-probe). So is a
   disconnection reported with a time before the host was last seen back Up.
 - Notices about verdicts and outcomes come from the gate's decision and the actuator's outcome
-  records (one per decision id); the core only notifies what only it knows: CANNOT_VERIFY and
-  HOST_RECOVERED.
+  records (one per decision id); the core only notifies what only it knows.
 
 Errors, one hierarchy::
 
@@ -103,6 +120,7 @@ class Trigger(StrEnum):
     MAINTENANCE_STARTED = "maintenance_started"
     MAINTENANCE_ENDED = "maintenance_ended"
     TICK = "tick"
+    PROBE_BASELINE = "probe_baseline"
     PROBE_ALIVE = "probe_alive"
     PROBE_STALE = "probe_stale"
     PROBE_UNKNOWN = "probe_unknown"
@@ -119,12 +137,28 @@ T = Trigger
 CLOSED: Final = frozenset({S.IDLE, S.MAINTENANCE})
 """States without an open episode."""
 
+TEMPORARY: Final = frozenset(
+    {
+        WithheldReason.QUIET_PERIOD,
+        WithheldReason.PAUSED,
+        WithheldReason.CLUSTER_SIZE_UNKNOWN,
+        WithheldReason.STORM_GUARD,
+    }
+)
+"""Withheld reasons that pass: the host keeps being checked and is proposed again."""
+
 _OPEN_COMMON: Final = (T.DISCONNECTED, T.MAINTENANCE_ENDED, T.TICK, T.LATE)
 """Triggers every open state answers by staying where it is."""
+
+_ENDS: Final = (T.CAME_BACK, T.MAINTENANCE_STARTED)
 
 
 def _stay(state: HostState, *triggers: Trigger) -> dict[Trigger, tuple[HostState, ...]]:
     return {trigger: (state,) for trigger in triggers}
+
+
+def _ends() -> dict[Trigger, tuple[HostState, ...]]:
+    return {T.CAME_BACK: (S.IDLE,), T.MAINTENANCE_STARTED: (S.MAINTENANCE,)}
 
 
 TRANSITIONS: Final[Mapping[HostState, Mapping[Trigger, tuple[HostState, ...]]]] = {
@@ -134,10 +168,11 @@ TRANSITIONS: Final[Mapping[HostState, Mapping[Trigger, tuple[HostState, ...]]]] 
         T.MAINTENANCE_STARTED: (S.MAINTENANCE,),
     },
     S.SUSPECT: {
-        **_stay(S.SUSPECT, *_OPEN_COMMON, T.PROBE_ALIVE, T.PROBE_UNKNOWN),
+        **_stay(S.SUSPECT, *_OPEN_COMMON, T.PROBE_BASELINE, T.PROBE_ALIVE, T.PROBE_UNKNOWN),
         T.PROBE_STALE: (S.SUSPECT, S.FENCE_PROPOSED),
-        T.CAME_BACK: (S.IDLE,),
-        T.MAINTENANCE_STARTED: (S.MAINTENANCE,),
+        # An approval the actuator carried out although the host proved alive meanwhile: a fact.
+        T.FENCE_SUCCEEDED: (S.FENCED,),
+        **_ends(),
     },
     S.FENCE_PROPOSED: {
         **_stay(S.FENCE_PROPOSED, *_OPEN_COMMON),
@@ -145,31 +180,32 @@ TRANSITIONS: Final[Mapping[HostState, Mapping[Trigger, tuple[HostState, ...]]]] 
         T.FENCE_WITHHELD: (S.WITHHELD,),
         T.FENCE_SUCCEEDED: (S.FENCED,),
         T.FENCE_FAILED: (S.FAILED,),
-        T.CAME_BACK: (S.IDLE,),
-        T.MAINTENANCE_STARTED: (S.MAINTENANCE,),
+        **_ends(),
     },
     S.FENCING: {
         **_stay(S.FENCING, *_OPEN_COMMON),
         T.FENCE_SUCCEEDED: (S.FENCED,),
         T.FENCE_FAILED: (S.FAILED,),
-        T.CAME_BACK: (S.IDLE,),
-        T.MAINTENANCE_STARTED: (S.MAINTENANCE,),
+        **_ends(),
     },
     S.FENCED: {
         **_stay(S.FENCED, *_OPEN_COMMON),
-        T.CAME_BACK: (S.IDLE,),
-        T.MAINTENANCE_STARTED: (S.MAINTENANCE,),
+        **_ends(),
     },
     S.WITHHELD: {
-        **_stay(S.WITHHELD, *_OPEN_COMMON),
-        T.CAME_BACK: (S.IDLE,),
-        T.MAINTENANCE_STARTED: (S.MAINTENANCE,),
+        **_stay(S.WITHHELD, *_OPEN_COMMON, T.PROBE_BASELINE, T.PROBE_UNKNOWN),
+        T.PROBE_ALIVE: (S.SUSPECT,),
+        T.PROBE_STALE: (S.WITHHELD, S.FENCE_PROPOSED),
+        # Only a temporary withhold is judged again; its approval may follow.
+        T.FENCE_APPROVED: (S.FENCING,),
+        T.FENCE_SUCCEEDED: (S.FENCED,),
+        T.FENCE_FAILED: (S.FAILED,),
+        **_ends(),
     },
     S.FAILED: {
         **_stay(S.FAILED, *_OPEN_COMMON),
         T.FENCE_SUCCEEDED: (S.FENCED,),
-        T.CAME_BACK: (S.IDLE,),
-        T.MAINTENANCE_STARTED: (S.MAINTENANCE,),
+        **_ends(),
     },
     S.MAINTENANCE: {
         **_stay(S.MAINTENANCE, T.DISCONNECTED, T.CAME_BACK, T.MAINTENANCE_STARTED, T.TICK, T.LATE),
@@ -177,7 +213,7 @@ TRANSITIONS: Final[Mapping[HostState, Mapping[Trigger, tuple[HostState, ...]]]] 
     },
 }
 """For each state, the triggers it accepts and the states each may lead to. A trigger that is
-not listed is illegal in that state (for example an approval after the gate withheld)."""
+not listed is illegal in that state (for example an approval after a final withhold)."""
 
 
 class CoreError(Exception):
@@ -200,27 +236,42 @@ class DecisionMismatch(IllegalTransition):
     """A verdict or outcome carries another decision id than the episode's proposal."""
 
 
+Pairs = tuple[tuple[str, float], ...]
+Texts = tuple[tuple[str, str], ...]
+
+
 @dataclass(frozen=True)
 class HostRecord:
     """Everything the core remembers about one host (one row of the shell's hosts table)."""
 
     host: str  # the host uuid: part of every decision id
     state: HostState = HostState.IDLE
-    since: float | None = None  # when the record entered `state`
+    since: float | None = None  # when the record entered `state` (the event's time)
     episode: int = 0  # 1, 2, ...: goes up by one each time the host becomes suspect
-    suspect_since: float | None = None
+    suspect_since: float | None = None  # CloudStack's time of the disconnection: shown, an id
+    opened_at: float | None = None  # worker clock: the episode's first tick
     checks_requested: int = 0  # RunProbe actions in this episode (the last one's `check`)
     probe_outstanding: bool = False  # the last requested check has not been answered
-    last_request_at: float | None = None
+    last_request_at: float | None = None  # worker clock
+    last_result_at: float | None = None  # worker clock: the last answer (or loss) arrived
+    last_check: int = 0  # the check the last verdict was about
     stale_count: int = 0  # stale results in a row (unknowns in between do not break it)
     unknown_count: int = 0  # unknown results (or lost probes) in a row
-    last_evidence: Evidence | None = None  # as the core judged it, not as the probe said
+    last_evidence: Evidence | None = None  # as the core judged it
     last_probe_at: float | None = None
-    newest_write: float | None = None
-    heartbeat: float | None = None
+    ref_at: float | None = None  # worker clock: when the reference reading arrived
+    ref_mtimes: Pairs = ()  # the reference reading (the last complete one), filer clock
+    ref_heartbeats: Texts = ()  # ... and heartbeat contents, the host's clock
+    newest_write: float | None = None  # newest disk mtime of the last reading (shown only)
     files_checked: int = 0
+    unreadable: int = 0
     neighbour: str | None = None
     reason: str | None = None
+    neighbour_offset: float | None = None
+    filer_offset: float | None = None
+    skew_notified: bool = False
+    last_alert_at: float | None = None  # worker clock: the last suspect_too_long notice
+    sent_at: float | None = None  # worker clock: the proposal was last sent
     decision_id: str | None = None
     withheld_reason: WithheldReason | None = None
     power_state: str | None = None
@@ -232,6 +283,8 @@ class HostRecord:
         for key, value in data.items():
             if isinstance(value, Enum):
                 data[key] = value.value
+            elif isinstance(value, tuple):
+                data[key] = [list(pair) for pair in value]
         return data
 
     @classmethod
@@ -244,6 +297,8 @@ class HostRecord:
             values["last_evidence"] = Evidence(values["last_evidence"])
         if values.get("withheld_reason") is not None:
             values["withheld_reason"] = WithheldReason(values["withheld_reason"])
+        for key in ("ref_mtimes", "ref_heartbeats"):
+            values[key] = tuple((str(k), v) for k, v in values.get(key) or ())
         return cls(**values)
 
 
@@ -273,10 +328,18 @@ _SIGNALS: Final[Mapping[type, Trigger]] = {
 }
 
 _PROBE_TRIGGERS: Final = {
+    Evidence.BASELINE: T.PROBE_BASELINE,
     Evidence.ALIVE: T.PROBE_ALIVE,
     Evidence.STALE: T.PROBE_STALE,
     Evidence.UNKNOWN: T.PROBE_UNKNOWN,
 }
+
+
+def probing(record: HostRecord) -> bool:
+    """Whether the record checks storage: suspect, or withheld for a reason that passes."""
+    return record.state is S.SUSPECT or (
+        record.state is S.WITHHELD and record.withheld_reason in TEMPORARY
+    )
 
 
 def classify(record: HostRecord, event: HostEvent, policy: Policy) -> Trigger:
@@ -307,13 +370,16 @@ def classify(record: HostRecord, event: HostEvent, policy: Policy) -> Trigger:
                 f"only {record.checks_requested} requested in episode {record.episode}"
             )
         answers_outstanding = (
-            record.state is S.SUSPECT
-            and record.probe_outstanding
-            and event.check == record.checks_requested
+            probing(record) and record.probe_outstanding and event.check == record.checks_requested
         )
         if not answers_outstanding:
             return T.LATE
-        return _PROBE_TRIGGERS[judge(record, event, policy)]
+        return _PROBE_TRIGGERS[judge(record, event, policy)[0]]
+    if record.decision_id is None and isinstance(event, FenceFinished):
+        raise IllegalTransition(
+            f"host {record.host}: {type(event).__name__} for decision {event.decision_id}, "
+            f"but episode {record.episode} proposed nothing"
+        )
     if record.decision_id is not None and event.decision_id != record.decision_id:
         raise DecisionMismatch(
             f"host {record.host}: {type(event).__name__} for decision {event.decision_id}, "
@@ -321,27 +387,62 @@ def classify(record: HostRecord, event: HostEvent, policy: Policy) -> Trigger:
         )
     if isinstance(event, FenceApproved):
         already = record.state in (S.FENCING, S.FENCED, S.FAILED)
-        return T.LATE if already else T.FENCE_APPROVED
+        # A final withhold stays final; a host that proved alive again waits for new evidence;
+        # a withheld host checked since (not stale) waits for its next stale check, so FENCING
+        # always rests on a stale check (what the actuator requires).
+        closed = record.state is S.SUSPECT or (
+            record.state is S.WITHHELD
+            and (not probing(record) or record.last_evidence is not Evidence.STALE)
+        )
+        return T.LATE if already or closed else T.FENCE_APPROVED
     if isinstance(event, FenceWithheld):
-        return T.LATE if record.state is S.WITHHELD else T.FENCE_WITHHELD
+        return T.LATE if record.state is not S.FENCE_PROPOSED else T.FENCE_WITHHELD
     if event.success:
         return T.LATE if record.state is S.FENCED else T.FENCE_SUCCEEDED
-    return T.LATE if record.state is S.FAILED else T.FENCE_FAILED
+    # A failure (or a refusal) while the host is being checked again changes nothing: the
+    # checks go on and may propose again.
+    return T.LATE if record.state in (S.FAILED, S.FENCED, S.SUSPECT) else T.FENCE_FAILED
 
 
-def judge(record: HostRecord, result: ProbeFinished, policy: Policy) -> Evidence:
-    """The evidence the core accepts from a probe result: any sign of life wins."""
-    assert record.suspect_since is not None
-    wrote = result.newest_write is not None and result.newest_write > record.suspect_since
-    beating = (
-        result.heartbeat is not None and result.at - result.heartbeat <= policy.heartbeat_max_age
+def judge(record: HostRecord, result: ProbeFinished, policy: Policy) -> tuple[Evidence, str | None]:
+    """The evidence a reading gives, compared with the record's reference reading only."""
+    if not result.complete:
+        return Evidence.UNKNOWN, result.reason or "incomplete reading"
+    if result.unreadable and not policy.judge_readable_only:
+        return Evidence.UNKNOWN, (
+            f"{result.unreadable} disks on storage the probe cannot read "
+            "(judge_readable_only is off for this cluster)"
+        )
+    if not result.mtimes and not result.heartbeats:
+        return Evidence.UNKNOWN, result.reason or "no files to read"
+    if result.live_signs:
+        return Evidence.ALIVE, result.live_signs[0]
+    if record.ref_at is None:
+        return Evidence.BASELINE, None
+    changed = _changed(record.ref_mtimes, result.mtimes) or _changed(
+        record.ref_heartbeats, result.heartbeats
     )
-    if result.evidence is Evidence.ALIVE or wrote or beating:
-        return Evidence.ALIVE
-    looked_at_nothing = result.files_checked == 0 and result.heartbeat is None
-    if result.evidence is Evidence.UNKNOWN or looked_at_nothing:
-        return Evidence.UNKNOWN
-    return Evidence.STALE
+    if changed is not None:
+        return Evidence.ALIVE, changed
+    assert record.last_request_at is not None
+    gap = record.last_request_at - record.ref_at
+    floor = max(policy.check_interval, result.min_gap)
+    if gap < floor:
+        return Evidence.UNKNOWN, (
+            f"too soon: {gap:.0f} s since the previous reading, at least {floor:g} s needed"
+        )
+    return Evidence.STALE, None
+
+
+def _changed(before: tuple[tuple[str, Any], ...], now: tuple[tuple[str, Any], ...]) -> str | None:
+    """The first file whose value differs from the earlier reading (or that appeared)."""
+    earlier = dict(before)
+    for path, value in now:
+        if path not in earlier:
+            return f"{path} appeared"
+        if earlier[path] != value:
+            return f"{path} changed"
+    return None
 
 
 def decision_id(host: str, episode: int, suspect_since: float) -> str:
@@ -403,64 +504,136 @@ def _maintenance_ended(record: HostRecord, event: MaintenanceEnded, policy: Poli
     return replace(record, state=S.IDLE, since=event.at), ()
 
 
+_UNDECIDED: Final = frozenset({S.SUSPECT, S.FENCE_PROPOSED, S.WITHHELD})
+"""Open states without a fence under way: too long in them is worth telling people."""
+
+
 def _tick(record: HostRecord, event: Tick, policy: Policy) -> Step:
-    if record.state is not S.SUSPECT:
+    if record.state in CLOSED:
         return record, ()
-    suspect_since = record.suspect_since
-    assert suspect_since is not None
+    now = event.at
+    actions: list[HostAction] = []
+    if record.opened_at is None:
+        record = replace(record, opened_at=now)
+    assert record.opened_at is not None
+    if record.state in _UNDECIDED and now - record.opened_at >= policy.suspect_alert_after:
+        last = record.last_alert_at
+        if last is None or now - last >= policy.suspect_renotify:
+            record = replace(record, last_alert_at=now)
+            actions.append(_suspect_too_long(record, now))
+    if probing(record):
+        record, more = _maybe_probe(record, now, policy)
+        actions.extend(more)
+    elif record.state is S.FENCE_PROPOSED or record.state is S.FENCING:
+        wait = (
+            policy.check_interval
+            if record.state is S.FENCE_PROPOSED
+            else (policy.fencing_resend_after)
+        )
+        if record.sent_at is None or now - record.sent_at >= wait:
+            record = replace(record, sent_at=now)
+            actions.append(_proposal(record))
+    return record, tuple(actions)
+
+
+def _suspect_too_long(record: HostRecord, now: float) -> Notify:
+    assert record.opened_at is not None
+    return Notify(
+        kind=NoticeKind.SUSPECT_TOO_LONG,
+        episode=record.episode,
+        details=(
+            ("suspect_for", f"{now - record.opened_at:.0f}"),
+            ("state", record.state.value),
+            ("reason", record.reason or (record.withheld_reason or "no decision yet")),
+        ),
+    )
+
+
+def _maybe_probe(record: HostRecord, now: float, policy: Policy) -> Step:
     actions: list[HostAction] = []
     if record.probe_outstanding:
         assert record.last_request_at is not None
-        if event.at - record.last_request_at >= policy.probe_timeout:
-            record = _evidence(record, Evidence.UNKNOWN, event.at, reason="probe result lost")
-            record, notices = _count_unknown(record, policy)
-            actions.extend(notices)
-    basis = record.last_request_at if record.last_request_at is not None else suspect_since
-    if not record.probe_outstanding and event.at - basis >= policy.check_interval:
+        if now - record.last_request_at < policy.probe_timeout:
+            return record, ()
+        record = replace(
+            record,
+            probe_outstanding=False,
+            last_evidence=Evidence.UNKNOWN,
+            last_check=record.checks_requested,
+            last_probe_at=now,
+            last_result_at=record.last_request_at,  # so the next check may go out at once
+            reason="probe result lost",
+        )
+        record, notices = _count_unknown(record, policy)
+        actions.extend(notices)
+    due = record.last_result_at is None or now - record.last_result_at >= policy.check_interval
+    if record.checks_requested == 0 or due:
         check = record.checks_requested + 1
         record = replace(
-            record, checks_requested=check, probe_outstanding=True, last_request_at=event.at
+            record, checks_requested=check, probe_outstanding=True, last_request_at=now
         )
+        suspect_since = record.suspect_since
+        assert suspect_since is not None
         actions.append(RunProbe(episode=record.episode, suspect_since=suspect_since, check=check))
     return record, tuple(actions)
 
 
-def _evidence(
-    record: HostRecord,
-    evidence: Evidence,
-    at: float,
-    *,
-    newest_write: float | None = None,
-    heartbeat: float | None = None,
-    files_checked: int = 0,
-    neighbour: str | None = None,
-    reason: str | None = None,
+def _from_result(
+    record: HostRecord, result: ProbeFinished, evidence: Evidence, reason: str | None
 ) -> HostRecord:
-    """Record one judged result (or a lost probe) and close the outstanding check."""
-    return replace(
+    """Record one judged result and close the outstanding check; a complete reading becomes
+    the reference that the next check compares with."""
+    disks = [m for path, m in result.mtimes if path not in dict(result.heartbeats)]
+    record = replace(
         record,
         probe_outstanding=False,
+        last_result_at=result.at,
+        last_check=result.check,
         last_evidence=evidence,
-        last_probe_at=at,
-        newest_write=newest_write,
-        heartbeat=heartbeat,
-        files_checked=files_checked,
-        neighbour=neighbour,
-        reason=reason,
-    )
-
-
-def _from_result(record: HostRecord, result: ProbeFinished, evidence: Evidence) -> HostRecord:
-    return _evidence(
-        record,
-        evidence,
-        result.at,
-        newest_write=result.newest_write,
-        heartbeat=result.heartbeat,
-        files_checked=result.files_checked,
+        last_probe_at=result.at,
+        newest_write=max(disks, default=None),
+        files_checked=len(result.mtimes),
+        unreadable=result.unreadable,
         neighbour=result.neighbour,
-        reason=result.reason,
+        reason=reason,
+        neighbour_offset=result.neighbour_offset,
+        filer_offset=result.filer_offset,
     )
+    if evidence is not Evidence.UNKNOWN:
+        # A file the reading lacks (gone, or a stat that failed) keeps its last known value:
+        # back unchanged, it is no change (each file is only compared with itself).
+        record = replace(
+            record,
+            ref_at=result.at,
+            ref_mtimes=_merged(record.ref_mtimes, result.mtimes),
+            ref_heartbeats=_merged(record.ref_heartbeats, result.heartbeats),
+        )
+    return record
+
+
+def _merged(before: tuple[tuple[str, Any], ...], now: tuple[tuple[str, Any], ...]) -> Any:
+    """The earlier reference updated with a new reading, sorted by path."""
+    return tuple(sorted({**dict(before), **dict(now)}.items()))
+
+
+def _skew(record: HostRecord, policy: Policy) -> Step:
+    offsets = [
+        (name, value)
+        for name, value in (("neighbour", record.neighbour_offset), ("filer", record.filer_offset))
+        if value is not None and abs(value) > policy.clock_skew_alert
+    ]
+    if record.skew_notified or not offsets:
+        return record, ()
+    notice = Notify(
+        kind=NoticeKind.CLOCK_SKEW,
+        episode=record.episode,
+        details=(
+            *((f"{name}_offset", f"{value:+.0f}") for name, value in offsets),
+            ("reason", ", ".join(f"{n} clock {v:+.0f} s" for n, v in offsets)),
+            ("neighbour", record.neighbour or "none"),
+        ),
+    )
+    return replace(record, skew_notified=True), (notice,)
 
 
 def _count_unknown(record: HostRecord, policy: Policy) -> Step:
@@ -480,41 +653,71 @@ def _count_unknown(record: HostRecord, policy: Policy) -> Step:
     return record, (notice,)
 
 
+def _judged(
+    record: HostRecord, event: ProbeFinished, policy: Policy
+) -> tuple[HostRecord, tuple[HostAction, ...], Evidence]:
+    evidence, reason = judge(record, event, policy)
+    record, notices = _skew(_from_result(record, event, evidence, reason), policy)
+    return record, notices, evidence
+
+
+def _probe_baseline(record: HostRecord, event: ProbeFinished, policy: Policy) -> Step:
+    record, notices, _ = _judged(record, event, policy)
+    return replace(record, unknown_count=0), notices
+
+
 def _probe_alive(record: HostRecord, event: ProbeFinished, policy: Policy) -> Step:
-    record = _from_result(record, event, Evidence.ALIVE)
-    return replace(record, stale_count=0, unknown_count=0), ()
+    record, notices, _ = _judged(record, event, policy)
+    since = record.since if record.state is S.SUSPECT else event.at
+    record = replace(
+        record, state=S.SUSPECT, since=since, stale_count=0, unknown_count=0, withheld_reason=None
+    )
+    return record, notices
 
 
 def _probe_unknown(record: HostRecord, event: ProbeFinished, policy: Policy) -> Step:
-    return _count_unknown(_from_result(record, event, Evidence.UNKNOWN), policy)
+    record, notices, _ = _judged(record, event, policy)
+    record, more = _count_unknown(record, policy)
+    return record, (*notices, *more)
 
 
 def _probe_stale(record: HostRecord, event: ProbeFinished, policy: Policy) -> Step:
-    record = _from_result(record, event, Evidence.STALE)
-    record = replace(record, stale_count=record.stale_count + 1, unknown_count=0)
+    record, notices, _ = _judged(record, event, policy)
+    # After a temporary withhold the run is still whole: its next stale check proposes again.
+    count = min(record.stale_count + 1, 1 + policy.extra_checks)
+    record = replace(record, stale_count=count, unknown_count=0)
     if record.stale_count < 1 + policy.extra_checks:
-        return record, ()
+        return record, notices
     suspect_since = record.suspect_since
     assert suspect_since is not None
     ident = decision_id(record.host, record.episode, suspect_since)
-    record = replace(record, state=S.FENCE_PROPOSED, since=event.at, decision_id=ident)
-    proposal = ProposeFence(
+    record = replace(
+        record, state=S.FENCE_PROPOSED, since=event.at, decision_id=ident, sent_at=event.at
+    )
+    return record, (*notices, _proposal(record))
+
+
+def _proposal(record: HostRecord) -> ProposeFence:
+    assert record.suspect_since is not None and record.decision_id is not None
+    return ProposeFence(
         episode=record.episode,
-        suspect_since=suspect_since,
+        suspect_since=record.suspect_since,
         stale_checks=record.stale_count,
         newest_write=record.newest_write,
         files_checked=record.files_checked,
-        decision_id=ident,
+        decision_id=record.decision_id,
         neighbour=record.neighbour,
     )
-    return record, (proposal,)
 
 
 def _fence_approved(record: HostRecord, event: FenceApproved, policy: Policy) -> Step:
-    return replace(record, state=S.FENCING, since=event.at), ()
+    return replace(record, state=S.FENCING, since=event.at, withheld_reason=None), ()
 
 
 def _fence_withheld(record: HostRecord, event: FenceWithheld, policy: Policy) -> Step:
+    # A temporary reason keeps the host probed (`probing`): the next stale check proposes
+    # again (the run is still whole), an alive one returns it to SUSPECT. A budget withhold is
+    # final.
     return replace(record, state=S.WITHHELD, since=event.at, withheld_reason=event.reason), ()
 
 
@@ -532,6 +735,7 @@ _HANDLERS: Final[Mapping[Trigger, Handler]] = {
     T.MAINTENANCE_STARTED: _maintenance_started,
     T.MAINTENANCE_ENDED: _maintenance_ended,
     T.TICK: _tick,
+    T.PROBE_BASELINE: _probe_baseline,
     T.PROBE_ALIVE: _probe_alive,
     T.PROBE_STALE: _probe_stale,
     T.PROBE_UNKNOWN: _probe_unknown,

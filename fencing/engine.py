@@ -6,6 +6,12 @@ polls until the state shows or `power_timeout` passes (a timeout is a failure), 
 backoff, lets one action at a time touch a host, and turns every exception into a failed
 `EngineResult` whose text carries no secret.
 
+Never gives up early: given a `deadline` (the actuator passes `actuator.fence_deadline`, one
+overall deadline per fence), a failed attempt is retried with doubling backoff (capped at
+`max_backoff`) until the action is verified or the deadline passes, whatever `retries` says;
+only a failure that retrying cannot fix (credentials refused) ends it sooner. Without a
+deadline, `retries` counts the extra attempts (pre-flight and `fencer ipmi test` use 0).
+
 Reboot is off, verified off, on, verified on ("onoff", as fence-agents does by default): it
 proves the host really went down. "cycle" sends one reset and verifies the host is on again,
 for BMCs that refuse a hard off; it proves less and says so (`verified` stays True only for the
@@ -80,11 +86,15 @@ class Engine:
         retry_backoff: float = 2.0,
         reboot_method: Literal["onoff", "cycle"] = "onoff",
         clock: Callable[[], float] = time.time,
+        max_backoff: float = 30.0,
+        on_failure: Callable[[str, int, str], object] | None = None,
     ) -> None:
         self.power_timeout = power_timeout
         self.poll_interval = poll_interval
         self.retries = retries
         self.retry_backoff = retry_backoff
+        self.max_backoff = max_backoff
+        self.on_failure = on_failure  # (host, attempt, error) after each failed attempt
         self.reboot_method = reboot_method
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
@@ -102,14 +112,26 @@ class Engine:
         driver: PowerDriver,
         action: FenceAction,
         secrets: Iterable[str | None] = (),
+        deadline: float | None = None,
     ) -> EngineResult:
-        """Carry out `action` on `host` through `driver`; never raises."""
+        """Carry out `action` on `host` through `driver`, retrying until `deadline` seconds
+        (see the module docstring); never raises."""
         redact = Redactor(secrets)
         result = EngineResult(action=action, driver=driver.name, success=False)
         async with self.lock_for(host):
             result.started_at = self.clock()
             try:
-                await self._with_retries(host, driver, action, result, redact)
+                if deadline is None:
+                    await self._with_retries(host, driver, action, result, redact)
+                else:
+                    await asyncio.wait_for(
+                        self._with_retries(host, driver, action, result, redact, deadline),
+                        deadline,
+                    )
+            except TimeoutError:
+                result.success = False
+                last = f" (last error: {result.error})" if result.error else ""
+                result.error = f"not done within the fence deadline of {deadline:g} s{last}"
             except Exception as exc:  # the engine's promise: an outcome, never a traceback
                 result.success = False
                 result.error = redact(_describe(exc))
@@ -148,12 +170,16 @@ class Engine:
         action: FenceAction,
         result: EngineResult,
         redact: Redactor,
+        deadline: float | None = None,
     ) -> None:
         if action is FenceAction.NOTHING:
             result.success, result.detail = True, "no BMC action configured"
             return
+        ends = None if deadline is None else time.monotonic() + deadline
         delay = self.retry_backoff
-        for attempt in range(1, self.retries + 2):
+        attempt = 0
+        while True:
+            attempt += 1
             result.attempts = attempt
             try:
                 await self._once(driver, action, result)
@@ -165,20 +191,30 @@ class Engine:
                 log.warning(
                     "host %s: %s attempt %d failed: %s", host, action.value, attempt, result.error
                 )
-                if not retryable or attempt > self.retries:
+                if self.on_failure is not None:
+                    self.on_failure(host, attempt, result.error)
+                if not retryable:
                     return
+                if ends is None and attempt > self.retries:
+                    return
+            if ends is not None:
+                # Never sleep past the deadline (the last attempt gets what is left), and never
+                # hammer a BMC that refuses at once: at least 0.1 s between attempts.
+                delay = min(max(delay, 0.1), max(0.0, ends - time.monotonic()))
             await asyncio.sleep(delay)
-            delay *= 2
+            delay = min(self.max_backoff, max(delay, self.retry_backoff) * 2)
 
     async def _once(self, driver: PowerDriver, action: FenceAction, r: EngineResult) -> None:
         if action is FenceAction.TEST:
             r.detail = await driver.test()
             r.power_before = r.power_after = await _try_power(driver)
             return
-        r.power_before = await driver.get_power()
-        r.steps.append(f"power {r.power_before}")
+        power = await driver.get_power()
+        if r.power_before is None:
+            r.power_before = power  # the first attempt's reading: a retry must not overwrite it
+        r.steps.append(f"power {power}")
         if action is FenceAction.STOP:
-            if r.power_before == "off":
+            if power == "off":
                 r.detail, r.verified, r.power_after = "already off", True, "off"
                 return
             await driver.set_power("off")
@@ -186,13 +222,13 @@ class Engine:
             r.power_after = await self._wait_for(driver, "off", r)
             r.verified = True
         elif action is FenceAction.START:
-            if r.power_before != "on":
+            if power != "on":
                 await driver.set_power("on")
                 r.steps.append("set on")
             r.power_after = await self._wait_for(driver, "on", r)
             r.verified = True
         elif action is FenceAction.REBOOT:
-            if r.power_before == "off":
+            if power == "off":
                 r.detail = "was off: powered on"
             elif self.reboot_method == "cycle":
                 await driver.set_power("reset")
@@ -203,7 +239,7 @@ class Engine:
                 r.steps.append("set off")
                 await self._wait_for(driver, "off", r)
                 r.detail = "seen off, then on"
-            if r.power_before == "off" or self.reboot_method != "cycle":
+            if power == "off" or self.reboot_method != "cycle":
                 await driver.set_power("on")
                 r.steps.append("set on")
             r.power_after = await self._wait_for(driver, "on", r)
@@ -211,7 +247,7 @@ class Engine:
         elif action is FenceAction.BLINK:
             await driver.identify(True)
             r.steps.append("identify on")
-            r.power_after = r.power_before
+            r.power_after = power
             r.detail = "identify LED on"
         else:
             raise DriverError(f"unknown action {action!r}")

@@ -13,11 +13,12 @@ from enum import Enum
 
 
 class Evidence(str, Enum):
-    """What one storage-activity check found."""
+    """What one storage-activity check found, judged by the core against the previous reading."""
 
-    ALIVE = "alive"  # a write newer than the suspect time, or a fresh heartbeat
-    STALE = "stale"  # every file older than the suspect time, heartbeat old
-    UNKNOWN = "unknown"  # could not look: never evidence of death, never of life
+    BASELINE = "baseline"  # the episode's first complete reading: what later checks compare with
+    ALIVE = "alive"  # a file's mtime or a heartbeat's content changed since the previous reading
+    STALE = "stale"  # nothing changed over at least one check interval, on a complete reading
+    UNKNOWN = "unknown"  # could not look (fully): never evidence of death, never of life
 
 
 class FenceAction(str, Enum):
@@ -68,8 +69,12 @@ class NoticeKind(str, Enum):
     CANNOT_VERIFY = "cannot_verify"
     PREFLIGHT_FAILED = "preflight_failed"
     HOST_RECOVERED = "host_recovered"
+    CLOCK_SKEW = "clock_skew"  # measured and shown, never used in a verdict
+    SUSPECT_TOO_LONG = "suspect_too_long"  # suspect without a decision: repeated until it ends
     FORGED_RECORD = "forged_record"  # a decision or settings record fencer did not sign
     FENCE_REFUSED = "fence_refused"  # the actuator's last-moment checks refused a decision
+    VMS_NOT_RESTARTED = "vms_not_restarted"
+    BMC_IDENTITY_CHANGED = "bmc_identity_changed"  # the BMC reports another system GUID
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,19 +119,27 @@ class Tick:
 
 @dataclass(frozen=True)
 class ProbeFinished:
-    """A storage-activity check came back."""
+    """A storage-activity check came back with a *reading*, not a verdict: the core judges.
+
+    `at` is the watch worker's own clock when the result arrived (never the probe's or the
+    filer's). `mtimes` are the filer's clock, `heartbeats` the suspect host's clock: each is only
+    ever compared with an earlier reading of the same file."""
 
     at: float
     episode: int
-    evidence: Evidence
-    newest_write: float | None = None
-    heartbeat: float | None = None
-    files_checked: int = 0
-    files_missing: int = 0
-    neighbour: str | None = None
-    reason: str | None = None
     # Which RunProbe this answers: required, so a redelivered result can never count twice.
     check: int = field(kw_only=True)
+    mtimes: tuple[tuple[str, float], ...] = ()  # file -> mtime, every file that could be read
+    heartbeats: tuple[tuple[str, str], ...] = ()  # heartbeat file -> raw content
+    complete: bool = False  # every pool answered and the output was read to its end
+    files_wanted: int = 0  # disks and heartbeat files CloudStack places on the host now
+    unreadable: int = 0  # disks on storage this probe cannot read (RBD, local, ...)
+    neighbour: str | None = None
+    reason: str | None = None  # why the reading is incomplete
+    neighbour_offset: float | None = None  # neighbour clock minus probe worker clock (shown only)
+    filer_offset: float | None = None  # filer clock minus the host's (heartbeat mtime - content)
+    live_signs: tuple[str, ...] = ()  # direct signs of life seen now (an RBD watch of the host)
+    min_gap: float = 0.0  # a back end's own floor for a stale window (RBD: the watch timeout)
 
 
 @dataclass(frozen=True)
@@ -193,7 +206,7 @@ class ProposeFence:
     episode: int
     suspect_since: float
     stale_checks: int
-    newest_write: float | None
+    newest_write: float | None  # the newest disk mtime of the last reading (filer clock, shown)
     files_checked: int
     decision_id: str = ""  # always set by the core: "<host>/<episode>/<suspect second>"
     neighbour: str | None = None  # who saw the last stale check

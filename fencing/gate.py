@@ -1,16 +1,26 @@
-"""No fence reaches a BMC without passing this gate; it is pure: no clock, no I/O.
+"""No fence reaches a BMC without passing this gate; it is pure: no I/O, and no clock of its
+own: the shell passes the gate worker's wall clock as `now`.
 
 State is split the way the shell stores it: one `ClusterGate` per cluster (a table row keyed by
 cluster uuid) and one `GlobalGate` (the row every cluster shares). `decide(cluster, glob,
-request, ctx)` returns both new states and a `Verdict`; `observe(cluster, fact)` feeds the
+request, ctx, now)` returns both new states and a `Verdict`; `observe(cluster, fact)` feeds the
 cluster's membership facts (a host's episode opened or ended, the cluster's size, a pause).
+
+The gate owns its clock. `now` (the gate worker's clock) stamps every verdict and grant and
+slides the windows; a proposal's `at` (stamped by the proposing worker's clock) is never used as
+a clock. A request stamped more than `ctx.clock_tolerance` before or after `now` is refused
+before anything else: the verdict has `skew` set, is neither approved nor withheld, and the rows
+keep every grant (a worker whose clock runs two hours fast can never empty a window).
 
 A request is judged in this order; the first rule that holds is the withheld reason:
 
-1. A decision id the gate already judged inside the window gets the same verdict again
-   (`repeated=True`) and consumes nothing: a redelivered proposal is never counted twice.
+1. A decision id the gate already approved, or withheld for a final reason (CAP_REACHED,
+   GLOBAL_CAP_REACHED), inside the window gets the same verdict again (`repeated=True`, `at` =
+   now) and consumes nothing: a re-sent or redelivered proposal is never counted twice. One
+   withheld for a TEMPORARY reason (see `TEMPORARY`) is judged again: the reason may have
+   passed.
 2. Operator pause, global then per cluster: PAUSED.
-3. Startup quiet period (`request.at - ctx.started_at < startup_quiet`): QUIET_PERIOD.
+3. Startup quiet period (`now - ctx.started_at < startup_quiet`): QUIET_PERIOD.
 4. Storm guard: the suspect hosts (the requester always included) over the cluster's host count
    above `storm_ratio` means a partition or a storage outage, not crashed hosts: STORM_GUARD.
    With no host count known the guard cannot judge: CLUSTER_SIZE_UNKNOWN.
@@ -18,10 +28,8 @@ A request is judged in this order; the first rule that holds is the withheld rea
    at most `fence_cap` per cluster and `global_cap` overall in any sliding `fence_window`
    (CAP_REACHED, GLOBAL_CAP_REACHED). "nothing" and "blink" pass 2-4 but never consume budget.
 
-Withheld is final for the episode: the host's record goes to WITHHELD and the verdict's reason
-is what the notifiers tell people. The gate's clock is the latest request time it has seen
-(never going back), so a late or skewed request is judged against every grant already made and
-no window ever holds more than the cap.
+A grant counts while `now - grant.at < fence_window`; a grant stamped after `now` (the gate's
+clock stepped back) still counts, so no window ever holds more than the cap.
 """
 
 from __future__ import annotations
@@ -31,6 +39,16 @@ from dataclasses import dataclass, replace
 from fencing.decision import CoreError
 from fencing.events import FenceAction, WithheldReason
 from fencing.policy import Policy
+
+# Withheld reasons that may pass: the host keeps being checked and its proposal is judged again.
+TEMPORARY: frozenset[WithheldReason] = frozenset(
+    {
+        WithheldReason.QUIET_PERIOD,
+        WithheldReason.PAUSED,
+        WithheldReason.CLUSTER_SIZE_UNKNOWN,
+        WithheldReason.STORM_GUARD,
+    }
+)
 
 
 class IllegalRequest(CoreError):
@@ -53,7 +71,8 @@ class GateContext:
     """What the gate needs from its surroundings."""
 
     policy: Policy
-    started_at: float  # when this service started: the quiet period counts from here
+    started_at: float  # when this service started (gate clock): the quiet period counts from here
+    clock_tolerance: float = 300.0  # seconds a request's stamp may differ from the gate's now
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,7 @@ class Verdict:
     budget_used: int = 0  # the cluster's power-downs in the window, this one included
     budget_cap: int = 0
     repeated: bool = False  # a redelivered request: the first verdict, nothing consumed
+    skew: float | None = None  # refused unjudged: the request's stamp minus the gate's now
 
 
 @dataclass(frozen=True)
@@ -90,7 +110,7 @@ class ClusterGate:
     hosts: int = 0  # hosts in the cluster; 0: not known yet
     suspect: frozenset[str] = frozenset()  # hosts with an open episode
     paused: bool = False
-    clock: float = float("-inf")  # the latest time this row has judged at
+    clock: float = float("-inf")  # the gate's clock at the row's last judgement (display only)
     grants: tuple[Grant, ...] = ()
     verdicts: tuple[Verdict, ...] = ()  # inside the window, for redelivered requests
 
@@ -157,9 +177,13 @@ def in_window(grants: tuple[Grant, ...], now: float, window: float) -> tuple[Gra
 
 
 def decide(
-    cluster: ClusterGate, glob: GlobalGate, request: FenceRequest, ctx: GateContext
+    cluster: ClusterGate,
+    glob: GlobalGate,
+    request: FenceRequest,
+    ctx: GateContext,
+    now: float,
 ) -> tuple[ClusterGate, GlobalGate, Verdict]:
-    """Judge one request: the new cluster and global rows, and the verdict."""
+    """Judge one request at the gate's clock `now`: the new rows and the verdict."""
     if request.action in (FenceAction.START, FenceAction.TEST):
         raise IllegalRequest(
             f"decision {request.decision_id}: {request.action.value} is operator-only"
@@ -171,16 +195,33 @@ def decide(
         )
     policy = ctx.policy
     window = policy.fence_window
-    now = max(request.at, cluster.clock, glob.clock)
     verdicts = tuple(v for v in cluster.verdicts if now - v.at < window)
     local = in_window(cluster.grants, now, window)
     everywhere = in_window(glob.grants, now, window)
     cluster = replace(cluster, clock=now, grants=local, verdicts=verdicts)
     glob = replace(glob, clock=now, grants=everywhere)
 
+    skew = request.at - now
+    if abs(skew) > ctx.clock_tolerance:
+        refused = Verdict(
+            decision_id=request.decision_id,
+            host=request.host,
+            cluster=request.cluster,
+            action=request.action,
+            at=now,
+            approved=False,
+            budget_used=len(local),
+            budget_cap=policy.fence_cap,
+            skew=skew,
+        )
+        return cluster, glob, refused
+
     for earlier in verdicts:
         if earlier.decision_id == request.decision_id:
-            return cluster, glob, replace(earlier, repeated=True)
+            if earlier.approved or earlier.reason not in TEMPORARY:
+                return cluster, glob, replace(earlier, repeated=True, at=now)
+            verdicts = tuple(v for v in verdicts if v.decision_id != request.decision_id)
+            break
 
     reason = _withheld_reason(cluster, glob, request, ctx, now)
     approved = reason is None

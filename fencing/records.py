@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fencing.events import Evidence, FenceAction, HostStatus, NoticeKind, WithheldReason
+from fencing.events import FenceAction, HostStatus, NoticeKind, WithheldReason
 
 SCHEMA_VERSION = 1
 
@@ -70,20 +70,37 @@ class ProbeRequest(WireRecord):
 
 
 class ProbeResult(WireRecord):
-    """The answer (topic probe-results)."""
+    """The answer (topic probe-results): a *reading* of the suspect host's files, never a verdict.
+
+    The watch worker's core compares it with the previous reading of the same files (mtimes are
+    the filer's clock, heartbeat contents the host's); this record carries no judgement."""
 
     host: HostRef
     episode: int
     check: int
-    evidence: Evidence
     suspect_since: float
-    finished_at: float
-    newest_write: float | None = None
-    heartbeat: float | None = None
-    files_checked: int = 0
-    files_missing: int = 0
+    finished_at: float = Field(description="the probe worker's clock (shown, never compared)")
+    mtimes: dict[str, float] = Field(
+        default_factory=dict, description="file -> mtime (filer clock), every file read"
+    )
+    heartbeats: dict[str, str] = Field(
+        default_factory=dict, description="heartbeat file -> raw content (the host's clock)"
+    )
+    complete: bool = Field(False, description="every pool answered, output read to its end")
+    files_wanted: int = 0
+    unreadable: int = Field(0, description="disks on storage this probe cannot read")
     neighbour: str | None = None
-    reason: str | None = None
+    reason: str | None = Field(None, description="why the reading is incomplete")
+    neighbour_offset: float | None = Field(
+        None, description="the neighbour's clock minus the probe worker's (shown only)"
+    )
+    filer_offset: float | None = Field(
+        None, description="the filer's clock minus the host's: heartbeat mtime minus content"
+    )
+    live_signs: list[str] = Field(
+        default_factory=list, description="direct signs of life seen now (an RBD watch held)"
+    )
+    min_gap: float = Field(0.0, description="the back end's floor for a stale window, seconds")
     duration: float = 0.0
     probe: str = "nfs"
 
@@ -194,6 +211,18 @@ class HostStateRecord(WireRecord):
     updated_at: float = Field(description="the watch worker's clock when the record changed")
 
 
+class OperatorAction(WireRecord):
+    """An operator's answer to a failed fence (topic operator-actions, key host uuid): `retry`
+    runs the same decision again now, `handled` stops the fence_failed reminders."""
+
+    kind: Literal["retry", "handled"]
+    host_uuid: str
+    decision_id: str | None = Field(None, description="None: the host's latest failed fence")
+    by: str | None = Field(None, description="who asked (UI user, CLI user)")
+    note: str | None = None
+    at: float
+
+
 class DeadLetter(WireRecord):
     """Input fencer could not use (topic dead-letter)."""
 
@@ -204,3 +233,22 @@ class DeadLetter(WireRecord):
     key: str | None = None
     value_b64: str = Field(description="the original bytes, base64")
     at: float
+
+
+class BmcPin(WireRecord):
+    """The system GUID a host's BMC is known by (compacted topic bmc-pins, key host uuid).
+
+    Pinned at the first successful read (pre-flight or first fence) or by an operator; a BMC
+    that reports another GUID is not used for fencing until an operator pins it again."""
+
+    host_uuid: str
+    guid: str = Field(description="the pinned system GUID (IPMI Get System GUID, Redfish UUID)")
+    address: str | None = Field(default=None, description="the BMC address it was read from")
+    driver: str
+    pinned_at: float
+    pinned_by: str = Field(description="preflight, first-fence, or 'operator <name>'")
+    seen_guid: str | None = Field(
+        default=None, description="another GUID the BMC reported since; awaits an operator"
+    )
+    seen_address: str | None = None
+    seen_at: float | None = None

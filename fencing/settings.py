@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -56,7 +57,12 @@ class PolicySettings(_Model):
         60.0, gt=0, description="seconds between checks of a suspect host"
     )
     extra_checks: int = Field(2, ge=0, le=100, description="stale checks needed after the first")
-    heartbeat_max_age: float = Field(61.0, gt=0)
+    heartbeat_max_age: float | None = Field(
+        None,
+        gt=0,
+        description="ignored (kept so older files load): heartbeats are judged by whether their "
+        "content changed between checks, never by their age against a clock",
+    )
     unknown_alert_after: int = Field(3, ge=1)
     fence_cap: int = Field(3, ge=0, description="power-downs per cluster per window")
     fence_window: float = Field(3600.0, gt=0)
@@ -66,10 +72,27 @@ class PolicySettings(_Model):
     probe_timeout: float = Field(
         180.0, gt=0, description="seconds before an unanswered probe counts as unknown"
     )
+    judge_readable_only: bool = Field(
+        False,
+        description="judge a host stale on the files the probe can read even when some of its "
+        "disks sit on storage it cannot read (RBD, local); per cluster in clusters.<uuid>",
+    )
+    clock_skew_alert: float = Field(
+        30.0, gt=0, description="measured clock skew (seconds) that raises a clock_skew notice"
+    )
+    suspect_alert_after: float = Field(
+        1800.0, gt=0, description="seconds suspect without a decision before suspect_too_long"
+    )
+    suspect_renotify: float = Field(
+        3600.0, gt=0, description="seconds between repeated suspect_too_long notices"
+    )
+    fencing_resend_after: float = Field(
+        900.0, gt=0, description="approved without an outcome this long: the proposal is re-sent"
+    )
 
     def to_policy(self) -> Policy:
         """The core's plain-data view."""
-        return Policy(**self.model_dump())
+        return Policy(**self.model_dump(exclude={"heartbeat_max_age"}))
 
 
 class Driver(str, Enum):  # noqa: UP042 - same base as the core enums
@@ -116,6 +139,30 @@ IPMI_FIELDS = (
     "restart_via",
     "restart_without_fence",
 )
+
+
+# IPMI 2.0 carries at most 16 bytes of user name and 20 bytes of password (RAKP messages);
+# a longer value reaches the BMC cut short or not at all, and the operator reads "incorrect
+# password". Checked by `config check` and again by the IPMI driver before any packet.
+IPMI_USERNAME_MAX_BYTES = 16
+IPMI_PASSWORD_MAX_BYTES = 20
+
+
+def ipmi_credentials_error(username: str, password: SecretStr | None) -> str | None:
+    """Why these credentials cannot travel over IPMI 2.0 (naming the field), or None."""
+    name_len = len(username.encode())
+    if name_len > IPMI_USERNAME_MAX_BYTES:
+        return (
+            f"username is {name_len} bytes; IPMI 2.0 carries at most "
+            f"{IPMI_USERNAME_MAX_BYTES} (the BMC would refuse the login)"
+        )
+    pw_len = len(password.get_secret_value().encode()) if password is not None else 0
+    if pw_len > IPMI_PASSWORD_MAX_BYTES:
+        return (
+            f"password is {pw_len} bytes; IPMI 2.0 carries at most {IPMI_PASSWORD_MAX_BYTES} "
+            "(the BMC would answer 'incorrect password')"
+        )
+    return None
 
 
 class IpmiSettings(_Model):
@@ -190,6 +237,9 @@ class ClusterSettings(_Model):
     email_to: list[str] | None = Field(None, description="recipients; the global list if unset")
     fence_cap: int | None = Field(None, ge=0)
     paused: bool = False
+    judge_readable_only: bool | None = Field(
+        None, description="see policy.judge_readable_only; the policy's value if unset"
+    )
 
 
 class HostSettings(_Model):
@@ -197,6 +247,11 @@ class HostSettings(_Model):
 
     name: str | None = None
     ipmi: IpmiOverrides = Field(default_factory=IpmiOverrides)
+    storage_ip: str | None = Field(
+        None,
+        description="the host's address on the Ceph network (its RBD watchers carry it, a "
+        "blocklist names it); CloudStack's ipaddress if unset",
+    )
 
 
 class EffectiveIpmi(_Model):
@@ -228,6 +283,8 @@ class TopicNames(_Model):
     dead_letter: str = "fencer.dead-letter"
     settings: str = "fencer.settings"
     fence_claims: str = "fencer.fence-claims"
+    operator_actions: str = "fencer.operator-actions"
+    bmc_pins: str = "fencer.bmc-pins"
 
 
 class KafkaSettings(_Model):
@@ -275,6 +332,37 @@ class SshSettings(_Model):
     command_timeout: float = Field(20.0, gt=0)
     max_neighbours: int = Field(2, ge=1, description="neighbours tried per check")
     mount_root: str = "/mnt"
+
+
+class RbdSettings(_Model):
+    """The RBD back end (probes.rbd) and the storage fence (fencing.blocklist)."""
+
+    conf: str = Field("/etc/ceph/ceph.conf", description="ceph.conf on the neighbours")
+    user: str = Field("fencer-probe", description="the probe's read-only Ceph client id")
+    keyring: str = Field(
+        "/etc/ceph/ceph.client.fencer-probe.keyring", description="its keyring, on the neighbours"
+    )
+    python: str = Field(
+        "python3", description="the neighbours' Python with python3-rados/-rbd (from ceph-common)"
+    )
+    connect_timeout: float = Field(5.0, gt=0, description="seconds for each Ceph command")
+    watch_timeout: float = Field(
+        30.0, gt=0, description="the cluster's osd_client_watch_timeout: a dead client's lingering"
+    )
+    watch_margin: float = Field(5.0, ge=0, description="added to watch_timeout for a stale window")
+    foreign_watchers: Literal["unknown", "ignore"] = Field(
+        "unknown",
+        description="a watch from another address on the host's image: the check is unknown "
+        "(a storage_ip that is not set), or ignored (e.g. rbd-mirror watches every image)",
+    )
+    fence_conf: str = Field("/etc/ceph/ceph.conf", description="ceph.conf on the fencer worker")
+    fence_user: str = Field("fencer-fence", description="the Ceph client id that may blocklist")
+    fence_keyring: str = Field(
+        "/etc/ceph/ceph.client.fencer-fence.keyring", description="its keyring, on the worker"
+    )
+    blocklist_expire: float = Field(
+        86400.0, gt=0, description="seconds a blocklist lasts unless lifted (outlive BMC retries)"
+    )
 
 
 class EmailSettings(_Model):
@@ -330,6 +418,13 @@ class ActuatorSettings(_Model):
         description="seconds without a renewal after which another worker's claim has lapsed",
     )
 
+    fence_deadline: float = Field(
+        600.0, gt=0, description="seconds one fence keeps retrying its BMC before fence_failed"
+    )
+    renotify_interval: float = Field(
+        3600.0, gt=0, description="seconds between fence_failed reminders until an operator acts"
+    )
+
 
 class SigningSettings(_Model):
     """Keys that sign fence decisions and settings records (fencing.signing).
@@ -340,6 +435,14 @@ class SigningSettings(_Model):
     keys_file: Path | None = Field(None, description="file of signing keys (mode 0600)")
     keys: SecretStr | None = Field(
         None, description="the same lines inline (e.g. FENCER_SECRETS_DIR file signing__keys)"
+    )
+
+
+class GateSettings(_Model):
+    """The cluster gate's own clock."""
+
+    clock_tolerance: float = Field(
+        300.0, gt=0, description="seconds a proposal's stamp may differ from the gate's clock"
     )
 
 
@@ -372,9 +475,11 @@ class FencerSettings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     cloudstack: CloudStackSettings = Field(default_factory=CloudStackSettings)
     ssh: SshSettings = Field(default_factory=SshSettings)
+    rbd: RbdSettings = Field(default_factory=RbdSettings)
     email: EmailSettings = Field(default_factory=EmailSettings)
     snmp: SnmpSettings = Field(default_factory=SnmpSettings)
     actuator: ActuatorSettings = Field(default_factory=ActuatorSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     signing: SigningSettings = Field(default_factory=SigningSettings)
@@ -431,6 +536,13 @@ class FencerSettings(BaseSettings):
             return self.kafka.group_id
         return f"{self.kafka.group_id}-{'-'.join(wanted)}"
 
+    @model_validator(mode="after")
+    def _ipmi_credentials_fit(self) -> FencerSettings:
+        problems = ipmi_credential_problems(self)
+        if problems:
+            raise ValueError("\n".join(f"{where}: {problem}" for where, problem in problems))
+        return self
+
     def effective_ipmi(self, host_uuid: str, cluster_uuid: str | None) -> EffectiveIpmi:
         """The host's settings: host override, else cluster, else defaults, field by field."""
         host = self.hosts.get(host_uuid, HostSettings()).ipmi
@@ -447,10 +559,28 @@ class FencerSettings(BaseSettings):
                 values[name], sources[name] = getattr(self.defaults, name), "default"
         return EffectiveIpmi(address=host.address, values=IpmiSettings(**values), sources=sources)
 
+    def storage_ip_for(self, host_uuid: str, management_ip: str) -> str:
+        """The host's Ceph-network address: its `storage_ip` setting, else CloudStack's."""
+        h = self.hosts.get(host_uuid)
+        return h.storage_ip if h and h.storage_ip else management_ip
+
     def fence_cap_for(self, cluster_uuid: str) -> int:
         """The cluster's cap, or the policy's."""
         c = self.clusters.get(cluster_uuid)
         return c.fence_cap if c and c.fence_cap is not None else self.policy.fence_cap
+
+    def policy_for(self, cluster_uuid: str | None) -> Policy:
+        """The core's policy for a host of this cluster (cluster overrides applied)."""
+        policy = self.policy.to_policy()
+        c = self.clusters.get(cluster_uuid or "")
+        if c is None:
+            return policy
+        updates: dict[str, Any] = {}
+        if c.fence_cap is not None:
+            updates["fence_cap"] = c.fence_cap
+        if c.judge_readable_only is not None:
+            updates["judge_readable_only"] = c.judge_readable_only
+        return replace(policy, **updates) if updates else policy
 
     def email_to_for(self, cluster_uuid: str | None) -> list[str]:
         """The cluster's recipients, or the global list."""
@@ -467,6 +597,44 @@ def fake_driver_fields(settings: FencerSettings) -> list[str]:
     ]
     where += [f"hosts.{u}.ipmi.driver" for u, h in settings.hosts.items() if h.ipmi.driver is fake]
     return where
+
+
+def ipmi_credential_problems(settings: FencerSettings) -> list[tuple[str, str]]:
+    """(setting path, problem) for each IPMI user name or password IPMI 2.0 cannot carry.
+
+    A value is reported where it is set, when the driver that would use it is `ipmi`. A host's
+    cluster is not known from the settings alone: a host value is judged with the host's own
+    driver, else the defaults' unless some cluster sets another driver (the driver refuses
+    such a value at the pre-flight or the fence, with the same reason).
+    """
+    out: list[tuple[str, str]] = []
+
+    def judge(prefix: str, eff: EffectiveIpmi, source: str) -> None:
+        v = eff.values
+        if v.driver is not Driver.IPMI:
+            return
+        for field in ("username", "password"):
+            if eff.sources[field] != source:
+                continue
+            problem = (
+                ipmi_credentials_error(v.username, None)
+                if field == "username"
+                else ipmi_credentials_error("", v.password)
+            )
+            if problem is not None:
+                out.append((f"{prefix}.{field}", problem))
+
+    judge("defaults", settings.effective_ipmi("", None), "default")
+    for cuuid in settings.clusters:
+        judge(f"clusters.{cuuid}.ipmi", settings.effective_ipmi("", cuuid), "cluster")
+    other_drivers = any(
+        c.ipmi.driver not in (None, Driver.IPMI) for c in settings.clusters.values()
+    )
+    for huuid, host in settings.hosts.items():
+        if host.ipmi.driver is None and other_drivers:
+            continue
+        judge(f"hosts.{huuid}.ipmi", settings.effective_ipmi(huuid, None), "host")
+    return out
 
 
 class SettingsError(Exception):
@@ -534,6 +702,12 @@ def _describe(err: ValidationError, lines: dict[tuple[str, ...], int], source: s
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown setting"
+        if not loc and e["type"] == "value_error":
+            # A check across fields names its setting at the start of the message.
+            for one in msg.removeprefix("Value error, ").splitlines():
+                line = lines.get(tuple(one.split(":", 1)[0].split(".")))
+                out.append(one + (f" ({source} line {line})" if line else ""))
+            continue
         out.append(f"{'.'.join(loc) or '<root>'}: {msg}{where}")
     return "invalid settings:\n  " + "\n  ".join(out)
 

@@ -59,7 +59,13 @@ class LabCloud:
     """A zone, one KVM cluster of `hosts` lab hosts with BMCs, NFS pools, VMs, receivers.
 
     `async with LabCloud(broker) as lab:` then `lab.settings(...)` for the workers and the fault
-    helpers (`agent_dies`, `crash`, `storage_outage`, `neighbours_unreachable`, `recovers`).
+    helpers (`agent_dies`, `agent_recovers`, `crash`, `storage_outage`, `neighbours_unreachable`,
+    `recovers`, `vms_go_idle`, `set_filer_offset`, `vms_restarted_elsewhere`).
+
+    Options: `idle_hosts` (those hosts' VMs never write their disks), `filer_offset` (seconds
+    the NFS filer's clock is ahead, negative behind: every mtime a neighbour stats is on it,
+    heartbeat contents stay on the hosts' clock), `rbd_hosts` (each of those hosts' first VM
+    has its ROOT volume on a Ceph RBD pool, which no NFS probe can read).
     """
 
     def __init__(
@@ -69,6 +75,9 @@ class LabCloud:
         hosts: int = 10,
         vms_per_host: int = 2,
         hosts_without_vms: tuple[str, ...] = (),
+        idle_hosts: tuple[str, ...] = (),
+        rbd_hosts: tuple[str, ...] = (),
+        filer_offset: float = 0.0,
         pools: int = 1,
         interval: float = 1.0,
         root: Path | None = None,
@@ -79,6 +88,8 @@ class LabCloud:
         self.host_count = hosts
         self.vms_per_host = vms_per_host
         self.hosts_without_vms = set(hosts_without_vms)
+        self.idle_hosts = set(idle_hosts)
+        self.rbd_hosts = set(rbd_hosts)
         self.pool_count = pools
         self.interval = interval
         self._own_root = root is None
@@ -91,7 +102,9 @@ class LabCloud:
         self.zone = self.cloud.add_zone("zone1")
         self.cluster = self.cloud.add_cluster(self.zone, "cluster1")
         self.pools: list[StoragePool] = []
+        self.rbd_pool: StoragePool | None = None
         self.kvm = KvmLab(self.cloud, self.root / "kvm", interval=interval)
+        self.kvm.set_filer_offset(filer_offset)
         self.sim: CloudStackSimulator | None = None
         self.bmcs: dict[str, BmcSimulator] = {}  # host name -> BMC
         self.bmc_passwords: dict[str, str] = {}
@@ -115,14 +128,24 @@ class LabCloud:
             self.pools.append(
                 self.cloud.add_pool(self.cluster, f"nfs{i}", "10.0.0.5", path=f"/export/pri{i}")
             )
+        if self.rbd_hosts:
+            # CloudStack lists an RBD pool with its monitor as ipaddress and the Ceph pool name
+            # as path; KVM hosts mount nothing for it and KVMHAMonitor writes no heartbeat there.
+            self.rbd_pool = self.cloud.add_pool(
+                self.cluster, "rbd1", "10.0.0.7", path="rbd", type="RBD"
+            )
         for i in range(1, self.host_count + 1):
             h = self.kvm.add_host(self.cluster, f"kvm{i:02d}")
+            h.idle = h.name in self.idle_hosts
             if h.name in self.hosts_without_vms:
                 continue
             for j in range(1, self.vms_per_host + 1):
                 vm = self.cloud.add_vm(h.cloud_host, f"vm-{h.name}-{j}")
                 self.home[vm.uuid] = h.name
-                self.cloud.add_volume(vm, self.pools[(i + j) % len(self.pools)])
+                if j == 1 and h.name in self.rbd_hosts and self.rbd_pool is not None:
+                    self.cloud.add_volume(vm, self.rbd_pool)
+                else:
+                    self.cloud.add_volume(vm, self.pools[(i + j) % len(self.pools)])
 
     def host(self, name: str) -> LabKvmHost:
         """A lab host by name (kvm01, kvm02, ...)."""
@@ -322,6 +345,7 @@ class LabCloud:
                 # waited for a worker to start.
                 decision_max_age=15.0,
                 claim_lease=20.0,
+                fence_deadline=15.0,
             ),
             log_level="INFO",
             # The lab's own signing key (the gate signs, the actuator verifies) and the flag
@@ -332,11 +356,16 @@ class LabCloud:
         prepare_kafka(settings)
         return settings
 
+    @staticmethod
+    def default_check_interval(interval: float) -> float:
+        """The lab policy's check_interval for hosts writing every `interval` seconds."""
+        return max(1.0, 2 * interval)
+
     def settings(self, **policy: Any) -> FencerSettings:
         """The workers' settings; `policy` overrides the lab policy (e.g. fence_cap=3)."""
         assert self._base is not None, "start the LabCloud first"
         values: dict[str, Any] = {
-            "check_interval": max(1.0, 2 * self.interval),
+            "check_interval": self.default_check_interval(self.interval),
             "extra_checks": 2,
             "startup_quiet": 0.0,
             "heartbeat_max_age": 3 * self.interval,
@@ -349,8 +378,27 @@ class LabCloud:
     # -- faults ---------------------------------------------------------------------------------
 
     def agent_dies(self, name: str) -> None:
-        """CloudStack sees the host Disconnected; the host keeps running and writing."""
+        """The host's agent dies: CloudStack sees it Disconnected and its heartbeat stops (the
+        heartbeat writer lives in the agent); the host and its VMs keep running and writing."""
         self.host(name).agent_dies("Disconnected")
+
+    def agent_recovers(self, name: str) -> None:
+        """The agent is restarted: Up again (CloudStack publishes nothing), heartbeat resumes."""
+        self.host(name).agent_recovers()
+
+    def vms_go_idle(self, name: str, idle: bool = True) -> None:
+        """Every VM on host `name` stops (or resumes) writing its disks."""
+        self.host(name).idle = idle
+
+    def set_filer_offset(self, seconds: float) -> None:
+        """The NFS filer's clock runs `seconds` ahead of the hosts' (negative: behind)."""
+        self.kvm.set_filer_offset(seconds)
+
+    def vms_restarted_elsewhere(self, name: str, vms: list[str] | None = None) -> dict[str, str]:
+        """CloudStack's own HA restarts the VMs of disconnected host `name` (or `vms` of it) on
+        another Up host; {vm uuid: new host name}. The new host writes their disks."""
+        moved = self.host(name).vms_restarted_elsewhere(vms)
+        return {u: self.cloud.hosts[h].name for u, h in moved.items()}
 
     async def crash(self, name: str) -> None:
         """The host dies: writes stop, SSH is gone, CloudStack sees it Disconnected.

@@ -13,7 +13,8 @@ description JSON, key = the resource uuid or None for alerts).
 Asynchronous commands return a `jobid` at once and run their effect `SimCloud.job_delay` seconds
 later, as CloudStack's job executor does; a failing precondition (e.g. declaring an Up host
 degraded) therefore fails the job with the error code CloudStack would use, and
-`SimCloud.fail_jobs` makes any async command fail on purpose.
+`SimCloud.fail_jobs` makes any async command fail on purpose; `SimCloud.fail_next_jobs` makes
+the next N jobs of a command fail, then work again.
 """
 
 from __future__ import annotations
@@ -290,6 +291,8 @@ class SimCloud:
         self.job_delay = 0.05
         # command name (case-insensitive) -> error text: that async command's jobs fail.
         self.fail_jobs: dict[str, str] = {}
+        # command name (lower case) -> how many of its next jobs fail, then they work again.
+        self.fail_next_jobs: dict[str, int] = {}
         self.user_uuid = _uuid()
         self.account_uuid = _uuid()
         self.calls: list[tuple[str, dict[str, str]]] = []
@@ -488,14 +491,23 @@ class SimCloud:
         for vm in list(self.vms.values()):
             if vm.host_uuid != h.uuid or vm.state not in ("Running", "Starting", "Stopping"):
                 continue
-            self.set_vm_state(vm.uuid, "Stopped")
-            target = self._other_up_host(h)
-            if target is None:
-                continue
-            self.set_vm_state(vm.uuid, "Starting", target.uuid)
-            self.set_vm_state(vm.uuid, "Running", target.uuid)
-            moved.append(vm.uuid)
+            if self.restart_vm_elsewhere(vm.uuid):
+                moved.append(vm.uuid)
         return moved
+
+    def restart_vm_elsewhere(self, vm_uuid: str, target_uuid: str | None = None) -> str | None:
+        """VM-HA for one VM: Stopped, then Starting and Running on `target_uuid` (default: the
+        first other Up, Enabled host of its cluster). Returns the new host's uuid, or None when
+        no host could take it (the VM stays Stopped, as CloudStack leaves it)."""
+        vm = self.vms[vm_uuid]
+        h = self.hosts[vm.host_uuid or ""]
+        target = self.hosts[target_uuid] if target_uuid else self._other_up_host(h)
+        self.set_vm_state(vm.uuid, "Stopped")
+        if target is None:
+            return None
+        self.set_vm_state(vm.uuid, "Starting", target.uuid)
+        self.set_vm_state(vm.uuid, "Running", target.uuid)
+        return target.uuid
 
     # --- async commands -----------------------------------------------------------------------
 
@@ -608,6 +620,9 @@ class SimCloud:
             "cancelhostmaintenance": self.run_cancel_maintenance,
         }[job.command.lower()]
         forced = {k.lower(): v for k, v in self.fail_jobs.items()}.get(job.command.lower())
+        if forced is None and self.fail_next_jobs.get(job.command.lower(), 0) > 0:
+            self.fail_next_jobs[job.command.lower()] -= 1
+            forced = f"Failed to run {job.command}: management server busy (injected fault)"
         try:
             if forced is not None:
                 raise ApiError(INTERNAL_ERROR, forced)

@@ -6,6 +6,10 @@ real workers through the real topics, and a scenario passes only on what the pee
 power-offs, CloudStack's API calls and VM states, the mails and traps received). Each scenario
 gets a fresh `LabCloud` (own topics, own consumer group) on one shared embedded broker. The
 scenarios are also the end-to-end tests (tests/e2e).
+
+The checks the timeline shows are the core's judgements, read from the compacted
+`fencer.host-states` topic (one per (episode, check) the record reports as judged); a probe
+result is only a reading (files and their mtimes), shown as the detail of the check it answered.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -30,6 +35,14 @@ from lab.pipeline import Tap, WorkerProcess, write_settings
 from streams.broker import BrokerError, EmbeddedBroker
 
 Printer = Callable[[dict[str, Any]], None]
+
+# What the pipeline may add to check_interval x (1 + extra_checks) in the lab, on a shared
+# two-core machine. Per check: the tick's granularity, the request's and the result's topic hops,
+# CloudStack's lookups and the SSH reading (about 0.5 s measured; the next check waits a full
+# interval after the previous result *arrived*, so this adds up with every check). Once: the
+# event bus hop before the baseline, the gate, IPMI set-then-verify and declareHostAsDegraded.
+PIPELINE_PER_CHECK = 1.5
+PIPELINE_ONCE = 6.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,12 +67,18 @@ class Run:
         self.file: Path | None = None
         self.tap: Tap | None = None
         self.marks: dict[str, float] = {}
+        self.moved_disks: dict[str, float] = {}  # disk file -> its mtime when its VM moved
         self._seen_mails = 0
         self._seen_traps = 0
         self._seen_offs = 0
         self._watch: asyncio.Task[None] | None = None
         self._suspects: set[str] = set()
-        self._checks_seen: set[tuple[str, Any, Any]] = set()
+        # (host uuid, episode, check) -> the reading a probe reported for that check
+        self.readings: dict[tuple[str, Any, Any], dict[str, Any]] = {}
+        # the core's judged checks, in arrival order (see `_judged`)
+        self.judged: list[dict[str, Any]] = []
+        self._judged_seen: set[tuple[str, Any, Any]] = set()
+        self.states: dict[str, list[tuple[float, str]]] = {}  # host name -> (time, state)
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -74,6 +93,7 @@ class Run:
             [
                 t.host_signals,
                 t.probe_results,
+                t.host_states,
                 t.fence_proposals,
                 t.fence_decisions,
                 t.fence_outcomes,
@@ -158,9 +178,6 @@ class Run:
         h = value.get("host") or {}
         return str(h.get("host_name") or h.get("host_uuid") or "?")
 
-    def _age(self, at: float | None, ref: float) -> str:
-        return "none seen" if at is None else f"{ref - at:.1f} s old"
-
     async def _on_record(self, topic: str, key: str | None, v: dict[str, Any]) -> None:
         t = self.settings.kafka.topics
         if topic == t.host_signals:
@@ -177,31 +194,13 @@ class Run:
                 self._suspects.discard(name)
                 self.event("signal", name, f"CloudStack reports {name} Up again")
         elif topic == t.probe_results:
-            name = self._name(v)
-            ev = v.get("evidence")
-            fin = float(v.get("finished_at") or time.time())
-            detail = (
-                f"newest disk write {self._age(v.get('newest_write'), fin)}, heartbeat "
-                f"{self._age(v.get('heartbeat'), fin)}, {v.get('files_checked', 0)} files read"
-            )
-            seen = (name, v.get("episode"), v.get("check"))
-            if seen in self._checks_seen:
-                detail += "; a redelivered check, counted once"
-            self._checks_seen.add(seen)
-            if v.get("reason"):
-                detail += f"; {v['reason']}"
-            self.event(
-                "probe",
-                name,
-                f"check {v.get('check')} of {name} via {v.get('neighbour') or 'no neighbour'}: "
-                f"{str(ev).upper()} ({detail})",
-                evidence=ev,
-                check=v.get("check"),
-                newest_write=v.get("newest_write"),
-                heartbeat=v.get("heartbeat"),
-                neighbour=v.get("neighbour"),
-                reason=v.get("reason"),
-            )
+            seen = (str((v.get("host") or {}).get("host_uuid")), v.get("episode"), v.get("check"))
+            if seen in self.readings:
+                name = self._name(v)
+                self.event("probe", name, f"reading {seen[2]} of {name} redelivered: ignored")
+            self.readings[seen] = v
+        elif topic == t.host_states:
+            self._host_state(v)
         elif topic == t.fence_decisions:
             name = self._name(v)
             ev = v.get("evidence") or {}
@@ -251,6 +250,63 @@ class Run:
                 notice=v.get("kind"),
             )
 
+    def _host_state(self, v: dict[str, Any]) -> None:
+        """A new value of a host's record: note its state, and the check it just judged."""
+        name, r = self._name(v), v.get("record") or {}
+        states = self.states.setdefault(name, [])
+        state = str(r.get("state"))
+        if not states or states[-1][1] != state:
+            states.append((time.time(), state))
+        ev, check = r.get("last_evidence"), r.get("last_check") or 0
+        key = (str((v.get("host") or {}).get("host_uuid")), r.get("episode"), check)
+        if ev is None or check < 1 or key in self._judged_seen:
+            return
+        self._judged_seen.add(key)
+        check_row = {
+            "host": key[0],
+            "name": name,
+            "episode": key[1],
+            "check": check,
+            "evidence": ev,
+            "reason": r.get("reason"),
+            "stale_count": r.get("stale_count"),
+            "neighbour": r.get("neighbour"),
+            "state": state,
+            "requested_at": r.get("last_request_at"),
+            "files_checked": r.get("files_checked"),
+            "filer_offset": r.get("filer_offset"),
+            "at": time.time(),
+            "key": key,
+            "reading": self.readings.get(key) or {},
+        }
+        self.judged.append(check_row)
+        # The detail comes from the record (the reading's own record may still be on its way).
+        p = self.settings.policy
+        detail = f"{r.get('files_checked') or 0} files read"
+        beats = [b for _path, b in r.get("ref_heartbeats") or []]
+        if beats and ev != "unknown":
+            detail += ", heartbeat " + ", ".join(str(b).strip() for b in beats)
+        if r.get("unreadable"):
+            detail += f", {r['unreadable']} disks on storage it cannot read"
+        if r.get("filer_offset") is not None:
+            detail += f", filer clock {r['filer_offset']:+g} s"
+        if ev == "stale":
+            detail += f"; stale {r.get('stale_count')}/{1 + p.extra_checks}"
+        if r.get("reason"):
+            detail += f"; {r['reason']}"
+        self.event(
+            "probe",
+            name,
+            f"check {check} of {name} via {r.get('neighbour') or 'no neighbour'}: "
+            f"{str(ev).upper()} ({detail})",
+            evidence=ev,
+            check=check,
+            episode=key[1],
+            neighbour=r.get("neighbour"),
+            reason=r.get("reason"),
+            stale_count=r.get("stale_count"),
+        )
+
     def _poll_receivers(self) -> None:
         offs = self.lab.power_offs
         for _at, name in offs[self._seen_offs :]:
@@ -292,12 +348,17 @@ class Run:
         return self.lab.host(name).uuid
 
     def results(self, name: str | None = None, evidence: str | None = None) -> list[dict[str, Any]]:
-        """Probe results (for one host, of one evidence)."""
+        """The core's judged checks, from fencer.host-states (for one host, of one evidence):
+        dicts with host, name, episode, check, evidence, reason, stale_count, neighbour,
+        state, requested_at, at (when the demo saw it) and the probe's `reading`."""
+        for c in self.judged:
+            if not c["reading"]:
+                c["reading"] = self.readings.get(c["key"]) or {}
         return [
-            v
-            for v in self._of(self.settings.kafka.topics.probe_results)
-            if (name is None or v["host"]["host_uuid"] == self.uuid(name))
-            and (evidence is None or v.get("evidence") == evidence)
+            c
+            for c in self.judged
+            if (name is None or c["host"] == self.uuid(name))
+            and (evidence is None or c["evidence"] == evidence)
         ]
 
     def decisions(self, name: str | None = None) -> list[dict[str, Any]]:
@@ -357,10 +418,24 @@ class Run:
         )
 
     @property
-    def fence_deadline(self) -> float:
-        """check_interval x (extra_checks + 2) plus a few seconds: the fence must be done by."""
+    def fence_ideal(self) -> float:
+        """check_interval x (1 + extra_checks): crash to proposal with no pipeline at all (the
+        baseline is read at the disconnect, then 1 + extra_checks stale checks)."""
         p = self.settings.policy
-        return float(p.check_interval * (p.extra_checks + 2) + 8.0)
+        return float(p.check_interval * (1 + p.extra_checks))
+
+    @property
+    def fence_deadline(self) -> float:
+        """The ideal plus the pipeline's slack (baseline and 1 + extra_checks checks): the
+        verified power-off must be done by then after a crash that causes the disconnect."""
+        checks = 2 + self.settings.policy.extra_checks
+        return self.fence_ideal + checks * PIPELINE_PER_CHECK + PIPELINE_ONCE
+
+    @property
+    def fence_deadline_mid_episode(self) -> float:
+        """The same for a crash of a host already suspect: the first check after the crash may
+        still see the writes it made just before dying, which costs at most one check more."""
+        return self.fence_deadline + self.settings.policy.check_interval + PIPELINE_PER_CHECK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,6 +452,7 @@ class Scenario:
     judge: Callable[[Run], list[str]]
     lab: dict[str, Any] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)
+    filer_offset_checks: float = 0.0  # the filer's clock offset, in check intervals
 
 
 def _expect(failures: list[str], ok: bool, text: str) -> None:
@@ -638,10 +714,319 @@ def _judge_no_vms(run: Run) -> list[str]:
     f: list[str] = []
     stale = run.results("kvm08", "stale")
     _expect(f, len(stale) >= 1 + run.settings.policy.extra_checks, "not enough stale checks")
-    _expect(f, all(r.get("heartbeat") is not None for r in stale), "stale without a heartbeat")
+    _expect(f, all(r["reading"].get("heartbeats") for r in stale), "stale without a heartbeat read")
     outs = run.outcomes("kvm08")
     _expect(f, len(outs) == 1 and bool(outs[0].get("success")), "kvm08 was not fenced once")
     _expect(f, run.lab.bmc_power_offs("kvm08") == 1, "kvm08's BMC did not get one power-off")
+    return f
+
+
+# -- agent-dies-then-crash
+
+
+def _checks_between(run: Run, name: str, start: float, end: float | None = None) -> list[str]:
+    """Evidence of the checks of `name` requested in [start, end) (worker clock = lab clock:
+    one machine; only the demo's judges compare them, never fencer)."""
+    return [
+        c["evidence"]
+        for c in run.results(name)
+        if c["requested_at"] is not None
+        and c["requested_at"] >= start
+        and (end is None or c["requested_at"] < end)
+    ]
+
+
+def _fenced_once(run: Run, f: list[str], name: str, deadline: float, since: str) -> None:
+    """One approved decision, one verified power-off by the BMC, one declareHostAsDegraded,
+    the VMs running elsewhere, within `deadline` seconds of mark `since`."""
+    outs = run.outcomes(name)
+    _expect(f, len(run.decisions(name)) == 1, f"not exactly one decision for {name}")
+    _expect(f, len(outs) == 1 and bool(outs[0].get("success")), f"{name} was not fenced once")
+    _expect(f, bool(outs) and bool(outs[0].get("verified")), "the power-off was not verified")
+    offs = run.lab.bmc_power_offs(name)
+    _expect(f, offs == 1, f"{name}'s BMC got {offs} power-offs, not 1")
+    _expect(f, run.lab.bmcs[name].power == "off", f"{name}'s BMC does not report power off")
+    _expect(f, len(run.lab.degraded_calls(name)) == 1, "not one declareHostAsDegraded")
+    vms = run.lab.vms_of(name)
+    _expect(f, sorted(run.lab.restarted_elsewhere(name)) == sorted(vms), "VMs not restarted")
+    _expect(f, len(run.fenced()) == 1, "some other host was fenced")
+    at = run.marks.get(since)
+    if outs and at is not None:
+        took = outs[0]["finished_at"] - at
+        _expect(f, took <= deadline, f"fenced {took:.1f} s after the {since} (> {deadline:g})")
+    stale = run.results(name, "stale")
+    need = 1 + run.settings.policy.extra_checks
+    _expect(f, len(stale) >= need, f"fenced after {len(stale)} stale checks, not {need}")
+
+
+async def _then_crash(run: Run, name: str, alive: int) -> None:
+    """Wait for `alive` alive checks of `name` (agent dead, VMs writing), crash it, wait for
+    its fence, the mail, the trap and the VMs restarted."""
+    await run.checks(name, alive, "alive")
+    run.marks[f"crash:{name}"] = time.time()
+    run.fault(f"{name} crashes: its VMs stop writing too", name)
+    await run.lab.crash(name)
+    await run.wait(
+        lambda: run.outcomes(name), run.fence_deadline_mid_episode + 20, f"{name} fenced"
+    )
+    await run.wait(
+        lambda: run.lab.mail.mails and run.lab.traps.traps and run.lab.restarted_elsewhere(name),
+        15,
+        "a mail, a trap and the VMs restarted",
+    )
+    await asyncio.sleep(run.settings.policy.check_interval * 2)  # nothing more may happen
+
+
+async def _agent_dies_then_crash(run: Run) -> None:
+    run.fault("kvm02's agent dies (its heartbeat with it); its VMs keep writing", "kvm02")
+    run.marks["agent:kvm02"] = time.time()
+    run.lab.agent_dies("kvm02")
+    await _then_crash(run, "kvm02", 2 + run.settings.policy.extra_checks)
+
+
+def _judge_then_crash(run: Run, name: str) -> list[str]:
+    f: list[str] = []
+    crashed = run.marks.get(f"crash:{name}")
+    if crashed is None:
+        return [f"{name} never crashed"]
+    before = _checks_between(run, name, 0.0, crashed)
+    alive = before.count("alive")
+    need = 2 + run.settings.policy.extra_checks
+    _expect(f, alive >= need, f"{alive} alive checks while the VMs wrote, not {need}")
+    _expect(f, "stale" not in before, f"a live host's check said stale: {before}")
+    decided = [d for d in run.decisions(name) if float(d.get("decided_at") or 0) < crashed]
+    _expect(f, decided == [], "a fence was decided while the host lived")
+    _fenced_once(run, f, name, run.fence_deadline_mid_episode, f"crash:{name}")
+    return f
+
+
+# -- filer-clock-behind / filer-clock-ahead
+
+FILER_OFFSET_CHECKS = 8  # the filer's clock is off by 8 check intervals (8 min at the default)
+
+
+async def _filer_clock(run: Run) -> None:
+    off = run.lab.kvm.filer_offset
+    run.event(
+        "lab",
+        None,
+        f"the NFS filer's clock is {abs(off):g} s {'behind' if off < 0 else 'ahead of'} "
+        "the hosts' (every mtime a neighbour reads is on it)",
+    )
+    run.fault("kvm04's agent dies; its VMs keep writing", "kvm04")
+    run.lab.agent_dies("kvm04")
+    await _then_crash(run, "kvm04", 2 + run.settings.policy.extra_checks)
+
+
+def _judge_filer_clock(run: Run) -> list[str]:
+    f = _judge_then_crash(run, "kvm04")
+    skew = run.notices("clock_skew", "kvm04")
+    _expect(f, bool(skew), "no clock-skew notice although the filer is off by minutes")
+    kinds = [t.kind for t in run.lab.traps.traps]
+    _expect(f, "clock_skew" in kinds, "no clock-skew trap")
+    return f
+
+
+# -- vms-restarted-elsewhere
+
+
+async def _vms_restarted_elsewhere(run: Run) -> None:
+    run.fault("kvm05 crashes", "kvm05")
+    run.marks["crash:kvm05"] = time.time()
+    await run.lab.crash("kvm05")
+    await run.checks("kvm05", 1, "baseline")
+    moved = run.lab.vms_restarted_elsewhere("kvm05")
+    run.marks["moved:kvm05"] = time.time()
+    host = run.lab.host("kvm05")
+    run.moved_disks = {
+        str(d): d.stat().st_mtime for d in host.disk_files(list(moved)) if d.exists()
+    }
+    run.event(
+        "cloud",
+        "kvm05",
+        f"CloudStack's own HA restarted {len(moved)} VMs of kvm05 on "
+        f"{', '.join(sorted(set(moved.values())))}: their disks are written there now",
+    )
+    await run.wait(
+        lambda: run.outcomes("kvm05"), run.fence_deadline_mid_episode + 20, "kvm05 fenced"
+    )
+    await run.wait(lambda: run.lab.mail.mails and run.lab.traps.traps, 15, "a mail and a trap")
+    await asyncio.sleep(run.settings.policy.check_interval * 2)
+
+
+def _judge_vms_restarted_elsewhere(run: Run) -> list[str]:
+    f: list[str] = []
+    moved_at = run.marks.get("moved:kvm05")
+    if moved_at is None:
+        return ["CloudStack never restarted kvm05's VMs"]
+    after = _checks_between(run, "kvm05", moved_at)
+    _expect(f, "alive" not in after, f"the moved VMs' writes kept kvm05 alive: {after}")
+    for c in run.results("kvm05"):
+        if c["requested_at"] is not None and c["requested_at"] >= moved_at:
+            read = set((c["reading"].get("mtimes") or {}).keys())
+            if read & set(run.moved_disks) or c["files_checked"] != 1:
+                f.append(f"check {c['check']} still read a moved VM's disk")
+    written = [p for p, m in run.moved_disks.items() if Path(p).stat().st_mtime > m]
+    _expect(
+        f,
+        len(written) == len(run.moved_disks) > 0,
+        "the new host did not keep writing the moved VMs' disks",
+    )
+    _fenced_once(run, f, "kvm05", run.fence_deadline_mid_episode, "crash:kvm05")
+    return f
+
+
+# -- rbd-disks
+
+
+async def _rbd_disks(run: Run) -> None:
+    run.fault("kvm06 (one VM on Ceph RBD, one on NFS) crashes", "kvm06")
+    await run.lab.crash("kvm06")
+    await run.wait(
+        lambda: run.notices("cannot_verify", "kvm06"),
+        run.settings.policy.check_interval * (run.settings.policy.unknown_alert_after + 3) + 30,
+        "a cannot-verify notice",
+    )
+    await run.checks("kvm06", 2 + run.settings.policy.extra_checks + 1)
+    await run.wait(lambda: run.lab.mail.mails and run.lab.traps.traps, 15, "mail and trap")
+
+
+def _judge_rbd_disks(run: Run) -> list[str]:
+    f: list[str] = []
+    checks = run.results("kvm06")
+    evidence = {c["evidence"] for c in checks}
+    _expect(f, evidence == {"unknown"}, f"checks of a host with an RBD disk said {evidence}")
+    _expect(
+        f,
+        all(c["reading"].get("unreadable") == 1 for c in checks if c["reading"]),
+        "the probe did not count the RBD disk as unreadable",
+    )
+    _expect(f, run.decisions() == [], "a fence was decided without evidence")
+    _expect(f, run.lab.bmc_power_offs("kvm06") == 0, "kvm06's BMC got a power-off")
+    _expect(f, bool(run.notices("cannot_verify", "kvm06")), "no cannot-verify notice")
+    kinds = {t.kind for t in run.lab.traps.traps}
+    _expect(f, "cannot_verify" in kinds, "no cannot-verify trap")
+    subjects = [m.subject for m in run.lab.mail.mails]
+    _expect(f, any("CANNOT-VERIFY" in s for s in subjects), f"no cannot-verify mail: {subjects}")
+    return f
+
+
+# -- suspect-too-long
+
+
+async def _suspect_too_long(run: Run) -> None:
+    p = run.settings.policy
+    run.fault("kvm07 (a VM on Ceph RBD: never judged stale) crashes and stays suspect", "kvm07")
+    await run.lab.crash("kvm07")
+    await run.wait(
+        lambda: (
+            len(_too_long_traps(run)) >= 2
+            and len([m for m in run.lab.mail.mails if "SUSPECT-TOO-LONG" in m.subject]) >= 2
+        ),
+        p.suspect_alert_after + 2 * p.suspect_renotify + 40,
+        "two suspect-too-long mails and traps",
+    )
+
+
+def _too_long_traps(run: Run) -> list[Any]:
+    return [t for t in run.lab.traps.traps if t.kind == "suspect_too_long"]
+
+
+def _judge_suspect_too_long(run: Run) -> list[str]:
+    f: list[str] = []
+    notices = run.notices("suspect_too_long", "kvm07")
+    _expect(f, len(notices) >= 2, f"{len(notices)} suspect-too-long notices, not a repeat")
+    ats = [float(n["at"]) for n in notices]
+    p = run.settings.policy
+    _expect(
+        f,
+        all(b - a >= p.suspect_renotify - 1.0 for a, b in itertools.pairwise(ats)),
+        f"suspect-too-long repeated faster than every {p.suspect_renotify:g} s",
+    )
+    mails = [m for m in run.lab.mail.mails if "SUSPECT-TOO-LONG" in m.subject]
+    _expect(f, len(mails) >= 2, f"{len(mails)} suspect-too-long mails")
+    traps = _too_long_traps(run)
+    _expect(f, len(traps) >= 2, f"{len(traps)} suspect-too-long traps")
+    _expect(
+        f,
+        all(t.varbinds.get("fencerHostName") == "kvm07" for t in traps),
+        "a suspect-too-long trap names another host",
+    )
+    _expect(f, run.decisions() == [], "a fence was decided without evidence")
+    _expect(f, run.lab.bmc_power_offs("kvm07") == 0, "kvm07's BMC got a power-off")
+    return f
+
+
+# -- pause-then-resume
+
+
+async def _pause_then_resume(run: Run) -> None:
+    # As the UI does it: a pause record on the settings topic, which every worker reads.
+    from webui.settings_store import SettingsStore
+
+    cluster = run.lab.cluster
+    store = SettingsStore(run.settings, secrets_key=None, client_id="fencer-demo")
+    await store.start()
+    try:
+        await store.pause(cluster.uuid, reason="demo: storage maintenance", by="demo")
+        run.event("operator", None, f"fencing paused for {cluster.name} (settings topic)")
+        run.marks["crash:kvm06"] = time.time()
+        run.fault("kvm06 crashes while fencing is paused", "kvm06")
+        await run.lab.crash("kvm06")
+        await run.wait(
+            lambda: [d for d in run.withheld() if d.get("withheld_reason") == "paused"],
+            run.fence_deadline + 20,
+            "the fence withheld because of the pause",
+        )
+        withheld_at = time.time()
+        await run.wait(
+            lambda: len([c for c in run.results("kvm06") if c["at"] > withheld_at]) >= 2,
+            run.settings.policy.check_interval * 4 + 20,
+            "kvm06 to be checked on while paused",
+        )
+        run.marks["resume:kvm06"] = time.time()
+        await store.resume(cluster.uuid, by="demo")
+        run.event("operator", None, f"fencing resumed for {cluster.name}")
+        await run.wait(
+            lambda: run.outcomes("kvm06"),
+            run.settings.policy.check_interval + 2 * PIPELINE_PER_CHECK + PIPELINE_ONCE + 20,
+            "kvm06 fenced after the resume",
+        )
+    finally:
+        await store.stop()
+    await run.wait(lambda: run.lab.restarted_elsewhere("kvm06"), 15, "the VMs restarted")
+    await asyncio.sleep(run.settings.policy.check_interval * 2)
+
+
+def _judge_pause_then_resume(run: Run) -> list[str]:
+    f: list[str] = []
+    resumed = run.marks.get("resume:kvm06")
+    paused = [d for d in run.withheld() if d.get("withheld_reason") == "paused"]
+    _expect(f, bool(paused), "nothing was withheld while paused")
+    _expect(
+        f,
+        {d.get("withheld_reason") for d in run.withheld()} <= {"paused"},
+        "withheld for another reason than the pause",
+    )
+    early = [at for at, n in run.lab.power_offs if resumed is None or at < resumed]
+    _expect(f, early == [], "a host was powered off while fencing was paused")
+    states = [s for _at, s in run.states.get("kvm06", [])]
+    _expect(f, "withheld" in states, f"kvm06 never showed withheld: {states}")
+    kinds = {t.kind for t in run.lab.traps.traps}
+    _expect(f, "fence_withheld" in kinds, "no withheld trap")
+    _expect(f, _withheld_mail(run), "no withheld mail")
+    outs = run.outcomes("kvm06")
+    _expect(f, len(outs) == 1 and bool(outs[0].get("success")), "kvm06 was not fenced once")
+    _expect(f, bool(outs) and bool(outs[0].get("verified")), "the power-off was not verified")
+    _expect(f, run.lab.bmc_power_offs("kvm06") == 1, "kvm06's BMC did not get one power-off")
+    _expect(f, len(run.lab.degraded_calls("kvm06")) == 1, "not one declareHostAsDegraded")
+    _expect(f, len(run.fenced()) == 1, "some other host was fenced")
+    ids = {d.get("decision_id") for d in run.decisions("kvm06")}
+    _expect(f, len(ids) == 1, f"the re-proposals carried {len(ids)} decision ids, not one")
+    if outs and resumed is not None:
+        took = outs[0]["finished_at"] - resumed
+        limit = run.settings.policy.check_interval + 2 * PIPELINE_PER_CHECK + PIPELINE_ONCE
+        _expect(f, took <= limit, f"fenced {took:.1f} s after the resume (> {limit:g})")
     return f
 
 
@@ -705,6 +1090,61 @@ SCENARIOS: dict[str, Scenario] = {
             _judge_no_vms,
             lab={"hosts_without_vms": ("kvm08",)},
         ),
+        Scenario(
+            "agent-dies-then-crash",
+            "the agent dies, the VMs keep writing: alive; a few checks later the host crashes: "
+            "fenced once, in time",
+            _agent_dies_then_crash,
+            lambda run: _judge_then_crash(run, "kvm02"),
+        ),
+        Scenario(
+            "filer-clock-behind",
+            "the filer's clock is 8 intervals behind; agent dead, VMs writing: never fenced; "
+            "then a crash: fenced once; a clock-skew notice",
+            _filer_clock,
+            _judge_filer_clock,
+            policy={"clock_skew_alert": 4.0},
+            filer_offset_checks=-FILER_OFFSET_CHECKS,
+        ),
+        Scenario(
+            "filer-clock-ahead",
+            "the filer's clock is 8 intervals ahead; agent dead, VMs writing: never fenced; "
+            "then a crash: fenced once; a clock-skew notice",
+            _filer_clock,
+            _judge_filer_clock,
+            policy={"clock_skew_alert": 4.0},
+            filer_offset_checks=FILER_OFFSET_CHECKS,
+        ),
+        Scenario(
+            "vms-restarted-elsewhere",
+            "CloudStack's HA restarted the dead host's VMs elsewhere: their new writes do not "
+            "keep it alive; fenced once",
+            _vms_restarted_elsewhere,
+            _judge_vms_restarted_elsewhere,
+        ),
+        Scenario(
+            "rbd-disks",
+            "a host with a disk on Ceph RBD crashes: only unknown, a cannot-verify notice, "
+            "no fence",
+            _rbd_disks,
+            _judge_rbd_disks,
+            lab={"rbd_hosts": ("kvm06",)},
+        ),
+        Scenario(
+            "suspect-too-long",
+            "a host stays suspect without a decision: a suspect-too-long mail and trap, repeated",
+            _suspect_too_long,
+            _judge_suspect_too_long,
+            lab={"rbd_hosts": ("kvm07",)},
+            policy={"suspect_alert_after": 3.0, "suspect_renotify": 4.0},
+        ),
+        Scenario(
+            "pause-then-resume",
+            "fencing paused: the crashed host is withheld and still checked; after the resume "
+            "it is fenced once",
+            _pause_then_resume,
+            _judge_pause_then_resume,
+        ),
     )
 }
 DEFAULT_STORY = ("agent-dies", "host-crash")
@@ -719,6 +1159,7 @@ def summary_of(run: Run, scenario: Scenario, failures: list[str]) -> dict[str, A
         name = o["host"].get("host_name")
         if f"fault:{name}" in run.marks:
             crash_to_fence[name] = round(o["finished_at"] - run.marks[f"fault:{name}"], 1)
+    over_ideal = {n: round(t - run.fence_ideal, 1) for n, t in crash_to_fence.items()}
     return {
         "fences_executed": len(run.fenced()),
         "fences_withheld": len(run.withheld()),
@@ -731,14 +1172,39 @@ def summary_of(run: Run, scenario: Scenario, failures: list[str]) -> dict[str, A
         "bmc_power_offs": {n: c for n in lab.names() if (c := lab.bmc_power_offs(n))},
         "declare_degraded": {n: c for n in lab.names() if (c := len(lab.degraded_calls(n)))},
         "restarted": {n: c for n, c in restarted.items() if c},
+        # From the host's last fault (its crash) to the verified power-off, against the ideal
+        # check_interval x (1 + extra_checks) and the deadline (ideal + pipeline slack).
         "crash_to_fence_seconds": crash_to_fence,
+        "fence_ideal_seconds": round(run.fence_ideal, 1),
+        "fence_over_ideal_seconds": over_ideal,
         "fence_deadline_seconds": round(run.fence_deadline, 1),
+        "fence_deadline_mid_episode_seconds": round(run.fence_deadline_mid_episode, 1),
+        # Seconds from the scenario's start: its marks (crash:<host>, resume:<host>, ...) and
+        # every power-off a BMC carried out.
+        "marks": {k: round(v - run.t0, 2) for k, v in run.marks.items()},
+        "bmc_power_off_at": [[round(at - run.t0, 2), n] for at, n in lab.power_offs],
         "mail_subjects": [m.subject for m in lab.mail.mails],
         "trap_kinds": [t.kind for t in lab.traps.traps],
         "notices": [v.get("kind") for v in run.notices()],
+        "notices_by_host": {
+            n: kinds
+            for n in lab.names()
+            if (kinds := [v.get("kind") for v in run.notices(None, n)])
+        },
         "withheld_reasons": [d.get("withheld_reason") for d in run.withheld()],
         "checks": {
             n: [r.get("evidence") for r in run.results(n)] for n in lab.names() if run.results(n)
+        },
+        # Per judged check, as the host record reported it: files read, measured filer offset.
+        "files_read": {
+            n: [r.get("files_checked") for r in run.results(n)]
+            for n in lab.names()
+            if run.results(n)
+        },
+        "filer_offsets": {
+            n: [r.get("filer_offset") for r in run.results(n)]
+            for n in lab.names()
+            if run.results(n)
         },
         "passed": not failures,
         "failures": failures,
@@ -758,7 +1224,10 @@ async def play(
     failed expectation: the summary says what failed)."""
     scenario = SCENARIOS[name]
     interval = 0.5 if fast else 1.0
-    lab_kw = {"interval": interval, **scenario.lab}
+    lab_kw: dict[str, Any] = {"interval": interval, **scenario.lab}
+    if scenario.filer_offset_checks:
+        ci = scenario.policy.get("check_interval", LabCloud.default_check_interval(interval))
+        lab_kw["filer_offset"] = scenario.filer_offset_checks * ci
     async with LabCloud(broker, root=workdir / name, **lab_kw) as lab:
         run = Run(name, lab, workdir, fast, printer)
         failures: list[str] = []

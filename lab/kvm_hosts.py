@@ -5,14 +5,24 @@ Rule: each host is what a neighbour's probe would meet on a real hypervisor. It 
 loopback address (127.0.2.N, so CloudStack's `ipaddress`, the heartbeat file name
 `KVMHA/hb-<ip>` and the SSH endpoint agree, all hosts on one port as real hosts use 22), its own
 host key, and an asyncssh server that runs exec requests in a real `bash` subprocess. All hosts
-share one mount root (`<root>/mnt/<pool uuid>/`, the pools' "NFS exports"), where a writer task
-per host touches the disk files of the VMs that SimCloud says run on it and writes epoch seconds
-into its heartbeat file every `interval` seconds, as KVMHAMonitor does.
+share one mount root (`<root>/mnt/<pool uuid>/`, the NFS pools' "exports"), where a writer task
+per host touches the disk files of the VMs that SimCloud says run on it (its qemu processes) and,
+while its CloudStack agent runs, writes epoch seconds into its heartbeat file on every NFS pool
+every `interval` seconds: in CloudStack the heartbeat writer (KVMHAMonitor) lives inside the
+agent, so an agent that dies stops the heartbeat while the VMs keep writing their disks.
 
-Faults: `agent_dies` (CloudStack loses the agent, the host keeps writing), `crash` (writes stop,
-SSH is gone), `power_off`/`power_on` (for the BMC simulator), `storage_outage` (the pool's mount
-point disappears for everyone), `ssh_unreachable` (refused, or accepted and never answered),
-`slow_exec` (commands hang after partial output), `recover`.
+Clocks: heartbeat CONTENT is the host's clock (`date +%s`); every mtime is stamped by the filer,
+so `KvmLab.filer_offset` seconds (either sign) are added to each mtime the lab writes, and `stat`
+on any neighbour reports the filer's clock, as on NFS. Pools of other types (RBD, ...) have no
+mount point and no heartbeat; their volumes are written by no file a probe could stat.
+
+Faults: `agent_dies` (CloudStack loses the agent; its heartbeat stops, the VMs keep writing),
+`agent_recovers`, `crash` (every write stops, SSH is gone), `power_off`/`power_on` (for the BMC
+simulator), idle VMs (`KvmLab.set_vm_idle`, `LabKvmHost.idle`: disks not written),
+`vms_restarted_elsewhere` (a still-running host keeps writing the VMs CloudStack restarted
+elsewhere: split brain, as on a real cloud), `storage_outage` (the pool's mount point disappears
+for everyone), `ssh_unreachable` (refused, or accepted and never answered), `slow_exec` (commands
+hang after partial output), `recover`.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ import asyncssh
 from lab.cloudstack_sim import Cluster, Host, SimCloud
 
 LAB_NET = "127.0.2."
+# Pool types a KVM host mounts as a directory (`/mnt/<pool uuid>`) and heartbeats on.
+MOUNTED_POOL_TYPES = {"NetworkFilesystem"}
 
 
 def _run_bash(command: str, stdin: str) -> tuple[int, bytes, bytes]:
@@ -62,6 +74,10 @@ class LabKvmHost:
         self.host_key = asyncssh.generate_private_key("ssh-ed25519")
         self.powered = True
         self.writing = True
+        self.agent_running = True  # the CloudStack agent, and KVMHAMonitor inside it
+        self.idle = False  # every VM here is idle: its disks are not written
+        # VMs CloudStack restarted elsewhere while this host still ran them (split brain).
+        self.lingering: set[str] = set()
         self.ssh_mode = "up"  # up | refuse | hang
         self.exec_delay: float | None = None  # slow_exec: seconds to hang after partial output
         self.execs = 0
@@ -163,44 +179,61 @@ class LabKvmHost:
     # --- writes -------------------------------------------------------------------------------
 
     def pools(self) -> list[str]:
-        """The pools this host mounts (its cluster's and the zone-wide ones)."""
+        """The pools this host mounts (its cluster's and the zone-wide NFS pools)."""
         cloud = self.lab.cloud
         zone = cloud.clusters[self.cloud_host.cluster_uuid].zone_uuid
         return [
             p.uuid
             for p in cloud.pools.values()
-            if p.cluster_uuid == self.cloud_host.cluster_uuid
-            or (p.scope == "ZONE" and p.zone_uuid == zone)
+            if p.type in MOUNTED_POOL_TYPES
+            and (
+                p.cluster_uuid == self.cloud_host.cluster_uuid
+                or (p.scope == "ZONE" and p.zone_uuid == zone)
+            )
         ]
 
-    def disk_files(self) -> list[Path]:
-        """Disk files of the VMs that run here now."""
+    def vms(self) -> list[str]:
+        """VMs whose qemu runs here now: CloudStack's Running VMs of this host, plus any it
+        restarted elsewhere while this host kept running them."""
         cloud = self.lab.cloud
-        running = {
+        here = [
             vm.uuid
             for vm in cloud.vms.values()
             if vm.host_uuid == self.uuid and vm.state == "Running"
-        }
+        ]
+        return here + sorted(self.lingering - set(here))
+
+    def disk_files(self, vms: Iterable[str] | None = None) -> list[Path]:
+        """Disk files (on mounted pools) of the VMs that run here now (or of `vms`)."""
+        cloud = self.lab.cloud
+        running = set(self.vms() if vms is None else vms)
         return [
             self.lab.mount_root / v.storage_uuid / v.path
             for v in cloud.volumes.values()
-            if v.vm_uuid in running
+            if v.vm_uuid in running and cloud.pools[v.storage_uuid].type in MOUNTED_POOL_TYPES
         ]
+
+    def written_disks(self) -> list[Path]:
+        """Disk files the host writes on its next round (busy VMs only)."""
+        if self.idle:
+            return []
+        return self.disk_files(v for v in self.vms() if v not in self.lab.idle_vms)
 
     def heartbeat_file(self, pool_uuid: str) -> Path:
         """CloudStack's heartbeat file for this host on a pool."""
         return self.lab.mount_root / pool_uuid / "KVMHA" / f"hb-{self.ip}"
 
     def write_once(self) -> None:
-        """One round of the host's writes: heartbeats, then every running VM's disks."""
+        """One round of the host's writes: heartbeats (while the agent runs), then the disks of
+        every busy VM. Content is the host's clock; every mtime is the filer's."""
         now = time.time()
-        for pool in self.pools():
-            hb = self.heartbeat_file(pool)
-            with contextlib.suppress(OSError):  # storage outage: the write fails, as on NFS
-                hb.write_text(f"{int(now)}\n")
-        for disk in self.disk_files():
+        if self.agent_running:
+            for pool in self.pools():
+                with contextlib.suppress(OSError):  # storage outage: the write fails, as on NFS
+                    self.lab.write_stamped(self.heartbeat_file(pool), f"{int(now)}\n", now)
+        for disk in self.written_disks():
             with contextlib.suppress(OSError):
-                os.utime(disk, (now, now))
+                self.lab.stamp(disk, now)
 
     async def _write_loop(self) -> None:
         while True:
@@ -211,12 +244,23 @@ class LabKvmHost:
     # --- faults -------------------------------------------------------------------------------
 
     def agent_dies(self, state: str = "Disconnected") -> None:
-        """CloudStack loses the agent; the host keeps running and writing."""
+        """The agent dies: CloudStack loses it and its heartbeat writes stop; the host and its
+        VMs keep running (their disks keep being written), SSH still answers."""
+        self.agent_running = False
         self.lab.cloud.set_host_state(self.uuid, state)
 
+    def agent_recovers(self) -> None:
+        """The agent is restarted: it reconnects (Up) and its heartbeat resumes at once."""
+        self.agent_running = True
+        self.lab.cloud.set_host_state(self.uuid, "Up")
+        if self.powered:
+            self.write_once()
+
     async def crash(self, state: str | None = "Disconnected") -> None:
-        """The host dies: writes stop, SSH is gone (its BMC stays up elsewhere)."""
+        """The host dies: every write stops, SSH is gone (its BMC stays up elsewhere)."""
         self.powered = False
+        self.agent_running = False
+        self.lingering.clear()  # its qemu processes died with it
         await self.stop_ssh()
         if state is not None:
             self.lab.cloud.set_host_state(self.uuid, state)
@@ -226,12 +270,45 @@ class LabKvmHost:
         await self.crash(state=None)
 
     async def power_on(self, reconnect: bool = True) -> None:
-        """The BMC powered the host on: it boots, writes and (optionally) its agent reconnects."""
+        """The BMC powered the host on: it boots, writes and (optionally) its agent starts,
+        reconnects and heartbeats again."""
         self.powered = True
         self.ssh_mode = "up"
         await self.start_ssh()
         if reconnect:
+            self.agent_running = True
             self.lab.cloud.set_host_state(self.uuid, "Up")
+
+    def vms_restarted_elsewhere(
+        self, vms: Iterable[str] | None = None, target: str | None = None
+    ) -> dict[str, str]:
+        """CloudStack's own VM-HA restarts VMs of this host (all its Running ones by default)
+        on another Up host (`target` uuid, or the cluster's first): listVirtualMachines shows
+        the new hostid and the new host writes their disks from its next round. CloudStack
+        does this only for a host it no longer reaches; if this host still runs, its qemu
+        keeps writing them too (split brain). Returns {vm uuid: new host uuid}; a VM no host
+        could take stays Stopped and is not in it."""
+        cloud = self.lab.cloud
+        state = cloud.hosts[self.uuid].state
+        if state not in ("Disconnected", "Alert", "Down"):
+            raise ValueError(f"host {self.name} is {state}: CloudStack HA restarts no VM of it")
+        ours = [
+            vm.uuid
+            for vm in cloud.vms.values()
+            if vm.host_uuid == self.uuid and vm.state == "Running"
+        ]
+        chosen = ours if vms is None else list(vms)
+        for u in chosen:
+            if u not in ours:
+                raise ValueError(f"VM {u} does not run on {self.name} for CloudStack")
+        moved: dict[str, str] = {}
+        for u in chosen:
+            if self.powered:
+                self.lingering.add(u)
+            new = cloud.restart_vm_elsewhere(u, target)
+            if new is not None:
+                moved[u] = new
+        return moved
 
     async def ssh_unreachable(self, mode: str = "refuse") -> None:
         """The neighbour cannot be reached over SSH: `refuse` (port closed) or `hang`."""
@@ -268,6 +345,8 @@ class KvmLab:
         self.client_key_file = self.root / "id_ed25519"
         self.known_hosts_file = self.root / "known_hosts"
         self.hosts: dict[str, LabKvmHost] = {}
+        self.filer_offset = 0.0  # seconds the filer's clock is ahead (negative: behind)
+        self.idle_vms: set[str] = set()  # VMs whose disks are not written, wherever they run
         self._next_ip = 11
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lab-exec")
 
@@ -284,13 +363,47 @@ class KvmLab:
         return next(h for h in self.hosts.values() if h.name == name)
 
     def ensure_files(self) -> None:
-        """Create every pool directory, KVMHA directory and volume file CloudStack knows of."""
+        """Create every NFS pool directory, KVMHA directory and volume file CloudStack knows of
+        (volumes on other pool types have no file)."""
+        now = time.time()
         for pool in self.cloud.pools.values():
-            (self.mount_root / pool.uuid / "KVMHA").mkdir(parents=True, exist_ok=True)
+            if pool.type in MOUNTED_POOL_TYPES:
+                (self.mount_root / pool.uuid / "KVMHA").mkdir(parents=True, exist_ok=True)
         for v in self.cloud.volumes.values():
+            if self.cloud.pools[v.storage_uuid].type not in MOUNTED_POOL_TYPES:
+                continue
             f = self.mount_root / v.storage_uuid / v.path
             if f.parent.is_dir() and not f.exists():
                 f.write_bytes(b"QFI\xfb")
+                self.stamp(f, now)
+
+    # --- the filer's clock --------------------------------------------------------------------
+
+    def stamp(self, path: Path, at: float) -> None:
+        """Set `path`'s mtime as the filer stamps a write made at `at` (host clock)."""
+        t = at + self.filer_offset
+        os.utime(path, (t, t))
+
+    def write_stamped(self, path: Path, text: str, at: float) -> None:
+        """Write `text` into `path` (replaced whole, so a reader never sees half of it) with the
+        filer's mtime for a write made at `at`."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        self.stamp(tmp, at)
+        os.replace(tmp, path)
+
+    def set_filer_offset(self, seconds: float) -> None:
+        """The filer's clock runs `seconds` ahead of the hosts' (negative: behind)."""
+        self.filer_offset = float(seconds)
+
+    def set_vm_idle(self, vm_uuid: str, idle: bool = True) -> None:
+        """The VM stops (or resumes) writing its disks, wherever it runs."""
+        if vm_uuid not in self.cloud.vms:
+            raise KeyError(f"no VM {vm_uuid} in the simulated cloud")
+        if idle:
+            self.idle_vms.add(vm_uuid)
+        else:
+            self.idle_vms.discard(vm_uuid)
 
     def write_identity(self) -> None:
         """The client key and a known_hosts file naming every host's key at its address."""

@@ -33,6 +33,8 @@ def build_email(
     mail["X-Fencer-Kind"] = message.kind.value
     mail["X-Fencer-Severity"] = message.severity.value
     mail["X-Fencer-Host"] = message.host_uuid
+    # Stable across re-deliveries (at least once): receivers drop a second mail with this id.
+    mail["X-Fencer-Notice-Id"] = message.record_id
     if message.decision_id:
         mail["X-Fencer-Decision-Id"] = message.decision_id
     mail.set_content(content.text)

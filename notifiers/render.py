@@ -44,8 +44,12 @@ KINDS: dict[NoticeKind, tuple[str, Severity, int]] = {
     NoticeKind.CANNOT_VERIFY: ("CANNOT-VERIFY", Severity.WARNING, 5),
     NoticeKind.PREFLIGHT_FAILED: ("PREFLIGHT-FAILED", Severity.WARNING, 6),
     NoticeKind.HOST_RECOVERED: ("RECOVERED", Severity.INFO, 7),
+    NoticeKind.CLOCK_SKEW: ("CLOCK-SKEW", Severity.CRITICAL, 8),
+    NoticeKind.VMS_NOT_RESTARTED: ("VMS-DOWN", Severity.CRITICAL, 9),
+    NoticeKind.SUSPECT_TOO_LONG: ("SUSPECT-TOO-LONG", Severity.CRITICAL, 10),
     NoticeKind.FORGED_RECORD: ("FORGED-RECORD", Severity.CRITICAL, 20),
     NoticeKind.FENCE_REFUSED: ("REFUSED", Severity.WARNING, 21),
+    NoticeKind.BMC_IDENTITY_CHANGED: ("BMC-IDENTITY-CHANGED", Severity.CRITICAL, 22),
 }
 
 # FENCER-MIB FencerActionKind; none(0) when the notification concerns no action.
@@ -77,6 +81,7 @@ OBJECT_NUMBERS: dict[str, int] = {
     "fencerStaleChecks": 13,
     "fencerSeverity": 14,
     "fencerEventTime": 15,
+    "fencerNoticeId": 16,
 }
 
 # SNMP OCTET STRING sizes in the MIB (FencerText 0..255, FencerUtcTime 0..32).
@@ -87,7 +92,7 @@ _TEXT_MAX = 255
 class Message:
     """One normalised notification: everything any channel needs, from any record."""
 
-    record_id: str  # the idempotency key: one notification per id
+    record_id: str  # the stable notice id: a re-delivery carries the same one (receivers dedupe)
     kind: NoticeKind
     severity: Severity
     at: float
@@ -147,8 +152,10 @@ def record_id(record: FenceDecision | FenceOutcome | Notice) -> str:
     if isinstance(record, FenceDecision):
         return f"decision:{record.decision_id}:{_decision_kind(record).value}"
     if isinstance(record, FenceOutcome):
-        # A refusal is not the decision's outcome: a later fence of it is notified too.
-        return f"outcome:{record.decision_id}{':refused' if record.refused else ''}"
+        # A refusal is not the decision's outcome: a later fence of it is notified too; an
+        # operator's retry of the same decision is a new outcome: a new notification.
+        refused = ":refused" if record.refused else ""
+        return f"outcome:{record.decision_id}:{record.started_at:.0f}{refused}"
     return f"notice:{record.notice_id}"
 
 
@@ -310,6 +317,7 @@ def _rows(m: Message) -> list[tuple[str, str]]:
         ("Severity", m.severity.value),
         ("Time", iso_utc(m.at)),
         ("Decision id", m.decision_id or ""),
+        ("Notice id", m.record_id),
         ("Suspect since", iso_utc(m.suspect_since)),
         ("Stale checks", "" if m.stale_checks is None else str(m.stale_checks)),
         ("Files checked", "" if m.files_checked is None else str(m.files_checked)),
@@ -332,12 +340,29 @@ _LEADS: dict[NoticeKind, str] = {
     ),
     NoticeKind.PREFLIGHT_FAILED: "A pre-flight check of this host's BMC failed.",
     NoticeKind.HOST_RECOVERED: "CloudStack reports this host Up again.",
+    NoticeKind.CLOCK_SKEW: (
+        "A clock was found off by more than its tolerance: a check measured a neighbour or file "
+        "server clock offset (shown only: no verdict compares two machines' clocks), or the gate "
+        "refused to judge a proposal stamped too far from its own clock until it is sent with a "
+        "sane stamp. Fix the clock (NTP) of the machine named."
+    ),
+    NoticeKind.VMS_NOT_RESTARTED: (
+        "The host was fenced, but some of its VMs are still not running. A person must look."
+    ),
+    NoticeKind.SUSPECT_TOO_LONG: (
+        "This host has been suspect for a long time without a fencing decision. "
+        "Its VMs may be down: a person must look at it."
+    ),
     NoticeKind.FORGED_RECORD: (
         "A record fencer did not sign was refused: something other than fencer writes to its "
         "topics. Nothing was done to the host it names."
     ),
     NoticeKind.FENCE_REFUSED: (
         "The actuator refused an approved fence at the last moment; the host was not touched."
+    ),
+    NoticeKind.BMC_IDENTITY_CHANGED: (
+        "This host's BMC reports another system GUID than the one pinned for it: it is not used "
+        "for fencing until an operator confirms it (fencer ipmi pin, or the UI)."
     ),
 }
 
@@ -393,6 +418,7 @@ def render_snmp(m: Message) -> SnmpContent:
         "fencerStaleChecks": ("unsigned", max(0, m.stale_checks or 0)),
         "fencerSeverity": ("integer", SEVERITY_NUMBERS[m.severity]),
         "fencerEventTime": ("octets", iso_utc(m.at)),
+        "fencerNoticeId": ("octets", _text(m.record_id)),
     }
     # accessible-for-notify scalars are sent as instance .0, as net-snmp expects.
     varbinds = tuple(

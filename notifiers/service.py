@@ -7,10 +7,15 @@ Rules:
 - Each channel is tried on its own, concurrently, with bounded exponential backoff; a
   non-retryable failure (credentials refused) is not retried. Every failure is logged as one
   line naming the channel and the peer.
-- One notification per record id (`render.record_id`): ids in flight are skipped in memory,
-  and an id is written to the store, with the time, once its sends have finished (delivered or
-  given up). The Faust app passes a changelog-backed table as the store, so a redelivery after a
-  restart is skipped too; a crash mid-send sends again (at least once) rather than never.
+- At least once, never lost: a channel's delivery is written to the store (`<id>@<channel>`)
+  only after its peer accepted it (the SMTP server took the mail, the trap went out, the inform
+  was acknowledged), and the record's id (`render.record_id`) only once every channel has. A
+  crash between delivery and marking delivers again, with the same id (mail header
+  `X-Fencer-Notice-Id`, varbind `fencerNoticeId`), so receivers can drop the duplicate; a
+  redelivered record is sent only on the channels that have not accepted it yet.
+- `deliver()` is the awaited form for the Faust shell: it returns only when every channel
+  accepted (or, with `forever`, keeps retrying a peer that is down with capped backoff), so the
+  Kafka offset is committed after delivery, never before.
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ __all__ = [
 log = logging.getLogger("fencer.notifiers")
 
 Record = FenceDecision | FenceOutcome | Notice
+SENT, FAILED, REFUSED = "sent", "failed", "refused"  # a channel's result: refused = not retryable
+
+
+def channel_key(channel: Channel) -> str:
+    """A channel's name in the store: two email channels differ by their server."""
+    peer = getattr(channel, "peer", None)
+    return f"{channel.name} {peer}" if peer and peer not in channel.name else channel.name
 
 
 def channels_from_settings(settings: FencerSettings) -> list[Channel]:
@@ -99,13 +111,76 @@ class Notifier:
             # A record we cannot render must not reach the caller (fencing) as an exception.
             log.exception("cannot render a notification for %s", type(record).__name__)
             return
-        if not self.channels:
-            self.store[key] = self._clock()
-            return
         self._in_flight.add(key)
-        task = asyncio.get_running_loop().create_task(self._deliver(key, message))
+        task = asyncio.get_running_loop().create_task(self._deliver(key, message, self.store))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def deliver(
+        self,
+        record: Record,
+        store: MutableMapping[str, float] | None = None,
+        *,
+        forever: bool = False,
+    ) -> bool:
+        """Send the record on every channel that has not accepted it yet; True once all have.
+
+        With `forever`, a channel whose peer is down is retried (backoff up to `max_backoff`)
+        until it accepts; only a refusal that retrying cannot fix (credentials) ends it."""
+        try:
+            key = record_id(record)
+            message = to_message(record)
+        except Exception:
+            log.exception("cannot render a notification for %s", type(record).__name__)
+            return False
+        return await self._deliver(key, message, self.store if store is None else store, forever)
+
+    async def _deliver(
+        self,
+        key: str,
+        message: Message,
+        store: MutableMapping[str, float],
+        forever: bool = False,
+    ) -> bool:
+        try:
+            if key in store:
+                return True
+            todo = [ch for ch in self.channels if f"{key}@{channel_key(ch)}" not in store]
+            delay = self.backoff
+            while True:
+                results = await asyncio.gather(*(self._send(ch, message) for ch in todo))
+                for ch, result in zip(todo, results, strict=True):
+                    if result == SENT:
+                        # Marked as soon as this peer accepted: a crash now re-sends elsewhere only.
+                        store[f"{key}@{channel_key(ch)}"] = self._clock()
+                failed = [ch for ch, r in zip(todo, results, strict=True) if r == FAILED]
+                refused = [ch for ch, r in zip(todo, results, strict=True) if r == REFUSED]
+                if refused or not failed or not forever:
+                    break
+                log.warning(
+                    "notification %s: still not accepted by %s; trying again in %g s",
+                    key,
+                    ", ".join(ch.name for ch in failed),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(self.max_backoff, delay * 2)
+                todo = failed
+            if failed or refused:
+                return False  # not marked: a redelivery (or a restart) sends it again
+            for ch in self.channels:
+                store.pop(f"{key}@{channel_key(ch)}", None)
+            store[key] = self._clock()
+            fields = {"record": key, "kind": message.kind.value, "host": message.host_uuid}
+            log.info(
+                "notified %s on %d channel(s)",
+                key,
+                len(self.channels),
+                extra={"fields": fields},
+            )
+            return True
+        finally:
+            self._in_flight.discard(key)
 
     def prune(self, older_than: float) -> int:
         """Forget ids notified before `older_than` (epoch s) so the store stays bounded."""
@@ -131,27 +206,13 @@ class Notifier:
             await asyncio.wait(left)
             log.warning("%d notification(s) cancelled at drain", len(left))
 
-    async def _deliver(self, key: str, message: Message) -> None:
-        try:
-            results = await asyncio.gather(*(self._send(ch, message) for ch in self.channels))
-            fields = {"record": key, "kind": message.kind.value, "host": message.host_uuid}
-            if all(results):
-                log.info(
-                    "notified %s on %d channel(s)", key, len(results), extra={"fields": fields}
-                )
-        finally:
-            # Written when the sends are over, so a redelivery mid-send is caught by the
-            # in-flight set and a restart mid-send notifies again rather than never.
-            self._in_flight.discard(key)
-            self.store[key] = self._clock()
-
-    async def _send(self, channel: Channel, message: Message) -> bool:
+    async def _send(self, channel: Channel, message: Message) -> str:
         attempts = self.retries + 1
         for attempt in range(1, attempts + 1):
             retryable = True
             try:
                 await asyncio.wait_for(channel.send(message), self.send_timeout)
-                return True
+                return SENT
             except NotifyError as exc:
                 problem, retryable = str(exc), exc.retryable
             except TimeoutError:
@@ -169,7 +230,7 @@ class Notifier:
                     problem,
                     extra={"fields": fields},
                 )
-                return False
+                return FAILED if retryable else REFUSED
             delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
             log.warning(
                 "notification %s on %s failed (attempt %d of %d), retrying in %g s: %s",
@@ -182,4 +243,4 @@ class Notifier:
                 extra={"fields": fields},
             )
             await asyncio.sleep(delay)
-        return False
+        return FAILED

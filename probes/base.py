@@ -1,10 +1,10 @@
-"""The storage-probe interface and the one evidence rule every back end shares.
+"""The storage-probe interface: back ends read, the core judges.
 
-Rule: a back end only *reads* (mtimes, heartbeat contents, whether a pool is mounted) and hands a
-`Reading` to `judge`; `judge` alone turns readings into alive | stale | unknown. Alive needs one
-positive sign (a disk written after the suspect time, or a heartbeat fresher than
-heartbeat_max_age at check time); stale needs a complete reading of every pool with no such sign;
-anything less is unknown with a reason, and unknown is never evidence of death.
+Rule: a back end only *reads* (mtimes, heartbeat contents, whether a pool is mounted) and
+`outcome_of` turns its `Reading` into a `ProbeOutcome`: the files it could read, whether the
+reading is complete (and if not, why), and the clock offsets it measured. Nothing here says
+alive or stale: `fencing.decision.judge` compares each reading with the previous one of the same
+files, so no clock is ever compared with another machine's.
 
 A new back end (Ceph RBD, ...) is a new module with a class that has `name` and
 `async check(target) -> ProbeOutcome`, registered with `register_probe` (or under the
@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
-from fencing.events import Evidence
 from fencing.records import ProbeRequest, ProbeResult
 
 
@@ -81,66 +80,44 @@ class ProbeTarget:
         """Every heartbeat file, all pools."""
         return tuple(p.heartbeat for p in self.pools if p.heartbeat)
 
+    unreadable: int = 0  # disks on storage this back end cannot read (RBD, local, ...)
+
 
 @dataclass(frozen=True)
 class Reading:
     """What a back end saw. Missing paths are simply absent from the maps."""
 
-    now: float  # the reader's clock when it looked (heartbeats are judged against it)
+    now: float  # the reader's (neighbour's) clock when it looked: shown as an offset only
     mtimes: Mapping[str, float] = field(default_factory=dict)
     heartbeat_values: Mapping[str, str] = field(default_factory=dict)  # raw content
     mounted: Mapping[str, bool] = field(default_factory=dict)  # mount point -> usable
     complete: bool = True  # False when output was cut short (timeout, lost connection)
     incomplete_reason: str | None = None
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The evidence rule's answer."""
-
-    evidence: Evidence
-    reason: str | None
-    newest_write: float | None
-    heartbeat: float | None
-    files_checked: int
-    files_missing: int
+    local_now: float | None = None  # the probe worker's clock when the answer arrived
 
 
 @dataclass(frozen=True)
 class ProbeOutcome:
-    """One check's result, as a back end returns it."""
+    """One check's reading, as a back end returns it (no verdict: the core judges)."""
 
-    evidence: Evidence
-    reason: str | None = None
-    newest_write: float | None = None
-    heartbeat: float | None = None
-    files_checked: int = 0
-    files_missing: int = 0
+    mtimes: Mapping[str, float] = field(default_factory=dict)
+    heartbeats: Mapping[str, str] = field(default_factory=dict)
+    complete: bool = False
+    reason: str | None = None  # why the reading is incomplete
+    files_wanted: int = 0
+    unreadable: int = 0
     neighbour: str | None = None
     duration: float = 0.0
     probe: str = "nfs"
+    neighbour_offset: float | None = None
+    filer_offset: float | None = None
+    live_signs: tuple[str, ...] = ()  # direct signs of life (an RBD watch held by the host)
+    min_gap: float = 0.0  # this back end's floor for a stale window (RBD: the watch timeout)
 
     @classmethod
     def unknown(cls, reason: str, probe: str, **kw: Any) -> ProbeOutcome:
-        """An unknown outcome that says why."""
-        return cls(Evidence.UNKNOWN, reason=reason, probe=probe, **kw)
-
-    @classmethod
-    def from_verdict(
-        cls, v: Verdict, probe: str, neighbour: str | None, duration: float
-    ) -> ProbeOutcome:
-        """Wrap the rule's verdict with who looked and how long it took."""
-        return cls(
-            v.evidence,
-            v.reason,
-            v.newest_write,
-            v.heartbeat,
-            v.files_checked,
-            v.files_missing,
-            neighbour,
-            duration,
-            probe,
-        )
+        """A reading that could not be made, with why."""
+        return cls(complete=False, reason=reason, probe=probe, **kw)
 
     def to_result(self, request: ProbeRequest, finished_at: float) -> ProbeResult:
         """The probe-results wire record for `request`."""
@@ -148,17 +125,21 @@ class ProbeOutcome:
             host=request.host,
             episode=request.episode,
             check=request.check,
-            evidence=self.evidence,
             suspect_since=request.suspect_since,
             finished_at=finished_at,
-            newest_write=self.newest_write,
-            heartbeat=self.heartbeat,
-            files_checked=self.files_checked,
-            files_missing=self.files_missing,
+            mtimes=dict(self.mtimes),
+            heartbeats=dict(self.heartbeats),
+            complete=self.complete,
+            files_wanted=self.files_wanted,
+            unreadable=self.unreadable,
             neighbour=self.neighbour,
             reason=self.reason,
+            neighbour_offset=self.neighbour_offset,
+            filer_offset=self.filer_offset,
             duration=self.duration,
             probe=self.probe,
+            live_signs=list(self.live_signs),
+            min_gap=self.min_gap,
         )
 
 
@@ -171,46 +152,63 @@ def parse_heartbeat(raw: str) -> float | None:
     return value if value > 0 else None
 
 
-def judge(target: ProbeTarget, reading: Reading, heartbeat_max_age: float) -> Verdict:
-    """The evidence rule (see the module docstring); pure, shared by every back end."""
-    wanted = list(target.files) + list(target.heartbeats)
-    present = [p for p in wanted if p in reading.mtimes]
-    checked, missing = len(wanted), len(wanted) - len(present)
-    disk_mtimes = [reading.mtimes[d] for d in target.files if d in reading.mtimes]
-    newest = max(disk_mtimes, default=None)
-    beats = [
-        v
-        for hb in target.heartbeats
-        if (v := parse_heartbeat(reading.heartbeat_values.get(hb, ""))) is not None
-    ]
-    heartbeat = max(beats, default=None)
-
-    def verdict(evidence: Evidence, reason: str | None) -> Verdict:
-        return Verdict(evidence, reason, newest, heartbeat, checked, missing)
-
-    if newest is not None and newest > target.suspect_since:
-        return verdict(Evidence.ALIVE, None)
-    if heartbeat is not None and reading.now - heartbeat < heartbeat_max_age:
-        return verdict(Evidence.ALIVE, None)
+def incomplete_reason(target: ProbeTarget, reading: Reading) -> str | None:
+    """Why `reading` is not a complete reading of `target`, or None when it is."""
     if not reading.complete:
-        return verdict(Evidence.UNKNOWN, reading.incomplete_reason or Reason.PARTIAL)
+        return reading.incomplete_reason or Reason.PARTIAL
     if not target.pools:
-        return verdict(Evidence.UNKNOWN, f"{Reason.NO_FILES}: no storage pool known for the host")
+        return f"{Reason.NO_FILES}: no storage pool known for the host"
     for pool in target.pools:
         if not reading.mounted.get(pool.mount_point, False):
-            return verdict(Evidence.UNKNOWN, f"{Reason.NOT_MOUNTED}: {pool.mount_point}")
+            return f"{Reason.NOT_MOUNTED}: {pool.mount_point}"
         paths = [*pool.disks, *([pool.heartbeat] if pool.heartbeat else [])]
         if paths and not any(p in reading.mtimes for p in paths):
             # A mounted pool where nothing of the host's exists is more likely an empty
             # mount-point directory (NFS not mounted) than a host that never wrote there.
-            return verdict(
-                Evidence.UNKNOWN,
+            return (
                 f"{Reason.NOT_MOUNTED}: none of the host's {len(paths)} files under "
-                f"{pool.mount_point}",
+                f"{pool.mount_point}"
             )
-    if not present:
-        return verdict(Evidence.UNKNOWN, f"{Reason.NO_FILES}: nothing to read")
-    return verdict(Evidence.STALE, None)
+    if not any(p in reading.mtimes for p in (*target.files, *target.heartbeats)):
+        return f"{Reason.NO_FILES}: nothing to read"
+    return None
+
+
+def outcome_of(
+    target: ProbeTarget, reading: Reading, probe: str, neighbour: str | None, duration: float
+) -> ProbeOutcome:
+    """The outcome of one reading: what was read, whether it is complete, measured offsets."""
+    wanted = (*target.files, *target.heartbeats)
+    mtimes = {p: reading.mtimes[p] for p in wanted if p in reading.mtimes}
+    beats = {
+        h: reading.heartbeat_values[h] for h in target.heartbeats if h in reading.heartbeat_values
+    }
+    reason = incomplete_reason(target, reading)
+    neighbour_offset = None
+    if reading.local_now is not None:
+        neighbour_offset = round(reading.now - reading.local_now, 1)
+    filer_offset = None
+    stamped = [
+        (value, mtimes[h])
+        for h, raw in beats.items()
+        if h in mtimes and (value := parse_heartbeat(raw)) is not None
+    ]
+    if stamped:
+        content, mtime = max(stamped)
+        filer_offset = round(mtime - content, 1)
+    return ProbeOutcome(
+        mtimes=mtimes,
+        heartbeats=beats,
+        complete=reason is None,
+        reason=reason,
+        files_wanted=len(wanted),
+        unreadable=target.unreadable,
+        neighbour=neighbour,
+        duration=duration,
+        probe=probe,
+        neighbour_offset=neighbour_offset,
+        filer_offset=filer_offset,
+    )
 
 
 @runtime_checkable
@@ -220,7 +218,7 @@ class StorageProbe(Protocol):
     name: str
 
     async def check(self, target: ProbeTarget) -> ProbeOutcome:
-        """One check; never raises, unknown outcomes say why."""
+        """One reading; never raises, an incomplete one says why."""
         ...
 
     async def close(self) -> None:

@@ -4,8 +4,9 @@ neighbours are.
 Rule: everything here is read from the CloudStack API through the `cs` client (async, signed
 requests, every page fetched); any API or transport failure raises `InventoryError`, whose text
 is safe to publish (never a key, a signature or a request URL) and becomes unknown evidence.
-A host's storage is cached per (host, episode): the VMs that were running when the episode
-started are the ones whose disks tell whether the host still writes.
+A host's storage is looked up afresh at every check: the VMs CloudStack places on the host now
+are the ones whose disks tell whether the host still writes (a VM that CloudStack's HA restarted
+elsewhere no longer counts).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import math
 import posixpath
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,9 +22,10 @@ import aiohttp
 from cs import AIOCloudStack, CloudStackApiException, CloudStackException
 
 from fencing.settings import FencerSettings
+from probes.rbd import image_key, spec_of
 
 NFS_POOL_TYPES = {"NetworkFilesystem"}
-_CACHE_SIZE = 4096
+RBD_POOL_TYPES = {"RBD"}  # listStoragePools `type` of a Ceph RBD pool (probes.rbd reads it)
 
 
 class InventoryError(Exception):
@@ -77,8 +78,10 @@ class HostStorage:
     pools: tuple[Pool, ...]
     disks: tuple[Disk, ...]
     vm_count: int
-    skipped_disks: int  # disks on pools this probe cannot read (not NFS)
+    skipped_disks: int  # disks on pools no back end reads (neither NFS nor RBD)
     mount_root: str
+    rbd_pools: tuple[Pool, ...] = ()  # RBD pools holding the host's disks
+    rbd_disks: tuple[Disk, ...] = ()  # path: "rbd:<ceph pool>/<image>" (probes.rbd)
 
     def mount_point(self, pool: Pool) -> str:
         """Where KVM mounts `pool`."""
@@ -116,6 +119,17 @@ def _pool_from_api(p: dict[str, Any]) -> Pool:
     )
 
 
+def rbd_disk_path(pool: Pool, volume_path: str) -> str | None:
+    """`rbd:<ceph pool>/<image>` of a volume on an RBD pool (the pool's `path` is the Ceph pool,
+    the volume's `path` the image), or None when either name is not a plain Ceph name."""
+    ceph_pool = (pool.path or "").strip("/")
+    image = volume_path.strip("/")
+    if not ceph_pool or "/" in ceph_pool or "/" in image:
+        return None
+    key = image_key(ceph_pool, image)
+    return key if spec_of(key) else None
+
+
 def _safe_path(part: str) -> bool:
     # A volume path is a file name under the pool; anything that climbs out or breaks the
     # one-path-per-line protocol of the probes is refused.
@@ -128,8 +142,6 @@ class Inventory:
     def __init__(self, settings: FencerSettings) -> None:
         self._settings = settings
         self._api: AIOCloudStack | None = None
-        self._storage: OrderedDict[tuple[str, int], HostStorage] = OrderedDict()
-        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
 
     async def _client(self) -> AIOCloudStack:
         if self._api is None:
@@ -218,21 +230,9 @@ class Inventory:
         """Every primary storage pool."""
         return [_pool_from_api(p) for p in await self._list("listStoragePools")]
 
-    async def storage_of(self, host_uuid: str, episode: int) -> HostStorage:
-        """The host's disks and heartbeat files, cached for the episode."""
-        key = (host_uuid, episode)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            cached = self._storage.get(key)
-            if cached is not None:
-                self._storage.move_to_end(key)
-                return cached
-            storage = await self._lookup(host_uuid)
-            self._storage[key] = storage
-            while len(self._storage) > _CACHE_SIZE:
-                old, _ = self._storage.popitem(last=False)
-                self._locks.pop(old, None)
-            return storage
+    async def storage_of(self, host_uuid: str) -> HostStorage:
+        """The host's disks and heartbeat files, as CloudStack places them now."""
+        return await self._lookup(host_uuid)
 
     async def _lookup(self, host_uuid: str) -> HostStorage:
         host, vms, pools = await asyncio.gather(
@@ -253,6 +253,8 @@ class Inventory:
         ]
         root = self._settings.ssh.mount_root
         disks: list[Disk] = []
+        rbd_pools: list[Pool] = []
+        rbd_disks: list[Disk] = []
         skipped = 0
         for vm, vols in zip(
             vms, await asyncio.gather(*(self.volumes(v) for v in vms)), strict=True
@@ -260,6 +262,15 @@ class Inventory:
             for vol in vols:
                 pool = by_uuid.get(vol.get("storageid", ""))
                 path = vol.get("path") or ""
+                if pool is not None and pool.type in RBD_POOL_TYPES:
+                    key = rbd_disk_path(pool, path)
+                    if key is None:
+                        skipped += 1
+                        continue
+                    if pool not in rbd_pools:
+                        rbd_pools.append(pool)
+                    rbd_disks.append(Disk(vol["id"], vm["id"], pool.uuid, key))
+                    continue
                 if pool is None or pool.type not in NFS_POOL_TYPES or not _safe_path(path):
                     skipped += 1
                     continue
@@ -268,4 +279,13 @@ class Inventory:
                 disks.append(
                     Disk(vol["id"], vm["id"], pool.uuid, posixpath.join(root, pool.uuid, path))
                 )
-        return HostStorage(host, tuple(mounted), tuple(disks), len(vms), skipped, root)
+        return HostStorage(
+            host,
+            tuple(mounted),
+            tuple(disks),
+            len(vms),
+            skipped,
+            root,
+            tuple(rbd_pools),
+            tuple(rbd_disks),
+        )

@@ -2,7 +2,7 @@
 shared storage is mounted where fencer runs, e.g. a CephFS or NFS mount on the worker).
 
 Rule: only reads (stat, a heartbeat's first bytes), in a worker thread with a deadline, so a hung
-mount gives "timeout" instead of a stuck event loop; `probes.base.judge` decides.
+mount gives "timeout" instead of a stuck event loop; the core judges the reading.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from fencing.settings import FencerSettings
-from probes.base import ProbeOutcome, ProbeTarget, Reading, Reason, judge
+from probes.base import ProbeOutcome, ProbeTarget, Reading, Reason, outcome_of
 
 
 def read_local(target: ProbeTarget, clock: Callable[[], float] = time.time) -> Reading:
@@ -35,7 +35,8 @@ def read_local(target: ProbeTarget, clock: Callable[[], float] = time.time) -> R
                 beats[path] = f.read(64).decode("ascii", "replace")
         except OSError:
             continue
-    return Reading(now=clock(), mtimes=mtimes, heartbeat_values=beats, mounted=mounted)
+    now = clock()
+    return Reading(now=now, mtimes=mtimes, heartbeat_values=beats, mounted=mounted, local_now=now)
 
 
 class MountedProbe:
@@ -47,11 +48,9 @@ class MountedProbe:
         self,
         settings: FencerSettings,
         *,
-        heartbeat_max_age: float | None = None,
         timeout: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.heartbeat_max_age = heartbeat_max_age or settings.policy.heartbeat_max_age
         self.timeout = timeout or settings.ssh.command_timeout
         self.clock = clock
 
@@ -72,5 +71,4 @@ class MountedProbe:
                 neighbour="local",
                 duration=time.monotonic() - started,
             )
-        verdict = judge(target, reading, self.heartbeat_max_age)
-        return ProbeOutcome.from_verdict(verdict, self.name, "local", time.monotonic() - started)
+        return outcome_of(target, reading, self.name, "local", time.monotonic() - started)

@@ -5,7 +5,8 @@ Rule: host keys are always verified against `ssh.known_hosts` (the bypass exists
 lab, behind `insecure_skip_host_key_check`); key authentication only; one pooled connection per
 neighbour, reused across checks with keepalives. Every failure is an unknown outcome whose reason
 names it (auth failed, host key mismatch, timeout, unreachable, storage not mounted, no files),
-and the next neighbour is tried. What the output means is decided by `probes.base.judge`.
+and the next neighbour is tried. What the reading means is decided by the core
+(`fencing.decision.judge`), against the previous reading of the same files.
 
 The remote side is a POSIX shell script (bash, dash) plus GNU `xargs` and `stat`: pool mount
 points and heartbeat files go in the script's arguments (a few per host), file paths go on stdin
@@ -24,7 +25,7 @@ from dataclasses import dataclass, replace
 import asyncssh
 
 from fencing.settings import FencerSettings, SshSettings
-from probes.base import Neighbour, ProbeOutcome, ProbeTarget, Reading, Reason, judge
+from probes.base import Neighbour, ProbeOutcome, ProbeTarget, Reading, Reason, outcome_of
 
 # `N` the neighbour's clock, `M i ok|no` pool mount i usable, `H i <content>` heartbeat i, then
 # `S <mtime> <path>` per file that exists and, last, `S <mtime> /`: stat of "/" marks complete
@@ -74,14 +75,14 @@ def build_command(target: ProbeTarget) -> tuple[str, str]:
     return command, stdin
 
 
-def parse_output(target: ProbeTarget, stdout: str, fallback_now: float) -> Reading:
+def parse_output(target: ProbeTarget, stdout: str, local_now: float) -> Reading:
     """Turn the script's output (possibly cut short) into a Reading."""
     args: list[tuple[str, str]] = []
     for pool in target.pools:
         args.append(("m", pool.mount_point))
         if pool.heartbeat:
             args.append(("h", pool.heartbeat))
-    now = fallback_now
+    now: float | None = None
     mtimes: dict[str, float] = {}
     beats: dict[str, str] = {}
     mounted: dict[str, bool] = {}
@@ -107,7 +108,12 @@ def parse_output(target: ProbeTarget, stdout: str, fallback_now: float) -> Readi
         except (ValueError, IndexError):
             continue  # a garbled line (cut mid-way) is as good as absent
     return Reading(
-        now=now, mtimes=mtimes, heartbeat_values=beats, mounted=mounted, complete=complete
+        now=now if now is not None else local_now,
+        mtimes=mtimes,
+        heartbeat_values=beats,
+        mounted=mounted,
+        complete=complete,
+        local_now=local_now if now is not None else None,  # no offset without the clock line
     )
 
 
@@ -199,13 +205,11 @@ class NfsSshProbe:
         settings: FencerSettings,
         *,
         pool: SshPool | None = None,
-        heartbeat_max_age: float | None = None,
         port: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.pool = pool or SshPool(settings.ssh)
-        self.heartbeat_max_age = heartbeat_max_age or settings.policy.heartbeat_max_age
         self.port = port
         self.clock = clock
         self.round_trips = 0  # execs issued (for benchmarks)
@@ -215,7 +219,7 @@ class NfsSshProbe:
         await self.pool.close()
 
     async def check(self, target: ProbeTarget) -> ProbeOutcome:
-        """Try each neighbour until one gives alive or stale; otherwise unknown with reasons."""
+        """Try each neighbour until one gives a complete reading; else the reasons of each."""
         started = time.monotonic()
         ssh = self.settings.ssh
         if not ssh.insecure_skip_host_key_check and ssh.known_hosts is None:
@@ -234,18 +238,21 @@ class NfsSshProbe:
             if isinstance(got, str):
                 reasons.append(f"{got} [{n.name}]")
                 continue
-            verdict = judge(target, got, self.heartbeat_max_age)
-            outcome = ProbeOutcome.from_verdict(
-                verdict, self.name, n.name, time.monotonic() - started
-            )
-            if verdict.reason is None:
+            outcome = outcome_of(target, got, self.name, n.name, time.monotonic() - started)
+            if outcome.complete:
                 return outcome
-            reasons.append(f"{verdict.reason} [{n.name}]")
+            reasons.append(f"{outcome.reason} [{n.name}]")
             last = outcome
         reason = "; ".join(reasons)
         if last is not None:
             return replace(last, reason=reason, duration=time.monotonic() - started)
-        return ProbeOutcome.unknown(reason, self.name, duration=time.monotonic() - started)
+        return ProbeOutcome.unknown(
+            reason,
+            self.name,
+            duration=time.monotonic() - started,
+            files_wanted=len(target.files) + len(target.heartbeats),
+            unreadable=target.unreadable,
+        )
 
     async def _read(self, n: Neighbour, target: ProbeTarget) -> Reading | str:
         """One exec on the neighbour; a Reading, or the reason it could not be had."""
@@ -264,11 +271,8 @@ class NfsSshProbe:
                     result = await entry.conn.run(command, check=False, timeout=timeout, **feed)
             except asyncssh.TimeoutError as exc:
                 partial = parse_output(target, str(exc.stdout or ""), self.clock())
-                return Reading(
-                    partial.now,
-                    partial.mtimes,
-                    partial.heartbeat_values,
-                    partial.mounted,
+                return replace(
+                    partial,
                     complete=False,
                     incomplete_reason=f"{Reason.TIMEOUT}: no complete answer within {timeout:g} s",
                 )
@@ -291,11 +295,8 @@ class NfsSshProbe:
                 status = (
                     result.exit_status if result.exit_status is not None else result.exit_signal
                 )
-                return Reading(
-                    reading.now,
-                    reading.mtimes,
-                    reading.heartbeat_values,
-                    reading.mounted,
+                return replace(
+                    reading,
                     complete=False,
                     incomplete_reason=f"{Reason.COMMAND_FAILED}: exit {status}{detail}",
                 )

@@ -52,6 +52,9 @@ RECORD_WAIT = 10.0  # seconds the host-states view may lag behind the decision i
 CLOUDSTACK_TRIES = 3
 
 
+HostLookup = Callable[[str], Awaitable[Any]]  # host uuid -> an object with state, resourcestate
+
+
 class NotNow(Exception):
     """A last-moment check refused the decision; the message is the reason."""
 
@@ -458,17 +461,33 @@ class Actuation:
                 if time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(0.2)
-        last_error = ""
-        for attempt in range(CLOUDSTACK_TRIES):
-            try:
-                host = await self.cloudstack_host(decision.host.host_uuid)
-            except Exception as exc:
-                last_error = f"{type(exc).__name__}: {exc}"[:300]
-                log.warning(
-                    "cannot ask CloudStack about %s: %s", decision.host.host_uuid, last_error
-                )
-                await asyncio.sleep(1.0 + attempt)
-                continue
-            check_cloudstack(host.state, host.resourcestate)
-            return
-        raise NotNow(f"CloudStack cannot be asked now ({last_error}); not a yes")
+        await self.cloudstack_confirms(decision)
+
+    async def cloudstack_confirms(self, decision: FenceDecision) -> None:
+        """Raise NotNow unless CloudStack says now: Disconnected/Alert/Down and Enabled."""
+        await cloudstack_confirms(decision, self.cloudstack_host)
+
+
+async def operator_checks(decision: FenceDecision, live: FencerSettings, ask: HostLookup) -> None:
+    """An operator's retry: no age or record check (the operator decided), but never driver
+    fake outside the lab and never a host CloudStack does not show down and Enabled now."""
+    eff = live.effective_ipmi(decision.host.host_uuid, decision.host.cluster_uuid)
+    if eff.values.driver is Driver.FAKE and not live.lab:
+        raise NotNow("driver fake powers off nothing: allowed only with lab: true")
+    await cloudstack_confirms(decision, ask)
+
+
+async def cloudstack_confirms(decision: FenceDecision, ask: HostLookup) -> None:
+    """Raise NotNow unless CloudStack says now: Disconnected/Alert/Down and Enabled."""
+    last_error = ""
+    for attempt in range(CLOUDSTACK_TRIES):
+        try:
+            host = await ask(decision.host.host_uuid)
+        except Exception as exc:
+            last_error = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("cannot ask CloudStack about %s: %s", decision.host.host_uuid, last_error)
+            await asyncio.sleep(1.0 + attempt)
+            continue
+        check_cloudstack(host.state, host.resourcestate)
+        return
+    raise NotNow(f"CloudStack cannot be asked now ({last_error}); not a yes")

@@ -13,6 +13,8 @@ and sends each action to its topic.
                            fence-outcomes ┘                              └▶ notices
     gate (gates table, one partition: the global cap has one owner) ─▶ fence-decisions
     fence-decisions ─▶ actuate (done table) ─▶ fence-outcomes
+    operator-actions (retry / handled) ─▶ operator (done table) ─▶ fence-outcomes
+    timer (fence_failed reminders, every renotify_interval) ─▶ notices
     fence-decisions + fence-outcomes + notices ─▶ notify (notified table) ─▶ email, SNMP
 """
 
@@ -25,7 +27,13 @@ from typing import Any
 
 import faust
 
-from fencing.records import FenceOutcome, ProbeRequest, ProbeResult
+from fencing.records import (
+    FenceOutcome,
+    Notice,
+    OperatorAction,
+    ProbeRequest,
+    ProbeResult,
+)
 from fencing.settings import FencerSettings
 from streams import observability as obs
 from streams import records as wire
@@ -158,6 +166,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     await dead(event.message, "a fence decision without fencer's signature")
                     continue
                 parsed = wire.host_input(event.message, names)
+                if parsed is None:
+                    continue
                 if isinstance(parsed, str):
                     await dead(event.message, parsed)
                     continue
@@ -174,6 +184,9 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     hosts[key] = row
                     if row != before:
                         await host_states.send(key=key.encode(), value=wire.host_state(row))
+                        judged = wire.judged_check(before, row)
+                        if judged is not None:
+                            obs.observe_check(judged)
                 for topic_name, out_key, value in actions:
                     await by_name[topic_name].send(key=out_key, value=value)
 
@@ -187,12 +200,16 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     continue
                 try:
                     await runtime.live()
-                    decision = wire.apply_gate(gates, parsed, runtime)
+                    # The gate's own clock: never the proposing worker's stamp.
+                    decision = wire.apply_gate(gates, parsed, runtime, now=time.time())
                 except Exception as exc:
                     log.exception("gate: cannot judge a record")
                     await dead(event.message, f"gate failed: {type(exc).__name__}")
                     continue
-                if decision is not None:
+                if isinstance(decision, Notice):
+                    key = decision.host.host_uuid.encode()
+                    await notices.send(key=key, value=wire.dump(decision))
+                elif decision is not None:
                     obs.log_decision(log, decision)
                     obs.observe_decision(decision)
                     await fence_decisions.send(
@@ -216,8 +233,16 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
 
     # -- actuate: fence through the BMC, verify, then let CloudStack restart the VMs ----
     if "actuate" in roles:
+        operator_actions = app.topic(names.operator_actions, **RAW)
 
-        @app.agent(fence_decisions)
+        async def send_notice(notice: Notice) -> None:
+            await notices.send(key=notice.host.host_uuid.encode(), value=wire.dump(notice))
+
+        runtime.notice_sink = send_notice
+
+        # A fence retries for up to actuator.fence_deadline: decisions run concurrently (one
+        # lock per host inside the actuator), so one host's retries never hold up another's.
+        @app.agent(fence_decisions, concurrency=16)
         async def actuate(stream: Any) -> None:
             # Read the host-states and fence-claims topics before the first decision arrives.
             await runtime.start_actuation()
@@ -236,6 +261,28 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                             obs.observe_outcome(outcome)
                     await by_name[topic_name].send(key=out_key, value=value)
 
+        @app.agent(operator_actions, concurrency=4)
+        async def operator(stream: Any) -> None:
+            # `fencer fence retry|handled HOST` and the web UI's buttons.
+            async for event in stream.events():
+                action = wire.load(OperatorAction, event.value)
+                if action is None:
+                    continue
+                outcome = await runtime.operator_action(action, done, action.host_uuid)
+                if outcome is not None:
+                    obs.observe_outcome(outcome)
+                    key = outcome.host.host_uuid.encode()
+                    await fence_outcomes.send(key=key, value=wire.dump(outcome))
+
+        renotify = settings.actuator.renotify_interval
+
+        @app.timer(interval=max(0.5, min(renotify / 4, 60.0)))
+        async def remind() -> None:
+            # A failed fence nobody acted on is told again every renotify_interval (each
+            # reminder has its own stable id: the notify table delivers it once).
+            for notice in runtime.due_reminders(list(done.items()), time.time()):
+                await send_notice(notice)
+
         if settings.actuator.preflight_interval > 0:
 
             @app.timer(interval=settings.actuator.preflight_interval, on_leader=True)
@@ -246,8 +293,12 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
 
     # -- notify: email and SNMP for every step ------------------------------------------
     if "notify" in roles:
-
-        @app.agent(app.topic(names.fence_decisions, names.fence_outcomes, names.notices, **RAW))
+        # Each record is delivered before its offset is committed (at least once); a peer that
+        # is down holds one actor, not every notification.
+        @app.agent(
+            app.topic(names.fence_decisions, names.fence_outcomes, names.notices, **RAW),
+            concurrency=4,
+        )
         async def notify(stream: Any) -> None:
             async for event in stream.events():
                 if event.message.topic == names.fence_decisions and not runtime.decision_is_signed(
@@ -273,6 +324,12 @@ def cli_worker(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     roles = parse_roles(args.roles)
     obs.setup_observability(settings)
+    # Services start in any order (compose, systemd): wait, one line per try, no traceback.
+    import asyncio
+
+    from streams.startup import wait_for_dependencies
+
+    asyncio.run(wait_for_dependencies(settings))
     app = create_app(settings, roles)
     log.info(
         "fencer worker starting: roles %s, broker %s",

@@ -28,6 +28,39 @@ def _config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fence_operator(args: argparse.Namespace) -> int:
+    """`fencer fence retry|handled HOST`: write the operator's answer to a failed fence."""
+    import asyncio
+    import getpass
+    import time
+
+    from aiokafka.errors import KafkaError
+
+    from fencing.records import OperatorAction
+    from fencing.settings import load_settings
+    from streams.records import send_operator_action
+
+    settings = load_settings(args.config)
+    action = OperatorAction(
+        kind=args.fence_command,
+        host_uuid=args.host,
+        decision_id=args.decision,
+        by=args.by or f"cli:{getpass.getuser()}",
+        note=args.note,
+        at=time.time(),
+    )
+    try:
+        asyncio.run(asyncio.wait_for(send_operator_action(settings, action), args.timeout))
+    except (TimeoutError, OSError, KafkaError) as exc:
+        where = settings.kafka.bootstrap_servers
+        print(f"fencer: cannot write to Kafka at {where}: {exc or 'timed out'}", file=sys.stderr)
+        return EXIT_FAIL
+    what = "retry of" if action.kind == "retry" else "handled mark for"
+    target = f"decision {action.decision_id}" if action.decision_id else "its latest failed fence"
+    print(f"sent: {what} host {action.host_uuid}, {target}")
+    return EXIT_OK
+
+
 def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
     """A handler that imports `module:function` only when its subcommand runs."""
 
@@ -86,6 +119,30 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--cluster", help="cluster uuid (looked up through the API if omitted)")
     it.add_argument("-c", "--config", help="settings file (YAML)")
     it.set_defaults(func=_lazy("fencing.actuator:cli_ipmi_test"))
+    ip = isub.add_parser(
+        "pin", help="confirm the BMC's identity: pin the system GUID it reports now"
+    )
+    ip.add_argument("host", help="CloudStack host uuid")
+    ip.add_argument("--cluster", help="cluster uuid (looked up through the API if omitted)")
+    ip.add_argument("--expect", help="refuse unless the BMC reports this GUID")
+    ip.add_argument("--by", help="who confirms (default: the login name)")
+    ip.add_argument("-c", "--config", help="settings file (YAML)")
+    ip.set_defaults(func=_lazy("streams.bmc_pins:cli_ipmi_pin"))
+
+    f = sub.add_parser("fence", help="answer a failed fence (stops the fence_failed reminders)")
+    fsub = f.add_subparsers(dest="fence_command", required=True, metavar="SUBCOMMAND")
+    for name, text in (
+        ("retry", "run the host's failed fence again now (same decision)"),
+        ("handled", "mark the host's failed fence handled by a person: no more reminders"),
+    ):
+        fp = fsub.add_parser(name, help=text)
+        fp.add_argument("host", help="CloudStack host uuid")
+        fp.add_argument("--decision", help="decision id (default: the host's latest failed fence)")
+        fp.add_argument("--by", help="who acts (default: cli:<user>)")
+        fp.add_argument("--note", help="free text kept with the record")
+        fp.add_argument("--timeout", type=float, default=30.0, help="seconds to reach Kafka")
+        fp.add_argument("-c", "--config", help="settings file (YAML)")
+        fp.set_defaults(func=_fence_operator)
 
     a = sub.add_parser("api", help="run the REST API and web UI (the IPMI tab)")
     a.add_argument("-c", "--config", help="settings file (YAML)")

@@ -44,10 +44,15 @@ HOSTS = Gauge(
     "Hosts fencer watches, by their state in the per-host state machine.",
     ["state"],
 )
+CHECKS = Counter(
+    "fencer_checks",
+    "Checks of suspect hosts as the core judged them, by evidence.",
+    ["evidence"],
+)
 PROBES = Counter(
     "fencer_probes",
-    "Storage-activity probes finished, by evidence (alive, stale, unknown).",
-    ["evidence"],
+    "Storage-activity probes finished, by reading (complete, incomplete).",
+    ["reading"],
 )
 PROBE_DURATION = Histogram(
     "fencer_probe_duration_seconds",
@@ -101,8 +106,13 @@ def outcome_result(outcome: FenceOutcome) -> str:
 
 def observe_probe(result: ProbeResult) -> None:
     """Count a finished probe and its duration."""
-    PROBES.labels(evidence=result.evidence.value).inc()
+    PROBES.labels(reading="complete" if result.complete else "incomplete").inc()
     PROBE_DURATION.observe(max(result.duration, 0.0))
+
+
+def observe_check(evidence: str) -> None:
+    """Count a check the core judged (baseline, alive, stale, unknown)."""
+    CHECKS.labels(evidence=evidence).inc()
 
 
 def observe_decision(decision: FenceDecision) -> None:

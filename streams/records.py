@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -53,6 +53,7 @@ from fencing.records import (
     HostSignal,
     HostStateRecord,
     Notice,
+    OperatorAction,
     ProbeRequest,
     ProbeResult,
 )
@@ -131,8 +132,9 @@ class HostInput:
     ref: HostRef | None = None
 
 
-def host_input(message: Any, topics: Any) -> HostInput | str:
-    """The core event a record on one of the host's input topics carries, or why not."""
+def host_input(message: Any, topics: Any) -> HostInput | str | None:
+    """The core event a record on one of the host's input topics carries, why not (a
+    dead-letter reason), or None for a record that changes nothing (a refused fence)."""
     if not message.key:
         return f"a {message.topic} record without a host uuid key"
     try:
@@ -141,21 +143,7 @@ def host_input(message: Any, topics: Any) -> HostInput | str:
             return HostInput(_signal_event(s), s.host)
         if message.topic == topics.probe_results:
             r = ProbeResult.model_validate_json(message.value)
-            return HostInput(
-                ProbeFinished(
-                    at=r.finished_at,
-                    episode=r.episode,
-                    check=r.check,
-                    evidence=r.evidence,
-                    newest_write=r.newest_write,
-                    heartbeat=r.heartbeat,
-                    files_checked=r.files_checked,
-                    files_missing=r.files_missing,
-                    neighbour=r.neighbour,
-                    reason=r.reason,
-                ),
-                r.host,
-            )
+            return HostInput(probe_finished(r, time.time()), r.host)
         if message.topic == topics.fence_decisions:
             d = FenceDecision.model_validate_json(message.value)
             if d.approved:
@@ -164,6 +152,11 @@ def host_input(message: Any, topics: Any) -> HostInput | str:
             return HostInput(FenceWithheld(d.decided_at, d.episode, d.decision_id, reason), d.host)
         if message.topic == topics.fence_outcomes:
             o = FenceOutcome.model_validate_json(message.value)
+            if o.refused:
+                # Nothing was done to the host: its record stays where it is and the core sends
+                # the proposal again later (the gate re-approves at its own now, the actuator
+                # checks everything afresh). People were told by the fence_refused notice.
+                return None
             return HostInput(
                 FenceFinished(
                     o.finished_at, o.episode, o.decision_id, o.success, o.power_after, o.error
@@ -173,6 +166,27 @@ def host_input(message: Any, topics: Any) -> HostInput | str:
     except (ValidationError, ValueError) as exc:
         return f"invalid {message.topic} record: {_first(exc)}"
     return f"unexpected topic {message.topic}"
+
+
+def probe_finished(r: ProbeResult, arrived_at: float) -> ProbeFinished:
+    """A probe result as the core's event, stamped with the watch worker's clock on arrival:
+    intervals are measured on that one clock, never on the probe's or the filer's."""
+    return ProbeFinished(
+        at=arrived_at,
+        episode=r.episode,
+        check=r.check,
+        mtimes=tuple(sorted(r.mtimes.items())),
+        heartbeats=tuple(sorted(r.heartbeats.items())),
+        complete=r.complete,
+        files_wanted=r.files_wanted,
+        unreadable=r.unreadable,
+        neighbour=r.neighbour,
+        reason=r.reason,
+        neighbour_offset=r.neighbour_offset,
+        filer_offset=r.filer_offset,
+        live_signs=tuple(r.live_signs),
+        min_gap=r.min_gap,
+    )
 
 
 def _signal_event(s: HostSignal) -> HostEvent:
@@ -195,8 +209,9 @@ def _merge_ref(old: HostRef | None, new: HostRef | None) -> HostRef | None:
 
 
 def wants_tick(row: dict[str, Any]) -> bool:
-    """Whether the host's record is in a state that checks on ticks."""
-    return bool(row.get("record", {}).get("state") == core.HostState.SUSPECT.value)
+    """Whether the host's record has an open episode (ticks check, re-send and remind)."""
+    state = row.get("record", {}).get("state")
+    return state not in (None, core.HostState.IDLE.value, core.HostState.MAINTENANCE.value)
 
 
 def tick(row: dict[str, Any], now: float) -> HostSignal:
@@ -216,6 +231,7 @@ def apply(
     record = core.HostRecord.from_dict(row["record"]) if row else core.HostRecord(host=key)
     old_ref = HostRef(**row["host"]) if row and row.get("host") else None
     ref = _merge_ref(old_ref, item.ref) or HostRef(host_uuid=key)
+    policy = settings.policy_for(ref.cluster_uuid)  # the live settings, cluster overrides applied
     try:
         new, actions = core.step(record, item.event, policy)
     except core.CoreError as exc:
@@ -257,9 +273,11 @@ def apply(
             out.append((topics.fence_proposals, ckey, dump(prop)))
         elif isinstance(action, MarkSuspect | ClearSuspect):
             kind = "suspect" if isinstance(action, MarkSuspect) else "cleared"
-            sig = GateSignal(
-                kind=kind, cluster_uuid=ref.cluster_uuid or "", at=action.at, host_uuid=key
-            )
+            if not ref.cluster_uuid:
+                # Never counted under a cluster "": sent once the inventory knows the cluster.
+                log.info("host %s: cluster not known yet, the gate hears of it later", key)
+                continue
+            sig = GateSignal(kind=kind, cluster_uuid=ref.cluster_uuid, at=action.at, host_uuid=key)
             out.append((topics.fence_proposals, ckey, dump(sig)))
         elif isinstance(action, Notify):
             details = dict(action.details)
@@ -273,12 +291,34 @@ def apply(
                 evidence=_evidence_of(new),
             )
             out.append((topics.notices, hkey, dump(notice)))
+    out.extend(_late_suspect(old_ref, ref, new, key, at, topics))
     return {"record": new.to_dict(), "host": ref.model_dump()}, out
+
+
+def judged_check(before: dict[str, Any] | None, row: dict[str, Any]) -> str | None:
+    """The evidence of the check the core just judged, if this row change judged one."""
+    new, old = row["record"], (before or {}).get("record", {})
+    judged = (new.get("episode"), new.get("last_check"), new.get("last_probe_at"))
+    if judged == (old.get("episode"), old.get("last_check"), old.get("last_probe_at")):
+        return None
+    return str(new.get("last_evidence")) if new.get("last_evidence") else None
+
+
+def _late_suspect(
+    old: HostRef | None, ref: HostRef, record: core.HostRecord, key: str, at: float, topics: Any
+) -> list[Out]:
+    """The gate's `suspect` signal held back while the host's cluster was unknown."""
+    episode_open = record.state not in (core.HostState.IDLE, core.HostState.MAINTENANCE)
+    if not episode_open or not ref.cluster_uuid or old is None or old.cluster_uuid:
+        return []  # (a new row's MarkSuspect already went out with its cluster)
+    sig = GateSignal(kind="suspect", cluster_uuid=ref.cluster_uuid, at=at, host_uuid=key)
+    return [(topics.fence_proposals, ref.cluster_uuid.encode(), dump(sig))]
 
 
 def host_state(row: dict[str, Any]) -> bytes:
     """The host-states record of a hosts-table row."""
-    return dump(HostStateRecord(host=HostRef(**row["host"]), record=row["record"], updated_at=time.time()))
+    ref = HostRef(**row["host"])
+    return dump(HostStateRecord(host=ref, record=row["record"], updated_at=time.time()))
 
 
 def _evidence_of(r: core.HostRecord) -> EvidenceSummary | None:
@@ -365,9 +405,15 @@ def apply_gate(
     table: MutableMapping[str, Any],
     item: FenceProposal | GateSignal,
     runtime: Runtime,
-) -> FenceDecision | None:
-    """Feed the gate one record; the decision for a proposal."""
+    now: float | None = None,
+) -> FenceDecision | Notice | None:
+    """Feed the gate one record at the gate worker's clock `now`: the decision for a proposal,
+    a clock_skew notice for a proposal the gate refuses to judge, else None."""
+    now = time.time() if now is None else now
     if isinstance(item, GateSignal):
+        if not item.cluster_uuid:
+            log.warning("gate: a %s signal without a cluster dropped", item.kind)
+            return None
         row = cluster_row(table.get(item.cluster_uuid), item.cluster_uuid)
         fact: gatecore.GateFact
         if item.kind == "cluster_size":
@@ -378,36 +424,83 @@ def apply_gate(
             fact = gatecore.HostCleared(item.host_uuid or "")
         table[item.cluster_uuid] = _jsonable(gatecore.observe(row, fact))
         return None
-    cluster = item.host.cluster_uuid or ""
     settings = runtime.current
+    cluster = item.host.cluster_uuid
+    if not cluster:
+        # No cluster row to judge against: a temporary withhold, proposed again later.
+        log.warning("gate: %s names no cluster: withheld until it is known", item.decision_id)
+        return _decision(item, False, WithheldReason.CLUSTER_SIZE_UNKNOWN, now, 0, 0)
     row = cluster_row(table.get(cluster), cluster)
     row = gatecore.observe(row, gatecore.ClusterPaused(runtime.cluster_paused(cluster)))
     glob = gatecore.pause_all(global_row(table.get(GLOBAL_ROW)), runtime.globally_paused())
     policy = replace(runtime.policy, fence_cap=settings.fence_cap_for(cluster))
-    ctx = gatecore.GateContext(policy=policy, started_at=runtime.started_at)
+    ctx = gatecore.GateContext(
+        policy=policy,
+        started_at=runtime.started_at,
+        clock_tolerance=settings.gate.clock_tolerance,
+    )
     request = gatecore.FenceRequest(
         item.decision_id, item.host.host_uuid, cluster, item.action, item.proposed_at
     )
     try:
-        row, glob, verdict = gatecore.decide(row, glob, request, ctx)
+        row, glob, verdict = gatecore.decide(row, glob, request, ctx, now)
     except core.CoreError as exc:
         log.warning("gate refused %s: %s", item.decision_id, exc)
         return None
     table[cluster] = _jsonable(row)
     table[GLOBAL_ROW] = _jsonable(glob)
-    decision = FenceDecision(
+    if verdict.skew is not None:
+        tolerance = ctx.clock_tolerance
+        text = (
+            f"proposal {item.decision_id} is stamped {verdict.skew:+.0f} s from the gate's clock "
+            f"(tolerance {tolerance:g} s): not judged; fix the clock (NTP) of the worker that "
+            "watches this host, the proposal is judged once it is sent with a sane stamp"
+        )
+        log.warning("gate: %s", text)
+        return Notice(
+            # One notice per decision and tolerance period: repeated while the skew lasts.
+            notice_id=f"{item.decision_id}/clock_skew/{int(now // tolerance)}",
+            kind=NoticeKind.CLOCK_SKEW,
+            host=item.host,
+            at=now,
+            action=item.action,
+            decision_id=item.decision_id,
+            reason=text,
+            evidence=item.evidence,
+        )
+    # The actuator obeys only signed decisions.
+    return runtime.sign_decision(
+        _decision(
+            item,
+            verdict.approved,
+            verdict.reason,
+            verdict.at,
+            verdict.budget_used,
+            verdict.budget_cap,
+        )
+    )
+
+
+def _decision(
+    item: FenceProposal,
+    approved: bool,
+    reason: WithheldReason | None,
+    at: float,
+    used: int,
+    cap: int,
+) -> FenceDecision:
+    return FenceDecision(
         decision_id=item.decision_id,
         host=item.host,
         episode=item.episode,
         action=item.action,
-        approved=verdict.approved,
-        withheld_reason=verdict.reason,
+        approved=approved,
+        withheld_reason=reason,
         evidence=item.evidence,
-        decided_at=verdict.at,
-        budget_used=verdict.budget_used,
-        budget_cap=verdict.budget_cap,
+        decided_at=at,
+        budget_used=used,
+        budget_cap=cap,
     )
-    return runtime.sign_decision(decision)  # the actuator obeys only signed decisions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +515,104 @@ def notifiable(message: Any, topics: Any) -> FenceDecision | FenceOutcome | Noti
         topics.notices: Notice,
     }[message.topic]
     return load(model, message.value)  # type: ignore[return-value]
+
+
+def _done_entry(decision: FenceDecision, outcome: FenceOutcome) -> dict[str, Any]:
+    """An `actuated` table entry: the outcome, and the decision (an operator may retry it)."""
+    return {**outcome.model_dump(mode="json"), "decision": decision.model_dump(mode="json")}
+
+
+def failed_fence(
+    row: dict[str, Any], decision_id: str | None = None
+) -> tuple[str, dict[str, Any]] | None:
+    """The host's failed fence: the named decision, else the latest one if it failed."""
+    entries = {k: v for k, v in row.items() if isinstance(v, dict) and "success" in v}
+    if decision_id is None and entries:
+        decision_id = max(entries, key=lambda k: entries[k].get("finished_at") or 0.0)
+    entry = entries.get(decision_id or "")
+    if entry is None or entry.get("success"):
+        return None
+    return decision_id or "", entry
+
+
+def reminders(rows: Iterable[tuple[str, Any]], now: float, interval: float) -> list[Notice]:
+    """A fence_failed notice for each host whose latest fence failed and that no operator has
+    retried or marked handled: one per `interval` since the failure, each with its own id."""
+    out: list[Notice] = []
+    for host, row in rows:
+        target = failed_fence(dict(row or {}))
+        if target is None or target[1].get("handled_at") is not None:
+            continue
+        decision_id, entry = target
+        o = FenceOutcome.model_validate(entry)
+        n = int((now - o.finished_at) // interval)
+        if n < 1:
+            continue
+        minutes = (now - o.finished_at) / 60
+        out.append(
+            Notice(
+                notice_id=f"{decision_id}/fence_failed/{o.started_at:.0f}/{n}",
+                kind=NoticeKind.FENCE_FAILED,
+                host=o.host,
+                at=now,
+                action=o.action,
+                decision_id=decision_id,
+                result=f"reminder {n}: not handled for {minutes:.0f} min",
+                reason=(
+                    f"the fence failed and nobody has acted: {o.error or 'no reason given'}; "
+                    f"`fencer fence retry {host}` runs it again, `fencer fence handled {host}` "
+                    "stops these reminders (or the buttons in the web UI)"
+                ),
+            )
+        )
+    return out
+
+
+async def send_operator_action(settings: FencerSettings, action: OperatorAction) -> None:
+    """Write an operator's retry or handled record to its topic (CLI and web UI)."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.kafka import aiokafka_kwargs, prepare_kafka
+
+    prepare_kafka(settings)
+    producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            settings.kafka.topics.operator_actions,
+            key=action.host_uuid.encode(),
+            value=dump(action),
+        )
+    finally:
+        await producer.stop()
+
+
+class RowStore(MutableMapping[str, float]):
+    """One key of a Faust table as a mapping: each write stores the whole row (a changelog
+    record), so a mark is durable as soon as it is set."""
+
+    def __init__(self, table: MutableMapping[str, Any], key: str) -> None:
+        self.table, self.key = table, key
+
+    def _row(self) -> dict[str, float]:
+        return dict(self.table.get(self.key) or {})
+
+    def __getitem__(self, k: str) -> float:
+        return self._row()[k]
+
+    def __setitem__(self, k: str, v: float) -> None:
+        self.table[self.key] = {**self._row(), k: v}
+
+    def __delitem__(self, k: str) -> None:
+        row = self._row()
+        del row[k]
+        self.table[self.key] = row
+
+    def __iter__(self) -> Any:
+        return iter(self._row())
+
+    def __len__(self) -> int:
+        return len(self._row())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,6 +637,10 @@ class Runtime:
     _store_failed: bool = False
     _keyring: Any = None
     _actuation: Any = None
+    # async (Notice) -> None, set by the topology: how the actuator's notices reach the topic
+    notice_sink: Any = None
+    _reminded: set[str] = field(default_factory=set)
+    _pins: Any = None  # streams.bmc_pins.BmcPinStore once it has read the topic
 
     @property
     def policy(self) -> Policy:
@@ -568,7 +763,11 @@ class Runtime:
         for h in hosts:
             uuid = h["id"]
             cluster = h.get("clusterid") or ""
-            sizes[cluster] = sizes.get(cluster, 0) + 1
+            sizes.setdefault(cluster, 0)
+            if h.get("resourcestate") == "Enabled":
+                # The storm guard's denominator: hosts that could be running VMs (not Disabled,
+                # not in or entering maintenance).
+                sizes[cluster] = sizes.get(cluster, 0) + 1
             state, rstate = h.get("state", ""), h.get("resourcestate", "")
             self._names[h.get("name", uuid)] = uuid
             previous = self._polled.get(uuid)
@@ -601,6 +800,17 @@ class Runtime:
                     )
                 )
             elif state in DOWN_STATES:
+                # CloudStack's resource state says the host is out of maintenance: end it here
+                # too (the cancel event may have been missed); the core ignores it otherwise.
+                signals.append(
+                    HostSignal(
+                        kind="maintenance_ended",
+                        host=ref,
+                        at=now,
+                        source="poller",
+                        resource_state=rstate,
+                    )
+                )
                 signals.append(
                     HostSignal(
                         kind="disconnected",
@@ -612,6 +822,15 @@ class Runtime:
                     )
                 )
             elif state == "Up":
+                signals.append(
+                    HostSignal(
+                        kind="maintenance_ended",
+                        host=ref,
+                        at=now,
+                        source="poller",
+                        resource_state=rstate,
+                    )
+                )
                 signals.append(
                     HostSignal(
                         kind="up",
@@ -727,9 +946,12 @@ class Runtime:
         if self._actuator is None:
             from fencing.actuator import Actuator
 
-            self._actuator = Actuator(self.settings)
+            self._actuator = Actuator(self.settings, notify=self.emit_notice)
         live = await self.live()
         self._actuator.settings = live
+        pins = await self.bmc_pins()
+        self._actuator.pins = pins
+        self._actuator.announce = getattr(pins, "send_notice", None)
         done = dict(table.get(key) or {})
         first = done.get(decision.decision_id)
         claimed = act.claims.done(decision.decision_id)
@@ -763,9 +985,73 @@ class Runtime:
                 (topics.fence_outcomes, key.encode(), dump(refusal(decision, str(exc), now))),
                 (topics.notices, key.encode(), dump(n)),
             ]
-        done[decision.decision_id] = outcome.model_dump(mode="json")
+        done = dict(table.get(key) or {})  # other decisions may have finished meanwhile
+        done[decision.decision_id] = _done_entry(decision, outcome)
         table[key] = done
         return [(topics.fence_outcomes, key.encode(), dump(outcome))]
+
+    def due_reminders(self, rows: Iterable[tuple[str, Any]], now: float) -> list[Notice]:
+        """The fence_failed reminders due now that this worker has not sent yet (after a
+        restart one may go out again: the same id, dropped by the notify table)."""
+        every = self.current.actuator.renotify_interval
+        due = [n for n in reminders(rows, now, every) if n.notice_id not in self._reminded]
+        self._reminded.update(n.notice_id for n in due)
+        return due
+
+    async def emit_notice(self, notice: Notice) -> None:
+        """Send a notice the actuator raised (VMs still down, ...) to the notices topic."""
+        if self.notice_sink is None:
+            log.error("notice %s (%s) has nowhere to go", notice.notice_id, notice.kind.value)
+            return
+        await self.notice_sink(notice)
+
+    async def operator_action(
+        self, action: OperatorAction, table: MutableMapping[str, Any], key: str
+    ) -> FenceOutcome | None:
+        """An operator's retry (runs the failed decision again; the new outcome) or handled
+        (stops the reminders; None)."""
+        target = failed_fence(dict(table.get(key) or {}), action.decision_id)
+        if target is None:
+            log.warning(
+                "operator %s for host %s: no failed fence %s to act on",
+                action.kind,
+                key,
+                action.decision_id or "(latest)",
+            )
+            return None
+        decision_id, entry = target
+        if action.kind == "handled":
+            row = dict(table.get(key) or {})
+            row[decision_id] = {**entry, "handled_at": action.at, "handled_by": action.by}
+            table[key] = row
+            log.info("fence %s marked handled by %s", decision_id, action.by or "an operator")
+            return None
+        if "decision" not in entry:
+            log.warning("fence %s cannot be retried: its decision was not kept", decision_id)
+            return None
+        decision = FenceDecision.model_validate(entry["decision"])
+        if self._actuator is None:
+            from fencing.actuator import Actuator
+
+            self._actuator = Actuator(self.settings, notify=self.emit_notice)
+        self._actuator.settings = await self.live()
+        log.info("fence %s retried by %s", decision_id, action.by or "an operator")
+        from streams.actuation import NotNow, operator_checks, refusal
+
+        try:
+            # The operator is the authority on age and evidence; CloudStack must still agree.
+            await operator_checks(
+                decision, self._actuator.settings, lambda h: self.inventory().host(h)
+            )
+            outcome: FenceOutcome | None = await self._actuator.handle(decision, again=True)
+        except NotNow as exc:
+            log.warning("fence %s: operator retry refused: %s", decision_id, exc)
+            return refusal(decision, str(exc), time.time())
+        if outcome is not None:
+            row = dict(table.get(key) or {})
+            row[decision_id] = {**_done_entry(decision, outcome), "retried_by": action.by}
+            table[key] = row
+        return outcome
 
     async def _carry_out(self, decision: FenceDecision, takeover: bool) -> FenceOutcome:
         """The BMC action; after a dead claimant, read the power first (never reboot twice)."""
@@ -801,10 +1087,29 @@ class Runtime:
             ),
         )
 
+    async def bmc_pins(self) -> Any:
+        """The BMC pin store (topic bmc-pins), or one that refuses every fence while the topic
+        cannot be read: a BMC whose identity cannot be checked is not used (fencing.identity)."""
+        if self._pins is not None:
+            return self._pins
+        from fencing.identity import PinStoreError
+        from streams.bmc_pins import BmcPinStore
+
+        store = BmcPinStore(self.settings)
+        try:
+            await store.start(within=15.0)
+        except PinStoreError as exc:
+            log.warning("BMC pins unreadable, fences refused until they are: %s", exc)
+            return _UnreadablePins(str(exc))
+        self._pins = store
+        return store
+
     async def preflight(self) -> list[Notice]:
-        """A PREFLIGHT_FAILED notice for each host whose BMC would not answer a fence now
-        (at most one per host per day: the notice id carries the day)."""
+        """A PREFLIGHT_FAILED notice for each host whose BMC would not answer a fence now, a
+        BMC_IDENTITY_CHANGED one for each BMC whose system GUID is not the pinned one (at most
+        one per host per day: the notice id carries the day). GUIDs are pinned on first read."""
         from fencing.actuator import preflight
+        from fencing.identity import IdentityCheck, identity_notice
 
         try:
             hosts = await self.inventory()._list("listHosts", type="Routing", hypervisor="KVM")
@@ -822,10 +1127,17 @@ class Runtime:
             for h in hosts
             if live.effective_ipmi(h["id"], h.get("clusterid")).address
         }
-        results = await preflight(live, list(refs.values()))
+        pins = await self.bmc_pins()
+        results = await preflight(live, list(refs.values()), pins=pins)
         day = int(time.time() // 86400)
         return [
-            Notice(
+            identity_notice(
+                IdentityCheck(r.host_uuid, "changed", guid=r.guid, reason=r.error),
+                refs[r.host_uuid],
+                r.checked_at,
+            )
+            if r.identity == "changed"
+            else Notice(
                 notice_id=f"{r.host_uuid}/preflight/{day}",
                 kind=NoticeKind.PREFLIGHT_FAILED,
                 host=refs[r.host_uuid],
@@ -842,20 +1154,13 @@ class Runtime:
         table: MutableMapping[str, Any],
         key: str,
     ) -> None:
-        """Hand a record to the notifier once (the table remembers what was handed over)."""
-        from notifiers.render import record_id
-
+        """Deliver a record's notification before returning (so the offset is committed after
+        delivery): marked in the table per channel once its peer accepted it, at least once."""
         if self._notifier is None:
             from notifiers.service import Notifier
 
             self._notifier = Notifier.from_settings(self.settings)
-        rid = record_id(record)
-        sent = dict(table.get(key) or {})
-        if rid in sent:
-            return
-        sent[rid] = time.time()
-        table[key] = sent
-        await self._notifier.handle(record)
+        await self._notifier.deliver(record, RowStore(table, key), forever=True)
 
     async def close(self) -> None:
         """Close every client."""
@@ -863,8 +1168,27 @@ class Runtime:
             await self._store.stop()
         if self._actuation is not None:
             await self._actuation.stop()
+        if self._pins is not None:
+            await self._pins.stop()
         for service in (self._probes, self._inventory):
             if service is not None:
                 await service.close()
         if self._notifier is not None:
             await self._notifier.drain(grace=5)
+
+
+class _UnreadablePins:
+    """A pin store that cannot be read: every identity check through it is refused."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def get(self, host_uuid: str) -> Any:
+        from fencing.identity import PinStoreError
+
+        raise PinStoreError(self.reason)
+
+    async def put(self, pin: Any) -> None:
+        from fencing.identity import PinStoreError
+
+        raise PinStoreError(self.reason)

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from fencing.records import (
     SCHEMA_VERSION,
+    BmcPin,
     DeadLetter,
     FenceClaim,
     FenceDecision,
@@ -23,6 +24,7 @@ from fencing.records import (
     HostSignal,
     HostStateRecord,
     Notice,
+    OperatorAction,
     ProbeRequest,
     ProbeResult,
 )
@@ -40,6 +42,8 @@ TOPIC_MODELS: dict[str, tuple[type[BaseModel], ...]] = {
     "host_states": (HostStateRecord,),
     "dead_letter": (DeadLetter,),
     "fence_claims": (FenceClaim,),
+    "operator_actions": (OperatorAction,),
+    "bmc_pins": (BmcPin,),
 }
 
 

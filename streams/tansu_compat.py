@@ -4,7 +4,7 @@ Rule: nothing outside this module knows about Tansu's defects. `streams.kafka.pr
 calls `apply_tansu_workarounds()` when `settings.kafka.embedded` is true and never otherwise,
 so a configured real Kafka always sees unmodified aiokafka.
 
-The two defects (research/feasibility-kafka.md):
+The defects (research/feasibility-kafka.md), and one cost:
 
 - ListOffsets(LATEST) answers the base offset of the partition's *last batch* + 1, not the high
   watermark, so `end_offsets()` is too low. Faust reads a table's changelog up to that offset on
@@ -15,7 +15,12 @@ The two defects (research/feasibility-kafka.md):
   and answers v0 with UnknownError, so an idempotent or transactional producer cannot start.
   Patch A teaches aiokafka InitProducerId v3.
 
-Both patches are process-wide monkeypatches of aiokafka classes; `apply_tansu_workarounds` is
+- Tansu parks a Fetch for its whole `max_wait_ms` when the partition is empty at request time,
+  even if a record arrives meanwhile: a record waits half the consumer's fetch wait on average.
+  Faust's aiokafka driver hard-codes 1,500 ms, so every hop of the topology cost ~750 ms.
+  Patch C caps every consumer's `fetch_max_wait_ms` at `CONSUMER_FETCH_MAX_WAIT_MS`.
+
+The patches are process-wide monkeypatches of aiokafka classes; `apply_tansu_workarounds` is
 idempotent and `remove_tansu_workarounds` restores the originals (used by the test that shows
 the defect).
 """
@@ -41,6 +46,9 @@ log = logging.getLogger("fencer.tansu")
 # Tansu answers a Fetch with max_wait_ms=0 with an empty topic list; 100 ms gets an answer
 # (immediately when the partition has data, after 100 ms when it is empty).
 FETCH_MAX_WAIT_MS = 100
+# Patch C: what a parked fetch may cost a record per hop (about half of it on average). Lower
+# means more idle fetch requests to the embedded broker (one per consumer per this many ms).
+CONSUMER_FETCH_MAX_WAIT_MS = 40
 
 _lock = threading.Lock()
 _originals: dict[str, Any] = {}
@@ -139,6 +147,17 @@ def _patched_end_offsets(
     return end_offsets
 
 
+def _patched_consumer_init(original: Callable[..., None]) -> Callable[..., None]:
+    def __init__(self: AIOKafkaConsumer, *topics: str, **kwargs: Any) -> None:
+        """Tansu workaround: a short fetch wait (Faust passes 1,500 ms, aiokafka's default 500)."""
+        wait = kwargs.get("fetch_max_wait_ms", 500)
+        kwargs["fetch_max_wait_ms"] = min(int(wait), CONSUMER_FETCH_MAX_WAIT_MS)
+        original(self, *topics, **kwargs)
+
+    __init__.__tansu_workaround__ = True  # type: ignore[attr-defined]
+    return __init__
+
+
 def apply_tansu_workarounds() -> None:
     """Patch aiokafka for Tansu 0.6 (end offsets, InitProducerId v3); idempotent."""
     with _lock:
@@ -153,6 +172,8 @@ def apply_tansu_workarounds() -> None:
             InitProducerIdRequest_v3,
         )
         InitProducerIdRequest.build = _build_init_producer_id
+        _originals["consumer_init"] = AIOKafkaConsumer.__init__
+        AIOKafkaConsumer.__init__ = _patched_consumer_init(_originals["consumer_init"])
         log.debug("tansu workarounds applied to aiokafka")
 
 
@@ -164,6 +185,7 @@ def remove_tansu_workarounds() -> None:
         AIOKafkaConsumer.end_offsets = _originals.pop("end_offsets")
         InitProducerIdRequest._CLASSES = _originals.pop("init_classes")
         InitProducerIdRequest.build = _originals.pop("init_build")
+        AIOKafkaConsumer.__init__ = _originals.pop("consumer_init")
         log.debug("tansu workarounds removed from aiokafka")
 
 
@@ -173,6 +195,7 @@ def tansu_workarounds_applied() -> bool:
 
 
 __all__ = [
+    "CONSUMER_FETCH_MAX_WAIT_MS",
     "FETCH_MAX_WAIT_MS",
     "apply_tansu_workarounds",
     "remove_tansu_workarounds",

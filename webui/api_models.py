@@ -117,6 +117,24 @@ class PauseInput(BaseModel):
     reason: str | None = Field(None, max_length=500)
 
 
+class FenceOperatorInput(BaseModel):
+    """Which failed fence an operator answers (default: the host's latest one)."""
+
+    model_config = ConfigDict(extra="forbid")
+    decision_id: str | None = Field(None, max_length=300)
+    note: str | None = Field(None, max_length=500)
+
+
+class FenceOperatorResult(BaseModel):
+    """The operator record written to the operator-actions topic."""
+
+    kind: str
+    host_uuid: str
+    decision_id: str | None = None
+    by: str | None = None
+    at: float
+
+
 class PauseState(BaseModel):
     """A pause flag as stored."""
 
@@ -209,6 +227,30 @@ class IpmiTestResult(BaseModel):
     output: str | None = None
     error: str | None = None
     duration: float
+
+
+class BmcPinView(BaseModel):
+    """The system GUID a host's BMC is pinned to (fencing refuses a BMC that reports another)."""
+
+    host_uuid: str
+    pinned: bool
+    guid: str | None = None
+    address: str | None = None
+    pinned_at: float | None = None
+    pinned_by: str | None = None
+    seen_guid: str | None = Field(
+        None, description="another GUID the BMC reported: fencing refused until confirmed"
+    )
+    seen_at: float | None = None
+
+
+class BmcPinInput(BaseModel):
+    """Confirm the BMC's identity: pin the GUID it reports now."""
+
+    model_config = ConfigDict(extra="forbid")
+    expect: str | None = Field(
+        None, min_length=1, max_length=64, description="refuse unless the BMC reports this GUID"
+    )
 
 
 class FenceQuery(BaseModel):

@@ -9,6 +9,7 @@ per-cluster fence budget. The decision core's table stays the truth; this is its
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from typing import Literal
 
 from aiokafka import ConsumerRecord
@@ -21,14 +22,34 @@ from fencing.records import (
     FenceOutcome,
     HostRef,
     HostSignal,
+    HostStateRecord,
     Notice,
     ProbeResult,
 )
 from fencing.settings import TopicNames
 
 HostFencingState = Literal[
-    "up", "suspect", "withheld", "fencing", "fenced", "fence_failed", "maintenance", "unknown"
+    "up",
+    "suspect",
+    "fence_proposed",
+    "withheld",
+    "fencing",
+    "fenced",
+    "fence_failed",
+    "maintenance",
+    "unknown",
 ]
+# The core's states (fencing.decision.HostState) as the UI names them.
+_CORE_STATES: dict[str, HostFencingState] = {
+    "idle": "up",
+    "suspect": "suspect",
+    "fence_proposed": "fence_proposed",
+    "fencing": "fencing",
+    "fenced": "fenced",
+    "withheld": "withheld",
+    "failed": "fence_failed",
+    "maintenance": "maintenance",
+}
 FenceResult = Literal["withheld", "pending", "succeeded", "failed"]
 _DOWN = (HostStatus.DISCONNECTED, HostStatus.ALERT, HostStatus.DOWN)
 
@@ -42,6 +63,20 @@ class TimelineEntry(BaseModel):
     evidence: Evidence | None = None
 
 
+class CheckView(BaseModel):
+    """One check of a suspect host as the core judged it (from the host-states topic)."""
+
+    check: int
+    evidence: Evidence
+    finished_at: float = Field(description="when the core judged it (the watch worker's clock)")
+    neighbour: str | None = None
+    files_checked: int = 0
+    newest_write: float | None = Field(None, description="newest disk mtime, the filer's clock")
+    reason: str | None = None
+    neighbour_offset: float | None = None
+    filer_offset: float | None = None
+
+
 class HostStateView(BaseModel):
     """A host as fencer sees it: its state, the current episode's evidence, its last probe."""
 
@@ -52,9 +87,14 @@ class HostStateView(BaseModel):
     suspect_since: float | None = None
     stale_checks: int = Field(0, description="stale checks in a row in the current episode")
     last_signal: HostSignal | None = None
-    last_probe: ProbeResult | None = None
-    evidence: list[ProbeResult] = Field(default_factory=list, description="the episode's probes")
+    last_probe: CheckView | None = None
+    evidence: list[CheckView] = Field(
+        default_factory=list, description="the episode's checks, as the core judged them"
+    )
     last_decision_id: str | None = None
+    record: dict[str, object] | None = Field(
+        None, description="the core's record of the host (topic host-states), as it left it"
+    )
 
 
 class FenceRecord(BaseModel):
@@ -92,6 +132,7 @@ class _Host:
         self.signals: deque[HostSignal] = deque(maxlen=limit)
         self.probes: deque[ProbeResult] = deque(maxlen=limit)
         self.notices: deque[Notice] = deque(maxlen=limit)
+        self.states: deque[HostStateRecord] = deque(maxlen=limit)
         self.decisions: list[str] = []
 
 
@@ -116,7 +157,14 @@ class FencingView:
     def topics(self) -> list[str]:
         """The topics this view reads."""
         n = self._names
-        return [n.host_signals, n.probe_results, n.fence_decisions, n.fence_outcomes, n.notices]
+        return [
+            n.host_signals,
+            n.probe_results,
+            n.fence_decisions,
+            n.fence_outcomes,
+            n.notices,
+            n.host_states,
+        ]
 
     def on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
         """Fold one record (a TopicReader callback); raises on a record that does not parse."""
@@ -142,6 +190,9 @@ class FencingView:
         elif record.topic == n.notices:
             notice = Notice.model_validate_json(value)
             self._host(notice.host).notices.append(notice)
+        elif record.topic == n.host_states:
+            st = HostStateRecord.model_validate_json(value)
+            self._host(st.host).states.append(st)
 
     def _host(self, ref: HostRef) -> _Host:
         h = self._hosts.get(ref.host_uuid)
@@ -202,16 +253,26 @@ class FencingView:
             suspect_since = evidence[-1].suspect_since
         elif state == "suspect":
             suspect_since = down_at
+        stale_checks = 0
+        checks = _checks(h.states)
+        core = h.states[-1].record if h.states else None
+        if core is not None:
+            # The core's own record is the truth: shown as it is, nothing re-derived.
+            state = _CORE_STATES.get(str(core.get("state")), "unknown")
+            episode = int(core.get("episode") or 0) or episode
+            suspect_since = core.get("suspect_since") or suspect_since  # type: ignore[assignment]
+            stale_checks = int(core.get("stale_count") or 0)
         return HostStateView(
             host=h.ref,
             state=state,
             status=status,
             episode=episode,
             suspect_since=suspect_since,
-            stale_checks=_stale_run(evidence),
+            stale_checks=stale_checks,
+            record=core,
             last_signal=h.signals[-1] if h.signals else None,
-            last_probe=h.probes[-1] if h.probes else None,
-            evidence=evidence,
+            last_probe=checks[-1][1] if checks else None,
+            evidence=[c for ep, c in checks if ep == episode],
             last_decision_id=decision.decision_id if decision else None,
         )
 
@@ -289,16 +350,21 @@ class FencingView:
                     items.append(
                         TimelineEntry(at=sig.at, kind="signal", text=f"{sig.kind}{status}")
                     )
-            for p in h.probes:
-                if p.episode == dec.episode:
-                    items.append(
-                        TimelineEntry(
-                            at=p.finished_at,
-                            kind="probe",
-                            text=_probe_text(p),
-                            evidence=p.evidence,
-                        )
+            seen: set[tuple[object, ...]] = set()
+            for st in h.states:
+                r = st.record
+                judged = (r.get("episode"), r.get("last_check"), r.get("last_probe_at"))
+                if r.get("episode") != dec.episode or not r.get("last_evidence") or judged in seen:
+                    continue
+                seen.add(judged)
+                items.append(
+                    TimelineEntry(
+                        at=st.updated_at,
+                        kind="probe",
+                        text=_check_text(r),
+                        evidence=Evidence(str(r["last_evidence"])),
                     )
+                )
             for note in h.notices:
                 if note.decision_id == dec.decision_id:
                     items.append(
@@ -348,18 +414,34 @@ class FencingView:
         )
 
 
-def _stale_run(probes: list[ProbeResult]) -> int:
-    """Stale checks since the last alive one; unknown neither counts nor resets."""
-    run = 0
-    for p in probes:
-        if p.evidence is Evidence.ALIVE:
-            run = 0
-        elif p.evidence is Evidence.STALE:
-            run += 1
-    return run
+def _checks(states: Iterable[HostStateRecord]) -> list[tuple[object, CheckView]]:
+    """Every judged check (episode, check) in the host-states history, oldest first."""
+    out: list[tuple[object, CheckView]] = []
+    seen: set[tuple[object, ...]] = set()
+    for st in states:
+        r = st.record
+        judged = (r.get("episode"), r.get("last_check"), r.get("last_probe_at"))
+        if not r.get("last_evidence") or not r.get("last_check") or judged in seen:
+            continue
+        seen.add(judged)
+        view = CheckView(
+            check=int(r["last_check"]),
+            evidence=Evidence(str(r["last_evidence"])),
+            finished_at=st.updated_at,
+            neighbour=r.get("neighbour"),  # type: ignore[arg-type]
+            files_checked=int(r.get("files_checked") or 0),
+            newest_write=r.get("newest_write"),  # type: ignore[arg-type]
+            reason=r.get("reason"),  # type: ignore[arg-type]
+            neighbour_offset=r.get("neighbour_offset"),  # type: ignore[arg-type]
+            filer_offset=r.get("filer_offset"),  # type: ignore[arg-type]
+        )
+        out.append((r.get("episode"), view))
+    return out
 
 
-def _probe_text(p: ProbeResult) -> str:
-    via = f" via {p.neighbour}" if p.neighbour else ""
-    why = f": {p.reason}" if p.reason else ""
-    return f"check {p.check}: {p.evidence.value}{via}, {p.files_checked} files{why}"
+def _check_text(r: dict[str, object]) -> str:
+    """One judged check of the core's record, in words."""
+    via = f" via {r.get('neighbour')}" if r.get("neighbour") else ""
+    why = f": {r.get('reason')}" if r.get("reason") else ""
+    files = r.get("files_checked") or 0
+    return f"check {r.get('last_check')}: {r.get('last_evidence')}{via}, {files} files{why}"

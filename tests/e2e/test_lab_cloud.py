@@ -1,18 +1,25 @@
 """The lab cloud itself, without fencer: the event bus forwarder sends CloudStack's exact records,
-a BMC power-off (through Debian's ipmitool) really stops the host, and the receivers record
-what a real SNMP sender and SMTP client deliver."""
+a BMC power-off (through Debian's ipmitool) really stops the host, the receivers record what a
+real SNMP sender and SMTP client deliver, and each fault knob does to the files what CloudStack
+and NFS would (read back with `stat` and `cat` over SSH on a neighbour, as a probe reads them):
+agent death stops the heartbeat only, idle VMs leave their disks alone, a filer clock offset
+moves every mtime but no heartbeat content, CloudStack's own HA moves a VM and its writes, and
+an RBD volume is listed as CloudStack lists it and has no file."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import shlex
 import subprocess
 import time
 from pathlib import Path
 
 import aiosmtplib
+import asyncssh
 import pytest
+from cs import AIOCloudStack
 from pysnmp.hlapi.v3arch.asyncio import (
     CommunityData,
     ContextData,
@@ -118,3 +125,211 @@ async def test_receivers_record_mail_and_traps(broker: EmbeddedBroker, tmp_path:
         assert trap.kind == "fence_succeeded" and trap.version == "v2c"
         assert trap.varbinds["fencerHostName"] == "kvm09"
         assert lab.traps.errors == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The fault knobs, seen from a neighbour
+
+
+async def _read(lab: LabCloud, via: str, files: list[Path]) -> dict[Path, tuple[float, str]]:
+    """{file: (mtime as `stat` on host `via` reports it, content if small)} over real SSH."""
+    h = lab.host(via)
+    script = "; ".join(
+        f"stat -c %.9Y {shlex.quote(str(f))}; head -c 40 {shlex.quote(str(f))} | tr -dc 0-9; echo"
+        for f in files
+    )
+    async with asyncssh.connect(
+        h.ip,
+        port=lab.kvm.port,
+        username="root",
+        client_keys=[str(lab.kvm.client_key_file)],
+        known_hosts=str(lab.kvm.known_hosts_file),
+        agent_path=None,
+    ) as conn:
+        # stdin at EOF: the lab's exec handler (like a real shell) reads it to the end.
+        done = await conn.run(script, stdin=asyncssh.DEVNULL, check=True, timeout=20)
+    lines = str(done.stdout).splitlines()
+    assert len(lines) == 2 * len(files), lines
+    return {f: (float(lines[2 * i]), lines[2 * i + 1]) for i, f in enumerate(files)}
+
+
+def _mtime(seen: dict[Path, tuple[float, str]], f: Path) -> float:
+    return seen[f][0]
+
+
+async def test_agent_death_stops_the_heartbeat_not_the_disks(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    async with LabCloud(broker, hosts=3, root=tmp_path / "lab", interval=0.2) as lab:
+        h = lab.host("kvm02")
+        hb = h.heartbeat_file(lab.pools[0].uuid)
+        disks = h.disk_files()
+        assert len(disks) == 2
+        files = [hb, *disks]
+        lab.agent_dies("kvm02")
+        assert lab.cloud.hosts[h.uuid].state == "Disconnected"
+        await asyncio.sleep(0.4)  # a write round already under way ends
+        a = await _read(lab, "kvm01", files)
+        await asyncio.sleep(1.2)
+        b = await _read(lab, "kvm01", files)
+        assert b[hb] == a[hb], "the heartbeat moved with the agent dead"
+        assert all(_mtime(b, d) > _mtime(a, d) for d in disks), "the VMs stopped writing"
+
+        lab.agent_recovers("kvm02")
+        assert lab.cloud.hosts[h.uuid].state == "Up"
+        await asyncio.sleep(1.2)
+        c = await _read(lab, "kvm01", files)
+        assert _mtime(c, hb) > _mtime(b, hb) and int(c[hb][1]) > int(b[hb][1])
+        assert abs(int(c[hb][1]) - time.time()) < 2
+
+        await lab.crash("kvm02")
+        await asyncio.sleep(0.4)
+        d = await _read(lab, "kvm01", files)
+        await asyncio.sleep(1.2)
+        e = await _read(lab, "kvm01", files)
+        assert e == d, "a crashed host still writes"
+        other = lab.host("kvm03").heartbeat_file(lab.pools[0].uuid)
+        assert time.time() - other.stat().st_mtime < 1.0, "the other hosts stopped writing"
+
+
+async def test_idle_vms_leave_their_disks_alone(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    async with LabCloud(
+        broker, hosts=3, root=tmp_path / "lab", interval=0.2, idle_hosts=("kvm02",)
+    ) as lab:
+        pool = lab.pools[0].uuid
+        idle_host = lab.host("kvm02")
+        busy = lab.host("kvm03")
+        idle_vm, busy_vm = lab.vms_of("kvm03")
+        lab.kvm.set_vm_idle(idle_vm)
+        (idle_disk,) = busy.disk_files([idle_vm])
+        (busy_disk,) = busy.disk_files([busy_vm])
+        files = [idle_host.heartbeat_file(pool), *idle_host.disk_files(), idle_disk, busy_disk]
+        await asyncio.sleep(0.4)
+        a = await _read(lab, "kvm01", files)
+        await asyncio.sleep(1.2)
+        b = await _read(lab, "kvm01", files)
+        assert _mtime(b, files[0]) > _mtime(a, files[0]), "an idle host's agent stopped"
+        for f in [*idle_host.disk_files(), idle_disk]:
+            assert b[f] == a[f], f"idle disk {f.name} was written"
+        assert _mtime(b, busy_disk) > _mtime(a, busy_disk), "a busy VM stopped writing"
+
+        lab.vms_go_idle("kvm02", False)
+        lab.kvm.set_vm_idle(idle_vm, False)
+        await asyncio.sleep(1.2)
+        c = await _read(lab, "kvm01", files)
+        assert all(_mtime(c, f) > _mtime(b, f) for f in files), "the VMs did not resume"
+        with pytest.raises(KeyError):
+            lab.kvm.set_vm_idle("no-such-vm")
+
+
+@pytest.mark.parametrize("offset", [-480.0, 480.0])
+async def test_filer_clock_offset_moves_every_mtime_not_the_heartbeat_content(
+    broker: EmbeddedBroker, tmp_path: Path, offset: float
+) -> None:
+    async with LabCloud(
+        broker, hosts=3, root=tmp_path / "lab", interval=0.2, filer_offset=offset
+    ) as lab:
+        lab.vms_go_idle("kvm03")  # its disks keep the stamp of their creation
+        h = lab.host("kvm02")
+        hb = h.heartbeat_file(lab.pools[0].uuid)
+        files = [hb, *h.disk_files(), *lab.host("kvm03").disk_files()]
+        await asyncio.sleep(0.5)
+        seen = await _read(lab, "kvm01", files)
+        now = time.time()
+        for f in files:
+            assert abs(_mtime(seen, f) - (now + offset)) < 2.5, (f.name, _mtime(seen, f), now)
+        assert abs(int(seen[hb][1]) - now) < 2.5, "heartbeat content is not the host's clock"
+
+        lab.set_filer_offset(0.0)  # NTP fixed on the filer
+        await asyncio.sleep(0.6)
+        seen = await _read(lab, "kvm01", files[:3])
+        now = time.time()
+        assert all(abs(_mtime(seen, f) - now) < 2.5 for f in files[:3])
+
+
+async def test_cloudstack_ha_restart_moves_the_vm_and_its_writes(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    async with LabCloud(broker, hosts=3, root=tmp_path / "lab", interval=0.2) as lab:
+        assert lab.sim is not None
+        suspect = lab.host("kvm02")
+        moved_vm, stay_vm = lab.vms_of("kvm02")
+        (moved_disk,) = suspect.disk_files([moved_vm])
+        (stay_disk,) = suspect.disk_files([stay_vm])
+        with pytest.raises(ValueError, match="Up"):
+            lab.vms_restarted_elsewhere("kvm02")  # CloudStack restarts nothing of an Up host
+        await lab.crash("kvm02")
+        moved = lab.vms_restarted_elsewhere("kvm02", [moved_vm])
+        assert moved == {moved_vm: "kvm01"}
+        async with AIOCloudStack(lab.sim.url, lab.sim.api_key, lab.sim.secret_key) as api:
+            got = await api.listVirtualMachines(id=moved_vm, listall="true")
+            on_suspect = await api.listVirtualMachines(hostid=suspect.uuid, listall="true")
+        (vm,) = got["virtualmachine"]
+        assert (vm["hostid"], vm["hostname"], vm["state"]) == (
+            lab.host("kvm01").uuid,
+            "kvm01",
+            "Running",
+        )
+        assert [v["id"] for v in on_suspect["virtualmachine"]] == [stay_vm]
+        steps = [
+            (json.loads(v)["old-state"], json.loads(v)["new-state"])
+            for k, v in lab.cloud.events
+            if k == moved_vm and "postStateTransitionEvent" in v
+        ]
+        assert steps == [("Running", "Stopped"), ("Stopped", "Starting"), ("Starting", "Running")]
+        await asyncio.sleep(0.4)
+        a = await _read(lab, "kvm03", [moved_disk, stay_disk])
+        await asyncio.sleep(1.2)
+        b = await _read(lab, "kvm03", [moved_disk, stay_disk])
+        assert _mtime(b, moved_disk) > _mtime(a, moved_disk), "the new host does not write it"
+        assert b[stay_disk] == a[stay_disk], "a VM of the crashed host is written"
+        assert lab.restarted_elsewhere("kvm02") == [moved_vm]
+
+        # A host CloudStack merely lost keeps running what it ran: split brain, as for real.
+        alive = lab.host("kvm03")
+        lab.agent_dies("kvm03")
+        vm3 = lab.vms_of("kvm03")[0]
+        lab.vms_restarted_elsewhere("kvm03", [vm3])
+        assert vm3 in alive.vms() and vm3 in lab.host("kvm01").vms()
+        await lab.crash("kvm03")
+        assert vm3 not in alive.vms()
+
+
+async def test_rbd_volume_is_listed_as_cloudstack_lists_it_and_has_no_file(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    async with LabCloud(
+        broker, hosts=3, root=tmp_path / "lab", interval=0.2, rbd_hosts=("kvm02",)
+    ) as lab:
+        assert lab.sim is not None and lab.rbd_pool is not None
+        rbd_vm, nfs_vm = lab.vms_of("kvm02")
+        async with AIOCloudStack(lab.sim.url, lab.sim.api_key, lab.sim.secret_key) as api:
+            pools = (await api.listStoragePools(clusterid=lab.cluster.uuid))["storagepool"]
+            vols = (await api.listVolumes(virtualmachineid=rbd_vm, listall="true"))["volume"]
+        rbd = [p for p in pools if p["type"] == "RBD"]
+        assert [p["type"] for p in pools].count("NetworkFilesystem") == 1
+        assert len(rbd) == 1
+        assert {k: rbd[0][k] for k in ("id", "name", "ipaddress", "path", "scope", "state")} == {
+            "id": lab.rbd_pool.uuid,
+            "name": "rbd1",
+            "ipaddress": "10.0.0.7",
+            "path": "rbd",
+            "scope": "CLUSTER",
+            "state": "Up",
+        }
+        (vol,) = vols
+        assert (vol["storageid"], vol["storage"], vol["type"]) == (
+            lab.rbd_pool.uuid,
+            "rbd1",
+            "ROOT",
+        )
+        h = lab.host("kvm02")
+        # Nothing to stat: no mount point, no heartbeat, no file for the RBD volume.
+        assert h.disk_files([rbd_vm]) == []
+        assert h.pools() == [lab.pools[0].uuid]
+        assert not (lab.kvm.mount_root / lab.rbd_pool.uuid).exists()
+        (nfs_disk,) = h.disk_files([nfs_vm])
+        a = await _read(lab, "kvm01", [nfs_disk])
+        await asyncio.sleep(1.2)
+        b = await _read(lab, "kvm01", [nfs_disk])
+        assert _mtime(b, nfs_disk) > _mtime(a, nfs_disk)

@@ -49,7 +49,7 @@ def make_settings(cloud: Cloud, port: int, **ipmi: Any) -> FencerSettings:
             job_timeout=10,
         ),
         hosts={cloud.host.uuid: HostSettings(ipmi=IpmiOverrides(**fields))},
-        actuator=ActuatorSettings(power_timeout=5, poll_interval=0.05, retries=0),
+        actuator=ActuatorSettings(power_timeout=5, poll_interval=0.05, retries=0, fence_deadline=6),
     )
 
 

@@ -3,8 +3,10 @@ after it, and the exact actions."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,12 +51,23 @@ from fencing.policy import Policy
 POLICY = Policy(
     check_interval=60.0,
     extra_checks=2,
-    heartbeat_max_age=61.0,
     unknown_alert_after=3,
     probe_timeout=180.0,
+    judge_readable_only=False,
+    clock_skew_alert=30.0,
+    suspect_alert_after=1800.0,
+    suspect_renotify=3600.0,
+    fencing_resend_after=900.0,
 )
-T0 = 1_000.0  # suspect time of episode 1
+T0 = 1_000.0  # CloudStack's suspect time of episode 1 (also the worker clock's origin here)
 DID = decision_id("h1", 1, T0)
+
+DISK = "/mnt/p1/vm1.qcow2"
+DISK2 = "/mnt/p1/vm2.qcow2"
+HB = "/mnt/p1/KVMHA/hb-10.0.0.11"
+# The filer's clock: deliberately far from the worker's (a filer with a wrong clock).
+OLD: tuple[tuple[str, float], ...] = ((DISK, T0 - 500), (HB, T0 - 400))
+BEAT: tuple[tuple[str, str], ...] = ((HB, "600"),)
 
 Row = tuple[HostEvent, HostRecord, tuple[HostAction, ...]]
 
@@ -69,20 +82,39 @@ def run(start: HostRecord, rows: list[Row], policy: Policy = POLICY) -> HostReco
     return record
 
 
-def stale(at: float, check: int, episode: int = 1) -> ProbeFinished:
+def reading(
+    at: float,
+    check: int,
+    mtimes: tuple[tuple[str, float], ...] = OLD,
+    heartbeats: tuple[tuple[str, str], ...] = BEAT,
+    *,
+    episode: int = 1,
+    complete: bool = True,
+    unreadable: int = 0,
+    reason: str | None = None,
+    neighbour_offset: float | None = None,
+    filer_offset: float | None = None,
+) -> ProbeFinished:
+    """A probe's reading of h1's files, arrived at `at` (worker clock)."""
     return ProbeFinished(
         at=at,
         episode=episode,
-        evidence=Evidence.STALE,
-        newest_write=T0 - 500,
-        files_checked=4,
-        neighbour="n2",
         check=check,
+        mtimes=mtimes,
+        heartbeats=heartbeats,
+        complete=complete,
+        files_wanted=len(mtimes),
+        neighbour="n2",
+        unreadable=unreadable,
+        reason=reason,
+        neighbour_offset=neighbour_offset,
+        filer_offset=filer_offset,
     )
 
 
-def unknown(at: float, check: int, reason: str = "ssh refused") -> ProbeFinished:
-    return ProbeFinished(at=at, episode=1, evidence=Evidence.UNKNOWN, check=check, reason=reason)
+def failed(at: float, check: int, reason: str = "ssh refused", episode: int = 1) -> ProbeFinished:
+    """A probe that could read nothing."""
+    return ProbeFinished(at=at, episode=episode, check=check, reason=reason)
 
 
 IDLE = HostRecord("h1")
@@ -98,19 +130,40 @@ def requested(record: HostRecord, at: float) -> HostRecord:
     )
 
 
-def judged_stale(record: HostRecord, at: float, count: int) -> HostRecord:
-    return replace(
+def judged(
+    record: HostRecord,
+    r: ProbeFinished,
+    evidence: Evidence,
+    reason: str | None = None,
+    **changes: Any,
+) -> HostRecord:
+    """`record` once the core judged reading `r` as `evidence` (counts and state in changes)."""
+    beats = dict(r.heartbeats)
+    new = replace(
         record,
         probe_outstanding=False,
-        stale_count=count,
-        unknown_count=0,
-        last_evidence=Evidence.STALE,
-        last_probe_at=at,
-        newest_write=T0 - 500,
-        heartbeat=None,
-        files_checked=4,
-        neighbour="n2",
-        reason=None,
+        last_result_at=r.at,
+        last_check=r.check,
+        last_evidence=evidence,
+        last_probe_at=r.at,
+        newest_write=max((m for p, m in r.mtimes if p not in beats), default=None),
+        files_checked=len(r.mtimes),
+        unreadable=r.unreadable,
+        neighbour=r.neighbour,
+        reason=reason,
+        neighbour_offset=r.neighbour_offset,
+        filer_offset=r.filer_offset,
+        **changes,
+    )
+    if evidence is Evidence.UNKNOWN:
+        return new
+    # a judged complete reading is the reference for the next check; a file it lacks keeps
+    # its last known value (a file is only ever compared with itself)
+    return replace(
+        new,
+        ref_at=r.at,
+        ref_mtimes=tuple(sorted({**dict(record.ref_mtimes), **dict(r.mtimes)}.items())),
+        ref_heartbeats=tuple(sorted({**dict(record.ref_heartbeats), **dict(r.heartbeats)}.items())),
     )
 
 
@@ -118,69 +171,105 @@ def probe(check: int, episode: int = 1, since: float = T0) -> RunProbe:
     return RunProbe(episode=episode, suspect_since=since, check=check)
 
 
-def to_proposal() -> tuple[HostRecord, list[Row]]:
-    """The rows from Up to a fence proposal: three stale checks, one interval apart."""
-    r1 = requested(SUSPECT, T0 + 60)
-    s1 = judged_stale(r1, T0 + 70, 1)
-    r2 = requested(s1, T0 + 120)
-    s2 = judged_stale(r2, T0 + 130, 2)
-    r3 = requested(s2, T0 + 180)
-    s3 = judged_stale(r3, T0 + 190, 3)
-    proposed = replace(s3, state=HostState.FENCE_PROPOSED, since=T0 + 190, decision_id=DID)
+PROPOSAL = ProposeFence(
+    episode=1,
+    suspect_since=T0,
+    stale_checks=3,
+    newest_write=T0 - 500,
+    files_checked=2,
+    decision_id=DID,
+    neighbour="n2",
+)
+
+
+def recovered(state: str, ended_by: str = "up", episode: int = 1) -> Notify:
+    return Notify(NoticeKind.HOST_RECOVERED, episode, (("ended_by", ended_by), ("state", state)))
+
+
+def cannot_verify(n: int, reason: str, neighbour: str = "none") -> Notify:
+    details = (("unknown_in_a_row", str(n)), ("reason", reason), ("neighbour", neighbour))
+    return Notify(NoticeKind.CANNOT_VERIFY, 1, details)
+
+
+def too_long(suspect_for: float, state: str, reason: str) -> Notify:
+    details = (("suspect_for", f"{suspect_for:.0f}"), ("state", state), ("reason", reason))
+    return Notify(NoticeKind.SUSPECT_TOO_LONG, 1, details)
+
+
+def to_baseline() -> tuple[HostRecord, list[Row]]:
+    """From Up to the baseline: the first tick requests check 1 at once."""
+    opened = replace(SUSPECT, opened_at=T0 + 5)
+    r1 = requested(opened, T0 + 5)
+    b1 = judged(r1, reading(T0 + 10, 1), Evidence.BASELINE)
     rows: list[Row] = [
         (HostDisconnected(at=T0, status=HostStatus.ALERT), SUSPECT, (MarkSuspect(1, T0),)),
-        (Tick(at=T0 + 30), SUSPECT, ()),  # the first check waits one interval
-        (Tick(at=T0 + 60), r1, (probe(1),)),
-        (Tick(at=T0 + 65), r1, ()),  # outstanding: no second probe
-        (stale(T0 + 70, 1), s1, ()),
-        (Tick(at=T0 + 100), s1, ()),  # interval counts from the last request
-        (Tick(at=T0 + 120), r2, (probe(2),)),
-        (stale(T0 + 130, 2), s2, ()),
-        (Tick(at=T0 + 180), r3, (probe(3),)),
-        (
-            stale(T0 + 190, 3),
-            proposed,
-            (
-                ProposeFence(
-                    episode=1,
-                    suspect_since=T0,
-                    stale_checks=3,
-                    newest_write=T0 - 500,
-                    files_checked=4,
-                    decision_id=DID,
-                    neighbour="n2",
-                ),
-            ),
-        ),
+        (Tick(at=T0 + 5), r1, (probe(1),)),  # the baseline: no interval wait
+        (Tick(at=T0 + 6), r1, ()),  # outstanding: no second probe
+        (reading(T0 + 10, 1), b1, ()),
+    ]
+    return b1, rows
+
+
+def to_proposal() -> tuple[HostRecord, list[Row]]:
+    """From Up to a fence proposal: the baseline, then three stale checks one interval apart."""
+    b1, rows = to_baseline()
+    r2 = requested(b1, T0 + 70)
+    s2 = judged(r2, reading(T0 + 75, 2), Evidence.STALE, stale_count=1)
+    r3 = requested(s2, T0 + 135)
+    s3 = judged(r3, reading(T0 + 140, 3), Evidence.STALE, stale_count=2)
+    r4 = requested(s3, T0 + 200)
+    s4 = judged(r4, reading(T0 + 205, 4), Evidence.STALE, stale_count=3)
+    proposed = replace(
+        s4, state=HostState.FENCE_PROPOSED, since=T0 + 205, decision_id=DID, sent_at=T0 + 205
+    )
+    rows += [
+        (Tick(at=T0 + 69), b1, ()),  # 59 s after the baseline arrived: not yet
+        (Tick(at=T0 + 70), r2, (probe(2),)),
+        (reading(T0 + 75, 2), s2, ()),
+        (Tick(at=T0 + 134), s2, ()),  # the interval counts from the last result's arrival
+        (Tick(at=T0 + 135), r3, (probe(3),)),
+        (reading(T0 + 140, 3), s3, ()),
+        (Tick(at=T0 + 200), r4, (probe(4),)),
+        (reading(T0 + 205, 4), proposed, (PROPOSAL,)),
     ]
     return proposed, rows
 
 
-def test_three_stale_checks_propose_one_fence_then_fenced_until_back_up() -> None:
+def test_baseline_then_three_stale_checks_propose_one_fence_then_fenced_until_back_up() -> None:
     proposed, rows = to_proposal()
-    fencing = replace(proposed, state=HostState.FENCING, since=T0 + 200)
-    fenced = replace(fencing, state=HostState.FENCED, since=T0 + 260, power_state="off")
-    back = replace(fenced, state=HostState.IDLE, since=T0 + 900)
-    recovered = Notify(NoticeKind.HOST_RECOVERED, 1, (("ended_by", "up"), ("state", "fenced")))
+    resent = replace(proposed, sent_at=T0 + 265)
+    fencing = replace(resent, state=HostState.FENCING, since=T0 + 270)
+    fencing2 = replace(fencing, sent_at=T0 + 1165)
+    fenced = replace(fencing2, state=HostState.FENCED, since=T0 + 1200, power_state="off")
+    back = replace(fenced, state=HostState.IDLE, since=T0 + 3000)
     rows += [
-        (Tick(at=T0 + 240), proposed, ()),  # no probes once proposed
-        (stale(T0 + 241, 3), proposed, ()),  # redelivered last result: late
-        (HostDisconnected(at=T0 + 242), proposed, ()),
-        (FenceApproved(at=T0 + 200, episode=1, decision_id=DID), fencing, ()),
-        (FenceApproved(at=T0 + 201, episode=1, decision_id=DID), fencing, ()),
+        (Tick(at=T0 + 264), proposed, ()),  # no probes once proposed, no re-send yet
+        (reading(T0 + 264.5, 4), proposed, ()),  # redelivered last result: late
+        (HostDisconnected(at=T0 + 264.6), proposed, ()),
+        (Tick(at=T0 + 265), resent, (PROPOSAL,)),  # unanswered for an interval: same proposal
+        (FenceApproved(at=T0 + 270, episode=1, decision_id=DID), fencing, ()),
+        (FenceApproved(at=T0 + 271, episode=1, decision_id=DID), fencing, ()),
+        (FenceWithheld(T0 + 272, 1, DID, WithheldReason.PAUSED), fencing, ()),
+        (Tick(at=T0 + 1164), fencing, ()),
+        (Tick(at=T0 + 1165), fencing2, (PROPOSAL,)),  # no outcome for fencing_resend_after
         (
-            FenceFinished(at=T0 + 260, episode=1, decision_id=DID, success=True, power_state="off"),
+            FenceFinished(
+                at=T0 + 1200, episode=1, decision_id=DID, success=True, power_state="off"
+            ),
             fenced,
             (),
         ),
-        (FenceFinished(at=T0 + 261, episode=1, decision_id=DID, success=True), fenced, ()),
-        (FenceApproved(at=T0 + 262, episode=1, decision_id=DID), fenced, ()),
-        (Tick(at=T0 + 600), fenced, ()),
-        (MaintenanceEnded(at=T0 + 601), fenced, ()),
-        (HostCameBack(at=T0 + 900), back, (ClearSuspect(1, T0 + 900), recovered)),
-        (HostCameBack(at=T0 + 901), back, ()),
-        (FenceFinished(at=T0 + 902, episode=1, decision_id=DID, success=True), back, ()),
-        (stale(T0 + 903, 3), back, ()),
+        (FenceFinished(at=T0 + 1201, episode=1, decision_id=DID, success=True), fenced, ()),
+        (FenceFinished(at=T0 + 1202, episode=1, decision_id=DID, success=False), fenced, ()),
+        (FenceApproved(at=T0 + 1203, episode=1, decision_id=DID), fenced, ()),
+        (FenceWithheld(T0 + 1204, 1, DID, WithheldReason.PAUSED), fenced, ()),
+        (Tick(at=T0 + 2900), fenced, ()),  # fenced: no probe, no re-send, no alert
+        (MaintenanceEnded(at=T0 + 2901), fenced, ()),
+        (HostCameBack(at=T0 + 3000), back, (ClearSuspect(1, T0 + 3000), recovered("fenced"))),
+        (HostCameBack(at=T0 + 3001), back, ()),
+        (FenceFinished(at=T0 + 3002, episode=1, decision_id=DID, success=True), back, ()),
+        (reading(T0 + 3003, 4), back, ()),
+        (Tick(at=T0 + 9000), back, ()),
     ]
     run(IDLE, rows)
 
@@ -190,16 +279,20 @@ def test_next_disconnection_opens_a_new_episode_with_fresh_counts() -> None:
     back = replace(proposed, state=HostState.IDLE, since=T0 + 500)
     t1 = T0 + 1000
     second = HostRecord("h1", state=HostState.SUSPECT, since=t1, episode=2, suspect_since=t1)
-    recovered = Notify(
-        NoticeKind.HOST_RECOVERED, 1, (("ended_by", "up"), ("state", "fence_proposed"))
-    )
+    opened = requested(replace(second, opened_at=t1 + 3), t1 + 3)
     rows += [
-        (HostCameBack(at=T0 + 500), back, (ClearSuspect(1, T0 + 500), recovered)),
+        (HostCameBack(at=T0 + 500), back, (ClearSuspect(1, T0 + 500), recovered("fence_proposed"))),
         (HostDisconnected(at=t1), second, (MarkSuspect(2, t1),)),
-        # episode 1's verdict arrives after episode 2 began: late, ignored
+        # episode 1's verdict and reading arrive after episode 2 began: late, ignored
         (FenceApproved(at=t1 + 1, episode=1, decision_id=DID), second, ()),
-        (stale(t1 + 2, 3, episode=1), second, ()),
-        (Tick(at=t1 + 60), requested(second, t1 + 60), (probe(1, 2, t1),)),
+        (reading(t1 + 2, 4, episode=1), second, ()),
+        (Tick(at=t1 + 3), opened, (probe(1, 2, t1),)),
+        # episode 2's baseline is its own: nothing is compared with episode 1's files
+        (
+            reading(t1 + 4, 1, episode=2),
+            judged(opened, reading(t1 + 4, 1, episode=2), Evidence.BASELINE),
+            (),
+        ),
     ]
     run(IDLE, rows)
 
@@ -207,13 +300,10 @@ def test_next_disconnection_opens_a_new_episode_with_fresh_counts() -> None:
 def test_a_disconnection_older_than_the_return_never_reopens_the_episode() -> None:
     proposed, rows = to_proposal()
     back = replace(proposed, state=HostState.IDLE, since=T0 + 500)
-    recovered = Notify(
-        NoticeKind.HOST_RECOVERED, 1, (("ended_by", "up"), ("state", "fence_proposed"))
-    )
     t1 = T0 + 501
     second = HostRecord("h1", state=HostState.SUSPECT, since=t1, episode=2, suspect_since=t1)
     rows += [
-        (HostCameBack(at=T0 + 500), back, (ClearSuspect(1, T0 + 500), recovered)),
+        (HostCameBack(at=T0 + 500), back, (ClearSuspect(1, T0 + 500), recovered("fence_proposed"))),
         # a delayed poll (or the alert redelivered) from before the host came back: late
         (HostDisconnected(at=T0 + 10), back, ()),
         (HostDisconnected(at=T0 + 499.9), back, ()),
@@ -223,201 +313,341 @@ def test_a_disconnection_older_than_the_return_never_reopens_the_episode() -> No
     run(IDLE, rows)
 
 
-def test_alive_resets_the_stale_run_and_fresh_writes_beat_a_stale_report() -> None:
-    r1 = requested(SUSPECT, T0 + 60)
-    s1 = judged_stale(r1, T0 + 61, 1)
-    r2 = requested(s1, T0 + 121)
-    # the probe said stale, but a disk was written after the suspect time: alive
-    wrote = ProbeFinished(
-        at=T0 + 122,
-        episode=1,
-        evidence=Evidence.STALE,
-        newest_write=T0 + 5,
-        files_checked=4,
-        check=2,
-    )
-    a2 = replace(
-        r2,
-        probe_outstanding=False,
-        stale_count=0,
-        unknown_count=0,
-        last_evidence=Evidence.ALIVE,
-        last_probe_at=T0 + 122,
-        newest_write=T0 + 5,
-        files_checked=4,
-        neighbour=None,
-    )
-    r3 = requested(a2, T0 + 182)
-    s3 = judged_stale(r3, T0 + 183, 1)
+# Readings that differ from the baseline (OLD, BEAT), each in one way, and why it is alive.
+WRITTEN = ((DISK, T0 - 499), (HB, T0 - 400))
+CHANGES = [
+    pytest.param(WRITTEN, BEAT, f"{DISK} changed", id="disk-written"),
+    # a filer whose clock was stepped back: the mtime moved, that is all that counts
+    pytest.param(((DISK, T0 - 9000), (HB, T0 - 400)), BEAT, f"{DISK} changed", id="disk-back"),
+    pytest.param(((DISK, T0 - 500), (HB, T0 - 399)), BEAT, f"{HB} changed", id="hb-touched"),
+    pytest.param(
+        ((DISK, T0 - 500), (DISK2, T0 - 3000), (HB, T0 - 400)),
+        BEAT,
+        f"{DISK2} appeared",
+        id="disk-appeared",
+    ),
+    # the heartbeat's content moved while its mtime did not (the host's clock, not the filer's)
+    pytest.param(OLD, ((HB, "601"),), f"{HB} changed", id="beat-content"),
+]
+
+
+@pytest.mark.parametrize(("mtimes", "heartbeats", "why"), CHANGES)
+def test_any_change_since_the_previous_reading_is_alive_and_resets_the_run(
+    mtimes: tuple[tuple[str, float], ...], heartbeats: tuple[tuple[str, str], ...], why: str
+) -> None:
+    b1, rows = to_baseline()
+    r2 = requested(b1, T0 + 70)
+    s2 = judged(r2, reading(T0 + 75, 2), Evidence.STALE, stale_count=1)
+    r3 = requested(s2, T0 + 135)
+    s3 = judged(r3, reading(T0 + 140, 3), Evidence.STALE, stale_count=2)
+    r4 = requested(s3, T0 + 200)
+    changed = reading(T0 + 205, 4, mtimes, heartbeats)
+    a4 = judged(r4, changed, Evidence.ALIVE, why, stale_count=0)
+    r5 = requested(a4, T0 + 265)
+    # the changed reading is the new reference: the same files again are stale, one of three
+    s5 = judged(r5, reading(T0 + 270, 5, mtimes, heartbeats), Evidence.STALE, stale_count=1)
+    rows += [
+        (Tick(at=T0 + 70), r2, (probe(2),)),
+        (reading(T0 + 75, 2), s2, ()),
+        (Tick(at=T0 + 135), r3, (probe(3),)),
+        (reading(T0 + 140, 3), s3, ()),
+        (Tick(at=T0 + 200), r4, (probe(4),)),
+        (changed, a4, ()),
+        (changed, a4, ()),  # redelivered: late
+        (Tick(at=T0 + 265), r5, (probe(5),)),
+        (reading(T0 + 270, 5, mtimes, heartbeats), s5, ()),
+    ]
+    run(IDLE, rows)
+
+
+def test_a_disk_that_left_the_host_is_no_change() -> None:
+    """A VM CloudStack already restarted elsewhere leaves the file list: not a sign of life."""
+    two = ((DISK, T0 - 500), (DISK2, T0 - 300), (HB, T0 - 400))
+    r1 = requested(replace(SUSPECT, opened_at=T0), T0)
+    b1 = judged(r1, reading(T0 + 1, 1, two), Evidence.BASELINE)
+    r2 = requested(b1, T0 + 61)
+    s2 = judged(r2, reading(T0 + 62, 2), Evidence.STALE, stale_count=1)
     run(
         SUSPECT,
         [
-            (Tick(at=T0 + 60), r1, (probe(1),)),
-            (stale(T0 + 61, 1), s1, ()),
-            (Tick(at=T0 + 121), r2, (probe(2),)),
-            (wrote, a2, ()),
-            (wrote, a2, ()),  # redelivered: late
-            (Tick(at=T0 + 182), r3, (probe(3),)),
-            (stale(T0 + 183, 3), s3, ()),
+            (Tick(at=T0), r1, (probe(1),)),
+            (reading(T0 + 1, 1, two), b1, ()),
+            (Tick(at=T0 + 61), r2, (probe(2),)),
+            (reading(T0 + 62, 2), s2, ()),
         ],
     )
+    assert s2.newest_write == T0 - 500 and s2.files_checked == 2
 
 
-@pytest.mark.parametrize(
-    ("heartbeat_age", "evidence"),
-    [(0.0, Evidence.ALIVE), (61.0, Evidence.ALIVE), (61.5, Evidence.STALE)],
-)
-def test_heartbeat_fresher_than_max_age_means_alive(
-    heartbeat_age: float, evidence: Evidence
-) -> None:
-    r1 = requested(SUSPECT, T0 + 60)
-    at = T0 + 70
-    # a host without running VMs: the heartbeat file is the only file
-    result = ProbeFinished(
-        at=at, episode=1, evidence=Evidence.STALE, heartbeat=at - heartbeat_age, check=1
+def test_a_file_missing_from_one_reading_and_back_unchanged_is_no_change() -> None:
+    """The probe drops a file it cannot stat (ESTALE, EIO: `stat 2>/dev/null`) and the reading
+    stays complete. Back with the same mtime, it did not change: no sign of life. Otherwise a
+    flaky file resets the stale run every other check and a dead host is never fenced."""
+    two = ((DISK, T0 - 500), (DISK2, T0 - 300), (HB, T0 - 400))
+    policy = replace(POLICY, extra_checks=1)
+    r1 = requested(replace(SUSPECT, opened_at=T0), T0)
+    b1 = judged(r1, reading(T0 + 1, 1, two), Evidence.BASELINE)
+    r2 = requested(b1, T0 + 61)
+    s2 = judged(r2, reading(T0 + 62, 2), Evidence.STALE, stale_count=1)
+    assert dict(s2.ref_mtimes)[DISK2] == T0 - 300  # remembered while missing
+    r3 = requested(s2, T0 + 122)
+    s3 = judged(r3, reading(T0 + 123, 3, two), Evidence.STALE, stale_count=2)
+    proposed = replace(
+        s3, state=HostState.FENCE_PROPOSED, since=T0 + 123, decision_id=DID, sent_at=T0 + 123
     )
-    judged = replace(
-        r1,
-        probe_outstanding=False,
-        stale_count=1 if evidence is Evidence.STALE else 0,
-        last_evidence=evidence,
-        last_probe_at=at,
-        heartbeat=at - heartbeat_age,
+    run(
+        SUSPECT,
+        [
+            (Tick(at=T0), r1, (probe(1),)),
+            (reading(T0 + 1, 1, two), b1, ()),
+            (Tick(at=T0 + 61), r2, (probe(2),)),
+            (reading(T0 + 62, 2), s2, ()),
+            (Tick(at=T0 + 122), r3, (probe(3),)),
+            (
+                reading(T0 + 123, 3, two),
+                proposed,
+                (replace(PROPOSAL, stale_checks=2, newest_write=T0 - 300, files_checked=3),),
+            ),
+        ],
+        policy,
     )
-    run(r1, [(result, judged, ())])
+    # back *changed* while it was missing: that is a change
+    moved = ((DISK, T0 - 500), (DISK2, T0 - 299), (HB, T0 - 400))
+    alive, _ = step(r3, reading(T0 + 123, 3, moved), policy)
+    assert (alive.last_evidence, alive.reason) == (Evidence.ALIVE, f"{DISK2} changed")
 
 
-def test_stale_with_no_files_and_no_heartbeat_is_unknown() -> None:
-    r1 = requested(SUSPECT, T0 + 60)
-    result = ProbeFinished(at=T0 + 70, episode=1, evidence=Evidence.STALE, check=1)
-    judged = replace(
-        r1,
-        probe_outstanding=False,
-        unknown_count=1,
-        last_evidence=Evidence.UNKNOWN,
-        last_probe_at=T0 + 70,
+def test_host_without_vms_is_judged_on_its_heartbeat_file_alone() -> None:
+    only = ((HB, T0 - 400),)
+    r1 = requested(replace(SUSPECT, opened_at=T0), T0)
+    b1 = judged(r1, reading(T0 + 1, 1, only), Evidence.BASELINE)
+    r2 = requested(b1, T0 + 61)
+    s2 = judged(r2, reading(T0 + 62, 2, only), Evidence.STALE, stale_count=1)
+    run(
+        SUSPECT,
+        [
+            (Tick(at=T0), r1, (probe(1),)),
+            (reading(T0 + 1, 1, only), b1, ()),
+            (Tick(at=T0 + 61), r2, (probe(2),)),
+            (reading(T0 + 62, 2, only), s2, ()),
+        ],
     )
-    run(replace(r1, stale_count=2), [(result, replace(judged, stale_count=2), ())])
+    assert s2.newest_write is None and s2.files_checked == 1
+
+
+def test_no_change_sooner_than_an_interval_after_the_reference_is_unknown() -> None:
+    """Intervals are the worker's clock: a result stamped early (a worker whose clock is behind
+    took the partition over) cannot make two readings look an interval apart when they are not."""
+    b1, rows = to_baseline()  # the reference arrived at T0 + 10
+    r2 = requested(b1, T0 + 70)
+    early = failed(T0 - 50, 2)  # stamped by a clock 2 minutes behind
+    u2 = judged(r2, early, Evidence.UNKNOWN, "ssh refused", unknown_count=1)
+    r3 = requested(u2, T0 + 30)  # due: an interval after that stamp
+    soon = judged(
+        r3,
+        reading(T0 + 31, 3),
+        Evidence.UNKNOWN,
+        "too soon: 20 s since the previous reading, at least 60 s needed",
+        unknown_count=2,
+    )
+    r4 = requested(soon, T0 + 91)
+    s4 = judged(r4, reading(T0 + 92, 4), Evidence.STALE, stale_count=1, unknown_count=0)
+    rows += [
+        (Tick(at=T0 + 70), r2, (probe(2),)),
+        (early, u2, ()),
+        (Tick(at=T0 + 30), r3, (probe(3),)),
+        (reading(T0 + 31, 3), soon, ()),
+        (Tick(at=T0 + 91), r4, (probe(4),)),
+        # compared with the baseline (the too-soon reading never became the reference)
+        (reading(T0 + 92, 4), s4, ()),
+    ]
+    run(IDLE, rows)
 
 
 def test_unknown_never_counts_never_resets_and_alerts_once_per_run() -> None:
-    policy = replace(POLICY, extra_checks=1)
-    rec = requested(SUSPECT, T0 + 60)
-    s1 = judged_stale(rec, T0 + 61, 1)
-    rows: list[Row] = [(Tick(at=T0 + 60), rec, (probe(1),)), (stale(T0 + 61, 1), s1, ())]
-    rec, at = s1, T0 + 61
-    for n in range(1, 5):  # four unknowns in a row: the stale count stays 1, one alert
-        at += 60
+    policy = replace(POLICY, extra_checks=1, unknown_alert_after=3)
+    b1, rows = to_baseline()
+    r2 = requested(b1, T0 + 70)
+    s2 = judged(r2, reading(T0 + 75, 2), Evidence.STALE, stale_count=1)
+    rows += [(Tick(at=T0 + 70), r2, (probe(2),)), (reading(T0 + 75, 2), s2, ())]
+    moved = ((DISK, T0 + 7000), (HB, T0 + 7000))  # what an incomplete reading saw: ignored
+    unreadable_why = (
+        "2 disks on storage the probe cannot read (judge_readable_only is off for this cluster)"
+    )
+    unknowns: list[tuple[ProbeFinished, str]] = [
+        (failed(0, 0, "ssh refused"), "ssh refused"),
+        (reading(0, 0, moved, complete=False, reason="partial output"), "partial output"),
+        (reading(0, 0, moved, complete=False), "incomplete reading"),
+        (reading(0, 0, unreadable=2), unreadable_why),
+        (reading(0, 0, (), ()), "no files to read"),
+        (
+            reading(0, 0, (), (), reason="storage not mounted: /mnt/p1"),
+            "storage not mounted: /mnt/p1",
+        ),
+    ]
+    rec, at = s2, T0 + 75
+    for n, (shape, why) in enumerate(unknowns, 1):
+        at += 61
         rec = requested(rec, at)
         rows.append((Tick(at=at), rec, (probe(rec.checks_requested),)))
-        rec = replace(
-            rec,
-            probe_outstanding=False,
-            unknown_count=n,
-            last_evidence=Evidence.UNKNOWN,
-            last_probe_at=at + 1,
-            newest_write=None,
-            files_checked=0,
-            neighbour=None,
-            reason="ssh refused",
-        )
-        alert = Notify(
-            NoticeKind.CANNOT_VERIFY,
-            1,
-            (("unknown_in_a_row", "3"), ("reason", "ssh refused"), ("neighbour", "none")),
-        )
-        rows.append((unknown(at + 1, rec.checks_requested), rec, (alert,) if n == 3 else ()))
-    # the second stale result after the unknowns completes 1 + extra_checks: a proposal
-    at += 60
+        result = replace(shape, at=at + 1, check=rec.checks_requested)
+        rec = judged(rec, result, Evidence.UNKNOWN, why, unknown_count=n)
+        alert = (cannot_verify(3, why, "n2"),) if n == 3 else ()
+        rows.append((result, rec, alert))
+    # the stale count stayed 1 and the reference is still the baseline: one more stale proposes
+    assert rec.stale_count == 1 and rec.ref_at == T0 + 75
+    at += 61
     rec = requested(rec, at)
     rows.append((Tick(at=at), rec, (probe(rec.checks_requested),)))
-    final = judged_stale(rec, at + 1, 2)
-    final = replace(final, state=HostState.FENCE_PROPOSED, since=at + 1, decision_id=DID)
-    proposal = ProposeFence(1, T0, 2, T0 - 500, 4, DID, "n2")
-    rows.append((stale(at + 1, rec.checks_requested), final, (proposal,)))
-    run(SUSPECT, rows, policy)
+    last = reading(at + 1, rec.checks_requested)
+    final = judged(rec, last, Evidence.STALE, stale_count=2, unknown_count=0)
+    final = replace(
+        final, state=HostState.FENCE_PROPOSED, since=at + 1, decision_id=DID, sent_at=at + 1
+    )
+    rows.append((last, final, (replace(PROPOSAL, stale_checks=2),)))
+    run(IDLE, rows, policy)
+
+
+def test_an_incomplete_reading_never_becomes_the_reference() -> None:
+    """Its changes are not compared away: the next complete reading still shows them."""
+    b1, rows = to_baseline()
+    moved = ((DISK, T0 - 100), (HB, T0 - 400))
+    r2 = requested(b1, T0 + 70)
+    cut = reading(T0 + 75, 2, moved, complete=False, reason="partial output")
+    u2 = judged(r2, cut, Evidence.UNKNOWN, "partial output", unknown_count=1)
+    r3 = requested(u2, T0 + 135)
+    a3 = judged(r3, reading(T0 + 140, 3, moved), Evidence.ALIVE, f"{DISK} changed", unknown_count=0)
+    rows += [
+        (Tick(at=T0 + 70), r2, (probe(2),)),
+        (cut, u2, ()),
+        (Tick(at=T0 + 135), r3, (probe(3),)),
+        (reading(T0 + 140, 3, moved), a3, ()),
+    ]
+    run(IDLE, rows)
+
+
+def test_judge_readable_only_lets_unreadable_disks_pass() -> None:
+    policy = replace(POLICY, judge_readable_only=True, extra_checks=0)
+    r1 = requested(replace(SUSPECT, opened_at=T0), T0)
+    first = reading(T0 + 1, 1, unreadable=3)
+    b1 = judged(r1, first, Evidence.BASELINE)
+    r2 = requested(b1, T0 + 61)
+    second = reading(T0 + 62, 2, unreadable=3)
+    s2 = judged(r2, second, Evidence.STALE, stale_count=1)
+    proposed = replace(
+        s2, state=HostState.FENCE_PROPOSED, since=T0 + 62, decision_id=DID, sent_at=T0 + 62
+    )
+    run(
+        SUSPECT,
+        [
+            (Tick(at=T0), r1, (probe(1),)),
+            (first, b1, ()),
+            (Tick(at=T0 + 61), r2, (probe(2),)),
+            (second, proposed, (replace(PROPOSAL, stale_checks=1),)),
+        ],
+        policy,
+    )
+    assert proposed.unreadable == 3
 
 
 def test_unknown_alert_repeats_after_a_new_run_of_unknowns() -> None:
     policy = replace(POLICY, unknown_alert_after=1)
-    r1 = requested(SUSPECT, T0 + 60)
-    u1 = replace(
-        r1,
-        probe_outstanding=False,
-        unknown_count=1,
-        last_evidence=Evidence.UNKNOWN,
-        last_probe_at=T0 + 61,
-        reason="no neighbour",
-    )
-    alert = Notify(
-        NoticeKind.CANNOT_VERIFY,
-        1,
-        (("unknown_in_a_row", "1"), ("reason", "no neighbour"), ("neighbour", "none")),
-    )
+    r1 = requested(replace(SUSPECT, opened_at=T0 + 60), T0 + 60)
+    u1 = judged(r1, failed(T0 + 61, 1, "no neighbour"), Evidence.UNKNOWN, "no neighbour")
+    u1 = replace(u1, unknown_count=1)
     r2 = requested(u1, T0 + 121)
-    a2 = replace(
+    b2 = judged(r2, reading(T0 + 122, 2), Evidence.BASELINE, unknown_count=0)
+    r3 = requested(b2, T0 + 182)
+    u3 = judged(r3, failed(T0 + 183, 3, "no neighbour"), Evidence.UNKNOWN, "no neighbour")
+    u3 = replace(u3, unknown_count=1)
+    r4 = requested(u3, T0 + 243)
+    a4 = judged(
+        r4,
+        reading(T0 + 244, 4, heartbeats=((HB, "x"),)),
+        Evidence.ALIVE,
+        f"{HB} changed",
+        unknown_count=0,
+    )
+    r5 = requested(a4, T0 + 304)
+    u5 = replace(
+        judged(r5, failed(T0 + 305, 5, "timeout"), Evidence.UNKNOWN, "timeout"), unknown_count=1
+    )
+    run(
+        SUSPECT,
+        [
+            (Tick(at=T0 + 60), r1, (probe(1),)),
+            (failed(T0 + 61, 1, "no neighbour"), u1, (cannot_verify(1, "no neighbour"),)),
+            (Tick(at=T0 + 121), r2, (probe(2),)),
+            (reading(T0 + 122, 2), b2, ()),  # the baseline ends the unknown run
+            (Tick(at=T0 + 182), r3, (probe(3),)),
+            (failed(T0 + 183, 3, "no neighbour"), u3, (cannot_verify(1, "no neighbour"),)),
+            (Tick(at=T0 + 243), r4, (probe(4),)),
+            (reading(T0 + 244, 4, heartbeats=((HB, "x"),)), a4, ()),
+            (Tick(at=T0 + 304), r5, (probe(5),)),
+            (failed(T0 + 305, 5, "timeout"), u5, (cannot_verify(1, "timeout"),)),
+        ],
+        policy,
+    )
+
+
+def test_a_stale_check_ends_the_unknown_run() -> None:
+    policy = replace(POLICY, unknown_alert_after=2)
+    b1, rows = to_baseline()
+    r2 = requested(b1, T0 + 70)
+    u2 = judged(r2, failed(T0 + 71, 2), Evidence.UNKNOWN, "ssh refused", unknown_count=1)
+    r3 = requested(u2, T0 + 131)
+    s3 = judged(r3, reading(T0 + 132, 3), Evidence.STALE, stale_count=1, unknown_count=0)
+    r4 = requested(s3, T0 + 192)
+    u4 = judged(r4, failed(T0 + 193, 4), Evidence.UNKNOWN, "ssh refused", unknown_count=1)
+    rows += [
+        (Tick(at=T0 + 70), r2, (probe(2),)),
+        (failed(T0 + 71, 2), u2, ()),
+        (Tick(at=T0 + 131), r3, (probe(3),)),
+        (reading(T0 + 132, 3), s3, ()),
+        (Tick(at=T0 + 192), r4, (probe(4),)),
+        (failed(T0 + 193, 4), u4, ()),  # one unknown in a new run: no alert
+    ]
+    run(IDLE, rows, policy)
+
+
+def test_lost_probe_counts_as_unknown_and_the_next_is_requested_on_the_same_tick() -> None:
+    policy = replace(POLICY, unknown_alert_after=1, probe_timeout=100.0)
+    b1, rows = to_baseline()
+    r2 = requested(b1, T0 + 70)
+    lost = replace(
         r2,
         probe_outstanding=False,
-        unknown_count=0,
-        last_evidence=Evidence.ALIVE,
-        last_probe_at=T0 + 122,
-        reason=None,
-    )
-    alive = ProbeFinished(at=T0 + 122, episode=1, evidence=Evidence.ALIVE, check=2)
-    r3 = requested(a2, T0 + 182)
-    u3 = replace(u1, checks_requested=3, last_request_at=T0 + 182, last_probe_at=T0 + 183)
-    run(
-        SUSPECT,
-        [
-            (Tick(at=T0 + 60), r1, (probe(1),)),
-            (unknown(T0 + 61, 1, "no neighbour"), u1, (alert,)),
-            (Tick(at=T0 + 121), r2, (probe(2),)),
-            (alive, a2, ()),
-            (Tick(at=T0 + 182), r3, (probe(3),)),
-            (unknown(T0 + 183, 3, "no neighbour"), u3, (alert,)),
-        ],
-        policy,
-    )
-
-
-def test_lost_probe_counts_as_unknown_and_the_next_is_requested() -> None:
-    policy = replace(POLICY, unknown_alert_after=1, probe_timeout=100.0)
-    r1 = requested(SUSPECT, T0 + 60)
-    lost = replace(
-        r1,
-        probe_outstanding=False,
         unknown_count=1,
+        last_check=2,
         last_evidence=Evidence.UNKNOWN,
-        last_probe_at=T0 + 160,
+        last_probe_at=T0 + 170,
+        last_result_at=T0 + 70,
         reason="probe result lost",
     )
-    r2 = requested(lost, T0 + 160)
-    alert = Notify(
-        NoticeKind.CANNOT_VERIFY,
-        1,
-        (("unknown_in_a_row", "1"), ("reason", "probe result lost"), ("neighbour", "none")),
-    )
-    run(
-        SUSPECT,
-        [
-            (Tick(at=T0 + 60), r1, (probe(1),)),
-            (Tick(at=T0 + 159), r1, ()),
-            (Tick(at=T0 + 160), r2, (alert, probe(2))),
-            (stale(T0 + 161, 1), r2, ()),  # the lost check's answer: late
-        ],
-        policy,
-    )
+    r3 = requested(lost, T0 + 170)
+    rows += [
+        (Tick(at=T0 + 70), r2, (probe(2),)),
+        (Tick(at=T0 + 169), r2, ()),
+        (Tick(at=T0 + 170), r3, (cannot_verify(1, "probe result lost", "n2"), probe(3))),
+        (reading(T0 + 171, 2), r3, ()),  # the lost check's answer: late
+        (Tick(at=T0 + 172), r3, ()),
+    ]
+    record = run(IDLE, rows, policy)
+    # a lost probe never breaks the stale run either: the reference is still the baseline
+    assert record.ref_at == T0 + 10 and record.stale_count == 0
 
 
 def test_lost_probe_waits_for_the_interval_when_the_timeout_is_shorter() -> None:
     policy = replace(POLICY, probe_timeout=30.0)
-    r1 = requested(SUSPECT, T0 + 60)
+    r1 = requested(replace(SUSPECT, opened_at=T0 + 60), T0 + 60)
     lost = replace(
         r1,
         probe_outstanding=False,
         unknown_count=1,
+        last_check=1,
         last_evidence=Evidence.UNKNOWN,
         last_probe_at=T0 + 90,
+        last_result_at=T0 + 60,
         reason="probe result lost",
     )
     run(
@@ -425,6 +655,7 @@ def test_lost_probe_waits_for_the_interval_when_the_timeout_is_shorter() -> None
         [
             (Tick(at=T0 + 60), r1, (probe(1),)),
             (Tick(at=T0 + 90), lost, ()),
+            (Tick(at=T0 + 119), lost, ()),
             (Tick(at=T0 + 120), requested(lost, T0 + 120), (probe(2),)),
         ],
         policy,
@@ -433,17 +664,372 @@ def test_lost_probe_waits_for_the_interval_when_the_timeout_is_shorter() -> None
 
 def test_no_extra_checks_means_the_first_stale_check_proposes() -> None:
     policy = replace(POLICY, extra_checks=0)
-    r1 = requested(SUSPECT, T0 + 60)
-    s1 = judged_stale(r1, T0 + 61, 1)
-    proposed = replace(s1, state=HostState.FENCE_PROPOSED, since=T0 + 61, decision_id=DID)
+    b1, rows = to_baseline()
+    r2 = requested(b1, T0 + 70)
+    s2 = judged(r2, reading(T0 + 75, 2), Evidence.STALE, stale_count=1)
+    proposed = replace(
+        s2, state=HostState.FENCE_PROPOSED, since=T0 + 75, decision_id=DID, sent_at=T0 + 75
+    )
+    rows += [
+        (Tick(at=T0 + 70), r2, (probe(2),)),
+        (reading(T0 + 75, 2), proposed, (replace(PROPOSAL, stale_checks=1),)),
+    ]
+    run(IDLE, rows, policy)
+
+
+def skew(*pairs: tuple[str, float]) -> Notify:
+    details = (
+        *((f"{name}_offset", f"{value:+.0f}") for name, value in pairs),
+        ("reason", ", ".join(f"{n} clock {v:+.0f} s" for n, v in pairs)),
+        ("neighbour", "n2"),
+    )
+    return Notify(NoticeKind.CLOCK_SKEW, 1, details)
+
+
+def test_clock_skew_above_the_threshold_notifies_once_per_episode_and_changes_no_verdict() -> None:
+    r1 = requested(replace(SUSPECT, opened_at=T0), T0)
+    at_limit = reading(T0 + 1, 1, neighbour_offset=-30.0, filer_offset=30.0)
+    b1 = judged(r1, at_limit, Evidence.BASELINE)
+    r2 = requested(b1, T0 + 61)
+    ahead = reading(T0 + 62, 2, neighbour_offset=-30.5, filer_offset=86_400.0)
+    s2 = judged(r2, ahead, Evidence.STALE, stale_count=1, skew_notified=True)
+    r3 = requested(s2, T0 + 122)
+    behind = reading(T0 + 123, 3, neighbour_offset=-99.0, filer_offset=-86_400.0)
+    s3 = judged(r3, behind, Evidence.STALE, stale_count=2, skew_notified=True)
+    back = replace(s3, state=HostState.IDLE, since=T0 + 200, probe_outstanding=False)
+    t1 = T0 + 300
+    second = HostRecord("h1", state=HostState.SUSPECT, since=t1, episode=2, suspect_since=t1)
+    r21 = requested(replace(second, opened_at=t1), t1)
+    again = reading(t1 + 1, 1, episode=2, filer_offset=31.0)
+    b21 = judged(r21, again, Evidence.BASELINE, skew_notified=True)
+    notice2 = replace(skew(("filer", 31.0)), episode=2)
     run(
         SUSPECT,
         [
-            (Tick(at=T0 + 60), r1, (probe(1),)),
-            (stale(T0 + 61, 1), proposed, (ProposeFence(1, T0, 1, T0 - 500, 4, DID, "n2"),)),
+            (Tick(at=T0), r1, (probe(1),)),
+            (at_limit, b1, ()),  # exactly the threshold: no notice
+            (Tick(at=T0 + 61), r2, (probe(2),)),
+            (ahead, s2, (skew(("neighbour", -30.5), ("filer", 86_400.0)),)),
+            (Tick(at=T0 + 122), r3, (probe(3),)),
+            (behind, s3, ()),  # once per episode
+            (HostCameBack(at=T0 + 200), back, (ClearSuspect(1, T0 + 200), recovered("suspect"))),
+            (HostDisconnected(at=t1), second, (MarkSuspect(2, t1),)),
+            (Tick(at=t1), r21, (probe(1, 2, t1),)),
+            (again, b21, (notice2,)),  # a new episode notifies again
         ],
-        policy,
     )
+
+
+def test_clock_skew_is_measured_on_unknown_readings_too() -> None:
+    r1 = requested(replace(SUSPECT, opened_at=T0), T0)
+    result = replace(failed(T0 + 1, 1), neighbour="n2", neighbour_offset=45.0)
+    u1 = judged(r1, result, Evidence.UNKNOWN, "ssh refused", unknown_count=1, skew_notified=True)
+    run(
+        SUSPECT,
+        [(Tick(at=T0), r1, (probe(1),)), (result, u1, (skew(("neighbour", 45.0)),))],
+    )
+
+
+def test_suspect_too_long_repeats_until_a_decision_and_never_once_fencing() -> None:
+    policy = replace(POLICY, suspect_alert_after=300.0, suspect_renotify=600.0)
+    proposed, rows = to_proposal()  # opened at T0 + 5, proposed at T0 + 205
+    a1 = replace(proposed, sent_at=T0 + 305, last_alert_at=T0 + 305)
+    withheld = replace(
+        a1,
+        state=HostState.WITHHELD,
+        since=T0 + 310,
+        withheld_reason=WithheldReason.CAP_REACHED,
+    )
+    a2 = replace(withheld, last_alert_at=T0 + 905)
+    rows += [
+        (Tick(at=T0 + 304), replace(proposed, sent_at=T0 + 304), (PROPOSAL,)),
+        (
+            Tick(at=T0 + 305),
+            replace(proposed, sent_at=T0 + 304, last_alert_at=T0 + 305),
+            (too_long(300, "fence_proposed", "no decision yet"),),
+        ),
+    ]
+    run(IDLE, rows, policy)
+    rows2: list[Row] = [
+        (Tick(at=T0 + 305), a1, (too_long(300, "fence_proposed", "no decision yet"), PROPOSAL)),
+        (FenceWithheld(T0 + 310, 1, DID, WithheldReason.CAP_REACHED), withheld, ()),
+        (Tick(at=T0 + 904), withheld, ()),
+        (Tick(at=T0 + 905), a2, (too_long(900, "withheld", "cap_reached"),)),
+        (Tick(at=T0 + 1504), a2, ()),
+    ]
+    run(proposed, rows2, policy)
+    # once approved, the actuator owns the host (it retries and notifies): no alert
+    for state, actions in [
+        (HostState.FENCING, (PROPOSAL,)),
+        (HostState.FENCED, ()),
+        (HostState.FAILED, ()),
+    ]:
+        record = replace(proposed, state=state)
+        new, got = step(record, Tick(at=T0 + 50_000), policy)
+        assert got == actions, state
+        assert new.last_alert_at is None
+
+
+def test_suspect_too_long_in_suspect_says_why_no_decision_was_made() -> None:
+    policy = replace(
+        POLICY, suspect_alert_after=300.0, suspect_renotify=600.0, probe_timeout=10_000.0
+    )
+    b1, rows = to_baseline()
+    r2 = requested(b1, T0 + 70)  # never answered (probe_timeout is long)
+    rows += [
+        (Tick(at=T0 + 70), r2, (probe(2),)),
+        (Tick(at=T0 + 304), r2, ()),
+        (
+            Tick(at=T0 + 305),
+            replace(r2, last_alert_at=T0 + 305),
+            (too_long(300, "suspect", "no decision yet"),),
+        ),
+        (Tick(at=T0 + 904), replace(r2, last_alert_at=T0 + 305), ()),
+        (
+            Tick(at=T0 + 905),
+            replace(r2, last_alert_at=T0 + 905),
+            (too_long(900, "suspect", "no decision yet"),),
+        ),
+    ]
+    record = run(IDLE, rows, policy)
+    unknown = replace(record, reason="ssh refused")
+    assert step(unknown, Tick(at=T0 + 1505), policy)[1] == (
+        too_long(1500, "suspect", "ssh refused"),
+    )
+    # closed states never alert
+    for state in (HostState.IDLE, HostState.MAINTENANCE):
+        closed = replace(record, state=state, last_alert_at=None)
+        assert step(closed, Tick(at=T0 + 99_999), policy) == (closed, ())
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        WithheldReason.QUIET_PERIOD,
+        WithheldReason.PAUSED,
+        WithheldReason.CLUSTER_SIZE_UNKNOWN,
+        WithheldReason.STORM_GUARD,
+    ],
+)
+def test_a_temporary_withhold_keeps_probing_and_the_next_stale_check_proposes_again(
+    reason: WithheldReason,
+) -> None:
+    proposed, rows = to_proposal()
+    withheld = replace(proposed, state=HostState.WITHHELD, since=T0 + 206, withheld_reason=reason)
+    r5 = requested(withheld, T0 + 265)
+    u5 = judged(r5, failed(T0 + 266, 5), Evidence.UNKNOWN, "ssh refused", unknown_count=1)
+    r6 = requested(u5, T0 + 326)
+    s6 = judged(r6, reading(T0 + 327, 6), Evidence.STALE, stale_count=3, unknown_count=0)
+    again = replace(s6, state=HostState.FENCE_PROPOSED, since=T0 + 327, sent_at=T0 + 327)
+    fencing = replace(again, state=HostState.FENCING, since=T0 + 330, withheld_reason=None)
+    verdict = FenceWithheld(T0 + 206, 1, DID, reason)
+    rows += [
+        (verdict, withheld, ()),
+        (verdict, withheld, ()),  # the gate repeating itself: late
+        (Tick(at=T0 + 264), withheld, ()),
+        (Tick(at=T0 + 265), r5, (probe(5),)),
+        (failed(T0 + 266, 5), u5, ()),  # unknown: no proposal, still withheld
+        (Tick(at=T0 + 326), r6, (probe(6),)),
+        # one more stale check proposes again, same decision id: the gate judges again
+        (reading(T0 + 327, 6), again, (PROPOSAL,)),
+        (FenceApproved(at=T0 + 330, episode=1, decision_id=DID), fencing, ()),
+    ]
+    run(IDLE, rows)
+
+
+def test_an_approval_may_follow_a_temporary_withhold() -> None:
+    """The gate judged a re-sent proposal again and approved it while the host was withheld."""
+    proposed, rows = to_proposal()
+    withheld = replace(
+        proposed,
+        state=HostState.WITHHELD,
+        since=T0 + 206,
+        withheld_reason=WithheldReason.QUIET_PERIOD,
+    )
+    r5 = requested(withheld, T0 + 265)
+    fencing = replace(r5, state=HostState.FENCING, since=T0 + 266, withheld_reason=None)
+    rows += [
+        (FenceWithheld(T0 + 206, 1, DID, WithheldReason.QUIET_PERIOD), withheld, ()),
+        (Tick(at=T0 + 265), r5, (probe(5),)),
+        (FenceApproved(at=T0 + 266, episode=1, decision_id=DID), fencing, ()),
+        (reading(T0 + 267, 5), fencing, ()),  # no longer probing: late
+        (Tick(at=T0 + 268), fencing, ()),
+    ]
+    run(IDLE, rows)
+
+
+def test_a_proposal_resent_after_an_approval_that_followed_a_temporary_withhold_is_the_same() -> (
+    None
+):
+    """The approval of the re-sent proposal came while the host was withheld: once fencing, the
+    proposal re-sent on a tick must be the one proposed (1 + extra_checks stale checks), not a
+    weaker one."""
+    proposed, _ = to_proposal()
+    withheld = replace(
+        proposed,
+        state=HostState.WITHHELD,
+        since=T0 + 206,
+        withheld_reason=WithheldReason.QUIET_PERIOD,
+    )
+    fencing = replace(withheld, state=HostState.FENCING, since=T0 + 207, withheld_reason=None)
+    record = run(
+        proposed,
+        [
+            (FenceWithheld(T0 + 206, 1, DID, WithheldReason.QUIET_PERIOD), withheld, ()),
+            (FenceApproved(at=T0 + 207, episode=1, decision_id=DID), fencing, ()),
+        ],
+    )
+    assert step(record, Tick(at=T0 + 205 + 900), POLICY)[1] == (PROPOSAL,)
+
+
+def test_alive_after_a_temporary_withhold_returns_to_suspect_and_approvals_are_late() -> None:
+    proposed, rows = to_proposal()
+    withheld = replace(
+        proposed,
+        state=HostState.WITHHELD,
+        since=T0 + 206,
+        withheld_reason=WithheldReason.STORM_GUARD,
+    )
+    r5 = requested(withheld, T0 + 265)
+    wrote = reading(T0 + 266, 5, WRITTEN)
+    a5 = judged(
+        r5,
+        wrote,
+        Evidence.ALIVE,
+        f"{DISK} changed",
+        state=HostState.SUSPECT,
+        since=T0 + 266,  # when it entered SUSPECT again
+        stale_count=0,
+        withheld_reason=None,
+    )
+    rows += [
+        (FenceWithheld(T0 + 206, 1, DID, WithheldReason.STORM_GUARD), withheld, ()),
+        (Tick(at=T0 + 265), r5, (probe(5),)),
+        (wrote, a5, ()),
+        # the host proved alive: a verdict on the old proposal changes nothing
+        (FenceApproved(at=T0 + 267, episode=1, decision_id=DID), a5, ()),
+        (FenceWithheld(T0 + 268, 1, DID, WithheldReason.STORM_GUARD), a5, ()),
+    ]
+    rec = run(IDLE, rows)
+    assert rec.state is HostState.SUSPECT and rec.decision_id == DID
+    # a new stale run of 1 + extra_checks proposes again, with the episode's one decision id
+    at, more = T0 + 266, list[Row]()
+    for n in (1, 2, 3):
+        at += 61
+        rec2 = requested(rec, at)
+        more.append((Tick(at=at), rec2, (probe(rec2.checks_requested),)))
+        result = reading(at + 1, rec2.checks_requested, WRITTEN)
+        rec = judged(rec2, result, Evidence.STALE, stale_count=n)
+        actions: tuple[HostAction, ...] = ()
+        if n == 3:
+            rec = replace(rec, state=HostState.FENCE_PROPOSED, since=at + 1, sent_at=at + 1)
+            actions = (replace(PROPOSAL, newest_write=T0 - 499),)
+        more.append((result, rec, actions))
+    run(a5, more)
+
+
+def test_an_outcome_after_the_host_proved_alive_again_is_recorded() -> None:
+    """The gate approved a re-sent proposal while the host was withheld for a temporary reason;
+    the host then proved alive (SUSPECT, approval late) but the actuator had the approval and
+    powered it off. The outcome is a fact and must be recorded, not refused as illegal."""
+    proposed, _ = to_proposal()
+    withheld = replace(
+        proposed,
+        state=HostState.WITHHELD,
+        since=T0 + 206,
+        withheld_reason=WithheldReason.PAUSED,
+    )
+    r5 = requested(withheld, T0 + 265)
+    alive, _ = step(r5, reading(T0 + 266, 5, WRITTEN), POLICY)
+    assert alive.state is HostState.SUSPECT and alive.decision_id == DID
+    ok = FenceFinished(at=T0 + 300, episode=1, decision_id=DID, success=True, power_state="off")
+    assert step(alive, ok, POLICY) == (
+        replace(alive, state=HostState.FENCED, since=T0 + 300, power_state="off"),
+        (),
+    )
+    # A failure or a refusal while the host is checked again changes nothing: checks go on.
+    bad = FenceFinished(at=T0 + 300, episode=1, decision_id=DID, success=False, error="x")
+    assert step(alive, bad, POLICY) == (alive, ())
+
+
+@pytest.mark.parametrize("reason", [WithheldReason.CAP_REACHED, WithheldReason.GLOBAL_CAP_REACHED])
+def test_a_budget_withhold_is_final_stops_probing_and_ignores_approvals(
+    reason: WithheldReason,
+) -> None:
+    proposed, rows = to_proposal()
+    withheld = replace(proposed, state=HostState.WITHHELD, since=T0 + 206, withheld_reason=reason)
+    verdict = FenceWithheld(T0 + 206, 1, DID, reason)
+    rows += [
+        (verdict, withheld, ()),
+        (verdict, withheld, ()),
+        (Tick(at=T0 + 400), withheld, ()),  # no probe, no re-send
+        (reading(T0 + 401, 4), withheld, ()),
+        (HostDisconnected(at=T0 + 402), withheld, ()),
+        (FenceApproved(at=T0 + 403, episode=1, decision_id=DID), withheld, ()),
+        (Tick(at=T0 + 1000), withheld, ()),
+    ]
+    record = run(IDLE, rows)
+    # an outcome is a fact (the actuator did act): it is recorded even now
+    ok = FenceFinished(at=T0 + 500, episode=1, decision_id=DID, success=True, power_state="off")
+    assert step(record, ok, POLICY) == (
+        replace(record, state=HostState.FENCED, since=T0 + 500, power_state="off"),
+        (),
+    )
+    bad = FenceFinished(at=T0 + 500, episode=1, decision_id=DID, success=False, error="x")
+    assert step(record, bad, POLICY) == (
+        replace(record, state=HostState.FAILED, since=T0 + 500, error="x"),
+        (),
+    )
+
+
+def test_failed_fence_is_not_proposed_again_and_a_retried_success_fences() -> None:
+    proposed, rows = to_proposal()
+    fencing = replace(proposed, state=HostState.FENCING, since=T0 + 210)
+    failed_ = replace(
+        fencing, state=HostState.FAILED, since=T0 + 300, power_state="on", error="bmc timeout"
+    )
+    fenced = replace(failed_, state=HostState.FENCED, since=T0 + 400, power_state="off", error=None)
+    fail = FenceFinished(
+        at=T0 + 300,
+        episode=1,
+        decision_id=DID,
+        success=False,
+        power_state="on",
+        error="bmc timeout",
+    )
+    rows += [
+        (FenceApproved(at=T0 + 210, episode=1, decision_id=DID), fencing, ()),
+        (fail, failed_, ()),
+        (fail, failed_, ()),
+        (Tick(at=T0 + 5000), failed_, ()),  # the actuator retries and notifies, not the core
+        (FenceApproved(at=T0 + 361, episode=1, decision_id=DID), failed_, ()),
+        (FenceWithheld(T0 + 362, 1, DID, WithheldReason.PAUSED), failed_, ()),
+        (reading(T0 + 363, 4), failed_, ()),
+        (
+            FenceFinished(at=T0 + 400, episode=1, decision_id=DID, success=True, power_state="off"),
+            fenced,
+            (),
+        ),
+        (fail, fenced, ()),  # an older failure redelivered after the success: late
+    ]
+    run(IDLE, rows)
+
+
+def test_an_outcome_may_overtake_its_approval() -> None:
+    proposed, rows = to_proposal()
+    failed_ = replace(proposed, state=HostState.FAILED, since=T0 + 210, error="no route")
+    rows += [
+        (
+            FenceFinished(at=T0 + 210, episode=1, decision_id=DID, success=False, error="no route"),
+            failed_,
+            (),
+        ),
+        (FenceApproved(at=T0 + 211, episode=1, decision_id=DID), failed_, ()),
+    ]
+    run(IDLE, rows)
+    fenced = replace(proposed, state=HostState.FENCED, since=T0 + 210)
+    ok = FenceFinished(at=T0 + 210, episode=1, decision_id=DID, success=True)
+    assert step(proposed, ok, POLICY) == (fenced, ())
 
 
 def test_repeated_disconnection_keeps_the_first_suspect_time() -> None:
@@ -459,15 +1045,14 @@ def test_repeated_disconnection_keeps_the_first_suspect_time() -> None:
 
 
 def test_host_back_mid_probe_ends_the_episode_and_the_answer_is_ignored() -> None:
-    r1 = requested(SUSPECT, T0 + 60)
+    r1 = requested(replace(SUSPECT, opened_at=T0 + 60), T0 + 60)
     back = replace(r1, state=HostState.IDLE, since=T0 + 65, probe_outstanding=False)
-    recovered = Notify(NoticeKind.HOST_RECOVERED, 1, (("ended_by", "up"), ("state", "suspect")))
     run(
         SUSPECT,
         [
             (Tick(at=T0 + 60), r1, (probe(1),)),
-            (HostCameBack(at=T0 + 65), back, (ClearSuspect(1, T0 + 65), recovered)),
-            (stale(T0 + 70, 1), back, ()),
+            (HostCameBack(at=T0 + 65), back, (ClearSuspect(1, T0 + 65), recovered("suspect"))),
+            (reading(T0 + 70, 1), back, ()),
             (Tick(at=T0 + 200), back, ()),
             (MaintenanceEnded(at=T0 + 201), back, ()),
         ],
@@ -476,9 +1061,7 @@ def test_host_back_mid_probe_ends_the_episode_and_the_answer_is_ignored() -> Non
 
 def test_maintenance_ends_the_episode_and_ignores_disconnections_until_it_ends() -> None:
     maint = replace(SUSPECT, state=HostState.MAINTENANCE, since=T0 + 10)
-    ended = Notify(
-        NoticeKind.HOST_RECOVERED, 1, (("ended_by", "maintenance"), ("state", "suspect"))
-    )
+    ended = recovered("suspect", "maintenance")
     idle = replace(maint, state=HostState.IDLE, since=T0 + 50)
     in_maint = replace(idle, state=HostState.MAINTENANCE, since=T0 + 60)
     t2 = T0 + 100
@@ -491,6 +1074,7 @@ def test_maintenance_ends_the_episode_and_ignores_disconnections_until_it_ends()
             (HostDisconnected(at=T0 + 12), maint, ()),
             (HostCameBack(at=T0 + 13), maint, ()),
             (Tick(at=T0 + 14), maint, ()),
+            (reading(T0 + 15, 1), maint, ()),
             (MaintenanceEnded(at=T0 + 50), idle, ()),
             (MaintenanceEnded(at=T0 + 51), idle, ()),
             (MaintenanceStarted(at=T0 + 60), in_maint, ()),  # from Up: no episode, no notice
@@ -504,94 +1088,33 @@ def test_maintenance_ends_the_episode_and_ignores_disconnections_until_it_ends()
     )
 
 
-def test_withheld_is_final_for_the_episode() -> None:
-    proposed, rows = to_proposal()
-    withheld = replace(
-        proposed,
-        state=HostState.WITHHELD,
-        since=T0 + 200,
-        withheld_reason=WithheldReason.STORM_GUARD,
+@pytest.mark.parametrize(
+    "state",
+    [
+        HostState.FENCE_PROPOSED,
+        HostState.FENCING,
+        HostState.FENCED,
+        HostState.WITHHELD,
+        HostState.FAILED,
+    ],
+)
+def test_maintenance_ends_every_open_state(state: HostState) -> None:
+    proposed, _ = to_proposal()
+    record = replace(proposed, state=state)
+    new = replace(record, state=HostState.MAINTENANCE, since=T0 + 900)
+    assert step(record, MaintenanceStarted(at=T0 + 900), POLICY) == (
+        new,
+        (ClearSuspect(1, T0 + 900), recovered(state.value, "maintenance")),
     )
-    verdict = FenceWithheld(
-        at=T0 + 200, episode=1, decision_id=DID, reason=WithheldReason.STORM_GUARD
-    )
-    rows += [
-        (verdict, withheld, ()),
-        (verdict, withheld, ()),
-        (Tick(at=T0 + 400), withheld, ()),
-        (HostDisconnected(at=T0 + 401), withheld, ()),
-    ]
-    record = run(IDLE, rows)
-    for late in (
-        FenceApproved(at=T0 + 402, episode=1, decision_id=DID),
-        FenceFinished(at=T0 + 402, episode=1, decision_id=DID, success=True),
-        FenceFinished(at=T0 + 402, episode=1, decision_id=DID, success=False),
-    ):
-        with pytest.raises(IllegalTransition):
-            step(record, late, POLICY)
-
-
-def test_failed_fence_is_not_proposed_again_and_a_retried_success_fences() -> None:
-    proposed, rows = to_proposal()
-    fencing = replace(proposed, state=HostState.FENCING, since=T0 + 200)
-    failed = replace(
-        fencing, state=HostState.FAILED, since=T0 + 300, power_state="on", error="bmc timeout"
-    )
-    fenced = replace(failed, state=HostState.FENCED, since=T0 + 400, power_state="off", error=None)
-    fail = FenceFinished(
-        at=T0 + 300,
-        episode=1,
-        decision_id=DID,
-        success=False,
-        power_state="on",
-        error="bmc timeout",
-    )
-    rows += [
-        (FenceApproved(at=T0 + 200, episode=1, decision_id=DID), fencing, ()),
-        (fail, failed, ()),
-        (fail, failed, ()),
-        (Tick(at=T0 + 360), failed, ()),
-        (FenceApproved(at=T0 + 361, episode=1, decision_id=DID), failed, ()),
-        (
-            FenceFinished(at=T0 + 400, episode=1, decision_id=DID, success=True, power_state="off"),
-            fenced,
-            (),
-        ),
-    ]
-    record = run(IDLE, rows)
-    with pytest.raises(IllegalTransition):
-        step(record, fail, POLICY)
-    with pytest.raises(IllegalTransition):
-        step(
-            record,
-            FenceWithheld(at=T0, episode=1, decision_id=DID, reason=WithheldReason.PAUSED),
-            POLICY,
-        )
-
-
-def test_an_outcome_may_overtake_its_approval() -> None:
-    proposed, rows = to_proposal()
-    failed = replace(proposed, state=HostState.FAILED, since=T0 + 210, error="no route")
-    rows += [
-        (
-            FenceFinished(at=T0 + 210, episode=1, decision_id=DID, success=False, error="no route"),
-            failed,
-            (),
-        ),
-        (FenceApproved(at=T0 + 211, episode=1, decision_id=DID), failed, ()),
-    ]
-    run(IDLE, rows)
-    fenced = replace(proposed, state=HostState.FENCED, since=T0 + 210)
-    ok = FenceFinished(at=T0 + 210, episode=1, decision_id=DID, success=True)
-    assert step(proposed, ok, POLICY) == (fenced, ())
 
 
 @pytest.mark.parametrize(
     "event",
     [
-        ProbeFinished(at=T0, episode=0, evidence=Evidence.STALE, check=1),
-        ProbeFinished(at=T0, episode=2, evidence=Evidence.STALE, check=1),
+        ProbeFinished(at=T0, episode=0, check=1),
+        ProbeFinished(at=T0, episode=2, check=1),
         FenceApproved(at=T0, episode=2, decision_id=DID),
+        FenceWithheld(at=T0, episode=3, decision_id=DID, reason=WithheldReason.PAUSED),
         FenceFinished(at=T0, episode=0, decision_id=DID, success=True),
     ],
 )
@@ -607,7 +1130,15 @@ def test_an_episode_that_never_started_is_illegal(event: HostEvent) -> None:
 def test_a_check_that_was_never_requested_is_illegal(check: int) -> None:
     record = requested(SUSPECT, T0 + 60)
     with pytest.raises(UnknownCheck):
-        step(record, stale(T0 + 61, check), POLICY)
+        step(record, reading(T0 + 61, check), POLICY)
+
+
+def test_an_older_check_of_the_open_episode_is_late() -> None:
+    b1, _ = to_baseline()
+    r2 = requested(b1, T0 + 70)
+    assert classify(r2, reading(T0 + 71, 1), POLICY) is Trigger.LATE
+    assert step(r2, reading(T0 + 71, 1), POLICY) == (r2, ())
+    assert step(b1, reading(T0 + 71, 1), POLICY) == (b1, ())  # nothing outstanding
 
 
 @pytest.mark.parametrize(
@@ -624,21 +1155,28 @@ def test_a_verdict_for_another_decision_is_illegal(event: HostEvent) -> None:
         step(proposed, event, POLICY)
 
 
+@pytest.mark.parametrize("success", [True, False])
+def test_an_outcome_before_any_proposal_is_illegal_and_changes_nothing(success: bool) -> None:
+    record = requested(SUSPECT, T0 + 60)
+    snapshot = record.to_dict()
+    event = FenceFinished(at=T0, episode=1, decision_id=DID, success=success)
+    with pytest.raises(IllegalTransition):
+        step(record, event, POLICY)
+    assert record.to_dict() == snapshot
+
+
 @pytest.mark.parametrize(
     "event",
     [
         FenceApproved(at=T0, episode=1, decision_id=DID),
         FenceWithheld(at=T0, episode=1, decision_id=DID, reason=WithheldReason.PAUSED),
-        FenceFinished(at=T0, episode=1, decision_id=DID, success=True),
-        FenceFinished(at=T0, episode=1, decision_id=DID, success=False),
     ],
 )
-def test_a_verdict_before_any_proposal_is_illegal_and_changes_nothing(event: HostEvent) -> None:
+def test_a_verdict_in_suspect_is_late(event: HostEvent) -> None:
+    """Before any proposal, or after the host proved alive again: nothing to approve."""
     record = requested(SUSPECT, T0 + 60)
-    snapshot = record.to_dict()
-    with pytest.raises(IllegalTransition, match="not allowed in state suspect"):
-        step(record, event, POLICY)
-    assert record.to_dict() == snapshot
+    assert classify(record, event, POLICY) is Trigger.LATE
+    assert step(record, event, POLICY) == (record, ())
 
 
 def test_results_of_an_ended_episode_are_late_in_every_closed_state() -> None:
@@ -646,10 +1184,11 @@ def test_results_of_an_ended_episode_are_late_in_every_closed_state() -> None:
     for state in (HostState.IDLE, HostState.MAINTENANCE):
         closed = replace(proposed, state=state)
         for event in (
-            stale(T0 + 500, 3),
-            stale(T0 + 500, 99),  # even an unrequested check: the episode is over
+            reading(T0 + 500, 4),
+            reading(T0 + 500, 99),  # even an unrequested check: the episode is over
             FenceApproved(at=T0 + 500, episode=1, decision_id=DID),
             FenceWithheld(at=T0, episode=1, decision_id="x", reason=WithheldReason.PAUSED),
+            FenceFinished(at=T0, episode=1, decision_id=DID, success=True),
         ):
             assert classify(closed, event, POLICY) is Trigger.LATE
             assert step(closed, event, POLICY) == (closed, ())
@@ -658,17 +1197,31 @@ def test_results_of_an_ended_episode_are_late_in_every_closed_state() -> None:
 def test_every_state_has_a_row_and_every_target_is_a_state() -> None:
     assert set(TRANSITIONS) == set(HostState)
     for row in TRANSITIONS.values():
+        assert Trigger.LATE in row
         for targets in row.values():
             assert targets and set(targets) <= set(HostState)
 
 
-def test_record_round_trips_through_plain_data() -> None:
+def test_record_round_trips_through_plain_data_and_json() -> None:
     proposed, _ = to_proposal()
     withheld = replace(proposed, withheld_reason=WithheldReason.CAP_REACHED)
     data = withheld.to_dict()
     assert data["state"] == "fence_proposed" and data["last_evidence"] == "stale"
+    assert data["ref_mtimes"] == [[HB, T0 - 400], [DISK, T0 - 500]]
+    assert data["ref_heartbeats"] == [[HB, "600"]]
     assert HostRecord.from_dict({**data, "added_later": 1}) == withheld
+    # through JSON the pairs come back as lists: the record still compares equal
+    assert HostRecord.from_dict(json.loads(json.dumps(data))) == withheld
     assert HostRecord.from_dict({"host": "h9"}) == HostRecord("h9")
+    assert HostRecord.from_dict({"host": "h9", "ref_mtimes": None}) == HostRecord("h9")
+
+
+def test_a_record_read_back_from_json_judges_like_the_original() -> None:
+    b1, _ = to_baseline()
+    r2 = requested(b1, T0 + 70)
+    copy = HostRecord.from_dict(json.loads(json.dumps(r2.to_dict())))
+    assert step(copy, reading(T0 + 75, 2), POLICY) == step(r2, reading(T0 + 75, 2), POLICY)
+    assert step(copy, reading(T0 + 75, 2), POLICY)[0].last_evidence is Evidence.STALE
 
 
 def test_committed_state_diagram_is_generated_from_the_table() -> None:
@@ -677,8 +1230,51 @@ def test_committed_state_diagram_is_generated_from_the_table() -> None:
     for state in HostState:
         assert state.name in diagram.mermaid()
     assert "SUSPECT --> FENCE_PROPOSED : probe_stale" in diagram.mermaid()
+    assert "WITHHELD --> SUSPECT : probe_alive" in diagram.mermaid()
 
 
 def test_diagram_module_prints_the_page(capsys: pytest.CaptureFixture[str]) -> None:
     diagram.main()
     assert capsys.readouterr().out == diagram.page()
+
+
+def _baselined() -> HostRecord:
+    """h1 suspect, baseline read at T0 + 5, check 2 requested at T0 + 70."""
+    r1 = requested(replace(SUSPECT, opened_at=T0 + 1), T0 + 1)
+    base, _ = step(r1, reading(T0 + 5, 1), POLICY)
+    assert base.last_evidence is Evidence.BASELINE
+    return requested(base, T0 + 70)
+
+
+def test_a_direct_sign_of_life_is_alive_without_any_change() -> None:
+    r2 = _baselined()
+    watched = replace(reading(T0 + 71, 2), live_signs=("watcher of 10.0.0.11 on rbd/vol-1",))
+    new, actions = step(r2, watched, POLICY)
+    assert (new.last_evidence, new.reason, actions) == (
+        Evidence.ALIVE,
+        "watcher of 10.0.0.11 on rbd/vol-1",
+        (),
+    )
+
+
+def test_a_back_ends_own_floor_keeps_a_short_window_from_being_stale() -> None:
+    r2 = _baselined()  # 65 s between the baseline's arrival and this request
+    slow = replace(reading(T0 + 71, 2), min_gap=90.0)
+    new, _ = step(r2, slow, POLICY)
+    assert new.last_evidence is Evidence.UNKNOWN
+    assert new.reason == "too soon: 65 s since the previous reading, at least 90 s needed"
+    assert new.ref_at == T0 + 5  # the reference stays: the next window is measured from it
+
+
+def test_an_event_without_an_entry_in_the_table_raises_and_changes_nothing() -> None:
+    from unittest import mock
+
+    from fencing.decision import TRANSITIONS as TABLE
+
+    fenced = replace(SUSPECT, state=HostState.FENCED, decision_id=DID)
+    snapshot = fenced.to_dict()
+    with mock.patch.dict(TABLE[HostState.FENCED]):  # type: ignore[arg-type]
+        del TABLE[HostState.FENCED][Trigger.TICK]  # type: ignore[attr-defined]
+        with pytest.raises(IllegalTransition, match="not allowed in state fenced"):
+            step(fenced, Tick(at=T0 + 1), POLICY)
+    assert fenced.to_dict() == snapshot

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fencing.events import FenceAction, WithheldReason
 from fencing.gate import (
@@ -30,6 +32,17 @@ POLICY = Policy(fence_cap=3, fence_window=3600.0, global_cap=4, storm_ratio=0.5,
 START = 0.0
 CTX = GateContext(policy=POLICY, started_at=START)
 T = 10_000.0
+
+
+def judge(
+    cluster: ClusterGate,
+    glob: GlobalGate,
+    r: FenceRequest,
+    ctx: GateContext = CTX,
+    now: float | None = None,
+) -> tuple[ClusterGate, GlobalGate, Verdict]:
+    """The gate at its own clock; unless a test says otherwise, the worker clocks agree."""
+    return decide(cluster, glob, r, ctx, r.at if now is None else now)
 
 
 def ready(cluster: str = "c1", hosts: int = 10) -> ClusterGate:
@@ -91,7 +104,7 @@ def test_cap_per_sliding_window_per_cluster() -> None:
         (r5, approved(r5, 3)),
         (r6, withheld(r6, WithheldReason.CAP_REACHED, 3)),
     ]:
-        cluster, glob, got = decide(cluster, glob, r, CTX)
+        cluster, glob, got = judge(cluster, glob, r, CTX)
         assert got == verdict
         expected.append(verdict)
     live = (grant(r2), grant(r3), grant(r5))
@@ -108,12 +121,12 @@ def test_nothing_and_blink_never_consume_the_budget() -> None:
     for n, action in ((7, FenceAction.NOTHING), (8, FenceAction.BLINK)):
         r = req(n, T + 5, action)
         before = cluster
-        cluster, glob, got = decide(cluster, glob, r, CTX)
+        cluster, glob, got = judge(cluster, glob, r, CTX)
         assert got == approved(r, 3)
         assert cluster == replace(before, clock=T + 5, verdicts=(*before.verdicts, got))
         assert glob == GlobalGate(clock=T + 5, grants=full)
     stop = req(9, T + 6)
-    _, _, got = decide(cluster, glob, stop, CTX)
+    _, _, got = judge(cluster, glob, stop, CTX)
     assert got == withheld(stop, WithheldReason.CAP_REACHED, 3)
 
 
@@ -122,10 +135,10 @@ def test_global_cap_spans_clusters() -> None:
     a, b = ready("a"), ready("b")
     verdicts = []
     for n, at in enumerate((T, T + 1, T + 2)):
-        a, glob, v = decide(a, glob, req(n, at, cluster="a"), CTX)
+        a, glob, v = judge(a, glob, req(n, at, cluster="a"), CTX)
         verdicts.append(v.approved)
-    b, glob, v1 = decide(b, glob, req(10, T + 3, cluster="b"), CTX)
-    b, glob, v2 = decide(b, glob, req(11, T + 4, cluster="b"), CTX)
+    b, glob, v1 = judge(b, glob, req(10, T + 3, cluster="b"), CTX)
+    b, glob, v2 = judge(b, glob, req(11, T + 4, cluster="b"), CTX)
     assert verdicts == [True, True, True]
     assert v1 == replace(approved(req(10, T + 3, cluster="b"), 1))
     assert v2 == withheld(req(11, T + 4, cluster="b"), WithheldReason.GLOBAL_CAP_REACHED, 1)
@@ -152,7 +165,7 @@ def test_storm_guard(hosts: int, marked: set[str], reason: WithheldReason | None
     for host in marked:
         cluster = observe(cluster, HostSuspected(host))
     r = req(1, T)
-    new, glob, got = decide(cluster, GlobalGate(), r, CTX)
+    new, glob, got = judge(cluster, GlobalGate(), r, CTX)
     if reason is None:
         assert got == approved(r, 1)
         assert glob == GlobalGate(clock=T, grants=(grant(r),))
@@ -177,8 +190,8 @@ def test_membership_facts() -> None:
 def test_quiet_period_after_start() -> None:
     ctx = replace(CTX, started_at=T)
     r1, r2 = req(1, T + 119.9), req(2, T + 120)
-    cluster, glob, v1 = decide(ready(), GlobalGate(), r1, ctx)
-    cluster, glob, v2 = decide(cluster, glob, r2, ctx)
+    cluster, glob, v1 = judge(ready(), GlobalGate(), r1, ctx)
+    cluster, glob, v2 = judge(cluster, glob, r2, ctx)
     assert v1 == withheld(r1, WithheldReason.QUIET_PERIOD, 0)
     assert v2 == approved(r2, 1)
 
@@ -191,60 +204,204 @@ def test_operator_pause_withholds_everything(where: str) -> None:
     else:
         glob = pause_all(glob, True)
     r1 = req(1, T, FenceAction.BLINK)
-    cluster, glob, v1 = decide(cluster, glob, r1, CTX)
+    cluster, glob, v1 = judge(cluster, glob, r1, CTX)
     assert v1 == withheld(r1, WithheldReason.PAUSED, 0)
     cluster = observe(cluster, ClusterPaused(False))
     glob = pause_all(glob, False)
     r2 = req(2, T + 1)
-    cluster, glob, v2 = decide(cluster, glob, r2, CTX)
+    cluster, glob, v2 = judge(cluster, glob, r2, CTX)
     assert v2 == approved(r2, 1)
     assert cluster == ClusterGate(
         "c1", hosts=10, clock=T + 1, grants=(grant(r2),), verdicts=(v1, v2)
     )
 
 
-def test_a_redelivered_request_gets_its_first_verdict_and_consumes_nothing() -> None:
+def test_a_redelivered_approval_is_repeated_at_the_gate_clock_and_consumes_nothing() -> None:
     cluster, glob = ready(), GlobalGate()
     r1 = req(1, T)
-    cluster, glob, v1 = decide(cluster, glob, r1, CTX)
+    cluster, glob, v1 = judge(cluster, glob, r1, CTX)
     again = replace(r1, at=T + 50)
-    c2, g2, v2 = decide(cluster, glob, again, CTX)
-    assert v2 == replace(v1, repeated=True)
+    c2, g2, v2 = judge(cluster, glob, again, CTX)
+    assert v2 == replace(v1, repeated=True, at=T + 50)
+    # the row keeps the first verdict and the one grant
     assert c2 == replace(cluster, clock=T + 50) and g2 == replace(glob, clock=T + 50)
-    # a withheld one stays withheld even when the reason has gone
-    paused = observe(c2, ClusterPaused(True))
-    r3 = req(3, T + 60)
-    c3, g3, v3 = decide(paused, g2, r3, CTX)
-    c4, _, v4 = decide(observe(c3, ClusterPaused(False)), g3, replace(r3, at=T + 70), CTX)
-    assert v4 == replace(v3, repeated=True) and not v4.approved
-    assert c4.grants == (grant(r1),)
 
 
-def test_a_skewed_request_is_judged_at_the_gate_clock() -> None:
+@pytest.mark.parametrize("reason", [WithheldReason.CAP_REACHED, WithheldReason.GLOBAL_CAP_REACHED])
+def test_a_final_withhold_is_repeated_even_when_the_budget_came_back(
+    reason: WithheldReason,
+) -> None:
+    policy = (
+        replace(POLICY, fence_cap=1)
+        if reason is WithheldReason.CAP_REACHED
+        else replace(POLICY, global_cap=1)
+    )
+    ctx = replace(CTX, policy=policy)
+    other = ready("c0") if reason is WithheldReason.GLOBAL_CAP_REACHED else None
+    cluster, glob = ready(), GlobalGate()
+    if other is not None:
+        _, glob, _ = judge(other, glob, req(9, T, cluster="c0"), ctx)
+    else:
+        cluster, glob, _ = judge(cluster, glob, req(9, T), ctx)
+    r1 = req(1, T + 10)
+    cluster, glob, v1 = judge(cluster, glob, r1, ctx)
+    assert (v1.approved, v1.reason) == (False, reason)
+    later = T + 3605  # the grant left the window, the verdict is still inside it
+    c2, g2, v2 = judge(cluster, glob, replace(r1, at=later), ctx)
+    assert v2 == replace(v1, repeated=True, at=later)
+    assert c2.grants == () and g2.grants == ()
+
+
+@pytest.mark.parametrize(
+    ("block", "unblock", "reason"),
+    [
+        (
+            lambda c: observe(c, ClusterPaused(True)),
+            lambda c: observe(c, ClusterPaused(False)),
+            WithheldReason.PAUSED,
+        ),
+        (
+            lambda c: replace(c, hosts=0),
+            lambda c: observe(c, ClusterSized(10)),
+            WithheldReason.CLUSTER_SIZE_UNKNOWN,
+        ),
+        (
+            lambda c: observe(observe(c, HostSuspected("h8")), HostSuspected("h9")),
+            lambda c: observe(observe(c, HostCleared("h8")), HostCleared("h9")),
+            WithheldReason.STORM_GUARD,
+        ),
+    ],
+)
+def test_a_temporary_withhold_is_judged_again_once_the_reason_passed(
+    block: object, unblock: object, reason: WithheldReason
+) -> None:
+    cluster, glob = block(ready(hosts=4)), GlobalGate()  # type: ignore[operator]
+    r1 = req(1, T)
+    cluster, glob, v1 = judge(cluster, glob, r1, CTX)
+    assert v1 == withheld(r1, reason, 0)
+    # still blocked: judged again, withheld again, nothing consumed, one verdict kept
+    cluster, glob, v2 = judge(cluster, glob, replace(r1, at=T + 60), CTX)
+    assert v2 == withheld(r1, reason, 0, at=T + 60) and not v2.repeated
+    assert [v.decision_id for v in cluster.verdicts] == ["d1"]
+    cluster = unblock(cluster)  # type: ignore[operator]
+    cluster, glob, v3 = judge(cluster, glob, replace(r1, at=T + 120), CTX)
+    assert v3 == approved(r1, 1, at=T + 120)
+    assert cluster.verdicts == (v3,) and glob.grants == (grant(r1, at=T + 120),)
+    # and from now on the approval is repeated
+    _, _, v4 = judge(cluster, glob, replace(r1, at=T + 180), CTX)
+    assert v4 == replace(v3, repeated=True, at=T + 180)
+
+
+def test_the_quiet_period_counts_on_the_gate_clock_not_the_stamp() -> None:
+    ctx = replace(CTX, started_at=T)
+    r1 = req(1, T + 200)  # stamped after the quiet period by a worker 100 s fast
+    cluster, glob, v1 = judge(ready(), GlobalGate(), r1, ctx, now=T + 100)
+    assert v1 == withheld(r1, WithheldReason.QUIET_PERIOD, 0, at=T + 100)
+    cluster, glob, v2 = judge(cluster, glob, replace(r1, at=T + 120), ctx, now=T + 121)
+    assert v2 == approved(r1, 1, at=T + 121)
+
+
+def test_a_late_stamp_is_judged_at_the_gate_clock() -> None:
     cluster, glob = ready(), GlobalGate()
     r1 = req(1, T)
-    cluster, glob, _ = decide(cluster, glob, r1, CTX)
-    early = req(2, T - 5000)  # a worker with a slow clock: never outside the window
-    cluster, glob, got = decide(cluster, glob, early, CTX)
-    assert got == approved(early, 2, at=T)
-    assert glob.grants == (grant(r1), grant(early, at=T))
+    cluster, glob, _ = judge(cluster, glob, r1, CTX)
+    late = req(2, T - 200)  # a worker 200 s slow: inside the tolerance
+    cluster, glob, got = judge(cluster, glob, late, CTX, now=T + 1)
+    assert got == approved(late, 2, at=T + 1)
+    assert glob.grants == (grant(r1), grant(late, at=T + 1))
+
+
+@pytest.mark.parametrize("offset", [2 * 3600.0, -2 * 3600.0, 300.5, -300.5])
+def test_a_skewed_stamp_is_refused_and_never_empties_the_window(offset: float) -> None:
+    cluster, glob = ready(), GlobalGate()
+    for n in range(3):
+        cluster, glob, v = judge(cluster, glob, req(n, T + n), CTX)
+        assert v.approved
+    full_cluster, full_glob = cluster, glob
+    ahead = req(7, T + 10 + offset)
+    cluster, glob, got = judge(cluster, glob, ahead, CTX, now=T + 10)
+    assert got == Verdict(
+        "d7", "h7", "c1", FenceAction.STOP, T + 10, False, None, 3, 3, skew=offset
+    )
+    assert cluster == replace(full_cluster, clock=T + 10)
+    assert glob == replace(full_glob, clock=T + 10)
+    # the same host with an honest stamp afterwards meets the full window
+    cluster, glob, v = judge(cluster, glob, req(7, T + 11), CTX)
+    assert v == withheld(req(7, T + 11), WithheldReason.CAP_REACHED, 3)
+
+
+def test_a_stamp_at_the_tolerance_is_judged() -> None:
+    r = req(1, T + 300)
+    _, _, v = judge(ready(), GlobalGate(), r, CTX, now=T)
+    assert v == approved(r, 1, at=T)
+
+
+def test_a_grant_stamped_after_the_gate_clock_still_counts() -> None:
+    # the gate's own clock stepped back 10 minutes: earlier grants stay in the window
+    cluster, glob = ready(), GlobalGate()
+    for n in range(3):
+        cluster, glob, _ = judge(cluster, glob, req(n, T + n), CTX)
+    r = req(5, T - 600)
+    _, _, v = judge(cluster, glob, r, CTX, now=T - 600)
+    assert v == withheld(r, WithheldReason.CAP_REACHED, 3, at=T - 600)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 2000),  # how far the gate's clock moved since the last request
+            st.floats(-3 * 3600, 3 * 3600),  # the proposing worker's clock error
+            st.integers(0, 6),  # which host (and decision)
+            st.sampled_from(["a", "b"]),
+            st.sampled_from([FenceAction.STOP, FenceAction.REBOOT, FenceAction.BLINK]),
+        ),
+        max_size=40,
+    )
+)
+def test_no_window_ever_holds_more_than_the_cap_whatever_the_stamps(
+    steps: list[tuple[float, float, int, str, FenceAction]],
+) -> None:
+    policy = replace(POLICY, global_cap=5)
+    ctx = replace(CTX, policy=policy)
+    rows = {"a": ready("a"), "b": ready("b")}
+    glob = GlobalGate()
+    now = T
+    granted: list[tuple[float, str]] = []
+    for moved, error, host, cluster, action in steps:
+        now += moved
+        r = FenceRequest(f"{cluster}{host}", f"{cluster}{host}", cluster, action, now + error)
+        before = len(glob.grants)
+        rows[cluster], glob, v = decide(rows[cluster], glob, r, ctx, now)
+        if abs(r.at - now) > ctx.clock_tolerance:
+            assert not v.approved and v.skew == r.at - now and v.reason is None
+        else:
+            assert v.skew is None
+        if len(glob.grants) > before:
+            assert v.approved and not v.repeated and action.powers_down and v.at == now
+            granted.append((now, cluster))
+    for t, _ in granted:
+        inside = [c for at, c in granted if t - policy.fence_window < at <= t]
+        assert len(inside) <= policy.global_cap
+        for name in ("a", "b"):
+            assert inside.count(name) <= policy.fence_cap
 
 
 def test_operator_only_actions_and_foreign_rows_are_refused() -> None:
     with pytest.raises(IllegalRequest, match="operator-only"):
-        decide(ready(), GlobalGate(), req(1, T, FenceAction.START), CTX)
+        judge(ready(), GlobalGate(), req(1, T, FenceAction.START), CTX)
     with pytest.raises(IllegalRequest, match="operator-only"):
-        decide(ready(), GlobalGate(), req(1, T, FenceAction.TEST), CTX)
+        judge(ready(), GlobalGate(), req(1, T, FenceAction.TEST), CTX)
     with pytest.raises(IllegalRequest, match="cluster c2"):
-        decide(ready(), GlobalGate(), req(1, T, cluster="c2"), CTX)
+        judge(ready(), GlobalGate(), req(1, T, cluster="c2"), CTX)
 
 
 def test_zero_caps_disable_power_downs_only() -> None:
     ctx = replace(CTX, policy=replace(POLICY, fence_cap=0))
     r1, r2 = req(1, T), req(2, T, FenceAction.NOTHING)
-    cluster, glob, v1 = decide(ready(), GlobalGate(), r1, ctx)
-    cluster, glob, v2 = decide(cluster, glob, r2, ctx)
+    cluster, glob, v1 = judge(ready(), GlobalGate(), r1, ctx)
+    cluster, glob, v2 = judge(cluster, glob, r2, ctx)
     assert (v1.approved, v1.reason, v2.approved) == (False, WithheldReason.CAP_REACHED, True)
     ctx = replace(CTX, policy=replace(POLICY, global_cap=0))
-    _, _, v3 = decide(ready(), GlobalGate(), r1, ctx)
+    _, _, v3 = judge(ready(), GlobalGate(), r1, ctx)
     assert v3.reason is WithheldReason.GLOBAL_CAP_REACHED

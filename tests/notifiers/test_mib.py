@@ -24,8 +24,12 @@ NOTIFICATION_NAMES = {
     NoticeKind.CANNOT_VERIFY: "fencerCannotVerify",
     NoticeKind.PREFLIGHT_FAILED: "fencerPreflightFailed",
     NoticeKind.HOST_RECOVERED: "fencerHostRecovered",
+    NoticeKind.CLOCK_SKEW: "fencerClockSkew",
+    NoticeKind.SUSPECT_TOO_LONG: "fencerSuspectTooLong",
     NoticeKind.FORGED_RECORD: "fencerForgedRecord",
     NoticeKind.FENCE_REFUSED: "fencerFenceRefused",
+    NoticeKind.VMS_NOT_RESTARTED: "fencerVmsNotRestarted",
+    NoticeKind.BMC_IDENTITY_CHANGED: "fencerBmcIdentityChanged",
 }
 
 

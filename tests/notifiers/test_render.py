@@ -55,7 +55,11 @@ def test_record_ids_identify_redeliveries(
     assert record_id(decision) == "decision:dec-0001:fence_decided"
     assert record_id(decision.model_copy()) == record_id(decision)
     assert record_id(withheld) == "decision:dec-0001:fence_withheld"
-    assert record_id(outcome) == "outcome:dec-0001"
+    assert record_id(outcome) == "outcome:dec-0001:1736935626"
+    assert record_id(outcome.model_copy()) == record_id(outcome)
+    # an operator's retry of the same decision is another run: another notification
+    retried = outcome.model_copy(update={"started_at": outcome.started_at + 600})
+    assert record_id(retried) == "outcome:dec-0001:1736936226"
     assert record_id(notice) == "notice:n-0001"
 
 

@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from fencing.events import Evidence
 from fencing.settings import FencerSettings
 from probes.base import Neighbour, PoolTarget, ProbeTarget
 from probes.nfs_ssh import NfsSshProbe
@@ -91,7 +90,9 @@ async def test_openssh_neighbour_reports_stale_then_alive(sshd, tmp_path):
         alive = await probe.check(target)
     finally:
         await probe.close()
-    assert stale.evidence is Evidence.STALE, stale.reason
-    assert (stale.files_checked, stale.files_missing) == (22, 1)
-    assert alive.evidence is Evidence.ALIVE and alive.neighbour == "kvm02"
+    assert stale.complete, stale.reason
+    assert (len(stale.mtimes), stale.files_wanted) == (21, 22)  # 20 disks + heartbeat, 1 gone
+    assert alive.complete and alive.neighbour == "kvm02"
+    # The heartbeat's content advanced between the two readings: what the core calls alive.
+    assert alive.heartbeats[str(hb)] != stale.heartbeats[str(hb)]
     assert probe.pool.connects == 1 and probe.round_trips == 2

@@ -63,19 +63,24 @@ class Cloud:
             await self._answer(req)
 
     async def _answer(self, req: ProbeRequest) -> None:
+        """A reading that the core will judge as `self.answer` (after the baseline check)."""
         key = req.host.host_uuid
         self.answered.append(req)
-        stale = self.answer is Evidence.STALE
+        disk = "/mnt/pool/disk-1"
+        written = {
+            Evidence.STALE: 1_000.0,  # the same mtime at every check: nothing was written
+            Evidence.ALIVE: 1_000.0 + req.check,  # a new mtime at every check
+        }.get(self.answer)  # type: ignore[arg-type]
         result = ProbeResult(
             host=req.host,
             episode=req.episode,
             check=req.check,
-            evidence=self.answer,
             suspect_since=req.suspect_since,
             finished_at=time.time(),
-            newest_write=req.suspect_since - 100 if stale else time.time(),
-            heartbeat=None,
-            files_checked=3,
+            mtimes={disk: written} if written is not None else {},
+            complete=written is not None,
+            reason=None if written is not None else "scripted: cannot look",
+            files_wanted=1,
             neighbour="kvm-n",
         )
         await self.tap.send(self.topics.probe_results, key, result)
@@ -155,15 +160,15 @@ async def test_stale_evidence_gives_exactly_one_decision_at_the_expected_check(c
     host = await disconnect(cloud, "kvm01")
     await cloud.tap.wait_for(lambda: cloud.decisions(host), 60, "a fence decision")
     decision = cloud.decisions(host)[0]
-    # 1 + extra_checks stale results, then the decision; no probe after it.
+    # The baseline, 1 + extra_checks stale results, then the decision; no probe after it.
     assert decision["approved"] is True
     assert decision["action"] == "stop"
     assert decision["evidence"]["stale_checks"] == 1 + EXTRA
-    assert [r["check"] for r in cloud.requests(host)] == [1, 2, 3]
+    assert [r["check"] for r in cloud.requests(host)] == [1, 2, 3, 4]
     assert decision["host"]["cluster_uuid"] == host_named(cloud, "kvm01").cluster_uuid
     await _quiet(cloud, 3 * CHECK)
     assert len(cloud.decisions(host)) == 1
-    assert [r["check"] for r in cloud.requests(host)] == [1, 2, 3]
+    assert [r["check"] for r in cloud.requests(host)] == [1, 2, 3, 4]
 
 
 async def test_alive_evidence_never_fences(cloud: Cloud):
@@ -177,20 +182,20 @@ async def test_alive_evidence_never_fences(cloud: Cloud):
 async def test_worker_restart_mid_episode_recovers_the_record_and_decides_once(cloud: Cloud):
     w = cloud.worker()
     host = await disconnect(cloud, "kvm03")
-    await cloud.tap.wait_for(lambda: len(cloud.answered) >= 2, 60, "two stale checks")
-    cloud.answer = None  # the third check is answered only after the restart
+    await cloud.tap.wait_for(lambda: len(cloud.answered) >= 3, 60, "baseline and two stale")
+    cloud.answer = None  # the fourth check is answered only after the restart
     w.kill()
     first = cloud.requests(host)
     suspect_since = first[0]["suspect_since"]
-    assert [r["check"] for r in first][:2] == [1, 2]
+    assert [r["check"] for r in first][:3] == [1, 2, 3]
     assert cloud.decisions(host) == []
     cloud.answer = Evidence.STALE
     cloud.worker()
     await cloud.answer_pending()
     await cloud.tap.wait_for(lambda: cloud.decisions(host), 90, "a decision after restart")
     reqs = cloud.requests(host)
-    # The restarted worker went on from the recovered record: same suspect time, check 3.
-    assert [r["check"] for r in reqs] == [1, 2, 3]
+    # The restarted worker went on from the recovered record: same suspect time, check 4.
+    assert [r["check"] for r in reqs] == [1, 2, 3, 4]
     assert {r["suspect_since"] for r in reqs} == {suspect_since}
     await _quiet(cloud, 3 * CHECK)
     assert len(cloud.decisions(host)) == 1
@@ -253,7 +258,7 @@ async def test_duplicate_alerts_and_an_old_poll_never_double_count_or_reopen(clo
     await cloud.publish_events()
     await cloud.tap.send(cloud.topics.cloudstack, alert[0], alert[1])  # the same alert twice
     await cloud.tap.wait_for(lambda: cloud.decisions(h.uuid), 60, "a decision")
-    assert [r["check"] for r in cloud.requests(h.uuid)] == [1, 2, 3]
+    assert [r["check"] for r in cloud.requests(h.uuid)] == [1, 2, 3, 4]
     episode = cloud.decisions(h.uuid)[0]["episode"]
     # The host comes back; then an old "Disconnected" (from before it came back) arrives late.
     cloud.sim.cloud.set_host_state(h.uuid, "Up")

@@ -210,6 +210,23 @@ async def test_workaround_is_idempotent_and_removable() -> None:
         (apply_tansu_workarounds if was else remove_tansu_workarounds)()
 
 
+async def test_consumers_fetch_wait_is_capped_only_while_patched() -> None:
+    from streams.tansu_compat import CONSUMER_FETCH_MAX_WAIT_MS
+
+    was = tansu_workarounds_applied()
+    try:
+        remove_tansu_workarounds()
+        plain = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:9", fetch_max_wait_ms=1500)
+        assert plain._fetch_max_wait_ms == 1500
+        apply_tansu_workarounds()
+        capped = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:9", fetch_max_wait_ms=1500)
+        default = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:9")
+        assert capped._fetch_max_wait_ms == default._fetch_max_wait_ms
+        assert capped._fetch_max_wait_ms == CONSUMER_FETCH_MAX_WAIT_MS < 500
+    finally:
+        (apply_tansu_workarounds if was else remove_tansu_workarounds)()
+
+
 def test_prepare_kafka_never_patches_for_a_real_kafka() -> None:
     from streams.kafka import prepare_kafka
 

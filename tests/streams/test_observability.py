@@ -23,6 +23,7 @@ pytestmark = pytest.mark.timeout(30)
 EXPOSED_NAMES = [
     "fencer_hosts",
     "fencer_probes_total",
+    "fencer_checks_total",
     "fencer_probe_duration_seconds_bucket",
     "fencer_probe_duration_seconds_count",
     "fencer_decisions_total",
@@ -133,6 +134,7 @@ def test_metrics_endpoint_serves_every_metric_over_http() -> None:
         )
     )
     obs.observe_decision(decision(approved=False, reason=WithheldReason.CAP_REACHED))
+    obs.observe_check("stale")
     obs.observe_outcome(
         FenceOutcome(
             decision_id="d-1",

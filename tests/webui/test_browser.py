@@ -18,6 +18,7 @@ from fencing.records import (
     FenceOutcome,
     HostRef,
     HostSignal,
+    HostStateRecord,
     ProbeResult,
 )
 
@@ -48,7 +49,7 @@ async def _publish_fence(api, lab) -> str:
         lab.host_a2,
         HostSignal(kind="disconnected", host=ref, at=suspect, status=HostStatus.ALERT),
     )
-    for check in (1, 2, 3):
+    for check in (1, 2, 3, 4):
         await api.publish(
             t.probe_results,
             lab.host_a2,
@@ -56,11 +57,32 @@ async def _publish_fence(api, lab) -> str:
                 host=ref,
                 episode=1,
                 check=check,
-                evidence=Evidence.STALE,
                 suspect_since=suspect,
                 finished_at=suspect + 60 * check,
-                files_checked=6,
+                mtimes={f"/mnt/p/d{i}": 1_000.0 for i in range(6)},
+                complete=True,
                 neighbour="kvm-a1",
+            ),
+        )
+        evidence_of = Evidence.BASELINE if check == 1 else Evidence.STALE
+        await api.publish(
+            t.host_states,
+            lab.host_a2,
+            HostStateRecord(
+                host=ref,
+                record={
+                    "host": lab.host_a2,
+                    "state": "suspect" if check < 4 else "fence_proposed",
+                    "episode": 1,
+                    "suspect_since": suspect,
+                    "last_check": check,
+                    "last_probe_at": suspect + 60 * check - 30,
+                    "last_evidence": evidence_of.value,
+                    "stale_count": check - 1,
+                    "files_checked": 6,
+                    "neighbour": "kvm-a1",
+                },
+                updated_at=suspect + 60 * check - 30,
             ),
         )
     evidence = EvidenceSummary(
@@ -98,6 +120,27 @@ async def _publish_fence(api, lab) -> str:
             finished_at=now - 45,
             cloudstack_call="declareHostAsDegraded",
             cloudstack_result="ok",
+        ),
+    )
+    await api.publish(
+        t.host_states,
+        lab.host_a2,
+        HostStateRecord(
+            host=ref,
+            record={
+                "host": lab.host_a2,
+                "state": "fenced",
+                "episode": 1,
+                "suspect_since": suspect,
+                "last_check": 4,
+                "last_probe_at": suspect + 210,
+                "last_evidence": "stale",
+                "stale_count": 3,
+                "files_checked": 6,
+                "neighbour": "kvm-a1",
+                "decision_id": "ui-demo-fence",
+            },
+            updated_at=now - 45,
         ),
     )
     return "ui-demo-fence"
@@ -160,6 +203,13 @@ async def test_operator_changes_settings_tests_the_bmc_and_sees_a_fence(api, lab
             await expect(page.locator("#test-result")).to_contain_text("test passed")
             await expect(page.locator("#test-result")).to_contain_text("power on")
             assert "null" not in await page.inner_text("main")
+
+            # Confirm the BMC's identity: its system GUID is pinned for the host.
+            await expect(page.locator("#bmc-identity")).to_contain_text("No GUID pinned yet")
+            page.once("dialog", lambda dialog: dialog.accept())
+            await page.click("#confirm-bmc")
+            await expect(page.locator("#bmc-guid")).to_have_text(lab.bmc.guid)
+            await expect(page.locator("#bmc-identity")).to_contain_text("operator (api)")
             await page.screenshot(path=SHOTS / "host-overrides.png", full_page=True)
 
             # A fence published by the workers shows up in the history, with its timeline.

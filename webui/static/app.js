@@ -353,6 +353,28 @@ function probeRows(probes) {
     h("td", {}, p.reason || "")));
 }
 
+// A failed fence is repeated to people until someone answers it here (or with `fencer fence`).
+function failedFence(uuid, decisionId) {
+  const out = h("span", { id: "fence-operator-result" });
+  const send = (kind, label) => {
+    const b = h("button", {
+      type: "button", id: `fence-${kind}`,
+      onclick: async () => {
+        b.disabled = true;
+        try {
+          await api("POST", `/hosts/${encodeURIComponent(uuid)}/fence/${kind}`, decisionId ? { decision_id: decisionId } : {});
+          fill(out, h("span", { class: "muted" }, kind === "retry" ? "Retry sent: the actuator runs the fence again." : "Marked handled: no more reminders."));
+        } catch (ex) { fill(out, h("span", { class: "error" }, ex.message)); }
+        b.disabled = false;
+      },
+    }, label);
+    return b;
+  };
+  return h("div", { class: "actions", id: "failed-fence" },
+    h("p", { class: "error" }, "The fence of this host failed. fencer repeats the alert until someone acts."),
+    send("retry", "Retry fence now"), send("handled", "Mark handled"), out);
+}
+
 async function hostPage(uuid) {
   const x = await api("GET", `/hosts/${encodeURIComponent(uuid)}`);
   const f = x.fencing, s = x.settings;
@@ -405,9 +427,40 @@ async function hostPage(uuid) {
       h("tbody", {}, probeRows(f.evidence)))
       : h("p", { class: "muted" }, f.last_probe ? `No probe in the current episode; last probe ${ago(f.last_probe.finished_at)}.` : "No probe has run for this host."),
     f.last_decision_id ? h("p", {}, h("a", { href: `#/fences?decision=${f.last_decision_id}` }, "Last fence decision")) : null,
+    f.state === "failed" ? failedFence(uuid, f.last_decision_id) : null,
     h("h2", {}, "IPMI overrides"),
     h("p", { class: "muted small" }, "Empty fields inherit from the cluster (or the defaults); the inherited value is shown beside each."),
-    form);
+    form,
+    h("h2", {}, "BMC identity"),
+    bmcIdentity(uuid));
+}
+
+// The system GUID the host's BMC is pinned to; fencing refuses a BMC that reports another one
+// until an operator confirms it here (or with `fencer ipmi pin`).
+function bmcIdentity(uuid) {
+  const box = h("div", { id: "bmc-identity" }, h("span", { class: "muted" }, "Reading the pin…"));
+  const path = `/hosts/${encodeURIComponent(uuid)}/bmc-pin`;
+  const show = (p) => {
+    const btn = h("button", {
+      type: "button", id: "confirm-bmc",
+      onclick: async () => {
+        if (!confirm("Pin the system GUID this host's BMC reports now? Check first that the address reaches the right machine.")) return;
+        btn.disabled = true;
+        try { show(await api("POST", path, {})); banner("BMC identity confirmed.", true); }
+        catch (ex) { btn.disabled = false; box.append(h("p", { class: "error" }, ex.message)); }
+      },
+    }, "Confirm BMC identity");
+    fill(box,
+      p.pinned
+        ? h("p", {}, "Pinned system GUID ", h("code", { id: "bmc-guid" }, p.guid), ` (by ${p.pinned_by}, ${when(p.pinned_at)})`)
+        : h("p", { class: "muted" }, "No GUID pinned yet: the pre-flight or the first fence pins the one the BMC reports."),
+      p.seen_guid
+        ? h("p", { class: "error", id: "bmc-changed" }, `The BMC reported another GUID, ${p.seen_guid} (${when(p.seen_at)}): fencing of this host is refused until you confirm it.`)
+        : null,
+      h("div", { class: "actions" }, btn));
+  };
+  api("GET", path).then(show, (ex) => fill(box, h("p", { class: "error" }, ex.message)));
+  return box;
 }
 
 async function fencesPage(params) {

@@ -1,0 +1,298 @@
+"""The actuator never gives up silently, against the lab's pyghmi BMC and the CloudStack
+simulator: a BMC that is down for two attempts and back is fenced; one that stays down fails at
+the fence deadline; declareHostAsDegraded failing twice is retried until the VMs are restarted;
+VMs still down afterwards are reported; one host's retries never hold up another host."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from fencing.actuator import Actuator
+from fencing.drivers import build_driver
+from fencing.drivers.base import PowerDriver
+from fencing.engine import Engine
+from fencing.events import FenceAction, NoticeKind
+from fencing.records import EvidenceSummary, FenceDecision, HostRef, Notice, OperatorAction
+from fencing.settings import (
+    ActuatorSettings,
+    CloudStackSettings,
+    FencerSettings,
+    HostSettings,
+    IpmiOverrides,
+    IpmiSettings,
+)
+from lab.bmc import BmcSimulator
+from streams import records as wire
+
+from .conftest import BMC_PASSWORD, Cloud
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def settings_for(cloud: Cloud, ports: dict[str, int], deadline: float = 20.0) -> FencerSettings:
+    hosts = {
+        uuid_: HostSettings(
+            ipmi=IpmiOverrides(
+                address="127.0.0.1",
+                port=port,
+                username="admin",
+                password=SecretStr(BMC_PASSWORD),
+                action=FenceAction.STOP,
+            )
+        )
+        for uuid_, port in ports.items()
+    }
+    return FencerSettings(
+        cloudstack=CloudStackSettings(
+            endpoint=cloud.sim.url,
+            api_key=SecretStr(cloud.sim.api_key),
+            secret_key=SecretStr(cloud.sim.secret_key),
+            job_timeout=3,
+        ),
+        hosts=hosts,
+        actuator=ActuatorSettings(
+            power_timeout=3, poll_interval=0.05, retry_backoff=0.1, fence_deadline=deadline
+        ),
+    )
+
+
+def quick_driver(ipmi: IpmiSettings, address: str | None, _timeout: float) -> PowerDriver:
+    # A BMC that does not answer costs 1 s per attempt instead of 5.
+    return build_driver(ipmi, address, 1.0)
+
+
+def decision(host: str, cluster: str) -> FenceDecision:
+    return FenceDecision(
+        decision_id=str(uuid.uuid4()),
+        host=HostRef(host_uuid=host, cluster_uuid=cluster, host_name=host[:8]),
+        episode=1,
+        action=FenceAction.STOP,
+        approved=True,
+        evidence=EvidenceSummary(suspect_since=time.time() - 300, stale_checks=3),
+        decided_at=time.time(),
+    )
+
+
+def actuator(settings: FencerSettings, **engine: Any) -> tuple[Actuator, list[Notice]]:
+    notices: list[Notice] = []
+
+    async def sink(n: Notice) -> None:
+        notices.append(n)
+
+    eng = Engine(power_timeout=3, poll_interval=0.05, retry_backoff=0.1, **engine)
+    act = Actuator(
+        settings,
+        engine=eng,
+        driver_factory=quick_driver,
+        job_poll_interval=0.05,
+        notify=sink,
+    )
+    return act, notices
+
+
+def degraded_calls(cloud: Cloud) -> list[str]:
+    return [c for c, _ in cloud.cloud.calls if c == "declareHostAsDegraded"]
+
+
+async def test_a_bmc_down_for_two_attempts_then_back_is_fenced(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    failures: list[int] = []
+
+    def failed(host: str, attempt: int, error: str) -> None:
+        failures.append(attempt)
+        if attempt == 2:
+            bmc.resume()  # the BMC answers again from the third attempt on
+
+    bmc.pause()
+    act, notices = actuator(settings_for(cloud, {cloud.host.uuid: bmc.port}), on_failure=failed)
+    out = await act.handle(decision(cloud.host.uuid, cloud.cluster_uuid))
+    assert out is not None
+    assert (out.success, out.verified, out.attempts, out.error) == (True, True, 3, None)
+    assert failures == [1, 2]
+    assert bmc.power == "off" and bmc.count("power_off") == 1
+    assert degraded_calls(cloud) == ["declareHostAsDegraded"]
+    assert cloud.cloud.vms[cloud.vm_uuid].host_uuid != cloud.host.uuid
+    assert cloud.cloud.vms[cloud.vm_uuid].state == "Running"
+    assert notices == []
+
+
+async def test_a_bmc_that_stays_down_fails_at_the_fence_deadline(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    bmc.pause()
+    act, _ = actuator(settings_for(cloud, {cloud.host.uuid: bmc.port}, deadline=3.5))
+    started = time.monotonic()
+    out = await act.handle(decision(cloud.host.uuid, cloud.cluster_uuid))
+    took = time.monotonic() - started
+    assert out is not None and not out.success and not out.verified
+    assert 3.4 < took < 6, took
+    assert out.attempts >= 2
+    assert "fence deadline of 3.5 s" in (out.error or "")
+    assert "no answer from BMC" in (out.error or "")
+    assert degraded_calls(cloud) == [] and bmc.power == "on"
+
+
+async def test_an_operator_retry_runs_a_failed_decision_again(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    bmc.pause()
+    act, _ = actuator(settings_for(cloud, {cloud.host.uuid: bmc.port}, deadline=1.5))
+    d = decision(cloud.host.uuid, cloud.cluster_uuid)
+    first = await act.handle(d)
+    assert first is not None and not first.success
+    bmc.resume()
+    act.settings = settings_for(cloud, {cloud.host.uuid: bmc.port})  # a longer deadline now
+    assert await act.handle(d) == first  # a redelivery: the stored outcome, no BMC call
+    assert bmc.count("power_off") == 0
+    again = await act.handle(d, again=True)
+    assert again is not None and again.success and again.decision_id == d.decision_id
+    assert bmc.power == "off" and bmc.count("power_off") == 1
+    assert await act.handle(d, again=True) == again  # a success is never run twice
+
+
+async def test_declare_degraded_failing_twice_is_retried_and_the_vms_restart(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    cloud.cloud.fail_next_jobs["declarehostasdegraded"] = 2
+    act, notices = actuator(settings_for(cloud, {cloud.host.uuid: bmc.port}))
+    out = await act.handle(decision(cloud.host.uuid, cloud.cluster_uuid))
+    assert out is not None and out.success, out.error
+    assert out.cloudstack_call == "declareHostAsDegraded" and out.cloudstack_result == "succeeded"
+    assert degraded_calls(cloud) == ["declareHostAsDegraded"] * 3
+    assert bmc.count("power_off") == 1  # the BMC is not touched again
+    vm = cloud.cloud.vms[cloud.vm_uuid]
+    assert (vm.state, vm.host_uuid != cloud.host.uuid) == ("Running", True)
+    assert cloud.cloud.hosts[cloud.host.uuid].resourcestate == "Degraded"
+    assert notices == []
+
+
+async def test_declare_degraded_failing_past_the_deadline_is_a_failed_outcome(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    cloud.cloud.fail_jobs["declareHostAsDegraded"] = "Unable to declare host degraded"
+    act, _ = actuator(settings_for(cloud, {cloud.host.uuid: bmc.port}, deadline=2.0))
+    out = await act.handle(decision(cloud.host.uuid, cloud.cluster_uuid))
+    assert out is not None and not out.success and out.verified
+    assert "declareHostAsDegraded failed" in (out.error or "")
+    assert "gave up after" in (out.cloudstack_result or "")
+    assert len(degraded_calls(cloud)) >= 3
+
+
+async def test_vms_still_down_after_the_restart_call_are_reported(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    for h in cloud.cloud.hosts.values():
+        if h.uuid != cloud.host.uuid:
+            h.state = "Disconnected"  # nowhere to restart the VM
+    act, notices = actuator(settings_for(cloud, {cloud.host.uuid: bmc.port}))
+    d = decision(cloud.host.uuid, cloud.cluster_uuid)
+    out = await act.handle(d)
+    assert out is not None and out.success
+    (notice,) = notices
+    assert notice.kind is NoticeKind.VMS_NOT_RESTARTED and notice.decision_id == d.decision_id
+    assert notice.notice_id == f"{d.decision_id}/vms_not_restarted"
+    assert "1 of 1 VM(s) not running" in (notice.reason or "")
+    assert "vm1 (Stopped)" in (notice.reason or "")
+
+
+async def test_one_hosts_retries_never_hold_up_another_host(cloud: Cloud) -> None:
+    other = cloud.cloud.add_host(
+        cloud.cloud.clusters[cloud.cluster_uuid], "hv3", "10.0.0.13", state="Disconnected"
+    )
+    with (
+        BmcSimulator("admin", BMC_PASSWORD) as stuck,
+        BmcSimulator("admin", BMC_PASSWORD) as fine,
+    ):
+        stuck.pause()
+        settings = settings_for(cloud, {cloud.host.uuid: stuck.port, other.uuid: fine.port}, 4.0)
+        act, _ = actuator(settings)
+        done: dict[str, float] = {}
+        started = time.monotonic()
+
+        async def run(d: FenceDecision) -> None:
+            out = await act.handle(d)
+            assert out is not None
+            done[d.host.host_uuid] = time.monotonic() - started
+
+        await asyncio.gather(
+            run(decision(cloud.host.uuid, cloud.cluster_uuid)),
+            run(decision(other.uuid, cloud.cluster_uuid)),
+        )
+        assert done[other.uuid] < 2.5 < done[cloud.host.uuid]
+        assert fine.power == "off" and stuck.power == "on"
+
+
+# -- the worker's shell: reminders until an operator retries or marks the fence handled -------
+
+
+def shell(settings: FencerSettings, act: Actuator) -> wire.Runtime:
+    rt = wire.Runtime(settings=settings, started_at=time.time())
+    rt._store_failed = True  # no settings topic here: the file's settings are the live ones
+    rt._actuator = act
+    return rt
+
+
+async def test_a_failed_fence_is_repeated_until_an_operator_retries_it(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    bmc.pause()
+    settings = settings_for(cloud, {cloud.host.uuid: bmc.port}, deadline=1.5)
+    act, _ = actuator(settings)
+    rt = shell(settings, act)
+    done: dict[str, Any] = {}
+    host = cloud.host.uuid
+    d = decision(host, cloud.cluster_uuid)
+    failed = await act.handle(d)  # what the actuate agent stores once its checks passed
+    done[host] = {d.decision_id: wire._done_entry(d, failed)}
+    assert failed is not None and not failed.success
+    t0, every = failed.finished_at, 60.0
+    assert wire.reminders(done.items(), t0 + 59, every) == []
+    (first,) = wire.reminders(done.items(), t0 + 61, every)
+    assert first.kind is NoticeKind.FENCE_FAILED and first.decision_id == d.decision_id
+    assert first.notice_id.endswith("/1") and f"fencer fence retry {host}" in (first.reason or "")
+    (again,) = wire.reminders(done.items(), t0 + 61.5, every)
+    assert again.notice_id == first.notice_id  # the same reminder: sent once
+    (second,) = wire.reminders(done.items(), t0 + 125, every)
+    assert second.notice_id.endswith("/2") and second.notice_id != first.notice_id
+
+    bmc.resume()
+    rt.settings = settings_for(cloud, {host: bmc.port})  # a longer deadline now
+    retry = OperatorAction(kind="retry", host_uuid=host, by="ops", at=time.time())
+    out = await rt.operator_action(retry, done, host)
+    assert out is not None and out.success and out.decision_id == d.decision_id
+    assert out.started_at > failed.started_at  # a new run: a new notification id
+    assert bmc.power == "off" and bmc.count("power_off") == 1
+    assert degraded_calls(cloud) == ["declareHostAsDegraded"]
+    assert done[host][d.decision_id]["success"] and done[host][d.decision_id]["retried_by"] == "ops"
+    assert wire.reminders(done.items(), t0 + 1000, every) == []
+    # a second retry of a fence that worked does nothing
+    assert await rt.operator_action(retry, done, host) is None
+    assert bmc.count("power_off") == 1
+
+
+async def test_marking_a_failed_fence_handled_stops_the_reminders(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    bmc.pause()
+    settings = settings_for(cloud, {cloud.host.uuid: bmc.port}, deadline=1.0)
+    act, _ = actuator(settings)
+    rt = shell(settings, act)
+    done: dict[str, Any] = {}
+    host = cloud.host.uuid
+    d = decision(host, cloud.cluster_uuid)
+    failed = await act.handle(d)
+    done[host] = {d.decision_id: wire._done_entry(d, failed)}
+    assert failed is not None and not failed.success
+    later = failed.finished_at + 3600
+    assert len(wire.reminders(done.items(), later, 600)) == 1
+    handled = OperatorAction(kind="handled", host_uuid=host, by="ops", at=time.time())
+    assert await rt.operator_action(handled, done, host) is None
+    assert wire.reminders(done.items(), later, 600) == []
+    assert bmc.count("power_off") == 0

@@ -1,0 +1,180 @@
+"""The gate's shell: the gate worker's clock judges, skewed stamps are refused with a clock_skew
+notice, a host without a cluster is never counted under "", and the storm guard's denominator is
+the cluster's Enabled hosts as CloudStack's simulator lists them."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from fencing.events import FenceAction, HostDisconnected, NoticeKind, WithheldReason
+from fencing.records import (
+    EvidenceSummary,
+    FenceDecision,
+    FenceProposal,
+    GateSignal,
+    HostRef,
+    Notice,
+)
+from fencing.settings import CloudStackSettings, FencerSettings, PolicySettings, SigningSettings
+from fencing.signing import DECISION, load_keyring, new_key_line, verify
+from lab.cloudstack_sim import CloudStackSimulator, SimCloud
+from streams import records as wire
+
+pytestmark = pytest.mark.timeout(60)
+
+NOW = 1_800_000_000.0
+HOUR = 3600.0
+
+
+SIGNING = SigningSettings(keys=SecretStr(new_key_line("gate-test")))
+
+
+def runtime(**policy: Any) -> wire.Runtime:
+    settings = FencerSettings(
+        policy=PolicySettings(**{"startup_quiet": 0, "fence_cap": 3, **policy}), signing=SIGNING
+    )
+    return wire.Runtime(settings=settings, started_at=NOW - 1000)
+
+
+def signed(d: FenceDecision) -> dict[str, Any]:
+    """The decision's content once its gate signature checks out."""
+    ring = load_keyring(FencerSettings(signing=SIGNING))
+    return verify(ring, DECISION, d.model_dump(mode="json"))
+
+
+def proposal(n: int, at: float, cluster: str | None = "c1") -> FenceProposal:
+    return FenceProposal(
+        decision_id=f"h{n}/1/{int(at)}",
+        host=HostRef(host_uuid=f"h{n}", cluster_uuid=cluster),
+        episode=1,
+        action=FenceAction.STOP,
+        evidence=EvidenceSummary(suspect_since=at - 300, stale_checks=3),
+        proposed_at=at,
+    )
+
+
+def sized(table: dict[str, Any], rt: wire.Runtime, hosts: int = 20) -> None:
+    sig = GateSignal(kind="cluster_size", cluster_uuid="c1", at=NOW, host_count=hosts)
+    assert wire.apply_gate(table, sig, rt, now=NOW) is None
+
+
+def test_a_proposal_stamped_two_hours_ahead_is_refused_and_never_empties_the_window() -> None:
+    rt, table = runtime(), {}
+    sized(table, rt)
+    for n in range(3):
+        d = wire.apply_gate(table, proposal(n, NOW + n), rt, now=NOW + n)
+        assert isinstance(d, FenceDecision) and d.approved and d.decided_at == NOW + n
+    window = dict(table)
+    ahead = proposal(7, NOW + 10 + 2 * HOUR)
+    notice = wire.apply_gate(table, ahead, rt, now=NOW + 10)
+    assert isinstance(notice, Notice)
+    assert notice.kind is NoticeKind.CLOCK_SKEW and notice.decision_id == ahead.decision_id
+    assert notice.at == NOW + 10 and "+7200 s" in (notice.reason or "")
+    assert table["c1"]["grants"] == window["c1"]["grants"]
+    assert table[wire.GLOBAL_ROW]["grants"] == window[wire.GLOBAL_ROW]["grants"]
+    # an honest proposal after it meets the full window: never more than 3 approvals
+    late = wire.apply_gate(table, proposal(8, NOW + 20), rt, now=NOW + 20)
+    assert isinstance(late, FenceDecision) and not late.approved
+    assert late.withheld_reason is WithheldReason.CAP_REACHED and late.budget_used == 3
+    # the same skewed proposal again in the same hour: the same notice id (receivers dedupe)
+    again = wire.apply_gate(table, ahead, rt, now=NOW + 30)
+    assert isinstance(again, Notice) and again.notice_id == notice.notice_id
+
+
+def test_the_gate_judges_at_its_own_clock_not_the_stamp() -> None:
+    rt, table = runtime(), {}
+    sized(table, rt)
+    p = proposal(1, NOW - 250)  # a worker 250 s slow: within the tolerance
+    d = wire.apply_gate(table, p, rt, now=NOW)
+    assert isinstance(d, FenceDecision) and d.approved and d.decided_at == NOW
+    assert table["c1"]["grants"][0]["at"] == NOW
+
+
+def test_a_repeated_approval_is_sent_again_at_the_gate_clock() -> None:
+    rt, table = runtime(), {}
+    sized(table, rt)
+    p = proposal(1, NOW)
+    first = wire.apply_gate(table, p, rt, now=NOW)
+    again = wire.apply_gate(table, p.model_copy(update={"proposed_at": NOW + 60}), rt, now=NOW + 61)
+    assert isinstance(first, FenceDecision) and isinstance(again, FenceDecision)
+    # re-sent fresh (the actuator refuses old decisions), signed again by the gate
+    assert signed(again) == {**signed(first), "decided_at": NOW + 61}
+    assert len(table["c1"]["grants"]) == 1
+
+
+def test_a_temporary_withhold_is_judged_again() -> None:
+    rt, table = runtime(), {}
+    p = proposal(1, NOW)
+    first = wire.apply_gate(table, p, rt, now=NOW)  # no cluster size yet
+    assert isinstance(first, FenceDecision)
+    assert first.withheld_reason is WithheldReason.CLUSTER_SIZE_UNKNOWN
+    sized(table, rt)
+    again = wire.apply_gate(table, p, rt, now=NOW + 60)
+    assert isinstance(again, FenceDecision) and again.approved and again.decided_at == NOW + 60
+
+
+def test_a_proposal_without_a_cluster_is_withheld_as_temporary_and_touches_no_row() -> None:
+    rt, table = runtime(), {}
+    d = wire.apply_gate(table, proposal(1, NOW, cluster=None), rt, now=NOW)
+    assert isinstance(d, FenceDecision) and not d.approved
+    assert d.withheld_reason is WithheldReason.CLUSTER_SIZE_UNKNOWN
+    assert table == {}
+    sig = GateSignal(kind="suspect", cluster_uuid="", at=NOW, host_uuid="h1")
+    assert wire.apply_gate(table, sig, rt, now=NOW) is None and table == {}
+
+
+def test_a_suspect_waits_for_its_cluster_before_the_gate_counts_it() -> None:
+    settings = FencerSettings(policy=PolicySettings(startup_quiet=0))
+    topics = settings.kafka.topics
+    policy = settings.policy.to_policy()
+    bare = wire.HostInput(HostDisconnected(NOW), HostRef(host_uuid="h1"))
+    row, out = wire.apply(None, bare, "h1", policy, settings, topics)
+    assert row is not None
+    gate_out = [o for o in out if o[0] == topics.fence_proposals]
+    assert gate_out == []  # never a row named ""
+    # the poller tells the cluster: the held-back suspect signal goes out now, once
+    known = wire.HostInput(HostDisconnected(NOW + 30), HostRef(host_uuid="h1", cluster_uuid="c1"))
+    row, out = wire.apply(row, known, "h1", policy, settings, topics)
+    signals = [GateSignal.model_validate_json(v) for t, _, v in out if t == topics.fence_proposals]
+    assert [(s.kind, s.cluster_uuid, s.host_uuid) for s in signals] == [("suspect", "c1", "h1")]
+    assert row is not None
+    _, out = wire.apply(row, known, "h1", policy, settings, topics)
+    assert [o for o in out if o[0] == topics.fence_proposals] == []
+    # a host whose cluster is known from the start: one suspect signal, as before
+    _, out = wire.apply(None, known, "h2", policy, settings, topics)
+    assert len([o for o in out if o[0] == topics.fence_proposals]) == 1
+
+
+async def test_the_poller_counts_only_enabled_hosts_for_the_storm_guard() -> None:
+    sc = SimCloud()
+    zone = sc.add_zone()
+    c1, c2 = sc.add_cluster(zone), sc.add_cluster(zone)
+    for i in range(4):
+        sc.add_host(c1, f"up{i}", f"10.0.0.{10 + i}")
+    sc.add_host(c1, "down", "10.0.0.20", state="Disconnected")
+    sc.add_host(c1, "off", "10.0.0.21", resourcestate="Disabled")
+    sc.add_host(c1, "maint", "10.0.0.22", resourcestate="Maintenance")
+    sc.add_host(c1, "going", "10.0.0.23", resourcestate="PrepareForMaintenance")
+    sc.add_host(c2, "only-disabled", "10.0.1.10", resourcestate="Disabled")
+    sim = CloudStackSimulator(sc)
+    await sim.start()
+    rt = wire.Runtime(
+        settings=FencerSettings(
+            cloudstack=CloudStackSettings(
+                endpoint=sim.url,
+                api_key=SecretStr(sim.api_key),
+                secret_key=SecretStr(sim.secret_key),
+            )
+        ),
+        started_at=time.time(),
+    )
+    try:
+        _, sizes = await rt.poll_hosts()
+    finally:
+        await rt.close()
+        await sim.stop()
+    assert {g.cluster_uuid: g.host_count for g in sizes} == {c1.uuid: 5, c2.uuid: 0}

@@ -1,0 +1,86 @@
+"""A worker started before Kafka or CloudStack says so in one line per try and keeps waiting."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fencing.settings import CloudStackSettings, FencerSettings, KafkaSettings
+from lab.cloudstack_sim import CloudStackSimulator, SimCloud
+from lab.pipeline import write_settings
+from streams.startup import wait_for_dependencies
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_unreachable_kafka_is_one_line_per_try_naming_address_and_setting(caplog):
+    port = closed_port()
+    settings = FencerSettings(kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}"))
+    caplog.set_level(logging.INFO, logger="fencer.startup")
+    ok = await wait_for_dependencies(settings, attempts=2, max_delay=0.1)
+    assert ok is False
+    lines = [r.getMessage() for r in caplog.records if r.name == "fencer.startup"]
+    assert len(lines) == 2, lines
+    assert all(
+        f"cannot reach Kafka at 127.0.0.1:{port} (kafka.bootstrap_servers)" in m for m in lines
+    )
+    assert all(r.exc_info is None for r in caplog.records)  # no traceback
+
+
+async def test_cloudstack_down_then_up_is_waited_for(kafka_settings: KafkaSettings, caplog):
+    sim = await CloudStackSimulator(SimCloud()).start()
+    url, key, secret = sim.url, sim.api_key, sim.secret_key
+    await sim.stop()  # CloudStack is not up yet
+    settings = FencerSettings(
+        kafka=kafka_settings,
+        cloudstack=CloudStackSettings(endpoint=url, api_key=key, secret_key=secret, timeout=2),
+    )
+    caplog.set_level(logging.INFO, logger="fencer.startup")
+    assert await wait_for_dependencies(settings, attempts=1) is False
+    [line] = [r.getMessage() for r in caplog.records if "CloudStack" in r.getMessage()]
+    assert "(cloudstack.endpoint)" in line and secret not in line and key not in line
+    sim2 = await CloudStackSimulator(SimCloud()).start()
+    try:
+        settings = settings.model_copy(
+            update={
+                "cloudstack": CloudStackSettings(
+                    endpoint=sim2.url, api_key=sim2.api_key, secret_key=sim2.secret_key
+                )
+            }
+        )
+        assert await wait_for_dependencies(settings, attempts=1) is True
+    finally:
+        await sim2.stop()
+
+
+def test_worker_started_before_kafka_waits_without_a_traceback(tmp_path: Path) -> None:
+    port = closed_port()
+    settings: Any = FencerSettings(kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}"))
+    cfg = write_settings(settings, tmp_path / "fencer.yaml")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "worker", "-c", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(4.0)
+        assert proc.poll() is None, "the worker exited instead of waiting for Kafka"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=15)
+    assert f"cannot reach Kafka at 127.0.0.1:{port} (kafka.bootstrap_servers)" in out
+    assert "Traceback" not in out
