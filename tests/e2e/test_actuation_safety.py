@@ -181,9 +181,10 @@ async def test_replayed_and_unconfirmed_decisions_are_refused(stage: Stage) -> N
     s, lab = stage, stage.lab
     ring = load_keyring(s.settings)  # fencer's own key: these records are genuine
     await s.worker()
-    # A replay: a genuine decision from an hour ago, for a host that is down now.
+    # A replay: a genuine decision from an hour ago, for a host CloudStack says is down now
+    # (its agent died; it still runs and writes, so fencer's own checks never propose it).
     old_host = lab.host("kvm01")
-    await old_host.crash("Disconnected")
+    lab.agent_dies("kvm01")
     replay = signed(decision_for(lab, "kvm01", time.time() - 3600), ring)
     await back_with_record(s, replay)
     await s.tap.send(s.t.fence_decisions, old_host.uuid, replay)
