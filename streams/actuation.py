@@ -11,9 +11,10 @@ never remembered as done, so a fresh re-sent decision is judged again.
 Exactly once: the claim is a record on the one-partition topic `fencer.fence-claims`, keyed by
 decision id and written with `acks=all` before the BMC is touched; the log's order decides
 between two claimants (the first `claimed` record of a round wins, the other waits for its
-`done`). A claim with no `done` after `actuator.claim_lease` (this worker's clock) belongs to a
-claimant that died: the follower reads the power first (stop: off already = fenced; reboot:
-never repeated blindly, only an "off" reading counts).
+`done`). The claimant renews its claim every `actuator.claim_lease` / 3 while it acts; a claim
+neither renewed nor done for `claim_lease` (this worker's clock) belongs to a claimant that died:
+the follower re-checks CloudStack and fencer's record, then reads the power first (stop: off
+already = fenced; reboot: never repeated blindly, only an "off" reading counts).
 """
 
 from __future__ import annotations
