@@ -11,8 +11,9 @@ for each other: the shell runs decisions concurrently).
 
 Never gives up silently: the BMC action is retried until `actuator.fence_deadline` (the
 engine's one overall deadline), a failed or unfinished `declareHostAsDegraded` is retried with
-backoff until the same deadline, and the VMs the host ran are followed afterwards: those still
-not Running are reported in a `vms_not_restarted` notice. What still fails is a failed outcome
+backoff until the same deadline, and the VMs the host ran are followed afterwards (in the
+background, for up to cloudstack.job_timeout): those still not Running are reported in a
+`vms_not_restarted` notice. What still fails is a failed outcome
 (a `fence_failed` notification, repeated by the shell until an operator retries or marks it
 handled: `retry` runs the same decision again).
 """
@@ -120,6 +121,12 @@ class Actuator:
         self.job_poll_interval = job_poll_interval
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
+        self._following: set[asyncio.Task[list[str]]] = set()
+
+    async def settle(self) -> None:
+        """Wait until every fenced host's VMs have been followed (tests, shutdown)."""
+        while self._following:
+            await asyncio.wait(set(self._following))
 
     def _lock(self, host: str) -> asyncio.Lock:
         lock = self._locks.get(host)
@@ -174,7 +181,13 @@ class Actuator:
             vms = await self._vms_on(host, redact)
             cloud = await self._restart_until(host, restart_via, redact, ends)
             if cloud.success and vms:
-                await self._follow_vms(decision, vms, redact)
+                # Followed in the background: the outcome (fence succeeded) is not held back
+                # while CloudStack's HA restarts the VMs, nor the host's lock.
+                task = asyncio.get_running_loop().create_task(
+                    self._follow_vms(decision, vms, redact)
+                )
+                self._following.add(task)
+                task.add_done_callback(self._following.discard)
         error = result.error
         success = result.success
         if cloud is not None and not cloud.success:
