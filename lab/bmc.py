@@ -24,11 +24,13 @@ Two patches to pyghmi's server side, applied once on import:
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
@@ -93,8 +95,11 @@ class SimBmc(ipmibmc.Bmc):
         power: str = "on",
         on_power_change: PowerCallback | None = None,
         on_record: Callable[[str], None] | None = None,
+        guid: str | None = None,
     ) -> None:
-        super().__init__(dict(users), port=port, address=address)
+        super().__init__(
+            dict(users), port=port, address=address, bmcuuid=uuid.UUID(guid) if guid else None
+        )
         self.on_record = on_record
         # pyghmi routes session packets by the server socket's real port, so a port-0 bind must
         # record the port the kernel chose.
@@ -170,6 +175,7 @@ class SimBmc(ipmibmc.Bmc):
         self.bootdevice = bootdevice
 
     def get_system_guid(self) -> Any:
+        self._record("get_system_guid")
         return self.uuid
 
     def handle_raw_request(self, request: dict[str, Any], session: Any) -> Any:
@@ -227,7 +233,10 @@ class BmcSimulator:
         on_power_change: PowerCallback | None = None,
         address: str = "127.0.0.1",
         port: int = 0,
+        guid: str | None = None,
     ) -> None:
+        # The system GUID the BMC reports (Get System GUID); a board of its own by default.
+        self._guid = str(uuid.UUID(guid)) if guid else str(uuid.uuid4())
         self.username = username
         self.password = password
         self.address = address
@@ -291,6 +300,19 @@ class BmcSimulator:
         with self._cond:
             return Counter(self._commands)
 
+    @property
+    def guid(self) -> str:
+        """The system GUID the BMC reports."""
+        return self._guid
+
+    @guid.setter
+    def guid(self, value: str) -> None:
+        """Another board behind the same address: the BMC reports this GUID from now on."""
+        self._guid = str(uuid.UUID(value))
+        if self._conn is not None:
+            self._send(("guid", self._guid))
+            self._sync()
+
     def count(self, name: str | None = None) -> int:
         """Commands received, of one name or in total."""
         c = self.commands
@@ -316,6 +338,7 @@ class BmcSimulator:
                 self.address,
                 self._requested_port,
                 self._power,
+                self._guid,
             )
         )
         if not self._conn.poll(15):
@@ -401,7 +424,7 @@ class BmcSimulator:
 
 def _serve_child(conn: Any) -> None:
     """The BMC process: serve IPMI, obey the lab's controls, report every change."""
-    _, users, address, port, power = conn.recv()
+    _, users, address, port, power, guid = conn.recv()
     send_lock = threading.Lock()
 
     def send(message: tuple[Any, ...]) -> None:
@@ -416,6 +439,7 @@ def _serve_child(conn: Any) -> None:
             power=power,
             on_power_change=lambda state, cause: send(("power", state, cause)),
             on_record=lambda name: send(("cmd", name)),
+            guid=guid,
         )
     except OSError as exc:
         conn.send(("error", str(exc)))
@@ -436,6 +460,8 @@ def _serve_child(conn: Any) -> None:
                 bmc.resume()
             elif kind == "power":
                 bmc.powerstate = message[1]
+            elif kind == "guid":
+                bmc.uuid = uuid.UUID(message[1])
             elif kind == "sync":
                 send(("synced", message[1]))
             elif kind == "stop":
@@ -446,8 +472,13 @@ def _serve_child(conn: Any) -> None:
     threading.Thread(target=controls, daemon=True).start()
     while not stopping.is_set():
         ipmisession.Session.wait_for_rsp(0.2)
-    bmc.close()
+    bmc.reachable = False
     conn.close()
+    # The process ends here and the OS frees the port. Closing the socket first races with
+    # pyghmi's IO thread, which may still be in select() on it: an EBADF traceback on stderr.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_udp_port() -> int:

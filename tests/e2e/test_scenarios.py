@@ -38,9 +38,11 @@ async def _play(name: str, broker: EmbeddedBroker, tmp_path: Path) -> dict[str, 
 
 async def test_agent_dies_is_never_fenced(broker: EmbeddedBroker, tmp_path: Path) -> None:
     s = await _play("agent-dies", broker, tmp_path)
-    # Checked at least 1 + extra_checks + 1 times, every check saw it alive.
-    assert len(s["checks"]["kvm02"]) >= 4
-    assert set(s["checks"]["kvm02"]) == {"alive"}
+    # A baseline, then at least 1 + extra_checks + 1 checks, every one saw it alive (its
+    # heartbeat stopped with the agent; its VMs' disks kept moving).
+    checks = s["checks"]["kvm02"]
+    assert checks[0] == "baseline" and len(checks) >= 4
+    assert set(checks[1:]) == {"alive"}
     assert s["fences_executed"] == 0 and s["fences_withheld"] == 0
     assert s["bmc_power_offs"] == {} and s["declare_degraded"] == {}
 
@@ -51,8 +53,13 @@ async def test_host_crash_is_fenced_once_in_time(broker: EmbeddedBroker, tmp_pat
     assert s["declare_degraded"] == {"kvm03": 1}
     assert s["restarted"] == {"kvm03": 2}
     assert s["fences_executed"] == 1
-    # check_interval x (extra_checks + 2) plus a few seconds, from the crash to the verified off.
-    assert s["crash_to_fence_seconds"]["kvm03"] <= s["fence_deadline_seconds"]
+    # The baseline at the disconnect, then 1 + extra_checks stale checks: from the crash to the
+    # verified off within check_interval x (1 + extra_checks) plus the pipeline's slack.
+    assert s["checks"]["kvm03"][:4] == ["baseline", "stale", "stale", "stale"]
+    assert s["fence_ideal_seconds"] == 3.0
+    took = s["crash_to_fence_seconds"]["kvm03"]
+    assert s["fence_ideal_seconds"] < took <= s["fence_deadline_seconds"]
+    assert s["fence_over_ideal_seconds"]["kvm03"] == pytest.approx(took - 3.0, abs=0.11)
     assert "fence_decided" in s["trap_kinds"] and "fence_succeeded" in s["trap_kinds"]
     assert any("SUCCEEDED" in m for m in s["mail_subjects"])
 
@@ -118,9 +125,112 @@ async def test_no_vms_host_is_fenced_on_its_heartbeat(
     assert s["checks"]["kvm08"].count("stale") >= 3
 
 
+def _fenced_after_alive(s: dict[str, Any], name: str) -> list[str]:
+    """The checks of a host that lived (agent dead, VMs writing), then crashed: a baseline,
+    alive checks only, then exactly 1 + extra_checks stale ones and the fence."""
+    checks = s["checks"][name]
+    assert checks[0] == "baseline"
+    first_stale = checks.index("stale")
+    assert set(checks[1:first_stale]) == {"alive"} and first_stale - 1 >= 4, checks
+    assert checks[first_stale : first_stale + 3] == ["stale"] * 3, checks
+    assert s["bmc_power_offs"] == {name: 1}
+    assert s["declare_degraded"] == {name: 1}
+    assert s["restarted"] == {name: 2}
+    assert s["fences_executed"] == 1 and s["fences_withheld"] == 0
+    # No power-off before the crash.
+    assert all(at >= s["marks"][f"crash:{name}"] for at, _n in s["bmc_power_off_at"])
+    assert "fence_decided" in s["trap_kinds"] and "fence_succeeded" in s["trap_kinds"]
+    assert any("SUCCEEDED" in m for m in s["mail_subjects"])
+    return checks
+
+
+async def test_agent_dies_then_crash_is_fenced_once_in_time(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    s = await _play("agent-dies-then-crash", broker, tmp_path)
+    _fenced_after_alive(s, "kvm02")
+    took = s["crash_to_fence_seconds"]["kvm02"]
+    # Crash (mid-episode) to verified off: 1 + extra_checks intervals, one more check at most
+    # (the first after the crash may see its last writes), plus the pipeline.
+    assert s["fence_ideal_seconds"] < took <= s["fence_deadline_mid_episode_seconds"]
+
+
+@pytest.mark.parametrize(
+    ("scenario", "offset"), [("filer-clock-behind", -8), ("filer-clock-ahead", 8)]
+)
+async def test_filer_clock_skew_changes_no_verdict(
+    broker: EmbeddedBroker, tmp_path: Path, scenario: str, offset: int
+) -> None:
+    s = await _play(scenario, broker, tmp_path)
+    _fenced_after_alive(s, "kvm04")
+    # The skew was measured (heartbeat mtime on the filer minus its content, the host's clock),
+    # shown, and told, never used.
+    measured = [o for o in s["filer_offsets"]["kvm04"] if o is not None]
+    assert measured and all(abs(o - offset) <= 1.5 for o in measured), measured
+    assert "clock_skew" in s["notices_by_host"]["kvm04"]
+    assert "clock_skew" in s["trap_kinds"]
+    assert any("CLOCK-SKEW" in m for m in s["mail_subjects"])
+
+
+async def test_vms_restarted_elsewhere_do_not_keep_the_dead_host_alive(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    s = await _play("vms-restarted-elsewhere", broker, tmp_path)
+    checks = s["checks"]["kvm05"]
+    assert checks[0] == "baseline" and "alive" not in checks
+    assert checks[1:4] == ["stale"] * 3
+    # The baseline read both disks and the heartbeat; after CloudStack moved the VMs, only the
+    # heartbeat is the suspect's.
+    files = s["files_read"]["kvm05"]
+    assert files[0] == 3 and set(files[1:]) == {1}, files
+    assert s["bmc_power_offs"] == {"kvm05": 1}
+    assert s["declare_degraded"] == {"kvm05": 1}
+    assert s["restarted"] == {"kvm05": 2}  # by CloudStack's own HA, before the fence
+    assert s["fences_executed"] == 1
+
+
+async def test_rbd_disk_is_unknown_notified_never_fenced(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    s = await _play("rbd-disks", broker, tmp_path)
+    assert set(s["checks"]["kvm06"]) == {"unknown"} and len(s["checks"]["kvm06"]) >= 5
+    assert s["fences_executed"] == 0 and s["fences_withheld"] == 0
+    assert s["bmc_power_offs"] == {} and s["declare_degraded"] == {}
+    assert "cannot_verify" in s["notices_by_host"]["kvm06"]
+    assert "cannot_verify" in s["trap_kinds"]
+    assert any("CANNOT-VERIFY" in m and "kvm06" in m for m in s["mail_subjects"])
+
+
+async def test_suspect_too_long_is_mailed_and_trapped_repeatedly(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    s = await _play("suspect-too-long", broker, tmp_path)
+    assert s["notices_by_host"]["kvm07"].count("suspect_too_long") >= 2
+    assert s["trap_kinds"].count("suspect_too_long") >= 2
+    assert len([m for m in s["mail_subjects"] if "SUSPECT-TOO-LONG" in m]) >= 2
+    assert s["fences_executed"] == 0 and s["bmc_power_offs"] == {}
+
+
+async def test_pause_withholds_and_resume_fences_once(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    s = await _play("pause-then-resume", broker, tmp_path)
+    assert s["withheld_reasons"] and set(s["withheld_reasons"]) == {"paused"}
+    assert s["fences_executed"] == 1
+    assert s["bmc_power_offs"] == {"kvm06": 1}
+    assert s["declare_degraded"] == {"kvm06": 1}
+    assert s["restarted"] == {"kvm06": 2}
+    # Checked on while paused, powered off only after the resume.
+    assert s["checks"]["kvm06"].count("stale") > 3
+    ((off_at, _n),) = s["bmc_power_off_at"]
+    assert off_at >= s["marks"]["resume:kvm06"]
+    assert "fence_withheld" in s["trap_kinds"] and "fence_succeeded" in s["trap_kinds"]
+    assert any("WITHHELD" in m for m in s["mail_subjects"])
+
+
 def test_every_scenario_is_covered_here() -> None:
     names = {n.removeprefix("test_") for n in globals() if n.startswith("test_")}
-    assert len(SCENARIOS) == 9
+    assert len(SCENARIOS) == 16
     covered = {
         "agent-dies": "agent_dies_is_never_fenced",
         "host-crash": "host_crash_is_fenced_once_in_time",
@@ -131,6 +241,13 @@ def test_every_scenario_is_covered_here() -> None:
         "worker-restart": "worker_restart_fences_exactly_once",
         "bmc-unreachable": "bmc_unreachable_fails_and_restarts_nothing",
         "no-vms": "no_vms_host_is_fenced_on_its_heartbeat",
+        "agent-dies-then-crash": "agent_dies_then_crash_is_fenced_once_in_time",
+        "filer-clock-behind": "filer_clock_skew_changes_no_verdict",
+        "filer-clock-ahead": "filer_clock_skew_changes_no_verdict",
+        "vms-restarted-elsewhere": "vms_restarted_elsewhere_do_not_keep_the_dead_host_alive",
+        "rbd-disks": "rbd_disk_is_unknown_notified_never_fenced",
+        "suspect-too-long": "suspect_too_long_is_mailed_and_trapped_repeatedly",
+        "pause-then-resume": "pause_withholds_and_resume_fences_once",
     }
     assert covered.keys() == SCENARIOS.keys()
     assert set(covered.values()) <= names
