@@ -67,6 +67,11 @@ def quick_driver(ipmi: IpmiSettings, address: str | None, _timeout: float) -> Po
     return build_driver(ipmi, address, 1.0)
 
 
+def patient_driver(ipmi: IpmiSettings, address: str | None, _timeout: float) -> PowerDriver:
+    # Once the BMC answers again: 5 s per call, as in production, for a loaded test machine.
+    return build_driver(ipmi, address, 5.0)
+
+
 def decision(host: str, cluster: str) -> FenceDecision:
     return FenceDecision(
         decision_id=str(uuid.uuid4()),
@@ -150,6 +155,7 @@ async def test_an_operator_retry_runs_a_failed_decision_again(
     assert first is not None and not first.success
     bmc.resume()
     act.settings = settings_for(cloud, {cloud.host.uuid: bmc.port})  # a longer deadline now
+    act.driver_factory = patient_driver
     assert await act.handle(d) == first  # a redelivery: the stored outcome, no BMC call
     assert bmc.count("power_off") == 0
     again = await act.handle(d, again=True)
@@ -270,6 +276,7 @@ async def test_a_failed_fence_is_repeated_until_an_operator_retries_it(
 
     bmc.resume()
     rt.settings = settings_for(cloud, {host: bmc.port})  # a longer deadline now
+    act.driver_factory = patient_driver
     retry = OperatorAction(kind="retry", host_uuid=host, by="ops", at=time.time())
     out = await rt.operator_action(retry, done, host)
     assert out is not None and out.success and out.decision_id == d.decision_id
