@@ -169,17 +169,18 @@ class Actuator:
             return self._outcome(
                 decision, ipmi.driver.value, started, error=redact(str(exc)), success=False
             )
-        refusal = await self._identity_refusal(decision, driver, eff.address, redact)
-        if refusal is not None:
-            return self._outcome(decision, driver.name, started, success=False, error=refusal)
+        # One overall deadline per fence: the identity read and the power action share it.
         deadline = self.settings.actuator.fence_deadline
         ends = time.monotonic() + deadline
+        refusal = await self._identity_refusal(decision, driver, eff.address, redact, ends)
+        if refusal is not None:
+            return self._outcome(decision, driver.name, started, success=False, error=refusal)
         result = await self.engine.run(
             host.host_uuid,
             driver,
             action,
             secrets=secrets_of(self.settings, ipmi),
-            deadline=deadline,
+            deadline=max(0.0, ends - time.monotonic()),
         )
         cloud: CloudStackResult | None = None
         restart_via = RestartVia(ipmi.restart_via)
@@ -214,23 +215,42 @@ class Actuator:
         )
 
     async def _identity_refusal(
-        self, decision: FenceDecision, driver: PowerDriver, address: str | None, redact: Redactor
+        self,
+        decision: FenceDecision,
+        driver: PowerDriver,
+        address: str | None,
+        redact: Redactor,
+        ends: float | None = None,
     ) -> str | None:
         """Why this BMC must not be used (its GUID is not the host's pin), or None."""
         if self.pins is None or decision.action is FenceAction.NOTHING:
             return None
         host = decision.host
-        delay = self.engine.retry_backoff
-        for attempt in range(self.engine.retries + 1):
-            # An unanswered GUID read is retried like an unanswered power command.
-            if attempt:
-                await asyncio.sleep(delay)
-                delay *= 2
+        delay = max(self.engine.retry_backoff, 0.1)
+        if ends is None:
+            ends = time.monotonic() + self.settings.actuator.fence_deadline
+        attempt = 0
+        while True:
+            # An unanswered GUID read is retried like an unanswered power command: with
+            # backoff until the fence's deadline.
+            attempt += 1
             check = await verify_identity(
                 host.host_uuid, driver, self.pins, address=address, pinned_by="first-fence"
             )
-            if not check.retryable:
+            left = ends - time.monotonic()
+            if not check.retryable or left <= 0:
                 break
+            log.warning(
+                "host %s: %s attempt %d failed (BMC identity read): %s",
+                host.host_uuid,
+                decision.action.value,
+                attempt,
+                redact(check.reason or "no answer"),
+            )
+            if self.engine.on_failure is not None:
+                self.engine.on_failure(host.host_uuid, attempt, check.reason or "no answer")
+            await asyncio.sleep(min(delay, left))
+            delay = min(self.engine.max_backoff, delay * 2)
         if check.verdict == "pinned":
             log.info(
                 "host %s: BMC system GUID %s pinned at first fence", host.host_uuid, check.guid
@@ -240,6 +260,12 @@ class Actuator:
         if check.ok:
             return None
         reason = redact(check.reason or "BMC identity not confirmed")
+        if check.retryable:
+            reason = (
+                f"not done within the fence deadline of "
+                f"{self.settings.actuator.fence_deadline:g} s "
+                f"({attempt} attempt(s) to read the BMC identity; last error: {reason})"
+            )
         log.warning(
             "host %s: decision %s refused: %s", host.host_uuid, decision.decision_id, reason
         )

@@ -18,6 +18,7 @@ from fencing.drivers import build_driver
 from fencing.drivers.base import PowerDriver
 from fencing.engine import Engine
 from fencing.events import FenceAction, NoticeKind
+from fencing.identity import MemoryPinStore
 from fencing.records import EvidenceSummary, FenceDecision, HostRef, Notice, OperatorAction
 from fencing.settings import (
     ActuatorSettings,
@@ -127,6 +128,41 @@ async def test_a_bmc_down_for_two_attempts_then_back_is_fenced(
     assert cloud.cloud.vms[cloud.vm_uuid].state == "Running"
     await act.settle()
     assert notices == []  # every VM runs again: nothing to report
+
+
+async def test_a_bmc_whose_identity_cannot_be_read_yet_is_retried_then_pinned_and_fenced(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    # With BMC identity pinning the first call reads the GUID: it shares the fence's deadline.
+    failures: list[int] = []
+
+    def failed(host: str, attempt: int, error: str) -> None:
+        failures.append(attempt)
+        if attempt == 2:
+            bmc.resume()
+
+    bmc.pause()
+    act, _ = actuator(settings_for(cloud, {cloud.host.uuid: bmc.port}), on_failure=failed)
+    act.pins = pins = MemoryPinStore()
+    out = await act.handle(decision(cloud.host.uuid, cloud.cluster_uuid))
+    assert out is not None and out.success and out.verified, out.error
+    assert failures == [1, 2]
+    assert pins.get(cloud.host.uuid) is not None  # pinned at this first fence
+    assert bmc.power == "off" and bmc.count("power_off") == 1
+
+
+async def test_a_bmc_whose_identity_stays_unreadable_fails_at_the_fence_deadline(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    bmc.pause()
+    act, _ = actuator(settings_for(cloud, {cloud.host.uuid: bmc.port}, deadline=3.0))
+    act.pins = MemoryPinStore()
+    started = time.monotonic()
+    out = await act.handle(decision(cloud.host.uuid, cloud.cluster_uuid))
+    assert out is not None and not out.success
+    assert 2.9 < time.monotonic() - started < 6
+    assert "fence deadline of 3 s" in (out.error or "") and "BMC identity" in (out.error or "")
+    assert bmc.count("power_off") == 0 and degraded_calls(cloud) == []
 
 
 async def test_a_bmc_that_stays_down_fails_at_the_fence_deadline(
