@@ -193,8 +193,9 @@ class Engine:
                 if ends is None and attempt > self.retries:
                     return
                 if ends is not None and time.monotonic() >= ends:
+                    seconds = f"{deadline:.1f}".rstrip("0").rstrip(".")
                     result.error = (
-                        f"not done within the fence deadline of {deadline:g} s "
+                        f"not done within the fence deadline of {seconds} s "
                         f"({attempt} attempt(s); last error: {result.error})"
                     )
                     return
