@@ -293,7 +293,8 @@ class Run:
         if ev == "stale":
             detail += f"; stale {r.get('stale_count')}/{1 + p.extra_checks}"
         if r.get("reason"):
-            detail += f"; {r['reason']}"
+            # "<mount root>/<pool>/<file> changed" reads better without the lab's temp path.
+            detail += "; " + str(r["reason"]).replace(f"{self.lab.kvm.mount_root}/", "")
         self.event(
             "probe",
             name,
@@ -362,12 +363,19 @@ class Run:
         ]
 
     def decisions(self, name: str | None = None) -> list[dict[str, Any]]:
-        """Fence decisions (for one host)."""
-        return [
-            v
-            for v in self._of(self.settings.kafka.topics.fence_decisions)
-            if name is None or v["host"]["host_uuid"] == self.uuid(name)
-        ]
+        """Fence decisions (for one host), one per decision id and verdict: a proposal the core
+        re-sent (unanswered for an interval, or proposed again after a temporary withhold) gets
+        the gate's verdict again, under the same decision id."""
+        seen: set[tuple[Any, ...]] = set()
+        out = []
+        for v in self._of(self.settings.kafka.topics.fence_decisions):
+            if name is not None and v["host"]["host_uuid"] != self.uuid(name):
+                continue
+            verdict = (v.get("decision_id"), v.get("approved"), v.get("withheld_reason"))
+            if verdict not in seen:
+                seen.add(verdict)
+                out.append(v)
+        return out
 
     def outcomes(self, name: str | None = None) -> list[dict[str, Any]]:
         """Fence outcomes (for one host)."""
