@@ -1286,6 +1286,13 @@ async def _main(names: list[str], as_json: bool, fast: bool, workdir: Path) -> i
                     f"restarted elsewhere ({summary['seconds']} s)",
                     flush=True,
                 )
+                for host, took in summary["crash_to_fence_seconds"].items():
+                    print(
+                        f"     {host}: crash to verified power-off {took:g} s; ideal "
+                        f"check_interval x (1 + extra_checks) = {summary['fence_ideal_seconds']:g}"
+                        f" s, the pipeline added {summary['fence_over_ideal_seconds'][host]:g} s",
+                        flush=True,
+                    )
                 for why in summary["failures"]:
                     print(f"     - {why}", flush=True)
     finally:
