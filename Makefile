@@ -4,8 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages of the real test peers (IPMI client, SNMP receiver and MIB checker, SSH server,
-# fence_ipmilan for the benchmark baseline, Chromium for the UI tests).
-DEBS   := ipmitool snmptrapd snmp openssh-server smitools fence-agents chromium
+# fence_ipmilan for the benchmark baseline, OpenIPMI's ipmi_sim as an independent BMC, Chromium
+# for the UI tests, a single-node Ceph for the RBD probe and blocklist tests: monitor, OSD, CLI
+# and python3-rbd, and a C compiler for the lab's source-address shim of its Ceph clients,
+# lab/ceph.py).
+DEBS   := ipmitool openipmi snmptrapd snmp openssh-server smitools fence-agents chromium \
+          ceph-mon ceph-osd ceph-common gcc libc6-dev
 
 .PHONY: demo test venv debs lint bench clean
 

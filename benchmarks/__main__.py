@@ -47,12 +47,19 @@ def _table_memory() -> dict[str, Any]:
     return table_memory.run(10_000)
 
 
+def _pyghmi_stall() -> dict[str, Any]:
+    from benchmarks import pyghmi_stall
+
+    return pyghmi_stall.run(200)
+
+
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "probe_round": _probe_round,
     "fence_latency": _fence_latency,
     "ingest_rate": _ingest_rate,
     "decision_latency": _decision_latency,
     "table_memory": _table_memory,
+    "pyghmi_stall": _pyghmi_stall,
 }
 
 

@@ -33,7 +33,14 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from fencing.settings import CloudStackSettings, FencerSettings, PolicySettings, TopicNames
+from fencing.settings import (
+    CloudStackSettings,
+    FencerSettings,
+    PolicySettings,
+    SigningSettings,
+    TopicNames,
+)
+from fencing.signing import write_keys_file
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud, event_time, gson_description
 from lab.pipeline import WorkerProcess, write_settings
 from streams.broker import EmbeddedBroker
@@ -54,6 +61,9 @@ async def isolated_settings(
     kafka = broker.kafka_settings().model_copy(
         update={"group_id": f"fencer-bench-{unique}", "topics": TopicNames(**names)}
     )
+    # The ingest role runs the gate, which signs its decisions: it needs a key.
+    keys = write_keys_file(data_dir / "signing.keys")
+    update = {"signing": SigningSettings(keys_file=keys), **update}
     settings = FencerSettings().model_copy(update={"kafka": kafka, "data_dir": data_dir, **update})
     prepare_kafka(settings)
     await ensure_topics(settings)

@@ -24,7 +24,6 @@ import asyncio
 import json
 import logging
 import re
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from fencing.drivers import build_driver
 from fencing.drivers.base import PowerDriver
 from fencing.engine import Engine, EngineResult, Redactor
 from fencing.events import FenceAction, NoticeKind
+from fencing.identity import PinStore, identity_notice, verify_identity
 from fencing.records import FenceDecision, FenceOutcome, HostRef, Notice
 from fencing.settings import FencerSettings, IpmiSettings, RestartVia
 
@@ -45,6 +45,7 @@ log = logging.getLogger("fencer.actuator")
 DriverFactory = Callable[[IpmiSettings, str | None, float], PowerDriver]
 CloudStackFactory = Callable[[FencerSettings], AIOCloudStack]
 NoticeSink = Callable[[Notice], Awaitable[None]]
+NoticeSender = Callable[[Notice], Awaitable[None]]
 
 
 def call_timeout(settings: FencerSettings) -> float:
@@ -110,9 +111,15 @@ class Actuator:
         job_poll_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
         notify: NoticeSink | None = None,
+        pins: PinStore | None = None,
+        announce: NoticeSender | None = None,
     ) -> None:
         self.settings = settings
         self.notify = notify
+        # BMC identity (fencing.identity): with a pin store, no power action goes through a BMC
+        # whose GUID differs from the host's pin; `announce` sends the notice of a mismatch.
+        self.pins = pins
+        self.announce = announce
         self.store: MutableMapping[str, dict[str, Any]] = store if store is not None else {}
         self.engine = engine or engine_for(settings)
         self.driver_factory = driver_factory
@@ -155,6 +162,9 @@ class Actuator:
             return self._outcome(
                 decision, ipmi.driver.value, started, error=redact(str(exc)), success=False
             )
+        refusal = await self._identity_refusal(decision, driver, eff.address, redact)
+        if refusal is not None:
+            return self._outcome(decision, driver.name, started, success=False, error=refusal)
         deadline = self.settings.actuator.fence_deadline
         ends = time.monotonic() + deadline
         result = await self.engine.run(
@@ -189,6 +199,47 @@ class Actuator:
             cloud=cloud,
             error=error,
         )
+
+    async def _identity_refusal(
+        self, decision: FenceDecision, driver: PowerDriver, address: str | None, redact: Redactor
+    ) -> str | None:
+        """Why this BMC must not be used (its GUID is not the host's pin), or None."""
+        if self.pins is None or decision.action is FenceAction.NOTHING:
+            return None
+        host = decision.host
+        delay = self.engine.retry_backoff
+        for attempt in range(self.engine.retries + 1):
+            # An unanswered GUID read is retried like an unanswered power command.
+            if attempt:
+                await asyncio.sleep(delay)
+                delay *= 2
+            check = await verify_identity(
+                host.host_uuid, driver, self.pins, address=address, pinned_by="first-fence"
+            )
+            if not check.retryable:
+                break
+        if check.verdict == "pinned":
+            log.info(
+                "host %s: BMC system GUID %s pinned at first fence", host.host_uuid, check.guid
+            )
+        elif check.verdict == "unsupported":
+            log.warning("host %s: %s", host.host_uuid, check.reason)
+        if check.ok:
+            return None
+        reason = redact(check.reason or "BMC identity not confirmed")
+        log.warning(
+            "host %s: decision %s refused: %s", host.host_uuid, decision.decision_id, reason
+        )
+        try:
+            await driver.aclose()
+        except Exception as exc:  # the refusal stands; a failed logout changes nothing
+            log.debug("closing the %s driver failed: %s", driver.name, redact(str(exc)))
+        if check.verdict == "changed" and self.announce is not None:
+            try:
+                await self.announce(identity_notice(check, host, self.clock()))
+            except Exception as exc:  # the outcome still carries the reason to the notifiers
+                log.warning("host %s: cannot send the BMC identity notice: %s", host.host_uuid, exc)
+        return reason
 
     def _outcome(
         self,
@@ -376,6 +427,10 @@ class PreflightResult:
     detail: str | None
     error: str | None
     checked_at: float
+    # BMC identity (fencing.identity), when a pin store was given: pinned, matches, changed,
+    # unsupported or unreadable, and the GUID the BMC reported.
+    identity: str | None = None
+    guid: str | None = None
 
 
 async def check_host(
@@ -384,8 +439,12 @@ async def check_host(
     cluster_uuid: str | None,
     engine: Engine | None = None,
     driver_factory: DriverFactory = build_driver,
+    pins: PinStore | None = None,
 ) -> PreflightResult:
-    """Run the test action through the host's effective settings; never changes power."""
+    """Run the test action through the host's effective settings; never changes power.
+
+    With `pins`, first read the BMC's system GUID: pin it if the host has no pin yet, else
+    compare (a changed GUID makes the result not ok, with the reason)."""
     eff = settings.effective_ipmi(host_uuid, cluster_uuid)
     redact = Redactor(secrets_of(settings, eff.values))
     now = time.time()
@@ -402,14 +461,46 @@ async def check_host(
             redact(str(exc)),
             now,
         )
+    identity = None
+    if pins is not None:
+        identity = await verify_identity(
+            host_uuid, driver, pins, address=eff.address, pinned_by="preflight"
+        )
+        if identity.verdict == "unreadable":
+            # The BMC did not answer the GUID read: a power read would wait as long again.
+            await driver.aclose()
+            return PreflightResult(
+                host_uuid,
+                cluster_uuid,
+                driver.name,
+                False,
+                None,
+                None,
+                redact(identity.reason or ""),
+                now,
+                identity.verdict,
+                identity.guid,
+            )
     eng = engine or Engine(
         power_timeout=settings.actuator.power_timeout,
         poll_interval=settings.actuator.poll_interval,
         retries=0,
     )
     r = await eng.run(host_uuid, driver, FenceAction.TEST, secrets_of(settings, eff.values))
+    ok, error = r.success, r.error
+    if identity is not None and not identity.ok:
+        ok, error = False, redact(identity.reason or "")
     return PreflightResult(
-        host_uuid, cluster_uuid, driver.name, r.success, r.power_after, r.detail, r.error, now
+        host_uuid,
+        cluster_uuid,
+        driver.name,
+        ok,
+        r.power_after,
+        r.detail,
+        error,
+        now,
+        identity.verdict if identity else None,
+        identity.guid if identity else None,
     )
 
 
@@ -418,14 +509,17 @@ async def preflight(
     hosts: Iterable[HostRef | tuple[str, str | None]],
     engine: Engine | None = None,
     limit: int = 8,
+    pins: PinStore | None = None,
 ) -> list[PreflightResult]:
-    """Read every host's BMC (test action); a result with ok=False means a fence would fail."""
+    """Read every host's BMC (test action); a result with ok=False means a fence would fail.
+
+    With `pins`, each BMC's system GUID is pinned on first success and compared afterwards."""
     sem = asyncio.Semaphore(limit)
 
     async def one(h: HostRef | tuple[str, str | None]) -> PreflightResult:
         host_uuid, cluster = (h.host_uuid, h.cluster_uuid) if isinstance(h, HostRef) else h
         async with sem:
-            return await check_host(settings, host_uuid, cluster, engine)
+            return await check_host(settings, host_uuid, cluster, engine, pins=pins)
 
     return list(await asyncio.gather(*(one(h) for h in hosts)))
 
@@ -437,29 +531,50 @@ async def _cluster_of(settings: FencerSettings, host_uuid: str) -> str | None:
     return str(hosts[0].get("clusterid")) if hosts else None
 
 
+async def cluster_for_cli(
+    settings: FencerSettings, host_uuid: str, cluster: str | None
+) -> str | None:
+    """The cluster given, else the one CloudStack names for a host the file does not list."""
+    if cluster is not None or host_uuid in settings.hosts:
+        return cluster
+    try:
+        return await _cluster_of(settings, host_uuid)
+    except (CloudStackException, OSError) as exc:
+        log.warning(
+            "cannot look up the host's cluster in CloudStack (%s); pass --cluster",
+            Redactor(secrets_of(settings))(str(exc)),
+        )
+        return None
+
+
 def cli_ipmi_test(args: argparse.Namespace) -> int:
-    """`fencer ipmi test --host UUID [--cluster C] [-c FILE]`: read the BMC, change nothing."""
+    """`fencer ipmi test --host UUID [--cluster C] [-c FILE]`: read the BMC, change nothing.
+
+    Logs go through the worker's logging and secret scrubber. The result is JSON on stdout; a
+    failure is one log line on stderr (exit status 1), not repeated by the engine's per-attempt
+    warnings."""
+    from fencing.identity import MemoryPinStore
     from fencing.settings import load_settings
+    from streams.observability import configure_logging, install_secret_scrubber
 
     settings = load_settings(getattr(args, "config", None))
+    configure_logging(settings.log_level, json=settings.log_json)
+    install_secret_scrubber(settings)
+    # The engine logs each failed attempt for the worker's log; here the result says it.
+    logging.getLogger("fencer.engine").setLevel(logging.ERROR)
     cluster = getattr(args, "cluster", None)
 
     async def run() -> PreflightResult:
         nonlocal cluster
-        if cluster is None and args.host not in settings.hosts:
-            try:
-                cluster = await _cluster_of(settings, args.host)
-            except (CloudStackException, OSError) as exc:
-                print(
-                    f"fencer: cannot look up the host's cluster in CloudStack "
-                    f"({Redactor(secrets_of(settings))(str(exc))}); pass --cluster",
-                    file=sys.stderr,
-                )
-        return await check_host(settings, args.host, cluster)
+        cluster = await cluster_for_cli(settings, args.host, cluster)
+        # A throwaway pin store: the GUID is read and shown, nothing is pinned.
+        return await check_host(settings, args.host, cluster, pins=MemoryPinStore())
 
     r = asyncio.run(run())
     eff = settings.effective_ipmi(args.host, cluster)
-    print(json.dumps({**asdict(r), "address": eff.address, "sources": eff.sources}, indent=2))
+    out = {**asdict(r), "address": eff.address, "sources": eff.sources}
+    out.pop("identity")
+    print(json.dumps(out, indent=2))
     if not r.ok:
-        print(f"fencer: IPMI test failed for host {args.host}: {r.error}", file=sys.stderr)
+        log.error("IPMI test failed for host %s: %s", args.host, r.error)
     return 0 if r.ok else 1

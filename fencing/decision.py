@@ -387,8 +387,13 @@ def classify(record: HostRecord, event: HostEvent, policy: Policy) -> Trigger:
         )
     if isinstance(event, FenceApproved):
         already = record.state in (S.FENCING, S.FENCED, S.FAILED)
-        # A final withhold stays final; a host that proved alive again waits for new evidence.
-        closed = record.state is S.SUSPECT or (record.state is S.WITHHELD and not probing(record))
+        # A final withhold stays final; a host that proved alive again waits for new evidence;
+        # a withheld host checked since (not stale) waits for its next stale check, so FENCING
+        # always rests on a stale check (what the actuator requires).
+        closed = record.state is S.SUSPECT or (
+            record.state is S.WITHHELD
+            and (not probing(record) or record.last_evidence is not Evidence.STALE)
+        )
         return T.LATE if already or closed else T.FENCE_APPROVED
     if isinstance(event, FenceWithheld):
         return T.LATE if record.state is not S.FENCE_PROPOSED else T.FENCE_WITHHELD
@@ -595,13 +600,20 @@ def _from_result(
         filer_offset=result.filer_offset,
     )
     if evidence is not Evidence.UNKNOWN:
+        # A file the reading lacks (gone, or a stat that failed) keeps its last known value:
+        # back unchanged, it is no change (each file is only compared with itself).
         record = replace(
             record,
             ref_at=result.at,
-            ref_mtimes=tuple(sorted(result.mtimes)),
-            ref_heartbeats=tuple(sorted(result.heartbeats)),
+            ref_mtimes=_merged(record.ref_mtimes, result.mtimes),
+            ref_heartbeats=_merged(record.ref_heartbeats, result.heartbeats),
         )
     return record
+
+
+def _merged(before: tuple[tuple[str, Any], ...], now: tuple[tuple[str, Any], ...]) -> Any:
+    """The earlier reference updated with a new reading, sorted by path."""
+    return tuple(sorted({**dict(before), **dict(now)}.items()))
 
 
 def _skew(record: HostRecord, policy: Policy) -> Step:
@@ -671,7 +683,9 @@ def _probe_unknown(record: HostRecord, event: ProbeFinished, policy: Policy) -> 
 
 def _probe_stale(record: HostRecord, event: ProbeFinished, policy: Policy) -> Step:
     record, notices, _ = _judged(record, event, policy)
-    record = replace(record, stale_count=record.stale_count + 1, unknown_count=0)
+    # After a temporary withhold the run is still whole: its next stale check proposes again.
+    count = min(record.stale_count + 1, 1 + policy.extra_checks)
+    record = replace(record, stale_count=count, unknown_count=0)
     if record.stale_count < 1 + policy.extra_checks:
         return record, notices
     suspect_since = record.suspect_since
@@ -701,11 +715,10 @@ def _fence_approved(record: HostRecord, event: FenceApproved, policy: Policy) ->
 
 
 def _fence_withheld(record: HostRecord, event: FenceWithheld, policy: Policy) -> Step:
-    new = replace(record, state=S.WITHHELD, since=event.at, withheld_reason=event.reason)
-    if event.reason in TEMPORARY:
-        # The next stale check proposes again; an alive one returns the host to SUSPECT.
-        new = replace(new, stale_count=policy.extra_checks)
-    return new, ()
+    # A temporary reason keeps the host probed (`probing`): the next stale check proposes
+    # again (the run is still whole), an alive one returns it to SUSPECT. A budget withhold is
+    # final.
+    return replace(record, state=S.WITHHELD, since=event.at, withheld_reason=event.reason), ()
 
 
 def _fence_finished(record: HostRecord, event: FenceFinished, policy: Policy) -> Step:

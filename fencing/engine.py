@@ -209,10 +209,12 @@ class Engine:
             r.detail = await driver.test()
             r.power_before = r.power_after = await _try_power(driver)
             return
-        r.power_before = await driver.get_power()
-        r.steps.append(f"power {r.power_before}")
+        power = await driver.get_power()
+        if r.power_before is None:
+            r.power_before = power  # the first attempt's reading: a retry must not overwrite it
+        r.steps.append(f"power {power}")
         if action is FenceAction.STOP:
-            if r.power_before == "off":
+            if power == "off":
                 r.detail, r.verified, r.power_after = "already off", True, "off"
                 return
             await driver.set_power("off")
@@ -220,13 +222,13 @@ class Engine:
             r.power_after = await self._wait_for(driver, "off", r)
             r.verified = True
         elif action is FenceAction.START:
-            if r.power_before != "on":
+            if power != "on":
                 await driver.set_power("on")
                 r.steps.append("set on")
             r.power_after = await self._wait_for(driver, "on", r)
             r.verified = True
         elif action is FenceAction.REBOOT:
-            if r.power_before == "off":
+            if power == "off":
                 r.detail = "was off: powered on"
             elif self.reboot_method == "cycle":
                 await driver.set_power("reset")
@@ -237,7 +239,7 @@ class Engine:
                 r.steps.append("set off")
                 await self._wait_for(driver, "off", r)
                 r.detail = "seen off, then on"
-            if r.power_before == "off" or self.reboot_method != "cycle":
+            if power == "off" or self.reboot_method != "cycle":
                 await driver.set_power("on")
                 r.steps.append("set on")
             r.power_after = await self._wait_for(driver, "on", r)
@@ -245,7 +247,7 @@ class Engine:
         elif action is FenceAction.BLINK:
             await driver.identify(True)
             r.steps.append("identify on")
-            r.power_after = r.power_before
+            r.power_after = power
             r.detail = "identify LED on"
         else:
             raise DriverError(f"unknown action {action!r}")

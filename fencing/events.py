@@ -74,6 +74,7 @@ class NoticeKind(str, Enum):
     FORGED_RECORD = "forged_record"  # a decision or settings record fencer did not sign
     FENCE_REFUSED = "fence_refused"  # the actuator's last-moment checks refused a decision
     VMS_NOT_RESTARTED = "vms_not_restarted"
+    BMC_IDENTITY_CHANGED = "bmc_identity_changed"  # the BMC reports another system GUID
 
 
 # ---------------------------------------------------------------------------------------------

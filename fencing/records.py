@@ -232,3 +232,22 @@ class DeadLetter(WireRecord):
     key: str | None = None
     value_b64: str = Field(description="the original bytes, base64")
     at: float
+
+
+class BmcPin(WireRecord):
+    """The system GUID a host's BMC is known by (compacted topic bmc-pins, key host uuid).
+
+    Pinned at the first successful read (pre-flight or first fence) or by an operator; a BMC
+    that reports another GUID is not used for fencing until an operator pins it again."""
+
+    host_uuid: str
+    guid: str = Field(description="the pinned system GUID (IPMI Get System GUID, Redfish UUID)")
+    address: str | None = Field(default=None, description="the BMC address it was read from")
+    driver: str
+    pinned_at: float
+    pinned_by: str = Field(description="preflight, first-fence, or 'operator <name>'")
+    seen_guid: str | None = Field(
+        default=None, description="another GUID the BMC reported since; awaits an operator"
+    )
+    seen_address: str | None = None
+    seen_at: float | None = None

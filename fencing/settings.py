@@ -141,6 +141,30 @@ IPMI_FIELDS = (
 )
 
 
+# IPMI 2.0 carries at most 16 bytes of user name and 20 bytes of password (RAKP messages);
+# a longer value reaches the BMC cut short or not at all, and the operator reads "incorrect
+# password". Checked by `config check` and again by the IPMI driver before any packet.
+IPMI_USERNAME_MAX_BYTES = 16
+IPMI_PASSWORD_MAX_BYTES = 20
+
+
+def ipmi_credentials_error(username: str, password: SecretStr | None) -> str | None:
+    """Why these credentials cannot travel over IPMI 2.0 (naming the field), or None."""
+    name_len = len(username.encode())
+    if name_len > IPMI_USERNAME_MAX_BYTES:
+        return (
+            f"username is {name_len} bytes; IPMI 2.0 carries at most "
+            f"{IPMI_USERNAME_MAX_BYTES} (the BMC would refuse the login)"
+        )
+    pw_len = len(password.get_secret_value().encode()) if password is not None else 0
+    if pw_len > IPMI_PASSWORD_MAX_BYTES:
+        return (
+            f"password is {pw_len} bytes; IPMI 2.0 carries at most {IPMI_PASSWORD_MAX_BYTES} "
+            "(the BMC would answer 'incorrect password')"
+        )
+    return None
+
+
 class IpmiSettings(_Model):
     """Cluster-level fencing settings (the feature design's IPMI tab), all with defaults."""
 
@@ -223,6 +247,11 @@ class HostSettings(_Model):
 
     name: str | None = None
     ipmi: IpmiOverrides = Field(default_factory=IpmiOverrides)
+    storage_ip: str | None = Field(
+        None,
+        description="the host's address on the Ceph network (its RBD watchers carry it, a "
+        "blocklist names it); CloudStack's ipaddress if unset",
+    )
 
 
 class EffectiveIpmi(_Model):
@@ -255,6 +284,7 @@ class TopicNames(_Model):
     settings: str = "fencer.settings"
     fence_claims: str = "fencer.fence-claims"
     operator_actions: str = "fencer.operator-actions"
+    bmc_pins: str = "fencer.bmc-pins"
 
 
 class KafkaSettings(_Model):
@@ -302,6 +332,37 @@ class SshSettings(_Model):
     command_timeout: float = Field(20.0, gt=0)
     max_neighbours: int = Field(2, ge=1, description="neighbours tried per check")
     mount_root: str = "/mnt"
+
+
+class RbdSettings(_Model):
+    """The RBD back end (probes.rbd) and the storage fence (fencing.blocklist)."""
+
+    conf: str = Field("/etc/ceph/ceph.conf", description="ceph.conf on the neighbours")
+    user: str = Field("fencer-probe", description="the probe's read-only Ceph client id")
+    keyring: str = Field(
+        "/etc/ceph/ceph.client.fencer-probe.keyring", description="its keyring, on the neighbours"
+    )
+    python: str = Field(
+        "python3", description="the neighbours' Python with python3-rados/-rbd (from ceph-common)"
+    )
+    connect_timeout: float = Field(5.0, gt=0, description="seconds for each Ceph command")
+    watch_timeout: float = Field(
+        30.0, gt=0, description="the cluster's osd_client_watch_timeout: a dead client's lingering"
+    )
+    watch_margin: float = Field(5.0, ge=0, description="added to watch_timeout for a stale window")
+    foreign_watchers: Literal["unknown", "ignore"] = Field(
+        "unknown",
+        description="a watch from another address on the host's image: the check is unknown "
+        "(a storage_ip that is not set), or ignored (e.g. rbd-mirror watches every image)",
+    )
+    fence_conf: str = Field("/etc/ceph/ceph.conf", description="ceph.conf on the fencer worker")
+    fence_user: str = Field("fencer-fence", description="the Ceph client id that may blocklist")
+    fence_keyring: str = Field(
+        "/etc/ceph/ceph.client.fencer-fence.keyring", description="its keyring, on the worker"
+    )
+    blocklist_expire: float = Field(
+        86400.0, gt=0, description="seconds a blocklist lasts unless lifted (outlive BMC retries)"
+    )
 
 
 class EmailSettings(_Model):
@@ -414,6 +475,7 @@ class FencerSettings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     cloudstack: CloudStackSettings = Field(default_factory=CloudStackSettings)
     ssh: SshSettings = Field(default_factory=SshSettings)
+    rbd: RbdSettings = Field(default_factory=RbdSettings)
     email: EmailSettings = Field(default_factory=EmailSettings)
     snmp: SnmpSettings = Field(default_factory=SnmpSettings)
     actuator: ActuatorSettings = Field(default_factory=ActuatorSettings)
@@ -474,6 +536,13 @@ class FencerSettings(BaseSettings):
             return self.kafka.group_id
         return f"{self.kafka.group_id}-{'-'.join(wanted)}"
 
+    @model_validator(mode="after")
+    def _ipmi_credentials_fit(self) -> FencerSettings:
+        problems = ipmi_credential_problems(self)
+        if problems:
+            raise ValueError("\n".join(f"{where}: {problem}" for where, problem in problems))
+        return self
+
     def effective_ipmi(self, host_uuid: str, cluster_uuid: str | None) -> EffectiveIpmi:
         """The host's settings: host override, else cluster, else defaults, field by field."""
         host = self.hosts.get(host_uuid, HostSettings()).ipmi
@@ -489,6 +558,11 @@ class FencerSettings(BaseSettings):
             else:
                 values[name], sources[name] = getattr(self.defaults, name), "default"
         return EffectiveIpmi(address=host.address, values=IpmiSettings(**values), sources=sources)
+
+    def storage_ip_for(self, host_uuid: str, management_ip: str) -> str:
+        """The host's Ceph-network address: its `storage_ip` setting, else CloudStack's."""
+        h = self.hosts.get(host_uuid)
+        return h.storage_ip if h and h.storage_ip else management_ip
 
     def fence_cap_for(self, cluster_uuid: str) -> int:
         """The cluster's cap, or the policy's."""
@@ -523,6 +597,44 @@ def fake_driver_fields(settings: FencerSettings) -> list[str]:
     ]
     where += [f"hosts.{u}.ipmi.driver" for u, h in settings.hosts.items() if h.ipmi.driver is fake]
     return where
+
+
+def ipmi_credential_problems(settings: FencerSettings) -> list[tuple[str, str]]:
+    """(setting path, problem) for each IPMI user name or password IPMI 2.0 cannot carry.
+
+    A value is reported where it is set, when the driver that would use it is `ipmi`. A host's
+    cluster is not known from the settings alone: a host value is judged with the host's own
+    driver, else the defaults' unless some cluster sets another driver (the driver refuses
+    such a value at the pre-flight or the fence, with the same reason).
+    """
+    out: list[tuple[str, str]] = []
+
+    def judge(prefix: str, eff: EffectiveIpmi, source: str) -> None:
+        v = eff.values
+        if v.driver is not Driver.IPMI:
+            return
+        for field in ("username", "password"):
+            if eff.sources[field] != source:
+                continue
+            problem = (
+                ipmi_credentials_error(v.username, None)
+                if field == "username"
+                else ipmi_credentials_error("", v.password)
+            )
+            if problem is not None:
+                out.append((f"{prefix}.{field}", problem))
+
+    judge("defaults", settings.effective_ipmi("", None), "default")
+    for cuuid in settings.clusters:
+        judge(f"clusters.{cuuid}.ipmi", settings.effective_ipmi("", cuuid), "cluster")
+    other_drivers = any(
+        c.ipmi.driver not in (None, Driver.IPMI) for c in settings.clusters.values()
+    )
+    for huuid, host in settings.hosts.items():
+        if host.ipmi.driver is None and other_drivers:
+            continue
+        judge(f"hosts.{huuid}.ipmi", settings.effective_ipmi(huuid, None), "host")
+    return out
 
 
 class SettingsError(Exception):
@@ -590,6 +702,12 @@ def _describe(err: ValidationError, lines: dict[tuple[str, ...], int], source: s
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown setting"
+        if not loc and e["type"] == "value_error":
+            # A check across fields names its setting at the start of the message.
+            for one in msg.removeprefix("Value error, ").splitlines():
+                line = lines.get(tuple(one.split(":", 1)[0].split(".")))
+                out.append(one + (f" ({source} line {line})" if line else ""))
+            continue
         out.append(f"{'.'.join(loc) or '<root>'}: {msg}{where}")
     return "invalid settings:\n  " + "\n  ".join(out)
 

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
@@ -94,8 +95,11 @@ class SimBmc(ipmibmc.Bmc):
         power: str = "on",
         on_power_change: PowerCallback | None = None,
         on_record: Callable[[str], None] | None = None,
+        guid: str | None = None,
     ) -> None:
-        super().__init__(dict(users), port=port, address=address)
+        super().__init__(
+            dict(users), port=port, address=address, bmcuuid=uuid.UUID(guid) if guid else None
+        )
         self.on_record = on_record
         # pyghmi routes session packets by the server socket's real port, so a port-0 bind must
         # record the port the kernel chose.
@@ -171,6 +175,7 @@ class SimBmc(ipmibmc.Bmc):
         self.bootdevice = bootdevice
 
     def get_system_guid(self) -> Any:
+        self._record("get_system_guid")
         return self.uuid
 
     def handle_raw_request(self, request: dict[str, Any], session: Any) -> Any:
@@ -228,7 +233,10 @@ class BmcSimulator:
         on_power_change: PowerCallback | None = None,
         address: str = "127.0.0.1",
         port: int = 0,
+        guid: str | None = None,
     ) -> None:
+        # The system GUID the BMC reports (Get System GUID); a board of its own by default.
+        self._guid = str(uuid.UUID(guid)) if guid else str(uuid.uuid4())
         self.username = username
         self.password = password
         self.address = address
@@ -292,6 +300,19 @@ class BmcSimulator:
         with self._cond:
             return Counter(self._commands)
 
+    @property
+    def guid(self) -> str:
+        """The system GUID the BMC reports."""
+        return self._guid
+
+    @guid.setter
+    def guid(self, value: str) -> None:
+        """Another board behind the same address: the BMC reports this GUID from now on."""
+        self._guid = str(uuid.UUID(value))
+        if self._conn is not None:
+            self._send(("guid", self._guid))
+            self._sync()
+
     def count(self, name: str | None = None) -> int:
         """Commands received, of one name or in total."""
         c = self.commands
@@ -317,6 +338,7 @@ class BmcSimulator:
                 self.address,
                 self._requested_port,
                 self._power,
+                self._guid,
             )
         )
         if not self._conn.poll(15):
@@ -402,7 +424,7 @@ class BmcSimulator:
 
 def _serve_child(conn: Any) -> None:
     """The BMC process: serve IPMI, obey the lab's controls, report every change."""
-    _, users, address, port, power = conn.recv()
+    _, users, address, port, power, guid = conn.recv()
     send_lock = threading.Lock()
 
     def send(message: tuple[Any, ...]) -> None:
@@ -417,6 +439,7 @@ def _serve_child(conn: Any) -> None:
             power=power,
             on_power_change=lambda state, cause: send(("power", state, cause)),
             on_record=lambda name: send(("cmd", name)),
+            guid=guid,
         )
     except OSError as exc:
         conn.send(("error", str(exc)))
@@ -437,6 +460,8 @@ def _serve_child(conn: Any) -> None:
                 bmc.resume()
             elif kind == "power":
                 bmc.powerstate = message[1]
+            elif kind == "guid":
+                bmc.uuid = uuid.UUID(message[1])
             elif kind == "sync":
                 send(("synced", message[1]))
             elif kind == "stop":

@@ -49,6 +49,7 @@ KINDS: dict[NoticeKind, tuple[str, Severity, int]] = {
     NoticeKind.SUSPECT_TOO_LONG: ("SUSPECT-TOO-LONG", Severity.CRITICAL, 10),
     NoticeKind.FORGED_RECORD: ("FORGED-RECORD", Severity.CRITICAL, 20),
     NoticeKind.FENCE_REFUSED: ("REFUSED", Severity.WARNING, 21),
+    NoticeKind.BMC_IDENTITY_CHANGED: ("BMC-IDENTITY-CHANGED", Severity.CRITICAL, 22),
 }
 
 # FENCER-MIB FencerActionKind; none(0) when the notification concerns no action.
@@ -358,6 +359,10 @@ _LEADS: dict[NoticeKind, str] = {
     ),
     NoticeKind.FENCE_REFUSED: (
         "The actuator refused an approved fence at the last moment; the host was not touched."
+    ),
+    NoticeKind.BMC_IDENTITY_CHANGED: (
+        "This host's BMC reports another system GUID than the one pinned for it: it is not used "
+        "for fencing until an operator confirms it (fencer ipmi pin, or the UI)."
     ),
 }
 

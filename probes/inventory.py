@@ -22,8 +22,10 @@ import aiohttp
 from cs import AIOCloudStack, CloudStackApiException, CloudStackException
 
 from fencing.settings import FencerSettings
+from probes.rbd import image_key, spec_of
 
 NFS_POOL_TYPES = {"NetworkFilesystem"}
+RBD_POOL_TYPES = {"RBD"}  # listStoragePools `type` of a Ceph RBD pool (probes.rbd reads it)
 
 
 class InventoryError(Exception):
@@ -76,8 +78,10 @@ class HostStorage:
     pools: tuple[Pool, ...]
     disks: tuple[Disk, ...]
     vm_count: int
-    skipped_disks: int  # disks on pools this probe cannot read (not NFS)
+    skipped_disks: int  # disks on pools no back end reads (neither NFS nor RBD)
     mount_root: str
+    rbd_pools: tuple[Pool, ...] = ()  # RBD pools holding the host's disks
+    rbd_disks: tuple[Disk, ...] = ()  # path: "rbd:<ceph pool>/<image>" (probes.rbd)
 
     def mount_point(self, pool: Pool) -> str:
         """Where KVM mounts `pool`."""
@@ -113,6 +117,17 @@ def _pool_from_api(p: dict[str, Any]) -> Pool:
         zone_uuid=p.get("zoneid"),
         scope=p.get("scope"),
     )
+
+
+def rbd_disk_path(pool: Pool, volume_path: str) -> str | None:
+    """`rbd:<ceph pool>/<image>` of a volume on an RBD pool (the pool's `path` is the Ceph pool,
+    the volume's `path` the image), or None when either name is not a plain Ceph name."""
+    ceph_pool = (pool.path or "").strip("/")
+    image = volume_path.strip("/")
+    if not ceph_pool or "/" in ceph_pool or "/" in image:
+        return None
+    key = image_key(ceph_pool, image)
+    return key if spec_of(key) else None
 
 
 def _safe_path(part: str) -> bool:
@@ -238,6 +253,8 @@ class Inventory:
         ]
         root = self._settings.ssh.mount_root
         disks: list[Disk] = []
+        rbd_pools: list[Pool] = []
+        rbd_disks: list[Disk] = []
         skipped = 0
         for vm, vols in zip(
             vms, await asyncio.gather(*(self.volumes(v) for v in vms)), strict=True
@@ -245,6 +262,15 @@ class Inventory:
             for vol in vols:
                 pool = by_uuid.get(vol.get("storageid", ""))
                 path = vol.get("path") or ""
+                if pool is not None and pool.type in RBD_POOL_TYPES:
+                    key = rbd_disk_path(pool, path)
+                    if key is None:
+                        skipped += 1
+                        continue
+                    if pool not in rbd_pools:
+                        rbd_pools.append(pool)
+                    rbd_disks.append(Disk(vol["id"], vm["id"], pool.uuid, key))
+                    continue
                 if pool is None or pool.type not in NFS_POOL_TYPES or not _safe_path(path):
                     skipped += 1
                     continue
@@ -253,4 +279,13 @@ class Inventory:
                 disks.append(
                     Disk(vol["id"], vm["id"], pool.uuid, posixpath.join(root, pool.uuid, path))
                 )
-        return HostStorage(host, tuple(mounted), tuple(disks), len(vms), skipped, root)
+        return HostStorage(
+            host,
+            tuple(mounted),
+            tuple(disks),
+            len(vms),
+            skipped,
+            root,
+            tuple(rbd_pools),
+            tuple(rbd_disks),
+        )

@@ -330,6 +330,7 @@ class ClaimLog:
             await self._reader.stop()
         if self._producer is not None:
             await self._producer.stop()
+            self._producer = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,8 +389,13 @@ class Actuation:
 
     async def start(self) -> None:
         if not self._started:
-            await self.states.start()
-            await self.claims.start()
+            try:
+                await self.states.start()
+                await self.claims.start()
+            except BaseException:
+                await self.states.stop()
+                await self.claims.stop()
+                raise
             self._started = True
 
     async def stop(self) -> None:
@@ -397,9 +403,15 @@ class Actuation:
             await self.states.stop()
             await self.claims.stop()
 
-    async def last_moment(self, decision: FenceDecision, live: FencerSettings) -> None:
-        """Raise NotNow with the reason unless every last-moment check passes."""
-        check_age(decision, live.decision_max_age(), self.clock())
+    async def last_moment(
+        self, decision: FenceDecision, live: FencerSettings, fresh: bool = True
+    ) -> None:
+        """Raise NotNow with the reason unless every last-moment check passes.
+
+        `fresh=False` skips the age check: a takeover follows a claim that passed it, and
+        waiting out the dead claimant's lease must not turn the decision down by itself."""
+        if fresh:
+            check_age(decision, live.decision_max_age(), self.clock())
         eff = live.effective_ipmi(decision.host.host_uuid, decision.host.cluster_uuid)
         if eff.values.driver is Driver.FAKE and not live.lab:
             # A settings-topic record can choose a driver the file check never saw.

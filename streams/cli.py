@@ -119,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--cluster", help="cluster uuid (looked up through the API if omitted)")
     it.add_argument("-c", "--config", help="settings file (YAML)")
     it.set_defaults(func=_lazy("fencing.actuator:cli_ipmi_test"))
+    ip = isub.add_parser(
+        "pin", help="confirm the BMC's identity: pin the system GUID it reports now"
+    )
+    ip.add_argument("host", help="CloudStack host uuid")
+    ip.add_argument("--cluster", help="cluster uuid (looked up through the API if omitted)")
+    ip.add_argument("--expect", help="refuse unless the BMC reports this GUID")
+    ip.add_argument("--by", help="who confirms (default: the login name)")
+    ip.add_argument("-c", "--config", help="settings file (YAML)")
+    ip.set_defaults(func=_lazy("streams.bmc_pins:cli_ipmi_pin"))
 
     f = sub.add_parser("fence", help="answer a failed fence (stops the fence_failed reminders)")
     fsub = f.add_subparsers(dest="fence_command", required=True, metavar="SUBCOMMAND")

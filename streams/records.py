@@ -640,6 +640,7 @@ class Runtime:
     # async (Notice) -> None, set by the topology: how the actuator's notices reach the topic
     notice_sink: Any = None
     _reminded: set[str] = field(default_factory=set)
+    _pins: Any = None  # streams.bmc_pins.BmcPinStore once it has read the topic
 
     @property
     def policy(self) -> Policy:
@@ -948,6 +949,9 @@ class Runtime:
             self._actuator = Actuator(self.settings, notify=self.emit_notice)
         live = await self.live()
         self._actuator.settings = live
+        pins = await self.bmc_pins()
+        self._actuator.pins = pins
+        self._actuator.announce = getattr(pins, "send_notice", None)
         done = dict(table.get(key) or {})
         first = done.get(decision.decision_id)
         claimed = act.claims.done(decision.decision_id)
@@ -961,7 +965,8 @@ class Runtime:
 
             async def carry_out(takeover: bool) -> FenceOutcome:
                 if takeover:
-                    await act.last_moment(decision, live)  # time passed while waiting
+                    # Time passed while the dead claimant's lease ran out: ask again.
+                    await act.last_moment(decision, live, fresh=False)
                 return await self._carry_out(decision, takeover)
 
             outcome, _acted = await act.claims.run_once(
@@ -1082,10 +1087,29 @@ class Runtime:
             ),
         )
 
+    async def bmc_pins(self) -> Any:
+        """The BMC pin store (topic bmc-pins), or one that refuses every fence while the topic
+        cannot be read: a BMC whose identity cannot be checked is not used (fencing.identity)."""
+        if self._pins is not None:
+            return self._pins
+        from fencing.identity import PinStoreError
+        from streams.bmc_pins import BmcPinStore
+
+        store = BmcPinStore(self.settings)
+        try:
+            await store.start(within=15.0)
+        except PinStoreError as exc:
+            log.warning("BMC pins unreadable, fences refused until they are: %s", exc)
+            return _UnreadablePins(str(exc))
+        self._pins = store
+        return store
+
     async def preflight(self) -> list[Notice]:
-        """A PREFLIGHT_FAILED notice for each host whose BMC would not answer a fence now
-        (at most one per host per day: the notice id carries the day)."""
+        """A PREFLIGHT_FAILED notice for each host whose BMC would not answer a fence now, a
+        BMC_IDENTITY_CHANGED one for each BMC whose system GUID is not the pinned one (at most
+        one per host per day: the notice id carries the day). GUIDs are pinned on first read."""
         from fencing.actuator import preflight
+        from fencing.identity import IdentityCheck, identity_notice
 
         try:
             hosts = await self.inventory()._list("listHosts", type="Routing", hypervisor="KVM")
@@ -1103,10 +1127,17 @@ class Runtime:
             for h in hosts
             if live.effective_ipmi(h["id"], h.get("clusterid")).address
         }
-        results = await preflight(live, list(refs.values()))
+        pins = await self.bmc_pins()
+        results = await preflight(live, list(refs.values()), pins=pins)
         day = int(time.time() // 86400)
         return [
-            Notice(
+            identity_notice(
+                IdentityCheck(r.host_uuid, "changed", guid=r.guid, reason=r.error),
+                refs[r.host_uuid],
+                r.checked_at,
+            )
+            if r.identity == "changed"
+            else Notice(
                 notice_id=f"{r.host_uuid}/preflight/{day}",
                 kind=NoticeKind.PREFLIGHT_FAILED,
                 host=refs[r.host_uuid],
@@ -1137,8 +1168,27 @@ class Runtime:
             await self._store.stop()
         if self._actuation is not None:
             await self._actuation.stop()
+        if self._pins is not None:
+            await self._pins.stop()
         for service in (self._probes, self._inventory):
             if service is not None:
                 await service.close()
         if self._notifier is not None:
             await self._notifier.drain(grace=5)
+
+
+class _UnreadablePins:
+    """A pin store that cannot be read: every identity check through it is refused."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def get(self, host_uuid: str) -> Any:
+        from fencing.identity import PinStoreError
+
+        raise PinStoreError(self.reason)
+
+    async def put(self, pin: Any) -> None:
+        from fencing.identity import PinStoreError
+
+        raise PinStoreError(self.reason)

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from fencing.records import (
     SCHEMA_VERSION,
+    BmcPin,
     DeadLetter,
     FenceDecision,
     FenceOutcome,
@@ -40,6 +41,7 @@ TOPIC_MODELS: dict[str, tuple[type[BaseModel], ...]] = {
     "host_states": (HostStateRecord,),
     "dead_letter": (DeadLetter,),
     "operator_actions": (OperatorAction,),
+    "bmc_pins": (BmcPin,),
 }
 
 

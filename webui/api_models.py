@@ -229,6 +229,30 @@ class IpmiTestResult(BaseModel):
     duration: float
 
 
+class BmcPinView(BaseModel):
+    """The system GUID a host's BMC is pinned to (fencing refuses a BMC that reports another)."""
+
+    host_uuid: str
+    pinned: bool
+    guid: str | None = None
+    address: str | None = None
+    pinned_at: float | None = None
+    pinned_by: str | None = None
+    seen_guid: str | None = Field(
+        None, description="another GUID the BMC reported: fencing refused until confirmed"
+    )
+    seen_at: float | None = None
+
+
+class BmcPinInput(BaseModel):
+    """Confirm the BMC's identity: pin the GUID it reports now."""
+
+    model_config = ConfigDict(extra="forbid")
+    expect: str | None = Field(
+        None, min_length=1, max_length=64, description="refuse unless the BMC reports this GUID"
+    )
+
+
 class FenceQuery(BaseModel):
     """The filters of GET /api/fences (query parameters)."""
 

@@ -24,8 +24,8 @@ _ERRORS = {
     403: "CSRF header missing or wrong (cookie sessions)",
     404: "no such cluster, host or fence",
     422: "invalid input; `fields` names each invalid field",
-    502: "CloudStack could not be asked",
-    503: "Kafka (the settings topic) could not be written",
+    502: "CloudStack (or the host's BMC) could not be asked",
+    503: "Kafka (the settings or BMC pins topic) could not be read or written",
 }
 
 
@@ -92,6 +92,12 @@ OPERATIONS = [
     _Op("post", "/api/hosts/{host_id}/fence/handled", "fenceHandled",
         "Mark the host's failed fence handled (stops the fence_failed reminders)",
         m.FenceOperatorResult, body=m.FenceOperatorInput, errors=_WRITE_ERRORS),
+    _Op("get", "/api/hosts/{host_id}/bmc-pin", "getBmcPin",
+        "The system GUID the host's BMC is pinned to", m.BmcPinView,
+        errors=(401, 404, 422, 502, 503)),
+    _Op("post", "/api/hosts/{host_id}/bmc-pin", "confirmBmcPin",
+        "Confirm the BMC's identity: pin the GUID it reports now", m.BmcPinView,
+        body=m.BmcPinInput, errors=_WRITE_ERRORS),
     _Op("get", "/api/fences", "listFences", "Fence history, newest first", FenceRecord,
         many=True, errors=(401, 422), query=m.FenceQuery),
     _Op("get", "/api/fences/{decision_id}", "getFence", "One fence with its evidence timeline",

@@ -39,6 +39,7 @@ from fencing.settings import (
     SettingsError,
     load_settings,
 )
+from streams.bmc_pins import BmcPinStore
 from webui import api_models as m
 from webui.fencing_view import FencingView
 from webui.openapi import build_openapi
@@ -176,6 +177,7 @@ class Api:
     topics_ready: Callable[[], bool] = lambda: True
     # writes an operator's retry / handled record (the actuate workers act on it)
     send_operator: Callable[[FencerSettings, OperatorAction], Awaitable[None]] | None = None
+    pins: Any = None  # streams.bmc_pins.BmcPinStore (BMC identity), started by Service
 
     @property
     def token(self) -> str:
@@ -517,8 +519,45 @@ async def put_cluster_settings(request: web.Request) -> web.Response:
         )
     except ValidationError as exc:
         raise _validation(exc, "cluster settings") from None
+    _refuse_what_ipmi_cannot_carry(api, settings, uuid, None)
     await _store_write(api.store.put_cluster(uuid, settings))
     return _json(_cluster_settings_view(api, uuid))
+
+
+def _refuse_what_ipmi_cannot_carry(
+    api: Api, change: ClusterSettings | HostSettings, cluster: str | None, host: str | None
+) -> None:
+    """422 naming the field when the change leaves a user name or password IPMI 2.0 cannot
+    carry (16 / 20 bytes) on a BMC reached with the `ipmi` driver."""
+    from fencing.settings import Driver, ipmi_credentials_error
+
+    current = api.store.settings
+    keep = api.store.host(host) if host else api.store.cluster(cluster or "")
+    if change.ipmi.password is None:  # the stored password stays
+        change = change.model_copy(
+            update={"ipmi": change.ipmi.model_copy(update={"password": keep.ipmi.password})}
+        )
+    if host is not None:
+        assert isinstance(change, HostSettings)
+        candidate = current.model_copy(update={"hosts": {**current.hosts, host: change}})
+    else:
+        assert isinstance(change, ClusterSettings)
+        candidate = current.model_copy(
+            update={"clusters": {**current.clusters, cluster or "": change}}
+        )
+    values = candidate.effective_ipmi(host or "", cluster).values
+    if values.driver is not Driver.IPMI:
+        return
+    for name, problem in (
+        ("username", ipmi_credentials_error(values.username, None)),
+        ("password", ipmi_credentials_error("", values.password)),
+    ):
+        if problem is not None:
+            raise ApiError(
+                422,
+                f"invalid settings: ipmi.{name}: {problem}",
+                [m.ErrorField(field=f"ipmi.{name}", message=problem)],
+            )
 
 
 @routes.delete("/api/clusters/{cluster_id}/settings")
@@ -571,6 +610,7 @@ async def put_host_settings(request: web.Request) -> web.Response:
         settings = HostSettings(name=body.name, ipmi=ipmi)
     except ValidationError as exc:
         raise _validation(exc, "host settings") from None
+    _refuse_what_ipmi_cannot_carry(api, settings, h.get("clusterid"), uuid)
     await _store_write(api.store.put_host(uuid, settings))
     return _json(_host_settings_view(api, uuid, h.get("clusterid")))
 
@@ -740,6 +780,77 @@ async def pause_cluster(request: web.Request) -> web.Response:
     return _json(_pause_state(api, uuid))
 
 
+def _pin_view(api: Api, uuid: str) -> m.BmcPinView:
+    from fencing.identity import PinStoreError
+
+    if api.pins is None:
+        raise ApiError(503, "the BMC pins topic is not read")
+    try:
+        pin = api.pins.get(uuid)
+    except PinStoreError as exc:
+        raise ApiError(503, str(exc)) from None
+    if pin is None:
+        return m.BmcPinView(host_uuid=uuid, pinned=False)
+    return m.BmcPinView(
+        host_uuid=uuid,
+        pinned=True,
+        guid=pin.guid,
+        address=pin.address,
+        pinned_at=pin.pinned_at,
+        pinned_by=pin.pinned_by,
+        seen_guid=pin.seen_guid,
+        seen_at=pin.seen_at,
+    )
+
+
+@routes.get("/api/hosts/{host_id}/bmc-pin")
+async def get_bmc_pin(request: web.Request) -> web.Response:
+    """The system GUID the host's BMC is pinned to, and any other GUID it reported since."""
+    api = _api(request)
+    uuid = _path_id(request, "host_id")
+    await api.inventory.host(uuid)
+    return _json(_pin_view(api, uuid))
+
+
+@routes.post("/api/hosts/{host_id}/bmc-pin")
+async def confirm_bmc_pin(request: web.Request) -> web.Response:
+    """Confirm the BMC's identity: read its system GUID now and pin it for the host."""
+    from fencing.drivers.base import DriverError
+    from fencing.identity import PinStoreError
+    from streams.bmc_pins import confirm_pin
+
+    api = _api(request)
+    uuid = _path_id(request, "host_id")
+    body: m.BmcPinInput = await _body(request, m.BmcPinInput, "BMC pin")
+    h = await api.inventory.host(uuid)
+    if not api.store.effective(uuid, h.get("clusterid")).address:
+        raise ApiError(
+            422,
+            "invalid host settings: ipmi.address: no BMC address is set for this host",
+            [m.ErrorField(field="ipmi.address", message="no BMC address is set for this host")],
+        )
+    if api.pins is None:
+        raise ApiError(503, "the BMC pins topic is not read")
+    try:
+        await confirm_pin(
+            api.store.settings,
+            uuid,
+            h.get("clusterid"),
+            by="operator (api)",
+            expect=body.expect,
+            store=api.pins,
+        )
+    except DriverError as exc:
+        raise ApiError(502, f"cannot read the BMC's system GUID: {exc}") from None
+    except ValueError as exc:
+        raise ApiError(
+            422, f"not pinned: {exc}", [m.ErrorField(field="expect", message=str(exc))]
+        ) from None
+    except PinStoreError as exc:
+        raise ApiError(503, str(exc)) from None
+    return _json(_pin_view(api, uuid))
+
+
 @routes.post("/api/clusters/{cluster_id}/resume")
 async def resume_cluster(request: web.Request) -> web.Response:
     """Resume fencing in one cluster."""
@@ -802,6 +913,7 @@ class Service:
             inventory=Inventory(settings),
             ipmi_test=ipmi_test,
             topics_ready=self.reader.caught_up.is_set,
+            pins=BmcPinStore(settings, client_id="fencer-api-bmc-pins"),
         )
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -810,6 +922,7 @@ class Service:
         """Read the topics, then listen; returns the base URL."""
         await self.store.start()
         try:
+            await self.api.pins.start()
             await self.reader.start()
             self._runner = web.AppRunner(create_app(self.api), access_log=None)
             await self._runner.setup()
@@ -833,6 +946,7 @@ class Service:
             await self._runner.cleanup()
             self._runner = None
         await self.reader.stop()
+        await self.api.pins.stop()
         await self.store.stop()
 
 

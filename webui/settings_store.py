@@ -7,6 +7,11 @@ record, so the file's entry applies again. IPMI passwords are Fernet-encrypted i
 the file's. `SettingsStore` reads the topic from the beginning and keeps the merged view; the API
 writes through it, and the workers read `effective()` / `is_paused()` from it.
 
+Every record is signed (fencing.signing, key from `signing.keys_file`) over its key and value,
+written as `{"key", "value", "signature"}`; a deletion is a signed record whose value is null,
+never a bare tombstone. A record not signed by a held key is refused: logged, kept out of the
+view, and reported as a `forged_record` notice.
+
     store = SettingsStore(load_settings(path))
     await store.start()                      # returns once the whole topic has been read
     store.effective(host_uuid, cluster_uuid) # EffectiveIpmi, passwords decrypted (SecretStr)
@@ -111,12 +116,16 @@ def _ring_or_none(settings: FencerSettings) -> Keyring | None:
     except KeyringError as exc:
         if settings.signing.keys_file is not None or settings.signing.keys is not None:
             raise SettingsStoreError(str(exc)) from None
+        log.warning(
+            "signing.keys_file is not set: settings records are written unsigned, and the "
+            "workers (which hold a key) will refuse them"
+        )
         return None
 
 
 def sign_settings_value(ring: Keyring, key: str, value: bytes | None) -> bytes:
     """A settings record as written: signed over its key and value (a deletion is signed too,
-    as `{"deleted": true}`, so nobody can clear an operator's pause with a tombstone)."""
+    with a null value, so nobody can clear an operator's pause with a bare tombstone)."""
     body = {"key": key, "value": None if value is None else json.loads(value)}
     return json.dumps(sign(ring, SETTINGS, body)).encode()
 

@@ -1,7 +1,8 @@
 """The one small interface every fence driver implements, and the errors drivers raise.
 
-Rule: a driver only reads and sets power and identify; "already off", verification, timeouts,
-retries, locking and redaction belong to the engine (fencing.engine). Errors:
+Rule: a driver only reads and sets power and identify, and (where its protocol can) reads the
+BMC's system GUID (`IdentifiesBmc`); "already off", verification, timeouts, retries, locking,
+redaction and identity pinning (fencing.identity) belong to the engine side. Errors:
 
     DriverError                 any failure talking to a BMC
      ├── BmcUnreachable         no answer (network, dead BMC, timeout): worth a retry
@@ -72,3 +73,19 @@ class PowerDriver(Protocol):
     async def aclose(self) -> None:
         """Release sessions and connections."""
         ...
+
+
+@runtime_checkable
+class IdentifiesBmc(Protocol):
+    """A driver that can read which machine its BMC belongs to (IPMI, Redfish, the fake)."""
+
+    async def system_guid(self) -> str:
+        """The system GUID (IPMI Get System GUID, Redfish ComputerSystem.UUID), lower case."""
+        ...
+
+
+async def read_system_guid(driver: PowerDriver) -> str | None:
+    """The BMC's system GUID, or None when the driver has no way to read one (command template)."""
+    if not isinstance(driver, IdentifiesBmc):
+        return None
+    return (await driver.system_guid()).strip().lower()

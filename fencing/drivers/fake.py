@@ -43,6 +43,7 @@ class FakeDriver:
         self._pending_in = 0
         self._in_flight = 0
         self.max_in_flight = 0
+        self.guid = "00000000-0000-4000-8000-00000000fa4e"  # the system GUID it reports
 
     async def _call(self, name: str) -> None:
         self.calls.append(name)
@@ -86,6 +87,10 @@ class FakeDriver:
     async def identify(self, on: bool) -> None:
         await self._call(f"identify:{'on' if on else 'off'}")
         self.identify_on = on
+
+    async def system_guid(self) -> str:
+        await self._call("system_guid")
+        return self.guid
 
     async def test(self) -> str:
         await self._call("test")

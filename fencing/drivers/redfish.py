@@ -114,6 +114,14 @@ class RedfishDriver:
             "PATCH", await self._system(), json={"IndicatorLED": "Blinking" if on else "Off"}
         )
 
+    async def system_guid(self) -> str:
+        """ComputerSystem.UUID: the system's SMBIOS UUID, the GUID IPMI reports too."""
+        path = await self._system()
+        raw = (await self._request("GET", path)).json().get("UUID")
+        if not raw or not isinstance(raw, str):
+            raise BmcRefused(f"Redfish {self.url}: GET {path} has no UUID")
+        return raw.strip().lower()
+
     async def test(self) -> str:
         """A PowerState read."""
         return f"PowerState {(await self.get_power()).capitalize()}"

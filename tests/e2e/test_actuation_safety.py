@@ -241,7 +241,9 @@ async def test_a_worker_killed_between_claim_and_bmc_call_powers_off_once(
         settings = base.model_copy(
             update={
                 "actuator": base.actuator.model_copy(
-                    update={"decision_max_age": 90.0, "claim_lease": 6.0}
+                    # The lease outlasts the decision's age limit: the takeover must not
+                    # refuse a decision only because it waited for a dead claimant.
+                    update={"decision_max_age": 30.0, "claim_lease": 32.0}
                 )
             }
         )

@@ -1,16 +1,25 @@
-"""hypothesis stateful tests over random event sequences: the host core and the cluster gate
-keep their safety invariants whatever order facts, results and redeliveries arrive in."""
+"""hypothesis over the decision core.
+
+The evidence rule of issue 13, as properties: a constant offset of the filer's clock (or of the
+host's) changes no verdict and no decision; a host whose files stop changing is fenced after
+exactly `1 + extra_checks` stale checks whatever it wrote before; a host with a change in every
+window never is; unknown readings never count. Then stateful machines: one host's core and the
+cluster gate keep their safety invariants whatever order facts, readings, verdicts and
+redeliveries arrive in.
+"""
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from dataclasses import replace
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import event as tally
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from fencing.decision import CLOSED, HostRecord, HostState, IllegalTransition, step
+from fencing.decision import CLOSED, HostRecord, HostState, IllegalTransition, decision_id, step
 from fencing.events import (
     ClearSuspect,
     Evidence,
@@ -18,6 +27,7 @@ from fencing.events import (
     FenceApproved,
     FenceFinished,
     FenceWithheld,
+    HostAction,
     HostCameBack,
     HostDisconnected,
     HostEvent,
@@ -25,6 +35,8 @@ from fencing.events import (
     MaintenanceEnded,
     MaintenanceStarted,
     MarkSuspect,
+    NoticeKind,
+    Notify,
     ProbeFinished,
     ProposeFence,
     RunProbe,
@@ -54,46 +66,352 @@ FAST = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+DAY = 86_400
+T0 = 1_700_000_000.0  # epoch seconds: the worker clock starts here, the filer's near it
+DISK = "/mnt/p1/vm1.qcow2"
+DISK2 = "/mnt/p1/vm2.qcow2"
+HB = "/mnt/p1/KVMHA/hb-10.0.0.11"
+TEMPORARY = {
+    WithheldReason.QUIET_PERIOD,
+    WithheldReason.PAUSED,
+    WithheldReason.CLUSTER_SIZE_UNKNOWN,
+    WithheldReason.STORM_GUARD,
+}
+
+# Offsets are whole seconds plus 1/1024ths: adding one to an epoch mtime is exact in a float,
+# so two shifted readings are equal exactly when the unshifted ones are (as on a real filer).
+offsets = st.builds(
+    lambda seconds, fraction: seconds + fraction / 1024,
+    st.integers(-30 * DAY, 30 * DAY),
+    st.integers(0, 1023),
+)
 
 
-def oracle_evidence(suspect_since: float, r: ProbeFinished, max_age: float) -> Evidence:
-    """The feature design's rule, restated independently of the core."""
-    if r.evidence is Evidence.ALIVE:
-        return Evidence.ALIVE
-    if r.newest_write is not None and r.newest_write > suspect_since:
-        return Evidence.ALIVE
-    if r.heartbeat is not None and r.at - r.heartbeat <= max_age:
-        return Evidence.ALIVE
-    if r.evidence is Evidence.UNKNOWN or (r.files_checked == 0 and r.heartbeat is None):
-        return Evidence.UNKNOWN
-    return Evidence.STALE
+@dataclass
+class Files:
+    """What is on the filer for one suspect host: mtimes on the filer's clock, the heartbeat
+    content on the host's. Readings are made from it, shifted by a constant clock offset."""
+
+    mtimes: dict[str, float] = field(
+        default_factory=lambda: {DISK: T0 - 500.5, DISK2: T0 - 300.25, HB: T0 - 400.125}
+    )
+    beat: int = int(T0 - 400)
+    born: int = 0
+
+    def change(self, kind: str) -> None:
+        """The host (or CloudStack) changes something; 'vanish' is a VM restarted elsewhere."""
+        if kind == "disk":
+            self.mtimes[DISK] = self.mtimes.get(DISK, T0) + 7.125
+        elif kind == "beat":
+            self.beat += 5
+        elif kind == "touch":
+            self.mtimes[HB] += 5.0
+        elif kind == "appear":
+            self.born += 1
+            self.mtimes[f"/mnt/p1/new{self.born}.qcow2"] = T0 - 1000.0 - self.born
+        elif kind == "vanish":
+            self.mtimes.pop(DISK2, None)
+
+    def read(
+        self,
+        at: float,
+        episode: int,
+        check: int,
+        *,
+        filer: float = 0.0,
+        host: int = 0,
+        complete: bool = True,
+        unreadable: int = 0,
+        neighbour_offset: float | None = None,
+    ) -> ProbeFinished:
+        mtimes = tuple((path, m + filer) for path, m in sorted(self.mtimes.items()))
+        beat = self.beat + host
+        return ProbeFinished(
+            at=at,
+            episode=episode,
+            check=check,
+            mtimes=mtimes if complete else mtimes[:1],
+            heartbeats=((HB, f"{beat}\n"),),
+            complete=complete,
+            files_wanted=len(mtimes),
+            unreadable=unreadable,
+            neighbour="n2",
+            reason=None if complete else "partial output",
+            neighbour_offset=neighbour_offset,
+            filer_offset=round(self.mtimes[HB] + filer - beat, 1),
+        )
+
+
+CHANGES = ("disk", "beat", "touch", "appear")
+NO_CHANGE = ("same", "vanish")
+UNKNOWNS = ("incomplete", "unreadable", "empty", "failed", "lost")
+
+
+def reading_of(
+    kind: str, files: Files, at: float, episode: int, check: int, filer: float, host: int
+) -> ProbeFinished:
+    """The probe's answer for a check of the given kind (after any change it made)."""
+    if kind == "failed":
+        return ProbeFinished(at=at, episode=episode, check=check, reason="ssh refused")
+    if kind == "empty":
+        return ProbeFinished(at=at, episode=episode, check=check, complete=True, neighbour="n2")
+    return files.read(
+        at,
+        episode,
+        check,
+        filer=filer,
+        host=host,
+        complete=kind != "incomplete",
+        unreadable=1 if kind == "unreadable" else 0,
+    )
+
+
+Entry = tuple[int, HostEvent, HostRecord, tuple[HostAction, ...]]
+"""(script step, event, record after it, actions)."""
+
+
+def probing(record: HostRecord) -> bool:
+    return record.state is HostState.SUSPECT or (
+        record.state is HostState.WITHHELD and record.withheld_reason in TEMPORARY
+    )
+
+
+def drive(
+    script: Sequence[tuple[str, float]], policy: Policy, filer: float = 0.0, host: int = 0
+) -> list[Entry]:
+    """Disconnect h1, then one check per script step `(kind, wait)`: tick every `wait` seconds
+    of the worker clock until a probe is requested, change the files as the kind says, and
+    answer one second later (a 'lost' probe is never answered). Stops once not probing."""
+    record = HostRecord("h1")
+    trace: list[Entry] = []
+    files = Files()
+
+    def apply(n: int, event: HostEvent) -> tuple[HostAction, ...]:
+        nonlocal record
+        record, actions = step(record, event, policy)
+        trace.append((n, event, record, actions))
+        return actions
+
+    now = T0
+    apply(-1, HostDisconnected(at=now))
+    for n, (kind, wait) in enumerate(script):
+        request: RunProbe | None = None
+        while request is None:
+            if not probing(record):
+                return trace
+            now += wait
+            request = next((a for a in apply(n, Tick(at=now)) if isinstance(a, RunProbe)), None)
+        files.change(kind)
+        if kind != "lost":
+            now += 1.0
+            apply(n, reading_of(kind, files, now, 1, request.check, filer, host))
+    return trace
+
+
+def steps(kinds: Sequence[str], min_size: int = 0, max_size: int = 12) -> st.SearchStrategy:
+    wait = st.sampled_from([10.0, 30.0, 59.0, 60.0, 61.0, 125.0])
+    return st.lists(st.tuples(st.sampled_from(kinds), wait), min_size=min_size, max_size=max_size)
+
+
+def judged(trace: list[Entry]) -> list[tuple[int, Evidence | None, tuple[HostAction, ...]]]:
+    """The verdict of every accepted reading: (script step, evidence, actions)."""
+    return [
+        (n, record.last_evidence, actions)
+        for n, event, record, actions in trace
+        if isinstance(event, ProbeFinished)
+    ]
+
+
+def proposals(trace: list[Entry]) -> list[tuple[int, HostEvent, ProposeFence]]:
+    return [
+        (n, event, a)
+        for n, event, _, actions in trace
+        for a in actions
+        if isinstance(a, ProposeFence)
+    ]
+
+
+def policy_of(extra: int, readable: bool = False) -> Policy:
+    return Policy(
+        check_interval=60.0,
+        extra_checks=extra,
+        unknown_alert_after=2,
+        probe_timeout=120.0,
+        judge_readable_only=readable,
+        clock_skew_alert=30.0,
+    )
+
+
+def unshifted(record: HostRecord, filer: float, host: int) -> HostRecord:
+    """The record as the unshifted run should have it (offsets are shown, never used)."""
+    return replace(
+        record,
+        newest_write=None if record.newest_write is None else record.newest_write - filer,
+        ref_mtimes=tuple((p, m - filer) for p, m in record.ref_mtimes),
+        ref_heartbeats=tuple((p, f"{int(v) - host}\n") for p, v in record.ref_heartbeats),
+        filer_offset=None,
+        skew_notified=False,
+    )
+
+
+def decided(actions: tuple[HostAction, ...], filer: float) -> tuple[HostAction, ...]:
+    """The actions without clock-skew notices, proposals' shown mtime unshifted."""
+    out: list[HostAction] = []
+    for a in actions:
+        if isinstance(a, Notify) and a.kind is NoticeKind.CLOCK_SKEW:
+            continue
+        if isinstance(a, ProposeFence) and a.newest_write is not None:
+            a = replace(a, newest_write=a.newest_write - filer)
+        out.append(a)
+    return tuple(out)
+
+
+@PROPERTY
+@given(
+    script=steps(CHANGES + NO_CHANGE + UNKNOWNS, max_size=16),
+    filer=offsets,
+    host=st.integers(-30 * DAY, 30 * DAY),
+    extra=st.integers(0, 3),
+    readable=st.booleans(),
+)
+def test_a_constant_clock_offset_changes_no_verdict_and_no_decision(
+    script: list[tuple[str, float]], filer: float, host: int, extra: int, readable: bool
+) -> None:
+    policy = policy_of(extra, readable)
+    plain = drive(script, policy)
+    shifted = drive(script, policy, filer, host)
+    assert len(plain) == len(shifted)
+    for (n1, _, r1, a1), (n2, _, r2, a2) in zip(plain, shifted, strict=True):
+        assert n1 == n2
+        assert unshifted(r2, filer, host) == unshifted(r1, 0.0, 0)
+        assert decided(a2, filer) == decided(a1, 0.0)
+
+
+@PROPERTY
+@given(
+    before=steps(CHANGES + UNKNOWNS, max_size=10),
+    after=steps(NO_CHANGE + UNKNOWNS, max_size=10),
+    extra=st.integers(0, 3),
+    filer=offsets,
+)
+def test_a_host_whose_files_stop_changing_is_fenced_after_exactly_1_plus_extra_stale_checks(
+    before: list[tuple[str, float]], after: list[tuple[str, float]], extra: int, filer: float
+) -> None:
+    """Whatever the host wrote before (any run of alive checks, any unknowns in between)."""
+    policy = policy_of(extra)
+    stop = len(before)
+    tail = [("same", 60.0)] * (extra + 2)  # enough stale checks to end any script
+    trace = drive([*before, *after, *tail], policy, filer)
+    verdicts = judged(trace)
+    known_before = [e for n, e, _ in verdicts if n < stop and e is not Evidence.UNKNOWN]
+    assert all(e in (Evidence.BASELINE, Evidence.ALIVE) for e in known_before)
+    known_after = [(e, a) for n, e, a in verdicts if n >= stop and e is not Evidence.UNKNOWN]
+    expected = [Evidence.STALE] * (1 + extra)
+    if not known_before:  # the first complete reading after the stop is the baseline
+        expected = [Evidence.BASELINE, *expected]
+    assert [e for e, _ in known_after] == expected
+    decisions = [tuple(x for x in a if not isinstance(x, Notify)) for _, a in known_after]
+    assert decisions[:-1] == [()] * (len(expected) - 1)
+    (n, event, proposal), *more = proposals(trace)
+    assert not more and isinstance(event, ProbeFinished) and n >= stop
+    assert proposal.stale_checks == 1 + extra
+    assert proposal.decision_id == decision_id("h1", 1, T0)
+    assert trace[-1][2].state is HostState.FENCE_PROPOSED
+
+
+@PROPERTY
+@given(
+    script=steps(CHANGES + UNKNOWNS, max_size=20),
+    extra=st.integers(0, 3),
+    filer=offsets,
+)
+def test_a_host_with_a_change_in_every_window_is_never_fenced(
+    script: list[tuple[str, float]], extra: int, filer: float
+) -> None:
+    trace = drive(script, policy_of(extra), filer)
+    known = [e for _, e, _ in judged(trace) if e is not Evidence.UNKNOWN]
+    assert known[:1] in ([], [Evidence.BASELINE])
+    assert set(known[1:]) <= {Evidence.ALIVE}
+    assert not proposals(trace)
+    assert all(record.state is HostState.SUSPECT for _, _, record, _ in trace)
+    assert all(record.stale_count == 0 for _, _, record, _ in trace)
+
+
+@PROPERTY
+@given(
+    data=st.data(),
+    script=steps(CHANGES + NO_CHANGE, max_size=12),
+    extra=st.integers(0, 3),
+)
+def test_unknown_readings_never_count_and_never_break_a_run(
+    data: st.DataObject, script: list[tuple[str, float]], extra: int
+) -> None:
+    """Unknowns put anywhere into a script change no verdict of a complete reading and move no
+    proposal: it is made on the same complete reading, with the same evidence."""
+    noisy: list[tuple[str, float]] = []
+    for entry in script:
+        noisy += data.draw(steps(UNKNOWNS, max_size=3))
+        noisy.append(entry)
+    policy = policy_of(extra)
+    clean_trace, noisy_trace = drive(script, policy), drive(noisy, policy)
+
+    def known(trace: list[Entry]) -> list[tuple[Evidence | None, tuple[HostAction, ...]]]:
+        return [
+            (e, tuple(a for a in acts if not isinstance(a, Notify)))
+            for _, e, acts in judged(trace)
+            if e is not Evidence.UNKNOWN
+        ]
+
+    assert known(noisy_trace) == known(clean_trace)
+    assert [p for _, _, p in proposals(noisy_trace)] == [p for _, _, p in proposals(clean_trace)]
 
 
 class HostMachine(RuleBasedStateMachine):
-    """One host's record driven by random facts, probe answers, verdicts and redeliveries."""
+    """One host's record driven by random facts, file changes, readings, verdicts and
+    redeliveries, checked against an oracle that restates the evidence rule."""
 
     @initialize(
         extra=st.integers(0, 3),
         alert_after=st.integers(1, 3),
         timeout_intervals=st.integers(1, 4),
+        readable=st.booleans(),
+        filer=offsets,
     )
-    def setup(self, extra: int, alert_after: int, timeout_intervals: int) -> None:
-        # probe_timeout >= check_interval: a lost probe is replaced on the tick that loses it
+    def setup(
+        self, extra: int, alert_after: int, timeout_intervals: int, readable: bool, filer: float
+    ) -> None:
         self.policy = Policy(
             check_interval=60.0,
             extra_checks=extra,
-            heartbeat_max_age=61.0,
             unknown_alert_after=alert_after,
             probe_timeout=60.0 * timeout_intervals,
+            judge_readable_only=readable,
+            clock_skew_alert=30.0,
+            suspect_alert_after=600.0,
+            suspect_renotify=900.0,
+            fencing_resend_after=300.0,
         )
+        self.filer = filer
         self.record = HostRecord("h1")
         self.now = 1_000.0
         self.sent: list[HostEvent] = []
-        self.evidence: dict[int, list[Evidence]] = defaultdict(list)
-        self.proposals: Counter[int] = Counter()
-        self.outstanding: RunProbe | None = None
+        self.files = Files()
+        # the oracle's view of the open episode
         self.open_episode: int | None = None
+        self.suspect_since = 0.0
+        self.outstanding: RunProbe | None = None
+        self.requested_at = 0.0
+        self.ref: tuple[dict[str, float], dict[str, str]] | None = None
+        self.ref_at: float | None = None
+        self.run = 0  # stale checks in a row (unknowns neither count nor break it)
+        self.unknowns = 0
         self.proposal: ProposeFence | None = None
+        self.judged_proposals: Counter[int] = Counter()  # proposals made by a stale check
+        self.temporary_withholds: Counter[int] = Counter()
+        self.skew_notices: Counter[int] = Counter()
+        self.apply(HostDisconnected(at=self.now))  # most of the interest is in an episode
 
     # -- the one place events enter ------------------------------------------------------------
 
@@ -107,14 +425,35 @@ class HostMachine(RuleBasedStateMachine):
             self.check_raises_again(before, event)
             return
         assert step(before, event, self.policy) == (new, actions)  # deterministic
+        out = self.outstanding
+        if isinstance(event, Tick) and out is not None:
+            if event.at - self.requested_at >= self.policy.probe_timeout:
+                self.unknowns += 1  # lost: one unknown, and the next check may go out at once
+                self.outstanding = None
         accepted = self.accepted(event)
         if accepted is not None:
-            assert new.last_probe_at == event.at and new.last_evidence is accepted
+            assert isinstance(event, ProbeFinished)
+            assert (new.last_probe_at, new.last_check) == (event.at, event.check)
+            assert new.last_evidence is accepted
         elif isinstance(event, ProbeFinished):
             assert new == before  # late, repeated or for an ended episode: ignored
+        if isinstance(event, FenceApproved) and before.state is HostState.SUSPECT:
+            assert new == before  # nothing proposed, or the host proved alive since
+        if (
+            isinstance(event, FenceWithheld)
+            and before.state is HostState.FENCE_PROPOSED
+            and event.episode == before.episode
+        ):
+            assert new.state is HostState.WITHHELD and new.withheld_reason is event.reason
+            if event.reason in TEMPORARY:
+                self.run = self.policy.extra_checks  # the next stale check proposes again
+                self.temporary_withholds[event.episode] += 1
         for action in actions:
-            self.follow(action, event, accepted)
+            self.follow(action, event, accepted, before)
         self.record = new
+        tally(f"reached {new.state.value}")
+        if not probing(new):
+            self.outstanding = None  # an answer now is late
         self.sent.append(event)
 
     def check_raises_again(self, before: HostRecord, event: HostEvent) -> None:
@@ -125,44 +464,92 @@ class HostMachine(RuleBasedStateMachine):
         raise AssertionError("an illegal event was accepted on the second try")
 
     def accepted(self, event: HostEvent) -> Evidence | None:
-        """The oracle's view: does this result answer the outstanding probe of an open episode?"""
+        """The oracle's verdict when this reading answers the outstanding check, else None."""
         out = self.outstanding
         if not isinstance(event, ProbeFinished) or out is None:
             return None
         if (event.episode, event.check) != (out.episode, out.check):
             return None
         self.outstanding = None
-        judged = oracle_evidence(out.suspect_since, event, self.policy.heartbeat_max_age)
-        self.evidence[out.episode].append(judged)
-        return judged
+        verdict = self.oracle(event)
+        if verdict is Evidence.UNKNOWN:
+            self.unknowns += 1
+            return verdict
+        self.unknowns = 0
+        if verdict is Evidence.STALE:
+            self.run += 1
+        elif verdict is Evidence.ALIVE:
+            self.run = 0
+        # every file keeps its last known value, also while a reading lacks it
+        mtimes, beats = self.ref or ({}, {})
+        self.ref = ({**mtimes, **dict(event.mtimes)}, {**beats, **dict(event.heartbeats)})
+        self.ref_at = event.at
+        return verdict
 
-    def follow(self, action: object, event: HostEvent, accepted: Evidence | None) -> None:
+    def oracle(self, r: ProbeFinished) -> Evidence:
+        """Issue 13's rule, restated: each clock compared only with itself."""
+        if not r.complete or (r.unreadable and not self.policy.judge_readable_only):
+            return Evidence.UNKNOWN
+        if not r.mtimes and not r.heartbeats:
+            return Evidence.UNKNOWN
+        if r.live_signs:  # a direct sign of life (an RBD watch held by the host)
+            return Evidence.ALIVE
+        if self.ref is None or self.ref_at is None:
+            return Evidence.BASELINE
+        mtimes, beats = self.ref
+        if any(mtimes.get(p) != m for p, m in r.mtimes):
+            return Evidence.ALIVE
+        if any(beats.get(p) != v for p, v in r.heartbeats):
+            return Evidence.ALIVE
+        if self.requested_at - self.ref_at < max(self.policy.check_interval, r.min_gap):
+            return Evidence.UNKNOWN  # too soon: not an interval between the two readings
+        return Evidence.STALE
+
+    def follow(
+        self, action: HostAction, event: HostEvent, accepted: Evidence | None, before: HostRecord
+    ) -> None:
         if isinstance(action, MarkSuspect):
-            assert self.open_episode is None
-            self.open_episode = action.episode
+            assert self.open_episode is None and isinstance(event, HostDisconnected)
+            self.open_episode, self.suspect_since = action.episode, action.at
+            self.files, self.ref, self.ref_at, self.run, self.unknowns = Files(), None, None, 0, 0
         elif isinstance(action, ClearSuspect):
             assert self.open_episode == action.episode
             self.open_episode, self.outstanding, self.proposal = None, None, None
         elif isinstance(action, RunProbe):
-            assert action.episode == self.open_episode
-            if self.outstanding is not None:  # the previous probe was lost: unknown
-                self.evidence[action.episode].append(Evidence.UNKNOWN)
-            self.outstanding = action
+            assert action.episode == self.open_episode and isinstance(event, Tick)
+            assert action.check == before.checks_requested + 1
+            assert self.outstanding is None, "a second probe while one is outstanding"
+            self.outstanding, self.requested_at = action, event.at
         elif isinstance(action, ProposeFence):
-            self.check_proposal(action, event, accepted)
+            self.check_proposal(action, event, accepted, before)
+        elif action.kind is NoticeKind.CLOCK_SKEW:
+            self.skew_notices[action.episode] += 1
+            assert self.skew_notices[action.episode] == 1, "two clock_skew notices"
+        elif action.kind is NoticeKind.CANNOT_VERIFY:
+            assert self.unknowns == self.policy.unknown_alert_after
+        elif action.kind is NoticeKind.SUSPECT_TOO_LONG:
+            assert isinstance(event, Tick)
+            assert before.state in (HostState.SUSPECT, HostState.FENCE_PROPOSED, HostState.WITHHELD)
+        else:
+            assert action.kind is NoticeKind.HOST_RECOVERED
 
-    def check_proposal(self, p: ProposeFence, event: HostEvent, accepted: Evidence | None) -> None:
-        self.proposals[p.episode] += 1
-        assert self.proposals[p.episode] == 1, "two proposals in one episode"
-        # only a stale result can complete the run: never a tick, never an unknown
+    def check_proposal(
+        self, p: ProposeFence, event: HostEvent, accepted: Evidence | None, before: HostRecord
+    ) -> None:
+        assert p.episode == self.open_episode
+        assert p.decision_id == decision_id("h1", p.episode, self.suspect_since)
+        if isinstance(event, Tick):
+            # a re-send of the unanswered proposal: the very same one
+            assert before.state in (HostState.FENCE_PROPOSED, HostState.FENCING)
+            assert p == self.proposal
+            return
+        # only a stale check can complete the run: never an unknown, never a verdict
         assert isinstance(event, ProbeFinished) and accepted is Evidence.STALE
-        needed = 1 + self.policy.extra_checks
-        counted = [e for e in self.evidence[p.episode] if e is not Evidence.UNKNOWN]
-        assert len(counted) >= needed
-        assert counted[-needed:] == [Evidence.STALE] * needed
-        assert p.stale_checks == needed
+        assert self.run == 1 + self.policy.extra_checks == p.stale_checks
+        self.judged_proposals[p.episode] += 1
+        # one proposal per episode, and one more after each temporary withhold
+        assert self.judged_proposals[p.episode] <= 1 + self.temporary_withholds[p.episode]
         self.proposal = p
-        self.outstanding = None
 
     # -- rules ------------------------------------------------------------------------------------
 
@@ -184,99 +571,120 @@ class HostMachine(RuleBasedStateMachine):
         }
         self.apply(events[kind])
 
+    @rule(kind=st.sampled_from([*CHANGES, "vanish"]))
+    def files_change(self, kind: str) -> None:
+        self.files.change(kind)
+
     @precondition(lambda self: self.outstanding is not None)
     @rule(
-        shape=st.sampled_from(["stale", "stale", "stale", "write", "beat", "unknown", "empty"]),
+        kind=st.sampled_from(["same", "same", "same", *CHANGES, *UNKNOWNS[:-1], "skewed"]),
         delay=st.floats(0, 30),
     )
-    def answer(self, shape: str, delay: float) -> None:
-        self.answer_with(shape, delay)
+    def answer(self, kind: str, delay: float) -> None:
+        self.answer_with(kind, delay)
 
     @precondition(lambda self: self.open_episode is not None)
-    @rule(shape=st.sampled_from(["stale", "stale", "stale", "write", "beat", "unknown", "empty"]))
-    def check_cycle(self, shape: str) -> None:
+    @rule(kind=st.sampled_from(["same", "same", "same", *CHANGES, *UNKNOWNS]))
+    def check_cycle(self, kind: str) -> None:
         """One check interval passes and the probe it starts is answered: deep episodes fast."""
         self.now += self.policy.check_interval
         self.apply(Tick(at=self.now))
-        if self.outstanding is not None:
-            self.answer_with(shape, 1.0)
+        if self.outstanding is not None and kind != "lost":
+            self.answer_with(kind, 1.0)
 
-    def answer_with(self, shape: str, delay: float) -> None:
+    @precondition(lambda self: self.open_episode is not None)
+    @rule(cycles=st.integers(1, 4))
+    def quiet_cycles(self, cycles: int) -> None:
+        """Checks that find nothing changed: the way to a proposal."""
+        for _ in range(cycles):
+            self.check_cycle("same")
+
+    def answer_with(self, kind: str, delay: float) -> None:
         out = self.outstanding
         assert out is not None
+        self.files.change(kind)
         at = self.now + delay
-        base = ProbeFinished(
-            at=at,
-            episode=out.episode,
-            evidence=Evidence.STALE,
-            newest_write=out.suspect_since - 100,
-            heartbeat=at - 500,
-            files_checked=3,
-            check=out.check,
-        )
-        shaped = {
-            "stale": base,
-            "write": replace(base, newest_write=out.suspect_since + 1),
-            "beat": replace(base, heartbeat=at - 30),
-            "unknown": replace(base, evidence=Evidence.UNKNOWN),
-            "empty": replace(base, newest_write=None, heartbeat=None, files_checked=0),
-        }
-        self.apply(shaped[shape])
+        if kind == "skewed":
+            result = self.files.read(at, out.episode, out.check, filer=self.filer + 3 * DAY)
+            result = replace(result, neighbour_offset=-45.0)
+        else:
+            result = reading_of(kind, self.files, at, out.episode, out.check, self.filer, 0)
+        self.apply(result)
 
     @precondition(lambda self: self.outstanding is not None)
     @rule(
-        reported=st.sampled_from(list(Evidence)),
-        write_offset=st.none() | st.floats(-600, 600),
-        heartbeat_age=st.none() | st.floats(0, 300),
-        files=st.integers(0, 3),
+        mtimes=st.dictionaries(
+            st.sampled_from([DISK, DISK2, HB]), st.sampled_from([T0, T0 + 1.5, T0 - 3 * DAY])
+        ),
+        beat=st.none() | st.sampled_from(["1\n", "2\n", "garbage"]),
+        complete=st.booleans(),
+        unreadable=st.integers(0, 2),
+        live=st.booleans(),
+        min_gap=st.sampled_from([0.0, 0.0, 90.0, 600.0]),
         delay=st.floats(0, 30),
     )
     def answer_anything(
         self,
-        reported: Evidence,
-        write_offset: float | None,
-        heartbeat_age: float | None,
-        files: int,
+        mtimes: dict[str, float],
+        beat: str | None,
+        complete: bool,
+        unreadable: int,
+        live: bool,
+        min_gap: float,
         delay: float,
     ) -> None:
         out = self.outstanding
         assert out is not None
-        at = self.now + delay
         self.apply(
             ProbeFinished(
-                at=at,
+                at=self.now + delay,
                 episode=out.episode,
-                evidence=reported,
-                newest_write=None if write_offset is None else out.suspect_since + write_offset,
-                heartbeat=None if heartbeat_age is None else at - heartbeat_age,
-                files_checked=files,
                 check=out.check,
+                mtimes=tuple(sorted(mtimes.items())),
+                heartbeats=() if beat is None else ((HB, beat),),
+                complete=complete,
+                unreadable=unreadable,
+                live_signs=("watcher of 10.0.0.11 on rbd/vol-1",) if live else (),
+                min_gap=min_gap,
             )
         )
 
     @precondition(lambda self: self.proposal is not None)
     @rule(
-        verdict=st.sampled_from(["approve", "withhold", "success", "failure"]),
-        reason=st.sampled_from(list(WithheldReason)),
+        verdicts=st.lists(
+            st.tuples(
+                st.sampled_from(["approve", "withhold", "withhold", "success", "failure"]),
+                st.sampled_from(list(WithheldReason)),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        wait=st.sampled_from([0.0, 60.0, 300.0]),
     )
-    def gate_or_actuator(self, verdict: str, reason: WithheldReason) -> None:
-        p = self.proposal
-        assert p is not None
-        at, ep, did = self.now, p.episode, p.decision_id
-        events: dict[str, HostEvent] = {
-            "approve": FenceApproved(at=at, episode=ep, decision_id=did),
-            "withhold": FenceWithheld(at=at, episode=ep, decision_id=did, reason=reason),
-            "success": FenceFinished(at=at, episode=ep, decision_id=did, success=True),
-            "failure": FenceFinished(at=at, episode=ep, decision_id=did, success=False),
-        }
-        self.apply(events[verdict])
+    def gate_or_actuator(self, verdicts: list[tuple[str, WithheldReason]], wait: float) -> None:
+        """A few verdicts and outcomes for the proposal, in any order, then maybe a tick."""
+        for verdict, reason in verdicts:
+            p = self.proposal
+            if p is None:
+                return
+            at, ep, did = self.now, p.episode, p.decision_id
+            events: dict[str, HostEvent] = {
+                "approve": FenceApproved(at=at, episode=ep, decision_id=did),
+                "withhold": FenceWithheld(at=at, episode=ep, decision_id=did, reason=reason),
+                "success": FenceFinished(at=at, episode=ep, decision_id=did, success=True),
+                "failure": FenceFinished(at=at, episode=ep, decision_id=did, success=False),
+            }
+            self.apply(events[verdict])
+        if wait:
+            self.now += wait
+            self.apply(Tick(at=self.now))
 
     @precondition(lambda self: self.sent)
     @rule(data=st.data())
     def redeliver(self, data: st.DataObject) -> None:
-        results = [e for e in self.sent if isinstance(e, ProbeFinished)]
-        pool = results if results and data.draw(st.booleans()) else self.sent
-        self.apply(data.draw(st.sampled_from(pool)))
+        results: list[HostEvent] = [e for e in self.sent if isinstance(e, ProbeFinished)]
+        use_results = bool(results) and data.draw(st.booleans())
+        self.apply(data.draw(st.sampled_from(results if use_results else self.sent)))
 
     @rule(
         kind=st.sampled_from(["future_episode", "zero_episode", "unrequested_check", "decision"]),
@@ -286,44 +694,50 @@ class HostMachine(RuleBasedStateMachine):
         if kind == "future_episode":
             event: HostEvent = FenceApproved(at=self.now, episode=r.episode + 1, decision_id="x")
         elif kind == "zero_episode":
-            event = ProbeFinished(at=self.now, episode=0, evidence=Evidence.STALE, check=1)
+            event = self.files.read(self.now, 0, 1)
         elif kind == "unrequested_check":
-            event = ProbeFinished(
-                at=self.now,
-                episode=max(r.episode, 1),
-                evidence=Evidence.STALE,
-                check=r.checks_requested + 1,
-            )
+            event = self.files.read(self.now, max(r.episode, 1), r.checks_requested + 1)
         else:
             event = FenceFinished(
                 at=self.now, episode=max(r.episode, 1), decision_id="not-ours", success=True
             )
-        before = r
+        snapshot = r.to_dict()
         try:
             step(r, event, self.policy)
         except IllegalTransition:
-            assert self.record is before and self.record == before
+            assert self.record is r and r.to_dict() == snapshot
             return
-        # only an ended episode may swallow these as late
-        assert r.state in CLOSED and r.episode >= 1 and kind != "future_episode"
-        assert kind != "zero_episode"
+        # only an ended episode (or one with nothing proposed yet) may swallow these as late
+        assert kind not in ("future_episode", "zero_episode")
+        assert r.episode >= 1
+        assert r.state in CLOSED or (kind == "decision" and r.decision_id is None)
 
     # -- invariants -------------------------------------------------------------------------------
 
     @invariant()
-    def counts_are_sane(self) -> None:
+    def record_agrees_with_the_oracle(self) -> None:
         r = self.record
-        assert 0 <= r.stale_count <= 1 + self.policy.extra_checks
-        proposed = r.state not in CLOSED and r.state is not HostState.SUSPECT
-        if proposed:
-            assert r.decision_id is not None and self.proposals[r.episode] == 1
-        if r.state is HostState.SUSPECT:
-            assert r.decision_id is None and self.proposals[r.episode] == 0
-        if r.state is HostState.SUSPECT:
-            assert r.stale_count < 1 + self.policy.extra_checks
-        if r.probe_outstanding:
-            assert r.state is HostState.SUSPECT and r.checks_requested >= 1
+        needed = 1 + self.policy.extra_checks
         assert (self.open_episode is not None) == (r.state not in CLOSED)
+        assert 0 <= r.stale_count <= needed
+        assert r.last_check <= r.checks_requested
+        if r.decision_id is not None:
+            assert r.decision_id == decision_id("h1", r.episode, r.suspect_since or 0.0)
+        if r.state not in CLOSED and r.state is not HostState.SUSPECT:
+            assert r.decision_id is not None and self.judged_proposals[r.episode] >= 1
+        if r.state is HostState.SUSPECT:
+            assert r.stale_count < needed
+        if r.state in CLOSED:
+            return
+        if r.state in (HostState.SUSPECT, HostState.FENCE_PROPOSED):
+            assert r.stale_count == self.run
+        assert r.unknown_count == self.unknowns or not probing(r)
+        assert r.ref_at == self.ref_at
+        if self.ref is not None:
+            assert dict(r.ref_mtimes) == self.ref[0] and dict(r.ref_heartbeats) == self.ref[1]
+        if probing(r):
+            assert r.probe_outstanding == (self.outstanding is not None)
+        assert r.skew_notified == (self.skew_notices[r.episode] == 1)
 
 
 class GateMachine(RuleBasedStateMachine):
@@ -436,6 +850,6 @@ class GateMachine(RuleBasedStateMachine):
 
 
 TestHostMachine = HostMachine.TestCase
-TestHostMachine.settings = FAST
+TestHostMachine.settings = settings(FAST, max_examples=500, stateful_step_count=50)
 TestGateMachine = GateMachine.TestCase
 TestGateMachine.settings = FAST

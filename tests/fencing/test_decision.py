@@ -157,12 +157,13 @@ def judged(
     )
     if evidence is Evidence.UNKNOWN:
         return new
-    # a judged complete reading is the reference for the next check
+    # a judged complete reading is the reference for the next check; a file it lacks keeps
+    # its last known value (a file is only ever compared with itself)
     return replace(
         new,
         ref_at=r.at,
-        ref_mtimes=tuple(sorted(r.mtimes)),
-        ref_heartbeats=tuple(sorted(r.heartbeats)),
+        ref_mtimes=tuple(sorted({**dict(record.ref_mtimes), **dict(r.mtimes)}.items())),
+        ref_heartbeats=tuple(sorted({**dict(record.ref_heartbeats), **dict(r.heartbeats)}.items())),
     )
 
 
@@ -376,6 +377,44 @@ def test_a_disk_that_left_the_host_is_no_change() -> None:
         ],
     )
     assert s2.newest_write == T0 - 500 and s2.files_checked == 2
+
+
+def test_a_file_missing_from_one_reading_and_back_unchanged_is_no_change() -> None:
+    """The probe drops a file it cannot stat (ESTALE, EIO: `stat 2>/dev/null`) and the reading
+    stays complete. Back with the same mtime, it did not change: no sign of life. Otherwise a
+    flaky file resets the stale run every other check and a dead host is never fenced."""
+    two = ((DISK, T0 - 500), (DISK2, T0 - 300), (HB, T0 - 400))
+    policy = replace(POLICY, extra_checks=1)
+    r1 = requested(replace(SUSPECT, opened_at=T0), T0)
+    b1 = judged(r1, reading(T0 + 1, 1, two), Evidence.BASELINE)
+    r2 = requested(b1, T0 + 61)
+    s2 = judged(r2, reading(T0 + 62, 2), Evidence.STALE, stale_count=1)
+    assert dict(s2.ref_mtimes)[DISK2] == T0 - 300  # remembered while missing
+    r3 = requested(s2, T0 + 122)
+    s3 = judged(r3, reading(T0 + 123, 3, two), Evidence.STALE, stale_count=2)
+    proposed = replace(
+        s3, state=HostState.FENCE_PROPOSED, since=T0 + 123, decision_id=DID, sent_at=T0 + 123
+    )
+    run(
+        SUSPECT,
+        [
+            (Tick(at=T0), r1, (probe(1),)),
+            (reading(T0 + 1, 1, two), b1, ()),
+            (Tick(at=T0 + 61), r2, (probe(2),)),
+            (reading(T0 + 62, 2), s2, ()),
+            (Tick(at=T0 + 122), r3, (probe(3),)),
+            (
+                reading(T0 + 123, 3, two),
+                proposed,
+                (replace(PROPOSAL, stale_checks=2, newest_write=T0 - 300, files_checked=3),),
+            ),
+        ],
+        policy,
+    )
+    # back *changed* while it was missing: that is a change
+    moved = ((DISK, T0 - 500), (DISK2, T0 - 299), (HB, T0 - 400))
+    alive, _ = step(r3, reading(T0 + 123, 3, moved), policy)
+    assert (alive.last_evidence, alive.reason) == (Evidence.ALIVE, f"{DISK2} changed")
 
 
 def test_host_without_vms_is_judged_on_its_heartbeat_file_alone() -> None:
@@ -776,9 +815,7 @@ def test_a_temporary_withhold_keeps_probing_and_the_next_stale_check_proposes_ag
     reason: WithheldReason,
 ) -> None:
     proposed, rows = to_proposal()
-    withheld = replace(
-        proposed, state=HostState.WITHHELD, since=T0 + 206, withheld_reason=reason, stale_count=2
-    )
+    withheld = replace(proposed, state=HostState.WITHHELD, since=T0 + 206, withheld_reason=reason)
     r5 = requested(withheld, T0 + 265)
     u5 = judged(r5, failed(T0 + 266, 5), Evidence.UNKNOWN, "ssh refused", unknown_count=1)
     r6 = requested(u5, T0 + 326)
@@ -808,7 +845,6 @@ def test_an_approval_may_follow_a_temporary_withhold() -> None:
         state=HostState.WITHHELD,
         since=T0 + 206,
         withheld_reason=WithheldReason.QUIET_PERIOD,
-        stale_count=2,
     )
     r5 = requested(withheld, T0 + 265)
     fencing = replace(r5, state=HostState.FENCING, since=T0 + 266, withheld_reason=None)
@@ -822,6 +858,30 @@ def test_an_approval_may_follow_a_temporary_withhold() -> None:
     run(IDLE, rows)
 
 
+def test_a_proposal_resent_after_an_approval_that_followed_a_temporary_withhold_is_the_same() -> (
+    None
+):
+    """The approval of the re-sent proposal came while the host was withheld: once fencing, the
+    proposal re-sent on a tick must be the one proposed (1 + extra_checks stale checks), not a
+    weaker one."""
+    proposed, _ = to_proposal()
+    withheld = replace(
+        proposed,
+        state=HostState.WITHHELD,
+        since=T0 + 206,
+        withheld_reason=WithheldReason.QUIET_PERIOD,
+    )
+    fencing = replace(withheld, state=HostState.FENCING, since=T0 + 207, withheld_reason=None)
+    record = run(
+        proposed,
+        [
+            (FenceWithheld(T0 + 206, 1, DID, WithheldReason.QUIET_PERIOD), withheld, ()),
+            (FenceApproved(at=T0 + 207, episode=1, decision_id=DID), fencing, ()),
+        ],
+    )
+    assert step(record, Tick(at=T0 + 205 + 900), POLICY)[1] == (PROPOSAL,)
+
+
 def test_alive_after_a_temporary_withhold_returns_to_suspect_and_approvals_are_late() -> None:
     proposed, rows = to_proposal()
     withheld = replace(
@@ -829,7 +889,6 @@ def test_alive_after_a_temporary_withhold_returns_to_suspect_and_approvals_are_l
         state=HostState.WITHHELD,
         since=T0 + 206,
         withheld_reason=WithheldReason.STORM_GUARD,
-        stale_count=2,
     )
     r5 = requested(withheld, T0 + 265)
     wrote = reading(T0 + 266, 5, WRITTEN)
@@ -879,7 +938,6 @@ def test_an_outcome_after_the_host_proved_alive_again_is_recorded() -> None:
         state=HostState.WITHHELD,
         since=T0 + 206,
         withheld_reason=WithheldReason.PAUSED,
-        stale_count=2,
     )
     r5 = requested(withheld, T0 + 265)
     alive, _ = step(r5, reading(T0 + 266, 5, WRITTEN), POLICY)

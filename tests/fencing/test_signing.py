@@ -192,3 +192,16 @@ def test_the_consumer_group_ignores_the_order_of_roles() -> None:
     )
     assert pinned.group_for(("actuate", "notify"), roles) == "fencer-act"
     assert pinned.group_for(("actuate",), roles) == "fencer-actuate"
+
+
+def test_keys_can_come_from_the_secrets_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secrets = tmp_path / "run-secrets"
+    secrets.mkdir()
+    (secrets / "signing__keys").write_text(f"{NEW}\n{OLD}\n")
+    monkeypatch.setenv("FENCER_SECRETS_DIR", str(secrets))
+    settings = load_settings(None)
+    ring = load_keyring(settings)
+    assert [k for k, _ in ring.keys] == ["k2026", "k2025"]
+    assert "n" * 40 not in repr(settings) and "n" * 40 not in repr(ring)

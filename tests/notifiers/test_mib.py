@@ -29,6 +29,7 @@ NOTIFICATION_NAMES = {
     NoticeKind.FORGED_RECORD: "fencerForgedRecord",
     NoticeKind.FENCE_REFUSED: "fencerFenceRefused",
     NoticeKind.VMS_NOT_RESTARTED: "fencerVmsNotRestarted",
+    NoticeKind.BMC_IDENTITY_CHANGED: "fencerBmcIdentityChanged",
 }
 
 

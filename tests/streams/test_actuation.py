@@ -289,3 +289,57 @@ def test_config_check_refuses_driver_fake_outside_the_lab(tmp_path: Path) -> Non
     f.write_text("lab: true\nclusters:\n  c1:\n    ipmi:\n      driver: fake\n")
     p = _fencer("config", "check", str(f))
     assert p.returncode == 0, p.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# A takeover reads the power first, against a real pyghmi BMC
+
+
+def _runtime_for(bmc: Any, action: FenceAction) -> Any:
+    from fencing.actuator import Actuator
+    from fencing.settings import FencerSettings, IpmiSettings, RestartVia
+    from streams.records import Runtime
+
+    settings = FencerSettings.model_validate(
+        {
+            "defaults": IpmiSettings(
+                action=action, password="pw", restart_via=RestartVia.NONE
+            ).model_dump(),
+            "hosts": {"h1": {"ipmi": {"address": "127.0.0.1", "port": bmc.port}}},
+            "actuator": {"power_timeout": 5, "poll_interval": 0.2, "retries": 0},
+        }
+    )
+    runtime = Runtime(settings=settings, started_at=0.0)
+    runtime._actuator = Actuator(settings)
+    return runtime
+
+
+@pytest.mark.parametrize("power", ["on", "off"])
+async def test_a_reboot_is_never_repeated_blindly_after_a_dead_claimant(power: str) -> None:
+    from lab.bmc import BmcSimulator
+
+    d = decision(at=time.time(), action=FenceAction.REBOOT)
+    with BmcSimulator(password="pw", power=power) as bmc:
+        out = await _runtime_for(bmc, FenceAction.REBOOT)._carry_out(d, takeover=True)
+        assert bmc.power == power  # the takeover changed nothing
+        changes = ("power_off", "power_on", "power_reset", "power_cycle", "power_shutdown")
+        commands = {c for c in changes if bmc.count(c)}
+        assert bmc.count("get_power") >= 1  # it did read the power
+    assert commands == set()
+    assert out.action is FenceAction.REBOOT and out.power_before == power
+    if power == "off":
+        # Off already: the host is fenced (verified), the VMs may be restarted.
+        assert out.success and out.verified and out.power_after == "off"
+    else:
+        assert not out.success and "never repeated blindly" in (out.error or "")
+
+
+async def test_a_stop_after_a_dead_claimant_powers_off_only_a_host_still_on() -> None:
+    from lab.bmc import BmcSimulator
+
+    for power, offs in (("off", 0), ("on", 1)):
+        d = decision(at=time.time())
+        with BmcSimulator(password="pw", power=power) as bmc:
+            out = await _runtime_for(bmc, FenceAction.STOP)._carry_out(d, takeover=True)
+            assert bmc.power == "off" and bmc.count("power_off") == offs
+        assert out.success and out.verified and out.power_before == power

@@ -19,7 +19,8 @@ from fencing.records import (
     HostRef,
     Notice,
 )
-from fencing.settings import CloudStackSettings, FencerSettings, PolicySettings
+from fencing.settings import CloudStackSettings, FencerSettings, PolicySettings, SigningSettings
+from fencing.signing import DECISION, load_keyring, new_key_line, verify
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud
 from streams import records as wire
 
@@ -29,11 +30,20 @@ NOW = 1_800_000_000.0
 HOUR = 3600.0
 
 
+SIGNING = SigningSettings(keys=SecretStr(new_key_line("gate-test")))
+
+
 def runtime(**policy: Any) -> wire.Runtime:
     settings = FencerSettings(
-        policy=PolicySettings(**{"startup_quiet": 0, "fence_cap": 3, **policy})
+        policy=PolicySettings(**{"startup_quiet": 0, "fence_cap": 3, **policy}), signing=SIGNING
     )
     return wire.Runtime(settings=settings, started_at=NOW - 1000)
+
+
+def signed(d: FenceDecision) -> dict[str, Any]:
+    """The decision's content once its gate signature checks out."""
+    ring = load_keyring(FencerSettings(signing=SIGNING))
+    return verify(ring, DECISION, d.model_dump(mode="json"))
 
 
 def proposal(n: int, at: float, cluster: str | None = "c1") -> FenceProposal:
@@ -91,7 +101,8 @@ def test_a_repeated_approval_is_sent_again_at_the_gate_clock() -> None:
     first = wire.apply_gate(table, p, rt, now=NOW)
     again = wire.apply_gate(table, p.model_copy(update={"proposed_at": NOW + 60}), rt, now=NOW + 61)
     assert isinstance(first, FenceDecision) and isinstance(again, FenceDecision)
-    assert again == first.model_copy(update={"decided_at": NOW + 61})
+    # re-sent fresh (the actuator refuses old decisions), signed again by the gate
+    assert signed(again) == {**signed(first), "decided_at": NOW + 61}
     assert len(table["c1"]["grants"]) == 1
 
 

@@ -392,7 +392,7 @@ async def test_ipmi_test_button_reads_the_lab_bmc_through_the_actuator(api, lab)
 
         await c.put(
             f"/api/hosts/{lab.host_a1}/settings",
-            json={"ipmi": {"address": "127.0.0.1", "password": "wrong-" + lab.bmc.password}},
+            json={"ipmi": {"address": "127.0.0.1", "password": "wrong-" + lab.bmc.password[:8]}},
         )
         r = await c.post(f"/api/hosts/{lab.host_a1}/ipmi-test")
         assert r.status_code == 200 and r.json()["success"] is False and r.json()["error"]
@@ -400,3 +400,64 @@ async def test_ipmi_test_button_reads_the_lab_bmc_through_the_actuator(api, lab)
 
         r = await c.post(f"/api/hosts/{lab.host_a2}/ipmi-test")
         assert r.status_code == 422 and r.json()["fields"][0]["field"] == "ipmi.address"
+
+
+async def test_confirm_bmc_identity_pins_the_guid_the_bmc_reports(api, lab):
+    async with api.aclient() as c:
+        r = await c.put(
+            f"/api/hosts/{lab.host_a1}/settings",
+            json={
+                "ipmi": {
+                    "address": "127.0.0.1",
+                    "username": lab.bmc.username,
+                    "password": lab.bmc.password,
+                }
+            },
+        )
+        assert r.status_code == 200, r.text
+        r = await c.get(f"/api/hosts/{lab.host_a1}/bmc-pin")
+        assert r.status_code == 200 and r.json()["pinned"] is False, r.text
+
+        r = await c.post(f"/api/hosts/{lab.host_a1}/bmc-pin", json={"expect": "not-this-board"})
+        assert r.status_code == 422 and r.json()["fields"][0]["field"] == "expect", r.text
+        assert lab.bmc.guid in r.json()["error"]
+
+        r = await c.post(f"/api/hosts/{lab.host_a1}/bmc-pin", json={})
+        assert r.status_code == 200, r.text
+        pin = r.json()
+        assert pin["pinned"] and pin["guid"] == lab.bmc.guid
+        assert pin["pinned_by"] == "operator (api)" and pin["seen_guid"] is None
+        assert lab.bmc.password not in r.text
+        r = await c.get(f"/api/hosts/{lab.host_a1}/bmc-pin")
+        assert r.json()["guid"] == lab.bmc.guid
+
+        r = await c.post(f"/api/hosts/{lab.host_a2}/bmc-pin")
+        assert r.status_code == 422 and r.json()["fields"][0]["field"] == "ipmi.address"
+
+
+async def test_ipmi_user_and_password_over_the_ipmi_limits_are_refused_naming_the_field(api, lab):
+    async with api.aclient() as c:
+        r = await c.put(
+            f"/api/hosts/{lab.host_b1}/settings",
+            json={"ipmi": {"address": "127.0.0.1", "password": "p" * 21}},
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["fields"] == [
+            {
+                "field": "ipmi.password",
+                "message": "password is 21 bytes; IPMI 2.0 carries at most 20 "
+                "(the BMC would answer 'incorrect password')",
+            }
+        ]
+        assert "p" * 21 not in r.text
+        r = await c.put(
+            f"/api/clusters/{lab.cluster_b}/settings", json={"ipmi": {"username": "u" * 17}}
+        )
+        assert r.status_code == 422 and r.json()["fields"][0]["field"] == "ipmi.username"
+        # Redfish has no such limit.
+        r = await c.put(
+            f"/api/hosts/{lab.host_b1}/settings",
+            json={"ipmi": {"driver": "redfish", "password": "p" * 21}},
+        )
+        assert r.status_code == 200, r.text
+        await c.delete(f"/api/hosts/{lab.host_b1}/settings")

@@ -203,6 +203,13 @@ async def test_operator_changes_settings_tests_the_bmc_and_sees_a_fence(api, lab
             await expect(page.locator("#test-result")).to_contain_text("test passed")
             await expect(page.locator("#test-result")).to_contain_text("power on")
             assert "null" not in await page.inner_text("main")
+
+            # Confirm the BMC's identity: its system GUID is pinned for the host.
+            await expect(page.locator("#bmc-identity")).to_contain_text("No GUID pinned yet")
+            page.once("dialog", lambda dialog: dialog.accept())
+            await page.click("#confirm-bmc")
+            await expect(page.locator("#bmc-guid")).to_have_text(lab.bmc.guid)
+            await expect(page.locator("#bmc-identity")).to_contain_text("operator (api)")
             await page.screenshot(path=SHOTS / "host-overrides.png", full_page=True)
 
             # A fence published by the workers shows up in the history, with its timeline.

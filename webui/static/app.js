@@ -430,7 +430,37 @@ async function hostPage(uuid) {
     f.state === "failed" ? failedFence(uuid, f.last_decision_id) : null,
     h("h2", {}, "IPMI overrides"),
     h("p", { class: "muted small" }, "Empty fields inherit from the cluster (or the defaults); the inherited value is shown beside each."),
-    form);
+    form,
+    h("h2", {}, "BMC identity"),
+    bmcIdentity(uuid));
+}
+
+// The system GUID the host's BMC is pinned to; fencing refuses a BMC that reports another one
+// until an operator confirms it here (or with `fencer ipmi pin`).
+function bmcIdentity(uuid) {
+  const box = h("div", { id: "bmc-identity" }, h("span", { class: "muted" }, "Reading the pin…"));
+  const path = `/hosts/${encodeURIComponent(uuid)}/bmc-pin`;
+  const show = (p) => {
+    const btn = h("button", {
+      type: "button", id: "confirm-bmc",
+      onclick: async () => {
+        if (!confirm("Pin the system GUID this host's BMC reports now? Check first that the address reaches the right machine.")) return;
+        btn.disabled = true;
+        try { show(await api("POST", path, {})); banner("BMC identity confirmed.", true); }
+        catch (ex) { btn.disabled = false; box.append(h("p", { class: "error" }, ex.message)); }
+      },
+    }, "Confirm BMC identity");
+    fill(box,
+      p.pinned
+        ? h("p", {}, "Pinned system GUID ", h("code", { id: "bmc-guid" }, p.guid), ` (by ${p.pinned_by}, ${when(p.pinned_at)})`)
+        : h("p", { class: "muted" }, "No GUID pinned yet: the pre-flight or the first fence pins the one the BMC reports."),
+      p.seen_guid
+        ? h("p", { class: "error", id: "bmc-changed" }, `The BMC reported another GUID, ${p.seen_guid} (${when(p.seen_at)}): fencing of this host is refused until you confirm it.`)
+        : null,
+      h("div", { class: "actions" }, btn));
+  };
+  api("GET", path).then(show, (ex) => fill(box, h("p", { class: "error" }, ex.message)));
+  return box;
 }
 
 async function fencesPage(params) {

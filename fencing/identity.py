@@ -1,0 +1,221 @@
+"""BMC identity: a host's BMC is known by its system GUID, pinned on the first successful read.
+
+Rule: the actuator powers a host off only through a BMC that reports the GUID pinned for that
+host. A BMC that reports another one (an address typo, a swapped board, a DHCP lease handed to
+another machine) is not used for fencing until an operator confirms it (`fencer ipmi pin HOST`
+or the UI's "confirm BMC identity"), because powering off the wrong machine is the classic
+catastrophic fencing mistake. A host with no pin yet is pinned by the pre-flight, or at its
+first fence (read the GUID, pin it, go on): the first read is trusted, later ones are compared.
+A GUID that cannot be read refuses the fence (unknown is never consent); a driver that has no
+way to read one (the command template) is reported as unchecked, never as checked.
+
+Pins live in a `PinStore`: `MemoryPinStore` here, the compacted Kafka topic in
+`streams.bmc_pins` for the workers, the CLI and the API.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from fencing.drivers.base import DriverError, PowerDriver, read_system_guid
+from fencing.events import NoticeKind
+from fencing.records import BmcPin, HostRef, Notice
+
+Verdict = Literal["pinned", "matches", "changed", "unsupported", "unreadable"]
+
+
+class PinStoreError(Exception):
+    """The pins cannot be read or written (the message names the store)."""
+
+
+class PinStore(Protocol):
+    """Where pins are kept: one per host uuid."""
+
+    def get(self, host_uuid: str) -> BmcPin | None:
+        """The host's pin, None if it has none; raises PinStoreError when unreadable."""
+        ...
+
+    async def put(self, pin: BmcPin) -> None:
+        """Store (replace) the host's pin."""
+        ...
+
+
+class MemoryPinStore:
+    """Pins in a dict: tests, and a process that has no Kafka."""
+
+    def __init__(self) -> None:
+        self.pins: dict[str, BmcPin] = {}
+
+    def get(self, host_uuid: str) -> BmcPin | None:
+        return self.pins.get(host_uuid)
+
+    async def put(self, pin: BmcPin) -> None:
+        self.pins[pin.host_uuid] = pin
+
+
+@dataclass(frozen=True)
+class IdentityCheck:
+    """What comparing the BMC's GUID with the host's pin found."""
+
+    host_uuid: str
+    verdict: Verdict
+    guid: str | None = None  # what the BMC reported now
+    pinned: str | None = None  # the pin it was compared with (None: newly pinned)
+    reason: str | None = None  # why a fence must not go through this BMC
+    retryable: bool = False  # unreadable because the BMC did not answer: worth another try
+
+    @property
+    def ok(self) -> bool:
+        """Whether a power action may go through this BMC."""
+        return self.verdict in ("pinned", "matches", "unsupported")
+
+
+async def verify_identity(
+    host_uuid: str,
+    driver: PowerDriver,
+    pins: PinStore,
+    *,
+    address: str | None = None,
+    pinned_by: str = "first-fence",
+    clock: Callable[[], float] = time.time,
+) -> IdentityCheck:
+    """Read the BMC's GUID and compare it with the host's pin (pinning it if there is none).
+
+    Never raises: an unreadable GUID or pin store is a refusal with its reason."""
+    where = address or "its BMC"
+    try:
+        guid = await read_system_guid(driver)
+    except DriverError as exc:
+        return IdentityCheck(
+            host_uuid,
+            "unreadable",
+            reason=f"cannot read the system GUID of BMC {where}: {exc}; not fenced "
+            "through a BMC whose identity is unknown",
+            retryable=exc.retryable,
+        )
+    if guid is None:
+        return IdentityCheck(
+            host_uuid,
+            "unsupported",
+            reason=f"the {driver.name} driver cannot read a system GUID: identity not checked",
+        )
+    try:
+        pin = pins.get(host_uuid)
+        if pin is None:
+            await pins.put(
+                BmcPin(
+                    host_uuid=host_uuid,
+                    guid=guid,
+                    address=address,
+                    driver=driver.name,
+                    pinned_at=clock(),
+                    pinned_by=pinned_by,
+                )
+            )
+            return IdentityCheck(host_uuid, "pinned", guid=guid)
+        if pin.guid == guid:
+            if pin.seen_guid is not None or pin.address != address:
+                # The BMC is the pinned one again (a corrected address): forget the other.
+                await pins.put(
+                    pin.model_copy(
+                        update={
+                            "address": address,
+                            "seen_guid": None,
+                            "seen_address": None,
+                            "seen_at": None,
+                        }
+                    )
+                )
+            return IdentityCheck(host_uuid, "matches", guid=guid, pinned=pin.guid)
+        if pin.seen_guid != guid or pin.seen_address != address:
+            await pins.put(
+                pin.model_copy(
+                    update={"seen_guid": guid, "seen_address": address, "seen_at": clock()}
+                )
+            )
+    except Exception as exc:  # a pin store that cannot answer is not a yes
+        return IdentityCheck(
+            host_uuid,
+            "unreadable",
+            guid=guid,
+            reason=f"cannot read or write the BMC pin of host {host_uuid}: "
+            f"{type(exc).__name__}: {exc}",
+        )
+    other_driver = (
+        f"; pinned through the {pin.driver} driver, read through {driver.name}"
+        if pin.driver != driver.name
+        else ""
+    )
+    return IdentityCheck(
+        host_uuid,
+        "changed",
+        guid=guid,
+        pinned=pin.guid,
+        reason=(
+            f"BMC identity changed: {where} reports system GUID {guid}, but the host's BMC "
+            f"was pinned as {pin.guid} (by {pin.pinned_by}{other_driver}); not used for "
+            f"fencing until an operator confirms it: fencer ipmi pin {host_uuid}"
+        ),
+    )
+
+
+async def check_identity(
+    host_uuid: str,
+    driver: PowerDriver,
+    pins: PinStore,
+    *,
+    address: str | None = None,
+    pinned_by: str = "first-fence",
+) -> str | None:
+    """None when a power action may go through `driver`, else the reason it must not."""
+    result = await verify_identity(host_uuid, driver, pins, address=address, pinned_by=pinned_by)
+    return None if result.ok else result.reason
+
+
+async def pin_current(
+    host_uuid: str,
+    driver: PowerDriver,
+    pins: PinStore,
+    *,
+    address: str | None,
+    by: str,
+    expect: str | None = None,
+    clock: Callable[[], float] = time.time,
+) -> tuple[BmcPin | None, BmcPin]:
+    """An operator's confirmation: pin the GUID the BMC reports now; (old pin, new pin).
+
+    `expect` refuses the pin unless the BMC reports that GUID (the operator read it elsewhere).
+    Raises DriverError (the BMC) or ValueError (no GUID, or not the expected one)."""
+    guid = await read_system_guid(driver)
+    if guid is None:
+        raise ValueError(f"the {driver.name} driver cannot read a system GUID: nothing to pin")
+    if expect is not None and expect.strip().lower() != guid:
+        raise ValueError(f"the BMC reports system GUID {guid}, not {expect.strip().lower()}")
+    old = pins.get(host_uuid)
+    new = BmcPin(
+        host_uuid=host_uuid,
+        guid=guid,
+        address=address,
+        driver=driver.name,
+        pinned_at=clock(),
+        pinned_by=by,
+    )
+    await pins.put(new)
+    return old, new
+
+
+def identity_notice(check: IdentityCheck, host: HostRef, at: float) -> Notice:
+    """The BMC_IDENTITY_CHANGED notice of a changed GUID; one id per host, GUID and day, so a
+    pre-flight repeats it daily until an operator acts, and a receiver can drop duplicates."""
+    day = int(at // 86400)
+    return Notice(
+        notice_id=f"{host.host_uuid}/bmc-identity/{check.guid}/{day}",
+        kind=NoticeKind.BMC_IDENTITY_CHANGED,
+        host=host,
+        at=at,
+        result="refused",
+        reason=check.reason,
+    )

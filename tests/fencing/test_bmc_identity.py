@@ -1,0 +1,601 @@
+"""BMC identity (system GUID pinned per host) and the IPMI details, against real BMCs on
+loopback: the lab's pyghmi BMC and OpenIPMI's ipmi_sim (an independent implementation), the
+embedded Kafka broker for the pins topic, and the `fencer` CLI as operators run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiokafka import ConsumerRecord
+from pydantic import SecretStr
+from pyghmi.ipmi.private import session as ipmisession
+
+from fencing.actuator import Actuator, check_host
+from fencing.drivers import ipmi as ipmidriver
+from fencing.drivers.base import BmcRefused, DriverConfigError
+from fencing.drivers.fake import FakeDriver
+from fencing.drivers.ipmi import IpmiDriver
+from fencing.drivers.redfish import RedfishDriver
+from fencing.drivers.template import TemplateDriver
+from fencing.engine import Engine
+from fencing.events import FenceAction, NoticeKind
+from fencing.identity import MemoryPinStore, check_identity, verify_identity
+from fencing.records import EvidenceSummary, FenceDecision, HostRef, Notice
+from fencing.settings import (
+    ActuatorSettings,
+    FencerSettings,
+    HostSettings,
+    IpmiOverrides,
+    IpmiSettings,
+    RestartVia,
+    SettingsError,
+    load_settings,
+)
+from lab import openipmi
+from lab.bmc import BmcSimulator
+from streams.bmc_pins import BmcPinStore
+from webui.topic_reader import TopicReader
+
+from .conftest import BMC_PASSWORD, Cloud, Redfish, ipmitool_template
+from .test_actuator import make_settings
+
+# ipmi_sim comes from the Debian package openipmi (Makefile DEBS): never skipped.
+pytestmark = pytest.mark.timeout(90)
+
+ROOT = Path(__file__).resolve().parents[2]
+GUID_A = "6f1c0e2a-8a51-4d3e-9b1f-0a6c3d2e1f01"
+GUID_B = "0b9e8d7c-6a5f-4e3d-8c2b-1a0f9e8d7c02"
+HOST = "11111111-2222-3333-4444-555555555555"
+
+
+@pytest.fixture
+def sim_bmc() -> Iterator[BmcSimulator]:
+    """The lab's BMC, reporting GUID_A."""
+    with BmcSimulator("admin", BMC_PASSWORD, guid=GUID_A) as sim:
+        yield sim
+
+
+@pytest.fixture
+def ipmi_sim() -> Iterator[openipmi.IpmiSim]:
+    """OpenIPMI's ipmi_sim, powered on, reporting GUID_A."""
+    with openipmi.IpmiSim(guid=GUID_A) as sim:
+        yield sim
+
+
+def settings_for(port: int, user: str = "admin", password: str = BMC_PASSWORD, **kw: Any) -> Any:
+    """Settings that fence HOST through the BMC on 127.0.0.1:port (no CloudStack call)."""
+    base: FencerSettings = kw.pop("base", None) or FencerSettings()
+    return base.model_copy(
+        update={
+            "defaults": IpmiSettings(
+                action=FenceAction.STOP, username=user, restart_via=RestartVia.NONE
+            ),
+            "hosts": {
+                HOST: HostSettings(
+                    ipmi=IpmiOverrides(address="127.0.0.1", port=port, password=SecretStr(password))
+                )
+            },
+            "actuator": ActuatorSettings(
+                power_timeout=5, poll_interval=0.1, retries=1, retry_backoff=0.1
+            ),
+            **kw,
+        }
+    )
+
+
+def decision(n: int = 1) -> FenceDecision:
+    return FenceDecision(
+        decision_id=f"{HOST}/{n}/1",
+        host=HostRef(host_uuid=HOST, host_name="hv1", cluster_uuid="c1"),
+        episode=n,
+        action=FenceAction.STOP,
+        approved=True,
+        evidence=EvidenceSummary(suspect_since=1.0, stale_checks=3),
+        decided_at=time.time(),
+    )
+
+
+def fencer_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run the `fencer` command as an operator would (this worktree's code)."""
+    return subprocess.run(
+        [sys.executable, "-m", "streams.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+class Notices:
+    """Notices the actuator announced."""
+
+    def __init__(self) -> None:
+        self.sent: list[Notice] = []
+
+    async def __call__(self, notice: Notice) -> None:
+        self.sent.append(notice)
+
+
+# -- GUID read and pinned -------------------------------------------------------------------
+
+
+async def test_both_bmcs_report_their_configured_system_guid(
+    sim_bmc: BmcSimulator, ipmi_sim: openipmi.IpmiSim
+) -> None:
+    lab = IpmiDriver("127.0.0.1", "admin", SecretStr(BMC_PASSWORD), sim_bmc.port, timeout=5)
+    assert await lab.system_guid() == GUID_A
+    await lab.aclose()
+    assert sim_bmc.count("get_system_guid") == 1
+    # ipmi_sim sends lan.conf's 16 bytes as they are; pyghmi decodes the first three fields
+    # little-endian as SMBIOS does: one fixed reading per board, which is all a pin needs.
+    sim = IpmiDriver(
+        "127.0.0.1", ipmi_sim.username, SecretStr(ipmi_sim.password), ipmi_sim.port, timeout=5
+    )
+    first = await sim.system_guid()
+    assert first == await sim.system_guid()
+    assert uuid.UUID(first).bytes_le == uuid.UUID(GUID_A).bytes
+    await sim.aclose()
+
+
+async def test_lab_bmc_guid_is_pinned_at_first_fence_on_the_pins_topic(
+    sim_bmc: BmcSimulator, fencer_settings: Any
+) -> None:
+    settings = settings_for(sim_bmc.port, base=fencer_settings(isolated_topics=True))
+    pins = BmcPinStore(settings)
+    await pins.start()
+    try:
+        outcome = await Actuator(settings, pins=pins).handle(decision())
+        assert outcome is not None and outcome.success and outcome.verified, outcome
+        assert (outcome.power_before, outcome.power_after) == ("on", "off")
+    finally:
+        await pins.stop()
+    assert sim_bmc.power == "off"
+    again = BmcPinStore(settings)  # another process reading the compacted topic
+    await again.start()
+    try:
+        pin = again.get(HOST)
+        assert pin is not None
+        assert (pin.guid, pin.pinned_by, pin.address) == (GUID_A, "first-fence", "127.0.0.1")
+    finally:
+        await again.stop()
+
+
+async def test_ipmi_sim_guid_is_pinned_by_the_preflight(ipmi_sim: openipmi.IpmiSim) -> None:
+    settings = settings_for(ipmi_sim.port, ipmi_sim.username, ipmi_sim.password)
+    pins = MemoryPinStore()
+    first = await check_host(settings, HOST, None, pins=pins)
+    assert first.ok and first.identity == "pinned" and first.power == "on"
+    pin = pins.get(HOST)
+    assert pin is not None and pin.guid == first.guid and pin.pinned_by == "preflight"
+    second = await check_host(settings, HOST, None, pins=pins)
+    assert second.ok and second.identity == "matches"
+    assert ipmi_sim.power_commands == []
+
+
+# -- a BMC whose GUID changed ---------------------------------------------------------------
+
+
+async def _notices_on(settings: FencerSettings, within: float = 10) -> list[Notice]:
+    got: list[Notice] = []
+
+    def on(record: ConsumerRecord[bytes, bytes]) -> None:
+        got.append(Notice.model_validate_json(record.value or b""))
+
+    reader = TopicReader(settings, [settings.kafka.topics.notices], on, client_id="test-notices")
+    await reader.start(within)
+    await reader.stop()
+    return got
+
+
+async def test_changed_guid_no_power_action_notice_then_operator_pin_and_fence(
+    sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path
+) -> None:
+    settings = settings_for(sim_bmc.port, base=fencer_settings(isolated_topics=True))
+    pins = BmcPinStore(settings)
+    await pins.start()
+    try:
+        assert (await check_host(settings, HOST, None, pins=pins)).identity == "pinned"
+        sim_bmc.guid = GUID_B  # a swapped board (or another machine behind the address)
+
+        preflight = await check_host(settings, HOST, None, pins=pins)
+        assert not preflight.ok and preflight.identity == "changed" and preflight.guid == GUID_B
+        assert "BMC identity changed" in (preflight.error or "")
+
+        actuator = Actuator(settings, pins=pins, announce=pins.send_notice)
+        reads_before = sim_bmc.count("get_power")
+        refused = await actuator.handle(decision(1))
+        assert refused is not None and not refused.success and not refused.verified
+        assert GUID_B in (refused.error or "") and GUID_A in (refused.error or "")
+        assert f"fencer ipmi pin {HOST}" in (refused.error or "")
+        assert sim_bmc.power == "on"
+        # Refused before any power command, even a read: only the GUID was asked.
+        assert sim_bmc.count("power_off") == 0 and sim_bmc.count("get_power") == reads_before
+        pin = pins.get(HOST)
+        assert pin is not None and pin.guid == GUID_A and pin.seen_guid == GUID_B
+    finally:
+        await pins.stop()
+
+    notices = [n for n in await _notices_on(settings) if n.host.host_uuid == HOST]
+    assert [n.kind for n in notices] == [NoticeKind.BMC_IDENTITY_CHANGED]
+    assert GUID_B in (notices[0].reason or "") and notices[0].host.host_name == "hv1"
+
+    # The operator confirms the new board through the CLI, as documented.
+    conf = tmp_path / "fencer.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": settings.kafka.model_dump(mode="json"),
+                "defaults": {"action": "stop", "username": "admin", "restart_via": "none"},
+                "hosts": {
+                    HOST: {
+                        "ipmi": {
+                            "address": "127.0.0.1",
+                            "port": sim_bmc.port,
+                            "password": BMC_PASSWORD,
+                        }
+                    }
+                },
+            }
+        )
+    )
+    r = fencer_cli(
+        "ipmi", "pin", HOST, "--cluster", "c1", "--expect", GUID_B, "--by", "alice", "-c", str(conf)
+    )
+    assert r.returncode == 0, r.stderr
+    assert BMC_PASSWORD not in r.stdout + r.stderr
+    printed = json.loads(r.stdout)
+    assert printed["guid"] == GUID_B and printed["previous_guid"] == GUID_A
+    assert printed["changed"] and printed["pinned_by"] == "operator alice"
+
+    pins = BmcPinStore(settings)
+    await pins.start()
+    try:
+        fenced = await Actuator(settings, pins=pins).handle(decision(2))
+        assert fenced is not None and fenced.success and fenced.verified, fenced
+    finally:
+        await pins.stop()
+    assert sim_bmc.power == "off" and sim_bmc.count("power_off") == 1
+
+
+def test_cli_pin_refuses_a_guid_other_than_the_expected_one(
+    sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path
+) -> None:
+    settings = fencer_settings(isolated_topics=True)
+    conf = tmp_path / "fencer.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": settings.kafka.model_dump(mode="json"),
+                "hosts": {
+                    HOST: {
+                        "ipmi": {
+                            "address": "127.0.0.1",
+                            "port": sim_bmc.port,
+                            "password": BMC_PASSWORD,
+                        }
+                    }
+                },
+            }
+        )
+    )
+    r = fencer_cli("ipmi", "pin", HOST, "--cluster", "c1", "--expect", GUID_B, "-c", str(conf))
+    assert r.returncode == 1
+    assert f"reports system GUID {GUID_A}, not {GUID_B}" in r.stderr
+    assert BMC_PASSWORD not in r.stderr + r.stdout
+    assert sim_bmc.count("get_system_guid") == 1
+
+
+async def test_ipmi_sim_of_another_board_behind_the_address_is_not_powered_off() -> None:
+    # Pinned through board A; the settings now reach board B (an address typo, a DHCP lease
+    # handed to another machine): B is never powered off until an operator pins it.
+    with openipmi.IpmiSim(guid=GUID_A) as a, openipmi.IpmiSim(guid=GUID_B) as b:
+        pins = MemoryPinStore()
+        first = settings_for(a.port, a.username, a.password)
+        assert (await check_host(first, HOST, None, pins=pins)).identity == "pinned"
+        moved = settings_for(b.port, b.username, b.password)
+        notices = Notices()
+        outcome = await Actuator(moved, pins=pins, announce=notices).handle(decision())
+        assert outcome is not None and not outcome.success
+        assert "BMC identity changed" in (outcome.error or "")
+        assert b.power == "on" and b.power_commands == [] and a.power_commands == []
+        assert [n.kind for n in notices.sent] == [NoticeKind.BMC_IDENTITY_CHANGED]
+
+
+async def test_unreadable_pins_refuse_the_fence(sim_bmc: BmcSimulator) -> None:
+    class Broken(MemoryPinStore):
+        def get(self, host_uuid: str) -> Any:
+            raise OSError("broker gone")
+
+    outcome = await Actuator(settings_for(sim_bmc.port), pins=Broken()).handle(decision())
+    assert outcome is not None and not outcome.success
+    assert "cannot read or write the BMC pin" in (outcome.error or "")
+    assert sim_bmc.power == "on" and sim_bmc.count("power_off") == 0
+
+
+# -- IPMI details ---------------------------------------------------------------------------
+
+
+def test_config_check_refuses_long_ipmi_user_and_password_naming_each(tmp_path: Path) -> None:
+    long_pw = "p" * 21
+    conf = tmp_path / "fencer.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"driver": "ipmi"},
+                "clusters": {"c1": {"ipmi": {"username": "u" * 17}}},
+                "hosts": {HOST: {"ipmi": {"address": "10.0.0.9", "password": long_pw}}},
+            }
+        )
+    )
+    r = fencer_cli("config", "check", str(conf))
+    assert r.returncode == 1
+    assert (
+        f"hosts.{HOST}.ipmi.password: password is 21 bytes; IPMI 2.0 carries at most 20" in r.stderr
+    )
+    assert (
+        "clusters.c1.ipmi.username: username is 17 bytes; IPMI 2.0 carries at most 16" in r.stderr
+    )
+    assert long_pw not in r.stderr + r.stdout
+    # 20 bytes (multi-byte characters count as bytes) and 16 are fine; Redfish has no such limit.
+    ok = {"hosts": {HOST: {"ipmi": {"password": "é" * 10, "username": "u" * 16}}}}
+    assert load_settings(None, **ok).hosts[HOST].ipmi.username == "u" * 16
+    with pytest.raises(SettingsError, match="password is 22 bytes"):
+        load_settings(None, hosts={HOST: {"ipmi": {"password": "é" * 11}}})
+    redfish = {"defaults": {"driver": "redfish"}, "hosts": {HOST: {"ipmi": {"password": long_pw}}}}
+    assert load_settings(None, **redfish)
+
+
+@pytest.mark.parametrize("bmc_kind", ["lab", "ipmi_sim"])
+async def test_driver_refuses_long_credentials_before_any_packet(
+    bmc_kind: str, sim_bmc: BmcSimulator, ipmi_sim: openipmi.IpmiSim
+) -> None:
+    port = sim_bmc.port if bmc_kind == "lab" else ipmi_sim.port
+    with pytest.raises(DriverConfigError, match="password is 21 bytes"):
+        IpmiDriver("127.0.0.1", "admin", SecretStr("x" * 21), port)
+    with pytest.raises(DriverConfigError, match="username is 17 bytes"):
+        IpmiDriver("127.0.0.1", "u" * 17, SecretStr("x"), port)
+    # Settings changed at run time (the UI's store) skip the file's check: the actuator's
+    # outcome still says why, and the BMC saw nothing.
+    settings = settings_for(port)
+    host = settings.hosts[HOST].model_copy(
+        update={
+            "ipmi": settings.hosts[HOST].ipmi.model_copy(
+                update={"password": SecretStr("secret-" * 3)}
+            )
+        }
+    )
+    settings = settings.model_copy(update={"hosts": {HOST: host}})
+    outcome = await Actuator(settings, pins=MemoryPinStore()).handle(decision())
+    assert outcome is not None and not outcome.success
+    assert "password is 21 bytes" in (outcome.error or "")
+    assert "secret-" not in (outcome.error or "")
+    if bmc_kind == "lab":
+        assert sim_bmc.count() == 0
+    else:
+        assert ipmi_sim.power_commands == []
+
+
+async def test_power_before_is_the_first_attempts_reading(ipmi_sim: openipmi.IpmiSim) -> None:
+    # The BMC accepts the off at once but shows it late: attempt 1 times out polling, attempt 2
+    # reads off ("already off"). The outcome must say on -> off, not off -> off.
+    ipmi_sim.delay_power_off(1.0)
+    engine = Engine(power_timeout=0.6, poll_interval=0.1, retries=2, retry_backoff=0.8)
+    driver = IpmiDriver(
+        "127.0.0.1", ipmi_sim.username, SecretStr(ipmi_sim.password), ipmi_sim.port, timeout=5
+    )
+    r = await engine.run(HOST, driver, FenceAction.STOP)
+    assert r.success and r.verified and r.attempts == 2, r
+    assert (r.power_before, r.power_after) == ("on", "off")
+    assert r.steps[0] == "power on" and "power off" in r.steps
+    assert ipmi_sim.power_commands == ["set 0"]  # the retry saw it off and sent nothing
+
+
+async def test_errors_name_the_ipmi_command_that_failed(ipmi_sim: openipmi.IpmiSim) -> None:
+    driver = IpmiDriver(
+        "127.0.0.1", ipmi_sim.username, SecretStr(ipmi_sim.password), ipmi_sim.port, timeout=5
+    )
+    try:
+        with pytest.raises(BmcRefused, match=r"Chassis Identify \(netfn 0x00 cmd 0x04\) failed"):
+            await driver.identify(True)  # ipmi_sim has no identify LED
+        ipmi_sim.refuse_power_control()
+        with pytest.raises(BmcRefused, match=r"Chassis Control \(netfn 0x00 cmd 0x02\) failed"):
+            await driver.set_power("off")
+        assert await driver.get_power() == "on"
+    finally:
+        await driver.aclose()
+    wrong = IpmiDriver("127.0.0.1", ipmi_sim.username, SecretStr("not-the-pw"), ipmi_sim.port)
+    with pytest.raises(Exception, match=r"refused the credentials in session login"):
+        await wrong.get_power()
+
+
+def test_ipmi_test_cli_prints_the_error_once_and_never_the_password(
+    ipmi_sim: openipmi.IpmiSim, tmp_path: Path
+) -> None:
+    conf = tmp_path / "fencer.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"username": ipmi_sim.username},
+                "hosts": {
+                    HOST: {
+                        "ipmi": {
+                            "address": "127.0.0.1",
+                            "port": ipmi_sim.port,
+                            "password": "wrong-sim-pw",
+                        }
+                    }
+                },
+                "actuator": {"retries": 2, "retry_backoff": 0.1},
+            }
+        )
+    )
+    r = fencer_cli("ipmi", "test", "--host", HOST, "--cluster", "c1", "-c", str(conf))
+    assert r.returncode == 1
+    assert r.stderr.count("refused the credentials") == 1, r.stderr
+    assert "wrong-sim-pw" not in r.stderr + r.stdout
+    out = json.loads(r.stdout)
+    assert not out["ok"] and "session login" in out["error"]
+
+
+def test_operators_guide_templates_pass_a_cipher_suite() -> None:
+    guide = (ROOT / "docs" / "operators-guide.md").read_text()
+    templates = [ln for ln in guide.splitlines() if "-I lanplus" in ln]
+    assert templates, "the guide shows ipmitool templates"
+    assert all(" -C 17" in ln or " -C 3" in ln for ln in templates), templates
+
+
+# -- pyghmi's reply race (figures: benchmarks/pyghmi_stall.py) ------------------------------
+
+
+def test_a_reply_queued_before_the_wait_wakes_it_at_once() -> None:
+    # The situation the race leaves: the IO thread already read the reply into the session's
+    # queue before the caller registered its wait. pyghmi's own _io_wait would sleep until
+    # its timeout (here 30 s, the test's failure); the workaround returns at once.
+    assert ipmisession._io_wait is ipmidriver._io_wait_seeing_queued_replies
+    addr = ("::ffff:127.0.0.9", 6230, 0, 0)
+
+    class Queued:
+        pktqueue = [b"reply"]
+
+    ipmisession.Session.bmc_handlers[addr] = {1: Queued()}
+    done = threading.Event()
+    try:
+        t = threading.Thread(target=lambda: (ipmisession._io_wait(30, addr), done.set()))
+        t.start()
+        assert done.wait(10), "the wait did not see the queued reply"
+    finally:
+        ipmisession.Session.bmc_handlers.pop(addr, None)
+    t.join(1)
+
+
+async def test_reply_race_workaround_keeps_every_call_working(sim_bmc: BmcSimulator) -> None:
+    driver = IpmiDriver("127.0.0.1", "admin", SecretStr(BMC_PASSWORD), sim_bmc.port, timeout=5)
+    try:
+        results = [await driver.get_power() for _ in range(30)]
+    finally:
+        await driver.aclose()
+    assert results == ["on"] * 30 and sim_bmc.count("get_power") == 30
+
+
+# -- the worker's runtime: pre-flight pins, then the actuate path refuses ------------------
+
+
+async def test_worker_runtime_preflight_pins_then_notices_and_refuses_a_changed_bmc(
+    cloud: Cloud, fencer_settings: Any
+) -> None:
+    from streams.records import Runtime
+
+    with BmcSimulator("admin", BMC_PASSWORD, guid=GUID_A) as bmc:
+        base = fencer_settings(isolated_topics=True)
+        from fencing.settings import SigningSettings
+        from fencing.signing import write_keys_file
+
+        keys = write_keys_file(base.data_dir / "signing.keys", "test")
+        settings = make_settings(cloud, bmc.port).model_copy(
+            update={
+                "kafka": base.kafka,
+                "data_dir": base.data_dir,
+                "signing": SigningSettings(keys_file=keys),
+            }
+        )
+        runtime = Runtime(settings=settings, started_at=time.time())
+        try:
+            assert await runtime.preflight() == []  # GUID_A pinned, BMC fine
+            pins = await runtime.bmc_pins()
+            assert pins.get(cloud.host.uuid).guid == GUID_A
+            assert pins.get(cloud.host.uuid).pinned_by == "preflight"
+
+            bmc.guid = GUID_B
+            notices = await runtime.preflight()
+            assert [n.kind for n in notices] == [NoticeKind.BMC_IDENTITY_CHANGED]
+            assert GUID_B in (notices[0].reason or "")
+            assert notices[0].notice_id.startswith(f"{cloud.host.uuid}/bmc-identity/{GUID_B}/")
+
+            d = FenceDecision(
+                decision_id=str(uuid.uuid4()),
+                host=HostRef(host_uuid=cloud.host.uuid, cluster_uuid=cloud.cluster_uuid),
+                episode=1,
+                action=FenceAction.STOP,
+                approved=True,
+                evidence=EvidenceSummary(suspect_since=time.time() - 300, stale_checks=3),
+                decided_at=time.time(),
+            )
+            # The actuator as the runtime builds it once a decision passed its last-moment
+            # checks (tests/e2e/test_bmc_identity.py plays the whole path with a worker).
+            from fencing.actuator import Actuator
+
+            act = Actuator(settings, pins=pins, announce=getattr(pins, "send_notice", None))
+            outcome = await act.handle(d)
+            assert outcome is not None and not outcome.success
+            assert "BMC identity changed" in (outcome.error or "")
+            assert bmc.power == "on" and bmc.count("power_off") == 0
+            assert not any(c == "declareHostAsDegraded" for c, _ in cloud.cloud.calls)
+        finally:
+            await runtime.close()
+    sent = [n for n in await _notices_on(settings) if n.host.host_uuid == cloud.host.uuid]
+    assert [n.kind for n in sent] == [NoticeKind.BMC_IDENTITY_CHANGED]  # from the actuator
+
+
+async def test_unanswered_guid_read_is_retried_then_the_fence_goes_on(
+    sim_bmc: BmcSimulator,
+) -> None:
+    # The BMC misses the whole first GUID read (5 s call deadline), answers the retry: fenced.
+    sim_bmc.pause()
+    threading.Timer(6.0, sim_bmc.resume).start()
+    pins = MemoryPinStore()
+    outcome = await Actuator(settings_for(sim_bmc.port), pins=pins).handle(decision())
+    assert outcome is not None and outcome.success and outcome.verified, outcome
+    assert outcome.finished_at - outcome.started_at > 5  # the first read did time out
+    assert pins.get(HOST) is not None and pins.get(HOST).guid == GUID_A
+    assert sim_bmc.power == "off" and sim_bmc.count("power_off") == 1
+
+
+# -- the identity rules, through the other drivers -----------------------------------------
+
+
+async def test_redfish_guid_is_the_systems_uuid(redfish: Redfish) -> None:
+    driver = RedfishDriver(
+        redfish.url, redfish.username, SecretStr(redfish.password), system=redfish.system
+    )
+    try:
+        assert await driver.system_guid() == redfish.system.lower()
+    finally:
+        await driver.aclose()
+
+
+async def test_command_template_cannot_read_a_guid_and_says_identity_is_unchecked(
+    sim_bmc: BmcSimulator,
+) -> None:
+    settings = IpmiSettings(**ipmitool_template(sim_bmc.port))
+    check = await verify_identity(
+        HOST, TemplateDriver(settings, "127.0.0.1"), MemoryPinStore(), address="127.0.0.1"
+    )
+    assert check.ok and check.verdict == "unsupported"
+    assert "cannot read a system GUID: identity not checked" in (check.reason or "")
+
+
+async def test_back_to_the_pinned_board_clears_the_other_guid() -> None:
+    pins, fake = MemoryPinStore(), FakeDriver()
+    fake.guid = GUID_A
+    assert (await verify_identity(HOST, fake, pins, address="10.0.0.1")).verdict == "pinned"
+    fake.guid = GUID_B  # the address had a typo: another machine answered
+    changed = await verify_identity(HOST, fake, pins, address="10.0.0.2")
+    assert changed.verdict == "changed" and not changed.ok
+    assert pins.pins[HOST].seen_guid == GUID_B and pins.pins[HOST].seen_address == "10.0.0.2"
+    fake.guid = GUID_A  # typo fixed
+    back = await verify_identity(HOST, fake, pins, address="10.0.0.1")
+    assert back.verdict == "matches" and back.ok
+    assert pins.pins[HOST].seen_guid is None and pins.pins[HOST].guid == GUID_A
+    assert await check_identity(HOST, fake, pins, address="10.0.0.1") is None
