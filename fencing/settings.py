@@ -138,6 +138,24 @@ IPMI_FIELDS = (
     "verify_tls",
     "restart_via",
     "restart_without_fence",
+    "allow_insecure_redfish",
+)
+
+# Fields that choose what runs or where a password may go (the command template, its tool and
+# arguments, TLS checks): set only in the configuration file. The API refuses a write of them
+# (403 naming the field) and a settings-topic record cannot change them (the store keeps the
+# file's values); `driver: template` likewise unless `api.settable_drivers` lists it.
+FILE_ONLY_IPMI_FIELDS = (
+    "exec",
+    "execution_syntax",
+    "password_via",
+    "action_stop",
+    "action_start",
+    "action_reboot",
+    "action_blink",
+    "action_test",
+    "verify_tls",
+    "allow_insecure_redfish",
 )
 
 
@@ -190,6 +208,11 @@ class IpmiSettings(_Model):
         False,
         description="tell CloudStack to restart VMs after nothing/blink (VMs may run twice)",
     )
+    allow_insecure_redfish: bool = Field(
+        False,
+        description="allow an http:// Redfish address (the password travels in clear); "
+        "configuration file only",
+    )
 
     @field_validator("action")
     @classmethod
@@ -220,6 +243,7 @@ class IpmiOverrides(_Model):
     verify_tls: bool | None = None
     restart_via: RestartVia | None = None
     restart_without_fence: bool | None = None
+    allow_insecure_redfish: bool | None = None
 
     @field_validator("action")
     @classmethod
@@ -451,6 +475,11 @@ class ApiSettings(_Model):
     port: int = Field(8480, ge=1, le=65535)
     token: SecretStr | None = None
     secrets_key_file: Path | None = Field(None, description="key that encrypts stored passwords")
+    settable_drivers: list[Driver] = Field(
+        default_factory=lambda: [Driver.IPMI, Driver.REDFISH],
+        description="drivers the API (and the settings topic) may choose; `template` runs a "
+        "command, so it is chosen only in the file unless listed here",
+    )
 
 
 class MetricsSettings(_Model):
@@ -586,6 +615,40 @@ class FencerSettings(BaseSettings):
         """The cluster's recipients, or the global list."""
         c = self.clusters.get(cluster_uuid or "")
         return c.email_to if c and c.email_to is not None else list(self.email.to)
+
+
+def file_only_violations(
+    change: IpmiOverrides, in_file: IpmiOverrides | None, settable_drivers: list[Driver]
+) -> list[str]:
+    """The fields of `change` (an API write or a settings-topic record for one cluster or host)
+    that only the configuration file may set: a file-only field whose value differs from the
+    file's at that level, or a driver outside `api.settable_drivers` that the file does not
+    choose there."""
+    base = in_file or IpmiOverrides()
+    out = [
+        name
+        for name in FILE_ONLY_IPMI_FIELDS
+        if getattr(change, name) is not None and getattr(change, name) != getattr(base, name)
+    ]
+    if (
+        change.driver is not None
+        and change.driver not in settable_drivers
+        and change.driver != base.driver
+    ):
+        out.append("driver")
+    return out
+
+
+def confine_to_file(
+    change: IpmiOverrides, in_file: IpmiOverrides | None, settable_drivers: list[Driver]
+) -> IpmiOverrides:
+    """`change` with every file-only field (and a driver outside `api.settable_drivers`) taken
+    from the file's entry at that level: the settings topic never decides what runs."""
+    base = in_file or IpmiOverrides()
+    update = {name: getattr(base, name) for name in FILE_ONLY_IPMI_FIELDS}
+    if change.driver is not None and change.driver not in settable_drivers:
+        update["driver"] = base.driver
+    return change.model_copy(update=update)
 
 
 def fake_driver_fields(settings: FencerSettings) -> list[str]:

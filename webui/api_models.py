@@ -165,6 +165,14 @@ class ClusterSettingsView(BaseModel):
     sources: dict[str, Source]
     password_set: bool
     password_source: Source
+    file_only: list[str] = Field(
+        default_factory=list,
+        description="IPMI fields set only in the configuration file (shown read-only; a write "
+        "is refused with 403)",
+    )
+    settable_drivers: list[str] = Field(
+        default_factory=list, description="drivers the API may choose (api.settable_drivers)"
+    )
 
 
 class ClusterSummary(BaseModel):
@@ -196,6 +204,14 @@ class HostSettingsView(BaseModel):
     sources: dict[str, Source]
     password_set: bool
     password_source: Source
+    file_only: list[str] = Field(
+        default_factory=list,
+        description="IPMI fields set only in the configuration file (shown read-only; a write "
+        "is refused with 403)",
+    )
+    settable_drivers: list[str] = Field(
+        default_factory=list, description="drivers the API may choose (api.settable_drivers)"
+    )
 
 
 class HostSummary(BaseModel):

@@ -35,8 +35,10 @@ from fencing.settings import (
     ClusterSettings,
     FencerSettings,
     HostSettings,
+    FILE_ONLY_IPMI_FIELDS,
     IpmiOverrides,
     SettingsError,
+    file_only_violations,
     load_settings,
 )
 from streams.bmc_pins import BmcPinStore
@@ -336,6 +338,8 @@ def _cluster_settings_view(api: Api, uuid: str) -> m.ClusterSettingsView:
         sources=eff.sources,
         password_set=bool(eff.values.password.get_secret_value()),
         password_source=eff.sources["password"],
+        file_only=list(FILE_ONLY_IPMI_FIELDS),
+        settable_drivers=[d.value for d in s.api.settable_drivers],
     )
 
 
@@ -353,6 +357,8 @@ def _host_settings_view(api: Api, uuid: str, cluster_uuid: str | None) -> m.Host
         sources=eff.sources,
         password_set=bool(eff.values.password.get_secret_value()),
         password_source=eff.sources["password"],
+        file_only=list(FILE_ONLY_IPMI_FIELDS),
+        settable_drivers=[d.value for d in s.api.settable_drivers],
     )
 
 
@@ -510,6 +516,7 @@ async def put_cluster_settings(request: web.Request) -> web.Response:
     uuid = _path_id(request, "cluster_id")
     body: m.ClusterSettingsInput = await _body(request, m.ClusterSettingsInput, "cluster settings")
     await api.inventory.cluster(uuid)
+    _refuse_file_only(api, body.ipmi, api.store.file_settings.clusters.get(uuid))
     ipmi = body.ipmi.model_dump(exclude={"clear_password"})
     if body.ipmi.clear_password:
         ipmi["password"] = ""
@@ -522,6 +529,33 @@ async def put_cluster_settings(request: web.Request) -> web.Response:
     _refuse_what_ipmi_cannot_carry(api, settings, uuid, None)
     await _store_write(api.store.put_cluster(uuid, settings))
     return _json(_cluster_settings_view(api, uuid))
+
+
+def _refuse_file_only(
+    api: Api, change: IpmiOverrides, in_file: ClusterSettings | HostSettings | None
+) -> None:
+    """403 naming the field when a write sets what only the configuration file may set (the
+    command template, its tool and arguments, TLS checks, a driver outside settable_drivers)."""
+    allowed = api.store.file_settings.api.settable_drivers
+    refused = file_only_violations(change, in_file.ipmi if in_file else None, allowed)
+    if not refused:
+        return
+    fields = [
+        m.ErrorField(
+            field=f"ipmi.{name}",
+            message=(
+                "driver "
+                + str(getattr(change.driver, "value", change.driver))
+                + " is chosen only in the configuration file (api.settable_drivers: "
+                + ", ".join(d.value for d in allowed)
+                + ")"
+                if name == "driver"
+                else "set only in the configuration file: the API cannot change it"
+            ),
+        )
+        for name in refused
+    ]
+    raise ApiError(403, f"forbidden: {fields[0].field}: {fields[0].message}", fields)
 
 
 def _refuse_what_ipmi_cannot_carry(
@@ -603,6 +637,7 @@ async def put_host_settings(request: web.Request) -> web.Response:
     uuid = _path_id(request, "host_id")
     body: m.HostSettingsInput = await _body(request, m.HostSettingsInput, "host settings")
     h = await api.inventory.host(uuid)
+    _refuse_file_only(api, body.ipmi, api.store.file_settings.hosts.get(uuid))
     ipmi = body.ipmi.model_dump(exclude={"clear_password"})
     if body.ipmi.clear_password:
         ipmi["password"] = ""

@@ -43,6 +43,8 @@ from fencing.settings import (
     EffectiveIpmi,
     FencerSettings,
     HostSettings,
+    confine_to_file,
+    file_only_violations,
 )
 from fencing.signing import (
     SETTINGS,
@@ -433,6 +435,21 @@ class SettingsStore:
         data = json.loads(value)
         model = ClusterSettings if key.startswith("cluster:") else HostSettings
         settings = model.model_validate(data.get("settings") or {})
+        # What runs stays in the file: a record cannot set exec, the template, TLS checks or a
+        # driver outside api.settable_drivers (whoever wrote it, signed or not).
+        kind, _, uuid = key.partition(":")
+        base = (self._file.clusters if kind == "cluster" else self._file.hosts).get(uuid)
+        allowed = self._file.api.settable_drivers
+        refused = file_only_violations(settings.ipmi, base.ipmi if base else None, allowed)
+        if refused:
+            log.error(
+                "%s: the settings record sets %s, which only the configuration file may set: "
+                "the file's values apply",
+                key,
+                ", ".join(f"ipmi.{f}" for f in refused),
+            )
+        ipmi = confine_to_file(settings.ipmi, base.ipmi if base else None, allowed)
+        settings = settings.model_copy(update={"ipmi": ipmi})
         if "ipmi_password" in data:
             return _Entry(settings=settings, token=data["ipmi_password"], has_token=True)
         return _Entry(settings=settings)

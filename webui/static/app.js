@@ -27,6 +27,7 @@ const IPMI_FIELDS = [
   ["verify_tls", "Verify TLS (Redfish)", "bool"],
   ["restart_via", "Restart VMs via", "enum:RestartVia"],
   ["restart_without_fence", "Restart VMs without a power-down", "bool"],
+  ["allow_insecure_redfish", "Allow http:// Redfish (password in clear)", "bool"],
 ];
 const DECISION_ACTIONS = ["nothing", "stop", "reboot", "blink"];
 
@@ -217,7 +218,8 @@ function fieldRow(name, label, kind, current, inherited, source, extra) {
   if (kind.startsWith("enum:")) {
     input = h("select", { id, name },
       h("option", { value: "" }, `(inherit: ${show(inherited)})`),
-      enumValues(kind).map((v) => h("option", { value: v, selected: current === v }, v)));
+      enumValues(kind).map((v) => h("option", { value: v, selected: current === v,
+        disabled: name === "driver" && extra.settableDrivers && !extra.settableDrivers.includes(v) && current !== v }, v)));
   } else if (kind === "bool") {
     input = h("select", { id, name },
       h("option", { value: "" }, `(inherit: ${show(inherited)})`),
@@ -231,6 +233,13 @@ function fieldRow(name, label, kind, current, inherited, source, extra) {
       value: current === null || current === undefined ? "" : current,
       placeholder: inherited === null || inherited === undefined ? "" : String(inherited),
       min: kind === "number" ? 1 : null, max: kind === "number" ? 65535 : null });
+  }
+  const fileOnly = (extra.fileOnly || []).includes(name);
+  if (fileOnly) {
+    // What runs on a fence (and where a password may go) is set in the configuration file only.
+    input.disabled = true;
+    input.title = "set in the configuration file only";
+    inh = `${inh}; configuration file only`;
   }
   const hint = h("div", { class: "hint" },
     h("span", { id: `inh-${name}` }, inh), " ",
@@ -250,6 +259,7 @@ function readIpmi(form, withAddress) {
   if (withAddress) names.unshift(["address", "", "text"]);
   for (const [name, , kind] of names) {
     const el = form.querySelector(`#f-${name}`);
+    if (el.disabled) continue; // file-only: never sent
     const v = el.value.trim();
     if (kind === "password") { if (v) out.password = v; continue; }
     if (v === "") { out[name] = null; continue; }
@@ -302,7 +312,8 @@ async function clusterPage(uuid) {
       h("div", { class: "error", id: "err-email_to" })),
     IPMI_FIELDS.map(([name, label, kind]) => fieldRow(name, label, kind,
       kind === "password" ? null : s.overrides[name], s.defaults[name], s.sources[name],
-      { passwordSet: s.password_set, passwordSource: s.password_source })),
+      { passwordSet: s.password_set, passwordSource: s.password_source,
+        fileOnly: s.file_only, settableDrivers: s.settable_drivers })),
     h("div", { class: "actions" },
       h("button", { class: "primary", type: "submit", id: "save" }, "Save"),
       h("span", { id: "form-error", class: "error" }),
@@ -399,7 +410,8 @@ async function hostPage(uuid) {
     fieldRow("address", "IPMI hostname / IP", "text", s.overrides.address, null, s.address ? "host" : null, {}),
     IPMI_FIELDS.map(([name, label, kind]) => fieldRow(name, label, kind,
       kind === "password" ? null : s.overrides[name], s.inherited[name], s.sources[name],
-      { passwordSet: s.password_set, passwordSource: s.password_source })),
+      { passwordSet: s.password_set, passwordSource: s.password_source,
+        fileOnly: s.file_only, settableDrivers: s.settable_drivers })),
     h("div", { class: "actions" },
       h("button", { class: "primary", type: "submit", id: "save" }, "Save overrides"),
       testBtn, h("span", { id: "form-error", class: "error" })),
