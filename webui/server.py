@@ -32,10 +32,10 @@ from pydantic import BaseModel, ValidationError
 from fencing.events import HostStatus
 from fencing.records import HostRef, OperatorAction
 from fencing.settings import (
+    FILE_ONLY_IPMI_FIELDS,
     ClusterSettings,
     FencerSettings,
     HostSettings,
-    FILE_ONLY_IPMI_FIELDS,
     IpmiOverrides,
     SettingsError,
     file_only_violations,
