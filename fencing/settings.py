@@ -566,6 +566,13 @@ class FencerSettings(BaseSettings):
         return f"{self.kafka.group_id}-{'-'.join(wanted)}"
 
     @model_validator(mode="after")
+    def _redfish_only_over_https(self) -> FencerSettings:
+        problems = insecure_redfish_problems(self)
+        if problems:
+            raise ValueError("\n".join(f"{where}: {problem}" for where, problem in problems))
+        return self
+
+    @model_validator(mode="after")
     def _ipmi_credentials_fit(self) -> FencerSettings:
         problems = ipmi_credential_problems(self)
         if problems:
@@ -649,6 +656,30 @@ def confine_to_file(
     if change.driver is not None and change.driver not in settable_drivers:
         update["driver"] = base.driver
     return change.model_copy(update=update)
+
+
+def insecure_redfish_problems(settings: FencerSettings) -> list[tuple[str, str]]:
+    """(setting path, problem) for each host whose Redfish address is not https while neither
+    the host, its cluster (any cluster, the host's being unknown here) nor the defaults say
+    `allow_insecure_redfish: true`. The driver refuses such an address again before a request."""
+    out: list[tuple[str, str]] = []
+    some_cluster = any(c.ipmi.allow_insecure_redfish for c in settings.clusters.values())
+    for huuid, host in settings.hosts.items():
+        address = (host.ipmi.address or "").strip()
+        if "://" not in address or address.lower().startswith("https://"):
+            continue
+        eff = settings.effective_ipmi(huuid, None).values
+        if eff.driver is not Driver.REDFISH or eff.allow_insecure_redfish or some_cluster:
+            continue
+        scheme = address.split("://", 1)[0]
+        out.append(
+            (
+                f"hosts.{huuid}.ipmi.address",
+                f"Redfish over {scheme}:// would send the BMC password in clear; use https, or "
+                "set allow_insecure_redfish: true for this host or its cluster",
+            )
+        )
+    return out
 
 
 def fake_driver_fields(settings: FencerSettings) -> list[str]:

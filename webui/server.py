@@ -579,7 +579,24 @@ def _refuse_what_ipmi_cannot_carry(
         candidate = current.model_copy(
             update={"clusters": {**current.clusters, cluster or "": change}}
         )
-    values = candidate.effective_ipmi(host or "", cluster).values
+    eff = candidate.effective_ipmi(host or "", cluster)
+    values = eff.values
+    address = (eff.address or "").strip()
+    if (
+        values.driver is Driver.REDFISH
+        and "://" in address
+        and not address.lower().startswith("https://")
+        and not values.allow_insecure_redfish
+    ):
+        problem = (
+            "Redfish over http:// would send the BMC password in clear; use https (only the "
+            "configuration file can allow_insecure_redfish)"
+        )
+        raise ApiError(
+            422,
+            f"invalid settings: ipmi.address: {problem}",
+            [m.ErrorField(field="ipmi.address", message=problem)],
+        )
     if values.driver is not Driver.IPMI:
         return
     for name, problem in (

@@ -123,3 +123,20 @@ async def test_a_settings_record_cannot_set_what_runs(webui_broker, caplog):
 
 def test_every_file_only_field_is_an_ipmi_setting():
     assert set(FILE_ONLY_IPMI_FIELDS) <= set(IpmiOverrides.model_fields)
+
+
+def test_an_http_redfish_address_is_refused_by_the_api(api, lab):
+    with api.client() as c:
+        r = c.put(
+            f"/api/hosts/{lab.host_b1}/settings",
+            json={"ipmi": {"driver": "redfish", "address": "http://10.9.9.9"}},
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["fields"][0]["field"] == "ipmi.address"
+        assert "allow_insecure_redfish" in r.json()["error"]
+        r = c.put(
+            f"/api/hosts/{lab.host_b1}/settings",
+            json={"ipmi": {"driver": "redfish", "address": "https://10.9.9.9"}},
+        )
+        assert r.status_code == 200, r.text
+        assert c.delete(f"/api/hosts/{lab.host_b1}/settings").status_code == 200
