@@ -309,6 +309,7 @@ class TopicNames(_Model):
     fence_claims: str = "fencer.fence-claims"
     operator_actions: str = "fencer.operator-actions"
     bmc_pins: str = "fencer.bmc-pins"
+    audit: str = "fencer.audit"
 
 
 class KafkaSettings(_Model):
@@ -475,6 +476,22 @@ class ApiSettings(_Model):
     port: int = Field(8480, ge=1, le=65535)
     token: SecretStr | None = None
     secrets_key_file: Path | None = Field(None, description="key that encrypts stored passwords")
+    tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description="API tokens stored hashed, by name: `sha256:<hex of the token>` "
+        "(printf %s TOKEN | sha256sum); the name is the `who` of the audit log",
+    )
+    tls_certfile: Path | None = Field(None, description="serve the API and UI over https")
+    tls_keyfile: Path | None = None
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses or networks of reverse proxies whose X-Forwarded-Proto and "
+        "X-Forwarded-For are believed (TLS ended there: the session cookie is Secure)",
+    )
+    login_max_failures: int = Field(
+        5, ge=1, description="failed logins (or wrong bearer tokens) per client per window"
+    )
+    login_window: float = Field(300.0, gt=0, description="seconds of the failed-login window")
     settable_drivers: list[Driver] = Field(
         default_factory=lambda: [Driver.IPMI, Driver.REDFISH],
         description="drivers the API (and the settings topic) may choose; `template` runs a "
@@ -540,6 +557,28 @@ class FencerSettings(BaseSettings):
             secrets_nested_delimiter="__",
         )
         return (env_settings, secret_files, init_settings)
+
+    @model_validator(mode="after")
+    def _api_security_settings_hang_together(self) -> FencerSettings:
+        a = self.api
+        for name, value in a.tokens.items():
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+                raise ValueError(
+                    f"api.tokens.{name}: must be sha256:<64 lower-case hex digits> "
+                    "(printf %s TOKEN | sha256sum), never the token itself"
+                )
+        if (a.tls_certfile is None) != (a.tls_keyfile is None):
+            raise ValueError("api.tls_certfile: set together with api.tls_keyfile (or neither)")
+        import ipaddress
+
+        for i, proxy in enumerate(a.trusted_proxies):
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"api.trusted_proxies.{i}: {proxy[:60]!r} is not an address or network"
+                ) from None
+        return self
 
     @model_validator(mode="after")
     def _fake_driver_only_in_the_lab(self) -> FencerSettings:

@@ -27,7 +27,7 @@ log = logging.getLogger("fencer.kafka")
 # `fence_claims` the log order decides between two claimants of one decision.
 SINGLE_PARTITION_TOPICS = frozenset({"fence_proposals", "fence_claims"})
 # Topics that hold the latest value per key.
-COMPACTED_TOPICS = frozenset({"settings", "host_states", "bmc_pins"})
+COMPACTED_TOPICS = frozenset({"settings", "host_states", "bmc_pins", "audit"})
 
 TOPIC_ALREADY_EXISTS = 36
 

@@ -281,6 +281,14 @@ class FenceQuery(BaseModel):
     limit: int = Field(100, ge=1, le=1000)
 
 
+class AuditQuery(BaseModel):
+    """The filters of GET /api/audit (query parameters)."""
+
+    model_config = ConfigDict(extra="forbid")
+    target: str | None = Field(None, max_length=300, description="e.g. cluster:<uuid>")
+    limit: int = Field(100, ge=1, le=1000)
+
+
 class HostQuery(BaseModel):
     """The filter of GET /api/hosts (query parameter)."""
 

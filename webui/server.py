@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import secrets
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -43,6 +45,8 @@ from fencing.settings import (
 )
 from streams.bmc_pins import BmcPinStore
 from webui import api_models as m
+from webui.audit import AuditChange, AuditLog, diff
+from webui.auth import LoginLimiter, ProxyRules, TokenBook
 from webui.fencing_view import FencingView
 from webui.openapi import build_openapi
 from webui.settings_store import SettingsStore, SettingsStoreError
@@ -163,6 +167,7 @@ async def actuator_ipmi_test(settings: FencerSettings, host: HostRef) -> m.IpmiT
 class _Session:
     csrf: str
     expires: float
+    who: str = ""
 
 
 @dataclass
@@ -179,16 +184,79 @@ class Api:
     topics_ready: Callable[[], bool] = lambda: True
     # writes an operator's retry / handled record (the actuate workers act on it)
     send_operator: Callable[[FencerSettings, OperatorAction], Awaitable[None]] | None = None
+    # tells people about a login burst (the notices topic); None: audit and log only
+    send_notice: Callable[[FencerSettings, str], Awaitable[None]] | None = None
     pins: Any = None  # streams.bmc_pins.BmcPinStore (BMC identity), started by Service
+    audit: AuditLog | None = None  # the audit topic (Service starts it)
+    tokens: TokenBook = field(init=False)
+    proxies: ProxyRules = field(init=False)
+    limiter: LoginLimiter = field(init=False)
 
-    @property
-    def token(self) -> str:
-        """The API token (cli_api refuses to start without one)."""
-        tok = self.settings.api.token
-        return tok.get_secret_value() if tok is not None else ""
+    def __post_init__(self) -> None:
+        a = self.settings.api
+        self.tokens = TokenBook.from_settings(a)  # hashes only, never the token
+        self.proxies = ProxyRules(a.trusted_proxies)
+        self.limiter = LoginLimiter(a.login_max_failures, a.login_window)
+
+    async def record(
+        self,
+        request: web.Request,
+        action: str,
+        target: str,
+        changes: list[AuditChange] | None = None,
+    ) -> None:
+        """Audit one change (who, client, field, old and new, secrets masked)."""
+        if self.audit is None:
+            return
+        who = str(request.get(WHO_KEY) or "unauthenticated")
+        try:
+            await asyncio.wait_for(
+                self.audit.write(who, self.proxies.client(request), action, target, changes), 30
+            )
+        except Exception as exc:
+            # The change is made; that its audit line is missing must not pass silently.
+            log.error("AUDIT NOT WRITTEN: %s %s by %s: %s", action, target, who, exc)
+            raise ApiError(
+                503, f"the change was made but its audit record could not be written: {exc}"
+            ) from None
+
+    def refuse_if_limited(self, request: web.Request) -> str:
+        """The client's address; 429 while it has failed too often."""
+        client = self.proxies.client(request)
+        wait = self.limiter.retry_after(client)
+        if wait is not None:
+            raise ApiError(
+                429,
+                f"too many failed logins from {client}: try again in {int(wait) + 1} s "
+                "(api.login_max_failures, api.login_window)",
+            )
+        return client
+
+    async def failed_login(self, request: web.Request, client: str) -> None:
+        """Count a failed login or wrong bearer token; report the start of a burst once."""
+        if self.limiter.failed(client):
+            log.error(
+                "LOGIN BURST: %d failed logins from %s in %.0f s: refused until the window passes",
+                self.limiter.max_failures,
+                client,
+                self.limiter.window,
+            )
+            await self.report_burst(request, client)
+
+    async def report_burst(self, request: web.Request, client: str) -> None:
+        """The burst notice: an audit entry, and a notice on the notices topic."""
+        change = AuditChange(field="failed_logins", new=self.limiter.max_failures)
+        with contextlib.suppress(ApiError):
+            await self.record(request, "login_burst", f"client:{client}", [change])
+        if self.send_notice is not None:
+            try:
+                await asyncio.wait_for(self.send_notice(self.settings, client), 30)
+            except Exception as exc:
+                log.error("cannot send the login burst notice: %s", exc)
 
 
 API_KEY: web.AppKey[Api] = web.AppKey("api", Api)
+WHO_KEY = "fencer_who"  # request key: the name of the token (or the session's token)
 
 
 def _api(request: web.Request) -> Api:
@@ -273,8 +341,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     api = _api(request)
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
-        if hmac.compare_digest(header[7:].strip().encode(), api.token.encode()):
+        client = api.refuse_if_limited(request)
+        who = api.tokens.who(header[7:])
+        if who is not None:
+            request[WHO_KEY] = who
             return await handler(request)
+        await api.failed_login(request, client)
         raise ApiError(401, "authentication failed: wrong token")
     sid = request.cookies.get(SESSION_COOKIE)
     session = api.sessions.get(sid) if sid else None
@@ -291,6 +363,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             and hmac.compare_digest(sent.encode(), session.csrf.encode())
         ):
             raise ApiError(403, f"CSRF check failed: send the {CSRF_HEADER} header")
+    request[WHO_KEY] = session.who
     return await handler(request)
 
 
@@ -445,16 +518,21 @@ async def health(request: web.Request) -> web.Response:
 async def login(request: web.Request) -> web.Response:
     """Trade the API token for a session cookie and a CSRF token."""
     api = _api(request)
+    client = api.refuse_if_limited(request)
     body: m.LoginInput = await _body(request, m.LoginInput, "login")
-    if not hmac.compare_digest(body.token.encode(), api.token.encode()):
+    who = api.tokens.who(body.token)
+    if who is None:
+        await api.failed_login(request, client)
         raise ApiError(401, "authentication failed: wrong token")
+    api.limiter.succeeded(client)
     now = time.time()
     for sid in [k for k, v in api.sessions.items() if v.expires < now]:
         del api.sessions[sid]
     if len(api.sessions) >= MAX_SESSIONS:
         api.sessions.pop(next(iter(api.sessions)))
     sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    api.sessions[sid] = _Session(csrf=csrf, expires=now + SESSION_TTL)
+    api.sessions[sid] = _Session(csrf=csrf, expires=now + SESSION_TTL, who=who)
+    secure = api.proxies.is_tls(request)
     response = _json(m.LoginResult(csrf_token=csrf))
     for name, value, http_only in ((SESSION_COOKIE, sid, True), (CSRF_COOKIE, csrf, False)):
         response.set_cookie(
@@ -464,7 +542,7 @@ async def login(request: web.Request) -> web.Response:
             path="/",
             httponly=http_only,
             samesite="Strict",
-            secure=request.secure,
+            secure=secure,
         )
     return response
 
@@ -527,8 +605,28 @@ async def put_cluster_settings(request: web.Request) -> web.Response:
     except ValidationError as exc:
         raise _validation(exc, "cluster settings") from None
     _refuse_what_ipmi_cannot_carry(api, settings, uuid, None)
+    old = _dump(api.store.cluster(uuid))
     await _store_write(api.store.put_cluster(uuid, settings))
+    await api.record(
+        request,
+        "put_cluster_settings",
+        f"cluster:{uuid}",
+        _changes(old, _dump(api.store.cluster(uuid)), body.ipmi),
+    )
     return _json(_cluster_settings_view(api, uuid))
+
+
+def _dump(entry: ClusterSettings | HostSettings) -> dict[str, Any]:
+    return entry.model_dump(mode="json", exclude={"paused"})
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any], ipmi: Any = None) -> list[AuditChange]:
+    """What a write changed; a new password shows as changed, never its value."""
+    out = diff(old, new)
+    if ipmi is not None and ipmi.password is not None:
+        if not any(c.field == "ipmi.password" for c in out):
+            out.append(AuditChange(field="ipmi.password", old="**********", new="(changed)"))
+    return out
 
 
 def _refuse_file_only(
@@ -617,7 +715,14 @@ async def delete_cluster_settings(request: web.Request) -> web.Response:
     api = _api(request)
     uuid = _path_id(request, "cluster_id")
     await api.inventory.cluster(uuid)
+    old = _dump(api.store.cluster(uuid))
     await _store_write(api.store.delete_cluster(uuid))
+    await api.record(
+        request,
+        "delete_cluster_settings",
+        f"cluster:{uuid}",
+        _changes(old, _dump(api.store.cluster(uuid))),
+    )
     return _json(_cluster_settings_view(api, uuid))
 
 
@@ -663,7 +768,14 @@ async def put_host_settings(request: web.Request) -> web.Response:
     except ValidationError as exc:
         raise _validation(exc, "host settings") from None
     _refuse_what_ipmi_cannot_carry(api, settings, h.get("clusterid"), uuid)
+    old = _dump(api.store.host(uuid))
     await _store_write(api.store.put_host(uuid, settings))
+    await api.record(
+        request,
+        "put_host_settings",
+        f"host:{uuid}",
+        _changes(old, _dump(api.store.host(uuid)), body.ipmi),
+    )
     return _json(_host_settings_view(api, uuid, h.get("clusterid")))
 
 
@@ -673,7 +785,11 @@ async def delete_host_settings(request: web.Request) -> web.Response:
     api = _api(request)
     uuid = _path_id(request, "host_id")
     h = await api.inventory.host(uuid)
+    old = _dump(api.store.host(uuid))
     await _store_write(api.store.delete_host(uuid))
+    await api.record(
+        request, "delete_host_settings", f"host:{uuid}", _changes(old, _dump(api.store.host(uuid)))
+    )
     return _json(_host_settings_view(api, uuid, h.get("clusterid")))
 
 
@@ -713,6 +829,12 @@ async def _fence_operator(request: web.Request, kind: str) -> web.Response:
         await asyncio.wait_for(api.send_operator(api.settings, action), 30)
     except Exception as exc:
         raise ApiError(503, f"cannot write to Kafka: {type(exc).__name__}: {exc}") from None
+    await api.record(
+        request,
+        f"fence_{kind}",
+        f"host:{uuid}",
+        [AuditChange(field="decision_id", new=body.decision_id or "(latest)")],
+    )
     return _json(
         m.FenceOperatorResult(
             kind=kind, host_uuid=uuid, decision_id=body.decision_id, by="api", at=action.at
@@ -804,12 +926,23 @@ async def _store_write(write: Awaitable[None]) -> None:
         raise ApiError(503, str(exc)) from None
 
 
+async def _audit_pause(
+    api: Api, request: web.Request, cluster: str | None, paused: bool, reason: str | None
+) -> None:
+    changes = [AuditChange(field="paused", old=not paused, new=paused)]
+    if reason:
+        changes.append(AuditChange(field="reason", new=reason))
+    target = "pause:global" if cluster is None else f"pause:cluster:{cluster}"
+    await api.record(request, "pause" if paused else "resume", target, changes)
+
+
 @routes.post("/api/pause")
 async def pause_all(request: web.Request) -> web.Response:
     """Pause fencing everywhere."""
     api = _api(request)
     body: m.PauseInput = await _body(request, m.PauseInput, "pause")
     await _store_write(api.store.pause(None, reason=body.reason, by="api"))
+    await _audit_pause(api, request, None, True, body.reason)
     return _json(_pause_overview(api, await _cluster_ids(api)))
 
 
@@ -818,6 +951,7 @@ async def resume_all(request: web.Request) -> web.Response:
     """Resume fencing everywhere (cluster pauses stay)."""
     api = _api(request)
     await _store_write(api.store.resume(None, by="api"))
+    await _audit_pause(api, request, None, False, None)
     return _json(_pause_overview(api, await _cluster_ids(api)))
 
 
@@ -829,6 +963,7 @@ async def pause_cluster(request: web.Request) -> web.Response:
     body: m.PauseInput = await _body(request, m.PauseInput, "pause")
     await api.inventory.cluster(uuid)
     await _store_write(api.store.pause(uuid, reason=body.reason, by="api"))
+    await _audit_pause(api, request, uuid, True, body.reason)
     return _json(_pause_state(api, uuid))
 
 
@@ -900,7 +1035,11 @@ async def confirm_bmc_pin(request: web.Request) -> web.Response:
         ) from None
     except PinStoreError as exc:
         raise ApiError(503, str(exc)) from None
-    return _json(_pin_view(api, uuid))
+    view = _pin_view(api, uuid)
+    await api.record(
+        request, "confirm_bmc_pin", f"host:{uuid}", [AuditChange(field="bmc_guid", new=view.guid)]
+    )
+    return _json(view)
 
 
 @routes.post("/api/clusters/{cluster_id}/resume")
@@ -910,7 +1049,21 @@ async def resume_cluster(request: web.Request) -> web.Response:
     uuid = _path_id(request, "cluster_id")
     await api.inventory.cluster(uuid)
     await _store_write(api.store.resume(uuid, by="api"))
+    await _audit_pause(api, request, uuid, False, None)
     return _json(_pause_state(api, uuid))
+
+
+@routes.get("/api/audit")
+async def get_audit(request: web.Request) -> web.Response:
+    """Settings changes and login bursts, newest first (who, field, old and new, when)."""
+    api = _api(request)
+    try:
+        q = m.AuditQuery.model_validate(dict(request.query))
+    except ValidationError as exc:
+        raise _validation(exc, "query") from None
+    if api.audit is None:
+        raise ApiError(503, "the audit topic is not read")
+    return _json(api.audit.entries(limit=q.limit, target=q.target))
 
 
 @routes.get("/api/budget")
@@ -948,6 +1101,25 @@ def create_app(api: Api) -> web.Application:
 # -- running ----------------------------------------------------------------------------------
 
 
+def api_tls_context(settings: FencerSettings) -> ssl.SSLContext | None:
+    """The server context of `api.tls_certfile` / `api.tls_keyfile`, or None (plain http)."""
+    a = settings.api
+    if a.tls_certfile is None or a.tls_keyfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(a.tls_certfile), str(a.tls_keyfile))
+    except FileNotFoundError as exc:
+        which = "api.tls_keyfile" if exc.filename == str(a.tls_keyfile) else "api.tls_certfile"
+        raise OSError(f"{which}: {exc.filename}: no such file") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise OSError(
+            f"api.tls_certfile / api.tls_keyfile ({a.tls_certfile}, {a.tls_keyfile}): "
+            f"cannot load: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    return context
+
+
 class Service:
     """The API's moving parts: settings store, topic view, HTTP site."""
 
@@ -966,6 +1138,7 @@ class Service:
             ipmi_test=ipmi_test,
             topics_ready=self.reader.caught_up.is_set,
             pins=BmcPinStore(settings, client_id="fencer-api-bmc-pins"),
+            audit=AuditLog(settings),
         )
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -975,6 +1148,8 @@ class Service:
         await self.store.start()
         try:
             await self.api.pins.start()
+            assert self.api.audit is not None
+            await self.api.audit.start()
             await self.reader.start()
             self._runner = web.AppRunner(create_app(self.api), access_log=None)
             await self._runner.setup()
@@ -982,6 +1157,7 @@ class Service:
                 self._runner,
                 self.settings.api.listen,
                 self.settings.api.port if port is None else port,
+                ssl_context=api_tls_context(self.settings),
             )
             await site.start()
         except BaseException:
@@ -989,7 +1165,8 @@ class Service:
             raise
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         bound = sockets[0].getsockname()[1] if sockets else self.settings.api.port
-        self.url = f"http://{self.settings.api.listen}:{bound}"
+        scheme = "https" if self.settings.api.tls_certfile else "http"
+        self.url = f"{scheme}://{self.settings.api.listen}:{bound}"
         return self.url
 
     async def stop(self) -> None:
@@ -998,6 +1175,8 @@ class Service:
             await self._runner.cleanup()
             self._runner = None
         await self.reader.stop()
+        if self.api.audit is not None:
+            await self.api.audit.stop()
         await self.api.pins.stop()
         await self.store.stop()
 
@@ -1023,9 +1202,10 @@ def cli_api(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"fencer: {exc}", file=sys.stderr)
         return 1
-    if settings.api.token is None or not settings.api.token.get_secret_value():
+    if not TokenBook.from_settings(settings.api):
         print(
-            "fencer: api.token is not set: the API refuses to run without authentication",
+            "fencer: neither api.tokens nor api.token is set: the API refuses to run without "
+            "authentication",
             file=sys.stderr,
         )
         return 1
