@@ -521,6 +521,24 @@ async function fencesPage(params) {
     h("p", { class: "muted small" }, "Click a fence to show its evidence timeline."));
 }
 
+// Who changed which setting, from where, when; secrets show only as set (**********).
+async function auditPage() {
+  const entries = await api("GET", "/audit?limit=200");
+  const text = (v) => (v === null || v === undefined ? "—" : typeof v === "object" ? JSON.stringify(v) : String(v));
+  main(h("h1", {}, "Audit log"),
+    h("p", { class: "muted small" }, "Every settings change made through the API and every login burst, newest first."),
+    entries.length ? h("table", { id: "audit" },
+      h("thead", {}, h("tr", {}, ["When", "Who", "Client", "Action", "Target", "Field", "Old", "New"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, entries.flatMap((e) => {
+        const rows = e.changes.length ? e.changes : [{ field: "", old: null, new: null }];
+        return rows.map((c, i) => h("tr", { class: i ? "cont" : null },
+          h("td", {}, i ? "" : when(e.at)), h("td", {}, i ? "" : e.who), h("td", {}, i ? "" : e.client),
+          h("td", {}, i ? "" : e.action), h("td", {}, i ? "" : e.target),
+          h("td", {}, c.field || "—"), h("td", {}, text(c.old)), h("td", {}, text(c.new))));
+      })))
+      : h("p", { class: "muted", id: "no-audit" }, "No change has been made through the API yet."));
+}
+
 // -- routing ----------------------------------------------------------------------------------
 
 function stopPolling() { if (pollTimer) { clearInterval(pollTimer); pollTimer = null; } }
@@ -537,6 +555,7 @@ async function route() {
     else if (parts[0] === "host" && parts[1]) await hostPage(decodeURIComponent(parts[1]));
     else if (parts[0] === "clusters") await clustersPage();
     else if (parts[0] === "fences") await fencesPage(query || "");
+    else if (parts[0] === "audit") await auditPage();
     else await hostsPage();
   } catch (ex) {
     if (ex.status !== 401) main(h("p", { class: "error" }, ex.message));
