@@ -165,6 +165,9 @@ class ClusterSettingsView(BaseModel):
     sources: dict[str, Source]
     password_set: bool
     password_source: Source
+    password_error: str | None = Field(
+        None, description="the stored password cannot be decrypted (fencing will fail): why"
+    )
     file_only: list[str] = Field(
         default_factory=list,
         description="IPMI fields set only in the configuration file (shown read-only; a write "
@@ -204,6 +207,9 @@ class HostSettingsView(BaseModel):
     sources: dict[str, Source]
     password_set: bool
     password_source: Source
+    password_error: str | None = Field(
+        None, description="the stored password cannot be decrypted (fencing will fail): why"
+    )
     file_only: list[str] = Field(
         default_factory=list,
         description="IPMI fields set only in the configuration file (shown read-only; a write "

@@ -394,6 +394,14 @@ def _override_values(ipmi: IpmiOverrides) -> Any:
     return m.IpmiOverrideValues(**ipmi.model_dump(exclude={"password"}))
 
 
+def _password_error(
+    api: Api, source: str, host_uuid: str | None, cluster_uuid: str | None
+) -> str | None:
+    """Why the password in force cannot be decrypted, or None."""
+    key = f"host:{host_uuid}" if source == "host" else f"cluster:{cluster_uuid}"
+    return api.store.undecryptable.get(key) if source != "default" else None
+
+
 def _cluster_settings_view(api: Api, uuid: str) -> m.ClusterSettingsView:
     s = api.store.settings
     cs = api.store.cluster(uuid)
@@ -411,6 +419,7 @@ def _cluster_settings_view(api: Api, uuid: str) -> m.ClusterSettingsView:
         sources=eff.sources,
         password_set=bool(eff.values.password.get_secret_value()),
         password_source=eff.sources["password"],
+        password_error=_password_error(api, eff.sources["password"], None, uuid),
         file_only=list(FILE_ONLY_IPMI_FIELDS),
         settable_drivers=[d.value for d in s.api.settable_drivers],
     )
@@ -430,6 +439,7 @@ def _host_settings_view(api: Api, uuid: str, cluster_uuid: str | None) -> m.Host
         sources=eff.sources,
         password_set=bool(eff.values.password.get_secret_value()),
         password_source=eff.sources["password"],
+        password_error=_password_error(api, eff.sources["password"], uuid, cluster_uuid),
         file_only=list(FILE_ONLY_IPMI_FIELDS),
         settable_drivers=[d.value for d in s.api.settable_drivers],
     )

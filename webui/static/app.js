@@ -214,6 +214,7 @@ function fieldRow(name, label, kind, current, inherited, source, extra) {
   let input;
   let inh = `inherits: ${show(inherited)}`;
   if (kind === "password") inh = extra.passwordSet ? `a password is set (${extra.passwordSource})` : "no password set";
+  if (kind === "password" && extra.passwordError) inh = `UNUSABLE: ${extra.passwordError}`;
   else if (name === "address") inh = "set per host (no inheritance)";
   if (kind.startsWith("enum:")) {
     input = h("select", { id, name },
@@ -313,7 +314,7 @@ async function clusterPage(uuid) {
     IPMI_FIELDS.map(([name, label, kind]) => fieldRow(name, label, kind,
       kind === "password" ? null : s.overrides[name], s.defaults[name], s.sources[name],
       { passwordSet: s.password_set, passwordSource: s.password_source,
-        fileOnly: s.file_only, settableDrivers: s.settable_drivers })),
+        fileOnly: s.file_only, settableDrivers: s.settable_drivers, passwordError: s.password_error })),
     h("div", { class: "actions" },
       h("button", { class: "primary", type: "submit", id: "save" }, "Save"),
       h("span", { id: "form-error", class: "error" }),
@@ -411,7 +412,7 @@ async function hostPage(uuid) {
     IPMI_FIELDS.map(([name, label, kind]) => fieldRow(name, label, kind,
       kind === "password" ? null : s.overrides[name], s.inherited[name], s.sources[name],
       { passwordSet: s.password_set, passwordSource: s.password_source,
-        fileOnly: s.file_only, settableDrivers: s.settable_drivers })),
+        fileOnly: s.file_only, settableDrivers: s.settable_drivers, passwordError: s.password_error })),
     h("div", { class: "actions" },
       h("button", { class: "primary", type: "submit", id: "save" }, "Save overrides"),
       testBtn, h("span", { id: "form-error", class: "error" })),
