@@ -319,6 +319,11 @@ class KafkaSettings(_Model):
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = Field(
+        None, description="client certificate (PEM) for mutual TLS with SSL / SASL_SSL"
+    )
+    ssl_keyfile: Path | None = Field(None, description="its private key (PEM, mode 0600)")
+    ssl_keyfile_password: SecretStr | None = Field(None, description="if the key is encrypted")
     sasl: SaslSettings | None = None
     partitions: int = Field(4, ge=1)
     replication_factor: int = Field(1, ge=1)
@@ -721,6 +726,65 @@ def insecure_redfish_problems(settings: FencerSettings) -> list[tuple[str, str]]
     return out
 
 
+TLS_PROTOCOLS = ("SSL", "SASL_SSL")
+
+
+def kafka_tls_file_problems(kafka: KafkaSettings) -> list[tuple[str, str]]:
+    """(setting, problem) for each Kafka CA, certificate or key file that is set but cannot be
+    read (only with SSL / SASL_SSL, where they are used), and a certificate without its key."""
+    if kafka.security_protocol not in TLS_PROTOCOLS:
+        return []
+    out: list[tuple[str, str]] = []
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        path: Path | None = getattr(kafka, name)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except FileNotFoundError:
+            out.append((f"kafka.{name}", f"{path}: no such file"))
+        except IsADirectoryError:
+            out.append((f"kafka.{name}", f"{path}: is a directory, not a PEM file"))
+        except OSError as exc:
+            out.append((f"kafka.{name}", f"{path}: cannot read it: {exc.strerror}"))
+    if (kafka.ssl_certfile is None) != (kafka.ssl_keyfile is None):
+        missing = "ssl_keyfile" if kafka.ssl_keyfile is None else "ssl_certfile"
+        out.append((f"kafka.{missing}", "mutual TLS needs both ssl_certfile and ssl_keyfile"))
+    return out
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    name = host.strip().strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def kafka_plaintext_warning(kafka: KafkaSettings) -> str | None:
+    """A warning when fencer's topics travel unencrypted to a broker that is not on loopback."""
+    if kafka.security_protocol in TLS_PROTOCOLS:
+        return None
+    remote = []
+    for server in kafka.bootstrap_servers.split(","):
+        host = server.strip().rsplit(":", 1)[0] if server.strip() else ""
+        if host and not _loopback(host):
+            remote.append(server.strip())
+    if not remote:
+        return None
+    return (
+        f"kafka.security_protocol is {kafka.security_protocol} to {', '.join(remote)}: "
+        "decisions, settings and SASL passwords cross the network in clear and anyone who "
+        "reaches the broker can write fencer's topics; use SSL or SASL_SSL (with "
+        "ssl_certfile / ssl_keyfile for mutual TLS)"
+    )
+
+
 def fake_driver_fields(settings: FencerSettings) -> list[str]:
     """Where the settings choose driver fake (defaults, a cluster or a host)."""
     where = ["defaults.driver"] if settings.defaults.driver is Driver.FAKE else []
@@ -941,6 +1005,9 @@ def settings_warnings(settings: FencerSettings) -> list[str]:
     for huuid, host in settings.hosts.items():
         if host.ipmi.model_fields_set & _CHECKED_FIELDS:
             check(f"hosts.{huuid}", settings.effective_ipmi(huuid, None).values)
+    plaintext = kafka_plaintext_warning(settings.kafka)
+    if plaintext is not None:
+        warnings.append(plaintext)
     if settings.ssh.insecure_skip_host_key_check:
         warnings.append("ssh.insecure_skip_host_key_check is on: only acceptable in the lab")
     elif settings.ssh.known_hosts is None:

@@ -1219,6 +1219,13 @@ def cli_api(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    from streams.kafka import ssl_context
+
+    try:
+        ssl_context(settings.kafka)  # a missing CA / certificate / key file: name it, exit 1
+    except SettingsError as exc:
+        print(f"fencer: {exc}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(_serve(settings))
