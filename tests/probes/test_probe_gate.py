@@ -181,7 +181,7 @@ def test_anything_else_through_that_key_is_refused(gated_sshd, tmp_path, make):
 
 
 def test_no_shell_no_pty_no_forwarding(gated_sshd, tmp_path):
-    port, mnt = gated_sshd
+    port, _ = gated_sshd
     _refused(_ssh(tmp_path, port, None, "-T"))  # a login shell
     r = _ssh(tmp_path, port, "id", "-tt")  # a pty is refused by `restrict`, the command too
     assert r.returncode != 0 and "uid=" not in r.stdout
