@@ -171,6 +171,12 @@ class AuditLog:
         self._add(entry)
         return entry
 
+    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        """Send one record to another topic with the audit producer (the burst notice)."""
+        if self._producer is None:
+            raise RuntimeError("the audit log is not started")
+        await self._producer.send_and_wait(topic, key=key, value=value)
+
     def entries(self, limit: int = 100, target: str | None = None) -> list[AuditEntry]:
         """Newest first, optionally only one target."""
         out = [e for e in reversed(self._entries) if target in (None, e.target)]

@@ -31,8 +31,8 @@ from aiohttp import web
 from cs import AIOCloudStack, CloudStackException
 from pydantic import BaseModel, ValidationError
 
-from fencing.events import HostStatus
-from fencing.records import HostRef, OperatorAction
+from fencing.events import HostStatus, NoticeKind
+from fencing.records import HostRef, Notice, OperatorAction
 from fencing.settings import (
     FILE_ONLY_IPMI_FIELDS,
     ClusterSettings,
@@ -184,8 +184,6 @@ class Api:
     topics_ready: Callable[[], bool] = lambda: True
     # writes an operator's retry / handled record (the actuate workers act on it)
     send_operator: Callable[[FencerSettings, OperatorAction], Awaitable[None]] | None = None
-    # tells people about a login burst (the notices topic); None: audit and log only
-    send_notice: Callable[[FencerSettings, str], Awaitable[None]] | None = None
     pins: Any = None  # streams.bmc_pins.BmcPinStore (BMC identity), started by Service
     audit: AuditLog | None = None  # the audit topic (Service starts it)
     tokens: TokenBook = field(init=False)
@@ -248,11 +246,29 @@ class Api:
         change = AuditChange(field="failed_logins", new=self.limiter.max_failures)
         with contextlib.suppress(ApiError):
             await self.record(request, "login_burst", f"client:{client}", [change])
-        if self.send_notice is not None:
-            try:
-                await asyncio.wait_for(self.send_notice(self.settings, client), 30)
-            except Exception as exc:
-                log.error("cannot send the login burst notice: %s", exc)
+        notice = Notice(
+            notice_id=f"login-burst/{client}/{int(time.time())}",
+            kind=NoticeKind.LOGIN_BURST,
+            host=HostRef(host_uuid=f"client:{client}"),
+            at=time.time(),
+            reason=(
+                f"{self.limiter.max_failures} failed API logins from {client} within "
+                f"{self.limiter.window:.0f} s: refused until the window passes"
+            ),
+        )
+        try:
+            if self.audit is None:
+                raise RuntimeError("the audit log is not started")
+            await asyncio.wait_for(
+                self.audit.publish(
+                    self.settings.kafka.topics.notices,
+                    notice.host.host_uuid.encode(),
+                    notice.model_dump_json().encode(),
+                ),
+                30,
+            )
+        except Exception as exc:
+            log.error("cannot send the login burst notice: %s", exc)
 
 
 API_KEY: web.AppKey[Api] = web.AppKey("api", Api)

@@ -4,6 +4,7 @@ burst reported, and every settings change audited with secrets masked."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from pathlib import Path
@@ -12,6 +13,8 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from fencing.events import NoticeKind
+from fencing.records import Notice
 from tests.fencing.conftest import self_signed_cert
 
 from .conftest import api_settings, start_api, stop_api
@@ -102,6 +105,27 @@ def test_a_login_burst_is_limited_per_client_and_audited(proxied):
             headers={"Authorization": f"Bearer {token}"},
         ).json()
         assert [e["action"] for e in audit] == ["login_burst"]  # reported once per burst
+    # ... and told to people: one login_burst notice on the notices topic.
+    notices = asyncio.run(_read(proc.settings, proc.topics.notices))
+    bursts = [Notice.model_validate_json(v) for v in notices]
+    bursts = [n for n in bursts if n.kind is NoticeKind.LOGIN_BURST]
+    assert len(bursts) == 1 and bursts[0].host.host_uuid == "client:203.0.113.7"
+    assert token not in notices[0].decode()
+
+
+async def _read(settings, topic: str) -> list[bytes]:
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        group_id=None,
+    )
+    await consumer.start()
+    try:
+        batch = await consumer.getmany(timeout_ms=3000)
+    finally:
+        await consumer.stop()
+    return [r.value for rs in batch.values() for r in rs]
 
 
 async def test_every_settings_change_is_audited_with_secrets_masked(proxied, lab):
