@@ -353,7 +353,11 @@ class CloudStackSettings(_Model):
 
 
 class SshSettings(_Model):
-    user: str = "root"
+    user: str = Field(
+        "fencer-probe",
+        description="the neighbours' probe user: non-root, its key forced through "
+        "fencer-probe-gate (operators' guide, section 4)",
+    )
     key_file: Path | None = None
     known_hosts: Path | None = Field(None, description="required outside the lab")
     insecure_skip_host_key_check: bool = Field(False, description="lab only")
@@ -1008,6 +1012,11 @@ def settings_warnings(settings: FencerSettings) -> list[str]:
     plaintext = kafka_plaintext_warning(settings.kafka)
     if plaintext is not None:
         warnings.append(plaintext)
+    if settings.ssh.user == "root" and not settings.lab:
+        warnings.append(
+            "ssh.user is root: the probe needs no privilege; use a dedicated user whose key is "
+            "forced through fencer-probe-gate (operators' guide, section 4)"
+        )
     if settings.ssh.insecure_skip_host_key_check:
         warnings.append("ssh.insecure_skip_host_key_check is on: only acceptable in the lab")
     elif settings.ssh.known_hosts is None:
