@@ -6,6 +6,10 @@ the double-submit CSRF header. Settings changes go through `SettingsStore` (the 
 host states and fences come from `FencingView` (fencer's topics); clusters and hosts from the
 CloudStack API. No response carries a password, and errors are one line naming the field or
 the peer. Listens on 127.0.0.1 unless `api.listen` says otherwise.
+
+Security (webui.auth, webui.audit): tokens and sessions are kept only as SHA-256 hashes; failed
+logins are limited per client; every change is audited on the audit topic; the fields that
+choose what runs (FILE_ONLY_IPMI_FIELDS, driver template) are refused with 403.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from fencing.settings import (
 from streams.bmc_pins import BmcPinStore
 from webui import api_models as m
 from webui.audit import AuditChange, AuditLog, diff
-from webui.auth import LoginLimiter, ProxyRules, TokenBook
+from webui.auth import LoginLimiter, ProxyRules, TokenBook, hash_token
 from webui.fencing_view import FencingView
 from webui.openapi import build_openapi
 from webui.settings_store import SettingsStore, SettingsStoreError
@@ -365,10 +369,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         await api.failed_login(request, client)
         raise ApiError(401, "authentication failed: wrong token")
     sid = request.cookies.get(SESSION_COOKIE)
-    session = api.sessions.get(sid) if sid else None
+    session = api.sessions.get(hash_token(sid)) if sid else None
     if session is None or session.expires < time.time():
         if sid:
-            api.sessions.pop(sid, None)
+            api.sessions.pop(hash_token(sid), None)
         raise ApiError(401, "authentication required: a bearer token or a session (log in)")
     if request.method not in SAFE_METHODS:
         sent = request.headers.get(CSRF_HEADER, "")
@@ -557,7 +561,8 @@ async def login(request: web.Request) -> web.Response:
     if len(api.sessions) >= MAX_SESSIONS:
         api.sessions.pop(next(iter(api.sessions)))
     sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    api.sessions[sid] = _Session(csrf=csrf, expires=now + SESSION_TTL, who=who)
+    # Kept by hash, like the tokens: a memory dump does not hand out live sessions.
+    api.sessions[hash_token(sid)] = _Session(csrf=csrf, expires=now + SESSION_TTL, who=who)
     secure = api.proxies.is_tls(request)
     response = _json(m.LoginResult(csrf_token=csrf))
     for name, value, http_only in ((SESSION_COOKIE, sid, True), (CSRF_COOKIE, csrf, False)):
@@ -579,7 +584,7 @@ async def logout(request: web.Request) -> web.Response:
     api = _api(request)
     sid = request.cookies.get(SESSION_COOKIE)
     if sid:
-        api.sessions.pop(sid, None)
+        api.sessions.pop(hash_token(sid), None)
     response = _json(m.LoginResult(csrf_token=""))
     response.del_cookie(SESSION_COOKIE, path="/")
     response.del_cookie(CSRF_COOKIE, path="/")

@@ -105,3 +105,32 @@ async def test_a_rotated_key_still_decrypts_and_an_unknown_one_alerts(webui_brok
     assert about_h1 and about_h1[0].kind is NoticeKind.PREFLIGHT_FAILED
     assert "cannot be decrypted" in (about_h1[0].reason or "")
     assert all(b"h1-pw" not in r.value for rs in batch.values() for r in rs)
+
+
+async def test_the_api_shows_why_a_stored_password_is_unusable(api, lab):
+    """A password stored under a key the API does not hold: the host's view says so, and the
+    password in force is not the cluster's or the default's."""
+    stranger = SettingsStore(api.settings, secrets_key=Fernet(Fernet.generate_key()))
+    await stranger.start()
+    try:
+        await stranger.put_host(
+            lab.host_b1, HostSettings(ipmi=IpmiOverrides(password=SecretStr("lost-pw")))
+        )
+    finally:
+        await stranger.stop()
+    import httpx
+
+    async with httpx.AsyncClient(
+        base_url=api.url, headers={"Authorization": f"Bearer {api.token}"}, timeout=20
+    ) as c:
+        view = None
+        for _ in range(100):
+            view = (await c.get(f"/api/hosts/{lab.host_b1}")).json()["settings"]
+            if view["password_error"]:
+                break
+            await asyncio.sleep(0.1)
+        assert view is not None and view["password_error"], view
+        assert "cannot be decrypted" in view["password_error"]
+        assert view["password_source"] == "host" and view["password_set"] is False
+        assert "lost-pw" not in (await c.get(f"/api/hosts/{lab.host_b1}")).text
+        assert (await c.delete(f"/api/hosts/{lab.host_b1}/settings")).status_code == 200
