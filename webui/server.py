@@ -717,14 +717,14 @@ def _refuse_what_ipmi_cannot_carry(
         and not address.lower().startswith("https://")
         and not values.allow_insecure_redfish
     ):
-        problem = (
+        why = (
             "Redfish over http:// would send the BMC password in clear; use https (only the "
             "configuration file can allow_insecure_redfish)"
         )
         raise ApiError(
             422,
-            f"invalid settings: ipmi.address: {problem}",
-            [m.ErrorField(field="ipmi.address", message=problem)],
+            f"invalid settings: ipmi.address: {why}",
+            [m.ErrorField(field="ipmi.address", message=why)],
         )
     if values.driver is not Driver.IPMI:
         return
