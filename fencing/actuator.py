@@ -11,8 +11,9 @@ for each other: the shell runs decisions concurrently).
 
 Never gives up silently: the BMC action is retried until `actuator.fence_deadline` (the
 engine's one overall deadline), a failed or unfinished `declareHostAsDegraded` is retried with
-backoff until the same deadline, and the VMs the host ran are followed afterwards: those still
-not Running are reported in a `vms_not_restarted` notice. What still fails is a failed outcome
+backoff until the same deadline, and the VMs the host ran are followed afterwards (in the
+background, for up to cloudstack.job_timeout): those still not Running are reported in a
+`vms_not_restarted` notice. What still fails is a failed outcome
 (a `fence_failed` notification, repeated by the shell until an operator retries or marks it
 handled: `retry` runs the same decision again).
 """
@@ -127,6 +128,12 @@ class Actuator:
         self.job_poll_interval = job_poll_interval
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
+        self._following: set[asyncio.Task[list[str]]] = set()
+
+    async def settle(self) -> None:
+        """Wait until every fenced host's VMs have been followed (tests, shutdown)."""
+        while self._following:
+            await asyncio.wait(set(self._following))
 
     def _lock(self, host: str) -> asyncio.Lock:
         lock = self._locks.get(host)
@@ -162,17 +169,18 @@ class Actuator:
             return self._outcome(
                 decision, ipmi.driver.value, started, error=redact(str(exc)), success=False
             )
-        refusal = await self._identity_refusal(decision, driver, eff.address, redact)
-        if refusal is not None:
-            return self._outcome(decision, driver.name, started, success=False, error=refusal)
+        # One overall deadline per fence: the identity read and the power action share it.
         deadline = self.settings.actuator.fence_deadline
         ends = time.monotonic() + deadline
+        refusal = await self._identity_refusal(decision, driver, eff.address, redact, ends)
+        if refusal is not None:
+            return self._outcome(decision, driver.name, started, success=False, error=refusal)
         result = await self.engine.run(
             host.host_uuid,
             driver,
             action,
             secrets=secrets_of(self.settings, ipmi),
-            deadline=deadline,
+            deadline=max(0.0, ends - time.monotonic()),
         )
         cloud: CloudStackResult | None = None
         restart_via = RestartVia(ipmi.restart_via)
@@ -184,7 +192,13 @@ class Actuator:
             vms = await self._vms_on(host, redact)
             cloud = await self._restart_until(host, restart_via, redact, ends)
             if cloud.success and vms:
-                await self._follow_vms(decision, vms, redact)
+                # Followed in the background: the outcome (fence succeeded) is not held back
+                # while CloudStack's HA restarts the VMs, nor the host's lock.
+                task = asyncio.get_running_loop().create_task(
+                    self._follow_vms(decision, vms, redact)
+                )
+                self._following.add(task)
+                task.add_done_callback(self._following.discard)
         error = result.error
         success = result.success
         if cloud is not None and not cloud.success:
@@ -201,23 +215,42 @@ class Actuator:
         )
 
     async def _identity_refusal(
-        self, decision: FenceDecision, driver: PowerDriver, address: str | None, redact: Redactor
+        self,
+        decision: FenceDecision,
+        driver: PowerDriver,
+        address: str | None,
+        redact: Redactor,
+        ends: float | None = None,
     ) -> str | None:
         """Why this BMC must not be used (its GUID is not the host's pin), or None."""
         if self.pins is None or decision.action is FenceAction.NOTHING:
             return None
         host = decision.host
-        delay = self.engine.retry_backoff
-        for attempt in range(self.engine.retries + 1):
-            # An unanswered GUID read is retried like an unanswered power command.
-            if attempt:
-                await asyncio.sleep(delay)
-                delay *= 2
+        delay = max(self.engine.retry_backoff, 0.1)
+        if ends is None:
+            ends = time.monotonic() + self.settings.actuator.fence_deadline
+        attempt = 0
+        while True:
+            # An unanswered GUID read is retried like an unanswered power command: with
+            # backoff until the fence's deadline.
+            attempt += 1
             check = await verify_identity(
                 host.host_uuid, driver, self.pins, address=address, pinned_by="first-fence"
             )
-            if not check.retryable:
+            left = ends - time.monotonic()
+            if not check.retryable or left <= 0:
                 break
+            log.warning(
+                "host %s: %s attempt %d failed (BMC identity read): %s",
+                host.host_uuid,
+                decision.action.value,
+                attempt,
+                redact(check.reason or "no answer"),
+            )
+            if self.engine.on_failure is not None:
+                self.engine.on_failure(host.host_uuid, attempt, check.reason or "no answer")
+            await asyncio.sleep(min(delay, left))
+            delay = min(self.engine.max_backoff, delay * 2)
         if check.verdict == "pinned":
             log.info(
                 "host %s: BMC system GUID %s pinned at first fence", host.host_uuid, check.guid
@@ -227,6 +260,12 @@ class Actuator:
         if check.ok:
             return None
         reason = redact(check.reason or "BMC identity not confirmed")
+        if check.retryable:
+            reason = (
+                f"not done within the fence deadline of "
+                f"{self.settings.actuator.fence_deadline:g} s "
+                f"({attempt} attempt(s) to read the BMC identity; last error: {reason})"
+            )
         log.warning(
             "host %s: decision %s refused: %s", host.host_uuid, decision.decision_id, reason
         )

@@ -9,7 +9,9 @@ backoff, lets one action at a time touch a host, and turns every exception into 
 Never gives up early: given a `deadline` (the actuator passes `actuator.fence_deadline`, one
 overall deadline per fence), a failed attempt is retried with doubling backoff (capped at
 `max_backoff`) until the action is verified or the deadline passes, whatever `retries` says;
-only a failure that retrying cannot fix (credentials refused) ends it sooner. Without a
+only a failure that retrying cannot fix (credentials refused) ends it sooner. The deadline is
+checked between BMC calls (a call is never cancelled half-way), so the last call may overrun it
+by its own timeout. Without a
 deadline, `retries` counts the extra attempts (pre-flight and `fencer ipmi test` use 0).
 
 Reboot is off, verified off, on, verified on ("onoff", as fence-agents does by default): it
@@ -121,17 +123,10 @@ class Engine:
         async with self.lock_for(host):
             result.started_at = self.clock()
             try:
-                if deadline is None:
-                    await self._with_retries(host, driver, action, result, redact)
-                else:
-                    await asyncio.wait_for(
-                        self._with_retries(host, driver, action, result, redact, deadline),
-                        deadline,
-                    )
-            except TimeoutError:
-                result.success = False
-                last = f" (last error: {result.error})" if result.error else ""
-                result.error = f"not done within the fence deadline of {deadline:g} s{last}"
+                # The deadline is kept between calls, never by cancelling one: a pyghmi call
+                # cancelled mid-login leaves a half-made session that later logins to the same
+                # BMC join and hang on. The overrun is at most one BMC call's own timeout.
+                await self._with_retries(host, driver, action, result, redact, deadline)
             except Exception as exc:  # the engine's promise: an outcome, never a traceback
                 result.success = False
                 result.error = redact(_describe(exc))
@@ -182,7 +177,7 @@ class Engine:
             attempt += 1
             result.attempts = attempt
             try:
-                await self._once(driver, action, result)
+                await self._once(driver, action, result, ends)
                 result.success, result.error = True, None
                 return
             except (DriverError, _VerifyTimeout) as exc:
@@ -197,6 +192,13 @@ class Engine:
                     return
                 if ends is None and attempt > self.retries:
                     return
+                if ends is not None and time.monotonic() >= ends:
+                    seconds = f"{deadline:.1f}".rstrip("0").rstrip(".")
+                    result.error = (
+                        f"not done within the fence deadline of {seconds} s "
+                        f"({attempt} attempt(s); last error: {result.error})"
+                    )
+                    return
             if ends is not None:
                 # Never sleep past the deadline (the last attempt gets what is left), and never
                 # hammer a BMC that refuses at once: at least 0.1 s between attempts.
@@ -204,7 +206,9 @@ class Engine:
             await asyncio.sleep(delay)
             delay = min(self.max_backoff, max(delay, self.retry_backoff) * 2)
 
-    async def _once(self, driver: PowerDriver, action: FenceAction, r: EngineResult) -> None:
+    async def _once(
+        self, driver: PowerDriver, action: FenceAction, r: EngineResult, ends: float | None = None
+    ) -> None:
         if action is FenceAction.TEST:
             r.detail = await driver.test()
             r.power_before = r.power_after = await _try_power(driver)
@@ -219,13 +223,13 @@ class Engine:
                 return
             await driver.set_power("off")
             r.steps.append("set off")
-            r.power_after = await self._wait_for(driver, "off", r)
+            r.power_after = await self._wait_for(driver, "off", r, ends)
             r.verified = True
         elif action is FenceAction.START:
             if power != "on":
                 await driver.set_power("on")
                 r.steps.append("set on")
-            r.power_after = await self._wait_for(driver, "on", r)
+            r.power_after = await self._wait_for(driver, "on", r, ends)
             r.verified = True
         elif action is FenceAction.REBOOT:
             if power == "off":
@@ -237,12 +241,12 @@ class Engine:
             else:
                 await driver.set_power("off")
                 r.steps.append("set off")
-                await self._wait_for(driver, "off", r)
+                await self._wait_for(driver, "off", r, ends)
                 r.detail = "seen off, then on"
             if power == "off" or self.reboot_method != "cycle":
                 await driver.set_power("on")
                 r.steps.append("set on")
-            r.power_after = await self._wait_for(driver, "on", r)
+            r.power_after = await self._wait_for(driver, "on", r, ends)
             r.verified = True
         elif action is FenceAction.BLINK:
             await driver.identify(True)
@@ -252,9 +256,15 @@ class Engine:
         else:
             raise DriverError(f"unknown action {action!r}")
 
-    async def _wait_for(self, driver: PowerDriver, want: PowerState, r: EngineResult) -> str:
-        """Poll until the BMC reports `want`; a deadline is a failure, never a success."""
-        deadline = time.monotonic() + self.power_timeout
+    async def _wait_for(
+        self, driver: PowerDriver, want: PowerState, r: EngineResult, ends: float | None = None
+    ) -> str:
+        """Poll until the BMC reports `want` (within power_timeout, and the fence's deadline
+        `ends` if any); a deadline is a failure, never a success."""
+        started = time.monotonic()
+        deadline = started + self.power_timeout
+        if ends is not None:
+            deadline = min(deadline, ends)
         last: str | None = None
         last_error: str | None = None
         while True:
@@ -269,7 +279,7 @@ class Engine:
             if time.monotonic() >= deadline:
                 r.power_after = last
                 raise _VerifyTimeout(
-                    f"power did not read {want} within {self.power_timeout:g} s "
+                    f"power did not read {want} within {deadline - started:.3g} s "
                     f"(last read: {last or 'none'}{'; ' + last_error if last_error else ''})"
                 )
             await asyncio.sleep(min(self.poll_interval, max(0.0, deadline - time.monotonic())))

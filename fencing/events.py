@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 
-class Evidence(str, Enum):
+class Evidence(str, Enum):  # noqa: UP042 - str() of a member is its qualified name, as everywhere
     """What one storage-activity check found, judged by the core against the previous reading."""
 
     BASELINE = "baseline"  # the episode's first complete reading: what later checks compare with
@@ -21,7 +21,7 @@ class Evidence(str, Enum):
     UNKNOWN = "unknown"  # could not look (fully): never evidence of death, never of life
 
 
-class FenceAction(str, Enum):
+class FenceAction(str, Enum):  # noqa: UP042 - str() of a member is its qualified name, as everywhere
     """The feature design's four fencing actions, plus the operator-only ones."""
 
     NOTHING = "nothing"
@@ -37,7 +37,7 @@ class FenceAction(str, Enum):
         return self in (FenceAction.STOP, FenceAction.REBOOT)
 
 
-class HostStatus(str, Enum):
+class HostStatus(str, Enum):  # noqa: UP042 - str() of a member is its qualified name, as everywhere
     """CloudStack's agent status of a host (`listHosts` `state`), as far as fencer cares."""
 
     UP = "Up"
@@ -48,7 +48,7 @@ class HostStatus(str, Enum):
     OTHER = "Other"
 
 
-class WithheldReason(str, Enum):
+class WithheldReason(str, Enum):  # noqa: UP042 - str() of a member is its qualified name, as everywhere
     """Why the cluster gate refused a proposed fence."""
 
     CAP_REACHED = "cap_reached"
@@ -59,7 +59,7 @@ class WithheldReason(str, Enum):
     CLUSTER_SIZE_UNKNOWN = "cluster_size_unknown"  # the storm guard cannot judge: withhold
 
 
-class NoticeKind(str, Enum):
+class NoticeKind(str, Enum):  # noqa: UP042 - str() of a member is its qualified name, as everywhere
     """Every kind of notification the notifiers can render."""
 
     FENCE_DECIDED = "fence_decided"

@@ -36,19 +36,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fencing.decision import CoreError
+from fencing.decision import TEMPORARY, CoreError
 from fencing.events import FenceAction, WithheldReason
 from fencing.policy import Policy
 
 # Withheld reasons that may pass: the host keeps being checked and its proposal is judged again.
-TEMPORARY: frozenset[WithheldReason] = frozenset(
-    {
-        WithheldReason.QUIET_PERIOD,
-        WithheldReason.PAUSED,
-        WithheldReason.CLUSTER_SIZE_UNKNOWN,
-        WithheldReason.STORM_GUARD,
-    }
-)
 
 
 class IllegalRequest(CoreError):

@@ -189,13 +189,14 @@ class Notice(WireRecord):
 
 class FenceClaim(WireRecord):
     """An actuator's claim on a decision, before any BMC call (topic fence-claims, key decision
-    id, one partition): the first `claimed` record of a decision in the log wins."""
+    id, one partition): the first `claimed` record of a decision in the log wins; the winner
+    renews it while it acts and writes `done` with the outcome (or `released` if it let go)."""
 
     decision_id: str
     host_uuid: str
     claim_id: str = Field(description="unique per claim attempt")
     claimed_by: str = Field(description="worker host:pid")
-    state: Literal["claimed", "done", "released"]
+    state: Literal["claimed", "renewed", "done", "released"]
     takeover_of: str | None = Field(None, description="the dead claim this one follows")
     outcome: dict[str, Any] | None = Field(None, description="done: the FenceOutcome")
 

@@ -447,9 +447,9 @@ class ActuatorSettings(_Model):
         None, gt=0, description="seconds a decision may wait; default 2 x policy.check_interval"
     )
     claim_lease: float = Field(
-        180.0,
+        60.0,
         gt=0,
-        description="seconds another worker's unfinished claim is waited for before taking over",
+        description="seconds without a renewal after which another worker's claim has lapsed",
     )
 
     fence_deadline: float = Field(

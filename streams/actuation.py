@@ -11,9 +11,10 @@ never remembered as done, so a fresh re-sent decision is judged again.
 Exactly once: the claim is a record on the one-partition topic `fencer.fence-claims`, keyed by
 decision id and written with `acks=all` before the BMC is touched; the log's order decides
 between two claimants (the first `claimed` record of a round wins, the other waits for its
-`done`). A claim with no `done` after `actuator.claim_lease` (this worker's clock) belongs to a
-claimant that died: the follower reads the power first (stop: off already = fenced; reboot:
-never repeated blindly, only an "off" reading counts).
+`done`). The claimant renews its claim every `actuator.claim_lease` / 3 while it acts; a claim
+neither renewed nor done for `claim_lease` (this worker's clock) belongs to a claimant that died:
+the follower re-checks CloudStack and fencer's record, then reads the power first (stop: off
+already = fenced; reboot: never repeated blindly, only an "off" reading counts).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -47,7 +49,7 @@ log = logging.getLogger("fencer.actuation")
 
 DOWN_STATES = frozenset({"Disconnected", "Alert", "Down"})
 BACKED_STATES = frozenset({"fence_proposed", "fencing"})
-RECORD_WAIT = 5.0  # seconds the host-states view may lag behind the decision it produced
+RECORD_WAIT = 10.0  # seconds the host-states view may lag behind the decision it produced
 CLOUDSTACK_TRIES = 3
 
 
@@ -269,6 +271,35 @@ class ClaimLog:
         if not seen:
             raise RuntimeError(f"claim {claim.claim_id} was written but not read back in 30 s")
 
+    async def _renew(self, claim: FenceClaim, every: float) -> None:
+        """While acting, say so: a renewal every `every` seconds keeps followers waiting."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.append(claim.model_copy(update={"state": "renewed"}))
+            except Exception as exc:  # a missed renewal shortens the wait, never the action
+                log.warning("cannot renew claim %s: %s", claim.claim_id, exc)
+
+    def _moved(self, decision_id: str, seen: int) -> bool:
+        return self.done(decision_id) is not None or len(self.of(decision_id)) > seen
+
+    async def _wait_while_renewed(self, decision_id: str, lease: float) -> FenceClaim | None:
+        """The `done` record, or None once `lease` seconds (this worker's clock) passed without
+        any new record for the decision: its claimant stopped renewing, so it is dead."""
+        seen = len(self.of(decision_id))
+        deadline = time.monotonic() + lease
+        while True:
+            done = self.done(decision_id)
+            if done is not None:
+                return done
+            now = len(self.of(decision_id))
+            if now > seen:
+                seen, deadline = now, time.monotonic() + lease
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            await self._wait(partial(self._moved, decision_id, seen), min(left, 1.0))
+
     async def run_once(
         self,
         decision: FenceDecision,
@@ -286,12 +317,13 @@ class ClaimLog:
             takeover = False
             if open_claims:
                 log.warning(
-                    "decision %s is claimed by %s: waiting up to %g s for its outcome",
+                    "decision %s is claimed by %s: waiting for its outcome (lapses after %g s "
+                    "without a renewal)",
                     did,
                     open_claims[-1].claimed_by,
                     lease,
                 )
-                if await self._wait(lambda: self.done(did), lease):
+                if await self._wait_while_renewed(did, lease):
                     continue
                 takeover = True
                 log.warning(
@@ -311,13 +343,17 @@ class ClaimLog:
             first = next(c for c in self.open_claims(did) if c.takeover_of == base)
             if first.claim_id != mine.claim_id:
                 log.warning("decision %s: %s claimed it first", did, first.claimed_by)
+                await self.append(mine.model_copy(update={"state": "released"}))
                 continue
+            renewing = asyncio.create_task(self._renew(mine, lease / 3))
             try:
                 outcome = await act(takeover)
             except NotNow:
                 # Refused after the claim (a takeover re-checks): nothing was done, let go.
                 await self.append(mine.model_copy(update={"state": "released"}))
                 raise
+            finally:
+                renewing.cancel()
             await self.append(
                 mine.model_copy(
                     update={"state": "done", "outcome": outcome.model_dump(mode="json")}

@@ -56,11 +56,10 @@ def parse_roles(text: str) -> tuple[str, ...]:
     return roles
 
 
-def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faust.App:
-    """Build the Faust app for these roles (all of them in one process by default)."""
-    prepare_kafka(settings)
+def require_signing_key(settings: FencerSettings, roles: tuple[str, ...]) -> None:
+    """The gate signs decisions, the actuator verifies them: neither runs without a key
+    (SettingsError naming `signing.keys_file`)."""
     if {"ingest", "actuate"} & set(roles):
-        # The gate signs decisions, the actuator verifies them: neither runs without a key.
         from fencing.settings import SettingsError
         from fencing.signing import KeyringError, load_keyring
 
@@ -68,6 +67,12 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             load_keyring(settings)
         except KeyringError as exc:
             raise SettingsError(f"roles {','.join(sorted(roles))}: {exc}") from None
+
+
+def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faust.App:
+    """Build the Faust app for these roles (all of them in one process by default)."""
+    prepare_kafka(settings)
+    require_signing_key(settings, roles)
     # The same role set is the same consumer group whatever the order of --roles.
     app_id = settings.group_for(roles, ROLES)
     app = faust.App(app_id, **faust_app_kwargs(settings))
@@ -323,6 +328,7 @@ def cli_worker(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     roles = parse_roles(args.roles)
+    require_signing_key(settings, roles)  # before waiting for Kafka: a missing key is final
     from streams.kafka import ssl_context
 
     ssl_context(settings.kafka)  # a missing CA / certificate / key: one line naming it, exit 1

@@ -16,6 +16,7 @@ from fencing.records import (
     SCHEMA_VERSION,
     BmcPin,
     DeadLetter,
+    FenceClaim,
     FenceDecision,
     FenceOutcome,
     FenceProposal,
@@ -40,6 +41,7 @@ TOPIC_MODELS: dict[str, tuple[type[BaseModel], ...]] = {
     "notices": (Notice,),
     "host_states": (HostStateRecord,),
     "dead_letter": (DeadLetter,),
+    "fence_claims": (FenceClaim,),
     "operator_actions": (OperatorAction,),
     "bmc_pins": (BmcPin,),
 }

@@ -141,10 +141,12 @@ async def test_a_proposal_stamped_two_hours_ahead_is_refused_and_the_cap_holds(
     assert f"notice:{notice_id}" in mail[0].body
 
 
-async def wait_for_log(w: World, text: str, timeout: float) -> None:
+async def wait_for_log(w: World, pattern: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while text not in w.log():
-        assert time.monotonic() < deadline, f"the worker never logged {text!r}"
+    text = pattern
+    while re.search(pattern, w.log()) is None:
+        tail = "\n".join(w.log().splitlines()[-25:])
+        assert time.monotonic() < deadline, f"the worker never logged {text!r}; log:\n{tail}"
         await asyncio.sleep(0.1)
 
 
@@ -159,6 +161,7 @@ async def test_a_fence_never_gives_up_silently(failing: World, tmp_path: Path) -
     await lab.crash("kvm02")
     await lab.crash("kvm04")
 
+    # (the first calls to the BMC read its identity, then its power: either may be failing)
     await wait_for_log(w, f"host {kvm02}: stop attempt 2 failed", 90)
     lab.bmcs["kvm02"].resume()
 
@@ -170,7 +173,7 @@ async def test_a_fence_never_gives_up_silently(failing: World, tmp_path: Path) -
         ]
 
     fenced = await w.tap.wait_for(lambda: outcome(kvm02, True), 60, "kvm02 fenced")
-    assert fenced[0]["verified"] and fenced[0]["attempts"] == 3
+    assert fenced[0]["verified"] and fenced[0]["power_after"] == "off"
     assert lab.bmc_power_offs("kvm02") == 1
     assert len(lab.degraded_calls("kvm02")) == 3
     assert sorted(lab.restarted_elsewhere("kvm02")) == sorted(lab.vms_of("kvm02"))

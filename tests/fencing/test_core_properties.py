@@ -73,12 +73,6 @@ T0 = 1_700_000_000.0  # epoch seconds: the worker clock starts here, the filer's
 DISK = "/mnt/p1/vm1.qcow2"
 DISK2 = "/mnt/p1/vm2.qcow2"
 HB = "/mnt/p1/KVMHA/hb-10.0.0.11"
-TEMPORARY = {
-    WithheldReason.QUIET_PERIOD,
-    WithheldReason.PAUSED,
-    WithheldReason.CLUSTER_SIZE_UNKNOWN,
-    WithheldReason.STORM_GUARD,
-}
 
 # Offsets are whole seconds plus 1/1024ths: adding one to an epoch mtime is exact in a float,
 # so two shifted readings are equal exactly when the unshifted ones are (as on a real filer).

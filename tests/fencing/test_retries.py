@@ -18,6 +18,7 @@ from fencing.drivers import build_driver
 from fencing.drivers.base import PowerDriver
 from fencing.engine import Engine
 from fencing.events import FenceAction, NoticeKind
+from fencing.identity import MemoryPinStore
 from fencing.records import EvidenceSummary, FenceDecision, HostRef, Notice, OperatorAction
 from fencing.settings import (
     ActuatorSettings,
@@ -65,6 +66,11 @@ def settings_for(cloud: Cloud, ports: dict[str, int], deadline: float = 20.0) ->
 def quick_driver(ipmi: IpmiSettings, address: str | None, _timeout: float) -> PowerDriver:
     # A BMC that does not answer costs 1 s per attempt instead of 5.
     return build_driver(ipmi, address, 1.0)
+
+
+def patient_driver(ipmi: IpmiSettings, address: str | None, _timeout: float) -> PowerDriver:
+    # Once the BMC answers again: 5 s per call, as in production, for a loaded test machine.
+    return build_driver(ipmi, address, 5.0)
 
 
 def decision(host: str, cluster: str) -> FenceDecision:
@@ -120,7 +126,43 @@ async def test_a_bmc_down_for_two_attempts_then_back_is_fenced(
     assert degraded_calls(cloud) == ["declareHostAsDegraded"]
     assert cloud.cloud.vms[cloud.vm_uuid].host_uuid != cloud.host.uuid
     assert cloud.cloud.vms[cloud.vm_uuid].state == "Running"
-    assert notices == []
+    await act.settle()
+    assert notices == []  # every VM runs again: nothing to report
+
+
+async def test_a_bmc_whose_identity_cannot_be_read_yet_is_retried_then_pinned_and_fenced(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    # With BMC identity pinning the first call reads the GUID: it shares the fence's deadline.
+    failures: list[int] = []
+
+    def failed(host: str, attempt: int, error: str) -> None:
+        failures.append(attempt)
+        if attempt == 2:
+            bmc.resume()
+
+    bmc.pause()
+    act, _ = actuator(settings_for(cloud, {cloud.host.uuid: bmc.port}), on_failure=failed)
+    act.pins = pins = MemoryPinStore()
+    out = await act.handle(decision(cloud.host.uuid, cloud.cluster_uuid))
+    assert out is not None and out.success and out.verified, out.error
+    assert failures == [1, 2]
+    assert pins.get(cloud.host.uuid) is not None  # pinned at this first fence
+    assert bmc.power == "off" and bmc.count("power_off") == 1
+
+
+async def test_a_bmc_whose_identity_stays_unreadable_fails_at_the_fence_deadline(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    bmc.pause()
+    act, _ = actuator(settings_for(cloud, {cloud.host.uuid: bmc.port}, deadline=3.0))
+    act.pins = MemoryPinStore()
+    started = time.monotonic()
+    out = await act.handle(decision(cloud.host.uuid, cloud.cluster_uuid))
+    assert out is not None and not out.success
+    assert 2.9 < time.monotonic() - started < 6
+    assert "fence deadline of 3 s" in (out.error or "") and "BMC identity" in (out.error or "")
+    assert bmc.count("power_off") == 0 and degraded_calls(cloud) == []
 
 
 async def test_a_bmc_that_stays_down_fails_at_the_fence_deadline(
@@ -149,6 +191,7 @@ async def test_an_operator_retry_runs_a_failed_decision_again(
     assert first is not None and not first.success
     bmc.resume()
     act.settings = settings_for(cloud, {cloud.host.uuid: bmc.port})  # a longer deadline now
+    act.driver_factory = patient_driver
     assert await act.handle(d) == first  # a redelivery: the stored outcome, no BMC call
     assert bmc.count("power_off") == 0
     again = await act.handle(d, again=True)
@@ -170,6 +213,7 @@ async def test_declare_degraded_failing_twice_is_retried_and_the_vms_restart(
     vm = cloud.cloud.vms[cloud.vm_uuid]
     assert (vm.state, vm.host_uuid != cloud.host.uuid) == ("Running", True)
     assert cloud.cloud.hosts[cloud.host.uuid].resourcestate == "Degraded"
+    await act.settle()
     assert notices == []
 
 
@@ -193,8 +237,12 @@ async def test_vms_still_down_after_the_restart_call_are_reported(
             h.state = "Disconnected"  # nowhere to restart the VM
     act, notices = actuator(settings_for(cloud, {cloud.host.uuid: bmc.port}))
     d = decision(cloud.host.uuid, cloud.cluster_uuid)
+    started = time.monotonic()
     out = await act.handle(d)
     assert out is not None and out.success
+    assert time.monotonic() - started < 2.5  # the outcome does not wait for the VMs
+    assert notices == []
+    await act.settle()  # up to cloudstack.job_timeout (3 s here)
     (notice,) = notices
     assert notice.kind is NoticeKind.VMS_NOT_RESTARTED and notice.decision_id == d.decision_id
     assert notice.notice_id == f"{d.decision_id}/vms_not_restarted"
@@ -264,6 +312,7 @@ async def test_a_failed_fence_is_repeated_until_an_operator_retries_it(
 
     bmc.resume()
     rt.settings = settings_for(cloud, {host: bmc.port})  # a longer deadline now
+    act.driver_factory = patient_driver
     retry = OperatorAction(kind="retry", host_uuid=host, by="ops", at=time.time())
     out = await rt.operator_action(retry, done, host)
     assert out is not None and out.success and out.decision_id == d.decision_id

@@ -156,7 +156,7 @@ def test_bad_key_files_name_the_line(text: str, message: str) -> None:
 
 
 def test_keys_come_from_the_file_or_the_secret_never_shown(tmp_path: Path) -> None:
-    with pytest.raises(KeyringError, match="signing.keys_file is not set"):
+    with pytest.raises(KeyringError, match=r"signing\.keys_file is not set"):
         load_keyring(FencerSettings())
     path = write_keys_file(tmp_path / "keys", "k1")
     assert path.stat().st_mode & 0o777 == 0o600
@@ -166,7 +166,7 @@ def test_keys_come_from_the_file_or_the_secret_never_shown(tmp_path: Path) -> No
     assert secret not in repr(ring)
     inline = FencerSettings(signing=SigningSettings(keys=SecretStr(new_key_line("k9"))))
     assert load_keyring(inline).signing_key_id == "k9"
-    with pytest.raises(KeyringError, match="cannot read signing.keys_file"):
+    with pytest.raises(KeyringError, match=r"cannot read signing\.keys_file"):
         load_keyring(FencerSettings(signing=SigningSettings(keys_file=tmp_path / "missing")))
 
 

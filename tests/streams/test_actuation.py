@@ -230,6 +230,37 @@ async def test_a_dead_claimant_is_followed_after_the_lease_with_takeover(
     assert claims[1].takeover_of == "dead-claim"
 
 
+async def test_a_live_claimant_slower_than_the_lease_keeps_followers_waiting(
+    fencer_settings: Any,
+) -> None:
+    settings = fencer_settings(isolated_topics=True)
+    d = decision(at=time.time())
+    slow, follower = ClaimLog(settings, "slow"), ClaimLog(settings, "follower")
+    await slow.start()
+    await follower.start()
+    acted: list[str] = []
+
+    async def slow_act(takeover: bool) -> FenceOutcome:
+        acted.append("slow")
+        await asyncio.sleep(4.0)  # four leases: a BMC that takes its time
+        return outcome_of(d, "slow")
+
+    async def follower_act(takeover: bool) -> FenceOutcome:
+        acted.append("follower")
+        return outcome_of(d, "follower")
+
+    try:
+        first = asyncio.create_task(slow.run_once(d, 1.0, slow_act))
+        await asyncio.sleep(0.5)
+        out, did_act = await follower.run_once(d, 1.0, follower_act)
+        assert (await first)[0] == out
+    finally:
+        await slow.stop()
+        await follower.stop()
+    assert acted == ["slow"] and did_act is False and out.driver == "slow"
+    assert "renewed" in [c.state for c in follower.of(d.decision_id)]
+
+
 async def test_a_released_claim_lets_a_later_decision_act_at_once(fencer_settings: Any) -> None:
     settings = fencer_settings(isolated_topics=True)
     d = decision(at=time.time())
