@@ -527,7 +527,7 @@ def test_a_missing_or_unreadable_tls_file_names_the_setting_and_path(tmp_path, n
         )
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker", "-c", str(cfg)],
+        [sys.executable, "-m", "streams.cli", "worker", "--roles", "notify", "-c", str(cfg)],
         cwd=REPO,
         capture_output=True,
         text=True,
