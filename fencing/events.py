@@ -75,6 +75,7 @@ class NoticeKind(str, Enum):  # noqa: UP042 - str() of a member is its qualified
     FENCE_REFUSED = "fence_refused"  # the actuator's last-moment checks refused a decision
     VMS_NOT_RESTARTED = "vms_not_restarted"
     BMC_IDENTITY_CHANGED = "bmc_identity_changed"  # the BMC reports another system GUID
+    LOGIN_BURST = "login_burst"  # failed API logins from one client beyond api.login_max_failures
 
 
 # ---------------------------------------------------------------------------------------------

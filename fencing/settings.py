@@ -138,6 +138,24 @@ IPMI_FIELDS = (
     "verify_tls",
     "restart_via",
     "restart_without_fence",
+    "allow_insecure_redfish",
+)
+
+# Fields that choose what runs or where a password may go (the command template, its tool and
+# arguments, TLS checks): set only in the configuration file. The API refuses a write of them
+# (403 naming the field) and a settings-topic record cannot change them (the store keeps the
+# file's values); `driver: template` likewise unless `api.settable_drivers` lists it.
+FILE_ONLY_IPMI_FIELDS = (
+    "exec",
+    "execution_syntax",
+    "password_via",
+    "action_stop",
+    "action_start",
+    "action_reboot",
+    "action_blink",
+    "action_test",
+    "verify_tls",
+    "allow_insecure_redfish",
 )
 
 
@@ -190,6 +208,11 @@ class IpmiSettings(_Model):
         False,
         description="tell CloudStack to restart VMs after nothing/blink (VMs may run twice)",
     )
+    allow_insecure_redfish: bool = Field(
+        False,
+        description="allow an http:// Redfish address (the password travels in clear); "
+        "configuration file only",
+    )
 
     @field_validator("action")
     @classmethod
@@ -220,6 +243,7 @@ class IpmiOverrides(_Model):
     verify_tls: bool | None = None
     restart_via: RestartVia | None = None
     restart_without_fence: bool | None = None
+    allow_insecure_redfish: bool | None = None
 
     @field_validator("action")
     @classmethod
@@ -285,6 +309,7 @@ class TopicNames(_Model):
     fence_claims: str = "fencer.fence-claims"
     operator_actions: str = "fencer.operator-actions"
     bmc_pins: str = "fencer.bmc-pins"
+    audit: str = "fencer.audit"
 
 
 class KafkaSettings(_Model):
@@ -294,6 +319,11 @@ class KafkaSettings(_Model):
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = Field(
+        None, description="client certificate (PEM) for mutual TLS with SSL / SASL_SSL"
+    )
+    ssl_keyfile: Path | None = Field(None, description="its private key (PEM, mode 0600)")
+    ssl_keyfile_password: SecretStr | None = Field(None, description="if the key is encrypted")
     sasl: SaslSettings | None = None
     partitions: int = Field(4, ge=1)
     replication_factor: int = Field(1, ge=1)
@@ -323,7 +353,11 @@ class CloudStackSettings(_Model):
 
 
 class SshSettings(_Model):
-    user: str = "root"
+    user: str = Field(
+        "fencer-probe",
+        description="the neighbours' probe user: non-root, its key forced through "
+        "fencer-probe-gate (operators' guide, section 4)",
+    )
     key_file: Path | None = None
     known_hosts: Path | None = Field(None, description="required outside the lab")
     insecure_skip_host_key_check: bool = Field(False, description="lab only")
@@ -451,6 +485,27 @@ class ApiSettings(_Model):
     port: int = Field(8480, ge=1, le=65535)
     token: SecretStr | None = None
     secrets_key_file: Path | None = Field(None, description="key that encrypts stored passwords")
+    tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description="API tokens stored hashed, by name: `sha256:<hex of the token>` "
+        "(printf %s TOKEN | sha256sum); the name is the `who` of the audit log",
+    )
+    tls_certfile: Path | None = Field(None, description="serve the API and UI over https")
+    tls_keyfile: Path | None = None
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses or networks of reverse proxies whose X-Forwarded-Proto and "
+        "X-Forwarded-For are believed (TLS ended there: the session cookie is Secure)",
+    )
+    login_max_failures: int = Field(
+        5, ge=1, description="failed logins (or wrong bearer tokens) per client per window"
+    )
+    login_window: float = Field(300.0, gt=0, description="seconds of the failed-login window")
+    settable_drivers: list[Driver] = Field(
+        default_factory=lambda: [Driver.IPMI, Driver.REDFISH],
+        description="drivers the API (and the settings topic) may choose; `template` runs a "
+        "command, so it is chosen only in the file unless listed here",
+    )
 
 
 class MetricsSettings(_Model):
@@ -513,6 +568,28 @@ class FencerSettings(BaseSettings):
         return (env_settings, secret_files, init_settings)
 
     @model_validator(mode="after")
+    def _api_security_settings_hang_together(self) -> FencerSettings:
+        a = self.api
+        for name, value in a.tokens.items():
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+                raise ValueError(
+                    f"api.tokens.{name}: must be sha256:<64 lower-case hex digits> "
+                    "(printf %s TOKEN | sha256sum), never the token itself"
+                )
+        if (a.tls_certfile is None) != (a.tls_keyfile is None):
+            raise ValueError("api.tls_certfile: set together with api.tls_keyfile (or neither)")
+        import ipaddress
+
+        for i, proxy in enumerate(a.trusted_proxies):
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"api.trusted_proxies.{i}: {proxy[:60]!r} is not an address or network"
+                ) from None
+        return self
+
+    @model_validator(mode="after")
     def _fake_driver_only_in_the_lab(self) -> FencerSettings:
         where = fake_driver_fields(self)
         if where and not self.lab:
@@ -535,6 +612,13 @@ class FencerSettings(BaseSettings):
         if set(wanted) == set(all_roles):
             return self.kafka.group_id
         return f"{self.kafka.group_id}-{'-'.join(wanted)}"
+
+    @model_validator(mode="after")
+    def _redfish_only_over_https(self) -> FencerSettings:
+        problems = insecure_redfish_problems(self)
+        if problems:
+            raise ValueError("\n".join(f"{where}: {problem}" for where, problem in problems))
+        return self
 
     @model_validator(mode="after")
     def _ipmi_credentials_fit(self) -> FencerSettings:
@@ -586,6 +670,123 @@ class FencerSettings(BaseSettings):
         """The cluster's recipients, or the global list."""
         c = self.clusters.get(cluster_uuid or "")
         return c.email_to if c and c.email_to is not None else list(self.email.to)
+
+
+def file_only_violations(
+    change: IpmiOverrides, in_file: IpmiOverrides | None, settable_drivers: list[Driver]
+) -> list[str]:
+    """The fields of `change` (an API write or a settings-topic record for one cluster or host)
+    that only the configuration file may set: a file-only field whose value differs from the
+    file's at that level, or a driver outside `api.settable_drivers` that the file does not
+    choose there."""
+    base = in_file or IpmiOverrides()
+    out = [
+        name
+        for name in FILE_ONLY_IPMI_FIELDS
+        if getattr(change, name) is not None and getattr(change, name) != getattr(base, name)
+    ]
+    if (
+        change.driver is not None
+        and change.driver not in settable_drivers
+        and change.driver != base.driver
+    ):
+        out.append("driver")
+    return out
+
+
+def confine_to_file(
+    change: IpmiOverrides, in_file: IpmiOverrides | None, settable_drivers: list[Driver]
+) -> IpmiOverrides:
+    """`change` with every file-only field (and a driver outside `api.settable_drivers`) taken
+    from the file's entry at that level: the settings topic never decides what runs."""
+    base = in_file or IpmiOverrides()
+    update = {name: getattr(base, name) for name in FILE_ONLY_IPMI_FIELDS}
+    if change.driver is not None and change.driver not in settable_drivers:
+        update["driver"] = base.driver
+    return change.model_copy(update=update)
+
+
+def insecure_redfish_problems(settings: FencerSettings) -> list[tuple[str, str]]:
+    """(setting path, problem) for each host whose Redfish address is not https while neither
+    the host, its cluster (any cluster, the host's being unknown here) nor the defaults say
+    `allow_insecure_redfish: true`. The driver refuses such an address again before a request."""
+    out: list[tuple[str, str]] = []
+    some_cluster = any(c.ipmi.allow_insecure_redfish for c in settings.clusters.values())
+    for huuid, host in settings.hosts.items():
+        address = (host.ipmi.address or "").strip()
+        if "://" not in address or address.lower().startswith("https://"):
+            continue
+        eff = settings.effective_ipmi(huuid, None).values
+        if eff.driver is not Driver.REDFISH or eff.allow_insecure_redfish or some_cluster:
+            continue
+        scheme = address.split("://", 1)[0]
+        out.append(
+            (
+                f"hosts.{huuid}.ipmi.address",
+                f"Redfish over {scheme}:// would send the BMC password in clear; use https, or "
+                "set allow_insecure_redfish: true for this host or its cluster",
+            )
+        )
+    return out
+
+
+TLS_PROTOCOLS = ("SSL", "SASL_SSL")
+
+
+def kafka_tls_file_problems(kafka: KafkaSettings) -> list[tuple[str, str]]:
+    """(setting, problem) for each Kafka CA, certificate or key file that is set but cannot be
+    read (only with SSL / SASL_SSL, where they are used), and a certificate without its key."""
+    if kafka.security_protocol not in TLS_PROTOCOLS:
+        return []
+    out: list[tuple[str, str]] = []
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        path: Path | None = getattr(kafka, name)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except FileNotFoundError:
+            out.append((f"kafka.{name}", f"{path}: no such file"))
+        except IsADirectoryError:
+            out.append((f"kafka.{name}", f"{path}: is a directory, not a PEM file"))
+        except OSError as exc:
+            out.append((f"kafka.{name}", f"{path}: cannot read it: {exc.strerror}"))
+    if (kafka.ssl_certfile is None) != (kafka.ssl_keyfile is None):
+        missing = "ssl_keyfile" if kafka.ssl_keyfile is None else "ssl_certfile"
+        out.append((f"kafka.{missing}", "mutual TLS needs both ssl_certfile and ssl_keyfile"))
+    return out
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    name = host.strip().strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def kafka_plaintext_warning(kafka: KafkaSettings) -> str | None:
+    """A warning when fencer's topics travel unencrypted to a broker that is not on loopback."""
+    if kafka.security_protocol in TLS_PROTOCOLS:
+        return None
+    remote = []
+    for server in kafka.bootstrap_servers.split(","):
+        host = server.strip().rsplit(":", 1)[0] if server.strip() else ""
+        if host and not _loopback(host):
+            remote.append(server.strip())
+    if not remote:
+        return None
+    return (
+        f"kafka.security_protocol is {kafka.security_protocol} to {', '.join(remote)}: "
+        "decisions, settings and SASL passwords cross the network in clear and anyone who "
+        "reaches the broker can write fencer's topics; use SSL or SASL_SSL (with "
+        "ssl_certfile / ssl_keyfile for mutual TLS)"
+    )
 
 
 def fake_driver_fields(settings: FencerSettings) -> list[str]:
@@ -808,6 +1009,14 @@ def settings_warnings(settings: FencerSettings) -> list[str]:
     for huuid, host in settings.hosts.items():
         if host.ipmi.model_fields_set & _CHECKED_FIELDS:
             check(f"hosts.{huuid}", settings.effective_ipmi(huuid, None).values)
+    plaintext = kafka_plaintext_warning(settings.kafka)
+    if plaintext is not None:
+        warnings.append(plaintext)
+    if settings.ssh.user == "root" and not settings.lab:
+        warnings.append(
+            "ssh.user is root: the probe needs no privilege; use a dedicated user whose key is "
+            "forced through fencer-probe-gate (operators' guide, section 4)"
+        )
     if settings.ssh.insecure_skip_host_key_check:
         warnings.append("ssh.insecure_skip_host_key_check is on: only acceptable in the lab")
     elif settings.ssh.known_hosts is None:

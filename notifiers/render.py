@@ -50,6 +50,7 @@ KINDS: dict[NoticeKind, tuple[str, Severity, int]] = {
     NoticeKind.FORGED_RECORD: ("FORGED-RECORD", Severity.CRITICAL, 20),
     NoticeKind.FENCE_REFUSED: ("REFUSED", Severity.WARNING, 21),
     NoticeKind.BMC_IDENTITY_CHANGED: ("BMC-IDENTITY-CHANGED", Severity.CRITICAL, 22),
+    NoticeKind.LOGIN_BURST: ("LOGIN-BURST", Severity.WARNING, 23),
 }
 
 # FENCER-MIB FencerActionKind; none(0) when the notification concerns no action.
@@ -359,6 +360,10 @@ _LEADS: dict[NoticeKind, str] = {
     ),
     NoticeKind.FENCE_REFUSED: (
         "The actuator refused an approved fence at the last moment; the host was not touched."
+    ),
+    NoticeKind.LOGIN_BURST: (
+        "Someone failed to log in to the fencer API many times in a row: they are refused for "
+        "a while. If it was not one of you, someone is guessing the API token."
     ),
     NoticeKind.BMC_IDENTITY_CHANGED: (
         "This host's BMC reports another system GUID than the one pinned for it: it is not used "

@@ -336,6 +336,9 @@ def cli_worker(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     roles = parse_roles(args.roles)
     require_signing_key(settings, roles)  # before waiting for Kafka: a missing key is final
+    from streams.kafka import ssl_context
+
+    ssl_context(settings.kafka)  # a missing CA / certificate / key: one line naming it, exit 1
     obs.setup_observability(settings)
     # Services start in any order (compose, systemd): wait, one line per try, no traceback.
     import asyncio

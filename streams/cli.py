@@ -22,8 +22,15 @@ def _config_check(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"fencer: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    from fencing.settings import kafka_tls_file_problems
+
+    problems = [] if args.skip_files else kafka_tls_file_problems(settings.kafka)
+    for where, problem in problems:
+        print(f"fencer: {where}: {problem}", file=sys.stderr)
     for warning in settings_warnings(settings):
         print(f"warning: {warning}", file=sys.stderr)
+    if problems:
+        return EXIT_FAIL
     print(json.dumps(redacted_dump(settings), indent=2, sort_keys=False))
     return EXIT_OK
 
@@ -88,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     csub = c.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     cc = csub.add_parser("check", help="validate a settings file and print it, secrets redacted")
     cc.add_argument("file", help="the YAML settings file")
+    cc.add_argument(
+        "--skip-files",
+        action="store_true",
+        help="do not open the files it names (a file written for another machine)",
+    )
     cc.set_defaults(func=_config_check)
 
     e = sub.add_parser("events", help="CloudStack event bus records")

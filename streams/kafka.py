@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import for_code
 from aiokafka.helpers import create_ssl_context
 
-from fencing.settings import FencerSettings, KafkaSettings
+from fencing.settings import FencerSettings, KafkaSettings, SettingsError, kafka_tls_file_problems
 
 log = logging.getLogger("fencer.kafka")
 
@@ -27,7 +27,7 @@ log = logging.getLogger("fencer.kafka")
 # `fence_claims` the log order decides between two claimants of one decision.
 SINGLE_PARTITION_TOPICS = frozenset({"fence_proposals", "fence_claims"})
 # Topics that hold the latest value per key.
-COMPACTED_TOPICS = frozenset({"settings", "host_states", "bmc_pins"})
+COMPACTED_TOPICS = frozenset({"settings", "host_states", "bmc_pins", "audit"})
 
 TOPIC_ALREADY_EXISTS = 36
 
@@ -58,10 +58,34 @@ def topic_specs(settings: FencerSettings) -> list[TopicSpec]:
 
 
 def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext | None:
-    """A verifying TLS context for SSL / SASL_SSL (the CA file if set, else the system CAs)."""
+    """A verifying TLS context for SSL / SASL_SSL (the CA file if set, else the system CAs),
+    with the client certificate for mutual TLS when `ssl_certfile` / `ssl_keyfile` are set.
+
+    A CA, certificate or key file that is missing or unreadable is a SettingsError naming the
+    setting and the path (never a bare FileNotFoundError)."""
     if kafka.security_protocol not in ("SSL", "SASL_SSL"):
         return None
-    return create_ssl_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
+    problems = kafka_tls_file_problems(kafka)
+    if problems:
+        raise SettingsError("\n".join(f"{where}: {problem}" for where, problem in problems))
+    password = kafka.ssl_keyfile_password
+    try:
+        return create_ssl_context(
+            cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None,
+            certfile=str(kafka.ssl_certfile) if kafka.ssl_certfile else None,
+            keyfile=str(kafka.ssl_keyfile) if kafka.ssl_keyfile else None,
+            password=password.get_secret_value() if password is not None else None,
+        )
+    except ssl.SSLError as exc:
+        # Readable but not usable: name every file involved (which one the library cannot say).
+        files = ", ".join(
+            f"kafka.{n} ({getattr(kafka, n)})"
+            for n in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+            if getattr(kafka, n) is not None
+        )
+        raise SettingsError(
+            f"{files}: not a usable CA / certificate / key: {exc.reason or exc}"
+        ) from None
 
 
 def aiokafka_kwargs(settings: FencerSettings) -> dict[str, Any]:

@@ -23,6 +23,7 @@ view, and reported as a `forged_record` notice.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from types import TracebackType
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from fencing.events import NoticeKind
@@ -43,6 +44,8 @@ from fencing.settings import (
     EffectiveIpmi,
     FencerSettings,
     HostSettings,
+    confine_to_file,
+    file_only_violations,
 )
 from fencing.signing import (
     SETTINGS,
@@ -90,24 +93,37 @@ def generate_secrets_key() -> str:
     return Fernet.generate_key().decode()
 
 
-def load_secrets_key(api: ApiSettings) -> Fernet | None:
-    """The password encryption key from the environment, else the key file, else None."""
+def load_secrets_key(api: ApiSettings) -> MultiFernet | None:
+    """The password encryption keys from the environment, else the key file, else None.
+
+    Several keys rotate: one per line in the file (or separated by commas or spaces in the
+    variable); the first encrypts every new password, every one is tried to decrypt. Rotation:
+    put a new key first, store the passwords again (or wait), then drop the old key."""
     raw = os.environ.get(SECRETS_KEY_ENV)
     where = SECRETS_KEY_ENV
     if not raw and api.secrets_key_file is not None:
         where = f"api.secrets_key_file ({api.secrets_key_file})"
         try:
-            raw = Path(api.secrets_key_file).read_text().strip()
+            raw = Path(api.secrets_key_file).read_text()
         except OSError as exc:
             raise SettingsStoreError(f"cannot read {where}: {exc.strerror}") from None
-    if not raw:
+    lines = [
+        part
+        for line in (raw or "").splitlines()
+        if line.strip() and not line.strip().startswith("#")
+        for part in line.replace(",", " ").split()
+    ]
+    if not lines:
         return None
-    try:
-        return Fernet(raw.strip().encode())
-    except ValueError:
-        raise SettingsStoreError(
-            f"{where} is not a Fernet key (32 url-safe base64-encoded bytes)"
-        ) from None
+    keys = []
+    for n, text in enumerate(lines, 1):
+        try:
+            keys.append(Fernet(text.encode()))
+        except ValueError:
+            raise SettingsStoreError(
+                f"{where}: key {n} is not a Fernet key (32 url-safe base64-encoded bytes)"
+            ) from None
+    return MultiFernet(keys)
 
 
 def _ring_or_none(settings: FencerSettings) -> Keyring | None:
@@ -188,7 +204,7 @@ class SettingsStore:
         self,
         settings: FencerSettings,
         *,
-        secrets_key: Fernet | None = _UNSET,
+        secrets_key: Fernet | MultiFernet | None = _UNSET,
         client_id: str = "fencer-settings",
         keyring: Keyring | None = _UNSET,
     ) -> None:
@@ -198,9 +214,13 @@ class SettingsStore:
         # checked; the workers that fence always pass one (streams.app refuses to start).
         self._ring: Keyring | None = _ring_or_none(settings) if keyring is _UNSET else keyring
         self.refused: list[tuple[str, int, int, str]] = []  # (key, partition, offset, reason)
-        self._fernet: Fernet | None = (
+        self._fernet: Fernet | MultiFernet | None = (
             load_secrets_key(settings.api) if secrets_key is _UNSET else secrets_key
         )
+        # Stored passwords no key decrypts, by record key: the reason (shown by the API).
+        self.undecryptable: dict[str, str] = {}
+        self._reported: set[str] = set()
+        self._pending_notices: list[Notice] = []
         self._topic = settings.kafka.topics.settings
         self._client_id = client_id
         self._entries: dict[str, _Entry] = {}
@@ -233,6 +253,9 @@ class SettingsStore:
         except Exception:
             await self.stop()
             raise
+        pending, self._pending_notices = self._pending_notices, []
+        for notice in pending:
+            self._send_notice(notice)
 
     async def _ensure_topic(self, within: float) -> None:
         try:
@@ -433,6 +456,21 @@ class SettingsStore:
         data = json.loads(value)
         model = ClusterSettings if key.startswith("cluster:") else HostSettings
         settings = model.model_validate(data.get("settings") or {})
+        # What runs stays in the file: a record cannot set exec, the template, TLS checks or a
+        # driver outside api.settable_drivers (whoever wrote it, signed or not).
+        kind, _, uuid = key.partition(":")
+        base = (self._file.clusters if kind == "cluster" else self._file.hosts).get(uuid)
+        allowed = self._file.api.settable_drivers
+        refused = file_only_violations(settings.ipmi, base.ipmi if base else None, allowed)
+        if refused:
+            log.error(
+                "%s: the settings record sets %s, which only the configuration file may set: "
+                "the file's values apply",
+                key,
+                ", ".join(f"ipmi.{f}" for f in refused),
+            )
+        ipmi = confine_to_file(settings.ipmi, base.ipmi if base else None, allowed)
+        settings = settings.model_copy(update={"ipmi": ipmi})
         if "ipmi_password" in data:
             return _Entry(settings=settings, token=data["ipmi_password"], has_token=True)
         return _Entry(settings=settings)
@@ -443,15 +481,64 @@ class SettingsStore:
         if entry.token is None:
             return None
         if self._fernet is None:
-            log.warning("%s: stored password ignored: no %s configured", key, SECRETS_KEY_ENV)
-            return None
+            return self._undecryptable(
+                key,
+                entry.token,
+                f"no key is configured ({SECRETS_KEY_ENV} or api.secrets_key_file)",
+            )
         try:
             return SecretStr(self._fernet.decrypt(entry.token.encode()).decode())
         except InvalidToken:
-            log.warning("%s: stored password ignored: encrypted with another key", key)
-            return None
+            return self._undecryptable(
+                key,
+                entry.token,
+                f"no key of {SECRETS_KEY_ENV} / api.secrets_key_file decrypts it (a key was "
+                "removed or replaced before the password was stored again)",
+            )
+
+    def _undecryptable(self, key: str, token: str, why: str) -> SecretStr:
+        """Never the inherited password instead: an empty one (the BMC refuses it, the fence
+        fails loudly), an error in the log, a notice, and the reason in the API's view."""
+        reason = (
+            f"{key}: the stored BMC password cannot be decrypted: {why}; fencing this "
+            "{what} will fail until the password is stored again or the key is restored"
+        ).replace("{what}", "host" if key.startswith("host:") else "cluster's hosts")
+        self.undecryptable[key] = reason
+        mark = f"{key}/{hashlib.sha256(token.encode()).hexdigest()[:16]}"
+        if mark not in self._reported:
+            self._reported.add(mark)
+            log.error("STORED PASSWORD UNUSABLE: %s", reason)
+            self._send_notice(
+                Notice(
+                    notice_id=f"undecryptable/{mark}",
+                    kind=NoticeKind.PREFLIGHT_FAILED,
+                    host=HostRef(
+                        host_uuid=key.removeprefix("host:")
+                        if key.startswith("host:")
+                        else f"settings:{key[:100]}"
+                    ),
+                    at=time.time(),
+                    reason=reason,
+                )
+            )
+        return SecretStr("")
+
+    def _send_notice(self, notice: Notice) -> None:
+        if self._producer is None:
+            self._pending_notices.append(notice)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._producer.send_and_wait(
+                self._file.kafka.topics.notices,
+                key=notice.host.host_uuid.encode(),
+                value=notice.model_dump_json().encode(),
+            )
+        )
+        self._notices.add(task)
+        task.add_done_callback(self._notice_sent)
 
     def _rebuild(self) -> None:
+        self.undecryptable.clear()
         clusters = dict(self._file.clusters)
         hosts = dict(self._file.hosts)
         for key, entry in self._entries.items():

@@ -165,6 +165,17 @@ class ClusterSettingsView(BaseModel):
     sources: dict[str, Source]
     password_set: bool
     password_source: Source
+    password_error: str | None = Field(
+        None, description="the stored password cannot be decrypted (fencing will fail): why"
+    )
+    file_only: list[str] = Field(
+        default_factory=list,
+        description="IPMI fields set only in the configuration file (shown read-only; a write "
+        "is refused with 403)",
+    )
+    settable_drivers: list[str] = Field(
+        default_factory=list, description="drivers the API may choose (api.settable_drivers)"
+    )
 
 
 class ClusterSummary(BaseModel):
@@ -196,6 +207,17 @@ class HostSettingsView(BaseModel):
     sources: dict[str, Source]
     password_set: bool
     password_source: Source
+    password_error: str | None = Field(
+        None, description="the stored password cannot be decrypted (fencing will fail): why"
+    )
+    file_only: list[str] = Field(
+        default_factory=list,
+        description="IPMI fields set only in the configuration file (shown read-only; a write "
+        "is refused with 403)",
+    )
+    settable_drivers: list[str] = Field(
+        default_factory=list, description="drivers the API may choose (api.settable_drivers)"
+    )
 
 
 class HostSummary(BaseModel):
@@ -262,6 +284,14 @@ class FenceQuery(BaseModel):
     since: float | None = Field(None, description="decided at or after (epoch seconds)")
     until: float | None = Field(None, description="decided at or before (epoch seconds)")
     result: FenceResult | None = None
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class AuditQuery(BaseModel):
+    """The filters of GET /api/audit (query parameters)."""
+
+    model_config = ConfigDict(extra="forbid")
+    target: str | None = Field(None, max_length=300, description="e.g. cluster:<uuid>")
     limit: int = Field(100, ge=1, le=1000)
 
 

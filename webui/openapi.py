@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from webui import api_models as m
+from webui.audit import AuditEntry
 from webui.fencing_view import BudgetView, FenceRecord
 
 REF = "#/components/schemas/{model}"
@@ -21,9 +22,11 @@ REF = "#/components/schemas/{model}"
 _ERRORS = {
     400: "the body is not JSON",
     401: "no or wrong token / session",
-    403: "CSRF header missing or wrong (cookie sessions)",
+    403: "CSRF header missing or wrong (cookie sessions), or a field only the configuration "
+    "file may set (`fields` names it)",
     404: "no such cluster, host or fence",
     422: "invalid input; `fields` names each invalid field",
+    429: "too many failed logins from this client (api.login_max_failures): wait",
     502: "CloudStack (or the host's BMC) could not be asked",
     503: "Kafka (the settings or BMC pins topic) could not be read or written",
 }
@@ -110,6 +113,9 @@ OPERATIONS = [
         errors=(401, 403, 502, 503)),
     _Op("get", "/api/budget", "getBudget", "Fence budget used per cluster in the window",
         BudgetView, many=True, errors=(401, 502)),
+    _Op("get", "/api/audit", "getAudit",
+        "Settings changes and login bursts, newest first (secrets masked)", AuditEntry,
+        many=True, errors=(401, 422, 503), query=m.AuditQuery),
 ]  # fmt: skip
 
 
@@ -157,7 +163,9 @@ def build_openapi() -> dict[str, Any]:
         responses: dict[str, Any] = {
             "200": {"description": "OK", "content": {"application/json": {"schema": schema}}}
         }
-        for status in op.errors:
+        # Any authenticated call (and a login) may meet the failed-login limit.
+        statuses = (*op.errors, 429) if (not op.public or op.body is not None) else op.errors
+        for status in statuses:
             responses[str(status)] = {
                 "description": _ERRORS[status],
                 "content": {"application/json": {"schema": error_ref}},

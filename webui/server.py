@@ -6,17 +6,23 @@ the double-submit CSRF header. Settings changes go through `SettingsStore` (the 
 host states and fences come from `FencingView` (fencer's topics); clusters and hosts from the
 CloudStack API. No response carries a password, and errors are one line naming the field or
 the peer. Listens on 127.0.0.1 unless `api.listen` says otherwise.
+
+Security (webui.auth, webui.audit): tokens and sessions are kept only as SHA-256 hashes; failed
+logins are limited per client; every change is audited on the audit topic; the fields that
+choose what runs (FILE_ONLY_IPMI_FIELDS, driver template) are refused with 403.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import secrets
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -29,20 +35,24 @@ from aiohttp import web
 from cs import AIOCloudStack, CloudStackException
 from pydantic import BaseModel, ValidationError
 
-from fencing.events import HostStatus
-from fencing.records import HostRef, OperatorAction
+from fencing.events import HostStatus, NoticeKind
+from fencing.records import HostRef, Notice, OperatorAction
 from fencing.settings import (
+    FILE_ONLY_IPMI_FIELDS,
     ClusterSettings,
     FencerSettings,
     HostSettings,
     IpmiOverrides,
     SettingsError,
+    file_only_violations,
     load_settings,
 )
 from streams.bmc_pins import BmcPinStore
 from streams.settings_store import SettingsStore, SettingsStoreError
 from streams.topic_reader import TopicReader, TopicReaderError
 from webui import api_models as m
+from webui.audit import AuditChange, AuditLog, diff
+from webui.auth import LoginLimiter, ProxyRules, TokenBook, hash_token
 from webui.fencing_view import FencingView
 from webui.openapi import build_openapi
 
@@ -161,6 +171,7 @@ async def actuator_ipmi_test(settings: FencerSettings, host: HostRef) -> m.IpmiT
 class _Session:
     csrf: str
     expires: float
+    who: str = ""
 
 
 @dataclass
@@ -178,15 +189,94 @@ class Api:
     # writes an operator's retry / handled record (the actuate workers act on it)
     send_operator: Callable[[FencerSettings, OperatorAction], Awaitable[None]] | None = None
     pins: Any = None  # streams.bmc_pins.BmcPinStore (BMC identity), started by Service
+    audit: AuditLog | None = None  # the audit topic (Service starts it)
+    tokens: TokenBook = field(init=False)
+    proxies: ProxyRules = field(init=False)
+    limiter: LoginLimiter = field(init=False)
 
-    @property
-    def token(self) -> str:
-        """The API token (cli_api refuses to start without one)."""
-        tok = self.settings.api.token
-        return tok.get_secret_value() if tok is not None else ""
+    def __post_init__(self) -> None:
+        a = self.settings.api
+        self.tokens = TokenBook.from_settings(a)  # hashes only, never the token
+        self.proxies = ProxyRules(a.trusted_proxies)
+        self.limiter = LoginLimiter(a.login_max_failures, a.login_window)
+
+    async def record(
+        self,
+        request: web.Request,
+        action: str,
+        target: str,
+        changes: list[AuditChange] | None = None,
+    ) -> None:
+        """Audit one change (who, client, field, old and new, secrets masked)."""
+        if self.audit is None:
+            return
+        who = str(request.get(WHO_KEY) or "unauthenticated")
+        try:
+            await asyncio.wait_for(
+                self.audit.write(who, self.proxies.client(request), action, target, changes), 30
+            )
+        except Exception as exc:
+            # The change is made; that its audit line is missing must not pass silently.
+            log.error("AUDIT NOT WRITTEN: %s %s by %s: %s", action, target, who, exc)
+            raise ApiError(
+                503, f"the change was made but its audit record could not be written: {exc}"
+            ) from None
+
+    def refuse_if_limited(self, request: web.Request) -> str:
+        """The client's address; 429 while it has failed too often."""
+        client = self.proxies.client(request)
+        wait = self.limiter.retry_after(client)
+        if wait is not None:
+            raise ApiError(
+                429,
+                f"too many failed logins from {client}: try again in {int(wait) + 1} s "
+                "(api.login_max_failures, api.login_window)",
+            )
+        return client
+
+    async def failed_login(self, request: web.Request, client: str) -> None:
+        """Count a failed login or wrong bearer token; report the start of a burst once."""
+        if self.limiter.failed(client):
+            log.error(
+                "LOGIN BURST: %d failed logins from %s in %.0f s: refused until the window passes",
+                self.limiter.max_failures,
+                client,
+                self.limiter.window,
+            )
+            await self.report_burst(request, client)
+
+    async def report_burst(self, request: web.Request, client: str) -> None:
+        """The burst notice: an audit entry, and a notice on the notices topic."""
+        change = AuditChange(field="failed_logins", new=self.limiter.max_failures)
+        with contextlib.suppress(ApiError):
+            await self.record(request, "login_burst", f"client:{client}", [change])
+        notice = Notice(
+            notice_id=f"login-burst/{client}/{int(time.time())}",
+            kind=NoticeKind.LOGIN_BURST,
+            host=HostRef(host_uuid=f"client:{client}"),
+            at=time.time(),
+            reason=(
+                f"{self.limiter.max_failures} failed API logins from {client} within "
+                f"{self.limiter.window:.0f} s: refused until the window passes"
+            ),
+        )
+        try:
+            if self.audit is None:
+                raise RuntimeError("the audit log is not started")
+            await asyncio.wait_for(
+                self.audit.publish(
+                    self.settings.kafka.topics.notices,
+                    notice.host.host_uuid.encode(),
+                    notice.model_dump_json().encode(),
+                ),
+                30,
+            )
+        except Exception as exc:
+            log.error("cannot send the login burst notice: %s", exc)
 
 
 API_KEY: web.AppKey[Api] = web.AppKey("api", Api)
+WHO_KEY = "fencer_who"  # request key: the name of the token (or the session's token)
 
 
 def _api(request: web.Request) -> Api:
@@ -271,14 +361,18 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     api = _api(request)
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
-        if hmac.compare_digest(header[7:].strip().encode(), api.token.encode()):
+        client = api.refuse_if_limited(request)
+        who = api.tokens.who(header[7:])
+        if who is not None:
+            request[WHO_KEY] = who
             return await handler(request)
+        await api.failed_login(request, client)
         raise ApiError(401, "authentication failed: wrong token")
     sid = request.cookies.get(SESSION_COOKIE)
-    session = api.sessions.get(sid) if sid else None
+    session = api.sessions.get(hash_token(sid)) if sid else None
     if session is None or session.expires < time.time():
         if sid:
-            api.sessions.pop(sid, None)
+            api.sessions.pop(hash_token(sid), None)
         raise ApiError(401, "authentication required: a bearer token or a session (log in)")
     if request.method not in SAFE_METHODS:
         sent = request.headers.get(CSRF_HEADER, "")
@@ -289,6 +383,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             and hmac.compare_digest(sent.encode(), session.csrf.encode())
         ):
             raise ApiError(403, f"CSRF check failed: send the {CSRF_HEADER} header")
+    request[WHO_KEY] = session.who
     return await handler(request)
 
 
@@ -319,6 +414,14 @@ def _override_values(ipmi: IpmiOverrides) -> Any:
     return m.IpmiOverrideValues(**ipmi.model_dump(exclude={"password"}))
 
 
+def _password_error(
+    api: Api, source: str, host_uuid: str | None, cluster_uuid: str | None
+) -> str | None:
+    """Why the password in force cannot be decrypted, or None."""
+    key = f"host:{host_uuid}" if source == "host" else f"cluster:{cluster_uuid}"
+    return api.store.undecryptable.get(key) if source != "default" else None
+
+
 def _cluster_settings_view(api: Api, uuid: str) -> m.ClusterSettingsView:
     s = api.store.settings
     cs = api.store.cluster(uuid)
@@ -336,6 +439,9 @@ def _cluster_settings_view(api: Api, uuid: str) -> m.ClusterSettingsView:
         sources=eff.sources,
         password_set=bool(eff.values.password.get_secret_value()),
         password_source=eff.sources["password"],
+        password_error=_password_error(api, eff.sources["password"], None, uuid),
+        file_only=list(FILE_ONLY_IPMI_FIELDS),
+        settable_drivers=[d.value for d in s.api.settable_drivers],
     )
 
 
@@ -353,6 +459,9 @@ def _host_settings_view(api: Api, uuid: str, cluster_uuid: str | None) -> m.Host
         sources=eff.sources,
         password_set=bool(eff.values.password.get_secret_value()),
         password_source=eff.sources["password"],
+        password_error=_password_error(api, eff.sources["password"], uuid, cluster_uuid),
+        file_only=list(FILE_ONLY_IPMI_FIELDS),
+        settable_drivers=[d.value for d in s.api.settable_drivers],
     )
 
 
@@ -439,16 +548,22 @@ async def health(request: web.Request) -> web.Response:
 async def login(request: web.Request) -> web.Response:
     """Trade the API token for a session cookie and a CSRF token."""
     api = _api(request)
+    client = api.refuse_if_limited(request)
     body: m.LoginInput = await _body(request, m.LoginInput, "login")
-    if not hmac.compare_digest(body.token.encode(), api.token.encode()):
+    who = api.tokens.who(body.token)
+    if who is None:
+        await api.failed_login(request, client)
         raise ApiError(401, "authentication failed: wrong token")
+    api.limiter.succeeded(client)
     now = time.time()
     for sid in [k for k, v in api.sessions.items() if v.expires < now]:
         del api.sessions[sid]
     if len(api.sessions) >= MAX_SESSIONS:
         api.sessions.pop(next(iter(api.sessions)))
     sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    api.sessions[sid] = _Session(csrf=csrf, expires=now + SESSION_TTL)
+    # Kept by hash, like the tokens: a memory dump does not hand out live sessions.
+    api.sessions[hash_token(sid)] = _Session(csrf=csrf, expires=now + SESSION_TTL, who=who)
+    secure = api.proxies.is_tls(request)
     response = _json(m.LoginResult(csrf_token=csrf))
     for name, value, http_only in ((SESSION_COOKIE, sid, True), (CSRF_COOKIE, csrf, False)):
         response.set_cookie(
@@ -458,7 +573,7 @@ async def login(request: web.Request) -> web.Response:
             path="/",
             httponly=http_only,
             samesite="Strict",
-            secure=request.secure,
+            secure=secure,
         )
     return response
 
@@ -469,7 +584,7 @@ async def logout(request: web.Request) -> web.Response:
     api = _api(request)
     sid = request.cookies.get(SESSION_COOKIE)
     if sid:
-        api.sessions.pop(sid, None)
+        api.sessions.pop(hash_token(sid), None)
     response = _json(m.LoginResult(csrf_token=""))
     response.del_cookie(SESSION_COOKIE, path="/")
     response.del_cookie(CSRF_COOKIE, path="/")
@@ -510,6 +625,7 @@ async def put_cluster_settings(request: web.Request) -> web.Response:
     uuid = _path_id(request, "cluster_id")
     body: m.ClusterSettingsInput = await _body(request, m.ClusterSettingsInput, "cluster settings")
     await api.inventory.cluster(uuid)
+    _refuse_file_only(api, body.ipmi, api.store.file_settings.clusters.get(uuid))
     ipmi = body.ipmi.model_dump(exclude={"clear_password"})
     if body.ipmi.clear_password:
         ipmi["password"] = ""
@@ -520,8 +636,55 @@ async def put_cluster_settings(request: web.Request) -> web.Response:
     except ValidationError as exc:
         raise _validation(exc, "cluster settings") from None
     _refuse_what_ipmi_cannot_carry(api, settings, uuid, None)
+    old = _dump(api.store.cluster(uuid))
     await _store_write(api.store.put_cluster(uuid, settings))
+    await api.record(
+        request,
+        "put_cluster_settings",
+        f"cluster:{uuid}",
+        _changes(old, _dump(api.store.cluster(uuid)), body.ipmi),
+    )
     return _json(_cluster_settings_view(api, uuid))
+
+
+def _dump(entry: ClusterSettings | HostSettings) -> dict[str, Any]:
+    return entry.model_dump(mode="json", exclude={"paused"})
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any], ipmi: Any = None) -> list[AuditChange]:
+    """What a write changed; a new password shows as changed, never its value."""
+    out = diff(old, new)
+    if ipmi is not None and ipmi.password is not None:
+        if not any(c.field == "ipmi.password" for c in out):
+            out.append(AuditChange(field="ipmi.password", old="**********", new="(changed)"))
+    return out
+
+
+def _refuse_file_only(
+    api: Api, change: IpmiOverrides, in_file: ClusterSettings | HostSettings | None
+) -> None:
+    """403 naming the field when a write sets what only the configuration file may set (the
+    command template, its tool and arguments, TLS checks, a driver outside settable_drivers)."""
+    allowed = api.store.file_settings.api.settable_drivers
+    refused = file_only_violations(change, in_file.ipmi if in_file else None, allowed)
+    if not refused:
+        return
+    fields = [
+        m.ErrorField(
+            field=f"ipmi.{name}",
+            message=(
+                "driver "
+                + str(getattr(change.driver, "value", change.driver))
+                + " is chosen only in the configuration file (api.settable_drivers: "
+                + ", ".join(d.value for d in allowed)
+                + ")"
+                if name == "driver"
+                else "set only in the configuration file: the API cannot change it"
+            ),
+        )
+        for name in refused
+    ]
+    raise ApiError(403, f"forbidden: {fields[0].field}: {fields[0].message}", fields)
 
 
 def _refuse_what_ipmi_cannot_carry(
@@ -545,7 +708,24 @@ def _refuse_what_ipmi_cannot_carry(
         candidate = current.model_copy(
             update={"clusters": {**current.clusters, cluster or "": change}}
         )
-    values = candidate.effective_ipmi(host or "", cluster).values
+    eff = candidate.effective_ipmi(host or "", cluster)
+    values = eff.values
+    address = (eff.address or "").strip()
+    if (
+        values.driver is Driver.REDFISH
+        and "://" in address
+        and not address.lower().startswith("https://")
+        and not values.allow_insecure_redfish
+    ):
+        why = (
+            "Redfish over http:// would send the BMC password in clear; use https (only the "
+            "configuration file can allow_insecure_redfish)"
+        )
+        raise ApiError(
+            422,
+            f"invalid settings: ipmi.address: {why}",
+            [m.ErrorField(field="ipmi.address", message=why)],
+        )
     if values.driver is not Driver.IPMI:
         return
     for name, problem in (
@@ -566,7 +746,14 @@ async def delete_cluster_settings(request: web.Request) -> web.Response:
     api = _api(request)
     uuid = _path_id(request, "cluster_id")
     await api.inventory.cluster(uuid)
+    old = _dump(api.store.cluster(uuid))
     await _store_write(api.store.delete_cluster(uuid))
+    await api.record(
+        request,
+        "delete_cluster_settings",
+        f"cluster:{uuid}",
+        _changes(old, _dump(api.store.cluster(uuid))),
+    )
     return _json(_cluster_settings_view(api, uuid))
 
 
@@ -603,6 +790,7 @@ async def put_host_settings(request: web.Request) -> web.Response:
     uuid = _path_id(request, "host_id")
     body: m.HostSettingsInput = await _body(request, m.HostSettingsInput, "host settings")
     h = await api.inventory.host(uuid)
+    _refuse_file_only(api, body.ipmi, api.store.file_settings.hosts.get(uuid))
     ipmi = body.ipmi.model_dump(exclude={"clear_password"})
     if body.ipmi.clear_password:
         ipmi["password"] = ""
@@ -611,7 +799,14 @@ async def put_host_settings(request: web.Request) -> web.Response:
     except ValidationError as exc:
         raise _validation(exc, "host settings") from None
     _refuse_what_ipmi_cannot_carry(api, settings, h.get("clusterid"), uuid)
+    old = _dump(api.store.host(uuid))
     await _store_write(api.store.put_host(uuid, settings))
+    await api.record(
+        request,
+        "put_host_settings",
+        f"host:{uuid}",
+        _changes(old, _dump(api.store.host(uuid)), body.ipmi),
+    )
     return _json(_host_settings_view(api, uuid, h.get("clusterid")))
 
 
@@ -621,7 +816,11 @@ async def delete_host_settings(request: web.Request) -> web.Response:
     api = _api(request)
     uuid = _path_id(request, "host_id")
     h = await api.inventory.host(uuid)
+    old = _dump(api.store.host(uuid))
     await _store_write(api.store.delete_host(uuid))
+    await api.record(
+        request, "delete_host_settings", f"host:{uuid}", _changes(old, _dump(api.store.host(uuid)))
+    )
     return _json(_host_settings_view(api, uuid, h.get("clusterid")))
 
 
@@ -661,6 +860,12 @@ async def _fence_operator(request: web.Request, kind: str) -> web.Response:
         await asyncio.wait_for(api.send_operator(api.settings, action), 30)
     except Exception as exc:
         raise ApiError(503, f"cannot write to Kafka: {type(exc).__name__}: {exc}") from None
+    await api.record(
+        request,
+        f"fence_{kind}",
+        f"host:{uuid}",
+        [AuditChange(field="decision_id", new=body.decision_id or "(latest)")],
+    )
     return _json(
         m.FenceOperatorResult(
             kind=kind, host_uuid=uuid, decision_id=body.decision_id, by="api", at=action.at
@@ -752,12 +957,23 @@ async def _store_write(write: Awaitable[None]) -> None:
         raise ApiError(503, str(exc)) from None
 
 
+async def _audit_pause(
+    api: Api, request: web.Request, cluster: str | None, paused: bool, reason: str | None
+) -> None:
+    changes = [AuditChange(field="paused", old=not paused, new=paused)]
+    if reason:
+        changes.append(AuditChange(field="reason", new=reason))
+    target = "pause:global" if cluster is None else f"pause:cluster:{cluster}"
+    await api.record(request, "pause" if paused else "resume", target, changes)
+
+
 @routes.post("/api/pause")
 async def pause_all(request: web.Request) -> web.Response:
     """Pause fencing everywhere."""
     api = _api(request)
     body: m.PauseInput = await _body(request, m.PauseInput, "pause")
     await _store_write(api.store.pause(None, reason=body.reason, by="api"))
+    await _audit_pause(api, request, None, True, body.reason)
     return _json(_pause_overview(api, await _cluster_ids(api)))
 
 
@@ -766,6 +982,7 @@ async def resume_all(request: web.Request) -> web.Response:
     """Resume fencing everywhere (cluster pauses stay)."""
     api = _api(request)
     await _store_write(api.store.resume(None, by="api"))
+    await _audit_pause(api, request, None, False, None)
     return _json(_pause_overview(api, await _cluster_ids(api)))
 
 
@@ -777,6 +994,7 @@ async def pause_cluster(request: web.Request) -> web.Response:
     body: m.PauseInput = await _body(request, m.PauseInput, "pause")
     await api.inventory.cluster(uuid)
     await _store_write(api.store.pause(uuid, reason=body.reason, by="api"))
+    await _audit_pause(api, request, uuid, True, body.reason)
     return _json(_pause_state(api, uuid))
 
 
@@ -848,7 +1066,11 @@ async def confirm_bmc_pin(request: web.Request) -> web.Response:
         ) from None
     except PinStoreError as exc:
         raise ApiError(503, str(exc)) from None
-    return _json(_pin_view(api, uuid))
+    view = _pin_view(api, uuid)
+    await api.record(
+        request, "confirm_bmc_pin", f"host:{uuid}", [AuditChange(field="bmc_guid", new=view.guid)]
+    )
+    return _json(view)
 
 
 @routes.post("/api/clusters/{cluster_id}/resume")
@@ -858,7 +1080,21 @@ async def resume_cluster(request: web.Request) -> web.Response:
     uuid = _path_id(request, "cluster_id")
     await api.inventory.cluster(uuid)
     await _store_write(api.store.resume(uuid, by="api"))
+    await _audit_pause(api, request, uuid, False, None)
     return _json(_pause_state(api, uuid))
+
+
+@routes.get("/api/audit")
+async def get_audit(request: web.Request) -> web.Response:
+    """Settings changes and login bursts, newest first (who, field, old and new, when)."""
+    api = _api(request)
+    try:
+        q = m.AuditQuery.model_validate(dict(request.query))
+    except ValidationError as exc:
+        raise _validation(exc, "query") from None
+    if api.audit is None:
+        raise ApiError(503, "the audit topic is not read")
+    return _json(api.audit.entries(limit=q.limit, target=q.target))
 
 
 @routes.get("/api/budget")
@@ -896,6 +1132,25 @@ def create_app(api: Api) -> web.Application:
 # -- running ----------------------------------------------------------------------------------
 
 
+def api_tls_context(settings: FencerSettings) -> ssl.SSLContext | None:
+    """The server context of `api.tls_certfile` / `api.tls_keyfile`, or None (plain http)."""
+    a = settings.api
+    if a.tls_certfile is None or a.tls_keyfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(a.tls_certfile), str(a.tls_keyfile))
+    except FileNotFoundError as exc:
+        which = "api.tls_keyfile" if exc.filename == str(a.tls_keyfile) else "api.tls_certfile"
+        raise OSError(f"{which}: {exc.filename}: no such file") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise OSError(
+            f"api.tls_certfile / api.tls_keyfile ({a.tls_certfile}, {a.tls_keyfile}): "
+            f"cannot load: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    return context
+
+
 class Service:
     """The API's moving parts: settings store, topic view, HTTP site."""
 
@@ -914,6 +1169,7 @@ class Service:
             ipmi_test=ipmi_test,
             topics_ready=self.reader.caught_up.is_set,
             pins=BmcPinStore(settings, client_id="fencer-api-bmc-pins"),
+            audit=AuditLog(settings),
         )
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -923,6 +1179,8 @@ class Service:
         await self.store.start()
         try:
             await self.api.pins.start()
+            assert self.api.audit is not None
+            await self.api.audit.start()
             await self.reader.start()
             self._runner = web.AppRunner(create_app(self.api), access_log=None)
             await self._runner.setup()
@@ -930,6 +1188,7 @@ class Service:
                 self._runner,
                 self.settings.api.listen,
                 self.settings.api.port if port is None else port,
+                ssl_context=api_tls_context(self.settings),
             )
             await site.start()
         except BaseException:
@@ -937,7 +1196,8 @@ class Service:
             raise
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         bound = sockets[0].getsockname()[1] if sockets else self.settings.api.port
-        self.url = f"http://{self.settings.api.listen}:{bound}"
+        scheme = "https" if self.settings.api.tls_certfile else "http"
+        self.url = f"{scheme}://{self.settings.api.listen}:{bound}"
         return self.url
 
     async def stop(self) -> None:
@@ -946,6 +1206,8 @@ class Service:
             await self._runner.cleanup()
             self._runner = None
         await self.reader.stop()
+        if self.api.audit is not None:
+            await self.api.audit.stop()
         await self.api.pins.stop()
         await self.store.stop()
 
@@ -971,11 +1233,19 @@ def cli_api(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"fencer: {exc}", file=sys.stderr)
         return 1
-    if settings.api.token is None or not settings.api.token.get_secret_value():
+    if not TokenBook.from_settings(settings.api):
         print(
-            "fencer: api.token is not set: the API refuses to run without authentication",
+            "fencer: neither api.tokens nor api.token is set: the API refuses to run without "
+            "authentication",
             file=sys.stderr,
         )
+        return 1
+    from streams.kafka import ssl_context
+
+    try:
+        ssl_context(settings.kafka)  # a missing CA / certificate / key file: name it, exit 1
+    except SettingsError as exc:
+        print(f"fencer: {exc}", file=sys.stderr)
         return 1
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -35,4 +35,5 @@ def build_driver(ipmi: IpmiSettings, address: str | None, timeout: float = 20.0)
         system=ipmi.redfish_system,
         verify_tls=ipmi.verify_tls,
         timeout=timeout,
+        allow_insecure=ipmi.allow_insecure_redfish,
     )

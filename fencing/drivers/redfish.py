@@ -3,7 +3,9 @@
 Rule: power-off is `ForceOff`, never `GracefulShutdown`: a graceful shutdown needs a live OS to
 agree, so it cannot fence a hung or dead host (CloudStack's Redfish driver does exactly that,
 issue #13376). Reset is `ForceRestart`, on is `On`, blink is IndicatorLED `Blinking`.
-Certificates are checked unless `verify_tls` is off.
+Certificates are checked unless `verify_tls` is off. Only https: an `http://` address would
+send the BMC password in clear, so the driver refuses it (before any request) unless the
+configuration file says `allow_insecure_redfish: true` for that host or cluster.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fencing.drivers.base import (
     BmcAuthError,
     BmcRefused,
     BmcUnreachable,
+    DriverConfigError,
     PowerRequest,
     PowerState,
 )
@@ -30,6 +33,18 @@ _POWER_STATES: dict[str, PowerState] = {
     "Paused": "on",
     "Off": "off",
 }
+
+
+def insecure_url_error(url: str) -> str | None:
+    """Why the driver refuses this Redfish URL without `allow_insecure_redfish`, or None."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else "https"
+    if scheme == "https":
+        return None
+    return (
+        f"ipmi.address: Redfish over {scheme}:// would send the BMC password in clear; use "
+        "https, or set allow_insecure_redfish: true for this host or cluster in the "
+        "configuration file"
+    )
 
 
 def base_url(address: str, port: int) -> str:
@@ -54,8 +69,12 @@ class RedfishDriver:
         system: str | None = None,
         verify_tls: bool = True,
         timeout: float = 20.0,
+        allow_insecure: bool = False,
     ) -> None:
         self.url = base_url(address, port)
+        problem = insecure_url_error(self.url)
+        if problem is not None and not allow_insecure:
+            raise DriverConfigError(problem)
         self.system = system
         self._client = httpx.AsyncClient(
             base_url=self.url,

@@ -61,6 +61,7 @@ class Redfish:
     system: str
     username: str
     password: str
+    ca: str = ""  # the self-signed certificate of an https emulator
 
 
 def _free_tcp_port() -> int:
@@ -69,8 +70,58 @@ def _free_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
+def self_signed_cert(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A throw-away certificate and key for `host` (PEM files in `directory`)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "bmc-cert.pem", directory / "bmc-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
 @pytest.fixture
 def redfish(tmp_path: Path) -> Iterator[Redfish]:
+    """sushy-tools' Redfish emulator over plain http (the tests pass allow_insecure)."""
+    yield from _sushy(tmp_path, tls=False)
+
+
+@pytest.fixture
+def redfish_https(tmp_path: Path) -> Iterator[Redfish]:
+    """The same emulator over https, with a self-signed certificate (Redfish.ca)."""
+    yield from _sushy(tmp_path, tls=True)
+
+
+def _sushy(tmp_path: Path, tls: bool) -> Iterator[Redfish]:
     """sushy-tools' Redfish emulator with one fake system, basic auth (bcrypt htpasswd)."""
     system = str(uuid.uuid4())
     password = "redfish-pw"
@@ -92,18 +143,24 @@ def redfish(tmp_path: Path) -> Iterator[Redfish]:
     port = _free_tcp_port()
     exe = Path(sys.executable).parent / "sushy-emulator"
     log = (tmp_path / "sushy.log").open("w")
+    tls_args: list[str] = []
+    ca = ""
+    if tls:
+        cert, key = self_signed_cert(tmp_path)
+        tls_args = ["--ssl-certificate", str(cert), "--ssl-key", str(key)]
+        ca = str(cert)
     proc = subprocess.Popen(
-        [str(exe), "--config", str(conf), "-i", "127.0.0.1", "-p", str(port)],
+        [str(exe), "--config", str(conf), "-i", "127.0.0.1", "-p", str(port), *tls_args],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "HOME": str(tmp_path)},
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
         while True:
             try:
-                if httpx.get(f"{url}/redfish/v1/", timeout=1).status_code < 500:
+                if httpx.get(f"{url}/redfish/v1/", timeout=1, verify=ca or True).status_code < 500:
                     break
             except httpx.TransportError:
                 pass
@@ -112,7 +169,7 @@ def redfish(tmp_path: Path) -> Iterator[Redfish]:
                     "sushy-emulator did not start: " + (tmp_path / "sushy.log").read_text()[-500:]
                 )
             time.sleep(0.1)
-        yield Redfish(url, system, "admin", password)
+        yield Redfish(url, system, "admin", password, ca)
     finally:
         proc.terminate()
         try:

@@ -568,7 +568,11 @@ async def test_unanswered_guid_read_is_retried_then_the_fence_goes_on(
 
 async def test_redfish_guid_is_the_systems_uuid(redfish: Redfish) -> None:
     driver = RedfishDriver(
-        redfish.url, redfish.username, SecretStr(redfish.password), system=redfish.system
+        redfish.url,
+        redfish.username,
+        SecretStr(redfish.password),
+        system=redfish.system,
+        allow_insecure=True,  # the emulator's plain http on loopback
     )
     try:
         assert await driver.system_guid() == redfish.system.lower()

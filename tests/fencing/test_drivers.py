@@ -247,7 +247,10 @@ async def test_template_env_mode_hands_the_password_in_the_environment(tmp_path:
 
 
 def redfish_driver(rf: Redfish, password: str | None = None) -> RedfishDriver:
-    return RedfishDriver(rf.url, rf.username, SecretStr(password or rf.password), timeout=5)
+    # The emulator speaks plain http on loopback: allowed here as the file would allow it.
+    return RedfishDriver(
+        rf.url, rf.username, SecretStr(password or rf.password), timeout=5, allow_insecure=True
+    )
 
 
 async def test_redfish_force_off_then_poll_until_off(redfish: Redfish) -> None:
@@ -279,7 +282,7 @@ async def test_redfish_blink_and_wrong_password(redfish: Redfish) -> None:
 
 
 async def test_redfish_closed_port_is_unreachable() -> None:
-    d = RedfishDriver("http://127.0.0.1:1", "a", SecretStr("b"), timeout=2)
+    d = RedfishDriver("https://127.0.0.1:1", "a", SecretStr("b"), timeout=2)
     with pytest.raises(BmcUnreachable):
         await d.get_power()
     await d.aclose()

@@ -47,10 +47,10 @@ def write(tmp_path: Path, text: str, name: str = "fencer.yaml") -> Path:
     return p
 
 
-def config_check(path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def config_check(path: Path, *flags: str, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.upper().startswith("FENCER_")}
     return subprocess.run(
-        [str(FENCER), "config", "check", str(path)],
+        [str(FENCER), "config", "check", *flags, str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -63,7 +63,8 @@ def config_check(path: Path, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_example_passes_config_check_without_warnings() -> None:
-    proc = config_check(EXAMPLE)
+    # The example names /etc/fencer/kafka-*.pem, which exist on a fencer machine, not here.
+    proc = config_check(EXAMPLE, "--skip-files")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     shown = json.loads(proc.stdout)

@@ -30,6 +30,7 @@ NOTIFICATION_NAMES = {
     NoticeKind.FENCE_REFUSED: "fencerFenceRefused",
     NoticeKind.VMS_NOT_RESTARTED: "fencerVmsNotRestarted",
     NoticeKind.BMC_IDENTITY_CHANGED: "fencerBmcIdentityChanged",
+    NoticeKind.LOGIN_BURST: "fencerLoginBurst",
 }
 
 

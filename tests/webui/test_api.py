@@ -67,7 +67,7 @@ def test_host_inherits_the_cluster_setting_until_it_overrides_it(api, lab):
     with api.client() as c:
         r = c.put(
             f"/api/clusters/{lab.cluster_a}/settings",
-            json={"ipmi": {"action": "reboot", "username": "ops", "action_test": "chassis status"}},
+            json={"ipmi": {"action": "reboot", "username": "ops"}},
         )
         assert r.status_code == 200, r.text
         view = r.json()

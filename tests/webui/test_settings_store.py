@@ -108,7 +108,9 @@ async def test_a_password_is_refused_without_a_key_and_ignored_with_another(webu
     wrong = SettingsStore(settings, secrets_key=Fernet(Fernet.generate_key()))
     await wrong.start()
     try:
-        assert wrong.cluster("c9").ipmi.password is None  # never a wrong plaintext
+        # Never a wrong plaintext, never the inherited password: an empty one, and the reason.
+        assert wrong.cluster("c9").ipmi.password == SecretStr("")
+        assert "cluster:c9" in wrong.undecryptable
     finally:
         await wrong.stop()
 

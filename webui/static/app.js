@@ -27,6 +27,7 @@ const IPMI_FIELDS = [
   ["verify_tls", "Verify TLS (Redfish)", "bool"],
   ["restart_via", "Restart VMs via", "enum:RestartVia"],
   ["restart_without_fence", "Restart VMs without a power-down", "bool"],
+  ["allow_insecure_redfish", "Allow http:// Redfish (password in clear)", "bool"],
 ];
 const DECISION_ACTIONS = ["nothing", "stop", "reboot", "blink"];
 
@@ -213,11 +214,13 @@ function fieldRow(name, label, kind, current, inherited, source, extra) {
   let input;
   let inh = `inherits: ${show(inherited)}`;
   if (kind === "password") inh = extra.passwordSet ? `a password is set (${extra.passwordSource})` : "no password set";
+  if (kind === "password" && extra.passwordError) inh = `UNUSABLE: ${extra.passwordError}`;
   else if (name === "address") inh = "set per host (no inheritance)";
   if (kind.startsWith("enum:")) {
     input = h("select", { id, name },
       h("option", { value: "" }, `(inherit: ${show(inherited)})`),
-      enumValues(kind).map((v) => h("option", { value: v, selected: current === v }, v)));
+      enumValues(kind).map((v) => h("option", { value: v, selected: current === v,
+        disabled: name === "driver" && extra.settableDrivers && !extra.settableDrivers.includes(v) && current !== v }, v)));
   } else if (kind === "bool") {
     input = h("select", { id, name },
       h("option", { value: "" }, `(inherit: ${show(inherited)})`),
@@ -231,6 +234,13 @@ function fieldRow(name, label, kind, current, inherited, source, extra) {
       value: current === null || current === undefined ? "" : current,
       placeholder: inherited === null || inherited === undefined ? "" : String(inherited),
       min: kind === "number" ? 1 : null, max: kind === "number" ? 65535 : null });
+  }
+  const fileOnly = (extra.fileOnly || []).includes(name);
+  if (fileOnly) {
+    // What runs on a fence (and where a password may go) is set in the configuration file only.
+    input.disabled = true;
+    input.title = "set in the configuration file only";
+    inh = `${inh}; configuration file only`;
   }
   const hint = h("div", { class: "hint" },
     h("span", { id: `inh-${name}` }, inh), " ",
@@ -250,6 +260,7 @@ function readIpmi(form, withAddress) {
   if (withAddress) names.unshift(["address", "", "text"]);
   for (const [name, , kind] of names) {
     const el = form.querySelector(`#f-${name}`);
+    if (el.disabled) continue; // file-only: never sent
     const v = el.value.trim();
     if (kind === "password") { if (v) out.password = v; continue; }
     if (v === "") { out[name] = null; continue; }
@@ -302,7 +313,8 @@ async function clusterPage(uuid) {
       h("div", { class: "error", id: "err-email_to" })),
     IPMI_FIELDS.map(([name, label, kind]) => fieldRow(name, label, kind,
       kind === "password" ? null : s.overrides[name], s.defaults[name], s.sources[name],
-      { passwordSet: s.password_set, passwordSource: s.password_source })),
+      { passwordSet: s.password_set, passwordSource: s.password_source,
+        fileOnly: s.file_only, settableDrivers: s.settable_drivers, passwordError: s.password_error })),
     h("div", { class: "actions" },
       h("button", { class: "primary", type: "submit", id: "save" }, "Save"),
       h("span", { id: "form-error", class: "error" }),
@@ -399,7 +411,8 @@ async function hostPage(uuid) {
     fieldRow("address", "IPMI hostname / IP", "text", s.overrides.address, null, s.address ? "host" : null, {}),
     IPMI_FIELDS.map(([name, label, kind]) => fieldRow(name, label, kind,
       kind === "password" ? null : s.overrides[name], s.inherited[name], s.sources[name],
-      { passwordSet: s.password_set, passwordSource: s.password_source })),
+      { passwordSet: s.password_set, passwordSource: s.password_source,
+        fileOnly: s.file_only, settableDrivers: s.settable_drivers, passwordError: s.password_error })),
     h("div", { class: "actions" },
       h("button", { class: "primary", type: "submit", id: "save" }, "Save overrides"),
       testBtn, h("span", { id: "form-error", class: "error" })),
@@ -509,6 +522,24 @@ async function fencesPage(params) {
     h("p", { class: "muted small" }, "Click a fence to show its evidence timeline."));
 }
 
+// Who changed which setting, from where, when; secrets show only as set (**********).
+async function auditPage() {
+  const entries = await api("GET", "/audit?limit=200");
+  const text = (v) => (v === null || v === undefined ? "—" : typeof v === "object" ? JSON.stringify(v) : String(v));
+  main(h("h1", {}, "Audit log"),
+    h("p", { class: "muted small" }, "Every settings change made through the API and every login burst, newest first."),
+    entries.length ? h("table", { id: "audit" },
+      h("thead", {}, h("tr", {}, ["When", "Who", "Client", "Action", "Target", "Field", "Old", "New"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, entries.flatMap((e) => {
+        const rows = e.changes.length ? e.changes : [{ field: "", old: null, new: null }];
+        return rows.map((c, i) => h("tr", { class: i ? "cont" : null },
+          h("td", {}, i ? "" : when(e.at)), h("td", {}, i ? "" : e.who), h("td", {}, i ? "" : e.client),
+          h("td", {}, i ? "" : e.action), h("td", {}, i ? "" : e.target),
+          h("td", {}, c.field || "—"), h("td", {}, text(c.old)), h("td", {}, text(c.new))));
+      })))
+      : h("p", { class: "muted", id: "no-audit" }, "No change has been made through the API yet."));
+}
+
 // -- routing ----------------------------------------------------------------------------------
 
 function stopPolling() { if (pollTimer) { clearInterval(pollTimer); pollTimer = null; } }
@@ -525,6 +556,7 @@ async function route() {
     else if (parts[0] === "host" && parts[1]) await hostPage(decodeURIComponent(parts[1]));
     else if (parts[0] === "clusters") await clustersPage();
     else if (parts[0] === "fences") await fencesPage(query || "");
+    else if (parts[0] === "audit") await auditPage();
     else await hostsPage();
   } catch (ex) {
     if (ex.status !== 401) main(h("p", { class: "error" }, ex.message));
