@@ -112,6 +112,14 @@ class RestartVia(str, Enum):  # noqa: UP042
     NONE = "none"
 
 
+class StorageFence(str, Enum):  # noqa: UP042
+    """Where a Ceph blocklist of the host's storage address sits in the fencing ladder."""
+
+    NONE = "none"  # never blocklist
+    BEFORE = "before"  # blocklist (and verify) before the BMC action: writes stop at once
+    FALLBACK = "fallback"  # only when the BMC action failed or timed out
+
+
 class PasswordVia(str, Enum):  # noqa: UP042
     """How the command-template driver hands the password to the tool."""
 
@@ -138,6 +146,7 @@ IPMI_FIELDS = (
     "verify_tls",
     "restart_via",
     "restart_without_fence",
+    "storage_fence",
 )
 
 
@@ -190,6 +199,11 @@ class IpmiSettings(_Model):
         False,
         description="tell CloudStack to restart VMs after nothing/blink (VMs may run twice)",
     )
+    storage_fence: StorageFence = Field(
+        StorageFence.NONE,
+        description="Ceph blocklist of the host's storage address: none | before (the BMC "
+        "action) | fallback (when the BMC action failed); fencing.storage_fence",
+    )
 
     @field_validator("action")
     @classmethod
@@ -220,6 +234,7 @@ class IpmiOverrides(_Model):
     verify_tls: bool | None = None
     restart_via: RestartVia | None = None
     restart_without_fence: bool | None = None
+    storage_fence: StorageFence | None = None
 
     @field_validator("action")
     @classmethod
