@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the Ceph fixtures are imported from tests/probes/conftest.py
 """The storage rung of the fencing ladder against a real single-node Ceph, the lab's pyghmi BMC
 and the CloudStack simulator: `before` blocklists the host's storage address and then powers it
 off; `fallback` with an unreachable BMC blocklists, verifies and restarts the VMs of an RBD-only
@@ -91,14 +92,14 @@ async def _cloud(ceph: Ceph, nfs_disk: bool) -> AsyncIterator[RbdCloud]:
 
 
 @pytest.fixture
-async def rbd_only(ceph_clean: Ceph) -> AsyncIterator[RbdCloud]:  # noqa: F811
+async def rbd_only(ceph_clean: Ceph) -> AsyncIterator[RbdCloud]:
     """hv1 (Disconnected) runs two VMs whose disks are RBD images."""
     async for c in _cloud(ceph_clean, nfs_disk=False):
         yield c
 
 
 @pytest.fixture
-async def with_nfs(ceph_clean: Ceph) -> AsyncIterator[RbdCloud]:  # noqa: F811
+async def with_nfs(ceph_clean: Ceph) -> AsyncIterator[RbdCloud]:
     """hv1 runs two VMs on RBD and one on NFS."""
     async for c in _cloud(ceph_clean, nfs_disk=True):
         yield c
@@ -106,7 +107,7 @@ async def with_nfs(ceph_clean: Ceph) -> AsyncIterator[RbdCloud]:  # noqa: F811
 
 def settings_for(
     rc: RbdCloud,
-    ceph: Ceph,  # noqa: F811
+    ceph: Ceph,
     port: int,
     mode: StorageFence,
     storage_ip: str = HOST_IP,
@@ -179,18 +180,18 @@ def degraded_calls(rc: RbdCloud) -> list[str]:
     return [c for c, _ in rc.cloud.calls if c == "declareHostAsDegraded"]
 
 
-def clients(stack: ExitStack, ceph: Ceph, rc: RbdCloud, ip: str = HOST_IP) -> list[RbdClient]:  # noqa: F811
+def clients(stack: ExitStack, ceph: Ceph, rc: RbdCloud, ip: str = HOST_IP) -> list[RbdClient]:
     """The suspect's running VMs: one librbd client per RBD disk, bound to `ip`."""
     return [stack.enter_context(ceph.cluster.client(spec, ip)) for spec in rc.images]
 
 
-async def entries(ceph: Ceph) -> dict[str, float]:  # noqa: F811
+async def entries(ceph: Ceph) -> dict[str, float]:
     """Blocklist entry -> seconds until it expires."""
     listed = await Blocklister(ceph_settings(ceph)).listed()
     return {e["addr"]: datetime.fromisoformat(e["until"]).timestamp() - time.time() for e in listed}
 
 
-def ceph_settings(ceph: Ceph) -> Any:  # noqa: F811
+def ceph_settings(ceph: Ceph) -> Any:
     from fencing.settings import RbdSettings
 
     return RbdSettings(**ceph.rbd_settings())
@@ -198,7 +199,7 @@ def ceph_settings(ceph: Ceph) -> Any:  # noqa: F811
 
 async def test_before_blocklists_the_host_then_powers_it_off(
     rbd_only: RbdCloud,
-    ceph_clean: Ceph,  # noqa: F811
+    ceph_clean: Ceph,
     bmc: BmcSimulator,
 ) -> None:
     rc, ceph = rbd_only, ceph_clean
@@ -232,7 +233,7 @@ async def test_before_blocklists_the_host_then_powers_it_off(
 
 async def test_fallback_with_an_unreachable_bmc_restarts_an_rbd_only_host_on_the_blocklist(
     rbd_only: RbdCloud,
-    ceph_clean: Ceph,  # noqa: F811
+    ceph_clean: Ceph,
     bmc: BmcSimulator,
 ) -> None:
     rc, ceph = rbd_only, ceph_clean
@@ -274,7 +275,7 @@ async def test_fallback_with_an_unreachable_bmc_restarts_an_rbd_only_host_on_the
 
 async def test_fallback_never_restarts_a_host_with_an_nfs_disk(
     with_nfs: RbdCloud,
-    ceph_clean: Ceph,  # noqa: F811
+    ceph_clean: Ceph,
     bmc: BmcSimulator,
 ) -> None:
     rc, ceph = with_nfs, ceph_clean
@@ -300,7 +301,7 @@ async def test_fallback_never_restarts_a_host_with_an_nfs_disk(
 
 async def test_a_blocklist_that_does_not_verify_restarts_nothing(
     rbd_only: RbdCloud,
-    ceph_clean: Ceph,  # noqa: F811
+    ceph_clean: Ceph,
     bmc: BmcSimulator,
 ) -> None:
     """A wrong storage_ip: the entry is listed, but the host's VMs still watch their images
