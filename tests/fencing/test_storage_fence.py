@@ -339,3 +339,31 @@ def test_storage_fence_is_a_cluster_setting_a_host_overrides() -> None:
     assert s.effective_ipmi("h3", None).values.storage_fence is StorageFence.NONE
     with pytest.raises(ValueError, match="storage_fence"):
         FencerSettings(clusters={"c1": {"ipmi": {"storage_fence": "always"}}})
+
+
+async def test_before_with_an_unreachable_bmc_restarts_an_rbd_only_host_on_the_blocklist(
+    rbd_only: RbdCloud,
+    ceph_clean: Ceph,
+    bmc: BmcSimulator,
+) -> None:
+    """`before`: blocklisted and verified first; the BMC then fails: the verified blocklist of an
+    RBD-only host is what lets CloudStack restart its VMs (once)."""
+    rc, ceph = rbd_only, ceph_clean
+    settings = settings_for(rc, ceph, bmc.port, StorageFence.BEFORE)
+    bmc.pause()
+    with ExitStack() as stack:
+        vms = clients(stack, ceph, rc)
+        act, notices = actuator(settings)
+        out = await act.handle(decision(rc))
+        assert out is not None
+        assert (out.success, out.verified) == (True, False)
+        assert (
+            out.error and f"storage-fenced instead: blocklist {HOST_IP}:0/0 verified" in out.error
+        )
+        assert degraded_calls(rc) == ["declareHostAsDegraded"]
+        assert vms[1].write() == "err 108"
+        await act.settle()
+    assert bmc.count("power_off") == 0
+    assert [n.kind for n in notices if n.notice_id.endswith("/blocklist")] == [
+        NoticeKind.FENCE_SUCCEEDED
+    ]

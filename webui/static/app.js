@@ -27,6 +27,7 @@ const IPMI_FIELDS = [
   ["verify_tls", "Verify TLS (Redfish)", "bool"],
   ["restart_via", "Restart VMs via", "enum:RestartVia"],
   ["restart_without_fence", "Restart VMs without a power-down", "bool"],
+  ["storage_fence", "Ceph storage fence (blocklist)", "enum:StorageFence"],
 ];
 const DECISION_ACTIONS = ["nothing", "stop", "reboot", "blink"];
 
