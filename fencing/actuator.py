@@ -39,7 +39,8 @@ from fencing.engine import Engine, EngineResult, Redactor
 from fencing.events import FenceAction, NoticeKind
 from fencing.identity import PinStore, identity_notice, verify_identity
 from fencing.records import FenceDecision, FenceOutcome, HostRef, Notice
-from fencing.settings import FencerSettings, IpmiSettings, RestartVia
+from fencing.settings import FencerSettings, IpmiSettings, RestartVia, StorageFence
+from fencing.storage_fence import StorageFencer, StorageFenceResult, lift_hint
 
 log = logging.getLogger("fencer.actuator")
 
@@ -114,8 +115,11 @@ class Actuator:
         notify: NoticeSink | None = None,
         pins: PinStore | None = None,
         announce: NoticeSender | None = None,
+        storage_fencer: StorageFencer | None = None,
     ) -> None:
         self.settings = settings
+        # The Ceph blocklist rung (fencing.storage_fence), built on first use.
+        self.storage_fencer = storage_fencer
         self.notify = notify
         # BMC identity (fencing.identity): with a pin store, no power action goes through a BMC
         # whose GUID differs from the host's pin; `announce` sends the notice of a mismatch.
@@ -163,32 +167,49 @@ class Actuator:
         ipmi = eff.values
         redact = Redactor(secrets_of(self.settings, ipmi))
         action = decision.action
-        try:
-            driver = self.driver_factory(ipmi, eff.address, call_timeout(self.settings))
-        except Exception as exc:
-            return self._outcome(
-                decision, ipmi.driver.value, started, error=redact(str(exc)), success=False
-            )
+        # The storage rung (fencing.storage_fence): a Ceph blocklist before the BMC action, or
+        # as its fallback; only for actions that take the host down.
+        ladder = StorageFence(ipmi.storage_fence) if action.powers_down else StorageFence.NONE
+        storage: StorageFenceResult | None = None
+        if ladder is StorageFence.BEFORE:
+            storage = await self._storage_fence(decision)
         # One overall deadline per fence: the identity read and the power action share it.
         deadline = self.settings.actuator.fence_deadline
         ends = time.monotonic() + deadline
-        refusal = await self._identity_refusal(decision, driver, eff.address, redact, ends)
-        if refusal is not None:
-            return self._outcome(decision, driver.name, started, success=False, error=refusal)
-        result = await self.engine.run(
-            host.host_uuid,
-            driver,
-            action,
-            secrets=secrets_of(self.settings, ipmi),
-            deadline=max(0.0, ends - time.monotonic()),
-        )
+        driver_name = ipmi.driver.value
+        bmc_error: str | None = None
+        result: EngineResult | None = None
+        try:
+            driver = self.driver_factory(ipmi, eff.address, call_timeout(self.settings))
+        except Exception as exc:
+            bmc_error = redact(str(exc))
+        else:
+            driver_name = driver.name
+            bmc_error = await self._identity_refusal(decision, driver, eff.address, redact, ends)
+            if bmc_error is None:
+                result = await self.engine.run(
+                    host.host_uuid,
+                    driver,
+                    action,
+                    secrets=secrets_of(self.settings, ipmi),
+                    deadline=max(0.0, ends - time.monotonic()),
+                )
+        fenced = result is not None and result.success and result.verified and action.powers_down
+        if ladder is StorageFence.FALLBACK and not fenced:
+            storage = await self._storage_fence(decision)
+        if bmc_error is not None and storage is None:
+            return self._outcome(decision, driver_name, started, success=False, error=bmc_error)
         cloud: CloudStackResult | None = None
         restart_via = RestartVia(ipmi.restart_via)
-        fenced = result.success and result.verified and action.powers_down
         unfenced_ok = (
-            result.success and action in (FenceAction.NOTHING, FenceAction.BLINK)
+            result is not None
+            and result.success
+            and action in (FenceAction.NOTHING, FenceAction.BLINK)
         ) and ipmi.restart_without_fence
-        if restart_via is not RestartVia.NONE and (fenced or unfenced_ok):
+        # Without a verified power-off, a verified blocklist restarts the VMs of an RBD-only
+        # host (never one with an NFS disk: a Ceph blocklist does not stop NFS writes).
+        storage_fenced = not fenced and storage is not None and storage.allows_restart
+        if restart_via is not RestartVia.NONE and (fenced or unfenced_ok or storage_fenced):
             vms = await self._vms_on(host, redact)
             cloud = await self._restart_until(host, restart_via, redact, ends)
             if cloud.success and vms:
@@ -199,19 +220,82 @@ class Actuator:
                 )
                 self._following.add(task)
                 task.add_done_callback(self._following.discard)
-        error = result.error
-        success = result.success
+        error = bmc_error if bmc_error is not None else (result.error if result else None)
+        success = bool(result and result.success)
+        if storage is not None and not fenced:
+            bmc = f"{action.value} not verified ({error or 'no power-off seen'})"
+            if storage_fenced:
+                success, error = True, f"{bmc}; storage-fenced instead: {storage.text()}"
+            else:
+                success, error = False, f"{bmc}; {storage.why_no_restart}"
+                if storage.entry is not None:
+                    error = f"{error}; {lift_hint(host.host_uuid, storage.entry)}"
+        elif storage is not None:
+            error = f"{error}; {storage.text()}" if error else storage.text()
         if cloud is not None and not cloud.success:
             success = False
-            error = f"{cloud.call} failed: {cloud.result}"
+            error = f"{cloud.call} failed: {cloud.result}" + (
+                f"; {storage.text()}" if storage is not None else ""
+            )
+        if storage is not None:
+            await self._storage_notice(decision, storage, success, cloud)
         return self._outcome(
             decision,
-            driver.name,
+            driver_name,
             started,
             success=success,
             result=result,
             cloud=cloud,
             error=error,
+        )
+
+    async def _storage_fence(self, decision: FenceDecision) -> StorageFenceResult:
+        """Blocklist the host's storage address and verify it (never raises)."""
+        if self.storage_fencer is None:
+            self.storage_fencer = StorageFencer(self.settings)
+        host = decision.host
+        log.warning(
+            "host %s: blocklisting its storage address (storage_fence)",
+            host.host_name or host.host_uuid,
+        )
+        try:
+            r = await self.storage_fencer.fence(host.host_uuid)
+        except Exception as exc:  # a fence rung that breaks is a failed rung, not a crash
+            log.exception("host %s: storage fence failed", host.host_uuid)
+            return StorageFenceResult(
+                host.host_uuid, None, None, False, False, f"blocklist not done: {exc}"
+            )
+        (log.warning if r.verified else log.error)("host %s: %s", host.host_uuid, r.text())
+        return r
+
+    async def _storage_notice(
+        self,
+        decision: FenceDecision,
+        storage: StorageFenceResult,
+        success: bool,
+        cloud: CloudStackResult | None,
+    ) -> None:
+        """Tell people a host was blocklisted (or that the blocklist failed), and how to lift."""
+        if cloud is not None:
+            done = f"{cloud.call}: {cloud.result}"
+        elif storage.allows_restart or not storage.verified:
+            done = "VMs not restarted"
+        else:
+            done = "VMs not restarted: " + storage.why_no_restart
+        await self._emit(
+            Notice(
+                notice_id=f"{decision.decision_id}/blocklist",
+                kind=NoticeKind.FENCE_SUCCEEDED
+                if storage.verified and success
+                else NoticeKind.FENCE_FAILED,
+                host=decision.host,
+                at=self.clock(),
+                action=decision.action,
+                decision_id=decision.decision_id,
+                result=done,
+                reason=storage.text(),
+                evidence=decision.evidence,
+            )
         )
 
     async def _identity_refusal(

@@ -11,8 +11,9 @@ an operator's action.
 AND none of the given images shows a watcher from that IP (`rbd status`); anything it cannot
 read is a failed verification with the reason, never a success.
 
-Not wired yet: the actuator's ladder (blocklist before or after the BMC action) and the UI/CLI
-lift action call these functions; see docs/operators-guide.md.
+Wired into the actuator's ladder by fencing.storage_fence (setting `storage_fence`: blocklist
+before the BMC action, or as its fallback); `fencer rbd lift HOST` is the operator's lift; see
+docs/operators-guide.md.
 
 Errors::
 
@@ -174,6 +175,19 @@ class Blocklister:
         except (BlocklistError, json.JSONDecodeError, AttributeError) as exc:
             return Verification(entry, False, (), error=str(exc) or type(exc).__name__)
         return Verification(entry, listed, tuple(still))
+
+    async def watchers(self, images: list[str]) -> list[str]:
+        """`<image> <watcher address>` of every watcher of `images`, from any address."""
+        out: list[str] = []
+        for spec in images:
+            if not spec or not set(spec) <= _SPEC_CHARS or spec.startswith("-"):
+                raise BlocklistError(f"not an RBD image spec: {spec[:80]!r}")
+            try:
+                status = json.loads(await self._ceph("rbd", "status", "--format", "json", spec))
+                out += [f"{spec} {w.get('address')}" for w in status.get("watchers", [])]
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise BlocklistError(f"rbd status {spec}: unreadable answer ({exc})") from None
+        return out
 
     async def lift(self, address: str) -> str:
         """Remove the blocklist of `address` (an operator's action, once the host is repaired)."""

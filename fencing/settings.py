@@ -112,6 +112,14 @@ class RestartVia(str, Enum):  # noqa: UP042
     NONE = "none"
 
 
+class StorageFence(str, Enum):  # noqa: UP042
+    """Where a Ceph blocklist of the host's storage address sits in the fencing ladder."""
+
+    NONE = "none"  # never blocklist
+    BEFORE = "before"  # blocklist (and verify) before the BMC action: writes stop at once
+    FALLBACK = "fallback"  # only when the BMC action failed or timed out
+
+
 class PasswordVia(str, Enum):  # noqa: UP042
     """How the command-template driver hands the password to the tool."""
 
@@ -139,6 +147,7 @@ IPMI_FIELDS = (
     "restart_via",
     "restart_without_fence",
     "allow_insecure_redfish",
+    "storage_fence",
 )
 
 # Fields that choose what runs or where a password may go (the command template, its tool and
@@ -213,6 +222,11 @@ class IpmiSettings(_Model):
         description="allow an http:// Redfish address (the password travels in clear); "
         "configuration file only",
     )
+    storage_fence: StorageFence = Field(
+        StorageFence.NONE,
+        description="Ceph blocklist of the host's storage address: none | before (the BMC "
+        "action) | fallback (when the BMC action failed); fencing.storage_fence",
+    )
 
     @field_validator("action")
     @classmethod
@@ -244,6 +258,7 @@ class IpmiOverrides(_Model):
     restart_via: RestartVia | None = None
     restart_without_fence: bool | None = None
     allow_insecure_redfish: bool | None = None
+    storage_fence: StorageFence | None = None
 
     @field_validator("action")
     @classmethod

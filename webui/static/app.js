@@ -28,6 +28,7 @@ const IPMI_FIELDS = [
   ["restart_via", "Restart VMs via", "enum:RestartVia"],
   ["restart_without_fence", "Restart VMs without a power-down", "bool"],
   ["allow_insecure_redfish", "Allow http:// Redfish (password in clear)", "bool"],
+  ["storage_fence", "Ceph storage fence (blocklist)", "enum:StorageFence"],
 ];
 const DECISION_ACTIONS = ["nothing", "stop", "reboot", "blink"];
 
