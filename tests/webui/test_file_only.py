@@ -9,6 +9,7 @@ import secrets
 
 import pytest
 from cryptography.fernet import Fernet
+from webui.settings_store import SettingsStore
 
 from fencing.settings import (
     FILE_ONLY_IPMI_FIELDS,
@@ -19,7 +20,6 @@ from fencing.settings import (
     IpmiOverrides,
     TopicNames,
 )
-from webui.settings_store import SettingsStore
 
 pytestmark = pytest.mark.timeout(90)
 

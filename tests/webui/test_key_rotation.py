@@ -12,6 +12,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
+from webui.settings_store import SettingsStore, SettingsStoreError, load_secrets_key
 
 from fencing.events import NoticeKind
 from fencing.records import Notice
@@ -23,7 +24,6 @@ from fencing.settings import (
     IpmiOverrides,
     TopicNames,
 )
-from webui.settings_store import SettingsStore, SettingsStoreError, load_secrets_key
 
 pytestmark = pytest.mark.timeout(90)
 
