@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from fencing.settings import FencerSettings
 from streams.kafka import aiokafka_kwargs
-from webui.topic_reader import TopicReader
+from streams.topic_reader import TopicReader
 
 log = logging.getLogger("fencer.audit")
 

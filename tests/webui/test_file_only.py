@@ -9,7 +9,6 @@ import secrets
 
 import pytest
 from cryptography.fernet import Fernet
-from webui.settings_store import SettingsStore
 
 from fencing.settings import (
     FILE_ONLY_IPMI_FIELDS,
@@ -20,6 +19,7 @@ from fencing.settings import (
     IpmiOverrides,
     TopicNames,
 )
+from streams.settings_store import SettingsStore
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -12,7 +12,6 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
-from webui.settings_store import SettingsStore, SettingsStoreError, load_secrets_key
 
 from fencing.events import NoticeKind
 from fencing.records import Notice
@@ -24,6 +23,7 @@ from fencing.settings import (
     IpmiOverrides,
     TopicNames,
 )
+from streams.settings_store import SettingsStore, SettingsStoreError, load_secrets_key
 
 pytestmark = pytest.mark.timeout(90)
 
