@@ -172,8 +172,11 @@ async def test_a_receiver_that_is_down_is_retried_and_logged_while_fencing_goes_
     stop.set()
     await beat
 
-    assert handle_took < 0.05
-    assert max(lags) < 0.25, f"the loop stalled for {max(lags):.3f} s"
+    # A notifier that waited for its peers inside `handle` would hold the loop for the whole
+    # retry schedule (3 attempts x 1 s SMTP connect timeout, ~3.5 s): far above these bounds,
+    # which leave room for a loaded CI machine.
+    assert handle_took < 0.5
+    assert max(lags) < 1.0, f"the loop stalled for {max(lags):.3f} s"
     assert len(good.mailbox.envelopes) == 1
     assert notifier.pending == 0
     # at least once: only the channel that accepted is marked, the record is not (a
