@@ -25,6 +25,20 @@ Control, Chassis Identify, Get System GUID), so an error names the command that 
 completion code. User names over 16 bytes and passwords over 20 bytes are refused before any
 packet is sent: IPMI 2.0 cannot carry them and a BMC answers "incorrect password".
 
+A fourth defect is pyghmi's sharing: every `Command` for the same BMC and user joins the same
+session, whichever thread made it. A call abandoned at its deadline keeps its thread waiting
+inside pyghmi (up to 40 s of pyghmi's own retries) on that shared session, and the next driver's
+call queues behind it on the session's lock, or takes its reply. And pyghmi's own way to end a
+session (`_mark_broken`) sends a logout through that same lock, so calling it from the event
+loop froze the loop. Hence:
+
+- One call at a time per BMC in the whole process (`_BMC_LOCKS`), held by the worker thread;
+  a call abandoned before it got the lock never sends anything (`_Call.abandoned`), so a
+  power-off given up on is not sent later behind the operator's back.
+- A call that misses its deadline has its session severed (`_sever`): flags set and registries
+  cleared without a packet or a lock, so the stuck thread leaves pyghmi within about a second
+  and the next login makes a new session.
+
 One `Command` (one session) serves a driver's calls; `aclose()` logs it out. The actuator builds
 a driver per fence, so no session outlives a fence and a restarted BMC never meets a stale one.
 """
@@ -52,6 +66,63 @@ from fencing.drivers.base import (
     PowerState,
 )
 from fencing.settings import ipmi_credentials_error
+
+_BMC_LOCKS: dict[tuple[str, int], threading.Lock] = {}
+_BMC_LOCKS_GUARD = threading.Lock()
+
+
+def _bmc_lock(address: str, port: int) -> threading.Lock:
+    """The process-wide lock of one BMC: one pyghmi call at a time (pyghmi shares sessions)."""
+    with _BMC_LOCKS_GUARD:
+        return _BMC_LOCKS.setdefault((address, port), threading.Lock())
+
+
+def _sever(sess: Any, why: str) -> None:
+    """End a pyghmi session at once, with no packet and no pyghmi lock (see the docstring).
+
+    A thread waiting in `Session.__init__` (login), `_cmdwait` or `awaitresponse` sees the
+    session neither logged in nor logging in and returns or raises at its next wake-up; pyghmi
+    drops the session from `bmc_handlers` when the next `Command` for that BMC is made.
+    """
+    if sess is None:
+        return
+    sess.lastpayload = None
+    sess.onlogpayload = None
+    sess.incommand = False
+    sess.logged = 0
+    sess.logging = False
+    sess.errormsg = why
+    for registry in (ipmisession.Session.keepalive_sessions, ipmisession.Session.waiting_sessions):
+        registry.pop(sess, None)
+    for key, other in list(ipmisession.Session.initting_sessions.items()):
+        if other is sess:
+            ipmisession.Session.initting_sessions.pop(key, None)
+    for handlers in list(ipmisession.Session.bmc_handlers.values()):
+        for key, other in list(handlers.items()):
+            if other is sess:
+                handlers.pop(key, None)
+    if not getattr(sess, "broken", False):
+        sess.broken = True
+        socket_ = getattr(sess, "socket", None)
+        if socket_ is not None and socket_ in ipmisession.Session.socketpool:
+            ipmisession.Session.socketpool[socket_] -= 1
+    waiters = getattr(sess, "logonwaiters", None) or []
+    while waiters:
+        waiter = waiters.pop()
+        try:
+            waiter({"error": why})
+        except Exception:  # noqa: S110 - pyghmi's callbacks, best effort
+            pass
+
+
+class _Call:
+    """One call handed to a worker thread; `abandoned` once its caller stopped waiting."""
+
+    __slots__ = ("abandoned",)
+
+    def __init__(self) -> None:
+        self.abandoned = False
+
 
 _AUTH_MARKERS = ("password", "unauthorized name", "unauthorized role", "invalid session id")
 
@@ -155,7 +226,7 @@ class IpmiDriver:
         self.timeout = timeout
         self.where = f"{address}:{port}"
         self._cmd: Any = None
-        self._lock = threading.Lock()  # one pyghmi call at a time per driver
+        self._lock = _bmc_lock(address, port)  # one pyghmi call at a time per BMC, process-wide
 
     # -- blocking side (worker thread) ---------------------------------------------------
 
@@ -194,10 +265,14 @@ class IpmiDriver:
             except Exception:  # noqa: S110 - a failed logout of a broken session changes nothing
                 pass
 
-    def _call(self, command: tuple[str, int, int], data: tuple[int, ...] = ()) -> list[int]:
+    def _call(
+        self, call: _Call, command: tuple[str, int, int], data: tuple[int, ...] = ()
+    ) -> list[int]:
         """Send one IPMI command; its response data, or a DriverError naming the command."""
         name, netfn, code = command
         with self._lock:
+            if call.abandoned:  # its caller gave up while another call held this BMC
+                raise BmcUnreachable(f"BMC {self.where}: {name} abandoned before it was sent")
             cmd = self._connect()
             try:
                 response = cmd.raw_command(netfn=netfn, command=code, data=data)
@@ -219,26 +294,22 @@ class IpmiDriver:
         return list(response.get("data") or [])
 
     def _abort(self) -> None:
-        """Break the session a stuck worker thread waits on, so the thread ends."""
-        sessions = [ipmisession.Session.initting_sessions.get(self._key())]
-        if self._cmd is not None:
-            sessions.append(self._cmd.ipmi_session)
-        for sess in sessions:
-            if sess is not None and not getattr(sess, "broken", False):
-                try:
-                    sess._mark_broken("timeout")
-                except Exception:  # noqa: S110 - best effort on pyghmi internals
-                    pass
-        self._cmd = None
+        """Sever the sessions a stuck worker thread waits on, so the thread ends (no I/O)."""
+        _sever(ipmisession.Session.initting_sessions.get(self._key()), "abandoned by fencer")
+        cmd, self._cmd = self._cmd, None
+        if cmd is not None:
+            _sever(getattr(cmd, "ipmi_session", None), "abandoned by fencer")
 
     # -- async side ----------------------------------------------------------------------
 
     async def _run(self, command: tuple[str, int, int], data: tuple[int, ...] = ()) -> list[int]:
+        call = _Call()
         try:
             return await asyncio.wait_for(
-                asyncio.to_thread(self._call, command, data), self.timeout
+                asyncio.to_thread(self._call, call, command, data), self.timeout
             )
         except TimeoutError:
+            call.abandoned = True
             self._abort()
             raise BmcUnreachable(
                 f"no answer from BMC {self.where} to {command[0]} within {self.timeout:g} s"
@@ -273,6 +344,14 @@ class IpmiDriver:
         return f"Chassis Power is {await self.get_power()}"
 
     async def aclose(self) -> None:
-        """Log out of the session."""
-        if self._cmd is not None:
-            await asyncio.to_thread(self._drop)
+        """Log out of the session (severed instead if the logout is not done in time)."""
+        if self._cmd is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._logout), self.timeout)
+        except TimeoutError:
+            self._abort()
+
+    def _logout(self) -> None:
+        with self._lock:
+            self._drop()

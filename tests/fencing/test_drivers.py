@@ -105,6 +105,48 @@ async def test_ipmi_dead_bmc_is_unreachable_within_the_deadline(bmc: BmcSimulato
     await d2.aclose()
 
 
+async def test_a_bmc_that_dies_mid_session_neither_freezes_the_loop_nor_the_next_driver(
+    bmc: BmcSimulator,
+) -> None:
+    # pyghmi shares one session per BMC and user between drivers, and its own way to end a
+    # session sends a logout through the lock a stuck call holds: giving up on a call froze the
+    # event loop, and the next driver after the BMC came back queued behind the stuck thread.
+    d = ipmi(bmc, timeout=1)
+    assert await d.get_power() == "on"  # logged in: the session exists
+    bmc.pause()
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    try:
+        started = time.monotonic()
+        with pytest.raises(BmcUnreachable):
+            await d.set_power("off")  # sent into the void: no reply, the call is abandoned
+        with pytest.raises(BmcUnreachable):
+            await d.get_power()  # again, on a new login that cannot finish
+        await d.aclose()
+        assert time.monotonic() - started < 4
+        assert max(gaps) < 0.5, f"the event loop stalled {max(gaps):.2f} s"
+    finally:
+        tick.cancel()
+    bmc.resume()
+    d2 = ipmi(bmc, timeout=5)
+    started = time.monotonic()
+    assert await d2.get_power() == "on"
+    await d2.set_power("off")
+    assert await d2.get_power() == "off"
+    await d2.aclose()
+    assert time.monotonic() - started < 3  # not behind pyghmi's 40 s of retries
+    assert bmc.count("power_off") == 1  # the abandoned power-off was never sent later
+
+
 # -- command template (Debian's ipmitool against the simulator) ------------------------------
 
 
