@@ -33,7 +33,10 @@ class Ingest:
         parsed = parser.parse_record(message.key, message.value)
         if isinstance(parsed, parser.Rejected):
             return None, parsed.reason
-        at = getattr(parsed, "at", None) or (message.timestamp or time.time())
+        # The signal's time is this worker's clock on arrival: CloudStack's own event time (the
+        # management server's clock) is shown, never compared with the poller's times (rule 1).
+        at = time.time()
+        reported_at = getattr(parsed, "at", None)
         kind: str | None = None
         status: HostStatus | None = None
         if isinstance(parsed, parser.HostDisconnectedAlert):
@@ -65,7 +68,16 @@ class Ingest:
             ref = ref.model_copy(update={"cluster_uuid": cached[0], "ip_address": cached[1]})
         else:
             ref = await self._complete_ref(ref)
-        return HostSignal(kind=kind, host=ref, at=float(at), status=status), None  # type: ignore[arg-type]
+        if kind == "disconnected":
+            self.directory.recheck.add(uuid)
+        signal = HostSignal(
+            kind=kind,  # type: ignore[arg-type]
+            host=ref,
+            at=at,
+            reported_at=float(reported_at) if reported_at else None,
+            status=status,
+        )
+        return signal, None
 
     async def resolve_name(self, name: str) -> str | None:
         """A host uuid from its name (older alert wordings carry only name and numeric id)."""
