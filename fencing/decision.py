@@ -427,6 +427,12 @@ def judge(record: HostRecord, result: ProbeFinished, policy: Policy) -> tuple[Ev
         return Evidence.ALIVE, changed
     assert record.last_request_at is not None
     gap = record.last_request_at - record.ref_at
+    if gap < 0:
+        # The worker's clock was stepped back (or a worker behind took the partition over):
+        # no interval can be measured from the old reference; this reading starts a new one.
+        return Evidence.BASELINE, (
+            f"the worker's clock went back {-gap:.0f} s: this reading is the new reference"
+        )
     floor = max(policy.check_interval, result.min_gap)
     if gap < floor:
         return Evidence.UNKNOWN, (
