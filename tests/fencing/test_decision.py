@@ -1268,7 +1268,9 @@ def test_a_worker_clock_stepped_back_restarts_the_window_instead_of_waiting_it_o
     r3 = requested(stale2, back)
     rebased, actions = step(r3, reading(back + 1, 3), POLICY)
     assert (rebased.last_evidence, rebased.stale_count, actions) == (Evidence.BASELINE, 1, ())
-    assert rebased.reason == "the worker's clock went back 3671 s: this reading is the new reference"
+    assert rebased.reason == (
+        "the worker's clock went back 3671 s: this reading is the new reference"
+    )
     assert rebased.ref_at == back + 1
     r4 = requested(rebased, back + 62)
     proposed, _ = step(r4, reading(back + 63, 4), POLICY)
