@@ -14,6 +14,7 @@ from email.utils import formatdate, make_msgid
 
 import aiosmtplib
 
+from fencing.redaction import Redactor
 from fencing.settings import EmailSettings
 from notifiers.channel import AuthenticationFailed, DeliveryFailed, NotifyError
 from notifiers.render import EmailContent, Message, render_email
@@ -121,6 +122,5 @@ class EmailChannel:
         else:
             text = f"{where}: {type(exc).__name__}: {exc}"
         text = " ".join(text.split())
-        if password:
-            text = text.replace(password, "[redacted]")
+        text = Redactor([password])(text)
         return DeliveryFailed(text)

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--host", required=True, help="CloudStack host uuid")
     it.add_argument("--cluster", help="cluster uuid (looked up through the API if omitted)")
     it.add_argument("-c", "--config", help="settings file (YAML)")
-    it.set_defaults(func=_lazy("fencing.actuator:cli_ipmi_test"))
+    it.set_defaults(func=_lazy("streams.ipmi_cli:cli_ipmi_test"))
     ip = isub.add_parser(
         "pin", help="confirm the BMC's identity: pin the system GUID it reports now"
     )
