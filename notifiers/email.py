@@ -17,7 +17,8 @@ import aiosmtplib
 from fencing.redaction import Redactor
 from fencing.settings import EmailSettings
 from notifiers.channel import AuthenticationFailed, DeliveryFailed, NotifyError
-from notifiers.render import EmailContent, Message, render_email
+from notifiers.render import EmailContent, Message
+from notifiers.render_email import render_email
 
 
 def build_email(
