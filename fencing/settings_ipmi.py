@@ -6,9 +6,10 @@ The field list is IpmiSettings' own: `IPMI_FIELDS` and the overrides model are d
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, create_model, field_validator
+from pydantic.fields import FieldInfo
 
 from fencing.events import FenceAction
 from fencing.settings_sections import Driver, PasswordVia, RestartVia, StorageFence, _Model
@@ -18,28 +19,6 @@ DEFAULT_EXECUTION_SYNTAX = (
     "--command $IPMI_ACTION --host $IPMI_HOST"
 )
 
-
-IPMI_FIELDS = (
-    "action",
-    "driver",
-    "username",
-    "password",
-    "exec",
-    "action_stop",
-    "action_start",
-    "action_reboot",
-    "action_blink",
-    "action_test",
-    "execution_syntax",
-    "password_via",
-    "port",
-    "redfish_system",
-    "verify_tls",
-    "restart_via",
-    "restart_without_fence",
-    "allow_insecure_redfish",
-    "storage_fence",
-)
 
 # Fields that choose what runs or where a password may go (the command template, its tool and
 # arguments, TLS checks): set only in the configuration file. The API refuses a write of them
@@ -127,36 +106,45 @@ class IpmiSettings(_Model):
         return v
 
 
-class IpmiOverrides(_Model):
+# The one spelling of the IPMI field list is IpmiSettings; the list and the overrides follow it.
+IPMI_FIELDS: tuple[str, ...] = tuple(IpmiSettings.model_fields)
+
+
+class _OverridesBase(_Model):
     """Host-level overrides: every field optional (None = inherit from the cluster)."""
 
     address: str | None = Field(None, description="BMC hostname or IP")
-    action: FenceAction | None = None
-    driver: Driver | None = None
-    username: str | None = None
-    password: SecretStr | None = None
-    exec: str | None = None
-    action_stop: str | None = None
-    action_start: str | None = None
-    action_reboot: str | None = None
-    action_blink: str | None = None
-    action_test: str | None = None
-    execution_syntax: str | None = None
-    password_via: PasswordVia | None = None
-    port: int | None = Field(None, ge=1, le=65535)
-    redfish_system: str | None = None
-    verify_tls: bool | None = None
-    restart_via: RestartVia | None = None
-    restart_without_fence: bool | None = None
-    allow_insecure_redfish: bool | None = None
-    storage_fence: StorageFence | None = None
 
-    @field_validator("action")
+    @field_validator("action", check_fields=False)
     @classmethod
     def _decision_action(cls, v: FenceAction | None) -> FenceAction | None:
         if v in (FenceAction.START, FenceAction.TEST):
             raise ValueError("the fencing action must be one of nothing, stop, reboot, blink")
         return v
+
+
+def _optional(info: FieldInfo) -> tuple[Any, Any]:
+    """An IpmiSettings field as an override: the same type, constraints and description, or
+    None (inherit)."""
+    annotation: Any = info.annotation
+    return (annotation | None, FieldInfo.merge_field_infos(info, default=None))
+
+
+if TYPE_CHECKING:
+
+    class IpmiOverrides(_OverridesBase):
+        """Every field of IpmiSettings, optional (None = inherit), plus the BMC address."""
+
+        def __getattr__(self, name: str) -> Any: ...
+
+else:
+    IpmiOverrides = create_model(
+        "IpmiOverrides",
+        __base__=_OverridesBase,
+        __module__=__name__,
+        __doc__=_OverridesBase.__doc__,
+        **{name: _optional(info) for name, info in IpmiSettings.model_fields.items()},
+    )
 
 
 class ClusterSettings(_Model):
