@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         fp.add_argument("--timeout", type=float, default=30.0, help="seconds to reach Kafka")
         fp.add_argument("-c", "--config", help="settings file (YAML)")
         fp.set_defaults(func=_fence_operator)
-    importlib.import_module("fencing.storage_fence").add_cli(sub, _lazy)  # `fencer rbd lift`
+    importlib.import_module("streams.rbd_cli").add_cli(sub, _lazy)  # `fencer rbd lift`
 
     a = sub.add_parser("api", help="run the REST API and web UI (the IPMI tab)")
     a.add_argument("-c", "--config", help="settings file (YAML)")
