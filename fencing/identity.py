@@ -168,19 +168,6 @@ async def verify_identity(
     )
 
 
-async def check_identity(
-    host_uuid: str,
-    driver: PowerDriver,
-    pins: PinStore,
-    *,
-    address: str | None = None,
-    pinned_by: str = "first-fence",
-) -> str | None:
-    """None when a power action may go through `driver`, else the reason it must not."""
-    result = await verify_identity(host_uuid, driver, pins, address=address, pinned_by=pinned_by)
-    return None if result.ok else result.reason
-
-
 async def pin_current(
     host_uuid: str,
     driver: PowerDriver,

@@ -187,11 +187,6 @@ class SettingsStore:
         """The settings as loaded from the file and the environment."""
         return self._file
 
-    @property
-    def can_store_passwords(self) -> bool:
-        """Whether an encryption key is configured."""
-        return self._fernet is not None
-
     def effective(self, host_uuid: str, cluster_uuid: str | None) -> EffectiveIpmi:
         """A host's IPMI settings and the source of each value (host, cluster, default)."""
         return self._merged.effective_ipmi(host_uuid, cluster_uuid)
