@@ -20,14 +20,13 @@ handled: `retry` runs the same decision again).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -35,24 +34,35 @@ from cs import AIOCloudStack, CloudStackException
 
 from fencing.drivers import build_driver
 from fencing.drivers.base import PowerDriver
-from fencing.engine import Engine, EngineResult, Redactor
+from fencing.engine import Engine, EngineResult
 from fencing.events import FenceAction, NoticeKind
-from fencing.identity import PinStore, identity_notice, verify_identity
+from fencing.identity import PinStore, identity_refusal
+from fencing.outcome import fence_outcome, fence_result, storage_notice
+from fencing.preflight import DriverFactory, PreflightResult, call_timeout, check_host, preflight
 from fencing.records import FenceDecision, FenceOutcome, HostRef, Notice
-from fencing.settings import FencerSettings, IpmiSettings, RestartVia, StorageFence
-from fencing.storage_fence import StorageFencer, StorageFenceResult, lift_hint
+from fencing.redaction import Redactor, secrets_of
+from fencing.settings import FencerSettings, RestartVia, StorageFence
+from fencing.storage_fence import StorageFencer, StorageFenceResult
 
 log = logging.getLogger("fencer.actuator")
 
-DriverFactory = Callable[[IpmiSettings, str | None, float], PowerDriver]
+# The pre-flight moved to fencing.preflight and the redactor to fencing.redaction; these names
+# stay importable from here.
+__all__ = [
+    "Actuator",
+    "CloudStackResult",
+    "PreflightResult",
+    "call_timeout",
+    "check_host",
+    "cloudstack_client",
+    "engine_for",
+    "preflight",
+    "secrets_of",
+]
+
 CloudStackFactory = Callable[[FencerSettings], AIOCloudStack]
 NoticeSink = Callable[[Notice], Awaitable[None]]
 NoticeSender = Callable[[Notice], Awaitable[None]]
-
-
-def call_timeout(settings: FencerSettings) -> float:
-    """Deadline of one BMC call: long enough for a slow BMC, short enough to retry."""
-    return max(5.0, min(30.0, settings.actuator.power_timeout))
 
 
 def engine_for(settings: FencerSettings) -> Engine:
@@ -77,17 +87,6 @@ def cloudstack_client(settings: FencerSettings) -> AIOCloudStack:
         verify=c.verify_tls,
         dangerous_no_tls_verify=not c.verify_tls,
     )
-
-
-def secrets_of(settings: FencerSettings, ipmi: IpmiSettings | None = None) -> list[str]:
-    """Every secret value an error text could carry."""
-    values = [
-        settings.cloudstack.api_key.get_secret_value(),
-        settings.cloudstack.secret_key.get_secret_value(),
-    ]
-    if ipmi is not None:
-        values.append(ipmi.password.get_secret_value())
-    return [v for v in values if v]
 
 
 @dataclass
@@ -220,23 +219,9 @@ class Actuator:
                 )
                 self._following.add(task)
                 task.add_done_callback(self._following.discard)
-        error = bmc_error if bmc_error is not None else (result.error if result else None)
-        success = bool(result and result.success)
-        if storage is not None and not fenced:
-            bmc = f"{action.value} not verified ({error or 'no power-off seen'})"
-            if storage_fenced:
-                success, error = True, f"{bmc}; storage-fenced instead: {storage.text()}"
-            else:
-                success, error = False, f"{bmc}; {storage.why_no_restart}"
-                if storage.entry is not None:
-                    error = f"{error}; {lift_hint(host.host_uuid, storage.entry)}"
-        elif storage is not None:
-            error = f"{error}; {storage.text()}" if error else storage.text()
-        if cloud is not None and not cloud.success:
-            success = False
-            error = f"{cloud.call} failed: {cloud.result}" + (
-                f"; {storage.text()}" if storage is not None else ""
-            )
+        success, error = fence_result(
+            decision, bmc_error, result, storage, fenced, storage_fenced, cloud
+        )
         if storage is not None:
             await self._storage_notice(decision, storage, success, cloud)
         return self._outcome(
@@ -276,27 +261,7 @@ class Actuator:
         cloud: CloudStackResult | None,
     ) -> None:
         """Tell people a host was blocklisted (or that the blocklist failed), and how to lift."""
-        if cloud is not None:
-            done = f"{cloud.call}: {cloud.result}"
-        elif storage.allows_restart or not storage.verified:
-            done = "VMs not restarted"
-        else:
-            done = "VMs not restarted: " + storage.why_no_restart
-        await self._emit(
-            Notice(
-                notice_id=f"{decision.decision_id}/blocklist",
-                kind=NoticeKind.FENCE_SUCCEEDED
-                if storage.verified and success
-                else NoticeKind.FENCE_FAILED,
-                host=decision.host,
-                at=self.clock(),
-                action=decision.action,
-                decision_id=decision.decision_id,
-                result=done,
-                reason=storage.text(),
-                evidence=decision.evidence,
-            )
-        )
+        await self._emit(storage_notice(decision, storage, success, cloud, self.clock()))
 
     async def _identity_refusal(
         self,
@@ -307,62 +272,18 @@ class Actuator:
         ends: float | None = None,
     ) -> str | None:
         """Why this BMC must not be used (its GUID is not the host's pin), or None."""
-        if self.pins is None or decision.action is FenceAction.NOTHING:
-            return None
-        host = decision.host
-        delay = max(self.engine.retry_backoff, 0.1)
-        if ends is None:
-            ends = time.monotonic() + self.settings.actuator.fence_deadline
-        attempt = 0
-        while True:
-            # An unanswered GUID read is retried like an unanswered power command: with
-            # backoff until the fence's deadline.
-            attempt += 1
-            check = await verify_identity(
-                host.host_uuid, driver, self.pins, address=address, pinned_by="first-fence"
-            )
-            left = ends - time.monotonic()
-            if not check.retryable or left <= 0:
-                break
-            log.warning(
-                "host %s: %s attempt %d failed (BMC identity read): %s",
-                host.host_uuid,
-                decision.action.value,
-                attempt,
-                redact(check.reason or "no answer"),
-            )
-            if self.engine.on_failure is not None:
-                self.engine.on_failure(host.host_uuid, attempt, check.reason or "no answer")
-            await asyncio.sleep(min(delay, left))
-            delay = min(self.engine.max_backoff, delay * 2)
-        if check.verdict == "pinned":
-            log.info(
-                "host %s: BMC system GUID %s pinned at first fence", host.host_uuid, check.guid
-            )
-        elif check.verdict == "unsupported":
-            log.warning("host %s: %s", host.host_uuid, check.reason)
-        if check.ok:
-            return None
-        reason = redact(check.reason or "BMC identity not confirmed")
-        if check.retryable:
-            reason = (
-                f"not done within the fence deadline of "
-                f"{self.settings.actuator.fence_deadline:g} s "
-                f"({attempt} attempt(s) to read the BMC identity; last error: {reason})"
-            )
-        log.warning(
-            "host %s: decision %s refused: %s", host.host_uuid, decision.decision_id, reason
+        return await identity_refusal(
+            decision,
+            driver,
+            address,
+            redact,
+            pins=self.pins,
+            engine=self.engine,
+            fence_deadline=self.settings.actuator.fence_deadline,
+            clock=self.clock,
+            announce=self.announce,
+            ends=ends,
         )
-        try:
-            await driver.aclose()
-        except Exception as exc:  # the refusal stands; a failed logout changes nothing
-            log.debug("closing the %s driver failed: %s", driver.name, redact(str(exc)))
-        if check.verdict == "changed" and self.announce is not None:
-            try:
-                await self.announce(identity_notice(check, host, self.clock()))
-            except Exception as exc:  # the outcome still carries the reason to the notifiers
-                log.warning("host %s: cannot send the BMC identity notice: %s", host.host_uuid, exc)
-        return reason
 
     def _outcome(
         self,
@@ -374,24 +295,7 @@ class Actuator:
         cloud: CloudStackResult | None = None,
         error: str | None = None,
     ) -> FenceOutcome:
-        return FenceOutcome(
-            decision_id=decision.decision_id,
-            host=decision.host,
-            episode=decision.episode,
-            action=decision.action,
-            driver=driver,
-            success=success,
-            verified=bool(result and result.verified),
-            power_before=result.power_before if result else None,
-            power_after=result.power_after if result else None,
-            started_at=started,
-            finished_at=self.clock(),
-            attempts=result.attempts if result else 0,
-            cloudstack_call=cloud.call if cloud else None,
-            cloudstack_job=cloud.job if cloud else None,
-            cloudstack_result=cloud.result if cloud else None,
-            error=error,
-        )
+        return fence_outcome(decision, driver, started, self.clock(), success, result, cloud, error)
 
     async def _restart_until(
         self, host: HostRef, via: RestartVia, redact: Redactor, ends: float
@@ -532,172 +436,3 @@ def _cs_error(exc: CloudStackException) -> str:
     if isinstance(error, dict):
         return f"{error.get('errorcode', '')} {error.get('errortext', '')}".strip()
     return str(exc)
-
-
-# -------------------------------------------------------------------------------------------
-# Operators: `fencer ipmi test` and the periodic pre-flight
-
-
-@dataclass(frozen=True)
-class PreflightResult:
-    """Whether a fence of this host could work right now."""
-
-    host_uuid: str
-    cluster_uuid: str | None
-    driver: str
-    ok: bool
-    power: str | None
-    detail: str | None
-    error: str | None
-    checked_at: float
-    # BMC identity (fencing.identity), when a pin store was given: pinned, matches, changed,
-    # unsupported or unreadable, and the GUID the BMC reported.
-    identity: str | None = None
-    guid: str | None = None
-
-
-async def check_host(
-    settings: FencerSettings,
-    host_uuid: str,
-    cluster_uuid: str | None,
-    engine: Engine | None = None,
-    driver_factory: DriverFactory = build_driver,
-    pins: PinStore | None = None,
-) -> PreflightResult:
-    """Run the test action through the host's effective settings; never changes power.
-
-    With `pins`, first read the BMC's system GUID: pin it if the host has no pin yet, else
-    compare (a changed GUID makes the result not ok, with the reason)."""
-    eff = settings.effective_ipmi(host_uuid, cluster_uuid)
-    redact = Redactor(secrets_of(settings, eff.values))
-    now = time.time()
-    try:
-        driver = driver_factory(eff.values, eff.address, call_timeout(settings))
-    except Exception as exc:
-        return PreflightResult(
-            host_uuid,
-            cluster_uuid,
-            eff.values.driver.value,
-            False,
-            None,
-            None,
-            redact(str(exc)),
-            now,
-        )
-    identity = None
-    if pins is not None:
-        identity = await verify_identity(
-            host_uuid, driver, pins, address=eff.address, pinned_by="preflight"
-        )
-        if identity.verdict == "unreadable":
-            # The BMC did not answer the GUID read: a power read would wait as long again.
-            await driver.aclose()
-            return PreflightResult(
-                host_uuid,
-                cluster_uuid,
-                driver.name,
-                False,
-                None,
-                None,
-                redact(identity.reason or ""),
-                now,
-                identity.verdict,
-                identity.guid,
-            )
-    eng = engine or Engine(
-        power_timeout=settings.actuator.power_timeout,
-        poll_interval=settings.actuator.poll_interval,
-        retries=0,
-    )
-    r = await eng.run(host_uuid, driver, FenceAction.TEST, secrets_of(settings, eff.values))
-    ok, error = r.success, r.error
-    if identity is not None and not identity.ok:
-        ok, error = False, redact(identity.reason or "")
-    return PreflightResult(
-        host_uuid,
-        cluster_uuid,
-        driver.name,
-        ok,
-        r.power_after,
-        r.detail,
-        error,
-        now,
-        identity.verdict if identity else None,
-        identity.guid if identity else None,
-    )
-
-
-async def preflight(
-    settings: FencerSettings,
-    hosts: Iterable[HostRef | tuple[str, str | None]],
-    engine: Engine | None = None,
-    limit: int = 8,
-    pins: PinStore | None = None,
-) -> list[PreflightResult]:
-    """Read every host's BMC (test action); a result with ok=False means a fence would fail.
-
-    With `pins`, each BMC's system GUID is pinned on first success and compared afterwards."""
-    sem = asyncio.Semaphore(limit)
-
-    async def one(h: HostRef | tuple[str, str | None]) -> PreflightResult:
-        host_uuid, cluster = (h.host_uuid, h.cluster_uuid) if isinstance(h, HostRef) else h
-        async with sem:
-            return await check_host(settings, host_uuid, cluster, engine, pins=pins)
-
-    return list(await asyncio.gather(*(one(h) for h in hosts)))
-
-
-async def _cluster_of(settings: FencerSettings, host_uuid: str) -> str | None:
-    async with cloudstack_client(settings) as cs:
-        r = await cs.listHosts(id=host_uuid, fetch_result=False)
-    hosts = r.get("host") or []
-    return str(hosts[0].get("clusterid")) if hosts else None
-
-
-async def cluster_for_cli(
-    settings: FencerSettings, host_uuid: str, cluster: str | None
-) -> str | None:
-    """The cluster given, else the one CloudStack names for a host the file does not list."""
-    if cluster is not None or host_uuid in settings.hosts:
-        return cluster
-    try:
-        return await _cluster_of(settings, host_uuid)
-    except (CloudStackException, OSError) as exc:
-        log.warning(
-            "cannot look up the host's cluster in CloudStack (%s); pass --cluster",
-            Redactor(secrets_of(settings))(str(exc)),
-        )
-        return None
-
-
-def cli_ipmi_test(args: argparse.Namespace) -> int:
-    """`fencer ipmi test --host UUID [--cluster C] [-c FILE]`: read the BMC, change nothing.
-
-    Logs go through the worker's logging and secret scrubber. The result is JSON on stdout; a
-    failure is one log line on stderr (exit status 1), not repeated by the engine's per-attempt
-    warnings."""
-    from fencing.identity import MemoryPinStore
-    from fencing.settings import load_settings
-    from streams.observability import configure_logging, install_secret_scrubber
-
-    settings = load_settings(getattr(args, "config", None))
-    configure_logging(settings.log_level, json=settings.log_json)
-    install_secret_scrubber(settings)
-    # The engine logs each failed attempt for the worker's log; here the result says it.
-    logging.getLogger("fencer.engine").setLevel(logging.ERROR)
-    cluster = getattr(args, "cluster", None)
-
-    async def run() -> PreflightResult:
-        nonlocal cluster
-        cluster = await cluster_for_cli(settings, args.host, cluster)
-        # A throwaway pin store: the GUID is read and shown, nothing is pinned.
-        return await check_host(settings, args.host, cluster, pins=MemoryPinStore())
-
-    r = asyncio.run(run())
-    eff = settings.effective_ipmi(args.host, cluster)
-    out = {**asdict(r), "address": eff.address, "sources": eff.sources}
-    out.pop("identity")
-    print(json.dumps(out, indent=2))
-    if not r.ok:
-        log.error("IPMI test failed for host %s: %s", args.host, r.error)
-    return 0 if r.ok else 1

@@ -25,29 +25,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from fencing.drivers.base import DriverError, PowerDriver, PowerState
 from fencing.events import FenceAction
+from fencing.redaction import Redactor
 
 log = logging.getLogger("fencer.engine")
-
-REDACTED = "[set]"
-
-
-class Redactor:
-    """Scrubs every configured secret value from text."""
-
-    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
-        # Longest first, so a secret that contains another is replaced whole.
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for s in self.secrets:
-            text = text.replace(s, REDACTED)
-        return text
 
 
 @dataclass
@@ -297,14 +283,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, (DriverError, _VerifyTimeout)) and text:
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def gather_limited(coros: Iterable[Awaitable[object]], limit: int) -> list[object]:
-    """Run awaitables with at most `limit` at once; results in order."""
-    sem = asyncio.Semaphore(limit)
-
-    async def one(c: Awaitable[object]) -> object:
-        async with sem:
-            return await c
-
-    return list(await asyncio.gather(*(one(c) for c in coros)))

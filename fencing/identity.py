@@ -15,14 +15,20 @@ Pins live in a `PinStore`: `MemoryPinStore` here, the compacted Kafka topic in
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from fencing.drivers.base import DriverError, PowerDriver, read_system_guid
-from fencing.events import NoticeKind
-from fencing.records import BmcPin, HostRef, Notice
+from fencing.engine import Engine
+from fencing.events import FenceAction, NoticeKind
+from fencing.records import BmcPin, FenceDecision, HostRef, Notice
+
+# The refusal is logged as the actuator's: it is the actuator that refuses to act.
+log = logging.getLogger("fencer.actuator")
 
 Verdict = Literal["pinned", "matches", "changed", "unsupported", "unreadable"]
 
@@ -162,19 +168,6 @@ async def verify_identity(
     )
 
 
-async def check_identity(
-    host_uuid: str,
-    driver: PowerDriver,
-    pins: PinStore,
-    *,
-    address: str | None = None,
-    pinned_by: str = "first-fence",
-) -> str | None:
-    """None when a power action may go through `driver`, else the reason it must not."""
-    result = await verify_identity(host_uuid, driver, pins, address=address, pinned_by=pinned_by)
-    return None if result.ok else result.reason
-
-
 async def pin_current(
     host_uuid: str,
     driver: PowerDriver,
@@ -219,3 +212,71 @@ def identity_notice(check: IdentityCheck, host: HostRef, at: float) -> Notice:
         result="refused",
         reason=check.reason,
     )
+
+
+async def identity_refusal(
+    decision: FenceDecision,
+    driver: PowerDriver,
+    address: str | None,
+    redact: Callable[[str], str],
+    *,
+    pins: PinStore | None,
+    engine: Engine,
+    fence_deadline: float,
+    clock: Callable[[], float] = time.time,
+    announce: Callable[[Notice], Awaitable[None]] | None = None,
+    ends: float | None = None,
+) -> str | None:
+    """Why this BMC must not be used (its GUID is not the host's pin), or None."""
+    if pins is None or decision.action is FenceAction.NOTHING:
+        return None
+    host = decision.host
+    delay = max(engine.retry_backoff, 0.1)
+    if ends is None:
+        ends = time.monotonic() + fence_deadline
+    attempt = 0
+    while True:
+        # An unanswered GUID read is retried like an unanswered power command: with
+        # backoff until the fence's deadline.
+        attempt += 1
+        check = await verify_identity(
+            host.host_uuid, driver, pins, address=address, pinned_by="first-fence"
+        )
+        left = ends - time.monotonic()
+        if not check.retryable or left <= 0:
+            break
+        log.warning(
+            "host %s: %s attempt %d failed (BMC identity read): %s",
+            host.host_uuid,
+            decision.action.value,
+            attempt,
+            redact(check.reason or "no answer"),
+        )
+        if engine.on_failure is not None:
+            engine.on_failure(host.host_uuid, attempt, check.reason or "no answer")
+        await asyncio.sleep(min(delay, left))
+        delay = min(engine.max_backoff, delay * 2)
+    if check.verdict == "pinned":
+        log.info("host %s: BMC system GUID %s pinned at first fence", host.host_uuid, check.guid)
+    elif check.verdict == "unsupported":
+        log.warning("host %s: %s", host.host_uuid, check.reason)
+    if check.ok:
+        return None
+    reason = redact(check.reason or "BMC identity not confirmed")
+    if check.retryable:
+        reason = (
+            f"not done within the fence deadline of "
+            f"{fence_deadline:g} s "
+            f"({attempt} attempt(s) to read the BMC identity; last error: {reason})"
+        )
+    log.warning("host %s: decision %s refused: %s", host.host_uuid, decision.decision_id, reason)
+    try:
+        await driver.aclose()
+    except Exception as exc:  # the refusal stands; a failed logout changes nothing
+        log.debug("closing the %s driver failed: %s", driver.name, redact(str(exc)))
+    if check.verdict == "changed" and announce is not None:
+        try:
+            await announce(identity_notice(check, host, clock()))
+        except Exception as exc:  # the outcome still carries the reason to the notifiers
+            log.warning("host %s: cannot send the BMC identity notice: %s", host.host_uuid, exc)
+    return reason

@@ -20,12 +20,10 @@ Rules (the actuator applies them, fencing.actuator):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from fencing.blocklist import Blocklister, BlocklistError, entry_for
 from fencing.settings import FencerSettings
@@ -100,51 +98,15 @@ class StorageFenceResult:
         return f"{self.detail}; {lift_hint(self.host_uuid, self.entry)}"
 
 
-async def _all_vms(inv: Any, host_uuid: str) -> list[dict[str, Any]]:
-    """Every VM CloudStack places on the host, in any state, account or project."""
-    plain, projects = await asyncio.gather(
-        inv._list("listVirtualMachines", hostid=host_uuid, listall=True),
-        inv._list("listVirtualMachines", hostid=host_uuid, listall=True, projectid="-1"),
-    )
-    seen: dict[str, dict[str, Any]] = {}
-    for vm in [*plain, *projects]:
-        seen.setdefault(vm["id"], vm)
-    return list(seen.values())
+class DiskLookupError(Exception):
+    """CloudStack could not say where a host's disks are; the text is safe to publish."""
 
 
-async def host_disks(settings: FencerSettings, host_uuid: str) -> HostDisks:
-    """Ask CloudStack (listHosts, listVirtualMachines hostid, listVolumes, listStoragePools
-    types) where the host's VMs' disks are. Raises probes.inventory.InventoryError."""
-    from probes.inventory import NFS_POOL_TYPES, RBD_POOL_TYPES, Inventory, rbd_disk_path
-    from probes.rbd import spec_of
-
-    inv = Inventory(settings)
-    try:
-        host, vms, pools = await asyncio.gather(
-            inv.host(host_uuid), _all_vms(inv, host_uuid), inv.pools()
-        )
-        volumes = await asyncio.gather(*(inv.volumes(vm) for vm in vms))
-    finally:
-        await inv.close()
-    by_uuid = {p.uuid: p for p in pools}
-    images: list[str] = []
-    nfs = other = 0
-    for vols in volumes:
-        for vol in vols:
-            pool = by_uuid.get(vol.get("storageid", ""))
-            if pool is not None and pool.type in RBD_POOL_TYPES:
-                key = rbd_disk_path(pool, vol.get("path") or "")
-                spec = spec_of(key) if key else None
-                if spec is None:
-                    other += 1
-                elif spec not in images:
-                    images.append(spec)
-            elif pool is not None and pool.type in NFS_POOL_TYPES:
-                nfs += 1
-            else:
-                other += 1
-    address = settings.storage_ip_for(host_uuid, host.ip)
-    return HostDisks(address, tuple(images), nfs, other, len(vms))
+# host uuid -> where its VMs' disks are (probes.host_disks asks CloudStack); the shell passes it,
+# so that fencing imports no probe. Raises DiskLookupError.
+DiskLookup = Callable[[str], Awaitable[HostDisks]]
+# host uuid -> CloudStack's address of the host (for a host without `storage_ip`).
+AddressLookup = Callable[[str], Awaitable[str]]
 
 
 class StorageFencer:
@@ -155,8 +117,10 @@ class StorageFencer:
         settings: FencerSettings,
         blocklister: Blocklister | None = None,
         verify_timeout: float | None = None,
+        disks: DiskLookup | None = None,
     ) -> None:
         self.settings = settings
+        self.disks = disks
         self.blocklister = blocklister or Blocklister(settings.rbd)
         # Watches of a blocklisted address drop within a fraction of a second; a wait longer
         # than a few Ceph round trips means something still holds the images.
@@ -166,11 +130,13 @@ class StorageFencer:
 
     async def fence(self, host_uuid: str) -> StorageFenceResult:
         """Blocklist the host's storage address, then verify; never raises."""
-        from probes.inventory import InventoryError
-
+        if self.disks is None:
+            return StorageFenceResult(
+                host_uuid, None, None, False, False, "blocklist not done: no disk lookup given"
+            )
         try:
-            disks = await host_disks(self.settings, host_uuid)
-        except InventoryError as exc:
+            disks = await self.disks(host_uuid)
+        except DiskLookupError as exc:
             return StorageFenceResult(
                 host_uuid, None, None, False, False, f"blocklist not done: {exc}"
             )
@@ -234,59 +200,20 @@ class StorageFencer:
             await asyncio.sleep(VERIFY_POLL)
 
 
-# -------------------------------------------------------------------------------------------
-# Operators: `fencer rbd lift HOST`
-
-
-def add_cli(sub: Any, lazy: Callable[[str], Callable[[argparse.Namespace], int]]) -> None:
-    """The `rbd` subcommands of the `fencer` CLI (streams.cli)."""
-    r = sub.add_parser("rbd", help="Ceph RBD storage fencing (blocklists)")
-    rsub = r.add_subparsers(dest="rbd_command", required=True, metavar="SUBCOMMAND")
-    lift = rsub.add_parser(
-        "lift", help="lift the blocklist of a repaired host (its writes to Ceph work again)"
-    )
-    lift.add_argument("host", help="CloudStack host uuid")
-    lift.add_argument("--address", help="storage address (default: storage_ip, else CloudStack's)")
-    lift.add_argument("-c", "--config", help="settings file (YAML)")
-    lift.set_defaults(func=lazy("fencing.storage_fence:cli_lift"))
-    ls = rsub.add_parser("list", help="list the cluster's blocklist entries")
-    ls.add_argument("-c", "--config", help="settings file (YAML)")
-    ls.set_defaults(func=lazy("fencing.storage_fence:cli_list"))
-
-
-async def lift_host(settings: FencerSettings, host_uuid: str, address: str | None = None) -> str:
-    """Remove the blocklist of a host's storage address; the entry removed."""
+async def lift_host(
+    settings: FencerSettings,
+    host_uuid: str,
+    address: str | None = None,
+    management_ip: AddressLookup | None = None,
+) -> str:
+    """Remove the blocklist of a host's storage address; the entry removed. Without `address`
+    the host's `storage_ip`, else CloudStack's address through `management_ip`."""
     if address is None:
         h = settings.hosts.get(host_uuid)
         if h is not None and h.storage_ip:
             address = h.storage_ip
+        elif management_ip is not None:
+            address = settings.storage_ip_for(host_uuid, await management_ip(host_uuid))
         else:
-            from probes.inventory import Inventory
-
-            inv = Inventory(settings)
-            try:
-                address = settings.storage_ip_for(host_uuid, (await inv.host(host_uuid)).ip)
-            finally:
-                await inv.close()
+            raise ValueError(f"host {host_uuid}: no storage_ip set; give its storage address")
     return await Blocklister(settings.rbd).lift(address)
-
-
-def cli_lift(args: argparse.Namespace) -> int:
-    """`fencer rbd lift HOST [--address IP] [-c FILE]`: an operator lifts a host's blocklist."""
-    from fencing.settings import load_settings
-
-    settings = load_settings(getattr(args, "config", None))
-    entry = asyncio.run(lift_host(settings, args.host, getattr(args, "address", None)))
-    print(f"blocklist {entry} lifted: host {args.host} can write to Ceph again")
-    return 0
-
-
-def cli_list(args: argparse.Namespace) -> int:
-    """`fencer rbd list [-c FILE]`: every blocklist entry and its expiry."""
-    import json
-
-    from fencing.settings import load_settings
-
-    settings = load_settings(getattr(args, "config", None))
-    print(json.dumps(asyncio.run(Blocklister(settings.rbd).listed()), indent=2))
-    return 0

@@ -14,9 +14,11 @@ from email.utils import formatdate, make_msgid
 
 import aiosmtplib
 
+from fencing.redaction import Redactor
 from fencing.settings import EmailSettings
 from notifiers.channel import AuthenticationFailed, DeliveryFailed, NotifyError
-from notifiers.render import EmailContent, Message, render_email
+from notifiers.render import EmailContent, Message
+from notifiers.render_email import render_email
 
 
 def build_email(
@@ -121,6 +123,5 @@ class EmailChannel:
         else:
             text = f"{where}: {type(exc).__name__}: {exc}"
         text = " ".join(text.split())
-        if password:
-            text = text.replace(password, "[redacted]")
+        text = Redactor([password])(text)
         return DeliveryFailed(text)

@@ -182,13 +182,6 @@ class Notifier:
         finally:
             self._in_flight.discard(key)
 
-    def prune(self, older_than: float) -> int:
-        """Forget ids notified before `older_than` (epoch s) so the store stays bounded."""
-        old = [k for k, t in list(self.store.items()) if t < older_than]
-        for k in old:
-            del self.store[k]
-        return len(old)
-
     @property
     def pending(self) -> int:
         """Notifications still being sent or retried."""

@@ -7,8 +7,8 @@ alive or stale: `fencing.decision.judge` compares each reading with the previous
 files, so no clock is ever compared with another machine's.
 
 A new back end (Ceph RBD, ...) is a new module with a class that has `name` and
-`async check(target) -> ProbeOutcome`, registered with `register_probe` (or under the
-`fencer.probes` entry-point group); the core and the streams never change.
+`async check(target) -> ProbeOutcome`, named in `_BACKENDS`; the core and the streams never
+change.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
 from fencing.records import ProbeRequest, ProbeResult
@@ -226,40 +225,18 @@ class StorageProbe(Protocol):
         ...
 
 
-ProbeFactory = Callable[..., StorageProbe]
-
-# Built-in back ends, imported only when asked for.
-_BUILTIN: dict[str, str] = {
+# The back ends by name, imported only when asked for: a new back end is one more line here.
+_BACKENDS: dict[str, str] = {
     "nfs": "probes.nfs_ssh:NfsSshProbe",
     "mounted": "probes.mounted:MountedProbe",
 }
-_REGISTRY: dict[str, ProbeFactory] = {}
-
-
-def register_probe(name: str, factory: ProbeFactory) -> None:
-    """Make a back end available under `name` (factory(settings, **kw) -> StorageProbe)."""
-    _REGISTRY[name] = factory
-
-
-def available_probes() -> list[str]:
-    """Every back-end name: built-in, registered and installed through entry points."""
-    names = set(_BUILTIN) | set(_REGISTRY)
-    names |= {ep.name for ep in entry_points(group="fencer.probes")}
-    return sorted(names)
 
 
 def create_probe(name: str, settings: Any, **kw: Any) -> StorageProbe:
     """Build the back end called `name`; ValueError names the unknown back end."""
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        target = _BUILTIN.get(name)
-        if target is None:
-            for ep in entry_points(group="fencer.probes"):
-                if ep.name == name:
-                    target = ep.value
-                    break
-        if target is None:
-            raise ValueError(f"unknown storage probe {name!r}; known: {available_probes()}")
-        module, _, attr = target.partition(":")
-        factory = getattr(importlib.import_module(module), attr)
+    target = _BACKENDS.get(name)
+    if target is None:
+        raise ValueError(f"unknown storage probe {name!r}; known: {sorted(_BACKENDS)}")
+    module, _, attr = target.partition(":")
+    factory: Callable[..., StorageProbe] = getattr(importlib.import_module(module), attr)
     return factory(settings, **kw)

@@ -23,18 +23,15 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import ConsumerRecord
 from pydantic import ValidationError
 
 from fencing.events import NoticeKind
 from fencing.records import (
-    FenceClaim,
     FenceDecision,
     FenceOutcome,
     HostRef,
@@ -43,7 +40,11 @@ from fencing.records import (
 )
 from fencing.settings import Driver, FencerSettings
 from fencing.signing import DECISION, Keyring, SignatureError, verify_bytes
-from streams.kafka import aiokafka_kwargs
+
+# Claimed once (check 5) lives in streams.claims, with the refusal every check raises.
+from streams.claims import ClaimLog, NotNow
+
+__all__ = ["ClaimLog", "NotNow"]
 
 log = logging.getLogger("fencer.actuation")
 
@@ -54,10 +55,6 @@ CLOUDSTACK_TRIES = 3
 
 
 HostLookup = Callable[[str], Awaitable[Any]]  # host uuid -> an object with state, resourcestate
-
-
-class NotNow(Exception):
-    """A last-moment check refused the decision; the message is the reason."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,187 +183,6 @@ class HostStatesView:
     async def stop(self) -> None:
         if self._reader is not None:
             await self._reader.stop()
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Claimed once
-
-
-class ClaimLog:
-    """The fence-claims log: written with acks=all, read back from the beginning."""
-
-    def __init__(self, settings: FencerSettings, worker: str) -> None:
-        self.settings = settings
-        self.worker = worker
-        self.topic = settings.kafka.topics.fence_claims
-        self.claims: dict[str, list[tuple[int, FenceClaim]]] = {}
-        self._seen = asyncio.Condition()
-        self._producer: AIOKafkaProducer | None = None
-        self._reader: Any = None
-        self._high = -1
-
-    async def start(self, within: float = 30.0) -> None:
-        from streams.topic_reader import TopicReader
-
-        producer = AIOKafkaProducer(
-            client_id="fencer-claims", acks="all", **aiokafka_kwargs(self.settings)
-        )
-        await producer.start()
-        self._producer = producer
-        self._reader = TopicReader(
-            self.settings, [self.topic], self._on_record, client_id="fencer-claims-reader"
-        )
-        await self._reader.start(within)
-
-    def _on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        if record.value is None:
-            return
-        claim = FenceClaim.model_validate_json(record.value)
-        self.claims.setdefault(claim.decision_id, []).append((record.offset, claim))
-        self._high = max(self._high, record.offset)
-        asyncio.get_running_loop().create_task(self._notify())
-
-    async def _notify(self) -> None:
-        async with self._seen:
-            self._seen.notify_all()
-
-    def of(self, decision_id: str) -> list[FenceClaim]:
-        return [c for _, c in sorted(self.claims.get(decision_id, []), key=lambda x: x[0])]
-
-    def done(self, decision_id: str) -> FenceClaim | None:
-        return next((c for c in self.of(decision_id) if c.state == "done"), None)
-
-    def open_claims(self, decision_id: str) -> list[FenceClaim]:
-        """Claims of the decision that were neither finished nor released, in log order."""
-        recs = self.of(decision_id)
-        released = {c.claim_id for c in recs if c.state == "released"}
-        return [c for c in recs if c.state == "claimed" and c.claim_id not in released]
-
-    async def _wait(self, pred: Callable[[], Any], within: float) -> Any:
-        deadline = time.monotonic() + within
-        async with self._seen:
-            while not (result := pred()):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return result
-                try:
-                    await asyncio.wait_for(self._seen.wait(), min(left, 0.5))
-                except TimeoutError:
-                    pass
-            return result
-
-    async def append(self, claim: FenceClaim) -> None:
-        """Write a claim record and wait until it is read back (its place in the log known)."""
-        assert self._producer is not None
-        await self._producer.send_and_wait(
-            self.topic, key=claim.decision_id.encode(), value=claim.model_dump_json().encode()
-        )
-        seen = await self._wait(
-            lambda: any(
-                c.claim_id == claim.claim_id and c.state == claim.state
-                for c in self.of(claim.decision_id)
-            ),
-            30.0,
-        )
-        if not seen:
-            raise RuntimeError(f"claim {claim.claim_id} was written but not read back in 30 s")
-
-    async def _renew(self, claim: FenceClaim, every: float) -> None:
-        """While acting, say so: a renewal every `every` seconds keeps followers waiting."""
-        while True:
-            await asyncio.sleep(every)
-            try:
-                await self.append(claim.model_copy(update={"state": "renewed"}))
-            except Exception as exc:  # a missed renewal shortens the wait, never the action
-                log.warning("cannot renew claim %s: %s", claim.claim_id, exc)
-
-    def _moved(self, decision_id: str, seen: int) -> bool:
-        return self.done(decision_id) is not None or len(self.of(decision_id)) > seen
-
-    async def _wait_while_renewed(self, decision_id: str, lease: float) -> FenceClaim | None:
-        """The `done` record, or None once `lease` seconds (this worker's clock) passed without
-        any new record for the decision: its claimant stopped renewing, so it is dead."""
-        seen = len(self.of(decision_id))
-        deadline = time.monotonic() + lease
-        while True:
-            done = self.done(decision_id)
-            if done is not None:
-                return done
-            now = len(self.of(decision_id))
-            if now > seen:
-                seen, deadline = now, time.monotonic() + lease
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            await self._wait(partial(self._moved, decision_id, seen), min(left, 1.0))
-
-    async def run_once(
-        self,
-        decision: FenceDecision,
-        lease: float,
-        act: Callable[[bool], Awaitable[FenceOutcome]],
-    ) -> tuple[FenceOutcome, bool]:
-        """The decision's outcome, carried out by at most one live claimant; (outcome, acted)."""
-        did = decision.decision_id
-        while True:
-            done = self.done(did)
-            if done is not None and done.outcome is not None:
-                return FenceOutcome.model_validate(done.outcome), False
-            open_claims = self.open_claims(did)
-            base = open_claims[-1].claim_id if open_claims else None
-            takeover = False
-            if open_claims:
-                log.warning(
-                    "decision %s is claimed by %s: waiting for its outcome (lapses after %g s "
-                    "without a renewal)",
-                    did,
-                    open_claims[-1].claimed_by,
-                    lease,
-                )
-                if await self._wait_while_renewed(did, lease):
-                    continue
-                takeover = True
-                log.warning(
-                    "decision %s: the claim of %s lapsed; taking over",
-                    did,
-                    open_claims[-1].claimed_by,
-                )
-            mine = FenceClaim(
-                decision_id=did,
-                host_uuid=decision.host.host_uuid,
-                claim_id=uuid.uuid4().hex,
-                claimed_by=self.worker,
-                state="claimed",
-                takeover_of=base,
-            )
-            await self.append(mine)
-            first = next(c for c in self.open_claims(did) if c.takeover_of == base)
-            if first.claim_id != mine.claim_id:
-                log.warning("decision %s: %s claimed it first", did, first.claimed_by)
-                await self.append(mine.model_copy(update={"state": "released"}))
-                continue
-            renewing = asyncio.create_task(self._renew(mine, lease / 3))
-            try:
-                outcome = await act(takeover)
-            except NotNow:
-                # Refused after the claim (a takeover re-checks): nothing was done, let go.
-                await self.append(mine.model_copy(update={"state": "released"}))
-                raise
-            finally:
-                renewing.cancel()
-            await self.append(
-                mine.model_copy(
-                    update={"state": "done", "outcome": outcome.model_dump(mode="json")}
-                )
-            )
-            return outcome, True
-
-    async def stop(self) -> None:
-        if self._reader is not None:
-            await self._reader.stop()
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,10 +131,10 @@ async def confirm_pin(
     """Read the BMC's GUID through the host's effective settings and pin it; (old, new).
 
     Raises DriverError (the BMC), ValueError (no GUID or not the expected one), PinStoreError."""
-    from fencing.actuator import call_timeout, secrets_of
     from fencing.drivers import build_driver
-    from fencing.engine import Redactor
     from fencing.identity import pin_current
+    from fencing.preflight import call_timeout
+    from fencing.redaction import Redactor, secrets_of
 
     eff = settings.effective_ipmi(host_uuid, cluster_uuid)
     redact = Redactor(secrets_of(settings, eff.values))
@@ -155,8 +155,8 @@ async def confirm_pin(
 
 def cli_ipmi_pin(args: argparse.Namespace) -> int:
     """`fencer ipmi pin HOST [--cluster C] [--expect GUID] [-c FILE]`: pin the BMC's GUID now."""
-    from fencing.actuator import cluster_for_cli
     from fencing.settings import load_settings
+    from streams.ipmi_cli import cluster_for_cli
     from streams.observability import configure_logging, install_secret_scrubber
 
     settings = load_settings(getattr(args, "config", None))

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--host", required=True, help="CloudStack host uuid")
     it.add_argument("--cluster", help="cluster uuid (looked up through the API if omitted)")
     it.add_argument("-c", "--config", help="settings file (YAML)")
-    it.set_defaults(func=_lazy("fencing.actuator:cli_ipmi_test"))
+    it.set_defaults(func=_lazy("streams.ipmi_cli:cli_ipmi_test"))
     ip = isub.add_parser(
         "pin", help="confirm the BMC's identity: pin the system GUID it reports now"
     )
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         fp.add_argument("--timeout", type=float, default=30.0, help="seconds to reach Kafka")
         fp.add_argument("-c", "--config", help="settings file (YAML)")
         fp.set_defaults(func=_fence_operator)
-    importlib.import_module("fencing.storage_fence").add_cli(sub, _lazy)  # `fencer rbd lift`
+    importlib.import_module("streams.rbd_cli").add_cli(sub, _lazy)  # `fencer rbd lift`
 
     a = sub.add_parser("api", help="run the REST API and web UI (the IPMI tab)")
     a.add_argument("-c", "--config", help="settings file (YAML)")

@@ -67,33 +67,6 @@ class HostAlertStateAlert(_HostAlert):
 
 
 @dataclass(frozen=True)
-class HaActionAlert:
-    """ALERT.HA.ACTION: CloudStack's own Host HA fenced or recovered a host (even on failure)."""
-
-    kind: ClassVar[str] = "ha_action"
-    action: str | None  # "fencing" | "recovery" | None (unknown wording)
-    host_uuid: str | None
-    host_id: int | None
-    zone_uuid: str | None
-    pod_uuid: str | None
-    at: float | None
-    subject: str
-
-
-@dataclass(frozen=True)
-class HaStateTransition:
-    """ActionEvent HA.STATE.TRANSITION (published for Recovering, Fencing and Fenced)."""
-
-    kind: ClassVar[str] = "ha_state_transition"
-    host_uuid: str | None
-    from_state: str | None
-    to_state: str | None
-    ha_event: str | None
-    status: str | None
-    at: float | None
-
-
-@dataclass(frozen=True)
 class _HostAction:
     """Fields shared by host action events (API calls on a host)."""
 
@@ -118,24 +91,6 @@ class MaintenanceCancel(_HostAction):
 
 
 @dataclass(frozen=True)
-class HostReconnect(_HostAction):
-    """ActionEvent HOST.RECONNECT: an operator asked CloudStack to reconnect the agent."""
-
-    kind: ClassVar[str] = "host_reconnect"
-
-
-@dataclass(frozen=True)
-class VmStateChanged:
-    """A VM finished a state transition (post-transition records only)."""
-
-    kind: ClassVar[str] = "vm_state_changed"
-    vm_uuid: str
-    old_state: str | None
-    new_state: str
-    at: float | None
-
-
-@dataclass(frozen=True)
 class Ignored:
     """A well-formed record fencer has no use for."""
 
@@ -156,12 +111,8 @@ ParsedEvent = (
     HostDisconnectedAlert
     | HostDownAlert
     | HostAlertStateAlert
-    | HaActionAlert
-    | HaStateTransition
     | MaintenancePrepare
     | MaintenanceCancel
-    | HostReconnect
-    | VmStateChanged
     | Ignored
     | Rejected
 )
@@ -184,13 +135,6 @@ _HOST_JSON = re.compile(r"Host (\{.*?\})", re.DOTALL)
 _OLD_ID_NAME = re.compile(r"(?:down|alert state): (?P<id>\d{1,18})-(?P<name>\S+?)\.?(?:\s|$)")
 _DOWN_SUBJECT = re.compile(r"Host down, (?P<id>\S+)$")
 _VMS = re.compile(r"Starting HA on the following VMs:(?P<vms>.*)$", re.DOTALL)
-_HA_SUBJECT = re.compile(r"HA (?P<action>Fencing|Recovery) of host id=(?P<id>\d{1,18})")
-_HA_BODY_UUID = re.compile(r"uuid=(?P<uuid>[^ ,]+)")
-_HA_TRANSITION = re.compile(
-    r"from: (?P<from>\w+) to: (?P<to>\w+)(?: due to event: ?(?P<event>\w+))?", re.ASCII
-)
-
-_VM = "VirtualMachine"
 
 
 def parse_time(text: str | None) -> float | None:
@@ -286,20 +230,6 @@ _DESC_SUBJECTS: tuple[
 )
 
 
-def _parse_ha_action(d: dict[str, str], subject: str) -> ParsedEvent:
-    m = _HA_SUBJECT.match(subject)
-    body_uuid = _HA_BODY_UUID.search(d.get("body", ""))
-    return HaActionAlert(
-        action=m.group("action").lower() if m else None,
-        host_uuid=_uuid(body_uuid.group("uuid")) if body_uuid else None,
-        host_id=int(m.group("id")) if m else None,
-        zone_uuid=d.get("dataCenterId"),
-        pod_uuid=d.get("podId"),
-        at=parse_time(d.get("eventDateTime")),
-        subject=subject,
-    )
-
-
 def _action_host(d: dict[str, str], key: str | None) -> str | None:
     # entityuuid is the entity the API call acted on; the "Host" key appears only when the
     # CallContext carried the host; the record key is the event's resource uuid.
@@ -312,23 +242,6 @@ def _parse_action(d: dict[str, str], event: str, key: str | None) -> ParsedEvent
         cls = MaintenancePrepare
     elif event == "MAINT.CANCEL":
         cls = MaintenanceCancel
-    elif event == "HOST.RECONNECT":
-        cls = HostReconnect
-    elif event == "HA.STATE.TRANSITION":
-        text = d.get("description", "")
-        m = _HA_TRANSITION.search(text)
-        host = _action_host(d, key)
-        if host is None:
-            obj = _host_json(text)
-            host = obj.get("uuid") if obj and isinstance(obj.get("uuid"), str) else None
-        return HaStateTransition(
-            host_uuid=host,
-            from_state=m.group("from") if m else None,
-            to_state=m.group("to") if m else None,
-            ha_event=m.group("event") if m else None,
-            status=d.get("status"),
-            at=parse_time(d.get("eventDateTime")),
-        )
     else:
         return Ignored(f"action event {event[:60]}")
     return cls(
@@ -342,29 +255,12 @@ def _parse_action(d: dict[str, str], event: str, key: str | None) -> ParsedEvent
 def _classify(d: dict[str, str], key: str | None) -> ParsedEvent:
     if "new-state" in d:  # ResourceStateEvent
         resource = d.get("resource")
-        if resource != _VM:
-            return Ignored(f"{(resource or 'resource')[:40]} state change")
-        status = d.get("status")
-        if status == "preStateTransitionEvent":
-            return Ignored("VM pre-transition")
-        if status != "postStateTransitionEvent":
-            return Rejected(f"VM state change with status {str(status)[:40]!r}", b"")
-        vm = d.get("id") or key
-        if not vm:
-            return Rejected("VM state change without an id", b"")
-        return VmStateChanged(
-            vm_uuid=vm,
-            old_state=d.get("old-state"),
-            new_state=d["new-state"],
-            at=parse_time(d.get("eventDateTime")),
-        )
+        return Ignored(f"{(resource or 'resource')[:40]} state change")
     event = d.get("event")
     if event is not None:
         if "subject" in d or event.startswith("ALERT."):  # AlertEvent
             if event == "ALERT.COMPUTE.HOST":
                 return _parse_host_alert(d, d.get("subject", ""))
-            if event == "ALERT.HA.ACTION":
-                return _parse_ha_action(d, d.get("subject", ""))
             return Ignored(f"alert {event[:60]}")
         if "status" in d or "entity" in d or "user" in d:  # ActionEvent
             return _parse_action(d, event, key)

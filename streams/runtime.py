@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from fencing.policy import Policy
@@ -155,8 +156,12 @@ class Runtime:
         """The BMC actuator (fencing.actuator.Actuator); its notices go to `emit_notice`."""
         if self._actuator is None:
             from fencing.actuator import Actuator
+            from fencing.storage_fence import StorageFencer
+            from probes.host_disks import host_disks
 
-            self._actuator = Actuator(self.settings, notify=self.emit_notice)
+            # The storage rung asks CloudStack where the host's disks are through a probe.
+            rung = StorageFencer(self.settings, disks=partial(host_disks, self.settings))
+            self._actuator = Actuator(self.settings, notify=self.emit_notice, storage_fencer=rung)
         return self._actuator
 
     def due_reminders(self, rows: Iterable[tuple[str, Any]], now: float) -> list[Notice]:

@@ -7,10 +7,8 @@ record, so the file's entry applies again. IPMI passwords are Fernet-encrypted i
 the file's. `SettingsStore` reads the topic from the beginning and keeps the merged view; the API
 writes through it, and the workers read `effective()` / `is_paused()` from it.
 
-Every record is signed (fencing.signing, key from `signing.keys_file`) over its key and value,
-written as `{"key", "value", "signature"}`; a deletion is a signed record whose value is null,
-never a bare tombstone. A record not signed by a held key is refused: logged, kept out of the
-view, and reported as a `forged_record` notice.
+Every record is signed (streams.settings_records); a record not signed by a held key is refused:
+logged, kept out of the view, and reported as a `forged_record` notice.
 
     store = SettingsStore(load_settings(path))
     await store.start()                      # returns once the whole topic has been read
@@ -24,175 +22,70 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import os
 import time
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import SecretStr
 
-from fencing.events import NoticeKind
-from fencing.records import HostRef, Notice
+from fencing.records import Notice
 from fencing.settings import (
-    ApiSettings,
     ClusterSettings,
     EffectiveIpmi,
     FencerSettings,
     HostSettings,
-    confine_to_file,
-    file_only_violations,
 )
 from fencing.signing import (
-    SETTINGS,
     Keyring,
-    KeyringError,
     SignatureError,
-    load_keyring,
-    sign,
-    verify_bytes,
 )
 from streams.kafka import aiokafka_kwargs, ensure_topics, prepare_kafka
+
+# The records themselves (keys, signing, password encryption) live in streams.settings_records;
+# these names stay importable from here.
+from streams.settings_records import (
+    GLOBAL_PAUSE_KEY,
+    SECRETS_KEY_ENV,
+    PauseFlag,
+    SecretsKeyMissing,
+    SettingsStoreError,
+    _Entry,
+    _ring_or_none,
+    cluster_key,
+    decode_entry,
+    encode_entry,
+    forged_settings_notice,
+    generate_secrets_key,
+    host_key,
+    load_secrets_key,
+    pause_key,
+    sign_settings_value,
+    undecryptable_notice,
+    verify_settings_value,
+)
 from streams.topic_reader import TopicReader
 
+__all__ = [
+    "GLOBAL_PAUSE_KEY",
+    "SECRETS_KEY_ENV",
+    "PauseFlag",
+    "SecretsKeyMissing",
+    "SettingsStore",
+    "SettingsStoreError",
+    "cluster_key",
+    "forged_settings_notice",
+    "generate_secrets_key",
+    "host_key",
+    "load_secrets_key",
+    "pause_key",
+    "sign_settings_value",
+    "verify_settings_value",
+]
+
 log = logging.getLogger(__name__)
-
-SECRETS_KEY_ENV = "FENCER_SECRETS_KEY"
-GLOBAL_PAUSE_KEY = "pause:global"
-
-
-class SettingsStoreError(Exception):
-    """A settings change or the settings topic failed; the message is one operator line."""
-
-
-class SecretsKeyMissing(SettingsStoreError):
-    """A password was to be stored but no encryption key is configured."""
-
-
-def cluster_key(uuid: str) -> str:
-    """The topic key of a cluster's settings."""
-    return f"cluster:{uuid}"
-
-
-def host_key(uuid: str) -> str:
-    """The topic key of a host's overrides."""
-    return f"host:{uuid}"
-
-
-def pause_key(cluster_uuid: str | None) -> str:
-    """The topic key of a pause flag: global when `cluster_uuid` is None."""
-    return GLOBAL_PAUSE_KEY if cluster_uuid is None else f"pause:cluster:{cluster_uuid}"
-
-
-def generate_secrets_key() -> str:
-    """A new key for `FENCER_SECRETS_KEY` or `api.secrets_key_file`."""
-    return Fernet.generate_key().decode()
-
-
-def load_secrets_key(api: ApiSettings) -> MultiFernet | None:
-    """The password encryption keys from the environment, else the key file, else None.
-
-    Several keys rotate: one per line in the file (or separated by commas or spaces in the
-    variable); the first encrypts every new password, every one is tried to decrypt. Rotation:
-    put a new key first, store the passwords again (or wait), then drop the old key."""
-    raw = os.environ.get(SECRETS_KEY_ENV)
-    where = SECRETS_KEY_ENV
-    if not raw and api.secrets_key_file is not None:
-        where = f"api.secrets_key_file ({api.secrets_key_file})"
-        try:
-            raw = Path(api.secrets_key_file).read_text()
-        except OSError as exc:
-            raise SettingsStoreError(f"cannot read {where}: {exc.strerror}") from None
-    lines = [
-        part
-        for line in (raw or "").splitlines()
-        if line.strip() and not line.strip().startswith("#")
-        for part in line.replace(",", " ").split()
-    ]
-    if not lines:
-        return None
-    keys = []
-    for n, text in enumerate(lines, 1):
-        try:
-            keys.append(Fernet(text.encode()))
-        except ValueError:
-            raise SettingsStoreError(
-                f"{where}: key {n} is not a Fernet key (32 url-safe base64-encoded bytes)"
-            ) from None
-    return MultiFernet(keys)
-
-
-def _ring_or_none(settings: FencerSettings) -> Keyring | None:
-    try:
-        return load_keyring(settings)
-    except KeyringError as exc:
-        if settings.signing.keys_file is not None or settings.signing.keys is not None:
-            raise SettingsStoreError(str(exc)) from None
-        log.warning(
-            "signing.keys_file is not set: settings records are written unsigned, and the "
-            "workers (which hold a key) will refuse them"
-        )
-        return None
-
-
-def sign_settings_value(ring: Keyring, key: str, value: bytes | None) -> bytes:
-    """A settings record as written: signed over its key and value (a deletion is signed too,
-    with a null value, so nobody can clear an operator's pause with a bare tombstone)."""
-    body = {"key": key, "value": None if value is None else json.loads(value)}
-    return json.dumps(sign(ring, SETTINGS, body)).encode()
-
-
-def verify_settings_value(ring: Keyring, key: str, raw: bytes | None) -> bytes | None:
-    """The value a signed settings record carries (None: deleted); SignatureError if forged."""
-    if raw is None:
-        raise SignatureError("unsigned deletion (tombstone)")
-    body = verify_bytes(ring, SETTINGS, raw)
-    if body.get("key") != key:
-        raise SignatureError(f"signed for key {str(body.get('key'))[:100]!r}, not this key")
-    value = body.get("value")
-    return None if value is None else json.dumps(value).encode()
-
-
-def forged_settings_notice(record: ConsumerRecord[bytes, bytes], key: str, reason: str) -> Notice:
-    """The forged_record notice of a settings record fencer did not sign."""
-    where = f"{record.topic} partition {record.partition} offset {record.offset}"
-    kind, _, uuid = key.partition(":")
-    host = uuid if kind == "host" else None
-    return Notice(
-        notice_id=f"forged/{record.topic}/{record.partition}/{record.offset}",
-        kind=NoticeKind.FORGED_RECORD,
-        host=HostRef(host_uuid=host or f"settings:{key[:100]}"),
-        at=time.time(),
-        reason=f"refused settings record {where}, key {key[:100]!r} ({reason})",
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        claimed_host=host,
-    )
-
-
-class PauseFlag(BaseModel):
-    """The value of a pause record."""
-
-    model_config = ConfigDict(extra="ignore")
-    paused: bool
-    reason: str | None = Field(None, max_length=500)
-    at: float = 0.0
-    by: str | None = None
-
-
-class _Entry(BaseModel):
-    """A decoded cluster or host record: its settings, and its password state."""
-
-    settings: ClusterSettings | HostSettings
-    # Absent: keep the file's password; None: cleared; a string: the Fernet token.
-    token: str | None = None
-    has_token: bool = False
-
 
 _UNSET: Any = object()
 
@@ -294,11 +187,6 @@ class SettingsStore:
         """The settings as loaded from the file and the environment."""
         return self._file
 
-    @property
-    def can_store_passwords(self) -> bool:
-        """Whether an encryption key is configured."""
-        return self._fernet is not None
-
     def effective(self, host_uuid: str, cluster_uuid: str | None) -> EffectiveIpmi:
         """A host's IPMI settings and the source of each value (host, cluster, default)."""
         return self._merged.effective_ipmi(host_uuid, cluster_uuid)
@@ -326,11 +214,13 @@ class SettingsStore:
 
     async def put_cluster(self, uuid: str, settings: ClusterSettings) -> None:
         """Replace a cluster's settings. ipmi.password None keeps the current one; "" clears."""
-        await self._put_entry(cluster_key(uuid), settings, self._file.clusters.get(uuid))
+        key = cluster_key(uuid)
+        await self._send(key, encode_entry(settings, self._entries.get(key), self._fernet))
 
     async def put_host(self, uuid: str, settings: HostSettings) -> None:
         """Replace a host's overrides. ipmi.password None keeps the current one; "" clears."""
-        await self._put_entry(host_key(uuid), settings, self._file.hosts.get(uuid))
+        key = host_key(uuid)
+        await self._send(key, encode_entry(settings, self._entries.get(key), self._fernet))
 
     async def delete_cluster(self, uuid: str) -> None:
         """Forget the API's settings of a cluster (the file's apply again)."""
@@ -351,32 +241,6 @@ class SettingsStore:
         """Resume fencing (an explicit flag, so it also overrides `paused: true` in the file)."""
         flag = PauseFlag(paused=False, at=time.time(), by=by)
         await self._send(pause_key(cluster_uuid), flag.model_dump_json().encode())
-
-    async def _put_entry(
-        self,
-        key: str,
-        settings: ClusterSettings | HostSettings,
-        from_file: ClusterSettings | HostSettings | None,
-    ) -> None:
-        exclude: dict[str, Any] = {"ipmi": {"password"}}
-        if isinstance(settings, ClusterSettings):
-            exclude["paused"] = True  # pausing has its own keys
-        record: dict[str, Any] = {"settings": settings.model_dump(mode="json", exclude=exclude)}
-        new = settings.ipmi.password
-        if new is None:
-            current = self._entries.get(key)
-            if current is not None and current.has_token:
-                record["ipmi_password"] = current.token  # ciphertext copied: no key needed
-        elif new.get_secret_value() == "":
-            record["ipmi_password"] = None
-        else:
-            if self._fernet is None:
-                raise SecretsKeyMissing(
-                    "ipmi.password: cannot store a password without an encryption key; set "
-                    f"{SECRETS_KEY_ENV} or api.secrets_key_file (fencer can generate one)"
-                )
-            record["ipmi_password"] = self._fernet.encrypt(new.get_secret_value().encode()).decode()
-        await self._send(key, json.dumps(record).encode())
 
     async def _send(self, key: str, value: bytes | None) -> None:
         if self._producer is None:
@@ -419,16 +283,7 @@ class SettingsStore:
         )
         self.refused.append((key, record.partition, record.offset, reason))
         if self._producer is not None:
-            notice = forged_settings_notice(record, key, reason)
-            task = asyncio.get_running_loop().create_task(
-                self._producer.send_and_wait(
-                    self._file.kafka.topics.notices,
-                    key=notice.host.host_uuid.encode(),
-                    value=notice.model_dump_json().encode(),
-                )
-            )
-            self._notices.add(task)
-            task.add_done_callback(self._notice_sent)
+            self._send_notice(forged_settings_notice(record, key, reason))
 
     def _notice_sent(self, task: asyncio.Task[Any]) -> None:
         self._notices.discard(task)
@@ -445,35 +300,12 @@ class SettingsStore:
             if value is None:
                 self._entries.pop(key, None)
             else:
-                self._entries[key] = self._decode(key, value)
+                self._entries[key] = decode_entry(self._file, key, value)
         else:
             log.warning("ignored settings record with unknown key %r", key)
             return
         self._rebuild()
         self.version += 1
-
-    def _decode(self, key: str, value: bytes) -> _Entry:
-        data = json.loads(value)
-        model = ClusterSettings if key.startswith("cluster:") else HostSettings
-        settings = model.model_validate(data.get("settings") or {})
-        # What runs stays in the file: a record cannot set exec, the template, TLS checks or a
-        # driver outside api.settable_drivers (whoever wrote it, signed or not).
-        kind, _, uuid = key.partition(":")
-        base = (self._file.clusters if kind == "cluster" else self._file.hosts).get(uuid)
-        allowed = self._file.api.settable_drivers
-        refused = file_only_violations(settings.ipmi, base.ipmi if base else None, allowed)
-        if refused:
-            log.error(
-                "%s: the settings record sets %s, which only the configuration file may set: "
-                "the file's values apply",
-                key,
-                ", ".join(f"ipmi.{f}" for f in refused),
-            )
-        ipmi = confine_to_file(settings.ipmi, base.ipmi if base else None, allowed)
-        settings = settings.model_copy(update={"ipmi": ipmi})
-        if "ipmi_password" in data:
-            return _Entry(settings=settings, token=data["ipmi_password"], has_token=True)
-        return _Entry(settings=settings)
 
     def _password(self, key: str, entry: _Entry, file_pw: SecretStr | None) -> SecretStr | None:
         if not entry.has_token:
@@ -508,19 +340,7 @@ class SettingsStore:
         if mark not in self._reported:
             self._reported.add(mark)
             log.error("STORED PASSWORD UNUSABLE: %s", reason)
-            self._send_notice(
-                Notice(
-                    notice_id=f"undecryptable/{mark}",
-                    kind=NoticeKind.PREFLIGHT_FAILED,
-                    host=HostRef(
-                        host_uuid=key.removeprefix("host:")
-                        if key.startswith("host:")
-                        else f"settings:{key[:100]}"
-                    ),
-                    at=time.time(),
-                    reason=reason,
-                )
-            )
+            self._send_notice(undecryptable_notice(key, mark, reason, time.time()))
         return SecretStr("")
 
     def _send_notice(self, notice: Notice) -> None:

@@ -21,13 +21,13 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from pydantic import BaseModel, Field, ValidationError
 
+from fencing.redaction import MASK
 from fencing.settings import FencerSettings
 from streams.kafka import aiokafka_kwargs
 from streams.topic_reader import TopicReader
 
 log = logging.getLogger("fencer.audit")
 
-MASK = "**********"
 SECRET_NAMES = ("password", "secret", "token", "key", "community", "passphrase")
 
 

@@ -11,7 +11,7 @@ to case, as the feature design writes `$IPMI_Username`.
 
 The password reaches the tool per `password_via`: argv (`$IPMI_PASSWORD`, visible in /proc),
 env (`IPMI_PASSWORD`, ipmitool `-E`) or a 0600 temp file (`$IPMI_PASSWORD_FILE`, ipmitool `-f`).
-Logs get `redacted_argv`, where the password reads `[set]` as in fence-agents.
+Logs get `redacted_argv`, where the password reads as the one mask of fencing.redaction.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ from fencing.drivers.base import (
     PowerRequest,
     PowerState,
 )
+from fencing.redaction import MASK as REDACTED
+from fencing.redaction import Redactor
 from fencing.settings import IpmiSettings, PasswordVia
 
-REDACTED = "[set]"
 _POWER_RE = re.compile(r"power\s+is\s+(on|off)\b", re.IGNORECASE)
 _AUTH_RE = re.compile(
     r"hmac is invalid|unauthorized name|incorrect password|authentication failed",
@@ -224,9 +225,7 @@ class TemplateDriver:
         last = text[-1] if text else "no output"
         first = result.redacted_argv[0] if result.redacted_argv else "command"
         message = f"{first} exited {result.returncode} for BMC {self.address}: {last}"
-        password = self.settings.password.get_secret_value()
-        if password:
-            message = message.replace(password, REDACTED)
+        message = Redactor([self.settings.password.get_secret_value()])(message)
         joined = result.stderr + result.stdout
         if _UNREACHABLE_RE.search(joined) and "RAKP" not in joined.upper():
             return BmcUnreachable(message)

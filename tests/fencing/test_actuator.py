@@ -15,7 +15,7 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from fencing.actuator import Actuator, cli_ipmi_test, preflight
+from fencing.actuator import Actuator, preflight
 from fencing.events import FenceAction
 from fencing.records import EvidenceSummary, FenceDecision, HostRef
 from fencing.settings import (
@@ -26,6 +26,7 @@ from fencing.settings import (
     IpmiOverrides,
 )
 from lab.bmc import BmcSimulator, free_udp_port
+from streams.ipmi_cli import cli_ipmi_test
 
 from .conftest import BMC_PASSWORD, Cloud, ipmitool_template
 

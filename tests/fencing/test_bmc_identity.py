@@ -30,7 +30,7 @@ from fencing.drivers.redfish import RedfishDriver
 from fencing.drivers.template import TemplateDriver
 from fencing.engine import Engine
 from fencing.events import FenceAction, NoticeKind
-from fencing.identity import MemoryPinStore, check_identity, verify_identity
+from fencing.identity import MemoryPinStore, verify_identity
 from fencing.records import EvidenceSummary, FenceDecision, HostRef, Notice
 from fencing.settings import (
     ActuatorSettings,
@@ -603,4 +603,3 @@ async def test_back_to_the_pinned_board_clears_the_other_guid() -> None:
     back = await verify_identity(HOST, fake, pins, address="10.0.0.1")
     assert back.verdict == "matches" and back.ok
     assert pins.pins[HOST].seen_guid is None and pins.pins[HOST].guid == GUID_A
-    assert await check_identity(HOST, fake, pins, address="10.0.0.1") is None

@@ -29,6 +29,7 @@ from fencing.drivers.redfish import RedfishDriver
 from fencing.drivers.template import TemplateDriver, render
 from fencing.engine import Engine
 from fencing.events import FenceAction
+from fencing.redaction import MASK
 from fencing.settings import IpmiSettings
 from lab.bmc import BmcSimulator
 
@@ -188,7 +189,7 @@ async def test_ipmitool_wrong_password_fails_and_hides_it(bmc: BmcSimulator) -> 
         await d.get_power()
     assert "wrong; rm -rf /" not in str(e.value)
     assert "ipmitool exited 1" in str(e.value)
-    assert d.render("test").redacted_argv[d.render("test").redacted_argv.index("-P") + 1] == "[set]"
+    assert d.render("test").redacted_argv[d.render("test").redacted_argv.index("-P") + 1] == MASK
     assert bmc.power == "on"
 
 
@@ -235,7 +236,7 @@ async def test_template_values_with_shell_syntax_stay_one_argument(tmp_path: Pat
     ]
     assert canary.read_text() == "still here"
     assert not Path(f"{canary}.pwned").exists()
-    assert "[set]" in d.last.redacted_argv and "pw $(touch" not in " ".join(d.last.redacted_argv)
+    assert MASK in d.last.redacted_argv and "pw $(touch" not in " ".join(d.last.redacted_argv)
 
 
 def test_template_variables_match_the_feature_design_spelling() -> None:
@@ -259,7 +260,7 @@ def test_template_variables_match_the_feature_design_spelling() -> None:
         "--host",
         "10.0.0.9",
     ]
-    assert r.redacted_argv[4] == "[set]"
+    assert r.redacted_argv[4] == MASK
 
 
 def test_template_refuses_password_in_argv_when_env_is_configured() -> None:
@@ -376,7 +377,7 @@ async def test_engine_scrubs_secrets_from_errors() -> None:
 
     r = await Engine(retries=0).run("h", Leaky(), FenceAction.STOP, secrets=["hunter2"])
     assert not r.success
-    assert r.error == "RuntimeError: login failed for admin:[set] at bmc"
+    assert r.error == f"RuntimeError: login failed for admin:{MASK} at bmc"
 
 
 async def test_engine_reboot_sees_off_then_on_and_blink_and_nothing() -> None:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import pytest
@@ -38,6 +39,7 @@ from fencing.storage_fence import BLOCKLIST_MARGIN, StorageFencer, blocklist_exp
 from lab.bmc import BmcSimulator
 from lab.ceph import RbdClient
 from lab.cloudstack_sim import CloudStackSimulator, Host, SimCloud
+from probes.host_disks import host_disks, management_ip
 from streams.cli import build_parser
 from tests.probes.conftest import Ceph, ceph, ceph_clean  # noqa: F401 - the real Ceph fixtures
 
@@ -165,6 +167,7 @@ def actuator(
             on_driver()
         return build_driver(ipmi, address, 1.0)  # an unanswered BMC costs 1 s per attempt
 
+    kw.setdefault("storage_fencer", StorageFencer(settings, disks=partial(host_disks, settings)))
     act = Actuator(
         settings,
         engine=Engine(power_timeout=3, poll_interval=0.05, retry_backoff=0.1),
@@ -267,7 +270,8 @@ async def test_fallback_with_an_unreachable_bmc_restarts_an_rbd_only_host_on_the
     assert note[0].result and note[0].result.startswith("declareHostAsDegraded")
     # Never lifted silently: the entry stays until an operator lifts it.
     assert f"{HOST_IP}:0/0" in await entries(ceph)
-    assert await lift_host(settings, rc.host.uuid) == f"{HOST_IP}:0/0"
+    lookup = partial(management_ip, settings)
+    assert await lift_host(settings, rc.host.uuid, management_ip=lookup) == f"{HOST_IP}:0/0"
     assert f"{HOST_IP}:0/0" not in await entries(ceph)
     with ceph.cluster.client(rc.images[0], HOST_IP) as again:
         assert again.write() == "ok"
@@ -311,7 +315,12 @@ async def test_a_blocklist_that_does_not_verify_restarts_nothing(
     bmc.pause()
     with ExitStack() as stack:
         vms = clients(stack, ceph, rc)
-        act, notices = actuator(settings, storage_fencer=StorageFencer(settings, verify_timeout=2))
+        act, notices = actuator(
+            settings,
+            storage_fencer=StorageFencer(
+                settings, verify_timeout=2, disks=partial(host_disks, settings)
+            ),
+        )
         out = await act.handle(decision(rc))
         assert out is not None
         assert (out.success, out.verified) == (False, False)

@@ -11,10 +11,10 @@ from notifiers.render import (
     Severity,
     iso_utc,
     record_id,
-    render_email,
     render_snmp,
     to_message,
 )
+from notifiers.render_email import render_email
 
 
 def test_subjects_lead_with_host_then_action_and_result(

@@ -269,9 +269,3 @@ def test_channels_follow_the_settings(tls: Tls) -> None:
     assert channels_from_settings(FencerSettings()) == []
     names = [ch.name for ch in channels_from_settings(settings_for(2525, tls, 1162))]
     assert names == ["email", "snmp v3 inform 127.0.0.1:1162"]
-
-
-def test_prune_forgets_only_old_ids() -> None:
-    store = {"a": 10.0, "b": 20.0, "c": 30.0}
-    assert Notifier([], store).prune(older_than=25.0) == 2
-    assert store == {"c": 30.0}
