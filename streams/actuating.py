@@ -14,7 +14,7 @@ from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from fencing.events import FenceAction, NoticeKind
-from fencing.records import FenceDecision, FenceOutcome, HostRef, Notice, OperatorAction
+from fencing.records import FenceDecision, FenceOutcome, Notice, OperatorAction
 from fencing.settings import FencerSettings
 from streams.codec import Out, dead_letter, dump
 from streams.tables import done_entry, failed_fence, put_entry
@@ -186,23 +186,17 @@ async def preflight(rt: Runtime) -> list[Notice]:
     BMC_IDENTITY_CHANGED one for each BMC whose system GUID is not the pinned one (at most
     one per host per day: the notice id carries the day). GUIDs are pinned on first read."""
     from fencing.actuator import preflight
+    from fencing.cloudstack import host_from_api
     from fencing.identity import IdentityCheck, identity_notice
 
     try:
-        hosts = await rt.inventory()._list("listHosts", type="Routing", hypervisor="KVM")
+        hosts = [host_from_api(h) for h in await rt.inventory().kvm_hosts()]
     except Exception as exc:
         log.warning("pre-flight: cannot list hosts: %s", exc)
         return []
     live = await rt.live()
     refs = {
-        h["id"]: HostRef(
-            host_uuid=h["id"],
-            host_name=h.get("name"),
-            cluster_uuid=h.get("clusterid"),
-            zone_uuid=h.get("zoneid"),
-        )
-        for h in hosts
-        if live.effective_ipmi(h["id"], h.get("clusterid")).address
+        h.host_uuid: h for h in hosts if live.effective_ipmi(h.host_uuid, h.cluster_uuid).address
     }
     pins = await rt.bmc_pins()
     results = await preflight(live, list(refs.values()), pins=pins)
