@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from fencing.cloudstack import Row, host_from_api
-from fencing.events import HostStatus
 from fencing.records import HostRef
 from fencing.settings import FILE_ONLY_IPMI_FIELDS, IpmiOverrides
 from webui import api_models as m
@@ -159,16 +158,13 @@ def host_summary(api: Api, h: dict[str, Any]) -> dict[str, Any]:
         "cluster_name": ref.cluster_name,
         "status": h.get("state"),
         "resource_state": h.get("resourcestate"),
-        "fencing": fencing_state(api, ref, h.get("state")),
+        "fencing": fencing_state(api, ref),
     }
 
 
-def fencing_state(api: Api, ref: HostRef, cs_state: Any) -> Any:
-    view = api.view.host(ref.host_uuid, ref)
-    if view.state == "unknown" and cs_state == HostStatus.UP.value:
-        # No topic has mentioned the host yet; CloudStack's listHosts says it is fine.
-        view = view.model_copy(update={"state": "up", "status": HostStatus.UP})
-    return view
+def fencing_state(api: Api, ref: HostRef) -> Any:
+    """The host's record as fencer's watch agent published it (webui.fencing_view)."""
+    return api.view.host(ref.host_uuid, ref)
 
 
 def pause_state(api: Api, cluster_uuid: str | None) -> m.PauseState:

@@ -90,7 +90,7 @@ function ago(at) {
   return `${Math.round(s / 3600)} h ago`;
 }
 
-function badge(text, cls) { return h("span", { class: `badge ${cls}` }, text); }
+function badge(text, cls) { return h("span", { class: `badge ${cls}` }, text === "no_record" ? "no record yet" : text); }
 
 function banner(text, ok) {
   const b = document.getElementById("banner");
@@ -441,7 +441,7 @@ async function hostPage(uuid) {
       h("tbody", {}, probeRows(f.evidence)))
       : h("p", { class: "muted" }, f.last_probe ? `No probe in the current episode; last probe ${ago(f.last_probe.finished_at)}.` : "No probe has run for this host."),
     f.last_decision_id ? h("p", {}, h("a", { href: `#/fences?decision=${f.last_decision_id}` }, "Last fence decision")) : null,
-    f.state === "failed" ? failedFence(uuid, f.last_decision_id) : null,
+    f.state === "fence_failed" ? failedFence(uuid, f.last_decision_id) : null,
     h("h2", {}, "IPMI overrides"),
     h("p", { class: "muted small" }, "Empty fields inherit from the cluster (or the defaults); the inherited value is shown beside each."),
     form,
