@@ -14,7 +14,7 @@ from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from fencing.events import FenceAction, NoticeKind
-from fencing.records import FenceDecision, FenceOutcome, Notice, OperatorAction
+from fencing.records import FenceDecision, FenceOutcome, IpmiTestAnswer, Notice, OperatorAction
 from fencing.settings import FencerSettings
 from streams.codec import Out, dead_letter, dump
 from streams.tables import done_entry, failed_fence, put_entry
@@ -218,6 +218,40 @@ async def preflight(rt: Runtime) -> list[Notice]:
         for r in results
         if not r.ok
     ]
+
+
+async def ipmi_test(rt: Runtime, action: OperatorAction) -> IpmiTestAnswer:
+    """An operator's `ipmi_test`: the host's test action through the BMC settings in force here
+    (the file and the settings topic), never power-changing; the answer masks every secret."""
+    from fencing.actuator import check_host
+
+    started = time.monotonic()
+    live = await rt.live()
+    try:
+        r = await check_host(live, action.host_uuid, action.cluster_uuid)
+        ok, driver, power, detail, error = r.ok, r.driver, r.power, r.detail, r.error
+    except Exception as exc:  # the operator must get an answer, not a silent timeout
+        log.exception("IPMI test of host %s failed", action.host_uuid)
+        ok, driver, power, detail = False, "?", None, None
+        error = f"the IPMI test failed in the worker: {type(exc).__name__}"
+    log.info(
+        "IPMI test %s of host %s by %s: %s",
+        action.request_id,
+        action.host_uuid,
+        action.by or "an operator",
+        "ok" if ok else error,
+    )
+    return IpmiTestAnswer(
+        request_id=action.request_id or "",
+        host_uuid=action.host_uuid,
+        success=ok,
+        driver=driver,
+        power_state=power,
+        output=detail,
+        error=error,
+        duration=round(time.monotonic() - started, 3),
+        at=time.time(),
+    )
 
 
 async def send_operator_action(settings: FencerSettings, action: OperatorAction) -> None:

@@ -35,6 +35,7 @@ from webui import api_models as m
 from webui.audit import AuditChange, AuditLog
 from webui.auth import LoginLimiter, ProxyRules, TokenBook, hash_token
 from webui.fencing_view import FencingView
+from webui.ipmi_tests import IpmiTests
 
 log = logging.getLogger("fencer.api")
 
@@ -57,28 +58,6 @@ class ApiError(Exception):
         self.status, self.message, self.fields = status, message, fields or []
 
 
-# -- the IPMI test ----------------------------------------------------------------------------
-
-IpmiTester = Callable[[FencerSettings, HostRef], Awaitable[m.IpmiTestResult]]
-
-
-async def actuator_ipmi_test(settings: FencerSettings, host: HostRef) -> m.IpmiTestResult:
-    """Run the host's test action through the actuator (the only code that talks to BMCs)."""
-    from fencing.actuator import check_host
-
-    started = time.monotonic()
-    r = await check_host(settings, host.host_uuid, host.cluster_uuid)
-    return m.IpmiTestResult(
-        host_uuid=host.host_uuid,
-        success=r.ok,
-        driver=r.driver,
-        power_state=r.power,
-        output=r.detail,
-        error=r.error,
-        duration=round(time.monotonic() - started, 3),
-    )
-
-
 # -- application state ------------------------------------------------------------------------
 
 
@@ -97,7 +76,8 @@ class Api:
     store: SettingsStore
     view: FencingView
     cloudstack: CloudStack  # fencing.cloudstack with a short cache: the UI asks often
-    ipmi_test: IpmiTester = actuator_ipmi_test
+    ipmi_tests: IpmiTests  # the "test BMC" round trip through an actuate worker
+    ipmi_test_wait: float = 20.0  # seconds the API waits for the worker's answer
     clock: Callable[[], float] = time.time
     sessions: dict[str, Session] = field(default_factory=dict)
     topics_ready: Callable[[], bool] = lambda: True
@@ -352,14 +332,15 @@ async def ui_index(request: web.Request) -> web.FileResponse:
 
 def create_app(api: Api) -> web.Application:
     """The aiohttp application: API, OpenAPI document and UI."""
-    from webui.routes import routes
+    from webui import bmc_routes, routes
 
     app = web.Application(
         middlewares=[headers_middleware, errors_middleware, auth_middleware],
         client_max_size=64 * 1024,
     )
     app[API_KEY] = api
-    app.add_routes(routes)
+    app.add_routes(routes.routes)
+    app.add_routes(bmc_routes.routes)
     app.router.add_get("/", ui_root)
     app.router.add_get("/ui/", ui_index)
     app.router.add_static("/ui/", str(resources.files("webui") / "static"))

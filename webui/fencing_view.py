@@ -207,10 +207,6 @@ class FencingView:
 
     # -- hosts ----------------------------------------------------------------------------------
 
-    def host_refs(self) -> list[HostRef]:
-        """Every host any topic mentioned."""
-        return [h.ref for h in self._hosts.values()]
-
     def host(self, uuid: str, ref: HostRef | None = None) -> HostStateView:
         """A host as the core's latest record on fencer.host-states says it is; a host with no
         record yet says so (`ref` names a host the topics have not mentioned)."""
@@ -219,31 +215,21 @@ class FencingView:
             return HostStateView(host=ref or HostRef(host_uuid=uuid), state=NO_RECORD)
         last_status = next((s for s in reversed(h.signals) if s.status is not None), None)
         checks = _checks(h.states)
-        decision_id = h.decisions[-1] if h.decisions else None
-        core = h.states[-1].record if h.states else None
-        if core is None:
-            return HostStateView(
-                host=h.ref,
-                state=NO_RECORD,
-                status=last_status.status if last_status else None,
-                last_signal=h.signals[-1] if h.signals else None,
-                last_probe=checks[-1][1] if checks else None,
-                last_decision_id=decision_id,
-            )
         # The core's own record is the truth: shown as it is, nothing re-derived.
-        episode = int(core.get("episode") or 0) or None
+        core = h.states[-1].record if h.states else None
+        episode = (int(core.get("episode") or 0) or None) if core else None
         return HostStateView(
             host=h.ref,
-            state=_CORE_STATES.get(str(core.get("state")), "unknown"),
+            state=_CORE_STATES.get(str(core.get("state")), "unknown") if core else NO_RECORD,
             status=last_status.status if last_status else None,
             episode=episode,
-            suspect_since=core.get("suspect_since"),
-            stale_checks=int(core.get("stale_count") or 0),
+            suspect_since=core.get("suspect_since") if core else None,
+            stale_checks=int(core.get("stale_count") or 0) if core else 0,
             record=core,
             last_signal=h.signals[-1] if h.signals else None,
             last_probe=checks[-1][1] if checks else None,
             evidence=[c for ep, c in checks if ep == episode],
-            last_decision_id=decision_id,
+            last_decision_id=h.decisions[-1] if h.decisions else None,
         )
 
     # -- fences ---------------------------------------------------------------------------------
@@ -320,21 +306,16 @@ class FencingView:
                     items.append(
                         TimelineEntry(at=sig.at, kind="signal", text=f"{sig.kind}{status}")
                     )
-            seen: set[tuple[object, ...]] = set()
-            for st in h.states:
-                r = st.record
-                judged = (r.get("episode"), r.get("last_check"), r.get("last_probe_at"))
-                if r.get("episode") != dec.episode or not r.get("last_evidence") or judged in seen:
-                    continue
-                seen.add(judged)
-                items.append(
-                    TimelineEntry(
-                        at=st.updated_at,
-                        kind="probe",
-                        text=_check_text(r),
-                        evidence=Evidence(str(r["last_evidence"])),
+            for episode, check in _checks(h.states):
+                if episode == dec.episode:
+                    items.append(
+                        TimelineEntry(
+                            at=check.finished_at,
+                            kind="probe",
+                            text=_check_text(check),
+                            evidence=check.evidence,
+                        )
                     )
-                )
             for note in h.notices:
                 if note.decision_id == dec.decision_id:
                     items.append(
@@ -409,9 +390,8 @@ def _checks(states: Iterable[HostStateRecord]) -> list[tuple[object, CheckView]]
     return out
 
 
-def _check_text(r: dict[str, object]) -> str:
+def _check_text(c: CheckView) -> str:
     """One judged check of the core's record, in words."""
-    via = f" via {r.get('neighbour')}" if r.get("neighbour") else ""
-    why = f": {r.get('reason')}" if r.get("reason") else ""
-    files = r.get("files_checked") or 0
-    return f"check {r.get('last_check')}: {r.get('last_evidence')}{via}, {files} files{why}"
+    via = f" via {c.neighbour}" if c.neighbour else ""
+    why = f": {c.reason}" if c.reason else ""
+    return f"check {c.check}: {c.evidence.value}{via}, {c.files_checked} files{why}"

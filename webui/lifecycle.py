@@ -11,15 +11,17 @@ from __future__ import annotations
 import ssl
 
 from aiohttp import web
+from aiokafka import ConsumerRecord
 
 from fencing.cloudstack import CloudStack
 from fencing.settings import FencerSettings
 from streams.bmc_pins import BmcPinStore
 from streams.settings_store import SettingsStore
 from streams.topic_reader import TopicReader
-from webui.app import Api, IpmiTester, actuator_ipmi_test, create_app
+from webui.app import Api, create_app
 from webui.audit import AuditLog
 from webui.fencing_view import FencingView
+from webui.ipmi_tests import IpmiTests
 
 
 def api_tls_context(settings: FencerSettings) -> ssl.SSLContext | None:
@@ -44,25 +46,39 @@ def api_tls_context(settings: FencerSettings) -> ssl.SSLContext | None:
 class Service:
     """The API's moving parts: settings store, topic view, HTTP site."""
 
-    def __init__(self, settings: FencerSettings, *, ipmi_test: IpmiTester = actuator_ipmi_test):
+    def __init__(self, settings: FencerSettings) -> None:
+        from fencing.actuator import call_timeout
+
         self.settings = settings
         self.store = SettingsStore(settings, client_id="fencer-api-settings")
         self.view = FencingView(settings.kafka.topics)
+        self.ipmi_tests = IpmiTests(settings.kafka.topics.ipmi_tests)
         self.reader = TopicReader(
-            settings, self.view.topics, self.view.on_record, client_id="fencer-api-view"
+            settings,
+            [*self.view.topics, self.ipmi_tests.topic],
+            self._on_record,
+            client_id="fencer-api-view",
         )
         self.api = Api(
             settings=settings,
             store=self.store,
             view=self.view,
             cloudstack=CloudStack(settings, ttl=3.0),
-            ipmi_test=ipmi_test,
+            ipmi_tests=self.ipmi_tests,
+            # One BMC call's deadline in the worker, and time for the two topic hops.
+            ipmi_test_wait=call_timeout(settings) + 10.0,
             topics_ready=self.reader.caught_up.is_set,
             pins=BmcPinStore(settings, client_id="fencer-api-bmc-pins"),
             audit=AuditLog(settings),
         )
         self._runner: web.AppRunner | None = None
         self.url = ""
+
+    def _on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        if record.topic == self.ipmi_tests.topic:
+            self.ipmi_tests.on_record(record)
+        else:
+            self.view.on_record(record)
 
     async def start(self, port: int | None = None) -> str:
         """Read the topics, then listen; returns the base URL."""

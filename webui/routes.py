@@ -14,7 +14,6 @@ import time
 
 from aiohttp import web
 
-from fencing.cloudstack import host_from_api
 from fencing.records import OperatorAction
 from webui import api_models as m
 from webui import views as v
@@ -190,60 +189,6 @@ async def delete_host_settings(request: web.Request) -> web.Response:
     h = await v.host_row(api, uuid)
     await w.write_settings(request, api, "host", uuid, None)
     return reply(v.host_settings_view(api, uuid, h.get("clusterid")))
-
-
-@routes.post("/api/hosts/{host_id}/ipmi-test")
-async def ipmi_test(request: web.Request) -> web.Response:
-    """Run the host's IPMI test action (reads the BMC, changes nothing)."""
-    api = api_of(request)
-    h = await v.host_with_bmc(api, path_id(request, "host_id"))
-    return reply(await api.ipmi_test(api.store.settings, host_from_api(h)))
-
-
-@routes.get("/api/hosts/{host_id}/bmc-pin")
-async def get_bmc_pin(request: web.Request) -> web.Response:
-    """The system GUID the host's BMC is pinned to, and any other GUID it reported since."""
-    api = api_of(request)
-    uuid = path_id(request, "host_id")
-    await v.host_row(api, uuid)
-    return reply(v.pin_view(api, uuid))
-
-
-@routes.post("/api/hosts/{host_id}/bmc-pin")
-async def confirm_bmc_pin(request: web.Request) -> web.Response:
-    """Confirm the BMC's identity: read its system GUID now and pin it for the host."""
-    from fencing.drivers.base import DriverError
-    from fencing.identity import PinStoreError
-    from streams.bmc_pins import confirm_pin
-
-    api = api_of(request)
-    uuid = path_id(request, "host_id")
-    body: m.BmcPinInput = await read_body(request, m.BmcPinInput, "BMC pin")
-    h = await v.host_with_bmc(api, uuid)
-    if api.pins is None:
-        raise ApiError(503, "the BMC pins topic is not read")
-    try:
-        await confirm_pin(
-            api.store.settings,
-            uuid,
-            h.get("clusterid"),
-            by="operator (api)",
-            expect=body.expect,
-            store=api.pins,
-        )
-    except DriverError as exc:
-        raise ApiError(502, f"cannot read the BMC's system GUID: {exc}") from None
-    except ValueError as exc:
-        raise ApiError(
-            422, f"not pinned: {exc}", [m.ErrorField(field="expect", message=str(exc))]
-        ) from None
-    except PinStoreError as exc:
-        raise ApiError(503, str(exc)) from None
-    view = v.pin_view(api, uuid)
-    await api.record(
-        request, "confirm_bmc_pin", f"host:{uuid}", [AuditChange(field="bmc_guid", new=view.guid)]
-    )
-    return reply(view)
 
 
 async def _fence_operator(request: web.Request, kind: str) -> web.Response:

@@ -398,7 +398,14 @@ async function hostPage(uuid) {
       testBtn.disabled = true;
       fill(result, h("span", { class: "muted" }, "Testing the BMC…"));
       try {
-        const r = await api("POST", `/hosts/${encodeURIComponent(uuid)}/ipmi-test`);
+        // An actuate worker runs the test; "pending" (202) means ask again by request id.
+        let r = await api("POST", `/hosts/${encodeURIComponent(uuid)}/ipmi-test`);
+        for (let i = 0; r.status === "pending" && i < 20; i++) {
+          fill(result, h("span", { class: "muted" }, r.message));
+          await new Promise((done) => setTimeout(done, 3000));
+          r = await api("GET", `/ipmi-tests/${encodeURIComponent(r.request_id)}`);
+        }
+        if (r.status === "pending") { fill(result, h("p", { class: "error" }, r.message)); testBtn.disabled = false; return; }
         fill(result, 
           h("p", {}, badge(r.success ? "test passed" : "test failed", r.success ? "result-succeeded" : "result-failed"),
             ` via ${r.driver}`, r.power_state ? `, power ${r.power_state}` : "", ` (${r.duration.toFixed(2)} s)`),
