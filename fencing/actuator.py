@@ -29,9 +29,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-from cs import AIOCloudStack, CloudStackException
-
+from fencing.cloudstack import CloudStack, CloudStackError
 from fencing.drivers import build_driver
 from fencing.drivers.base import PowerDriver
 from fencing.engine import Engine, EngineResult
@@ -60,7 +58,7 @@ __all__ = [
     "secrets_of",
 ]
 
-CloudStackFactory = Callable[[FencerSettings], AIOCloudStack]
+CloudStackFactory = Callable[[FencerSettings], CloudStack]
 NoticeSink = Callable[[Notice], Awaitable[None]]
 NoticeSender = Callable[[Notice], Awaitable[None]]
 
@@ -76,17 +74,9 @@ def engine_for(settings: FencerSettings) -> Engine:
     )
 
 
-def cloudstack_client(settings: FencerSettings) -> AIOCloudStack:
-    """The `cs` async client for the configured management server."""
-    c = settings.cloudstack
-    return AIOCloudStack(
-        endpoint=c.endpoint,
-        key=c.api_key.get_secret_value(),
-        secret=c.secret_key.get_secret_value(),
-        timeout=int(max(1, c.timeout)),
-        verify=c.verify_tls,
-        dangerous_no_tls_verify=not c.verify_tls,
-    )
+def cloudstack_client(settings: FencerSettings) -> CloudStack:
+    """fencer's CloudStack client (fencing.cloudstack) for the configured management server."""
+    return CloudStack(settings)
 
 
 @dataclass
@@ -329,13 +319,11 @@ class Actuator:
         """The VMs CloudStack places on the host now (id -> name); {} if it cannot say."""
         try:
             async with self.cloudstack_factory(self.settings) as cs:
-                r = await cs.listVirtualMachines(
-                    hostid=host.host_uuid, listall=True, fetch_result=False
-                )
-        except (CloudStackException, TimeoutError, OSError, aiohttp.ClientError) as exc:
+                vms = await cs.list("listVirtualMachines", hostid=host.host_uuid, listall=True)
+        except CloudStackError as exc:
             log.warning("cannot list the VMs of host %s: %s", host.host_uuid, redact(str(exc)))
             return {}
-        return {vm["id"]: vm.get("name") or vm["id"] for vm in r.get("virtualmachine") or []}
+        return {vm["id"]: vm.get("name") or vm["id"] for vm in vms}
 
     async def _follow_vms(
         self, decision: FenceDecision, vms: dict[str, str], redact: Redactor
@@ -349,12 +337,11 @@ class Actuator:
             try:
                 async with self.cloudstack_factory(self.settings) as cs:
                     for vm_id in list(down):
-                        r = await cs.listVirtualMachines(id=vm_id, listall=True, fetch_result=False)
-                        found = r.get("virtualmachine") or []
+                        found = await cs.list("listVirtualMachines", id=vm_id, listall=True)
                         states[vm_id] = found[0].get("state", "?") if found else "gone"
                         if states[vm_id] in ("Running", "gone"):
                             del down[vm_id]
-            except (CloudStackException, TimeoutError, OSError, aiohttp.ClientError) as exc:
+            except CloudStackError as exc:
                 log.warning("cannot follow the VMs of a fenced host: %s", redact(str(exc)))
             if not down or time.monotonic() > deadline:
                 break
@@ -394,13 +381,13 @@ class Actuator:
         job: str | None = None
         try:
             async with self.cloudstack_factory(self.settings) as cs:
-                started = await getattr(cs, call)(id=host.host_uuid, fetch_result=False)
+                started = await cs.call(call, id=host.host_uuid)
                 job = started.get("jobid")
                 if not job:
                     return CloudStackResult(call, None, True, "done (no job)")
                 deadline = time.monotonic() + self.settings.cloudstack.job_timeout
                 while True:
-                    j = await cs.queryAsyncJobResult(jobid=job, fetch_result=False)
+                    j = await cs.call("queryAsyncJobResult", jobid=job)
                     status = int(j.get("jobstatus", 0))
                     if status == 1:
                         return CloudStackResult(call, job, True, "succeeded")
@@ -420,19 +407,8 @@ class Actuator:
                             call, job, False, "job still pending at cloudstack.job_timeout"
                         )
                     await asyncio.sleep(self.job_poll_interval)
-        except CloudStackException as exc:
-            return CloudStackResult(call, job, False, redact(_cs_error(exc)))
-        except (TimeoutError, OSError, aiohttp.ClientError) as exc:
-            return CloudStackResult(
-                call, job, False, redact(f"cannot reach CloudStack: {type(exc).__name__}: {exc}")
-            )
+        except CloudStackError as exc:
+            return CloudStackResult(call, job, False, redact(str(exc)))
 
 
 _ALREADY_DONE = re.compile(r"already marked as Degraded|is already in Maintenance", re.IGNORECASE)
-
-
-def _cs_error(exc: CloudStackException) -> str:
-    error = getattr(exc, "error", None)
-    if isinstance(error, dict):
-        return f"{error.get('errorcode', '')} {error.get('errortext', '')}".strip()
-    return str(exc)

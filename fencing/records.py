@@ -225,15 +225,34 @@ class HostStateRecord(WireRecord):
 
 
 class OperatorAction(WireRecord):
-    """An operator's answer to a failed fence (topic operator-actions, key host uuid): `retry`
-    runs the same decision again now, `handled` stops the fence_failed reminders."""
+    """An operator's request (topic operator-actions, key host uuid): `retry` runs a failed
+    fence's decision again now, `handled` stops the fence_failed reminders, `ipmi_test` asks an
+    actuate worker to run the host's test action (reads the BMC, changes nothing) and answer
+    on ipmi-tests under `request_id`. Never a secret: the worker reads the BMC's settings."""
 
-    kind: Literal["retry", "handled"]
+    kind: Literal["retry", "handled", "ipmi_test"]
     host_uuid: str
     decision_id: str | None = Field(None, description="None: the host's latest failed fence")
     by: str | None = Field(None, description="who asked (UI user, CLI user)")
     note: str | None = None
     at: float
+    request_id: str | None = Field(None, description="ipmi_test: the id its answer carries")
+    cluster_uuid: str | None = Field(None, description="ipmi_test: the host's cluster")
+
+
+class IpmiTestAnswer(WireRecord):
+    """An actuate worker's answer to an `ipmi_test` request (topic ipmi-tests, key host uuid):
+    what the BMC said to the test action, its error with every secret masked."""
+
+    request_id: str
+    host_uuid: str
+    success: bool
+    driver: str
+    power_state: str | None = None
+    output: str | None = None
+    error: str | None = None
+    duration: float = Field(description="seconds the test took in the worker")
+    at: float = Field(description="when the worker finished (its clock)")
 
 
 class DeadLetter(WireRecord):

@@ -34,6 +34,7 @@ class TopicNames(_Model):
     operator_actions: str = "fencer.operator-actions"
     bmc_pins: str = "fencer.bmc-pins"
     audit: str = "fencer.audit"
+    ipmi_tests: str = "fencer.ipmi-tests"
 
 
 class KafkaSettings(_Model):

@@ -25,8 +25,8 @@ from probes.rbd import spec_of
 async def _all_vms(inv: Any, host_uuid: str) -> list[dict[str, Any]]:
     """Every VM CloudStack places on the host, in any state, account or project."""
     plain, projects = await asyncio.gather(
-        inv._list("listVirtualMachines", hostid=host_uuid, listall=True),
-        inv._list("listVirtualMachines", hostid=host_uuid, listall=True, projectid="-1"),
+        inv.list("listVirtualMachines", hostid=host_uuid, listall=True),
+        inv.list("listVirtualMachines", hostid=host_uuid, listall=True, projectid="-1"),
     )
     seen: dict[str, dict[str, Any]] = {}
     for vm in [*plain, *projects]:

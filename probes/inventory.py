@@ -1,9 +1,10 @@
 """CloudStack inventory lookups for probes: which files a suspect host writes, and who its
 neighbours are.
 
-Rule: everything here is read from the CloudStack API through the `cs` client (async, signed
-requests, every page fetched); any API or transport failure raises `InventoryError`, whose text
-is safe to publish (never a key, a signature or a request URL) and becomes unknown evidence.
+Rule: everything here is read from the CloudStack API through fencer's one client
+(`fencing.cloudstack`: signed requests, every page fetched); any API or transport failure raises
+`InventoryError` (the client's `CloudStackError`), whose text is safe to publish (never a key,
+a signature or a request URL) and becomes unknown evidence.
 A host's storage is looked up afresh at every check: the VMs CloudStack places on the host now
 are the ones whose disks tell whether the host still writes (a VM that CloudStack's HA restarted
 elsewhere no longer counts).
@@ -12,15 +13,11 @@ elsewhere no longer counts).
 from __future__ import annotations
 
 import asyncio
-import math
 import posixpath
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-import aiohttp
-from cs import AIOCloudStack, CloudStackApiException, CloudStackException
-
+from fencing.cloudstack import CloudStack, CloudStackError, Row, host_from_api
 from fencing.settings import FencerSettings
 from probes.rbd import image_key, spec_of
 
@@ -28,8 +25,8 @@ NFS_POOL_TYPES = {"NetworkFilesystem"}
 RBD_POOL_TYPES = {"RBD"}  # listStoragePools `type` of a Ceph RBD pool (probes.rbd reads it)
 
 
-class InventoryError(Exception):
-    """CloudStack could not tell us what we needed; the message is safe to publish."""
+# CloudStack could not tell us what we needed; the message is safe to publish.
+InventoryError = CloudStackError
 
 
 @dataclass(frozen=True)
@@ -92,17 +89,18 @@ class HostStorage:
         return posixpath.join(self.mount_root, pool.uuid, "KVMHA", f"hb-{self.host.ip}")
 
 
-def host_from_api(h: dict[str, Any]) -> KvmHost:
-    """A listHosts entry -> KvmHost."""
+def kvm_host(row: Row) -> KvmHost:
+    """A listHosts row -> KvmHost: the HostRef of `host_from_api` plus the states."""
+    ref = host_from_api(row)
     return KvmHost(
-        uuid=h["id"],
-        name=h.get("name", h["id"]),
-        ip=h.get("ipaddress", ""),
-        cluster_uuid=h.get("clusterid"),
-        zone_uuid=h.get("zoneid"),
-        state=h.get("state", ""),
-        resourcestate=h.get("resourcestate", ""),
-        hypervisor=h.get("hypervisor", ""),
+        uuid=ref.host_uuid,
+        name=ref.host_name or ref.host_uuid,
+        ip=ref.ip_address or "",
+        cluster_uuid=ref.cluster_uuid,
+        zone_uuid=ref.zone_uuid,
+        state=row.get("state", ""),
+        resourcestate=row.get("resourcestate", ""),
+        hypervisor=row.get("hypervisor", ""),
     )
 
 
@@ -137,78 +135,42 @@ def _safe_path(part: str) -> bool:
 
 
 class Inventory:
-    """CloudStack lookups with one shared HTTP session; `close()` when done."""
+    """CloudStack lookups through one shared client (fencing.cloudstack); `close()` when done."""
 
-    def __init__(self, settings: FencerSettings) -> None:
+    def __init__(self, settings: FencerSettings, client: CloudStack | None = None) -> None:
         self._settings = settings
-        self._api: AIOCloudStack | None = None
-
-    async def _client(self) -> AIOCloudStack:
-        if self._api is None:
-            cs = self._settings.cloudstack
-            self._api = AIOCloudStack(
-                cs.endpoint,
-                key=cs.api_key.get_secret_value(),
-                secret=cs.secret_key.get_secret_value(),
-                timeout=max(1, math.ceil(cs.timeout)),
-                dangerous_no_tls_verify=not cs.verify_tls,
-            )
-            await self._api.__aenter__()  # one shared aiohttp session until close()
-        return self._api
+        self.cloudstack = client or CloudStack(settings)
 
     async def close(self) -> None:
         """Close the HTTP session."""
-        if self._api is not None:
-            await self._api.close()
-            self._api = None
+        await self.cloudstack.close()
 
-    async def _list(self, command: str, **params: Any) -> list[dict[str, Any]]:
-        """Every page of a list command."""
-        timeout = self._settings.cloudstack.timeout * 3
-        try:
-            async with asyncio.timeout(timeout):
-                result = await getattr(await self._client(), command)(fetch_list=True, **params)
-        except CloudStackApiException as exc:
-            err = exc.error if isinstance(exc.error, dict) else {}
-            text = err.get("errortext") or "error"
-            code = err.get("errorcode", "?")
-            raise InventoryError(f"CloudStack {command} failed ({code}): {text}") from None
-        except CloudStackException as exc:
-            raise InventoryError(f"CloudStack {command} failed: {exc.args[0]}") from None
-        except TimeoutError:
-            raise InventoryError(f"CloudStack {command}: no answer within {timeout:g} s") from None
-        except aiohttp.ClientError as exc:
-            # aiohttp messages can carry the request URL (api key and signature): name the
-            # failure's type and the endpoint's host only.
-            where = urlsplit(self._settings.cloudstack.endpoint).netloc
-            raise InventoryError(
-                f"CloudStack {command}: cannot reach {where} ({type(exc).__name__})"
-            ) from None
-        if not isinstance(result, list):
-            raise InventoryError(f"CloudStack {command}: unexpected answer")
-        return result
+    async def list(self, command: str, **params: Any) -> list[Row]:
+        """Every page of a list command (raises InventoryError)."""
+        return await self.cloudstack.list(command, **params)
+
+    async def kvm_hosts(self, **params: Any) -> list[Row]:
+        """Every KVM routing host's listHosts row (`params` filter further)."""
+        return await self.list("listHosts", type="Routing", hypervisor="KVM", **params)
 
     async def host(self, host_uuid: str) -> KvmHost:
         """One host by uuid."""
-        hosts = await self._list("listHosts", id=host_uuid)
+        hosts = await self.list("listHosts", id=host_uuid)
         if not hosts:
-            raise InventoryError(f"CloudStack listHosts: no host {host_uuid}")
-        return host_from_api(hosts[0])
+            raise InventoryError(f"CloudStack listHosts: no host {host_uuid}", "listHosts")
+        return kvm_host(hosts[0])
 
     async def cluster_hosts(self, cluster_uuid: str) -> list[KvmHost]:
         """Every KVM routing host of a cluster (any state; neighbours.py chooses)."""
-        hosts = await self._list(
-            "listHosts", type="Routing", hypervisor="KVM", clusterid=cluster_uuid
-        )
-        return [host_from_api(h) for h in hosts]
+        return [kvm_host(h) for h in await self.kvm_hosts(clusterid=cluster_uuid)]
 
     async def running_vms(self, host_uuid: str) -> list[dict[str, Any]]:
         """VMs Running on the host, in every account and every project."""
         # As root admin, no projectid lists only non-project VMs and projectid=-1 lists only
         # project VMs, so both are needed.
         plain, projects = await asyncio.gather(
-            self._list("listVirtualMachines", hostid=host_uuid, state="Running", listall=True),
-            self._list(
+            self.list("listVirtualMachines", hostid=host_uuid, state="Running", listall=True),
+            self.list(
                 "listVirtualMachines",
                 hostid=host_uuid,
                 state="Running",
@@ -224,11 +186,11 @@ class Inventory:
     async def volumes(self, vm: dict[str, Any]) -> list[dict[str, Any]]:
         """The VM's volumes."""
         extra = {"projectid": "-1"} if vm.get("projectid") else {}
-        return await self._list("listVolumes", virtualmachineid=vm["id"], listall=True, **extra)
+        return await self.list("listVolumes", virtualmachineid=vm["id"], listall=True, **extra)
 
     async def pools(self) -> list[Pool]:
         """Every primary storage pool."""
-        return [_pool_from_api(p) for p in await self._list("listStoragePools")]
+        return [_pool_from_api(p) for p in await self.list("listStoragePools")]
 
     async def storage_of(self, host_uuid: str) -> HostStorage:
         """The host's disks and heartbeat files, as CloudStack places them now."""
@@ -239,7 +201,9 @@ class Inventory:
             self.host(host_uuid), self.running_vms(host_uuid), self.pools()
         )
         if not host.ip:
-            raise InventoryError(f"CloudStack listHosts: host {host.name} has no ipaddress")
+            raise InventoryError(
+                f"CloudStack listHosts: host {host.name} has no ipaddress", "listHosts"
+            )
         by_uuid = {p.uuid: p for p in pools}
         # The pools a KVM host mounts: its cluster's, and the zone-wide ones of its zone.
         mounted = [

@@ -14,7 +14,7 @@ from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from fencing.events import FenceAction, NoticeKind
-from fencing.records import FenceDecision, FenceOutcome, HostRef, Notice, OperatorAction
+from fencing.records import FenceDecision, FenceOutcome, IpmiTestAnswer, Notice, OperatorAction
 from fencing.settings import FencerSettings
 from streams.codec import Out, dead_letter, dump
 from streams.tables import done_entry, failed_fence, put_entry
@@ -186,23 +186,17 @@ async def preflight(rt: Runtime) -> list[Notice]:
     BMC_IDENTITY_CHANGED one for each BMC whose system GUID is not the pinned one (at most
     one per host per day: the notice id carries the day). GUIDs are pinned on first read."""
     from fencing.actuator import preflight
+    from fencing.cloudstack import host_from_api
     from fencing.identity import IdentityCheck, identity_notice
 
     try:
-        hosts = await rt.inventory()._list("listHosts", type="Routing", hypervisor="KVM")
+        hosts = [host_from_api(h) for h in await rt.inventory().kvm_hosts()]
     except Exception as exc:
         log.warning("pre-flight: cannot list hosts: %s", exc)
         return []
     live = await rt.live()
     refs = {
-        h["id"]: HostRef(
-            host_uuid=h["id"],
-            host_name=h.get("name"),
-            cluster_uuid=h.get("clusterid"),
-            zone_uuid=h.get("zoneid"),
-        )
-        for h in hosts
-        if live.effective_ipmi(h["id"], h.get("clusterid")).address
+        h.host_uuid: h for h in hosts if live.effective_ipmi(h.host_uuid, h.cluster_uuid).address
     }
     pins = await rt.bmc_pins()
     results = await preflight(live, list(refs.values()), pins=pins)
@@ -224,6 +218,40 @@ async def preflight(rt: Runtime) -> list[Notice]:
         for r in results
         if not r.ok
     ]
+
+
+async def ipmi_test(rt: Runtime, action: OperatorAction) -> IpmiTestAnswer:
+    """An operator's `ipmi_test`: the host's test action through the BMC settings in force here
+    (the file and the settings topic), never power-changing; the answer masks every secret."""
+    from fencing.actuator import check_host
+
+    started = time.monotonic()
+    live = await rt.live()
+    try:
+        r = await check_host(live, action.host_uuid, action.cluster_uuid)
+        ok, driver, power, detail, error = r.ok, r.driver, r.power, r.detail, r.error
+    except Exception as exc:  # the operator must get an answer, not a silent timeout
+        log.exception("IPMI test of host %s failed", action.host_uuid)
+        ok, driver, power, detail = False, "?", None, None
+        error = f"the IPMI test failed in the worker: {type(exc).__name__}"
+    log.info(
+        "IPMI test %s of host %s by %s: %s",
+        action.request_id,
+        action.host_uuid,
+        action.by or "an operator",
+        "ok" if ok else error,
+    )
+    return IpmiTestAnswer(
+        request_id=action.request_id or "",
+        host_uuid=action.host_uuid,
+        success=ok,
+        driver=driver,
+        power_state=power,
+        output=detail,
+        error=error,
+        duration=round(time.monotonic() - started, 3),
+        at=time.time(),
+    )
 
 
 async def send_operator_action(settings: FencerSettings, action: OperatorAction) -> None:

@@ -246,6 +246,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
     # -- actuate: fence through the BMC, verify, then let CloudStack restart the VMs ----
     if "actuate" in roles:
         operator_actions = app.topic(names.operator_actions, **RAW)
+        ipmi_tests = app.topic(names.ipmi_tests, **RAW)
 
         async def send_notice(notice: Notice) -> None:
             await notices.send(key=notice.host.host_uuid.encode(), value=codec.dump(notice))
@@ -279,6 +280,11 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             async for event in stream.events():
                 action = codec.load(OperatorAction, event.value)
                 if action is None:
+                    continue
+                if action.kind == "ipmi_test":
+                    # The UI's "test BMC": run here, never in the API process (issue #15).
+                    answer = await actuating.ipmi_test(runtime, action)
+                    await ipmi_tests.send(key=action.host_uuid.encode(), value=codec.dump(answer))
                     continue
                 outcome = await actuating.operator_action(runtime, action, done, action.host_uuid)
                 if outcome is not None:

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("api", help="run the REST API and web UI (the IPMI tab)")
     a.add_argument("-c", "--config", help="settings file (YAML)")
-    a.set_defaults(func=_lazy("webui.server:cli_api"))
+    a.set_defaults(func=_lazy("webui.cli:cli_api"))
     return p
 
 

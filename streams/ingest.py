@@ -97,7 +97,7 @@ class Ingest:
         if name in self.directory.names:
             return self.directory.names[name]
         try:
-            hosts = await self.inventory()._list("listHosts", name=name, type="Routing")
+            hosts = await self.inventory().list("listHosts", name=name, type="Routing")
         except Exception as exc:
             log.warning("cannot resolve host %s: %s", name, exc)
             return None

@@ -10,9 +10,8 @@ import logging
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from cs import CloudStackException
-
 from fencing.actuator import cloudstack_client
+from fencing.cloudstack import CloudStackError, host_from_api
 from fencing.redaction import Redactor, secrets_of
 from fencing.settings import FencerSettings
 
@@ -24,9 +23,8 @@ log = logging.getLogger("fencer.actuator")
 
 async def _cluster_of(settings: FencerSettings, host_uuid: str) -> str | None:
     async with cloudstack_client(settings) as cs:
-        r = await cs.listHosts(id=host_uuid, fetch_result=False)
-    hosts = r.get("host") or []
-    return str(hosts[0].get("clusterid")) if hosts else None
+        hosts = await cs.list("listHosts", id=host_uuid)
+    return host_from_api(hosts[0]).cluster_uuid if hosts else None
 
 
 async def cluster_for_cli(
@@ -37,7 +35,7 @@ async def cluster_for_cli(
         return cluster
     try:
         return await _cluster_of(settings, host_uuid)
-    except (CloudStackException, OSError) as exc:
+    except CloudStackError as exc:
         log.warning(
             "cannot look up the host's cluster in CloudStack (%s); pass --cluster",
             Redactor(secrets_of(settings))(str(exc)),

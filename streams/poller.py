@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fencing.cloudstack import host_from_api
 from fencing.events import HostStatus
-from fencing.records import GateSignal, HostRef, HostSignal
+from fencing.records import GateSignal, HostSignal
 
 log = logging.getLogger("fencer.streams")
 
@@ -54,7 +55,7 @@ class Poller:
         """listHosts: signals for hosts whose state changed since the last poll, cluster sizes."""
         now = time.time()
         try:
-            hosts = await self.inventory()._list("listHosts", type="Routing", hypervisor="KVM")
+            hosts = await self.inventory().kvm_hosts()
         except Exception as exc:
             log.warning("listHosts poll failed: %s", exc)
             return [], []
@@ -85,15 +86,7 @@ class Poller:
             self.last_state[uuid] = key
             if not changed and (state not in DOWN_STATES or rstate in MAINTENANCE_STATES):
                 continue
-            ref = HostRef(
-                host_uuid=uuid,
-                host_name=h.get("name"),
-                cluster_uuid=cluster or None,
-                cluster_name=h.get("clustername"),
-                zone_uuid=h.get("zoneid"),
-                zone_name=h.get("zonename"),
-                ip_address=h.get("ipaddress"),
-            )
+            ref = host_from_api(h)
             if rstate in MAINTENANCE_STATES:
                 signals.append(
                     HostSignal(

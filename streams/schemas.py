@@ -23,6 +23,7 @@ from fencing.records import (
     GateSignal,
     HostSignal,
     HostStateRecord,
+    IpmiTestAnswer,
     Notice,
     OperatorAction,
     ProbeRequest,
@@ -44,6 +45,7 @@ TOPIC_MODELS: dict[str, tuple[type[BaseModel], ...]] = {
     "fence_claims": (FenceClaim,),
     "operator_actions": (OperatorAction,),
     "bmc_pins": (BmcPin,),
+    "ipmi_tests": (IpmiTestAnswer,),
 }
 
 

@@ -37,13 +37,10 @@ async def kafka_reachable(settings: FencerSettings, within: float = 5.0) -> None
 
 async def cloudstack_reachable(settings: FencerSettings) -> None:
     """Raise unless CloudStack answers a signed `listZones` (what every role needs first)."""
-    from probes.inventory import Inventory
+    from fencing.cloudstack import CloudStack
 
-    inventory = Inventory(settings)
-    try:
-        await inventory._list("listZones")
-    finally:
-        await inventory.close()
+    async with CloudStack(settings) as cloudstack:
+        await cloudstack.list("listZones")
 
 
 def _why(exc: BaseException) -> str:

@@ -240,8 +240,9 @@ class HostView(HostSummary):
 
 
 class IpmiTestResult(BaseModel):
-    """The test action's answer (no power change)."""
+    """The test action's answer (no power change), as an actuate worker gave it."""
 
+    request_id: str | None = None
     host_uuid: str
     success: bool
     driver: str
@@ -249,6 +250,15 @@ class IpmiTestResult(BaseModel):
     output: str | None = None
     error: str | None = None
     duration: float
+
+
+class IpmiTestPending(BaseModel):
+    """No actuate worker answered the test within the API's wait: ask again by request id."""
+
+    request_id: str
+    host_uuid: str | None = None
+    status: Literal["pending"] = "pending"
+    message: str
 
 
 class BmcPinView(BaseModel):

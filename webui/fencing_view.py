@@ -1,9 +1,11 @@
 """What the operator sees about hosts and fences, rebuilt only from fencer's own topics.
 
-Rule: this view never decides anything and never asks the workers; it folds the records of
-host-signals, probe-results, fence-decisions, fence-outcomes and notices (read from the
-beginning) into per-host states, a fence history with each fence's evidence timeline, and the
-per-cluster fence budget. The decision core's table stays the truth; this is its public echo.
+Rule: this view never decides anything and never asks the workers. A host's state, episode,
+stale count and evidence are the core's latest record on the compacted fencer.host-states topic,
+shown as they are: nothing is re-derived from signals or probes, and a host with no record yet
+says "no record yet". The other topics (host-signals, probe-results, fence-decisions,
+fence-outcomes, notices, read from the beginning) give the last signal, the fence history with
+each fence's timeline, and the per-cluster fence budget.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ HostFencingState = Literal[
     "fence_failed",
     "maintenance",
     "unknown",
+    "no_record",
 ]
+NO_RECORD: HostFencingState = "no_record"  # the UI says "no record yet"
 # The core's states (fencing.decision.HostState) as the UI names them.
 _CORE_STATES: dict[str, HostFencingState] = {
     "idle": "up",
@@ -51,7 +55,6 @@ _CORE_STATES: dict[str, HostFencingState] = {
     "maintenance": "maintenance",
 }
 FenceResult = Literal["withheld", "pending", "succeeded", "failed"]
-_DOWN = (HostStatus.DISCONNECTED, HostStatus.ALERT, HostStatus.DOWN)
 
 
 class TimelineEntry(BaseModel):
@@ -204,76 +207,29 @@ class FencingView:
 
     # -- hosts ----------------------------------------------------------------------------------
 
-    def host_refs(self) -> list[HostRef]:
-        """Every host any topic mentioned."""
-        return [h.ref for h in self._hosts.values()]
-
     def host(self, uuid: str, ref: HostRef | None = None) -> HostStateView:
-        """A host's state; `ref` names a host the topics have not mentioned yet."""
+        """A host as the core's latest record on fencer.host-states says it is; a host with no
+        record yet says so (`ref` names a host the topics have not mentioned)."""
         h = self._hosts.get(uuid)
         if h is None:
-            return HostStateView(host=ref or HostRef(host_uuid=uuid), state="unknown")
-        up_at = down_at = maint_at = maint_end = None
-        status: HostStatus | None = None
-        for sig in h.signals:
-            if sig.status is not None:
-                status = sig.status
-            if sig.kind == "up" or (sig.kind == "inventory" and sig.status is HostStatus.UP):
-                up_at = max(up_at or sig.at, sig.at)
-                status = HostStatus.UP
-            elif sig.kind == "disconnected" or (sig.kind == "inventory" and sig.status in _DOWN):
-                down_at = max(down_at or sig.at, sig.at)
-                status = sig.status or HostStatus.DISCONNECTED
-            elif sig.kind == "maintenance_started":
-                maint_at = sig.at
-            elif sig.kind == "maintenance_ended":
-                maint_end = sig.at
-        decision = self._decisions[h.decisions[-1]] if h.decisions else None
-        episode = max((p.episode for p in h.probes), default=None)
-        if decision is not None and (episode is None or decision.episode >= episode):
-            episode = decision.episode
-        evidence = [p for p in h.probes if p.episode == episode] if episode is not None else []
-        state: HostFencingState
-        if maint_at is not None and (maint_end is None or maint_at > maint_end):
-            state = "maintenance"
-        elif decision is not None and (up_at is None or decision.decided_at >= up_at):
-            outcome = self._outcomes.get(decision.decision_id)
-            if outcome is not None:
-                state = "fenced" if outcome.success else "fence_failed"
-            else:
-                state = "fencing" if decision.approved else "withheld"
-        elif down_at is not None and (up_at is None or down_at > up_at):
-            state = "suspect"
-        elif up_at is not None:
-            state = "up"
-        else:
-            state = "unknown"
-        suspect_since = None
-        if evidence:
-            suspect_since = evidence[-1].suspect_since
-        elif state == "suspect":
-            suspect_since = down_at
-        stale_checks = 0
+            return HostStateView(host=ref or HostRef(host_uuid=uuid), state=NO_RECORD)
+        last_status = next((s for s in reversed(h.signals) if s.status is not None), None)
         checks = _checks(h.states)
+        # The core's own record is the truth: shown as it is, nothing re-derived.
         core = h.states[-1].record if h.states else None
-        if core is not None:
-            # The core's own record is the truth: shown as it is, nothing re-derived.
-            state = _CORE_STATES.get(str(core.get("state")), "unknown")
-            episode = int(core.get("episode") or 0) or episode
-            suspect_since = core.get("suspect_since") or suspect_since  # type: ignore[assignment]
-            stale_checks = int(core.get("stale_count") or 0)
+        episode = (int(core.get("episode") or 0) or None) if core else None
         return HostStateView(
             host=h.ref,
-            state=state,
-            status=status,
+            state=_CORE_STATES.get(str(core.get("state")), "unknown") if core else NO_RECORD,
+            status=last_status.status if last_status else None,
             episode=episode,
-            suspect_since=suspect_since,
-            stale_checks=stale_checks,
+            suspect_since=core.get("suspect_since") if core else None,
+            stale_checks=int(core.get("stale_count") or 0) if core else 0,
             record=core,
             last_signal=h.signals[-1] if h.signals else None,
             last_probe=checks[-1][1] if checks else None,
             evidence=[c for ep, c in checks if ep == episode],
-            last_decision_id=decision.decision_id if decision else None,
+            last_decision_id=h.decisions[-1] if h.decisions else None,
         )
 
     # -- fences ---------------------------------------------------------------------------------
@@ -345,26 +301,21 @@ class FencingView:
         items: list[TimelineEntry] = []
         if h is not None:
             for sig in h.signals:
-                if start <= sig.at <= end and sig.kind != "inventory":
+                if start <= sig.at <= end:
                     status = f" ({sig.status.value})" if sig.status else ""
                     items.append(
                         TimelineEntry(at=sig.at, kind="signal", text=f"{sig.kind}{status}")
                     )
-            seen: set[tuple[object, ...]] = set()
-            for st in h.states:
-                r = st.record
-                judged = (r.get("episode"), r.get("last_check"), r.get("last_probe_at"))
-                if r.get("episode") != dec.episode or not r.get("last_evidence") or judged in seen:
-                    continue
-                seen.add(judged)
-                items.append(
-                    TimelineEntry(
-                        at=st.updated_at,
-                        kind="probe",
-                        text=_check_text(r),
-                        evidence=Evidence(str(r["last_evidence"])),
+            for episode, check in _checks(h.states):
+                if episode == dec.episode:
+                    items.append(
+                        TimelineEntry(
+                            at=check.finished_at,
+                            kind="probe",
+                            text=_check_text(check),
+                            evidence=check.evidence,
+                        )
                     )
-                )
             for note in h.notices:
                 if note.decision_id == dec.decision_id:
                     items.append(
@@ -439,9 +390,8 @@ def _checks(states: Iterable[HostStateRecord]) -> list[tuple[object, CheckView]]
     return out
 
 
-def _check_text(r: dict[str, object]) -> str:
+def _check_text(c: CheckView) -> str:
     """One judged check of the core's record, in words."""
-    via = f" via {r.get('neighbour')}" if r.get("neighbour") else ""
-    why = f": {r.get('reason')}" if r.get("reason") else ""
-    files = r.get("files_checked") or 0
-    return f"check {r.get('last_check')}: {r.get('last_evidence')}{via}, {files} files{why}"
+    via = f" via {c.neighbour}" if c.neighbour else ""
+    why = f": {c.reason}" if c.reason else ""
+    return f"check {c.check}: {c.evidence.value}{via}, {c.files_checked} files{why}"

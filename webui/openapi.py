@@ -24,11 +24,11 @@ _ERRORS = {
     401: "no or wrong token / session",
     403: "CSRF header missing or wrong (cookie sessions), or a field only the configuration "
     "file may set (`fields` names it)",
-    404: "no such cluster, host or fence",
+    404: "no such cluster, host, fence or IPMI test",
     422: "invalid input; `fields` names each invalid field",
     429: "too many failed logins from this client (api.login_max_failures): wait",
     502: "CloudStack (or the host's BMC) could not be asked",
-    503: "Kafka (the settings or BMC pins topic) could not be read or written",
+    503: "Kafka (the settings, BMC pins or operator-actions topic) could not be read or written",
 }
 
 
@@ -46,10 +46,11 @@ class _Op:
         errors: tuple[int, ...] = (401, 403),
         query: type[BaseModel] | None = None,
         public: bool = False,
+        accepted: type[BaseModel] | None = None,
     ) -> None:
         self.method, self.path, self.op_id, self.summary = method, path, op_id, summary
         self.response, self.many, self.body, self.errors = response, many, body, errors
-        self.query, self.public = query, public
+        self.query, self.public, self.accepted = query, public, accepted
 
 
 _CLUSTER_ERRORS = (401, 403, 404, 422, 502)
@@ -87,8 +88,12 @@ OPERATIONS = [
         "Forget the host overrides made through the API", m.HostSettingsView,
         errors=(401, 403, 404, 422, 502, 503)),
     _Op("post", "/api/hosts/{host_id}/ipmi-test", "ipmiTest",
-        "Run the host's IPMI test action (no power change)", m.IpmiTestResult,
-        errors=(401, 403, 404, 422, 502)),
+        "Have an actuate worker run the host's IPMI test action (no power change); 202 when "
+        "no worker answered within the API's wait", m.IpmiTestResult,
+        accepted=m.IpmiTestPending, errors=(401, 403, 404, 422, 502, 503)),
+    _Op("get", "/api/ipmi-tests/{request_id}", "getIpmiTest",
+        "The answer to an IPMI test asked through this API process (202 while pending)",
+        m.IpmiTestResult, accepted=m.IpmiTestPending, errors=(401, 404, 422)),
     _Op("post", "/api/hosts/{host_id}/fence/retry", "fenceRetry",
         "Run the host's failed fence again now (same decision)", m.FenceOperatorResult,
         body=m.FenceOperatorInput, errors=_WRITE_ERRORS),
@@ -154,6 +159,8 @@ def build_openapi() -> dict[str, Any]:
         wanted.append((op.response, "serialization"))
         if op.body is not None:
             wanted.append((op.body, "validation"))
+        if op.accepted is not None:
+            wanted.append((op.accepted, "serialization"))
     refs, defs = models_json_schema(list(dict.fromkeys(wanted)), ref_template=REF)
     error_ref = refs[(m.ErrorBody, "serialization")]
     paths: dict[str, dict[str, Any]] = {}
@@ -163,6 +170,12 @@ def build_openapi() -> dict[str, Any]:
         responses: dict[str, Any] = {
             "200": {"description": "OK", "content": {"application/json": {"schema": schema}}}
         }
+        if op.accepted is not None:
+            accepted = refs[(op.accepted, "serialization")]
+            responses["202"] = {
+                "description": "Accepted, not answered yet",
+                "content": {"application/json": {"schema": accepted}},
+            }
         # Any authenticated call (and a login) may meet the failed-login limit.
         statuses = (*op.errors, 429) if (not op.public or op.body is not None) else op.errors
         for status in statuses:

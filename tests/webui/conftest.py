@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from fencing.settings import FencerSettings, TopicNames
 from lab.bmc import BmcSimulator
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud
+from lab.pipeline import WorkerProcess
 from streams.broker import EmbeddedBroker, free_port
 from streams.settings_store import generate_secrets_key
 
@@ -118,6 +119,7 @@ class ApiProcess:
     token: str
     settings: FencerSettings
     proc: subprocess.Popen[str]
+    data: dict[str, Any] | None = None  # the YAML settings it was started with
 
     @property
     def topics(self) -> TopicNames:
@@ -177,7 +179,29 @@ def api_settings(broker: EmbeddedBroker, lab: Lab, secrets_key_file: Path | None
         },
         "defaults": {"username": "fencer", "port": lab.bmc.port},
         "log_level": "WARNING",
+        # An actuate worker of the same fencer (start_actuate_worker) needs a signing key.
+        "signing": {"keys": f"k1 {secrets.token_urlsafe(32)}"},
     }
+
+
+def start_actuate_worker(data: dict[str, Any], tmp: Path) -> WorkerProcess:
+    """A `fencer worker --roles actuate` with the API's settings (the IPMI test runs there);
+    no pre-flight, so no GUID is pinned behind a test's back. Its log: tmp/worker.log."""
+    cfg = tmp / "worker.yaml"
+    cfg.write_text(yaml.safe_dump({**data, "actuator": {"preflight_interval": 0}}))
+    return WorkerProcess(cfg, roles="actuate", log_file=tmp / "worker.log").start()
+
+
+@pytest.fixture(scope="module")
+def actuate_worker(api: ApiProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """An actuate worker beside the module's API; yields its log file."""
+    assert api.data is not None
+    tmp = tmp_path_factory.mktemp("worker")
+    worker = start_actuate_worker(api.data, tmp)
+    try:
+        yield tmp / "worker.log"
+    finally:
+        worker.stop()
 
 
 def start_api(tmp: Path, data: dict) -> ApiProcess:
@@ -204,7 +228,7 @@ def start_api(tmp: Path, data: dict) -> ApiProcess:
         if "listening on" in line:
             url = f"http://127.0.0.1:{data['api']['port']}"
             threading.Thread(target=_drain, args=(proc,), daemon=True).start()
-            return ApiProcess(url, data["api"]["token"], FencerSettings(**data), proc)
+            return ApiProcess(url, data["api"]["token"], FencerSettings(**data), proc, data)
     stop_api(proc)
     raise RuntimeError("fencer api did not start:\n" + "".join(lines))
 

@@ -146,7 +146,7 @@ async def _publish_fence(api, lab) -> str:
     return "ui-demo-fence"
 
 
-async def test_operator_changes_settings_tests_the_bmc_and_sees_a_fence(api, lab):
+async def test_operator_changes_settings_tests_the_bmc_and_sees_a_fence(api, lab, actuate_worker):
     SHOTS.mkdir(parents=True, exist_ok=True)
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
@@ -198,9 +198,11 @@ async def test_operator_changes_settings_tests_the_bmc_and_sees_a_fence(api, lab
             await expect(page.locator("#src-action")).to_have_text("host")
             await expect(page.locator("#inh-action")).to_have_text("inherits: reboot")
 
-            # The test button reads the lab BMC through the actuator.
+            # The test button reads the lab BMC through an actuate worker (not the API).
             await page.click("#ipmi-test")
-            await expect(page.locator("#test-result")).to_contain_text("test passed")
+            await expect(page.locator("#test-result")).to_contain_text(
+                "test passed", timeout=120_000
+            )
             await expect(page.locator("#test-result")).to_contain_text("power on")
             assert "null" not in await page.inner_text("main")
 

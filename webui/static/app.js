@@ -90,7 +90,7 @@ function ago(at) {
   return `${Math.round(s / 3600)} h ago`;
 }
 
-function badge(text, cls) { return h("span", { class: `badge ${cls}` }, text); }
+function badge(text, cls) { return h("span", { class: `badge ${cls}` }, text === "no_record" ? "no record yet" : text); }
 
 function banner(text, ok) {
   const b = document.getElementById("banner");
@@ -398,7 +398,14 @@ async function hostPage(uuid) {
       testBtn.disabled = true;
       fill(result, h("span", { class: "muted" }, "Testing the BMC…"));
       try {
-        const r = await api("POST", `/hosts/${encodeURIComponent(uuid)}/ipmi-test`);
+        // An actuate worker runs the test; "pending" (202) means ask again by request id.
+        let r = await api("POST", `/hosts/${encodeURIComponent(uuid)}/ipmi-test`);
+        for (let i = 0; r.status === "pending" && i < 20; i++) {
+          fill(result, h("span", { class: "muted" }, r.message));
+          await new Promise((done) => setTimeout(done, 3000));
+          r = await api("GET", `/ipmi-tests/${encodeURIComponent(r.request_id)}`);
+        }
+        if (r.status === "pending") { fill(result, h("p", { class: "error" }, r.message)); testBtn.disabled = false; return; }
         fill(result, 
           h("p", {}, badge(r.success ? "test passed" : "test failed", r.success ? "result-succeeded" : "result-failed"),
             ` via ${r.driver}`, r.power_state ? `, power ${r.power_state}` : "", ` (${r.duration.toFixed(2)} s)`),
@@ -441,7 +448,7 @@ async function hostPage(uuid) {
       h("tbody", {}, probeRows(f.evidence)))
       : h("p", { class: "muted" }, f.last_probe ? `No probe in the current episode; last probe ${ago(f.last_probe.finished_at)}.` : "No probe has run for this host."),
     f.last_decision_id ? h("p", {}, h("a", { href: `#/fences?decision=${f.last_decision_id}` }, "Last fence decision")) : null,
-    f.state === "failed" ? failedFence(uuid, f.last_decision_id) : null,
+    f.state === "fence_failed" ? failedFence(uuid, f.last_decision_id) : null,
     h("h2", {}, "IPMI overrides"),
     h("p", { class: "muted small" }, "Empty fields inherit from the cluster (or the defaults); the inherited value is shown beside each."),
     form,
