@@ -215,7 +215,7 @@ def render_setup_script(settings: FencerSettings) -> str:
         'BOOT="${KAFKA_SETUP_BOOTSTRAP:-kafka:9094}"',
         'CFG="${KAFKA_SETUP_CONFIG:-/etc/kafka/setup/admin.properties}"',
         'SECRETS="${KAFKA_SETUP_SECRETS:-/run/secrets}"',
-        "BIN=/opt/kafka/bin",
+        'BIN="${KAFKA_SETUP_BIN:-/opt/kafka/bin}"',
         "",
         "# A principal's SCRAM credential from its secret file; the password goes through a",
         "# private temporary file, never through a command line (/proc/*/cmdline).",
@@ -252,7 +252,10 @@ def render_setup_script(settings: FencerSettings) -> str:
         for k, v in sorted(spec.configs.items()):
             args += ["--config", f"{k}={v}"]
         lines.append("topic " + " ".join(_quote(a) for a in args))
-    lines += ["", "# -- ACLs: everything not listed is denied (allow.everyone.if.no.acl.found=false)"]
+    lines += [
+        "",
+        "# -- ACLs: everything not listed is denied (allow.everyone.if.no.acl.found=false)",
+    ]
     current = None
     for g in grants(settings):
         if g.principal != current:
@@ -269,6 +272,8 @@ def parse_setup_script(text: str) -> list[Grant]:
 
     out = []
     for line in text.splitlines():
+        if not line.startswith("acl "):
+            continue
         words = shlex.split(line, comments=True)
         if not words or words[0] != "acl":
             continue
@@ -294,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--config", help="settings file (its kafka.topics names)")
     args = parser.parse_args(argv)
     try:
-        settings = load_settings(args.config) if args.config else FencerSettings()
+        settings = load_settings(args.config)
     except SettingsError as exc:
         print(f"fencer: {exc}", file=sys.stderr)
         return 1

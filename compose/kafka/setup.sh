@@ -7,7 +7,7 @@ set -euo pipefail
 BOOT="${KAFKA_SETUP_BOOTSTRAP:-kafka:9094}"
 CFG="${KAFKA_SETUP_CONFIG:-/etc/kafka/setup/admin.properties}"
 SECRETS="${KAFKA_SETUP_SECRETS:-/run/secrets}"
-BIN=/opt/kafka/bin
+BIN="${KAFKA_SETUP_BIN:-/opt/kafka/bin}"
 
 # A principal's SCRAM credential from its secret file; the password goes through a
 # private temporary file, never through a command line (/proc/*/cmdline).
