@@ -7,7 +7,8 @@
 # (FENCER_SECRETS_OUT):
 #   ca.pem, ca.key             the deployment's own CA (keep ca.key offline after this)
 #   kafka/                     the broker: keystore.pem (key + certificate; SAN kafka,
-#                              localhost and $FENCER_KAFKA_EXTERNAL_HOST), ca.pem
+#                              localhost and $FENCER_KAFKA_EXTERNAL_HOST, a name or an IP
+#                              address), ca.pem
 #   <principal>/               one per principal of compose/kafka/setup.sh (`scram NAME` lines,
 #                              generated from streams/kafka_acl.py) and fencer-admin:
 #                              client.pem, client.key (fencer's settings), keystore.pem (Java
@@ -57,7 +58,9 @@ issue() {
   echo "made $dir/client.pem (CN=$name)"
 }
 
-issue kafka "DNS:kafka,DNS:localhost,DNS:$EXTERNAL" "serverAuth,clientAuth"
+# The external name CloudStack connects to: a DNS name, or an IP address (an IP SAN).
+if [[ $EXTERNAL =~ ^[0-9.]+$ || $EXTERNAL == *:* ]]; then EXT_SAN="IP:$EXTERNAL"; else EXT_SAN="DNS:$EXTERNAL"; fi
+issue kafka "DNS:kafka,DNS:localhost,$EXT_SAN" "serverAuth,clientAuth"
 issue fencer-admin "" clientAuth
 
 # The principals: the `scram NAME` lines of the generated setup script.
