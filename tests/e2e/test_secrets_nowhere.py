@@ -6,8 +6,9 @@ Every secret fencer can be given is configured with a distinctive value: the BMC
 community and v3 auth/priv keys, CloudStack's API and secret keys (the simulator requires them),
 the HMAC signing key, the Fernet key and the API token. Then a host crashes and is fenced through
 the real pipeline (`fencer worker`, all roles; `fencer api`; OpenSSH-speaking lab hosts; pyghmi
-BMCs; ipmitool runs of a command-template BMC read by the actuator's pre-flight), and the test
-searches for each secret:
+BMCs; ipmitool runs of a command-template BMC read by the actuator's pre-flight and by the UI's
+"Test IPMI"; a wrong BMC password stored through the API, whose failures are logged, notified,
+mailed and trapped), and the test searches for each secret:
 
 - every log line of every process (the worker's and the API's output);
 - every process's argv, /proc/*/cmdline sampled every few milliseconds during the run
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -75,6 +77,8 @@ API_TOKEN = "api-token-Pf75Uz38Jn"
 TEMPLATE_HOST = "kvm01"  # read by ipmitool (command template) at every pre-flight
 STORED_HOST = "kvm02"  # its BMC password is stored again through the API (Fernet)
 CRASH_HOST = "kvm03"
+WRONG_HOST = "kvm05"  # given a wrong BMC password through the API
+WRONG_BMC_PASSWORD = "bmc-wrong-Nd47Ks"
 
 
 def bmc_password(name: str) -> str:
@@ -304,6 +308,7 @@ async def test_no_secret_in_logs_argv_topics_or_api_responses(
                 SIGNING_SECRET,
                 API_TOKEN,
                 fernet_key,
+                WRONG_BMC_PASSWORD,
                 *(bmc_password(n) for n in lab.names()),
             }
 
@@ -312,7 +317,10 @@ async def test_no_secret_in_logs_argv_topics_or_api_responses(
             assert run.file is not None
             settings_text = run.file.read_text()
             # The file holds every secret (it is where they belong): the search below is real.
-            assert {s for s in secrets if s not in settings_text} == {fernet_key}
+            assert {s for s in secrets if s not in settings_text} == {
+                fernet_key,
+                WRONG_BMC_PASSWORD,  # only ever given through the API
+            }
             load_settings(run.file)  # and it is valid
             try:
                 api_proc = subprocess.Popen(
@@ -351,6 +359,15 @@ async def test_no_secret_in_logs_argv_topics_or_api_responses(
     assert any(t == run.settings.kafka.topics.fence_decisions for t, _ in records)
     assert any(t == run.settings.kafka.topics.settings for t, _ in records)
     assert any(CRASH_HOST in r for r in responses)
+    # The workers decrypted the stored passwords (Fernet): the right one works, the wrong one
+    # fails the pre-flight and is told.
+    notices = [
+        json.loads(r.split(b"\n", 1)[1])
+        for t, r in records
+        if t == run.settings.kafka.topics.notices
+    ]
+    preflight = {n["host"]["host_name"] for n in notices if n["kind"] == "preflight_failed"}
+    assert WRONG_HOST in preflight and STORED_HOST not in preflight, preflight
 
     hits = []
     for secret in sorted(secrets):
@@ -386,6 +403,16 @@ def _keep(responses: list[str], r: httpx.Response) -> httpx.Response:
         f"{r.request.method} {r.request.url.path} {r.status_code}\n{headers}\n{r.text}"
     )
     return r
+
+
+def _form(lab: LabCloud, name: str, password: str | None = None) -> dict[str, Any]:
+    """The IPMI form the UI submits for a host: its shown fields and the password typed in."""
+    bmc = lab.bmcs[name]
+    return {
+        "address": bmc.address,
+        "port": bmc.port,
+        "password": password if password is not None else bmc_password(name),
+    }
 
 
 async def _ui_requests(
@@ -427,11 +454,27 @@ async def _ui_requests(
         r = keep(
             await ui.put(
                 f"/api/hosts/{uuids[STORED_HOST]}/settings",
-                json={"name": STORED_HOST, "ipmi": {"password": bmc_password(STORED_HOST)}},
+                json={"name": STORED_HOST, "ipmi": _form(lab, STORED_HOST)},
                 headers=csrf,
             )
         )
         assert r.status_code == 200, r.text
+        # The UI's "Test IPMI" button: ipmitool (template) and pyghmi read the BMCs.
+        for host in (TEMPLATE_HOST, STORED_HOST):
+            r = keep(await ui.post(f"/api/hosts/{uuids[host]}/ipmi-test", json={}, headers=csrf))
+            assert r.status_code == 200 and r.json()["success"] is True, r.text
+        # A wrong password stored through the UI: the failed test and the pre-flight failures
+        # it causes (notices, mails, traps, logs) must not show it either.
+        r = keep(
+            await ui.put(
+                f"/api/hosts/{uuids[WRONG_HOST]}/settings",
+                json={"name": WRONG_HOST, "ipmi": _form(lab, WRONG_HOST, WRONG_BMC_PASSWORD)},
+                headers=csrf,
+            )
+        )
+        assert r.status_code == 200, r.text
+        r = keep(await ui.post(f"/api/hosts/{uuids[WRONG_HOST]}/ipmi-test", json={}, headers=csrf))
+        assert r.status_code == 200 and r.json()["success"] is False, r.text
         # And a write of a file-only field is refused (naming it, not echoing a secret).
         r = keep(
             await ui.put(
