@@ -7,8 +7,13 @@ authenticated connection to the broker. ApiVersions before authentication is for
 allows it); any other request before authentication closes the connection. It records who
 authenticated (user, mechanism, certificate CN) and every refusal.
 
+With `allow` set, it also enforces topic ACLs on the two requests that move records: every
+Produce (Write) and Fetch (Read) is decoded (aiokafka's own request classes) and checked against
+`allow(user, operation, topic)`; a denied one is recorded and its connection closed, as Kafka
+refuses it. Other requests (metadata, groups, offsets) pass unchecked.
+
 This tests fencer's clients (aiokafka and Faust as fencer configures them) against a real SASL
-exchange; it is not Kafka's authenticator, and it has no ACLs.
+exchange and a per-principal topic table; it is not Kafka's authenticator nor its authorizer.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import hmac
 import os
 import ssl
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka.protocol import admin
+from aiokafka.protocol import admin, fetch, produce
 
 API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 18, 17, 36
 UNSUPPORTED_SASL_MECHANISM, ILLEGAL_SASL_STATE, SASL_AUTHENTICATION_FAILED = 33, 34, 58
@@ -104,6 +110,10 @@ class SaslGate:
     mechanisms: tuple[str, ...] = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
     authenticated: list[tuple[str, str, str | None]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    allow: Callable[[str, str, str], bool] | None = None
+    accesses: set[tuple[str, str, str]] = field(default_factory=set)  # (user, op, topic)
+    violations: list[tuple[str, str, str]] = field(default_factory=list)
+    undecoded: list[str] = field(default_factory=list)
     _server: Any = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -134,7 +144,10 @@ class SaslGate:
             user = await self._authenticate(r, w, up_r, up_w, cn)
             if user is None:
                 return
-            await asyncio.gather(self._pipe(r, up_w), self._pipe(up_r, w))
+            if self.allow is None:
+                await asyncio.gather(self._pipe(r, up_w), self._pipe(up_r, w))
+            else:
+                await asyncio.gather(self._checked(r, up_w, user), self._pipe(up_r, w))
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             pass
         finally:
@@ -148,6 +161,43 @@ class SaslGate:
             while data := await r.read(65536):
                 w.write(data)
                 await w.drain()
+        finally:
+            with contextlib.suppress(Exception):
+                w.close()
+
+    def _topics(self, api_key: int, version: int, body: bytes) -> tuple[str, list[str]] | None:
+        """(operation, topics) of a Produce or Fetch request; None for any other request."""
+        if api_key not in (0, 1):
+            return None
+        if api_key == 0:
+            module, name, op = produce, "ProduceRequest", "Write"
+        else:
+            module, name, op = fetch, "FetchRequest", "Read"
+        cls = getattr(module, f"{name}_v{version}", None)
+        if cls is None:
+            self.undecoded.append(f"{name} v{version}")
+            return op, []
+        return op, [t[0] for t in cls.decode(body).topics]
+
+    async def _checked(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, user: str) -> None:
+        assert self.allow is not None
+        try:
+            while True:
+                request = await read_frame(r)
+                api_key, version, _corr = struct.unpack(">hhi", request[:8])
+                (cid_len,) = struct.unpack(">h", request[8:10])
+                found = self._topics(api_key, version, request[10 + max(cid_len, 0) :])
+                if found is not None:
+                    op, topics = found
+                    for topic in topics:
+                        self.accesses.add((user, op, topic))
+                        if not self.allow(user, op, topic):
+                            self.violations.append((user, op, topic))
+                            return  # Kafka answers TOPIC_AUTHORIZATION_FAILED; here: closed
+                w.write(struct.pack(">i", len(request)) + request)
+                await w.drain()
+        except asyncio.IncompleteReadError:
+            pass
         finally:
             with contextlib.suppress(Exception):
                 w.close()
