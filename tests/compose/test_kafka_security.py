@@ -11,7 +11,9 @@
   password on a command line.
 
 What cannot be checked here (no Kafka broker runs on the test machines): that Kafka accepts
-these settings, the SCRAM logins and the ACLs at run time. The guide says so (section 12).
+these settings, its SCRAM logins and its authorizer. tests/security/ runs fencer's clients
+through SASL exchanges and the role table at run time against a test server instead; the guide
+says what that leaves open (section 12).
 """
 
 from __future__ import annotations
