@@ -194,6 +194,19 @@ def test_every_fencer_service_has_its_own_principal_and_certificate(
     assert scram == [p.name for p in PRINCIPALS]
 
 
+def test_each_service_holds_only_the_secrets_its_role_uses(compose: dict[str, Any]) -> None:
+    holders: dict[str, set[str]] = {}
+    for name, svc in fencer_services(compose).items():
+        for s in svc["secrets"]:
+            holders.setdefault(s["source"], set()).add(name)
+    assert holders["ipmi_password"] == {"actuator", "api"}  # the API until its IPMI test moves
+    assert holders["ssh_key"] == {"probe"}
+    assert holders["smtp_password"] == {"notifier"}
+    assert holders["api_token"] == {"api"}
+    assert holders["signing_keys"] == {"ingest", "actuator", "notifier", "api"}
+    assert "probe" not in holders["signing_keys"]  # the probe neither signs nor verifies
+
+
 def test_the_settings_file_uses_sasl_ssl_with_the_mounted_certificate(
     settings: FencerSettings,
 ) -> None:
