@@ -7,9 +7,10 @@ STAMP  := $(VENV)/.installed
 # fence_ipmilan for the benchmark baseline, OpenIPMI's ipmi_sim as an independent BMC, Chromium
 # for the UI tests, a single-node Ceph for the RBD probe and blocklist tests: monitor, OSD, CLI
 # and python3-rbd, and a C compiler for the lab's source-address shim of its Ceph clients,
-# lab/ceph.py; stunnel4 puts mutual TLS in front of the embedded broker, tests/streams).
+# lab/ceph.py; stunnel4 puts mutual TLS in front of the embedded broker, tests/streams; openssl
+# runs compose/kafka/make-pki.sh, tests/compose).
 DEBS   := ipmitool openipmi snmptrapd snmp openssh-server smitools fence-agents chromium \
-          ceph-mon ceph-osd ceph-common gcc libc6-dev stunnel4
+          ceph-mon ceph-osd ceph-common gcc libc6-dev stunnel4 openssl
 
 .PHONY: demo test venv debs lint bench clean
 

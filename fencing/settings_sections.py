@@ -114,6 +114,9 @@ class SshSettings(_Model):
         "fencer-probe-gate (operators' guide, section 4)",
     )
     key_file: Path | None = None
+    key_passphrase: SecretStr | None = Field(
+        None, description="if the key file is encrypted (a secret: ssh__key_passphrase)"
+    )
     known_hosts: Path | None = Field(None, description="required outside the lab")
     insecure_skip_host_key_check: bool = Field(False, description="lab only")
     port: int = Field(22, ge=1, le=65535)

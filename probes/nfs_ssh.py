@@ -152,6 +152,11 @@ class SshPool:
                 key[1],
                 username=self.ssh.user,
                 client_keys=client_keys or None,
+                passphrase=(
+                    self.ssh.key_passphrase.get_secret_value()
+                    if self.ssh.key_passphrase is not None
+                    else None
+                ),
                 known_hosts=self._known_hosts(),
                 agent_path=None,
                 preferred_auth="publickey",

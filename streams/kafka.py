@@ -67,7 +67,7 @@ def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext | None:
         return None
     problems = kafka_tls_file_problems(kafka)
     if problems:
-        raise SettingsError("\n".join(f"{where}: {problem}" for where, problem in problems))
+        raise SettingsError("; ".join(f"{where}: {problem}" for where, problem in problems))
     password = kafka.ssl_keyfile_password
     try:
         return create_ssl_context(

@@ -99,7 +99,7 @@ def test_compose_file_validates_against_the_compose_spec(compose: dict[str, Any]
     assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
     # The validator is not a rubber stamp: a typo in a service key is caught.
     broken = copy.deepcopy(compose)
-    broken["services"]["worker"]["replicas"] = 2
+    broken["services"]["ingest"]["replicas"] = 2
     assert list(validator.iter_errors(broken))
 
 
@@ -109,7 +109,8 @@ def test_the_deployment_has_the_services_the_design_asks_for(compose: dict[str, 
     env = services["kafka"]["environment"]
     assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft combined mode
     assert "CONTROLLER" in env["KAFKA_CONTROLLER_LISTENER_NAMES"]
-    assert services["worker"]["deploy"]["replicas"] >= 2
+    assert services["ingest"]["deploy"]["replicas"] >= 2
+    assert services["probe"]["deploy"]["replicas"] >= 2
     roles = {
         name: svc["command"][svc["command"].index("--roles") + 1]
         for name, svc in fencer_services(compose).items()
@@ -120,11 +121,13 @@ def test_the_deployment_has_the_services_the_design_asks_for(compose: dict[str, 
 
     assert covered == set(ROLES), roles
     assert roles["actuator"] == "actuate" and roles["notifier"] == "notify"
+    # One role per service: each its own Kafka principal (tests/compose/test_kafka_security.py).
+    assert roles["ingest"] == "ingest" and roles["probe"] == "probe"
     assert services["api"]["command"][:2] == ["fencer", "api"]
     assert services["demo"]["profiles"] == ["lab"]
     assert services["demo"]["command"][:2] == ["fencer", "demo"]
     # The core services run without a profile: `docker compose up` starts them.
-    for name in ("kafka", "worker", "actuator", "notifier", "api"):
+    for name in ("kafka", "kafka-setup", "ingest", "probe", "actuator", "notifier", "api"):
         assert "profiles" not in services[name], name
 
 
@@ -166,12 +169,17 @@ def test_every_fencer_command_exists(compose: dict[str, Any]) -> None:
     subcommands = fencer_subcommands()
     assert {"worker", "api", "demo", "config"} <= subcommands
     services = fencer_services(compose)
-    assert set(services) >= {"worker", "actuator", "notifier", "api", "demo"}
+    assert set(services) >= {"ingest", "probe", "actuator", "notifier", "api", "demo"}
     for name, svc in services.items():
         args = check_fencer_command(svc["command"], subcommands)
         config = getattr(args, "config", None)
         if config:
             assert config in volume_targets(svc), f"{name}: {config} is not mounted"
+
+
+def made_by_make_pki(source: str) -> bool:
+    """A host path compose/kafka/make-pki.sh makes (certificates are never in git)."""
+    return source.startswith("./pki/")
 
 
 def test_every_host_path_exists(compose: dict[str, Any]) -> None:
@@ -182,9 +190,13 @@ def test_every_host_path_exists(compose: dict[str, Any]) -> None:
             assert (context / build["dockerfile"]).is_file(), name
             assert (context / "pyproject.toml").is_file(), name
         for target, source in volume_targets(svc).items():
+            if made_by_make_pki(source):
+                continue  # checked in test_kafka_security.py against a run of make-pki.sh
             assert (COMPOSE_DIR / source).exists(), f"{name}: {source} -> {target}"
     for name, secret in compose["secrets"].items():
         path = COMPOSE_DIR / secret["file"]
+        if name.startswith("kafka_sasl_"):
+            continue  # a random password made by make-pki.sh (test_kafka_security.py)
         example = path.with_name(path.name + ".example")
         assert example.is_file(), f"secret {name}: no {example.relative_to(ROOT)}"
 
@@ -234,31 +246,45 @@ def test_every_secret_target_is_a_setting_or_a_configured_file(compose: dict[str
                 assert f"/run/secrets/{target}" in referenced_files, f"{name}: {target} unused"
 
 
+@pytest.mark.parametrize("service", ["ingest", "probe", "actuator", "notifier", "api"])
 def test_the_mounted_settings_load_with_the_secret_files(
-    compose: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    compose: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, service: str
 ) -> None:
-    svc = compose["services"]["worker"]
+    svc = compose["services"][service]
     secrets_dir = tmp_path / "run-secrets"
     secrets_dir.mkdir()
     expected = {}
     for s in svc["secrets"]:
         source = COMPOSE_DIR / compose["secrets"][s["source"]]["file"]
-        example = source.with_name(source.name + ".example").read_text()
-        (secrets_dir / s["target"]).write_text(example)
-        expected[s["target"]] = example.strip()
+        if s["source"].startswith("kafka_sasl_"):
+            value = f"sasl-password-of-{service}\n"  # make-pki.sh writes a random one
+        else:
+            value = source.with_name(source.name + ".example").read_text()
+        (secrets_dir / s["target"]).write_text(value)
+        expected[s["target"]] = value.strip()
     monkeypatch.setenv(SECRETS_DIR_ENV, str(secrets_dir))
+    for var, value in svc["environment"].items():
+        if var != SECRETS_DIR_ENV:
+            monkeypatch.setenv(var, str(value))
     settings = load_settings(COMPOSE_DIR / "fencer.yaml")
 
     assert settings.kafka.bootstrap_servers == "kafka:9092"
     assert settings.kafka.embedded is False
+    assert settings.kafka.security_protocol == "SASL_SSL"
+    assert settings.kafka.sasl is not None
+    assert settings.kafka.sasl.username == svc["environment"]["FENCER_KAFKA__SASL__USERNAME"]
+    assert settings.kafka.sasl.password.get_secret_value() == f"sasl-password-of-{service}"
     got = {
         "cloudstack__api_key": settings.cloudstack.api_key,
         "cloudstack__secret_key": settings.cloudstack.secret_key,
         "defaults__password": settings.defaults.password,
         "email__password": settings.email.password,
         "api__token": settings.api.token,
+        "kafka__sasl__password": settings.kafka.sasl.password,
     }
     for target, secret in got.items():
+        if target not in expected:
+            continue  # this service is not given that secret
         assert secret is not None and secret.get_secret_value() == expected[target], target
     # And the scrubber knows every one of them.
     assert {v for k, v in expected.items() if "__" in k} <= observability.collect_secrets(settings)
@@ -280,15 +306,19 @@ def test_a_missing_secrets_dir_is_one_clear_error(
 
 
 def test_config_check_accepts_the_mounted_file() -> None:
+    # The certificate files exist only inside the containers: --skip-files here, and
+    # test_kafka_security.py checks the file with the certificates make-pki.sh makes.
     proc = subprocess.run(
-        [str(FENCER_BIN), "config", "check", str(COMPOSE_DIR / "fencer.yaml")],
+        [str(FENCER_BIN), "config", "check", "--skip-files", str(COMPOSE_DIR / "fencer.yaml")],
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert proc.returncode == 0, proc.stderr
+    assert "warning: kafka." not in proc.stderr  # SASL_SSL: no PLAINTEXT warning
     dumped = json.loads(proc.stdout)
     assert dumped["metrics"]["enabled"] is True
+    assert dumped["kafka"]["security_protocol"] == "SASL_SSL"
 
 
 # --- wiring between the services -----------------------------------------------------------
@@ -299,8 +329,9 @@ def test_kafka_address_and_metrics_port_agree_across_files(compose: dict[str, An
     host, _, port = settings.kafka.bootstrap_servers.partition(":")
     kafka = compose["services"]["kafka"]
     assert kafka["hostname"] == host
-    assert f"PLAINTEXT://:{port}" in kafka["environment"]["KAFKA_LISTENERS"]
-    assert f"PLAINTEXT://{host}:{port}" in kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    assert f"INTERNAL://:{port}" in kafka["environment"]["KAFKA_LISTENERS"]
+    assert f"INTERNAL://{host}:{port}" in kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    assert "INTERNAL:SASL_SSL" in kafka["environment"]["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
 
     prom = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
     (job,) = prom["scrape_configs"]
