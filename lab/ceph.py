@@ -33,6 +33,11 @@ from typing import Any
 from streams.broker import die_with_parent
 
 CEPH_PACKAGES = ("ceph-mon", "ceph-osd", "ceph-common")
+# fencer's two Ceph keys (docs/operators-guide.md, "Ceph RBD"). The probe's key reads only: the
+# monitor cap of `profile rbd` would also allow `osd blocklist`, so it gets `allow r`.
+PROBE_CAPS = {"mon": "allow r", "osd": "profile rbd-read-only"}
+# The actuator's key may blocklist (add, rm, ls) and read watchers, nothing else.
+FENCE_CAPS = {"mon": 'allow r, allow command "osd blocklist"', "osd": "profile rbd-read-only"}
 SYSTEM_PYTHON = "/usr/bin/python3"  # the interpreter python3-rbd (ceph-common) is built for
 SOURCE_ADDR_ENV = "FENCER_LAB_SOURCE_ADDR"
 
@@ -458,6 +463,41 @@ class CephCluster:
         path.write_text(out if out.endswith("\n") else out + "\n")
         path.chmod(0o600)
         return path
+
+    def fencer_keys(self) -> tuple[Path, Path]:
+        """The probe's read-only keyring and the actuator's blocklist keyring (made once)."""
+        probe = self.base / "ceph.client.fencer-probe.keyring"
+        fence = self.base / "ceph.client.fencer-fence.keyring"
+        if not probe.exists():
+            self.add_key("fencer-probe", PROBE_CAPS)
+        if not fence.exists():
+            self.add_key("fencer-fence", FENCE_CAPS)
+        return probe, fence
+
+    def rbd_settings(self, **kw: object) -> dict[str, object]:
+        """fencer's `rbd` settings section for this cluster (neighbours and worker alike: all
+        run on this machine), with its two keys."""
+        probe, fence = self.fencer_keys()
+        return {
+            "conf": str(self.conf),
+            "python": SYSTEM_PYTHON,
+            "user": "fencer-probe",
+            "keyring": str(probe),
+            "connect_timeout": 3.0,
+            "watch_timeout": float(self.watch_timeout),
+            "watch_margin": 1.0,
+            "fence_conf": str(self.conf),
+            "fence_user": "fencer-fence",
+            "fence_keyring": str(fence),
+            **kw,
+        }
+
+    def reset(self) -> None:
+        """The monitor running and the blocklist empty again (after a test or a scenario that
+        stopped the monitor or blocklisted a lab address: lab addresses repeat)."""
+        if self.mon is None or self.mon.poll() is not None:
+            self.start_mon()
+        self.run("ceph", "osd", "blocklist", "clear")
 
     def watchers(self, spec: str) -> list[str]:
         """Watcher addresses of an image (as client.admin)."""
