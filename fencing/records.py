@@ -220,11 +220,18 @@ class HostStateRecord(WireRecord):
 
 class OperatorAction(WireRecord):
     """An operator's answer to a failed fence (topic operator-actions, key host uuid): `retry`
-    runs the same decision again now, `handled` stops the fence_failed reminders."""
+    runs the same decision again now, `handled` stops the fence_failed reminders;
+    `lift_blocklist` lifts the host's Ceph blocklist once it is repaired (fencing.storage_fence,
+    run by the actuate worker, which holds the fence key)."""
 
-    kind: Literal["retry", "handled"]
+    kind: Literal["retry", "handled", "lift_blocklist"]
     host_uuid: str
     decision_id: str | None = Field(None, description="None: the host's latest failed fence")
+    address: str | None = Field(
+        None,
+        description="lift_blocklist: the storage address (None: the host's storage_ip setting, "
+        "else CloudStack's address of the host)",
+    )
     by: str | None = Field(None, description="who asked (UI user, CLI user)")
     note: str | None = None
     at: float

@@ -55,6 +55,7 @@ from webui.audit import AuditChange, AuditLog, diff
 from webui.auth import LoginLimiter, ProxyRules, TokenBook, hash_token
 from webui.fencing_view import FencingView
 from webui.openapi import build_openapi
+from webui.rbd_routes import routes as rbd_routes  # lift a Ceph blocklist (issue 18)
 
 log = logging.getLogger("fencer.api")
 
@@ -1123,6 +1124,7 @@ def create_app(api: Api) -> web.Application:
     )
     app[API_KEY] = api
     app.add_routes(routes)
+    app.add_routes(rbd_routes)
     app.router.add_get("/", ui_root)
     app.router.add_get("/ui/", ui_index)
     app.router.add_static("/ui/", str(resources.files("webui") / "static"))
