@@ -1063,17 +1063,21 @@ def _min_gap(run: Run) -> float:
     return float(rbd.watch_timeout + rbd.watch_margin)
 
 
+# What one RBD check may add on a loaded two-core machine: the neighbour starts Python, loads
+# librados and connects to the monitor (about 0.5 s idle, 2-3 s under a parallel test run).
+PIPELINE_PER_RBD_CHECK = 3.0
+
+
 def _rbd_fence_deadline(run: Run) -> float:
     """Crash to verified fence of an RBD-only host: its watches linger `watch_timeout`, then
-    1 + extra_checks stale checks each at least `min_gap` after the previous reading, plus the
-    pipeline's slack."""
+    1 + extra_checks stale checks, each on the first tick at least `min_gap` after the previous
+    reading arrived, plus the pipeline's slack."""
     p = run.settings.policy
     gap = max(p.check_interval, _min_gap(run))
-    checks = 2 + p.extra_checks
     return (
         run.settings.rbd.watch_timeout
-        + (1 + p.extra_checks) * (gap + p.check_interval)
-        + checks * PIPELINE_PER_CHECK
+        + PIPELINE_PER_RBD_CHECK
+        + (1 + p.extra_checks) * (gap + p.check_interval + PIPELINE_PER_RBD_CHECK)
         + PIPELINE_ONCE
     )
 
