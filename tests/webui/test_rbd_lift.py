@@ -110,10 +110,12 @@ async def test_lift_blocklist_button_reaches_the_worker_and_ceph(
     deadline = time.monotonic() + 90
     while entry in _listed(ceph_clean) and time.monotonic() < deadline:
         await asyncio.sleep(0.5)
+    lifted = entry not in _listed(ceph_clean)
+    worker.stop(10)  # its log is complete once it exited
     log = (tmp_path / "worker.log").read_text(errors="replace")
-    assert entry not in _listed(ceph_clean), log[-3000:]
+    assert lifted, log[-3000:]
     assert other in _listed(ceph_clean)
-    assert f"blocklist {entry} of host {lab.host_a1} lifted by api:" in log
+    assert f"blocklist {entry} of host {lab.host_a1} lifted by api:" in log, log[-3000:]
 
     # Audited like the other operator actions.
     async with api.aclient() as c:
