@@ -310,6 +310,7 @@ def cli_lift(args: argparse.Namespace) -> int:
     action = OperatorAction(
         kind="lift_blocklist",
         host_uuid=args.host,
+        decision_id=None,
         address=address,
         by=getattr(args, "by", None) or f"cli:{getpass.getuser()}",
         at=time.time(),
