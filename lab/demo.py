@@ -1121,6 +1121,16 @@ async def _rbd_host_crash(run: Run) -> None:
         15,
         "a mail, a trap and the VMs restarted",
     )
+    # CloudStack started the VMs on other hosts: their qemu opens the images there.
+    cloud = run.lab.cloud
+    moved = {cloud.hosts[cloud.vms[u].host_uuid or ""].name for u in run.lab.vms_of("kvm03")}
+    await run.wait(
+        lambda: sum(len(run.lab.rbd_watchers(n)) for n in moved) >= 2,
+        15,
+        "the restarted VMs' images watched from their new hosts",
+    )
+    run.facts["watches of the restarted VMs"] = sum(len(run.lab.rbd_watchers(n)) for n in moved)
+    run.event("ceph", None, f"the restarted VMs' images are watched from {', '.join(moved)}")
     await asyncio.sleep(run.settings.policy.check_interval * 2)  # nothing more may happen
 
 
@@ -1135,6 +1145,8 @@ def _judge_rbd_host_crash(run: Run) -> list[str]:
     _expect(f, early == [], f"stale while kvm03's watches still lingered: checks {early}")
     _fenced_once(run, f, "kvm03", _rbd_fence_deadline(run), "crash:kvm03")
     _expect(f, run.lab.rbd_watchers("kvm03") == [], "kvm03 still watches an image")
+    moved = run.facts.get("watches of the restarted VMs")
+    _expect(f, moved == 2, f"{moved} watches of the restarted VMs' images from their new hosts")
     return f
 
 

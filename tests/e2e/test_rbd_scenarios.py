@@ -49,6 +49,7 @@ async def test_rbd_host_crash_watches_expire_then_fenced_once(
     assert s["bmc_power_offs"] == {"kvm03": 1}
     assert s["declare_degraded"] == {"kvm03": 1}
     assert s["restarted"] == {"kvm03": 2}
+    assert s["facts"]["watches of the restarted VMs"] == 2  # qemu opened them on the new host
     assert s["fences_executed"] == 1 and s["fences_withheld"] == 0
     assert all(at >= marks["crash:kvm03"] for at, _n in s["bmc_power_off_at"])
     assert "fence_succeeded" in s["trap_kinds"]
