@@ -40,6 +40,9 @@ PROBE_CAPS = {"mon": "allow r", "osd": "profile rbd-read-only"}
 FENCE_CAPS = {"mon": 'allow r, allow command "osd blocklist"', "osd": "profile rbd-read-only"}
 SYSTEM_PYTHON = "/usr/bin/python3"  # the interpreter python3-rbd (ceph-common) is built for
 SOURCE_ADDR_ENV = "FENCER_LAB_SOURCE_ADDR"
+# The lab's and the tests' osd_client_watch_timeout (Ceph's default is 30 s): a dead client's
+# watch lingers this long, so an RBD host can be called stale that much sooner.
+LAB_WATCH_TIMEOUT = 5
 
 # Ceph clients take their address from the connection the monitor sees, and neither
 # `public_addr` nor `ms_bind_before_connect` makes librados bind (checked on 16.2: the learned

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 from fencing.settings import FencerSettings, KafkaSettings, TopicNames
-from lab.ceph import CephCluster, ceph_installed
+from lab.ceph import LAB_WATCH_TIMEOUT, CephCluster, ceph_installed
 from streams.broker import EmbeddedBroker, run_coroutine
 from streams.kafka import ensure_topics
 
@@ -81,7 +81,7 @@ def kafka_settings(fencer_settings: FencerSettingsFactory) -> KafkaSettings:
 
 # --- a real Ceph ---------------------------------------------------------------------------------
 
-WATCH_TIMEOUT = 5  # osd_client_watch_timeout of the test cluster (Ceph's default is 30)
+WATCH_TIMEOUT = LAB_WATCH_TIMEOUT  # osd_client_watch_timeout of the test cluster (Ceph's: 30)
 
 
 @dataclass
