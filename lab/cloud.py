@@ -78,7 +78,8 @@ class LabCloud:
     the NFS filer's clock is ahead, negative behind: every mtime a neighbour stats is on it,
     heartbeat contents stay on the hosts' clock), `rbd_hosts` (each of those hosts' first VM
     has its ROOT volume on a Ceph RBD pool: without `ceph` no probe can read it),
-    `rbd_only_hosts` (every VM of those hosts is on the RBD pool: no NFS disk, no heartbeat),
+    `rbd_only_hosts` (every VM of those hosts is on the RBD pool: no NFS disk; its agent still
+    heartbeats on the cluster's NFS pools, as CloudStack's KVMHAMonitor does on every NFS pool),
     `ceph` (the real cluster behind the RBD pool, see the module docstring), `storage_fence`
     (host name -> none|before|fallback: the Ceph blocklist rung of that host's fencing ladder).
     """
