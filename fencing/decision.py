@@ -9,8 +9,9 @@ How a host is judged (numbers from `fencing.policy.Policy`). The one rule about 
 is only ever compared with an earlier value from the same clock. Disk and heartbeat-file mtimes
 are the filer's clock, heartbeat contents the suspect host's, and intervals are measured on the
 watch worker's clock (`Tick.at`, and `ProbeFinished.at`, stamped when the result arrived).
-CloudStack's time of the disconnection (`suspect_since`) is shown and names the decision, and is
-never compared with anything.
+Host signals (`HostDisconnected`, `HostCameBack`, maintenance) carry the ingesting worker's clock
+at arrival or poll time, never CloudStack's; the suspect time (`suspect_since`) is shown and names
+the decision, and a disconnection stamped before the host's return is late (a redelivery).
 
 - A `HostDisconnected` (Disconnected, Alert or Down) opens an *episode*: the episode id goes up
   by one, the suspect time is that event's time (a second report in the same episode changes
@@ -248,7 +249,7 @@ class HostRecord:
     state: HostState = HostState.IDLE
     since: float | None = None  # when the record entered `state` (the event's time)
     episode: int = 0  # 1, 2, ...: goes up by one each time the host becomes suspect
-    suspect_since: float | None = None  # CloudStack's time of the disconnection: shown, an id
+    suspect_since: float | None = None  # when the disconnection was first seen: shown, an id
     opened_at: float | None = None  # worker clock: the episode's first tick
     checks_requested: int = 0  # RunProbe actions in this episode (the last one's `check`)
     probe_outstanding: bool = False  # the last requested check has not been answered
@@ -426,6 +427,12 @@ def judge(record: HostRecord, result: ProbeFinished, policy: Policy) -> tuple[Ev
         return Evidence.ALIVE, changed
     assert record.last_request_at is not None
     gap = record.last_request_at - record.ref_at
+    if gap < 0:
+        # The worker's clock was stepped back (or a worker behind took the partition over):
+        # no interval can be measured from the old reference; this reading starts a new one.
+        return Evidence.BASELINE, (
+            f"the worker's clock went back {-gap:.0f} s: this reading is the new reference"
+        )
     floor = max(policy.check_interval, result.min_gap)
     if gap < floor:
         return Evidence.UNKNOWN, (

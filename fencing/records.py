@@ -41,7 +41,13 @@ class HostSignal(WireRecord):
 
     kind: Literal["disconnected", "up", "maintenance_started", "maintenance_ended", "tick"]
     host: HostRef
-    at: float = Field(description="epoch seconds the fact became true (event time or poll time)")
+    at: float = Field(
+        description="epoch seconds on the fencer worker's clock when the fact arrived (event bus)"
+        " or was polled (listHosts); never CloudStack's clock: the core compares these times"
+    )
+    reported_at: float | None = Field(
+        None, description="CloudStack's own time of the event (its clock): shown, never compared"
+    )
     status: HostStatus | None = None
     resource_state: str | None = None
     source: Literal["event-bus", "poller", "api", "timer"] = "event-bus"

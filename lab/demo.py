@@ -405,8 +405,15 @@ class Run:
         ]
 
     def fenced(self) -> list[dict[str, Any]]:
-        """Outcomes of fences carried out and verified."""
-        return [o for o in self.outcomes() if o.get("success") and o.get("verified")]
+        """Fences carried out and verified, one per decision: an outcome re-published for a
+        re-sent decision (at-least-once, the claim log answers with the stored outcome) is the
+        same fence."""
+        done = {
+            o.get("decision_id"): o
+            for o in self.outcomes()
+            if o.get("success") and o.get("verified")
+        }
+        return list(done.values())
 
     def withheld(self) -> list[dict[str, Any]]:
         """Decisions the gate withheld."""

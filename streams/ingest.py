@@ -16,7 +16,7 @@ from typing import Any
 from fencing.events import HostStatus
 from fencing.records import HostRef, HostSignal
 from streams import parser
-from streams.poller import HostDirectory
+from streams.poller import DOWN_STATES, HostDirectory
 
 log = logging.getLogger("fencer.streams")
 
@@ -33,7 +33,10 @@ class Ingest:
         parsed = parser.parse_record(message.key, message.value)
         if isinstance(parsed, parser.Rejected):
             return None, parsed.reason
-        at = getattr(parsed, "at", None) or (message.timestamp or time.time())
+        # The signal's time is this worker's clock on arrival: CloudStack's own event time (the
+        # management server's clock) is shown, never compared with the poller's times (rule 1).
+        at = time.time()
+        reported_at = getattr(parsed, "at", None)
         kind: str | None = None
         status: HostStatus | None = None
         if isinstance(parsed, parser.HostDisconnectedAlert):
@@ -61,11 +64,33 @@ class Ingest:
             return None, f"{parsed.kind}: no host uuid in the event and none found by name"
         ref = HostRef(host_uuid=uuid, host_name=name, zone_uuid=getattr(parsed, "zone_uuid", None))
         cached = self.directory.placed.get(uuid)
+        if kind == "disconnected":
+            # CloudStack's state now is the arbiter, not its alert's time: an alert for a host
+            # CloudStack reports up (redelivered, or processed after the host came back) opens
+            # nothing; a host it reports down, or cannot be asked about, is reported, and the
+            # next poll reports it again as CloudStack then sees it.
+            now = await self._current_state(uuid)
+            if now is not None and now not in DOWN_STATES:
+                log.info(
+                    "host %s: %s alert ignored: CloudStack reports the host %s now",
+                    uuid,
+                    parsed.kind,
+                    now,
+                )
+                return None, None
+            self.directory.recheck.add(uuid)
         if cached is not None:
             ref = ref.model_copy(update={"cluster_uuid": cached[0], "ip_address": cached[1]})
         else:
             ref = await self._complete_ref(ref)
-        return HostSignal(kind=kind, host=ref, at=float(at), status=status), None  # type: ignore[arg-type]
+        signal = HostSignal(
+            kind=kind,  # type: ignore[arg-type]
+            host=ref,
+            at=at,
+            reported_at=float(reported_at) if reported_at else None,
+            status=status,
+        )
+        return signal, None
 
     async def resolve_name(self, name: str) -> str | None:
         """A host uuid from its name (older alert wordings carry only name and numeric id)."""
@@ -81,6 +106,14 @@ class Ingest:
                 self.directory.names[name] = h["id"]
                 return str(h["id"])
         return None
+
+    async def _current_state(self, host_uuid: str) -> str | None:
+        """The host's state in CloudStack now, or None when CloudStack cannot say."""
+        try:
+            return (await self.inventory().host(host_uuid)).state or None
+        except Exception as exc:
+            log.warning("cannot read host %s's state from CloudStack: %s", host_uuid, exc)
+            return None
 
     async def _complete_ref(self, ref: HostRef) -> HostRef:
         try:

@@ -37,6 +37,9 @@ class HostDirectory:
 
     placed: dict[str, tuple[str, str]] = field(default_factory=dict)  # uuid -> (cluster, ip)
     names: dict[str, str] = field(default_factory=dict)  # host name -> uuid
+    # Hosts the event bus called down since the last poll: the next poll reports their state
+    # whatever it is, so an alert processed late (after the host came back) ends at that poll.
+    recheck: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -73,7 +76,12 @@ class Poller:
             # Non-Up hosts are reported on every poll (the core ignores repeats, and a host whose
             # maintenance ended while it is still down must open a new episode); Up hosts and
             # maintenance only when they change.
-            changed = previous is None or self.last_state.get(uuid) != key
+            changed = (
+                previous is None
+                or self.last_state.get(uuid) != key
+                or uuid in self.directory.recheck
+            )
+            self.directory.recheck.discard(uuid)
             self.last_state[uuid] = key
             if not changed and (state not in DOWN_STATES or rstate in MAINTENANCE_STATES):
                 continue

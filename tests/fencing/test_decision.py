@@ -1257,6 +1257,28 @@ def test_a_direct_sign_of_life_is_alive_without_any_change() -> None:
     )
 
 
+def test_a_worker_clock_stepped_back_restarts_the_window_instead_of_waiting_it_out() -> None:
+    """An NTP step back of an hour on the watch worker: the old reference cannot measure an
+    interval (an hour of "too soon" would be an hour of silence); the reading is a new reference,
+    the stale run so far is kept, and the next interval on the new clock is judged as usual."""
+    r2 = _baselined()  # reference at T0 + 5
+    stale2, _ = step(r2, reading(T0 + 71, 2), POLICY)
+    assert (stale2.last_evidence, stale2.stale_count) == (Evidence.STALE, 1)
+    back = T0 - 3600
+    r3 = requested(stale2, back)
+    rebased, actions = step(r3, reading(back + 1, 3), POLICY)
+    assert (rebased.last_evidence, rebased.stale_count, actions) == (Evidence.BASELINE, 1, ())
+    assert rebased.reason == (
+        "the worker's clock went back 3671 s: this reading is the new reference"
+    )
+    assert rebased.ref_at == back + 1
+    r4 = requested(rebased, back + 62)
+    proposed, _ = step(r4, reading(back + 63, 4), POLICY)
+    assert proposed.last_evidence is Evidence.STALE and proposed.stale_count == 2
+    needed = 1 + POLICY.extra_checks
+    assert proposed.state is (HostState.FENCE_PROPOSED if needed == 2 else HostState.SUSPECT)
+
+
 def test_a_back_ends_own_floor_keeps_a_short_window_from_being_stale() -> None:
     r2 = _baselined()  # 65 s between the baseline's arrival and this request
     slow = replace(reading(T0 + 71, 2), min_gap=90.0)

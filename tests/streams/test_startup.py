@@ -6,6 +6,7 @@ import logging
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -77,11 +78,23 @@ def test_worker_started_before_kafka_waits_without_a_traceback(tmp_path: Path) -
         stderr=subprocess.STDOUT,
         text=True,
     )
+    expected = f"cannot reach Kafka at 127.0.0.1:{port} (kafka.bootstrap_servers)"
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))
+    reader.start()
     try:
-        time.sleep(4.0)
+        # Wait for the line itself (a loaded machine takes seconds to import the worker), then
+        # for the next try: the worker is still waiting, not gone.
+        deadline = time.monotonic() + 90
+        while not any(expected in line for line in lines) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the worker exited instead of waiting for Kafka"
+            time.sleep(0.2)
+        time.sleep(2.0)
         assert proc.poll() is None, "the worker exited instead of waiting for Kafka"
     finally:
         proc.terminate()
-        out, _ = proc.communicate(timeout=15)
-    assert f"cannot reach Kafka at 127.0.0.1:{port} (kafka.bootstrap_servers)" in out
+        proc.wait(timeout=15)
+        reader.join(timeout=15)
+    out = "".join(lines)
+    assert expected in out
     assert "Traceback" not in out
