@@ -3,11 +3,15 @@ page of `fencer api`; the API (session cookie + CSRF header) writes a `lift_bloc
 to the operator-actions topic and audits it; a real `fencer worker --roles actuate` reads it and
 removes the host's entry from a real Ceph's blocklist with its fence key (the same path as
 `fencer rbd lift HOST`). A cookie request without the CSRF header is refused and lifts nothing.
+`fencer rbd lift` itself writes the same record, which the same worker carries out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -123,3 +127,31 @@ async def test_lift_blocklist_button_reaches_the_worker_and_ceph(
     assert r.status_code == 200, r.text
     actions = [a["action"] for a in r.json()]
     assert actions.count("blocklist_lift") == 1, r.json()
+
+
+async def test_fencer_rbd_lift_goes_the_same_way(
+    rbd_api: tuple[ApiProcess, WorkerProcess], lab: Lab, ceph_clean: Ceph, tmp_path: Path
+) -> None:
+    # `fencer rbd lift HOST` writes the same record; the same worker lifts it in Ceph.
+    _api, worker = rbd_api
+    entry = "10.30.0.13:0/0"
+    ceph_clean.cluster.run("ceph", "osd", "blocklist", "add", entry, "3600")
+    cli = [sys.executable, "-m", "streams.cli", "rbd", "lift", lab.host_a2]
+    cli += ["--address", "10.30.0.13", "-c", str(tmp_path / "worker.yaml"), "--by", "ops-anna"]
+    done = await asyncio.to_thread(
+        subprocess.run, cli, capture_output=True, text=True, timeout=60, env=_env()
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sent: lift of host" in done.stdout
+    deadline = time.monotonic() + 90
+    while entry in _listed(ceph_clean) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    lifted = entry not in _listed(ceph_clean)
+    worker.stop(10)
+    log = (tmp_path / "worker.log").read_text(errors="replace")
+    assert lifted, log[-3000:]
+    assert f"blocklist {entry} of host {lab.host_a2} lifted by ops-anna" in log, log[-3000:]
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("FENCER_")}
