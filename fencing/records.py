@@ -228,11 +228,18 @@ class OperatorAction(WireRecord):
     """An operator's request (topic operator-actions, key host uuid): `retry` runs a failed
     fence's decision again now, `handled` stops the fence_failed reminders, `ipmi_test` asks an
     actuate worker to run the host's test action (reads the BMC, changes nothing) and answer
-    on ipmi-tests under `request_id`. Never a secret: the worker reads the BMC's settings."""
+    on ipmi-tests under `request_id`; `lift_blocklist` lifts the host's Ceph blocklist once it
+    is repaired (fencing.storage_fence, run by the actuate worker, which holds the fence key).
+    Never a secret: the worker reads the BMC's settings."""
 
-    kind: Literal["retry", "handled", "ipmi_test"]
+    kind: Literal["retry", "handled", "ipmi_test", "lift_blocklist"]
     host_uuid: str
     decision_id: str | None = Field(None, description="None: the host's latest failed fence")
+    address: str | None = Field(
+        None,
+        description="lift_blocklist: the storage address (None: the host's storage_ip setting, "
+        "else CloudStack's address of the host)",
+    )
     by: str | None = Field(None, description="who asked (UI user, CLI user)")
     note: str | None = None
     at: float

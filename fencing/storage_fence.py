@@ -14,8 +14,11 @@ Rules (the actuator applies them, fencing.actuator):
   a host whose VMs' disks are ALL on RBD pools. A host with any NFS disk (or a disk on a pool of
   another type) is never restarted on a blocklist: a Ceph blocklist does not stop NFS writes.
 - Its expiry outlives the BMC retries: max(`rbd.blocklist_expire`, `actuator.fence_deadline` +
-  BLOCKLIST_MARGIN). It is lifted only by an operator: `fencer rbd lift HOST`, or
-  `ceph osd blocklist rm <ip>:0/0` with the fence key; fencer never lifts it on its own.
+  BLOCKLIST_MARGIN). It is lifted only by an operator: `fencer rbd lift HOST` or the web UI's
+  "Lift blocklist" button (both write a `lift_blocklist` record to the operator-actions topic;
+  the actuate worker, which holds the fence key, lifts it: streams.actuating.lift_blocklist),
+  `fencer rbd lift HOST --direct` where the fence key is, or `ceph osd blocklist rm <ip>:0/0`
+  with the fence key; fencer never lifts it on its own.
 """
 
 from __future__ import annotations

@@ -33,8 +33,16 @@ from typing import Any
 from streams.broker import die_with_parent
 
 CEPH_PACKAGES = ("ceph-mon", "ceph-osd", "ceph-common")
+# fencer's two Ceph keys (docs/operators-guide.md, "Ceph RBD"). The probe's key reads only: the
+# monitor cap of `profile rbd` would also allow `osd blocklist`, so it gets `allow r`.
+PROBE_CAPS = {"mon": "allow r", "osd": "profile rbd-read-only"}
+# The actuator's key may blocklist (add, rm, ls) and read watchers, nothing else.
+FENCE_CAPS = {"mon": 'allow r, allow command "osd blocklist"', "osd": "profile rbd-read-only"}
 SYSTEM_PYTHON = "/usr/bin/python3"  # the interpreter python3-rbd (ceph-common) is built for
 SOURCE_ADDR_ENV = "FENCER_LAB_SOURCE_ADDR"
+# The lab's and the tests' osd_client_watch_timeout (Ceph's default is 30 s): a dead client's
+# watch lingers this long, so an RBD host can be called stale that much sooner.
+LAB_WATCH_TIMEOUT = 5
 
 # Ceph clients take their address from the connection the monitor sees, and neither
 # `public_addr` nor `ms_bind_before_connect` makes librados bind (checked on 16.2: the learned
@@ -117,8 +125,13 @@ class RbdClient:
         self.cluster, self.pool, self.image, self.address = cluster, pool, image, address
         self.proc: subprocess.Popen[str] | None = None
 
-    def start(self, timeout: float = 20.0) -> RbdClient:
+    def start(self) -> RbdClient:
         """Open the image; returns once the watch is registered."""
+        return self.spawn().wait_open()
+
+    def spawn(self) -> RbdClient:
+        """Start the process (it opens the image); `wait_open` waits for the watch. Several
+        clients spawned first and waited for after open their images in parallel."""
         parent = os.getpid()
         self.proc = subprocess.Popen(
             [
@@ -139,12 +152,23 @@ class RbdClient:
             env=self.cluster.env(self.address),
             preexec_fn=lambda: die_with_parent(parent),
         )
-        assert self.proc.stdout is not None
+        return self
+
+    def wait_open(self) -> RbdClient:
+        """Wait until the spawned client holds its watch (it gives up after 10 s)."""
+        assert self.proc is not None and self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
         if line != "open":
+            self.kill()
             err = self.proc.stderr.read() if self.proc.stderr else ""
+            self.close()
             raise CephError(f"rbd client could not open {self.pool}/{self.image}: {err[-400:]}")
         return self
+
+    @property
+    def running(self) -> bool:
+        """The process still runs (it holds its watch unless blocklisted)."""
+        return self.proc is not None and self.proc.poll() is None
 
     def write(self) -> str:
         """One write through librbd: `ok` or `err <errno>`."""
@@ -459,6 +483,41 @@ class CephCluster:
         path.chmod(0o600)
         return path
 
+    def fencer_keys(self) -> tuple[Path, Path]:
+        """The probe's read-only keyring and the actuator's blocklist keyring (made once)."""
+        probe = self.base / "ceph.client.fencer-probe.keyring"
+        fence = self.base / "ceph.client.fencer-fence.keyring"
+        if not probe.exists():
+            self.add_key("fencer-probe", PROBE_CAPS)
+        if not fence.exists():
+            self.add_key("fencer-fence", FENCE_CAPS)
+        return probe, fence
+
+    def rbd_settings(self, **kw: object) -> dict[str, object]:
+        """fencer's `rbd` settings section for this cluster (neighbours and worker alike: all
+        run on this machine), with its two keys."""
+        probe, fence = self.fencer_keys()
+        return {
+            "conf": str(self.conf),
+            "python": SYSTEM_PYTHON,
+            "user": "fencer-probe",
+            "keyring": str(probe),
+            "connect_timeout": 3.0,
+            "watch_timeout": float(self.watch_timeout),
+            "watch_margin": 1.0,
+            "fence_conf": str(self.conf),
+            "fence_user": "fencer-fence",
+            "fence_keyring": str(fence),
+            **kw,
+        }
+
+    def reset(self) -> None:
+        """The monitor running and the blocklist empty again (after a test or a scenario that
+        stopped the monitor or blocklisted a lab address: lab addresses repeat)."""
+        if self.mon is None or self.mon.poll() is not None:
+            self.start_mon()
+        self.run("ceph", "osd", "blocklist", "clear")
+
     def watchers(self, spec: str) -> list[str]:
         """Watcher addresses of an image (as client.admin)."""
         out = json.loads(self.run("rbd", "status", spec, "--format", "json").stdout)
@@ -472,66 +531,104 @@ class CephCluster:
 
 class LabRbd:
     """RBD disks for a lab cloud: an RBD pool in the SimCloud backed by `cluster`'s pool `rbd`,
-    one image per volume, and one librbd client per Running VM on its lab host's address, so the
-    host's watchers exist while it runs and vanish (after the watch timeout) when it crashes.
+    one image per volume (named by the volume's `path`, as CloudStack names RBD images), and one
+    librbd client per Running VM's volume on its lab host's address (the hypervisor's qemu), so
+    the host's watchers exist while it runs and, when it dies, linger for the watch timeout and
+    vanish.
 
-    Call `sync()` after changing where VMs run; `crash(host)` crashes a lab host and kills its
-    VMs' clients (SIGKILL: the watch lingers, as a dead hypervisor's does); `agent_dies` keeps
-    them. Clients are started in the calling thread (their PDEATHSIG binds to it)."""
+    `sync()` makes the clients follow the cloud: a VM that runs (or, split brain, still runs on
+    a host CloudStack restarted it away from: `LabKvmHost.lingering`) holds a watch from that
+    host; a VM that stopped or moved on a powered host closes its image (the watch goes at once);
+    a client on a host that lost power is SIGKILLed (the watch lingers, as a dead hypervisor's
+    does). An agent that dies changes nothing here: qemu keeps running. Clients are started in
+    the calling thread (their PDEATHSIG binds to it): call every method from one thread that
+    lives as long as the clients (LabCloud uses one executor thread)."""
 
-    def __init__(self, cluster: CephCluster, cloud: Any, lab: Any) -> None:
+    def __init__(self, cluster: CephCluster, cloud: Any, lab: Any, pool: Any = None) -> None:
         self.cluster, self.cloud, self.lab = cluster, cloud, lab
-        self.clients: dict[str, RbdClient] = {}  # volume uuid -> its client
-        self.pool: Any = None
+        self.clients: dict[tuple[str, str], RbdClient] = {}  # (volume uuid, host ip) -> client
+        self.pool: Any = pool
+        self.images: set[str] = set()  # images this lab created
+        self.failures: list[str] = []  # clients that could not open (the next sync retries)
 
     def add_pool(self, cluster_obj: Any, name: str = "ceph1") -> Any:
-        """The SimCloud pool (type RBD, path = the Ceph pool `rbd`)."""
+        """The SimCloud pool (type RBD, ipaddress = the monitor, path = the Ceph pool `rbd`)."""
         self.pool = self.cloud.add_pool(cluster_obj, name, "127.0.0.1", path="rbd", type="RBD")
         return self.pool
 
     def add_disk(self, vm: Any, name: str | None = None) -> Any:
         """A volume of `vm` on the RBD pool, with its image created."""
-        image = name or f"lab-{uuid.uuid4().hex[:12]}"
-        self.cluster.create_image(image)
-        return self.cloud.add_volume(vm, self.pool, path=image)
+        kw = {"path": name} if name else {}
+        vol = self.cloud.add_volume(vm, self.pool, **kw)
+        self.create_images()
+        return vol
+
+    def _volumes(self) -> list[Any]:
+        pool = self.pool.uuid if self.pool is not None else None
+        return [v for v in self.cloud.volumes.values() if v.storage_uuid == pool]
+
+    def create_images(self) -> None:
+        """An image for every volume on the pool that has none yet."""
+        for v in self._volumes():
+            if v.path not in self.images:
+                self.cluster.create_image(v.path, self.pool.path)
+                self.images.add(v.path)
+
+    def _host_by_ip(self, ip: str) -> Any:
+        return next((h for h in self.lab.hosts.values() if h.ip == ip), None)
 
     def sync(self) -> None:
-        """One client per Running VM's RBD volume, from its host's address; no others."""
-        want: dict[str, tuple[str, str]] = {}
-        for v in self.cloud.volumes.values():
+        """Clients follow the cloud (see the class docstring); never raises for a client that
+        cannot open its image (noted in `failures`, retried by the next sync)."""
+        want: dict[tuple[str, str], str] = {}
+        for v in self._volumes():
             vm = self.cloud.vms.get(v.vm_uuid or "")
-            if self.pool is None or v.storage_uuid != self.pool.uuid or vm is None:
+            if vm is None:
                 continue
-            host = self.lab.hosts.get(vm.host_uuid or "")
-            if vm.state == "Running" and host is not None and host.powered:
-                want[v.uuid] = (f"rbd/{v.path}", host.ip)
-        for vol, client in list(self.clients.items()):
-            if want.get(vol) != (f"{client.pool}/{client.image}", client.address):
+            spec = f"{self.pool.path}/{v.path}"
+            for h in self.lab.hosts.values():
+                runs_here = vm.state == "Running" and vm.host_uuid == h.uuid
+                if h.powered and (runs_here or vm.uuid in h.lingering):
+                    want[(v.uuid, h.ip)] = spec
+        for key, client in list(self.clients.items()):
+            host = self._host_by_ip(client.address)
+            if host is None or not host.powered:
+                client.kill()  # the hypervisor is gone: no unwatch, the watch lingers
+            elif key in want and client.running:
+                continue
+            client.close()
+            del self.clients[key]
+        spawned = [
+            (key, self.cluster.client(spec, key[1]).spawn())
+            for key, spec in want.items()
+            if key not in self.clients
+        ]
+        for key, client in spawned:
+            try:
+                self.clients[key] = client.wait_open()
+            except CephError as exc:
+                self.failures.append(str(exc))
+
+    def kill_host(self, ip: str) -> None:
+        """SIGKILL every client of the host at `ip` (it crashed or lost power)."""
+        for key, client in list(self.clients.items()):
+            if client.address == ip:
+                client.kill()
                 client.close()
-                del self.clients[vol]
-        for vol, (spec, ip) in want.items():
-            if vol not in self.clients:
-                self.clients[vol] = self.cluster.client(spec, ip).start()
+                del self.clients[key]
 
     def watchers_of(self, ip: str) -> list[str]:
         """`image address` of every watcher from `ip` on the lab's RBD images."""
         out = []
-        for v in self.cloud.volumes.values():
-            if self.pool is not None and v.storage_uuid == self.pool.uuid:
-                spec = f"rbd/{v.path}"
-                out += [
-                    f"{spec} {a}" for a in self.cluster.watchers(spec) if a.startswith(ip + ":")
-                ]
+        for v in self._volumes():
+            spec = f"{self.pool.path}/{v.path}"
+            out += [f"{spec} {a}" for a in self.cluster.watchers(spec) if a.startswith(ip + ":")]
         return out
 
     async def crash(self, host: Any) -> None:
         """The lab host dies: SSH and writes stop, its VMs' librbd clients are killed."""
         await host.crash()
-        for vol, client in list(self.clients.items()):
-            if client.address == host.ip:
-                client.kill()
-                client.close()
-                del self.clients[vol]
+        self.kill_host(host.ip)
 
     def close(self) -> None:
         """Close every client."""

@@ -8,6 +8,14 @@ are `KvmLab` hosts (real SSH, real files whose mtimes move while the host lives)
 its own pyghmi BMC whose power-off really stops the host; mail and traps land in in-process
 receivers. Every `LabCloud` uses its own topic prefix and consumer group, so several clouds can
 share one broker without seeing each other's records.
+
+With `ceph` (a running lab.ceph.CephCluster), the RBD pool is real: CloudStack lists it as
+type RBD (ipaddress = the monitor, path = the Ceph pool, each volume's path = its image), every
+volume on it has an image, and each Running VM's qemu is a librbd client with the image open,
+bound to its host's address (lab.ceph.LabRbd): a crash or a power-off SIGKILLs the host's
+clients (their watches linger `osd client watch timeout`, then expire), an agent that dies
+leaves them (qemu lives on), a VM CloudStack restarts elsewhere opens its image from the new
+host. The workers get an `rbd` section with the cluster's probe key and blocklist key.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +45,17 @@ from fencing.settings import (
     IpmiOverrides,
     IpmiSettings,
     PolicySettings,
+    RbdSettings,
     SigningSettings,
     SnmpReceiver,
     SnmpSettings,
     SshSettings,
+    StorageFence,
     TopicNames,
 )
 from fencing.signing import write_keys_file
 from lab.bmc import BmcSimulator
+from lab.ceph import CephCluster, LabRbd
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud, StoragePool
 from lab.kvm_hosts import KvmLab, LabKvmHost
 from lab.receivers import MailReceiver, TrapReceiver
@@ -65,7 +77,11 @@ class LabCloud:
     Options: `idle_hosts` (those hosts' VMs never write their disks), `filer_offset` (seconds
     the NFS filer's clock is ahead, negative behind: every mtime a neighbour stats is on it,
     heartbeat contents stay on the hosts' clock), `rbd_hosts` (each of those hosts' first VM
-    has its ROOT volume on a Ceph RBD pool, which no NFS probe can read).
+    has its ROOT volume on a Ceph RBD pool: without `ceph` no probe can read it),
+    `rbd_only_hosts` (every VM of those hosts is on the RBD pool: no NFS disk; its agent still
+    heartbeats on the cluster's NFS pools, as CloudStack's KVMHAMonitor does on every NFS pool),
+    `ceph` (the real cluster behind the RBD pool, see the module docstring), `storage_fence`
+    (host name -> none|before|fallback: the Ceph blocklist rung of that host's fencing ladder).
     """
 
     def __init__(
@@ -77,6 +93,9 @@ class LabCloud:
         hosts_without_vms: tuple[str, ...] = (),
         idle_hosts: tuple[str, ...] = (),
         rbd_hosts: tuple[str, ...] = (),
+        rbd_only_hosts: tuple[str, ...] = (),
+        ceph: CephCluster | None = None,
+        storage_fence: dict[str, str] | None = None,
         filer_offset: float = 0.0,
         pools: int = 1,
         interval: float = 1.0,
@@ -90,6 +109,13 @@ class LabCloud:
         self.hosts_without_vms = set(hosts_without_vms)
         self.idle_hosts = set(idle_hosts)
         self.rbd_hosts = set(rbd_hosts)
+        self.rbd_only_hosts = set(rbd_only_hosts)
+        self.ceph = ceph
+        self.storage_fence = dict(storage_fence or {})
+        self.rbd: LabRbd | None = None
+        # LabRbd's clients die with the thread that started them: one thread for all of them.
+        self._rbd_thread: ThreadPoolExecutor | None = None
+        self._rbd_sync: asyncio.Task[None] | None = None
         self.pool_count = pools
         self.interval = interval
         self._own_root = root is None
@@ -128,12 +154,18 @@ class LabCloud:
             self.pools.append(
                 self.cloud.add_pool(self.cluster, f"nfs{i}", "10.0.0.5", path=f"/export/pri{i}")
             )
-        if self.rbd_hosts:
+        if self.rbd_hosts or self.rbd_only_hosts:
             # CloudStack lists an RBD pool with its monitor as ipaddress and the Ceph pool name
             # as path; KVM hosts mount nothing for it and KVMHAMonitor writes no heartbeat there.
             self.rbd_pool = self.cloud.add_pool(
-                self.cluster, "rbd1", "10.0.0.7", path="rbd", type="RBD"
+                self.cluster,
+                "rbd1",
+                "127.0.0.1" if self.ceph is not None else "10.0.0.7",
+                path="rbd",
+                type="RBD",
             )
+            if self.ceph is not None:
+                self.rbd = LabRbd(self.ceph, self.cloud, self.kvm, self.rbd_pool)
         for i in range(1, self.host_count + 1):
             h = self.kvm.add_host(self.cluster, f"kvm{i:02d}")
             h.idle = h.name in self.idle_hosts
@@ -142,7 +174,8 @@ class LabCloud:
             for j in range(1, self.vms_per_host + 1):
                 vm = self.cloud.add_vm(h.cloud_host, f"vm-{h.name}-{j}")
                 self.home[vm.uuid] = h.name
-                if j == 1 and h.name in self.rbd_hosts and self.rbd_pool is not None:
+                on_rbd = h.name in self.rbd_only_hosts or (j == 1 and h.name in self.rbd_hosts)
+                if on_rbd and self.rbd_pool is not None:
                     self.cloud.add_volume(vm, self.rbd_pool)
                 else:
                     self.cloud.add_volume(vm, self.pools[(i + j) % len(self.pools)])
@@ -165,6 +198,11 @@ class LabCloud:
                 self.broker = await EmbeddedBroker(create_topics=False).astart()
             self.sim = await CloudStackSimulator(self.cloud).start()
             await self.kvm.start()
+            if self.rbd is not None:
+                self._rbd_thread = ThreadPoolExecutor(1, thread_name_prefix="lab-rbd")
+                await self._in_rbd_thread(self.rbd.create_images)
+                await self._in_rbd_thread(self.rbd.sync)
+                self._rbd_sync = asyncio.create_task(self._follow_rbd())
             await asyncio.gather(*(asyncio.to_thread(self._start_bmc, n) for n in self.names()))
             self.mail.start()
             await self.traps.start()
@@ -201,6 +239,16 @@ class LabCloud:
             self._forwarder = None
         for t in list(self._tasks):
             t.cancel()
+        if self._rbd_sync is not None:
+            self._rbd_sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._rbd_sync
+            self._rbd_sync = None
+        if self._rbd_thread is not None and self.rbd is not None:
+            with contextlib.suppress(Exception):
+                await self._in_rbd_thread(self.rbd.close)
+            self._rbd_thread.shutdown(wait=True)
+            self._rbd_thread = None
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
@@ -222,6 +270,39 @@ class LabCloud:
 
     async def __aenter__(self) -> LabCloud:
         return await self.start()
+
+    # -- Ceph: the VMs' librbd clients follow the cloud -------------------------------------------
+
+    async def _in_rbd_thread(self, fn: Any, *args: Any) -> Any:
+        assert self._rbd_thread is not None
+        return await asyncio.get_running_loop().run_in_executor(self._rbd_thread, fn, *args)
+
+    async def _follow_rbd(self) -> None:
+        # VMs that CloudStack restarts elsewhere open their images there; a host that lost power
+        # loses its clients (LabRbd.sync). Crashes kill at once (`crash`), this catches the rest.
+        assert self.rbd is not None
+        while True:
+            await asyncio.sleep(min(0.5, self.interval))
+            try:
+                await self._in_rbd_thread(self.rbd.sync)
+            except Exception as exc:  # a lab that stops following must say so, and keep trying
+                log.warning("lab: cannot sync the VMs' RBD clients: %s", exc)
+
+    def rbd_watchers(self, name: str) -> list[str]:
+        """`pool/image address` of every watch host `name` holds on the lab's RBD images."""
+        assert self.rbd is not None, "the lab cloud has no Ceph"
+        return self.rbd.watchers_of(self.host(name).ip)
+
+    async def ceph_unreachable(self) -> None:
+        """The Ceph monitor stops: nothing can ask the cluster (the OSD and the VMs' open
+        images stay; `ceph_restored` starts the monitor again)."""
+        assert self.ceph is not None, "the lab cloud has no Ceph"
+        await asyncio.to_thread(self.ceph.stop_mon)
+
+    def ceph_restored(self) -> None:
+        """The monitor runs again (started from the calling thread, which must outlive it)."""
+        assert self.ceph is not None, "the lab cloud has no Ceph"
+        self.ceph.start_mon()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
@@ -277,6 +358,7 @@ class LabCloud:
         if state == "off":
             self.power_offs.append((time.time(), name))
             await h.power_off()
+            await self._rbd_host_died(h)
             if self.cloud.hosts[h.uuid].state == "Up":
                 # The agent's connection drops with the power.
                 self.cloud.set_host_state(h.uuid, "Disconnected")
@@ -306,6 +388,9 @@ class LabCloud:
                     address=self.bmcs[h.name].address,
                     port=self.bmcs[h.name].port,
                     password=SecretStr(self.bmc_passwords[h.name]),
+                    storage_fence=StorageFence(self.storage_fence[h.name])
+                    if h.name in self.storage_fence
+                    else None,
                 ),
             )
             for h in self.kvm.hosts.values()
@@ -353,6 +438,10 @@ class LabCloud:
             signing=SigningSettings(keys_file=write_keys_file(self.root / "signing.keys", "lab")),
             lab=True,
         )
+        if self.ceph is not None:
+            settings = settings.model_copy(
+                update={"rbd": RbdSettings.model_validate(self.ceph.rbd_settings())}
+            )
         prepare_kafka(settings)
         return settings
 
@@ -407,6 +496,12 @@ class LabCloud:
         Disconnected or Alert hosts, and a KVM host without host-HA stays there.
         """
         await self.host(name).crash("Disconnected")
+        await self._rbd_host_died(self.host(name))
+
+    async def _rbd_host_died(self, h: LabKvmHost) -> None:
+        """Its qemu processes died with it: their watches linger, then expire."""
+        if self.rbd is not None and self._rbd_thread is not None:
+            await self._in_rbd_thread(self.rbd.kill_host, h.ip)
 
     def storage_outage(self) -> None:
         """Every pool's mount point vanishes for every host."""

@@ -7,6 +7,13 @@ power-offs, CloudStack's API calls and VM states, the mails and traps received).
 gets a fresh `LabCloud` (own topics, own consumer group) on one shared embedded broker. The
 scenarios are also the end-to-end tests (tests/e2e).
 
+Scenarios marked `ceph` run their lab cloud's RBD pool on a real single-node Ceph
+(lab.ceph.CephCluster: tests pass the session's, `fencer demo` starts one): the VMs' disks are
+images, their qemu processes librbd clients holding watches from their host's address, and the
+workers read watchers with the probe's read-only key and blocklist with the fence key. The
+cluster is shared between scenarios: each one leaves it with its monitor running and an empty
+blocklist.
+
 The checks the timeline shows are the core's judgements, read from the compacted
 `fencer.host-states` topic (one per (episode, check) the record reports as judged); a probe
 result is only a reading (files and their mtimes), shown as the detail of the check it answered.
@@ -30,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lab.ceph import LAB_WATCH_TIMEOUT, CephCluster
 from lab.cloud import LabCloud
 from lab.pipeline import Tap, WorkerProcess, write_settings
 from streams.broker import BrokerError, EmbeddedBroker
@@ -67,6 +75,7 @@ class Run:
         self.file: Path | None = None
         self.tap: Tap | None = None
         self.marks: dict[str, float] = {}
+        self.facts: dict[str, Any] = {}  # what a scenario read from a peer (e.g. Ceph), by name
         self.moved_disks: dict[str, float] = {}  # disk file -> its mtime when its VM moved
         self._seen_mails = 0
         self._seen_traps = 0
@@ -102,11 +111,12 @@ class Run:
         )
         self._watch = asyncio.create_task(self._watch_receivers())
         p = self.settings.policy
+        on = "NFS" if self.lab.rbd is None else "NFS and on Ceph RBD (a real cluster)"
         self.event(
             "lab",
             None,
             f"cloud up: {len(self.lab.names())} KVM hosts in one cluster, "
-            f"{len(self.lab.cloud.vms)} VMs on NFS; check every {p.check_interval:g} s, "
+            f"{len(self.lab.cloud.vms)} VMs on {on}; check every {p.check_interval:g} s, "
             f"fence after {1 + p.extra_checks} stale checks, cap {p.fence_cap} per cluster",
         )
         await self.start_worker()
@@ -468,6 +478,7 @@ class Scenario:
     lab: dict[str, Any] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)
     filer_offset_checks: float = 0.0  # the filer's clock offset, in check intervals
+    ceph: bool = False  # the lab's RBD pool is a real Ceph cluster (play's `ceph`)
 
 
 def _expect(failures: list[str], ok: bool, text: str) -> None:
@@ -1047,6 +1058,241 @@ def _judge_pause_then_resume(run: Run) -> list[str]:
     return f
 
 
+# -- the Ceph RBD scenarios (a real cluster; lab.ceph)
+
+
+def _min_gap(run: Run) -> float:
+    """The RBD back end's stale window: a dead client's watch must have expired."""
+    rbd = run.settings.rbd
+    return float(rbd.watch_timeout + rbd.watch_margin)
+
+
+# What one RBD check may add on a loaded two-core machine: the neighbour starts Python, loads
+# librados and connects to the monitor (about 0.5 s idle, 2-3 s under a parallel test run).
+PIPELINE_PER_RBD_CHECK = 3.0
+# The RBD scenarios check every min_gap (rbd.watch_timeout + rbd.watch_margin of the lab: 5 + 1
+# s): a check sooner after the previous reading could not call the host stale ("too soon", an
+# unknown that counts toward cannot_verify), as check_interval 60 s >= 30 + 5 s is on a real
+# cloud with Ceph's defaults.
+RBD_POLICY = {"check_interval": LAB_WATCH_TIMEOUT + 1.0}
+
+
+def _rbd_fence_deadline(run: Run) -> float:
+    """Crash to verified fence of an RBD-only host: its watches linger `watch_timeout`, then
+    1 + extra_checks stale checks, each on the first tick at least `min_gap` after the previous
+    reading arrived, plus the pipeline's slack."""
+    p = run.settings.policy
+    ci, gap = p.check_interval, _min_gap(run)
+    # The next check is requested an interval after the previous result arrived: with
+    # check_interval >= min_gap each one may be stale; below it, the first tick past min_gap.
+    per_check = (ci if ci >= gap else gap + ci) + PIPELINE_PER_RBD_CHECK
+    return (
+        run.settings.rbd.watch_timeout
+        + PIPELINE_PER_RBD_CHECK
+        + (1 + p.extra_checks) * per_check
+        + PIPELINE_ONCE
+    )
+
+
+def _watches(run: Run, name: str, when: str) -> list[str]:
+    """Note (and show) the watches host `name` holds now."""
+    watches = run.lab.rbd_watchers(name)
+    run.facts[f"watches:{name}:{when}"] = len(watches)
+    run.event("ceph", name, f"{name} holds {len(watches)} RBD watches ({when})")
+    return watches
+
+
+def _blocklist(run: Run) -> list[str]:
+    """`ceph osd blocklist ls` (as client.admin): the listed addresses."""
+    from fencing.blocklist import parse_ls
+
+    assert run.lab.ceph is not None
+    out = run.lab.ceph.run("ceph", "osd", "blocklist", "ls", "--format", "json").stdout
+    return [str(e.get("addr")) for e in parse_ls(out)]
+
+
+async def _rbd_host_crash(run: Run) -> None:
+    _watches(run, "kvm03", "before the crash")
+    run.fault(
+        "kvm03 (every VM disk on Ceph RBD, no NFS disk, no heartbeat) crashes: its qemu "
+        f"processes die, their watches linger {run.settings.rbd.watch_timeout:g} s",
+        "kvm03",
+    )
+    run.marks["crash:kvm03"] = time.time()
+    await run.lab.crash("kvm03")
+    await run.wait(
+        lambda: not run.lab.rbd_watchers("kvm03"),
+        run.settings.rbd.watch_timeout + 10,
+        "kvm03's watches to expire",
+    )
+    run.marks["expired:kvm03"] = time.time()
+    run.event("ceph", "kvm03", "kvm03's watches expired (osd client watch timeout)")
+    await run.wait(lambda: run.outcomes("kvm03"), _rbd_fence_deadline(run) + 20, "kvm03 fenced")
+    await run.wait(
+        lambda: run.lab.mail.mails and run.lab.traps.traps and run.lab.restarted_elsewhere("kvm03"),
+        15,
+        "a mail, a trap and the VMs restarted",
+    )
+    # CloudStack started the VMs on other hosts: their qemu opens the images there.
+    cloud = run.lab.cloud
+    moved = {cloud.hosts[cloud.vms[u].host_uuid or ""].name for u in run.lab.vms_of("kvm03")}
+    await run.wait(
+        lambda: sum(len(run.lab.rbd_watchers(n)) for n in moved) >= 2,
+        15,
+        "the restarted VMs' images watched from their new hosts",
+    )
+    run.facts["watches of the restarted VMs"] = sum(len(run.lab.rbd_watchers(n)) for n in moved)
+    run.event("ceph", None, f"the restarted VMs' images are watched from {', '.join(moved)}")
+    await asyncio.sleep(run.settings.policy.check_interval * 2)  # nothing more may happen
+
+
+def _judge_rbd_host_crash(run: Run) -> list[str]:
+    f: list[str] = []
+    _expect(f, run.facts.get("watches:kvm03:before the crash") == 2, "kvm03 held no watches")
+    crashed, expired = run.marks.get("crash:kvm03"), run.marks.get("expired:kvm03")
+    if crashed is None or expired is None:
+        return [*f, "kvm03's watches never expired"]
+    stale = [c for c in run.results("kvm03", "stale")]
+    # (`expired` is when the scenario's own polling of `rbd status` saw them gone.)
+    early = [c["check"] for c in stale if c["requested_at"] < expired - 1.5]
+    _expect(f, early == [], f"stale while kvm03's watches still lingered: checks {early}")
+    _fenced_once(run, f, "kvm03", _rbd_fence_deadline(run), "crash:kvm03")
+    _expect(f, run.lab.rbd_watchers("kvm03") == [], "kvm03 still watches an image")
+    moved = run.facts.get("watches of the restarted VMs")
+    _expect(f, moved == 2, f"{moved} watches of the restarted VMs' images from their new hosts")
+    return f
+
+
+async def _rbd_agent_dies(run: Run) -> None:
+    _watches(run, "kvm02", "before the agent dies")
+    run.fault("kvm02's CloudStack agent dies; qemu keeps its RBD images open (watches)", "kvm02")
+    run.marks["agent:kvm02"] = time.time()
+    run.lab.agent_dies("kvm02")
+    p = run.settings.policy
+    # Longer than a crashed host would need to be fenced: the watches alone keep it alive.
+    span = run.settings.rbd.watch_timeout + (1 + p.extra_checks) * _min_gap(run)
+    await run.checks("kvm02", 2)
+    first = run.results("kvm02")[0]["at"]
+    await run.wait(
+        lambda: run.results("kvm02") and run.results("kvm02")[-1]["at"] - first >= span,
+        span + 30,
+        f"{span:g} s of checks of kvm02",
+    )
+    _watches(run, "kvm02", "at the end")
+
+
+def _judge_rbd_agent_dies(run: Run) -> list[str]:
+    f: list[str] = []
+    checks = run.results("kvm02")
+    p = run.settings.policy
+    need = 2 + p.extra_checks
+    _expect(f, len(checks) >= need, f"{len(checks)} checks of kvm02, not {need}")
+    ev = [c["evidence"] for c in checks]
+    _expect(f, "stale" not in ev, f"a check of a host whose VMs run said stale: {ev}")
+    _expect(f, set(ev[1:]) <= {"alive"}, f"checks of a live RBD host not all alive: {ev}")
+    by_watch = [c for c in checks if "watcher" in str(c["reason"] or "")]
+    _expect(f, len(by_watch) >= need - 1, "the alive checks do not name a watcher")
+    for when in ("before the agent dies", "at the end"):
+        held = run.facts.get(f"watches:kvm02:{when}")
+        _expect(f, held == 2, f"kvm02 held {held} watches {when}, not 2")
+    _expect(f, run.decisions() == [], "a fence was decided for a live host")
+    _expect(f, run.lab.bmc_power_offs("kvm02") == 0, "kvm02's BMC got a power-off")
+    _expect(f, run.lab.degraded_calls("kvm02") == [], "CloudStack was told kvm02 is degraded")
+    return f
+
+
+async def _rbd_bmc_unreachable(run: Run) -> None:
+    _watches(run, "kvm07", "before the crash")
+    run.fault(
+        "kvm07's BMC stops answering, then kvm07 (every VM disk on Ceph RBD) crashes; its "
+        "ladder: blocklist as the fallback",
+        "kvm07",
+    )
+    run.lab.bmc_unreachable("kvm07")
+    run.marks["crash:kvm07"] = time.time()
+    await run.lab.crash("kvm07")
+    deadline = _rbd_fence_deadline(run) + run.settings.actuator.fence_deadline + 30
+    await run.wait(lambda: run.outcomes("kvm07"), deadline, "kvm07's fence outcome")
+    await run.wait(
+        lambda: run.lab.restarted_elsewhere("kvm07") and _lift_mail(run),
+        20,
+        "the VMs restarted and a mail that says how to lift the blocklist",
+    )
+    listed = _blocklist(run)
+    run.event("ceph", "kvm07", f"ceph osd blocklist ls: {', '.join(listed) or 'empty'}")
+    run.facts["blocklist"] = listed
+    await asyncio.sleep(run.settings.policy.check_interval * 2)
+
+
+def _lift_mail(run: Run) -> bool:
+    return any("fencer rbd lift" in m.body for m in run.lab.mail.mails)
+
+
+def _judge_rbd_bmc_unreachable(run: Run) -> list[str]:
+    f: list[str] = []
+    ip = run.lab.host("kvm07").ip
+    entry = f"{ip}:0/0"
+    outs = run.outcomes("kvm07")
+    _expect(f, len(outs) == 1, f"{len(outs)} fence outcomes for kvm07, not 1")
+    out = outs[0] if outs else {}
+    error = str(out.get("error") or "")
+    _expect(f, bool(out.get("success")), f"kvm07 was not storage-fenced: {error}")
+    _expect(f, "storage-fenced instead" in error and entry in error, f"outcome: {error}")
+    _expect(f, run.lab.bmc_power_offs("kvm07") == 0, "kvm07's unreachable BMC got a power-off")
+    _expect(f, run.lab.bmcs["kvm07"].power == "on", "kvm07's BMC says its power went off")
+    listed = run.facts.get("blocklist") or []
+    _expect(f, entry in listed, f"{entry} is not in ceph osd blocklist ls: {listed}")
+    _expect(f, len(run.lab.degraded_calls("kvm07")) == 1, "not one declareHostAsDegraded")
+    vms = run.lab.vms_of("kvm07")
+    _expect(f, sorted(run.lab.restarted_elsewhere("kvm07")) == sorted(vms), "VMs not restarted")
+    notes = [n for n in run.notices(None, "kvm07") if entry in str(n.get("reason") or "")]
+    _expect(f, bool(notes), f"no notice names the blocklist {entry}")
+    _expect(
+        f,
+        any("fencer rbd lift" in str(n.get("reason")) for n in notes),
+        "no notice says how to lift the blocklist",
+    )
+    _expect(f, _lift_mail(run), "no mail says how to lift the blocklist")
+    _expect(f, run.lab.rbd_watchers("kvm07") == [], "kvm07 still watches an image")
+    return f
+
+
+async def _ceph_unreachable(run: Run) -> None:
+    run.fault("the Ceph monitor stops: nobody can ask the cluster any more")
+    await run.lab.ceph_unreachable()
+    run.fault("kvm05 (every VM disk on Ceph RBD) crashes while Ceph cannot be asked", "kvm05")
+    await run.lab.crash("kvm05")
+    p = run.settings.policy
+    await run.wait(
+        lambda: run.notices("cannot_verify", "kvm05"),
+        (p.check_interval + 2 * run.settings.rbd.connect_timeout) * (p.unknown_alert_after + 3)
+        + 30,
+        "a cannot-verify notice",
+    )
+    await run.checks("kvm05", 2 + p.extra_checks + 1)
+    await run.wait(lambda: run.lab.mail.mails and run.lab.traps.traps, 15, "mail and trap")
+
+
+def _judge_ceph_unreachable(run: Run) -> list[str]:
+    f: list[str] = []
+    checks = run.results("kvm05")
+    ev = {c["evidence"] for c in checks}
+    _expect(f, ev == {"unknown"}, f"checks while Ceph could not be asked said {ev}")
+    _expect(
+        f,
+        all("ceph unreachable" in str(c["reason"]) for c in checks),
+        f"an unknown that does not say Ceph is unreachable: {[c['reason'] for c in checks]}",
+    )
+    _expect(f, run.decisions() == [], "a fence was decided without evidence")
+    _expect(f, run.lab.bmc_power_offs("kvm05") == 0, "kvm05's BMC got a power-off")
+    _expect(f, run.lab.degraded_calls("kvm05") == [], "CloudStack was told kvm05 is degraded")
+    _expect(f, bool(run.notices("cannot_verify", "kvm05")), "no cannot-verify notice")
+    _expect(f, "cannot_verify" in {t.kind for t in run.lab.traps.traps}, "no cannot-verify trap")
+    subjects = [m.subject for m in run.lab.mail.mails]
+    _expect(f, any("CANNOT-VERIFY" in s for s in subjects), f"no cannot-verify mail: {subjects}")
+    return f
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -1156,6 +1402,44 @@ SCENARIOS: dict[str, Scenario] = {
             policy={"suspect_alert_after": 3.0, "suspect_renotify": 4.0},
         ),
         Scenario(
+            "rbd-host-crash",
+            "a host whose VMs are on Ceph RBD crashes: its watches expire, then fenced once, "
+            "VMs restarted elsewhere",
+            _rbd_host_crash,
+            _judge_rbd_host_crash,
+            lab={"rbd_only_hosts": ("kvm03",)},
+            policy=RBD_POLICY,
+            ceph=True,
+        ),
+        Scenario(
+            "rbd-agent-dies",
+            "the agent of a host whose VMs are on Ceph RBD dies: its watches stay, never fenced",
+            _rbd_agent_dies,
+            _judge_rbd_agent_dies,
+            lab={"rbd_only_hosts": ("kvm02",)},
+            policy=RBD_POLICY,
+            ceph=True,
+        ),
+        Scenario(
+            "rbd-bmc-unreachable",
+            "an RBD-only host crashes with its BMC unreachable: Ceph blocklist as the fallback, "
+            "verified, VMs restarted, a notice says how to lift it",
+            _rbd_bmc_unreachable,
+            _judge_rbd_bmc_unreachable,
+            lab={"rbd_only_hosts": ("kvm07",), "storage_fence": {"kvm07": "fallback"}},
+            policy=RBD_POLICY,
+            ceph=True,
+        ),
+        Scenario(
+            "ceph-unreachable",
+            "Ceph cannot be asked when an RBD host crashes: only unknown, a cannot-verify "
+            "notice, no fence",
+            _ceph_unreachable,
+            _judge_ceph_unreachable,
+            lab={"rbd_only_hosts": ("kvm05",)},
+            ceph=True,
+        ),
+        Scenario(
             "pause-then-resume",
             "fencing paused: the crashed host is withheld and still checked; after the resume "
             "it is fenced once",
@@ -1199,6 +1483,7 @@ def summary_of(run: Run, scenario: Scenario, failures: list[str]) -> dict[str, A
         # Seconds from the scenario's start: its marks (crash:<host>, resume:<host>, ...) and
         # every power-off a BMC carried out.
         "marks": {k: round(v - run.t0, 2) for k, v in run.marks.items()},
+        "facts": run.facts,
         "bmc_power_off_at": [[round(at - run.t0, 2), n] for at, n in lab.power_offs],
         "mail_subjects": [m.subject for m in lab.mail.mails],
         "trap_kinds": [t.kind for t in lab.traps.traps],
@@ -1236,12 +1521,35 @@ async def play(
     *,
     fast: bool = True,
     printer: Printer | None = None,
+    ceph: CephCluster | None = None,
 ) -> tuple[Run, dict[str, Any]]:
     """Play one scenario on a fresh lab cloud; its run and its summary (never raises on a
-    failed expectation: the summary says what failed)."""
+    failed expectation: the summary says what failed). A `ceph` scenario needs `ceph`, a
+    running cluster started from this thread (it is left as found: monitor up, no blocklist)."""
     scenario = SCENARIOS[name]
+    if scenario.ceph:
+        if ceph is None:
+            raise ValueError(f"scenario {name} needs a running Ceph cluster (play's ceph)")
+        try:
+            return await _play(scenario, broker, workdir, fast, printer, ceph)
+        finally:
+            ceph.reset()
+    return await _play(scenario, broker, workdir, fast, printer, None)
+
+
+async def _play(
+    scenario: Scenario,
+    broker: EmbeddedBroker,
+    workdir: Path,
+    fast: bool,
+    printer: Printer | None,
+    ceph: CephCluster | None,
+) -> tuple[Run, dict[str, Any]]:
+    name = scenario.name
     interval = 0.5 if fast else 1.0
     lab_kw: dict[str, Any] = {"interval": interval, **scenario.lab}
+    if ceph is not None:
+        lab_kw["ceph"] = ceph
     if scenario.filer_offset_checks:
         ci = scenario.policy.get("check_interval", LabCloud.default_check_interval(interval))
         lab_kw["filer_offset"] = scenario.filer_offset_checks * ci
@@ -1280,11 +1588,18 @@ async def _main(names: list[str], as_json: bool, fast: bool, workdir: Path) -> i
     broker = EmbeddedBroker(create_topics=False)
     with _quiet_stderr():  # Tansu prints a banner; its failures still raise BrokerError
         await broker.astart()
+    ceph: CephCluster | None = None
     try:
+        if any(SCENARIOS[n].ceph for n in names):
+            if not as_json:
+                print("starting a single-node Ceph (one monitor, one OSD) ...", flush=True)
+            # Started from this thread, which outlives it (its daemons die with their thread).
+            ceph = CephCluster(watch_timeout=LAB_WATCH_TIMEOUT)  # stopped below, even half-built
+            ceph.start()
         for name in names:
             if not as_json:
                 print(f"\n== {name}: {SCENARIOS[name].expected}", flush=True)
-            _run, summary = await play(name, broker, workdir, fast=fast, printer=printer)
+            _run, summary = await play(name, broker, workdir, fast=fast, printer=printer, ceph=ceph)
             results[name] = summary
             if not as_json:
                 verdict = "PASSED" if summary["passed"] else "FAILED"
@@ -1305,6 +1620,8 @@ async def _main(names: list[str], as_json: bool, fast: bool, workdir: Path) -> i
                 for why in summary["failures"]:
                     print(f"     - {why}", flush=True)
     finally:
+        if ceph is not None:
+            ceph.stop()
         await broker.astop()
     passed = all(s["passed"] for s in results.values())
     if as_json:

@@ -105,8 +105,11 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
 async def operator_action(
     rt: Runtime, action: OperatorAction, table: MutableMapping[str, Any], key: str
 ) -> FenceOutcome | None:
-    """An operator's retry (runs the failed decision again; the new outcome) or handled
-    (stops the reminders; None)."""
+    """An operator's retry (runs the failed decision again; the new outcome), handled
+    (stops the reminders; None) or lift_blocklist (lift_blocklist; None)."""
+    if action.kind == "lift_blocklist":
+        await lift_blocklist(rt, action)
+        return None
     target = failed_fence(dict(table.get(key) or {}), action.decision_id)
     if target is None:
         log.warning(
@@ -144,6 +147,31 @@ async def operator_action(
             table, key, decision_id, {**done_entry(decision, outcome), "retried_by": action.by}
         )
     return outcome
+
+
+async def lift_blocklist(rt: Runtime, action: OperatorAction) -> str | None:
+    """An operator lifts a repaired host's Ceph blocklist with this worker's fence key
+    (fencing.storage_fence.lift_host, as `fencer rbd lift --direct`): the entry lifted, or None
+    when it could not be (logged as an error: the host stays cut off from Ceph)."""
+    from fencing.blocklist import BlocklistError
+    from fencing.storage_fence import lift_host
+    from probes.inventory import InventoryError
+
+    who = action.by or "an operator"
+    try:
+        entry = await lift_host(await rt.live(), action.host_uuid, action.address)
+    except (BlocklistError, InventoryError, ValueError) as exc:
+        log.error(
+            "blocklist of host %s NOT lifted (asked by %s): %s; the host still cannot write to "
+            "Ceph: retry, or `fencer rbd lift %s --direct` where the fence key is",
+            action.host_uuid,
+            who,
+            exc,
+            action.host_uuid,
+        )
+        return None
+    log.warning("blocklist %s of host %s lifted by %s", entry, action.host_uuid, who)
+    return entry
 
 
 async def carry_out(rt: Runtime, decision: FenceDecision, takeover: bool) -> FenceOutcome:
@@ -255,7 +283,7 @@ async def ipmi_test(rt: Runtime, action: OperatorAction) -> IpmiTestAnswer:
 
 
 async def send_operator_action(settings: FencerSettings, action: OperatorAction) -> None:
-    """Write an operator's retry or handled record to its topic (CLI and web UI)."""
+    """Write an operator's record (retry, handled, lift_blocklist) to its topic (CLI, web UI)."""
     from aiokafka import AIOKafkaProducer
 
     from streams.kafka import aiokafka_kwargs, prepare_kafka

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from fencing.blocklist import Blocklister
+from fencing.blocklist import Blocklister, BlocklistError
 from fencing.storage_fence import lift_host
 from probes.host_disks import management_ip
 
@@ -20,11 +20,20 @@ def add_cli(sub: Any, lazy: Callable[[str], Callable[[argparse.Namespace], int]]
     r = sub.add_parser("rbd", help="Ceph RBD storage fencing (blocklists)")
     rsub = r.add_subparsers(dest="rbd_command", required=True, metavar="SUBCOMMAND")
     lift = rsub.add_parser(
-        "lift", help="lift the blocklist of a repaired host (its writes to Ceph work again)"
+        "lift",
+        help="lift the blocklist of a repaired host (its writes to Ceph work again): sent to "
+        "the actuate workers through the operator-actions topic, or done here with --direct",
     )
     lift.add_argument("host", help="CloudStack host uuid")
     lift.add_argument("--address", help="storage address (default: storage_ip, else CloudStack's)")
     lift.add_argument("-c", "--config", help="settings file (YAML)")
+    lift.add_argument(
+        "--direct",
+        action="store_true",
+        help="lift it from this machine with rbd.fence_keyring (when no worker runs)",
+    )
+    lift.add_argument("--by", help="who acts (default: cli:<user>)")
+    lift.add_argument("--timeout", type=float, default=30.0, help="seconds to reach Kafka")
     lift.set_defaults(func=lazy("streams.rbd_cli:cli_lift"))
     ls = rsub.add_parser("list", help="list the cluster's blocklist entries")
     ls.add_argument("-c", "--config", help="settings file (YAML)")
@@ -32,13 +41,50 @@ def add_cli(sub: Any, lazy: Callable[[str], Callable[[argparse.Namespace], int]]
 
 
 def cli_lift(args: argparse.Namespace) -> int:
-    """`fencer rbd lift HOST [--address IP] [-c FILE]`: an operator lifts a host's blocklist."""
+    """`fencer rbd lift HOST [--address IP] [--direct] [-c FILE]`: an operator lifts a host's
+    blocklist, through the actuate workers (the operator-actions topic, as the web UI does) or,
+    with --direct, here with the fence key."""
+    import getpass
+    import sys
+    import time
+
     from fencing.settings import load_settings
 
     settings = load_settings(getattr(args, "config", None))
-    lookup = partial(management_ip, settings)
-    entry = asyncio.run(lift_host(settings, args.host, getattr(args, "address", None), lookup))
-    print(f"blocklist {entry} lifted: host {args.host} can write to Ceph again")
+    address = getattr(args, "address", None)
+    if getattr(args, "direct", False):
+        lookup = partial(management_ip, settings)
+        try:
+            entry = asyncio.run(lift_host(settings, args.host, address, lookup))
+        except (BlocklistError, ValueError) as exc:
+            print(f"fencer: blocklist NOT lifted: {exc}", file=sys.stderr)
+            return 1
+        print(f"blocklist {entry} lifted: host {args.host} can write to Ceph again")
+        return 0
+    from aiokafka.errors import KafkaError
+
+    from fencing.records import OperatorAction
+    from streams.actuating import send_operator_action
+
+    action = OperatorAction(
+        kind="lift_blocklist",
+        host_uuid=args.host,
+        decision_id=None,
+        address=address,
+        by=getattr(args, "by", None) or f"cli:{getpass.getuser()}",
+        at=time.time(),
+    )
+    timeout = getattr(args, "timeout", 30.0)
+    try:
+        asyncio.run(asyncio.wait_for(send_operator_action(settings, action), timeout))
+    except (TimeoutError, OSError, KafkaError) as exc:
+        where = settings.kafka.bootstrap_servers
+        print(f"fencer: cannot write to Kafka at {where}: {exc or 'timed out'}", file=sys.stderr)
+        return 1
+    print(
+        f"sent: lift of host {args.host}'s blocklist; an actuate worker lifts it "
+        "(its log says so; `fencer rbd list` shows what is left)"
+    )
     return 0
 
 

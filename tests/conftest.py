@@ -14,6 +14,13 @@
   a unique prefix and those topics are created before the factory returns. `update` is passed
   to `FencerSettings.model_copy(update=...)`, e.g. `fencer_settings(policy=PolicySettings(...))`.
 - `kafka_settings` (function scope): `fencer_settings().kafka`, for code that only needs Kafka.
+- `ceph` (session scope): a real single-node Ceph (lab.ceph.CephCluster: one monitor, one
+  memstore OSD, pool `rbd`) with a short `osd client watch timeout` (WATCH_TIMEOUT s, so a dead
+  client's watch expires in seconds) and two keys: the probe's read-only key and the actuator's
+  blocklist key. A real peer: if Ceph is not installed the test FAILS (make test installs
+  ceph-mon ceph-osd ceph-common), never skips. Started once per test process (~1-2 s).
+- `ceph_clean` (function scope): `ceph`, with the blocklist cleared and the monitor running
+  again after the test (lab addresses repeat across tests).
 """
 
 from __future__ import annotations
@@ -21,12 +28,14 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fencing.settings import FencerSettings, KafkaSettings, TopicNames
+from lab.ceph import LAB_WATCH_TIMEOUT, CephCluster, ceph_installed
 from streams.broker import EmbeddedBroker, run_coroutine
 from streams.kafka import ensure_topics
 
@@ -68,3 +77,48 @@ def fencer_settings(broker: EmbeddedBroker, tmp_path: Path) -> FencerSettingsFac
 def kafka_settings(fencer_settings: FencerSettingsFactory) -> KafkaSettings:
     """KafkaSettings pointing at the session broker (embedded=True, unique group id)."""
     return fencer_settings().kafka
+
+
+# --- a real Ceph ---------------------------------------------------------------------------------
+
+WATCH_TIMEOUT = LAB_WATCH_TIMEOUT  # osd_client_watch_timeout of the test cluster (Ceph's: 30)
+
+
+@dataclass
+class Ceph:
+    """The session's cluster and its two keys (lab.ceph PROBE_CAPS, FENCE_CAPS)."""
+
+    cluster: CephCluster
+    probe_keyring: Path
+    fence_keyring: Path
+    names: Iterator[int]
+
+    def image(self, prefix: str = "vol") -> str:
+        """A new image in pool `rbd`; its name (unique in the session)."""
+        name = f"{prefix}-{next(self.names)}"
+        self.cluster.create_image(name)
+        return name
+
+    def rbd_settings(self, **kw: object) -> dict[str, object]:
+        """The `rbd` settings section that reaches this cluster (neighbours and worker alike)."""
+        return self.cluster.rbd_settings(**kw)
+
+
+@pytest.fixture(scope="session")
+def ceph() -> Iterator[Ceph]:
+    """One monitor and one memstore OSD for the whole session (a real peer: never skipped)."""
+    problem = ceph_installed()
+    if problem:
+        pytest.fail(f"a real Ceph is needed: {problem}")
+    with CephCluster(watch_timeout=WATCH_TIMEOUT) as cluster:
+        print(f"ceph: started in {cluster.started_in:.2f} s")  # shown with -s / -rP
+        probe_keyring, fence_keyring = cluster.fencer_keys()
+        yield Ceph(cluster, probe_keyring, fence_keyring, itertools.count(1))
+
+
+@pytest.fixture
+def ceph_clean(ceph: Ceph) -> Iterator[Ceph]:
+    """The cluster, with its blocklist and monitor as they were after the test (lab addresses
+    repeat across tests, so a blocklist left behind would cut the next test's clients off)."""
+    yield ceph
+    ceph.cluster.reset()

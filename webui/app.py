@@ -332,7 +332,7 @@ async def ui_index(request: web.Request) -> web.FileResponse:
 
 def create_app(api: Api) -> web.Application:
     """The aiohttp application: API, OpenAPI document and UI."""
-    from webui import bmc_routes, routes
+    from webui import bmc_routes, rbd_routes, routes
 
     app = web.Application(
         middlewares=[headers_middleware, errors_middleware, auth_middleware],
@@ -341,6 +341,7 @@ def create_app(api: Api) -> web.Application:
     app[API_KEY] = api
     app.add_routes(routes.routes)
     app.add_routes(bmc_routes.routes)
+    app.add_routes(rbd_routes.routes)  # lift a Ceph blocklist (issue 18)
     app.router.add_get("/", ui_root)
     app.router.add_get("/ui/", ui_index)
     app.router.add_static("/ui/", str(resources.files("webui") / "static"))

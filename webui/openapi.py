@@ -16,6 +16,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from webui import api_models as m
 from webui.audit import AuditEntry
 from webui.fencing_view import BudgetView, FenceRecord
+from webui.rbd_routes import BlocklistLiftInput
 
 REF = "#/components/schemas/{model}"
 
@@ -100,6 +101,9 @@ OPERATIONS = [
     _Op("post", "/api/hosts/{host_id}/fence/handled", "fenceHandled",
         "Mark the host's failed fence handled (stops the fence_failed reminders)",
         m.FenceOperatorResult, body=m.FenceOperatorInput, errors=_WRITE_ERRORS),
+    _Op("post", "/api/hosts/{host_id}/blocklist/lift", "liftBlocklist",
+        "Lift the repaired host's Ceph blocklist (the actuate workers do it)",
+        m.FenceOperatorResult, body=BlocklistLiftInput, errors=_WRITE_ERRORS),
     _Op("get", "/api/hosts/{host_id}/bmc-pin", "getBmcPin",
         "The system GUID the host's BMC is pinned to", m.BmcPinView,
         errors=(401, 404, 422, 502, 503)),

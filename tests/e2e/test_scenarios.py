@@ -230,7 +230,7 @@ async def test_pause_withholds_and_resume_fences_once(
 
 def test_every_scenario_is_covered_here() -> None:
     names = {n.removeprefix("test_") for n in globals() if n.startswith("test_")}
-    assert len(SCENARIOS) == 16
+    assert len(SCENARIOS) == 20
     covered = {
         "agent-dies": "agent_dies_is_never_fenced",
         "host-crash": "host_crash_is_fenced_once_in_time",
@@ -249,8 +249,18 @@ def test_every_scenario_is_covered_here() -> None:
         "suspect-too-long": "suspect_too_long_is_mailed_and_trapped_repeatedly",
         "pause-then-resume": "pause_withholds_and_resume_fences_once",
     }
-    assert covered.keys() == SCENARIOS.keys()
+    # On a real Ceph: tests/e2e/test_rbd_scenarios.py.
+    from tests.e2e import test_rbd_scenarios as rbd
+
+    on_ceph = {
+        "rbd-host-crash": "rbd_host_crash_watches_expire_then_fenced_once",
+        "rbd-agent-dies": "rbd_agent_dies_watches_stay_never_fenced",
+        "rbd-bmc-unreachable": "rbd_bmc_unreachable_blocklist_fallback_restarts_the_vms",
+        "ceph-unreachable": "ceph_unreachable_is_unknown_notified_never_fenced",
+    }
+    assert {**covered, **on_ceph}.keys() == SCENARIOS.keys()
     assert set(covered.values()) <= names
+    assert all(hasattr(rbd, f"test_{n}") for n in on_ceph.values())
 
 
 # ---------------------------------------------------------------------------------------------

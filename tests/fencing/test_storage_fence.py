@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - the Ceph fixtures are imported from tests/probes/conftest.py
 """The storage rung of the fencing ladder against a real single-node Ceph, the lab's pyghmi BMC
 and the CloudStack simulator: `before` blocklists the host's storage address and then powers it
 off; `fallback` with an unreachable BMC blocklists, verifies and restarts the VMs of an RBD-only
@@ -41,7 +40,7 @@ from lab.ceph import RbdClient
 from lab.cloudstack_sim import CloudStackSimulator, Host, SimCloud
 from probes.host_disks import host_disks, management_ip
 from streams.cli import build_parser
-from tests.probes.conftest import Ceph, ceph, ceph_clean  # noqa: F401 - the real Ceph fixtures
+from tests.conftest import Ceph
 
 from .conftest import BMC_PASSWORD
 

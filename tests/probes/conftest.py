@@ -1,23 +1,22 @@
 """Fixtures: a simulated CloudStack, lab KVM hosts with real SSH, and settings that reach them;
-a real single-node Ceph (session scope) and a cloud whose VMs live on its RBD images."""
+a cloud whose VMs live on RBD images of the session's real Ceph (`ceph`, tests/conftest.py)."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from fencing.settings import FencerSettings
-from lab.ceph import SYSTEM_PYTHON, CephCluster, ceph_installed
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud, StoragePool
 from lab.kvm_hosts import KvmLab, LabKvmHost
 from probes.nfs_ssh import NfsSshProbe
 from probes.service import ProbeService
+from tests.conftest import Ceph
 
 
 @dataclass
@@ -86,75 +85,6 @@ async def nfs(world: World) -> AsyncIterator[NfsSshProbe]:
 
 def now() -> float:
     return time.time()
-
-
-# --- a real Ceph ---------------------------------------------------------------------------------
-
-# The probe's key reads only: `profile rbd` on the monitor would also allow `osd blocklist`.
-PROBE_CAPS = {"mon": "allow r", "osd": "profile rbd-read-only"}
-# The actuator's key may blocklist (add, rm, ls) and read watchers, nothing else.
-FENCE_CAPS = {"mon": 'allow r, allow command "osd blocklist"', "osd": "profile rbd-read-only"}
-WATCH_TIMEOUT = 5  # osd_client_watch_timeout of the test cluster (Ceph's default is 30)
-
-
-@dataclass
-class Ceph:
-    """The session's cluster and its two keys."""
-
-    cluster: CephCluster
-    probe_keyring: Path
-    fence_keyring: Path
-    names: Iterator[int]
-
-    def image(self, prefix: str = "vol") -> str:
-        """A new image in pool `rbd`; its name (unique in the session)."""
-        name = f"{prefix}-{next(self.names)}"
-        self.cluster.create_image(name)
-        return name
-
-    def rbd_settings(self, **kw: object) -> dict[str, object]:
-        """The `rbd` settings section that reaches this cluster (neighbours and worker alike)."""
-        c = self.cluster
-        return {
-            "conf": str(c.conf),
-            "python": SYSTEM_PYTHON,
-            "user": "fencer-probe",
-            "keyring": str(self.probe_keyring),
-            "connect_timeout": 3.0,
-            "watch_timeout": float(WATCH_TIMEOUT),
-            "watch_margin": 1.0,
-            "fence_conf": str(c.conf),
-            "fence_user": "fencer-fence",
-            "fence_keyring": str(self.fence_keyring),
-            **kw,
-        }
-
-
-@pytest.fixture(scope="session")
-def ceph() -> Iterator[Ceph]:
-    """One monitor and one memstore OSD for the whole session (a real peer: never skipped)."""
-    problem = ceph_installed()
-    if problem:
-        pytest.fail(f"a real Ceph is needed: {problem}")
-    with CephCluster(watch_timeout=WATCH_TIMEOUT) as cluster:
-        print(f"ceph: started in {cluster.started_in:.2f} s")  # shown with -s / -rP
-        yield Ceph(
-            cluster,
-            cluster.add_key("fencer-probe", PROBE_CAPS),
-            cluster.add_key("fencer-fence", FENCE_CAPS),
-            itertools.count(1),
-        )
-
-
-@pytest.fixture
-def ceph_clean(ceph: Ceph) -> Iterator[Ceph]:
-    """The cluster, with its blocklist and monitor as they were after the test (lab addresses
-    repeat across tests, so a blocklist left behind would cut the next test's clients off)."""
-    yield ceph
-    c = ceph.cluster
-    if c.mon is None or c.mon.poll() is not None:
-        c.start_mon()
-    c.run("ceph", "osd", "blocklist", "clear")
 
 
 @dataclass

@@ -388,6 +388,30 @@ function failedFence(uuid, decisionId) {
     send("retry", "Retry fence now"), send("handled", "Mark handled"), out);
 }
 
+// Ceph RBD storage fencing: a blocklisted host cannot write to Ceph until an operator lifts the
+// blocklist once the host is repaired (never silently). The actuate workers lift it (they hold
+// the fence key), as for `fencer rbd lift HOST`.
+function blocklistLift(uuid) {
+  const out = h("span", { id: "blocklist-lift-result" });
+  const address = h("input", { id: "f-blocklist-address", type: "text", placeholder: "storage_ip, else CloudStack's address" });
+  const b = h("button", {
+    type: "button", id: "blocklist-lift",
+    onclick: async () => {
+      if (!window.confirm("Lift this host's Ceph blocklist? Only once the host is repaired: its writes to Ceph work again.")) return;
+      b.disabled = true;
+      try {
+        const a = address.value.trim();
+        await api("POST", `/hosts/${encodeURIComponent(uuid)}/blocklist/lift`, a ? { address: a } : {});
+        fill(out, h("span", { class: "muted" }, "Lift sent: an actuate worker lifts the blocklist (its log says so; `fencer rbd list` shows what is left)."));
+      } catch (ex) { fill(out, h("span", { class: "error" }, ex.message)); }
+      b.disabled = false;
+    },
+  }, "Lift blocklist");
+  return h("div", { class: "actions", id: "blocklist" },
+    h("div", { class: "field" }, h("label", { for: "f-blocklist-address" }, "Storage address"), address),
+    b, out);
+}
+
 async function hostPage(uuid) {
   const x = await api("GET", `/hosts/${encodeURIComponent(uuid)}`);
   const f = x.fencing, s = x.settings;
@@ -449,6 +473,9 @@ async function hostPage(uuid) {
       : h("p", { class: "muted" }, f.last_probe ? `No probe in the current episode; last probe ${ago(f.last_probe.finished_at)}.` : "No probe has run for this host."),
     f.last_decision_id ? h("p", {}, h("a", { href: `#/fences?decision=${f.last_decision_id}` }, "Last fence decision")) : null,
     f.state === "fence_failed" ? failedFence(uuid, f.last_decision_id) : null,
+    h("h2", {}, "Ceph blocklist"),
+    h("p", { class: "muted small" }, "A host fenced by a Ceph blocklist (storage_fence) stays cut off from Ceph until it is lifted here."),
+    blocklistLift(uuid),
     h("h2", {}, "IPMI overrides"),
     h("p", { class: "muted small" }, "Empty fields inherit from the cluster (or the defaults); the inherited value is shown beside each."),
     form,
