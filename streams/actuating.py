@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import MutableMapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from fencing.events import FenceAction, NoticeKind
@@ -155,11 +156,15 @@ async def lift_blocklist(rt: Runtime, action: OperatorAction) -> str | None:
     when it could not be (logged as an error: the host stays cut off from Ceph)."""
     from fencing.blocklist import BlocklistError
     from fencing.storage_fence import lift_host
+    from probes.host_disks import management_ip
     from probes.inventory import InventoryError
 
     who = action.by or "an operator"
+    settings = await rt.live()
     try:
-        entry = await lift_host(await rt.live(), action.host_uuid, action.address)
+        entry = await lift_host(
+            settings, action.host_uuid, action.address, partial(management_ip, settings)
+        )
     except (BlocklistError, InventoryError, ValueError) as exc:
         log.error(
             "blocklist of host %s NOT lifted (asked by %s): %s; the host still cannot write to "

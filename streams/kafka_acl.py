@@ -92,8 +92,11 @@ PRINCIPALS: tuple[Principal, ...] = (
             "bmc_pins",
             "settings",
         ),
-        write=_f("fence_outcomes", "fence_claims", "bmc_pins", "notices", "dead_letter"),
-        why="powers hosts off: reads signed decisions, claims them, writes outcomes",
+        write=_f(
+            "fence_outcomes", "fence_claims", "bmc_pins", "ipmi_tests", "notices", "dead_letter"
+        ),
+        why="powers hosts off: reads signed decisions, claims them, writes outcomes; answers "
+        "the UI's BMC tests",
     ),
     Principal(
         "fencer-notify",
@@ -117,9 +120,11 @@ PRINCIPALS: tuple[Principal, ...] = (
             "fence_outcomes",
             "notices",
             "host_states",
+            "ipmi_tests",
         ),
         # The only writer of settings and of the audit log; operator actions are the UI's
-        # retry/handled buttons (and `fencer fence retry|handled`, run with the API's identity).
+        # retry/handled/lift/test-BMC buttons (and `fencer fence retry|handled`, `fencer rbd
+        # lift`, run with the API's identity); the BMC test itself runs in an actuate worker.
         write=_f("settings", "audit", "bmc_pins", "operator_actions", "notices"),
         why="the REST API and web UI",
     ),

@@ -50,11 +50,12 @@ topic --topic fencer.fence-claims --partitions 1 --replication-factor 1
 topic --topic fencer.operator-actions --partitions 4 --replication-factor 1
 topic --topic fencer.bmc-pins --partitions 4 --replication-factor 1 --config cleanup.policy=compact
 topic --topic fencer.audit --partitions 4 --replication-factor 1 --config cleanup.policy=compact
+topic --topic fencer.ipmi-tests --partitions 4 --replication-factor 1
 
 # -- ACLs: everything not listed is denied (allow.everyone.if.no.acl.found=false)
 # cloudstack-events: CloudStack's Kafka event bus plugin (on the management servers)
 acl --allow-principal User:cloudstack-events --operation Write --topic cloudstack
-# fencer-actuate: powers hosts off: reads signed decisions, claims them, writes outcomes
+# fencer-actuate: powers hosts off: reads signed decisions, claims them, writes outcomes; answers the UI's BMC tests
 acl --allow-principal User:fencer-actuate --operation Create --topic fencer-actuate- --resource-pattern-type prefixed
 acl --allow-principal User:fencer-actuate --operation Describe --topic cloudstack
 acl --allow-principal User:fencer-actuate --operation Describe --topic fencer-actuate- --resource-pattern-type prefixed
@@ -67,6 +68,7 @@ acl --allow-principal User:fencer-actuate --operation Describe --topic fencer.fe
 acl --allow-principal User:fencer-actuate --operation Describe --topic fencer.fence-proposals
 acl --allow-principal User:fencer-actuate --operation Describe --topic fencer.host-signals
 acl --allow-principal User:fencer-actuate --operation Describe --topic fencer.host-states
+acl --allow-principal User:fencer-actuate --operation Describe --topic fencer.ipmi-tests
 acl --allow-principal User:fencer-actuate --operation Describe --topic fencer.notices
 acl --allow-principal User:fencer-actuate --operation Describe --topic fencer.operator-actions
 acl --allow-principal User:fencer-actuate --operation Describe --topic fencer.probe-requests
@@ -85,6 +87,7 @@ acl --allow-principal User:fencer-actuate --operation Write --topic fencer.bmc-p
 acl --allow-principal User:fencer-actuate --operation Write --topic fencer.dead-letter
 acl --allow-principal User:fencer-actuate --operation Write --topic fencer.fence-claims
 acl --allow-principal User:fencer-actuate --operation Write --topic fencer.fence-outcomes
+acl --allow-principal User:fencer-actuate --operation Write --topic fencer.ipmi-tests
 acl --allow-principal User:fencer-actuate --operation Write --topic fencer.notices
 # fencer-api: the REST API and web UI
 acl --allow-principal User:fencer-api --operation Describe --topic cloudstack
@@ -97,6 +100,7 @@ acl --allow-principal User:fencer-api --operation Describe --topic fencer.fence-
 acl --allow-principal User:fencer-api --operation Describe --topic fencer.fence-proposals
 acl --allow-principal User:fencer-api --operation Describe --topic fencer.host-signals
 acl --allow-principal User:fencer-api --operation Describe --topic fencer.host-states
+acl --allow-principal User:fencer-api --operation Describe --topic fencer.ipmi-tests
 acl --allow-principal User:fencer-api --operation Describe --topic fencer.notices
 acl --allow-principal User:fencer-api --operation Describe --topic fencer.operator-actions
 acl --allow-principal User:fencer-api --operation Describe --topic fencer.probe-requests
@@ -108,6 +112,7 @@ acl --allow-principal User:fencer-api --operation Read --topic fencer.fence-deci
 acl --allow-principal User:fencer-api --operation Read --topic fencer.fence-outcomes
 acl --allow-principal User:fencer-api --operation Read --topic fencer.host-signals
 acl --allow-principal User:fencer-api --operation Read --topic fencer.host-states
+acl --allow-principal User:fencer-api --operation Read --topic fencer.ipmi-tests
 acl --allow-principal User:fencer-api --operation Read --topic fencer.notices
 acl --allow-principal User:fencer-api --operation Read --topic fencer.probe-results
 acl --allow-principal User:fencer-api --operation Read --topic fencer.settings
@@ -129,6 +134,7 @@ acl --allow-principal User:fencer-ingest --operation Describe --topic fencer.fen
 acl --allow-principal User:fencer-ingest --operation Describe --topic fencer.fence-proposals
 acl --allow-principal User:fencer-ingest --operation Describe --topic fencer.host-signals
 acl --allow-principal User:fencer-ingest --operation Describe --topic fencer.host-states
+acl --allow-principal User:fencer-ingest --operation Describe --topic fencer.ipmi-tests
 acl --allow-principal User:fencer-ingest --operation Describe --topic fencer.notices
 acl --allow-principal User:fencer-ingest --operation Describe --topic fencer.operator-actions
 acl --allow-principal User:fencer-ingest --operation Describe --topic fencer.probe-requests
@@ -164,6 +170,7 @@ acl --allow-principal User:fencer-notify --operation Describe --topic fencer.fen
 acl --allow-principal User:fencer-notify --operation Describe --topic fencer.fence-proposals
 acl --allow-principal User:fencer-notify --operation Describe --topic fencer.host-signals
 acl --allow-principal User:fencer-notify --operation Describe --topic fencer.host-states
+acl --allow-principal User:fencer-notify --operation Describe --topic fencer.ipmi-tests
 acl --allow-principal User:fencer-notify --operation Describe --topic fencer.notices
 acl --allow-principal User:fencer-notify --operation Describe --topic fencer.operator-actions
 acl --allow-principal User:fencer-notify --operation Describe --topic fencer.probe-requests
@@ -188,6 +195,7 @@ acl --allow-principal User:fencer-probe --operation Describe --topic fencer.fenc
 acl --allow-principal User:fencer-probe --operation Describe --topic fencer.fence-proposals
 acl --allow-principal User:fencer-probe --operation Describe --topic fencer.host-signals
 acl --allow-principal User:fencer-probe --operation Describe --topic fencer.host-states
+acl --allow-principal User:fencer-probe --operation Describe --topic fencer.ipmi-tests
 acl --allow-principal User:fencer-probe --operation Describe --topic fencer.notices
 acl --allow-principal User:fencer-probe --operation Describe --topic fencer.operator-actions
 acl --allow-principal User:fencer-probe --operation Describe --topic fencer.probe-requests
