@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, MutableMapping, Sequence
+from typing import Any
 
 from fencing.records import FenceDecision, FenceOutcome, Notice
 from fencing.settings import FencerSettings
@@ -85,7 +86,7 @@ class Notifier:
         self.send_timeout = send_timeout
         self._clock = clock
         self._in_flight: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     @classmethod
     def from_settings(

@@ -17,7 +17,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-from fencing.cloudstack import CloudStack, CloudStackError, Row, host_from_api
+from fencing.cloudstack import CloudStack, CloudStackError, Row, Rows, host_from_api
 from fencing.settings import FencerSettings
 from probes.rbd import image_key, spec_of
 
@@ -134,6 +134,12 @@ def _safe_path(part: str) -> bool:
     return bool(part) and "\n" not in part and "\x00" not in part and ".." not in part.split("/")
 
 
+# (inside Inventory, `list` is the method)
+_KvmHosts = list[KvmHost]
+_Pools = list[Pool]
+_Disks = list[Disk]
+
+
 class Inventory:
     """CloudStack lookups through one shared client (fencing.cloudstack); `close()` when done."""
 
@@ -145,11 +151,11 @@ class Inventory:
         """Close the HTTP session."""
         await self.cloudstack.close()
 
-    async def list(self, command: str, **params: Any) -> list[Row]:
+    async def list(self, command: str, **params: Any) -> Rows:
         """Every page of a list command (raises InventoryError)."""
         return await self.cloudstack.list(command, **params)
 
-    async def kvm_hosts(self, **params: Any) -> list[Row]:
+    async def kvm_hosts(self, **params: Any) -> Rows:
         """Every KVM routing host's listHosts row (`params` filter further)."""
         return await self.list("listHosts", type="Routing", hypervisor="KVM", **params)
 
@@ -160,11 +166,11 @@ class Inventory:
             raise InventoryError(f"CloudStack listHosts: no host {host_uuid}", "listHosts")
         return kvm_host(hosts[0])
 
-    async def cluster_hosts(self, cluster_uuid: str) -> list[KvmHost]:
+    async def cluster_hosts(self, cluster_uuid: str) -> _KvmHosts:
         """Every KVM routing host of a cluster (any state; neighbours.py chooses)."""
         return [kvm_host(h) for h in await self.kvm_hosts(clusterid=cluster_uuid)]
 
-    async def running_vms(self, host_uuid: str) -> list[dict[str, Any]]:
+    async def running_vms(self, host_uuid: str) -> Rows:
         """VMs Running on the host, in every account and every project."""
         # As root admin, no projectid lists only non-project VMs and projectid=-1 lists only
         # project VMs, so both are needed.
@@ -183,12 +189,12 @@ class Inventory:
             seen.setdefault(vm["id"], vm)
         return list(seen.values())
 
-    async def volumes(self, vm: dict[str, Any]) -> list[dict[str, Any]]:
+    async def volumes(self, vm: dict[str, Any]) -> Rows:
         """The VM's volumes."""
         extra = {"projectid": "-1"} if vm.get("projectid") else {}
         return await self.list("listVolumes", virtualmachineid=vm["id"], listall=True, **extra)
 
-    async def pools(self) -> list[Pool]:
+    async def pools(self) -> _Pools:
         """Every primary storage pool."""
         return [_pool_from_api(p) for p in await self.list("listStoragePools")]
 
@@ -216,9 +222,9 @@ class Inventory:
             )
         ]
         root = self._settings.ssh.mount_root
-        disks: list[Disk] = []
-        rbd_pools: list[Pool] = []
-        rbd_disks: list[Disk] = []
+        disks: _Disks = []
+        rbd_pools: _Pools = []
+        rbd_disks: _Disks = []
         skipped = 0
         for vm, vols in zip(
             vms, await asyncio.gather(*(self.volumes(v) for v in vms)), strict=True

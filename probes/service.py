@@ -149,7 +149,7 @@ class ProbeService:
         # Asked again at every check: a VM that CloudStack's own HA restarted on another host no
         # longer counts for the suspect (its new writes are not the suspect's).
         storage = await self.inventory.storage_of(request.host.host_uuid)
-        hosts = []
+        hosts: list[KvmHost] = []
         if storage.host.cluster_uuid:
             hosts = await self.inventory.cluster_hosts(storage.host.cluster_uuid)
         nfs = target_for(storage, request.suspect_since, self.neighbours, hosts)

@@ -70,7 +70,7 @@ def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext | None:
         raise SettingsError("; ".join(f"{where}: {problem}" for where, problem in problems))
     password = kafka.ssl_keyfile_password
     try:
-        return create_ssl_context(
+        context: ssl.SSLContext = create_ssl_context(
             cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None,
             certfile=str(kafka.ssl_certfile) if kafka.ssl_certfile else None,
             keyfile=str(kafka.ssl_keyfile) if kafka.ssl_keyfile else None,
@@ -86,6 +86,7 @@ def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext | None:
         raise SettingsError(
             f"{files}: not a usable CA / certificate / key: {exc.reason or exc}"
         ) from None
+    return context
 
 
 def aiokafka_kwargs(settings: FencerSettings) -> dict[str, Any]:

@@ -21,7 +21,9 @@ def _copy_fields(model: type[BaseModel], *, optional: bool) -> dict[str, Any]:
     for name, f in model.model_fields.items():
         if name == "password":
             continue
-        annotation = f.annotation | None if optional else f.annotation
+        annotation: Any = f.annotation
+        if optional:
+            annotation = annotation | None
         out[name] = (annotation, Field(None if optional else f.default, description=f.description))
     return out
 
@@ -159,9 +161,9 @@ class ClusterSettingsView(BaseModel):
     effective_fence_cap: int
     fence_window: float
     paused: bool
-    overrides: IpmiOverrideValues  # type: ignore[valid-type]
-    effective: IpmiValues  # type: ignore[valid-type]
-    defaults: IpmiValues  # type: ignore[valid-type]
+    overrides: IpmiOverrideValues
+    effective: IpmiValues
+    defaults: IpmiValues
     sources: dict[str, Source]
     password_set: bool
     password_source: Source
@@ -201,9 +203,9 @@ class HostSettingsView(BaseModel):
 
     name: str | None
     address: str | None
-    overrides: IpmiOverrideValues  # type: ignore[valid-type]
-    inherited: IpmiValues  # type: ignore[valid-type]
-    effective: IpmiValues  # type: ignore[valid-type]
+    overrides: IpmiOverrideValues
+    inherited: IpmiValues
+    effective: IpmiValues
     sources: dict[str, Source]
     password_set: bool
     password_source: Source

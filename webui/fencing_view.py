@@ -379,12 +379,12 @@ def _checks(states: Iterable[HostStateRecord]) -> list[tuple[object, CheckView]]
             check=int(r["last_check"]),
             evidence=Evidence(str(r["last_evidence"])),
             finished_at=st.updated_at,
-            neighbour=r.get("neighbour"),  # type: ignore[arg-type]
+            neighbour=r.get("neighbour"),
             files_checked=int(r.get("files_checked") or 0),
-            newest_write=r.get("newest_write"),  # type: ignore[arg-type]
-            reason=r.get("reason"),  # type: ignore[arg-type]
-            neighbour_offset=r.get("neighbour_offset"),  # type: ignore[arg-type]
-            filer_offset=r.get("filer_offset"),  # type: ignore[arg-type]
+            newest_write=r.get("newest_write"),
+            reason=r.get("reason"),
+            neighbour_offset=r.get("neighbour_offset"),
+            filer_offset=r.get("filer_offset"),
         )
         out.append((r.get("episode"), view))
     return out

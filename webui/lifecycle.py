@@ -9,6 +9,7 @@ Listens on 127.0.0.1 unless `api.listen` says otherwise.
 from __future__ import annotations
 
 import ssl
+from typing import Any
 
 from aiohttp import web
 from aiokafka import ConsumerRecord
@@ -100,7 +101,8 @@ class Service:
         except BaseException:
             await self.stop()
             raise
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        server: Any = site._server
+        sockets = server.sockets if server else []
         bound = sockets[0].getsockname()[1] if sockets else self.settings.api.port
         scheme = "https" if self.settings.api.tls_certfile else "http"
         self.url = f"{scheme}://{self.settings.api.listen}:{bound}"

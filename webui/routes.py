@@ -197,7 +197,7 @@ async def _fence_operator(request: web.Request, kind: str) -> web.Response:
     body: m.FenceOperatorInput = await read_body(request, m.FenceOperatorInput, f"fence {kind}")
     await v.host_row(api, uuid)
     action = OperatorAction(
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         host_uuid=uuid,
         decision_id=body.decision_id,
         by="api",
