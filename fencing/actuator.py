@@ -21,12 +21,9 @@ handled: `retry` runs the same decision again).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
 from fencing.cloudstack import CloudStack, CloudStackError
@@ -39,6 +36,7 @@ from fencing.outcome import fence_outcome, fence_result, storage_notice
 from fencing.preflight import DriverFactory, PreflightResult, call_timeout, check_host, preflight
 from fencing.records import FenceDecision, FenceOutcome, HostRef, Notice
 from fencing.redaction import Redactor, secrets_of
+from fencing.restart import CloudStackResult, restart_vms, vms_on
 from fencing.settings import FencerSettings, RestartVia, StorageFence
 from fencing.storage_fence import StorageFencer, StorageFenceResult
 
@@ -77,16 +75,6 @@ def engine_for(settings: FencerSettings) -> Engine:
 def cloudstack_client(settings: FencerSettings) -> CloudStack:
     """fencer's CloudStack client (fencing.cloudstack) for the configured management server."""
     return CloudStack(settings)
-
-
-@dataclass
-class CloudStackResult:
-    """What CloudStack said about restarting the VMs."""
-
-    call: str
-    job: str | None
-    success: bool
-    result: str
 
 
 class Actuator:
@@ -316,14 +304,7 @@ class Actuator:
             delay = min(30.0, delay * 2)
 
     async def _vms_on(self, host: HostRef, redact: Redactor) -> dict[str, str]:
-        """The VMs CloudStack places on the host now (id -> name); {} if it cannot say."""
-        try:
-            async with self.cloudstack_factory(self.settings) as cs:
-                vms = await cs.list("listVirtualMachines", hostid=host.host_uuid, listall=True)
-        except CloudStackError as exc:
-            log.warning("cannot list the VMs of host %s: %s", host.host_uuid, redact(str(exc)))
-            return {}
-        return {vm["id"]: vm.get("name") or vm["id"] for vm in vms}
+        return await vms_on(self.cloudstack_factory(self.settings), host, redact)
 
     async def _follow_vms(
         self, decision: FenceDecision, vms: dict[str, str], redact: Redactor
@@ -376,39 +357,11 @@ class Actuator:
     async def _restart_vms(
         self, host: HostRef, via: RestartVia, redact: Redactor
     ) -> CloudStackResult:
-        """Call declareHostAsDegraded / prepareHostForMaintenance and follow the job to its end."""
-        call = via.value
-        job: str | None = None
-        try:
-            async with self.cloudstack_factory(self.settings) as cs:
-                started = await cs.call(call, id=host.host_uuid)
-                job = started.get("jobid")
-                if not job:
-                    return CloudStackResult(call, None, True, "done (no job)")
-                deadline = time.monotonic() + self.settings.cloudstack.job_timeout
-                while True:
-                    j = await cs.call("queryAsyncJobResult", jobid=job)
-                    status = int(j.get("jobstatus", 0))
-                    if status == 1:
-                        return CloudStackResult(call, job, True, "succeeded")
-                    if status == 2:
-                        r = j.get("jobresult") or {}
-                        text = r.get("errortext") or json.dumps(r)[:300]
-                        if _ALREADY_DONE.search(text):
-                            # An earlier decision for this host already got the VMs restarted.
-                            return CloudStackResult(
-                                call, job, True, redact(f"already done: {text}")
-                            )
-                        return CloudStackResult(
-                            call, job, False, redact(f"job failed ({r.get('errorcode')}): {text}")
-                        )
-                    if time.monotonic() > deadline:
-                        return CloudStackResult(
-                            call, job, False, "job still pending at cloudstack.job_timeout"
-                        )
-                    await asyncio.sleep(self.job_poll_interval)
-        except CloudStackError as exc:
-            return CloudStackResult(call, job, False, redact(str(exc)))
-
-
-_ALREADY_DONE = re.compile(r"already marked as Degraded|is already in Maintenance", re.IGNORECASE)
+        return await restart_vms(
+            self.cloudstack_factory(self.settings),
+            host,
+            via,
+            redact,
+            self.settings.cloudstack.job_timeout,
+            self.job_poll_interval,
+        )

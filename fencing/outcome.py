@@ -11,7 +11,7 @@ from fencing.records import FenceDecision, FenceOutcome, Notice
 from fencing.storage_fence import StorageFenceResult, lift_hint
 
 if TYPE_CHECKING:
-    from fencing.actuator import CloudStackResult
+    from fencing.restart import CloudStackResult
 
 
 def fence_result(
