@@ -250,6 +250,25 @@ def stop_api(proc: subprocess.Popen[str]) -> None:
             proc.wait(5)
 
 
+async def read_topic(settings: FencerSettings, topic: str) -> list[bytes]:
+    """Every record value of a topic, from its beginning."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        out: list[bytes] = []
+        for _ in range(5):
+            batch = await consumer.getmany(timeout_ms=300)
+            out += [r.value for rs in batch.values() for r in rs if r.value]
+        return out
+    finally:
+        await consumer.stop()
+
+
 @pytest.fixture(scope="session")
 def secrets_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("keys") / "secrets.key"

@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from fencing.events import Evidence, FenceAction, HostStatus, NoticeKind
 from fencing.records import (
@@ -21,8 +20,8 @@ from fencing.records import (
     Notice,
     ProbeResult,
 )
-from fencing.settings import FencerSettings
 from streams.settings_store import SettingsStore
+from tests.webui.conftest import read_topic
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -138,7 +137,7 @@ async def test_password_is_write_only_and_encrypted_in_the_topic(api, lab):
         r = await c.put(f"/api/clusters/{lab.cluster_b}/settings", json={"ipmi": {}})
         assert r.json()["password_set"] is True
 
-    raw = await _read_topic(api.settings, api.topics.settings)
+    raw = await read_topic(api.settings, api.topics.settings)
     assert raw and all(lab.bmc.password.encode() not in v for v in raw)
     assert any(b"ipmi_password" in v for v in raw)
 
@@ -335,22 +334,6 @@ async def test_fence_history_state_and_budget_come_from_the_topics(api, lab):
         budgets = {b["cluster_uuid"]: b for b in (await c.get("/api/budget")).json()}
         assert budgets[lab.cluster_a]["used"] == 1 and budgets[lab.cluster_a]["cap"] == 3
         assert budgets[lab.cluster_b]["used"] == 0  # withheld, and outside the window
-
-
-async def _read_topic(settings: FencerSettings, topic: str) -> list[bytes]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers)
-    await consumer.start()
-    try:
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        out: list[bytes] = []
-        for _ in range(5):
-            batch = await consumer.getmany(timeout_ms=300)
-            out += [r.value for rs in batch.values() for r in rs if r.value]
-        return out
-    finally:
-        await consumer.stop()
 
 
 async def _until(cond, timeout: float = 10.0) -> None:

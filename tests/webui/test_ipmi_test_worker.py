@@ -11,12 +11,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from fencing.records import IpmiTestAnswer, OperatorAction
 from tests.webui.conftest import (
-    ApiProcess,
     api_settings,
+    read_topic,
     start_actuate_worker,
     start_api,
     stop_api,
@@ -35,22 +34,6 @@ def api_and_config(webui_broker, lab, secrets_key_file, tmp_path_factory) -> Ite
         yield proc, data, tmp
     finally:
         stop_api(proc.proc)
-
-
-async def _records(api: ApiProcess, topic: str) -> list[bytes]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=api.settings.kafka.bootstrap_servers)
-    await consumer.start()
-    try:
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        out: list[bytes] = []
-        for _ in range(10):
-            batch = await consumer.getmany(timeout_ms=500)
-            out += [r.value for rs in batch.values() for r in rs if r.value]
-        return out
-    finally:
-        await consumer.stop()
 
 
 async def test_the_api_asks_a_worker_and_answers_pending_then_the_bmcs_answer(api_and_config, lab):
@@ -108,12 +91,14 @@ async def test_the_api_asks_a_worker_and_answers_pending_then_the_bmcs_answer(ap
             worker.stop()
 
     t = api.topics
-    asked = [OperatorAction.model_validate_json(v) for v in await _records(api, t.operator_actions)]
-    answers = [IpmiTestAnswer.model_validate_json(v) for v in await _records(api, t.ipmi_tests)]
+    asked_raw = await read_topic(api.settings, t.operator_actions)
+    answers_raw = await read_topic(api.settings, t.ipmi_tests)
+    asked = [OperatorAction.model_validate_json(v) for v in asked_raw]
+    answers = [IpmiTestAnswer.model_validate_json(v) for v in answers_raw]
     assert [a.kind for a in asked] == ["ipmi_test", "ipmi_test"]
     assert asked[0].request_id == request_id and asked[0].cluster_uuid == lab.cluster_a
     assert {a.request_id for a in answers} == {a.request_id for a in asked}
-    raw = b"".join(await _records(api, t.operator_actions) + await _records(api, t.ipmi_tests))
+    raw = b"".join(asked_raw + answers_raw)
     assert lab.bmc.password.encode() not in raw and b"wrong-pw-0123" not in raw
     log = (tmp / "worker.log").read_text()
     assert lab.bmc.password not in log and "wrong-pw-0123" not in log
