@@ -407,38 +407,55 @@ def classify(record: HostRecord, event: HostEvent, policy: Policy) -> Trigger:
 
 def judge(record: HostRecord, result: ProbeFinished, policy: Policy) -> tuple[Evidence, str | None]:
     """The evidence a reading gives, compared with the record's reference reading only."""
+    evidence, reason, _early = _judge(record, result, policy)
+    return evidence, reason
+
+
+def _judge(
+    record: HostRecord, result: ProbeFinished, policy: Policy
+) -> tuple[Evidence, str | None, bool]:
+    """`judge`, and whether an unknown is only early: a complete, unchanged reading whose
+    window is not over yet is no failure to gather evidence (never counted as cannot-verify)."""
     if not result.complete:
-        return Evidence.UNKNOWN, result.reason or "incomplete reading"
+        return Evidence.UNKNOWN, result.reason or "incomplete reading", False
     if result.unreadable and not policy.judge_readable_only:
-        return Evidence.UNKNOWN, (
-            f"{result.unreadable} disks on storage the probe cannot read "
-            "(judge_readable_only is off for this cluster)"
+        return (
+            Evidence.UNKNOWN,
+            (
+                f"{result.unreadable} disks on storage the probe cannot read "
+                "(judge_readable_only is off for this cluster)"
+            ),
+            False,
         )
     if not result.mtimes and not result.heartbeats:
-        return Evidence.UNKNOWN, result.reason or "no files to read"
+        return Evidence.UNKNOWN, result.reason or "no files to read", False
     if result.live_signs:
-        return Evidence.ALIVE, result.live_signs[0]
+        return Evidence.ALIVE, result.live_signs[0], False
     if record.ref_at is None:
-        return Evidence.BASELINE, None
+        return Evidence.BASELINE, None, False
     changed = _changed(record.ref_mtimes, result.mtimes) or _changed(
         record.ref_heartbeats, result.heartbeats
     )
     if changed is not None:
-        return Evidence.ALIVE, changed
+        return Evidence.ALIVE, changed, False
     assert record.last_request_at is not None
     gap = record.last_request_at - record.ref_at
     if gap < 0:
         # The worker's clock was stepped back (or a worker behind took the partition over):
         # no interval can be measured from the old reference; this reading starts a new one.
-        return Evidence.BASELINE, (
-            f"the worker's clock went back {-gap:.0f} s: this reading is the new reference"
+        return (
+            Evidence.BASELINE,
+            (f"the worker's clock went back {-gap:.0f} s: this reading is the new reference"),
+            False,
         )
     floor = max(policy.check_interval, result.min_gap)
     if gap < floor:
-        return Evidence.UNKNOWN, (
-            f"too soon: {gap:.0f} s since the previous reading, at least {floor:g} s needed"
+        return (
+            Evidence.UNKNOWN,
+            f"too soon: {gap:.0f} s since the previous reading, at least {floor:g} s needed",
+            True,
         )
-    return Evidence.STALE, None
+    return Evidence.STALE, None, False
 
 
 def _changed(before: tuple[tuple[str, Any], ...], now: tuple[tuple[str, Any], ...]) -> str | None:
@@ -662,10 +679,11 @@ def _count_unknown(record: HostRecord, policy: Policy) -> Step:
 
 def _judged(
     record: HostRecord, event: ProbeFinished, policy: Policy
-) -> tuple[HostRecord, tuple[HostAction, ...], Evidence]:
-    evidence, reason = judge(record, event, policy)
+) -> tuple[HostRecord, tuple[HostAction, ...], bool]:
+    """The record after the judged reading, its notices, and whether an unknown was only early."""
+    evidence, reason, early = _judge(record, event, policy)
     record, notices = _skew(_from_result(record, event, evidence, reason), policy)
-    return record, notices, evidence
+    return record, notices, early
 
 
 def _probe_baseline(record: HostRecord, event: ProbeFinished, policy: Policy) -> Step:
@@ -683,7 +701,9 @@ def _probe_alive(record: HostRecord, event: ProbeFinished, policy: Policy) -> St
 
 
 def _probe_unknown(record: HostRecord, event: ProbeFinished, policy: Policy) -> Step:
-    record, notices, _ = _judged(record, event, policy)
+    record, notices, early = _judged(record, event, policy)
+    if early:
+        return record, notices
     record, more = _count_unknown(record, policy)
     return record, (*notices, *more)
 

@@ -448,7 +448,7 @@ def test_no_change_sooner_than_an_interval_after_the_reference_is_unknown() -> N
         reading(T0 + 31, 3),
         Evidence.UNKNOWN,
         "too soon: 20 s since the previous reading, at least 60 s needed",
-        unknown_count=2,
+        unknown_count=1,  # early is no failure to gather evidence: not counted
     )
     r4 = requested(soon, T0 + 91)
     s4 = judged(r4, reading(T0 + 92, 4), Evidence.STALE, stale_count=1, unknown_count=0)
@@ -1255,6 +1255,24 @@ def test_a_direct_sign_of_life_is_alive_without_any_change() -> None:
         "watcher of 10.0.0.11 on rbd/vol-1",
         (),
     )
+
+
+def test_early_checks_of_a_slow_back_end_never_alert_cannot_verify() -> None:
+    """RBD's floor (watch timeout) above the check interval: the checks inside the window are
+    too soon, which is no failure to gather evidence; the cannot-verify notice stays for real
+    failures, and the window's end is judged as usual."""
+    policy = replace(POLICY, unknown_alert_after=1)
+    record = _baselined()  # reference at T0 + 5, check 2 requested at T0 + 70
+    for check, at in ((2, T0 + 71), (3, T0 + 81)):
+        record, actions = step(record, replace(reading(at, check), min_gap=120.0), policy)
+        assert record.last_evidence is Evidence.UNKNOWN and record.unknown_count == 0
+        assert actions == ()
+        record = requested(record, at + 9 if check == 2 else T0 + 130)
+    record, _ = step(record, replace(reading(T0 + 131, 4), min_gap=120.0), policy)
+    assert record.last_evidence is Evidence.STALE
+    failed_reading, notices = step(requested(record, T0 + 200), failed(T0 + 201, 5), policy)
+    assert failed_reading.unknown_count == 1
+    assert [a.kind for a in notices if isinstance(a, Notify)] == [NoticeKind.CANNOT_VERIFY]
 
 
 def test_a_worker_clock_stepped_back_restarts_the_window_instead_of_waiting_it_out() -> None:
