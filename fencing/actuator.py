@@ -4,10 +4,10 @@ then) tells CloudStack to restart the host's VMs elsewhere.
 Rule: CloudStack hears "restart the VMs" only after the engine has *seen* the host off (stop) or
 seen it go down and come back (reboot). After nothing or blink it is not told, unless the
 cluster sets `restart_without_fence` (VMs would run twice if the host is alive: CloudStack
-issue #2890). A decision acts at most once: its outcome is stored under its id before
-`handle` returns, so a redelivered decision gets the first outcome back without touching the
-BMC, and a per-host lock keeps two decisions for one host from acting at once (hosts never wait
-for each other: the shell runs decisions concurrently).
+issue #2890). One lock per host keeps two decisions for one host from acting at once (hosts
+never wait for each other: the shell runs decisions concurrently). That a decision acts at most
+once is the shell's: its outcome is kept in the `actuated` table and the fence-claims log
+(streams.actuating, streams.claims), which answer a redelivered decision without the BMC.
 
 Never gives up silently: the BMC action is retried until `actuator.fence_deadline` (the
 engine's one overall deadline), a failed or unfinished `declareHostAsDegraded` is retried with
@@ -25,9 +25,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from cs import AIOCloudStack, CloudStackException
@@ -105,7 +104,6 @@ class Actuator:
     def __init__(
         self,
         settings: FencerSettings,
-        store: MutableMapping[str, dict[str, Any]] | None = None,
         engine: Engine | None = None,
         driver_factory: DriverFactory = build_driver,
         cloudstack_factory: CloudStackFactory = cloudstack_client,
@@ -124,7 +122,6 @@ class Actuator:
         # whose GUID differs from the host's pin; `announce` sends the notice of a mismatch.
         self.pins = pins
         self.announce = announce
-        self.store: MutableMapping[str, dict[str, Any]] = store if store is not None else {}
         self.engine = engine or engine_for(settings)
         self.driver_factory = driver_factory
         self.cloudstack_factory = cloudstack_factory
@@ -144,20 +141,12 @@ class Actuator:
             lock = self._locks[host] = asyncio.Lock()
         return lock
 
-    async def handle(self, decision: FenceDecision, again: bool = False) -> FenceOutcome | None:
-        """Act on an approved decision once; None for a withheld one. `again` (an operator's
-        retry of a failed fence) runs a decision whose outcome was a failure once more."""
+    async def handle(self, decision: FenceDecision) -> FenceOutcome | None:
+        """Act on an approved decision (one at a time per host); None for a withheld one."""
         if not decision.approved:
             return None
-        host = decision.host.host_uuid
-        async with self._lock(host):
-            done = self.store.get(decision.decision_id)
-            if done is not None and not (again and not done.get("success")):
-                log.info("decision %s already carried out: not acting again", decision.decision_id)
-                return FenceOutcome.model_validate(done)
-            outcome = await self._act(decision)
-            self.store[decision.decision_id] = outcome.model_dump(mode="json")
-            return outcome
+        async with self._lock(decision.host.host_uuid):
+            return await self._act(decision)
 
     async def _act(self, decision: FenceDecision) -> FenceOutcome:
         host = decision.host
