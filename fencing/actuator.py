@@ -32,7 +32,6 @@ import aiohttp
 from cs import AIOCloudStack, CloudStackException
 
 from fencing.drivers import build_driver
-from fencing.drivers.base import PowerDriver
 from fencing.engine import Engine, EngineResult
 from fencing.events import FenceAction, NoticeKind
 from fencing.identity import PinStore, identity_refusal
@@ -173,7 +172,18 @@ class Actuator:
             bmc_error = redact(str(exc))
         else:
             driver_name = driver.name
-            bmc_error = await self._identity_refusal(decision, driver, eff.address, redact, ends)
+            bmc_error = await identity_refusal(
+                decision,
+                driver,
+                eff.address,
+                redact,
+                pins=self.pins,
+                engine=self.engine,
+                fence_deadline=deadline,
+                clock=self.clock,
+                announce=self.announce,
+                ends=ends,
+            )
             if bmc_error is None:
                 result = await self.engine.run(
                     host.host_uuid,
@@ -186,7 +196,9 @@ class Actuator:
         if ladder is StorageFence.FALLBACK and not fenced:
             storage = await self._storage_fence(decision)
         if bmc_error is not None and storage is None:
-            return self._outcome(decision, driver_name, started, success=False, error=bmc_error)
+            return fence_outcome(
+                decision, driver_name, started, self.clock(), False, error=bmc_error
+            )
         cloud: CloudStackResult | None = None
         restart_via = RestartVia(ipmi.restart_via)
         unfenced_ok = (
@@ -212,15 +224,9 @@ class Actuator:
             decision, bmc_error, result, storage, fenced, storage_fenced, cloud
         )
         if storage is not None:
-            await self._storage_notice(decision, storage, success, cloud)
-        return self._outcome(
-            decision,
-            driver_name,
-            started,
-            success=success,
-            result=result,
-            cloud=cloud,
-            error=error,
+            await self._emit(storage_notice(decision, storage, success, cloud, self.clock()))
+        return fence_outcome(
+            decision, driver_name, started, self.clock(), success, result, cloud, error
         )
 
     async def _storage_fence(self, decision: FenceDecision) -> StorageFenceResult:
@@ -241,50 +247,6 @@ class Actuator:
             )
         (log.warning if r.verified else log.error)("host %s: %s", host.host_uuid, r.text())
         return r
-
-    async def _storage_notice(
-        self,
-        decision: FenceDecision,
-        storage: StorageFenceResult,
-        success: bool,
-        cloud: CloudStackResult | None,
-    ) -> None:
-        """Tell people a host was blocklisted (or that the blocklist failed), and how to lift."""
-        await self._emit(storage_notice(decision, storage, success, cloud, self.clock()))
-
-    async def _identity_refusal(
-        self,
-        decision: FenceDecision,
-        driver: PowerDriver,
-        address: str | None,
-        redact: Redactor,
-        ends: float | None = None,
-    ) -> str | None:
-        """Why this BMC must not be used (its GUID is not the host's pin), or None."""
-        return await identity_refusal(
-            decision,
-            driver,
-            address,
-            redact,
-            pins=self.pins,
-            engine=self.engine,
-            fence_deadline=self.settings.actuator.fence_deadline,
-            clock=self.clock,
-            announce=self.announce,
-            ends=ends,
-        )
-
-    def _outcome(
-        self,
-        decision: FenceDecision,
-        driver: str,
-        started: float,
-        success: bool,
-        result: EngineResult | None = None,
-        cloud: CloudStackResult | None = None,
-        error: str | None = None,
-    ) -> FenceOutcome:
-        return fence_outcome(decision, driver, started, self.clock(), success, result, cloud, error)
 
     async def _restart_until(
         self, host: HostRef, via: RestartVia, redact: Redactor, ends: float
