@@ -4,10 +4,10 @@ then) tells CloudStack to restart the host's VMs elsewhere.
 Rule: CloudStack hears "restart the VMs" only after the engine has *seen* the host off (stop) or
 seen it go down and come back (reboot). After nothing or blink it is not told, unless the
 cluster sets `restart_without_fence` (VMs would run twice if the host is alive: CloudStack
-issue #2890). A decision acts at most once: its outcome is stored under its id before
-`handle` returns, so a redelivered decision gets the first outcome back without touching the
-BMC, and a per-host lock keeps two decisions for one host from acting at once (hosts never wait
-for each other: the shell runs decisions concurrently).
+issue #2890). One lock per host keeps two decisions for one host from acting at once (hosts
+never wait for each other: the shell runs decisions concurrently). That a decision acts at most
+once is the shell's: its outcome is kept in the `actuated` table and the fence-claims log
+(streams.actuating, streams.claims), which answer a redelivered decision without the BMC.
 
 Never gives up silently: the BMC action is retried until `actuator.fence_deadline` (the
 engine's one overall deadline), a failed or unfinished `declareHostAsDegraded` is retried with
@@ -23,12 +23,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from fencing.cloudstack import CloudStack, CloudStackError
 from fencing.drivers import build_driver
-from fencing.drivers.base import PowerDriver
 from fencing.engine import Engine, EngineResult
 from fencing.events import FenceAction, NoticeKind
 from fencing.identity import PinStore, identity_refusal
@@ -83,7 +81,6 @@ class Actuator:
     def __init__(
         self,
         settings: FencerSettings,
-        store: MutableMapping[str, dict[str, Any]] | None = None,
         engine: Engine | None = None,
         driver_factory: DriverFactory = build_driver,
         cloudstack_factory: CloudStackFactory = cloudstack_client,
@@ -102,7 +99,6 @@ class Actuator:
         # whose GUID differs from the host's pin; `announce` sends the notice of a mismatch.
         self.pins = pins
         self.announce = announce
-        self.store: MutableMapping[str, dict[str, Any]] = store if store is not None else {}
         self.engine = engine or engine_for(settings)
         self.driver_factory = driver_factory
         self.cloudstack_factory = cloudstack_factory
@@ -122,20 +118,12 @@ class Actuator:
             lock = self._locks[host] = asyncio.Lock()
         return lock
 
-    async def handle(self, decision: FenceDecision, again: bool = False) -> FenceOutcome | None:
-        """Act on an approved decision once; None for a withheld one. `again` (an operator's
-        retry of a failed fence) runs a decision whose outcome was a failure once more."""
+    async def handle(self, decision: FenceDecision) -> FenceOutcome | None:
+        """Act on an approved decision (one at a time per host); None for a withheld one."""
         if not decision.approved:
             return None
-        host = decision.host.host_uuid
-        async with self._lock(host):
-            done = self.store.get(decision.decision_id)
-            if done is not None and not (again and not done.get("success")):
-                log.info("decision %s already carried out: not acting again", decision.decision_id)
-                return FenceOutcome.model_validate(done)
-            outcome = await self._act(decision)
-            self.store[decision.decision_id] = outcome.model_dump(mode="json")
-            return outcome
+        async with self._lock(decision.host.host_uuid):
+            return await self._act(decision)
 
     async def _act(self, decision: FenceDecision) -> FenceOutcome:
         host = decision.host
@@ -162,7 +150,18 @@ class Actuator:
             bmc_error = redact(str(exc))
         else:
             driver_name = driver.name
-            bmc_error = await self._identity_refusal(decision, driver, eff.address, redact, ends)
+            bmc_error = await identity_refusal(
+                decision,
+                driver,
+                eff.address,
+                redact,
+                pins=self.pins,
+                engine=self.engine,
+                fence_deadline=deadline,
+                clock=self.clock,
+                announce=self.announce,
+                ends=ends,
+            )
             if bmc_error is None:
                 result = await self.engine.run(
                     host.host_uuid,
@@ -175,7 +174,9 @@ class Actuator:
         if ladder is StorageFence.FALLBACK and not fenced:
             storage = await self._storage_fence(decision)
         if bmc_error is not None and storage is None:
-            return self._outcome(decision, driver_name, started, success=False, error=bmc_error)
+            return fence_outcome(
+                decision, driver_name, started, self.clock(), False, error=bmc_error
+            )
         cloud: CloudStackResult | None = None
         restart_via = RestartVia(ipmi.restart_via)
         unfenced_ok = (
@@ -201,15 +202,9 @@ class Actuator:
             decision, bmc_error, result, storage, fenced, storage_fenced, cloud
         )
         if storage is not None:
-            await self._storage_notice(decision, storage, success, cloud)
-        return self._outcome(
-            decision,
-            driver_name,
-            started,
-            success=success,
-            result=result,
-            cloud=cloud,
-            error=error,
+            await self._emit(storage_notice(decision, storage, success, cloud, self.clock()))
+        return fence_outcome(
+            decision, driver_name, started, self.clock(), success, result, cloud, error
         )
 
     async def _storage_fence(self, decision: FenceDecision) -> StorageFenceResult:
@@ -230,50 +225,6 @@ class Actuator:
             )
         (log.warning if r.verified else log.error)("host %s: %s", host.host_uuid, r.text())
         return r
-
-    async def _storage_notice(
-        self,
-        decision: FenceDecision,
-        storage: StorageFenceResult,
-        success: bool,
-        cloud: CloudStackResult | None,
-    ) -> None:
-        """Tell people a host was blocklisted (or that the blocklist failed), and how to lift."""
-        await self._emit(storage_notice(decision, storage, success, cloud, self.clock()))
-
-    async def _identity_refusal(
-        self,
-        decision: FenceDecision,
-        driver: PowerDriver,
-        address: str | None,
-        redact: Redactor,
-        ends: float | None = None,
-    ) -> str | None:
-        """Why this BMC must not be used (its GUID is not the host's pin), or None."""
-        return await identity_refusal(
-            decision,
-            driver,
-            address,
-            redact,
-            pins=self.pins,
-            engine=self.engine,
-            fence_deadline=self.settings.actuator.fence_deadline,
-            clock=self.clock,
-            announce=self.announce,
-            ends=ends,
-        )
-
-    def _outcome(
-        self,
-        decision: FenceDecision,
-        driver: str,
-        started: float,
-        success: bool,
-        result: EngineResult | None = None,
-        cloud: CloudStackResult | None = None,
-        error: str | None = None,
-    ) -> FenceOutcome:
-        return fence_outcome(decision, driver, started, self.clock(), success, result, cloud, error)
 
     async def _restart_until(
         self, host: HostRef, via: RestartVia, redact: Redactor, ends: float

@@ -3,8 +3,8 @@
 Rule: success means the BMC was seen in the requested state, never that a command was sent.
 The engine reads power first (already off is fenced: no action for stop), sets power, then
 polls until the state shows or `power_timeout` passes (a timeout is a failure), retries with
-backoff, lets one action at a time touch a host, and turns every exception into a failed
-`EngineResult` whose text carries no secret.
+backoff, and turns every exception into a failed `EngineResult` whose text carries no secret
+(one fence at a time per host is the actuator's lock).
 
 Never gives up early: given a `deadline` (the actuator passes `actuator.fence_deadline`, one
 overall deadline per fence), a failed attempt is retried with doubling backoff (capped at
@@ -85,14 +85,6 @@ class Engine:
         self.on_failure = on_failure  # (host, attempt, error) after each failed attempt
         self.reboot_method = reboot_method
         self.clock = clock
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    def lock_for(self, host: str) -> asyncio.Lock:
-        """The host's lock: one action at a time per host."""
-        lock = self._locks.get(host)
-        if lock is None:
-            lock = self._locks[host] = asyncio.Lock()
-        return lock
 
     async def run(
         self,
@@ -106,27 +98,26 @@ class Engine:
         (see the module docstring); never raises."""
         redact = Redactor(secrets)
         result = EngineResult(action=action, driver=driver.name, success=False)
-        async with self.lock_for(host):
-            result.started_at = self.clock()
+        result.started_at = self.clock()
+        try:
+            # The deadline is kept between calls, never by cancelling one: a pyghmi call
+            # cancelled mid-login leaves a half-made session that later logins to the same
+            # BMC join and hang on. The overrun is at most one BMC call's own timeout.
+            await self._with_retries(host, driver, action, result, redact, deadline)
+        except Exception as exc:  # the engine's promise: an outcome, never a traceback
+            result.success = False
+            result.error = redact(_describe(exc))
+        finally:
             try:
-                # The deadline is kept between calls, never by cancelling one: a pyghmi call
-                # cancelled mid-login leaves a half-made session that later logins to the same
-                # BMC join and hang on. The overrun is at most one BMC call's own timeout.
-                await self._with_retries(host, driver, action, result, redact, deadline)
-            except Exception as exc:  # the engine's promise: an outcome, never a traceback
-                result.success = False
-                result.error = redact(_describe(exc))
-            finally:
-                try:
-                    await driver.aclose()
-                except Exception as exc:
-                    log.warning(
-                        "host %s: closing the %s driver failed: %s",
-                        host,
-                        driver.name,
-                        redact(_describe(exc)),
-                    )
-                result.finished_at = self.clock()
+                await driver.aclose()
+            except Exception as exc:
+                log.warning(
+                    "host %s: closing the %s driver failed: %s",
+                    host,
+                    driver.name,
+                    redact(_describe(exc)),
+                )
+            result.finished_at = self.clock()
         level = logging.INFO if result.success else logging.WARNING
         log.log(
             level,

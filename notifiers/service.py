@@ -1,21 +1,21 @@
-"""The notifier: a record in, one notification out on every channel, and never a delay for
-fencing.
+"""The notifier: a record in, one notification out on every channel.
 
 Rules:
-- `handle()` only renders and schedules: it returns at once and never raises for a delivery
-  problem. Sending runs in background tasks; `drain()` waits for them (shutdown, tests).
+- It never raises for a delivery problem, and it runs in the notify role's own agent: fencing
+  never waits for it.
 - Each channel is tried on its own, concurrently, with bounded exponential backoff; a
   non-retryable failure (credentials refused) is not retried. Every failure is logged as one
   line naming the channel and the peer.
-- At least once, never lost: a channel's delivery is written to the store (`<id>@<channel>`)
+- At least once, never lost: a channel's delivery is written to the store the caller gives
+  (the Faust `notified` table, streams.tables: the one idempotency store) as `<id>@<channel>`
   only after its peer accepted it (the SMTP server took the mail, the trap went out, the inform
   was acknowledged), and the record's id (`render.record_id`) only once every channel has. A
   crash between delivery and marking delivers again, with the same id (mail header
   `X-Fencer-Notice-Id`, varbind `fencerNoticeId`), so receivers can drop the duplicate; a
   redelivered record is sent only on the channels that have not accepted it yet.
-- `deliver()` is the awaited form for the Faust shell: it returns only when every channel
-  accepted (or, with `forever`, keeps retrying a peer that is down with capped backoff), so the
-  Kafka offset is committed after delivery, never before.
+- `deliver()` returns only when every channel accepted (or, with `forever`, keeps retrying a
+  peer that is down with capped backoff), so the Kafka offset is committed after delivery,
+  never before.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, MutableMapping, Sequence
-from typing import Any
 
 from fencing.records import FenceDecision, FenceOutcome, Notice
 from fencing.settings import FencerSettings
@@ -70,7 +69,6 @@ class Notifier:
     def __init__(
         self,
         channels: Sequence[Channel],
-        store: MutableMapping[str, float] | None = None,
         *,
         retries: int = 4,
         backoff: float = 1.0,
@@ -79,48 +77,27 @@ class Notifier:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.channels = list(channels)
-        self.store: MutableMapping[str, float] = {} if store is None else store
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.send_timeout = send_timeout
         self._clock = clock
-        self._in_flight: set[str] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     @classmethod
     def from_settings(
         cls,
         settings: FencerSettings,
-        store: MutableMapping[str, float] | None = None,
         *,
         retries: int = 4,
         backoff: float = 1.0,
     ) -> Notifier:
         """A notifier with every channel the settings enable."""
-        return cls(channels_from_settings(settings), store, retries=retries, backoff=backoff)
-
-    async def handle(self, record: Record) -> None:
-        """Schedule the record's notification; return at once (see the module docstring)."""
-        try:
-            key = record_id(record)
-            if key in self.store or key in self._in_flight:
-                log.debug("notification %s already sent; skipped", key)
-                return
-            message = to_message(record)
-        except Exception:
-            # A record we cannot render must not reach the caller (fencing) as an exception.
-            log.exception("cannot render a notification for %s", type(record).__name__)
-            return
-        self._in_flight.add(key)
-        task = asyncio.get_running_loop().create_task(self._deliver(key, message, self.store))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return cls(channels_from_settings(settings), retries=retries, backoff=backoff)
 
     async def deliver(
         self,
         record: Record,
-        store: MutableMapping[str, float] | None = None,
+        store: MutableMapping[str, float],
         *,
         forever: bool = False,
     ) -> bool:
@@ -134,7 +111,7 @@ class Notifier:
         except Exception:
             log.exception("cannot render a notification for %s", type(record).__name__)
             return False
-        return await self._deliver(key, message, self.store if store is None else store, forever)
+        return await self._deliver(key, message, store, forever)
 
     async def _deliver(
         self,
@@ -143,62 +120,42 @@ class Notifier:
         store: MutableMapping[str, float],
         forever: bool = False,
     ) -> bool:
-        try:
-            if key in store:
-                return True
-            todo = [ch for ch in self.channels if f"{key}@{channel_key(ch)}" not in store]
-            delay = self.backoff
-            while True:
-                results = await asyncio.gather(*(self._send(ch, message) for ch in todo))
-                for ch, result in zip(todo, results, strict=True):
-                    if result == SENT:
-                        # Marked as soon as this peer accepted: a crash now re-sends elsewhere only.
-                        store[f"{key}@{channel_key(ch)}"] = self._clock()
-                failed = [ch for ch, r in zip(todo, results, strict=True) if r == FAILED]
-                refused = [ch for ch, r in zip(todo, results, strict=True) if r == REFUSED]
-                if refused or not failed or not forever:
-                    break
-                log.warning(
-                    "notification %s: still not accepted by %s; trying again in %g s",
-                    key,
-                    ", ".join(ch.name for ch in failed),
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(self.max_backoff, delay * 2)
-                todo = failed
-            if failed or refused:
-                return False  # not marked: a redelivery (or a restart) sends it again
-            for ch in self.channels:
-                store.pop(f"{key}@{channel_key(ch)}", None)
-            store[key] = self._clock()
-            fields = {"record": key, "kind": message.kind.value, "host": message.host_uuid}
-            log.info(
-                "notified %s on %d channel(s)",
-                key,
-                len(self.channels),
-                extra={"fields": fields},
-            )
+        if key in store:
             return True
-        finally:
-            self._in_flight.discard(key)
-
-    @property
-    def pending(self) -> int:
-        """Notifications still being sent or retried."""
-        return len(self._tasks)
-
-    async def drain(self, grace: float | None = None) -> None:
-        """Wait for every scheduled notification; after `grace` s, cancel what is left."""
-        tasks = set(self._tasks)
-        if not tasks:
-            return
-        _done, left = await asyncio.wait(tasks, timeout=grace)
-        for t in left:
-            t.cancel()
-        if left:
-            await asyncio.wait(left)
-            log.warning("%d notification(s) cancelled at drain", len(left))
+        todo = [ch for ch in self.channels if f"{key}@{channel_key(ch)}" not in store]
+        delay = self.backoff
+        while True:
+            results = await asyncio.gather(*(self._send(ch, message) for ch in todo))
+            for ch, result in zip(todo, results, strict=True):
+                if result == SENT:
+                    # Marked as soon as this peer accepted: a crash now re-sends elsewhere only.
+                    store[f"{key}@{channel_key(ch)}"] = self._clock()
+            failed = [ch for ch, r in zip(todo, results, strict=True) if r == FAILED]
+            refused = [ch for ch, r in zip(todo, results, strict=True) if r == REFUSED]
+            if refused or not failed or not forever:
+                break
+            log.warning(
+                "notification %s: still not accepted by %s; trying again in %g s",
+                key,
+                ", ".join(ch.name for ch in failed),
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(self.max_backoff, delay * 2)
+            todo = failed
+        if failed or refused:
+            return False  # not marked: a redelivery (or a restart) sends it again
+        for ch in self.channels:
+            store.pop(f"{key}@{channel_key(ch)}", None)
+        store[key] = self._clock()
+        fields = {"record": key, "kind": message.kind.value, "host": message.host_uuid}
+        log.info(
+            "notified %s on %d channel(s)",
+            key,
+            len(self.channels),
+            extra={"fields": fields},
+        )
+        return True
 
     async def _send(self, channel: Channel, message: Message) -> str:
         attempts = self.retries + 1

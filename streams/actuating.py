@@ -139,7 +139,7 @@ async def operator_action(
     try:
         # The operator is the authority on age and evidence; CloudStack must still agree.
         await operator_checks(decision, actuator.settings, lambda h: rt.inventory().host(h))
-        outcome: FenceOutcome | None = await actuator.handle(decision, again=True)
+        outcome: FenceOutcome | None = await actuator.handle(decision)
     except NotNow as exc:
         log.warning("fence %s: operator retry refused: %s", decision_id, exc)
         return refusal(decision, str(exc), time.time())

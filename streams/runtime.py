@@ -221,8 +221,6 @@ class Runtime:
         for service in (self._probes, self._inventory):
             if service is not None:
                 await service.close()
-        if self._notifier is not None:
-            await self._notifier.drain(grace=5)
 
 
 class _UnreadablePins:

@@ -68,8 +68,8 @@ def decision(cloud: Cloud, action: FenceAction = FenceAction.STOP, **kw: Any) ->
     return FenceDecision(**fields)
 
 
-def actuator(settings: FencerSettings, store: dict | None = None) -> Actuator:
-    return Actuator(settings, store=store, job_poll_interval=0.05)
+def actuator(settings: FencerSettings) -> Actuator:
+    return Actuator(settings, job_poll_interval=0.05)
 
 
 def restart_calls(cloud: Cloud) -> list[str]:
@@ -186,20 +186,6 @@ async def test_withheld_decision_is_skipped(cloud: Cloud, bmc: BmcSimulator) -> 
         decision(cloud, approved=False, withheld_reason="cap_reached")
     )
     assert out is None and bmc.count() == 0
-
-
-async def test_redelivered_decision_acts_once_even_after_a_restart(
-    cloud: Cloud, bmc: BmcSimulator
-) -> None:
-    store: dict = {}
-    settings = make_settings(cloud, bmc.port)
-    d = decision(cloud)
-    first = await actuator(settings, store).handle(d)
-    bmc.power = "on"  # even if the host came back, a redelivery must not fence again
-    again = await actuator(settings, store).handle(d)  # a new worker, the same table
-    assert first is not None and again == first
-    assert bmc.count("power_off") == 1 and bmc.power == "on"
-    assert restart_calls(cloud) == ["declareHostAsDegraded"]
 
 
 async def test_two_decisions_for_one_host_never_act_at_once(

@@ -48,7 +48,8 @@ async def test_every_notification_carries_its_stable_id_to_the_real_receivers(
 ) -> None:
     srv = smtp_server("plain")
     notifier = Notifier.from_settings(settings_for(srv.port, snmptrapd.port))
-    assert await notifier.deliver(decision) and await notifier.deliver(notice)
+    store: dict[str, float] = {}
+    assert await notifier.deliver(decision, store) and await notifier.deliver(notice, store)
     ids = sorted(m["X-Fencer-Notice-Id"] for m in mails(srv.mailbox))
     assert ids == ["decision:dec-0001:fence_decided", "notice:n-0001"]
     traps = [parse_trap(t) for t in snmptrapd.wait_for(2)]

@@ -375,3 +375,61 @@ async def test_a_stop_after_a_dead_claimant_powers_off_only_a_host_still_on() ->
             out = await carry_out(_runtime_for(bmc, FenceAction.STOP), d, takeover=True)
             assert bmc.power == "off" and bmc.count("power_off") == offs
         assert out.success and out.verified and out.power_before == power
+
+
+# ---------------------------------------------------------------------------------------------
+# At most once is the shell's: the `actuated` table and the claim log, never the actuator
+
+
+async def test_a_redelivered_decision_is_answered_from_the_actuated_table(
+    fencer_settings: Any,
+) -> None:
+    """After a restart the table (rebuilt from its changelog) holds the first outcome: a
+    redelivery gets it back, and the host's BMC (a real pyghmi one) hears nothing."""
+    from pydantic import SecretStr
+
+    from fencing.settings import (
+        HostSettings,
+        IpmiOverrides,
+        IpmiSettings,
+        SigningSettings,
+    )
+    from lab.bmc import BmcSimulator
+    from streams.actuating import actuate
+    from streams.runtime import Runtime
+    from streams.tables import done_entry, put_entry
+
+    d = decision(at=time.time())
+    first = outcome_of(d, "the-first-worker")
+    table: dict[str, Any] = {}
+    put_entry(table, "h1", d.decision_id, done_entry(d, first))
+    with BmcSimulator(password="pw", power="on") as bmc:
+        settings = fencer_settings(
+            isolated_topics=True,
+            signing=SigningSettings(keys=SecretStr("k1 " + "s" * 40)),
+            defaults=IpmiSettings(password=SecretStr("pw"), port=bmc.port),
+            hosts={"h1": HostSettings(ipmi=IpmiOverrides(address="127.0.0.1"))},
+        )
+        runtime = Runtime(settings=settings, started_at=0.0)
+        try:
+            out = await actuate(runtime, message(signed(d)), table)
+        finally:
+            await runtime.close()
+        assert bmc.count() == 0 and bmc.power == "on"
+    assert out == [(settings.kafka.topics.fence_outcomes, b"h1", first.model_dump_json().encode())]
+
+
+async def test_an_operator_retry_never_runs_a_fence_that_succeeded() -> None:
+    from fencing.records import OperatorAction
+    from fencing.settings import FencerSettings
+    from streams.actuating import operator_action
+    from streams.runtime import Runtime
+    from streams.tables import done_entry, put_entry
+
+    d = decision(at=time.time())
+    table: dict[str, Any] = {}
+    put_entry(table, "h1", d.decision_id, done_entry(d, outcome_of(d, "w")))
+    runtime = Runtime(settings=FencerSettings(), started_at=0.0)
+    retry = OperatorAction(kind="retry", host_uuid="h1", decision_id=d.decision_id, at=1.0)
+    assert await operator_action(runtime, retry, table, "h1") is None
+    assert runtime._actuator is None
