@@ -401,6 +401,7 @@ class HostMachine(RuleBasedStateMachine):
         self.ref_at: float | None = None
         self.run = 0  # stale checks in a row (unknowns neither count nor break it)
         self.unknowns = 0
+        self.early = False
         self.proposal: ProposeFence | None = None
         self.judged_proposals: Counter[int] = Counter()  # proposals made by a stale check
         self.temporary_withholds: Counter[int] = Counter()
@@ -465,9 +466,10 @@ class HostMachine(RuleBasedStateMachine):
         if (event.episode, event.check) != (out.episode, out.check):
             return None
         self.outstanding = None
+        self.early = False
         verdict = self.oracle(event)
         if verdict is Evidence.UNKNOWN:
-            self.unknowns += 1
+            self.unknowns += 0 if self.early else 1
             return verdict
         self.unknowns = 0
         if verdict is Evidence.STALE:
@@ -495,8 +497,12 @@ class HostMachine(RuleBasedStateMachine):
             return Evidence.ALIVE
         if any(beats.get(p) != v for p, v in r.heartbeats):
             return Evidence.ALIVE
-        if self.requested_at - self.ref_at < max(self.policy.check_interval, r.min_gap):
-            return Evidence.UNKNOWN  # too soon: not an interval between the two readings
+        gap = self.requested_at - self.ref_at
+        if gap < 0:
+            return Evidence.BASELINE  # the worker's clock went back: a new reference
+        if gap < max(self.policy.check_interval, r.min_gap):
+            self.early = True  # too soon: not an interval between the two readings, and no
+            return Evidence.UNKNOWN  # failure to gather evidence either (never counted)
         return Evidence.STALE
 
     def follow(
