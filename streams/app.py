@@ -41,7 +41,7 @@ from fencing.records import (
     ProbeResult,
 )
 from fencing.settings import FencerSettings
-from streams import actuating, codec, gating
+from streams import actuating, codec, gating, tables
 from streams import observability as obs
 from streams import watch as host_watch
 from streams.ingest import EventBusConsumer
@@ -122,7 +122,9 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
 
     # -- tables (changelog-backed) ------------------------------------------------------
     if "ingest" in roles:
-        hosts = app.Table("hosts", help="host uuid -> the core's HostRecord + HostRef")
+        hosts = app.Table("hosts", help="host uuid -> the core's HostRecord + HostRef (packed)")
+        # Before the store and the changelog topic exist (Faust makes both on first use).
+        hosts.value_serializer = tables.host_row_serializer()
         gates = app.Table("gates", partitions=1, help="cluster uuid (and '*') -> gate state")
     if "actuate" in roles:
         done = app.Table("actuated", help="host uuid -> {decision id: outcome}")

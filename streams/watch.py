@@ -2,7 +2,8 @@
 
 Rule: `fencing.decision.step` decides; this module only loads the row, calls it with the live
 settings and turns its actions into topic records (probe requests, proposals, gate signals,
-notices). A row is {"record": HostRecord.to_dict(), "host": HostRef}.
+notices). A row is `streams.codec.pack_row(HostRecord.to_dict(), HostRef)` (compact, versioned;
+`unpack_row` reads every version).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fencing.records import (
     ProbeRequest,
 )
 from fencing.settings import FencerSettings
-from streams.codec import HostInput, Out, dump
+from streams.codec import HostInput, Out, dump, pack_row, unpack_row
 
 log = logging.getLogger("fencer.streams")
 
@@ -41,28 +42,29 @@ def _merge_ref(old: HostRef | None, new: HostRef | None) -> HostRef | None:
     return old.model_copy(update=known)
 
 
-def wants_tick(row: dict[str, Any]) -> bool:
+def wants_tick(row: Any) -> bool:
     """Whether the host's record has an open episode (ticks check, re-send and remind)."""
-    state = row.get("record", {}).get("state")
+    state = unpack_row(row)[0].get("state")
     return state not in (None, core.HostState.IDLE.value, core.HostState.MAINTENANCE.value)
 
 
-def tick(row: dict[str, Any], now: float) -> HostSignal:
+def tick(row: Any, now: float) -> HostSignal:
     """A tick for this row's host."""
-    return HostSignal(kind="tick", host=HostRef(**row["host"]), at=now, source="timer")
+    return HostSignal(kind="tick", host=HostRef(**unpack_row(row)[1]), at=now, source="timer")
 
 
 def apply(
-    row: dict[str, Any] | None,
+    row: Any,
     item: HostInput,
     key: str,
     policy: Policy,
     settings: FencerSettings,
     topics: Any,
-) -> tuple[dict[str, Any] | None, list[Out]]:
+) -> tuple[list[Any] | None, list[Out]]:
     """Step the host's record with one event; the new row and the records to send."""
-    record = core.HostRecord.from_dict(row["record"]) if row else core.HostRecord(host=key)
-    old_ref = HostRef(**row["host"]) if row and row.get("host") else None
+    old_record, old_host = unpack_row(row) if row else (None, None)
+    record = core.HostRecord.from_dict(old_record) if old_record else core.HostRecord(host=key)
+    old_ref = HostRef(**old_host) if old_host else None
     ref = _merge_ref(old_ref, item.ref) or HostRef(host_uuid=key)
     policy = settings.policy_for(ref.cluster_uuid)  # the live settings, cluster overrides applied
     try:
@@ -125,12 +127,12 @@ def apply(
             )
             out.append((topics.notices, hkey, dump(notice)))
     out.extend(_late_suspect(old_ref, ref, new, key, at, topics))
-    return {"record": new.to_dict(), "host": ref.model_dump()}, out
+    return pack_row(new.to_dict(), ref.model_dump()), out
 
 
-def judged_check(before: dict[str, Any] | None, row: dict[str, Any]) -> str | None:
+def judged_check(before: Any, row: Any) -> str | None:
     """The evidence of the check the core just judged, if this row change judged one."""
-    new, old = row["record"], (before or {}).get("record", {})
+    new, old = unpack_row(row)[0], (unpack_row(before)[0] if before else {})
     judged = (new.get("episode"), new.get("last_check"), new.get("last_probe_at"))
     if judged == (old.get("episode"), old.get("last_check"), old.get("last_probe_at")):
         return None
@@ -148,10 +150,10 @@ def _late_suspect(
     return [(topics.fence_proposals, ref.cluster_uuid.encode(), dump(sig))]
 
 
-def host_state(row: dict[str, Any]) -> bytes:
-    """The host-states record of a hosts-table row."""
-    ref = HostRef(**row["host"])
-    return dump(HostStateRecord(host=ref, record=row["record"], updated_at=time.time()))
+def host_state(row: Any) -> bytes:
+    """The host-states record of a hosts-table row (the record in HostRecord.to_dict() form)."""
+    record, host = unpack_row(row)
+    return dump(HostStateRecord(host=HostRef(**host), record=record, updated_at=time.time()))
 
 
 def _evidence_of(r: core.HostRecord) -> EvidenceSummary | None:
