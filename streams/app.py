@@ -168,11 +168,26 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             for g in sizes:
                 await fence_proposals.send(key=g.cluster_uuid.encode(), value=codec.dump(g))
 
-        @app.timer(interval=min(policy.check_interval / 2, 5.0))
+        # A host gets a tick when its next check is due (streams.watch.TickSchedule), and at
+        # least every min(check_interval / 2, 5 s).
+        schedule = host_watch.TickSchedule(period=min(policy.check_interval / 2, 5.0))
+
+        @app.timer(interval=host_watch.TICK_RESOLUTION)
         async def tick() -> None:
             # Ticks are delivered through the topic so the table is written inside a stream.
             now = time.time()
-            for host_uuid, row in list(hosts.items()):
+            policy_for = runtime.current.policy_for
+            if schedule.sweep_due(now):
+                for host_uuid, row in list(hosts.items()):
+                    schedule.note(host_uuid, row, policy_for)
+                    if row is not None and host_watch.wants_tick(row):
+                        schedule.sent(host_uuid, now)
+                        tick_signal = host_watch.tick(row, now)
+                        await host_signals.send(
+                            key=host_uuid.encode(), value=codec.dump(tick_signal)
+                        )
+            for host_uuid in schedule.due_now(now):
+                row = hosts.get(host_uuid)
                 if row is not None and host_watch.wants_tick(row):
                     tick_signal = host_watch.tick(row, now)
                     await host_signals.send(key=host_uuid.encode(), value=codec.dump(tick_signal))
@@ -205,6 +220,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     continue
                 if row is not None:
                     hosts[key] = row
+                    schedule.note(key, row, runtime.current.policy_for)
                     if row != before:
                         await host_states.send(key=key.encode(), value=host_watch.host_state(row))
                         judged = host_watch.judged_check(before, row)
