@@ -41,6 +41,12 @@ def _decision_latency() -> dict[str, Any]:
     return asyncio.run(decision_latency.run(30, 100, 120.0))
 
 
+def _crash_to_off() -> dict[str, Any]:
+    from benchmarks import crash_to_off
+
+    return asyncio.run(crash_to_off.run(10, 5.0, 2, 180.0))
+
+
 def _table_memory() -> dict[str, Any]:
     from benchmarks import table_memory
 
@@ -58,6 +64,7 @@ BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "fence_latency": _fence_latency,
     "ingest_rate": _ingest_rate,
     "decision_latency": _decision_latency,
+    "crash_to_off": _crash_to_off,
     "table_memory": _table_memory,
     "pyghmi_stall": _pyghmi_stall,
 }
