@@ -197,7 +197,7 @@ async def run(hosts: int, check: float, extra: int, timeout: float) -> dict[str,
             producer = AIOKafkaProducer(**aiokafka_kwargs(settings))
             await producer.start()
             try:
-                await asyncio.sleep(8.0)  # the worker joins its group before anything crashes
+                await asyncio.sleep(15.0)  # the worker's groups settle before anything crashes
                 for h in suspects:
                     cloud.set_host_state(h.uuid, "Disconnected")
                     key, value = cloud.events.pop()

@@ -149,7 +149,13 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             group_id=f"{app_id}.event-bus",
             previous_group=app_id,
             send=bus_send,
-            make_consumer=lambda **kw: AIOKafkaConsumer(**aiokafka_kwargs(settings), **kw),
+            make_consumer=lambda **kw: AIOKafkaConsumer(
+                **aiokafka_kwargs(settings),
+                # As Faust's consumer: Tansu's JoinGroup waits half the session timeout.
+                session_timeout_ms=int(settings.kafka.session_timeout * 1000),
+                heartbeat_interval_ms=int(settings.kafka.heartbeat_interval * 1000),
+                **kw,
+            ),
             dead_letter=codec.dead_letter,
             encode_signal=codec.dump,
         )
