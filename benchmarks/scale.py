@@ -243,7 +243,7 @@ async def run(
             try:
                 # Both workers joined, the partitions split, the first poll's signals (two per
                 # host: every host is new to the poller) worked through.
-                await asyncio.sleep(POLL_S + 15.0)
+                await asyncio.sleep(POLL_S + 45.0)
                 for h in decide + checked:
                     cloud.set_host_state(h.uuid, "Disconnected")
                     key, value = cloud.events.pop()
