@@ -224,14 +224,15 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     log.exception("host %s: cannot apply %s", key, type(parsed.event).__name__)
                     await dead(event.message, f"watch failed: {type(exc).__name__}")
                     continue
-                if row is not None:
+                # An unchanged row (most ticks, repeated poll signals) is not written again: no
+                # changelog record, no host-states record.
+                if row is not None and row != before:
                     hosts[key] = row
                     schedule.note(key, row, runtime.current.policy_for)
-                    if row != before:
-                        await host_states.send(key=key.encode(), value=host_watch.host_state(row))
-                        judged = host_watch.judged_check(before, row)
-                        if judged is not None:
-                            obs.observe_check(judged)
+                    await host_states.send(key=key.encode(), value=host_watch.host_state(row))
+                    judged = host_watch.judged_check(before, row)
+                    if judged is not None:
+                        obs.observe_check(judged)
                 for topic_name, out_key, value in actions:
                     await by_name[topic_name].send(key=out_key, value=value)
 
