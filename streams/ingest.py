@@ -174,6 +174,7 @@ class EventBusConsumer:
     encode_signal: Callable[[HostSignal], bytes]
     previous_group: str | None = None  # where the offsets were before (the Faust app's group)
     max_records: int = 10_000
+    concurrency: int = 16  # host lookups in flight at once within a batch
     counts: dict[str, int] = field(
         default_factory=lambda: {"records": 0, "skipped": 0, "signals": 0, "dead": 0}
     )
@@ -233,27 +234,44 @@ class EventBusConsumer:
             await consumer.stop()  # (aiokafka's stop is idempotent: run's own stop is a no-op)
 
     async def handle(self, consumer: Any, batch: dict[Any, list[Any]]) -> None:
-        """One batch: signals and dead letters delivered, then the offsets committed."""
-        pending: list[Awaitable[Any]] = []
+        """One batch: its records that may matter are turned into signals concurrently (a host
+        lookup in CloudStack must not hold up the next alert), their signals and dead letters
+        are handed to the producer in the batch's order, delivered, then the offsets committed."""
         offsets: dict[Any, int] = {}
+        matter: list[Any] = []
         counts = self.counts
         for tp, records in batch.items():
             for r in records:
                 counts["records"] += 1
                 if may_matter(r.value):
-                    pending.extend(await self._one(r))
+                    matter.append(r)
                 else:
                     counts["skipped"] += 1
             if records:
                 offsets[tp] = records[-1].offset + 1
-        if pending:
+        if matter:
+            gate = asyncio.Semaphore(self.concurrency)
+
+            async def judged(r: Any) -> tuple[BusRecord, HostSignal | None, str | None]:
+                async with gate:
+                    return await self._judge(r)
+
+            pending: list[Awaitable[Any]] = []
+            for rec, signal, reason in await asyncio.gather(*(judged(r) for r in matter)):
+                if signal is not None:
+                    counts["signals"] += 1
+                    key = signal.host.host_uuid.encode()
+                    pending.append(await self.send("signal", key, self.encode_signal(signal)))
+                elif reason is not None:
+                    counts["dead"] += 1
+                    pending.append(await self.send("dead", None, self.dead_letter(rec, reason)))
             await asyncio.gather(*pending)
         try:
             await consumer.commit(offsets)
         except Exception as exc:  # a rebalance: the next owner reads the batch again
             log.warning("event bus: offsets not committed (%s): the batch is read again", exc)
 
-    async def _one(self, r: Any) -> list[Awaitable[Any]]:
+    async def _judge(self, r: Any) -> tuple[BusRecord, HostSignal | None, str | None]:
         ts = r.timestamp / 1000 if r.timestamp is not None and r.timestamp >= 0 else None
         rec = BusRecord(r.topic, r.partition, r.offset, r.key, r.value, ts)
         try:
@@ -261,14 +279,7 @@ class EventBusConsumer:
         except Exception as exc:  # a bug or an outage must not stop the stream
             log.exception("cannot ingest a CloudStack event")
             signal, reason = None, f"ingest failed: {type(exc).__name__}"
-        if signal is not None:
-            self.counts["signals"] += 1
-            key = signal.host.host_uuid.encode()
-            return [await self.send("signal", key, self.encode_signal(signal))]
-        if reason is not None:
-            self.counts["dead"] += 1
-            return [await self.send("dead", None, self.dead_letter(rec, reason))]
-        return []
+        return rec, signal, reason
 
     async def _start_where_the_old_group_was(self, assigned: list[Any]) -> None:
         """A partition this group never committed starts at the offset the previous group
