@@ -45,7 +45,11 @@ def _merge_ref(old: HostRef | None, new: HostRef | None) -> HostRef | None:
 
 def wants_tick(row: Any) -> bool:
     """Whether the host's record has an open episode (ticks check, re-send and remind)."""
-    state = unpack_row(row)[0].get("state")
+    try:
+        state = unpack_row(row)[0].get("state")
+    except ValueError as exc:  # never a crashed timer: the row is reported, its host skipped
+        log.warning("hosts table: %s", exc)
+        return False
     return state not in (None, core.HostState.IDLE.value, core.HostState.MAINTENANCE.value)
 
 
@@ -99,7 +103,10 @@ class TickSchedule:
         """Remember when the host's row (as just written, or swept) next needs a tick."""
         at = None
         if row is not None and _open(row):
-            record, ref = unpack_row(row)
+            try:
+                record, ref = unpack_row(row)
+            except ValueError:
+                record, ref = {}, {}  # (wants_tick reports it)
             at = next_tick_at(record, policy_for(ref.get("cluster_uuid")))
         if at is None:
             self.next.pop(host, None)

@@ -12,7 +12,7 @@ from fencing.events import HostDisconnected, HostStatus, ProbeFinished, Tick
 from fencing.records import HostRef
 from fencing.settings import FencerSettings, PolicySettings
 from streams.codec import HostInput, unpack_row
-from streams.watch import TICK_RESOLUTION, TickSchedule, apply, next_tick_at
+from streams.watch import TICK_RESOLUTION, TickSchedule, apply, next_tick_at, wants_tick
 
 HOST = "7650a66e-54c1-4a0e-9b7d-7865250dc275"
 REF = HostRef(host_uuid=HOST, cluster_uuid="c1")
@@ -120,3 +120,9 @@ def test_a_closed_row_leaves_the_schedule():
     assert s.due_now(0.0) == [HOST] and s.due_now(0.05) == []  # once per due time
     s.note(HOST, None, settings.policy_for)
     assert s.next == {}
+
+
+def test_a_row_of_no_known_version_never_stops_the_timer():
+    s = TickSchedule(period=5.0)
+    s.note(HOST, [9, ["suspect"], []], FencerSettings().policy_for)
+    assert s.next == {} and not wants_tick([9, ["suspect"], []])
