@@ -237,7 +237,8 @@ async def fencer_ingest(settings: FencerSettings, workdir: Path, timeout: float)
     """Run a real ingest worker over the topic from its beginning; time it."""
     names = settings.kafka.topics
     ends = await _end_offsets(settings, names.cloudstack)
-    group = f"{settings.kafka.group_id}-ingest"  # streams.app: the app id of a partial worker
+    # streams.app: the event bus consumer group of a partial worker (app id + ".event-bus")
+    group = f"{settings.kafka.group_id}-ingest.event-bus"
     tail = AIOKafkaConsumer(
         names.host_signals, group_id=None, auto_offset_reset="earliest", **aiokafka_kwargs(settings)
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -200,3 +201,109 @@ def notifiable(message: Any, topics: Any) -> FenceDecision | FenceOutcome | Noti
         topics.notices: Notice,
     }[message.topic]
     return load(model, message.value)  # type: ignore[return-value]
+
+
+# -- the hosts table's rows ----------------------------------------------------------------
+#
+# A row is [ROW_VERSION, record values, host values(, extras)]: the values of the core's
+# HostRecord.to_dict() and of the HostRef in the fixed orders below, a value equal to its
+# default stored as None and trailing Nones dropped, each per-file map flattened to
+# [path, value, path, value, ...]. No key string is stored per row, and strings shared by many
+# hosts (cluster, zone, state names) are interned when a row is read back from the changelog.
+# A row written before (version 1: {"record": {...}, "host": {...}}) still loads. The orders
+# are this version's and never change; a field the core adds later goes to `extras` (a dict,
+# only its non-default values) until a new version lists it.
+
+ROW_VERSION = 2
+ROW_RECORD_FIELDS: tuple[str, ...] = (
+    "state", "episode", "since", "suspect_since", "opened_at", "checks_requested",
+    "probe_outstanding", "last_request_at", "last_result_at", "last_check", "stale_count",
+    "unknown_count", "last_evidence", "last_probe_at", "ref_at", "ref_mtimes", "ref_heartbeats",
+    "newest_write", "files_checked", "unreadable", "neighbour", "reason", "neighbour_offset",
+    "filer_offset", "skew_notified", "last_alert_at", "sent_at", "decision_id",
+    "withheld_reason", "power_state", "error", "host",
+)  # fmt: skip
+ROW_HOST_FIELDS: tuple[str, ...] = (
+    "host_uuid", "host_name", "cluster_uuid", "ip_address", "zone_uuid", "cluster_name",
+    "zone_name",
+)  # fmt: skip
+_PAIRS = frozenset({"ref_mtimes", "ref_heartbeats"})
+
+
+def _record_defaults() -> dict[str, Any]:
+    from fencing.decision import HostRecord
+
+    return HostRecord(host="").to_dict() | {"host": None}
+
+
+_DEFAULTS = _record_defaults()
+
+
+def _trimmed(values: list[Any]) -> list[Any]:
+    while values and values[-1] is None:
+        values.pop()
+    return values
+
+
+def pack_row(record: dict[str, Any], host: dict[str, Any]) -> list[Any]:
+    """A hosts-table row from HostRecord.to_dict() and HostRef.model_dump()."""
+    values: list[Any] = []
+    for name in ROW_RECORD_FIELDS:
+        v = record.get(name)
+        if name == "host" and v == host.get("host_uuid"):
+            v = None  # the row's host uuid, stored once
+        elif v == _DEFAULTS.get(name):
+            v = None
+        elif name in _PAIRS:
+            v = [x for pair in v for x in pair]
+        values.append(v)
+    row: list[Any] = [
+        ROW_VERSION,
+        _trimmed(values),
+        _trimmed([host.get(name) for name in ROW_HOST_FIELDS]),
+    ]
+    known = set(ROW_RECORD_FIELDS)
+    extras = {k: v for k, v in record.items() if k not in known and v is not None}
+    if extras:
+        row.append(extras)
+    return row
+
+
+def _shared(v: Any) -> Any:
+    return sys.intern(v) if type(v) is str and len(v) <= 40 else v
+
+
+def unpack_row(row: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(HostRecord.to_dict(), HostRef.model_dump()) of a hosts-table row of any version;
+    ValueError naming the row's problem if it is neither."""
+    if isinstance(row, dict):  # version 1
+        record, host = row.get("record"), row.get("host")
+        if not isinstance(record, dict) or not isinstance(host, dict):
+            raise ValueError("hosts row: version 1 without a record and a host")
+        return record, host
+    if not isinstance(row, list | tuple) or len(row) < 3 or row[0] != ROW_VERSION:
+        version = row[0] if isinstance(row, list | tuple) and row else None
+        raise ValueError(f"hosts row: unknown version {version!r}")
+    values, host_values = row[1], row[2]
+    host = dict.fromkeys(ROW_HOST_FIELDS)
+    host.update(zip(ROW_HOST_FIELDS, host_values, strict=False))
+    record = dict(_DEFAULTS)
+    for name, v in zip(ROW_RECORD_FIELDS, values, strict=False):
+        if v is None:
+            continue
+        if name in _PAIRS:
+            v = [[v[i], v[i + 1]] for i in range(0, len(v), 2)]
+        record[name] = v
+    if record["host"] is None:
+        record["host"] = host["host_uuid"]
+    if len(row) > 3 and isinstance(row[3], dict):
+        record.update(row[3])
+    return record, host
+
+
+def intern_row(row: Any) -> Any:
+    """The same row with its short strings interned (a row read back from the changelog)."""
+    if not isinstance(row, list) or len(row) < 3 or row[0] != ROW_VERSION:
+        return row
+    out = [row[0], [_shared(v) for v in row[1]], [_shared(v) for v in row[2]], *row[3:]]
+    return out

@@ -99,3 +99,27 @@ class RowStore(MutableMapping[str, float]):
 
     def __len__(self) -> int:
         return len(self._row())
+
+
+HOST_ROW_SERIALIZER = "fencer-host-row"
+
+
+def host_row_serializer() -> str:
+    """The `hosts` table's value serializer (registered with Faust on first use): JSON, and a
+    row read back from the changelog gets its shared strings interned (streams.codec)."""
+    import json
+
+    from faust.serializers import codecs
+
+    from streams.codec import intern_row
+
+    class HostRowCodec(codecs.Codec):  # type: ignore[misc]
+        def _loads(self, s: bytes) -> Any:
+            return intern_row(json.loads(s))
+
+        def _dumps(self, s: Any) -> bytes:
+            return json.dumps(s, separators=(",", ":")).encode()
+
+    if HOST_ROW_SERIALIZER not in codecs.codecs:
+        codecs.register(HOST_ROW_SERIALIZER, HostRowCodec())
+    return HOST_ROW_SERIALIZER

@@ -2,7 +2,8 @@
 
 Rule: `fencing.decision.step` decides; this module only loads the row, calls it with the live
 settings and turns its actions into topic records (probe requests, proposals, gate signals,
-notices). A row is {"record": HostRecord.to_dict(), "host": HostRef}.
+notices). A row is `streams.codec.pack_row(HostRecord.to_dict(), HostRef)` (compact, versioned;
+`unpack_row` reads every version).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fencing import decision as core
@@ -27,7 +29,7 @@ from fencing.records import (
     ProbeRequest,
 )
 from fencing.settings import FencerSettings
-from streams.codec import HostInput, Out, dump
+from streams.codec import ROW_VERSION, HostInput, Out, dump, pack_row, unpack_row
 
 log = logging.getLogger("fencer.streams")
 
@@ -41,28 +43,120 @@ def _merge_ref(old: HostRef | None, new: HostRef | None) -> HostRef | None:
     return old.model_copy(update=known)
 
 
-def wants_tick(row: dict[str, Any]) -> bool:
+def wants_tick(row: Any) -> bool:
     """Whether the host's record has an open episode (ticks check, re-send and remind)."""
-    state = row.get("record", {}).get("state")
+    try:
+        state = unpack_row(row)[0].get("state")
+    except ValueError as exc:  # never a crashed timer: the row is reported, its host skipped
+        log.warning("hosts table: %s", exc)
+        return False
     return state not in (None, core.HostState.IDLE.value, core.HostState.MAINTENANCE.value)
 
 
-def tick(row: dict[str, Any], now: float) -> HostSignal:
+# How often the tick timer looks at the rows; a check goes out at most this late.
+TICK_RESOLUTION = 0.1
+# Due times are this much later than the exact sum, so that the core's own `now - last >=
+# interval` (one float subtraction) agrees that the tick is due.
+_MARGIN = 0.001
+_CLOSED = frozenset(s.value for s in core.CLOSED)
+_TEMPORARY = frozenset(r.value for r in core.TEMPORARY)
+
+
+def next_tick_at(record: dict[str, Any], policy: Policy) -> float | None:
+    """The worker-clock time from which a tick moves this record on (a check request, a lost
+    probe, a proposal re-sent), or None when only the periodic tick has work (reminders).
+    A shell-side schedule only: the core still decides what each tick does."""
+    state = record.get("state")
+    if state in _CLOSED or state is None:
+        return None
+    if record.get("opened_at") is None:
+        return 0.0
+    if state == "suspect" or (state == "withheld" and record.get("withheld_reason") in _TEMPORARY):
+        if record.get("probe_outstanding"):
+            return float(record.get("last_request_at") or 0.0) + policy.probe_timeout + _MARGIN
+        last = record.get("last_result_at")
+        if not record.get("checks_requested") or last is None:
+            return 0.0
+        return float(last) + policy.check_interval + _MARGIN
+    sent = record.get("sent_at")
+    if state == "fence_proposed":
+        return 0.0 if sent is None else float(sent) + policy.check_interval + _MARGIN
+    if state == "fencing":
+        return 0.0 if sent is None else float(sent) + policy.fencing_resend_after + _MARGIN
+    return None
+
+
+class TickSchedule:
+    """When the tick timer sends a host a tick: every open row every `period` seconds (a sweep
+    of the table, as before: reminders and a safety net), and in between as soon as a row's
+    `next_tick_at` has come, so a check goes out within TICK_RESOLUTION of being due instead of
+    up to a whole period late. The due times are noted as the watch writes rows (and on each
+    sweep): between sweeps only those few hosts are looked at, never the whole table."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.next: dict[str, float] = {}  # host uuid -> when a tick next moves its record on
+        self.last: dict[str, float] = {}  # host uuid -> when its last tick was sent
+        self.swept_at: float | None = None
+
+    def note(self, host: str, row: Any, policy_for: Callable[[str | None], Policy]) -> None:
+        """Remember when the host's row (as just written, or swept) next needs a tick."""
+        at = None
+        if row is not None and _open(row):
+            try:
+                record, ref = unpack_row(row)
+            except ValueError:
+                record, ref = {}, {}  # (wants_tick reports it)
+            at = next_tick_at(record, policy_for(ref.get("cluster_uuid")))
+        if at is None:
+            self.next.pop(host, None)
+        else:
+            self.next[host] = at
+
+    def sweep_due(self, now: float) -> bool:
+        """Whether this timer run sweeps the whole table (taken as done)."""
+        if self.swept_at is not None and now - self.swept_at < self.period:
+            return False
+        self.swept_at = now
+        return True
+
+    def sent(self, host: str, now: float) -> None:
+        """A tick went out to `host` at `now`."""
+        self.last[host] = now
+
+    def due_now(self, now: float) -> list[str]:
+        """Hosts whose due time has come since their last tick (taken as sent now)."""
+        hosts = [h for h, at in self.next.items() if at <= now and self.last.get(h, -1.0) < at]
+        for h in hosts:
+            self.last[h] = now
+        return hosts
+
+
+def _open(row: Any) -> bool:
+    # A packed row's first record value is the state (absent: the default, idle).
+    if isinstance(row, list) and len(row) > 1 and row[0] == ROW_VERSION:
+        values = row[1]
+        return bool(values) and values[0] is not None and values[0] not in _CLOSED
+    return wants_tick(row)
+
+
+def tick(row: Any, now: float) -> HostSignal:
     """A tick for this row's host."""
-    return HostSignal(kind="tick", host=HostRef(**row["host"]), at=now, source="timer")
+    return HostSignal(kind="tick", host=HostRef(**unpack_row(row)[1]), at=now, source="timer")
 
 
 def apply(
-    row: dict[str, Any] | None,
+    row: Any,
     item: HostInput,
     key: str,
     policy: Policy,
     settings: FencerSettings,
     topics: Any,
-) -> tuple[dict[str, Any] | None, list[Out]]:
+) -> tuple[list[Any] | None, list[Out]]:
     """Step the host's record with one event; the new row and the records to send."""
-    record = core.HostRecord.from_dict(row["record"]) if row else core.HostRecord(host=key)
-    old_ref = HostRef(**row["host"]) if row and row.get("host") else None
+    old_record, old_host = unpack_row(row) if row else (None, None)
+    record = core.HostRecord.from_dict(old_record) if old_record else core.HostRecord(host=key)
+    old_ref = HostRef(**old_host) if old_host else None
     ref = _merge_ref(old_ref, item.ref) or HostRef(host_uuid=key)
     policy = settings.policy_for(ref.cluster_uuid)  # the live settings, cluster overrides applied
     try:
@@ -125,12 +219,12 @@ def apply(
             )
             out.append((topics.notices, hkey, dump(notice)))
     out.extend(_late_suspect(old_ref, ref, new, key, at, topics))
-    return {"record": new.to_dict(), "host": ref.model_dump()}, out
+    return pack_row(new.to_dict(), ref.model_dump()), out
 
 
-def judged_check(before: dict[str, Any] | None, row: dict[str, Any]) -> str | None:
+def judged_check(before: Any, row: Any) -> str | None:
     """The evidence of the check the core just judged, if this row change judged one."""
-    new, old = row["record"], (before or {}).get("record", {})
+    new, old = unpack_row(row)[0], (unpack_row(before)[0] if before else {})
     judged = (new.get("episode"), new.get("last_check"), new.get("last_probe_at"))
     if judged == (old.get("episode"), old.get("last_check"), old.get("last_probe_at")):
         return None
@@ -148,10 +242,10 @@ def _late_suspect(
     return [(topics.fence_proposals, ref.cluster_uuid.encode(), dump(sig))]
 
 
-def host_state(row: dict[str, Any]) -> bytes:
-    """The host-states record of a hosts-table row."""
-    ref = HostRef(**row["host"])
-    return dump(HostStateRecord(host=ref, record=row["record"], updated_at=time.time()))
+def host_state(row: Any) -> bytes:
+    """The host-states record of a hosts-table row (the record in HostRecord.to_dict() form)."""
+    record, host = unpack_row(row)
+    return dump(HostStateRecord(host=HostRef(**host), record=record, updated_at=time.time()))
 
 
 def _evidence_of(r: core.HostRecord) -> EvidenceSummary | None:

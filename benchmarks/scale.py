@@ -1,0 +1,349 @@
+"""fencer at the size of a large cloud: two real workers splitting the partitions, the CloudStack
+simulator with H hosts in C clusters and V VMs, the event bus at a steady rate, and many hosts
+suspect at once; then one worker is killed.
+
+Rule: two `fencer worker --roles ingest` processes (one consumer group: they split the
+partitions) run against the embedded broker and the simulator. The benchmark produces event bus
+noise at `--rate` records/s all along (VM and volume state changes, usage events), plays the
+prober (every probe request answered at once) and crashes hosts through the simulator:
+- `decide`: one host per cluster (up to `--suspects`) crashes at once; their probes read an
+  unchanged disk (stale after the baseline): decision lag = crash -> decision record
+  (CreateTime), beside the ideal check_interval x (1 + extra_checks) of the evidence rule;
+- `checked`: as many other hosts crash with a disk that changes on every probe (alive: checked
+  forever). After the decisions, the worker that sent the latest probe request of most of them
+  is killed (SIGKILL); for each host it was checking, the time from the kill to the next probe
+  request (sent by the survivor) is the takeover time.
+Also reported: per worker CPU seconds (user + system) and peak RSS (VmHWM) just before the kill,
+the probe round (first to last request of one check number across the `decide` hosts), and the
+listHosts poll as the worker does it (`streams.poller.Poller.poll`: wall time, pages, page
+size) timed here against the same simulator. The baseline of the same run: the ideal, and the
+raw listHosts page fetch.
+
+    python -m benchmarks.scale --json [--hosts H --clusters C --vms V --suspects S --rate R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from benchmarks.decision_latency import summary
+from benchmarks.ingest_rate import isolated_settings, noise
+from fencing.events import FenceAction
+from fencing.records import FenceDecision, ProbeRequest, ProbeResult
+from fencing.settings import CloudStackSettings, FencerSettings, IpmiSettings, PolicySettings
+from lab.cloudstack_sim import DEFAULT_PAGE_SIZE, CloudStackSimulator, SimCloud
+from lab.pipeline import WorkerProcess, write_settings
+from streams.broker import EmbeddedBroker
+from streams.kafka import aiokafka_kwargs
+
+CHECK = 5.0
+EXTRA = 2
+POLL_S = 30.0
+
+
+def _proc(pid: int) -> dict[str, float]:
+    """CPU seconds and peak RSS (MiB) of a process, from /proc."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    hwm = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
+    return {"cpu_seconds": round(cpu, 2), "peak_rss_mib": round(hwm / 1024, 1)}
+
+
+class Cloud:
+    """Plays the prober; records requests and decisions."""
+
+    def __init__(self, settings: FencerSettings, alive: set[str]) -> None:
+        self.settings, self.alive = settings, alive
+        self.topics = settings.kafka.topics
+        self.crashed: dict[str, float] = {}
+        self.decided: dict[str, float] = {}
+        self.requests: dict[str, list[tuple[float, int, str]]] = {}  # host -> (time, check, by)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        kw = aiokafka_kwargs(self.settings)
+        self.producer = AIOKafkaProducer(linger_ms=5, **kw)
+        self.consumer = AIOKafkaConsumer(
+            self.topics.probe_requests,
+            self.topics.fence_decisions,
+            group_id=None,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=20,
+            **kw,
+        )
+        await self.producer.start()
+        await self.consumer.start()
+        self.loop = asyncio.create_task(self._tail())
+
+    async def _tail(self) -> None:
+        async for msg in self.consumer:
+            if msg.topic == self.topics.probe_requests:
+                req = ProbeRequest.model_validate_json(msg.value)
+                self.requests.setdefault(req.host.host_uuid, []).append(
+                    (msg.timestamp / 1000, req.check, req.requested_by or "")
+                )
+                task = asyncio.create_task(self._answer(req))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+                continue
+            d = FenceDecision.model_validate_json(msg.value)
+            if d.approved:
+                self.decided.setdefault(d.host.host_uuid, msg.timestamp / 1000)
+
+    async def _answer(self, req: ProbeRequest) -> None:
+        host = req.host.host_uuid
+        mtime = time.time() if host in self.alive else 1_000.0  # alive: the disk is written
+        result = ProbeResult(
+            host=req.host,
+            episode=req.episode,
+            check=req.check,
+            suspect_since=req.suspect_since,
+            finished_at=time.time(),
+            mtimes={"/mnt/pool/disk-1": mtime},
+            complete=True,
+            files_wanted=1,
+            neighbour="kvm-n",
+        )
+        await self.producer.send(
+            self.topics.probe_results, result.model_dump_json().encode(), key=host.encode()
+        )
+
+    async def stop(self) -> None:
+        self.loop.cancel()
+        for t in [self.loop, *self.tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.consumer.stop()
+        await self.producer.stop()
+
+
+async def _bus_noise(settings: FencerSettings, rate: float, stop: asyncio.Event) -> int:
+    """Event bus noise at `rate` records/s until `stop`; the number sent."""
+    rng = random.Random(5)
+    vms = [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(5000)]
+    producer = AIOKafkaProducer(linger_ms=20, **aiokafka_kwargs(settings))
+    await producer.start()
+    sent = 0
+    started = time.monotonic()
+    try:
+        while not stop.is_set():
+            due = int((time.monotonic() - started) * rate)
+            while sent < due:
+                for key, value in noise(rng, "z", "a", vms, vms)[1]:
+                    await producer.send(
+                        settings.kafka.topics.cloudstack, value.encode(), key=key.encode()
+                    )
+                    sent += 1
+            await asyncio.sleep(0.05)
+    finally:
+        await producer.stop()
+    return sent
+
+
+async def _poll_cost(settings: FencerSettings, sim: CloudStackSimulator) -> dict[str, Any]:
+    """One listHosts poll as the worker's poller does it, timed, with its page count."""
+    from streams.runtime import Runtime
+
+    runtime = Runtime(settings=settings, started_at=time.time())
+    try:
+        calls = len(sim.cloud.calls)
+        t0 = time.perf_counter()
+        signals, sizes = await runtime.poller.poll()
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        await runtime.poller.poll()
+        second = time.perf_counter() - t0
+        pages = sum(1 for c, _ in sim.cloud.calls[calls:] if c.lower() == "listhosts") // 2
+    finally:
+        await runtime.close()
+    return {
+        "first_poll_s": round(first, 3),
+        "steady_poll_s": round(second, 3),
+        "signals_of_first_poll": len(signals),
+        "clusters": len(sizes),
+        "pages": pages,
+        "page_size": DEFAULT_PAGE_SIZE,
+    }
+
+
+async def run(
+    hosts: int, clusters: int, vms: int, suspects: int, rate: float, timeout: float
+) -> dict[str, Any]:
+    """Simulator, broker, two workers, crashes, a kill; the figures."""
+    t_setup = time.perf_counter()
+    cloud = SimCloud()
+    zone = cloud.add_zone("zone1")
+    per = max(1, hosts // clusters)
+    members: list[list[Any]] = []
+    for c in range(clusters):
+        cluster = cloud.add_cluster(zone, f"c{c:03d}")
+        members.append(
+            [cloud.add_host(cluster, f"kvm{c:03d}-{i:03d}", f"10.{c // 250}.{c % 250}.{i + 1}")
+             for i in range(per)]
+        )  # fmt: skip
+    all_hosts = [h for m in members for h in m]
+    for i in range(vms):
+        cloud.add_vm(all_hosts[i % len(all_hosts)], f"vm{i:06d}")
+    decide = [m[0] for m in members][:suspects]
+    checked = [m[1] for m in members if len(m) > 1][:suspects]
+    setup_s = time.perf_counter() - t_setup
+    with tempfile.TemporaryDirectory(prefix="fencer-bench-") as tmp:
+        async with EmbeddedBroker() as broker, CloudStackSimulator(cloud) as sim:
+            settings = await isolated_settings(
+                broker,
+                Path(tmp),
+                policy=PolicySettings(
+                    check_interval=CHECK,
+                    extra_checks=EXTRA,
+                    startup_quiet=0,
+                    probe_timeout=60,
+                    global_cap=2 * suspects + 10,
+                ),
+                defaults=IpmiSettings(action=FenceAction.STOP),
+                cloudstack=CloudStackSettings(
+                    endpoint=sim.url,
+                    api_key=sim.api_key,
+                    secret_key=sim.secret_key,
+                    # The storm guard needs the cluster sizes of a first poll; each poll of 10,000
+                    # hosts also costs the simulator (in this process) seconds of CPU.
+                    poll_interval=POLL_S,
+                ),
+            )
+            poll = await _poll_cost(settings, sim)
+            bench = Cloud(settings, alive={h.uuid for h in checked})
+            await bench.start()
+            conf = write_settings(settings, Path(tmp) / "fencer.yaml")
+            workers = [
+                WorkerProcess(conf, "ingest", Path(tmp) / f"worker{i}.log").start() for i in (1, 2)
+            ]
+            stop_noise = asyncio.Event()
+            noise_task = asyncio.create_task(_bus_noise(settings, rate, stop_noise))
+            producer = AIOKafkaProducer(**aiokafka_kwargs(settings))
+            await producer.start()
+            kill: dict[str, Any] = {}
+            try:
+                # Both workers joined, the partitions split, the first poll's signals (two per
+                # host: every host is new to the poller) worked through.
+                await asyncio.sleep(POLL_S + 45.0)
+                for h in decide + checked:
+                    cloud.set_host_state(h.uuid, "Disconnected")
+                    key, value = cloud.events.pop()
+                    bench.crashed[h.uuid] = time.time()
+                    await producer.send(
+                        settings.kafka.topics.cloudstack,
+                        value.encode(),
+                        key=key.encode() if key else None,
+                    )
+                cloud.events.clear()
+                await producer.flush()
+                deadline = time.monotonic() + timeout
+                wanted = {h.uuid for h in decide}
+                while not wanted <= set(bench.decided):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"{len(wanted - set(bench.decided))} of {len(wanted)} decisions "
+                            f"missing after {timeout:g} s (see {tmp}/worker*.log)"
+                        )
+                    await asyncio.sleep(0.2)
+                usage = {f"worker{i}": _proc(w.pid) for i, w in enumerate(workers, 1)}
+                # Kill the worker that sent the latest request of most `checked` hosts.
+                by = [bench.requests[h.uuid][-1][2] for h in checked if h.uuid in bench.requests]
+                victim_id = max(set(by), key=by.count)
+                victim = next(w for w in workers if victim_id.endswith(f":{w.pid}"))
+                theirs = [
+                    h.uuid
+                    for h in checked
+                    if bench.requests.get(h.uuid) and bench.requests[h.uuid][-1][2] == victim_id
+                ]
+                killed_at = time.time()
+                victim.kill()
+                while time.monotonic() < deadline:
+                    again = {
+                        h: next((t for t, _, b in bench.requests[h] if t > killed_at), None)
+                        for h in theirs
+                    }
+                    if all(v is not None for v in again.values()):
+                        break
+                    await asyncio.sleep(0.2)
+                took = [v - killed_at for v in again.values() if v is not None]
+                kill = {
+                    "hosts_of_the_killed_worker": len(theirs),
+                    "checked_again": len(took),
+                    "kill_to_next_check": summary(took) if took else None,
+                }
+            finally:
+                stop_noise.set()
+                bus_records = await noise_task
+                for w in workers:
+                    w.stop()
+                await producer.stop()
+                await bench.stop()
+    ideal = CHECK * (1 + EXTRA)
+    lag = [bench.decided[h.uuid] - bench.crashed[h.uuid] for h in decide]
+    rounds = []
+    for check in range(1, 2 + EXTRA + 1):
+        times = [t for h in decide for t, c, _ in bench.requests.get(h.uuid, []) if c == check]
+        if times:
+            rounds.append(round(max(times) - min(times), 3))
+    return {
+        "benchmark": "scale",
+        "cloud": {
+            "hosts": len(all_hosts),
+            "clusters": clusters,
+            "vms": vms,
+            "suspect_at_once": len(decide) + len(checked),
+            "setup_seconds": round(setup_s, 1),
+        },
+        "event_bus": {"rate_per_s": rate, "records": bus_records},
+        "fencer": {
+            "workers": usage,
+            "decision_lag": summary(lag),
+            "decision_lag_over_ideal": summary([x - ideal for x in lag]),
+            "probe_round_spread_s": rounds,
+            "listhosts_poll": poll,
+            "kill_one_worker": kill,
+        },
+        "baseline": {"ideal_decision_s": ideal, "check_interval_s": CHECK, "poll_s": POLL_S},
+        "targets_met": {},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hosts", type=int, default=10_000)
+    p.add_argument("--clusters", type=int, default=100)
+    p.add_argument("--vms", type=int, default=20_000)
+    p.add_argument("--suspects", type=int, default=50, help="per kind: decide and checked")
+    p.add_argument("--rate", type=float, default=500.0, help="event bus records per second")
+    p.add_argument("--timeout", type=float, default=180.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    result = asyncio.run(
+        run(args.hosts, args.clusters, args.vms, args.suspects, args.rate, args.timeout)
+    )
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

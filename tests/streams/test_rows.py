@@ -1,0 +1,142 @@
+"""The hosts table's compact rows (streams.codec.pack_row): every record and host round-trip
+exactly, rows of version 1 still load and step on, and the serializer Faust uses for the table
+reads back what it wrote."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fencing.decision import Evidence, HostRecord, HostState
+from fencing.events import HostDisconnected, HostStatus, ProbeFinished, Tick
+from fencing.records import HostRef
+from fencing.settings import FencerSettings, PolicySettings
+from streams.codec import ROW_VERSION, HostInput, intern_row, pack_row, unpack_row
+from streams.tables import host_row_serializer
+from streams.watch import apply, judged_check, tick, wants_tick
+
+HOST = "7650a66e-54c1-4a0e-9b7d-7865250dc275"
+REF = HostRef(
+    host_uuid=HOST,
+    host_name="kvm01",
+    cluster_uuid="c1c1c1c1-0000-4000-8000-000000000001",
+    zone_uuid="z1z1z1z1-0000-4000-8000-000000000001",
+    ip_address="10.0.0.1",
+)
+
+_f = st.floats(min_value=0, max_value=2e9, allow_nan=False) | st.none()
+_path = st.text(alphabet="abc/-_.0", min_size=1, max_size=20)
+
+
+@st.composite
+def records(draw: Any) -> HostRecord:
+    return HostRecord(
+        host=draw(st.sampled_from([HOST, "another-host"])),
+        state=draw(st.sampled_from(list(HostState))),
+        since=draw(_f),
+        episode=draw(st.integers(0, 10**6)),
+        suspect_since=draw(_f),
+        checks_requested=draw(st.integers(0, 50)),
+        probe_outstanding=draw(st.booleans()),
+        last_result_at=draw(_f),
+        stale_count=draw(st.integers(0, 5)),
+        last_evidence=draw(st.sampled_from([None, *Evidence])),
+        ref_mtimes=tuple(
+            sorted(draw(st.dictionaries(_path, st.floats(0, 2e9, allow_nan=False))).items())
+        ),
+        ref_heartbeats=tuple(sorted(draw(st.dictionaries(_path, st.text(max_size=30))).items())),
+        reason=draw(st.text(max_size=40) | st.none()),
+        skew_notified=draw(st.booleans()),
+        decision_id=draw(st.text(max_size=60) | st.none()),
+        error=draw(st.text(max_size=20) | st.none()),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(records(), st.sampled_from([REF, HostRef(host_uuid=HOST)]))
+def test_every_record_and_host_round_trip_through_a_packed_row(r: HostRecord, ref: HostRef):
+    record, host = r.to_dict(), ref.model_dump()
+    row = pack_row(record, host)
+    assert row[0] == ROW_VERSION
+    assert unpack_row(row) == (record, host)
+    through_json = json.loads(json.dumps(row))
+    assert unpack_row(intern_row(through_json)) == (record, host)
+    assert HostRecord.from_dict(unpack_row(through_json)[0]) == r
+
+
+def test_a_packed_row_has_no_key_strings_and_no_trailing_defaults():
+    record = HostRecord(host=HOST, state=HostState.SUSPECT, episode=1, since=5.0).to_dict()
+    row = pack_row(record, REF.model_dump())
+    assert row == [ROW_VERSION, ["suspect", 1, 5.0], [HOST, "kvm01", REF.cluster_uuid, "10.0.0.1",
+                                                       REF.zone_uuid]]  # fmt: skip
+    assert len(json.dumps(row)) < len(json.dumps({"record": record, "host": REF.model_dump()})) / 4
+
+
+def test_a_field_the_core_adds_later_is_kept_in_the_extras():
+    record = HostRecord(host=HOST).to_dict() | {"new_field": 3}
+    row = pack_row(record, REF.model_dump())
+    assert row[3] == {"new_field": 3}
+    assert unpack_row(row)[0]["new_field"] == 3
+
+
+def test_a_version_1_row_loads_and_steps_on_to_a_packed_row():
+    settings = FencerSettings(policy=PolicySettings(startup_quiet=0))
+    policy = settings.policy.to_policy()
+    topics = settings.kafka.topics
+    old = HostRecord(
+        host=HOST, state=HostState.SUSPECT, episode=2, since=100.0, suspect_since=99.0
+    ).to_dict()
+    v1 = {"record": old, "host": REF.model_dump()}
+    assert unpack_row(v1) == (old, REF.model_dump())
+    assert wants_tick(v1) and tick(v1, 200.0).host == REF
+    row, out = apply(v1, HostInput(Tick(200.0)), HOST, policy, settings, topics)
+    assert row is not None and row[0] == ROW_VERSION
+    record, host = unpack_row(row)
+    assert (record["episode"], record["checks_requested"], host) == (2, 1, REF.model_dump())
+    assert [t for t, _, _ in out] == [topics.probe_requests]
+    result = ProbeFinished(
+        at=201.0, episode=2, check=1, mtimes=(("/d1", 5.0),), complete=True, files_wanted=1
+    )
+    row2, _ = apply(row, HostInput(result), HOST, policy, settings, topics)
+    assert judged_check(row, row2) == "baseline" and judged_check(v1, row) is None
+    assert unpack_row(row2)[0]["ref_mtimes"] == [["/d1", 5.0]]
+
+
+def test_a_new_host_gets_a_packed_row():
+    settings = FencerSettings(policy=PolicySettings(startup_quiet=0))
+    event = HostInput(HostDisconnected(1.0, HostStatus.DISCONNECTED), REF)
+    row, _ = apply(None, event, HOST, settings.policy.to_policy(), settings, settings.kafka.topics)
+    assert row is not None and unpack_row(row)[0]["state"] == "suspect"
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        ({"record": None}, "version 1 without a record"),
+        ([9, [], []], "unknown version 9"),
+        ([], "unknown version None"),
+        ("text", "unknown version None"),
+    ],
+)
+def test_a_row_of_no_known_version_is_a_clear_error(row: Any, problem: str):
+    with pytest.raises(ValueError, match=problem):
+        unpack_row(row)
+
+
+def test_the_table_serializer_reads_back_what_it_wrote_and_interns_shared_strings():
+    from faust.serializers import codecs
+
+    codec = codecs.get_codec(host_row_serializer())
+    record = HostRecord(host=HOST, state=HostState.SUSPECT, episode=1).to_dict()
+    row = pack_row(record, REF.model_dump())
+    a, b = codec.loads(codec.dumps(row)), codec.loads(codec.dumps(row))
+    assert a == row
+    assert a[2][2] is b[2][2]  # the cluster uuid: one string for every row of the cluster
+    assert a[1][0] is b[1][0]  # "suspect"
+    # and what Faust's own json codec wrote before (version 1 rows) still loads
+    v1 = {"record": record, "host": REF.model_dump()}
+    assert unpack_row(codec.loads(codecs.get_codec("json").dumps(v1))) == (record, REF.model_dump())

@@ -1,0 +1,128 @@
+"""The tick cadence of the shell (streams.watch.TickSchedule): a suspect host's next check goes
+out within one timer resolution of being due, never earlier than the core allows, and every open
+row still gets its periodic tick. Virtual time through the real core (time arrives on events)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fencing.events import HostDisconnected, HostStatus, ProbeFinished, Tick
+from fencing.records import HostRef
+from fencing.settings import FencerSettings, PolicySettings
+from streams.codec import HostInput, unpack_row
+from streams.watch import TICK_RESOLUTION, TickSchedule, apply, next_tick_at, wants_tick
+
+HOST = "7650a66e-54c1-4a0e-9b7d-7865250dc275"
+REF = HostRef(host_uuid=HOST, cluster_uuid="c1")
+
+
+PROBE_S = 0.3  # how long each probe takes
+
+
+def _run(check_interval: float, extra: int, fine: bool) -> tuple[float, list[tuple[float, float]]]:
+    """Disconnect at 0; a prober that answers stale after PROBE_S; the timer every TICK_RESOLUTION
+    (`fine`) or only the old periodic sweep. The proposal's time and (result arrival, next
+    request) pairs."""
+    settings = FencerSettings(
+        policy=PolicySettings(check_interval=check_interval, extra_checks=extra, startup_quiet=0)
+    )
+    policy, topics = settings.policy.to_policy(), settings.kafka.topics
+    period = min(check_interval / 2, 5.0)
+    schedule = TickSchedule(period=period)
+
+    def policy_for(cluster: Any) -> Any:
+        return settings.policy_for(cluster)
+
+    row, _ = apply(None, HostInput(HostDisconnected(0.0, HostStatus.DISCONNECTED), REF), HOST,
+                   policy, settings, topics)  # fmt: skip
+    schedule.note(HOST, row, policy_for)
+    gaps: list[tuple[float, float]] = []
+    last_result = None
+    now = 0.0
+    step = TICK_RESOLUTION if fine else period
+    while now < 100 * check_interval:
+        now = round(now + step, 6)
+        ticks = []
+        if schedule.sweep_due(now):
+            schedule.sent(HOST, now)
+            ticks.append(now)
+        if fine and HOST in schedule.due_now(now) and not ticks:
+            ticks.append(now)
+        for at in ticks:
+            row, out = apply(row, HostInput(Tick(at)), HOST, policy, settings, topics)
+            schedule.note(HOST, row, policy_for)
+            for topic, _, value in out:
+                if topic == topics.fence_proposals and b'"proposal"' in value:
+                    return at, gaps
+                if topic != topics.probe_requests:
+                    continue
+                record = unpack_row(row)[0]
+                if last_result is not None:
+                    gaps.append((last_result, at))
+                check = record["checks_requested"]
+                # the reading never changes (stale after the baseline)
+                result = ProbeFinished(
+                    at=at + PROBE_S, episode=1, check=check, mtimes=(("/d", 1.0),), complete=True
+                )
+                row, out2 = apply(row, HostInput(result), HOST, policy, settings, topics)
+                schedule.note(HOST, row, policy_for)
+                last_result = at + PROBE_S
+                for topic2, _, value2 in out2:
+                    if topic2 == topics.fence_proposals and b'"proposal"' in value2:
+                        return at + PROBE_S, gaps
+    raise AssertionError("no proposal")
+
+
+@pytest.mark.parametrize(("interval", "extra"), [(1.0, 2), (30.0, 2), (60.0, 1), (7.0, 3)])
+def test_checks_go_out_when_due_and_never_sooner(interval: float, extra: int):
+    proposed, gaps = _run(interval, extra, fine=True)
+    # the ideal: check_interval between each result and the next request, probes included
+    ideal = interval * (1 + extra) + (2 + extra) * PROBE_S
+    # one timer resolution per check at most (plus float rounding)
+    assert ideal <= proposed <= ideal + (2 + extra) * TICK_RESOLUTION + 1e-6
+    assert len(gaps) == 1 + extra
+    assert all(request - result >= interval for result, request in gaps)
+
+
+def test_the_periodic_sweep_alone_is_what_made_checks_late():
+    fine, _ = _run(30.0, 2, fine=True)
+    coarse, _ = _run(30.0, 2, fine=False)
+    assert coarse - fine >= 3 * 4.0  # each check waited for the next 5 s sweep
+
+
+def test_next_tick_at_of_each_state():
+    policy = FencerSettings(policy=PolicySettings(check_interval=10, probe_timeout=30)).policy
+    p = policy.to_policy()
+    assert next_tick_at({"state": "idle"}, p) is None
+    assert next_tick_at({"state": "suspect", "opened_at": None}, p) == 0.0
+    base = {"state": "suspect", "opened_at": 1.0, "checks_requested": 2}
+    m = 0.001  # a millisecond late: the core's own subtraction must agree it is due
+    assert next_tick_at({**base, "probe_outstanding": True, "last_request_at": 5.0}, p) == 35 + m
+    assert next_tick_at({**base, "last_result_at": 7.0}, p) == 17 + m
+    assert next_tick_at({**base, "checks_requested": 0}, p) == 0.0
+    withheld = {**base, "state": "withheld", "last_result_at": 7.0}
+    assert next_tick_at({**withheld, "withheld_reason": "storm_guard"}, p) == 17 + m
+    assert next_tick_at({**withheld, "withheld_reason": "cluster_budget"}, p) is None
+    proposed = {"state": "fence_proposed", "opened_at": 1.0, "sent_at": 3.0}
+    assert next_tick_at(proposed, p) == 13 + m
+    assert next_tick_at({**proposed, "state": "fencing"}, p) == 3 + p.fencing_resend_after + m
+    assert next_tick_at({**proposed, "state": "fenced"}, p) is None
+
+
+def test_a_closed_row_leaves_the_schedule():
+    settings = FencerSettings(policy=PolicySettings(startup_quiet=0))
+    s = TickSchedule(period=5.0)
+    row, _ = apply(None, HostInput(HostDisconnected(0.0, HostStatus.DISCONNECTED), REF), HOST,
+                   settings.policy.to_policy(), settings, settings.kafka.topics)  # fmt: skip
+    s.note(HOST, row, settings.policy_for)
+    assert s.due_now(0.0) == [HOST] and s.due_now(0.05) == []  # once per due time
+    s.note(HOST, None, settings.policy_for)
+    assert s.next == {}
+
+
+def test_a_row_of_no_known_version_never_stops_the_timer():
+    s = TickSchedule(period=5.0)
+    s.note(HOST, [9, ["suspect"], []], FencerSettings().policy_for)
+    assert s.next == {} and not wants_tick([9, ["suspect"], []])
