@@ -32,8 +32,9 @@ debs:
 demo: $(STAMP)
 	$(BIN)/fencer demo $(ARGS)
 
-# The decision core must stay typed (mypy strict) and fully branch-covered.
-CORE := fencing/decision.py fencing/gate.py fencing/events.py fencing/policy.py fencing/diagram.py
+# Every package the worker and the API import is typed (mypy strict; Faust's decorators are
+# untyped, see pyproject.toml); the decision core is also fully branch-covered.
+TYPED := fencing streams probes notifiers webui
 
 # The suite runs on 4 processes: most end-to-end tests wait on check intervals, not the CPU.
 JOBS ?= 4
@@ -41,13 +42,13 @@ JOBS ?= 4
 test: $(STAMP) debs
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy $(CORE)
+	$(BIN)/mypy --strict $(TYPED)
 	$(BIN)/python -m pytest -n $(JOBS) --dist load --cov=fencing.decision --cov=fencing.gate \
 	  --cov-branch --cov-report=term --cov-fail-under=100 $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy fencing
+	$(BIN)/mypy --strict $(TYPED)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --json

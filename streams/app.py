@@ -51,7 +51,7 @@ from streams.runtime import Runtime
 log = logging.getLogger("fencer.app")
 
 ROLES = ("ingest", "probe", "actuate", "notify")
-RAW = {"key_serializer": "raw", "value_serializer": "raw"}
+RAW: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
 
 
 def parse_roles(text: str) -> tuple[str, ...]:
@@ -124,7 +124,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
     if "ingest" in roles:
         hosts = app.Table("hosts", help="host uuid -> the core's HostRecord + HostRef (packed)")
         # Before the store and the changelog topic exist (Faust makes both on first use).
-        hosts.value_serializer = tables.host_row_serializer()
+        hosts.value_serializer = tables.host_row_serializer()  # type: ignore[attr-defined]
         gates = app.Table("gates", partitions=1, help="cluster uuid (and '*') -> gate state")
     if "actuate" in roles:
         done = app.Table("actuated", help="host uuid -> {decision id: outcome}")
@@ -361,7 +361,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 if record is not None:
                     await runtime.notify(record, notified, event.message.key.decode())
 
-    @app.on_before_shutdown.connect
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def close_clients(app: faust.App, **kwargs: Any) -> None:
         if "ingest" in roles:
             await bus.stop()

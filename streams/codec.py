@@ -195,12 +195,12 @@ def gate_input(message: Any) -> FenceProposal | GateSignal | str:
 
 def notifiable(message: Any, topics: Any) -> FenceDecision | FenceOutcome | Notice | None:
     """The record on a notifier topic."""
-    model: type[BaseModel] = {
+    models: dict[str, type[BaseModel]] = {
         topics.fence_decisions: FenceDecision,
         topics.fence_outcomes: FenceOutcome,
         topics.notices: Notice,
-    }[message.topic]
-    return load(model, message.value)  # type: ignore[return-value]
+    }
+    return load(models[message.topic], message.value)  # type: ignore[return-value]
 
 
 # -- the hosts table's rows ----------------------------------------------------------------
@@ -255,7 +255,7 @@ def pack_row(record: dict[str, Any], host: dict[str, Any]) -> list[Any]:
         elif v == _DEFAULTS.get(name):
             v = None
         elif name in _PAIRS:
-            v = [x for pair in v for x in pair]
+            v = [x for pair in v or () for x in pair]
         values.append(v)
     row: list[Any] = [
         ROW_VERSION,

@@ -100,7 +100,7 @@ class Ingest:
         else:
             ref = await self._complete_ref(ref)
         signal = HostSignal(
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,
             host=ref,
             at=at,
             reported_at=float(reported_at) if reported_at else None,

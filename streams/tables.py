@@ -113,7 +113,7 @@ def host_row_serializer() -> str:
 
     from streams.codec import intern_row
 
-    class HostRowCodec(codecs.Codec):  # type: ignore[misc]
+    class HostRowCodec(codecs.Codec):
         def _loads(self, s: bytes) -> Any:
             return intern_row(json.loads(s))
 

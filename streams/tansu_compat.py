@@ -54,7 +54,7 @@ _lock = threading.Lock()
 _originals: dict[str, Any] = {}
 
 
-class InitProducerIdResponse_v3(Response):
+class InitProducerIdResponse_v3(Response):  # type: ignore[misc]  # aiokafka is untyped
     """InitProducerId v3 response (flexible)."""
 
     API_KEY = 22
@@ -68,7 +68,7 @@ class InitProducerIdResponse_v3(Response):
     )
 
 
-class InitProducerIdRequest_v3(RequestStruct):
+class InitProducerIdRequest_v3(RequestStruct):  # type: ignore[misc]
     """InitProducerId v3 request: adds the current producer id and epoch (-1 = new producer)."""
 
     FLEXIBLE_VERSION = True
