@@ -399,14 +399,3 @@ async def test_engine_reboot_cycle_method_on_the_simulator(bmc: BmcSimulator) ->
     )
     assert r.success and r.verified and r.power_after == "on"
     assert bmc.resets == 1 and bmc.count("power_off") == 0
-
-
-async def test_engine_one_action_per_host_at_a_time() -> None:
-    d = FakeDriver(latency=0.02)
-    eng = Engine(poll_interval=0.01)
-    a, b = await asyncio.gather(
-        eng.run("h", d, FenceAction.STOP), eng.run("h", d, FenceAction.STOP)
-    )
-    assert d.max_in_flight == 1
-    assert sorted([a.detail or "", b.detail or ""]) == ["", "already off"]
-    assert d.calls.count("set_power:off") == 1

@@ -80,6 +80,13 @@ class RoleRun(Run):
     pki: Path
     port: int
 
+    @property
+    def fence_deadline(self) -> float:
+        """Four worker processes and the API behind the test's TLS + SASL gate, beside three
+        other test processes on two cores: this test judges who may write what, the
+        scenarios in tests/e2e judge the timing (with one worker process)."""
+        return super().fence_deadline + 15.0
+
     async def start_worker(self) -> WorkerProcess:
         assert self.tap is not None
         seen = len(self.sizes())
