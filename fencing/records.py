@@ -228,11 +228,12 @@ class OperatorAction(WireRecord):
     """An operator's request (topic operator-actions, key host uuid): `retry` runs a failed
     fence's decision again now, `handled` stops the fence_failed reminders, `ipmi_test` asks an
     actuate worker to run the host's test action (reads the BMC, changes nothing) and answer
-    on ipmi-tests under `request_id`; `lift_blocklist` lifts the host's Ceph blocklist once it
-    is repaired (fencing.storage_fence, run by the actuate worker, which holds the fence key).
-    Never a secret: the worker reads the BMC's settings."""
+    on ipmi-tests under `request_id`; `bmc_pin_confirm` asks it to read the BMC's system GUID
+    and pin it (topic bmc-pins), answering on ipmi-tests the same way; `lift_blocklist` lifts
+    the host's Ceph blocklist once it is repaired (fencing.storage_fence, run by the actuate
+    worker, which holds the fence key). Never a secret: the worker reads the BMC's settings."""
 
-    kind: Literal["retry", "handled", "ipmi_test", "lift_blocklist"]
+    kind: Literal["retry", "handled", "ipmi_test", "lift_blocklist", "bmc_pin_confirm"]
     host_uuid: str
     decision_id: str | None = Field(None, description="None: the host's latest failed fence")
     address: str | None = Field(
@@ -245,19 +246,32 @@ class OperatorAction(WireRecord):
     at: float
     request_id: str | None = Field(None, description="ipmi_test: the id its answer carries")
     cluster_uuid: str | None = Field(None, description="ipmi_test: the host's cluster")
+    expect: str | None = Field(
+        None, description="bmc_pin_confirm: refuse unless the BMC reports this system GUID"
+    )
 
 
 class IpmiTestAnswer(WireRecord):
-    """An actuate worker's answer to an `ipmi_test` request (topic ipmi-tests, key host uuid):
-    what the BMC said to the test action, its error with every secret masked."""
+    """An actuate worker's answer to an `ipmi_test` or `bmc_pin_confirm` request (topic
+    ipmi-tests, key host uuid): what the BMC said, its error with every secret masked. The pin
+    itself is on bmc-pins; a `bmc_pin_confirm` answer names only the GUID it pinned, or why not."""
 
     request_id: str
+    kind: Literal["ipmi_test", "bmc_pin_confirm"] = "ipmi_test"
     host_uuid: str
     success: bool
     driver: str
     power_state: str | None = None
     output: str | None = None
     error: str | None = None
+    pinned_guid: str | None = Field(
+        None, description="bmc_pin_confirm: the system GUID now pinned (success)"
+    )
+    refused: Literal["bmc", "expect", "pins"] | None = Field(
+        None,
+        description="bmc_pin_confirm not pinned: the BMC unreadable, not the `expect`ed GUID, "
+        "or the bmc-pins topic unreadable (`error` says more)",
+    )
     duration: float = Field(description="seconds the test took in the worker")
     at: float = Field(description="when the worker finished (its clock)")
 

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import MutableMapping
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from fencing.events import FenceAction, NoticeKind
 from fencing.records import FenceDecision, FenceOutcome, IpmiTestAnswer, Notice, OperatorAction
@@ -281,6 +281,61 @@ async def ipmi_test(rt: Runtime, action: OperatorAction) -> IpmiTestAnswer:
         driver=driver,
         power_state=power,
         output=detail,
+        error=error,
+        duration=round(time.monotonic() - started, 3),
+        at=time.time(),
+    )
+
+
+async def bmc_pin_confirm(rt: Runtime, action: OperatorAction) -> IpmiTestAnswer:
+    """An operator's `bmc_pin_confirm`: read the host's BMC system GUID through the settings in
+    force here and pin it on bmc-pins (streams.bmc_pins.confirm_pin, this worker's pin store);
+    the answer names the pinned GUID, or why not (`refused`), every secret masked."""
+    from fencing.drivers.base import DriverError
+    from fencing.identity import PinStoreError
+    from streams.bmc_pins import confirm_pin
+
+    started = time.monotonic()
+    pinned: str | None = None
+    refused: Literal["bmc", "expect", "pins"] | None = None
+    error: str | None = None
+    driver = "?"
+    try:
+        live = await rt.live()
+        driver = live.effective_ipmi(action.host_uuid, action.cluster_uuid).values.driver.value
+        _, new = await confirm_pin(
+            live,
+            action.host_uuid,
+            action.cluster_uuid,
+            by=f"operator {action.by or 'unknown'}",
+            expect=action.expect,
+            store=await rt.bmc_pins(),
+        )
+        pinned = new.guid
+    except DriverError as exc:  # confirm_pin masked the secrets
+        refused, error = "bmc", f"cannot read the BMC's system GUID: {exc}"
+    except ValueError as exc:  # no GUID, or not the one the operator expects
+        refused, error = "expect", str(exc)
+    except PinStoreError as exc:
+        refused, error = "pins", str(exc)
+    except Exception as exc:  # the operator must get an answer, not a silent timeout
+        log.exception("BMC pin confirmation of host %s failed", action.host_uuid)
+        refused, error = "bmc", f"the pin confirmation failed in the worker: {type(exc).__name__}"
+    log.info(
+        "BMC pin confirmation %s of host %s by %s: %s",
+        action.request_id,
+        action.host_uuid,
+        action.by or "an operator",
+        f"pinned {pinned}" if pinned else error,
+    )
+    return IpmiTestAnswer(
+        request_id=action.request_id or "",
+        kind="bmc_pin_confirm",
+        host_uuid=action.host_uuid,
+        success=pinned is not None,
+        driver=driver,
+        pinned_guid=pinned,
+        refused=refused,
         error=error,
         duration=round(time.monotonic() - started, 3),
         at=time.time(),

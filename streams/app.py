@@ -315,9 +315,13 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 action = codec.load(OperatorAction, event.value)
                 if action is None:
                     continue
-                if action.kind == "ipmi_test":
-                    # The UI's "test BMC": run here, never in the API process (issue #15).
-                    answer = await actuating.ipmi_test(runtime, action)
+                if action.kind in ("ipmi_test", "bmc_pin_confirm"):
+                    # The UI's "test BMC" and "confirm BMC identity": run here, never in the
+                    # API process (issue #15); the pin goes to bmc-pins through this worker.
+                    if action.kind == "ipmi_test":
+                        answer = await actuating.ipmi_test(runtime, action)
+                    else:
+                        answer = await actuating.bmc_pin_confirm(runtime, action)
                     await ipmi_tests.send(key=action.host_uuid.encode(), value=codec.dump(answer))
                     continue
                 outcome = await actuating.operator_action(runtime, action, done, action.host_uuid)

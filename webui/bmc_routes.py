@@ -1,11 +1,15 @@
-"""The REST API's BMC handlers: the IPMI test (run by an actuate worker, webui.ipmi_tests) and
-the BMC identity pin.
+"""The REST API's BMC handlers: the IPMI test and the BMC identity pin, both run by an actuate
+worker (webui.ipmi_tests).
 
-Rule: the IPMI test never runs in the API process; the API asks on the operator-actions topic
-and answers with what the worker said, or 202 "pending". No answer carries a secret.
+Rule: neither the IPMI test nor the pin confirmation runs in the API process (it holds no BMC
+password); the API asks on the operator-actions topic and answers with what the worker said,
+or 202 "pending". No answer carries a secret.
 """
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 from aiohttp import web
 
@@ -13,7 +17,7 @@ from fencing.cloudstack import host_from_api
 from fencing.records import IpmiTestAnswer
 from webui import api_models as m
 from webui import views as v
-from webui.app import WHO_KEY, ApiError, api_of, path_id, read_body, reply
+from webui.app import WHO_KEY, Api, ApiError, api_of, path_id, read_body, reply
 from webui.audit import AuditChange
 
 routes = web.RouteTableDef()
@@ -75,36 +79,50 @@ async def get_bmc_pin(request: web.Request) -> web.Response:
 
 @routes.post("/api/hosts/{host_id}/bmc-pin")
 async def confirm_bmc_pin(request: web.Request) -> web.Response:
-    """Confirm the BMC's identity: read its system GUID now and pin it for the host."""
-    from fencing.drivers.base import DriverError
-    from fencing.identity import PinStoreError
-    from streams.bmc_pins import confirm_pin
-
+    """Confirm the BMC's identity: an actuate worker reads its system GUID now and pins it for
+    the host (the API never reads a BMC); the pin, or 202 "pending" when no worker answered
+    within the API's wait (then GET /api/ipmi-tests/<request id>)."""
     api = api_of(request)
     uuid = path_id(request, "host_id")
     body: m.BmcPinInput = await read_body(request, m.BmcPinInput, "BMC pin")
-    h = await v.host_with_bmc(api, uuid)
+    host = host_from_api(await v.host_with_bmc(api, uuid))
     if api.pins is None:
         raise ApiError(503, "the BMC pins topic is not read")
+    who = str(request.get(WHO_KEY) or "api")
     try:
-        await confirm_pin(
-            api.store.settings,
-            uuid,
-            h.get("clusterid"),
-            by="operator (api)",
-            expect=body.expect,
-            store=api.pins,
+        request_id = await api.ipmi_tests.ask(
+            api.settings, host, by=f"{who} (api)", kind="bmc_pin_confirm", expect=body.expect
         )
-    except DriverError as exc:
-        raise ApiError(502, f"cannot read the BMC's system GUID: {exc}") from None
-    except ValueError as exc:
-        raise ApiError(
-            422, f"not pinned: {exc}", [m.ErrorField(field="expect", message=str(exc))]
-        ) from None
-    except PinStoreError as exc:
-        raise ApiError(503, str(exc)) from None
+    except Exception as exc:
+        raise ApiError(503, f"cannot write to Kafka: {type(exc).__name__}") from None
+    answer = await api.ipmi_tests.wait(request_id, api.ipmi_test_wait)
+    if answer is None:
+        return _ipmi_answer(request_id, uuid, None, api.ipmi_test_wait)
+    if answer.refused == "bmc":
+        raise ApiError(502, answer.error or "cannot read the BMC's system GUID")
+    if answer.refused == "expect":
+        reason = answer.error or "not the expected GUID"
+        raise ApiError(422, f"not pinned: {reason}", [m.ErrorField(field="expect", message=reason)])
+    if answer.refused is not None or answer.pinned_guid is None:
+        raise ApiError(503, answer.error or "the BMC pins topic is not written")
+    await _pin_read(api, uuid, answer.pinned_guid, api.ipmi_test_wait)
     view = v.pin_view(api, uuid)
     await api.record(
         request, "confirm_bmc_pin", f"host:{uuid}", [AuditChange(field="bmc_guid", new=view.guid)]
     )
     return reply(view)
+
+
+async def _pin_read(api: Api, uuid: str, guid: str, within: float) -> None:
+    """Wait until this process has read the pin the worker wrote on bmc-pins (bounded)."""
+    from fencing.identity import PinStoreError
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            pin = api.pins.get(uuid) if api.pins is not None else None
+        except PinStoreError:
+            return  # pin_view says so
+        if pin is not None and pin.guid == guid and pin.seen_guid is None:
+            return
+        await asyncio.sleep(0.05)

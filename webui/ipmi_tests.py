@@ -1,8 +1,10 @@
-"""The "test BMC" button's round trip: the API never talks to a BMC (issue #15).
+"""The "test BMC" and "confirm BMC identity" buttons' round trip: the API never talks to a BMC
+(issue #15).
 
-Rule: the API writes an `ipmi_test` request on the operator-actions topic (host, cluster,
-request id, who: never a secret, never a setting), an actuate worker runs the host's test
-action with the BMC settings in force there (the file and the settings topic) and answers on
+Rule: the API writes an `ipmi_test` (or `bmc_pin_confirm`) request on the operator-actions
+topic (host, cluster, request id, who, the expected GUID: never a secret, never a setting), an
+actuate worker runs the host's test action (or reads the BMC's GUID and pins it on bmc-pins)
+with the BMC settings in force there (the file and the settings topic) and answers on
 fencer.ipmi-tests under the request id. The API waits a bounded time for the answer; past it
 the caller gets "pending" and can ask again by request id. Only answers to this process's own
 requests are kept (the newest `keep`).
@@ -16,6 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 from aiokafka import ConsumerRecord
 
@@ -51,9 +54,17 @@ class IpmiTests:
             waiter.set_result(answer)
 
     async def ask(
-        self, settings: FencerSettings, host: HostRef, by: str, within: float = 30.0
+        self,
+        settings: FencerSettings,
+        host: HostRef,
+        by: str,
+        within: float = 30.0,
+        *,
+        kind: Literal["ipmi_test", "bmc_pin_confirm"] = "ipmi_test",
+        expect: str | None = None,
     ) -> str:
-        """Write the request; its id. Raises what the Kafka producer raised."""
+        """Write the request (an IPMI test, or a BMC pin confirmation expecting `expect`); its
+        id. Raises what the Kafka producer raised."""
         if self._send is None:
             from streams.actuating import send_operator_action
 
@@ -65,10 +76,11 @@ class IpmiTests:
             self._waiters.pop(old, None)
         self._waiters[request_id] = asyncio.get_running_loop().create_future()
         action = OperatorAction(
-            kind="ipmi_test",
+            kind=kind,
             host_uuid=host.host_uuid,
             cluster_uuid=host.cluster_uuid,
             request_id=request_id,
+            expect=expect,
             by=by,
             at=time.time(),
         )

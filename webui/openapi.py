@@ -93,7 +93,8 @@ OPERATIONS = [
         "no worker answered within the API's wait", m.IpmiTestResult,
         accepted=m.IpmiTestPending, errors=(401, 403, 404, 422, 502, 503)),
     _Op("get", "/api/ipmi-tests/{request_id}", "getIpmiTest",
-        "The answer to an IPMI test asked through this API process (202 while pending)",
+        "The answer to an IPMI test or BMC pin confirmation asked through this API process "
+        "(202 while pending)",
         m.IpmiTestResult, accepted=m.IpmiTestPending, errors=(401, 404, 422)),
     _Op("post", "/api/hosts/{host_id}/fence/retry", "fenceRetry",
         "Run the host's failed fence again now (same decision)", m.FenceOperatorResult,
@@ -108,8 +109,9 @@ OPERATIONS = [
         "The system GUID the host's BMC is pinned to", m.BmcPinView,
         errors=(401, 404, 422, 502, 503)),
     _Op("post", "/api/hosts/{host_id}/bmc-pin", "confirmBmcPin",
-        "Confirm the BMC's identity: pin the GUID it reports now", m.BmcPinView,
-        body=m.BmcPinInput, errors=_WRITE_ERRORS),
+        "Confirm the BMC's identity: an actuate worker pins the GUID it reports now; 202 when "
+        "no worker answered within the API's wait", m.BmcPinView,
+        body=m.BmcPinInput, accepted=m.IpmiTestPending, errors=_WRITE_ERRORS),
     _Op("get", "/api/fences", "listFences", "Fence history, newest first", FenceRecord,
         many=True, errors=(401, 422), query=m.FenceQuery),
     _Op("get", "/api/fences/{decision_id}", "getFence", "One fence with its evidence timeline",

@@ -494,8 +494,18 @@ function bmcIdentity(uuid) {
       onclick: async () => {
         if (!confirm("Pin the system GUID this host's BMC reports now? Check first that the address reaches the right machine.")) return;
         btn.disabled = true;
-        try { show(await api("POST", path, {})); banner("BMC identity confirmed.", true); }
-        catch (ex) { btn.disabled = false; box.append(h("p", { class: "error" }, ex.message)); }
+        try {
+          // An actuate worker reads the GUID and pins it; "pending" (202): ask again by request id.
+          let r = await api("POST", path, {});
+          for (let i = 0; r.status === "pending" && i < 20; i++) {
+            box.append(h("p", { class: "muted" }, r.message));
+            await new Promise((done) => setTimeout(done, 3000));
+            r = await api("GET", `/ipmi-tests/${encodeURIComponent(r.request_id)}`);
+          }
+          if (r.status === "pending" || r.success === false) throw new Error(r.error || r.message);
+          if (r.kind === "bmc_pin_confirm") r = await api("GET", path);
+          show(r); banner("BMC identity confirmed.", true);
+        } catch (ex) { btn.disabled = false; box.append(h("p", { class: "error" }, ex.message)); }
       },
     }, "Confirm BMC identity");
     fill(box,
