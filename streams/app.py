@@ -13,7 +13,8 @@ and sends each action to its topic.
                            fence-outcomes ┘                              └▶ notices
     gate (gates table, one partition: the global cap has one owner) ─▶ fence-decisions
     fence-decisions ─▶ actuate (done table) ─▶ fence-outcomes
-    operator-actions (retry / handled) ─▶ operator (done table) ─▶ fence-outcomes
+    operator-actions (retry / handled / lift_blocklist) ─▶ operator (done table) ─▶ fence-outcomes
+    operator-actions (ipmi_test / bmc_pin_confirm, from the API) ─▶ operator ─▶ ipmi-tests
     timer (fence_failed reminders, every renotify_interval) ─▶ notices
     fence-decisions + fence-outcomes + notices ─▶ notify (notified table) ─▶ email, SNMP
 
@@ -25,7 +26,6 @@ watch in `streams.watch`, gate in `streams.gating`, actuate, operator and pre-fl
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from typing import Any
@@ -373,36 +373,3 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
 
     app.fencer_runtime = runtime  # type: ignore[attr-defined]
     return app
-
-
-def cli_worker(args: argparse.Namespace) -> int:
-    """`fencer worker`: run the service until interrupted."""
-    from fencing.settings import load_settings
-
-    settings = load_settings(args.config)
-    roles = parse_roles(args.roles)
-    require_signing_key(settings, roles)  # before waiting for Kafka: a missing key is final
-    from streams.kafka import ssl_context
-
-    ssl_context(settings.kafka)  # a missing CA / certificate / key: one line naming it, exit 1
-    obs.setup_observability(settings)
-    # Services start in any order (compose, systemd): wait, one line per try, no traceback.
-    import asyncio
-
-    from streams.startup import wait_for_dependencies
-
-    asyncio.run(wait_for_dependencies(settings))
-    app = create_app(settings, roles)
-    log.info(
-        "fencer worker starting: roles %s, broker %s",
-        ",".join(roles),
-        settings.kafka.bootstrap_servers,
-    )
-    worker = faust.Worker(
-        app,
-        loglevel=settings.log_level.lower(),
-        quiet=True,
-        logging_config=obs.logging_config(settings.log_level, settings.log_json),
-    )
-    worker.execute_from_commandline()
-    return 0

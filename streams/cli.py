@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="comma list of ingest,probe,actuate,notify (default: all in one process)",
     )
-    w.set_defaults(func=_lazy("streams.app:cli_worker"))
+    w.set_defaults(func=_lazy("streams.worker_cli:cli_worker"))
 
     d = sub.add_parser("demo", help="play the demo story on the embedded broker and the lab")
     d.add_argument("--list", action="store_true", help="name the scenarios and exit")
