@@ -118,6 +118,9 @@ class SettingsStore:
         self._client_id = client_id
         self._entries: dict[str, _Entry] = {}
         self._pauses: dict[str, PauseFlag] = {}
+        # Where this writer's own latest record of a key landed ((partition, offset)): the
+        # tail, which may lag, must not apply an older record of that key over it.
+        self._written: dict[str, tuple[int, int]] = {}
         self._merged = settings
         self._reader = TopicReader(settings, [self._topic], self._on_record, client_id=client_id)
         self._producer: AIOKafkaProducer | None = None
@@ -249,12 +252,15 @@ class SettingsStore:
         if self._ring is not None:
             value = sign_settings_value(self._ring, key, value)
         try:
-            await self._producer.send_and_wait(self._topic, key=key.encode(), value=value)
+            meta = await self._producer.send_and_wait(self._topic, key=key.encode(), value=value)
         except Exception as exc:
             raise SettingsStoreError(
                 f"cannot write {key} to the settings topic {self._topic}: {type(exc).__name__}"
             ) from None
-        # Applied now so the writer reads its own write; the tail applies it again, harmlessly.
+        # Applied now so the writer reads its own write; the tail applies it again, harmlessly,
+        # and skips the older records of that key it has not read yet (a pause then a resume:
+        # the tail's pause must not undo the resume).
+        self._written[key] = (meta.partition, meta.offset)
         self._apply(key, plain)
 
     # -- the topic ------------------------------------------------------------------------------
@@ -263,6 +269,9 @@ class SettingsStore:
         if record.key is None:
             return
         key = record.key.decode("utf-8", "replace")
+        mine = self._written.get(key)
+        if mine is not None and record.partition == mine[0] and record.offset < mine[1]:
+            return  # older than this writer's own write of the key, already applied
         value = record.value
         if self._ring is not None:
             try:

@@ -122,3 +122,34 @@ def test_a_bad_key_file_is_one_clear_line(tmp_path, monkeypatch):
     settings = FencerSettings(api={"secrets_key_file": bad})
     with pytest.raises(SettingsStoreError, match=r"api.secrets_key_file .* is not a Fernet key"):
         SettingsStore(settings)
+
+
+async def test_a_lagging_tail_never_undoes_the_writers_own_later_write(webui_broker):
+    """Pause then resume at once: the tail may read the pause after the resume was applied
+    locally; it must not pause the cluster again (the UI showed "paused" after a resume)."""
+    from aiokafka import ConsumerRecord
+
+    settings = _settings(webui_broker)
+    api = SettingsStore(settings, secrets_key=None)
+    await api.start()
+    try:
+        sent: list[tuple[int, int, bytes, bytes]] = []
+        real_send = api._producer.send_and_wait
+
+        async def recording_send(topic, key, value):
+            meta = await real_send(topic, key=key, value=value)
+            sent.append((meta.partition, meta.offset, key, value))
+            return meta
+
+        api._producer.send_and_wait = recording_send
+        await api.pause("c1", reason="maintenance", by="ops")
+        await api.resume("c1", by="ops")
+        assert api.is_paused("c1") is False
+        partition, offset, key, value = sent[0]  # the pause, as the tail reads it only now
+        late = ConsumerRecord(
+            settings.kafka.topics.settings, partition, offset, 0, 0, key, value, None, 0, 0, []
+        )
+        api._on_record(late)
+        assert api.is_paused("c1") is False
+    finally:
+        await api.stop()
