@@ -203,9 +203,36 @@ async def test_worker_restart_mid_episode_recovers_the_record_and_decides_once(c
 
 
 async def test_two_workers_split_hosts_and_the_survivor_takes_over_with_state(cloud: Cloud):
+    from aiokafka.partitioner import murmur2
+
     cloud.answer = Evidence.UNKNOWN  # keep every host suspect, checks counting up
     a, b = cloud.worker(), cloud.worker()
-    hosts = [await disconnect(cloud, f"kvm0{i}") for i in range(4, 8)]
+    # Both in the group before any host is suspect (a late joiner would move hosts mid-run).
+    await cloud.tap.wait_for(
+        lambda: all(
+            w.log_file is not None
+            and w.log_file.exists()
+            and "Worker]: Ready" in w.log_file.read_text()
+            for w in (a, b)
+        ),
+        90,
+        "both workers ready",
+    )
+    # One suspect host on every partition of host-signals (keys go by murmur2, as aiokafka's
+    # producer sends them): whichever partitions each worker owns, both own suspect hosts.
+    n = cloud.settings.kafka.partitions
+    sim = cloud.sim.cloud
+    cluster = next(iter(sim.clusters.values()))
+    by_partition: dict[int, str] = {}
+    extra = 0
+    while len(by_partition) < n:
+        for h in list(sim.hosts.values()):
+            if h.name not in ("kvm01", "kvm02", "kvm03", "kvm08"):  # other tests' hosts
+                by_partition.setdefault((murmur2(h.uuid.encode()) & 0x7FFFFFFF) % n, h.name)
+        if len(by_partition) < n:
+            extra += 1
+            sim.add_host(cluster, f"kvm{20 + extra}", f"10.1.1.{extra}")
+    hosts = [await disconnect(cloud, name) for name in by_partition.values()]
     await cloud.tap.wait_for(
         lambda: all(len(cloud.requests(h)) >= 3 for h in hosts), 90, "three checks per host"
     )
@@ -213,8 +240,7 @@ async def test_two_workers_split_hosts_and_the_survivor_takes_over_with_state(cl
     assert all(len(o) == 1 for o in owners.values()), owners  # one worker per host
     by_pid = {w.pid: w for w in (a, b)}
     used = {next(iter(o)).split(":")[1] for o in owners.values()}
-    if len(used) < 2:  # the assignment may give one worker all four hosts' partitions
-        pytest.fail(f"one worker owns every host: {owners}")
+    assert len(used) == 2, owners  # every partition has a host, and both workers own some
     victim = by_pid[int(next(iter(owners[hosts[0]])).split(":")[1])]
     moved = [h for h in hosts if next(iter(owners[h])).endswith(f":{victim.pid}")]
     counts = {h: len(cloud.requests(h)) for h in moved}
