@@ -219,7 +219,16 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 before = hosts.get(key)
                 try:
                     live = await runtime.live()
-                    row, actions = host_watch.apply(before, parsed, key, policy, live, names)
+                    # A host signal's place in its partition: one read again after a restart
+                    # (at or before what the row has applied) changes nothing.
+                    position = (
+                        (event.message.partition, event.message.offset)
+                        if event.message.topic == names.host_signals
+                        else None
+                    )
+                    row, actions = host_watch.apply(
+                        before, parsed, key, policy, live, names, position
+                    )
                 except Exception as exc:  # a bug must not stop every other host's stream
                     log.exception("host %s: cannot apply %s", key, type(parsed.event).__name__)
                     await dead(event.message, f"watch failed: {type(exc).__name__}")

@@ -29,7 +29,17 @@ from fencing.records import (
     ProbeRequest,
 )
 from fencing.settings import FencerSettings
-from streams.codec import ROW_VERSION, HostInput, Out, dump, pack_row, unpack_row
+from streams.codec import (
+    ROW_VERSION,
+    HostInput,
+    Out,
+    dump,
+    pack_row,
+    row_content,
+    row_position,
+    unpack_row,
+    with_position,
+)
 
 log = logging.getLogger("fencer.streams")
 
@@ -152,8 +162,24 @@ def apply(
     policy: Policy,
     settings: FencerSettings,
     topics: Any,
+    position: tuple[int, int] | None = None,
 ) -> tuple[list[Any] | None, list[Out]]:
-    """Step the host's record with one event; the new row and the records to send."""
+    """Step the host's record with one event; the new row and the records to send.
+
+    `position` is the (partition, offset) of a host signal: one at or before the row's
+    recorded position is a record read again after a restart, and changes nothing
+    (`streams.codec.row_position`)."""
+    seen = row_position(row)
+    if position is not None and seen is not None and position[0] == seen[0]:
+        if position[1] <= seen[1]:
+            log.info(
+                "host %s: %s at offset %d read again (the row has host signals up to %d): skipped",
+                key,
+                type(item.event).__name__,
+                position[1],
+                seen[1],
+            )
+            return row, []
     old_record, old_host = unpack_row(row) if row else (None, None)
     record = core.HostRecord.from_dict(old_record) if old_record else core.HostRecord(host=key)
     old_ref = HostRef(**old_host) if old_host else None
@@ -219,7 +245,11 @@ def apply(
             )
             out.append((topics.notices, hkey, dump(notice)))
     out.extend(_late_suspect(old_ref, ref, new, key, at, topics))
-    return pack_row(new.to_dict(), ref.model_dump()), out
+    packed = pack_row(new.to_dict(), ref.model_dump())
+    if row is not None and packed == row_content(row):
+        return row, out  # unchanged (the caller does not write it again)
+    position = position or seen
+    return (packed if position is None else with_position(packed, position)), out
 
 
 def judged_check(before: Any, row: Any) -> str | None:

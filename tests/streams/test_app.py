@@ -202,6 +202,72 @@ async def test_worker_restart_mid_episode_recovers_the_record_and_decides_once(c
     assert cloud.decisions(host)[0]["evidence"]["suspect_since"] == suspect_since
 
 
+async def _rewind(cloud: Cloud, topic: str) -> None:
+    """Commit offset 0 of every partition of `topic` for the dead worker's consumer group, as
+    if it had never committed: joined as a member of the group (the broker refuses a commit
+    from outside while the group has members), once every partition is assigned to it."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+    from aiokafka.structs import OffsetAndMetadata, TopicPartition
+
+    from streams.kafka import aiokafka_kwargs
+
+    class AsFaust(RoundRobinPartitionAssignor):  # type: ignore[misc]
+        name = "faust"  # the group's protocol: the dead worker's Faust assignor
+
+    group = cloud.settings.group_for(["ingest"], ())  # the group of `cloud.worker()`
+    consumer = AIOKafkaConsumer(
+        group_id=group,
+        enable_auto_commit=False,
+        partition_assignment_strategy=(AsFaust,),
+        **aiokafka_kwargs(cloud.settings),
+    )
+    await consumer.start()
+    try:
+        consumer.subscribe([topic])
+        tps = {TopicPartition(topic, p) for p in range(cloud.settings.kafka.partitions)}
+        deadline = time.monotonic() + 90
+        while consumer.assignment() != tps:
+            assert time.monotonic() < deadline, "the partitions were never assigned"
+            await consumer.getmany(timeout_ms=500)
+        await consumer.commit({tp: OffsetAndMetadata(0, "") for tp in tps})
+        assert {await consumer.committed(tp) for tp in tps} == {0}
+    finally:
+        await consumer.stop()
+
+
+async def test_host_signals_read_again_after_a_restart_neither_end_nor_reopen_an_episode(
+    cloud: Cloud,
+):
+    """A worker killed before its consumer committed: the next one reads host-signals again from
+    the last commit, here from the very start (the first poll's "up" of every host, then the
+    disconnection). The recovered row has applied them: nothing ends, nothing reopens, and the
+    episode goes on to its one decision."""
+    w = cloud.worker()
+    await cloud.tap.wait_for(
+        lambda: any(v["kind"] == "up" for _k, v in cloud.tap.of(cloud.topics.host_signals)),
+        60,
+        "the first poll",
+    )
+    host = await disconnect(cloud, "kvm06")
+    await cloud.tap.wait_for(lambda: len(cloud.answered) >= 3, 60, "baseline and two stale")
+    cloud.answer = None
+    w.kill()
+    await _rewind(cloud, cloud.topics.host_signals)
+    cloud.answer = Evidence.STALE
+    cloud.worker()
+    await cloud.answer_pending()
+    await cloud.tap.wait_for(lambda: cloud.decisions(host), 90, "a decision after restart")
+    await _quiet(cloud, 3 * CHECK)
+    reqs = cloud.requests(host)
+    assert {r["episode"] for r in reqs} == {1}, reqs
+    assert [r["check"] for r in reqs] == [1, 2, 3, 4]
+    notices = [v["kind"] for k, v in cloud.tap.of(cloud.topics.notices) if k == host]
+    assert "host_recovered" not in notices, notices
+    assert len(cloud.decisions(host)) == 1
+    assert "read again" in cloud.logs()
+
+
 async def test_two_workers_split_hosts_and_the_survivor_takes_over_with_state(cloud: Cloud):
     from aiokafka.partitioner import murmur2
 

@@ -12,10 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fencing.decision import Evidence, HostRecord, HostState
-from fencing.events import HostDisconnected, HostStatus, ProbeFinished, Tick
+from fencing.events import (
+    HostCameBack,
+    HostDisconnected,
+    HostStatus,
+    MaintenanceStarted,
+    ProbeFinished,
+    Tick,
+)
 from fencing.records import HostRef
 from fencing.settings import FencerSettings, PolicySettings
-from streams.codec import ROW_VERSION, HostInput, intern_row, pack_row, unpack_row
+from streams.codec import ROW_VERSION, HostInput, intern_row, pack_row, row_position, unpack_row
 from streams.tables import host_row_serializer
 from streams.watch import apply, judged_check, tick, wants_tick
 
@@ -140,3 +147,49 @@ def test_the_table_serializer_reads_back_what_it_wrote_and_interns_shared_string
     # and what Faust's own json codec wrote before (version 1 rows) still loads
     v1 = {"record": record, "host": REF.model_dump()}
     assert unpack_row(codec.loads(codecs.get_codec("json").dumps(v1))) == (record, REF.model_dump())
+
+
+def test_a_host_signal_read_again_after_a_restart_changes_nothing():
+    """A worker killed before its consumer committed leaves a suffix of host-signals to be read
+    again by the next owner, after the row already applied it: the "up" of the first poll read
+    again must not end the episode a later disconnection opened (a second episode followed), nor
+    an old "maintenance started" stop the watch. The partition's order decides, no clock."""
+    settings = FencerSettings(policy=PolicySettings(startup_quiet=0))
+    policy, topics = settings.policy.to_policy(), settings.kafka.topics
+
+    def step(row: Any, event: Any, offset: int, partition: int = 2) -> tuple[Any, list[Any]]:
+        position = (partition, offset)
+        return apply(row, HostInput(event, REF), HOST, policy, settings, topics, position)
+
+    row, out = step(None, HostCameBack(10.0), 4)  # the first poll: a host never in trouble
+    assert (row, out) == (None, [])
+    row, out = step(row, HostDisconnected(20.0, HostStatus.DISCONNECTED), 9)
+    assert unpack_row(row)[0]["state"] == "suspect" and row_position(row) == (2, 9)
+    # a probe result moves the record on and keeps the host-signals position
+    row, _ = apply(row, HostInput(Tick(21.0)), HOST, policy, settings, topics)
+    assert row_position(row) == (2, 9) and unpack_row(row)[0]["checks_requested"] == 1
+    # a repeated poll report (a new offset) that changes nothing is not written
+    again, out = step(row, HostDisconnected(22.0, HostStatus.DISCONNECTED), 12)
+    assert again is row and out == []
+    # the restart: offsets 4 .. 12 are read again
+    for offset, event in [
+        (4, HostCameBack(10.0)),
+        (7, MaintenanceStarted(15.0)),
+        (9, HostDisconnected(20.0, HostStatus.DISCONNECTED)),
+    ]:
+        replayed, out = step(row, event, offset)
+        assert replayed is row and out == [], offset
+    assert unpack_row(row)[0]["episode"] == 1
+    # a new "up" (a later offset) still ends the episode; so would one on another partition
+    back, out = step(row, HostCameBack(30.0), 13)
+    assert unpack_row(back)[0]["state"] == "idle" and row_position(back) == (2, 13)
+    assert [t for t, _, _ in out] == [topics.fence_proposals, topics.notices]
+    moved, _ = step(row, HostCameBack(30.0), 1, partition=5)
+    assert unpack_row(moved)[0]["state"] == "idle" and row_position(moved) == (5, 1)
+    # the position survives the table's serializer and a version-1 row has none (accepts all)
+    from faust.serializers import codecs
+
+    codec = codecs.get_codec(host_row_serializer())
+    assert row_position(codec.loads(codec.dumps(back))) == (2, 13)
+    v1 = {"record": unpack_row(row)[0], "host": REF.model_dump()}
+    assert unpack_row(step(v1, HostCameBack(30.0), 0)[0])[0]["state"] == "idle"
