@@ -8,6 +8,7 @@ notifier; what the actuate and operator agents do with them is streams.actuating
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class Runtime:
     notice_sink: Any = None
     _reminded: set[str] = field(default_factory=set)
     _pins: Any = None  # streams.bmc_pins.BmcPinStore once it has read the topic
+    # One start per service: the agents' actors (actuate runs 16) ask for it at the same time.
+    _starting: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.poller = Poller(self.inventory, self.directory)
@@ -57,8 +60,17 @@ class Runtime:
     def policy(self) -> Policy:
         return self.settings.policy.to_policy()
 
+    def _start_lock(self, service: str) -> asyncio.Lock:
+        return self._starting.setdefault(service, asyncio.Lock())
+
     async def live(self) -> FencerSettings:
         """The file's settings overlaid with the settings topic (what the UI changed)."""
+        if self._store is None and not self._store_failed:
+            async with self._start_lock("settings"):
+                await self._start_store()
+        return self._store.settings if self._store is not None else self.settings
+
+    async def _start_store(self) -> None:
         if self._store is None and not self._store_failed:
             from streams.settings_store import SettingsStore
 
@@ -69,7 +81,6 @@ class Runtime:
             except Exception as exc:
                 log.warning("settings topic unreadable, using the settings file only: %s", exc)
                 self._store_failed = True
-        return self._store.settings if self._store is not None else self.settings
 
     @property
     def current(self) -> FencerSettings:
@@ -134,14 +145,25 @@ class Runtime:
         return FenceDecision.model_validate(signed)
 
     async def start_actuation(self) -> None:
-        """Start reading what the actuator's checks need (host states, claims); retried on use."""
+        """Start reading what the actuator's checks need (host states, claims, BMC pins) before
+        the first decision arrives; retried on use."""
         try:
             await self.actuation()
         except Exception as exc:
             log.warning("actuate: cannot read the host-states or fence-claims topic yet: %s", exc)
+        try:
+            await self.bmc_pins()
+        except Exception as exc:
+            log.warning("actuate: cannot read the bmc-pins topic yet: %s", exc)
 
     async def actuation(self) -> Any:
         """The actuator's last-moment checks (streams.actuation.Actuation), started once."""
+        if self._actuation is None:
+            async with self._start_lock("actuation"):
+                await self._start_actuation()
+        return self._actuation
+
+    async def _start_actuation(self) -> None:
         if self._actuation is None:
             from streams.actuation import Actuation
 
@@ -150,7 +172,6 @@ class Runtime:
             )
             await act.start()
             self._actuation = act
-        return self._actuation
 
     def actuator(self) -> Any:
         """The BMC actuator (fencing.actuator.Actuator); its notices go to `emit_notice`."""
@@ -182,8 +203,13 @@ class Runtime:
     async def bmc_pins(self) -> Any:
         """The BMC pin store (topic bmc-pins), or one that refuses every fence while the topic
         cannot be read: a BMC whose identity cannot be checked is not used (fencing.identity)."""
-        if self._pins is not None:
-            return self._pins
+        if self._pins is None:
+            async with self._start_lock("pins"):
+                if self._pins is None:
+                    return await self._start_pins()
+        return self._pins
+
+    async def _start_pins(self) -> Any:
         from fencing.identity import PinStoreError
         from streams.bmc_pins import BmcPinStore
 

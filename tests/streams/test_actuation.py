@@ -433,3 +433,46 @@ async def test_an_operator_retry_never_runs_a_fence_that_succeeded() -> None:
     retry = OperatorAction(kind="retry", host_uuid="h1", decision_id=d.decision_id, at=1.0)
     assert await operator_action(runtime, retry, table, "h1") is None
     assert runtime._actuator is None
+
+
+async def test_sixteen_actors_starting_at_once_share_one_reader_of_each_topic(
+    fencer_settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The actuate agent runs 16 actors; each asks the runtime for the last-moment checks, the
+    BMC pins and the live settings as it starts. One reader of each topic is started, before
+    the first decision (a first fence no longer waits for the pin topic to be read)."""
+    from fencing.settings import SigningSettings
+    from fencing.signing import write_keys_file
+    from streams.actuation import Actuation
+    from streams.bmc_pins import BmcPinStore
+    from streams.runtime import Runtime
+    from streams.settings_store import SettingsStore
+
+    settings = fencer_settings(
+        isolated_topics=True,
+        signing=SigningSettings(keys_file=write_keys_file(tmp_path / "signing.keys")),
+    )
+    starts: list[str] = []
+    for cls in (Actuation, BmcPinStore, SettingsStore):
+        original = cls.start
+
+        async def counted(self: Any, *a: Any, _o: Any = original, **kw: Any) -> Any:
+            starts.append(type(self).__name__)
+            return await _o(self, *a, **kw)
+
+        monkeypatch.setattr(cls, "start", counted)
+    rt = Runtime(settings, started_at=time.time())
+
+    async def actor() -> tuple[Any, Any, Any]:
+        await rt.start_actuation()
+        return await rt.actuation(), await rt.bmc_pins(), await rt.live()
+
+    try:
+        got = await asyncio.gather(*(actor() for _ in range(16)))
+        assert sorted(starts) == ["Actuation", "BmcPinStore", "SettingsStore"], starts
+        assert len({tuple(map(id, g)) for g in got}) == 1
+        assert isinstance(got[0][1], BmcPinStore)  # read, not the refusing stand-in
+    finally:
+        for service in (rt._actuation, rt._pins, rt._store):
+            if service is not None:
+                await service.stop()
