@@ -310,20 +310,19 @@ def intern_row(row: Any) -> Any:
 
 
 # A row may end with the position [partition, offset] on the host-signals topic of the last
-# host signal that changed it (row[4], after the extras dict, which is then present even when
-# empty). A worker killed before its consumer committed leaves the next owner to read a suffix of
-# the partition again; a host signal at or before that position was already applied to the row
-# (a signal that changed nothing is not recorded, and reading it again changes nothing either:
-# only a later host signal moves a record out of the states it was a no-op in), so
-# `streams.watch.apply` skips it: an old "up" read again never ends a newer episode, an old
-# "maintenance started" never stops a newer watch. No clock is compared: the partition's own
-# order decides.
+# host signal that changed it (a list after the values, the host and any extras dict). A worker
+# killed before its consumer committed leaves the next owner to read a suffix of the partition
+# again; a host signal at or before that position was already applied to the row (a signal that
+# changed nothing is not recorded, and reading it again changes nothing either: only a later
+# host signal moves a record out of the states it was a no-op in), so `streams.watch.apply`
+# skips it: an old "up" read again never ends a newer episode, an old "maintenance started"
+# never stops a newer watch. No clock is compared: the partition's own order decides.
 
 
 def row_position(row: Any) -> tuple[int, int] | None:
     """The (partition, offset) of the last host signal that changed this row, if recorded."""
-    if isinstance(row, list) and len(row) > 4 and row[0] == ROW_VERSION:
-        pos = row[4]
+    if isinstance(row, list) and len(row) > 3 and row[0] == ROW_VERSION:
+        pos = row[-1]
         if isinstance(pos, list | tuple) and len(pos) == 2:
             return int(pos[0]), int(pos[1])
     return None
@@ -331,12 +330,9 @@ def row_position(row: Any) -> tuple[int, int] | None:
 
 def row_content(row: Any) -> Any:
     """The row without its position (what `pack_row` makes of the same record and host)."""
-    if not isinstance(row, list) or len(row) <= 4 or row[0] != ROW_VERSION:
-        return row
-    return row[:4] if row[3] else row[:3]
+    return row[:-1] if row_position(row) is not None else row
 
 
 def with_position(row: list[Any], position: tuple[int, int]) -> list[Any]:
-    """The packed row carrying `position` (see `row_position`)."""
-    extras = row[3] if len(row) > 3 else {}
-    return [*row[:3], extras, [position[0], position[1]]]
+    """The packed row (as `pack_row` made it) carrying `position` (see `row_position`)."""
+    return [*row, [position[0], position[1]]]

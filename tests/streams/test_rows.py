@@ -193,3 +193,15 @@ def test_a_host_signal_read_again_after_a_restart_changes_nothing():
     assert row_position(codec.loads(codec.dumps(back))) == (2, 13)
     v1 = {"record": unpack_row(row)[0], "host": REF.model_dump()}
     assert unpack_row(step(v1, HostCameBack(30.0), 0)[0])[0]["state"] == "idle"
+
+
+def test_a_position_follows_the_extras_and_leaves_the_record_as_it_was():
+    from streams.codec import row_content, with_position
+
+    record = HostRecord(host=HOST, state=HostState.SUSPECT, episode=1).to_dict() | {"new": 3}
+    row = pack_row(record, REF.model_dump())
+    assert isinstance(row[-1], dict)  # the extras
+    placed = with_position(row, (1, 42))
+    assert row_position(placed) == (1, 42) and row_position(row) is None
+    assert row_content(placed) == row and unpack_row(placed) == unpack_row(row)
+    assert unpack_row(intern_row(json.loads(json.dumps(placed)))) == unpack_row(row)
