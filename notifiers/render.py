@@ -50,6 +50,8 @@ KINDS: dict[NoticeKind, tuple[str, Severity, int]] = {
     NoticeKind.FENCE_REFUSED: ("REFUSED", Severity.WARNING, 21),
     NoticeKind.BMC_IDENTITY_CHANGED: ("BMC-IDENTITY-CHANGED", Severity.CRITICAL, 22),
     NoticeKind.LOGIN_BURST: ("LOGIN-BURST", Severity.WARNING, 23),
+    NoticeKind.BLOCKLIST_LIFTED: ("BLOCKLIST-LIFTED", Severity.WARNING, 24),
+    NoticeKind.BLOCKLIST_NOT_LIFTED: ("BLOCKLIST-NOT-LIFTED", Severity.CRITICAL, 25),
 }
 
 # FENCER-MIB FencerActionKind; none(0) when the notification concerns no action.
