@@ -276,6 +276,8 @@ def _notice_details(n: Notice) -> tuple[tuple[str, str], ...]:
         rows.append(("Record", f"{n.topic} partition {n.partition} offset {n.offset}"))
     if n.claimed_host is not None:
         rows.append(("Host named", n.claimed_host))
+    if n.blocklist_entry is not None:
+        rows.append(("Blocklist entry", n.blocklist_entry))
     return tuple((k, v) for k, v in rows if v)
 
 

@@ -236,6 +236,7 @@ def lift_notice(
         at=now,
         reason=reason,
         result=asked,
+        blocklist_entry=entry,
     )
 
 

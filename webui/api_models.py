@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from fencing.settings import IpmiOverrides, IpmiSettings
-from webui.fencing_view import BudgetView, FenceResult, HostStateView
+from webui.fencing_view import BlocklistEntryView, BudgetView, FenceResult, HostStateView
 
 Source = Literal["host", "cluster", "default"]
 
@@ -235,10 +235,23 @@ class HostSummary(BaseModel):
     fencing: HostStateView
 
 
+class BlocklistView(BaseModel):
+    """Whether a Ceph blocklist can concern the host: the entries fencer's storage fence recorded
+    (not lifted through fencer since) and the host's effective `storage_fence`."""
+
+    entries: list[BlocklistEntryView] = Field(default_factory=list)
+    storage_fence: str = Field(description="the host's effective storage_fence (none: never)")
+    liftable: bool = Field(
+        description="the UI offers Lift blocklist: an entry is recorded, or storage_fence is "
+        "not none (fencer blocklists this host when it fences it)"
+    )
+
+
 class HostView(HostSummary):
     """A host with its settings."""
 
     settings: HostSettingsView
+    blocklist: BlocklistView
 
 
 class IpmiTestResult(BaseModel):

@@ -95,6 +95,12 @@ async def test_lift_blocklist_button_reaches_the_worker_and_ceph(
     for e in (entry, other):
         ceph_clean.cluster.run("ceph", "osd", "blocklist", "add", e, "3600")
     assert {entry, other} <= set(_listed(ceph_clean))
+    # An RBD host: fencer blocklists it when it fences it, so its page offers the lift.
+    async with api.aclient() as c:
+        r = await c.put(
+            f"/api/hosts/{lab.host_a1}/settings", json={"ipmi": {"storage_fence": "before"}}
+        )
+        assert r.status_code == 200, r.text
 
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
