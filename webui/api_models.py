@@ -254,25 +254,6 @@ class HostView(HostSummary):
     blocklist: BlocklistView
 
 
-class IpmiTestResult(BaseModel):
-    """The test action's answer (no power change), or a BMC pin confirmation's, as an actuate
-    worker gave it."""
-
-    request_id: str | None = None
-    kind: Literal["ipmi_test", "bmc_pin_confirm"] = "ipmi_test"
-    host_uuid: str
-    success: bool
-    driver: str
-    power_state: str | None = None
-    output: str | None = None
-    error: str | None = None
-    pinned_guid: str | None = Field(None, description="bmc_pin_confirm: the GUID now pinned")
-    refused: Literal["bmc", "expect", "pins"] | None = Field(
-        None, description="bmc_pin_confirm not pinned: BMC unreadable, not `expect`, pins store"
-    )
-    duration: float
-
-
 class IpmiTestPending(BaseModel):
     """No actuate worker answered the test within the API's wait: ask again by request id."""
 
