@@ -405,6 +405,15 @@ async def bmc_pin_confirm(rt: Runtime, action: OperatorAction) -> IpmiTestAnswer
 
 async def send_operator_action(settings: FencerSettings, action: OperatorAction) -> None:
     """Write an operator's record (retry, handled, lift_blocklist) to its topic (CLI, web UI)."""
+    await _send_one(settings, settings.kafka.topics.operator_actions, action.host_uuid, action)
+
+
+async def send_notice(settings: FencerSettings, notice: Notice) -> None:
+    """Write one notice for the notifiers (`fencer rbd lift --direct`, which runs no worker)."""
+    await _send_one(settings, settings.kafka.topics.notices, notice.host.host_uuid, notice)
+
+
+async def _send_one(settings: FencerSettings, topic: str, key: str, record: Any) -> None:
     from aiokafka import AIOKafkaProducer
 
     from streams.kafka import aiokafka_kwargs, prepare_kafka
@@ -413,10 +422,6 @@ async def send_operator_action(settings: FencerSettings, action: OperatorAction)
     producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
     await producer.start()
     try:
-        await producer.send_and_wait(
-            settings.kafka.topics.operator_actions,
-            key=action.host_uuid.encode(),
-            value=dump(action),
-        )
+        await producer.send_and_wait(topic, key=key.encode(), value=dump(record))
     finally:
         await producer.stop()

@@ -210,5 +210,26 @@ async def test_fencer_rbd_lift_goes_the_same_way(
     assert failed[0].reason.startswith("blocklist NOT lifted (asked by ops-anna): ")
 
 
+async def test_fencer_rbd_lift_direct_notifies_too(
+    rbd_api: tuple[ApiProcess, WorkerProcess], lab: Lab, ceph_clean: Ceph, tmp_path: Path
+) -> None:
+    # `--direct` lifts here with the fence key (no worker involved) and tells people the same way.
+    api, _worker = rbd_api
+    entry = "10.30.0.14:0/0"
+    ceph_clean.cluster.run("ceph", "osd", "blocklist", "add", entry, "3600")
+    cli = [sys.executable, "-m", "streams.cli", "rbd", "lift", lab.host_b1, "--direct"]
+    cli += ["--address", "10.30.0.14", "-c", str(tmp_path / "worker.yaml"), "--by", "ops-bo"]
+    done = await asyncio.to_thread(
+        subprocess.run, cli, capture_output=True, text=True, timeout=60, env=_env()
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"blocklist {entry} lifted" in done.stdout and "NOT sent" not in done.stderr
+    assert entry not in _listed(ceph_clean)
+    notices = await _lift_notices(api, lab.host_b1, 1)
+    assert [(n.kind, n.reason, n.blocklist_entry) for n in notices] == [
+        (NoticeKind.BLOCKLIST_LIFTED, f"blocklist {entry} lifted by ops-bo", entry)
+    ]
+
+
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("FENCER_")}
