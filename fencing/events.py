@@ -76,6 +76,8 @@ class NoticeKind(str, Enum):  # noqa: UP042 - str() of a member is its qualified
     VMS_NOT_RESTARTED = "vms_not_restarted"
     BMC_IDENTITY_CHANGED = "bmc_identity_changed"  # the BMC reports another system GUID
     LOGIN_BURST = "login_burst"  # failed API logins from one client beyond api.login_max_failures
+    BLOCKLIST_LIFTED = "blocklist_lifted"  # an operator lifted a host's Ceph blocklist
+    BLOCKLIST_NOT_LIFTED = "blocklist_not_lifted"  # an operator's lift failed: still cut off
 
 
 # ---------------------------------------------------------------------------------------------

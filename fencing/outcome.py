@@ -72,6 +72,7 @@ def storage_notice(
         result=done,
         reason=storage.text(),
         evidence=decision.evidence,
+        blocklist_entry=storage.entry,
     )
 
 

@@ -198,6 +198,11 @@ class Notice(WireRecord):
     partition: int | None = None
     offset: int | None = None
     claimed_host: str | None = Field(None, description="forged_record: the host it named")
+    blocklist_entry: str | None = Field(
+        None,
+        description="the Ceph blocklist entry fencer's storage fence added (its fence notice), "
+        "or the one an operator lifted (blocklist_lifted)",
+    )
 
 
 class FenceClaim(WireRecord):

@@ -50,6 +50,8 @@ KINDS: dict[NoticeKind, tuple[str, Severity, int]] = {
     NoticeKind.FENCE_REFUSED: ("REFUSED", Severity.WARNING, 21),
     NoticeKind.BMC_IDENTITY_CHANGED: ("BMC-IDENTITY-CHANGED", Severity.CRITICAL, 22),
     NoticeKind.LOGIN_BURST: ("LOGIN-BURST", Severity.WARNING, 23),
+    NoticeKind.BLOCKLIST_LIFTED: ("BLOCKLIST-LIFTED", Severity.WARNING, 24),
+    NoticeKind.BLOCKLIST_NOT_LIFTED: ("BLOCKLIST-NOT-LIFTED", Severity.CRITICAL, 25),
 }
 
 # FENCER-MIB FencerActionKind; none(0) when the notification concerns no action.
@@ -274,6 +276,8 @@ def _notice_details(n: Notice) -> tuple[tuple[str, str], ...]:
         rows.append(("Record", f"{n.topic} partition {n.partition} offset {n.offset}"))
     if n.claimed_host is not None:
         rows.append(("Host named", n.claimed_host))
+    if n.blocklist_entry is not None:
+        rows.append(("Blocklist entry", n.blocklist_entry))
     return tuple((k, v) for k, v in rows if v)
 
 

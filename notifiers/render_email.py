@@ -84,6 +84,14 @@ _LEADS: dict[NoticeKind, str] = {
         "This host's BMC reports another system GUID than the one pinned for it: it is not used "
         "for fencing until an operator confirms it (fencer ipmi pin, or the UI)."
     ),
+    NoticeKind.BLOCKLIST_LIFTED: (
+        "An operator lifted this host's Ceph blocklist: the host can write to Ceph again. If "
+        "the host was not repaired, or nobody of you asked, blocklist it again at once."
+    ),
+    NoticeKind.BLOCKLIST_NOT_LIFTED: (
+        "An operator asked to lift this host's Ceph blocklist, but it was NOT lifted: the host "
+        "still cannot write to Ceph. Retry, or lift it where the fence key is."
+    ),
 }
 
 

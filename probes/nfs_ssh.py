@@ -200,10 +200,11 @@ def _connect_failure(exc: BaseException) -> str:
     return f"{Reason.SSH_ERROR}: {type(exc).__name__}"
 
 
-class NfsSshProbe:
-    """Storage probe for NFS pools, looking through a neighbour over SSH."""
+class SshProbe:
+    """What the probes that look through a neighbour over SSH share (NFS here, RBD in
+    probes.rbd): settings, the pooled connections, the clock, and one exec on a neighbour."""
 
-    name = "nfs"
+    name = "ssh"
 
     def __init__(
         self,
@@ -214,24 +215,66 @@ class NfsSshProbe:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self._own_pool = pool is None
         self.pool = pool or SshPool(settings.ssh)
         self.port = port
         self.clock = clock
         self.round_trips = 0  # execs issued (for benchmarks)
 
     async def close(self) -> None:
-        """Close pooled connections."""
-        await self.pool.close()
+        """Close pooled connections (only if this probe opened the pool: RBD shares NFS's)."""
+        if self._own_pool:
+            await self.pool.close()
+
+    def config_problem(self) -> str | None:
+        """Why no neighbour may be asked at all (host keys that cannot be verified), or None."""
+        ssh = self.settings.ssh
+        if not ssh.insecure_skip_host_key_check and ssh.known_hosts is None:
+            return f"{Reason.CONFIG}: ssh.known_hosts is not set, host keys cannot be verified"
+        return None
+
+    async def _exec(
+        self, n: Neighbour, command: str, stdin: str
+    ) -> asyncssh.SSHCompletedProcess | str:
+        """One exec on the neighbour: what it answered, or why there is no answer. A pooled
+        connection that died since its last use is reconnected once. Raises
+        asyncssh.TimeoutError (its stdout: what came before the timeout)."""
+        timeout = self.settings.ssh.command_timeout
+        for attempt in (1, 2):
+            try:
+                entry = await self.pool.get(n.address, self.port)
+            except Exception as exc:  # every connect failure is an unknown with a reason
+                return _connect_failure(exc)
+            try:
+                async with entry.sessions:
+                    self.round_trips += 1
+                    # Empty input would send no EOF and leave the remote shell waiting.
+                    feed = {"input": stdin} if stdin else {"stdin": asyncssh.DEVNULL}
+                    return await entry.conn.run(command, check=False, timeout=timeout, **feed)
+            except (
+                asyncssh.ChannelOpenError,
+                asyncssh.ConnectionLost,
+                asyncssh.DisconnectError,
+                BrokenPipeError,
+                ConnectionResetError,
+            ) as exc:
+                self.pool.discard(n.address, self.port)
+                if attempt == 2:
+                    return _connect_failure(exc)
+        return f"{Reason.SSH_ERROR}: unreachable"  # pragma: no cover - the loop always returns
+
+
+class NfsSshProbe(SshProbe):
+    """Storage probe for NFS pools, looking through a neighbour over SSH."""
+
+    name = "nfs"
 
     async def check(self, target: ProbeTarget) -> ProbeOutcome:
         """Try each neighbour until one gives a complete reading; else the reasons of each."""
         started = time.monotonic()
-        ssh = self.settings.ssh
-        if not ssh.insecure_skip_host_key_check and ssh.known_hosts is None:
-            return ProbeOutcome.unknown(
-                f"{Reason.CONFIG}: ssh.known_hosts is not set, host keys cannot be verified",
-                self.name,
-            )
+        problem = self.config_problem()
+        if problem is not None:
+            return ProbeOutcome.unknown(problem, self.name)
         if not target.neighbours:
             return ProbeOutcome.unknown(
                 f"{Reason.NO_NEIGHBOUR}: no Up, Enabled KVM host in the cluster", self.name
@@ -263,47 +306,25 @@ class NfsSshProbe:
         """One exec on the neighbour; a Reading, or the reason it could not be had."""
         command, stdin = build_command(target)
         timeout = self.settings.ssh.command_timeout
-        for attempt in (1, 2):
-            try:
-                entry = await self.pool.get(n.address, self.port)
-            except Exception as exc:  # every connect failure is an unknown with a reason
-                return _connect_failure(exc)
-            try:
-                async with entry.sessions:
-                    self.round_trips += 1
-                    # Empty input would send no EOF and leave the remote shell waiting.
-                    feed = {"input": stdin} if stdin else {"stdin": asyncssh.DEVNULL}
-                    result = await entry.conn.run(command, check=False, timeout=timeout, **feed)
-            except asyncssh.TimeoutError as exc:
-                partial = parse_output(target, str(exc.stdout or ""), self.clock())
-                return replace(
-                    partial,
-                    complete=False,
-                    incomplete_reason=f"{Reason.TIMEOUT}: no complete answer within {timeout:g} s",
-                )
-            except (
-                asyncssh.ChannelOpenError,
-                asyncssh.ConnectionLost,
-                asyncssh.DisconnectError,
-                BrokenPipeError,
-                ConnectionResetError,
-            ) as exc:
-                # A pooled connection that died since last use: reconnect once.
-                self.pool.discard(n.address, self.port)
-                if attempt == 2:
-                    return _connect_failure(exc)
-                continue
-            reading = parse_output(target, str(result.stdout or ""), self.clock())
-            if not reading.complete:
-                err = str(result.stderr or "").strip().splitlines()
-                detail = f": {err[0][:200]}" if err else ""
-                status = (
-                    result.exit_status if result.exit_status is not None else result.exit_signal
-                )
-                return replace(
-                    reading,
-                    complete=False,
-                    incomplete_reason=f"{Reason.COMMAND_FAILED}: exit {status}{detail}",
-                )
-            return reading
-        return f"{Reason.SSH_ERROR}: unreachable"  # pragma: no cover - the loop always returns
+        try:
+            result = await self._exec(n, command, stdin)
+        except asyncssh.TimeoutError as exc:
+            partial = parse_output(target, str(exc.stdout or ""), self.clock())
+            return replace(
+                partial,
+                complete=False,
+                incomplete_reason=f"{Reason.TIMEOUT}: no complete answer within {timeout:g} s",
+            )
+        if isinstance(result, str):
+            return result
+        reading = parse_output(target, str(result.stdout or ""), self.clock())
+        if not reading.complete:
+            err = str(result.stderr or "").strip().splitlines()
+            detail = f": {err[0][:200]}" if err else ""
+            status = result.exit_status if result.exit_status is not None else result.exit_signal
+            return replace(
+                reading,
+                complete=False,
+                incomplete_reason=f"{Reason.COMMAND_FAILED}: exit {status}{detail}",
+            )
+        return reading

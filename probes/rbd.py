@@ -32,7 +32,6 @@ import json
 import re
 import shlex
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +39,7 @@ import asyncssh
 
 from fencing.settings import FencerSettings
 from probes.base import Neighbour, ProbeOutcome, ProbeTarget, Reason
-from probes.nfs_ssh import SshPool, _connect_failure
+from probes.nfs_ssh import SshProbe
 
 PREFIX = "rbd:"  # disk keys of RBD images: "rbd:<pool>/<image>"
 
@@ -217,35 +216,15 @@ def build_command(settings: FencerSettings, specs: list[str]) -> tuple[str, str]
     return command, "".join(f"{s}\n" for s in specs)
 
 
-class RbdProbe:
+class RbdProbe(SshProbe):
     """Storage probe for RBD pools: librbd on a neighbour, over SSH."""
 
     name = "rbd"
-
-    def __init__(
-        self,
-        settings: FencerSettings,
-        *,
-        pool: SshPool | None = None,
-        port: int | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.settings = settings
-        self._own_pool = pool is None
-        self.pool = pool or SshPool(settings.ssh)
-        self.port = port
-        self.clock = clock
-        self.round_trips = 0
 
     @property
     def min_gap(self) -> float:
         """The floor of a stale window: a dead client's watch must have expired."""
         return self.settings.rbd.watch_timeout + self.settings.rbd.watch_margin
-
-    async def close(self) -> None:
-        """Close pooled connections (only if this probe opened the pool)."""
-        if self._own_pool:
-            await self.pool.close()
 
     def _unknown(self, reason: str, target: ProbeTarget, started: float, **kw: Any) -> ProbeOutcome:
         return ProbeOutcome.unknown(
@@ -261,13 +240,9 @@ class RbdProbe:
     async def check(self, target: ProbeTarget) -> ProbeOutcome:
         """Try each neighbour until one gives a complete reading; else the reasons of each."""
         started = time.monotonic()
-        ssh = self.settings.ssh
-        if not ssh.insecure_skip_host_key_check and ssh.known_hosts is None:
-            return self._unknown(
-                f"{Reason.CONFIG}: ssh.known_hosts is not set, host keys cannot be verified",
-                target,
-                started,
-            )
+        problem = self.config_problem()
+        if problem is not None:
+            return self._unknown(problem, target, started)
         specs = [s for s in (spec_of(k) for k in target.files) if s is not None]
         if len(specs) != len(target.files):
             bad = next(k for k in target.files if spec_of(k) is None)
@@ -346,41 +321,22 @@ class RbdProbe:
 
     async def _read(self, n: Neighbour, specs: list[str]) -> tuple[RbdReading, float] | str:
         """One exec on the neighbour: the parsed answer, or the reason there is none."""
-        command, stdin = build_command(self.settings, specs)
+        command, stdin = build_command(self.settings, specs)  # stdin: one spec a line
         timeout = self.settings.ssh.command_timeout
-        for attempt in (1, 2):
-            try:
-                entry = await self.pool.get(n.address, self.port)
-            except Exception as exc:  # every connect failure is an unknown with a reason
-                return _connect_failure(exc)
-            try:
-                async with entry.sessions:
-                    self.round_trips += 1
-                    result = await entry.conn.run(
-                        command, check=False, timeout=timeout, input=stdin
-                    )
-            except asyncssh.TimeoutError as exc:
-                partial = parse_output(specs, str(exc.stdout or ""))
-                partial.problem = partial.problem or (
-                    f"{Reason.TIMEOUT}: no complete answer within {timeout:g} s"
-                )
-                partial.done = False
-                return partial, self.clock()
-            except (
-                asyncssh.ChannelOpenError,
-                asyncssh.ConnectionLost,
-                asyncssh.DisconnectError,
-                BrokenPipeError,
-                ConnectionResetError,
-            ) as exc:
-                self.pool.discard(n.address, self.port)
-                if attempt == 2:
-                    return _connect_failure(exc)
-                continue
-            reading = parse_output(specs, str(result.stdout or ""))
-            if not reading.done and reading.problem is None:
-                err = str(result.stderr or "").strip().splitlines()
-                detail = f": {err[0][:200]}" if err else ""
-                reading.problem = f"{Reason.COMMAND_FAILED}: exit {result.exit_status}{detail}"
-            return reading, self.clock()
-        return f"{Reason.SSH_ERROR}: unreachable"  # pragma: no cover - the loop always returns
+        try:
+            result = await self._exec(n, command, stdin)
+        except asyncssh.TimeoutError as exc:
+            partial = parse_output(specs, str(exc.stdout or ""))
+            partial.problem = partial.problem or (
+                f"{Reason.TIMEOUT}: no complete answer within {timeout:g} s"
+            )
+            partial.done = False
+            return partial, self.clock()
+        if isinstance(result, str):
+            return result
+        reading = parse_output(specs, str(result.stdout or ""))
+        if not reading.done and reading.problem is None:
+            err = str(result.stderr or "").strip().splitlines()
+            detail = f": {err[0][:200]}" if err else ""
+            reading.problem = f"{Reason.COMMAND_FAILED}: exit {result.exit_status}{detail}"
+        return reading, self.clock()

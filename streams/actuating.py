@@ -8,6 +8,7 @@ still confirms. Every outcome is stored in the `actuated` table (streams.tables)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import MutableMapping
@@ -15,8 +16,16 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from fencing.events import FenceAction, NoticeKind
-from fencing.records import FenceDecision, FenceOutcome, IpmiTestAnswer, Notice, OperatorAction
+from fencing.records import (
+    FenceDecision,
+    FenceOutcome,
+    HostRef,
+    IpmiTestAnswer,
+    Notice,
+    OperatorAction,
+)
 from fencing.settings import FencerSettings
+from notifiers.render import iso_utc
 from streams.codec import Out, dead_letter, dump
 from streams.tables import done_entry, failed_fence, put_entry
 
@@ -155,6 +164,7 @@ async def lift_blocklist(rt: Runtime, action: OperatorAction) -> str | None:
     (fencing.storage_fence.lift_host, as `fencer rbd lift --direct`): the entry lifted, or None
     when it could not be (logged as an error: the host stays cut off from Ceph)."""
     from fencing.blocklist import BlocklistError
+    from fencing.redaction import Redactor, secrets_of
     from fencing.storage_fence import lift_host
     from probes.host_disks import management_ip
     from probes.inventory import InventoryError
@@ -166,17 +176,68 @@ async def lift_blocklist(rt: Runtime, action: OperatorAction) -> str | None:
             settings, action.host_uuid, action.address, partial(management_ip, settings)
         )
     except (BlocklistError, InventoryError, ValueError) as exc:
+        error = Redactor(secrets_of(settings))(str(exc))
         log.error(
             "blocklist of host %s NOT lifted (asked by %s): %s; the host still cannot write to "
             "Ceph: retry, or `fencer rbd lift %s --direct` where the fence key is",
             action.host_uuid,
             who,
-            exc,
+            error,
             action.host_uuid,
         )
+        await _send_lift_notice(rt, action, None, error)
         return None
     log.warning("blocklist %s of host %s lifted by %s", entry, action.host_uuid, who)
+    await _send_lift_notice(rt, action, entry, None)
     return entry
+
+
+async def _send_lift_notice(
+    rt: Runtime, action: OperatorAction, entry: str | None, error: str | None
+) -> None:
+    """Tell people (email, SNMP trap) that a blocklist was lifted, or was not; a notice that
+    cannot be sent is logged, the lift stands."""
+    host = HostRef(host_uuid=action.host_uuid)
+    try:
+        async with asyncio.timeout(10):
+            h = await rt.inventory().host(action.host_uuid)
+        host = HostRef(
+            host_uuid=h.uuid,
+            host_name=h.name,
+            cluster_uuid=h.cluster_uuid,
+            zone_uuid=h.zone_uuid,
+            ip_address=h.ip or None,
+        )
+    except Exception as exc:  # the notice names the uuid alone; it still goes out
+        log.info("host %s: no CloudStack name for the lift notice: %s", action.host_uuid, exc)
+    try:
+        await rt.emit_notice(lift_notice(action, host, entry, error, time.time()))
+    except Exception as exc:
+        log.error("host %s: cannot send the blocklist lift notice: %s", action.host_uuid, exc)
+
+
+def lift_notice(
+    action: OperatorAction, host: HostRef, entry: str | None, error: str | None, now: float
+) -> Notice:
+    """BLOCKLIST_LIFTED (`entry` lifted) or BLOCKLIST_NOT_LIFTED (`error`): who asked, what,
+    when; its id follows the request, so a redelivered request is notified once."""
+    who = action.by or "an operator"
+    asked = f"asked {iso_utc(action.at)}" + (f"; note: {action.note}" if action.note else "")
+    if entry is not None:
+        kind = NoticeKind.BLOCKLIST_LIFTED
+        reason = f"blocklist {entry} lifted by {who}"
+    else:
+        kind = NoticeKind.BLOCKLIST_NOT_LIFTED
+        reason = f"blocklist NOT lifted (asked by {who}): {error or 'unknown error'}"
+    return Notice(
+        notice_id=f"blocklist-lift/{action.host_uuid}/{action.at:.3f}",
+        kind=kind,
+        host=host,
+        at=now,
+        reason=reason,
+        result=asked,
+        blocklist_entry=entry,
+    )
 
 
 async def carry_out(rt: Runtime, decision: FenceDecision, takeover: bool) -> FenceOutcome:
@@ -344,6 +405,15 @@ async def bmc_pin_confirm(rt: Runtime, action: OperatorAction) -> IpmiTestAnswer
 
 async def send_operator_action(settings: FencerSettings, action: OperatorAction) -> None:
     """Write an operator's record (retry, handled, lift_blocklist) to its topic (CLI, web UI)."""
+    await _send_one(settings, settings.kafka.topics.operator_actions, action.host_uuid, action)
+
+
+async def send_notice(settings: FencerSettings, notice: Notice) -> None:
+    """Write one notice for the notifiers (`fencer rbd lift --direct`, which runs no worker)."""
+    await _send_one(settings, settings.kafka.topics.notices, notice.host.host_uuid, notice)
+
+
+async def _send_one(settings: FencerSettings, topic: str, key: str, record: Any) -> None:
     from aiokafka import AIOKafkaProducer
 
     from streams.kafka import aiokafka_kwargs, prepare_kafka
@@ -352,10 +422,6 @@ async def send_operator_action(settings: FencerSettings, action: OperatorAction)
     producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
     await producer.start()
     try:
-        await producer.send_and_wait(
-            settings.kafka.topics.operator_actions,
-            key=action.host_uuid.encode(),
-            value=dump(action),
-        )
+        await producer.send_and_wait(topic, key=key.encode(), value=dump(record))
     finally:
         await producer.stop()

@@ -32,12 +32,20 @@ log = logging.getLogger("fencer.bmc_pins")
 class BmcPinStore:
     """The pins topic read from the beginning and kept current; writes go through it."""
 
-    def __init__(self, settings: FencerSettings, *, client_id: str = "fencer-bmc-pins") -> None:
+    def __init__(
+        self,
+        settings: FencerSettings,
+        *,
+        client_id: str = "fencer-bmc-pins",
+        read_only: bool = False,
+    ) -> None:
         from streams.topic_reader import TopicReader
 
         self._settings = settings
         self._topic = settings.kafka.topics.bmc_pins
         self._client_id = client_id
+        # The API reads pins only: an actuate worker pins (its Kafka principal may not write).
+        self.read_only = read_only
         self._pins: dict[str, BmcPin] = {}
         self._reader = TopicReader(settings, [self._topic], self._on_record, client_id=client_id)
         self._producer: AIOKafkaProducer | None = None
@@ -53,14 +61,18 @@ class BmcPinStore:
                 f"cannot prepare the topics at {self._settings.kafka.bootstrap_servers}: "
                 f"{type(exc).__name__} {exc}".rstrip()
             ) from None
-        producer = AIOKafkaProducer(
-            client_id=self._client_id, acks="all", **aiokafka_kwargs(self._settings)
-        )
+        producer = None
+        if not self.read_only:
+            producer = AIOKafkaProducer(
+                client_id=self._client_id, acks="all", **aiokafka_kwargs(self._settings)
+            )
         try:
-            await producer.start()
+            if producer is not None:
+                await producer.start()
             await self._reader.start(within)
         except Exception as exc:
-            await producer.stop()
+            if producer is not None:
+                await producer.stop()
             await self._reader.stop()
             raise PinStoreError(f"cannot read the BMC pins topic {self._topic}: {exc}") from None
         self._producer = producer
@@ -95,6 +107,8 @@ class BmcPinStore:
         await self._send(topic, notice.host.host_uuid, notice.model_dump_json().encode())
 
     async def _send(self, topic: str, key: str, value: bytes) -> None:
+        if self.read_only:
+            raise PinStoreError(f"this BMC pins store only reads (writing {topic})")
         if self._producer is None:
             raise PinStoreError(f"the BMC pins store is not started (writing {topic})")
         try:

@@ -123,9 +123,10 @@ PRINCIPALS: tuple[Principal, ...] = (
             "ipmi_tests",
         ),
         # The only writer of settings and of the audit log; operator actions are the UI's
-        # retry/handled/lift/test-BMC buttons (and `fencer fence retry|handled`, `fencer rbd
-        # lift`, run with the API's identity); the BMC test itself runs in an actuate worker.
-        write=_f("settings", "audit", "bmc_pins", "operator_actions", "notices"),
+        # retry/handled/lift/test-BMC/confirm-BMC buttons (and `fencer fence retry|handled`,
+        # `fencer rbd lift`, run with the API's identity); the BMC test and the BMC pin itself
+        # run in an actuate worker, so the API only reads bmc-pins.
+        write=_f("settings", "audit", "operator_actions", "notices"),
         why="the REST API and web UI",
     ),
     Principal(

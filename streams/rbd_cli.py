@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fencing.blocklist import Blocklister, BlocklistError
 from fencing.storage_fence import lift_host
 from probes.host_disks import management_ip
+from probes.inventory import InventoryError
+
+if TYPE_CHECKING:
+    from fencing.records import OperatorAction
+    from fencing.settings import FencerSettings
 
 
 def add_cli(sub: Any, lazy: Callable[[str], Callable[[argparse.Namespace], int]]) -> None:
@@ -46,26 +52,15 @@ def cli_lift(args: argparse.Namespace) -> int:
     with --direct, here with the fence key."""
     import getpass
     import sys
-    import time
 
-    from fencing.settings import load_settings
-
-    settings = load_settings(getattr(args, "config", None))
-    address = getattr(args, "address", None)
-    if getattr(args, "direct", False):
-        lookup = partial(management_ip, settings)
-        try:
-            entry = asyncio.run(lift_host(settings, args.host, address, lookup))
-        except (BlocklistError, ValueError) as exc:
-            print(f"fencer: blocklist NOT lifted: {exc}", file=sys.stderr)
-            return 1
-        print(f"blocklist {entry} lifted: host {args.host} can write to Ceph again")
-        return 0
     from aiokafka.errors import KafkaError
 
     from fencing.records import OperatorAction
+    from fencing.settings import load_settings
     from streams.actuating import send_operator_action
 
+    settings = load_settings(getattr(args, "config", None))
+    address = getattr(args, "address", None)
     action = OperatorAction(
         kind="lift_blocklist",
         host_uuid=args.host,
@@ -75,6 +70,17 @@ def cli_lift(args: argparse.Namespace) -> int:
         at=time.time(),
     )
     timeout = getattr(args, "timeout", 30.0)
+    if getattr(args, "direct", False):
+        lookup = partial(management_ip, settings)
+        try:
+            entry = asyncio.run(lift_host(settings, args.host, address, lookup))
+        except (BlocklistError, InventoryError, ValueError) as exc:
+            print(f"fencer: blocklist NOT lifted: {exc}", file=sys.stderr)
+            _notify_direct(settings, action, None, str(exc), timeout)
+            return 1
+        print(f"blocklist {entry} lifted: host {args.host} can write to Ceph again")
+        _notify_direct(settings, action, entry, None, timeout)
+        return 0
     try:
         asyncio.run(asyncio.wait_for(send_operator_action(settings, action), timeout))
     except (TimeoutError, OSError, KafkaError) as exc:
@@ -86,6 +92,34 @@ def cli_lift(args: argparse.Namespace) -> int:
         "(its log says so; `fencer rbd list` shows what is left)"
     )
     return 0
+
+
+def _notify_direct(
+    settings: FencerSettings,
+    action: OperatorAction,
+    entry: str | None,
+    error: str | None,
+    timeout: float,
+) -> None:
+    """Tell people about a --direct lift as the worker does (BLOCKLIST-LIFTED or -NOT-LIFTED,
+    through the notices topic); Kafka down is said on stderr, the lift stands."""
+    import sys
+
+    from fencing.records import HostRef
+    from fencing.redaction import Redactor, secrets_of
+    from streams.actuating import lift_notice, send_notice
+
+    why = Redactor(secrets_of(settings))(error) if error is not None else None
+    notice = lift_notice(action, HostRef(host_uuid=action.host_uuid), entry, why, time.time())
+    try:
+        asyncio.run(asyncio.wait_for(send_notice(settings, notice), timeout))
+    except Exception as exc:
+        where = settings.kafka.bootstrap_servers
+        print(
+            f"fencer: the lift notice was NOT sent (Kafka at {where}: {exc or 'timed out'}): "
+            "tell the others yourself",
+            file=sys.stderr,
+        )
 
 
 def cli_list(args: argparse.Namespace) -> int:

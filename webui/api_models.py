@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from fencing.settings import IpmiOverrides, IpmiSettings
-from webui.fencing_view import BudgetView, FenceResult, HostStateView
+from webui.fencing_view import BlocklistEntryView, BudgetView, FenceResult, HostStateView
 
 Source = Literal["host", "cluster", "default"]
 
@@ -235,29 +235,23 @@ class HostSummary(BaseModel):
     fencing: HostStateView
 
 
+class BlocklistView(BaseModel):
+    """Whether a Ceph blocklist can concern the host: the entries fencer's storage fence recorded
+    (not lifted through fencer since) and the host's effective `storage_fence`."""
+
+    entries: list[BlocklistEntryView] = Field(default_factory=list)
+    storage_fence: str = Field(description="the host's effective storage_fence (none: never)")
+    liftable: bool = Field(
+        description="the UI offers Lift blocklist: an entry is recorded, or storage_fence is "
+        "not none (fencer blocklists this host when it fences it)"
+    )
+
+
 class HostView(HostSummary):
     """A host with its settings."""
 
     settings: HostSettingsView
-
-
-class IpmiTestResult(BaseModel):
-    """The test action's answer (no power change), or a BMC pin confirmation's, as an actuate
-    worker gave it."""
-
-    request_id: str | None = None
-    kind: Literal["ipmi_test", "bmc_pin_confirm"] = "ipmi_test"
-    host_uuid: str
-    success: bool
-    driver: str
-    power_state: str | None = None
-    output: str | None = None
-    error: str | None = None
-    pinned_guid: str | None = Field(None, description="bmc_pin_confirm: the GUID now pinned")
-    refused: Literal["bmc", "expect", "pins"] | None = Field(
-        None, description="bmc_pin_confirm not pinned: BMC unreadable, not `expect`, pins store"
-    )
-    duration: float
+    blocklist: BlocklistView
 
 
 class IpmiTestPending(BaseModel):

@@ -65,7 +65,7 @@ def _ipmi_answer(
             ),
             202,
         )
-    return reply(m.IpmiTestResult(**answer.model_dump(exclude={"schema_version", "at"})))
+    return reply(answer)  # the worker's record as it is (fencing.records.IpmiTestAnswer)
 
 
 @routes.get("/api/hosts/{host_id}/bmc-pin")

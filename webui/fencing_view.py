@@ -17,7 +17,7 @@ from typing import Literal
 from aiokafka import ConsumerRecord
 from pydantic import BaseModel, Field
 
-from fencing.events import Evidence, FenceAction, HostStatus, WithheldReason
+from fencing.events import Evidence, FenceAction, HostStatus, NoticeKind, WithheldReason
 from fencing.records import (
     EvidenceSummary,
     FenceDecision,
@@ -100,6 +100,14 @@ class HostStateView(BaseModel):
     )
 
 
+class BlocklistEntryView(BaseModel):
+    """A Ceph blocklist entry fencer's storage fence added and no lift has removed since."""
+
+    entry: str
+    at: float = Field(description="when the fence notice that recorded it was sent")
+    decision_id: str | None = None
+
+
 class FenceRecord(BaseModel):
     """A fence decision, its outcome (if any) and the evidence timeline behind it."""
 
@@ -137,6 +145,7 @@ class _Host:
         self.notices: deque[Notice] = deque(maxlen=limit)
         self.states: deque[HostStateRecord] = deque(maxlen=limit)
         self.decisions: list[str] = []
+        self.blocklist: dict[str, BlocklistEntryView] = {}  # entry -> as recorded
 
 
 def _merge_ref(old: HostRef, new: HostRef) -> HostRef:
@@ -192,7 +201,9 @@ class FencingView:
             self._outcomes[out.decision_id] = out
         elif record.topic == n.notices:
             notice = Notice.model_validate_json(value)
-            self._host(notice.host).notices.append(notice)
+            h = self._host(notice.host)
+            h.notices.append(notice)
+            _fold_blocklist(h.blocklist, notice)
         elif record.topic == n.host_states:
             st = HostStateRecord.model_validate_json(value)
             self._host(st.host).states.append(st)
@@ -231,6 +242,12 @@ class FencingView:
             evidence=[c for ep, c in checks if ep == episode],
             last_decision_id=h.decisions[-1] if h.decisions else None,
         )
+
+    def blocklist(self, uuid: str) -> list[BlocklistEntryView]:
+        """The host's blocklist entries as fencer's notices recorded them (added by its storage
+        fence, not lifted through fencer since), oldest first."""
+        h = self._hosts.get(uuid)
+        return sorted(h.blocklist.values(), key=lambda e: e.at) if h else []
 
     # -- fences ---------------------------------------------------------------------------------
 
@@ -395,3 +412,15 @@ def _check_text(c: CheckView) -> str:
     via = f" via {c.neighbour}" if c.neighbour else ""
     why = f": {c.reason}" if c.reason else ""
     return f"check {c.check}: {c.evidence.value}{via}, {c.files_checked} files{why}"
+
+
+def _fold_blocklist(entries: dict[str, BlocklistEntryView], n: Notice) -> None:
+    """A storage fence's notice records its entry; a lift notice removes the entry it lifted."""
+    if n.blocklist_entry is None or n.kind is NoticeKind.BLOCKLIST_NOT_LIFTED:
+        return
+    if n.kind is NoticeKind.BLOCKLIST_LIFTED:
+        entries.pop(n.blocklist_entry, None)
+        return
+    entries[n.blocklist_entry] = BlocklistEntryView(
+        entry=n.blocklist_entry, at=n.at, decision_id=n.decision_id
+    )

@@ -69,7 +69,7 @@ class Service:
             # One BMC call's deadline in the worker, and time for the two topic hops.
             ipmi_test_wait=call_timeout(settings) + 10.0,
             topics_ready=self.reader.caught_up.is_set,
-            pins=BmcPinStore(settings, client_id="fencer-api-bmc-pins"),
+            pins=BmcPinStore(settings, client_id="fencer-api-bmc-pins", read_only=True),
             audit=AuditLog(settings),
         )
         self._runner: web.AppRunner | None = None

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from fencing.records import IpmiTestAnswer
 from webui import api_models as m
 from webui.audit import AuditEntry
 from webui.fencing_view import BudgetView, FenceRecord
@@ -90,12 +91,12 @@ OPERATIONS = [
         errors=(401, 403, 404, 422, 502, 503)),
     _Op("post", "/api/hosts/{host_id}/ipmi-test", "ipmiTest",
         "Have an actuate worker run the host's IPMI test action (no power change); 202 when "
-        "no worker answered within the API's wait", m.IpmiTestResult,
+        "no worker answered within the API's wait", IpmiTestAnswer,
         accepted=m.IpmiTestPending, errors=(401, 403, 404, 422, 502, 503)),
     _Op("get", "/api/ipmi-tests/{request_id}", "getIpmiTest",
         "The answer to an IPMI test or BMC pin confirmation asked through this API process "
         "(202 while pending)",
-        m.IpmiTestResult, accepted=m.IpmiTestPending, errors=(401, 404, 422)),
+        IpmiTestAnswer, accepted=m.IpmiTestPending, errors=(401, 404, 422)),
     _Op("post", "/api/hosts/{host_id}/fence/retry", "fenceRetry",
         "Run the host's failed fence again now (same decision)", m.FenceOperatorResult,
         body=m.FenceOperatorInput, errors=_WRITE_ERRORS),

@@ -2,10 +2,11 @@
 
 Rule: the UI never touches Ceph and holds no Ceph key. The button writes the same
 `lift_blocklist` record to the operator-actions topic as `fencer rbd lift HOST`; the actuate
-worker, which holds the fence key, lifts the blocklist (streams.actuating.lift_blocklist) and
-logs the result. The request is an ordinary API write: the API token or the session cookie
-with the CSRF header (webui.app's middlewares), audited on the audit topic like the other
-operator actions. Registered by webui.app.create_app.
+worker, which holds the fence key, lifts the blocklist (streams.actuating.lift_blocklist), logs
+the result and notifies it (BLOCKLIST-LIFTED or BLOCKLIST-NOT-LIFTED, email and SNMP trap).
+The request is an ordinary API write: the API token or the session cookie with the CSRF header
+(webui.app's middlewares), audited on the audit topic like the other operator actions.
+Registered by webui.app.create_app.
 """
 
 from __future__ import annotations

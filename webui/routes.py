@@ -168,6 +168,7 @@ async def get_host(request: web.Request) -> web.Response:
         m.HostView(
             **v.host_summary(api, h),
             settings=v.host_settings_view(api, uuid, h.get("clusterid")),
+            blocklist=v.blocklist_view(api, uuid, h.get("clusterid")),
         )
     )
 

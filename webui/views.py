@@ -12,7 +12,7 @@ from typing import Any
 
 from fencing.cloudstack import Row, host_from_api
 from fencing.records import HostRef
-from fencing.settings import FILE_ONLY_IPMI_FIELDS, IpmiOverrides
+from fencing.settings import FILE_ONLY_IPMI_FIELDS, IpmiOverrides, StorageFence
 from webui import api_models as m
 from webui.app import Api, ApiError
 
@@ -122,6 +122,17 @@ def host_settings_view(api: Api, uuid: str, cluster_uuid: str | None) -> m.HostS
         password_error=password_error(api, eff.sources["password"], uuid, cluster_uuid),
         file_only=list(FILE_ONLY_IPMI_FIELDS),
         settable_drivers=[d.value for d in s.api.settable_drivers],
+    )
+
+
+def blocklist_view(api: Api, uuid: str, cluster_uuid: str | None) -> m.BlocklistView:
+    """The host's recorded blocklist entries and whether the UI offers to lift them."""
+    entries = api.view.blocklist(uuid)
+    fence = api.store.settings.effective_ipmi(uuid, cluster_uuid).values.storage_fence
+    return m.BlocklistView(
+        entries=entries,
+        storage_fence=fence.value,
+        liftable=bool(entries) or fence is not StorageFence.NONE,
     )
 
 

@@ -117,7 +117,6 @@ acl --allow-principal User:fencer-api --operation Read --topic fencer.notices
 acl --allow-principal User:fencer-api --operation Read --topic fencer.probe-results
 acl --allow-principal User:fencer-api --operation Read --topic fencer.settings
 acl --allow-principal User:fencer-api --operation Write --topic fencer.audit
-acl --allow-principal User:fencer-api --operation Write --topic fencer.bmc-pins
 acl --allow-principal User:fencer-api --operation Write --topic fencer.notices
 acl --allow-principal User:fencer-api --operation Write --topic fencer.operator-actions
 acl --allow-principal User:fencer-api --operation Write --topic fencer.settings

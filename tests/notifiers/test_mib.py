@@ -31,6 +31,8 @@ NOTIFICATION_NAMES = {
     NoticeKind.VMS_NOT_RESTARTED: "fencerVmsNotRestarted",
     NoticeKind.BMC_IDENTITY_CHANGED: "fencerBmcIdentityChanged",
     NoticeKind.LOGIN_BURST: "fencerLoginBurst",
+    NoticeKind.BLOCKLIST_LIFTED: "fencerBlocklistLifted",
+    NoticeKind.BLOCKLIST_NOT_LIFTED: "fencerBlocklistNotLifted",
 }
 
 

@@ -187,6 +187,19 @@ async def test_a_fence_through_one_principal_per_role_stays_inside_the_table(
                         await asyncio.sleep(0.1)
                     assert (await api.post("/api/pause", json={"reason": "acl"})).status_code == 200
                     assert (await api.post("/api/resume", json={})).status_code == 200
+                    # Confirm BMC identity: the API asks, an actuate worker pins (the API
+                    # has no write grant on bmc-pins).
+                    kvm01 = next(u for u, h in lab.cloud.hosts.items() if h.name == "kvm01")
+                    r = await api.post(f"/api/hosts/{kvm01}/bmc-pin", json={}, timeout=90)
+                    request_id = r.json().get("request_id") if r.status_code == 202 else None
+                    for _ in range(120):  # 202: a worker still starting answers later
+                        if r.status_code != 202:
+                            break
+                        await asyncio.sleep(1)
+                        r = await api.get(f"/api/ipmi-tests/{request_id}")
+                    assert r.status_code == 200, r.text
+                    pinned = r.json()
+                    assert pinned.get("pinned") is True or pinned.get("pinned_guid"), pinned
                 await _host_crash(run)
             finally:
                 if api_proc is not None:
@@ -232,5 +245,8 @@ async def test_a_fence_through_one_principal_per_role_stays_inside_the_table(
         ("fencer-notify", "Read", t.notices),
         ("fencer-api", "Write", t.settings),
         ("fencer-api", "Write", t.audit),
+        ("fencer-api", "Write", t.operator_actions),
+        ("fencer-actuate", "Write", t.bmc_pins),
     ):
         assert access in gate.accesses, access
+    assert ("fencer-api", "Write", t.bmc_pins) not in gate.accesses

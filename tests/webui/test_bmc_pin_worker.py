@@ -15,7 +15,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from fencing.identity import PinStoreError
 from fencing.records import BmcPin, IpmiTestAnswer, OperatorAction
+from streams.bmc_pins import BmcPinStore
 from tests.webui.conftest import api_settings, read_topic, start_actuate_worker, start_api, stop_api
 
 pytestmark = pytest.mark.timeout(240)
@@ -151,3 +153,28 @@ async def test_the_worker_pins_the_guid_the_api_never_reads_the_bmc(api_and_work
     raw = b"".join(asked_raw + answers_raw + pins_raw)
     assert lab.bmc.password.encode() not in raw
     assert lab.bmc.password not in log.read_text()
+
+
+async def test_the_api_pin_store_only_reads(api_and_worker, lab):
+    """The API's pin store (read_only, as webui.lifecycle opens it) reads the pins the worker
+    wrote and refuses to write one: its Kafka principal has no write grant on bmc-pins."""
+    api, _tmp = api_and_worker
+    store = BmcPinStore(api.settings, client_id="fencer-api-bmc-pins-test", read_only=True)
+    await store.start()
+    try:
+        pins = store.all()
+        with pytest.raises(PinStoreError, match="only reads"):
+            await store.put(
+                BmcPin(
+                    host_uuid=lab.host_b1,
+                    guid="forged",
+                    driver="ipmi",
+                    pinned_at=time.time(),
+                    pinned_by="t",
+                )
+            )
+    finally:
+        await store.stop()
+    assert lab.host_b1 not in pins
+    raw = await read_topic(api.settings, api.topics.bmc_pins)
+    assert all(BmcPin.model_validate_json(v).host_uuid != lab.host_b1 for v in raw)

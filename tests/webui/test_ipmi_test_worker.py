@@ -98,6 +98,9 @@ async def test_the_api_asks_a_worker_and_answers_pending_then_the_bmcs_answer(ap
     assert [a.kind for a in asked] == ["ipmi_test", "ipmi_test"]
     assert asked[0].request_id == request_id and asked[0].cluster_uuid == lab.cluster_a
     assert {a.request_id for a in answers} == {a.request_id for a in asked}
+    # The API answers with the worker's record itself (one model: IpmiTestAnswer).
+    (first,) = [a for a in answers if a.request_id == request_id]
+    assert IpmiTestAnswer.model_validate(result) == first
     raw = b"".join(asked_raw + answers_raw)
     assert lab.bmc.password.encode() not in raw and b"wrong-pw-0123" not in raw
     log = (tmp / "worker.log").read_text()

@@ -412,6 +412,23 @@ function blocklistLift(uuid) {
     b, out);
 }
 
+// Shown only where a blocklist means something (the API says: an entry fencer's storage fence
+// recorded and nobody lifted through fencer since, or a storage_fence that is not "none").
+function blocklistSection(uuid, bl) {
+  if (!bl || !bl.liftable) return null;
+  const recorded = bl.entries.length
+    ? h("ul", { id: "blocklist-entries" }, bl.entries.map((e) =>
+      h("li", {}, h("code", {}, e.entry), ` blocklisted by fencer's storage fence ${ago(e.at)}`,
+        e.decision_id ? [" (", h("a", { href: `#/fences?decision=${e.decision_id}` }, "fence"), ")"] : null)))
+    : h("p", { class: "muted small", id: "blocklist-entries" }, `No blocklist recorded by fencer (storage_fence: ${bl.storage_fence}).`);
+  return [
+    h("h2", {}, "Ceph blocklist"),
+    h("p", { class: "muted small" }, "A host fenced by a Ceph blocklist (storage_fence) stays cut off from Ceph until it is lifted here."),
+    recorded,
+    blocklistLift(uuid),
+  ];
+}
+
 async function hostPage(uuid) {
   const x = await api("GET", `/hosts/${encodeURIComponent(uuid)}`);
   const f = x.fencing, s = x.settings;
@@ -473,9 +490,7 @@ async function hostPage(uuid) {
       : h("p", { class: "muted" }, f.last_probe ? `No probe in the current episode; last probe ${ago(f.last_probe.finished_at)}.` : "No probe has run for this host."),
     f.last_decision_id ? h("p", {}, h("a", { href: `#/fences?decision=${f.last_decision_id}` }, "Last fence decision")) : null,
     f.state === "fence_failed" ? failedFence(uuid, f.last_decision_id) : null,
-    h("h2", {}, "Ceph blocklist"),
-    h("p", { class: "muted small" }, "A host fenced by a Ceph blocklist (storage_fence) stays cut off from Ceph until it is lifted here."),
-    blocklistLift(uuid),
+    blocklistSection(uuid, x.blocklist),
     h("h2", {}, "IPMI overrides"),
     h("p", { class: "muted small" }, "Empty fields inherit from the cluster (or the defaults); the inherited value is shown beside each."),
     form,
