@@ -171,10 +171,13 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         @app.task
         async def read_directory() -> None:
             # Read it now (a leader's first poll then resumes), and again whenever it stopped.
-            while True:
-                if not directory_log.ready:
-                    await directory_log.start()
-                await asyncio.sleep(min(settings.cloudstack.poll_interval, 10.0))
+            try:
+                while True:
+                    if not directory_log.ready:
+                        await directory_log.start()
+                    await asyncio.sleep(min(settings.cloudstack.poll_interval, 10.0))
+            finally:  # (the worker stops: its tasks are cancelled)
+                await asyncio.shield(directory_log.stop())
 
         @app.task
         async def ingest() -> None:

@@ -225,3 +225,4 @@ class DirectoryLog:
         async with self._lock:
             await self._close()
             self.directory.memory_ready = False
+        log.info("host directory %s closed", self.topic)

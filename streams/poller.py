@@ -57,6 +57,7 @@ class Poller:
     last_state: dict[str, str] = field(default_factory=dict)  # uuid -> "state/resourcestate"
     # streams.directory.DirectoryLog: the memory shared through Kafka (None: this process only)
     log: Any = None
+    log_timeout: float = 10.0  # how long a poll waits for the directory log to be read
     # entries of the last poll to write once its signals are delivered (`remember`)
     pending: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)  # of the last poll
@@ -70,7 +71,7 @@ class Poller:
         are delivered. Without it, this process's own memory (the first poll reports all)."""
         now = time.time()
         if self.log is not None and not self.directory.memory_ready:
-            await self.log.start()
+            await self.log.start(within=self.log_timeout)
         shared = self.directory.memory_ready
         self.pending = []
         try:
