@@ -196,7 +196,16 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 await fence_proposals.send(key=g.cluster_uuid.encode(), value=codec.dump(g))
             # What this poll saw is remembered only once its signals are delivered.
             await asyncio.gather(*sent)
-            await runtime.poller.remember()
+            written = await runtime.poller.remember()
+            stats = runtime.poller.stats
+            if stats:  # (a failed poll was reported by the poller)
+                log.info(
+                    "listHosts poll: %d hosts, %d host signals, %d directory entries written%s",
+                    stats["hosts"],
+                    stats["signals"],
+                    written,
+                    "" if stats["shared_memory"] else " (no directory: this worker's own memory)",
+                )
 
         # A host gets a tick when its next check is due (streams.watch.TickSchedule), and at
         # least every min(check_interval / 2, 5 s).

@@ -74,6 +74,7 @@ class Poller:
             await self.log.start(within=self.log_timeout)
         shared = self.directory.memory_ready
         self.pending = []
+        self.stats = {}
         try:
             hosts = await self.inventory().kvm_hosts()
         except Exception as exc:
