@@ -384,6 +384,14 @@ async def run(
             "workers": usage,
             "decision_lag": summary(lag),
             "decision_lag_over_ideal": summary([x - ideal for x in lag]),
+            # where the lag goes: the alert's way to the first check (ingest, the watch), then
+            # the checks (ideal: check_interval x (1 + extra_checks) from the first request)
+            "crash_to_first_probe_request": summary(
+                [bench.requests[h.uuid][0][0] - bench.crashed[h.uuid] for h in decide]
+            ),
+            "first_probe_request_to_decision": summary(
+                [bench.decided[h.uuid] - bench.requests[h.uuid][0][0] for h in decide]
+            ),
             "probe_round_spread_s": rounds,
             "listhosts_poll": poll,
             "polls_of_the_workers": {

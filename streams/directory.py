@@ -118,9 +118,7 @@ class DirectoryLog:
                 self.directory.memory_ready = False
                 return False
             self.directory.memory_ready = True
-            log.info(
-                "host directory %s read: %d hosts", self.topic, len(self.directory.entries)
-            )
+            log.info("host directory %s read: %d hosts", self.topic, len(self.directory.entries))
             return True
 
     async def _start(self, within: float) -> None:
@@ -190,9 +188,7 @@ class DirectoryLog:
             await asyncio.gather(*pending)
         return n
 
-    async def recheck(
-        self, hosts: str | Iterable[str], ref: dict[str, Any] | None = None
-    ) -> bool:
+    async def recheck(self, hosts: str | Iterable[str], ref: dict[str, Any] | None = None) -> bool:
         """Ask the next poll to report these hosts whatever their state (False when the topic
         is not open: the poller then reports every host anyway, or the local recheck holds)."""
         if self._producer is None or not self.ready:

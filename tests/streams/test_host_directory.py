@@ -241,7 +241,7 @@ async def test_a_restarted_worker_resumes_the_last_leaders_memory(
         reader = DirectoryLog(settings, topic, directory)
         workers.append(WorkerProcess(conf, "ingest", tmp_path / "worker1.log").start())
         await tap.wait_for(
-            lambda: ("disconnected" in [k for _, k in poller_signals(0)]), 90, "a first poll"
+            lambda: "disconnected" in [k for _, k in poller_signals(0)], 90, "a first poll"
         )
         assert await reader.start()
         await _wait(lambda: len(directory.entries) == 8, "eight entries", 30)
@@ -262,8 +262,10 @@ async def test_a_restarted_worker_resumes_the_last_leaders_memory(
         assert {kind for k, kind in after if k == hosts[1].uuid} == {"maintenance_ended", "up"}
         assert "disconnected" in [kind for k, kind in after if k == hosts[4].uuid]
         await _wait(
-            lambda: directory.seen.get(hosts[1].uuid) == "Up/Enabled"
-            and directory.seen.get(hosts[4].uuid) == "Disconnected/Enabled",
+            lambda: (
+                directory.seen.get(hosts[1].uuid) == "Up/Enabled"
+                and directory.seen.get(hosts[4].uuid) == "Disconnected/Enabled"
+            ),
             "the new leader remembered",
         )
         await reader.stop()
