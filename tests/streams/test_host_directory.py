@@ -273,3 +273,57 @@ async def test_a_restarted_worker_resumes_the_last_leaders_memory(
         for w in workers:
             w.stop()
         await tap.stop()
+
+
+async def test_a_worker_asks_again_for_the_open_hosts_it_recovers(
+    fencer_settings: Any, sim: CloudStackSimulator, tmp_path: Path
+) -> None:
+    """The watch's side: an open episode whose host the directory already calls Up (a lost
+    recheck, or a directory younger than the episode) still ends once a worker holding the row
+    starts: its tick sweep writes a recheck, and the leader's next poll reports the host Up."""
+    sc, hosts = sim.cloud, sim.hosts  # type: ignore[attr-defined]
+    settings = fencer_settings(
+        isolated_topics=True,
+        policy=PolicySettings(check_interval=1.0, extra_checks=2, startup_quiet=0),
+        cloudstack=CloudStackSettings(
+            endpoint=sim.url, api_key=sim.api_key, secret_key=sim.secret_key, poll_interval=1.0
+        ),
+        signing=SigningSettings(keys_file=write_keys_file(tmp_path / "signing.keys")),
+    )
+    topics = settings.kafka.topics
+    topic = topic_name(settings.group_for(("ingest",), ROLES))
+    conf = write_settings(settings, tmp_path / "fencer.yaml")
+    tap = await Tap(settings).start([topics.host_signals, topics.probe_requests])
+    workers: list[WorkerProcess] = []
+    host = hosts[2].uuid
+    writer = DirectoryLog(settings, topic, HostDirectory())
+    try:
+        sc.set_host_state(host, "Disconnected")
+        workers.append(WorkerProcess(conf, "ingest", tmp_path / "worker1.log").start())
+        # The poller reports it, the row opens: a probe request (never answered here).
+        await tap.wait_for(
+            lambda: any(k == host for k, _ in tap.of(topics.probe_requests)), 90, "an episode"
+        )
+        workers[0].kill()
+        assert await writer.start()
+        await _wait(lambda: host in writer.directory.entries, "the host's entry")
+        stale = {**writer.directory.entries[host], "s": "Up/Enabled"}
+        await writer.write([(host, stale)])
+        sc.set_host_state(host, "Up")  # back, and the directory already says so
+        restarted = time.time()
+        workers.append(WorkerProcess(conf, "ingest", tmp_path / "worker2.log").start())
+        await tap.wait_for(
+            lambda: any(
+                k == host and v.get("source") == "poller" and v["kind"] == "up"
+                for k, v in tap.of(topics.host_signals)
+                if v["at"] >= restarted
+            ),
+            90,
+            "the poller reporting the open host Up",
+        )
+        await _wait(lambda: writer.directory.seen.get(host) == "Up/Enabled", "remembered", 30)
+    finally:
+        await writer.stop()
+        for w in workers:
+            w.stop()
+        await tap.stop()
