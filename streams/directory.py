@@ -188,9 +188,12 @@ class DirectoryLog:
             await asyncio.gather(*pending)
         return n
 
-    async def recheck(self, hosts: str | Iterable[str], ref: dict[str, Any] | None = None) -> bool:
-        """Ask the next poll to report these hosts whatever their state (False when the topic
-        is not open: the poller then reports every host anyway, or the local recheck holds)."""
+    async def recheck(
+        self, hosts: str | Iterable[str], ref: dict[str, Any] | None = None, within: float = 5.0
+    ) -> bool:
+        """Ask the next poll to report these hosts whatever their state; False when the topic
+        is not open or the broker did not take them `within` seconds (the caller's stream or
+        timer never waits longer; the watch asks again at its next sweep)."""
         if self._producer is None or not self.ready:
             return False
         entries = []
@@ -202,7 +205,7 @@ class DirectoryLog:
             entry["s"] = None
             entries.append((host_uuid, entry))
         try:
-            await self.write(entries)
+            await asyncio.wait_for(self.write(entries), within)
         except Exception as exc:
             log.warning("host directory: %d rechecks not written: %s", len(entries), exc)
             return False

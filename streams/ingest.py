@@ -1,8 +1,10 @@
 """CloudStack's event bus -> host signals.
 
 Rule: one parsed event bus record (streams.parser) becomes at most one host signal, completed
-with the host's cluster and address from the `HostDirectory` the poller fills, else from the
-inventory; a record fencer cannot use becomes a dead-letter reason. Nothing here decides.
+with the host's cluster and address from the `HostDirectory` (the host directory log every
+ingest worker reads, streams.directory), else from the inventory; a record fencer cannot use
+becomes a dead-letter reason. Nothing here decides: whether a host is down is asked of
+CloudStack at that moment, never read from the directory.
 
 More than 99.9 % of the bus is VM, volume and usage noise, so two shortcuts keep the stream
 cheap, and neither may lose a record that matters:

@@ -2,7 +2,11 @@
 
 Rule: CloudStack publishes nothing when a host comes back Up, so the poller reads listHosts,
 turns each changed host into host signals and counts each cluster's Enabled hosts for the storm
-guard. It remembers only the last state it saw per host, and fills the shared `HostDirectory`.
+guard. It remembers only the last state seen per host, and fills the shared `HostDirectory`.
+That memory is the host directory log (streams.directory) once it is read: shared by every
+ingest worker and kept across leaders, so a new leader reports only what changed (an Up host no
+leader ever saw costs nothing); without it, this process's own memory (its first poll reports
+every host).
 """
 
 from __future__ import annotations
