@@ -68,6 +68,23 @@ def _proc(pid: int) -> dict[str, float]:
     return {"cpu_seconds": round(cpu, 2), "peak_rss_mib": round(hwm / 1024, 1)}
 
 
+def _polls(log_file: Path | None) -> list[tuple[float, int, int, int]]:
+    """The worker's polls from its log: (time, hosts, signals, directory entries written)."""
+    import re
+    from datetime import datetime
+
+    line = re.compile(
+        r"^(\S+ \S+) INFO .*listHosts poll: (\d+) hosts, (\d+) host signals, (\d+) directory"
+    )
+    out = []
+    text = log_file.read_text(errors="replace") if log_file and log_file.exists() else ""
+    for m in (line.match(x) for x in text.splitlines()):
+        if m:
+            at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            out.append((at, int(m.group(2)), int(m.group(3)), int(m.group(4))))
+    return out
+
+
 class Cloud:
     """Plays the prober; records requests and decisions."""
 
@@ -77,6 +94,7 @@ class Cloud:
         self.crashed: dict[str, float] = {}
         self.decided: dict[str, float] = {}
         self.requests: dict[str, list[tuple[float, int, str]]] = {}  # host -> (time, check, by)
+        self.poller_signals: list[float] = []  # CreateTime of each host signal of a poll
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -85,6 +103,7 @@ class Cloud:
         self.consumer = AIOKafkaConsumer(
             self.topics.probe_requests,
             self.topics.fence_decisions,
+            self.topics.host_signals,
             group_id=None,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=20,
@@ -96,6 +115,10 @@ class Cloud:
 
     async def _tail(self) -> None:
         async for msg in self.consumer:
+            if msg.topic == self.topics.host_signals:
+                if b'"source":"poller"' in msg.value:  # (codec.dump's compact JSON)
+                    self.poller_signals.append(msg.timestamp / 1000)
+                continue
             if msg.topic == self.topics.probe_requests:
                 req = ProbeRequest.model_validate_json(msg.value)
                 self.requests.setdefault(req.host.host_uuid, []).append(
@@ -160,7 +183,10 @@ async def _bus_noise(settings: FencerSettings, rate: float, stop: asyncio.Event)
 
 
 async def _poll_cost(settings: FencerSettings, sim: CloudStackSimulator) -> dict[str, Any]:
-    """One listHosts poll as the worker's poller does it, timed, with its page count."""
+    """One listHosts poll as the worker's poller does it, timed, with its page count: without
+    the host directory log (a poller with no memory: the baseline), then as a first leader
+    ever and as a new leader that reads the log the first one wrote (streams.directory)."""
+    from streams.directory import DirectoryLog
     from streams.runtime import Runtime
 
     runtime = Runtime(settings=settings, started_at=time.time())
@@ -175,13 +201,39 @@ async def _poll_cost(settings: FencerSettings, sim: CloudStackSimulator) -> dict
         pages = sum(1 for c, _ in sim.cloud.calls[calls:] if c.lower() == "listhosts") // 2
     finally:
         await runtime.close()
+    topic = f"bench-{uuid.uuid4().hex[:8]}-host-directory"
+    shared: dict[str, Any] = {}
+    for leader in ("first_leader_ever", "next_leader"):
+        rt = Runtime(settings=settings, started_at=time.time())
+        rt.poller.log = DirectoryLog(settings, topic, rt.directory)
+        try:
+            t0 = time.perf_counter()
+            await rt.poller.log.start()
+            read = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            got, _ = await rt.poller.poll()
+            polled = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            written = await rt.poller.remember()
+            shared[leader] = {
+                "directory_read_s": round(read, 3),
+                "hosts_in_directory_before": len(rt.directory.entries) - written,
+                "poll_s": round(polled, 3),
+                "signals": len(got),
+                "entries_written": written,
+                "write_s": round(time.perf_counter() - t0, 3),
+            }
+        finally:
+            await rt.poller.log.stop()
+            await rt.close()
     return {
         "first_poll_s": round(first, 3),
         "steady_poll_s": round(second, 3),
-        "signals_of_first_poll": len(signals),
+        "signals_of_first_poll_without_directory": len(signals),
         "clusters": len(sizes),
         "pages": pages,
         "page_size": DEFAULT_PAGE_SIZE,
+        "with_directory": shared,
     }
 
 
@@ -224,7 +276,7 @@ async def run(
                     api_key=sim.api_key,
                     secret_key=sim.secret_key,
                     # The storm guard needs the cluster sizes of a first poll; each poll of 10,000
-                    # hosts also costs the simulator (in this process) seconds of CPU.
+                    # hosts also costs the simulator (in this process) ~0.4 s of CPU.
                     poll_interval=POLL_S,
                 ),
             )
@@ -241,9 +293,12 @@ async def run(
             await producer.start()
             kill: dict[str, Any] = {}
             try:
-                # Both workers joined, the partitions split, the first poll's signals (two per
-                # host: every host is new to the poller) worked through.
+                # Both workers joined, the partitions split, the first polls done (as before
+                # the host directory, when a first poll sent two signals per host: the figures
+                # stay comparable).
                 await asyncio.sleep(POLL_S + 45.0)
+                crash_at = time.time()
+                calls_at_crash = len(cloud.calls)
                 for h in decide + checked:
                     cloud.set_host_state(h.uuid, "Disconnected")
                     key, value = cloud.events.pop()
@@ -265,6 +320,12 @@ async def run(
                         )
                     await asyncio.sleep(0.2)
                 usage = {f"worker{i}": _proc(w.pid) for i, w in enumerate(workers, 1)}
+                by_id = [p for c, p in cloud.calls[calls_at_crash:] if c == "listHosts"]
+                lookups = {
+                    "listhosts_calls": len(by_id),
+                    "by_id": sum(1 for p in by_id if "id" in p),
+                    "alerts": len(decide) + len(checked),
+                }
                 # Kill the worker that sent the latest request of most `checked` hosts.
                 by = [bench.requests[h.uuid][-1][2] for h in checked if h.uuid in bench.requests]
                 victim_id = max(set(by), key=by.count)
@@ -285,7 +346,11 @@ async def run(
                         break
                     await asyncio.sleep(0.2)
                 took = [v - killed_at for v in again.values() if v is not None]
+                # A poll of the survivor after the kill (its first as leader if the victim led).
+                while time.time() < killed_at + POLL_S + 5.0 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
                 kill = {
+                    "killed": f"worker{workers.index(victim) + 1}",
                     "hosts_of_the_killed_worker": len(theirs),
                     "checked_again": len(took),
                     "kill_to_next_check": summary(took) if took else None,
@@ -295,6 +360,7 @@ async def run(
                 bus_records = await noise_task
                 for w in workers:
                     w.stop()
+                polls = {f"worker{i}": _polls(w.log_file) for i, w in enumerate(workers, 1)}
                 await producer.stop()
                 await bench.stop()
     ideal = CHECK * (1 + EXTRA)
@@ -318,8 +384,31 @@ async def run(
             "workers": usage,
             "decision_lag": summary(lag),
             "decision_lag_over_ideal": summary([x - ideal for x in lag]),
+            # where the lag goes: the alert's way to the first check (ingest, the watch), then
+            # the checks (ideal: check_interval x (1 + extra_checks) from the first request)
+            "crash_to_first_probe_request": summary(
+                [bench.requests[h.uuid][0][0] - bench.crashed[h.uuid] for h in decide]
+            ),
+            "first_probe_request_to_decision": summary(
+                [bench.decided[h.uuid] - bench.requests[h.uuid][0][0] for h in decide]
+            ),
             "probe_round_spread_s": rounds,
             "listhosts_poll": poll,
+            "polls_of_the_workers": {
+                w: {
+                    "polls": len(ps),
+                    "signals_per_poll": [n for _, _, n, _ in ps],
+                    "entries_written_per_poll": [e for _, _, _, e in ps],
+                    "first_poll_after": (
+                        round(ps[0][0] - crash_at, 1) if ps else None
+                    ),  # seconds after the crashes (negative: before)
+                }
+                for w, ps in polls.items()
+            },
+            "poller_signals_before_the_crashes": sum(
+                1 for t in bench.poller_signals if t < crash_at
+            ),
+            "ingest_listhosts_calls_during_the_crashes": lookups,
             "kill_one_worker": kill,
         },
         "baseline": {"ideal_decision_s": ideal, "check_interval_s": CHECK, "poll_s": POLL_S},

@@ -28,7 +28,7 @@ import json
 import secrets
 import time
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -876,8 +876,14 @@ class CloudStackSimulator:
         return self._reply(name, body)
 
     def _page(
-        self, key: str, items: list[dict[str, Any]], params: dict[str, str]
+        self,
+        key: str,
+        items: list[Any],
+        params: dict[str, str],
+        render: Callable[[Any], dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
+        """One page of `items` as CloudStack answers it (`render` turns the page's items into
+        responses: only those of the asked page are built)."""
         if not items:
             return {}
         try:
@@ -897,7 +903,7 @@ class CloudStackSimulator:
             chunk = items[(page - 1) * size : page * size]
         if not chunk:
             return {"count": len(items)}
-        return {"count": len(items), key: chunk}
+        return {"count": len(items), key: [render(i) for i in chunk] if render else chunk}
 
     def _cmd_listzones(self, p: dict[str, str]) -> dict[str, Any]:
         zones = [
@@ -931,7 +937,11 @@ class CloudStackSimulator:
 
     def _cmd_listhosts(self, p: dict[str, str]) -> dict[str, Any]:
         out = []
-        for h in self.cloud.hosts.values():
+        hosts: Iterable[Host] = self.cloud.hosts.values()
+        if p.get("id") is not None:  # (an index, not a scan: 10,000 hosts in the scale run)
+            one = self.cloud.hosts.get(p["id"]) or self.cloud.hosts.get(p["id"].lower())
+            hosts = [one] if one is not None else []
+        for h in hosts:
             c = self.cloud.clusters[h.cluster_uuid]
             checks = {
                 "id": h.uuid,
@@ -944,8 +954,8 @@ class CloudStackSimulator:
                 "name": h.name,
             }
             if all(p.get(k) is None or p[k].lower() == v.lower() for k, v in checks.items()):
-                out.append(self.cloud.host_response(h))
-        return self._page("host", out, p)
+                out.append(h)
+        return self._page("host", out, p, self.cloud.host_response)
 
     def _cmd_listvirtualmachines(self, p: dict[str, str]) -> dict[str, Any]:
         listall = _truthy(p.get("listall"))

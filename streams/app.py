@@ -26,6 +26,7 @@ watch in `streams.watch`, gate in `streams.gating`, actuate, operator and pre-fl
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -44,6 +45,8 @@ from fencing.settings import FencerSettings
 from streams import actuating, codec, gating, tables
 from streams import observability as obs
 from streams import watch as host_watch
+from streams.directory import DirectoryLog
+from streams.directory import topic_name as directory_topic
 from streams.ingest import EventBusConsumer
 from streams.kafka import aiokafka_kwargs, faust_app_kwargs, prepare_kafka
 from streams.runtime import Runtime
@@ -160,6 +163,21 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             encode_signal=codec.dump,
         )
         app.fencer_event_bus = bus  # type: ignore[attr-defined]
+        # The poller's memory and every ingest worker's host directory (streams.directory).
+        directory_log = DirectoryLog(settings, directory_topic(app_id), runtime.directory)
+        runtime.poller.log = runtime.ingest.log = directory_log
+        app.fencer_directory_log = directory_log  # type: ignore[attr-defined]
+
+        @app.task
+        async def read_directory() -> None:
+            # Read it now (a leader's first poll then resumes), and again whenever it stopped.
+            try:
+                while True:
+                    if not directory_log.ready:
+                        await directory_log.start()
+                    await asyncio.sleep(min(settings.cloudstack.poll_interval, 10.0))
+            finally:  # (the worker stops: its tasks are cancelled)
+                await asyncio.shield(directory_log.stop())
 
         @app.task
         async def ingest() -> None:
@@ -169,14 +187,30 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         async def poll_hosts() -> None:
             # CloudStack publishes nothing when a host comes back Up: listHosts tells us.
             signals, sizes = await runtime.poller.poll()
+            sent = []
             for s in signals:
-                await host_signals.send(key=s.host.host_uuid.encode(), value=codec.dump(s))
+                sent.append(
+                    await host_signals.send(key=s.host.host_uuid.encode(), value=codec.dump(s))
+                )
             for g in sizes:
                 await fence_proposals.send(key=g.cluster_uuid.encode(), value=codec.dump(g))
+            # What this poll saw is remembered only once its signals are delivered.
+            await asyncio.gather(*sent)
+            written = await runtime.poller.remember()
+            stats = runtime.poller.stats
+            if stats:  # (a failed poll was reported by the poller)
+                log.info(
+                    "listHosts poll: %d hosts, %d host signals, %d directory entries written%s",
+                    stats["hosts"],
+                    stats["signals"],
+                    written,
+                    "" if stats["shared_memory"] else " (no directory: this worker's own memory)",
+                )
 
         # A host gets a tick when its next check is due (streams.watch.TickSchedule), and at
         # least every min(check_interval / 2, 5 s).
         schedule = host_watch.TickSchedule(period=min(policy.check_interval / 2, 5.0))
+        rechecked: set[str] = set()  # open hosts whose recheck this process wrote
 
         @app.timer(interval=host_watch.TICK_RESOLUTION)
         async def tick() -> None:
@@ -184,14 +218,21 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             now = time.time()
             policy_for = runtime.current.policy_for
             if schedule.sweep_due(now):
+                open_hosts = set()
                 for host_uuid, row in list(hosts.items()):
                     schedule.note(host_uuid, row, policy_for)
                     if row is not None and host_watch.wants_tick(row):
+                        open_hosts.add(host_uuid)
                         schedule.sent(host_uuid, now)
                         tick_signal = host_watch.tick(row, now)
                         await host_signals.send(
                             key=host_uuid.encode(), value=codec.dump(tick_signal)
                         )
+                # The leader's next poll reports each newly open host whatever its state (it
+                # may have come back while no leader polled): once per episode and process.
+                rechecked.intersection_update(open_hosts)
+                if open_hosts - rechecked and await directory_log.recheck(open_hosts - rechecked):
+                    rechecked.update(open_hosts)
             for host_uuid in schedule.due_now(now):
                 row = hosts.get(host_uuid)
                 if row is not None and host_watch.wants_tick(row):
@@ -378,6 +419,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
     async def close_clients(app: faust.App, **kwargs: Any) -> None:
         if "ingest" in roles:
             await bus.stop()
+            await directory_log.stop()
         await runtime.close()
 
     app.fencer_runtime = runtime  # type: ignore[attr-defined]

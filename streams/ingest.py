@@ -1,8 +1,10 @@
 """CloudStack's event bus -> host signals.
 
 Rule: one parsed event bus record (streams.parser) becomes at most one host signal, completed
-with the host's cluster and address from the `HostDirectory` the poller fills, else from the
-inventory; a record fencer cannot use becomes a dead-letter reason. Nothing here decides.
+with the host's cluster and address from the `HostDirectory` (the host directory log every
+ingest worker reads, streams.directory), else from the inventory; a record fencer cannot use
+becomes a dead-letter reason. Nothing here decides: whether a host is down is asked of
+CloudStack at that moment, never read from the directory.
 
 More than 99.9 % of the bus is VM, volume and usage noise, so two shortcuts keep the stream
 cheap, and neither may lose a record that matters:
@@ -43,6 +45,8 @@ class Ingest:
 
     inventory: Callable[[], Any]
     directory: HostDirectory
+    # streams.directory.DirectoryLog: the leader's poller learns of rechecks through it
+    log: Any = None
 
     async def signal(self, message: Any) -> tuple[HostSignal | None, str | None]:
         """A CloudStack event bus record as a host signal, or a dead-letter reason, or neither."""
@@ -97,8 +101,18 @@ class Ingest:
             self.directory.recheck.add(uuid)
         if cached is not None:
             ref = ref.model_copy(update={"cluster_uuid": cached[0], "ip_address": cached[1]})
+            entry = self.directory.entries.get(uuid) or {}
+            if ref.host_name is None and entry.get("n"):
+                ref = ref.model_copy(update={"host_name": entry["n"]})
+            if ref.zone_uuid is None and entry.get("z"):
+                ref = ref.model_copy(update={"zone_uuid": entry["z"]})
         else:
             ref = await self._complete_ref(ref)
+        if kind == "disconnected" and self.log is not None:
+            # The leader may be another worker: the next poll there reports this host too.
+            await self.log.recheck(
+                uuid, {"c": ref.cluster_uuid, "i": ref.ip_address, "n": ref.host_name}
+            )
         signal = HostSignal(
             kind=kind,
             host=ref,

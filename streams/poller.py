@@ -2,7 +2,11 @@
 
 Rule: CloudStack publishes nothing when a host comes back Up, so the poller reads listHosts,
 turns each changed host into host signals and counts each cluster's Enabled hosts for the storm
-guard. It remembers only the last state it saw per host, and fills the shared `HostDirectory`.
+guard. It remembers only the last state seen per host, and fills the shared `HostDirectory`.
+That memory is the host directory log (streams.directory) once it is read: shared by every
+ingest worker and kept across leaders, so a new leader reports only what changed (an Up host no
+leader ever saw costs nothing); without it, this process's own memory (its first poll reports
+every host).
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ class HostDirectory:
     # Hosts the event bus called down since the last poll: the next poll reports their state
     # whatever it is, so an alert processed late (after the host came back) ends at that poll.
     recheck: set[str] = field(default_factory=set)
+    # The directory log (streams.directory), once read: the last entry per host uuid, and its
+    # state "state/resourcestate" (None: a recheck, report the host at the next poll).
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seen: dict[str, str | None] = field(default_factory=dict)
+    memory_ready: bool = False
 
 
 @dataclass
@@ -50,10 +59,26 @@ class Poller:
     inventory: Callable[[], Any]
     directory: HostDirectory
     last_state: dict[str, str] = field(default_factory=dict)  # uuid -> "state/resourcestate"
+    # streams.directory.DirectoryLog: the memory shared through Kafka (None: this process only)
+    log: Any = None
+    log_timeout: float = 10.0  # how long a poll waits for the directory log to be read
+    # entries of the last poll to write once its signals are delivered (`remember`)
+    pending: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)  # of the last poll
 
     async def poll(self) -> tuple[list[HostSignal], list[GateSignal]]:
-        """listHosts: signals for hosts whose state changed since the last poll, cluster sizes."""
+        """listHosts: signals for hosts whose state changed since the last poll, cluster sizes.
+
+        With the directory log read (`directory.memory_ready`), "since the last poll" means
+        since the last poll of any leader, and a host no leader ever saw is reported only when
+        it is not Up (down and maintenance: as every poll); call `remember()` once the signals
+        are delivered. Without it, this process's own memory (the first poll reports all)."""
         now = time.time()
+        if self.log is not None and not self.directory.memory_ready:
+            await self.log.start(within=self.log_timeout)
+        shared = self.directory.memory_ready
+        self.pending = []
+        self.stats = {}
         try:
             hosts = await self.inventory().kvm_hosts()
         except Exception as exc:
@@ -77,13 +102,25 @@ class Poller:
             # Non-Up hosts are reported on every poll (the core ignores repeats, and a host whose
             # maintenance ended while it is still down must open a new episode); Up hosts and
             # maintenance only when they change.
-            changed = (
-                previous is None
-                or self.last_state.get(uuid) != key
-                or uuid in self.directory.recheck
-            )
+            if shared:
+                entry = _entry(h, key)
+                known = uuid in self.directory.seen
+                changed = (
+                    (known and self.directory.seen[uuid] != key)
+                    or uuid in self.directory.recheck
+                    # never seen by any leader: not Up (down is reported below anyway)
+                    or (not known and (state != "Up" or rstate in MAINTENANCE_STATES))
+                )
+                if self.directory.entries.get(uuid) != entry:
+                    self.pending.append((uuid, entry))
+            else:
+                changed = (
+                    previous is None
+                    or self.last_state.get(uuid) != key
+                    or uuid in self.directory.recheck
+                )
+                self.last_state[uuid] = key
             self.directory.recheck.discard(uuid)
-            self.last_state[uuid] = key
             if not changed and (state not in DOWN_STATES or rstate in MAINTENANCE_STATES):
                 continue
             ref = host_from_api(h)
@@ -144,4 +181,37 @@ class Poller:
             for c, n in sizes.items()
             if c
         ]
+        self.stats = {
+            "hosts": len(hosts),
+            "signals": len(signals),
+            "entries": len(self.pending),
+            "shared_memory": int(shared),
+        }
         return signals, gates
+
+    async def remember(self) -> int:
+        """Write the last poll's changed entries to the directory log (after its signals were
+        delivered: a leader killed in between leaves them unwritten, and the next leader reports
+        those hosts again). The number written; 0 without the log."""
+        pending, self.pending = self.pending, []
+        if not pending or self.log is None or not self.directory.memory_ready:
+            return 0
+        try:
+            n: int = await self.log.write(pending)
+        except Exception as exc:
+            # Not remembered: the next leader may report these hosts again (never fewer).
+            log.warning("host directory: %d entries not written: %s", len(pending), exc)
+            return 0
+        return n
+
+
+def _entry(h: dict[str, Any], key: str) -> dict[str, Any]:
+    """A listHosts row as a directory entry (streams.directory)."""
+    entry = {
+        "s": key,
+        "c": h.get("clusterid"),
+        "i": h.get("ipaddress"),
+        "n": h.get("name"),
+        "z": h.get("zoneid"),
+    }
+    return {k: v for k, v in entry.items() if k == "s" or v is not None}
