@@ -2,18 +2,18 @@
 
 Rule: M hosts (one per cluster of four) crash: for each, the clock starts just before the
 benchmark hands CloudStack's "Host disconnected" alert to the producer. A real
-`fencer worker --roles ingest` (ingest, watch, gate) does the rest of the judging; the benchmark
-plays the prober (every probe answered at once with an unchanged reading, so stale after the
-baseline) and, for each approved decision read from `fence-decisions`, runs fencer's actuator
-engine (`fencing.actuator.Actuator`, as the actuate role does) against the host's own lab BMC
-(pyghmi, loopback) until the power-off is verified. The clock stops at the verified outcome.
+`fencer worker --roles ingest,actuate` does all the rest: ingest, watch, gate (signs), and the
+actuate role with its last-moment checks (signature, age, fencer's host record, CloudStack asked
+now, the claim on fence-claims, the BMC pin) and the power-off through the host's own lab BMC
+(pyghmi, loopback), verified. The benchmark only plays the prober (every probe answered at once
+with an unchanged reading, so stale after the baseline). The clock stops when the verified
+outcome is read from `fence-outcomes`; the BMC's own "power off" time is reported beside it.
 
 The ideal is what the evidence rule itself costs: the baseline check at once, then 1 +
 extra_checks stale checks, each requested `check_interval` after the previous result arrived.
 `overhead = measured - ideal` is what fencer adds (Kafka hops, the tick cadence, the gate, the
-fence). Baseline from the same run: the actuator alone (decision -> verified off) and the ideal.
-Not included: the actuate role's own Kafka hop and its last-moment checks (signature,
-CloudStack, claim), which `decision_latency` and the e2e tests cover.
+last-moment checks, the fence). Baselines from the same run: the ideal, and the BMC action
+alone (the outcome's own started -> finished: read power, power off, verify).
 
     python -m benchmarks.crash_to_off --json [--hosts M]
 """
@@ -26,6 +26,7 @@ import contextlib
 import json
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,8 @@ from pydantic import SecretStr
 
 from benchmarks.decision_latency import summary
 from benchmarks.ingest_rate import isolated_settings
-from fencing.actuator import Actuator
 from fencing.events import FenceAction
-from fencing.records import FenceDecision, ProbeRequest, ProbeResult
+from fencing.records import FenceDecision, FenceOutcome, ProbeRequest, ProbeResult
 from fencing.settings import (
     ActuatorSettings,
     CloudStackSettings,
@@ -53,19 +53,29 @@ from streams.broker import EmbeddedBroker
 from streams.kafka import aiokafka_kwargs
 
 TARGET_OVERHEAD_P99_S = 1.0
+
+
+def _powered(into: dict[str, float], host: str, state: str, cause: str) -> None:
+    """The lab BMC's power callback: when the host went off (first time only)."""
+    if state == "off":
+        into.setdefault(host, time.time())
+
+
 PASSWORD = "bench-throwaway"
 
 
 class Crashes:
-    """Plays the prober; fences each approved decision through the lab BMC; times it all."""
+    """Plays the prober; times each host from its crash to the verified outcome."""
 
-    def __init__(self, settings: FencerSettings, actuator: Actuator) -> None:
-        self.settings, self.actuator = settings, actuator
+    def __init__(self, settings: FencerSettings, bmc_off: dict[str, float]) -> None:
+        self.settings = settings
         self.topics = settings.kafka.topics
         self.crashed: dict[str, float] = {}
         self.decided: dict[str, float] = {}  # CreateTime of the decision
-        self.off: dict[str, float] = {}
-        self.fence_s: list[float] = []
+        self.off: dict[str, float] = {}  # the verified outcome read
+        self.bmc_off = bmc_off  # the BMC powered the host off (its callback's thread)
+        self.fence_s: list[float] = []  # the outcome's own started -> finished
+        self.failed: list[str] = []
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -74,6 +84,7 @@ class Crashes:
         self.consumer = AIOKafkaConsumer(
             self.topics.probe_requests,
             self.topics.fence_decisions,
+            self.topics.fence_outcomes,
             group_id=None,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=20,
@@ -92,12 +103,21 @@ class Crashes:
         async for msg in self.consumer:
             if msg.topic == self.topics.probe_requests:
                 self._spawn(self._answer(ProbeRequest.model_validate_json(msg.value)))
-                continue
-            decision = FenceDecision.model_validate_json(msg.value)
-            host = decision.host.host_uuid
-            if decision.approved and host not in self.decided:
-                self.decided[host] = msg.timestamp / 1000
-                self._spawn(self._fence(decision))
+            elif msg.topic == self.topics.fence_decisions:
+                decision = FenceDecision.model_validate_json(msg.value)
+                host = decision.host.host_uuid
+                if decision.approved and host not in self.decided:
+                    self.decided[host] = msg.timestamp / 1000
+            else:
+                outcome = FenceOutcome.model_validate_json(msg.value)
+                host = outcome.host.host_uuid
+                if host in self.off:
+                    continue
+                if outcome.success and outcome.verified:
+                    self.off[host] = time.time()
+                    self.fence_s.append(outcome.finished_at - outcome.started_at)
+                else:
+                    self.failed.append(f"{host}: {outcome.error or 'not verified'}")
 
     async def _answer(self, req: ProbeRequest) -> None:
         result = ProbeResult(
@@ -117,14 +137,6 @@ class Crashes:
             key=req.host.host_uuid.encode(),
         )
 
-    async def _fence(self, decision: FenceDecision) -> None:
-        started = time.perf_counter()
-        outcome = await self.actuator.handle(decision)
-        if outcome is None or not (outcome.success and outcome.verified):
-            raise RuntimeError(f"the fence was not verified: {outcome}")
-        self.fence_s.append(time.perf_counter() - started)
-        self.off[decision.host.host_uuid] = time.time()
-
     async def stop(self) -> None:
         self.loop.cancel()
         for t in [self.loop, *self.tasks]:
@@ -143,7 +155,11 @@ async def run(hosts: int, check: float, extra: int, timeout: float) -> dict[str,
         cluster = cloud.add_cluster(zone, f"cluster{c:02d}")
         members = [cloud.add_host(cluster, f"kvm{c:02d}{i}", f"10.3.{c}.{i + 1}") for i in range(4)]
         suspects.append(members[0])
-    bmcs = [BmcSimulator("admin", PASSWORD) for _ in suspects]
+    bmc_off: dict[str, float] = {}
+    bmcs = [
+        BmcSimulator("admin", PASSWORD, on_power_change=partial(_powered, bmc_off, h.uuid))
+        for h in suspects
+    ]
     with (
         contextlib.ExitStack() as stack,
         tempfile.TemporaryDirectory(prefix="fencer-bench-") as tmp,
@@ -168,30 +184,26 @@ async def run(hosts: int, check: float, extra: int, timeout: float) -> dict[str,
                     secret_key=sim.secret_key,
                     poll_interval=5.0,
                 ),
-            )
-            actuator = Actuator(
-                FencerSettings(
-                    hosts={
-                        h.uuid: HostSettings(
-                            ipmi=IpmiOverrides(
-                                address="127.0.0.1",
-                                port=b.port,
-                                username="admin",
-                                password=SecretStr(PASSWORD),
-                                action="stop",
-                                restart_via="none",
-                            )
+                hosts={
+                    h.uuid: HostSettings(
+                        ipmi=IpmiOverrides(
+                            address="127.0.0.1",
+                            port=b.port,
+                            username="admin",
+                            password=SecretStr(PASSWORD),
+                            action="stop",
+                            restart_via="none",
                         )
-                        for h, b in zip(suspects, bmcs, strict=True)
-                    },
-                    actuator=ActuatorSettings(power_timeout=20, poll_interval=0.05, retries=0),
-                )
+                    )
+                    for h, b in zip(suspects, bmcs, strict=True)
+                },
+                actuator=ActuatorSettings(power_timeout=20, poll_interval=0.05, retries=0),
             )
-            crashes = Crashes(settings, actuator)
+            crashes = Crashes(settings, bmc_off)
             await crashes.start()
             worker = WorkerProcess(
                 write_settings(settings, Path(tmp) / "fencer.yaml"),
-                "ingest",
+                "ingest,actuate",
                 Path(tmp) / "worker.log",
             ).start()
             producer = AIOKafkaProducer(**aiokafka_kwargs(settings))
@@ -212,6 +224,8 @@ async def run(hosts: int, check: float, extra: int, timeout: float) -> dict[str,
                 deadline = time.monotonic() + timeout
                 wanted = {h.uuid for h in suspects}
                 while not wanted <= set(crashes.off):
+                    if crashes.failed:
+                        raise RuntimeError(f"a fence failed: {crashes.failed[0]}")
                     if time.monotonic() > deadline:
                         raise TimeoutError(
                             f"{len(wanted - set(crashes.off))} of {hosts} hosts not off after "
@@ -228,6 +242,8 @@ async def run(hosts: int, check: float, extra: int, timeout: float) -> dict[str,
     total = [crashes.off[h] - crashes.crashed[h] for h in wanted]
     overhead = [t - ideal for t in total]
     to_decision = [crashes.decided[h] - crashes.crashed[h] for h in wanted]
+    to_bmc_off = [crashes.bmc_off[h] - crashes.crashed[h] for h in wanted if h in crashes.bmc_off]
+    decision_to_off = [crashes.off[h] - crashes.decided[h] for h in wanted]
     return {
         "benchmark": "crash_to_off",
         "hosts": hosts,
@@ -237,10 +253,12 @@ async def run(hosts: int, check: float, extra: int, timeout: float) -> dict[str,
             "crash_to_verified_off": summary(total),
             "overhead_over_ideal": summary(overhead),
             "crash_to_decision": summary(to_decision),
+            "crash_to_bmc_power_off": summary(to_bmc_off),
+            "decision_to_verified_outcome": summary(decision_to_off),
         },
         "baseline": {
             "ideal_s": ideal,
-            "actuator_alone_decision_to_verified_off": summary(crashes.fence_s),
+            "bmc_action_alone_read_off_verify": summary(crashes.fence_s),
         },
         "targets_met": {
             "overhead_p99_under_1s": summary(overhead)["p99_ms"] < TARGET_OVERHEAD_P99_S * 1000
