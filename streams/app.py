@@ -255,8 +255,12 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     continue
                 try:
                     await runtime.live()
-                    # The gate's own clock: never the proposing worker's stamp.
-                    decision = gating.apply_gate(gates, parsed, runtime, now=time.time())
+                    # The gate's own clock: never the proposing worker's stamp. A record read
+                    # again after a restart (at or before what its row applied) is skipped.
+                    position = (event.message.partition, event.message.offset)
+                    decision = gating.apply_gate(
+                        gates, parsed, runtime, now=time.time(), position=position
+                    )
                 except Exception as exc:
                     log.exception("gate: cannot judge a record")
                     await dead(event.message, f"gate failed: {type(exc).__name__}")
