@@ -139,9 +139,7 @@ def apply_gate(
             fact = gatecore.HostSuspected(item.host_uuid or "")
         else:
             fact = gatecore.HostCleared(item.host_uuid or "")
-        table[item.cluster_uuid] = _with_position(
-            _jsonable(gatecore.observe(row, fact)), position
-        )
+        table[item.cluster_uuid] = _with_position(_jsonable(gatecore.observe(row, fact)), position)
         return None
     settings = runtime.current
     cluster = item.host.cluster_uuid
