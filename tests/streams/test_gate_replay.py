@@ -42,11 +42,11 @@ def size(hosts: int) -> GateSignal:
 
 
 def suspect(n: int, kind: str = "suspect") -> GateSignal:
-    return GateSignal(kind=kind, cluster_uuid="c1", at=NOW, host_uuid=f"h{n}")  # type: ignore[arg-type]
+    return GateSignal(kind=kind, cluster_uuid="c1", at=NOW, host_uuid=f"h{n}")
 
 
 def test_a_proposal_read_again_is_skipped_and_one_re_sent_is_judged_again() -> None:
-    rt, table = runtime(), {}
+    rt, table = runtime(), dict[str, Any]()
     assert gating.apply_gate(table, size(20), rt, now=NOW, position=(0, 0)) is None
     first = gating.apply_gate(table, proposal(1, NOW), rt, now=NOW, position=(0, 1))
     assert isinstance(first, FenceDecision) and first.approved
@@ -70,7 +70,7 @@ def test_a_proposal_read_again_is_skipped_and_one_re_sent_is_judged_again() -> N
 def test_signals_read_again_never_set_a_cluster_row_back_in_time() -> None:
     """Without positions an old cluster size and an old suspect would be applied again over
     the present row: the storm guard would count against facts that no longer hold."""
-    rt, table = runtime(storm_ratio=0.5), {}
+    rt, table = runtime(storm_ratio=0.5), dict[str, Any]()
     history = [size(10), suspect(1), suspect(2), suspect(1, "cleared"), size(4)]
     for offset, sig in enumerate(history):
         gating.apply_gate(table, sig, rt, now=NOW, position=(0, offset))
@@ -82,7 +82,7 @@ def test_signals_read_again_never_set_a_cluster_row_back_in_time() -> None:
 
 
 def test_rows_without_a_position_and_other_partitions_are_judged_as_before() -> None:
-    rt, table = runtime(), {}
+    rt, table = runtime(), dict[str, Any]()
     assert gating.apply_gate(table, size(20), rt, now=NOW) is None  # no position: none stored
     assert "position" not in table["c1"]
     first = gating.apply_gate(table, proposal(1, NOW), rt, now=NOW, position=(0, 7))
@@ -97,7 +97,7 @@ def test_rows_without_a_position_and_other_partitions_are_judged_as_before() -> 
 
 
 def test_a_clock_skew_refusal_read_again_is_not_notified_again() -> None:
-    rt, table = runtime(), {}
+    rt, table = runtime(), dict[str, Any]()
     gating.apply_gate(table, size(20), rt, now=NOW, position=(0, 0))
     ahead = proposal(1, NOW + 7200)
     notice = gating.apply_gate(table, ahead, rt, now=NOW, position=(0, 1))
@@ -106,7 +106,7 @@ def test_a_clock_skew_refusal_read_again_is_not_notified_again() -> None:
 
 
 def test_a_temporary_withhold_read_again_waits_for_the_core_to_propose_again() -> None:
-    rt, table = runtime(), {}
+    rt, table = runtime(), dict[str, Any]()
     gating.apply_gate(table, suspect(1), rt, now=NOW, position=(0, 0))
     first = gating.apply_gate(table, proposal(1, NOW), rt, now=NOW, position=(0, 1))
     assert (
