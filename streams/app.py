@@ -337,7 +337,11 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                         answer = await actuating.bmc_pin_confirm(runtime, action)
                     await ipmi_tests.send(key=action.host_uuid.encode(), value=codec.dump(answer))
                     continue
-                outcome = await actuating.operator_action(runtime, action, done, action.host_uuid)
+                # A retry read again after a restart is not run twice (streams.actuating).
+                position = (event.message.partition, event.message.offset)
+                outcome = await actuating.operator_action(
+                    runtime, action, done, action.host_uuid, position
+                )
                 if outcome is not None:
                     obs.observe_outcome(outcome)
                     key = outcome.host.host_uuid.encode()
