@@ -156,11 +156,39 @@ async def _gate_rows(run: Run) -> dict[str, Any]:
     return rows
 
 
+async def _group_offsets(settings: Any, group: str, topic: str) -> int:
+    """The sum of `group`'s committed offsets over the partitions of `topic`."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.structs import TopicPartition
+
+    from streams.kafka import aiokafka_kwargs
+
+    admin = AIOKafkaAdminClient(**aiokafka_kwargs(settings))
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+        tps = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+        offsets = await admin.list_consumer_group_offsets(group, partitions=tps)
+    finally:
+        await admin.close()
+    return sum(max(meta.offset, 0) for meta in offsets.values())
+
+
 async def _replayed(run: Run, outcomes_before: int) -> None:
     """Wait until the restarted worker has read the history again: the actuator answers the
-    decision it reads again with the stored outcome, then a few intervals for the rest."""
+    decision it reads again with the stored outcome, and the app's group has committed past
+    every record the notify agent reads (Faust commits a record once its agents handled it;
+    offsets here run from 0 without gaps, so a topic's record count is its end)."""
     await run.wait(lambda: len(run.outcomes(HOST)) > outcomes_before, 60, "the decision read again")
-    await asyncio.sleep(run.settings.policy.check_interval * 3)
+    assert run.tap is not None
+    t = run.settings.kafka.topics
+    deadline = time.monotonic() + 30
+    for topic in (t.fence_decisions, t.fence_outcomes, t.notices):
+        seen = len(run.tap.of(topic))
+        while await _group_offsets(run.settings, run.settings.kafka.group_id, topic) < seen:
+            assert time.monotonic() < deadline, f"{topic} not read to its end after the restart"
+            await asyncio.sleep(0.5)
+    await asyncio.sleep(run.settings.policy.check_interval * 2)
 
 
 async def test_every_consumer_read_again_from_offset_zero_fences_and_notifies_once(
