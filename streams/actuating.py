@@ -113,10 +113,20 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
 
 
 async def operator_action(
-    rt: Runtime, action: OperatorAction, table: MutableMapping[str, Any], key: str
+    rt: Runtime,
+    action: OperatorAction,
+    table: MutableMapping[str, Any],
+    key: str,
+    position: tuple[int, int] | None = None,
 ) -> FenceOutcome | None:
     """An operator's retry (runs the failed decision again; the new outcome), handled
-    (stops the reminders; None) or lift_blocklist (lift_blocklist; None)."""
+    (stops the reminders; None) or lift_blocklist (lift_blocklist; None).
+
+    `position` is the record's (partition, offset) on operator-actions. A retry marks its entry
+    `retry` = [partition, offset, "started"] before it acts and "done" with its outcome, so the
+    same record read again after a restart (at least once) is not run twice: done (or overtaken
+    by a later record) -> skipped; started but not done (the worker died mid-way) -> carried
+    out as a takeover, the power read first (a reboot is never repeated blindly)."""
     if action.kind == "lift_blocklist":
         await lift_blocklist(rt, action)
         return None
@@ -139,24 +149,54 @@ async def operator_action(
     if "decision" not in entry:
         log.warning("fence %s cannot be retried: its decision was not kept", decision_id)
         return None
+    stage = _retry_stage(entry.get("retry"), position)
+    if stage == "done":
+        log.info(
+            "operator retry of fence %s at offset %s read again: already run, skipped",
+            decision_id,
+            position[1] if position else "?",
+        )
+        return None
     decision = FenceDecision.model_validate(entry["decision"])
     actuator = rt.actuator()
     actuator.settings = await rt.live()
     log.info("fence %s retried by %s", decision_id, action.by or "an operator")
     from streams.actuation import NotNow, operator_checks, refusal
 
+    mark = [*position] if position is not None else None
     try:
         # The operator is the authority on age and evidence; CloudStack must still agree.
         await operator_checks(decision, actuator.settings, lambda h: rt.inventory().host(h))
-        outcome: FenceOutcome | None = await actuator.handle(decision)
+        if mark is not None:
+            put_entry(table, key, decision_id, {**entry, "retry": [*mark, "started"]})
+        outcome: FenceOutcome | None
+        if stage == "started":
+            log.warning(
+                "operator retry of fence %s was cut short by a restart: reading the power first",
+                decision_id,
+            )
+            outcome = await carry_out(rt, decision, takeover=True)
+        else:
+            outcome = await actuator.handle(decision)
     except NotNow as exc:
         log.warning("fence %s: operator retry refused: %s", decision_id, exc)
         return refusal(decision, str(exc), time.time())
     if outcome is not None:
-        put_entry(
-            table, key, decision_id, {**done_entry(decision, outcome), "retried_by": action.by}
-        )
+        done = {**done_entry(decision, outcome), "retried_by": action.by}
+        if mark is not None:
+            done["retry"] = [*mark, "done"]
+        put_entry(table, key, decision_id, done)
     return outcome
+
+
+def _retry_stage(mark: Any, position: tuple[int, int] | None) -> str | None:
+    """How far the retry at `position` got, by its entry's `retry` mark: "done" (or a later
+    record's mark: this one is old), "started" (cut short), or None (never seen)."""
+    if position is None or not isinstance(mark, list) or len(mark) != 3 or mark[0] != position[0]:
+        return None
+    if mark[1] > position[1] or (mark[1] == position[1] and mark[2] == "done"):
+        return "done"
+    return "started" if mark[1] == position[1] else None
 
 
 async def lift_blocklist(rt: Runtime, action: OperatorAction) -> str | None:

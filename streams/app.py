@@ -296,8 +296,12 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     continue
                 try:
                     await runtime.live()
-                    # The gate's own clock: never the proposing worker's stamp.
-                    decision = gating.apply_gate(gates, parsed, runtime, now=time.time())
+                    # The gate's own clock: never the proposing worker's stamp. A record read
+                    # again after a restart (at or before what its row applied) is skipped.
+                    position = (event.message.partition, event.message.offset)
+                    decision = gating.apply_gate(
+                        gates, parsed, runtime, now=time.time(), position=position
+                    )
                 except Exception as exc:
                     log.exception("gate: cannot judge a record")
                     await dead(event.message, f"gate failed: {type(exc).__name__}")
@@ -374,7 +378,11 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                         answer = await actuating.bmc_pin_confirm(runtime, action)
                     await ipmi_tests.send(key=action.host_uuid.encode(), value=codec.dump(answer))
                     continue
-                outcome = await actuating.operator_action(runtime, action, done, action.host_uuid)
+                # A retry read again after a restart is not run twice (streams.actuating).
+                position = (event.message.partition, event.message.offset)
+                outcome = await actuating.operator_action(
+                    runtime, action, done, action.host_uuid, position
+                )
                 if outcome is not None:
                     obs.observe_outcome(outcome)
                     key = outcome.host.host_uuid.encode()

@@ -3,6 +3,16 @@
 Rule: `fencing.gate.observe` and `fencing.gate.decide` decide; this module loads the cluster's
 and the shared row, applies the live pauses and cap, stores the new rows and returns the signed
 decision (or a clock_skew notice). Rows are ClusterGate / GlobalGate as JSON.
+
+A cluster's row also remembers `position`, the fence-proposals (partition, offset) of the last
+record that wrote it. A record at or before it is one read again after a restart (at least once:
+the dead worker wrote the row, then died before its offset was committed): the row already holds
+its effect, and it is skipped. Judged again it would be judged against rows that hold its own
+effect and later ones: an old `cluster_size` or `suspect` would set the row back in time, and a
+proposal would be judged at the gate's now with its old stamp (a false clock_skew notice once
+the restart took longer than `gate.clock_tolerance`) or against facts it never met. What a
+skipped proposal should still get, the core asks for again (an unanswered proposal is re-sent
+after `check_interval`, an approval without an outcome after `fencing_resend_after`).
 """
 
 from __future__ import annotations
@@ -80,20 +90,48 @@ def global_row(d: dict[str, Any] | None) -> gatecore.GlobalGate:
     )
 
 
+def read_again(
+    row: dict[str, Any] | None, position: tuple[int, int] | None, what: str, key: str
+) -> bool:
+    """Whether the record at `position` is one this row has already applied (module rule)."""
+    seen = (row or {}).get("position")
+    if position is None or not seen or seen[0] != position[0] or position[1] > seen[1]:
+        return False
+    log.info(
+        "gate: %s for %s at offset %d read again (the row has applied up to %d): skipped",
+        what,
+        key,
+        position[1],
+        seen[1],
+    )
+    return True
+
+
+def _with_position(row: dict[str, Any], position: tuple[int, int] | None) -> dict[str, Any]:
+    return row if position is None else {**row, "position": list(position)}
+
+
 def apply_gate(
     table: MutableMapping[str, Any],
     item: FenceProposal | GateSignal,
     runtime: Runtime,
     now: float | None = None,
+    position: tuple[int, int] | None = None,
 ) -> FenceDecision | Notice | None:
     """Feed the gate one record at the gate worker's clock `now`: the decision for a proposal,
-    a clock_skew notice for a proposal the gate refuses to judge, else None."""
+    a clock_skew notice for a proposal the gate refuses to judge, else None.
+
+    `position` is the record's (partition, offset) on fence-proposals: one the cluster's row
+    has already applied is skipped (None; see the module rule)."""
     now = time.time() if now is None else now
     if isinstance(item, GateSignal):
         if not item.cluster_uuid:
             log.warning("gate: a %s signal without a cluster dropped", item.kind)
             return None
-        row = cluster_row(table.get(item.cluster_uuid), item.cluster_uuid)
+        stored = table.get(item.cluster_uuid)
+        if read_again(stored, position, item.kind, item.cluster_uuid):
+            return None
+        row = cluster_row(stored, item.cluster_uuid)
         fact: gatecore.GateFact
         if item.kind == "cluster_size":
             fact = gatecore.ClusterSized(item.host_count or 0)
@@ -101,7 +139,7 @@ def apply_gate(
             fact = gatecore.HostSuspected(item.host_uuid or "")
         else:
             fact = gatecore.HostCleared(item.host_uuid or "")
-        table[item.cluster_uuid] = _jsonable(gatecore.observe(row, fact))
+        table[item.cluster_uuid] = _with_position(_jsonable(gatecore.observe(row, fact)), position)
         return None
     settings = runtime.current
     cluster = item.host.cluster_uuid
@@ -109,7 +147,10 @@ def apply_gate(
         # No cluster row to judge against: a temporary withhold, proposed again later.
         log.warning("gate: %s names no cluster: withheld until it is known", item.decision_id)
         return _decision(item, False, WithheldReason.CLUSTER_SIZE_UNKNOWN, now, 0, 0)
-    row = cluster_row(table.get(cluster), cluster)
+    stored = table.get(cluster)
+    if read_again(stored, position, f"proposal {item.decision_id}", cluster):
+        return None
+    row = cluster_row(stored, cluster)
     row = gatecore.observe(row, gatecore.ClusterPaused(runtime.cluster_paused(cluster)))
     glob = gatecore.pause_all(global_row(table.get(GLOBAL_ROW)), runtime.globally_paused())
     policy = replace(runtime.policy, fence_cap=settings.fence_cap_for(cluster))
@@ -126,7 +167,7 @@ def apply_gate(
     except core.CoreError as exc:
         log.warning("gate refused %s: %s", item.decision_id, exc)
         return None
-    table[cluster] = _jsonable(row)
+    table[cluster] = _with_position(_jsonable(row), position)
     table[GLOBAL_ROW] = _jsonable(glob)
     if verdict.skew is not None:
         tolerance = ctx.clock_tolerance
