@@ -45,8 +45,11 @@ the decision, and a disconnection stamped before the host's return is late (a re
   returns the host to SUSPECT. A budget withhold is final for the episode. The actuator answers
   `FenceFinished`: success -> FENCED until the host comes back Up or enters maintenance;
   failure -> FAILED (the actuator retries and notifies). A success after a failure moves FAILED
-  to FENCED. An outcome may overtake the approval (different consumers): FENCE_PROPOSED accepts
-  it directly.
+  to FENCED. A *refusal* (the actuator's last-moment checks turned the decision down: nothing
+  was done) is a temporary withhold (`REFUSED`): the host is checked again and its next stale
+  check proposes again, so the fence is retried on fresh evidence after about one interval.
+  An outcome may overtake the approval (different consumers): FENCE_PROPOSED accepts it
+  directly.
 - Nothing stalls silently: a proposal unanswered for `check_interval` is sent again on a tick (the
   gate repeats its verdict), an approval without an outcome for `fencing_resend_after` too; a
   host suspect for `suspect_alert_after` without a decision emits `Notify(SUSPECT_TOO_LONG)`,
@@ -129,6 +132,7 @@ class Trigger(StrEnum):
     FENCE_WITHHELD = "fence_withheld"
     FENCE_SUCCEEDED = "fence_succeeded"
     FENCE_FAILED = "fence_failed"
+    FENCE_REFUSED = "fence_refused"
     LATE = "late"  # for an older or ended episode, or already known: ignored
 
 
@@ -144,6 +148,7 @@ TEMPORARY: Final = frozenset(
         WithheldReason.PAUSED,
         WithheldReason.CLUSTER_SIZE_UNKNOWN,
         WithheldReason.STORM_GUARD,
+        WithheldReason.REFUSED,
     }
 )
 """Withheld reasons that pass: the host keeps being checked and is proposed again."""
@@ -181,12 +186,15 @@ TRANSITIONS: Final[Mapping[HostState, Mapping[Trigger, tuple[HostState, ...]]]] 
         T.FENCE_WITHHELD: (S.WITHHELD,),
         T.FENCE_SUCCEEDED: (S.FENCED,),
         T.FENCE_FAILED: (S.FAILED,),
+        T.FENCE_REFUSED: (S.WITHHELD,),
         **_ends(),
     },
     S.FENCING: {
         **_stay(S.FENCING, *_OPEN_COMMON),
         T.FENCE_SUCCEEDED: (S.FENCED,),
         T.FENCE_FAILED: (S.FAILED,),
+        # Refused at the last moment: nothing was done; back to checking (withheld, refused).
+        T.FENCE_REFUSED: (S.WITHHELD,),
         **_ends(),
     },
     S.FENCED: {
@@ -390,16 +398,25 @@ def classify(record: HostRecord, event: HostEvent, policy: Policy) -> Trigger:
         already = record.state in (S.FENCING, S.FENCED, S.FAILED)
         # A final withhold stays final; a host that proved alive again waits for new evidence;
         # a withheld host checked since (not stale) waits for its next stale check, so FENCING
-        # always rests on a stale check (what the actuator requires).
+        # always rests on a stale check (what the actuator requires). After a refusal, an
+        # approval is the refused one (or a copy the actuator judges on its own): the record
+        # waits for its next stale check to propose again.
         closed = record.state is S.SUSPECT or (
             record.state is S.WITHHELD
-            and (not probing(record) or record.last_evidence is not Evidence.STALE)
+            and (
+                not probing(record)
+                or record.last_evidence is not Evidence.STALE
+                or record.withheld_reason is WithheldReason.REFUSED
+            )
         )
         return T.LATE if already or closed else T.FENCE_APPROVED
     if isinstance(event, FenceWithheld):
         return T.LATE if record.state is not S.FENCE_PROPOSED else T.FENCE_WITHHELD
     if event.success:
         return T.LATE if record.state is S.FENCED else T.FENCE_SUCCEEDED
+    if event.refused:
+        # Only the fence in flight goes back to checking; anywhere else nothing changes.
+        return T.FENCE_REFUSED if record.state in (S.FENCE_PROPOSED, S.FENCING) else T.LATE
     # A failure (or a refusal) while the host is being checked again changes nothing: the
     # checks go on and may propose again.
     return T.LATE if record.state in (S.FAILED, S.FENCED, S.SUSPECT) else T.FENCE_FAILED
@@ -756,6 +773,21 @@ def _fence_finished(record: HostRecord, event: FenceFinished, policy: Policy) ->
     return new, ()
 
 
+def _fence_refused(record: HostRecord, event: FenceFinished, policy: Policy) -> Step:
+    # Nothing was done to the host. It is checked again (a temporary withhold): its next stale
+    # check proposes again under the same decision id (the gate repeats its approval, the
+    # actuator checks everything afresh), an alive one returns it to SUSPECT. The actuator
+    # told people (fence_refused).
+    new = replace(
+        record,
+        state=S.WITHHELD,
+        since=event.at,
+        withheld_reason=WithheldReason.REFUSED,
+        error=event.error,
+    )
+    return new, ()
+
+
 _HANDLERS: Final[Mapping[Trigger, Handler]] = {
     T.DISCONNECTED: _disconnected,
     T.CAME_BACK: _came_back,
@@ -770,5 +802,6 @@ _HANDLERS: Final[Mapping[Trigger, Handler]] = {
     T.FENCE_WITHHELD: _fence_withheld,
     T.FENCE_SUCCEEDED: _fence_finished,
     T.FENCE_FAILED: _fence_finished,
+    T.FENCE_REFUSED: _fence_refused,
     T.LATE: _ignore,
 }

@@ -57,6 +57,9 @@ class WithheldReason(str, Enum):  # noqa: UP042 - str() of a member is its quali
     QUIET_PERIOD = "quiet_period"
     PAUSED = "paused"
     CLUSTER_SIZE_UNKNOWN = "cluster_size_unknown"  # the storm guard cannot judge: withhold
+    # Not the gate's: the actuator refused the approved fence at the last moment (the decision
+    # too old, fencer's record or CloudStack not backing it now, CloudStack not answering).
+    REFUSED = "refused"
 
 
 class NoticeKind(str, Enum):  # noqa: UP042 - str() of a member is its qualified name, as everywhere
@@ -174,6 +177,7 @@ class FenceFinished:
     success: bool
     power_state: str | None = None
     error: str | None = None
+    refused: bool = False  # nothing was done: the last-moment checks refused the decision
 
 
 HostEvent = (

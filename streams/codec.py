@@ -98,7 +98,7 @@ class HostInput:
 
 def host_input(message: Any, topics: Any) -> HostInput | str | None:
     """The core event a record on one of the host's input topics carries, why not (a
-    dead-letter reason), or None for a record that changes nothing (a refused fence)."""
+    dead-letter reason), or None for a record that changes nothing."""
     if not message.key:
         return f"a {message.topic} record without a host uuid key"
     try:
@@ -116,14 +116,17 @@ def host_input(message: Any, topics: Any) -> HostInput | str | None:
             return HostInput(FenceWithheld(d.decided_at, d.episode, d.decision_id, reason), d.host)
         if message.topic == topics.fence_outcomes:
             o = FenceOutcome.model_validate_json(message.value)
-            if o.refused:
-                # Nothing was done to the host: its record stays where it is and the core sends
-                # the proposal again later (the gate re-approves at its own now, the actuator
-                # checks everything afresh). People were told by the fence_refused notice.
-                return None
+            # A refusal (nothing was done to the host) sends the record back to checking: its
+            # next stale check proposes again. People were told by the fence_refused notice.
             return HostInput(
                 FenceFinished(
-                    o.finished_at, o.episode, o.decision_id, o.success, o.power_after, o.error
+                    o.finished_at,
+                    o.episode,
+                    o.decision_id,
+                    o.success and not o.refused,
+                    o.power_after,
+                    o.error,
+                    refused=o.refused,
                 ),
                 o.host,
             )

@@ -205,12 +205,14 @@ async def test_every_consumer_read_again_from_offset_zero_fences_and_notifies_on
         try:
             # A replayed proposal is as old as the restart took (about 15 s here): a gate clock
             # tolerance below that tells a re-judged old proposal (a false clock_skew notice)
-            # from a live one. An approval whose fence was cut short is re-sent after 5 s.
+            # from a live one. A replayed decision refused as too old sends the host back to
+            # checking (its next stale check proposes again), with fencing_resend_after at its
+            # default (15 min): the fence must not wait for it.
             base = lab.settings
             lab.settings = lambda **p: base(**p).model_copy(  # type: ignore[method-assign]
                 update={"gate": GateSettings(clock_tolerance=8.0)}
             )
-            await run.start(fencing_resend_after=5.0)
+            await run.start()
             uuid = run.uuid(HOST)
             run.fault(f"{HOST} crashes", HOST)
             await lab.crash(HOST)

@@ -443,6 +443,18 @@ class HostMachine(RuleBasedStateMachine):
             if event.reason in TEMPORARY:
                 self.run = self.policy.extra_checks  # the next stale check proposes again
                 self.temporary_withholds[event.episode] += 1
+        if isinstance(event, FenceFinished) and event.refused:
+            if (
+                before.state in (HostState.FENCE_PROPOSED, HostState.FENCING)
+                and event.episode == before.episode
+            ):
+                # nothing was done: checked again, the next stale check proposes again
+                assert new.state is HostState.WITHHELD
+                assert new.withheld_reason is WithheldReason.REFUSED
+                self.run = self.policy.extra_checks
+                self.temporary_withholds[event.episode] += 1
+            else:
+                assert new == before  # a refusal changes nothing anywhere else
         for action in actions:
             self.follow(action, event, accepted, before)
         self.record = new
@@ -653,8 +665,10 @@ class HostMachine(RuleBasedStateMachine):
     @rule(
         verdicts=st.lists(
             st.tuples(
-                st.sampled_from(["approve", "withhold", "withhold", "success", "failure"]),
-                st.sampled_from(list(WithheldReason)),
+                st.sampled_from(
+                    ["approve", "withhold", "withhold", "success", "failure", "refused"]
+                ),
+                st.sampled_from([r for r in WithheldReason if r is not WithheldReason.REFUSED]),
             ),
             min_size=1,
             max_size=3,
@@ -673,6 +687,9 @@ class HostMachine(RuleBasedStateMachine):
                 "withhold": FenceWithheld(at=at, episode=ep, decision_id=did, reason=reason),
                 "success": FenceFinished(at=at, episode=ep, decision_id=did, success=True),
                 "failure": FenceFinished(at=at, episode=ep, decision_id=did, success=False),
+                "refused": FenceFinished(
+                    at=at, episode=ep, decision_id=did, success=False, refused=True
+                ),
             }
             self.apply(events[verdict])
         if wait:

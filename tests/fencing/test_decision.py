@@ -1318,3 +1318,70 @@ def test_an_event_without_an_entry_in_the_table_raises_and_changes_nothing() -> 
         with pytest.raises(IllegalTransition, match="not allowed in state fenced"):
             step(fenced, Tick(at=T0 + 1), POLICY)
     assert fenced.to_dict() == snapshot
+
+
+def test_a_refused_fence_goes_back_to_checking_and_proposes_again_on_fresh_evidence() -> None:
+    """The actuator's last-moment checks refused the approved fence (a decision too old after
+    a restart, CloudStack not answering): nothing was done. The host is checked again and its
+    next stale check proposes again, same decision id; the refused approval read late, or the
+    same refusal again, changes nothing; a success that follows is a fact."""
+    proposed, rows = to_proposal()
+    fencing = replace(proposed, state=HostState.FENCING, since=T0 + 206)
+    refused = FenceFinished(
+        at=T0 + 207, episode=1, decision_id=DID, success=False, error="too old", refused=True
+    )
+    withheld = replace(
+        fencing,
+        state=HostState.WITHHELD,
+        since=T0 + 207,
+        withheld_reason=WithheldReason.REFUSED,
+        error="too old",
+    )
+    r5 = requested(withheld, T0 + 265)
+    s5 = judged(r5, reading(T0 + 266, 5), Evidence.STALE, stale_count=3)
+    again = replace(s5, state=HostState.FENCE_PROPOSED, since=T0 + 266, sent_at=T0 + 266)
+    fencing2 = replace(again, state=HostState.FENCING, since=T0 + 267, withheld_reason=None)
+    ok = FenceFinished(at=T0 + 268, episode=1, decision_id=DID, success=True, power_state="off")
+    fenced = replace(
+        fencing2, state=HostState.FENCED, since=T0 + 268, power_state="off", error=None
+    )
+    rows += [
+        (FenceApproved(at=T0 + 206, episode=1, decision_id=DID), fencing, ()),
+        (refused, withheld, ()),
+        (refused, withheld, ()),  # the same refusal read again
+        (FenceApproved(at=T0 + 206, episode=1, decision_id=DID), withheld, ()),  # the refused one
+        (Tick(at=T0 + 265), r5, (probe(5),)),  # probing again: one interval after check 4
+        (reading(T0 + 266, 5), again, (PROPOSAL,)),
+        (FenceApproved(at=T0 + 267, episode=1, decision_id=DID), fencing2, ()),
+        (ok, fenced, ()),
+        (refused, fenced, ()),  # a refusal of another copy, after the success: late
+    ]
+    run(IDLE, rows)
+
+
+def test_a_refusal_may_overtake_its_approval_and_a_host_alive_since_is_not_proposed() -> None:
+    proposed, rows = to_proposal()
+    refused = FenceFinished(at=T0 + 206, episode=1, decision_id=DID, success=False, refused=True)
+    withheld = replace(
+        proposed, state=HostState.WITHHELD, since=T0 + 206, withheld_reason=WithheldReason.REFUSED
+    )
+    r5 = requested(withheld, T0 + 265)
+    wrote = reading(T0 + 266, 5, WRITTEN)
+    a5 = judged(
+        r5,
+        wrote,
+        Evidence.ALIVE,
+        f"{DISK} changed",
+        state=HostState.SUSPECT,
+        since=T0 + 266,
+        stale_count=0,
+        withheld_reason=None,
+    )
+    rows += [
+        (refused, withheld, ()),  # before the approval it answers
+        (FenceApproved(at=T0 + 205, episode=1, decision_id=DID), withheld, ()),
+        (Tick(at=T0 + 265), r5, (probe(5),)),
+        (wrote, a5, ()),  # it wrote: back to suspect, the run starts again
+        (refused, a5, ()),  # late
+    ]
+    run(IDLE, rows)
