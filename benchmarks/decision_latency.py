@@ -11,7 +11,12 @@ when the decision record for that host is read from `fence-decisions` by a taili
 baseline consumer has the same configuration as the tail (aiokafka defaults), so both pay the
 same fetch behaviour.
 
-    python -m benchmarks.decision_latency --json [--hosts M]
+The cost of a short fetch wait (`--idle-cost`, off by default): the CPU seconds an idle
+`fencer worker --roles ingest` and the embedded broker spend per second with no traffic (no
+suspect host, an empty simulated cloud), at fencer's cap and at the former 40 ms, in the same
+run, each on its own broker, one after the other.
+
+    python -m benchmarks.decision_latency --json [--hosts M] [--idle-cost]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -36,10 +42,12 @@ from lab.pipeline import WorkerProcess, write_settings
 from streams.broker import EmbeddedBroker
 from streams.codec import gate_input
 from streams.kafka import aiokafka_kwargs
+from streams.tansu_compat import FETCH_WAIT_ENV, consumer_fetch_max_wait_ms
 
 TARGET_P99_S = 0.100
 CHECK = 1.0
 EXTRA = 2
+FORMER_FETCH_WAIT_MS = 40  # Patch C's cap before issue 17
 
 
 def _pct(samples: list[float], q: float) -> float:
@@ -250,6 +258,7 @@ async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
         "benchmark": "decision_latency",
         "hosts": hosts,
         "checks_to_decide": 2 + EXTRA,  # the baseline and 1 + extra_checks stale
+        "consumer_fetch_max_wait_ms": consumer_fetch_max_wait_ms(),  # Patch C's cap, every hop
         "fencer": {
             "seen": summary(seen),
             "created": summary(created),
@@ -269,6 +278,67 @@ async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
     return result
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def idle_cpu(fetch_wait_ms: int, settle: float, seconds: float) -> dict[str, Any]:
+    """CPU of an idle worker and of its broker, with every consumer's fetch wait capped at
+    `fetch_wait_ms` (the worker inherits the cap through the environment)."""
+    with tempfile.TemporaryDirectory(prefix="fencer-bench-idle-") as tmp:
+        async with EmbeddedBroker() as broker, CloudStackSimulator(SimCloud()) as sim:
+            settings = await isolated_settings(
+                broker,
+                Path(tmp),
+                cloudstack=CloudStackSettings(
+                    endpoint=sim.url,
+                    api_key=sim.api_key,
+                    secret_key=sim.secret_key,
+                    poll_interval=3600.0,  # one poll at start, inside the settle time
+                ),
+            )
+            saved = os.environ.get(FETCH_WAIT_ENV)
+            os.environ[FETCH_WAIT_ENV] = str(fetch_wait_ms)
+            try:
+                worker = WorkerProcess(
+                    write_settings(settings, Path(tmp) / "fencer.yaml"),
+                    "ingest",
+                    Path(tmp) / "worker.log",
+                ).start()
+            finally:
+                if saved is None:
+                    del os.environ[FETCH_WAIT_ENV]
+                else:
+                    os.environ[FETCH_WAIT_ENV] = saved
+            try:
+                await asyncio.sleep(settle)
+                if worker.proc is None or worker.proc.poll() is not None:
+                    raise RuntimeError(f"the idle worker exited ({worker.log_file})")
+                assert broker.pid is not None
+                w0, b0, t0 = cpu_seconds(worker.pid), cpu_seconds(broker.pid), time.monotonic()
+                await asyncio.sleep(seconds)
+                w1, b1, t1 = cpu_seconds(worker.pid), cpu_seconds(broker.pid), time.monotonic()
+            finally:
+                worker.stop()
+    return {
+        "fetch_wait_ms": fetch_wait_ms,
+        "seconds": round(t1 - t0, 1),
+        "worker_cpu_per_s": round((w1 - w0) / (t1 - t0), 4),
+        "broker_cpu_per_s": round((b1 - b0) / (t1 - t0), 4),
+    }
+
+
+async def idle_cost(settle: float, seconds: float) -> dict[str, Any]:
+    """Idle CPU at fencer's cap and at the former cap, same run."""
+    now = consumer_fetch_max_wait_ms()
+    return {
+        "fencer": await idle_cpu(now, settle, seconds),
+        "baseline_former_cap": await idle_cpu(FORMER_FETCH_WAIT_MS, settle, seconds),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -276,8 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pings", type=int, default=100, help="baseline round trips, each side")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--idle-cost", action="store_true", help="also measure idle CPU at both fetch caps"
+    )
+    p.add_argument("--idle-seconds", type=float, default=15.0, help="each idle measurement")
     args = p.parse_args(argv)
     result = asyncio.run(run(args.hosts, args.pings, args.timeout))
+    if args.idle_cost:
+        result["idle_cost"] = asyncio.run(idle_cost(settle=12.0, seconds=args.idle_seconds))
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 
