@@ -9,25 +9,32 @@ the producer is handed check 2+extra_checks's stale result (check 1 is the basel
 when the decision record for that host is read from `fence-decisions` by a tailing consumer
 (`seen`); `created` stops at the decision record's CreateTime (stamped by the worker). The
 baseline consumer has the same configuration as the tail (aiokafka defaults), so both pay the
-same fetch behaviour.
+same fetch behaviour. Every consumer (worker and benchmark) has Tansu's fetch wait capped by
+`streams.tansu_compat` (Patch C: 10 ms while records flow, 40 ms when idle); a second run in
+the same process (`baseline_former_fetch_wait`, skipped with --no-former) keeps every consumer
+at the former fixed 40 ms. `cpu_while_deciding`: the worker's CPU seconds since its start and
+the broker's from the first alert to the last decision.
 
-The cost of a short fetch wait (`--idle-cost`, off by default): the CPU seconds an idle
+The cost of the short fetch wait (`--idle-cost`, off by default): the CPU seconds an idle
 `fencer worker --roles ingest` and the embedded broker spend per second with no traffic (no
-suspect host, an empty simulated cloud), at fencer's cap and at the former 40 ms, in the same
-run, each on its own broker, one after the other.
+suspect host, an empty simulated cloud), as fencer runs (idle: 40 ms), and with every consumer
+held at the short wait (what a second inside the active window costs at most, with no record);
+each on its own broker, one after the other, in the same run.
 
-    python -m benchmarks.decision_latency --json [--hosts M] [--idle-cost]
+    python -m benchmarks.decision_latency --json [--hosts M] [--no-former] [--idle-cost]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +42,25 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from benchmarks.ingest_rate import isolated_settings
 from fencing.events import FenceAction
-from fencing.records import FenceProposal, ProbeRequest, ProbeResult
+from fencing.records import FenceProposal, GateSignal, ProbeRequest, ProbeResult
 from fencing.settings import CloudStackSettings, FencerSettings, IpmiSettings, PolicySettings
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud
 from lab.pipeline import WorkerProcess, write_settings
 from streams.broker import EmbeddedBroker
 from streams.codec import gate_input
 from streams.kafka import aiokafka_kwargs
-from streams.tansu_compat import FETCH_WAIT_ENV, consumer_fetch_max_wait_ms
+from streams.tansu_compat import (
+    ACTIVE_FETCH_WAIT_ENV,
+    FETCH_WAIT_ENV,
+    active_fetch_max_wait_ms,
+    consumer_fetch_max_wait_ms,
+)
 
 TARGET_P99_S = 0.100
 CHECK = 1.0
 EXTRA = 2
 FORMER_FETCH_WAIT_MS = 40  # Patch C's cap before issue 17
+SETTLE_S = 2.0  # after the worker's first poll: its signals are worked through
 
 
 def _pct(samples: list[float], q: float) -> float:
@@ -116,6 +129,7 @@ class Prober:
         self.seen: dict[str, float] = {}
         self.created: dict[str, float] = {}
         self.proposed: dict[str, float] = {}  # host -> CreateTime of its fence proposal
+        self.polled = asyncio.Event()  # the worker's first listHosts poll reached the gate topic
         self.decisions: list[dict[str, Any]] = []
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -147,6 +161,8 @@ class Prober:
                 record = gate_input(msg)
                 if isinstance(record, FenceProposal):  # not a gate signal
                     self.proposed.setdefault(record.host.host_uuid, msg.timestamp / 1000)
+                elif isinstance(record, GateSignal) and record.kind == "cluster_size":
+                    self.polled.set()
             elif msg.key:
                 host = msg.key.decode()
                 self.decisions.append(json.loads(msg.value))
@@ -222,7 +238,14 @@ async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
             ).start()
             producer = AIOKafkaProducer(**aiokafka_kwargs(settings))
             await producer.start()
+            assert broker.pid is not None
             try:
+                # The worker runs and has polled once (every host is new to its first poll: two
+                # signals each); then the hosts go down 50 ms apart, as a started worker sees them.
+                async with asyncio.timeout(timeout):
+                    await prober.polled.wait()
+                await asyncio.sleep(SETTLE_S)
+                cpu0 = cpu_seconds(broker.pid), time.monotonic()
                 for h in suspects:
                     cloud.set_host_state(h.uuid, "Disconnected")
                     while cloud.events:
@@ -244,6 +267,11 @@ async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
                     if worker.proc is not None and worker.proc.poll() is not None:
                         raise RuntimeError(f"the worker exited ({worker.log_file})")
                     await asyncio.sleep(0.1)
+                cpu = {
+                    "seconds": round(time.monotonic() - cpu0[1], 1),
+                    "worker_cpu_s": round(cpu_seconds(worker.pid), 2),  # since its start
+                    "broker_cpu_s": round(cpu_seconds(broker.pid) - cpu0[0], 2),
+                }
             finally:
                 worker.stop()
                 await producer.stop()
@@ -258,7 +286,11 @@ async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
         "benchmark": "decision_latency",
         "hosts": hosts,
         "checks_to_decide": 2 + EXTRA,  # the baseline and 1 + extra_checks stale
-        "consumer_fetch_max_wait_ms": consumer_fetch_max_wait_ms(),  # Patch C's cap, every hop
+        # Patch C's caps on every hop: while records flow / idle.
+        "fetch_wait_ms": {
+            "active": active_fetch_max_wait_ms(),
+            "idle": consumer_fetch_max_wait_ms(),
+        },
         "fencer": {
             "seen": summary(seen),
             "created": summary(created),
@@ -268,6 +300,7 @@ async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
             },
             "decisions": len(prober.decisions),
             "approved": approved,
+            "cpu_while_deciding": cpu,
         },
         "baseline_produce_consume": {
             name: {"before": summary(before[name]), "after": summary(after[name])}
@@ -284,9 +317,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def idle_cpu(fetch_wait_ms: int, settle: float, seconds: float) -> dict[str, Any]:
-    """CPU of an idle worker and of its broker, with every consumer's fetch wait capped at
-    `fetch_wait_ms` (the worker inherits the cap through the environment)."""
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables for what this process and the workers it starts do inside."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+async def idle_cpu(settle: float, seconds: float) -> dict[str, Any]:
+    """CPU per second of an idle `fencer worker --roles ingest` and of its broker."""
     with tempfile.TemporaryDirectory(prefix="fencer-bench-idle-") as tmp:
         async with EmbeddedBroker() as broker, CloudStackSimulator(SimCloud()) as sim:
             settings = await isolated_settings(
@@ -299,19 +346,11 @@ async def idle_cpu(fetch_wait_ms: int, settle: float, seconds: float) -> dict[st
                     poll_interval=3600.0,  # one poll at start, inside the settle time
                 ),
             )
-            saved = os.environ.get(FETCH_WAIT_ENV)
-            os.environ[FETCH_WAIT_ENV] = str(fetch_wait_ms)
-            try:
-                worker = WorkerProcess(
-                    write_settings(settings, Path(tmp) / "fencer.yaml"),
-                    "ingest",
-                    Path(tmp) / "worker.log",
-                ).start()
-            finally:
-                if saved is None:
-                    del os.environ[FETCH_WAIT_ENV]
-                else:
-                    os.environ[FETCH_WAIT_ENV] = saved
+            worker = WorkerProcess(
+                write_settings(settings, Path(tmp) / "fencer.yaml"),
+                "ingest",
+                Path(tmp) / "worker.log",
+            ).start()
             try:
                 await asyncio.sleep(settle)
                 if worker.proc is None or worker.proc.poll() is not None:
@@ -323,7 +362,7 @@ async def idle_cpu(fetch_wait_ms: int, settle: float, seconds: float) -> dict[st
             finally:
                 worker.stop()
     return {
-        "fetch_wait_ms": fetch_wait_ms,
+        "fetch_wait_ms": consumer_fetch_max_wait_ms(),
         "seconds": round(t1 - t0, 1),
         "worker_cpu_per_s": round((w1 - w0) / (t1 - t0), 4),
         "broker_cpu_per_s": round((b1 - b0) / (t1 - t0), 4),
@@ -331,12 +370,12 @@ async def idle_cpu(fetch_wait_ms: int, settle: float, seconds: float) -> dict[st
 
 
 async def idle_cost(settle: float, seconds: float) -> dict[str, Any]:
-    """Idle CPU at fencer's cap and at the former cap, same run."""
-    now = consumer_fetch_max_wait_ms()
-    return {
-        "fencer": await idle_cpu(now, settle, seconds),
-        "baseline_former_cap": await idle_cpu(FORMER_FETCH_WAIT_MS, settle, seconds),
-    }
+    """Idle CPU as fencer runs (its consumers at the idle wait), and with every consumer kept at
+    the short wait (what each second inside the active window costs, at most), same run."""
+    fencer = await idle_cpu(settle, seconds)
+    with environment(**{FETCH_WAIT_ENV: str(active_fetch_max_wait_ms())}):
+        short = await idle_cpu(settle, seconds)
+    return {"fencer_idle": fencer, "short_wait_kept": short}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,8 +389,19 @@ def main(argv: list[str] | None = None) -> int:
         "--idle-cost", action="store_true", help="also measure idle CPU at both fetch caps"
     )
     p.add_argument("--idle-seconds", type=float, default=15.0, help="each idle measurement")
+    p.add_argument(
+        "--no-former", action="store_true", help="skip the run with the former 40 ms fetch wait"
+    )
     args = p.parse_args(argv)
     result = asyncio.run(run(args.hosts, args.pings, args.timeout))
+    if not args.no_former:
+        # The same run again, every consumer at the former fixed 40 ms (before issue 17).
+        with environment(**{ACTIVE_FETCH_WAIT_ENV: str(FORMER_FETCH_WAIT_MS)}):
+            former = asyncio.run(run(args.hosts, args.pings, args.timeout))
+        result["baseline_former_fetch_wait"] = {
+            "fetch_wait_ms": former["fetch_wait_ms"],
+            **{k: former["fencer"][k] for k in ("seen", "created", "hops", "cpu_while_deciding")},
+        }
     if args.idle_cost:
         result["idle_cost"] = asyncio.run(idle_cost(settle=12.0, seconds=args.idle_seconds))
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))

@@ -93,7 +93,8 @@ def apply_gate(
         if not item.cluster_uuid:
             log.warning("gate: a %s signal without a cluster dropped", item.kind)
             return None
-        row = cluster_row(table.get(item.cluster_uuid), item.cluster_uuid)
+        stored = table.get(item.cluster_uuid)
+        row = cluster_row(stored, item.cluster_uuid)
         fact: gatecore.GateFact
         if item.kind == "cluster_size":
             fact = gatecore.ClusterSized(item.host_count or 0)
@@ -101,7 +102,11 @@ def apply_gate(
             fact = gatecore.HostSuspected(item.host_uuid or "")
         else:
             fact = gatecore.HostCleared(item.host_uuid or "")
-        table[item.cluster_uuid] = _jsonable(gatecore.observe(row, fact))
+        observed = _jsonable(gatecore.observe(row, fact))
+        # An unchanged row (the poller's cluster sizes, every poll) is not written again: no
+        # changelog record, and the gate's next proposal is not queued behind the write.
+        if observed != stored:
+            table[item.cluster_uuid] = observed
         return None
     settings = runtime.current
     cluster = item.host.cluster_uuid
