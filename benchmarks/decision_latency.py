@@ -23,7 +23,7 @@ suspect host, an empty simulated cloud), as fencer runs (idle: 40 ms), and with 
 held at the short wait (what a second inside the active window costs at most, with no record);
 each on its own broker, one after the other, in the same run.
 
-    python -m benchmarks.decision_latency --json [--hosts M] [--no-former] [--idle-cost]
+    python -m benchmarks.decision_latency --json [--hosts M] [--no-former] [--burst] [--idle-cost]
 """
 
 from __future__ import annotations
@@ -206,9 +206,11 @@ async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
 
 
 async def run_once(
-    hosts: int, pings: int, timeout: float
+    hosts: int, pings: int, timeout: float, burst: bool = False
 ) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """One run's figures, and its samples in seconds (seen, created, watch, gate)."""
+    """One run's figures, and its samples in seconds (seen, created, watch, gate). `burst`: the
+    alerts are sent while the worker starts (it sees every host go down at once), listHosts
+    every second: the benchmark as it ran until 2026-11-29."""
     cloud = SimCloud()
     zone = cloud.add_zone("zone1")
     suspects = []
@@ -235,7 +237,7 @@ async def run_once(
                     secret_key=sim.secret_key,
                     # The benchmark waits for the first poll (cluster sizes); every poll sends
                     # a signal per down host (fencer's default interval is 30 s).
-                    poll_interval=5.0,
+                    poll_interval=1.0 if burst else 5.0,
                 ),
             )
             ping_settings = await isolated_settings(broker, Path(tmp))
@@ -253,9 +255,10 @@ async def run_once(
             try:
                 # The worker runs and has polled once (every host is new to its first poll: two
                 # signals each); then the hosts go down 50 ms apart, as a started worker sees them.
-                async with asyncio.timeout(timeout):
-                    await prober.polled.wait()
-                await asyncio.sleep(SETTLE_S)
+                if not burst:
+                    async with asyncio.timeout(timeout):
+                        await prober.polled.wait()
+                    await asyncio.sleep(SETTLE_S)
                 cpu0 = cpu_seconds(broker.pid), time.monotonic(), cpu_seconds(worker.pid)
                 for h in suspects:
                     cloud.set_host_state(h.uuid, "Disconnected")
@@ -317,6 +320,7 @@ async def run_once(
             name: {"before": summary(before[name]), "after": summary(after[name])}
             for name in before
         },
+        "burst": burst,
         "targets_met": {"p99_under_100ms": _pct(seen, 0.99) < TARGET_P99_S},
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
@@ -349,7 +353,12 @@ def pooled(runs: list[tuple[dict[str, Any], dict[str, list[float]]]]) -> dict[st
 
 
 async def measure(
-    hosts: int, pings: int, timeout: float, repeat: int = 2, former: bool = True
+    hosts: int,
+    pings: int,
+    timeout: float,
+    repeat: int = 2,
+    former: bool = True,
+    burst: bool = False,
 ) -> dict[str, Any]:
     """`repeat` runs as fencer runs, alternating with as many at the former fixed 40 ms fetch
     wait (every consumer of the benchmark and the worker), all in this process: the samples of
@@ -364,7 +373,7 @@ async def measure(
             if into is theirs and not former:
                 continue
             with environment(**env):
-                into.append(await run_once(hosts, pings, timeout))
+                into.append(await run_once(hosts, pings, timeout, burst))
     result = ours[0][0]
     result["repeat"] = repeat
     result["fencer"] = pooled(ours)
@@ -460,9 +469,12 @@ def main(argv: list[str] | None = None) -> int:
         "--no-former", action="store_true", help="skip the runs with the former 40 ms fetch wait"
     )
     p.add_argument("--repeat", type=int, default=2, help="runs of each side, alternating")
+    p.add_argument(
+        "--burst", action="store_true", help="every host down while the worker starts (as before)"
+    )
     args = p.parse_args(argv)
     result = asyncio.run(
-        measure(args.hosts, args.pings, args.timeout, args.repeat, not args.no_former)
+        measure(args.hosts, args.pings, args.timeout, args.repeat, not args.no_former, args.burst)
     )
     if args.idle_cost:
         result["idle_cost"] = asyncio.run(idle_cost(settle=12.0, seconds=args.idle_seconds))
