@@ -40,7 +40,7 @@ def _ingest_rate() -> dict[str, Any]:
 def _decision_latency() -> dict[str, Any]:
     from benchmarks import decision_latency
 
-    return asyncio.run(decision_latency.run(30, 100, 120.0))
+    return asyncio.run(decision_latency.measure(30, 100, 120.0))
 
 
 def _crash_to_off() -> dict[str, Any]:

@@ -9,19 +9,34 @@ the producer is handed check 2+extra_checks's stale result (check 1 is the basel
 when the decision record for that host is read from `fence-decisions` by a tailing consumer
 (`seen`); `created` stops at the decision record's CreateTime (stamped by the worker). The
 baseline consumer has the same configuration as the tail (aiokafka defaults), so both pay the
-same fetch behaviour.
+same fetch behaviour. Every consumer (worker and benchmark) has Tansu's fetch wait capped by
+`streams.tansu_compat` (Patch C: 10 ms while records flow, 40 ms when idle); a second run in
+the same process (`baseline_former_fetch_wait`, skipped with --no-former) keeps every consumer
+at the former fixed 40 ms. `cpu_while_deciding`: the worker's and the broker's CPU seconds from
+the first alert to the last decision. The hosts go down 50 ms apart once the worker has polled
+listHosts once (until 2026-11-30 the alerts were sent while the worker was still starting, so
+all hosts were judged in one burst).
 
-    python -m benchmarks.decision_latency --json [--hosts M]
+The cost of the short fetch wait (`--idle-cost`, off by default): the CPU seconds an idle
+`fencer worker --roles ingest` and the embedded broker spend per second with no traffic (no
+suspect host, an empty simulated cloud), as fencer runs (idle: 40 ms), and with every consumer
+held at the short wait (what a second inside the active window costs at most, with no record);
+each on its own broker, one after the other, in the same run.
+
+    python -m benchmarks.decision_latency --json [--hosts M] [--no-former] [--burst] [--idle-cost]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +44,25 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from benchmarks.ingest_rate import isolated_settings
 from fencing.events import FenceAction
-from fencing.records import FenceProposal, ProbeRequest, ProbeResult
+from fencing.records import FenceProposal, GateSignal, ProbeRequest, ProbeResult
 from fencing.settings import CloudStackSettings, FencerSettings, IpmiSettings, PolicySettings
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud
 from lab.pipeline import WorkerProcess, write_settings
 from streams.broker import EmbeddedBroker
 from streams.codec import gate_input
 from streams.kafka import aiokafka_kwargs
+from streams.tansu_compat import (
+    ACTIVE_FETCH_WAIT_ENV,
+    FETCH_WAIT_ENV,
+    active_fetch_max_wait_ms,
+    consumer_fetch_max_wait_ms,
+)
 
 TARGET_P99_S = 0.100
 CHECK = 1.0
 EXTRA = 2
+FORMER_FETCH_WAIT_MS = 40  # Patch C's cap before issue 17
+SETTLE_S = 2.0  # after the worker's first poll: its signals are worked through
 
 
 def _pct(samples: list[float], q: float) -> float:
@@ -108,6 +131,7 @@ class Prober:
         self.seen: dict[str, float] = {}
         self.created: dict[str, float] = {}
         self.proposed: dict[str, float] = {}  # host -> CreateTime of its fence proposal
+        self.polled = asyncio.Event()  # the worker's first listHosts poll reached the gate topic
         self.decisions: list[dict[str, Any]] = []
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -139,6 +163,8 @@ class Prober:
                 record = gate_input(msg)
                 if isinstance(record, FenceProposal):  # not a gate signal
                     self.proposed.setdefault(record.host.host_uuid, msg.timestamp / 1000)
+                elif isinstance(record, GateSignal) and record.kind == "cluster_size":
+                    self.polled.set()
             elif msg.key:
                 host = msg.key.decode()
                 self.decisions.append(json.loads(msg.value))
@@ -175,7 +201,16 @@ class Prober:
 
 
 async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
-    """Broker, simulator, worker, prober; the figures."""
+    """One run: broker, simulator, worker, prober; the figures."""
+    return (await run_once(hosts, pings, timeout))[0]
+
+
+async def run_once(
+    hosts: int, pings: int, timeout: float, burst: bool = False
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """One run's figures, and its samples in seconds (seen, created, watch, gate). `burst`: the
+    alerts are sent while the worker starts (it sees every host go down at once), listHosts
+    every second: the benchmark as it ran until 2026-11-29."""
     cloud = SimCloud()
     zone = cloud.add_zone("zone1")
     suspects = []
@@ -200,7 +235,9 @@ async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
                     endpoint=sim.url,
                     api_key=sim.api_key,
                     secret_key=sim.secret_key,
-                    poll_interval=1.0,
+                    # The benchmark waits for the first poll (cluster sizes); every poll sends
+                    # a signal per down host (fencer's default interval is 30 s).
+                    poll_interval=1.0 if burst else 5.0,
                 ),
             )
             ping_settings = await isolated_settings(broker, Path(tmp))
@@ -214,7 +251,15 @@ async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
             ).start()
             producer = AIOKafkaProducer(**aiokafka_kwargs(settings))
             await producer.start()
+            assert broker.pid is not None
             try:
+                # The worker runs and has polled once (every host is new to its first poll: two
+                # signals each); then the hosts go down 50 ms apart, as a started worker sees them.
+                if not burst:
+                    async with asyncio.timeout(timeout):
+                        await prober.polled.wait()
+                    await asyncio.sleep(SETTLE_S)
+                cpu0 = cpu_seconds(broker.pid), time.monotonic(), cpu_seconds(worker.pid)
                 for h in suspects:
                     cloud.set_host_state(h.uuid, "Disconnected")
                     while cloud.events:
@@ -236,6 +281,11 @@ async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
                     if worker.proc is not None and worker.proc.poll() is not None:
                         raise RuntimeError(f"the worker exited ({worker.log_file})")
                     await asyncio.sleep(0.1)
+                cpu = {
+                    "seconds": round(time.monotonic() - cpu0[1], 1),
+                    "worker_cpu_s": round(cpu_seconds(worker.pid) - cpu0[2], 2),
+                    "broker_cpu_s": round(cpu_seconds(broker.pid) - cpu0[0], 2),
+                }
             finally:
                 worker.stop()
                 await producer.stop()
@@ -246,10 +296,15 @@ async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
     watch_hop = [prober.proposed[h] - prober.last_sent[h] for h in wanted]
     gate_hop = [prober.created[h] - prober.proposed[h] for h in wanted]
     approved = sum(1 for d in prober.decisions if d.get("approved"))
-    result = {
+    result: dict[str, Any] = {
         "benchmark": "decision_latency",
         "hosts": hosts,
         "checks_to_decide": 2 + EXTRA,  # the baseline and 1 + extra_checks stale
+        # Patch C's caps on every hop: while records flow / idle.
+        "fetch_wait_ms": {
+            "active": active_fetch_max_wait_ms(),
+            "idle": consumer_fetch_max_wait_ms(),
+        },
         "fencer": {
             "seen": summary(seen),
             "created": summary(created),
@@ -259,14 +314,144 @@ async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
             },
             "decisions": len(prober.decisions),
             "approved": approved,
+            "cpu_while_deciding": cpu,
         },
         "baseline_produce_consume": {
             name: {"before": summary(before[name]), "after": summary(after[name])}
             for name in before
         },
+        "burst": burst,
         "targets_met": {"p99_under_100ms": _pct(seen, 0.99) < TARGET_P99_S},
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
+    samples = {"seen": seen, "created": created, "watch": watch_hop, "gate": gate_hop}
+    return result, samples
+
+
+def pooled(runs: list[tuple[dict[str, Any], dict[str, list[float]]]]) -> dict[str, Any]:
+    """The figures of all samples of several runs, and each run's seen p50 / p99."""
+    samples = {k: [x for _, s in runs for x in s[k]] for k in runs[0][1]}
+    return {
+        "seen": summary(samples["seen"]),
+        "created": summary(samples["created"]),
+        "hops": {
+            "result_to_proposal_created": summary(samples["watch"]),
+            "proposal_to_decision_created": summary(samples["gate"]),
+        },
+        "decisions": sum(r["fencer"]["decisions"] for r, _ in runs),
+        "approved": sum(r["fencer"]["approved"] for r, _ in runs),
+        "runs": [
+            {
+                "seen_p50_ms": r["fencer"]["seen"]["p50_ms"],
+                "seen_p99_ms": r["fencer"]["seen"]["p99_ms"],
+                **r["fencer"]["cpu_while_deciding"],
+                "load_average_1m": r["load_average_1m"],
+            }
+            for r, _ in runs
+        ],
+    }
+
+
+async def measure(
+    hosts: int,
+    pings: int,
+    timeout: float,
+    repeat: int = 2,
+    former: bool = True,
+    burst: bool = False,
+) -> dict[str, Any]:
+    """`repeat` runs as fencer runs, alternating with as many at the former fixed 40 ms fetch
+    wait (every consumer of the benchmark and the worker), all in this process: the samples of
+    each side pooled."""
+    ours: list[tuple[dict[str, Any], dict[str, list[float]]]] = []
+    theirs: list[tuple[dict[str, Any], dict[str, list[float]]]] = []
+    for i in range(repeat):
+        sides = [(ours, {}), (theirs, {ACTIVE_FETCH_WAIT_ENV: str(FORMER_FETCH_WAIT_MS)})]
+        if i % 2:
+            sides.reverse()  # alternate who goes first: the machine's load drifts
+        for into, env in sides:
+            if into is theirs and not former:
+                continue
+            with environment(**env):
+                into.append(await run_once(hosts, pings, timeout, burst))
+    result = ours[0][0]
+    result["repeat"] = repeat
+    result["fencer"] = pooled(ours)
+    seen = [x for _, s in ours for x in s["seen"]]
+    result["targets_met"] = {"p99_under_100ms": _pct(seen, 0.99) < TARGET_P99_S}
+    if theirs:
+        result["baseline_former_fetch_wait"] = {
+            "fetch_wait_ms": theirs[0][0]["fetch_wait_ms"],
+            **pooled(theirs),
+        }
     return result
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables for what this process and the workers it starts do inside."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+async def idle_cpu(settle: float, seconds: float) -> dict[str, Any]:
+    """CPU per second of an idle `fencer worker --roles ingest` and of its broker."""
+    with tempfile.TemporaryDirectory(prefix="fencer-bench-idle-") as tmp:
+        async with EmbeddedBroker() as broker, CloudStackSimulator(SimCloud()) as sim:
+            settings = await isolated_settings(
+                broker,
+                Path(tmp),
+                cloudstack=CloudStackSettings(
+                    endpoint=sim.url,
+                    api_key=sim.api_key,
+                    secret_key=sim.secret_key,
+                    poll_interval=3600.0,  # one poll at start, inside the settle time
+                ),
+            )
+            worker = WorkerProcess(
+                write_settings(settings, Path(tmp) / "fencer.yaml"),
+                "ingest",
+                Path(tmp) / "worker.log",
+            ).start()
+            try:
+                await asyncio.sleep(settle)
+                if worker.proc is None or worker.proc.poll() is not None:
+                    raise RuntimeError(f"the idle worker exited ({worker.log_file})")
+                assert broker.pid is not None
+                w0, b0, t0 = cpu_seconds(worker.pid), cpu_seconds(broker.pid), time.monotonic()
+                await asyncio.sleep(seconds)
+                w1, b1, t1 = cpu_seconds(worker.pid), cpu_seconds(broker.pid), time.monotonic()
+            finally:
+                worker.stop()
+    return {
+        "fetch_wait_ms": consumer_fetch_max_wait_ms(),
+        "seconds": round(t1 - t0, 1),
+        "worker_cpu_per_s": round((w1 - w0) / (t1 - t0), 4),
+        "broker_cpu_per_s": round((b1 - b0) / (t1 - t0), 4),
+    }
+
+
+async def idle_cost(settle: float, seconds: float) -> dict[str, Any]:
+    """Idle CPU as fencer runs (its consumers at the idle wait), and with every consumer kept at
+    the short wait (what each second inside the active window costs, at most), same run."""
+    fencer = await idle_cpu(settle, seconds)
+    with environment(**{FETCH_WAIT_ENV: str(active_fetch_max_wait_ms())}):
+        short = await idle_cpu(settle, seconds)
+    return {"fencer_idle": fencer, "short_wait_kept": short}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,8 +461,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pings", type=int, default=100, help="baseline round trips, each side")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--idle-cost", action="store_true", help="also measure idle CPU at both fetch caps"
+    )
+    p.add_argument("--idle-seconds", type=float, default=15.0, help="each idle measurement")
+    p.add_argument(
+        "--no-former", action="store_true", help="skip the runs with the former 40 ms fetch wait"
+    )
+    p.add_argument("--repeat", type=int, default=2, help="runs of each side, alternating")
+    p.add_argument(
+        "--burst", action="store_true", help="every host down while the worker starts (as before)"
+    )
     args = p.parse_args(argv)
-    result = asyncio.run(run(args.hosts, args.pings, args.timeout))
+    result = asyncio.run(
+        measure(args.hosts, args.pings, args.timeout, args.repeat, not args.no_former, args.burst)
+    )
+    if args.idle_cost:
+        result["idle_cost"] = asyncio.run(idle_cost(settle=12.0, seconds=args.idle_seconds))
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 

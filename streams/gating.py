@@ -107,6 +107,12 @@ def read_again(
     return True
 
 
+def _without_position(stored: Any) -> Any:
+    if isinstance(stored, dict) and "position" in stored:
+        return {k: v for k, v in stored.items() if k != "position"}
+    return stored
+
+
 def _with_position(row: dict[str, Any], position: tuple[int, int] | None) -> dict[str, Any]:
     return row if position is None else {**row, "position": list(position)}
 
@@ -139,7 +145,12 @@ def apply_gate(
             fact = gatecore.HostSuspected(item.host_uuid or "")
         else:
             fact = gatecore.HostCleared(item.host_uuid or "")
-        table[item.cluster_uuid] = _with_position(_jsonable(gatecore.observe(row, fact)), position)
+        observed = _jsonable(gatecore.observe(row, fact))
+        # An unchanged row (the poller's cluster sizes, every poll) is not written again: no
+        # changelog record, and the gate's next proposal is not queued behind the write. (Its
+        # position stays: a record that changed nothing changes nothing when read again.)
+        if observed != _without_position(stored):
+            table[item.cluster_uuid] = _with_position(observed, position)
         return None
     settings = runtime.current
     cluster = item.host.cluster_uuid

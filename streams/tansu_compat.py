@@ -18,7 +18,12 @@ The defects (research/feasibility-kafka.md), and one cost:
 - Tansu parks a Fetch for its whole `max_wait_ms` when the partition is empty at request time,
   even if a record arrives meanwhile: a record waits half the consumer's fetch wait on average.
   Faust's aiokafka driver hard-codes 1,500 ms, so every hop of the topology cost ~750 ms.
-  Patch C caps every consumer's `fetch_max_wait_ms` at `CONSUMER_FETCH_MAX_WAIT_MS`.
+  Patch C caps every consumer's `fetch_max_wait_ms` at `CONSUMER_FETCH_MAX_WAIT_MS` (40 ms),
+  and at `ACTIVE_FETCH_MAX_WAIT_MS` (10 ms) while the consumer has fetched a record within the
+  last `ACTIVE_WINDOW_S`: a hop costs ~5 ms instead of ~20 on average while records flow (an
+  open episode: probe results, and its ticks at least every 5 s), and an idle consumer still
+  asks the broker only once per 40 ms (each fetch costs CPU in the worker and in Tansu;
+  measured in benchmarks/README.md).
 
 The patches are process-wide monkeypatches of aiokafka classes; `apply_tansu_workarounds` is
 idempotent and `remove_tansu_workarounds` restores the originals (used by the test that shows
@@ -29,12 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.consumer.fetcher import Fetcher
 from aiokafka.protocol.api import RequestStruct, Response
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.transaction import InitProducerIdRequest, InitProducerIdRequest_v0
@@ -49,6 +57,49 @@ FETCH_MAX_WAIT_MS = 100
 # Patch C: what a parked fetch may cost a record per hop (about half of it on average). Lower
 # means more idle fetch requests to the embedded broker (one per consumer per this many ms).
 CONSUMER_FETCH_MAX_WAIT_MS = 40
+# Patch C while records flow: the fetch wait of a consumer that fetched a record within the
+# last ACTIVE_WINDOW_S seconds (longer than the 5 s tick period of an open episode).
+ACTIVE_FETCH_MAX_WAIT_MS = 10
+ACTIVE_WINDOW_S = 10.0
+# Other values for one process and the workers it starts, to measure the trade-off (benchmarks).
+FETCH_WAIT_ENV = "FENCER_TANSU_FETCH_WAIT_MS"
+ACTIVE_FETCH_WAIT_ENV = "FENCER_TANSU_ACTIVE_FETCH_WAIT_MS"
+
+
+def _env_ms(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name}: not a whole number of ms: {text!r}") from None
+    if value < 1:
+        # Tansu answers a Fetch with max_wait_ms=0 with an empty topic list.
+        raise ValueError(f"{name}: must be at least 1 ms, got {value}")
+    return value
+
+
+def consumer_fetch_max_wait_ms() -> int:
+    """Patch C's cap in ms: `CONSUMER_FETCH_MAX_WAIT_MS`, or $FENCER_TANSU_FETCH_WAIT_MS."""
+    return _env_ms(FETCH_WAIT_ENV, CONSUMER_FETCH_MAX_WAIT_MS)
+
+
+def active_fetch_max_wait_ms() -> int:
+    """Patch C's cap while records flow: `ACTIVE_FETCH_MAX_WAIT_MS`, or
+    $FENCER_TANSU_ACTIVE_FETCH_WAIT_MS."""
+    return _env_ms(ACTIVE_FETCH_WAIT_ENV, ACTIVE_FETCH_MAX_WAIT_MS)
+
+
+def fetch_wait_for(
+    idle_wait_ms: int, active_wait_ms: int, last_record_at: float | None, now: float
+) -> int:
+    """The fetch wait of a consumer whose last fetched record came at `last_record_at`
+    (monotonic seconds, None: never): the active wait within ACTIVE_WINDOW_S, else the idle."""
+    if last_record_at is not None and now - last_record_at < ACTIVE_WINDOW_S:
+        return min(idle_wait_ms, active_wait_ms)
+    return idle_wait_ms
+
 
 _lock = threading.Lock()
 _originals: dict[str, Any] = {}
@@ -151,11 +202,38 @@ def _patched_consumer_init(original: Callable[..., None]) -> Callable[..., None]
     def __init__(self: AIOKafkaConsumer, *topics: str, **kwargs: Any) -> None:
         """Tansu workaround: a short fetch wait (Faust passes 1,500 ms, aiokafka's default 500)."""
         wait = kwargs.get("fetch_max_wait_ms", 500)
-        kwargs["fetch_max_wait_ms"] = min(int(wait), CONSUMER_FETCH_MAX_WAIT_MS)
+        kwargs["fetch_max_wait_ms"] = min(int(wait), consumer_fetch_max_wait_ms())
         original(self, *topics, **kwargs)
 
     __init__.__tansu_workaround__ = True  # type: ignore[attr-defined]
     return __init__
+
+
+def _patched_fetch_actions(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _get_actions_per_node(self: Any, assignment: Any) -> Any:
+        """Tansu workaround: the next fetch waits less while records flow (Patch C)."""
+        idle = self.__dict__.setdefault("_tansu_idle_wait_ms", self._fetch_max_wait_ms)
+        active = self.__dict__.setdefault("_tansu_active_wait_ms", active_fetch_max_wait_ms())
+        last = self.__dict__.get("_tansu_record_at")
+        self._fetch_max_wait_ms = fetch_wait_for(idle, active, last, time.monotonic())
+        return original(self, assignment)
+
+    _get_actions_per_node.__tansu_workaround__ = True  # type: ignore[attr-defined]
+    return _get_actions_per_node
+
+
+def _patched_proc_fetch(
+    original: Callable[..., Coroutine[Any, Any, bool]],
+) -> Callable[..., Coroutine[Any, Any, bool]]:
+    async def _proc_fetch_request(self: Any, assignment: Any, node_id: int, request: Any) -> bool:
+        """Tansu workaround: note when this fetcher last got records (Patch C)."""
+        has_records = await original(self, assignment, node_id, request)
+        if has_records:
+            self._tansu_record_at = time.monotonic()
+        return has_records
+
+    _proc_fetch_request.__tansu_workaround__ = True  # type: ignore[attr-defined]
+    return _proc_fetch_request
 
 
 def apply_tansu_workarounds() -> None:
@@ -174,6 +252,10 @@ def apply_tansu_workarounds() -> None:
         InitProducerIdRequest.build = _build_init_producer_id
         _originals["consumer_init"] = AIOKafkaConsumer.__init__
         AIOKafkaConsumer.__init__ = _patched_consumer_init(_originals["consumer_init"])
+        _originals["fetch_actions"] = Fetcher._get_actions_per_node
+        _originals["proc_fetch"] = Fetcher._proc_fetch_request
+        Fetcher._get_actions_per_node = _patched_fetch_actions(_originals["fetch_actions"])
+        Fetcher._proc_fetch_request = _patched_proc_fetch(_originals["proc_fetch"])
         log.debug("tansu workarounds applied to aiokafka")
 
 
@@ -186,6 +268,8 @@ def remove_tansu_workarounds() -> None:
         InitProducerIdRequest._CLASSES = _originals.pop("init_classes")
         InitProducerIdRequest.build = _originals.pop("init_build")
         AIOKafkaConsumer.__init__ = _originals.pop("consumer_init")
+        Fetcher._get_actions_per_node = _originals.pop("fetch_actions")
+        Fetcher._proc_fetch_request = _originals.pop("proc_fetch")
         log.debug("tansu workarounds removed from aiokafka")
 
 
@@ -195,9 +279,16 @@ def tansu_workarounds_applied() -> bool:
 
 
 __all__ = [
+    "ACTIVE_FETCH_MAX_WAIT_MS",
+    "ACTIVE_FETCH_WAIT_ENV",
+    "ACTIVE_WINDOW_S",
     "CONSUMER_FETCH_MAX_WAIT_MS",
     "FETCH_MAX_WAIT_MS",
+    "FETCH_WAIT_ENV",
+    "active_fetch_max_wait_ms",
     "apply_tansu_workarounds",
+    "consumer_fetch_max_wait_ms",
+    "fetch_wait_for",
     "remove_tansu_workarounds",
     "tansu_workarounds_applied",
 ]

@@ -196,16 +196,21 @@ def test_cli_broker_prints_address_and_stops_on_sigterm() -> None:
 
 
 async def test_workaround_is_idempotent_and_removable() -> None:
+    from aiokafka.consumer.fetcher import Fetcher
+
     was = tansu_workarounds_applied()
     try:
         remove_tansu_workarounds()
         plain = AIOKafkaConsumer.end_offsets
+        plain_fetch = (Fetcher._get_actions_per_node, Fetcher._proc_fetch_request)
         apply_tansu_workarounds()
         patched = AIOKafkaConsumer.end_offsets
         apply_tansu_workarounds()
         assert AIOKafkaConsumer.end_offsets is patched is not plain
+        assert Fetcher._get_actions_per_node is not plain_fetch[0]
         remove_tansu_workarounds()
         assert AIOKafkaConsumer.end_offsets is plain
+        assert (Fetcher._get_actions_per_node, Fetcher._proc_fetch_request) == plain_fetch
     finally:
         (apply_tansu_workarounds if was else remove_tansu_workarounds)()
 
@@ -224,6 +229,73 @@ async def test_consumers_fetch_wait_is_capped_only_while_patched() -> None:
         assert capped._fetch_max_wait_ms == default._fetch_max_wait_ms
         assert capped._fetch_max_wait_ms == CONSUMER_FETCH_MAX_WAIT_MS < 500
     finally:
+        (apply_tansu_workarounds if was else remove_tansu_workarounds)()
+
+
+def test_fetch_wait_is_short_only_while_records_flow() -> None:
+    from streams.tansu_compat import ACTIVE_WINDOW_S, fetch_wait_for
+
+    assert fetch_wait_for(40, 10, None, now=100.0) == 40  # never a record: idle
+    assert fetch_wait_for(40, 10, 99.0, now=100.0) == 10
+    assert fetch_wait_for(40, 10, 100.0 - ACTIVE_WINDOW_S, now=100.0) == 40
+    assert fetch_wait_for(5, 10, 99.0, now=100.0) == 5  # a consumer that asked for less keeps it
+
+
+def test_fetch_wait_overrides_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streams.tansu_compat import (
+        ACTIVE_FETCH_MAX_WAIT_MS,
+        ACTIVE_FETCH_WAIT_ENV,
+        FETCH_WAIT_ENV,
+        active_fetch_max_wait_ms,
+        consumer_fetch_max_wait_ms,
+    )
+
+    monkeypatch.delenv(ACTIVE_FETCH_WAIT_ENV, raising=False)
+    assert active_fetch_max_wait_ms() == ACTIVE_FETCH_MAX_WAIT_MS
+    monkeypatch.setenv(FETCH_WAIT_ENV, "25")
+    assert consumer_fetch_max_wait_ms() == 25
+    for bad in ("0", "ten"):
+        monkeypatch.setenv(ACTIVE_FETCH_WAIT_ENV, bad)
+        with pytest.raises(ValueError, match=ACTIVE_FETCH_WAIT_ENV):
+            active_fetch_max_wait_ms()
+
+
+async def test_a_consumer_fetches_briefly_while_records_flow_and_slowly_when_idle(
+    fencer_settings: Any,
+) -> None:
+    from streams.tansu_compat import (
+        ACTIVE_FETCH_MAX_WAIT_MS,
+        ACTIVE_WINDOW_S,
+        CONSUMER_FETCH_MAX_WAIT_MS,
+    )
+
+    settings = fencer_settings(isolated_topics=True)
+    topic = settings.kafka.topics.notices
+    was = tansu_workarounds_applied()
+    apply_tansu_workarounds()
+    consumer = AIOKafkaConsumer(
+        topic, auto_offset_reset="earliest", fetch_max_wait_ms=1500, **aiokafka_kwargs(settings)
+    )
+    producer = AIOKafkaProducer(**aiokafka_kwargs(settings))
+    await consumer.start()
+    await producer.start()
+    try:
+        fetcher = consumer._fetcher
+        assert await consumer.getmany(timeout_ms=300) == {}  # several empty fetches
+        assert fetcher._fetch_max_wait_ms == CONSUMER_FETCH_MAX_WAIT_MS
+        await producer.send_and_wait(topic, b"v", key=b"k")
+        async with asyncio.timeout(10):
+            record = await consumer.getone()
+        assert record.value == b"v"
+        await asyncio.sleep(0.2)  # the next fetches of the now empty partitions
+        assert fetcher._fetch_max_wait_ms == ACTIVE_FETCH_MAX_WAIT_MS
+        # The last record as if it came a whole window ago: the consumer is idle again.
+        fetcher._tansu_record_at -= ACTIVE_WINDOW_S
+        await asyncio.sleep(0.2)
+        assert fetcher._fetch_max_wait_ms == CONSUMER_FETCH_MAX_WAIT_MS
+    finally:
+        await producer.stop()
+        await consumer.stop()
         (apply_tansu_workarounds if was else remove_tansu_workarounds)()
 
 
