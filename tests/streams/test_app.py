@@ -240,16 +240,23 @@ async def test_host_signals_read_again_after_a_restart_neither_end_nor_reopen_an
     cloud: Cloud,
 ):
     """A worker killed before its consumer committed: the next one reads host-signals again from
-    the last commit, here from the very start (the first poll's "up" of every host, then the
-    disconnection). The recovered row has applied them: nothing ends, nothing reopens, and the
-    episode goes on to its one decision."""
+    the last commit, here from the very start: episode 1 opened and ended by "the host is Up",
+    then episode 2 opened. The recovered row has applied them all: the old "Up" does not end
+    episode 2, nothing reopens, and episode 2 goes on to its one decision."""
     w = cloud.worker()
-    await cloud.tap.wait_for(
-        lambda: any(v["kind"] == "up" for _k, v in cloud.tap.of(cloud.topics.host_signals)),
-        60,
-        "the first poll",
-    )
+    cloud.answer = None  # episode 1 gathers no evidence: it only opens and ends
     host = await disconnect(cloud, "kvm06")
+    await cloud.tap.wait_for(lambda: cloud.requests(host), 60, "episode 1's baseline request")
+    cloud.sim.cloud.set_host_state(host, "Up")
+
+    def recovered() -> int:
+        kinds = [v["kind"] for k, v in cloud.tap.of(cloud.topics.notices) if k == host]
+        return kinds.count("host_recovered")
+
+    await cloud.tap.wait_for(lambda: recovered() == 1, 60, "episode 1 to end")
+    cloud.unanswered.clear()
+    cloud.answer = Evidence.STALE
+    await disconnect(cloud, "kvm06")
     await cloud.tap.wait_for(lambda: len(cloud.answered) >= 3, 60, "baseline and two stale")
     cloud.answer = None
     w.kill()
@@ -260,11 +267,10 @@ async def test_host_signals_read_again_after_a_restart_neither_end_nor_reopen_an
     await cloud.tap.wait_for(lambda: cloud.decisions(host), 90, "a decision after restart")
     await _quiet(cloud, 3 * CHECK)
     reqs = cloud.requests(host)
-    assert {r["episode"] for r in reqs} == {1}, reqs
-    assert [r["check"] for r in reqs] == [1, 2, 3, 4]
-    notices = [v["kind"] for k, v in cloud.tap.of(cloud.topics.notices) if k == host]
-    assert "host_recovered" not in notices, notices
-    assert len(cloud.decisions(host)) == 1
+    assert {r["episode"] for r in reqs} == {1, 2}, reqs
+    assert [r["check"] for r in reqs if r["episode"] == 2] == [1, 2, 3, 4]
+    assert recovered() == 1
+    assert [d["episode"] for d in cloud.decisions(host)] == [2]
     assert "read again" in cloud.logs()
 
 
