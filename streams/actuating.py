@@ -103,7 +103,7 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
             decision.decision_id,
             exc,
         )
-        n = refused_notice(decision, str(exc), now)
+        n = refused_notice(decision, str(exc), now, live.actuator.renotify_interval)
         return [
             (topics.fence_outcomes, key.encode(), dump(refusal(decision, str(exc), now))),
             (topics.notices, key.encode(), dump(n)),

@@ -20,8 +20,10 @@ already = fenced; reboot: never repeated blindly, only an "off" reading counts).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -206,10 +208,18 @@ def refusal(decision: FenceDecision, reason: str, now: float) -> FenceOutcome:
     )
 
 
-def refused_notice(decision: FenceDecision, reason: str, now: float) -> Notice:
-    """The fence_refused notice of a refusal."""
+def refused_notice(
+    decision: FenceDecision, reason: str, now: float, period: float = 3600.0
+) -> Notice:
+    """The fence_refused notice of a refusal: one per decision, kind of reason and `period`
+    (the renotify interval). A refused fence is tried again about every check interval while
+    the reason lasts, and a decision read again after a restart is refused again: the notice
+    id (its reason without the figures, the period) lets the notifiers tell people once a
+    period, not at every try."""
+    kind = hashlib.sha256(re.sub(r"[0-9.+-]+", "#", reason).encode()).hexdigest()[:12]
+    slot = int(now // max(period, 1.0))
     return Notice(
-        notice_id=f"{decision.host.host_uuid}/{decision.decision_id}/refused/{now:.3f}",
+        notice_id=f"{decision.host.host_uuid}/{decision.decision_id}/refused/{kind}/{slot}",
         kind=NoticeKind.FENCE_REFUSED,
         host=decision.host,
         at=now,

@@ -476,3 +476,20 @@ async def test_sixteen_actors_starting_at_once_share_one_reader_of_each_topic(
         for service in (rt._actuation, rt._pins, rt._store):
             if service is not None:
                 await service.stop()
+
+
+def test_a_refusal_is_told_once_per_reason_and_renotify_period() -> None:
+    """A refused fence is tried again about every check interval while its reason lasts, and a
+    decision read again after a restart is refused again: one notice id per decision, kind of
+    reason (its figures aside) and renotify period, so people are told once a period."""
+    from streams.actuation import refused_notice
+
+    d = decision(at=1000.0)
+    old = refused_notice(d, "decision is 73 s old (decision_max_age 10 s)", 7300.0, 3600.0)
+    older = refused_notice(d, "decision is 3601 s old (decision_max_age 10 s)", 10799.0, 3600.0)
+    assert old.notice_id == older.notice_id  # the same reason, the same period
+    down = refused_notice(d, "CloudStack reports the host Up now", 7300.0, 3600.0)
+    assert down.notice_id != old.notice_id  # another reason is told
+    later = refused_notice(d, "decision is 73 s old (decision_max_age 10 s)", 10800.0, 3600.0)
+    assert later.notice_id != old.notice_id  # and the same one again the next period
+    assert d.decision_id in old.notice_id and old.reason and "73 s" in old.reason
