@@ -75,7 +75,7 @@ Errors, one hierarchy::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from enum import Enum, StrEnum
 from typing import Any, Final
 
@@ -287,20 +287,23 @@ class HostRecord:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data (enums as their values) for the shell's table."""
-        data = asdict(self)
-        for key, value in data.items():
+        """Plain JSON-ready data (enums as their values) for the shell's table. (Field by
+        field: `dataclasses.asdict` deep-copies every pair first, and this runs for every event
+        of every host.)"""
+        data: dict[str, Any] = {}
+        for key in _RECORD_FIELDS:
+            value = getattr(self, key)
             if isinstance(value, Enum):
-                data[key] = value.value
+                value = value.value
             elif isinstance(value, tuple):
-                data[key] = [list(pair) for pair in value]
+                value = [list(pair) for pair in value]
+            data[key] = value
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HostRecord:
         """The inverse of `to_dict`; keys this version does not know are ignored."""
-        known = {f.name for f in fields(cls)}
-        values = {key: value for key, value in data.items() if key in known}
+        values = {key: value for key, value in data.items() if key in _RECORD_FIELD_SET}
         values["state"] = HostState(values.get("state", HostState.IDLE.value))
         if values.get("last_evidence") is not None:
             values["last_evidence"] = Evidence(values["last_evidence"])
@@ -310,6 +313,9 @@ class HostRecord:
             values[key] = tuple((str(k), v) for k, v in values.get(key) or ())
         return cls(**values)
 
+
+_RECORD_FIELDS: Final = tuple(f.name for f in fields(HostRecord))
+_RECORD_FIELD_SET: Final = frozenset(_RECORD_FIELDS)
 
 Step = tuple[HostRecord, tuple[HostAction, ...]]
 

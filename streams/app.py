@@ -49,7 +49,7 @@ from streams.directory import DirectoryLog
 from streams.directory import topic_name as directory_topic
 from streams.ingest import EventBusConsumer
 from streams.kafka import aiokafka_kwargs, faust_app_kwargs, prepare_kafka
-from streams.runtime import Runtime
+from streams.runtime import Runtime, settle_memory
 
 log = logging.getLogger("fencer.app")
 
@@ -92,6 +92,9 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
     policy = settings.policy.to_policy()
     started_at = time.time()
     runtime = Runtime(settings=settings, started_at=started_at)
+    # Long-lived objects out of the cyclic collector's view once started and recovered.
+    app.task(settle_memory)
+    app.on_rebalance_complete.connect(settle_memory)
 
     # -- topics -------------------------------------------------------------------------
     cloudstack = app.topic(names.cloudstack, **RAW)
@@ -129,6 +132,10 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         # Before the store and the changelog topic exist (Faust makes both on first use).
         hosts.value_serializer = tables.host_row_serializer()  # type: ignore[attr-defined]
         gates = app.Table("gates", partitions=1, help="cluster uuid (and '*') -> gate state")
+        # The watch's own rows, undecoded, until the partitions change (streams.tables).
+        rows = tables.RowCache(hosts)
+        app.on_partitions_revoked.connect(rows.on_partitions_changed)
+        app.on_partitions_assigned.connect(rows.on_partitions_changed)
     if "actuate" in roles:
         done = app.Table("actuated", help="host uuid -> {decision id: outcome}")
     if "notify" in roles:
@@ -234,7 +241,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 if open_hosts - rechecked and await directory_log.recheck(open_hosts - rechecked):
                     rechecked.update(open_hosts)
             for host_uuid in schedule.due_now(now):
-                row = hosts.get(host_uuid)
+                row = rows.get(host_uuid)
                 if row is not None and host_watch.wants_tick(row):
                     tick_signal = host_watch.tick(row, now)
                     await host_signals.send(key=host_uuid.encode(), value=codec.dump(tick_signal))
@@ -257,7 +264,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     await dead(event.message, parsed)
                     continue
                 key = event.message.key.decode()
-                before = hosts.get(key)
+                before = rows.get(key)
                 try:
                     live = await runtime.live()
                     # A host signal's place in its partition: one read again after a restart
@@ -277,7 +284,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 # An unchanged row (most ticks, repeated poll signals) is not written again: no
                 # changelog record, no host-states record.
                 if row is not None and row != before:
-                    hosts[key] = row
+                    rows.put(key, row)
                     schedule.note(key, row, runtime.current.policy_for)
                     await host_states.send(key=key.encode(), value=host_watch.host_state(row))
                     judged = host_watch.judged_check(before, row)

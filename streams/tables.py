@@ -7,6 +7,7 @@ failed and which reminders are due, the `notified` table is the notifier's idemp
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
@@ -123,3 +124,44 @@ def host_row_serializer() -> str:
     if HOST_ROW_SERIALIZER not in codecs.codecs:
         codecs.register(HOST_ROW_SERIALIZER, HostRowCodec())
     return HOST_ROW_SERIALIZER
+
+
+class RowCache:
+    """The rows this worker wrote to a table since its partitions last changed, in front of the
+    table (a RocksDB store decodes a row's JSON, twice, at every read).
+
+    Rule: only valid for a table with one writer per partition (the `hosts` table: the watch
+    agent of the partition's owner). A row this worker wrote is the table's row until its
+    partitions change; every change of assignment (revoked or assigned: another worker may
+    have written the rows meanwhile, the changelog recovery rewrites them) forgets every row.
+    Rows not written since are read from the table. At most `limit` rows, the least recently
+    used forgotten first."""
+
+    def __init__(self, table: MutableMapping[str, Any], limit: int = 4096) -> None:
+        self._table = table
+        self._limit = limit
+        self._rows: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str) -> Any:
+        """The row (None if the table has none)."""
+        row = self._rows.get(key)
+        if row is None:
+            return self._table.get(key)
+        self._rows.move_to_end(key)
+        return row
+
+    def put(self, key: str, row: Any) -> None:
+        """Write the row to the table (one changelog record), and remember it."""
+        self._table[key] = row
+        self._rows[key] = row
+        self._rows.move_to_end(key)
+        if len(self._rows) > self._limit:
+            self._rows.popitem(last=False)
+
+    def forget(self, *args: Any, **kwargs: Any) -> None:
+        """Forget every row (connected to the app's partition signals)."""
+        self._rows.clear()
+
+    async def on_partitions_changed(self, *args: Any, **kwargs: Any) -> None:
+        """Faust's on_partitions_revoked / on_partitions_assigned receiver."""
+        self.forget()

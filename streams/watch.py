@@ -192,6 +192,8 @@ def apply(
         new, actions = record, ()
     if row is None and new == record and not actions:
         return None, []  # nothing worth remembering about a host we never saw in trouble
+    # Most events (ticks, repeated poll signals) change nothing: the row is not packed again.
+    unchanged = isinstance(row, list) and new == record and ref == old_ref
     out: list[Out] = []
     hkey = key.encode()
     ckey = (ref.cluster_uuid or "").encode()
@@ -245,6 +247,8 @@ def apply(
             )
             out.append((topics.notices, hkey, dump(notice)))
     out.extend(_late_suspect(old_ref, ref, new, key, at, topics))
+    if unchanged:
+        return row, out
     packed = pack_row(new.to_dict(), ref.model_dump())
     if row is not None and packed == row_content(row):
         return row, out  # unchanged (the caller does not write it again)

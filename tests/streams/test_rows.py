@@ -4,9 +4,11 @@ reads back what it wrote."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+import faust
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,7 +25,7 @@ from fencing.events import (
 from fencing.records import HostRef
 from fencing.settings import FencerSettings, PolicySettings
 from streams.codec import ROW_VERSION, HostInput, intern_row, pack_row, row_position, unpack_row
-from streams.tables import host_row_serializer
+from streams.tables import RowCache, host_row_serializer
 from streams.watch import apply, judged_check, tick, wants_tick
 
 HOST = "7650a66e-54c1-4a0e-9b7d-7865250dc275"
@@ -205,3 +207,56 @@ def test_a_position_follows_the_extras_and_leaves_the_record_as_it_was():
     assert row_position(placed) == (1, 42) and row_position(row) is None
     assert row_content(placed) == row and unpack_row(placed) == unpack_row(row)
     assert unpack_row(intern_row(json.loads(json.dumps(placed)))) == unpack_row(row)
+
+
+def test_an_event_that_changes_nothing_returns_the_very_row_and_a_change_a_new_one():
+    settings = FencerSettings(policy=PolicySettings(startup_quiet=0))
+    policy, topics = settings.policy.to_policy(), settings.kafka.topics
+    row, _ = apply(
+        None, HostInput(HostDisconnected(1000.0, HostStatus.DISCONNECTED), REF), HOST, policy,
+        settings, topics, (0, 5),
+    )  # fmt: skip
+    # The same disconnection seen again by a poll (a later offset): nothing changes, the row
+    # is the same object (not packed again) and its position stays.
+    again, out = apply(
+        row, HostInput(HostDisconnected(1001.0, HostStatus.DISCONNECTED), REF), HOST, policy,
+        settings, topics, (0, 9),
+    )  # fmt: skip
+    assert again is row and out == [] and row_position(again) == (0, 5)
+    # The host's name changes: a new row (the host reference is part of it).
+    renamed = REF.model_copy(update={"host_name": "kvm01-renamed"})
+    changed, _ = apply(row, HostInput(Tick(1001.0), renamed), HOST, policy, settings, topics)
+    assert changed is not row and unpack_row(changed)[1]["host_name"] == "kvm01-renamed"
+    # A row of version 1 is written in the current form at its next event, as before.
+    record, host = unpack_row(row)
+    v1 = {"record": record, "host": host}
+    repacked, _ = apply(v1, HostInput(Tick(1000.5)), HOST, policy, settings, topics)
+    assert isinstance(repacked, list) and repacked[0] == ROW_VERSION
+
+
+def test_the_row_cache_serves_what_this_worker_wrote_until_its_partitions_change():
+    table: dict[str, Any] = {"a": ["row a, from the changelog"]}
+    cache = RowCache(table, limit=2)
+    assert cache.get("a") == ["row a, from the changelog"] and cache.get("b") is None
+    cache.put("b", ["b1"])
+    assert table["b"] == ["b1"] and cache.get("b") == ["b1"]
+    # Another owner wrote "b" meanwhile (seen here only after a rebalance): forgotten on the
+    # app's partition signals, so the table's row is read again.
+    table["b"] = ["b2, written elsewhere"]
+    app = faust.App("row-cache-test", broker="memory://", store="memory://")
+    app.on_partitions_revoked.connect(cache.on_partitions_changed)
+    app.on_partitions_assigned.connect(cache.on_partitions_changed)
+    asyncio.run(app.on_partitions_revoked.send(set()))
+    assert cache.get("b") == ["b2, written elsewhere"]
+    cache.put("b", ["b3"])
+    asyncio.run(app.on_partitions_assigned.send(set()))
+    table["b"] = ["b4, recovered from the changelog"]
+    assert cache.get("b") == ["b4, recovered from the changelog"]
+    # At most `limit` rows: the least recently used is read from the table again.
+    cache.put("x", ["x1"])
+    cache.put("y", ["y1"])
+    cache.get("x")
+    cache.put("z", ["z1"])
+    table["y"] = ["y2"]
+    table["x"] = ["x2"]
+    assert cache.get("y") == ["y2"] and cache.get("x") == ["x1"] and cache.get("z") == ["z1"]
