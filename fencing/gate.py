@@ -7,17 +7,27 @@ request, ctx, now)` returns both new states and a `Verdict`; `observe(cluster, f
 cluster's membership facts (a host's episode opened or ended, the cluster's size, a pause).
 
 The gate owns its clock. `now` (the gate worker's clock) stamps every verdict and grant and
-slides the windows; a proposal's `at` (stamped by the proposing worker's clock) is never used as
-a clock. A request stamped more than `ctx.clock_tolerance` before or after `now` is refused
-before anything else: the verdict has `skew` set, is neither approved nor withheld, and the rows
-keep every grant (a worker whose clock runs two hours fast can never empty a window).
+slides the windows; a proposal's `at` (stamped by the proposing worker's clock) is kept for
+people and never compared with `now`: two machines' clocks are never compared (a watch worker
+whose clock lags minutes has its fences judged like any other). A proposal read again after a
+restart is the shell's business: its rows keep the position they applied (streams.gating).
+
+The global row is the union of the cluster rows' grants: every grant is written to both, by the
+shell, as two records, and a worker can die between the two writes. So each row is made whole
+from the other before a request is judged: `decide` merges the global row's grants of the
+cluster into the cluster row and the cluster row's into the global row, and the shell first
+passes the global row through `reconcile` (every other cluster row's grants merged in). Grants
+are merged by decision id: one fence never counts twice, and a decision id that holds a grant in
+the window is approved again (rule 1) without consuming anything, even when the verdict that
+gave it was lost with its cluster row's write.
 
 A request is judged in this order; the first rule that holds is the withheld reason:
 
 1. A decision id the gate already approved, or withheld for a final reason (CAP_REACHED,
    GLOBAL_CAP_REACHED), inside the window gets the same verdict again (`repeated=True`, `at` =
    now) and consumes nothing: a re-sent or redelivered proposal is never counted twice. One
-   withheld for a TEMPORARY reason (see `TEMPORARY`) is judged again: the reason may have
+   whose verdict is gone but whose grant is still in the window is approved again the same way.
+   One withheld for a TEMPORARY reason (see `TEMPORARY`) is judged again: the reason may have
    passed.
 2. Operator pause, global then per cluster: PAUSED.
 3. Startup quiet period (`now - ctx.started_at < startup_quiet`): QUIET_PERIOD.
@@ -34,6 +44,7 @@ clock stepped back) still counts, so no window ever holds more than the cap.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from fencing.decision import TEMPORARY, CoreError
@@ -64,7 +75,6 @@ class GateContext:
 
     policy: Policy
     started_at: float  # when this service started (gate clock): the quiet period counts from here
-    clock_tolerance: float = 300.0  # seconds a request's stamp may differ from the gate's now
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,6 @@ class Verdict:
     budget_used: int = 0  # the cluster's power-downs in the window, this one included
     budget_cap: int = 0
     repeated: bool = False  # a redelivered request: the first verdict, nothing consumed
-    skew: float | None = None  # refused unjudged: the request's stamp minus the gate's now
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,27 @@ def in_window(grants: tuple[Grant, ...], now: float, window: float) -> tuple[Gra
     return tuple(g for g in grants if now - g.at < window)
 
 
+def _merged(grants: tuple[Grant, ...], more: Iterable[Grant]) -> tuple[Grant, ...]:
+    """`grants` and those of `more` whose decision id they lack (oldest first): one fence is one
+    grant, whichever rows it was read from."""
+    held = {g.decision_id for g in grants}
+    extra: dict[str, Grant] = {}
+    for g in more:
+        if g.decision_id not in held:
+            extra.setdefault(g.decision_id, g)
+    return (*grants, *sorted(extra.values(), key=lambda g: (g.at, g.decision_id)))
+
+
+def reconcile(
+    glob: GlobalGate, clusters: Iterable[ClusterGate], now: float, window: float
+) -> GlobalGate:
+    """The global row with every cluster row's grants still in the window merged in, by decision
+    id: a grant whose global write was lost (the worker died between the two writes) counts
+    toward the global cap again. The same row when it lacks nothing."""
+    grants = _merged(glob.grants, (g for c in clusters for g in in_window(c.grants, now, window)))
+    return glob if len(grants) == len(glob.grants) else replace(glob, grants=grants)
+
+
 def decide(
     cluster: ClusterGate,
     glob: GlobalGate,
@@ -188,32 +218,38 @@ def decide(
     policy = ctx.policy
     window = policy.fence_window
     verdicts = tuple(v for v in cluster.verdicts if now - v.at < window)
-    local = in_window(cluster.grants, now, window)
-    everywhere = in_window(glob.grants, now, window)
+    # Each row made whole from the other: a grant one of them lost with its write still counts.
+    mine = in_window(cluster.grants, now, window)
+    shared = in_window(glob.grants, now, window)
+    local = _merged(mine, (g for g in shared if g.cluster == cluster.cluster))
+    everywhere = _merged(shared, mine)
     cluster = replace(cluster, clock=now, grants=local, verdicts=verdicts)
     glob = replace(glob, clock=now, grants=everywhere)
 
-    skew = request.at - now
-    if abs(skew) > ctx.clock_tolerance:
-        refused = Verdict(
+    earlier = next((v for v in verdicts if v.decision_id == request.decision_id), None)
+    if earlier is not None and earlier.approved:
+        return cluster, glob, replace(earlier, repeated=True, at=now)
+    held = next((g for g in local if g.decision_id == request.decision_id), None)
+    if held is not None:
+        # Approved at `held.at`, its verdict lost with a write of the cluster row: the same
+        # approval again, consuming nothing; the row keeps it from now on.
+        first = Verdict(
             decision_id=request.decision_id,
             host=request.host,
             cluster=request.cluster,
             action=request.action,
-            at=now,
-            approved=False,
+            at=held.at,
+            approved=True,
             budget_used=len(local),
             budget_cap=policy.fence_cap,
-            skew=skew,
         )
-        return cluster, glob, refused
-
-    for earlier in verdicts:
-        if earlier.decision_id == request.decision_id:
-            if earlier.approved or earlier.reason not in TEMPORARY:
-                return cluster, glob, replace(earlier, repeated=True, at=now)
-            verdicts = tuple(v for v in verdicts if v.decision_id != request.decision_id)
-            break
+        kept = tuple(v for v in verdicts if v.decision_id != request.decision_id)
+        cluster = replace(cluster, verdicts=(*kept, first))
+        return cluster, glob, replace(first, repeated=True, at=now)
+    if earlier is not None:
+        if earlier.reason not in TEMPORARY:
+            return cluster, glob, replace(earlier, repeated=True, at=now)
+        verdicts = tuple(v for v in verdicts if v.decision_id != request.decision_id)
 
     reason = _withheld_reason(cluster, glob, request, ctx, now)
     approved = reason is None

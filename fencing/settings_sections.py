@@ -6,11 +6,12 @@ root model that holds them, the loader and the checks across sections live in fe
 
 from __future__ import annotations
 
+import logging
 from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from fencing.policy import Policy
 
@@ -230,12 +231,38 @@ class SigningSettings(_Model):
     )
 
 
-class GateSettings(_Model):
-    """The cluster gate's own clock."""
+_log = logging.getLogger("fencer.settings")
+_told_deprecated: set[str] = set()
 
-    clock_tolerance: float = Field(
-        300.0, gt=0, description="seconds a proposal's stamp may differ from the gate's clock"
+
+def _deprecated(field: str, why: str) -> None:
+    """Log once per process that a settings field is accepted and ignored (a warning, never an
+    error: a settings file written for an older version must still load)."""
+    if field not in _told_deprecated:
+        _told_deprecated.add(field)
+        _log.warning("%s is deprecated and ignored (%s): remove it from the settings", field, why)
+
+
+class GateSettings(_Model):
+    """The cluster gate. It judges by its own clock only and has no setting left; the section
+    stays so that settings files written for older versions still load."""
+
+    clock_tolerance: float | None = Field(
+        None,
+        description="deprecated, ignored: the gate no longer compares a proposal's time stamp "
+        "with its own clock",
     )
+
+    @field_validator("clock_tolerance")
+    @classmethod
+    def _clock_tolerance_is_ignored(cls, value: float | None) -> None:
+        if value is not None:
+            _deprecated(
+                "gate.clock_tolerance",
+                "the gate judges by its own clock only and never compares a proposal's time "
+                "stamp with it",
+            )
+        return None
 
 
 class ApiSettings(_Model):

@@ -58,9 +58,8 @@ _LEADS: dict[NoticeKind, str] = {
     NoticeKind.HOST_RECOVERED: "CloudStack reports this host Up again.",
     NoticeKind.CLOCK_SKEW: (
         "A clock was found off by more than its tolerance: a check measured a neighbour or file "
-        "server clock offset (shown only: no verdict compares two machines' clocks), or the gate "
-        "refused to judge a proposal stamped too far from its own clock until it is sent with a "
-        "sane stamp. Fix the clock (NTP) of the machine named."
+        "server clock offset (shown only: no verdict compares two machines' clocks). "
+        "Fix the clock (NTP) of the machine named."
     ),
     NoticeKind.VMS_NOT_RESTARTED: (
         "The host was fenced, but some of its VMs are still not running. A person must look."

@@ -313,10 +313,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     log.exception("gate: cannot judge a record")
                     await dead(event.message, f"gate failed: {type(exc).__name__}")
                     continue
-                if isinstance(decision, Notice):
-                    key = decision.host.host_uuid.encode()
-                    await notices.send(key=key, value=codec.dump(decision))
-                elif decision is not None:
+                if decision is not None:
                     obs.log_decision(log, decision)
                     obs.observe_decision(decision)
                     await fence_decisions.send(

@@ -2,31 +2,37 @@
 
 Rule: `fencing.gate.observe` and `fencing.gate.decide` decide; this module loads the cluster's
 and the shared row, applies the live pauses and cap, stores the new rows and returns the signed
-decision (or a clock_skew notice). Rows are ClusterGate / GlobalGate as JSON.
+decision. Rows are ClusterGate / GlobalGate as JSON. The gate judges by its own clock only: a
+proposal's `proposed_at` (the watching worker's clock) is carried, never compared with it.
 
 A cluster's row also remembers `position`, the fence-proposals (partition, offset) of the last
 record that wrote it. A record at or before it is one read again after a restart (at least once:
 the dead worker wrote the row, then died before its offset was committed): the row already holds
 its effect, and it is skipped. Judged again it would be judged against rows that hold its own
-effect and later ones: an old `cluster_size` or `suspect` would set the row back in time, and a
-proposal would be judged at the gate's now with its old stamp (a false clock_skew notice once
-the restart took longer than `gate.clock_tolerance`) or against facts it never met. What a
-skipped proposal should still get, the core asks for again (an unanswered proposal is re-sent
-after `check_interval`, an approval without an outcome after `fencing_resend_after`).
+effect and later ones: an old `cluster_size` or `suspect` would set the row back in time, and an
+old proposal would be signed afresh (a decision the actuator takes as new) against facts it
+never met. What a skipped proposal should still get, the core asks for again (an unanswered
+proposal is re-sent after `check_interval`, an approval without an outcome after
+`fencing_resend_after`).
+
+A decision writes two rows, the cluster's and the shared one: two changelog records, and a
+worker can die between them. Before every judgement the shared row is reconciled with the grants
+of every cluster row (`fencing.gate.reconcile`; the table has one row per cluster) and `decide`
+makes the cluster row whole from the shared one, so a grant either write lost still counts.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from fencing import decision as core
 from fencing import gate as gatecore
-from fencing.events import FenceAction, NoticeKind, WithheldReason
-from fencing.records import FenceDecision, FenceProposal, GateSignal, Notice
+from fencing.events import FenceAction, WithheldReason
+from fencing.records import FenceDecision, FenceProposal, GateSignal
 
 if TYPE_CHECKING:
     from streams.runtime import Runtime
@@ -40,10 +46,15 @@ def _grant(d: dict[str, Any]) -> gatecore.Grant:
     return gatecore.Grant(d["decision_id"], d["host"], d["cluster"], d["at"])
 
 
+_VERDICT_FIELDS = frozenset(gatecore.Verdict.__dataclass_fields__)
+
+
 def _verdict(d: dict[str, Any]) -> gatecore.Verdict:
+    # Fields a verdict no longer has (`skew`, in rows written before the gate stopped comparing
+    # clocks) are dropped.
     return gatecore.Verdict(
         **{
-            **d,
+            **{k: v for k, v in d.items() if k in _VERDICT_FIELDS},
             "action": FenceAction(d["action"]),
             "reason": WithheldReason(d["reason"]) if d.get("reason") else None,
         }
@@ -90,6 +101,15 @@ def global_row(d: dict[str, Any] | None) -> gatecore.GlobalGate:
     )
 
 
+def cluster_grants(table: MutableMapping[str, Any]) -> Iterator[gatecore.ClusterGate]:
+    """Every cluster row's grants (only they: the reconciliation of the shared row reads no
+    more). A key that is the shared row in another spelling only adds grants it holds."""
+    for key, stored in list(table.items()):
+        if key != GLOBAL_ROW and isinstance(stored, dict) and stored.get("grants"):
+            grants = tuple(_grant(g) for g in stored["grants"])
+            yield gatecore.ClusterGate(cluster=str(key), grants=grants)
+
+
 def read_again(
     row: dict[str, Any] | None, position: tuple[int, int] | None, what: str, key: str
 ) -> bool:
@@ -123,9 +143,9 @@ def apply_gate(
     runtime: Runtime,
     now: float | None = None,
     position: tuple[int, int] | None = None,
-) -> FenceDecision | Notice | None:
+) -> FenceDecision | None:
     """Feed the gate one record at the gate worker's clock `now`: the decision for a proposal,
-    a clock_skew notice for a proposal the gate refuses to judge, else None.
+    else None.
 
     `position` is the record's (partition, offset) on fence-proposals: one the cluster's row
     has already applied is skipped (None; see the module rule)."""
@@ -163,13 +183,13 @@ def apply_gate(
         return None
     row = cluster_row(stored, cluster)
     row = gatecore.observe(row, gatecore.ClusterPaused(runtime.cluster_paused(cluster)))
-    glob = gatecore.pause_all(global_row(table.get(GLOBAL_ROW)), runtime.globally_paused())
     policy = replace(runtime.policy, fence_cap=settings.fence_cap_for(cluster))
-    ctx = gatecore.GateContext(
-        policy=policy,
-        started_at=runtime.started_at,
-        clock_tolerance=settings.gate.clock_tolerance,
+    # The shared row as the sum of the cluster rows: a grant whose shared write was lost counts.
+    glob = gatecore.reconcile(
+        global_row(table.get(GLOBAL_ROW)), cluster_grants(table), now, policy.fence_window
     )
+    glob = gatecore.pause_all(glob, runtime.globally_paused())
+    ctx = gatecore.GateContext(policy=policy, started_at=runtime.started_at)
     request = gatecore.FenceRequest(
         item.decision_id, item.host.host_uuid, cluster, item.action, item.proposed_at
     )
@@ -180,24 +200,14 @@ def apply_gate(
         return None
     table[cluster] = _with_position(_jsonable(row), position)
     table[GLOBAL_ROW] = _jsonable(glob)
-    if verdict.skew is not None:
-        tolerance = ctx.clock_tolerance
-        text = (
-            f"proposal {item.decision_id} is stamped {verdict.skew:+.0f} s from the gate's clock "
-            f"(tolerance {tolerance:g} s): not judged; fix the clock (NTP) of the worker that "
-            "watches this host, the proposal is judged once it is sent with a sane stamp"
-        )
-        log.warning("gate: %s", text)
-        return Notice(
-            # One notice per decision and tolerance period: repeated while the skew lasts.
-            notice_id=f"{item.decision_id}/clock_skew/{int(now // tolerance)}",
-            kind=NoticeKind.CLOCK_SKEW,
-            host=item.host,
-            at=now,
-            action=item.action,
-            decision_id=item.decision_id,
-            reason=text,
-            evidence=item.evidence,
+    if position is not None:
+        # One line per judged record: a replay that judged a record twice shows in the log.
+        log.info(
+            "gate: proposal %s at partition %d offset %d judged%s",
+            item.decision_id,
+            position[0],
+            position[1],
+            " (a repeat)" if verdict.repeated else "",
         )
     # The actuator obeys only signed decisions.
     return runtime.sign_decision(

@@ -1,8 +1,9 @@
 """End to end, never silent: real `fencer worker` processes on the embedded broker, the lab's
 pyghmi BMCs, the CloudStack simulator and the lab's mail and trap receivers.
 
-- The gate owns its clock: a proposal stamped two hours ahead is refused with a clock_skew
-  notice (mail and trap) and never empties the window: with a cap of 3, 3 approvals, no more.
+- The gate judges by its own clock only: proposals stamped 10 minutes behind, 10 minutes and
+  2 hours ahead (a watch worker's clock off) are judged like any other, at the gate's clock, with
+  no clock_skew notice; with a cap of 3, 3 approvals, no more.
 - A BMC that does not answer for two attempts and CloudStack failing declareHostAsDegraded
   twice still end in a verified power-off and the VMs running elsewhere.
 - A fence that fails is told again every renotify_interval until an operator answers with
@@ -100,45 +101,37 @@ def proposal(w: World, n: int, at: float) -> FenceProposal:
     )
 
 
-async def test_a_proposal_stamped_two_hours_ahead_is_refused_and_the_cap_holds(
+async def test_proposals_stamped_minutes_off_are_judged_at_the_gate_clock_and_the_cap_holds(
     small: World,
 ) -> None:
     w, t = small, small.settings.kafka.topics
     cluster = w.lab.cluster.uuid
-    for n in range(3):
-        await w.tap.send(t.fence_proposals, cluster, proposal(w, n, time.time()))
-    ahead = proposal(w, 7, time.time() + 2 * 3600)
-    await w.tap.send(t.fence_proposals, cluster, ahead)
+    sent = time.time()
+    off = [
+        proposal(w, 0, sent - 10 * 60),
+        proposal(w, 1, sent + 10 * 60),
+        proposal(w, 2, sent + 2 * 3600),
+    ]
+    for p in off:
+        await w.tap.send(t.fence_proposals, cluster, p)
     for n in (8, 9):
         await w.tap.send(t.fence_proposals, cluster, proposal(w, n, time.time()))
-    decisions = await w.tap.wait_for(
+    await w.tap.wait_for(
         lambda: len(w.of(t.fence_decisions)) >= 5 and w.of(t.fence_decisions), 60, "5 decisions"
     )
     await asyncio.sleep(1.0)  # nothing more may come
     decisions = w.of(t.fence_decisions)
     assert len(decisions) == 5
-    assert sum(d["approved"] for d in decisions) == 3
+    assert {d["decision_id"] for d in decisions if d["approved"]} == {p.decision_id for p in off}
     assert sorted(d["withheld_reason"] for d in decisions if not d["approved"]) == [
         "cap_reached",
         "cap_reached",
     ]
-    assert ahead.decision_id not in {d["decision_id"] for d in decisions}
-    skew = await w.tap.wait_for(
-        lambda: [n for n in w.of(t.notices) if n["kind"] == "clock_skew"], 30, "clock_skew"
-    )
-    assert [n["decision_id"] for n in skew] == [ahead.decision_id]
-    stamped = re.search(r"stamped \+(\d+) s from the gate's clock", skew[0]["reason"])
-    assert stamped is not None and 7100 < int(stamped.group(1)) <= 7200, skew[0]["reason"]
-    notice_id = skew[0]["notice_id"]
-    # told to people, with the stable id a receiver can deduplicate on
-    trap = await w.tap.wait_for(
-        lambda: [x for x in w.lab.traps.traps if x.kind == "clock_skew"], 30, "the trap"
-    )
-    assert trap[0].varbinds["fencerNoticeId"] == f"notice:{notice_id}"
-    mail = await w.tap.wait_for(
-        lambda: [m for m in w.lab.mail.mails if "CLOCK-SKEW" in m.subject], 30, "the mail"
-    )
-    assert f"notice:{notice_id}" in mail[0].body
+    # Judged at the gate's clock (the test and the worker share this machine's clock), not at
+    # the stamps; and no proposal was refused for its stamp.
+    assert all(sent - 1 <= d["decided_at"] <= time.time() for d in decisions), decisions
+    assert [n for n in w.of(t.notices) if n["kind"] == "clock_skew"] == []
+    assert "clock_skew" not in [x.kind for x in w.lab.traps.traps]
 
 
 async def wait_for_log(w: World, pattern: str, timeout: float) -> None:

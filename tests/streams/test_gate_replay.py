@@ -3,8 +3,10 @@ a restart (at least once) is skipped, a new one (a proposal the core re-sent) is
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import pytest
 from pydantic import SecretStr
 
 from fencing.events import FenceAction, WithheldReason
@@ -52,8 +54,8 @@ def test_a_proposal_read_again_is_skipped_and_one_re_sent_is_judged_again() -> N
     assert isinstance(first, FenceDecision) and first.approved
     assert table["c1"]["position"] == [0, 1]
     rows = {k: dict(v) for k, v in table.items()}
-    # Read again after a restart, 400 s later (beyond the gate's clock tolerance of 300 s):
-    # nothing is judged, no clock_skew notice, no decision re-signed, no row changed.
+    # Read again after a restart, 400 s later: nothing is judged, no decision re-signed (a fresh
+    # signature on an old proposal), no row changed.
     for offset in (0, 1):
         again = proposal(1, NOW) if offset else size(20)
         assert gating.apply_gate(table, again, rt, now=NOW + 400, position=(0, offset)) is None
@@ -96,13 +98,23 @@ def test_rows_without_a_position_and_other_partitions_are_judged_as_before() -> 
     assert len(table["c1"]["grants"]) == 1
 
 
-def test_a_clock_skew_refusal_read_again_is_not_notified_again() -> None:
+@pytest.mark.parametrize("offset", [-600.0, 600.0])
+def test_a_proposal_stamped_minutes_off_is_judged_once_and_skipped_when_read_again(
+    offset: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watching worker's clock 10 minutes behind or ahead: judged normally at the gate's
+    clock; read again after a restart it is skipped by its position, not by its stamp."""
     rt, table = runtime(), dict[str, Any]()
     gating.apply_gate(table, size(20), rt, now=NOW, position=(0, 0))
-    ahead = proposal(1, NOW + 7200)
-    notice = gating.apply_gate(table, ahead, rt, now=NOW, position=(0, 1))
-    assert notice is not None and not isinstance(notice, FenceDecision)
-    assert gating.apply_gate(table, ahead, rt, now=NOW + 5, position=(0, 1)) is None
+    off = proposal(1, NOW + offset)
+    with caplog.at_level(logging.INFO, logger="fencer.streams"):
+        first = gating.apply_gate(table, off, rt, now=NOW, position=(0, 1))
+        assert isinstance(first, FenceDecision) and first.approved and first.decided_at == NOW
+        rows = {k: dict(v) for k, v in table.items()}
+        assert gating.apply_gate(table, off, rt, now=NOW + 30, position=(0, 1)) is None
+    assert table == rows
+    judged = [r.getMessage() for r in caplog.records if "judged" in r.getMessage()]
+    assert judged == [f"gate: proposal {off.decision_id} at partition 0 offset 1 judged"]
 
 
 def test_a_temporary_withhold_read_again_waits_for_the_core_to_propose_again() -> None:

@@ -1,0 +1,115 @@
+"""A real `fencer worker` whose gate lost the global row's write of a decision: killed (SIGKILL)
+after the decision, its gates changelog set back to the global row written before it (what the
+changelog holds when the worker dies between the cluster row's write and the global row's),
+restarted. The cluster row still holds the grant: the next proposal of another cluster meets it
+and the global cap holds. Real peers: the embedded broker, the lab's CloudStack and worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+from aiokafka import ConsumerRecord
+
+from fencing.events import FenceAction
+from fencing.records import EvidenceSummary, FenceProposal, GateSignal, HostRef
+from lab.cloud import LabCloud
+from lab.pipeline import Tap, WorkerProcess, write_settings
+from streams.broker import EmbeddedBroker
+from streams.topic_reader import TopicReader
+
+pytestmark = pytest.mark.timeout(240)
+
+OTHER_CLUSTER = "00000000-0000-4000-8000-0000000000c2"  # a second cluster, told by its size
+
+
+def ghost(n: int, cluster: str) -> FenceProposal:
+    """A proposal for a host CloudStack does not know: the gate judges it, nothing is fenced."""
+    host = f"00000000-0000-4000-8000-{n:012d}"
+    at = time.time()
+    return FenceProposal(
+        decision_id=f"{host}/1/{int(at)}",
+        host=HostRef(host_uuid=host, cluster_uuid=cluster, host_name=f"ghost{n}"),
+        episode=1,
+        action=FenceAction.STOP,
+        evidence=EvidenceSummary(suspect_since=at - 60, stale_checks=3),
+        proposed_at=at,
+    )
+
+
+async def changelog(tap: Tap, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    reader = TopicReader(tap.settings, [topic], records.append)
+    await reader.start()
+    await reader.stop()
+    return records
+
+
+def global_key(record: ConsumerRecord[bytes, bytes]) -> bool:
+    return record.key is not None and record.key.decode().strip('"') == "*"
+
+
+async def test_a_lost_global_row_write_still_counts_toward_the_global_cap(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    async with LabCloud(broker, hosts=4, interval=0.5, root=tmp_path / "lab") as lab:
+        settings = lab.settings(fence_cap=3, global_cap=2, check_interval=1.0)
+        file = write_settings(settings, tmp_path / "fencer.yaml")
+        t = settings.kafka.topics
+        gates = f"{settings.kafka.group_id}-gates-changelog"
+        tap = await Tap(settings).start([t.fence_proposals, t.fence_decisions])
+        log = tmp_path / "worker.log"
+        worker = WorkerProcess(file, "all", log).start()
+        try:
+
+            def decisions() -> list[dict[str, object]]:
+                return [v for _, v in tap.of(t.fence_decisions)]
+
+            await tap.wait_for(
+                lambda: any(v.get("kind") == "cluster_size" for _, v in tap.of(t.fence_proposals)),
+                90,
+                "the worker to poll CloudStack",
+            )
+            cluster = lab.cluster.uuid
+            first, second = ghost(1, cluster), ghost(2, cluster)
+            for p in (first, second):
+                await tap.send(t.fence_proposals, cluster, p)
+            await tap.wait_for(lambda: len(decisions()) >= 2, 60, "2 decisions")
+            assert [d["approved"] for d in decisions()] == [True, True]
+            # The gates changelog holds the global row twice: 1 grant, then 2.
+            deadline = time.monotonic() + 30
+            while True:
+                rows = [r for r in await changelog(tap, gates) if global_key(r)]
+                grants = [len(json.loads(r.value)["grants"]) for r in rows if r.value]
+                if grants[-1:] == [2]:
+                    break
+                assert time.monotonic() < deadline, grants
+                await asyncio.sleep(0.5)
+            worker.kill()
+            before = next(r for r in rows if r.value and len(json.loads(r.value)["grants"]) == 1)
+            assert before.key is not None and before.value is not None
+            await tap.send(gates, before.key, before.value)  # the global write lost
+            worker = WorkerProcess(file, "all", log).start()
+
+            size = GateSignal(
+                kind="cluster_size", cluster_uuid=OTHER_CLUSTER, at=time.time(), host_count=10
+            )
+            await tap.send(t.fence_proposals, OTHER_CLUSTER, size)
+            third = ghost(3, OTHER_CLUSTER)
+            await tap.send(t.fence_proposals, OTHER_CLUSTER, third)
+            await tap.wait_for(lambda: len(decisions()) >= 3, 90, "the third decision")
+            # The global row written with this judgement holds both grants again, once each.
+            last = [r for r in await changelog(tap, gates) if global_key(r)][-1]
+            assert last.value is not None
+            held = [g["decision_id"] for g in json.loads(last.value)["grants"]]
+            assert held == [first.decision_id, second.decision_id]
+        finally:
+            await asyncio.to_thread(worker.stop, 10)
+            await tap.stop()
+        verdict = decisions()[-1]
+        assert verdict["decision_id"] == third.decision_id
+        assert (verdict["approved"], verdict["withheld_reason"]) == (False, "global_cap_reached")
+        assert len(decisions()) == 3, decisions()
