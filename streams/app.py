@@ -136,6 +136,10 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         rows = tables.RowCache(hosts)
         app.on_partitions_revoked.connect(rows.on_partitions_changed)
         app.on_partitions_assigned.connect(rows.on_partitions_changed)
+        # The gate's shared row is made whole from the cluster rows after each (re)assignment.
+        gate_sync = gating.Reconcile()
+        app.on_partitions_revoked.connect(gate_sync.on_partitions_changed)
+        app.on_partitions_assigned.connect(gate_sync.on_partitions_changed)
     if "actuate" in roles:
         done = app.Table("actuated", help="host uuid -> {decision id: outcome}")
     if "notify" in roles:
@@ -307,7 +311,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     # again after a restart (at or before what its row applied) is skipped.
                     position = (event.message.partition, event.message.offset)
                     decision = gating.apply_gate(
-                        gates, parsed, runtime, now=time.time(), position=position
+                        gates, parsed, runtime, now=time.time(), position=position, sync=gate_sync
                     )
                 except Exception as exc:
                     log.exception("gate: cannot judge a record")

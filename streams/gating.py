@@ -16,9 +16,12 @@ proposal is re-sent after `check_interval`, an approval without an outcome after
 `fencing_resend_after`).
 
 A decision writes two rows, the cluster's and the shared one: two changelog records, and a
-worker can die between them. Before every judgement the shared row is reconciled with the grants
-of every cluster row (`fencing.gate.reconcile`; the table has one row per cluster) and `decide`
-makes the cluster row whole from the shared one, so a grant either write lost still counts.
+worker can die between them. Before the first judgement after a start or a change of the gate
+partition's owner (the rows were just recovered from the changelog: where a lost write shows)
+the shared row is reconciled with the grants of every cluster row (`fencing.gate.reconcile`;
+`Reconcile` says when), and `decide` makes the cluster row whole from the shared one, so a
+grant either write lost still counts. While one worker owns the partition both writes are in
+its store at once, so the whole table is not read again for every proposal.
 """
 
 from __future__ import annotations
@@ -137,12 +140,26 @@ def _with_position(row: dict[str, Any], position: tuple[int, int] | None) -> dic
     return row if position is None else {**row, "position": list(position)}
 
 
+class Reconcile:
+    """Whether the shared row is to be reconciled before the next judgement (module rule):
+    due at the start, and again at every change of assignment (connected to the app's
+    partition signals); done once a judgement wrote the reconciled row."""
+
+    def __init__(self) -> None:
+        self.due = True
+
+    async def on_partitions_changed(self, *args: Any, **kwargs: Any) -> None:
+        """Faust's on_partitions_revoked / on_partitions_assigned receiver."""
+        self.due = True
+
+
 def apply_gate(
     table: MutableMapping[str, Any],
     item: FenceProposal | GateSignal,
     runtime: Runtime,
     now: float | None = None,
     position: tuple[int, int] | None = None,
+    sync: Reconcile | None = None,
 ) -> FenceDecision | None:
     """Feed the gate one record at the gate worker's clock `now`: the decision for a proposal,
     else None.
@@ -184,10 +201,11 @@ def apply_gate(
     row = cluster_row(stored, cluster)
     row = gatecore.observe(row, gatecore.ClusterPaused(runtime.cluster_paused(cluster)))
     policy = replace(runtime.policy, fence_cap=settings.fence_cap_for(cluster))
-    # The shared row as the sum of the cluster rows: a grant whose shared write was lost counts.
-    glob = gatecore.reconcile(
-        global_row(table.get(GLOBAL_ROW)), cluster_grants(table), now, policy.fence_window
-    )
+    # The shared row as the sum of the cluster rows: a grant whose shared write was lost counts
+    # (`sync`: once after a start or a rebalance; without one, at every judgement).
+    glob = global_row(table.get(GLOBAL_ROW))
+    if sync is None or sync.due:
+        glob = gatecore.reconcile(glob, cluster_grants(table), now, policy.fence_window)
     glob = gatecore.pause_all(glob, runtime.globally_paused())
     ctx = gatecore.GateContext(policy=policy, started_at=runtime.started_at)
     request = gatecore.FenceRequest(
@@ -200,6 +218,8 @@ def apply_gate(
         return None
     table[cluster] = _with_position(_jsonable(row), position)
     table[GLOBAL_ROW] = _jsonable(glob)
+    if sync is not None:
+        sync.due = False
     if position is not None:
         # One line per judged record: a replay that judged a record twice shows in the log.
         log.info(

@@ -5,6 +5,7 @@ simulator lists them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from types import SimpleNamespace
@@ -297,3 +298,40 @@ def test_rows_written_before_the_gate_stopped_comparing_clocks_still_load() -> N
     assert isinstance(again, FenceDecision) and again.approved and again.budget_used == 1
     assert signed(again) == {**signed(first), "decided_at": NOW + 5}
     assert "skew" not in table["c1"]["verdicts"][0]
+
+
+class ScannedTable(StoredTable):
+    """A gate table that counts how often all of its rows were read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scans = 0
+
+    def items(self) -> Any:
+        self.scans += 1
+        return super().items()
+
+
+def test_the_shared_row_is_reconciled_once_after_each_assignment_not_at_every_proposal() -> None:
+    rt, table, sync = runtime(global_cap=2), ScannedTable(), gating.Reconcile()
+    sized(table, rt, cluster="c1")
+    sized(table, rt, cluster="c2")
+    first = gating.apply_gate(table, proposal(1, NOW), rt, now=NOW, position=(0, 2), sync=sync)
+    assert isinstance(first, FenceDecision) and first.approved
+    assert table.scans == 1 and not sync.due
+    before = json.loads(json.dumps(table[gating.GLOBAL_ROW]))
+    second = gating.apply_gate(
+        table, proposal(2, NOW + 1), rt, now=NOW + 1, position=(0, 3), sync=sync
+    )
+    assert isinstance(second, FenceDecision) and second.approved and table.scans == 1
+    # The worker dies between the two writes of the second decision; the next owner recovers
+    # the rows (the partition is assigned: due again) and reconciles before judging.
+    table[gating.GLOBAL_ROW] = before
+    asyncio.run(sync.on_partitions_changed(set()))
+    assert sync.due
+    other = gating.apply_gate(
+        table, proposal(3, NOW + 6, "c2"), rt, now=NOW + 6, position=(0, 4), sync=sync
+    )
+    assert isinstance(other, FenceDecision) and not other.approved
+    assert other.withheld_reason is WithheldReason.GLOBAL_CAP_REACHED
+    assert table.scans == 2 and not sync.due
