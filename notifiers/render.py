@@ -43,7 +43,7 @@ KINDS: dict[NoticeKind, tuple[str, Severity, int]] = {
     NoticeKind.CANNOT_VERIFY: ("CANNOT-VERIFY", Severity.WARNING, 5),
     NoticeKind.PREFLIGHT_FAILED: ("PREFLIGHT-FAILED", Severity.WARNING, 6),
     NoticeKind.HOST_RECOVERED: ("RECOVERED", Severity.INFO, 7),
-    NoticeKind.CLOCK_SKEW: ("CLOCK-SKEW", Severity.CRITICAL, 8),
+    NoticeKind.CLOCK_SKEW: ("CLOCK-SKEW", Severity.WARNING, 8),  # no verdict depends on it
     NoticeKind.VMS_NOT_RESTARTED: ("VMS-DOWN", Severity.CRITICAL, 9),
     NoticeKind.SUSPECT_TOO_LONG: ("SUSPECT-TOO-LONG", Severity.CRITICAL, 10),
     NoticeKind.FORGED_RECORD: ("FORGED-RECORD", Severity.CRITICAL, 20),
