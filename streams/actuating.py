@@ -38,8 +38,10 @@ log = logging.getLogger("fencer.streams")
 async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) -> list[Out]:
     """A fence-decisions record -> what to send: the outcome (and a notice), or nothing.
 
-    Only a decision fencer's gate signed, fresh, backed by fencer's own host record,
-    confirmed by CloudStack now and claimed once is carried out (streams.actuation)."""
+    Only a decision fencer's gate signed, fresh (read live, and soon, on this worker's own
+    clock), backed by fencer's own host record, confirmed by CloudStack now and claimed once
+    is carried out (streams.actuation). A decision already carried out is answered with its
+    outcome before anything else, also when read again after a restart."""
     from streams.actuation import (
         Forged,
         NotNow,
@@ -86,7 +88,8 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
         log.info("decision %s already carried out: not acting again", decision.decision_id)
         return [(topics.fence_outcomes, key.encode(), dump(FenceOutcome.model_validate(first)))]
     try:
-        await act.last_moment(decision, live)
+        # Read live and soon on this worker's clock: the record's place in its partition.
+        await act.last_moment(decision, live, position=(message.partition, message.offset))
 
         async def run(takeover: bool) -> FenceOutcome:
             if takeover:
