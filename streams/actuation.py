@@ -171,37 +171,47 @@ class LogEdges:
         return now - (before[-1] if before else seen[0][0])
 
 
-def check_live(edges: LogEdges, partition: int, offset: int, max_age: float, now: float) -> float:
-    """Raise NotNow unless the decision at (`partition`, `offset`) was appended while this
-    worker listened, at most `max_age` ago on its monotonic clock `now`; the age bound."""
+def check_live(
+    edges: LogEdges,
+    partition: int,
+    offset: int,
+    max_age: float,
+    now: float,
+    what: str = "decision",
+) -> float:
+    """Raise NotNow unless the record (a `what`) at (`partition`, `offset`) was appended
+    while this worker listened, at most `max_age` ago on its monotonic clock `now`; the age
+    bound."""
     edges.retention = max(edges.retention, 3 * max_age)
     age = edges.age(partition, offset, now)
     if age is None:
+        again = "; the host's next stale check proposes it again" if what == "decision" else ""
         raise NotNow(
-            f"not read live: the decision (partition {partition} offset {offset}) was on the "
-            "topic before this actuator began reading it; the host's next stale check "
-            "proposes it again"
+            f"not read live: the {what} (partition {partition} offset {offset}) was on the "
+            f"topic before this actuator began reading it{again}"
         )
     if age > max_age:
         raise NotNow(
-            f"the decision reached the log up to {age:.0f} s ago by this actuator's clock "
+            f"the {what} reached the log up to {age:.0f} s ago by this actuator's clock "
             f"(decision_max_age {max_age:g} s): the actuator lagged or stalled"
         )
     return age
 
 
 class DecisionLog:
-    """Samples the end offsets of the fence-decisions partitions every `period` seconds into
-    `edges` (the time noted before each request): no consumer group, nothing consumed."""
+    """Samples the end offsets of the partitions of `topic` (default fence-decisions; the
+    operator-actions topic too) every `period` seconds into `edges` (the time noted before
+    each request): no consumer group, nothing consumed."""
 
     def __init__(
         self,
         settings: FencerSettings,
         period: float,
         clock: Callable[[], float] = time.monotonic,
+        topic: str | None = None,
     ) -> None:
         self.settings = settings
-        self.topic = settings.kafka.topics.fence_decisions
+        self.topic = topic or settings.kafka.topics.fence_decisions
         self.period = period
         self.clock = clock
         self.edges = LogEdges(retention=max(600.0, 3 * settings.decision_max_age()))
@@ -398,7 +408,10 @@ class Actuation:
         self.clock = clock  # monotonic: only ever compared with itself
         self.states = HostStatesView(settings)
         self.claims = ClaimLog(settings, worker)
-        self.decisions = DecisionLog(settings, sample_period(settings.decision_max_age()), clock)
+        period = sample_period(settings.decision_max_age())
+        self.decisions = DecisionLog(settings, period, clock)
+        # An operator's lift that names no blocklist entry is carried out only if read live.
+        self.actions = DecisionLog(settings, period, clock, settings.kafka.topics.operator_actions)
         self._started = False
 
     async def start(self) -> None:
@@ -408,10 +421,12 @@ class Actuation:
                 await self.claims.start()
                 # Last: a decision the views above may lag behind is not taken for backlog.
                 await self.decisions.start()
+                await self.actions.start()
             except BaseException:
                 await self.states.stop()
                 await self.claims.stop()
                 await self.decisions.stop()
+                await self.actions.stop()
                 raise
             self._started = True
 
@@ -420,6 +435,7 @@ class Actuation:
             await self.states.stop()
             await self.claims.stop()
             await self.decisions.stop()
+            await self.actions.stop()
 
     def check_fresh(self, live: FencerSettings, position: tuple[int, int] | None) -> float:
         """Raise NotNow unless the decision at `position` (partition, offset on
