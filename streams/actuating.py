@@ -202,8 +202,16 @@ def _retry_stage(mark: Any, position: tuple[int, int] | None) -> str | None:
     return "started" if mark[1] == position[1] else None
 
 
-LIFT_MARK = "blocklist_lift"  # `actuated` row key: [partition, offset, "started" | "done"]
-PIN_MARK = "bmc_pin_confirm"  # `actuated` row key: [partition, offset] of the last confirm
+# `actuated` row keys (suffixed with the operator-actions topic's name: a mark is a place in
+# that topic): [partition, offset, "started" | "done"] of the last lift, [partition, offset] of
+# the last pin confirmation.
+LIFT_MARK = "blocklist_lift"
+PIN_MARK = "bmc_pin_confirm"
+
+
+def mark_key(rt: Runtime, mark: str) -> str:
+    """The row key of a `mark` on this deployment's operator-actions topic."""
+    return f"{mark} {rt.settings.kafka.topics.operator_actions}"
 
 
 def read_again(mark: Any, position: tuple[int, int] | None) -> bool:
@@ -294,7 +302,8 @@ async def lift_once(
     its clock) and fencer records no entry of its own for the host (which could be newer)."""
     from streams.actuation import NotNow, check_live
 
-    mark = dict(table.get(key) or {}).get(LIFT_MARK)
+    lift_mark = mark_key(rt, LIFT_MARK)
+    mark = dict(table.get(key) or {}).get(lift_mark)
     if read_again(mark, position):
         assert position is not None and isinstance(mark, list)
         if mark[1] == position[1] and mark[2:] == ["started"]:
@@ -308,7 +317,7 @@ async def lift_once(
             log.info("blocklist lift of host %s at offset %s read again: skipped", key, position[1])
         return None
     if position is not None:
-        put_entry(table, key, LIFT_MARK, [*position, "started"])
+        put_entry(table, key, lift_mark, [*position, "started"])
     try:
         settings = await rt.live()
         refused = None
@@ -348,7 +357,7 @@ async def lift_once(
         return await lift_blocklist(rt, action.model_copy(update={"address": address}))
     finally:
         if position is not None:
-            put_entry(table, key, LIFT_MARK, [*position, "done"])
+            put_entry(table, key, lift_mark, [*position, "done"])
 
 
 def _named_entry_refusal(action: OperatorAction, recorded: dict[str, str | None]) -> str | None:
@@ -594,14 +603,15 @@ async def bmc_pin_confirm(
 
     if table is not None and position is not None:
         key = action.host_uuid
-        if read_again(dict(table.get(key) or {}).get(PIN_MARK), position):
+        pin_mark = mark_key(rt, PIN_MARK)
+        if read_again(dict(table.get(key) or {}).get(pin_mark), position):
             log.info(
                 "BMC pin confirmation of host %s at offset %s read again: nothing done",
                 key,
                 position[1],
             )
             return None
-        put_entry(table, key, PIN_MARK, [*position])
+        put_entry(table, key, pin_mark, [*position])
     started = time.monotonic()
     pinned: str | None = None
     refused: Literal["bmc", "expect", "pins"] | None = None

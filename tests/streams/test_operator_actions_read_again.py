@@ -132,7 +132,7 @@ async def test_a_lift_names_its_entry_and_never_lifts_a_newer_blocklist(
     await s.lift((0, 10), ENTRY, "fence-A")
     assert ENTRY not in listed(ceph_clean)
     assert [n.blocklist_entry for n in s.told(NoticeKind.BLOCKLIST_LIFTED)] == [ENTRY]
-    assert s.table[HOST]["blocklist_lift"] == [0, 10, "done"]
+    assert s.table[HOST][actuating.mark_key(s.rt, "blocklist_lift")] == [0, 10, "done"]
 
     # Later fencer fences the host again: entry B, the same address.
     ceph_clean.cluster.run("ceph", "osd", "blocklist", "add", ENTRY, "3600")
@@ -163,7 +163,7 @@ async def test_a_lift_cut_short_by_a_restart_is_not_run_again_and_people_are_tol
     s = shell
     ceph_clean.cluster.run("ceph", "osd", "blocklist", "add", ENTRY, "3600")
     await s.fence_blocklisted("fence-A")
-    s.table[HOST] = {"blocklist_lift": [0, 4, "started"]}  # the dead worker's mark
+    s.table[HOST] = {actuating.mark_key(s.rt, "blocklist_lift"): [0, 4, "started"]}  # dead
     await s.lift((0, 4), ENTRY, "fence-A")
     assert ENTRY in listed(ceph_clean)
     (n,) = s.told(NoticeKind.BLOCKLIST_NOT_LIFTED)
