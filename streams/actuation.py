@@ -148,10 +148,15 @@ class LogEdges:
     def note(self, partition: int, end: int, at: float) -> None:
         """The broker answered `end` to a request sent at `at` (this worker's monotonic clock)."""
         seen = self.samples.get(partition)
-        if seen is None or end < seen[-1][1]:
-            # First sight, or the topic was recreated below what was seen: start again.
+        if seen is None:
             self.samples[partition] = [(at, end)]
             self.first[partition] = end
+            return
+        if end < seen[-1][1]:
+            # Lower than seen before (a broker answering too low, or the topic recreated): not
+            # believed. Starting again from it would make older records look new; kept as is,
+            # a record below what was seen is backlog or too old: refused either way (after
+            # recreating fence-decisions, restart the actuate workers; refusals are notified).
             return
         if end == seen[-1][1]:
             seen[-1] = (at, end)

@@ -115,10 +115,14 @@ def test_a_decision_is_fresh_only_if_appended_while_listening_and_recently() -> 
     # Equal ends keep only the latest time: the bound tightens as the samples go on.
     edges.note(0, 9, 200.0)
     assert check_live(edges, 0, 9, 120.0, 210.0) == pytest.approx(10.0)
-    # A topic recreated below what was seen: everything before the new end is backlog again.
+    # An end lower than seen before (a broker answering too low, a recreated topic) is not
+    # believed: it never makes an older record look new.
     edges.note(0, 2, 300.0)
+    assert edges.samples[0][-1] == (200.0, 9)
     with pytest.raises(NotNow, match="not read live"):
         check_live(edges, 0, 1, 120.0, 300.5)
+    with pytest.raises(NotNow, match="up to 255 s ago"):
+        check_live(edges, 0, 6, 120.0, 356.0)
 
 
 def test_old_samples_are_pruned_and_what_they_bounded_stays_too_old() -> None:
