@@ -240,7 +240,11 @@ class OperatorAction(WireRecord):
 
     kind: Literal["retry", "handled", "ipmi_test", "lift_blocklist", "bmc_pin_confirm"]
     host_uuid: str
-    decision_id: str | None = Field(None, description="None: the host's latest failed fence")
+    decision_id: str | None = Field(
+        None,
+        description="retry, handled: None = the host's latest failed fence; lift_blocklist: the "
+        "fence that added `blocklist_entry`",
+    )
     address: str | None = Field(
         None,
         description="lift_blocklist: the storage address (None: the host's storage_ip setting, "
@@ -253,6 +257,11 @@ class OperatorAction(WireRecord):
     cluster_uuid: str | None = Field(None, description="ipmi_test: the host's cluster")
     expect: str | None = Field(
         None, description="bmc_pin_confirm: refuse unless the BMC reports this system GUID"
+    )
+    blocklist_entry: str | None = Field(
+        None,
+        description="lift_blocklist: the entry the operator saw (with `decision_id`, the fence "
+        "that added it): lifted only while fencer's records show that fence's entry",
     )
 
 

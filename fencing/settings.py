@@ -206,7 +206,9 @@ class FencerSettings(BaseSettings):
         return self
 
     def decision_max_age(self) -> float:
-        """How old a decision may be when the actuator acts on it (its own clock)."""
+        """How long a decision may have been on the log when the actuator acts on it: its
+        own monotonic clock between samples of the log's end (streams.actuation), never
+        compared with the gate's `decided_at`."""
         a = self.actuator.decision_max_age
         return a if a is not None else 2 * self.policy.check_interval
 

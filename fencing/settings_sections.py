@@ -203,7 +203,11 @@ class ActuatorSettings(_Model):
     retry_backoff: float = Field(2.0, ge=0)
     preflight_interval: float = Field(0.0, ge=0, description="0 = no periodic BMC pre-flight")
     decision_max_age: float | None = Field(
-        None, gt=0, description="seconds a decision may wait; default 2 x policy.check_interval"
+        None,
+        gt=0,
+        description="seconds a decision may wait between reaching the log and the BMC call, on "
+        "the actuator's own clock (never against the gate's stamp); default 2 x "
+        "policy.check_interval",
     )
     claim_lease: float = Field(
         60.0,

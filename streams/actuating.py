@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,8 +38,10 @@ log = logging.getLogger("fencer.streams")
 async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) -> list[Out]:
     """A fence-decisions record -> what to send: the outcome (and a notice), or nothing.
 
-    Only a decision fencer's gate signed, fresh, backed by fencer's own host record,
-    confirmed by CloudStack now and claimed once is carried out (streams.actuation)."""
+    Only a decision fencer's gate signed, fresh (read live, and soon, on this worker's own
+    clock), backed by fencer's own host record, confirmed by CloudStack now and claimed once
+    is carried out (streams.actuation). A decision already carried out is answered with its
+    outcome before anything else, also when read again after a restart."""
     from streams.actuation import (
         Forged,
         NotNow,
@@ -86,7 +88,8 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
         log.info("decision %s already carried out: not acting again", decision.decision_id)
         return [(topics.fence_outcomes, key.encode(), dump(FenceOutcome.model_validate(first)))]
     try:
-        await act.last_moment(decision, live)
+        # Read live and soon on this worker's clock: the record's place in its partition.
+        await act.last_moment(decision, live, position=(message.partition, message.offset))
 
         async def run(takeover: bool) -> FenceOutcome:
             if takeover:
@@ -128,7 +131,7 @@ async def operator_action(
     by a later record) -> skipped; started but not done (the worker died mid-way) -> carried
     out as a takeover, the power read first (a reboot is never repeated blindly)."""
     if action.kind == "lift_blocklist":
-        await lift_blocklist(rt, action)
+        await lift_once(rt, action, table, key, position)
         return None
     target = failed_fence(dict(table.get(key) or {}), action.decision_id)
     if target is None:
@@ -199,10 +202,202 @@ def _retry_stage(mark: Any, position: tuple[int, int] | None) -> str | None:
     return "started" if mark[1] == position[1] else None
 
 
+# `actuated` row keys (suffixed with the operator-actions topic's name: a mark is a place in
+# that topic): [partition, offset, "started" | "done"] of the last lift, [partition, offset] of
+# the last pin confirmation.
+LIFT_MARK = "blocklist_lift"
+PIN_MARK = "bmc_pin_confirm"
+
+
+def mark_key(rt: Runtime, mark: str) -> str:
+    """The row key of a `mark` on this deployment's operator-actions topic."""
+    return f"{mark} {rt.settings.kafka.topics.operator_actions}"
+
+
+def read_again(mark: Any, position: tuple[int, int] | None) -> bool:
+    """Whether the operator-actions record at `position` is at or before the one `mark`
+    (a row's [partition, offset, ...]) remembers: read again after a restart."""
+    return (
+        position is not None
+        and isinstance(mark, list)
+        and len(mark) >= 2
+        and mark[0] == position[0]
+        and mark[1] >= position[1]
+    )
+
+
+def recorded_entries(notices: Iterable[Notice]) -> dict[str, str | None]:
+    """The Ceph blocklist entries fencer's notices record for one host, in log order: entry ->
+    the fence (decision id) that added it; a lift notice removes the entry it lifted (what the
+    web UI shows, webui.fencing_view)."""
+    entries: dict[str, str | None] = {}
+    for n in notices:
+        if n.blocklist_entry is None or n.kind is NoticeKind.BLOCKLIST_NOT_LIFTED:
+            continue
+        if n.kind is NoticeKind.BLOCKLIST_LIFTED:
+            entries.pop(n.blocklist_entry, None)
+        else:
+            entries[n.blocklist_entry] = n.decision_id
+    return entries
+
+
+def lift_identity(
+    recorded: dict[str, str | None],
+    address: str | None,
+    entry: str | None = None,
+    decision_id: str | None = None,
+) -> tuple[str | None, str | None]:
+    """The (entry, fence decision id) a lift request names, from what the operator saw
+    (`recorded`, in log order, as `recorded_entries` folds fencer's notices): the named entry,
+    else the recorded one of `address`, else the latest recorded; (None, None) when fencer
+    records none (an entry fencer never added: the request then names none)."""
+    if entry is not None:
+        return entry, decision_id or recorded.get(entry)
+    if address is not None:
+        from fencing.blocklist import entry_for
+
+        mine = entry_for(address)
+        return (mine, recorded[mine]) if mine in recorded else (None, None)
+    if recorded:
+        return next(reversed(recorded.items()))
+    return None, None
+
+
+async def read_recorded_entries(settings: FencerSettings, host_uuid: str) -> dict[str, str | None]:
+    """`recorded_entries` of the host's notices on the notices topic, read to its end now
+    (keyed by host: one partition, in the order they were appended)."""
+    from streams.topic_reader import TopicReader
+
+    mine: list[Notice] = []
+    key = host_uuid.encode()
+
+    def on_record(r: Any) -> None:
+        if r.key == key and r.value:
+            mine.append(Notice.model_validate_json(r.value))
+
+    reader = TopicReader(
+        settings, [settings.kafka.topics.notices], on_record, client_id="fencer-lift-entries"
+    )
+    await reader.start()
+    await reader.stop()
+    return recorded_entries(mine)
+
+
+async def lift_once(
+    rt: Runtime,
+    action: OperatorAction,
+    table: MutableMapping[str, Any],
+    key: str,
+    position: tuple[int, int] | None,
+) -> str | None:
+    """A lift_blocklist record, carried out at most once and only on the entry it names.
+
+    Read again after a restart (its position at or before the host's `blocklist_lift` mark) it
+    lifts nothing: done -> skipped; started, not done (the worker died mid-way) -> not lifted
+    again, people told to check. An action naming its entry (`blocklist_entry` and the fence
+    `decision_id` that added it, as the UI and CLI send) lifts only while fencer's notices
+    record that fence's entry: a newer blocklist of the host (another fence) or one already
+    lifted is not touched. An action naming none (older records, an entry fencer never added)
+    lifts only if read live (appended while this worker listened, within decision_max_age on
+    its clock) and fencer records no entry of its own for the host (which could be newer)."""
+    from streams.actuation import NotNow, check_live
+
+    lift_mark = mark_key(rt, LIFT_MARK)
+    mark = dict(table.get(key) or {}).get(lift_mark)
+    if read_again(mark, position):
+        assert position is not None and isinstance(mark, list)
+        if mark[1] == position[1] and mark[2:] == ["started"]:
+            why = (
+                "a restart cut this lift short: it is not run again; `fencer rbd list` shows "
+                "whether the entry is still there (lift again if it is)"
+            )
+            log.error("host %s: blocklist lift at offset %s: %s", key, position[1], why)
+            await _send_lift_notice(rt, action, None, why)
+        else:
+            log.info("blocklist lift of host %s at offset %s read again: skipped", key, position[1])
+        return None
+    if position is not None:
+        put_entry(table, key, lift_mark, [*position, "started"])
+    try:
+        settings = await rt.live()
+        refused = None
+        try:
+            recorded = await read_recorded_entries(settings, action.host_uuid)
+        except Exception as exc:
+            recorded, refused = {}, f"fencer's blocklist records cannot be read now ({exc})"
+        address = action.address
+        if refused is None and (action.blocklist_entry or action.decision_id):
+            refused = _named_entry_refusal(action, recorded)
+            address = _entry_address(action.blocklist_entry or "")
+        elif refused is None and recorded:
+            entry, by = next(reversed(recorded.items()))
+            refused = (
+                f"the request names no entry, and fencer's records show entry {entry} (added "
+                f"by fence {by}), which may be newer than the request: lift it from the web UI "
+                f"or `fencer rbd lift {action.host_uuid}`, which name it"
+            )
+        elif refused is None and position is not None:
+            try:
+                act = await rt.actuation()
+                edges, limit = act.actions.edges, settings.decision_max_age()
+                check_live(edges, *position, limit, act.clock(), what="request")
+            except NotNow as exc:
+                refused = f"the request names no entry and is not fresh ({exc}): lift again"
+            except Exception as exc:  # the log's end cannot be read: not fresh either
+                refused = f"the request names no entry and its age cannot be told ({exc})"
+        if refused is not None:
+            log.error(
+                "blocklist of host %s NOT lifted (asked by %s): %s",
+                action.host_uuid,
+                action.by or "an operator",
+                refused,
+            )
+            await _send_lift_notice(rt, action, None, refused)
+            return None
+        return await lift_blocklist(rt, action.model_copy(update={"address": address}))
+    finally:
+        if position is not None:
+            put_entry(table, key, lift_mark, [*position, "done"])
+
+
+def _named_entry_refusal(action: OperatorAction, recorded: dict[str, str | None]) -> str | None:
+    """Why a lift naming its entry must not run (None: fencer's records show that entry, added
+    by that fence)."""
+    entry, fence = action.blocklist_entry, action.decision_id
+    if entry is None or fence is None:
+        return "the request names a blocklist entry and the fence that added it only in part"
+    if entry not in recorded:
+        return (
+            f"fencer's records show no entry {entry} for this host any more (lifted already, "
+            "or never added by fencer): nothing lifted"
+        )
+    if recorded[entry] != fence:
+        return (
+            f"entry {entry} was added again by fence {recorded[entry]} after fence {fence} "
+            "whose entry the request names: a newer blocklist, not lifted (lift it by name if "
+            "the host is repaired)"
+        )
+    if _entry_address(entry) is None:
+        return f"{entry!r} is not a blocklist entry of an address"
+    return None
+
+
+def _entry_address(entry: str) -> str | None:
+    """The IP address of an entry `1.2.3.4:0/0` or `[fd00::1]:0/0`."""
+    import ipaddress
+
+    host = entry.removesuffix(":0/0").strip("[]")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
 async def lift_blocklist(rt: Runtime, action: OperatorAction) -> str | None:
     """An operator lifts a repaired host's Ceph blocklist with this worker's fence key
     (fencing.storage_fence.lift_host, as `fencer rbd lift --direct`): the entry lifted, or None
-    when it could not be (logged as an error: the host stays cut off from Ceph)."""
+    when it could not be (logged as an error: the host stays cut off from Ceph). Only through
+    `lift_once`, which decides whether this record may lift at all."""
     from fencing.blocklist import BlocklistError
     from fencing.redaction import Redactor, secrets_of
     from fencing.storage_fence import lift_host
@@ -388,14 +583,35 @@ async def ipmi_test(rt: Runtime, action: OperatorAction) -> IpmiTestAnswer:
     )
 
 
-async def bmc_pin_confirm(rt: Runtime, action: OperatorAction) -> IpmiTestAnswer:
+async def bmc_pin_confirm(
+    rt: Runtime,
+    action: OperatorAction,
+    table: MutableMapping[str, Any] | None = None,
+    position: tuple[int, int] | None = None,
+) -> IpmiTestAnswer | None:
     """An operator's `bmc_pin_confirm`: read the host's BMC system GUID through the settings in
     force here and pin it on bmc-pins (streams.bmc_pins.confirm_pin, this worker's pin store);
-    the answer names the pinned GUID, or why not (`refused`), every secret masked."""
+    the answer names the pinned GUID, or why not (`refused`), every secret masked.
+
+    The record read again after a restart (`position` at or before the host's
+    `bmc_pin_confirm` mark in the `actuated` table) does nothing and answers nothing: the BMC
+    may have been swapped since. A confirm whose BMC reports another GUID than the `expect`ed
+    one (the one the operator saw) pins nothing and tells people (bmc_identity_changed)."""
     from fencing.drivers.base import DriverError
     from fencing.identity import PinStoreError
     from streams.bmc_pins import confirm_pin
 
+    if table is not None and position is not None:
+        key = action.host_uuid
+        pin_mark = mark_key(rt, PIN_MARK)
+        if read_again(dict(table.get(key) or {}).get(pin_mark), position):
+            log.info(
+                "BMC pin confirmation of host %s at offset %s read again: nothing done",
+                key,
+                position[1],
+            )
+            return None
+        put_entry(table, key, pin_mark, [*position])
     started = time.monotonic()
     pinned: str | None = None
     refused: Literal["bmc", "expect", "pins"] | None = None
@@ -417,6 +633,8 @@ async def bmc_pin_confirm(rt: Runtime, action: OperatorAction) -> IpmiTestAnswer
         refused, error = "bmc", f"cannot read the BMC's system GUID: {exc}"
     except ValueError as exc:  # no GUID, or not the one the operator expects
         refused, error = "expect", str(exc)
+        if action.expect is not None:
+            await _send_pin_notice(rt, action, error)
     except PinStoreError as exc:
         refused, error = "pins", str(exc)
     except Exception as exc:  # the operator must get an answer, not a silent timeout
@@ -441,6 +659,23 @@ async def bmc_pin_confirm(rt: Runtime, action: OperatorAction) -> IpmiTestAnswer
         duration=round(time.monotonic() - started, 3),
         at=time.time(),
     )
+
+
+async def _send_pin_notice(rt: Runtime, action: OperatorAction, error: str) -> None:
+    """Tell people that a BMC did not report the GUID the operator confirmed: nothing pinned."""
+    who = action.by or "an operator"
+    notice = Notice(
+        notice_id=f"{action.host_uuid}/bmc-pin-confirm/{action.request_id or action.at}",
+        kind=NoticeKind.BMC_IDENTITY_CHANGED,
+        host=HostRef(host_uuid=action.host_uuid, cluster_uuid=action.cluster_uuid),
+        at=time.time(),
+        result="not pinned",
+        reason=f"BMC identity NOT confirmed (asked by {who}, expecting {action.expect}): {error}",
+    )
+    try:
+        await rt.emit_notice(notice)
+    except Exception as exc:
+        log.error("host %s: cannot send the BMC identity notice: %s", action.host_uuid, exc)
 
 
 async def send_operator_action(settings: FencerSettings, action: OperatorAction) -> None:

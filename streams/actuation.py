@@ -1,12 +1,26 @@
 """The actuator's side of the safety rules, checked at the last moment before any BMC call.
 
-Rule: the actuator obeys only a decision that (1) fencer's gate signed, (2) is younger than
-`decision_max_age` on the actuator's clock, (3) fencer's own host record still backs (same
-decision and episode, fence proposed or fencing, last evidence stale), (4) CloudStack confirms
-*now* (Disconnected, Alert or Down, and resource state Enabled), and (5) this worker has claimed
-in the fence-claims log. Nothing here decides to fence: it refuses, or lets a decision the gate
-made through. A refusal is an outcome with `success: false` plus a `fence_refused` notice and is
-never remembered as done, so a fresh re-sent decision is judged again.
+Rule: the actuator obeys only a decision that (1) fencer's gate signed, (2) is fresh: read
+live, and soon, on this worker's own clock (below), (3) fencer's own host record still backs
+(same decision and episode, fence proposed or fencing, last evidence stale), (4) CloudStack
+confirms *now* (Disconnected, Alert or Down, and resource state Enabled), and (5) this worker
+has claimed in the fence-claims log. Nothing here decides to fence: it refuses, or lets a
+decision the gate made through. A refusal is an outcome with `success: false` plus a
+`fence_refused` notice and is never remembered as done, so a fresh re-sent decision is judged
+again.
+
+Fresh never compares two machines' clocks (the gate's `decided_at` is shown to people, never
+compared with this worker's clock). This worker asks the broker for the end offset of every
+fence-decisions partition every `sample_period` seconds, noting its own monotonic time *before*
+each request (`DecisionLog`, `LogEdges`). A record at offset o reached the log after the last
+sample whose end was <= o, so its age is at most now minus that sample's time, whoever's clock
+stamped it. A record below the end of the first sample was on the topic before this worker
+began listening (written while no actuator listened, or read again after a restart): it is
+refused as "not read live", nothing done; the core sends the host back to checking and its next
+stale check proposes again under the same decision id, which this worker then reads live. A
+live record older than `decision_max_age` by this bound (the actuator lagged, or stalled
+between reading and acting: the bound is checked again after the record and CloudStack checks)
+is refused too. The bound overstates an age by at most one sample period.
 
 Exactly once: the claim is a record on the one-partition topic `fencer.fence-claims`, keyed by
 decision id and written with `acks=all` before the BMC is touched; the log's order decides
@@ -20,6 +34,7 @@ already = fenced; reboot: never repeated blindly, only an "off" reading counts).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -120,13 +135,164 @@ def forged_notice(message: Any, forged: Forged, now: float) -> Notice:
 # 2-4. Fresh, backed by fencer's own record, confirmed by CloudStack now
 
 
-def check_age(decision: FenceDecision, max_age: float, now: float) -> None:
-    """Raise NotNow if the decision is older than `max_age` (or stamped far in the future)."""
-    age = now - decision.decided_at
+@dataclass
+class LogEdges:
+    """Each fence-decisions partition's end offset as this worker saw it, on its own monotonic
+    clock (pure: the samples arrive from `DecisionLog`). `samples[p]` holds (time, end) pairs,
+    ends rising; of a run of equal ends only the latest time is kept (it bounds best)."""
+
+    retention: float = 600.0  # seconds of samples kept (the live decision_max_age raises it)
+    samples: dict[int, list[tuple[float, int]]] = field(default_factory=dict)
+    first: dict[int, int] = field(default_factory=dict)  # end offset at the first sample
+
+    def note(self, partition: int, end: int, at: float) -> None:
+        """The broker answered `end` to a request sent at `at` (this worker's monotonic clock)."""
+        seen = self.samples.get(partition)
+        if seen is None:
+            self.samples[partition] = [(at, end)]
+            self.first[partition] = end
+            return
+        if end < seen[-1][1]:
+            # Lower than seen before (a broker answering too low, or the topic recreated): not
+            # believed. Starting again from it would make older records look new; kept as is,
+            # a record below what was seen is backlog or too old: refused either way (after
+            # recreating fence-decisions, restart the actuate workers; refusals are notified).
+            return
+        if end == seen[-1][1]:
+            seen[-1] = (at, end)
+        else:
+            seen.append((at, end))
+        while len(seen) > 1 and seen[1][0] < at - self.retention:
+            del seen[0]
+
+    def age(self, partition: int, offset: int, now: float) -> float | None:
+        """At most how long ago the record at `offset` reached the log (or at least, when more
+        than `retention`), on this worker's clock; None if it was there before the first
+        sample (backlog)."""
+        seen = self.samples.get(partition)
+        if seen is None or offset < self.first[partition]:
+            return None
+        before = [t for t, end in seen if end <= offset]
+        return now - (before[-1] if before else seen[0][0])
+
+
+def check_live(
+    edges: LogEdges,
+    partition: int,
+    offset: int,
+    max_age: float,
+    now: float,
+    what: str = "decision",
+) -> float:
+    """Raise NotNow unless the record (a `what`) at (`partition`, `offset`) was appended
+    while this worker listened, at most `max_age` ago on its monotonic clock `now`; the age
+    bound."""
+    edges.retention = max(edges.retention, 3 * max_age)
+    age = edges.age(partition, offset, now)
+    if age is None:
+        again = "; the host's next stale check proposes it again" if what == "decision" else ""
+        raise NotNow(
+            f"not read live: the {what} (partition {partition} offset {offset}) was on the "
+            f"topic before this actuator began reading it{again}"
+        )
     if age > max_age:
-        raise NotNow(f"decision is {age:.0f} s old (decision_max_age {max_age:g} s)")
-    if age < -max_age:
-        raise NotNow(f"decision is stamped {-age:.0f} s in the future of this worker's clock")
+        raise NotNow(
+            f"the {what} reached the log up to {age:.0f} s ago by this actuator's clock "
+            f"(decision_max_age {max_age:g} s): the actuator lagged or stalled"
+        )
+    return age
+
+
+class DecisionLog:
+    """Samples the end offsets of the partitions of `topic` (default fence-decisions; the
+    operator-actions topic too) every `period` seconds into `edges` (the time noted before
+    each request): no consumer group, nothing consumed."""
+
+    def __init__(
+        self,
+        settings: FencerSettings,
+        period: float,
+        clock: Callable[[], float] = time.monotonic,
+        topic: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topic = topic or settings.kafka.topics.fence_decisions
+        self.period = period
+        self.clock = clock
+        self.edges = LogEdges(retention=max(600.0, 3 * settings.decision_max_age()))
+        self._consumer: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    async def start(self, within: float = 30.0) -> None:
+        """Connect and take the first sample: records below it are backlog."""
+        from aiokafka import AIOKafkaConsumer
+
+        from streams.kafka import aiokafka_kwargs
+
+        consumer = AIOKafkaConsumer(
+            client_id="fencer-actuate-decision-log",
+            enable_auto_commit=False,
+            **aiokafka_kwargs(self.settings),
+        )
+        self._consumer = consumer
+        try:
+            async with asyncio.timeout(within):
+                await consumer.start()
+                while not consumer.partitions_for_topic(self.topic):
+                    await consumer.topics()  # refreshes the metadata
+                    if not consumer.partitions_for_topic(self.topic):
+                        await asyncio.sleep(0.2)
+                await self.sample()
+        except BaseException:
+            await self.stop()
+            raise
+        self._task = asyncio.create_task(self._run(), name="fencer-decision-log")
+        ends = dict(sorted(self.edges.first.items()))
+        log.info(
+            "actuator listening: %s records from end offsets %s on are read live", self.topic, ends
+        )
+
+    async def sample(self) -> None:
+        """Ask the end offset of every partition once; note it at the time asked."""
+        from aiokafka import TopicPartition
+
+        parts = self._consumer.partitions_for_topic(self.topic) or set()
+        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        at = self.clock()
+        ends = await self._consumer.end_offsets(tps)
+        for tp, end in ends.items():
+            self.edges.note(tp.partition, end, at)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.period)
+            try:
+                async with asyncio.timeout(max(self.period * 4, 10.0)):
+                    await self.sample()
+                if self._failing:
+                    log.info("the end offsets of %s are read again", self.topic)
+                self._failing = False
+            except Exception as exc:
+                # Decisions then look older and older: refused, never taken for fresh.
+                if not self._failing:
+                    log.warning("cannot read the end offsets of %s: %s", self.topic, exc)
+                self._failing = True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+
+def sample_period(max_age: float) -> float:
+    """How often the end offsets are asked: a tenth of the age limit, within 0.2 s to 5 s."""
+    return min(5.0, max(0.2, max_age / 10))
 
 
 def check_record(decision: FenceDecision, row: Mapping[str, Any] | None) -> None:
@@ -239,14 +405,18 @@ class Actuation:
         ring: Keyring,
         worker: str,
         cloudstack_host: Callable[[str], Awaitable[Any]],
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.ring = ring
         self.cloudstack_host = cloudstack_host
-        self.clock = clock
+        self.clock = clock  # monotonic: only ever compared with itself
         self.states = HostStatesView(settings)
         self.claims = ClaimLog(settings, worker)
+        period = sample_period(settings.decision_max_age())
+        self.decisions = DecisionLog(settings, period, clock)
+        # An operator's lift that names no blocklist entry is carried out only if read live.
+        self.actions = DecisionLog(settings, period, clock, settings.kafka.topics.operator_actions)
         self._started = False
 
     async def start(self) -> None:
@@ -254,9 +424,14 @@ class Actuation:
             try:
                 await self.states.start()
                 await self.claims.start()
+                # Last: a decision the views above may lag behind is not taken for backlog.
+                await self.decisions.start()
+                await self.actions.start()
             except BaseException:
                 await self.states.stop()
                 await self.claims.stop()
+                await self.decisions.stop()
+                await self.actions.stop()
                 raise
             self._started = True
 
@@ -264,16 +439,33 @@ class Actuation:
         if self._started:
             await self.states.stop()
             await self.claims.stop()
+            await self.decisions.stop()
+            await self.actions.stop()
+
+    def check_fresh(self, live: FencerSettings, position: tuple[int, int] | None) -> float:
+        """Raise NotNow unless the decision at `position` (partition, offset on
+        fence-decisions) was read live, at most decision_max_age ago (this worker's clock)."""
+        if position is None:
+            raise NotNow("the decision's place in the log is unknown: its age cannot be told")
+        edges = self.decisions.edges
+        return check_live(edges, *position, live.decision_max_age(), self.clock())
 
     async def last_moment(
-        self, decision: FenceDecision, live: FencerSettings, fresh: bool = True
+        self,
+        decision: FenceDecision,
+        live: FencerSettings,
+        fresh: bool = True,
+        position: tuple[int, int] | None = None,
     ) -> None:
         """Raise NotNow with the reason unless every last-moment check passes.
 
-        `fresh=False` skips the age check: a takeover follows a claim that passed it, and
-        waiting out the dead claimant's lease must not turn the decision down by itself."""
+        `position` is the decision's (partition, offset) on fence-decisions: read live and
+        within decision_max_age, checked first and again once the record and CloudStack
+        agreed (time spent here counts). `fresh=False` skips it: a takeover follows a claim
+        that passed it, and waiting out the dead claimant's lease must not turn the decision
+        down by itself."""
         if fresh:
-            check_age(decision, live.decision_max_age(), self.clock())
+            self.check_fresh(live, position)
         eff = live.effective_ipmi(decision.host.host_uuid, decision.host.cluster_uuid)
         if eff.values.driver is Driver.FAKE and not live.lab:
             # A settings-topic record can choose a driver the file check never saw.
@@ -289,6 +481,13 @@ class Actuation:
                     raise
                 await asyncio.sleep(0.2)
         await self.cloudstack_confirms(decision)
+        if fresh:
+            age = self.check_fresh(live, position)
+            log.info(
+                "decision %s read live: reached the log at most %.1f s ago (this worker's clock)",
+                decision.decision_id,
+                age,
+            )
 
     async def cloudstack_confirms(self, decision: FenceDecision) -> None:
         """Raise NotNow unless CloudStack says now: Disconnected/Alert/Down and Enabled."""

@@ -36,6 +36,7 @@ from aiokafka import AIOKafkaConsumer
 
 from fencing.records import (
     FenceOutcome,
+    IpmiTestAnswer,
     Notice,
     OperatorAction,
     ProbeRequest,
@@ -377,17 +378,21 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 action = codec.load(OperatorAction, event.value)
                 if action is None:
                     continue
+                # A retry, lift or pin confirmation read again after a restart is not run
+                # twice (streams.actuating).
+                position = (event.message.partition, event.message.offset)
                 if action.kind in ("ipmi_test", "bmc_pin_confirm"):
                     # The UI's "test BMC" and "confirm BMC identity": run here, never in the
                     # API process (issue #15); the pin goes to bmc-pins through this worker.
+                    answer: IpmiTestAnswer | None
                     if action.kind == "ipmi_test":
                         answer = await actuating.ipmi_test(runtime, action)
                     else:
-                        answer = await actuating.bmc_pin_confirm(runtime, action)
-                    await ipmi_tests.send(key=action.host_uuid.encode(), value=codec.dump(answer))
+                        answer = await actuating.bmc_pin_confirm(runtime, action, done, position)
+                    if answer is not None:
+                        key = action.host_uuid.encode()
+                        await ipmi_tests.send(key=key, value=codec.dump(answer))
                     continue
-                # A retry read again after a restart is not run twice (streams.actuating).
-                position = (event.message.partition, event.message.offset)
                 outcome = await actuating.operator_action(
                     runtime, action, done, action.host_uuid, position
                 )

@@ -39,6 +39,11 @@ def add_cli(sub: Any, lazy: Callable[[str], Callable[[argparse.Namespace], int]]
         help="lift it from this machine with rbd.fence_keyring (when no worker runs)",
     )
     lift.add_argument("--by", help="who acts (default: cli:<user>)")
+    lift.add_argument(
+        "--entry",
+        help="the entry to lift (default: the one fencer's records show for --address, else "
+        "the latest): a worker lifts only that entry, never a newer blocklist of the host",
+    )
     lift.add_argument("--timeout", type=float, default=30.0, help="seconds to reach Kafka")
     lift.set_defaults(func=lazy("streams.rbd_cli:cli_lift"))
     ls = rsub.add_parser("list", help="list the cluster's blocklist entries")
@@ -70,6 +75,30 @@ def cli_lift(args: argparse.Namespace) -> int:
         at=time.time(),
     )
     timeout = getattr(args, "timeout", 30.0)
+    if not getattr(args, "direct", False):
+        # Name the entry fencer's records show, as the web UI does (streams.actuating).
+        from streams.actuating import lift_identity, read_recorded_entries
+
+        try:
+            recorded = asyncio.run(
+                asyncio.wait_for(read_recorded_entries(settings, args.host), timeout)
+            )
+        except Exception as exc:
+            where = settings.kafka.bootstrap_servers
+            print(f"fencer: cannot read fencer's records at {where}: {exc}", file=sys.stderr)
+            return 1
+        named = getattr(args, "entry", None)
+        if named is not None and named not in recorded:
+            print(
+                f"fencer: fencer's records show no entry {named} for host {args.host} "
+                "(give --address for an entry fencer did not add)",
+                file=sys.stderr,
+            )
+            return 1
+        entry, fence = lift_identity(recorded, address, named)
+        action = action.model_copy(update={"blocklist_entry": entry, "decision_id": fence})
+        if entry is not None:
+            print(f"lifting entry {entry} (added by fence {fence or 'unknown'})")
     if getattr(args, "direct", False):
         lookup = partial(management_ip, settings)
         try:

@@ -89,9 +89,13 @@ async def confirm_bmc_pin(request: web.Request) -> web.Response:
     if api.pins is None:
         raise ApiError(503, "the BMC pins topic is not read")
     who = str(request.get(WHO_KEY) or "api")
+    # Always the GUID the operator saw (the other one the BMC reported, else the pinned one):
+    # a confirmation read again after the BMC was swapped pins nothing (streams.actuating).
+    shown = v.pin_view(api, uuid)
+    expect = body.expect or shown.seen_guid or shown.guid
     try:
         request_id = await api.ipmi_tests.ask(
-            api.settings, host, by=f"{who} (api)", kind="bmc_pin_confirm", expect=body.expect
+            api.settings, host, by=f"{who} (api)", kind="bmc_pin_confirm", expect=expect
         )
     except Exception as exc:
         raise ApiError(503, f"cannot write to Kafka: {type(exc).__name__}") from None

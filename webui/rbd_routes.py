@@ -18,6 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fencing.records import OperatorAction
+from streams.actuating import lift_identity
 from webui import api_models as m
 from webui.audit import AuditChange
 
@@ -30,6 +31,15 @@ class BlocklistLiftInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     address: str | None = Field(None, max_length=64)
     note: str | None = Field(None, max_length=500)
+    entry: str | None = Field(
+        None,
+        max_length=80,
+        description="the entry the page shows (default: the one recorded for `address`, else "
+        "the latest recorded): the worker lifts only that entry",
+    )
+    decision_id: str | None = Field(
+        None, max_length=200, description="the fence that added `entry` (as the page shows)"
+    )
 
     @field_validator("address")
     @classmethod
@@ -53,6 +63,10 @@ async def lift_blocklist(request: web.Request) -> web.Response:
     body: BlocklistLiftInput = await read_body(request, BlocklistLiftInput, "blocklist lift")
     await v.host_row(api, uuid)  # 404 for a host CloudStack does not know
     who = str(request.get(WHO_KEY) or "unauthenticated")
+    # The request names the entry the page shows: a worker reading it again later never lifts a
+    # newer blocklist of the host (streams.actuating.lift_once).
+    recorded = {e.entry: e.decision_id for e in api.view.blocklist(uuid)}
+    entry, decision_id = lift_identity(recorded, body.address, body.entry, body.decision_id)
     action = OperatorAction(
         kind="lift_blocklist",
         host_uuid=uuid,
@@ -60,6 +74,8 @@ async def lift_blocklist(request: web.Request) -> web.Response:
         by=f"api:{who}",
         note=body.note,
         at=api.clock(),
+        blocklist_entry=entry,
+        decision_id=decision_id,
     )
     if api.send_operator is None:
         from streams.actuating import send_operator_action

@@ -23,9 +23,10 @@ from streams.actuating import carry_out
 from streams.actuation import (
     ClaimLog,
     Forged,
+    LogEdges,
     NotNow,
-    check_age,
     check_cloudstack,
+    check_live,
     check_record,
     forged_notice,
     read_decision,
@@ -92,12 +93,51 @@ def test_a_forged_record_notice_names_topic_partition_offset_and_host() -> None:
     assert "partition 1 offset 7" in (n.reason or "")
 
 
-def test_a_decision_older_than_max_age_is_refused() -> None:
-    check_age(decision(at=1000.0), 120.0, 1119.0)
-    with pytest.raises(NotNow, match="decision is 121 s old"):
-        check_age(decision(at=1000.0), 120.0, 1121.0)
-    with pytest.raises(NotNow, match="in the future"):
-        check_age(decision(at=2000.0), 120.0, 1000.0)
+def test_a_decision_is_fresh_only_if_appended_while_listening_and_recently() -> None:
+    """The age of a record comes from this worker's own samples of the partition's end (a
+    monotonic clock), never from the decision's stamp: the end was 5 at t=100 (asked at 100),
+    6 at t=101, 9 at t=102."""
+    edges = LogEdges(retention=600.0)
+    edges.note(0, 5, 100.0)
+    for offset in (0, 4):
+        with pytest.raises(NotNow, match=r"not read live: the decision \(partition 0 offset"):
+            check_live(edges, 0, offset, 120.0, 100.5)
+    with pytest.raises(NotNow, match="not read live"):
+        check_live(edges, 1, 0, 120.0, 100.5)  # a partition never sampled: backlog
+    edges.note(0, 6, 101.0)
+    edges.note(0, 9, 102.0)
+    # Offset 5 was appended after the sample at 100 (end 5): at most 10.5 s old at 110.5.
+    assert check_live(edges, 0, 5, 120.0, 110.5) == pytest.approx(10.5)
+    assert check_live(edges, 0, 8, 120.0, 110.5) == pytest.approx(9.5)
+    assert check_live(edges, 0, 9, 120.0, 110.5) == pytest.approx(8.5)  # not yet seen at 102
+    with pytest.raises(NotNow, match=r"up to 121 s ago .*decision_max_age 120 s"):
+        check_live(edges, 0, 5, 120.0, 221.0)
+    # Equal ends keep only the latest time: the bound tightens as the samples go on.
+    edges.note(0, 9, 200.0)
+    assert check_live(edges, 0, 9, 120.0, 210.0) == pytest.approx(10.0)
+    # An end lower than seen before (a broker answering too low, a recreated topic) is not
+    # believed: it never makes an older record look new.
+    edges.note(0, 2, 300.0)
+    assert edges.samples[0][-1] == (200.0, 9)
+    with pytest.raises(NotNow, match="not read live"):
+        check_live(edges, 0, 1, 120.0, 300.5)
+    with pytest.raises(NotNow, match="up to 255 s ago"):
+        check_live(edges, 0, 6, 120.0, 356.0)
+
+
+def test_old_samples_are_pruned_and_what_they_bounded_stays_too_old() -> None:
+    edges = LogEdges(retention=30.0)
+    edges.note(0, 0, 0.0)
+    for i in range(1, 100):
+        edges.note(0, i, float(i))
+    assert len(edges.samples[0]) <= 32
+    assert check_live(edges, 0, 98, 10.0, 100.0) == pytest.approx(2.0)
+    # Offset 3 was appended between t=3 and t=4: its samples are gone, and it is too old.
+    with pytest.raises(NotNow, match="up to"):
+        check_live(edges, 0, 3, 10.0, 100.0)
+    # The live max age raises the retention (samples for 3 x decision_max_age are kept).
+    check_live(edges, 0, 98, 50.0, 100.0)
+    assert edges.retention == 150.0
 
 
 def row(**record: Any) -> dict[str, Any]:
@@ -493,3 +533,115 @@ def test_a_refusal_is_told_once_per_reason_and_renotify_period() -> None:
     later = refused_notice(d, "decision is 73 s old (decision_max_age 10 s)", 10800.0, 3600.0)
     assert later.notice_id != old.notice_id  # and the same one again the next period
     assert d.decision_id in old.notice_id and old.reason and "73 s" in old.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Fresh on the embedded broker: read live, and soon, by the actuator's own clock
+
+
+async def test_backlog_is_refused_and_a_decision_read_then_stalled_past_max_age_too(
+    fencer_settings: Any,
+) -> None:
+    """A real Actuation against the session broker and the CloudStack simulator: a decision
+    already on fence-decisions when the actuator starts is refused as not read live; one
+    appended afterwards and stamped 10 min in the past or the future (the gate's clock far
+    off) passes every check; one whose backing host record reaches the actuator only after
+    decision_max_age (the actuator stalled in its record wait) is refused by its own clock."""
+    from aiokafka import AIOKafkaProducer
+    from pydantic import SecretStr
+
+    from fencing.records import HostStateRecord
+    from fencing.settings import ActuatorSettings, CloudStackSettings
+    from lab.cloudstack_sim import CloudStackSimulator, SimCloud
+    from probes.inventory import Inventory
+    from streams.actuation import Actuation
+    from streams.kafka import aiokafka_kwargs
+    from streams.topic_reader import TopicReader
+
+    sc = SimCloud()
+    cluster = sc.add_cluster(sc.add_zone())
+    hv = sc.add_host(cluster, "hv1", "10.0.0.11", state="Disconnected")
+    sim = CloudStackSimulator(sc)
+    await sim.start()
+    settings = fencer_settings(
+        isolated_topics=True,
+        cloudstack=CloudStackSettings(
+            endpoint=sim.url,
+            api_key=SecretStr(sim.api_key),
+            secret_key=SecretStr(sim.secret_key),
+        ),
+        actuator=ActuatorSettings(decision_max_age=2.0),
+    )
+    t = settings.kafka.topics
+    host = HostRef(host_uuid=hv.uuid, host_name="hv1", cluster_uuid=cluster.uuid)
+    now = time.time()
+
+    def gate_decision(n: int, decided_at: float) -> FenceDecision:
+        return decision(at=decided_at, decision_id=f"{hv.uuid}/{n}", host=host, episode=n)
+
+    producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
+    await producer.start()
+
+    async def append(topic: str, value: bytes) -> tuple[int, int]:
+        meta = await producer.send_and_wait(topic, key=hv.uuid.encode(), value=value)
+        return meta.partition, meta.offset
+
+    async def back(d: FenceDecision) -> None:
+        record = {
+            "decision_id": d.decision_id,
+            "episode": d.episode,
+            "state": "fencing",
+            "last_evidence": "stale",
+        }
+        value = HostStateRecord(host=host, record=record, updated_at=time.time())
+        await append(t.host_states, value.model_dump_json().encode())
+
+    read: dict[tuple[int, int], FenceDecision] = {}
+
+    def on_record(r: Any) -> None:
+        parsed = read_decision(RING, r)
+        assert isinstance(parsed, FenceDecision)
+        read[(r.partition, r.offset)] = parsed
+
+    inventory = Inventory(settings)
+    act = Actuation(settings, RING, "w", inventory.host)
+    reader = TopicReader(settings, [t.fence_decisions], on_record)
+    try:
+        # 1. On the topic before the actuator began reading it (and backed by the record).
+        backlog = gate_decision(1, now)
+        await back(backlog)
+        at_backlog = await append(t.fence_decisions, signed(backlog))
+        await act.start()
+        # 2. Appended while it listens, the gate's clock 10 min behind, then 10 min ahead.
+        past, future = gate_decision(2, now - 600), gate_decision(3, now + 600)
+        at_past = await append(t.fence_decisions, signed(past))
+        at_future = await append(t.fence_decisions, signed(future))
+        await reader.start()
+        assert {at_backlog, at_past, at_future} <= set(read)
+        live = settings
+        with pytest.raises(NotNow, match="not read live"):
+            await act.last_moment(read[at_backlog], live, position=at_backlog)
+        await back(past)
+        await act.last_moment(read[at_past], live, position=at_past)
+        await back(future)
+        await act.last_moment(read[at_future], live, position=at_future)
+        # 3. Read live, then the actuator waits 3 s for fencer's record (its view lags): on its
+        # own clock the decision is older than decision_max_age (2 s) when it could act.
+        stalled = gate_decision(4, now)
+        at_stalled = await append(t.fence_decisions, signed(stalled))
+        waited = asyncio.create_task(act.last_moment(stalled, live, position=at_stalled))
+        await asyncio.sleep(3.0)
+        assert not waited.done()
+        await back(stalled)
+        too_old = r"reached the log up to [3-9] s ago .*decision_max_age 2 s"
+        with pytest.raises(NotNow, match=too_old):
+            await waited
+        # The same decision appended again and read at once passes: nothing else was wrong.
+        again = await append(t.fence_decisions, signed(stalled))
+        await act.last_moment(stalled, live, position=again)
+    finally:
+        await reader.stop()
+        await act.stop()
+        await producer.stop()
+        await inventory.close()
+        await sim.stop()

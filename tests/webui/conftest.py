@@ -188,7 +188,9 @@ def start_actuate_worker(data: dict[str, Any], tmp: Path) -> WorkerProcess:
     """A `fencer worker --roles actuate` with the API's settings (the IPMI test runs there);
     no pre-flight, so no GUID is pinned behind a test's back. Its log: tmp/worker.log."""
     cfg = tmp / "worker.yaml"
-    cfg.write_text(yaml.safe_dump({**data, "actuator": {"preflight_interval": 0}}))
+    # Its own table store: the `actuated` table it writes must not outlive the session's broker.
+    own = {"actuator": {"preflight_interval": 0}, "data_dir": str(tmp / "data")}
+    cfg.write_text(yaml.safe_dump({**data, **own}))
     return WorkerProcess(cfg, roles="actuate", log_file=tmp / "worker.log").start()
 
 

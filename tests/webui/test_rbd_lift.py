@@ -53,9 +53,16 @@ def rbd_api(
     data["signing"] = {"keys_file": str(write_keys_file(tmp_path / "signing.keys", "t"))}
     api = start_api(tmp_path, data)
     cfg = tmp_path / "worker.yaml"
-    cfg.write_text(yaml.safe_dump(data))
+    cfg.write_text(yaml.safe_dump({**data, "log_level": "INFO"}))  # it says when it listens
     worker = WorkerProcess(cfg, "actuate", tmp_path / "worker.log").start()
     try:
+        # A lift naming no entry (these entries were added by hand, not by fencer's storage
+        # fence) is carried out only if written while an actuator listens (streams.actuating).
+        listening = f"actuator listening: {api.topics.operator_actions} "
+        deadline = time.monotonic() + 90
+        while listening not in (tmp_path / "worker.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline, "the actuate worker never began listening"
+            time.sleep(0.2)
         yield api, worker
     finally:
         worker.stop(10)

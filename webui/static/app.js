@@ -391,7 +391,7 @@ function failedFence(uuid, decisionId) {
 // Ceph RBD storage fencing: a blocklisted host cannot write to Ceph until an operator lifts the
 // blocklist once the host is repaired (never silently). The actuate workers lift it (they hold
 // the fence key), as for `fencer rbd lift HOST`.
-function blocklistLift(uuid) {
+function blocklistLift(uuid, entries) {
   const out = h("span", { id: "blocklist-lift-result" });
   const address = h("input", { id: "f-blocklist-address", type: "text", placeholder: "storage_ip, else CloudStack's address" });
   const b = h("button", {
@@ -401,7 +401,10 @@ function blocklistLift(uuid) {
       b.disabled = true;
       try {
         const a = address.value.trim();
-        await api("POST", `/hosts/${encodeURIComponent(uuid)}/blocklist/lift`, a ? { address: a } : {});
+        // The entry shown (the latest recorded): a newer blocklist of the host is never lifted.
+        const shown = !a && entries && entries.length ? entries[entries.length - 1] : null;
+        const body = a ? { address: a } : shown ? { entry: shown.entry, decision_id: shown.decision_id } : {};
+        await api("POST", `/hosts/${encodeURIComponent(uuid)}/blocklist/lift`, body);
         fill(out, h("span", { class: "muted" }, "Lift sent: an actuate worker lifts the blocklist (its log says so; `fencer rbd list` shows what is left)."));
       } catch (ex) { fill(out, h("span", { class: "error" }, ex.message)); }
       b.disabled = false;
@@ -425,7 +428,7 @@ function blocklistSection(uuid, bl) {
     h("h2", {}, "Ceph blocklist"),
     h("p", { class: "muted small" }, "A host fenced by a Ceph blocklist (storage_fence) stays cut off from Ceph until it is lifted here."),
     recorded,
-    blocklistLift(uuid),
+    blocklistLift(uuid, bl.entries),
   ];
 }
 
@@ -511,7 +514,9 @@ function bmcIdentity(uuid) {
         btn.disabled = true;
         try {
           // An actuate worker reads the GUID and pins it; "pending" (202): ask again by request id.
-          let r = await api("POST", path, {});
+          // The GUID the operator sees here: a BMC that reports another one pins nothing.
+          const expect = p.seen_guid || p.guid;
+          let r = await api("POST", path, expect ? { expect } : {});
           for (let i = 0; r.status === "pending" && i < 20; i++) {
             box.append(h("p", { class: "muted" }, r.message));
             await new Promise((done) => setTimeout(done, 3000));

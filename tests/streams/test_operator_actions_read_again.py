@@ -1,0 +1,243 @@
+"""Operator actions read again after a restart (operator-actions is at least once), against
+real peers: the session's Kafka broker, a real Ceph (blocklist entries) and the lab's pyghmi
+BMC. A lift names the entry it lifts and lifts only while fencer's notices record that fence's
+entry; a lift or a pin confirmation read again by position does nothing; a lift naming no entry
+is carried out only if read live and fencer records no entry of its own for the host; a
+confirmation whose BMC reports another GUID than the one the operator saw pins nothing and
+notifies."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from pydantic import SecretStr
+
+from fencing.blocklist import parse_ls
+from fencing.events import FenceAction, NoticeKind
+from fencing.outcome import storage_notice
+from fencing.records import EvidenceSummary, FenceDecision, HostRef, Notice, OperatorAction
+from fencing.settings import (
+    FencerSettings,
+    HostSettings,
+    IpmiOverrides,
+    IpmiSettings,
+    RbdSettings,
+    SigningSettings,
+)
+from fencing.storage_fence import StorageFenceResult
+from lab.bmc import BmcSimulator
+from streams import actuating
+from streams.codec import dump
+from streams.kafka import aiokafka_kwargs
+from streams.runtime import Runtime
+from tests.conftest import Ceph
+
+pytestmark = pytest.mark.timeout(180)
+
+HOST = "7d5c1c3e-0000-4000-8000-00000000a001"
+ADDRESS = "10.77.0.5"
+ENTRY = f"{ADDRESS}:0/0"
+
+
+class Shell:
+    """A Runtime as the actuate worker builds it, its notices published on the notices topic
+    (the worker's fold reads them back) and kept in `sent`."""
+
+    def __init__(self, settings: FencerSettings) -> None:
+        self.settings = settings
+        self.rt = Runtime(settings=settings, started_at=time.time())
+        self.sent: list[Notice] = []
+        self.table: dict[str, Any] = {}
+        self.producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
+        self.rt.notice_sink = self.notice
+
+    async def start(self) -> Shell:
+        await self.producer.start()
+        return self
+
+    async def notice(self, n: Notice) -> None:
+        self.sent.append(n)
+        await self.send(self.settings.kafka.topics.notices, n.host.host_uuid, dump(n))
+
+    async def send(self, topic: str, key: str, value: bytes) -> tuple[int, int]:
+        meta = await self.producer.send_and_wait(topic, key=key.encode(), value=value)
+        return meta.partition, meta.offset
+
+    async def fence_blocklisted(self, decision_id: str) -> None:
+        """The notice the actuator's storage rung sends once it blocklisted the host."""
+        now = time.time()
+        d = FenceDecision(
+            decision_id=decision_id,
+            host=HostRef(host_uuid=HOST),
+            episode=1,
+            action=FenceAction.STOP,
+            approved=True,
+            evidence=EvidenceSummary(suspect_since=now - 60, stale_checks=3),
+            decided_at=now,
+        )
+        r = StorageFenceResult(HOST, ADDRESS, ENTRY, True, True, f"blocklist {ENTRY} verified")
+        await self.notice(storage_notice(d, r, True, None, now))
+
+    async def lift(
+        self, position: tuple[int, int], entry: str | None = None, fence: str | None = None
+    ) -> None:
+        action = OperatorAction(
+            kind="lift_blocklist",
+            host_uuid=HOST,
+            by="ops-anna",
+            at=time.time(),
+            blocklist_entry=entry,
+            decision_id=fence,
+        )
+        await actuating.operator_action(self.rt, action, self.table, HOST, position)
+
+    def told(self, kind: NoticeKind) -> list[Notice]:
+        return [n for n in self.sent if n.kind is kind]
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+        await self.rt.close()
+
+
+def listed(ceph: Ceph) -> list[str]:
+    out = ceph.cluster.run("ceph", "osd", "blocklist", "ls", "--format", "json").stdout
+    return [str(e.get("addr")) for e in parse_ls(out)]
+
+
+@pytest.fixture
+async def shell(fencer_settings: Any, ceph_clean: Ceph) -> AsyncIterator[Shell]:
+    settings = fencer_settings(
+        isolated_topics=True,
+        rbd=RbdSettings.model_validate(ceph_clean.rbd_settings()),
+        hosts={HOST: HostSettings(storage_ip=ADDRESS)},
+        signing=SigningSettings(keys=SecretStr("k1 " + "s" * 40)),
+    )
+    s = await Shell(settings).start()
+    try:
+        yield s
+    finally:
+        await s.stop()
+
+
+async def test_a_lift_names_its_entry_and_never_lifts_a_newer_blocklist(
+    shell: Shell, ceph_clean: Ceph
+) -> None:
+    s = shell
+    ceph_clean.cluster.run("ceph", "osd", "blocklist", "add", ENTRY, "3600")
+    await s.fence_blocklisted("fence-A")
+    await s.lift((0, 10), ENTRY, "fence-A")
+    assert ENTRY not in listed(ceph_clean)
+    assert [n.blocklist_entry for n in s.told(NoticeKind.BLOCKLIST_LIFTED)] == [ENTRY]
+    assert s.table[HOST][actuating.mark_key(s.rt, "blocklist_lift")] == [0, 10, "done"]
+
+    # Later fencer fences the host again: entry B, the same address.
+    ceph_clean.cluster.run("ceph", "osd", "blocklist", "add", ENTRY, "3600")
+    await s.fence_blocklisted("fence-B")
+    # The old lift read again after a restart: skipped by its position, B stays.
+    await s.lift((0, 10), ENTRY, "fence-A")
+    # The same request under another position (a table that lost its mark): fencer's records
+    # say the entry is fence B's now, not A's: not lifted, and people are told.
+    await s.lift((0, 11), ENTRY, "fence-A")
+    assert ENTRY in listed(ceph_clean)
+    (refused,) = s.told(NoticeKind.BLOCKLIST_NOT_LIFTED)
+    assert "added again by fence fence-B after fence fence-A" in (refused.reason or "")
+    # A request naming no entry while fencer records one (which may be newer): not lifted.
+    await s.lift((0, 12))
+    assert ENTRY in listed(ceph_clean)
+    assert "names no entry, and fencer's records show entry" in (
+        s.told(NoticeKind.BLOCKLIST_NOT_LIFTED)[-1].reason or ""
+    )
+    # The operator lifts B by name: lifted.
+    await s.lift((0, 13), ENTRY, "fence-B")
+    assert ENTRY not in listed(ceph_clean)
+    assert len(s.told(NoticeKind.BLOCKLIST_LIFTED)) == 2
+
+
+async def test_a_lift_cut_short_by_a_restart_is_not_run_again_and_people_are_told(
+    shell: Shell, ceph_clean: Ceph
+) -> None:
+    s = shell
+    ceph_clean.cluster.run("ceph", "osd", "blocklist", "add", ENTRY, "3600")
+    await s.fence_blocklisted("fence-A")
+    s.table[HOST] = {actuating.mark_key(s.rt, "blocklist_lift"): [0, 4, "started"]}  # dead
+    await s.lift((0, 4), ENTRY, "fence-A")
+    assert ENTRY in listed(ceph_clean)
+    (n,) = s.told(NoticeKind.BLOCKLIST_NOT_LIFTED)
+    assert "a restart cut this lift short" in (n.reason or "")
+    await s.lift((0, 3), ENTRY, "fence-A")  # older still: skipped silently
+    assert len(s.sent) == 2 and ENTRY in listed(ceph_clean)
+
+
+async def test_a_lift_naming_no_entry_runs_only_if_read_live(
+    shell: Shell, ceph_clean: Ceph
+) -> None:
+    """An entry fencer never added (no record): a request naming none, written while no
+    actuator listened, is not carried out; one written while it listens is."""
+    s = shell
+    ceph_clean.cluster.run("ceph", "osd", "blocklist", "add", ENTRY, "3600")
+    topic = s.settings.kafka.topics.operator_actions
+    old = OperatorAction(kind="lift_blocklist", host_uuid=HOST, by="ops", at=time.time())
+    at_old = await s.send(topic, HOST, dump(old))
+    await s.rt.start_actuation()  # the actuator begins listening
+    at_new = await s.send(topic, HOST, dump(old.model_copy(update={"at": time.time()})))
+    await s.lift(at_old)
+    assert ENTRY in listed(ceph_clean)
+    (n,) = s.told(NoticeKind.BLOCKLIST_NOT_LIFTED)
+    assert "names no entry and is not fresh (not read live" in (n.reason or ""), n.reason
+    await s.lift(at_new)
+    assert ENTRY not in listed(ceph_clean)
+    assert [n.blocklist_entry for n in s.told(NoticeKind.BLOCKLIST_LIFTED)] == [ENTRY]
+
+
+async def test_a_pin_confirmation_read_again_does_nothing_and_another_guid_pins_nothing(
+    fencer_settings: Any,
+) -> None:
+    old_board = "6a1b7f2e-1111-4a2b-9c3d-000000000001"
+    new_board = "6a1b7f2e-2222-4a2b-9c3d-000000000002"
+
+    def confirm(expect: str | None) -> OperatorAction:
+        return OperatorAction(
+            kind="bmc_pin_confirm",
+            host_uuid=HOST,
+            by="ops",
+            at=time.time(),
+            request_id=f"r{time.monotonic_ns()}",
+            expect=expect,
+        )
+
+    with BmcSimulator(password="pw", guid=old_board) as bmc:
+        settings = fencer_settings(
+            isolated_topics=True,
+            lab=True,
+            signing=SigningSettings(keys=SecretStr("k1 " + "s" * 40)),
+            defaults=IpmiSettings(password=SecretStr("pw"), port=bmc.port),
+            hosts={HOST: HostSettings(ipmi=IpmiOverrides(address="127.0.0.1"))},
+        )
+        s = await Shell(settings).start()
+        try:
+            first = confirm(old_board)
+            answer = await actuating.bmc_pin_confirm(s.rt, first, s.table, (0, 5))
+            assert answer is not None and answer.pinned_guid == old_board, answer
+            pins = await s.rt.bmc_pins()
+            assert pins.get(HOST).guid == old_board
+            # The BMC is swapped: another board answers at the same address.
+            bmc.guid = new_board
+            asked = bmc.count()
+            # The old confirmation read again after a restart: the BMC is not even asked,
+            # nothing is pinned, nothing answered.
+            assert await actuating.bmc_pin_confirm(s.rt, first, s.table, (0, 5)) is None
+            assert await actuating.bmc_pin_confirm(s.rt, first, s.table, (0, 4)) is None
+            assert bmc.count() == asked and pins.get(HOST).guid == old_board
+            # A new confirmation of the GUID the operator saw: the BMC reports another one.
+            again = await actuating.bmc_pin_confirm(s.rt, confirm(old_board), s.table, (0, 6))
+            assert again is not None and again.refused == "expect" and not again.success
+            assert new_board in (again.error or "") and pins.get(HOST).guid == old_board
+            (n,) = s.told(NoticeKind.BMC_IDENTITY_CHANGED)
+            assert n.host.host_uuid == HOST and new_board in (n.reason or "")
+            assert n.result == "not pinned"
+        finally:
+            await s.stop()
