@@ -238,7 +238,7 @@ async def _fetch_records_snapshot(
     self: Any,
     consumer: Any,
     active_partitions: Any,
-    timeout: float | None = None,
+    timeout: float | None = None,  # noqa: ASYNC109  (Faust's signature)
     max_records: int | None = None,
 ) -> Any:
     """Faust workaround: aiokafka gets a copy of the active partitions, never an empty set."""
@@ -250,7 +250,7 @@ async def _fetch_records_snapshot(
     )
 
 
-async def _getmany_rewinding(self: Any, timeout: float) -> Any:
+async def _getmany_rewinding(self: Any, timeout: float) -> Any:  # noqa: ASYNC109  (Faust's)
     """Faust's `Consumer.getmany` (faust-streaming 0.15.3), except that a fetched record it does
     not hand on rewinds its partition to that record (see above)."""
     records, active_partitions = await self._wait_next_records(timeout)
@@ -261,6 +261,7 @@ async def _getmany_rewinding(self: Any, timeout: float) -> Any:
     pending = {tp: recs[0].offset for tp, recs in records.items() if recs}
     rewind: dict[Any, int] = {}
     flow_was_active = self.flow_active
+    interrupted = False
     try:
         if flow_was_active:
             for tp, record in self.scheduler.iterate(records):
@@ -278,12 +279,16 @@ async def _getmany_rewinding(self: Any, timeout: float) -> Any:
                     yield tp, self._to_message(tp, record)
                 else:
                     rewind[tp] = record.offset
+    except BaseException:  # cancelled or closed: Faust stops its fetcher only at shutdown
+        interrupted = True
+        raise
     finally:
-        for tp, recs in records.items():
-            if recs and tp not in rewind and pending[tp] <= recs[-1].offset:
-                rewind[tp] = pending[tp]
-        if rewind and not self.should_stop:
-            await _rewind(self, rewind)
+        if not interrupted and not self.should_stop:
+            for tp, recs in records.items():
+                if recs and tp not in rewind and pending[tp] <= recs[-1].offset:
+                    rewind[tp] = pending[tp]
+            if rewind:
+                await _rewind(self, rewind)
     if not flow_was_active:
         # As Faust: fetched while the flow was stopped, seek back to the committed offsets.
         try:
@@ -329,9 +334,9 @@ def apply_faust_workarounds() -> None:
     _faust_originals["fetch_records"] = thread._fetch_records
     _faust_originals["getmany"] = faust_consumer.Consumer.getmany
     _faust_originals["flow_resume"] = FlowControlEvent.resume
-    thread._fetch_records = _fetch_records_snapshot
-    faust_consumer.Consumer.getmany = _getmany_rewinding
-    FlowControlEvent.resume = _resume_keeping_live_records
+    setattr(thread, "_fetch_records", _fetch_records_snapshot)  # noqa: B010  (typed classes)
+    setattr(faust_consumer.Consumer, "getmany", _getmany_rewinding)  # noqa: B010
+    setattr(FlowControlEvent, "resume", _resume_keeping_live_records)  # noqa: B010
 
 
 def remove_faust_workarounds() -> None:
@@ -340,9 +345,9 @@ def remove_faust_workarounds() -> None:
         return
     from faust.transport import consumer as faust_consumer
     from faust.transport.drivers import aiokafka as faust_aiokafka
-
     from mode.utils.queues import FlowControlEvent
 
-    faust_aiokafka.AIOKafkaConsumerThread._fetch_records = _faust_originals.pop("fetch_records")
-    faust_consumer.Consumer.getmany = _faust_originals.pop("getmany")
-    FlowControlEvent.resume = _faust_originals.pop("flow_resume")
+    thread = faust_aiokafka.AIOKafkaConsumerThread
+    setattr(thread, "_fetch_records", _faust_originals.pop("fetch_records"))  # noqa: B010
+    setattr(faust_consumer.Consumer, "getmany", _faust_originals.pop("getmany"))  # noqa: B010
+    setattr(FlowControlEvent, "resume", _faust_originals.pop("flow_resume"))  # noqa: B010

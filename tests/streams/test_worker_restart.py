@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+from mode.utils.queues import FlowControlEvent, FlowControlQueue
 
 from fencing.events import FenceAction
 from fencing.records import EvidenceSummary, FenceProposal, HostRef
 from lab.cloud import LabCloud
 from lab.pipeline import Tap, WorkerProcess, write_settings
 from streams.broker import EmbeddedBroker
+from streams.kafka import apply_faust_workarounds, remove_faust_workarounds
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -101,3 +103,28 @@ async def test_a_worker_killed_and_restarted_at_once_reads_what_was_produced_aro
             verdicts.setdefault(str(v.get("decision_id")), set()).add(v.get("approved"))
         assert len(verdicts) == sent, sorted(verdicts)
         assert all(len(seen) == 1 for seen in verdicts.values()), verdicts
+
+
+async def test_a_resume_of_a_running_flow_keeps_what_the_agents_have_queued() -> None:
+    """The second path of the defect, on mode's own classes: Faust resumes the flow at the end of
+    a recovery while it already runs; a resume emptied every agent's queue (records fetched
+    after the seek to the committed offsets, read by nobody again). Only a resume after a
+    suspension clears the queues now (what was queued while suspended is stale)."""
+
+    def queued(workaround: bool, suspended_first: bool) -> list[str]:
+        flow = FlowControlEvent(initially_suspended=False)
+        queue: FlowControlQueue[str] = FlowControlQueue(flow_control=flow, clear_on_resume=True)
+        queue.put_nowait("record")
+        if suspended_first:
+            flow.suspend()
+        (apply_faust_workarounds if workaround else remove_faust_workarounds)()
+        try:
+            flow.resume()
+        finally:
+            apply_faust_workarounds()  # as every fencer process has it
+        assert flow.is_active()
+        return list(queue._queue)  # type: ignore[attr-defined]  # asyncio.Queue's deque
+
+    assert queued(workaround=False, suspended_first=False) == []  # the defect
+    assert queued(workaround=True, suspended_first=False) == ["record"]
+    assert queued(workaround=True, suspended_first=True) == []
