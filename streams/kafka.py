@@ -3,7 +3,9 @@
 Rule: every aiokafka client and every Faust app is built from `aiokafka_kwargs` /
 `faust_app_kwargs`, after `prepare_kafka(settings)`, which applies the Tansu workarounds when
 (and only when) the settings say the broker is the embedded one. Nothing here is Tansu-specific
-otherwise: `ensure_topics` works against any Kafka.
+otherwise: `ensure_topics` works against any Kafka. `prepare_kafka` also applies, for every
+broker, the Faust workaround at the end of this module (records fetched at the end of a table
+recovery were dropped: a worker restarted at once after a crash did not read them).
 """
 
 from __future__ import annotations
