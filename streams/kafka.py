@@ -3,7 +3,9 @@
 Rule: every aiokafka client and every Faust app is built from `aiokafka_kwargs` /
 `faust_app_kwargs`, after `prepare_kafka(settings)`, which applies the Tansu workarounds when
 (and only when) the settings say the broker is the embedded one. Nothing here is Tansu-specific
-otherwise: `ensure_topics` works against any Kafka.
+otherwise: `ensure_topics` works against any Kafka. `prepare_kafka` also applies, for every
+broker, the Faust workaround at the end of this module (records fetched at the end of a table
+recovery were dropped: a worker restarted at once after a crash did not read them).
 """
 
 from __future__ import annotations
@@ -155,7 +157,9 @@ def faust_app_kwargs(settings: FencerSettings) -> dict[str, Any]:
 
 
 def prepare_kafka(settings: FencerSettings) -> None:
-    """Call before building any client or Faust app: applies the Tansu workarounds if embedded."""
+    """Call before building any client or Faust app: applies the Faust workaround (any broker)
+    and the Tansu workarounds if embedded."""
+    apply_faust_workarounds()
     if settings.kafka.embedded:
         from streams.tansu_compat import apply_tansu_workarounds
 
@@ -201,3 +205,151 @@ async def ensure_topics(settings: FencerSettings) -> list[str]:
         return created
     finally:
         await admin.close()
+
+
+# -- Faust 0.15 workaround: records fetched at the end of a recovery are dropped --------------
+#
+# Found with a worker SIGKILLed and restarted at once (records waited in its stream partitions):
+# the restarted worker never saw the records produced around its restart, with no log line.
+# Faust's fetcher passes its *live* set of active partitions to the consumer thread; the
+# recovery's `pause_partitions` empties that set in place while the request waits in the
+# thread's queue, and aiokafka reads an empty set as "every partition": it hands over (and
+# moves its position past) the records of the paused stream partitions, which Faust's
+# `getmany` then skips as not active. The recovery's seek to the committed offsets rescues them
+# only where the group has committed; records produced since the last commit, or on a
+# partition the group never committed, are lost. (`getmany` likewise drops the rest of a batch
+# when the flow stops or the generation changes mid-batch.)
+# The patch: the thread is given a copy of the set, and nothing when it has become empty; a
+# record `getmany` does not hand on sends its partition back to that record's offset, so it is
+# fetched again once the partition is resumed (a partition no longer assigned is left alone:
+# its next owner starts at the committed offset).
+#
+# Second path, same symptom: at the end of a recovery Faust resumes the stream partitions,
+# seeks them to the committed offsets, then calls `app.flow_control.resume()`, which empties
+# every agent's queue (mode's FlowControlEvent clears its queues on each resume). The flow is
+# already running then (the recovery resumed it to read the changelogs), so records fetched
+# after the seek and already queued for an agent are thrown away, and nothing reads them again.
+# The patch: a resume clears the queues only when the flow was suspended (what was queued
+# during a suspension is stale); a resume of a running flow leaves the queued records. Records
+# of an earlier generation are still skipped by Faust's streams (they compare generations).
+
+_faust_originals: dict[str, Any] = {}
+
+
+async def _fetch_records_snapshot(
+    self: Any,
+    consumer: Any,
+    active_partitions: Any,
+    timeout: float | None = None,  # noqa: ASYNC109  (Faust's signature)
+    max_records: int | None = None,
+) -> Any:
+    """Faust workaround: aiokafka gets a copy of the active partitions, never an empty set."""
+    wanted = set(active_partitions) if active_partitions is not None else None
+    if wanted is not None and not wanted:
+        return {}  # paused meanwhile; aiokafka would read an empty set as "all partitions"
+    return await _faust_originals["fetch_records"](
+        self, consumer, wanted, timeout=timeout, max_records=max_records
+    )
+
+
+async def _getmany_rewinding(self: Any, timeout: float) -> Any:  # noqa: ASYNC109  (Faust's)
+    """Faust's `Consumer.getmany` (faust-streaming 0.15.3), except that a fetched record it does
+    not hand on rewinds its partition to that record (see above)."""
+    records, active_partitions = await self._wait_next_records(timeout)
+    generation_id = self.app.consumer_generation_id
+    if records is None or self.should_stop:
+        return
+    # Per partition: the first offset not handed on yet, and where to rewind to.
+    pending = {tp: recs[0].offset for tp, recs in records.items() if recs}
+    rewind: dict[Any, int] = {}
+    flow_was_active = self.flow_active
+    interrupted = False
+    try:
+        if flow_was_active:
+            for tp, record in self.scheduler.iterate(records):
+                if tp in rewind:
+                    continue
+                if not self.flow_active or self.app.consumer_generation_id != generation_id:
+                    break
+                if (
+                    active_partitions is None
+                    or tp in active_partitions
+                    or tp in self._buffered_partitions
+                ):
+                    pending[tp] = record.offset + 1
+                    self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                    yield tp, self._to_message(tp, record)
+                else:
+                    rewind[tp] = record.offset
+    except BaseException:  # cancelled or closed: Faust stops its fetcher only at shutdown
+        interrupted = True
+        raise
+    finally:
+        if not interrupted and not self.should_stop:
+            for tp, recs in records.items():
+                if recs and tp not in rewind and pending[tp] <= recs[-1].offset:
+                    rewind[tp] = pending[tp]
+            if rewind:
+                await _rewind(self, rewind)
+    if not flow_was_active:
+        # As Faust: fetched while the flow was stopped, seek back to the committed offsets.
+        try:
+            await self.perform_seek()
+        except Exception as exc:
+            log.warning("faust workaround: seek to the committed offsets failed: %s", exc)
+
+
+async def _rewind(consumer: Any, offsets: dict[Any, int]) -> None:
+    """Send each still-assigned partition back to its first record not handed on."""
+    try:
+        assigned = consumer.assignment()
+        back = {tp: off for tp, off in offsets.items() if tp in assigned}
+        if not back:
+            return
+        log.info(
+            "faust workaround: fetched records not handed on (partition paused or a "
+            "rebalance), read again from %s",
+            ", ".join(f"{tp.topic}[{tp.partition}]@{off}" for tp, off in sorted(back.items())),
+        )
+        await consumer.seek_wait(back)
+    except Exception as exc:  # revoked meanwhile: the next owner starts at the committed offset
+        log.warning("faust workaround: cannot rewind %s: %s", sorted(offsets), exc)
+
+
+def _resume_keeping_live_records(self: Any) -> None:
+    """mode's FlowControlEvent.resume, clearing the queues only after a suspension."""
+    if self._suspend.is_set():
+        _faust_originals["flow_resume"](self)
+    else:
+        self._resume.set()
+
+
+def apply_faust_workarounds() -> None:
+    """Patch Faust's fetch path and flow control (see above); idempotent. Every broker."""
+    if _faust_originals:
+        return
+    from faust.transport import consumer as faust_consumer
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+    from mode.utils.queues import FlowControlEvent
+
+    thread = faust_aiokafka.AIOKafkaConsumerThread
+    _faust_originals["fetch_records"] = thread._fetch_records
+    _faust_originals["getmany"] = faust_consumer.Consumer.getmany
+    _faust_originals["flow_resume"] = FlowControlEvent.resume
+    setattr(thread, "_fetch_records", _fetch_records_snapshot)  # noqa: B010  (typed classes)
+    setattr(faust_consumer.Consumer, "getmany", _getmany_rewinding)  # noqa: B010
+    setattr(FlowControlEvent, "resume", _resume_keeping_live_records)  # noqa: B010
+
+
+def remove_faust_workarounds() -> None:
+    """Restore Faust as it was (for the test that shows the defect)."""
+    if not _faust_originals:
+        return
+    from faust.transport import consumer as faust_consumer
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+    from mode.utils.queues import FlowControlEvent
+
+    thread = faust_aiokafka.AIOKafkaConsumerThread
+    setattr(thread, "_fetch_records", _faust_originals.pop("fetch_records"))  # noqa: B010
+    setattr(faust_consumer.Consumer, "getmany", _faust_originals.pop("getmany"))  # noqa: B010
+    setattr(FlowControlEvent, "resume", _faust_originals.pop("flow_resume"))  # noqa: B010

@@ -92,6 +92,7 @@ async def test_a_lost_global_row_write_still_counts_toward_the_global_cap(
             before = next(r for r in rows if r.value and len(json.loads(r.value)["grants"]) == 1)
             assert before.key is not None and before.value is not None
             await tap.send(gates, before.key, before.value)  # the global write lost
+            put_back = len(rows) + 1  # global rows in the changelog, the one put back included
             worker = WorkerProcess(file, "all", log).start()
 
             size = GateSignal(
@@ -101,8 +102,17 @@ async def test_a_lost_global_row_write_still_counts_toward_the_global_cap(
             third = ghost(3, OTHER_CLUSTER)
             await tap.send(t.fence_proposals, OTHER_CLUSTER, third)
             await tap.wait_for(lambda: len(decisions()) >= 3, 90, "the third decision")
-            # The global row written with this judgement holds both grants again, once each.
-            last = [r for r in await changelog(tap, gates) if global_key(r)][-1]
+            # The global row written with this judgement holds both grants again, once each. The
+            # worker sends the decision before its changelog write reaches the broker: wait for a
+            # global row after the one put back above.
+            deadline = time.monotonic() + 30
+            while True:
+                rows = [r for r in await changelog(tap, gates) if global_key(r)]
+                if len(rows) > put_back:
+                    break
+                assert time.monotonic() < deadline, "no global row written after the judgement"
+                await asyncio.sleep(0.5)
+            last = rows[-1]
             assert last.value is not None
             held = [g["decision_id"] for g in json.loads(last.value)["grants"]]
             assert held == [first.decision_id, second.decision_id]
