@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -202,10 +202,13 @@ class Reconcile:
     partition signals); done once a judgement wrote the reconciled row. `prepare` reads the
     decision log the reconciliation merges (`logged`)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, read: Callable[[Runtime], Awaitable[list[gatecore.Logged]]] | None = None
+    ) -> None:
         self.due = True
         self.logged: list[gatecore.Logged] | None = None  # read for the due reconciliation
         self._changes = 0
+        self._read = read_decision_log if read is None else read
 
     async def on_partitions_changed(self, *args: Any, **kwargs: Any) -> None:
         """Faust's on_partitions_revoked / on_partitions_assigned receiver."""
@@ -219,7 +222,7 @@ class Reconcile:
         during the read: the read must follow the rows' recovery)."""
         while isinstance(item, FenceProposal) and self.due and self.logged is None:
             changes = self._changes
-            logged = await read_decision_log(runtime)
+            logged = await self._read(runtime)
             if changes == self._changes:
                 self.logged = logged
 
