@@ -309,7 +309,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 try:
                     await runtime.live()
                     # After an assignment the first proposal waits for the decision log's read.
-                    await gate_sync.prepare(runtime, parsed)
+                    await gate_sync.prepare(runtime, parsed, gates)
                     # The gate's own clock: never the proposing worker's stamp. A record read
                     # again after a restart (at or before what its row applied) is skipped.
                     position = (event.message.partition, event.message.offset)

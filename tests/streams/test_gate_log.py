@@ -73,7 +73,7 @@ async def test_a_decision_published_whose_two_row_writes_were_lost_counts_at_the
     table: dict[str, Any] = {}
     sized(table, rt)
     sync = gating.Reconcile()
-    await sync.prepare(rt, proposal(1, NOW))  # the first start: an empty log
+    await sync.prepare(rt, proposal(1, NOW), table)  # the first start: an empty log
     assert sync.logged == []
     first = gating.apply_gate(table, proposal(1, NOW), rt, now=NOW, position=(0, 1), sync=sync)
     assert isinstance(first, FenceDecision) and first.approved and not sync.due
@@ -95,10 +95,10 @@ async def test_a_decision_published_whose_two_row_writes_were_lost_counts_at_the
     table = before
     sync = gating.Reconcile()
     signal = GateSignal(kind="cluster_size", cluster_uuid="c1", at=NOW, host_count=20)
-    await sync.prepare(rt, signal)  # a signal does not wait for the log
+    await sync.prepare(rt, signal, table)  # a signal does not wait for the log
     assert sync.logged is None
     third = proposal(3, NOW + 2)
-    await sync.prepare(rt, third)
+    await sync.prepare(rt, third, table)
     assert sync.logged is not None
     # (in partition order: the topic is keyed by host)
     assert sorted(d.decision_id for d in sync.logged) == [first.decision_id, second.decision_id]
@@ -122,6 +122,22 @@ async def test_a_decision_published_whose_two_row_writes_were_lost_counts_at_the
         table, proposal(2, NOW + 1), rt, now=NOW + 3, position=(0, 5), sync=sync
     )
     assert isinstance(again, FenceDecision) and again.approved and again.budget_used == 2
+    # The shared row remembers how far the log is merged (every record read, the unsigned ones
+    # included); the next owner reads on from there, only what came after.
+    merged = table[gating.GLOBAL_ROW][gating.LOG_POSITION]
+    assert sum(merged.values()) == 5
+    late = rt.sign_decision(second.model_copy(update={"decision_id": "h2/1/late"}))
+    await publish(rt, [late])
+    sync = gating.Reconcile()
+    await sync.prepare(rt, proposal(4, NOW + 5), table)
+    assert sync.logged is not None and [d.decision_id for d in sync.logged] == ["h2/1/late"]
+    assert sum(sync.position.values()) == 6
+    # A shared row written back to before the log was merged (or one without a position):
+    # the whole log again.
+    table[gating.GLOBAL_ROW] = {**table[gating.GLOBAL_ROW], gating.LOG_POSITION: "bad"}
+    sync = gating.Reconcile()
+    await sync.prepare(rt, proposal(4, NOW + 5), table)
+    assert sync.logged is not None and len(sync.logged) == 3
 
 
 async def test_reading_a_thousand_decisions_at_start(
@@ -152,11 +168,14 @@ async def test_reading_a_thousand_decisions_at_start(
     ]
     await publish(rt, decisions)
     started = time.monotonic()
-    logged = await gating.read_decision_log(rt)
+    logged, end = await gating.read_decision_log(rt)
     took = time.monotonic() - started
-    print(f"\nread_decision_log: 1000 decisions in {took:.3f} s")
-    assert len(logged) == 1000
-    assert [d.decision_id for d in logged] != [] and took < 15.0
+    started = time.monotonic()
+    none, same = await gating.read_decision_log(rt, end)
+    after = time.monotonic() - started
+    print(f"\nread_decision_log: 1000 decisions in {took:.3f} s, none after them in {after:.3f} s")
+    assert len(logged) == 1000 and sum(end.values()) == 1000 and took < 15.0
+    assert (none, same) == ([], end)
 
 
 async def test_an_assignment_during_the_read_reads_the_log_again(
@@ -167,14 +186,14 @@ async def test_an_assignment_during_the_read_reads_the_log_again(
     rt = runtime(fencer_settings)
     reads: list[int] = []
 
-    async def read(runtime: Runtime) -> list[Any]:
+    async def read(runtime: Runtime, start: gating.LogPosition) -> Any:
         reads.append(len(reads))
         if len(reads) == 1:
             await sync.on_partitions_changed(set())  # a rebalance while the first read runs
-        return list(await gating.read_decision_log(runtime))
+        return await gating.read_decision_log(runtime, start)
 
     sync = gating.Reconcile(read)
-    await sync.prepare(rt, proposal(1, NOW))
+    await sync.prepare(rt, proposal(1, NOW), {})
     assert reads == [0, 1] and sync.logged == [] and sync.due
-    await sync.prepare(rt, proposal(1, NOW))  # read already, not yet used: not read again
+    await sync.prepare(rt, proposal(1, NOW), {})  # read already, not yet used: not read again
     assert reads == [0, 1]
