@@ -26,13 +26,15 @@ its store at once, so the whole table is not read again for every proposal.
 The worker can also die after its decision reached fence-decisions and before either row's
 write did (the same producer, different batches): the actuator carries the decision out and no
 row counts it. So the decision log is the source of truth: at the same reconciliation the gate
-reads fence-decisions whole (a plain consumer without a group, from the beginning: one record
-per judgement, a small topic), keeps only the records whose signature it verifies as the
-actuator does (`streams.actuation.read_decision`: a forged record neither fences nor eats the
-budget), and `fencing.gate.logged_grants` / `reconcile` merge the approved power-downs still in
-the window by decision id, judged by their `decided_at` (the gate's clock) against the gate's
-clock. The gate agent awaits `Reconcile.prepare` before a proposal: a proposal after an
-assignment waits for the read.
+reads fence-decisions (a plain consumer without a group) from where the shared row says it has
+merged the log up to (`log_position`, {partition: next offset}, written in the same record as
+the grants it merged, so a lost write of the row sets both back together; no position: from the
+beginning), keeps only the records whose signature it verifies as the actuator does
+(`streams.actuation.read_decision`: a forged record neither fences nor eats the budget), and
+`fencing.gate.logged_grants` / `reconcile` merge the approved power-downs still in the window by
+decision id, judged by their `decided_at` (the gate's clock) against the gate's clock. The gate
+agent awaits `Reconcile.prepare` before a proposal: a proposal after an assignment waits for the
+read.
 """
 
 from __future__ import annotations
