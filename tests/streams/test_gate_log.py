@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
@@ -20,6 +21,7 @@ from streams import gating
 from streams.codec import dump
 from streams.kafka import aiokafka_kwargs
 from streams.runtime import Runtime
+from streams.topic_reader import TopicReaderError
 
 NOW = 1_800_000_000.0
 SIGNING = SigningSettings(keys=SecretStr(new_key_line("gate-log-test")))
@@ -197,3 +199,19 @@ async def test_an_assignment_during_the_read_reads_the_log_again(
     assert reads == [0, 1] and sync.logged == [] and sync.due
     await sync.prepare(rt, proposal(1, NOW), {})  # read already, not yet used: not read again
     assert reads == [0, 1]
+
+
+async def test_an_unreadable_log_is_an_error_naming_the_topic(
+    fencer_settings: FencerSettingsFactory,
+) -> None:
+    """No broker answers: the read fails (the gate agent dead-letters the proposal, which the
+    core proposes again), it never judges as if the log were empty."""
+    rt = runtime(fencer_settings)
+    kafka = rt.settings.kafka.model_copy(update={"bootstrap_servers": "127.0.0.1:1"})
+    rt = Runtime(settings=rt.settings.model_copy(update={"kafka": kafka}), started_at=NOW)
+    sync = gating.Reconcile()
+    with pytest.raises(TopicReaderError, match=rt.settings.kafka.topics.fence_decisions):
+        await gating.read_decision_log(rt, within=2.0)
+    with pytest.raises(TopicReaderError):
+        await sync.prepare(rt, proposal(1, NOW), {})
+    assert sync.due and sync.logged is None
