@@ -16,7 +16,9 @@ The global row is the union of the cluster rows' grants: every grant is written 
 shell, as two records, and a worker can die between the two writes. So each row is made whole
 from the other before a request is judged: `decide` merges the global row's grants of the
 cluster into the cluster row and the cluster row's into the global row, and the shell first
-passes the global row through `reconcile` (every other cluster row's grants merged in). Grants
+passes the global row through `reconcile` (every other cluster row's grants merged in, and the
+grants the decision log proves: `logged_grants`; the worker can also die after publishing a
+decision and before either row's write, and the actuator obeys the published decision). Grants
 are merged by decision id: one fence never counts twice, and a decision id that holds a grant in
 the window is approved again (rule 1) without consuming anything, even when the verdict that
 gave it was lost with its cluster row's write.
@@ -188,13 +190,51 @@ def _merged(grants: tuple[Grant, ...], more: Iterable[Grant]) -> tuple[Grant, ..
     return (*grants, *sorted(extra.values(), key=lambda g: (g.at, g.decision_id)))
 
 
+@dataclass(frozen=True)
+class Logged:
+    """One decision read back from the decision log (fence-decisions), its signature verified
+    by the shell: the log holds every decision the actuator may carry out."""
+
+    decision_id: str
+    host: str
+    cluster: str | None
+    action: FenceAction
+    approved: bool
+    at: float  # the record's decided_at: the gate's clock when it judged
+
+
+def logged_grants(logged: Iterable[Logged], now: float, window: float) -> tuple[Grant, ...]:
+    """The grants the decision log proves at `now`: one per approved power-down decision id
+    still in the window (as `in_window` counts a row's grants), oldest first.
+
+    A decision id judged more than once in the window keeps its earliest stamp in the window:
+    the first approval's, as the rows' grant has it. (A repeated approval is stamped when it was
+    repeated: once the first has left the window, the repeat keeps the fence counted until it
+    leaves too, which may count one fence longer than the rows would, never shorter.)"""
+    first: dict[str, Grant] = {}
+    for d in logged:
+        if not (d.approved and d.action.powers_down and d.cluster) or now - d.at >= window:
+            continue
+        held = first.get(d.decision_id)
+        if held is None or d.at < held.at:
+            first[d.decision_id] = Grant(d.decision_id, d.host, d.cluster, d.at)
+    return tuple(sorted(first.values(), key=lambda g: (g.at, g.decision_id)))
+
+
 def reconcile(
-    glob: GlobalGate, clusters: Iterable[ClusterGate], now: float, window: float
+    glob: GlobalGate,
+    clusters: Iterable[ClusterGate],
+    now: float,
+    window: float,
+    logged: Iterable[Grant] = (),
 ) -> GlobalGate:
     """The global row with every cluster row's grants still in the window merged in, by decision
     id: a grant whose global write was lost (the worker died between the two writes) counts
-    toward the global cap again. The same row when it lacks nothing."""
-    grants = _merged(glob.grants, (g for c in clusters for g in in_window(c.grants, now, window)))
+    toward the global cap again. `logged` (`logged_grants` of the decision log) is merged the
+    same way: a decision published whose two row writes were both lost still counts, in the
+    global row and, through `decide`, in its cluster's. The same row when it lacks nothing."""
+    rows = (g for c in clusters for g in in_window(c.grants, now, window))
+    grants = _merged(glob.grants, (*rows, *in_window(tuple(logged), now, window)))
     return glob if len(grants) == len(glob.grants) else replace(glob, grants=grants)
 
 

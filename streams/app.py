@@ -308,6 +308,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     continue
                 try:
                     await runtime.live()
+                    # After an assignment the first proposal waits for the decision log's read.
+                    await gate_sync.prepare(runtime, parsed, gates)
                     # The gate's own clock: never the proposing worker's stamp. A record read
                     # again after a restart (at or before what its row applied) is skipped.
                     position = (event.message.partition, event.message.offset)

@@ -22,20 +22,37 @@ the shared row is reconciled with the grants of every cluster row (`fencing.gate
 `Reconcile` says when), and `decide` makes the cluster row whole from the shared one, so a
 grant either write lost still counts. While one worker owns the partition both writes are in
 its store at once, so the whole table is not read again for every proposal.
+
+The worker can also die after its decision reached fence-decisions and before either row's
+write did (the same producer, different batches): the actuator carries the decision out and no
+row counts it. So the decision log is the source of truth: at the same reconciliation the gate
+reads fence-decisions (a plain consumer without a group) from where the shared row says it has
+merged the log up to (`log_position`, {partition: next offset}, written in the same record as
+the grants it merged, so a lost write of the row sets both back together; no position: from the
+beginning), keeps only the records whose signature it verifies as the actuator does
+(`streams.actuation.read_decision`: a forged record neither fences nor eats the budget), and
+`fencing.gate.logged_grants` / `reconcile` merge the approved power-downs still in the window by
+decision id, judged by their `decided_at` (the gate's clock) against the gate's clock. The gate
+agent awaits `Reconcile.prepare` before a proposal: a proposal after an assignment waits for the
+read.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
+
+from aiokafka import ConsumerRecord
 
 from fencing import decision as core
 from fencing import gate as gatecore
 from fencing.events import FenceAction, WithheldReason
 from fencing.records import FenceDecision, FenceProposal, GateSignal
+from streams.actuation import read_decision
+from streams.topic_reader import TopicReader
 
 if TYPE_CHECKING:
     from streams.runtime import Runtime
@@ -43,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fencer.streams")
 
 GLOBAL_ROW = "*"  # the gate table's row that every cluster shares
+LOG_POSITION = "log_position"  # in the shared row: the decision log merged up to here
 
 
 def _grant(d: dict[str, Any]) -> gatecore.Grant:
@@ -140,17 +158,107 @@ def _with_position(row: dict[str, Any], position: tuple[int, int] | None) -> dic
     return row if position is None else {**row, "position": list(position)}
 
 
+LogPosition = dict[int, int]  # fence-decisions partition -> the next offset to read
+
+
+def log_position(stored: Any) -> LogPosition:
+    """The decision log position the shared row has merged up to ({}: from the beginning)."""
+    raw = stored.get(LOG_POSITION) if isinstance(stored, dict) else None
+    try:
+        return {int(p): int(o) for p, o in (raw or {}).items()}
+    except (AttributeError, TypeError, ValueError):
+        return {}  # not a position: read the whole log (more, never less)
+
+
+async def read_decision_log(
+    runtime: Runtime, start: LogPosition | None = None, within: float = 30.0
+) -> tuple[list[gatecore.Logged], LogPosition]:
+    """Every fence-decisions record fencer signed from `start` on (the beginning by default),
+    as the gate's core reads it, and the position after the last record read (module rule).
+    Raises TopicReaderError (naming the topic) when the topic cannot be read within `within`."""
+    ring = runtime.keyring()
+    found: list[gatecore.Logged] = []
+    end = dict(start or {})
+    unsigned = 0
+
+    def on_record(record: ConsumerRecord[bytes, bytes]) -> None:
+        nonlocal unsigned
+        end[record.partition] = record.offset + 1
+        if record.value is None:
+            return
+        d = read_decision(ring, record)
+        if not isinstance(d, FenceDecision):
+            unsigned += 1  # the notifier reports it (forged_record); here it counts nothing
+            return
+        found.append(
+            gatecore.Logged(
+                d.decision_id,
+                d.host.host_uuid,
+                d.host.cluster_uuid,
+                d.action,
+                d.approved,
+                d.decided_at,
+            )
+        )
+
+    topic = runtime.settings.kafka.topics.fence_decisions
+    started = time.monotonic()
+    reader = TopicReader(
+        runtime.settings, [topic], on_record, client_id="fencer-gate-log", start=start
+    )
+    await reader.start(within)
+    await reader.stop()
+    log.info(
+        "gate: read %d signed decisions from %s %s in %.2f s (%d unsigned, not counted)",
+        len(found),
+        topic,
+        f"from {start}" if start else "from the beginning",
+        time.monotonic() - started,
+        unsigned,
+    )
+    return found, end
+
+
 class Reconcile:
     """Whether the shared row is to be reconciled before the next judgement (module rule):
     due at the start, and again at every change of assignment (connected to the app's
-    partition signals); done once a judgement wrote the reconciled row."""
+    partition signals); done once a judgement wrote the reconciled row. `prepare` reads the
+    decision log the reconciliation merges (`logged`), from the position the shared row has
+    merged up to, and `position` is where that read ended."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        read: Callable[[Runtime, LogPosition], Awaitable[tuple[list[gatecore.Logged], LogPosition]]]
+        | None = None,
+    ) -> None:
         self.due = True
+        self.logged: list[gatecore.Logged] | None = None  # read for the due reconciliation
+        self.position: LogPosition = {}
+        self._changes = 0
+        self._read = read_decision_log if read is None else read
 
     async def on_partitions_changed(self, *args: Any, **kwargs: Any) -> None:
         """Faust's on_partitions_revoked / on_partitions_assigned receiver."""
         self.due = True
+        self.logged = None
+        self._changes += 1
+
+    async def prepare(
+        self, runtime: Runtime, item: FenceProposal | GateSignal, table: MutableMapping[str, Any]
+    ) -> None:
+        """Before `item` is judged: read the decision log when `item` is a proposal, a
+        reconciliation is due and the log is not read yet (read again if the assignment changed
+        during the read: the read must follow the rows' recovery)."""
+        while isinstance(item, FenceProposal) and self.due and self.logged is None:
+            changes = self._changes
+            logged, position = await self._read(runtime, log_position(table.get(GLOBAL_ROW)))
+            if changes == self._changes:
+                self.logged, self.position = logged, position
+
+    def done(self) -> None:
+        """A judgement wrote the reconciled rows."""
+        self.due = False
+        self.logged = None
 
 
 def apply_gate(
@@ -204,8 +312,14 @@ def apply_gate(
     # The shared row as the sum of the cluster rows: a grant whose shared write was lost counts
     # (`sync`: once after a start or a rebalance; without one, at every judgement).
     glob = global_row(table.get(GLOBAL_ROW))
+    # The decision log position the shared row holds: the one just read up to, else its own.
+    merged_to = log_position(table.get(GLOBAL_ROW))
     if sync is None or sync.due:
-        glob = gatecore.reconcile(glob, cluster_grants(table), now, policy.fence_window)
+        window = policy.fence_window
+        logged = gatecore.logged_grants((sync and sync.logged) or (), now, window)
+        glob = gatecore.reconcile(glob, cluster_grants(table), now, window, logged)
+        if sync is not None and sync.logged is not None:
+            merged_to = sync.position
     glob = gatecore.pause_all(glob, runtime.globally_paused())
     ctx = gatecore.GateContext(policy=policy, started_at=runtime.started_at)
     request = gatecore.FenceRequest(
@@ -217,9 +331,10 @@ def apply_gate(
         log.warning("gate refused %s: %s", item.decision_id, exc)
         return None
     table[cluster] = _with_position(_jsonable(row), position)
-    table[GLOBAL_ROW] = _jsonable(glob)
+    shared = _jsonable(glob)
+    table[GLOBAL_ROW] = {**shared, LOG_POSITION: {str(p): o for p, o in merged_to.items()}}
     if sync is not None:
-        sync.due = False
+        sync.done()
     if position is not None:
         # One line per judged record: a replay that judged a record twice shows in the log.
         log.info(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
@@ -34,8 +34,12 @@ class TopicReader:
         on_record: Callable[[ConsumerRecord[bytes, bytes]], None],
         *,
         client_id: str = "fencer-reader",
+        start: Mapping[int, int] | None = None,
     ) -> None:
         self._settings = settings
+        # {partition: offset} to start from instead of the beginning (every topic); an offset
+        # the topic no longer holds starts from its beginning (auto_offset_reset).
+        self._start = dict(start or {})
         self._topics = topics
         self._on_record = on_record
         self._client_id = client_id
@@ -65,6 +69,9 @@ class TopicReader:
             ) from None
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
+        for tp in parts:
+            if tp.partition in self._start:
+                consumer.seek(tp, self._start[tp.partition])
         self._consumer = consumer
         self._task = asyncio.create_task(self._run(parts), name=f"{self._client_id}-tail")
         waiter = asyncio.create_task(self.caught_up.wait())

@@ -18,6 +18,7 @@ from aiokafka import ConsumerRecord
 from pydantic import BaseModel, Field
 
 from fencing.events import Evidence, FenceAction, HostStatus, NoticeKind, WithheldReason
+from fencing.gate import Logged, logged_grants
 from fencing.records import (
     EvidenceSummary,
     FenceDecision,
@@ -164,6 +165,8 @@ class FencingView:
         self._hosts: dict[str, _Host] = {}
         self._decisions: dict[str, FenceDecision] = {}
         self._outcomes: dict[str, FenceOutcome] = {}
+        # Every approved power-down record (a repeat included), as the gate reads its log.
+        self._approvals: list[Logged] = []
 
     @property
     def topics(self) -> list[str]:
@@ -195,6 +198,17 @@ class FencingView:
             if dec.decision_id not in self._decisions:
                 h.decisions.append(dec.decision_id)
             self._decisions[dec.decision_id] = dec
+            if dec.approved and dec.action.powers_down:
+                self._approvals.append(
+                    Logged(
+                        dec.decision_id,
+                        dec.host.host_uuid,
+                        dec.host.cluster_uuid,
+                        dec.action,
+                        dec.approved,
+                        dec.decided_at,
+                    )
+                )
         elif record.topic == n.fence_outcomes:
             out = FenceOutcome.model_validate_json(value)
             self._host(out.host)
@@ -362,15 +376,12 @@ class FencingView:
     # -- budget ---------------------------------------------------------------------------------
 
     def budget(self, cluster_uuid: str, *, now: float, window: float, cap: int) -> BudgetView:
-        """Approved power-downs of the cluster in (now - window, now]."""
+        """The cluster's approved power-downs in the window at `now`, counted by the function the
+        gate counts its decision log with (`fencing.gate.logged_grants`): one per decision id,
+        stamped by the gate's clock; one stamped after `now` still counts, as at the gate."""
         start = now - window
         times = [
-            d.decided_at
-            for d in self._decisions.values()
-            if d.approved
-            and d.action.powers_down
-            and d.host.cluster_uuid == cluster_uuid
-            and start < d.decided_at <= now
+            g.at for g in logged_grants(self._approvals, now, window) if g.cluster == cluster_uuid
         ]
         return BudgetView(
             cluster_uuid=cluster_uuid,

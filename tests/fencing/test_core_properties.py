@@ -53,8 +53,10 @@ from fencing.gate import (
     GlobalGate,
     HostCleared,
     HostSuspected,
+    Logged,
     Verdict,
     decide,
+    logged_grants,
     observe,
     pause_all,
     reconcile,
@@ -762,8 +764,9 @@ class GateMachine(RuleBasedStateMachine):
     """Three clusters sharing a global budget, under random requests, facts and redeliveries."""
 
     CLUSTERS = ("a", "b", "c")
-    # Mostly both rows written; sometimes the worker dies between the two writes.
-    LOSE = st.sampled_from([None, None, "cluster", "global"])
+    # Mostly both rows written; sometimes the worker dies between the two writes, or after
+    # publishing the decision and before either ("both"): only the decision log holds it then.
+    LOSE = st.sampled_from([None, None, "cluster", "global", "both"])
 
     @initialize(
         cap=st.integers(0, 3),
@@ -788,21 +791,26 @@ class GateMachine(RuleBasedStateMachine):
         self.first: dict[str, Verdict] = {}
         self.grants: list[tuple[str, float]] = []  # (cluster, time) of every power-down approved
         self.lost: set[str] = set()  # decision ids whose cluster row write was lost
+        self.log: list[Logged] = []  # fence-decisions: every published verdict
 
     def judge(self, request: FenceRequest, lose: str | None = None) -> None:
-        """Judge as the shell does (the global row reconciled with every cluster row first);
-        `lose` names the row whose write is lost (the worker died between the two writes)."""
+        """Judge as the shell does (the global row reconciled with every cluster row and the
+        decision log first); `lose` names the row whose write is lost (the worker died between
+        the two writes), or "both" (it died after publishing the decision, before either)."""
         row = self.rows[request.cluster]
         window = self.ctx.policy.fence_window
-        glob = reconcile(self.glob, self.rows.values(), self.now, window)
+        logged = logged_grants(self.log, self.now, window)
+        glob = reconcile(self.glob, self.rows.values(), self.now, window, logged)
         result = decide(row, glob, request, self.ctx, self.now)
         assert decide(row, glob, request, self.ctx, self.now) == result  # deterministic
         row, glob, verdict = result
-        if lose == "cluster":
+        v = verdict
+        self.log.append(Logged(v.decision_id, v.host, v.cluster, v.action, v.approved, v.at))
+        if lose in ("cluster", "both"):
             self.lost.add(request.decision_id)
         else:
             self.rows[request.cluster] = row
-        if lose != "global":
+        if lose not in ("global", "both"):
             self.glob = glob
         assert verdict.approved == (verdict.reason is None) and verdict.at == self.now
         first = self.first.get(request.decision_id)

@@ -21,8 +21,10 @@ from fencing.gate import (
     HostCleared,
     HostSuspected,
     IllegalRequest,
+    Logged,
     Verdict,
     decide,
+    logged_grants,
     observe,
     pause_all,
     reconcile,
@@ -478,3 +480,74 @@ def test_a_lost_approval_over_a_temporary_withhold_is_approved_again() -> None:
     cluster, glob, v3 = judge(paused, glob, replace(r1, at=T + 90), CTX)
     assert v3 == replace(v2, repeated=True, at=T + 90)
     assert cluster.verdicts == (v2,) and cluster.grants == (grant(r1, at=T + 60),)
+
+
+# -- the decision log: a decision published whose two row writes were both lost ----------------
+
+
+def logged(v: Verdict) -> Logged:
+    """The decision record of a verdict, as the shell reads it back from fence-decisions."""
+    return Logged(v.decision_id, v.host, v.cluster, v.action, v.approved, v.at)
+
+
+def test_the_log_proves_one_grant_per_approved_power_down_in_the_window() -> None:
+    r1, r2, r3 = req(1, T), req(2, T + 1), req(3, T + 2, FenceAction.BLINK)
+    log = [
+        logged(approved(r1, 1)),
+        logged(approved(r1, 1, at=T + 30)),  # repeated: the first stamp counts
+        logged(withheld(r2, WithheldReason.CAP_REACHED, 3)),
+        logged(approved(r2, 2, at=T + 40)),
+        logged(approved(r3, 2)),  # a blink consumes nothing
+        Logged("d4", "h4", None, FenceAction.STOP, True, T),  # no cluster: never approved
+        logged(approved(req(5, T - 3600), 1)),  # left the window
+        logged(approved(req(6, T + 99), 3)),  # stamped after `now`: still counts
+    ]
+    assert logged_grants(log, T + 50, 3600.0) == (
+        grant(r1),
+        grant(r2, at=T + 40),
+        grant(req(6, T + 99)),
+    )
+    # The first approval left the window, its repeat has not: the repeat counts (never shorter).
+    assert logged_grants(log, T + 3600, 3600.0) == (
+        grant(r1, at=T + 30),
+        grant(r2, at=T + 40),
+        grant(req(6, T + 99)),
+    )
+    assert logged_grants([], T, 3600.0) == ()
+
+
+def test_a_published_decision_whose_two_row_writes_were_lost_counts_in_both_caps() -> None:
+    ctx = replace(CTX, policy=replace(POLICY, fence_cap=2, global_cap=3))
+    a, b, glob = ready("a"), ready("b"), GlobalGate()
+    published: list[Verdict] = []
+    for r in (req(1, T, cluster="a"), req(2, T + 1, cluster="b")):
+        row = a if r.cluster == "a" else b
+        row, glob, v = judge(row, glob, r, ctx)
+        a, b = (row, b) if r.cluster == "a" else (a, row)
+        published.append(v)
+    old_a, old_glob = a, glob
+    r3 = req(3, T + 2, cluster="a")
+    _, _, v3 = judge(a, glob, r3, ctx)
+    assert v3.approved
+    published.append(v3)
+    # The worker died after publishing v3, before either row's write: the rows are the old ones.
+    a, glob = old_a, old_glob
+    r4, r5 = req(4, T + 3, cluster="a"), req(5, T + 3, cluster="b")
+    # Without the log the cluster and the global cap would each grant one fence too many (the bug)
+    assert judge(a, reconcile(glob, [a, b], T + 3, 3600.0), r4, ctx)[2].approved
+    assert judge(b, reconcile(glob, [a, b], T + 3, 3600.0), r5, ctx)[2].approved
+    # ... with it, both hold.
+    proved = logged_grants(map(logged, published), T + 3, 3600.0)
+    whole = reconcile(glob, [a, b], T + 3, 3600.0, proved)
+    assert [g.decision_id for g in whole.grants] == ["d1", "d2", "d3"]
+    a2, glob2, v4 = judge(a, whole, r4, ctx)
+    assert v4 == replace(withheld(r4, WithheldReason.CAP_REACHED, 2), budget_cap=2)
+    assert a2.grants == glob2.grants[0::2] == (grant(req(1, T, cluster="a")), grant(r3))
+    _, _, v5 = judge(b, whole, r5, ctx)
+    assert v5 == replace(withheld(r5, WithheldReason.GLOBAL_CAP_REACHED, 1), budget_cap=2)
+    # The lost decision proposed again: the same approval, nothing consumed.
+    _, glob3, again = judge(a, whole, replace(r3, at=T + 4), ctx)
+    assert again == replace(v3, repeated=True, at=T + 4)
+    assert glob3.grants == whole.grants
+    # Reconciled twice with the same log: nothing changes.
+    assert reconcile(whole, [a, b], T + 3, 3600.0, proved) is whole

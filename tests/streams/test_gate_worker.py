@@ -2,7 +2,9 @@
 after the decision, its gates changelog set back to the global row written before it (what the
 changelog holds when the worker dies between the cluster row's write and the global row's),
 restarted. The cluster row still holds the grant: the next proposal of another cluster meets it
-and the global cap holds. Real peers: the embedded broker, the lab's CloudStack and worker."""
+and the global cap holds. And one that lost both rows' writes of a decision it had published:
+the gate reads the decision log at its restart and the cluster cap holds. Real peers: the
+embedded broker, the lab's CloudStack and worker."""
 
 from __future__ import annotations
 
@@ -123,3 +125,100 @@ async def test_a_lost_global_row_write_still_counts_toward_the_global_cap(
         assert verdict["decision_id"] == third.decision_id
         assert (verdict["approved"], verdict["withheld_reason"]) == (False, "global_cap_reached")
         assert len(decisions()) == 3, decisions()
+
+
+def row_key(record: ConsumerRecord[bytes, bytes], key: str) -> bool:
+    return record.key is not None and record.key.decode().strip('"') == key
+
+
+async def test_a_published_decision_whose_two_row_writes_were_lost_counts_at_the_cluster_cap(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Killed after its second decision reached fence-decisions, the gates changelog set back to
+    the rows of both (the cluster's and the shared one) written before it: the worker died
+    before either write. Restarted, the gate reads the decision log: the cluster's third
+    proposal is withheld at its cap of 2."""
+    async with LabCloud(broker, hosts=4, interval=0.5, root=tmp_path / "lab") as lab:
+        settings = lab.settings(fence_cap=2, global_cap=5, check_interval=1.0)
+        file = write_settings(settings, tmp_path / "fencer.yaml")
+        t = settings.kafka.topics
+        gates = f"{settings.kafka.group_id}-gates-changelog"
+        tap = await Tap(settings).start([t.fence_proposals, t.fence_decisions])
+        log = tmp_path / "worker.log"
+        worker = WorkerProcess(file, "all", log).start()
+        cluster = lab.cluster.uuid
+        try:
+
+            def decisions() -> list[dict[str, object]]:
+                return [v for _, v in tap.of(t.fence_decisions)]
+
+            await tap.wait_for(
+                lambda: any(v.get("kind") == "cluster_size" for _, v in tap.of(t.fence_proposals)),
+                90,
+                "the worker to poll CloudStack",
+            )
+            first, second = ghost(1, cluster), ghost(2, cluster)
+            for p in (first, second):
+                await tap.send(t.fence_proposals, cluster, p)
+            await tap.wait_for(lambda: len(decisions()) >= 2, 60, "2 decisions")
+            assert [d["approved"] for d in decisions()] == [True, True]
+            # Both rows in the changelog twice: 1 grant, then 2.
+            deadline = time.monotonic() + 30
+            while True:
+                records = await changelog(tap, gates)
+                counts = {
+                    key: [
+                        len(json.loads(r.value)["grants"])
+                        for r in records
+                        if row_key(r, key) and r.value
+                    ]
+                    for key in (cluster, "*")
+                }
+                if all(c[-1:] == [2] for c in counts.values()):
+                    break
+                assert time.monotonic() < deadline, counts
+                await asyncio.sleep(0.5)
+            worker.kill()
+            for key in (cluster, "*"):
+                older = next(
+                    r
+                    for r in records
+                    if row_key(r, key) and r.value and len(json.loads(r.value)["grants"]) == 1
+                )
+                assert older.key is not None and older.value is not None
+                await tap.send(gates, older.key, older.value)  # both writes lost
+            put_back = sum(1 for r in records if row_key(r, cluster)) + 1
+            worker = WorkerProcess(file, "all", log).start()
+
+            third = ghost(3, cluster)
+            await tap.send(t.fence_proposals, cluster, third)
+            await tap.wait_for(
+                lambda: any(d["decision_id"] == third.decision_id for d in decisions()),
+                90,
+                "the third decision",
+            )
+            # The cluster row written with the third judgement (after the one put back).
+            deadline = time.monotonic() + 30
+            while True:
+                rows = [r for r in await changelog(tap, gates) if row_key(r, cluster)]
+                if len(rows) > put_back and rows[-1].value:
+                    break
+                assert time.monotonic() < deadline, "no cluster row written after the judgement"
+                await asyncio.sleep(0.5)
+        finally:
+            await asyncio.to_thread(worker.stop, 10)
+            await tap.stop()
+        verdict = decisions()[-1]
+        assert verdict["decision_id"] == third.decision_id
+        assert (verdict["approved"], verdict["withheld_reason"]) == (False, "cap_reached")
+        assert verdict["budget_used"] == 2
+        # Before the worker died its proposals' offsets may not have been committed: the
+        # restarted worker may read the second proposal again. Then it is the same approval
+        # again (a repeat, nothing consumed): the row counts the second fence once, stamped with
+        # the decision the log holds, not as a fresh grant of the replay.
+        again = decisions()[2:-1]
+        assert all(d["decision_id"] == second.decision_id and d["approved"] for d in again)
+        first_at = {d["decision_id"]: d["decided_at"] for d in reversed(decisions())}
+        held = [(g["decision_id"], g["at"]) for g in json.loads(rows[-1].value)["grants"]]
+        assert held == [(p.decision_id, first_at[p.decision_id]) for p in (first, second)]
+        assert "signed decisions from" in log.read_text()

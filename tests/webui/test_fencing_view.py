@@ -134,3 +134,36 @@ def test_the_record_is_shown_as_the_core_left_it():
         HostStateRecord(host=REF, record={**record, "state": "failed"}, updated_at=now),
     )
     assert view.host(REF.host_uuid).state == "fence_failed"
+
+
+def test_the_budget_is_counted_as_the_gate_counts_its_decision_log():
+    """The UI and the gate count with one function (fencing.gate.logged_grants): a repeated
+    approval is one fence at its first stamp, and a stamp after the UI's clock (the gate's clock
+    runs ahead) still counts, as at the gate."""
+    view, now = FencingView(T), 1_800_000_000.0
+    summary = EvidenceSummary(suspect_since=now - 300, stale_checks=2)
+
+    def decided(did: str, at: float, approved: bool = True, **more: object) -> None:
+        fields: dict[str, object] = {
+            "decision_id": did,
+            "host": REF,
+            "episode": 1,
+            "action": FenceAction.STOP,
+            "approved": approved,
+            "evidence": summary,
+            "decided_at": at,
+            **more,
+        }
+        feed(view, T.fence_decisions, FenceDecision.model_validate(fields))
+
+    decided("d-1", now - 100)
+    decided("d-1", now - 10)  # the same decision repeated: one fence
+    decided("d-2", now - 50, approved=False)
+    decided("d-3", now - 40, action=FenceAction.BLINK)
+    decided("d-4", now - 30, host=REF.model_copy(update={"cluster_uuid": "c-2"}))
+    decided("d-5", now - 4000)  # left the window
+    decided("d-6", now + 30)  # the gate's clock ahead of the UI's
+    shown = view.budget("c-1", now=now, window=3600.0, cap=3)
+    assert (shown.used, shown.cap, shown.resets_at) == (2, 3, now - 100 + 3600.0)
+    assert view.budget("c-2", now=now, window=3600.0, cap=3).used == 1
+    assert view.budget("c-3", now=now, window=3600.0, cap=3).resets_at is None
