@@ -121,17 +121,20 @@ async def operator_action(
     table: MutableMapping[str, Any],
     key: str,
     position: tuple[int, int] | None = None,
+    stamp: int | None = None,
 ) -> FenceOutcome | None:
     """An operator's retry (runs the failed decision again; the new outcome), handled
     (stops the reminders; None) or lift_blocklist (lift_blocklist; None).
 
-    `position` is the record's (partition, offset) on operator-actions. A retry marks its entry
-    `retry` = [partition, offset, "started"] before it acts and "done" with its outcome, so the
-    same record read again after a restart (at least once) is not run twice: done (or overtaken
-    by a later record) -> skipped; started but not done (the worker died mid-way) -> carried
-    out as a takeover, the power read first (a reboot is never repeated blindly)."""
+    `position` is the record's (partition, offset) on operator-actions and `stamp` its Kafka
+    timestamp (`record_stamp`). A retry marks its entry `retry` = [partition, offset,
+    "started", stamp] before it acts and "done" with its outcome, so the same record read again
+    after a restart (at least once) is not run twice: done (or overtaken by a later record) ->
+    skipped; started but not done (the worker died mid-way) -> carried out as a takeover, the
+    power read first (a reboot is never repeated blindly). A record of a recreated topic is not
+    taken for one read again (`read_again`)."""
     if action.kind == "lift_blocklist":
-        await lift_once(rt, action, table, key, position)
+        await lift_once(rt, action, table, key, position, stamp)
         return None
     target = failed_fence(dict(table.get(key) or {}), action.decision_id)
     if target is None:
@@ -152,7 +155,7 @@ async def operator_action(
     if "decision" not in entry:
         log.warning("fence %s cannot be retried: its decision was not kept", decision_id)
         return None
-    stage = _retry_stage(entry.get("retry"), position)
+    stage = _retry_stage(entry.get("retry"), position, stamp)
     if stage == "done":
         log.info(
             "operator retry of fence %s at offset %s read again: already run, skipped",
@@ -166,12 +169,13 @@ async def operator_action(
     log.info("fence %s retried by %s", decision_id, action.by or "an operator")
     from streams.actuation import NotNow, operator_checks, refusal
 
-    mark = [*position] if position is not None else None
     try:
         # The operator is the authority on age and evidence; CloudStack must still agree.
         await operator_checks(decision, actuator.settings, lambda h: rt.inventory().host(h))
-        if mark is not None:
-            put_entry(table, key, decision_id, {**entry, "retry": [*mark, "started"]})
+        if position is not None:
+            put_entry(
+                table, key, decision_id, {**entry, "retry": _mark(position, "started", stamp)}
+            )
         outcome: FenceOutcome | None
         if stage == "started":
             log.warning(
@@ -186,25 +190,47 @@ async def operator_action(
         return refusal(decision, str(exc), time.time())
     if outcome is not None:
         done = {**done_entry(decision, outcome), "retried_by": action.by}
-        if mark is not None:
-            done["retry"] = [*mark, "done"]
+        if position is not None:
+            done["retry"] = _mark(position, "done", stamp)
         put_entry(table, key, decision_id, done)
     return outcome
 
 
-def _retry_stage(mark: Any, position: tuple[int, int] | None) -> str | None:
-    """How far the retry at `position` got, by its entry's `retry` mark: "done" (or a later
-    record's mark: this one is old), "started" (cut short), or None (never seen)."""
-    if position is None or not isinstance(mark, list) or len(mark) != 3 or mark[0] != position[0]:
+def _retry_stage(
+    mark: Any, position: tuple[int, int] | None, stamp: int | None = None
+) -> str | None:
+    """How far the retry at `position` (timestamp `stamp`) got, by its entry's `retry` mark:
+    "done" (or a later record's mark: this one is old), "started" (cut short), or None (never
+    seen, or a record of a recreated topic)."""
+    if (
+        not isinstance(mark, list)
+        or len(mark) not in (3, 4)
+        or not read_again(mark, position, stamp)
+    ):
         return None
-    if mark[1] > position[1] or (mark[1] == position[1] and mark[2] == "done"):
-        return "done"
-    return "started" if mark[1] == position[1] else None
+    assert position is not None
+    return "started" if mark[1] == position[1] and mark[2] == "started" else "done"
+
+
+def _mark(position: tuple[int, int], stage: str, stamp: int | None) -> list[Any]:
+    """A mark [partition, offset, stage] and, when known, the record's timestamp."""
+    return [*position, stage] if stamp is None else [*position, stage, stamp]
+
+
+def record_stamp(message: Any) -> int | None:
+    """The Kafka timestamp of a consumed record in milliseconds (Faust's `Message.timestamp`
+    is in seconds), None when the broker gave none. Never compared with any clock of fencer's:
+    only with the timestamp a mark remembers (`read_again`)."""
+    ts = getattr(message, "timestamp", None)
+    if ts is None or isinstance(ts, bool) or ts < 0:
+        return None
+    return round(ts * 1000)
 
 
 # `actuated` row keys (suffixed with the operator-actions topic's name: a mark is a place in
-# that topic): [partition, offset, "started" | "done"] of the last lift, [partition, offset] of
-# the last pin confirmation.
+# that topic): [partition, offset, "started" | "done", timestamp] of the last lift,
+# [partition, offset, "done", timestamp] of the last pin confirmation (marks written before the
+# timestamp was kept: [partition, offset, stage] and [partition, offset]).
 LIFT_MARK = "blocklist_lift"
 PIN_MARK = "bmc_pin_confirm"
 
@@ -214,16 +240,37 @@ def mark_key(rt: Runtime, mark: str) -> str:
     return f"{mark} {rt.settings.kafka.topics.operator_actions}"
 
 
-def read_again(mark: Any, position: tuple[int, int] | None) -> bool:
-    """Whether the operator-actions record at `position` is at or before the one `mark`
-    (a row's [partition, offset, ...]) remembers: read again after a restart."""
-    return (
-        position is not None
-        and isinstance(mark, list)
-        and len(mark) >= 2
-        and mark[0] == position[0]
-        and mark[1] >= position[1]
-    )
+def mark_stamp(mark: list[Any]) -> int | None:
+    """The record timestamp a mark remembers (its fourth item), None in an older mark."""
+    ts = mark[3] if len(mark) >= 4 else None
+    return ts if isinstance(ts, int) and not isinstance(ts, bool) else None
+
+
+def read_again(mark: Any, position: tuple[int, int] | None, stamp: int | None = None) -> bool:
+    """Whether the operator-actions record at `position` with Kafka timestamp `stamp` is the
+    one `mark` (a row's [partition, offset, stage, timestamp]) remembers, or one before it:
+    read again after a restart, not to be run again.
+
+    A place alone cannot tell: a deleted and recreated topic (same name) counts its offsets
+    from 0 again, and its new records would sit at or below old marks. The record's timestamp
+    tells: the very record marked, read again, carries the same timestamp whatever the topic's
+    timestamp type (the producer's CreateTime or the broker's LogAppendTime). So a record at
+    the marked offset is read again only with the marked timestamp, and one at a lower offset
+    only if its timestamp is not later than the mark's; a later one is a new log's. The
+    timestamps are compared only with each other, never with fencer's clock. An older mark
+    without a timestamp, or a record without one, is judged by the place alone, as before.
+    (With CreateTime the stamps of two requests come from their producers' clocks: an older
+    request read again whose producer's clock ran ahead of the marked one's by more than the
+    time between the two would be taken for new; both would have to be in the few seconds a
+    restart reads again, for the same host and kind.)"""
+    if position is None or not isinstance(mark, list) or len(mark) < 2 or mark[0] != position[0]:
+        return False
+    marked = mark_stamp(mark)
+    if marked is None or stamp is None:
+        return bool(mark[1] >= position[1])
+    if mark[1] == position[1]:
+        return stamp == marked
+    return bool(mark[1] > position[1] and stamp <= marked)
 
 
 def recorded_entries(notices: Iterable[Notice]) -> dict[str, str | None]:
@@ -289,6 +336,7 @@ async def lift_once(
     table: MutableMapping[str, Any],
     key: str,
     position: tuple[int, int] | None,
+    stamp: int | None = None,
 ) -> str | None:
     """A lift_blocklist record, carried out at most once and only on the entry it names.
 
@@ -304,9 +352,9 @@ async def lift_once(
 
     lift_mark = mark_key(rt, LIFT_MARK)
     mark = dict(table.get(key) or {}).get(lift_mark)
-    if read_again(mark, position):
+    if read_again(mark, position, stamp):
         assert position is not None and isinstance(mark, list)
-        if mark[1] == position[1] and mark[2:] == ["started"]:
+        if mark[1] == position[1] and mark[2:3] == ["started"]:
             why = (
                 "a restart cut this lift short: it is not run again; `fencer rbd list` shows "
                 "whether the entry is still there (lift again if it is)"
@@ -317,7 +365,7 @@ async def lift_once(
             log.info("blocklist lift of host %s at offset %s read again: skipped", key, position[1])
         return None
     if position is not None:
-        put_entry(table, key, lift_mark, [*position, "started"])
+        put_entry(table, key, lift_mark, _mark(position, "started", stamp))
     try:
         settings = await rt.live()
         refused = None
@@ -357,7 +405,7 @@ async def lift_once(
         return await lift_blocklist(rt, action.model_copy(update={"address": address}))
     finally:
         if position is not None:
-            put_entry(table, key, lift_mark, [*position, "done"])
+            put_entry(table, key, lift_mark, _mark(position, "done", stamp))
 
 
 def _named_entry_refusal(action: OperatorAction, recorded: dict[str, str | None]) -> str | None:
@@ -588,13 +636,15 @@ async def bmc_pin_confirm(
     action: OperatorAction,
     table: MutableMapping[str, Any] | None = None,
     position: tuple[int, int] | None = None,
+    stamp: int | None = None,
 ) -> IpmiTestAnswer | None:
     """An operator's `bmc_pin_confirm`: read the host's BMC system GUID through the settings in
     force here and pin it on bmc-pins (streams.bmc_pins.confirm_pin, this worker's pin store);
     the answer names the pinned GUID, or why not (`refused`), every secret masked.
 
-    The record read again after a restart (`position` at or before the host's
-    `bmc_pin_confirm` mark in the `actuated` table) does nothing and answers nothing: the BMC
+    The record read again after a restart (`position` and `stamp` at or before the host's
+    `bmc_pin_confirm` mark in the `actuated` table: `read_again`) does nothing and answers
+    nothing: the BMC
     may have been swapped since. A confirm whose BMC reports another GUID than the `expect`ed
     one (the one the operator saw) pins nothing and tells people (bmc_identity_changed)."""
     from fencing.drivers.base import DriverError
@@ -604,14 +654,16 @@ async def bmc_pin_confirm(
     if table is not None and position is not None:
         key = action.host_uuid
         pin_mark = mark_key(rt, PIN_MARK)
-        if read_again(dict(table.get(key) or {}).get(pin_mark), position):
+        if read_again(dict(table.get(key) or {}).get(pin_mark), position, stamp):
             log.info(
                 "BMC pin confirmation of host %s at offset %s read again: nothing done",
                 key,
                 position[1],
             )
             return None
-        put_entry(table, key, pin_mark, [*position])
+        put_entry(
+            table, key, pin_mark, [*position] if stamp is None else _mark(position, "done", stamp)
+        )
     started = time.monotonic()
     pinned: str | None = None
     refused: Literal["bmc", "expect", "pins"] | None = None
