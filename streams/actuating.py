@@ -224,7 +224,7 @@ def record_stamp(message: Any) -> int | None:
     ts = getattr(message, "timestamp", None)
     if ts is None or isinstance(ts, bool) or ts < 0:
         return None
-    return round(ts * 1000)
+    return round(float(ts) * 1000)
 
 
 # `actuated` row keys (suffixed with the operator-actions topic's name: a mark is a place in
