@@ -38,7 +38,6 @@ already = fenced; reboot: never repeated blindly, only an "off" reading counts).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -370,14 +369,11 @@ class DecisionLog:
                 self._failing = True
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        from streams.topic_reader import stop_tailing
+
+        task, consumer = self._task, self._consumer
+        self._task, self._consumer = None, None
+        await stop_tailing(task, consumer)
 
 
 def sample_period(max_age: float) -> float:
