@@ -9,9 +9,11 @@ still confirms. Every outcome is stored in the `actuated` table (streams.tables)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -155,7 +157,15 @@ async def operator_action(
     if "decision" not in entry:
         log.warning("fence %s cannot be retried: its decision was not kept", decision_id)
         return None
-    stage = _retry_stage(entry.get("retry"), position, stamp)
+    from streams.actuation import NotNow, operator_checks, refusal
+
+    mark = entry.get("retry")
+    verdict, detail = await judge_mark(rt, mark, position, stamp)
+    if verdict == "unknown":
+        why = unknown_reason("retry", position, detail)
+        log.error("fence %s: operator retry NOT carried out: %s", decision_id, why)
+        return refusal(FenceDecision.model_validate(entry["decision"]), why, time.time())
+    stage = _retry_stage(mark, position, verdict)
     if stage == "done":
         log.info(
             "operator retry of fence %s at offset %s read again: already run, skipped",
@@ -167,8 +177,6 @@ async def operator_action(
     actuator = rt.actuator()
     actuator.settings = await rt.live()
     log.info("fence %s retried by %s", decision_id, action.by or "an operator")
-    from streams.actuation import NotNow, operator_checks, refusal
-
     try:
         # The operator is the authority on age and evidence; CloudStack must still agree.
         await operator_checks(decision, actuator.settings, lambda h: rt.inventory().host(h))
@@ -196,17 +204,11 @@ async def operator_action(
     return outcome
 
 
-def _retry_stage(
-    mark: Any, position: tuple[int, int] | None, stamp: int | None = None
-) -> str | None:
-    """How far the retry at `position` (timestamp `stamp`) got, by its entry's `retry` mark:
-    "done" (or a later record's mark: this one is old), "started" (cut short), or None (never
-    seen, or a record of a recreated topic)."""
-    if (
-        not isinstance(mark, list)
-        or len(mark) not in (3, 4)
-        or not read_again(mark, position, stamp)
-    ):
+def _retry_stage(mark: Any, position: tuple[int, int] | None, verdict: Verdict) -> str | None:
+    """How far the retry at `position` got, by its entry's `retry` mark and `read_again`'s
+    `verdict` on it: "done" (or a later record's mark: this one is old), "started" (cut
+    short), or None (never seen, or a record of a recreated topic)."""
+    if not isinstance(mark, list) or len(mark) not in (3, 4) or verdict != "again":
         return None
     assert position is not None
     return "started" if mark[1] == position[1] and mark[2] == "started" else "done"
@@ -246,31 +248,148 @@ def mark_stamp(mark: list[Any]) -> int | None:
     return ts if isinstance(ts, int) and not isinstance(ts, bool) else None
 
 
-def read_again(mark: Any, position: tuple[int, int] | None, stamp: int | None = None) -> bool:
+@dataclass(frozen=True)
+class AtMark:
+    """What operator-actions holds now at a mark's offset (`record_at`): the record there and
+    its Kafka timestamp (`found` "record"), no record because the log ends at or below that
+    offset ("end"), or no answer ("failed": broker unreachable, timeout, a gap in the log)."""
+
+    found: Literal["record", "end", "failed"]
+    stamp: int | None = None
+    detail: str = ""
+
+
+# read_again's answer: "again" (read again after a restart: not run twice), "new" (carry it
+# out), "ask" (the record is below the mark: only the log can tell, `record_at`), "unknown"
+# (the log could not tell: refuse, tell people to send the request again).
+Verdict = Literal["again", "new", "ask", "unknown"]
+
+
+def read_again(
+    mark: Any, position: tuple[int, int] | None, stamp: int | None = None, at: AtMark | None = None
+) -> Verdict:
     """Whether the operator-actions record at `position` with Kafka timestamp `stamp` is the
-    one `mark` (a row's [partition, offset, stage, timestamp]) remembers, or one before it:
-    read again after a restart, not to be run again.
+    one `mark` (a row's [partition, offset, stage, timestamp]) remembers, or one before it on
+    the same log: read again after a restart, not to be run again.
 
     A place alone cannot tell: a deleted and recreated topic (same name) counts its offsets
-    from 0 again, and its new records would sit at or below old marks. The record's timestamp
-    tells: the very record marked, read again, carries the same timestamp whatever the topic's
-    timestamp type (the producer's CreateTime or the broker's LogAppendTime). So a record at
-    the marked offset is read again only with the marked timestamp, and one at a lower offset
-    only if its timestamp is not later than the mark's; a later one is a new log's. The
-    timestamps are compared only with each other, never with fencer's clock. An older mark
-    without a timestamp, or a record without one, is judged by the place alone, as before.
-    (With CreateTime the stamps of two requests come from their producers' clocks: an older
-    request read again whose producer's clock ran ahead of the marked one's by more than the
-    time between the two would be taken for new; both would have to be in the few seconds a
-    restart reads again, for the same host and kind.)"""
+    from 0 again, and its new records sit at or below old marks. Timestamps of two records are
+    never compared (with CreateTime they come from the clocks of two producers, the web UI's
+    and a CLI's machine: an older request whose producer's clock ran ahead would look new):
+    - a record after the mark (or in another partition) is new;
+    - a record at the marked offset is the very record marked iff it carries the marked
+      timestamp (a stamp compared with itself, whatever the topic's timestamp type);
+    - a record below the marked offset is read again iff the marked record is still in the log:
+      "ask" until `at` says what the log holds at the mark's offset (`record_at`): the marked
+      timestamp there -> the same log, "again"; the log ends at or below it, or another record
+      is there -> the topic was recreated, "new"; no answer -> "unknown".
+    An older mark without a timestamp, or a record without one, is judged by the place alone,
+    as before. A mark of this partition whose offset is not a number: "unknown"."""
     if position is None or not isinstance(mark, list) or len(mark) < 2 or mark[0] != position[0]:
-        return False
+        return "new"
+    offset = mark[1]
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        return "unknown"
+    if offset < position[1]:
+        return "new"
     marked = mark_stamp(mark)
     if marked is None or stamp is None:
-        return bool(mark[1] >= position[1])
-    if mark[1] == position[1]:
-        return stamp == marked
-    return bool(mark[1] > position[1] and stamp <= marked)
+        return "again"
+    if offset == position[1]:
+        return "again" if stamp == marked else "new"
+    if at is None:
+        return "ask"
+    if at.found == "failed":
+        return "unknown"
+    return "again" if at.found == "record" and at.stamp == marked else "new"
+
+
+async def record_at(
+    settings: FencerSettings, topic: str, partition: int, offset: int, within: float = 5.0
+) -> AtMark:
+    """Ask the broker what `topic` holds at (`partition`, `offset`) now: a short-lived consumer
+    without a group reads the one record there (`read_again` compares its timestamp with the
+    mark's). Runs only for a record below a mark (after a restart or a recreation). Never
+    raises: a broker that does not answer within `within` seconds is "failed"."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.errors import OffsetOutOfRangeError
+
+    from streams.kafka import aiokafka_kwargs, prepare_kafka
+
+    where = f"{topic} partition {partition} offset {offset}"
+    tp = TopicPartition(topic, partition)
+    consumer: AIOKafkaConsumer | None = None
+    try:
+        async with asyncio.timeout(within):
+            prepare_kafka(settings)
+            consumer = AIOKafkaConsumer(
+                client_id="fencer-operator-mark",
+                enable_auto_commit=False,
+                auto_offset_reset="none",
+                **aiokafka_kwargs(settings),
+            )
+            await consumer.start()
+            consumer.assign([tp])
+            consumer.seek(tp, offset)
+            while True:
+                try:
+                    got = await consumer.getmany(tp, timeout_ms=200, max_records=1)
+                except OffsetOutOfRangeError:
+                    end = (await consumer.end_offsets([tp]))[tp]
+                    if end <= offset:
+                        return AtMark("end", detail=f"{topic} partition {partition} ends at {end}")
+                    return AtMark(
+                        "failed", detail=f"{where} is out of range, the log ends at {end}"
+                    )
+                records = got.get(tp, [])
+                if records:
+                    r = records[0]
+                    if r.offset != offset:
+                        return AtMark("failed", detail=f"{where}: no record there, next {r.offset}")
+                    return AtMark("record", stamp=r.timestamp, detail=f"{where}: {r.timestamp}")
+                high = consumer.highwater(tp)
+                if high is not None and high <= offset:
+                    return AtMark("end", detail=f"{topic} partition {partition} ends at {high}")
+    except TimeoutError:
+        return AtMark("failed", detail=f"{where}: no answer from Kafka within {within:.0f} s")
+    except Exception as exc:
+        return AtMark("failed", detail=f"{where}: {type(exc).__name__} {exc}".rstrip())
+    finally:
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+
+async def judge_mark(
+    rt: Runtime, mark: Any, position: tuple[int, int] | None, stamp: int | None
+) -> tuple[Verdict, str]:
+    """`read_again` with the log asked when it must be (`record_at`): the verdict ("again",
+    "new" or "unknown") and, when the log was asked, what it said (for the log line)."""
+    verdict = read_again(mark, position, stamp)
+    if verdict != "ask":
+        return verdict, ""
+    assert position is not None and isinstance(mark, list)
+    topic = rt.settings.kafka.topics.operator_actions
+    at = await record_at(rt.settings, topic, position[0], mark[1])
+    verdict = read_again(mark, position, stamp, at)
+    log.info(
+        "operator-actions record at offset %s is below the mark at offset %s: %s (%s)",
+        position[1],
+        mark[1],
+        verdict,
+        at.detail,
+    )
+    return verdict, at.detail
+
+
+def unknown_reason(what: str, position: tuple[int, int] | None, detail: str) -> str:
+    """Why a request below a mark was not carried out: the log could not tell."""
+    at = f" at offset {position[1]}" if position is not None else ""
+    return (
+        f"cannot tell whether this {what} request{at} was read again after a restart or is a "
+        f"new one on a recreated operator-actions topic (the log did not answer: {detail}): "
+        "nothing done; send the request again"
+    )
 
 
 def recorded_entries(notices: Iterable[Notice]) -> dict[str, str | None]:
@@ -352,7 +471,13 @@ async def lift_once(
 
     lift_mark = mark_key(rt, LIFT_MARK)
     mark = dict(table.get(key) or {}).get(lift_mark)
-    if read_again(mark, position, stamp):
+    verdict, detail = await judge_mark(rt, mark, position, stamp)
+    if verdict == "unknown":
+        why = unknown_reason("lift", position, detail)
+        log.error("blocklist of host %s NOT lifted (asked by %s): %s", key, action.by, why)
+        await _send_lift_notice(rt, action, None, why)
+        return None
+    if verdict == "again":
         assert position is not None and isinstance(mark, list)
         if mark[1] == position[1] and mark[2:3] == ["started"]:
             why = (
@@ -654,7 +779,12 @@ async def bmc_pin_confirm(
     if table is not None and position is not None:
         key = action.host_uuid
         pin_mark = mark_key(rt, PIN_MARK)
-        if read_again(dict(table.get(key) or {}).get(pin_mark), position, stamp):
+        verdict, detail = await judge_mark(
+            rt, dict(table.get(key) or {}).get(pin_mark), position, stamp
+        )
+        if verdict == "unknown":
+            return await _refuse_unknown_pin(rt, action, position, detail)
+        if verdict == "again":
             log.info(
                 "BMC pin confirmation of host %s at offset %s read again: nothing done",
                 key,
@@ -709,6 +839,37 @@ async def bmc_pin_confirm(
         refused=refused,
         error=error,
         duration=round(time.monotonic() - started, 3),
+        at=time.time(),
+    )
+
+
+async def _refuse_unknown_pin(
+    rt: Runtime, action: OperatorAction, position: tuple[int, int], detail: str
+) -> IpmiTestAnswer:
+    """A pin confirmation below the host's mark that the log could not place: nothing pinned;
+    logged, told (fence_refused) and answered, asking for the request again."""
+    why = unknown_reason("BMC pin confirmation", position, detail)
+    log.error("BMC of host %s NOT pinned (asked by %s): %s", action.host_uuid, action.by, why)
+    notice = Notice(
+        notice_id=f"{action.host_uuid}/bmc-pin-confirm/{action.request_id or action.at}/unknown",
+        kind=NoticeKind.FENCE_REFUSED,
+        host=HostRef(host_uuid=action.host_uuid, cluster_uuid=action.cluster_uuid),
+        at=time.time(),
+        result="not pinned",
+        reason=f"BMC identity confirmation (asked by {action.by or 'an operator'}): {why}",
+    )
+    try:
+        await rt.emit_notice(notice)
+    except Exception as exc:
+        log.error("host %s: cannot send the notice: %s", action.host_uuid, exc)
+    return IpmiTestAnswer(
+        request_id=action.request_id or "",
+        kind="bmc_pin_confirm",
+        host_uuid=action.host_uuid,
+        success=False,
+        driver="?",
+        error=why,
+        duration=0.0,
         at=time.time(),
     )
 
