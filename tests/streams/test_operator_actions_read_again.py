@@ -333,19 +333,20 @@ async def test_a_confirmation_on_a_recreated_topic_is_carried_out_and_one_read_a
             mark = s.table[HOST][actuating.mark_key(s.rt, "bmc_pin_confirm")]
             assert mark == [0, 2, "done", old[2].timestamp]
             pins = await s.rt.bmc_pins()
-            # The BMC is swapped and the operator recreates operator-actions.
+            # The BMC is swapped; the worker restarts and reads the old confirmations again:
+            # nothing done (the log still holds the marked record).
             bmc.guid = new_board
-            await recreate(settings, topic)
-            await s.send(topic, HOST, dump(confirm(new_board)))
-            (new,) = await read_topic(settings, topic)
-            assert new.offset == 0 and new.timestamp > old[2].timestamp
             asked = bmc.count()
-            # The old confirmations read again (the worker restarted): nothing done.
             for record, action in zip(old, sent, strict=True):
                 assert (
                     await actuating.bmc_pin_confirm(s.rt, action, s.table, *place(record)) is None
                 )
             assert bmc.count() == asked and pins.get(HOST).guid == old_board
+            # The operator recreates operator-actions and confirms the new board.
+            await recreate(settings, topic)
+            await s.send(topic, HOST, dump(confirm(new_board)))
+            (new,) = await read_topic(settings, topic)
+            assert new.offset == 0
             # The new one at offset 0, below the old mark: carried out.
             action = OperatorAction.model_validate_json(new.value)
             answer = await actuating.bmc_pin_confirm(s.rt, action, s.table, *place(new))
@@ -384,18 +385,68 @@ async def test_a_lift_on_a_recreated_topic_is_carried_out_and_one_read_again_is_
     # Fenced again (entry of fence B), operator-actions recreated, the operator lifts B.
     ceph_clean.cluster.run("ceph", "osd", "blocklist", "add", ENTRY, "3600")
     await s.fence_blocklisted("fence-B")
+    # The old records read again after a restart: skipped, silently (B stays).
+    for record in old:
+        await actuating.operator_action(s.rt, first, s.table, HOST, *place(record))
+    assert ENTRY in listed(ceph_clean) and not s.told(NoticeKind.BLOCKLIST_NOT_LIFTED)
     await recreate(s.settings, topic)
     second = lift("fence-B")
     await s.send(topic, HOST, dump(second))
     (new,) = await read_topic(s.settings, topic)
     assert new.offset == 0
-    # The old records read again first: skipped, silently (B stays).
-    for record in old:
-        await actuating.operator_action(s.rt, first, s.table, HOST, *place(record))
-    assert ENTRY in listed(ceph_clean) and not s.told(NoticeKind.BLOCKLIST_NOT_LIFTED)
     # The new request at offset 0, below the old mark: carried out.
     await actuating.operator_action(s.rt, second, s.table, HOST, *place(new))
     assert ENTRY not in listed(ceph_clean)
     assert len(s.told(NoticeKind.BLOCKLIST_LIFTED)) == 2
     mark = s.table[HOST][actuating.mark_key(s.rt, "blocklist_lift")]
     assert mark == [0, 0, "done", new.timestamp]
+
+
+async def test_a_lift_or_confirmation_below_its_mark_is_refused_when_the_log_cannot_be_asked(
+    fencer_settings: Any,
+) -> None:
+    """After a restart a request comes below the host's mark, and the broker cannot say what
+    the log holds at the mark's offset (unreachable): it may be one read again or a new one on
+    a recreated topic. Neither carried out nor skipped silently: nothing lifted or pinned, the
+    BMC not asked, no mark written, people told to send the request again."""
+    board = "6a1b7f2e-1111-4a2b-9c3d-000000000001"
+    t = 1_796_013_066_997  # the marked records' timestamp (ms), at offset 5
+    with BmcSimulator(password="pw", guid=board) as bmc:
+        settings = fencer_settings(
+            isolated_topics=True,
+            lab=True,
+            signing=SigningSettings(keys=SecretStr("k1 " + "s" * 40)),
+            defaults=IpmiSettings(password=SecretStr("pw"), port=bmc.port),
+            hosts={HOST: HostSettings(ipmi=IpmiOverrides(address="127.0.0.1"))},
+        )
+        s = await Shell(settings).start()
+        try:
+            marks = {
+                actuating.mark_key(s.rt, "blocklist_lift"): [0, 5, "done", t],
+                actuating.mark_key(s.rt, "bmc_pin_confirm"): [0, 5, "done", t],
+            }
+            s.table[HOST] = dict(marks)
+            down = settings.kafka.model_copy(update={"bootstrap_servers": "127.0.0.1:1"})
+            s.rt.settings = settings.model_copy(update={"kafka": down})
+            lift = OperatorAction(
+                kind="lift_blocklist",
+                host_uuid=HOST,
+                by="ops-anna",
+                at=time.time(),
+                blocklist_entry=ENTRY,
+                decision_id="fence-A",
+            )
+            assert await actuating.operator_action(s.rt, lift, s.table, HOST, (0, 2), t + 1) is None
+            (n,) = s.told(NoticeKind.BLOCKLIST_NOT_LIFTED)
+            assert "send the request again" in (n.reason or "") and "offset 2" in (n.reason or "")
+            confirm = OperatorAction(
+                kind="bmc_pin_confirm", host_uuid=HOST, by="ops", at=time.time(), request_id="r1"
+            )
+            answer = await actuating.bmc_pin_confirm(s.rt, confirm, s.table, (0, 3), t + 1)
+            assert answer is not None and not answer.success and answer.pinned_guid is None
+            assert "send the request again" in (answer.error or ""), answer
+            (r,) = s.told(NoticeKind.FENCE_REFUSED)
+            assert r.result == "not pinned" and "send the request again" in (r.reason or "")
+            assert bmc.count() == 0 and s.table[HOST] == marks
+        finally:
+            await s.stop()
