@@ -87,7 +87,7 @@ async def test_a_retry_on_a_recreated_topic_runs_and_the_old_one_read_again_does
     (new,) = await read_topic(settings, kafka.topics.operator_actions)
     assert new.offset == 0
     out = await actuating.operator_action(rt, retry, done, host, *place(new))
-    assert out is not None and out.success, out.error
+    assert out is not None and out.success, out
     assert bmc.count("power_off") == 1 and bmc.power == "off"
     assert done[host][d.decision_id]["retry"] == [0, 0, "done", new.timestamp]
 
@@ -129,7 +129,7 @@ async def test_an_older_retry_whose_producers_clock_ran_ahead_is_still_read_agai
     await produce(settings, retry)
     *_, latest = await read_topic(settings, kafka.topics.operator_actions)
     out = await actuating.operator_action(rt, retry, done, host, *place(latest))
-    assert out is not None and out.success, out.error
+    assert out is not None and out.success, out
     assert bmc.count("power_off") == 1 and bmc.power == "off"
 
 
