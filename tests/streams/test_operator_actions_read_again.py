@@ -8,6 +8,8 @@ notifies."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -450,3 +452,44 @@ async def test_a_lift_or_confirmation_below_its_mark_is_refused_when_the_log_can
             assert bmc.count() == 0 and s.table[HOST] == marks
         finally:
             await s.stop()
+
+
+async def test_record_at_tells_what_the_log_holds_at_a_marks_offset(fencer_settings: Any) -> None:
+    """The broker's answer `read_again` places a record below a mark by: the record at the
+    offset and its timestamp (set by the producer here), the log's end at or below it, or no
+    answer."""
+    settings = fencer_settings(isolated_topics=True)
+    topic = settings.kafka.topics.operator_actions
+    s = await Shell(settings).start()
+    try:
+        t = 1_796_013_066_997
+        for i in range(3):
+            meta = await s.producer.send_and_wait(
+                topic, key=HOST.encode(), value=b"{}", partition=0, timestamp_ms=t + 1000 * i
+            )
+            assert meta.offset == i
+    finally:
+        await s.stop()
+    at = await actuating.record_at(settings, topic, 0, 1)
+    assert (at.found, at.stamp) == ("record", t + 1000), at
+    for offset in (3, 10):  # the log ends at 3
+        at = await actuating.record_at(settings, topic, 0, offset)
+        assert at.found == "end" and "ends at 3" in at.detail, at
+    down = settings.kafka.model_copy(update={"bootstrap_servers": "127.0.0.1:1"})
+    at = await actuating.record_at(settings.model_copy(update={"kafka": down}), topic, 0, 1)
+    assert at.found == "failed" and "KafkaConnectionError" in at.detail, at
+    # A broker that accepts the connection and never answers: failed within the bound.
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()
+    try:
+        port = mute.getsockname()[1]
+        silent = settings.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{port}"})
+        started = asyncio.get_running_loop().time()
+        at = await actuating.record_at(
+            settings.model_copy(update={"kafka": silent}), topic, 0, 1, within=1.0
+        )
+        assert at.found == "failed" and "no answer" in at.detail, at
+        assert asyncio.get_running_loop().time() - started < 5
+    finally:
+        mute.close()
