@@ -459,14 +459,16 @@ async def lift_once(
 ) -> str | None:
     """A lift_blocklist record, carried out at most once and only on the entry it names.
 
-    Read again after a restart (its position at or before the host's `blocklist_lift` mark) it
-    lifts nothing: done -> skipped; started, not done (the worker died mid-way) -> not lifted
-    again, people told to check. An action naming its entry (`blocklist_entry` and the fence
-    `decision_id` that added it, as the UI and CLI send) lifts only while fencer's notices
-    record that fence's entry: a newer blocklist of the host (another fence) or one already
-    lifted is not touched. An action naming none (older records, an entry fencer never added)
-    lifts only if read live (appended while this worker listened, within decision_max_age on
-    its clock) and fencer records no entry of its own for the host (which could be newer)."""
+    Read again after a restart (at or before the host's `blocklist_lift` mark on the same log:
+    `read_again`) it lifts nothing: done -> skipped; started, not done (the worker died
+    mid-way) -> not lifted again, people told to check. Below the mark with a log that cannot
+    be asked: nothing lifted, people told to send it again. An action naming its entry
+    (`blocklist_entry` and the fence `decision_id` that added it, as the UI and CLI send)
+    lifts only while fencer's notices record that fence's entry: a newer blocklist of the host
+    (another fence) or one already lifted is not touched. An action naming none (older
+    records, an entry fencer never added) lifts only if read live (appended while this worker
+    listened, within decision_max_age on its clock) and fencer records no entry of its own for
+    the host (which could be newer)."""
     from streams.actuation import NotNow, check_live
 
     lift_mark = mark_key(rt, LIFT_MARK)

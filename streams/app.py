@@ -381,7 +381,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 # A retry, lift or pin confirmation read again after a restart is not run
                 # twice (streams.actuating).
                 position = (event.message.partition, event.message.offset)
-                stamp = actuating.record_stamp(event.message)  # a recreated topic's are new
+                stamp = actuating.record_stamp(event.message)  # read_again: which log
                 if action.kind in ("ipmi_test", "bmc_pin_confirm"):
                     # The UI's "test BMC" and "confirm BMC identity": run here, never in the
                     # API process (issue #15); the pin goes to bmc-pins through this worker.
