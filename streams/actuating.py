@@ -9,9 +9,11 @@ still confirms. Every outcome is stored in the `actuated` table (streams.tables)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -121,17 +123,20 @@ async def operator_action(
     table: MutableMapping[str, Any],
     key: str,
     position: tuple[int, int] | None = None,
+    stamp: int | None = None,
 ) -> FenceOutcome | None:
     """An operator's retry (runs the failed decision again; the new outcome), handled
     (stops the reminders; None) or lift_blocklist (lift_blocklist; None).
 
-    `position` is the record's (partition, offset) on operator-actions. A retry marks its entry
-    `retry` = [partition, offset, "started"] before it acts and "done" with its outcome, so the
-    same record read again after a restart (at least once) is not run twice: done (or overtaken
-    by a later record) -> skipped; started but not done (the worker died mid-way) -> carried
-    out as a takeover, the power read first (a reboot is never repeated blindly)."""
+    `position` is the record's (partition, offset) on operator-actions and `stamp` its Kafka
+    timestamp (`record_stamp`). A retry marks its entry `retry` = [partition, offset,
+    "started", stamp] before it acts and "done" with its outcome, so the same record read again
+    after a restart (at least once) is not run twice: done (or overtaken by a later record) ->
+    skipped; started but not done (the worker died mid-way) -> carried out as a takeover, the
+    power read first (a reboot is never repeated blindly). A record of a recreated topic is not
+    taken for one read again (`read_again`)."""
     if action.kind == "lift_blocklist":
-        await lift_once(rt, action, table, key, position)
+        await lift_once(rt, action, table, key, position, stamp)
         return None
     target = failed_fence(dict(table.get(key) or {}), action.decision_id)
     if target is None:
@@ -152,7 +157,15 @@ async def operator_action(
     if "decision" not in entry:
         log.warning("fence %s cannot be retried: its decision was not kept", decision_id)
         return None
-    stage = _retry_stage(entry.get("retry"), position)
+    from streams.actuation import NotNow, operator_checks, refusal
+
+    mark = entry.get("retry")
+    verdict, detail = await judge_mark(rt, mark, position, stamp)
+    if verdict == "unknown":
+        why = unknown_reason("retry", position, detail)
+        log.error("fence %s: operator retry NOT carried out: %s", decision_id, why)
+        return refusal(FenceDecision.model_validate(entry["decision"]), why, time.time())
+    stage = _retry_stage(mark, position, verdict)
     if stage == "done":
         log.info(
             "operator retry of fence %s at offset %s read again: already run, skipped",
@@ -164,14 +177,13 @@ async def operator_action(
     actuator = rt.actuator()
     actuator.settings = await rt.live()
     log.info("fence %s retried by %s", decision_id, action.by or "an operator")
-    from streams.actuation import NotNow, operator_checks, refusal
-
-    mark = [*position] if position is not None else None
     try:
         # The operator is the authority on age and evidence; CloudStack must still agree.
         await operator_checks(decision, actuator.settings, lambda h: rt.inventory().host(h))
-        if mark is not None:
-            put_entry(table, key, decision_id, {**entry, "retry": [*mark, "started"]})
+        if position is not None:
+            put_entry(
+                table, key, decision_id, {**entry, "retry": _mark(position, "started", stamp)}
+            )
         outcome: FenceOutcome | None
         if stage == "started":
             log.warning(
@@ -186,25 +198,41 @@ async def operator_action(
         return refusal(decision, str(exc), time.time())
     if outcome is not None:
         done = {**done_entry(decision, outcome), "retried_by": action.by}
-        if mark is not None:
-            done["retry"] = [*mark, "done"]
+        if position is not None:
+            done["retry"] = _mark(position, "done", stamp)
         put_entry(table, key, decision_id, done)
     return outcome
 
 
-def _retry_stage(mark: Any, position: tuple[int, int] | None) -> str | None:
-    """How far the retry at `position` got, by its entry's `retry` mark: "done" (or a later
-    record's mark: this one is old), "started" (cut short), or None (never seen)."""
-    if position is None or not isinstance(mark, list) or len(mark) != 3 or mark[0] != position[0]:
+def _retry_stage(mark: Any, position: tuple[int, int] | None, verdict: Verdict) -> str | None:
+    """How far the retry at `position` got, by its entry's `retry` mark and `read_again`'s
+    `verdict` on it: "done" (or a later record's mark: this one is old), "started" (cut
+    short), or None (never seen, or a record of a recreated topic)."""
+    if not isinstance(mark, list) or len(mark) not in (3, 4) or verdict != "again":
         return None
-    if mark[1] > position[1] or (mark[1] == position[1] and mark[2] == "done"):
-        return "done"
-    return "started" if mark[1] == position[1] else None
+    assert position is not None
+    return "started" if mark[1] == position[1] and mark[2] == "started" else "done"
+
+
+def _mark(position: tuple[int, int], stage: str, stamp: int | None) -> list[Any]:
+    """A mark [partition, offset, stage] and, when known, the record's timestamp."""
+    return [*position, stage] if stamp is None else [*position, stage, stamp]
+
+
+def record_stamp(message: Any) -> int | None:
+    """The Kafka timestamp of a consumed record in milliseconds (Faust's `Message.timestamp`
+    is in seconds), None when the broker gave none. Never compared with any clock of fencer's:
+    only with the timestamp a mark remembers (`read_again`)."""
+    ts = getattr(message, "timestamp", None)
+    if ts is None or isinstance(ts, bool) or ts < 0:
+        return None
+    return round(float(ts) * 1000)
 
 
 # `actuated` row keys (suffixed with the operator-actions topic's name: a mark is a place in
-# that topic): [partition, offset, "started" | "done"] of the last lift, [partition, offset] of
-# the last pin confirmation.
+# that topic): [partition, offset, "started" | "done", timestamp] of the last lift,
+# [partition, offset, "done", timestamp] of the last pin confirmation (marks written before the
+# timestamp was kept: [partition, offset, stage] and [partition, offset]).
 LIFT_MARK = "blocklist_lift"
 PIN_MARK = "bmc_pin_confirm"
 
@@ -214,15 +242,153 @@ def mark_key(rt: Runtime, mark: str) -> str:
     return f"{mark} {rt.settings.kafka.topics.operator_actions}"
 
 
-def read_again(mark: Any, position: tuple[int, int] | None) -> bool:
-    """Whether the operator-actions record at `position` is at or before the one `mark`
-    (a row's [partition, offset, ...]) remembers: read again after a restart."""
+def mark_stamp(mark: list[Any]) -> int | None:
+    """The record timestamp a mark remembers (its fourth item), None in an older mark."""
+    ts = mark[3] if len(mark) >= 4 else None
+    return ts if isinstance(ts, int) and not isinstance(ts, bool) else None
+
+
+@dataclass(frozen=True)
+class AtMark:
+    """What operator-actions holds now at a mark's offset (`record_at`): the record there and
+    its Kafka timestamp (`found` "record"), no record because the log ends at or below that
+    offset ("end"), or no answer ("failed": broker unreachable, timeout, a gap in the log)."""
+
+    found: Literal["record", "end", "failed"]
+    stamp: int | None = None
+    detail: str = ""
+
+
+# read_again's answer: "again" (read again after a restart: not run twice), "new" (carry it
+# out), "ask" (the record is below the mark: only the log can tell, `record_at`), "unknown"
+# (the log could not tell: refuse, tell people to send the request again).
+Verdict = Literal["again", "new", "ask", "unknown"]
+
+
+def read_again(
+    mark: Any, position: tuple[int, int] | None, stamp: int | None = None, at: AtMark | None = None
+) -> Verdict:
+    """Whether the operator-actions record at `position` with Kafka timestamp `stamp` is the
+    one `mark` (a row's [partition, offset, stage, timestamp]) remembers, or one before it on
+    the same log: read again after a restart, not to be run again.
+
+    A place alone cannot tell: a deleted and recreated topic (same name) counts its offsets
+    from 0 again, and its new records sit at or below old marks. Timestamps of two records are
+    never compared (with CreateTime they come from the clocks of two producers, the web UI's
+    and a CLI's machine: an older request whose producer's clock ran ahead would look new):
+    - a record after the mark (or in another partition) is new;
+    - a record at the marked offset is the very record marked iff it carries the marked
+      timestamp (a stamp compared with itself, whatever the topic's timestamp type);
+    - a record below the marked offset is read again iff the marked record is still in the log:
+      "ask" until `at` says what the log holds at the mark's offset (`record_at`): the marked
+      timestamp there -> the same log, "again"; the log ends at or below it, or another record
+      is there -> the topic was recreated, "new"; no answer -> "unknown".
+    An older mark without a timestamp, or a record without one, is judged by the place alone,
+    as before. A mark of this partition whose offset is not a number: "unknown"."""
+    if position is None or not isinstance(mark, list) or len(mark) < 2 or mark[0] != position[0]:
+        return "new"
+    offset = mark[1]
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        return "unknown"
+    if offset < position[1]:
+        return "new"
+    marked = mark_stamp(mark)
+    if marked is None or stamp is None:
+        return "again"
+    if offset == position[1]:
+        return "again" if stamp == marked else "new"
+    if at is None:
+        return "ask"
+    if at.found == "failed":
+        return "unknown"
+    return "again" if at.found == "record" and at.stamp == marked else "new"
+
+
+async def record_at(
+    settings: FencerSettings, topic: str, partition: int, offset: int, within: float = 5.0
+) -> AtMark:
+    """Ask the broker what `topic` holds at (`partition`, `offset`) now: a short-lived consumer
+    without a group reads the one record there (`read_again` compares its timestamp with the
+    mark's). Runs only for a record below a mark (after a restart or a recreation). Never
+    raises: a broker that does not answer within `within` seconds is "failed"."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.errors import OffsetOutOfRangeError
+
+    from streams.kafka import aiokafka_kwargs, prepare_kafka
+
+    where = f"{topic} partition {partition} offset {offset}"
+    tp = TopicPartition(topic, partition)
+    consumer: AIOKafkaConsumer | None = None
+    try:
+        async with asyncio.timeout(within):
+            prepare_kafka(settings)
+            consumer = AIOKafkaConsumer(
+                client_id="fencer-operator-mark",
+                enable_auto_commit=False,
+                auto_offset_reset="none",
+                **aiokafka_kwargs(settings),
+            )
+            await consumer.start()
+            consumer.assign([tp])
+            consumer.seek(tp, offset)
+            while True:
+                try:
+                    got = await consumer.getmany(tp, timeout_ms=200, max_records=1)
+                except OffsetOutOfRangeError:
+                    end = (await consumer.end_offsets([tp]))[tp]
+                    if end <= offset:
+                        return AtMark("end", detail=f"{topic} partition {partition} ends at {end}")
+                    return AtMark(
+                        "failed", detail=f"{where} is out of range, the log ends at {end}"
+                    )
+                records = got.get(tp, [])
+                if records:
+                    r = records[0]
+                    if r.offset != offset:
+                        return AtMark("failed", detail=f"{where}: no record there, next {r.offset}")
+                    return AtMark("record", stamp=r.timestamp, detail=f"{where}: {r.timestamp}")
+                high = consumer.highwater(tp)
+                if high is not None and high <= offset:
+                    return AtMark("end", detail=f"{topic} partition {partition} ends at {high}")
+    except TimeoutError:
+        return AtMark("failed", detail=f"{where}: no answer from Kafka within {within:.0f} s")
+    except Exception as exc:
+        return AtMark("failed", detail=f"{where}: {type(exc).__name__} {exc}".rstrip())
+    finally:
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+
+async def judge_mark(
+    rt: Runtime, mark: Any, position: tuple[int, int] | None, stamp: int | None
+) -> tuple[Verdict, str]:
+    """`read_again` with the log asked when it must be (`record_at`): the verdict ("again",
+    "new" or "unknown") and, when the log was asked, what it said (for the log line)."""
+    verdict = read_again(mark, position, stamp)
+    if verdict != "ask":
+        return verdict, ""
+    assert position is not None and isinstance(mark, list)
+    topic = rt.settings.kafka.topics.operator_actions
+    at = await record_at(rt.settings, topic, position[0], mark[1])
+    verdict = read_again(mark, position, stamp, at)
+    log.info(
+        "operator-actions record at offset %s is below the mark at offset %s: %s (%s)",
+        position[1],
+        mark[1],
+        verdict,
+        at.detail,
+    )
+    return verdict, at.detail
+
+
+def unknown_reason(what: str, position: tuple[int, int] | None, detail: str) -> str:
+    """Why a request below a mark was not carried out: the log could not tell."""
+    at = f" at offset {position[1]}" if position is not None else ""
     return (
-        position is not None
-        and isinstance(mark, list)
-        and len(mark) >= 2
-        and mark[0] == position[0]
-        and mark[1] >= position[1]
+        f"cannot tell whether this {what} request{at} was read again after a restart or is a "
+        f"new one on a recreated operator-actions topic (the log did not answer: {detail}): "
+        "nothing done; send the request again"
     )
 
 
@@ -289,24 +455,33 @@ async def lift_once(
     table: MutableMapping[str, Any],
     key: str,
     position: tuple[int, int] | None,
+    stamp: int | None = None,
 ) -> str | None:
     """A lift_blocklist record, carried out at most once and only on the entry it names.
 
-    Read again after a restart (its position at or before the host's `blocklist_lift` mark) it
-    lifts nothing: done -> skipped; started, not done (the worker died mid-way) -> not lifted
-    again, people told to check. An action naming its entry (`blocklist_entry` and the fence
-    `decision_id` that added it, as the UI and CLI send) lifts only while fencer's notices
-    record that fence's entry: a newer blocklist of the host (another fence) or one already
-    lifted is not touched. An action naming none (older records, an entry fencer never added)
-    lifts only if read live (appended while this worker listened, within decision_max_age on
-    its clock) and fencer records no entry of its own for the host (which could be newer)."""
+    Read again after a restart (at or before the host's `blocklist_lift` mark on the same log:
+    `read_again`) it lifts nothing: done -> skipped; started, not done (the worker died
+    mid-way) -> not lifted again, people told to check. Below the mark with a log that cannot
+    be asked: nothing lifted, people told to send it again. An action naming its entry
+    (`blocklist_entry` and the fence `decision_id` that added it, as the UI and CLI send)
+    lifts only while fencer's notices record that fence's entry: a newer blocklist of the host
+    (another fence) or one already lifted is not touched. An action naming none (older
+    records, an entry fencer never added) lifts only if read live (appended while this worker
+    listened, within decision_max_age on its clock) and fencer records no entry of its own for
+    the host (which could be newer)."""
     from streams.actuation import NotNow, check_live
 
     lift_mark = mark_key(rt, LIFT_MARK)
     mark = dict(table.get(key) or {}).get(lift_mark)
-    if read_again(mark, position):
+    verdict, detail = await judge_mark(rt, mark, position, stamp)
+    if verdict == "unknown":
+        why = unknown_reason("lift", position, detail)
+        log.error("blocklist of host %s NOT lifted (asked by %s): %s", key, action.by, why)
+        await _send_lift_notice(rt, action, None, why)
+        return None
+    if verdict == "again":
         assert position is not None and isinstance(mark, list)
-        if mark[1] == position[1] and mark[2:] == ["started"]:
+        if mark[1] == position[1] and mark[2:3] == ["started"]:
             why = (
                 "a restart cut this lift short: it is not run again; `fencer rbd list` shows "
                 "whether the entry is still there (lift again if it is)"
@@ -317,7 +492,7 @@ async def lift_once(
             log.info("blocklist lift of host %s at offset %s read again: skipped", key, position[1])
         return None
     if position is not None:
-        put_entry(table, key, lift_mark, [*position, "started"])
+        put_entry(table, key, lift_mark, _mark(position, "started", stamp))
     try:
         settings = await rt.live()
         refused = None
@@ -357,7 +532,7 @@ async def lift_once(
         return await lift_blocklist(rt, action.model_copy(update={"address": address}))
     finally:
         if position is not None:
-            put_entry(table, key, lift_mark, [*position, "done"])
+            put_entry(table, key, lift_mark, _mark(position, "done", stamp))
 
 
 def _named_entry_refusal(action: OperatorAction, recorded: dict[str, str | None]) -> str | None:
@@ -588,13 +763,15 @@ async def bmc_pin_confirm(
     action: OperatorAction,
     table: MutableMapping[str, Any] | None = None,
     position: tuple[int, int] | None = None,
+    stamp: int | None = None,
 ) -> IpmiTestAnswer | None:
     """An operator's `bmc_pin_confirm`: read the host's BMC system GUID through the settings in
     force here and pin it on bmc-pins (streams.bmc_pins.confirm_pin, this worker's pin store);
     the answer names the pinned GUID, or why not (`refused`), every secret masked.
 
-    The record read again after a restart (`position` at or before the host's
-    `bmc_pin_confirm` mark in the `actuated` table) does nothing and answers nothing: the BMC
+    The record read again after a restart (`position` and `stamp` at or before the host's
+    `bmc_pin_confirm` mark in the `actuated` table: `read_again`) does nothing and answers
+    nothing: the BMC
     may have been swapped since. A confirm whose BMC reports another GUID than the `expect`ed
     one (the one the operator saw) pins nothing and tells people (bmc_identity_changed)."""
     from fencing.drivers.base import DriverError
@@ -604,14 +781,21 @@ async def bmc_pin_confirm(
     if table is not None and position is not None:
         key = action.host_uuid
         pin_mark = mark_key(rt, PIN_MARK)
-        if read_again(dict(table.get(key) or {}).get(pin_mark), position):
+        verdict, detail = await judge_mark(
+            rt, dict(table.get(key) or {}).get(pin_mark), position, stamp
+        )
+        if verdict == "unknown":
+            return await _refuse_unknown_pin(rt, action, position, detail)
+        if verdict == "again":
             log.info(
                 "BMC pin confirmation of host %s at offset %s read again: nothing done",
                 key,
                 position[1],
             )
             return None
-        put_entry(table, key, pin_mark, [*position])
+        put_entry(
+            table, key, pin_mark, [*position] if stamp is None else _mark(position, "done", stamp)
+        )
     started = time.monotonic()
     pinned: str | None = None
     refused: Literal["bmc", "expect", "pins"] | None = None
@@ -657,6 +841,37 @@ async def bmc_pin_confirm(
         refused=refused,
         error=error,
         duration=round(time.monotonic() - started, 3),
+        at=time.time(),
+    )
+
+
+async def _refuse_unknown_pin(
+    rt: Runtime, action: OperatorAction, position: tuple[int, int], detail: str
+) -> IpmiTestAnswer:
+    """A pin confirmation below the host's mark that the log could not place: nothing pinned;
+    logged, told (fence_refused) and answered, asking for the request again."""
+    why = unknown_reason("BMC pin confirmation", position, detail)
+    log.error("BMC of host %s NOT pinned (asked by %s): %s", action.host_uuid, action.by, why)
+    notice = Notice(
+        notice_id=f"{action.host_uuid}/bmc-pin-confirm/{action.request_id or action.at}/unknown",
+        kind=NoticeKind.FENCE_REFUSED,
+        host=HostRef(host_uuid=action.host_uuid, cluster_uuid=action.cluster_uuid),
+        at=time.time(),
+        result="not pinned",
+        reason=f"BMC identity confirmation (asked by {action.by or 'an operator'}): {why}",
+    )
+    try:
+        await rt.emit_notice(notice)
+    except Exception as exc:
+        log.error("host %s: cannot send the notice: %s", action.host_uuid, exc)
+    return IpmiTestAnswer(
+        request_id=action.request_id or "",
+        kind="bmc_pin_confirm",
+        host_uuid=action.host_uuid,
+        success=False,
+        driver="?",
+        error=why,
+        duration=0.0,
         at=time.time(),
     )
 

@@ -14,13 +14,17 @@ compared with this worker's clock). This worker asks the broker for the end offs
 fence-decisions partition every `sample_period` seconds, noting its own monotonic time *before*
 each request (`DecisionLog`, `LogEdges`). A record at offset o reached the log after the last
 sample whose end was <= o, so its age is at most now minus that sample's time, whoever's clock
-stamped it. A record below the end of the first sample was on the topic before this worker
-began listening (written while no actuator listened, or read again after a restart): it is
-refused as "not read live", nothing done; the core sends the host back to checking and its next
+stamped it. A record below the end of the first samples (the highest of two answers: one
+answer too low must not make backlog look live) was on the topic before this worker began
+listening (written while no actuator listened, or read again after a restart): it is refused
+as "not read live", nothing done; the core sends the host back to checking and its next
 stale check proposes again under the same decision id, which this worker then reads live. A
 live record older than `decision_max_age` by this bound (the actuator lagged, or stalled
 between reading and acting: the bound is checked again after the record and CloudStack checks)
-is refused too. The bound overstates an age by at most one sample period.
+is refused too. The bound overstates an age by at most one sample period. An end lower than
+seen before is not believed once (a broker answering wrongly); lower in every one of three
+samples in a row, it is a new log (fence-decisions deleted and recreated): that partition
+starts again as at a first sample, and people are told once (`LogEdges`, `NewLog`).
 
 Exactly once: the claim is a record on the one-partition topic `fencer.fence-claims`, keyed by
 decision id and written with `acks=all` before the BMC is touched; the log's order decides
@@ -34,7 +38,6 @@ already = fenced; reboot: never repeated blindly, only an "off" reading counts).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -135,42 +138,87 @@ def forged_notice(message: Any, forged: Forged, now: float) -> Notice:
 # 2-4. Fresh, backed by fencer's own record, confirmed by CloudStack now
 
 
+@dataclass(frozen=True)
+class NewLog:
+    """A partition whose end went lower than seen before in `samples` answers in a row: a new
+    log (the topic deleted and recreated), started again from `end`."""
+
+    partition: int
+    was: int  # the highest end seen on the old log
+    end: int  # the new log's baseline: records below it are backlog
+    samples: int
+
+
 @dataclass
 class LogEdges:
     """Each fence-decisions partition's end offset as this worker saw it, on its own monotonic
     clock (pure: the samples arrive from `DecisionLog`). `samples[p]` holds (time, end) pairs,
-    ends rising; of a run of equal ends only the latest time is kept (it bounds best)."""
+    ends rising; of a run of equal ends only the latest time is kept (it bounds best).
+
+    The baseline (`first`: records below it are backlog) is the highest of the first `settle`
+    answers: one answer too low would make backlog look appended while listening, so nothing
+    is read live before `settle` answers came. An answer lower than seen before is not
+    believed (a broker answering wrongly once must not make older records look new); lower
+    answers in every one of `new_log_after` samples in a row mean a new log (the topic deleted
+    and recreated): the partition starts again as at a first sample, from the highest of those
+    answers (what is on the new log then is backlog, what is appended after is live)."""
 
     retention: float = 600.0  # seconds of samples kept (the live decision_max_age raises it)
+    settle: int = 2  # answers that make the baseline, the highest of them
+    new_log_after: int = 3  # lower answers in a row that mean a new log
     samples: dict[int, list[tuple[float, int]]] = field(default_factory=dict)
-    first: dict[int, int] = field(default_factory=dict)  # end offset at the first sample
+    first: dict[int, int] = field(default_factory=dict)  # the baseline (see above)
+    answers: dict[int, int] = field(default_factory=dict)  # answers since the baseline began
+    low: dict[int, list[tuple[float, int]]] = field(default_factory=dict)  # lower, in a row
 
-    def note(self, partition: int, end: int, at: float) -> None:
-        """The broker answered `end` to a request sent at `at` (this worker's monotonic clock)."""
+    def note(self, partition: int, end: int, at: float) -> NewLog | None:
+        """The broker answered `end` to a request sent at `at` (this worker's monotonic clock);
+        a `NewLog` when this answer made the partition start again."""
         seen = self.samples.get(partition)
         if seen is None:
             self.samples[partition] = [(at, end)]
             self.first[partition] = end
-            return
+            self.answers[partition] = 1
+            self.low[partition] = []
+            return None
+        if self.answers[partition] < self.settle:
+            self.answers[partition] += 1
+            self.first[partition] = max(self.first[partition], end)
+        low = self.low[partition]
         if end < seen[-1][1]:
-            # Lower than seen before (a broker answering too low, or the topic recreated): not
-            # believed. Starting again from it would make older records look new; kept as is,
-            # a record below what was seen is backlog or too old: refused either way (after
-            # recreating fence-decisions, restart the actuate workers; refusals are notified).
-            return
+            # Lower than seen before: a broker answering too low once (not believed: starting
+            # again from it would make older records look new; kept as is, a record below what
+            # was seen is backlog or too old, refused either way), or a new log if it lasts.
+            low.append((at, end))
+            if len(low) < self.new_log_after:
+                return None
+            top = max(e for _, e in low)
+            since = max(t for t, e in low if e == top)
+            new = NewLog(partition, seen[-1][1], top, len(low))
+            self.samples[partition] = [(since, top)]
+            self.first[partition] = top
+            self.answers[partition] = len(low)
+            self.low[partition] = []
+            return new
+        low.clear()
         if end == seen[-1][1]:
             seen[-1] = (at, end)
         else:
             seen.append((at, end))
         while len(seen) > 1 and seen[1][0] < at - self.retention:
             del seen[0]
+        return None
+
+    def settled(self, partition: int) -> bool:
+        """Whether the partition's baseline is made (`settle` answers came)."""
+        return self.answers.get(partition, 0) >= self.settle
 
     def age(self, partition: int, offset: int, now: float) -> float | None:
         """At most how long ago the record at `offset` reached the log (or at least, when more
-        than `retention`), on this worker's clock; None if it was there before the first
-        sample (backlog)."""
+        than `retention`), on this worker's clock; None if it was there before the baseline
+        (backlog), or the baseline is not settled yet."""
         seen = self.samples.get(partition)
-        if seen is None or offset < self.first[partition]:
+        if seen is None or not self.settled(partition) or offset < self.first[partition]:
             return None
         before = [t for t, end in seen if end <= offset]
         return now - (before[-1] if before else seen[0][0])
@@ -191,6 +239,11 @@ def check_live(
     age = edges.age(partition, offset, now)
     if age is None:
         again = "; the host's next stale check proposes it again" if what == "decision" else ""
+        if partition in edges.samples and not edges.settled(partition):
+            raise NotNow(
+                f"not read live: the {what} (partition {partition} offset {offset}) came before "
+                f"this actuator knew where the log ended when it began reading it{again}"
+            )
         raise NotNow(
             f"not read live: the {what} (partition {partition} offset {offset}) was on the "
             f"topic before this actuator began reading it{again}"
@@ -220,12 +273,15 @@ class DecisionLog:
         self.period = period
         self.clock = clock
         self.edges = LogEdges(retention=max(600.0, 3 * settings.decision_max_age()))
+        # Where a new log is told (the runtime's emit_notice; Actuation.notify_to).
+        self.notify: Callable[[Notice], Awaitable[None]] | None = None
         self._consumer: Any = None
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
     async def start(self, within: float = 30.0) -> None:
-        """Connect and take the first sample: records below it are backlog."""
+        """Connect and take the first samples (`LogEdges.settle`, a short pause apart): records
+        below the highest answer are backlog."""
         from aiokafka import AIOKafkaConsumer
 
         from streams.kafka import aiokafka_kwargs
@@ -244,6 +300,9 @@ class DecisionLog:
                     if not consumer.partitions_for_topic(self.topic):
                         await asyncio.sleep(0.2)
                 await self.sample()
+                for _ in range(1, self.edges.settle):
+                    await asyncio.sleep(min(self.period, 0.2))
+                    await self.sample()
         except BaseException:
             await self.stop()
             raise
@@ -262,7 +321,37 @@ class DecisionLog:
         at = self.clock()
         ends = await self._consumer.end_offsets(tps)
         for tp, end in ends.items():
-            self.edges.note(tp.partition, end, at)
+            new = self.edges.note(tp.partition, end, at)
+            if new is not None:
+                await self._new_log(new)
+
+    async def _new_log(self, new: NewLog) -> None:
+        """Tell people (once) that a partition started again: its records before the new
+        baseline are refused as not read live, those appended after are read live."""
+        reason = (
+            f"the end of {self.topic} partition {new.partition} went lower ({new.was} -> "
+            f"{new.end}) in {new.samples} samples in a row: a new log (the topic deleted and "
+            f"recreated?). The actuator started that partition again: records up to offset "
+            f"{new.end} are refused as not read live, records appended from now on are read "
+            "live (if the broker answers wrongly instead, check the broker)"
+        )
+        log.warning("%s", reason)
+        if self.notify is None:
+            return
+        notice = Notice(
+            notice_id=f"new-log/{self.topic}/{new.partition}/{new.was}/{new.end}/{time.time():.0f}",
+            kind=NoticeKind.FENCE_REFUSED,
+            host=HostRef(host_uuid="unknown"),
+            at=time.time(),
+            reason=reason,
+            topic=self.topic,
+            partition=new.partition,
+            offset=new.end,
+        )
+        try:
+            await self.notify(notice)
+        except Exception as exc:  # the warning above stands; the sampling goes on
+            log.error("cannot send the new-log notice of %s: %s", self.topic, exc)
 
     async def _run(self) -> None:
         while True:
@@ -280,14 +369,11 @@ class DecisionLog:
                 self._failing = True
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        from streams.topic_reader import stop_tailing
+
+        task, consumer = self._task, self._consumer
+        self._task, self._consumer = None, None
+        await stop_tailing(task, consumer)
 
 
 def sample_period(max_age: float) -> float:
@@ -418,6 +504,11 @@ class Actuation:
         # An operator's lift that names no blocklist entry is carried out only if read live.
         self.actions = DecisionLog(settings, period, clock, settings.kafka.topics.operator_actions)
         self._started = False
+
+    def notify_to(self, send: Callable[[Notice], Awaitable[None]]) -> None:
+        """Where the end-offset samplers tell people of a new log (the runtime's emit_notice)."""
+        self.decisions.notify = send
+        self.actions.notify = send
 
     async def start(self) -> None:
         if not self._started:

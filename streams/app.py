@@ -383,6 +383,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 # A retry, lift or pin confirmation read again after a restart is not run
                 # twice (streams.actuating).
                 position = (event.message.partition, event.message.offset)
+                stamp = actuating.record_stamp(event.message)  # read_again: which log
                 if action.kind in ("ipmi_test", "bmc_pin_confirm"):
                     # The UI's "test BMC" and "confirm BMC identity": run here, never in the
                     # API process (issue #15); the pin goes to bmc-pins through this worker.
@@ -390,13 +391,15 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     if action.kind == "ipmi_test":
                         answer = await actuating.ipmi_test(runtime, action)
                     else:
-                        answer = await actuating.bmc_pin_confirm(runtime, action, done, position)
+                        answer = await actuating.bmc_pin_confirm(
+                            runtime, action, done, position, stamp
+                        )
                     if answer is not None:
                         key = action.host_uuid.encode()
                         await ipmi_tests.send(key=key, value=codec.dump(answer))
                     continue
                 outcome = await actuating.operator_action(
-                    runtime, action, done, action.host_uuid, position
+                    runtime, action, done, action.host_uuid, position, stamp
                 )
                 if outcome is not None:
                     obs.observe_outcome(outcome)

@@ -183,6 +183,7 @@ class Runtime:
             act = Actuation(
                 self.settings, self.keyring(), WORKER_ID, lambda h: self.inventory().host(h)
             )
+            act.notify_to(self.emit_notice)  # a recreated topic's new log is told
             await act.start()
             self._actuation = act
 

@@ -130,11 +130,17 @@ class TopicReader:
 
     async def stop(self) -> None:
         """Stop tailing and close the connection."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        task, consumer = self._task, self._consumer
+        self._task, self._consumer = None, None
+        await stop_tailing(task, consumer)
+
+
+async def stop_tailing(task: asyncio.Task[None] | None, consumer: AIOKafkaConsumer | None) -> None:
+    """Cancel a tailing task and wait for it to end, then close its consumer (either may be
+    None): how a TopicReader and the actuator's end-offset sampler (streams.actuation) stop."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    if consumer is not None:
+        await consumer.stop()

@@ -96,8 +96,9 @@ def test_a_forged_record_notice_names_topic_partition_offset_and_host() -> None:
 def test_a_decision_is_fresh_only_if_appended_while_listening_and_recently() -> None:
     """The age of a record comes from this worker's own samples of the partition's end (a
     monotonic clock), never from the decision's stamp: the end was 5 at t=100 (asked at 100),
-    6 at t=101, 9 at t=102."""
+    6 at t=101, 9 at t=102 (the baseline settles on the first two answers, 5 and 5)."""
     edges = LogEdges(retention=600.0)
+    edges.note(0, 5, 99.0)
     edges.note(0, 5, 100.0)
     for offset in (0, 4):
         with pytest.raises(NotNow, match=r"not read live: the decision \(partition 0 offset"):
@@ -115,8 +116,8 @@ def test_a_decision_is_fresh_only_if_appended_while_listening_and_recently() -> 
     # Equal ends keep only the latest time: the bound tightens as the samples go on.
     edges.note(0, 9, 200.0)
     assert check_live(edges, 0, 9, 120.0, 210.0) == pytest.approx(10.0)
-    # An end lower than seen before (a broker answering too low, a recreated topic) is not
-    # believed: it never makes an older record look new.
+    # An end lower than seen before once (a broker answering too low) is not believed: it
+    # never makes an older record look new.
     edges.note(0, 2, 300.0)
     assert edges.samples[0][-1] == (200.0, 9)
     with pytest.raises(NotNow, match="not read live"):
