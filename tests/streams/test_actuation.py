@@ -547,7 +547,9 @@ async def test_backlog_is_refused_and_a_decision_read_then_stalled_past_max_age_
     already on fence-decisions when the actuator starts is refused as not read live; one
     appended afterwards and stamped 10 min in the past or the future (the gate's clock far
     off) passes every check; one whose backing host record reaches the actuator only after
-    decision_max_age (the actuator stalled in its record wait) is refused by its own clock."""
+    decision_max_age (the actuator stalled in its record wait) is refused by its own clock.
+    The actuator's monotonic clock is the real one plus a step the test makes to stand for the
+    stall: the limit (30 s) is far above any pause of a loaded machine."""
     from aiokafka import AIOKafkaProducer
     from pydantic import SecretStr
 
@@ -571,7 +573,7 @@ async def test_backlog_is_refused_and_a_decision_read_then_stalled_past_max_age_
             api_key=SecretStr(sim.api_key),
             secret_key=SecretStr(sim.secret_key),
         ),
-        actuator=ActuatorSettings(decision_max_age=2.0),
+        actuator=ActuatorSettings(decision_max_age=30.0),
     )
     t = settings.kafka.topics
     host = HostRef(host_uuid=hv.uuid, host_name="hv1", cluster_uuid=cluster.uuid)
@@ -605,7 +607,12 @@ async def test_backlog_is_refused_and_a_decision_read_then_stalled_past_max_age_
         read[(r.partition, r.offset)] = parsed
 
     inventory = Inventory(settings)
-    act = Actuation(settings, RING, "w", inventory.host)
+    stalled_for = 0.0
+
+    def clock() -> float:
+        return time.monotonic() + stalled_for
+
+    act = Actuation(settings, RING, "w", inventory.host, clock=clock)
     reader = TopicReader(settings, [t.fence_decisions], on_record)
     try:
         # 1. On the topic before the actuator began reading it (and backed by the record).
@@ -626,18 +633,22 @@ async def test_backlog_is_refused_and_a_decision_read_then_stalled_past_max_age_
         await act.last_moment(read[at_past], live, position=at_past)
         await back(future)
         await act.last_moment(read[at_future], live, position=at_future)
-        # 3. Read live, then the actuator waits 3 s for fencer's record (its view lags): on its
-        # own clock the decision is older than decision_max_age (2 s) when it could act.
+        # 3. Read live, then the actuator waits for fencer's record (its view lags) while its
+        # own clock moves on 40 s: the decision is older than decision_max_age (30 s) when it
+        # could act.
         stalled = gate_decision(4, now)
         at_stalled = await append(t.fence_decisions, signed(stalled))
         waited = asyncio.create_task(act.last_moment(stalled, live, position=at_stalled))
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(0.5)
         assert not waited.done()
+        stalled_for = 40.0
         await back(stalled)
-        too_old = r"reached the log up to [3-9] s ago .*decision_max_age 2 s"
+        too_old = r"reached the log up to (4\d|[5-9]\d) s ago .*decision_max_age 30 s"
         with pytest.raises(NotNow, match=too_old):
             await waited
-        # The same decision appended again and read at once passes: nothing else was wrong.
+        # The same decision appended again (after a sample at the moved clock) and read at once
+        # passes: nothing else was wrong.
+        await act.decisions.sample()
         again = await append(t.fence_decisions, signed(stalled))
         await act.last_moment(stalled, live, position=again)
     finally:
