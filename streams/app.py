@@ -138,9 +138,10 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         app.on_partitions_revoked.connect(rows.on_partitions_changed)
         app.on_partitions_assigned.connect(rows.on_partitions_changed)
         # The gate's shared row is made whole from the cluster rows after each (re)assignment.
-        gate_sync = gating.Reconcile()
+        gate_sync = gating.Reconcile(source=(runtime, gates))
         app.on_partitions_revoked.connect(gate_sync.on_partitions_changed)
         app.on_partitions_assigned.connect(gate_sync.on_partitions_changed)
+        app.on_rebalance_complete.connect(gate_sync.on_rebalance_complete)
     if "actuate" in roles:
         done = app.Table("actuated", help="host uuid -> {decision id: outcome}")
     if "notify" in roles:

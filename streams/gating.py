@@ -39,6 +39,8 @@ read.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
@@ -219,6 +221,14 @@ async def read_decision_log(
     return found, end
 
 
+def _ahead_failed(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning(
+            "gate: the decision log could not be read ahead (%s): the next proposal reads it",
+            task.exception(),
+        )
+
+
 class Reconcile:
     """Whether the shared row is to be reconciled before the next judgement (module rule):
     due at the start, and again at every change of assignment (connected to the app's
@@ -230,12 +240,17 @@ class Reconcile:
         self,
         read: Callable[[Runtime, LogPosition], Awaitable[tuple[list[gatecore.Logged], LogPosition]]]
         | None = None,
+        source: tuple[Runtime, MutableMapping[str, Any]] | None = None,
     ) -> None:
         self.due = True
         self.logged: list[gatecore.Logged] | None = None  # read for the due reconciliation
         self.position: LogPosition = {}
         self._changes = 0
         self._read = read_decision_log if read is None else read
+        # The runtime and the gates table: the log is read ahead as soon as the rows are
+        # recovered (`on_rebalance_complete`), not when the first proposal is already waiting.
+        self.source = source
+        self._ahead: asyncio.Task[None] | None = None
 
     async def on_partitions_changed(self, *args: Any, **kwargs: Any) -> None:
         """Faust's on_partitions_revoked / on_partitions_assigned receiver."""
@@ -249,11 +264,34 @@ class Reconcile:
         """Before `item` is judged: read the decision log when `item` is a proposal, a
         reconciliation is due and the log is not read yet (read again if the assignment changed
         during the read: the read must follow the rows' recovery)."""
-        while isinstance(item, FenceProposal) and self.due and self.logged is None:
-            changes = self._changes
-            logged, position = await self._read(runtime, log_position(table.get(GLOBAL_ROW)))
-            if changes == self._changes:
-                self.logged, self.position = logged, position
+        if not isinstance(item, FenceProposal):
+            return
+        ahead = self._ahead
+        if ahead is not None and self.due and self.logged is None:
+            # The read ahead under way (or its failure: then the log is read again here, and an
+            # error reaches the agent).
+            with contextlib.suppress(Exception):
+                await asyncio.shield(ahead)
+        while self.due and self.logged is None:
+            await self._read_once(runtime, table)
+
+    async def on_rebalance_complete(self, *args: Any, **kwargs: Any) -> None:
+        """Faust's on_rebalance_complete receiver (the rows are recovered): read the decision
+        log now, in the background, so the first proposal after a start or a rebalance finds it
+        read (measured: 0.3-2 s at a start, mostly connecting)."""
+        if self.source is None or not self.due or self.logged is not None:
+            return
+        if self._ahead is None or self._ahead.done():
+            self._ahead = asyncio.create_task(
+                self._read_once(*self.source), name="fencer-gate-log-ahead"
+            )
+            self._ahead.add_done_callback(_ahead_failed)
+
+    async def _read_once(self, runtime: Runtime, table: MutableMapping[str, Any]) -> None:
+        changes = self._changes
+        logged, position = await self._read(runtime, log_position(table.get(GLOBAL_ROW)))
+        if changes == self._changes:
+            self.logged, self.position = logged, position
 
     def done(self) -> None:
         """A judgement wrote the reconciled rows."""

@@ -4,6 +4,7 @@ nothing, and what the read costs with a thousand decisions."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -215,3 +216,41 @@ async def test_an_unreadable_log_is_an_error_naming_the_topic(
     with pytest.raises(TopicReaderError):
         await sync.prepare(rt, proposal(1, NOW), {})
     assert sync.due and sync.logged is None
+
+
+async def test_the_log_is_read_ahead_once_the_rows_are_recovered(
+    fencer_settings: FencerSettingsFactory,
+) -> None:
+    """The read starts at Faust's on_rebalance_complete (the rows recovered), from the position
+    the recovered shared row holds: the first proposal after a start finds it read and does not
+    wait for a read of its own (which cost the first decision of a start 0.3-2 s)."""
+    rt = runtime(fencer_settings)
+    table: dict[str, Any] = {}
+    sized(table, rt)
+    starts: list[gating.LogPosition] = []
+
+    async def read(runtime: Runtime, start: gating.LogPosition) -> Any:
+        starts.append(start)
+        return await gating.read_decision_log(runtime, start)
+
+    sync = gating.Reconcile(read, source=(rt, table))
+    await sync.on_partitions_changed(set())
+    await sync.on_rebalance_complete()
+    await asyncio.sleep(0)
+    assert starts == [{}]  # under way before any proposal came
+    await sync.prepare(rt, proposal(1, NOW), table)
+    assert starts == [{}] and sync.logged == []
+    first = gating.apply_gate(table, proposal(1, NOW), rt, now=NOW, position=(0, 1), sync=sync)
+    assert first is not None and first.approved
+    await publish(rt, [first])
+    # Another assignment: read ahead again, from where the shared row says the log was merged.
+    await sync.on_partitions_changed(set())
+    await sync.on_rebalance_complete()
+    await sync.on_rebalance_complete()  # a second signal while the read runs starts no other
+    await sync.prepare(rt, proposal(2, NOW + 1), table)
+    assert len(starts) == 2 and starts[1] == gating.log_position(table[gating.GLOBAL_ROW])
+    assert sync.logged is not None and [d.decision_id for d in sync.logged] == [first.decision_id]
+    # Nothing due (a judgement wrote the reconciled rows): no read.
+    gating.apply_gate(table, proposal(2, NOW + 1), rt, now=NOW + 1, position=(0, 2), sync=sync)
+    await sync.on_rebalance_complete()
+    assert len(starts) == 2
