@@ -122,3 +122,87 @@ def ceph_clean(ceph: Ceph) -> Iterator[Ceph]:
     repeat across tests, so a blocklist left behind would cut the next test's clients off)."""
     yield ceph
     ceph.cluster.reset()
+
+
+# --- the order of the run (xdist) -----------------------------------------------------------------
+#
+# `pytest -n 4 --dist load` hands the first quarter of the collection to the workers round robin
+# and the rest on demand, in collection order. A long test collected late (the e2e modules, the
+# stateful Hypothesis machines) starts late and leaves the other workers idle at the end. So the
+# modules whose slowest test is long run first, slowest first, and inside such a module its
+# slow tests first (a module stays together, so its module fixtures are set up no more often).
+# Every test still runs, each on its own fixtures; only the order changes. The seconds are the
+# `call` durations of a full CI run (`make test ARGS=--durations=120`, 2026-11-30, a loaded
+# 2-core machine); refresh them when the slow tests change. Modules not listed keep their order
+# after these.
+SLOW_MODULES = {
+    "tests/fencing/test_core_properties.py": 187,
+    "tests/security/test_acl_roles.py": 118,
+    "tests/e2e/test_replay.py": 108,
+    "tests/e2e/test_rbd_scenarios.py": 95,
+    "tests/streams/test_worker_restart.py": 91,
+    "tests/e2e/test_actuation_safety.py": 80,
+    "tests/e2e/test_bmc_identity.py": 76,
+    "tests/webui/test_schemathesis.py": 76,
+    "tests/security/test_sasl_clients.py": 73,
+    "tests/e2e/test_never_silent.py": 73,
+    "tests/streams/test_gate_worker.py": 63,
+    "tests/webui/test_ipmi_test_worker.py": 60,
+    "tests/streams/test_rows.py": 57,
+    "tests/e2e/test_secrets_nowhere.py": 55,
+    "tests/e2e/test_scenarios.py": 53,
+    "tests/streams/test_parser.py": 51,
+    "tests/webui/test_rbd_lift.py": 48,
+    "tests/streams/test_host_directory.py": 44,
+    "tests/streams/test_app.py": 43,
+    "tests/streams/test_ingest.py": 39,
+    "tests/webui/test_browser.py": 34,
+    "tests/streams/test_kafka_tls.py": 34,
+    "tests/streams/test_broker.py": 30,
+    "tests/webui/test_bmc_pin_worker.py": 29,
+    "tests/streams/test_actuation.py": 28,
+    "tests/webui/test_blocklist_button.py": 23,
+    "tests/security/test_worker_start_files.py": 21,
+    "tests/e2e/test_lab_ceph.py": 21,
+    "tests/streams/test_operator_actions_read_again.py": 18,
+    "tests/fencing/test_storage_fence.py": 16,
+    "tests/fencing/test_settings.py": 15,
+    "tests/probes/test_rbd_blocklist.py": 14,
+    "tests/probes/test_rbd_probe.py": 13,
+    "tests/streams/test_startup.py": 12,
+    "tests/streams/test_settings_signing.py": 11,
+    "tests/fencing/test_actuator.py": 11,
+    "tests/webui/test_sessions.py": 10,
+    "tests/fencing/test_drivers.py": 10,
+}
+SLOW_TESTS = {  # by name inside their module: these first, slowest first
+    "TestHostMachine::runTest": 187,
+    "test_rbd_bmc_unreachable_blocklist_fallback_restarts_the_vms": 95,
+    "test_rbd_host_crash_watches_expire_then_fenced_once": 74,
+    "test_ceph_unreachable_is_unknown_notified_never_fenced": 61,
+    "test_a_worker_killed_between_claim_and_bmc_call_powers_off_once": 80,
+    "test_rbd_disk_is_unknown_notified_never_fenced": 53,
+    "test_agent_dies_then_crash_is_fenced_once_in_time": 53,
+    "test_cap_reached_fences_three_and_withholds_the_fourth": 52,
+    "test_bmc_unreachable_fails_and_restarts_nothing": 52,
+    "TestGateMachine::runTest": 40,
+    "test_unknown_readings_never_count_and_never_break_a_run": 36,
+    "test_objects_with_non_string_values_are_rejected": 51,
+    "test_host_signals_read_again_after_a_restart_neither_end_nor_reopen_an_episode": 43,
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow modules first (see SLOW_MODULES); the same order in every xdist worker."""
+    position = {id(item): n for n, item in enumerate(items)}
+
+    def key(item: pytest.Item) -> tuple[float, str, float, int]:
+        module = item.nodeid.split("::", 1)[0]
+        return (
+            -SLOW_MODULES.get(module, 0),
+            module if module in SLOW_MODULES else "",
+            -SLOW_TESTS.get(item.nodeid.split("::", 1)[-1], 0),
+            position[id(item)],
+        )
+
+    items.sort(key=key)

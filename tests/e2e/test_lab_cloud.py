@@ -85,10 +85,11 @@ async def test_bmc_power_off_stops_the_host(broker: EmbeddedBroker, tmp_path: Pa
         assert lab.power_offs and lab.power_offs[0][1] == "kvm02"
         assert lab.cloud.hosts[h.uuid].state == "Disconnected"
         before = hb.stat().st_mtime
+        other = lab.host("kvm01").heartbeat_file(pool)
+        other_before = other.stat().st_mtime
         await asyncio.sleep(1.0)
         assert hb.stat().st_mtime == before, "a powered-off host still writes its heartbeat"
-        other = lab.host("kvm01").heartbeat_file(pool)
-        assert time.time() - other.stat().st_mtime < 1.0, "the other hosts stopped writing"
+        assert await _advances(other, other_before), "the other hosts stopped writing"
         assert lab.bmc_power_offs("kvm02") == 1
 
 
@@ -157,6 +158,14 @@ def _mtime(seen: dict[Path, tuple[float, str]], f: Path) -> float:
     return seen[f][0]
 
 
+async def _advances(f: Path, before: float, within: float = 10.0) -> bool:
+    """Whether `f` is written again after `before` (its mtime then), waiting up to `within`."""
+    deadline = time.monotonic() + within
+    while f.stat().st_mtime == before and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return f.stat().st_mtime != before
+
+
 async def test_agent_death_stops_the_heartbeat_not_the_disks(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
@@ -176,20 +185,24 @@ async def test_agent_death_stops_the_heartbeat_not_the_disks(
         assert all(_mtime(b, d) > _mtime(a, d) for d in disks), "the VMs stopped writing"
 
         lab.agent_recovers("kvm02")
+        recovered = int(time.time())
         assert lab.cloud.hosts[h.uuid].state == "Up"
         await asyncio.sleep(1.2)
         c = await _read(lab, "kvm01", files)
         assert _mtime(c, hb) > _mtime(b, hb) and int(c[hb][1]) > int(b[hb][1])
-        assert abs(int(c[hb][1]) - time.time()) < 2
+        # the content is the host's clock at a write after the recovery (however late the
+        # read came on a loaded machine)
+        assert recovered <= int(c[hb][1]) <= time.time()
 
         await lab.crash("kvm02")
         await asyncio.sleep(0.4)
         d = await _read(lab, "kvm01", files)
+        other = lab.host("kvm03").heartbeat_file(lab.pools[0].uuid)
+        other_before = other.stat().st_mtime
         await asyncio.sleep(1.2)
         e = await _read(lab, "kvm01", files)
         assert e == d, "a crashed host still writes"
-        other = lab.host("kvm03").heartbeat_file(lab.pools[0].uuid)
-        assert time.time() - other.stat().st_mtime < 1.0, "the other hosts stopped writing"
+        assert await _advances(other, other_before), "the other hosts stopped writing"
 
 
 async def test_idle_vms_leave_their_disks_alone(broker: EmbeddedBroker, tmp_path: Path) -> None:
@@ -236,15 +249,17 @@ async def test_filer_clock_offset_moves_every_mtime_not_the_heartbeat_content(
         await asyncio.sleep(0.5)
         seen = await _read(lab, "kvm01", files)
         now = time.time()
+        # Within 60 s of the expected clock: far from the 480 s offset either way, and room for
+        # a loaded machine (the idle disks keep the stamp of the lab's start).
         for f in files:
-            assert abs(_mtime(seen, f) - (now + offset)) < 2.5, (f.name, _mtime(seen, f), now)
-        assert abs(int(seen[hb][1]) - now) < 2.5, "heartbeat content is not the host's clock"
+            assert abs(_mtime(seen, f) - (now + offset)) < 60, (f.name, _mtime(seen, f), now)
+        assert abs(int(seen[hb][1]) - now) < 60, "heartbeat content is not the host's clock"
 
         lab.set_filer_offset(0.0)  # NTP fixed on the filer
         await asyncio.sleep(0.6)
         seen = await _read(lab, "kvm01", files[:3])
         now = time.time()
-        assert all(abs(_mtime(seen, f) - now) < 2.5 for f in files[:3])
+        assert all(abs(_mtime(seen, f) - now) < 60 for f in files[:3])
 
 
 async def test_cloudstack_ha_restart_moves_the_vm_and_its_writes(

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import event as tally
 from hypothesis import strategies as st
@@ -901,5 +902,7 @@ class GateMachine(RuleBasedStateMachine):
 
 TestHostMachine = HostMachine.TestCase
 TestHostMachine.settings = settings(FAST, max_examples=500, stateful_step_count=50)
+# CPU-bound: 187 s seen on a loaded CI run (about 15 s alone), against the default 300 s
+TestHostMachine.pytestmark = [pytest.mark.timeout(600)]
 TestGateMachine = GateMachine.TestCase
 TestGateMachine.settings = FAST

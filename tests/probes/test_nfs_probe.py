@@ -38,7 +38,9 @@ async def test_reading_reports_each_files_mtime_as_the_filer_stamped_it(world, s
     assert sorted(r.mtimes.values()).count(int(suspect - 500)) == 4
     assert (len(r.mtimes), r.files_wanted, r.unreadable) == (5, 5, 0)
     assert r.neighbour in ("kvm02", "kvm03")
-    assert r.neighbour_offset is not None and abs(r.neighbour_offset) < 3
+    # the lab's hosts share this clock: the offset is the SSH round trip's share only (room for a
+    # loaded CI machine), nowhere near a wrong unit or a missing clock line
+    assert r.neighbour_offset is not None and abs(r.neighbour_offset) < 15
 
 
 async def test_heartbeat_content_is_reported_raw_and_the_filer_offset_measured(world, service):
@@ -129,12 +131,14 @@ async def test_command_timeout_is_unknown_and_partial_output_is_not_trusted(worl
     suspect = time.time() - 100
     world.age_everything(suspect - 500)
     for h in world.hosts[1:]:
-        h.slow_exec(10)
+        h.slow_exec(20)
     started = time.monotonic()
     r = await service.run(request(world, suspect))
     assert not r.complete
     assert r.reason.startswith("timeout") and r.reason.count("timeout") == 2
-    assert time.monotonic() - started < 6  # two neighbours x command_timeout 2 s
+    # two neighbours x command_timeout 2 s, and room for a loaded CI machine; a probe that
+    # waited for the hanging commands would take their 20 s
+    assert time.monotonic() - started < 12
 
 
 async def test_hung_ssh_endpoint_times_out_on_connect(world, service):
@@ -249,9 +253,11 @@ def test_remote_script_gives_the_same_reading_under_bash_and_dash(world, shell):
         ),
     )
     command, stdin = build_command(target)
+    before = time.time()
     out = subprocess.run([shell, "-c", command], input=stdin, capture_output=True, text=True).stdout
+    after = time.time()
     reading = parse_output(target, out, 0.0)
-    assert reading.complete and abs(reading.now - time.time()) < 5
+    assert reading.complete and int(before) <= reading.now <= after  # the shell's own clock
     assert reading.heartbeat_values[str(world.heartbeat())] == str(int(suspect - 500))
     assert len(reading.mtimes) == 4 and "/nope/x" not in reading.mtimes  # 3 disks + heartbeat
     assert set(reading.mounted.values()) == {True}

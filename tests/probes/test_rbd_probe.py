@@ -182,7 +182,9 @@ async def test_stopped_monitor_is_an_incomplete_reading_naming_it(rworld):
     assert not r.complete and r.reason is not None
     assert r.reason.startswith("ceph unreachable"), r.reason
     assert r.live_signs == [] and r.mtimes == {}
-    assert took < 12  # connect timeout 3 s per neighbour, two neighbours
+    # connect timeout 3 s per neighbour, two neighbours, and room for a loaded CI machine; a
+    # probe without its own timeout would wait on the Ceph client's (300 s)
+    assert took < 30
     c.start_mon()
     assert (await probe(rworld)).complete
 
@@ -283,7 +285,7 @@ async def test_lab_rbd_watchers_stay_when_the_agent_dies_and_expire_when_the_hos
             agent_dead = await probe(world)
             await rbd.crash(hosts[0])
             crashed_at = time.monotonic()
-            while rbd.watchers_of(hosts[0].ip) and time.monotonic() - crashed_at < 15:
+            while rbd.watchers_of(hosts[0].ip) and time.monotonic() - crashed_at < 30:
                 await asyncio.sleep(0.2)
             expired_after = time.monotonic() - crashed_at
             crashed = await probe(world)
@@ -292,7 +294,8 @@ async def test_lab_rbd_watchers_stay_when_the_agent_dies_and_expire_when_the_hos
             rbd.close()
     assert agent_dead.complete and len(agent_dead.live_signs) == 1
     assert crashed.complete and crashed.live_signs == [] and len(crashed.mtimes) == 1
-    assert 2 < expired_after < settings.rbd.watch_timeout + 3  # lingered, then expired
+    # lingered, then expired (Ceph's own timer: room for a loaded CI machine)
+    assert 2 < expired_after < settings.rbd.watch_timeout + 20
     assert len(others) == 1  # kvm02's VM still runs
 
 

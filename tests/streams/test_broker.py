@@ -46,6 +46,13 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
+async def _until(condition: Any, timeout: float = 10.0) -> None:
+    """Poll `condition` until true or `timeout` (the caller asserts it afterwards)."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
 def wait_gone(pid: int, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -287,11 +294,12 @@ async def test_a_consumer_fetches_briefly_while_records_flow_and_slowly_when_idl
         async with asyncio.timeout(10):
             record = await consumer.getone()
         assert record.value == b"v"
-        await asyncio.sleep(0.2)  # the next fetches of the now empty partitions
+        # the next fetches of the now empty partitions (waited for: seconds under load)
+        await _until(lambda: fetcher._fetch_max_wait_ms == ACTIVE_FETCH_MAX_WAIT_MS)
         assert fetcher._fetch_max_wait_ms == ACTIVE_FETCH_MAX_WAIT_MS
         # The last record as if it came a whole window ago: the consumer is idle again.
         fetcher._tansu_record_at -= ACTIVE_WINDOW_S
-        await asyncio.sleep(0.2)
+        await _until(lambda: fetcher._fetch_max_wait_ms == CONSUMER_FETCH_MAX_WAIT_MS)
         assert fetcher._fetch_max_wait_ms == CONSUMER_FETCH_MAX_WAIT_MS
     finally:
         await producer.stop()
@@ -433,7 +441,7 @@ async def restart_scenario(settings: FencerSettings, work: Path) -> tuple[dict, 
     try:
         await first.wait_table(lambda t: True, 40)  # up and recovered (nothing to recover)
         expected = await produce_batches(settings, topic, 400, 24)
-        before = await first.wait_table(lambda t: t == expected, 20)
+        before = await first.wait_table(lambda t: t == expected, 60)
         await first.stop()
         second = CounterWorker(settings_file, work / "table.json")
         recovered = await second.wait_table(lambda t: True, 40)

@@ -73,7 +73,7 @@ def _check(case, api, lab) -> None:
         assert sent not in text
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(360)  # setup and call 118 s seen on a loaded CI run: 3x
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_api_conforms_to_its_openapi_document_and_leaks_no_secret(api_schema, api, lab, mode):
     operations = [result.ok() for result in api_schema.get_all_operations()]
