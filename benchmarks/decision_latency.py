@@ -15,7 +15,8 @@ the same process (`baseline_former_fetch_wait`, skipped with --no-former) keeps 
 at the former fixed 40 ms. `cpu_while_deciding`: the worker's and the broker's CPU seconds from
 the first alert to the last decision. The hosts go down 50 ms apart once the worker has polled
 listHosts once (until 2026-11-30 the alerts were sent while the worker was still starting, so
-all hosts were judged in one burst).
+all hosts were judged in one burst). `--together`: the worker started and polled, every host
+goes down at once (a rack losing power): the burst without the worker's start-up in it.
 
 The cost of the short fetch wait (`--idle-cost`, off by default): the CPU seconds an idle
 `fencer worker --roles ingest` and the embedded broker spend per second with no traffic (no
@@ -23,7 +24,8 @@ suspect host, an empty simulated cloud), as fencer runs (idle: 40 ms), and with 
 held at the short wait (what a second inside the active window costs at most, with no record);
 each on its own broker, one after the other, in the same run.
 
-    python -m benchmarks.decision_latency --json [--hosts M] [--no-former] [--burst] [--idle-cost]
+    python -m benchmarks.decision_latency --json [--hosts M] [--no-former] [--burst | --together]
+        [--idle-cost]
 """
 
 from __future__ import annotations
@@ -206,11 +208,12 @@ async def run(hosts: int, pings: int, timeout: float) -> dict[str, Any]:
 
 
 async def run_once(
-    hosts: int, pings: int, timeout: float, burst: bool = False
+    hosts: int, pings: int, timeout: float, burst: bool = False, together: bool = False
 ) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """One run's figures, and its samples in seconds (seen, created, watch, gate). `burst`: the
     alerts are sent while the worker starts (it sees every host go down at once), listHosts
-    every second: the benchmark as it ran until 2026-11-29."""
+    every second: the benchmark as it ran until 2026-11-29. `together`: the worker started and
+    polled, every host down at once."""
     cloud = SimCloud()
     zone = cloud.add_zone("zone1")
     suspects = []
@@ -269,7 +272,8 @@ async def run_once(
                             value.encode(),
                             key=key.encode() if key else None,
                         )
-                    await asyncio.sleep(0.05)  # spread the hosts over the tick phases
+                    if not together:
+                        await asyncio.sleep(0.05)  # spread the hosts over the tick phases
                 deadline = time.monotonic() + timeout
                 wanted = {h.uuid for h in suspects}
                 while not wanted <= set(prober.seen):
@@ -321,6 +325,7 @@ async def run_once(
             for name in before
         },
         "burst": burst,
+        "together": together,
         "targets_met": {"p99_under_100ms": _pct(seen, 0.99) < TARGET_P99_S},
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
@@ -359,6 +364,7 @@ async def measure(
     repeat: int = 2,
     former: bool = True,
     burst: bool = False,
+    together: bool = False,
 ) -> dict[str, Any]:
     """`repeat` runs as fencer runs, alternating with as many at the former fixed 40 ms fetch
     wait (every consumer of the benchmark and the worker), all in this process: the samples of
@@ -373,7 +379,7 @@ async def measure(
             if into is theirs and not former:
                 continue
             with environment(**env):
-                into.append(await run_once(hosts, pings, timeout, burst))
+                into.append(await run_once(hosts, pings, timeout, burst, together))
     result = ours[0][0]
     result["repeat"] = repeat
     result["fencer"] = pooled(ours)
@@ -472,9 +478,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--burst", action="store_true", help="every host down while the worker starts (as before)"
     )
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="every host down at once on a started worker (a rack losing power)",
+    )
     args = p.parse_args(argv)
     result = asyncio.run(
-        measure(args.hosts, args.pings, args.timeout, args.repeat, not args.no_former, args.burst)
+        measure(
+            args.hosts,
+            args.pings,
+            args.timeout,
+            args.repeat,
+            not args.no_former,
+            args.burst,
+            args.together,
+        )
     )
     if args.idle_cost:
         result["idle_cost"] = asyncio.run(idle_cost(settle=12.0, seconds=args.idle_seconds))
