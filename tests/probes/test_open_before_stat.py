@@ -167,3 +167,27 @@ async def test_mounted_probe_without_the_open_would_be_seen(tmp_path, monkeypatc
         reading = await asyncio.to_thread(read_local, pool.target())
         pool.assert_reading(dict(reading.mtimes))
         assert not pool.names & set(watch.count(IN_OPEN))
+
+
+@pytest.mark.parametrize("shell", ["bash", "dash"])
+def test_strace_shows_each_disks_open_before_its_stat(shell, tmp_path):
+    """inotify sees opens, not stats: strace sees both, in the order the kernel ran them."""
+    pool = Pool(tmp_path)
+    target = pool.target()
+    command, stdin = build_command(target)
+    trace = tmp_path / "trace"
+    calls = "trace=open,openat,openat2,stat,lstat,newfstatat,statx"
+    argv = ["strace", "-f", "-qq", "-e", calls, "-o", str(trace), shell, "-c", command]
+    p = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+    assert p.stderr == "", p.stderr  # (exit status 1 under bash: stat of the missing disk)
+    assert parse_output(target, p.stdout, 0.0).complete
+    first: dict[tuple[str, str], int] = {}
+    for n, line in enumerate(trace.read_text().splitlines()):
+        for path in (*pool.disks, str(pool.sock)):
+            if f'"{path}"' in line:
+                kind = "open" if "open" in line.split("(", 1)[0] else "stat"
+                first.setdefault((path, kind), n)
+    for path in pool.disks:
+        assert first[(path, "open")] < first[(path, "stat")], path
+    # the socket: its open was tried (and failed) before its stat too
+    assert first[(str(pool.sock), "open")] < first[(str(pool.sock), "stat")]
