@@ -11,6 +11,8 @@ STAMP  := $(VENV)/.installed
 # runs compose/kafka/make-pki.sh, tests/compose).
 DEBS   := ipmitool openipmi snmptrapd snmp openssh-server smitools fence-agents chromium \
           ceph-mon ceph-osd ceph-common gcc libc6-dev stunnel4 openssl
+# strace: the probe's remote script opens each disk before its stat (tests/probes).
+DEBS   += strace
 
 .PHONY: demo test venv debs lint bench clean
 

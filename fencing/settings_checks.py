@@ -95,6 +95,30 @@ _CHECKED_FIELDS = frozenset(
 )
 
 
+# Twice the Linux NFS client's default acregmax (60 s): see attribute_cache_warning.
+ATTRIBUTE_CACHE_WINDOW = 120.0
+
+
+def attribute_cache_warning(settings: FencerSettings) -> str | None:
+    """A warning when the stale checks after the first (check_interval x extra_checks) span less
+    than twice NFS's default attribute cache lifetime. The probe opens each disk before its stat
+    (close-to-open revalidation), but a `nocto` mount, or a probe user that cannot open a disk,
+    leaves the stat to the attribute cache: a live VM's writes seen up to acregmax late, and
+    checks in a row reading one cached mtime. None in the lab (no NFS client there)."""
+    p = settings.policy
+    window = p.check_interval * p.extra_checks
+    if settings.lab or window >= ATTRIBUTE_CACHE_WINDOW:
+        return None
+    return (
+        f"policy.check_interval x policy.extra_checks is {window:g} s, below "
+        f"{ATTRIBUTE_CACHE_WINDOW:g} s (twice NFS's default acregmax of 60 s): where a neighbour "
+        "answers a disk's stat from its NFS attribute cache (a nocto mount, or a disk the probe "
+        "user cannot open), a live VM's writes can stay unseen for up to acregmax and a live "
+        "host look stale; raise either, or mount with a short actimeo (operators' guide, NFS "
+        "attribute caching on the neighbour)"
+    )
+
+
 def settings_warnings(settings: FencerSettings) -> list[str]:
     """Things that validate but that an operator should fix (printed by `config check`)."""
     warnings: list[str] = []
@@ -137,4 +161,7 @@ def settings_warnings(settings: FencerSettings) -> list[str]:
         warnings.append("ssh.insecure_skip_host_key_check is on: only acceptable in the lab")
     elif settings.ssh.known_hosts is None:
         warnings.append("ssh.known_hosts is not set: probes will refuse to connect")
+    cache = attribute_cache_warning(settings)
+    if cache is not None:
+        warnings.append(cache)
     return warnings

@@ -1,8 +1,9 @@
 """The mounted probe: the same check as the NFS probe, on the worker's own filesystem (the
 shared storage is mounted where fencer runs, e.g. a CephFS or NFS mount on the worker).
 
-Rule: only reads (stat, a heartbeat's first bytes), in a worker thread with a deadline, so a hung
-mount gives "timeout" instead of a stuck event loop; the core judges the reading.
+Rule: only reads (open and fstat, or stat; a heartbeat's first bytes), in a worker thread with a
+deadline, so a hung mount gives "timeout" instead of a stuck event loop; the core judges the
+reading.
 """
 
 from __future__ import annotations
@@ -15,6 +16,26 @@ from collections.abc import Callable
 from fencing.settings import FencerSettings
 from probes.base import ProbeOutcome, ProbeTarget, Reading, Reason, outcome_of
 
+# O_NONBLOCK: an open of a FIFO returns at once instead of waiting for a writer (no effect on a
+# regular file); O_NOCTTY: a terminal device never becomes the worker's controlling terminal.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def fresh_stat(path: str) -> os.stat_result:
+    """The file's attributes as its server has them: opened read-only (nothing read) and
+    fstat'ed, since the open of a file on an NFS mount with the default `cto` makes the client
+    revalidate its attributes (close-to-open), where a bare stat may answer from the attribute
+    cache (up to acregmax, 60 s, old). When the open fails (no read permission, a socket), a
+    plain stat, as before. Raises OSError when even that fails (a missing file)."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError:
+        return os.stat(path)
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
 
 def read_local(target: ProbeTarget, clock: Callable[[], float] = time.time) -> Reading:
     """Stat every file and read every heartbeat on this machine."""
@@ -25,7 +46,7 @@ def read_local(target: ProbeTarget, clock: Callable[[], float] = time.time) -> R
     mtimes: dict[str, float] = {}
     for path in (*target.files, *target.heartbeats):
         try:
-            mtimes[path] = float(int(os.stat(path).st_mtime))
+            mtimes[path] = float(int(fresh_stat(path).st_mtime))
         except OSError:
             continue
     beats: dict[str, str] = {}

@@ -30,7 +30,13 @@ from probes.base import Neighbour, ProbeOutcome, ProbeTarget, Reading, Reason, o
 # `N` the neighbour's clock, `M i ok|no` pool mount i usable, `H i <content>` heartbeat i, then
 # `S <mtime> <path>` per file that exists and, last, `S <mtime> /`: stat of "/" marks complete
 # output. Under bash, EPOCHSECONDS, mapfile and `exec stat` make a check cost one process image
-# (the shell becomes stat); other shells fall back to date and xargs.
+# (the shell becomes stat); other shells fall back to date and xargs (one sh + stat per batch).
+# Every file is opened (and closed, no data read) before its stat: on an NFS mount with the
+# default `cto` the open makes the client revalidate the file's attributes with the server
+# (close-to-open), so the stat reports the server's mtime, not one from the attribute cache
+# (up to acregmax, 60 s, old). `true <file` is a builtin with a redirection: no process per
+# file; a failed open (no read permission, a socket) changes nothing, the stat still runs
+# (`true`, not `:`: a failed redirection on a special builtin exits a POSIX shell).
 REMOTE_SCRIPT = r"""
 printf 'N %s\n' "${EPOCHSECONDS:-$(date +%s)}"
 i=0
@@ -43,9 +49,11 @@ for a in "$@"; do
   i=$((i+1))
 done
 if [ -n "$BASH_VERSION" ]; then
-  eval 'mapfile -t f; exec stat -c "S %Y %n" -- "${f[@]}" / 2>/dev/null'
+  eval 'mapfile -t f; for p in "${f[@]}"; do true <"$p"; done 2>/dev/null
+  exec stat -c "S %Y %n" -- "${f[@]}" / 2>/dev/null'
 fi
-xargs -r -d '\n' stat -c 'S %Y %n' -- 2>/dev/null
+xargs -r -d '\n' sh -c 'for p in "$@"; do true <"$p"; done; exec stat -c "S %Y %n" -- "$@"' sh \
+  2>/dev/null
 exec stat -c 'S %Y %n' /
 """
 

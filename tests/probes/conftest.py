@@ -4,8 +4,10 @@ a cloud whose VMs live on RBD images of the session's real Ceph (`ceph`, tests/c
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,3 +153,42 @@ async def mixed_world(ceph_clean: Ceph) -> AsyncIterator[RbdWorld]:
     """kvm01 runs two VMs on RBD and two on NFS."""
     async for w in rbd_world(ceph_clean, nfs_vms=2):
         yield w
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[int]:
+    """Debian's OpenSSH sshd on a loopback port, accepting tmp_path/client for this user
+    (tmp_path/known_hosts has its host key); yields the port."""
+    os.makedirs("/run/sshd", exist_ok=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "host"], check=True
+    )
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "client"], check=True
+    )
+    (tmp_path / "authorized_keys").write_text((tmp_path / "client.pub").read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "sshd_config"
+    cfg.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {tmp_path / 'host'}\n"
+        f"PidFile {tmp_path / 'sshd.pid'}\nAuthorizedKeysFile {tmp_path / 'authorized_keys'}\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+    )
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", cfg], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        host_pub = (tmp_path / "host.pub").read_text().split()
+        (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(5)

@@ -1,8 +1,6 @@
 """The NFS probe against Debian's OpenSSH sshd (the server real KVM hosts run)."""
 
 import os
-import socket
-import subprocess
 import time
 
 import pytest
@@ -12,43 +10,6 @@ from probes.base import Neighbour, PoolTarget, ProbeTarget
 from probes.nfs_ssh import NfsSshProbe
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def sshd(tmp_path):
-    os.makedirs("/run/sshd", exist_ok=True)
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "host"], check=True
-    )
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "client"], check=True
-    )
-    (tmp_path / "authorized_keys").write_text((tmp_path / "client.pub").read_text())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = tmp_path / "sshd_config"
-    cfg.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {tmp_path / 'host'}\n"
-        f"PidFile {tmp_path / 'sshd.pid'}\nAuthorizedKeysFile {tmp_path / 'authorized_keys'}\n"
-        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-    )
-    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", cfg], stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.02)
-        host_pub = (tmp_path / "host.pub").read_text().split()
-        (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(5)
 
 
 async def test_openssh_neighbour_reports_stale_then_alive(sshd, tmp_path):

@@ -18,6 +18,8 @@ import pytest
 from fencing.settings import FencerSettings
 from probes.base import Neighbour, PoolTarget, ProbeTarget
 from probes.nfs_ssh import REMOTE_SCRIPT, NfsSshProbe, build_command
+from tests.probes.inotify import Inotify
+from tests.probes.pool_files import Pool, assert_each_disk_opened_once_and_nothing_read
 
 GATE = Path(__file__).resolve().parents[2] / "docs" / "fencer-probe-gate"
 
@@ -211,3 +213,28 @@ def test_the_probes_real_command_passes_the_gate_unchanged(gated_sshd, tmp_path)
     assert "M 0 ok" in r.stdout and "S " in r.stdout
     assert r.stdout.rstrip().endswith(" /")
     assert shlex.quote(str(pool)) in command  # the arguments went through as sent
+
+
+async def test_through_the_gate_every_disk_is_opened_before_its_stat(gated_sshd, tmp_path):
+    """The gate runs the script with /bin/sh (dash on Debian): its xargs path opens each disk
+    (close-to-open revalidation on NFS), and a disk whose open fails keeps its mtime."""
+    port, mnt = gated_sshd
+    pool = Pool(mnt)
+    settings = FencerSettings(
+        ssh={
+            "user": getpass.getuser(),
+            "port": port,
+            "key_file": str(tmp_path / "client"),
+            "known_hosts": str(tmp_path / "known_hosts"),
+            "mount_root": str(mnt),
+        }
+    )
+    probe = NfsSshProbe(settings)
+    try:
+        with Inotify(pool.dir) as watch:
+            out = await probe.check(pool.target((Neighbour("n1", "kvm02", "127.0.0.1"),)))
+            assert out.complete, out.reason
+            pool.assert_reading(dict(out.mtimes))
+            assert_each_disk_opened_once_and_nothing_read(watch, pool)
+    finally:
+        await probe.close()
