@@ -818,7 +818,13 @@ async def bmc_pin_confirm(
     except ValueError as exc:  # no GUID, or not the one the operator expects
         refused, error = "expect", str(exc)
         if action.expect is not None:
-            await _send_pin_notice(rt, action, error)
+            who = action.by or "an operator"
+            await _send_pin_notice(
+                rt,
+                action,
+                NoticeKind.BMC_IDENTITY_CHANGED,
+                f"BMC identity NOT confirmed (asked by {who}, expecting {action.expect}): {error}",
+            )
     except PinStoreError as exc:
         refused, error = "pins", str(exc)
     except Exception as exc:  # the operator must get an answer, not a silent timeout
@@ -852,18 +858,13 @@ async def _refuse_unknown_pin(
     logged, told (fence_refused) and answered, asking for the request again."""
     why = unknown_reason("BMC pin confirmation", position, detail)
     log.error("BMC of host %s NOT pinned (asked by %s): %s", action.host_uuid, action.by, why)
-    notice = Notice(
-        notice_id=f"{action.host_uuid}/bmc-pin-confirm/{action.request_id or action.at}/unknown",
-        kind=NoticeKind.FENCE_REFUSED,
-        host=HostRef(host_uuid=action.host_uuid, cluster_uuid=action.cluster_uuid),
-        at=time.time(),
-        result="not pinned",
-        reason=f"BMC identity confirmation (asked by {action.by or 'an operator'}): {why}",
+    await _send_pin_notice(
+        rt,
+        action,
+        NoticeKind.FENCE_REFUSED,
+        f"BMC identity confirmation (asked by {action.by or 'an operator'}): {why}",
+        suffix="/unknown",
     )
-    try:
-        await rt.emit_notice(notice)
-    except Exception as exc:
-        log.error("host %s: cannot send the notice: %s", action.host_uuid, exc)
     return IpmiTestAnswer(
         request_id=action.request_id or "",
         kind="bmc_pin_confirm",
@@ -876,21 +877,23 @@ async def _refuse_unknown_pin(
     )
 
 
-async def _send_pin_notice(rt: Runtime, action: OperatorAction, error: str) -> None:
-    """Tell people that a BMC did not report the GUID the operator confirmed: nothing pinned."""
-    who = action.by or "an operator"
+async def _send_pin_notice(
+    rt: Runtime, action: OperatorAction, kind: NoticeKind, reason: str, suffix: str = ""
+) -> None:
+    """Tell people that a BMC pin confirmation pinned nothing (`reason`); its id follows the
+    request, so a redelivered request is told once. A notice that cannot be sent is logged."""
     notice = Notice(
-        notice_id=f"{action.host_uuid}/bmc-pin-confirm/{action.request_id or action.at}",
-        kind=NoticeKind.BMC_IDENTITY_CHANGED,
+        notice_id=f"{action.host_uuid}/bmc-pin-confirm/{action.request_id or action.at}{suffix}",
+        kind=kind,
         host=HostRef(host_uuid=action.host_uuid, cluster_uuid=action.cluster_uuid),
         at=time.time(),
         result="not pinned",
-        reason=f"BMC identity NOT confirmed (asked by {who}, expecting {action.expect}): {error}",
+        reason=reason,
     )
     try:
         await rt.emit_notice(notice)
     except Exception as exc:
-        log.error("host %s: cannot send the BMC identity notice: %s", action.host_uuid, exc)
+        log.error("host %s: cannot send the notice: %s", action.host_uuid, exc)
 
 
 async def send_operator_action(settings: FencerSettings, action: OperatorAction) -> None:
