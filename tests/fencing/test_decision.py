@@ -22,6 +22,8 @@ from fencing.decision import (
     UnknownEpisode,
     classify,
     decision_id,
+    fingerprint,
+    heartbeat_token,
     step,
 )
 from fencing.events import (
@@ -162,8 +164,17 @@ def judged(
     return replace(
         new,
         ref_at=r.at,
-        ref_mtimes=tuple(sorted({**dict(record.ref_mtimes), **dict(r.mtimes)}.items())),
-        ref_heartbeats=tuple(sorted({**dict(record.ref_heartbeats), **dict(r.heartbeats)}.items())),
+        ref_mtimes=tuple(
+            sorted({**dict(record.ref_mtimes), **{fingerprint(p): m for p, m in r.mtimes}}.items())
+        ),
+        ref_heartbeats=tuple(
+            sorted(
+                {
+                    **dict(record.ref_heartbeats),
+                    **{fingerprint(p): heartbeat_token(c) for p, c in r.heartbeats},
+                }.items()
+            )
+        ),
     )
 
 
@@ -389,7 +400,7 @@ def test_a_file_missing_from_one_reading_and_back_unchanged_is_no_change() -> No
     b1 = judged(r1, reading(T0 + 1, 1, two), Evidence.BASELINE)
     r2 = requested(b1, T0 + 61)
     s2 = judged(r2, reading(T0 + 62, 2), Evidence.STALE, stale_count=1)
-    assert dict(s2.ref_mtimes)[DISK2] == T0 - 300  # remembered while missing
+    assert dict(s2.ref_mtimes)[fingerprint(DISK2)] == T0 - 300  # remembered while missing
     r3 = requested(s2, T0 + 122)
     s3 = judged(r3, reading(T0 + 123, 3, two), Evidence.STALE, stale_count=2)
     proposed = replace(
@@ -1207,8 +1218,9 @@ def test_record_round_trips_through_plain_data_and_json() -> None:
     withheld = replace(proposed, withheld_reason=WithheldReason.CAP_REACHED)
     data = withheld.to_dict()
     assert data["state"] == "fence_proposed" and data["last_evidence"] == "stale"
-    assert data["ref_mtimes"] == [[HB, T0 - 400], [DISK, T0 - 500]]
-    assert data["ref_heartbeats"] == [[HB, "600"]]
+    expected = sorted([[fingerprint(HB), T0 - 400], [fingerprint(DISK), T0 - 500]])
+    assert data["ref_mtimes"] == expected
+    assert data["ref_heartbeats"] == [[fingerprint(HB), "600"]]
     assert HostRecord.from_dict({**data, "added_later": 1}) == withheld
     # through JSON the pairs come back as lists: the record still compares equal
     assert HostRecord.from_dict(json.loads(json.dumps(data))) == withheld

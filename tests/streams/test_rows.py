@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fencing.decision import Evidence, HostRecord, HostState
+from fencing.decision import Evidence, HostRecord, HostState, as_reference, fingerprint
 from fencing.events import (
     HostCameBack,
     HostDisconnected,
@@ -39,6 +39,7 @@ REF = HostRef(
 
 _f = st.floats(min_value=0, max_value=2e9, allow_nan=False) | st.none()
 _path = st.text(alphabet="abc/-_.0", min_size=1, max_size=20)
+_mtime = st.integers(0, 2**32 - 1).map(float) | st.floats(-1e10, 2e10, allow_nan=False)
 
 
 @st.composite
@@ -54,10 +55,17 @@ def records(draw: Any) -> HostRecord:
         last_result_at=draw(_f),
         stale_count=draw(st.integers(0, 5)),
         last_evidence=draw(st.sampled_from([None, *Evidence])),
-        ref_mtimes=tuple(
-            sorted(draw(st.dictionaries(_path, st.floats(0, 2e9, allow_nan=False))).items())
+        # whole seconds (as `stat %Y`), any float, short and long heartbeats (a digest)
+        **dict(
+            zip(
+                ("ref_mtimes", "ref_heartbeats"),
+                as_reference(
+                    draw(st.dictionaries(_path, _mtime)).items(),
+                    draw(st.dictionaries(_path, st.text(max_size=60))).items(),
+                ),
+                strict=True,
+            )
         ),
-        ref_heartbeats=tuple(sorted(draw(st.dictionaries(_path, st.text(max_size=30))).items())),
         reason=draw(st.text(max_size=40) | st.none()),
         skew_notified=draw(st.booleans()),
         decision_id=draw(st.text(max_size=60) | st.none()),
@@ -112,7 +120,7 @@ def test_a_version_1_row_loads_and_steps_on_to_a_packed_row():
     )
     row2, _ = apply(row, HostInput(result), HOST, policy, settings, topics)
     assert judged_check(row, row2) == "baseline" and judged_check(v1, row) is None
-    assert unpack_row(row2)[0]["ref_mtimes"] == [["/d1", 5.0]]
+    assert unpack_row(row2)[0]["ref_mtimes"] == [[fingerprint("/d1"), 5.0]]
 
 
 def test_a_new_host_gets_a_packed_row():
