@@ -409,6 +409,26 @@ def pack_row(record: dict[str, Any], host: dict[str, Any]) -> list[Any]:
     return row
 
 
+def pack_row_v2(record: dict[str, Any], host: dict[str, Any]) -> list[Any]:
+    """A row in the version 2 form, as workers before version 3 wrote it (`record` with its
+    ref_mtimes and ref_heartbeats keyed by path, as their HostRecord had them): for the tests
+    that load old rows and the benchmark's baseline; no worker writes it any more."""
+    values: list[Any] = []
+    for name in ROW_V2_RECORD_FIELDS:
+        v = record.get(name)
+        if name == "host" and v == host.get("host_uuid"):
+            v = None
+        elif v == _DEFAULTS.get(name):
+            v = None
+        elif name in _PAIRS:
+            v = [x for pair in v or () for x in pair]
+        values.append(v)
+    row = [2, _trimmed(values), _trimmed([host.get(name) for name in ROW_HOST_FIELDS])]
+    known = set(ROW_V2_RECORD_FIELDS)
+    extras = {k: v for k, v in record.items() if k not in known and v is not None}
+    return [*row, extras] if extras else row
+
+
 def _shared(v: Any) -> Any:
     return sys.intern(v) if type(v) is str and len(v) <= 40 else v
 
@@ -447,12 +467,26 @@ def unpack_row(row: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return record, host
 
 
+# Only strings many hosts share are interned: each interned string is an entry of the
+# interpreter's interned-strings table for as long as it lives, so a host's own uuid, name,
+# address or reference would cost an entry per host and gain nothing.
+_OWN_HOST_FIELDS = frozenset(
+    i for i, name in enumerate(ROW_HOST_FIELDS) if name in ("host_uuid", "host_name", "ip_address")
+)
+_OWN_RECORD_FIELDS = frozenset(
+    i for i, name in enumerate(ROW_RECORD_FIELDS) if name in ("ref", "host", "decision_id")
+)
+
+
 def intern_row(row: Any) -> Any:
-    """The same row with its short strings interned (a row read back from the changelog)."""
+    """The same row with its short shared strings interned (a row read back from the
+    changelog)."""
     if not isinstance(row, list) or len(row) < 3 or row[0] not in _PACKED_VERSIONS:
         return row
-    out = [row[0], [_shared(v) for v in row[1]], [_shared(v) for v in row[2]], *row[3:]]
-    return out
+    own = _OWN_RECORD_FIELDS if row[0] == ROW_VERSION else frozenset()
+    values = [v if i in own else _shared(v) for i, v in enumerate(row[1])]
+    host = [v if i in _OWN_HOST_FIELDS else _shared(v) for i, v in enumerate(row[2])]
+    return [row[0], values, host, *row[3:]]
 
 
 # A row may end with the position [partition, offset] on the host-signals topic of the last
