@@ -295,7 +295,10 @@ def _read_varint(data: bytes, i: int) -> tuple[int, int]:
 
 
 def _fp_bytes(field: str, key: Any) -> bytes:
-    raw = bytes.fromhex(key) if isinstance(key, str) and len(key) == 2 * _FP else b""
+    try:
+        raw = bytes.fromhex(key) if isinstance(key, str) and len(key) == 2 * _FP else b""
+    except ValueError:
+        raw = b""
     if len(raw) != _FP or raw.hex() != key:
         raise ValueError(f"hosts row: {field} key {str(key)[:60]!r} is not a path fingerprint")
     return raw
