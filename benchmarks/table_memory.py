@@ -74,7 +74,7 @@ def build_rows(
     policy = settings.policy.to_policy()
     topics = settings.kafka.topics
     now = time.time()
-    table: dict[str, dict[str, Any]] = {}
+    table: dict[str, Any] = {}
     for key, ref in _inputs(hosts):
         row, _ = apply(
             None, HostInput(HostDisconnected(now, HostStatus.DISCONNECTED), ref), key, policy,
