@@ -506,3 +506,16 @@ def test_a_reference_with_many_heartbeats_round_trips():
     packed = pack_reference([], beats)
     assert base64.b64decode(packed or "")[:2] == bytes([200 & 0x7F | 0x80, 1])  # a 2-byte count
     assert unpack_reference(packed) == ([], beats)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=80))
+def test_any_bytes_in_the_ref_slot_load_or_fail_with_a_value_error(data: bytes):
+    """Total: a damaged row is reported (ValueError), never another exception in the watch."""
+    try:
+        mtimes, beats = unpack_reference(base64.b64encode(data).decode())
+    except ValueError as exc:
+        assert str(exc).startswith("hosts row: ref ")
+    else:  # what loads packs again to a string that loads to the same
+        again = pack_reference(mtimes, beats)
+        assert again is None or pack_reference(*unpack_reference(again)) == again
