@@ -487,8 +487,10 @@ def intern_row(row: Any) -> Any:
     if not isinstance(row, list) or len(row) < 3 or row[0] not in _PACKED_VERSIONS:
         return row
     own = _OWN_RECORD_FIELDS if row[0] == ROW_VERSION else frozenset()
-    values = [v if i in own else _shared(v) for i, v in enumerate(row[1])]
-    host = [v if i in _OWN_HOST_FIELDS else _shared(v) for i, v in enumerate(row[2])]
+    # list(tuple(...)): a list of exactly its length (one built by appending, as the JSON
+    # decoder's, keeps room to grow: up to 3 pointers more per list, for as long as it lives).
+    values = list(tuple(v if i in own else _shared(v) for i, v in enumerate(row[1])))
+    host = list(tuple(v if i in _OWN_HOST_FIELDS else _shared(v) for i, v in enumerate(row[2])))
     return [row[0], values, host, *row[3:]]
 
 
