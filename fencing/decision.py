@@ -255,10 +255,11 @@ Texts = tuple[tuple[str, str], ...]
 # the same file, or is the file new": a file is keyed by a fingerprint of its path, its mtime is
 # kept exactly (a changed mtime that compared equal would be stale evidence on a live host) and a
 # heartbeat's content as itself when short (CloudStack's is `date +%s`), else as a 128-bit digest.
-# Collisions err toward alive or unknown only: two files of one reading with one fingerprint make
-# the reading unknown (it never becomes a reference); a file new to the episode whose fingerprint
-# equals a remembered file's is "changed" (alive) unless its mtime is also exactly that file's,
-# the one stale-ward case left, at 2**-64 per pair of paths of one host's episode.
+# Collisions: two files of one reading with one fingerprint make the reading unknown (it never
+# becomes a reference). Two files never read together that share a fingerprint share one entry:
+# a reading of one is compared with the other's last value, "changed" (alive) when they differ.
+# The one stale-ward case left needs that 2**-64 collision between two paths of one host's
+# episode AND a value exactly equal to the other file's.
 FINGERPRINT_BYTES: Final = 8
 HEARTBEAT_KEPT_BYTES: Final = 32
 """A heartbeat content of at most this many UTF-8 bytes is kept as itself; a longer one as "#"
