@@ -24,7 +24,8 @@ the decision, and a disconnection stamped before the host's return is late (a re
 - Each `ProbeFinished` must name the `check` it answers; only the outstanding check counts, so a
   redelivered or late result never counts twice. A probe reports a *reading* and the core
   judges it (`judge`): **unknown** when the reading is incomplete, when the host has disks on
-  storage the probe cannot read (unless `judge_readable_only`), or when nothing could be read;
+  storage the probe cannot read (unless `judge_readable_only`), when nothing could be read, or
+  when two of its files share a fingerprint (`fingerprint`: never seen, but never a guess);
   else **alive** when the reading carries a direct sign of life (`live_signs`: an RBD watch held
   by the host); else **baseline** when there is no earlier complete reading; else **alive** when
   any file's mtime or any heartbeat's content changed (or a file appeared) since the previous
@@ -32,7 +33,8 @@ the decision, and a disconnection stamped before the host's return is late (a re
   if larger) passed between the two readings
   (from the arrival of the previous one to the request of this one: both worker clock, and a
   lower bound of the real gap); else unknown ("too soon"). Every complete reading becomes the
-  reference for the next.
+  reference for the next: each file keyed by the fingerprint of its path, its mtime exact, a
+  heartbeat's content as itself or a 128-bit digest (`as_reference`: equality is all it needs).
 - alive: the stale and unknown runs reset. stale: the stale run grows; at `1 + extra_checks`
   stale results in a row (unknown results in between neither count nor break the run) exactly
   one `ProposeFence` is made, carrying a decision id `<host>/<episode>/<suspect second>`.
@@ -74,7 +76,8 @@ Errors, one hierarchy::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from enum import Enum, StrEnum
 from typing import Any, Final
@@ -248,6 +251,45 @@ class DecisionMismatch(IllegalTransition):
 Pairs = tuple[tuple[str, float], ...]
 Texts = tuple[tuple[str, str], ...]
 
+# The reference reading only answers "did this file's value differ from the earlier reading of
+# the same file, or is the file new": a file is keyed by a fingerprint of its path, its mtime is
+# kept exactly (a changed mtime that compared equal would be stale evidence on a live host) and a
+# heartbeat's content as itself when short (CloudStack's is `date +%s`), else as a 128-bit digest.
+# Collisions: two files of one reading with one fingerprint make the reading unknown (it never
+# becomes a reference). Two files never read together that share a fingerprint share one entry:
+# a reading of one is compared with the other's last value, "changed" (alive) when they differ.
+# The one stale-ward case left needs that 2**-64 collision between two paths of one host's
+# episode AND a value exactly equal to the other file's.
+FINGERPRINT_BYTES: Final = 8
+HEARTBEAT_KEPT_BYTES: Final = 32
+"""A heartbeat content of at most this many UTF-8 bytes is kept as itself; a longer one as "#"
+and the hex of its 128-bit BLAKE2b digest (33 bytes: never equal to a content kept as itself)."""
+
+
+def fingerprint(path: str) -> str:
+    """A file's key in the reference reading: 64 bits of BLAKE2b of its path, as 16 hex digits."""
+    data = path.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=FINGERPRINT_BYTES).hexdigest()
+
+
+def heartbeat_token(content: str) -> str:
+    """A heartbeat's content as the reference keeps it (equal exactly when the contents are)."""
+    data = content.encode("utf-8", "surrogatepass")
+    if len(data) <= HEARTBEAT_KEPT_BYTES:
+        return content
+    return "#" + hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def as_reference(
+    mtimes: Iterable[tuple[str, float]], heartbeats: Iterable[tuple[str, str]]
+) -> tuple[Pairs, Texts]:
+    """A path-keyed reading (or a reference stored before fingerprints) in the reference's form:
+    (fingerprint, mtime) and (fingerprint, heartbeat token) pairs, sorted by fingerprint."""
+    return (
+        tuple(sorted({fingerprint(p): m for p, m in mtimes}.items())),
+        tuple(sorted({fingerprint(p): heartbeat_token(c) for p, c in heartbeats}.items())),
+    )
+
 
 @dataclass(frozen=True)
 class HostRecord:
@@ -269,8 +311,8 @@ class HostRecord:
     last_evidence: Evidence | None = None  # as the core judged it
     last_probe_at: float | None = None
     ref_at: float | None = None  # worker clock: when the reference reading arrived
-    ref_mtimes: Pairs = ()  # the reference reading (the last complete one), filer clock
-    ref_heartbeats: Texts = ()  # ... and heartbeat contents, the host's clock
+    ref_mtimes: Pairs = ()  # the reference reading: (fingerprint, mtime), filer clock
+    ref_heartbeats: Texts = ()  # ... (fingerprint, heartbeat token), the host's clock
     newest_write: float | None = None  # newest disk mtime of the last reading (shown only)
     files_checked: int = 0
     unreadable: int = 0
@@ -452,12 +494,15 @@ def _judge(
         )
     if not result.mtimes and not result.heartbeats:
         return Evidence.UNKNOWN, result.reason or "no files to read", False
+    clash = _clash(result.mtimes) or _clash(result.heartbeats)
+    if clash is not None:
+        return Evidence.UNKNOWN, clash, False
     if result.live_signs:
         return Evidence.ALIVE, result.live_signs[0], False
     if record.ref_at is None:
         return Evidence.BASELINE, None, False
-    changed = _changed(record.ref_mtimes, result.mtimes) or _changed(
-        record.ref_heartbeats, result.heartbeats
+    changed = _changed(record.ref_mtimes, result.mtimes, _exact) or _changed(
+        record.ref_heartbeats, result.heartbeats, heartbeat_token
     )
     if changed is not None:
         return Evidence.ALIVE, changed, False
@@ -481,14 +526,34 @@ def _judge(
     return Evidence.STALE, None, False
 
 
-def _changed(before: tuple[tuple[str, Any], ...], now: tuple[tuple[str, Any], ...]) -> str | None:
-    """The first file whose value differs from the earlier reading (or that appeared)."""
+def _exact(value: float) -> float:
+    return value
+
+
+def _changed(
+    before: tuple[tuple[str, Any], ...],
+    now: tuple[tuple[str, Any], ...],
+    kept: Callable[[Any], Any],
+) -> str | None:
+    """The first file whose value differs from the earlier reading (or that appeared), named by
+    the new reading's path; `kept` is how the reference keeps a value."""
     earlier = dict(before)
     for path, value in now:
-        if path not in earlier:
+        key = fingerprint(path)
+        if key not in earlier:
             return f"{path} appeared"
-        if earlier[path] != value:
+        if earlier[key] != kept(value):
             return f"{path} changed"
+    return None
+
+
+def _clash(now: tuple[tuple[str, Any], ...]) -> str | None:
+    """Why a reading cannot be compared file by file: two of its paths share a fingerprint."""
+    seen: dict[str, str] = {}
+    for path, _value in now:
+        other = seen.setdefault(fingerprint(path), path)
+        if other != path:
+            return f"{other} and {path} share a reference fingerprint: cannot tell them apart"
     return None
 
 
@@ -649,17 +714,18 @@ def _from_result(
     if evidence is not Evidence.UNKNOWN:
         # A file the reading lacks (gone, or a stat that failed) keeps its last known value:
         # back unchanged, it is no change (each file is only compared with itself).
+        mtimes, heartbeats = as_reference(result.mtimes, result.heartbeats)
         record = replace(
             record,
             ref_at=result.at,
-            ref_mtimes=_merged(record.ref_mtimes, result.mtimes),
-            ref_heartbeats=_merged(record.ref_heartbeats, result.heartbeats),
+            ref_mtimes=_merged(record.ref_mtimes, mtimes),
+            ref_heartbeats=_merged(record.ref_heartbeats, heartbeats),
         )
     return record
 
 
 def _merged(before: tuple[tuple[str, Any], ...], now: tuple[tuple[str, Any], ...]) -> Any:
-    """The earlier reference updated with a new reading, sorted by path."""
+    """The earlier reference updated with a new reading's, sorted by fingerprint."""
     return tuple(sorted({**dict(before), **dict(now)}.items()))
 
 

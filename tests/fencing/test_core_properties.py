@@ -20,7 +20,16 @@ from hypothesis import event as tally
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from fencing.decision import CLOSED, HostRecord, HostState, IllegalTransition, decision_id, step
+from fencing.decision import (
+    CLOSED,
+    HostRecord,
+    HostState,
+    IllegalTransition,
+    decision_id,
+    fingerprint,
+    heartbeat_token,
+    step,
+)
 from fencing.events import (
     ClearSuspect,
     Evidence,
@@ -755,7 +764,12 @@ class HostMachine(RuleBasedStateMachine):
         assert r.unknown_count == self.unknowns or not probing(r)
         assert r.ref_at == self.ref_at
         if self.ref is not None:
-            assert dict(r.ref_mtimes) == self.ref[0] and dict(r.ref_heartbeats) == self.ref[1]
+            # the oracle keeps paths and contents; the record their fingerprints and tokens
+            mtimes, beats = self.ref
+            assert dict(r.ref_mtimes) == {fingerprint(p): m for p, m in mtimes.items()}
+            assert dict(r.ref_heartbeats) == {
+                fingerprint(p): heartbeat_token(c) for p, c in beats.items()
+            }
         if probing(r):
             assert r.probe_outstanding == (self.outstanding is not None)
         assert r.skew_notified == (self.skew_notices[r.episode] == 1)

@@ -20,8 +20,12 @@ from fencing.decision import (
     Trigger,
     UnknownCheck,
     UnknownEpisode,
+    as_reference,
     classify,
     decision_id,
+    fingerprint,
+    heartbeat_token,
+    judge,
     step,
 )
 from fencing.events import (
@@ -162,8 +166,17 @@ def judged(
     return replace(
         new,
         ref_at=r.at,
-        ref_mtimes=tuple(sorted({**dict(record.ref_mtimes), **dict(r.mtimes)}.items())),
-        ref_heartbeats=tuple(sorted({**dict(record.ref_heartbeats), **dict(r.heartbeats)}.items())),
+        ref_mtimes=tuple(
+            sorted({**dict(record.ref_mtimes), **{fingerprint(p): m for p, m in r.mtimes}}.items())
+        ),
+        ref_heartbeats=tuple(
+            sorted(
+                {
+                    **dict(record.ref_heartbeats),
+                    **{fingerprint(p): heartbeat_token(c) for p, c in r.heartbeats},
+                }.items()
+            )
+        ),
     )
 
 
@@ -389,7 +402,7 @@ def test_a_file_missing_from_one_reading_and_back_unchanged_is_no_change() -> No
     b1 = judged(r1, reading(T0 + 1, 1, two), Evidence.BASELINE)
     r2 = requested(b1, T0 + 61)
     s2 = judged(r2, reading(T0 + 62, 2), Evidence.STALE, stale_count=1)
-    assert dict(s2.ref_mtimes)[DISK2] == T0 - 300  # remembered while missing
+    assert dict(s2.ref_mtimes)[fingerprint(DISK2)] == T0 - 300  # remembered while missing
     r3 = requested(s2, T0 + 122)
     s3 = judged(r3, reading(T0 + 123, 3, two), Evidence.STALE, stale_count=2)
     proposed = replace(
@@ -1207,8 +1220,9 @@ def test_record_round_trips_through_plain_data_and_json() -> None:
     withheld = replace(proposed, withheld_reason=WithheldReason.CAP_REACHED)
     data = withheld.to_dict()
     assert data["state"] == "fence_proposed" and data["last_evidence"] == "stale"
-    assert data["ref_mtimes"] == [[HB, T0 - 400], [DISK, T0 - 500]]
-    assert data["ref_heartbeats"] == [[HB, "600"]]
+    expected = sorted([[fingerprint(HB), T0 - 400], [fingerprint(DISK), T0 - 500]])
+    assert data["ref_mtimes"] == expected
+    assert data["ref_heartbeats"] == [[fingerprint(HB), "600"]]
     assert HostRecord.from_dict({**data, "added_later": 1}) == withheld
     # through JSON the pairs come back as lists: the record still compares equal
     assert HostRecord.from_dict(json.loads(json.dumps(data))) == withheld
@@ -1385,3 +1399,88 @@ def test_a_refusal_may_overtake_its_approval_and_a_host_alive_since_is_not_propo
         (refused, a5, ()),  # late
     ]
     run(IDLE, rows)
+
+
+# -- the reference reading: fingerprints of paths, exact mtimes, heartbeat tokens --------------
+
+
+def test_a_file_is_keyed_by_a_64_bit_fingerprint_of_its_path() -> None:
+    key = fingerprint(DISK)
+    assert len(key) == 16 and int(key, 16) >= 0 and key == key.lower()
+    assert key == fingerprint(DISK) and key != fingerprint(DISK2)
+    assert fingerprint("/mnt/\udcff") != fingerprint("/mnt/")  # any str, even undecodable bytes
+
+
+def test_a_short_heartbeat_is_kept_as_itself_and_a_long_one_as_a_128_bit_digest() -> None:
+    assert heartbeat_token("1732950000\n") == "1732950000\n"
+    assert heartbeat_token("x" * 32) == "x" * 32
+    long, longer = "x" * 33, "x" * 32 + "y"
+    assert heartbeat_token(long).startswith("#") and len(heartbeat_token(long)) == 33
+    assert heartbeat_token(long) != heartbeat_token(longer)
+    assert heartbeat_token("é" * 16) == "é" * 16  # 32 UTF-8 bytes
+    assert heartbeat_token("é" * 17).startswith("#")
+    assert as_reference([(DISK, 5.0), (HB, 6.0)], [(HB, long)]) == (
+        tuple(sorted([(fingerprint(DISK), 5.0), (fingerprint(HB), 6.0)])),
+        ((fingerprint(HB), heartbeat_token(long)),),
+    )
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "evidence", "reason"),
+    [
+        ("a" * 40, "a" * 40, Evidence.STALE, None),
+        ("a" * 40, "a" * 39 + "b", Evidence.ALIVE, f"{HB} changed"),
+        ("a" * 40, "600", Evidence.ALIVE, f"{HB} changed"),
+    ],
+)
+def test_a_long_heartbeat_is_compared_by_its_digest(
+    before: str, after: str, evidence: Evidence, reason: str | None
+) -> None:
+    b1 = judged(
+        requested(replace(SUSPECT, opened_at=T0), T0),
+        reading(T0 + 1, 1, heartbeats=((HB, before),)),
+        Evidence.BASELINE,
+    )
+    assert dict(b1.ref_heartbeats)[fingerprint(HB)] == heartbeat_token(before)
+    r2 = requested(b1, T0 + 61)
+    assert judge(r2, reading(T0 + 62, 2, heartbeats=((HB, after),)), POLICY) == (evidence, reason)
+
+
+def test_the_reason_names_the_new_readings_full_path() -> None:
+    b1, _ = to_baseline()
+    r2 = requested(b1, T0 + 70)
+    new = "/mnt/p1/vm9.qcow2"
+    assert judge(r2, reading(T0 + 71, 2, (*OLD, (new, T0))), POLICY) == (
+        Evidence.ALIVE,
+        f"{new} appeared",
+    )
+    moved = ((DISK, T0 - 499), (HB, T0 - 400))
+    assert judge(r2, reading(T0 + 71, 2, moved), POLICY) == (Evidence.ALIVE, f"{DISK} changed")
+
+
+@pytest.mark.parametrize("where", ["mtimes", "heartbeats"])
+def test_two_files_of_one_reading_with_one_fingerprint_make_it_unknown(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never seen (64 bits), but never a guess: the reference could not tell the two files
+    apart, so a change of one to the other's value would look unchanged (stale-ward). The
+    reading is unknown (never a reference, counted toward cannot-verify), even with a live
+    sign."""
+    from fencing import decision
+
+    real = decision.fingerprint
+    monkeypatch.setattr(
+        decision, "fingerprint", lambda p: real(DISK) if p in (DISK, DISK2) else real(p)
+    )
+    b1, _ = to_baseline()
+    r2 = requested(b1, T0 + 70)
+    if where == "mtimes":
+        clashing = reading(T0 + 75, 2, (*OLD, (DISK2, T0 - 500)))
+    else:
+        clashing = reading(T0 + 75, 2, heartbeats=((DISK, "1"), (DISK2, "1")))
+    clashing = replace(clashing, live_signs=("rbd watch held",))
+    why = f"{DISK} and {DISK2} share a reference fingerprint: cannot tell them apart"
+    assert judge(r2, clashing, POLICY) == (Evidence.UNKNOWN, why)
+    after, _ = step(r2, clashing, POLICY)
+    assert after == judged(r2, clashing, Evidence.UNKNOWN, why, unknown_count=1)
+    assert after.ref_mtimes == b1.ref_mtimes and after.ref_heartbeats == b1.ref_heartbeats
