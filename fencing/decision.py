@@ -53,7 +53,10 @@ the decision, and a disconnection stamped before the host's return is late (a re
 - Nothing stalls silently: a proposal unanswered for `check_interval` is sent again on a tick (the
   gate repeats its verdict), an approval without an outcome for `fencing_resend_after` too; a
   host suspect for `suspect_alert_after` without a decision emits `Notify(SUSPECT_TOO_LONG)`,
-  again every `suspect_renotify`, until the episode ends.
+  again every `suspect_renotify`, until the episode ends. A worker clock that went back past
+  one of these stamps by a whole wait (an NTP step, a worker behind taking the partition over)
+  never waits for the clock to catch up: the check or re-send goes out at once, an outstanding
+  probe's and the episode's age are measured again from the step.
 - `HostCameBack` or `MaintenanceStarted` ends an open episode: `ClearSuspect` for the gate and
   `Notify(HOST_RECOVERED)` with `ended_by`. Maintenance ignores disconnections until it ends.
 - Results for an older episode, for an ended episode, or repeating what the record already
@@ -560,12 +563,15 @@ def _tick(record: HostRecord, event: Tick, policy: Policy) -> Step:
         return record, ()
     now = event.at
     actions: list[HostAction] = []
-    if record.opened_at is None:
+    if record.opened_at is None or _went_back(now, record.opened_at, policy.suspect_alert_after):
+        # (Also when the worker's clock went back past the episode's first tick by a whole alert
+        # period: the episode's age is measured again from now, so the reminder comes at most one
+        # alert period late, never as late as the size of the step.)
         record = replace(record, opened_at=now)
     assert record.opened_at is not None
     if record.state in _UNDECIDED and now - record.opened_at >= policy.suspect_alert_after:
         last = record.last_alert_at
-        if last is None or now - last >= policy.suspect_renotify:
+        if last is None or _due(now, last, policy.suspect_renotify):
             record = replace(record, last_alert_at=now)
             actions.append(_suspect_too_long(record, now))
     if probing(record):
@@ -577,10 +583,24 @@ def _tick(record: HostRecord, event: Tick, policy: Policy) -> Step:
             if record.state is S.FENCE_PROPOSED
             else (policy.fencing_resend_after)
         )
-        if record.sent_at is None or now - record.sent_at >= wait:
+        if record.sent_at is None or _due(now, record.sent_at, wait):
             record = replace(record, sent_at=now)
             actions.append(_proposal(record))
     return record, tuple(actions)
+
+
+def _went_back(now: float, then: float, wait: float) -> bool:
+    """Whether the worker's clock went back past `then` by at least `wait` (an NTP step, or a
+    worker whose clock is behind took the partition over). No wait can be measured from a stamp
+    that far in the future, and waiting for the clock to catch up with it would be silence. (A
+    stamp less than `wait` ahead, such as a result that arrived after a tick was sent, delays a
+    wait by less than `wait`.)"""
+    return then - now >= wait
+
+
+def _due(now: float, then: float, wait: float) -> bool:
+    """Whether `wait` passed since `then` on the worker's clock, or the clock went back (above)."""
+    return now - then >= wait or _went_back(now, then, wait)
 
 
 def _suspect_too_long(record: HostRecord, now: float) -> Notify:
@@ -600,6 +620,10 @@ def _maybe_probe(record: HostRecord, now: float, policy: Policy) -> Step:
     actions: list[HostAction] = []
     if record.probe_outstanding:
         assert record.last_request_at is not None
+        if _went_back(now, record.last_request_at, policy.probe_timeout):
+            # Its age is measured again from now (an earlier request time only shortens the
+            # window its answer is judged on).
+            return replace(record, last_request_at=now), ()
         if now - record.last_request_at < policy.probe_timeout:
             return record, ()
         record = replace(
@@ -613,7 +637,9 @@ def _maybe_probe(record: HostRecord, now: float, policy: Policy) -> Step:
         )
         record, notices = _count_unknown(record, policy)
         actions.extend(notices)
-    due = record.last_result_at is None or now - record.last_result_at >= policy.check_interval
+    # (After the clock went back the next reading goes out at once: it cannot be judged against
+    # the old reference, `judge` makes it the new one.)
+    due = record.last_result_at is None or _due(now, record.last_result_at, policy.check_interval)
     if record.checks_requested == 0 or due:
         check = record.checks_requested + 1
         record = replace(

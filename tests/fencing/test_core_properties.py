@@ -426,7 +426,11 @@ class HostMachine(RuleBasedStateMachine):
         assert step(before, event, self.policy) == (new, actions)  # deterministic
         out = self.outstanding
         if isinstance(event, Tick) and out is not None:
-            if event.at - self.requested_at >= self.policy.probe_timeout:
+            if self.requested_at - event.at >= self.policy.probe_timeout:
+                # a tick a whole timeout before the request (the worker's clock went back, or an
+                # old tick read again): the request's age is measured again from this tick
+                self.requested_at = event.at
+            elif event.at - self.requested_at >= self.policy.probe_timeout:
                 self.unknowns += 1  # lost: one unknown, and the next check may go out at once
                 self.outstanding = None
         accepted = self.accepted(event)

@@ -1297,6 +1297,73 @@ def test_a_worker_clock_stepped_back_restarts_the_window_instead_of_waiting_it_o
     assert proposed.state is (HostState.FENCE_PROPOSED if needed == 2 else HostState.SUSPECT)
 
 
+def test_a_worker_clock_stepped_back_sends_the_next_check_at_once_through_the_tick() -> None:
+    """The same step back, through the ticks: the next check goes out on the first tick after
+    the step, not once the new clock has caught up with the old result's stamp (an hour of no
+    check and no notice)."""
+    stale2, _ = step(_baselined(), reading(T0 + 71, 2), POLICY)
+    back = T0 - 3600  # the last result arrived at T0 + 71 on the old clock
+    r3, actions = step(stale2, Tick(at=back), POLICY)
+    assert actions == (probe(3),)
+    assert (r3.checks_requested, r3.probe_outstanding, r3.last_request_at) == (3, True, back)
+    rebased, _ = step(r3, reading(back + 1, 3), POLICY)
+    assert (rebased.last_evidence, rebased.stale_count) == (Evidence.BASELINE, 1)
+    waiting, actions = step(rebased, Tick(at=back + 60), POLICY)  # 59 s on the new clock
+    assert (waiting, actions) == (rebased, ())
+    r4, actions = step(rebased, Tick(at=back + 61), POLICY)
+    assert actions == (probe(4),)
+    judged4, _ = step(r4, reading(back + 62, 4), POLICY)
+    assert (judged4.last_evidence, judged4.stale_count) == (Evidence.STALE, 2)
+
+
+def test_a_probe_outstanding_across_a_clock_step_back_is_timed_out_on_the_new_clock() -> None:
+    """An unanswered probe whose request time is now in the future: its age is measured again
+    from the step (lost after probe_timeout on the new clock), never after the clock caught up."""
+    r2 = _baselined()  # check 2 requested at T0 + 70, unanswered
+    back = T0 - 3600
+    rebased, actions = step(r2, Tick(at=back), POLICY)
+    assert actions == () and rebased == replace(r2, last_request_at=back, opened_at=back)
+    same, actions = step(rebased, Tick(at=back + 179), POLICY)
+    assert (same, actions) == (rebased, ())
+    lost, actions = step(rebased, Tick(at=back + 180), POLICY)
+    assert actions == (probe(3),)
+    assert (lost.reason, lost.unknown_count, lost.last_request_at) == (
+        "probe result lost",
+        1,
+        back + 180,
+    )
+    # Its answer, arriving now, is judged on the earlier (rebased) request time: a new reference.
+    late_answer, _ = step(rebased, reading(back + 5, 2), POLICY)
+    assert late_answer.last_evidence is Evidence.BASELINE
+
+
+def test_reminders_and_resends_go_on_after_a_clock_step_back() -> None:
+    """suspect_too_long, its repeats and a proposal's re-send are due on a clock that went back
+    past their stamps: the reminder counts the episode again from the step (one alert period,
+    not the size of the step), a repeat or a re-send stamped in the future goes out at once."""
+    late = T0 + 1 + POLICY.suspect_alert_after
+    alerted, actions = step(_baselined(), Tick(at=late), POLICY)
+    assert [a.kind for a in actions if isinstance(a, Notify)] == [NoticeKind.SUSPECT_TOO_LONG]
+    back = T0 - 3600
+    rebased, actions = step(alerted, Tick(at=back), POLICY)
+    assert rebased.opened_at == back
+    assert not [a for a in actions if isinstance(a, Notify)]
+    again, actions = step(rebased, Tick(at=back + POLICY.suspect_alert_after), POLICY)
+    assert [a.kind for a in actions if isinstance(a, Notify)] == [NoticeKind.SUSPECT_TOO_LONG]
+    assert again.last_alert_at == back + POLICY.suspect_alert_after
+    # A repeat stamped after now (the step came between the reminder and this tick):
+    future = replace(again, last_alert_at=back + 10 * POLICY.suspect_renotify)
+    _, actions = step(future, Tick(at=back + POLICY.suspect_alert_after + 1), POLICY)
+    assert [a.kind for a in actions if isinstance(a, Notify)] == [NoticeKind.SUSPECT_TOO_LONG]
+    proposed, _ = to_proposal()
+    assert proposed.sent_at == T0 + 205
+    resent, actions = step(proposed, Tick(at=back), POLICY)
+    assert actions == (PROPOSAL,) and resent.sent_at == back
+    fencing = replace(proposed, state=HostState.FENCING)
+    _, actions = step(fencing, Tick(at=back), POLICY)
+    assert actions == (PROPOSAL,)
+
+
 def test_a_back_ends_own_floor_keeps_a_short_window_from_being_stale() -> None:
     r2 = _baselined()  # 65 s between the baseline's arrival and this request
     slow = replace(reading(T0 + 71, 2), min_gap=90.0)
