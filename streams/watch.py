@@ -124,8 +124,9 @@ class TickSchedule:
             self.next[host] = at
 
     def sweep_due(self, now: float) -> bool:
-        """Whether this timer run sweeps the whole table (taken as done)."""
-        if self.swept_at is not None and now - self.swept_at < self.period:
+        """Whether this timer run sweeps the whole table (taken as done). A clock that went
+        back past the last sweep sweeps now: waiting for it to catch up would be silence."""
+        if self.swept_at is not None and 0 <= now - self.swept_at < self.period:
             return False
         self.swept_at = now
         return True
