@@ -288,6 +288,8 @@ class HostRecord:
     withheld_reason: WithheldReason | None = None
     power_state: str | None = None
     error: str | None = None
+    request_clock: str | None = None  # the clock of `last_request_at` (`Tick.clock`)
+    ref_clock: str | None = None  # the clock of `ref_at` (`ProbeFinished.clock`)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (enums as their values) for the shell's table. (Field by
@@ -465,6 +467,18 @@ def _judge(
     if changed is not None:
         return Evidence.ALIVE, changed, False
     assert record.last_request_at is not None
+    if record.request_clock != record.ref_clock:
+        # Another worker's clock (the partition moved, or the worker restarted): the gap between
+        # the two stamps is no interval on any one clock (one ahead would make seconds look
+        # like minutes); this reading starts a new window on the clock that requested it.
+        return (
+            Evidence.BASELINE,
+            (
+                f"the reference was stamped on another worker's clock ({record.ref_clock or '?'},"
+                f" this check {record.request_clock or '?'}): this reading is the new reference"
+            ),
+            False,
+        )
     gap = record.last_request_at - record.ref_at
     if gap < 0:
         # The worker's clock was stepped back (or a worker behind took the partition over):
@@ -575,7 +589,7 @@ def _tick(record: HostRecord, event: Tick, policy: Policy) -> Step:
             record = replace(record, last_alert_at=now)
             actions.append(_suspect_too_long(record, now))
     if probing(record):
-        record, more = _maybe_probe(record, now, policy)
+        record, more = _maybe_probe(record, now, policy, event.clock)
         actions.extend(more)
     elif record.state is S.FENCE_PROPOSED or record.state is S.FENCING:
         wait = (
@@ -616,14 +630,14 @@ def _suspect_too_long(record: HostRecord, now: float) -> Notify:
     )
 
 
-def _maybe_probe(record: HostRecord, now: float, policy: Policy) -> Step:
+def _maybe_probe(record: HostRecord, now: float, policy: Policy, clock: str) -> Step:
     actions: list[HostAction] = []
     if record.probe_outstanding:
         assert record.last_request_at is not None
         if _went_back(now, record.last_request_at, policy.probe_timeout):
             # Its age is measured again from now (an earlier request time only shortens the
             # window its answer is judged on).
-            return replace(record, last_request_at=now), ()
+            return replace(record, last_request_at=now, request_clock=clock or None), ()
         if now - record.last_request_at < policy.probe_timeout:
             return record, ()
         record = replace(
@@ -643,7 +657,11 @@ def _maybe_probe(record: HostRecord, now: float, policy: Policy) -> Step:
     if record.checks_requested == 0 or due:
         check = record.checks_requested + 1
         record = replace(
-            record, checks_requested=check, probe_outstanding=True, last_request_at=now
+            record,
+            checks_requested=check,
+            probe_outstanding=True,
+            last_request_at=now,
+            request_clock=clock or None,
         )
         suspect_since = record.suspect_since
         assert suspect_since is not None
@@ -678,6 +696,7 @@ def _from_result(
         record = replace(
             record,
             ref_at=result.at,
+            ref_clock=result.clock or None,
             ref_mtimes=_merged(record.ref_mtimes, result.mtimes),
             ref_heartbeats=_merged(record.ref_heartbeats, result.heartbeats),
         )

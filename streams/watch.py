@@ -40,6 +40,7 @@ from streams.codec import (
     unpack_row,
     with_position,
 )
+from streams.worker_clock import CLOCK_ID
 
 log = logging.getLogger("fencer.streams")
 
@@ -153,7 +154,9 @@ def _open(row: Any) -> bool:
 
 def tick(row: Any, now: float) -> HostSignal:
     """A tick for this row's host."""
-    return HostSignal(kind="tick", host=HostRef(**unpack_row(row)[1]), at=now, source="timer")
+    return HostSignal(
+        kind="tick", host=HostRef(**unpack_row(row)[1]), at=now, source="timer", clock=CLOCK_ID
+    )
 
 
 def apply(

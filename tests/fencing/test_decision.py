@@ -1364,6 +1364,62 @@ def test_reminders_and_resends_go_on_after_a_clock_step_back() -> None:
     assert actions == (PROPOSAL,)
 
 
+def test_a_reference_stamped_on_another_workers_clock_measures_no_interval() -> None:
+    """The partition moves from worker A to worker B, whose clock is an hour ahead: B's first
+    tick finds A's result an hour old and requests at once; compared with A's stamp the window
+    would be an hour, in truth it is seconds. The reading is a new reference on B's clock (the
+    stale run so far kept); B's next interval is judged as usual."""
+    r1 = replace(requested(replace(SUSPECT, opened_at=T0 + 1), T0 + 1), request_clock="A")
+    base, _ = step(r1, replace(reading(T0 + 5, 1), clock="A"), POLICY)
+    r2, _ = step(base, Tick(at=T0 + 66, clock="A"), POLICY)
+    stale2, _ = step(r2, replace(reading(T0 + 67, 2), clock="A"), POLICY)
+    assert (stale2.last_evidence, stale2.stale_count, stale2.ref_clock) == (Evidence.STALE, 1, "A")
+    ahead = T0 + 67 + 3600  # B's clock, seconds after A's last result
+    r3, actions = step(stale2, Tick(at=ahead, clock="B"), POLICY)
+    # (B's clock also finds the episode an hour old: a suspect_too_long notice, early, told)
+    assert actions[-1] == probe(3) and r3.request_clock == "B"
+    rebased, actions = step(r3, replace(reading(ahead + 1, 3), clock="B"), POLICY)
+    assert (rebased.last_evidence, rebased.stale_count, actions) == (Evidence.BASELINE, 1, ())
+    assert rebased.reason == (
+        "the reference was stamped on another worker's clock (A, this check B): "
+        "this reading is the new reference"
+    )
+    assert (rebased.ref_at, rebased.ref_clock) == (ahead + 1, "B")
+    # A result that arrives on B for a check A requested: no interval either.
+    r4 = replace(requested(rebased, ahead + 62), request_clock="A")
+    again, _ = step(r4, replace(reading(ahead + 63, 4), clock="B"), POLICY)
+    assert again.last_evidence is Evidence.BASELINE and again.ref_clock == "B"
+    r5, actions = step(again, Tick(at=ahead + 124, clock="B"), POLICY)
+    assert actions == (probe(5),)
+    stale5, _ = step(r5, replace(reading(ahead + 125, 5), clock="B"), POLICY)
+    assert (stale5.last_evidence, stale5.stale_count) == (Evidence.STALE, 2)
+    # A change is a change whichever clocks stamped the readings.
+    r6 = replace(requested(stale5, ahead + 190), request_clock="A")
+    moved = ((DISK, T0 - 499), (HB, T0 - 400))
+    alive, _ = step(r6, replace(reading(ahead + 191, 6, moved), clock="B"), POLICY)
+    assert (alive.last_evidence, alive.stale_count) == (Evidence.ALIVE, 0)
+
+
+def test_workers_flapping_between_two_clocks_never_build_a_stale_run_in_seconds() -> None:
+    """Rebalances back and forth between a worker an hour ahead and one on time, a few seconds
+    apart: every switch used to be judged on the other clock's stamps (one stale check per
+    switch to the worker ahead, a fence proposed after three switches in under a minute).
+    Without a whole interval on one clock nothing is stale."""
+    record = replace(SUSPECT, opened_at=T0 + 1)
+    real = T0 + 1.0
+    for n in range(12):
+        clock, offset = ("ahead", 3600.0) if n % 2 else ("on-time", 0.0)
+        record, actions = step(record, Tick(at=real + offset, clock=clock), POLICY)
+        assert actions and isinstance(actions[-1], RunProbe)
+        check = actions[-1].check
+        record, actions = step(
+            record, replace(reading(real + offset + 1, check), clock=clock), POLICY
+        )
+        assert record.last_evidence is Evidence.BASELINE, n
+        assert record.stale_count == 0 and record.state is HostState.SUSPECT
+        real += 5.0
+
+
 def test_a_back_ends_own_floor_keeps_a_short_window_from_being_stale() -> None:
     r2 = _baselined()  # 65 s between the baseline's arrival and this request
     slow = replace(reading(T0 + 71, 2), min_gap=90.0)
