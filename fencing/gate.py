@@ -42,12 +42,6 @@ A request is judged in this order; the first rule that holds is the withheld rea
 
 A grant counts while `now - grant.at < fence_window`; a grant stamped after `now` (the gate's
 clock stepped back) still counts, so no window ever holds more than the cap.
-
-Rows written on another gate clock (`clock_id`: the gates partition moved to another worker, or
-the worker restarted) are taken over before they are judged (`take_over`): their grants and
-verdicts keep the age they had at the row's last judgement on the clock that stamped them, and
-the time since counts as none, so a new owner whose clock runs ahead never lets a grant leave
-the window early (it may count one a little longer).
 """
 
 from __future__ import annotations
@@ -83,7 +77,6 @@ class GateContext:
 
     policy: Policy
     started_at: float  # when this service started (gate clock): the quiet period counts from here
-    clock_id: str | None = None  # which clock `now` is (the gate worker process): see take_over
 
 
 @dataclass(frozen=True)
@@ -120,10 +113,9 @@ class ClusterGate:
     hosts: int = 0  # hosts in the cluster; 0: not known yet
     suspect: frozenset[str] = frozenset()  # hosts with an open episode
     paused: bool = False
-    clock: float = float("-inf")  # the gate's clock at the row's last judgement
+    clock: float = float("-inf")  # the gate's clock at the row's last judgement (display only)
     grants: tuple[Grant, ...] = ()
     verdicts: tuple[Verdict, ...] = ()  # inside the window, for redelivered requests
-    clock_id: str | None = None  # which clock `clock` and the stamps are (GateContext.clock_id)
 
 
 @dataclass(frozen=True)
@@ -133,7 +125,6 @@ class GlobalGate:
     paused: bool = False
     clock: float = float("-inf")
     grants: tuple[Grant, ...] = ()
-    clock_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -181,34 +172,6 @@ def observe(gate: ClusterGate, fact: GateFact) -> ClusterGate:
 def pause_all(glob: GlobalGate, paused: bool) -> GlobalGate:
     """The global row with fencing paused (or resumed) everywhere."""
     return replace(glob, paused=paused)
-
-
-def _shift(row: ClusterGate | GlobalGate, now: float, clock_id: str | None) -> float | None:
-    """How far a row's stamps move onto the clock `clock_id` at `now` (see `take_over`), or
-    None when they stay: a row of this clock, judged never, or a gate without a clock name."""
-    if clock_id is None or row.clock_id == clock_id or row.clock == float("-inf"):
-        return None
-    return now - row.clock
-
-
-def take_over(row: ClusterGate, now: float, clock_id: str | None) -> ClusterGate:
-    """The cluster row on the clock `clock_id` at `now`: stamps of another clock are moved so
-    that each keeps its age at the row's last judgement (`row.clock`, the same clock as they)."""
-    shift = _shift(row, now, clock_id)
-    if shift is None:
-        return row
-    grants = tuple(replace(g, at=g.at + shift) for g in row.grants)
-    verdicts = tuple(replace(v, at=v.at + shift) for v in row.verdicts)
-    return replace(row, clock=now, clock_id=clock_id, grants=grants, verdicts=verdicts)
-
-
-def take_over_global(glob: GlobalGate, now: float, clock_id: str | None) -> GlobalGate:
-    """The shared row on the clock `clock_id` at `now` (as `take_over`)."""
-    shift = _shift(glob, now, clock_id)
-    if shift is None:
-        return glob
-    grants = tuple(replace(g, at=g.at + shift) for g in glob.grants)
-    return replace(glob, clock=now, clock_id=clock_id, grants=grants)
 
 
 def in_window(grants: tuple[Grant, ...], now: float, window: float) -> tuple[Grant, ...]:
@@ -264,16 +227,12 @@ def reconcile(
     now: float,
     window: float,
     logged: Iterable[Grant] = (),
-    clock_id: str | None = None,
 ) -> GlobalGate:
     """The global row with every cluster row's grants still in the window merged in, by decision
     id: a grant whose global write was lost (the worker died between the two writes) counts
     toward the global cap again. `logged` (`logged_grants` of the decision log) is merged the
     same way: a decision published whose two row writes were both lost still counts, in the
-    global row and, through `decide`, in its cluster's. Rows of another clock are taken over
-    first (`take_over`). The same row when it lacks nothing."""
-    glob = take_over_global(glob, now, clock_id)
-    clusters = (take_over(c, now, clock_id) for c in clusters)
+    global row and, through `decide`, in its cluster's. The same row when it lacks nothing."""
     rows = (g for c in clusters for g in in_window(c.grants, now, window))
     # Only the row's grants in the window hold their decision ids: a fence approved again after
     # its first grant left the window is counted by its new grant (from a row or the log).
@@ -301,16 +260,14 @@ def decide(
         )
     policy = ctx.policy
     window = policy.fence_window
-    cluster = take_over(cluster, now, ctx.clock_id)
-    glob = take_over_global(glob, now, ctx.clock_id)
     verdicts = tuple(v for v in cluster.verdicts if now - v.at < window)
     # Each row made whole from the other: a grant one of them lost with its write still counts.
     mine = in_window(cluster.grants, now, window)
     shared = in_window(glob.grants, now, window)
     local = _merged(mine, (g for g in shared if g.cluster == cluster.cluster))
     everywhere = _merged(shared, mine)
-    cluster = replace(cluster, clock=now, clock_id=ctx.clock_id, grants=local, verdicts=verdicts)
-    glob = replace(glob, clock=now, clock_id=ctx.clock_id, grants=everywhere)
+    cluster = replace(cluster, clock=now, grants=local, verdicts=verdicts)
+    glob = replace(glob, clock=now, grants=everywhere)
 
     earlier = next((v for v in verdicts if v.decision_id == request.decision_id), None)
     if earlier is not None and earlier.approved:

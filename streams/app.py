@@ -317,12 +317,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     # again after a restart (at or before what its row applied) is skipped.
                     position = (event.message.partition, event.message.offset)
                     decision = gating.apply_gate(
-                        gates,
-                        parsed,
-                        runtime,
-                        now=worker_clock(),
-                        position=position,
-                        sync=gate_sync,
+                        gates, parsed, runtime, now=time.time(), position=position, sync=gate_sync
                     )
                 except Exception as exc:
                     log.exception("gate: cannot judge a record")

@@ -55,7 +55,6 @@ from fencing.events import FenceAction, WithheldReason
 from fencing.records import FenceDecision, FenceProposal, GateSignal
 from streams.actuation import read_decision
 from streams.topic_reader import TopicReader
-from streams.worker_clock import CLOCK_ID, worker_clock
 
 if TYPE_CHECKING:
     from streams.runtime import Runtime
@@ -111,7 +110,6 @@ def cluster_row(d: dict[str, Any] | None, cluster: str) -> gatecore.ClusterGate:
         clock=d["clock"] if d.get("clock") is not None else float("-inf"),
         grants=tuple(_grant(g) for g in d.get("grants", ())),
         verdicts=tuple(_verdict(v) for v in d.get("verdicts", ())),
-        clock_id=d.get("clock_id"),
     )
 
 
@@ -123,7 +121,6 @@ def global_row(d: dict[str, Any] | None) -> gatecore.GlobalGate:
         paused=d.get("paused", False),
         clock=d["clock"] if d.get("clock") is not None else float("-inf"),
         grants=tuple(_grant(g) for g in d.get("grants", ())),
-        clock_id=d.get("clock_id"),
     )
 
 
@@ -133,11 +130,7 @@ def cluster_grants(table: MutableMapping[str, Any]) -> Iterator[gatecore.Cluster
     for key, stored in list(table.items()):
         if key != GLOBAL_ROW and isinstance(stored, dict) and stored.get("grants"):
             grants = tuple(_grant(g) for g in stored["grants"])
-            # (with the clock that stamped them: a row of another gate clock is taken over)
-            clock = stored["clock"] if stored.get("clock") is not None else float("-inf")
-            yield gatecore.ClusterGate(
-                cluster=str(key), grants=grants, clock=clock, clock_id=stored.get("clock_id")
-            )
+            yield gatecore.ClusterGate(cluster=str(key), grants=grants)
 
 
 def read_again(
@@ -319,7 +312,7 @@ def apply_gate(
 
     `position` is the record's (partition, offset) on fence-proposals: one the cluster's row
     has already applied is skipped (None; see the module rule)."""
-    now = worker_clock() if now is None else now
+    now = time.time() if now is None else now
     if isinstance(item, GateSignal):
         if not item.cluster_uuid:
             log.warning("gate: a %s signal without a cluster dropped", item.kind)
@@ -362,13 +355,11 @@ def apply_gate(
     if sync is None or sync.due:
         window = policy.fence_window
         logged = gatecore.logged_grants((sync and sync.logged) or (), now, window)
-        glob = gatecore.reconcile(
-            glob, cluster_grants(table), now, window, logged, clock_id=CLOCK_ID
-        )
+        glob = gatecore.reconcile(glob, cluster_grants(table), now, window, logged)
         if sync is not None and sync.logged is not None:
             merged_to = sync.position
     glob = gatecore.pause_all(glob, runtime.globally_paused())
-    ctx = gatecore.GateContext(policy=policy, started_at=runtime.started_at, clock_id=CLOCK_ID)
+    ctx = gatecore.GateContext(policy=policy, started_at=runtime.started_at)
     request = gatecore.FenceRequest(
         item.decision_id, item.host.host_uuid, cluster, item.action, item.proposed_at
     )

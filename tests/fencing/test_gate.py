@@ -28,8 +28,6 @@ from fencing.gate import (
     observe,
     pause_all,
     reconcile,
-    take_over,
-    take_over_global,
 )
 from fencing.policy import Policy
 
@@ -576,47 +574,3 @@ def test_a_fence_approved_again_after_its_window_counts_though_both_row_writes_w
     assert whole.grants == (grant(r2, at=T + 60),)
     _, _, v1 = judge(a, whole, replace(r1, at=T + 60), ctx)
     assert v1 == replace(withheld(r1, WithheldReason.CAP_REACHED, 1, at=T + 60), budget_cap=1)
-
-
-def test_a_new_gate_owner_whose_clock_runs_ahead_takes_the_rows_over_at_their_age() -> None:
-    """The gates partition moves from worker A to worker B, whose clock is two hours ahead:
-    compared with B's clock A's grants looked two hours old, out of the window, and B approved
-    a fourth power-down in the hour against a cap of three. Taken over, each keeps the age it
-    had at the row's last judgement on A's clock."""
-    on_a = replace(CTX, clock_id="A")
-    row, glob = ready(), GlobalGate()
-    for n in range(3):
-        row, glob, v = judge(row, glob, req(n, T + n * 60), on_a)
-        assert v.approved
-    assert (row.clock, row.clock_id, glob.clock_id) == (T + 120, "A", "A")
-    ahead = T + 120 + 2 * 3600  # B's clock, moments after A's last judgement
-    on_b = replace(CTX, clock_id="B")
-    row2, glob2, v4 = judge(row, glob, req(4, ahead), on_b)
-    assert v4 == withheld(req(4, ahead), WithheldReason.CAP_REACHED, 3)
-    assert [g.at for g in row2.grants] == [ahead - 120, ahead - 60, ahead]
-    assert row2.clock_id == glob2.clock_id == "B"
-    assert [g.at for g in glob2.grants] == [ahead - 120, ahead - 60, ahead]
-    # A redelivered request of A's is still the same approval (its verdict taken over too).
-    _, _, again = judge(row, glob, replace(req(1, T + 60), at=ahead), on_b)
-    assert again.approved and again.repeated
-    # The first grant leaves the window an hour after it was given, on B's clock.
-    _, _, later = judge(row2, glob2, req(5, ahead + 3600 - 120), on_b)
-    assert later.approved
-    # Without clock names (or on the same clock) nothing moves.
-    assert take_over(row, ahead, None) is row and take_over(row, ahead, "A") is row
-    assert take_over(ready(), ahead, "B") == ready()  # never judged: nothing to move
-    assert take_over_global(glob, ahead, "A") is glob
-
-
-def test_reconcile_takes_the_cluster_rows_of_another_clock_over() -> None:
-    """The shared row's write was lost on A; B, two hours ahead, makes it whole from the cluster
-    row: the grant keeps its age (it did not leave the window at once)."""
-    on_a = replace(CTX, clock_id="A")
-    a, old_glob = ready("a"), GlobalGate()
-    a, _, v = judge(a, old_glob, req(1, T, cluster="a"), on_a)
-    assert v.approved
-    ahead = T + 2 * 3600
-    whole = reconcile(old_glob, [a], ahead, 3600.0, clock_id="B")
-    assert whole.grants == (grant(req(1, T, cluster="a"), at=ahead),)
-    stale = reconcile(old_glob, [a], ahead, 3600.0)  # (no clock name: compared as they are)
-    assert stale.grants == ()
