@@ -290,6 +290,7 @@ class HostRecord:
     error: str | None = None
     request_clock: str | None = None  # the clock of `last_request_at` (`Tick.clock`)
     ref_clock: str | None = None  # the clock of `ref_at` (`ProbeFinished.clock`)
+    since_clock: str | None = None  # idle: the clock of `since` (the signal that closed it)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (enums as their values) for the shell's table. (Field by
@@ -368,10 +369,14 @@ def classify(record: HostRecord, event: HostEvent, policy: Policy) -> Trigger:
     if signal is not None:
         # A report of a disconnection from before the host was last seen back (a delayed poll,
         # an alert redelivered after recovery) must not reopen the ended episode.
+        # Only a stamp of the clock that stamped the return can be told to be earlier: another
+        # worker's clock behind would hide every new disconnection it reports (the reporting
+        # leader moved, or the event bus is read elsewhere) until it caught up.
         reported_before_return = (
-            signal is T.DISCONNECTED
+            isinstance(event, HostDisconnected)
             and record.state is S.IDLE
             and record.since is not None
+            and record.since_clock == (event.clock or None)
             and event.at < record.since
         )
         return T.LATE if reported_before_return else signal
@@ -538,8 +543,10 @@ def _disconnected(record: HostRecord, event: HostDisconnected, policy: Policy) -
     return new, (MarkSuspect(episode=episode, at=event.at),)
 
 
-def _end_episode(record: HostRecord, at: float, state: HostState, ended_by: str) -> Step:
-    new = replace(record, state=state, since=at, probe_outstanding=False)
+def _end_episode(
+    record: HostRecord, at: float, state: HostState, ended_by: str, clock: str = ""
+) -> Step:
+    new = replace(record, state=state, since=at, since_clock=clock or None, probe_outstanding=False)
     if record.state in CLOSED:
         return new, ()
     notice = Notify(
@@ -553,7 +560,7 @@ def _end_episode(record: HostRecord, at: float, state: HostState, ended_by: str)
 def _came_back(record: HostRecord, event: HostCameBack, policy: Policy) -> Step:
     if record.state in CLOSED:
         return record, ()
-    return _end_episode(record, event.at, S.IDLE, "up")
+    return _end_episode(record, event.at, S.IDLE, "up", event.clock)
 
 
 def _maintenance_started(record: HostRecord, event: MaintenanceStarted, policy: Policy) -> Step:
@@ -565,7 +572,7 @@ def _maintenance_started(record: HostRecord, event: MaintenanceStarted, policy: 
 def _maintenance_ended(record: HostRecord, event: MaintenanceEnded, policy: Policy) -> Step:
     if record.state is not S.MAINTENANCE:
         return record, ()
-    return replace(record, state=S.IDLE, since=event.at), ()
+    return replace(record, state=S.IDLE, since=event.at, since_clock=event.clock or None), ()
 
 
 _UNDECIDED: Final = frozenset({S.SUSPECT, S.FENCE_PROPOSED, S.WITHHELD})

@@ -93,6 +93,7 @@ class HostDisconnected:
 
     at: float
     status: HostStatus = HostStatus.DISCONNECTED
+    clock: str = ""  # which worker clock stamped `at` (see `Tick.clock`)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class HostCameBack:
     """`listHosts` saw the host Up again at `at`."""
 
     at: float
+    clock: str = ""  # which worker clock stamped `at` (see `Tick.clock`)
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class MaintenanceEnded:
     """Maintenance was cancelled or ended."""
 
     at: float
+    clock: str = ""  # which worker clock stamped `at` (see `Tick.clock`)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ class HostSignal(WireRecord):
     resource_state: str | None = None
     source: Literal["event-bus", "poller", "api", "timer"] = "event-bus"
     clock: str | None = Field(
-        None, description="a tick's: which worker clock stamped `at` (intervals use one clock)"
+        None, description="which worker clock stamped `at`: the core compares only its own stamps"
     )
 
 

@@ -161,13 +161,13 @@ def probe_finished(r: ProbeResult, arrived_at: float, clock: str = "") -> ProbeF
 
 def _signal_event(s: HostSignal) -> HostEvent:
     if s.kind == "disconnected":
-        return HostDisconnected(s.at, s.status or HostStatus.DISCONNECTED)
+        return HostDisconnected(s.at, s.status or HostStatus.DISCONNECTED, clock=s.clock or "")
     if s.kind == "up":
-        return HostCameBack(s.at)
+        return HostCameBack(s.at, clock=s.clock or "")
     if s.kind == "maintenance_started":
         return MaintenanceStarted(s.at)
     if s.kind == "maintenance_ended":
-        return MaintenanceEnded(s.at)
+        return MaintenanceEnded(s.at, clock=s.clock or "")
     return Tick(s.at, clock=s.clock or "")
 
 

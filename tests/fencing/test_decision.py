@@ -1420,6 +1420,32 @@ def test_workers_flapping_between_two_clocks_never_build_a_stale_run_in_seconds(
         real += 5.0
 
 
+def test_a_disconnection_stamped_by_another_clock_is_never_taken_for_one_before_the_return() -> (
+    None
+):
+    """The host came back, stamped by the poller on worker P; it dies; the report comes from a
+    worker whose clock is ten minutes behind P's (the poll leader moved, or the event bus is read
+    on another worker): compared with P's stamp, every report looked older than the return and
+    was ignored as late until that clock caught up: ten minutes of a dead host not watched.
+    A report of P's own clock from before the return is still late."""
+    back = replace(SUSPECT, state=HostState.IDLE, since=T0 + 600, since_clock="P")
+    down = HostDisconnected(at=T0 + 5, status=HostStatus.DOWN, clock="E")
+    opened, actions = step(back, down, POLICY)
+    assert (opened.state, opened.episode, actions) == (
+        HostState.SUSPECT,
+        2,
+        (MarkSuspect(2, T0 + 5),),
+    )
+    late = replace(down, clock="P")
+    assert step(back, late, POLICY) == (back, ())
+    # The stamp's clock comes from the signal that closed the episode:
+    up, _ = step(replace(SUSPECT, opened_at=T0), HostCameBack(at=T0 + 600, clock="P"), POLICY)
+    assert (up.since, up.since_clock) == (T0 + 600, "P")
+    maint = replace(up, state=HostState.MAINTENANCE)
+    ended, _ = step(maint, MaintenanceEnded(at=T0 + 700, clock="E"), POLICY)
+    assert (ended.state, ended.since, ended.since_clock) == (HostState.IDLE, T0 + 700, "E")
+
+
 def test_a_back_ends_own_floor_keeps_a_short_window_from_being_stale() -> None:
     r2 = _baselined()  # 65 s between the baseline's arrival and this request
     slow = replace(reading(T0 + 71, 2), min_gap=90.0)
