@@ -55,7 +55,10 @@ the decision, and a disconnection stamped before the host's return is late (a re
 - Nothing stalls silently: a proposal unanswered for `check_interval` is sent again on a tick (the
   gate repeats its verdict), an approval without an outcome for `fencing_resend_after` too; a
   host suspect for `suspect_alert_after` without a decision emits `Notify(SUSPECT_TOO_LONG)`,
-  again every `suspect_renotify`, until the episode ends.
+  again every `suspect_renotify`, until the episode ends. A worker clock that went back past
+  one of these stamps by a whole wait (an NTP step, a worker behind taking the partition over)
+  never waits for the clock to catch up: the check or re-send goes out at once, an outstanding
+  probe's and the episode's age are measured again from the step.
 - `HostCameBack` or `MaintenanceStarted` ends an open episode: `ClearSuspect` for the gate and
   `Notify(HOST_RECOVERED)` with `ended_by`. Maintenance ignores disconnections until it ends.
 - Results for an older episode, for an ended episode, or repeating what the record already
@@ -327,6 +330,9 @@ class HostRecord:
     withheld_reason: WithheldReason | None = None
     power_state: str | None = None
     error: str | None = None
+    request_clock: str | None = None  # the clock of `last_request_at` (`Tick.clock`)
+    ref_clock: str | None = None  # the clock of `ref_at` (`ProbeFinished.clock`)
+    since_clock: str | None = None  # idle: the clock of `since` (the signal that closed it)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (enums as their values) for the shell's table. (Field by
@@ -405,10 +411,14 @@ def classify(record: HostRecord, event: HostEvent, policy: Policy) -> Trigger:
     if signal is not None:
         # A report of a disconnection from before the host was last seen back (a delayed poll,
         # an alert redelivered after recovery) must not reopen the ended episode.
+        # Only a stamp of the clock that stamped the return can be told to be earlier: another
+        # worker's clock behind would hide every new disconnection it reports (the reporting
+        # leader moved, or the event bus is read elsewhere) until it caught up.
         reported_before_return = (
-            signal is T.DISCONNECTED
+            isinstance(event, HostDisconnected)
             and record.state is S.IDLE
             and record.since is not None
+            and record.since_clock == (event.clock or None)
             and event.at < record.since
         )
         return T.LATE if reported_before_return else signal
@@ -507,6 +517,18 @@ def _judge(
     if changed is not None:
         return Evidence.ALIVE, changed, False
     assert record.last_request_at is not None
+    if record.request_clock != record.ref_clock:
+        # Another worker's clock (the partition moved, or the worker restarted): the gap between
+        # the two stamps is no interval on any one clock (one ahead would make seconds look
+        # like minutes); this reading starts a new window on the clock that requested it.
+        return (
+            Evidence.BASELINE,
+            (
+                f"the reference was stamped on another worker's clock ({record.ref_clock or '?'},"
+                f" this check {record.request_clock or '?'}): this reading is the new reference"
+            ),
+            False,
+        )
     gap = record.last_request_at - record.ref_at
     if gap < 0:
         # The worker's clock was stepped back (or a worker behind took the partition over):
@@ -586,8 +608,10 @@ def _disconnected(record: HostRecord, event: HostDisconnected, policy: Policy) -
     return new, (MarkSuspect(episode=episode, at=event.at),)
 
 
-def _end_episode(record: HostRecord, at: float, state: HostState, ended_by: str) -> Step:
-    new = replace(record, state=state, since=at, probe_outstanding=False)
+def _end_episode(
+    record: HostRecord, at: float, state: HostState, ended_by: str, clock: str = ""
+) -> Step:
+    new = replace(record, state=state, since=at, since_clock=clock or None, probe_outstanding=False)
     if record.state in CLOSED:
         return new, ()
     notice = Notify(
@@ -601,7 +625,7 @@ def _end_episode(record: HostRecord, at: float, state: HostState, ended_by: str)
 def _came_back(record: HostRecord, event: HostCameBack, policy: Policy) -> Step:
     if record.state in CLOSED:
         return record, ()
-    return _end_episode(record, event.at, S.IDLE, "up")
+    return _end_episode(record, event.at, S.IDLE, "up", event.clock)
 
 
 def _maintenance_started(record: HostRecord, event: MaintenanceStarted, policy: Policy) -> Step:
@@ -613,7 +637,7 @@ def _maintenance_started(record: HostRecord, event: MaintenanceStarted, policy: 
 def _maintenance_ended(record: HostRecord, event: MaintenanceEnded, policy: Policy) -> Step:
     if record.state is not S.MAINTENANCE:
         return record, ()
-    return replace(record, state=S.IDLE, since=event.at), ()
+    return replace(record, state=S.IDLE, since=event.at, since_clock=event.clock or None), ()
 
 
 _UNDECIDED: Final = frozenset({S.SUSPECT, S.FENCE_PROPOSED, S.WITHHELD})
@@ -625,16 +649,19 @@ def _tick(record: HostRecord, event: Tick, policy: Policy) -> Step:
         return record, ()
     now = event.at
     actions: list[HostAction] = []
-    if record.opened_at is None:
+    if record.opened_at is None or _went_back(now, record.opened_at, policy.suspect_alert_after):
+        # (Also when the worker's clock went back past the episode's first tick by a whole alert
+        # period: the episode's age is measured again from now, so the reminder comes at most one
+        # alert period late, never as late as the size of the step.)
         record = replace(record, opened_at=now)
     assert record.opened_at is not None
     if record.state in _UNDECIDED and now - record.opened_at >= policy.suspect_alert_after:
         last = record.last_alert_at
-        if last is None or now - last >= policy.suspect_renotify:
+        if last is None or _due(now, last, policy.suspect_renotify):
             record = replace(record, last_alert_at=now)
             actions.append(_suspect_too_long(record, now))
     if probing(record):
-        record, more = _maybe_probe(record, now, policy)
+        record, more = _maybe_probe(record, now, policy, event.clock)
         actions.extend(more)
     elif record.state is S.FENCE_PROPOSED or record.state is S.FENCING:
         wait = (
@@ -642,10 +669,24 @@ def _tick(record: HostRecord, event: Tick, policy: Policy) -> Step:
             if record.state is S.FENCE_PROPOSED
             else (policy.fencing_resend_after)
         )
-        if record.sent_at is None or now - record.sent_at >= wait:
+        if record.sent_at is None or _due(now, record.sent_at, wait):
             record = replace(record, sent_at=now)
             actions.append(_proposal(record))
     return record, tuple(actions)
+
+
+def _went_back(now: float, then: float, wait: float) -> bool:
+    """Whether the worker's clock went back past `then` by at least `wait` (an NTP step, or a
+    worker whose clock is behind took the partition over). No wait can be measured from a stamp
+    that far in the future, and waiting for the clock to catch up with it would be silence. (A
+    stamp less than `wait` ahead, such as a result that arrived after a tick was sent, delays a
+    wait by less than `wait`.)"""
+    return then - now >= wait
+
+
+def _due(now: float, then: float, wait: float) -> bool:
+    """Whether `wait` passed since `then` on the worker's clock, or the clock went back (above)."""
+    return now - then >= wait or _went_back(now, then, wait)
 
 
 def _suspect_too_long(record: HostRecord, now: float) -> Notify:
@@ -661,10 +702,14 @@ def _suspect_too_long(record: HostRecord, now: float) -> Notify:
     )
 
 
-def _maybe_probe(record: HostRecord, now: float, policy: Policy) -> Step:
+def _maybe_probe(record: HostRecord, now: float, policy: Policy, clock: str) -> Step:
     actions: list[HostAction] = []
     if record.probe_outstanding:
         assert record.last_request_at is not None
+        if _went_back(now, record.last_request_at, policy.probe_timeout):
+            # Its age is measured again from now (an earlier request time only shortens the
+            # window its answer is judged on).
+            return replace(record, last_request_at=now, request_clock=clock or None), ()
         if now - record.last_request_at < policy.probe_timeout:
             return record, ()
         record = replace(
@@ -678,11 +723,17 @@ def _maybe_probe(record: HostRecord, now: float, policy: Policy) -> Step:
         )
         record, notices = _count_unknown(record, policy)
         actions.extend(notices)
-    due = record.last_result_at is None or now - record.last_result_at >= policy.check_interval
+    # (After the clock went back the next reading goes out at once: it cannot be judged against
+    # the old reference, `judge` makes it the new one.)
+    due = record.last_result_at is None or _due(now, record.last_result_at, policy.check_interval)
     if record.checks_requested == 0 or due:
         check = record.checks_requested + 1
         record = replace(
-            record, checks_requested=check, probe_outstanding=True, last_request_at=now
+            record,
+            checks_requested=check,
+            probe_outstanding=True,
+            last_request_at=now,
+            request_clock=clock or None,
         )
         suspect_since = record.suspect_since
         assert suspect_since is not None
@@ -718,6 +769,7 @@ def _from_result(
         record = replace(
             record,
             ref_at=result.at,
+            ref_clock=result.clock or None,
             ref_mtimes=_merged(record.ref_mtimes, mtimes),
             ref_heartbeats=_merged(record.ref_heartbeats, heartbeats),
         )

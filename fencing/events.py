@@ -93,6 +93,7 @@ class HostDisconnected:
 
     at: float
     status: HostStatus = HostStatus.DISCONNECTED
+    clock: str = ""  # which worker clock stamped `at` (see `Tick.clock`)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class HostCameBack:
     """`listHosts` saw the host Up again at `at`."""
 
     at: float
+    clock: str = ""  # which worker clock stamped `at` (see `Tick.clock`)
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class MaintenanceEnded:
     """Maintenance was cancelled or ended."""
 
     at: float
+    clock: str = ""  # which worker clock stamped `at` (see `Tick.clock`)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,10 @@ class Tick:
     """The check interval's clock, delivered by the shell."""
 
     at: float
+    # Which clock `at` is (the worker process that stamped it): an interval is only measured
+    # between two stamps of the same clock (a check requested on one worker's clock is never
+    # judged against a reference stamped on another's).
+    clock: str = ""
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,7 @@ class ProbeFinished:
     filer_offset: float | None = None  # filer clock minus the host's (heartbeat mtime - content)
     live_signs: tuple[str, ...] = ()  # direct signs of life seen now (an RBD watch of the host)
     min_gap: float = 0.0  # a back end's own floor for a stale window (RBD: the watch timeout)
+    clock: str = ""  # which worker clock stamped `at` (see `Tick.clock`)
 
 
 @dataclass(frozen=True)

@@ -234,8 +234,11 @@ def reconcile(
     same way: a decision published whose two row writes were both lost still counts, in the
     global row and, through `decide`, in its cluster's. The same row when it lacks nothing."""
     rows = (g for c in clusters for g in in_window(c.grants, now, window))
-    grants = _merged(glob.grants, (*rows, *in_window(tuple(logged), now, window)))
-    return glob if len(grants) == len(glob.grants) else replace(glob, grants=grants)
+    # Only the row's grants in the window hold their decision ids: a fence approved again after
+    # its first grant left the window is counted by its new grant (from a row or the log).
+    kept = in_window(glob.grants, now, window)
+    grants = _merged(kept, (*rows, *in_window(tuple(logged), now, window)))
+    return glob if len(grants) == len(kept) else replace(glob, grants=grants)
 
 
 def decide(

@@ -51,6 +51,9 @@ class HostSignal(WireRecord):
     status: HostStatus | None = None
     resource_state: str | None = None
     source: Literal["event-bus", "poller", "api", "timer"] = "event-bus"
+    clock: str | None = Field(
+        None, description="which worker clock stamped `at`: the core compares only its own stamps"
+    )
 
 
 class GateSignal(WireRecord):

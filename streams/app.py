@@ -51,6 +51,7 @@ from streams.directory import topic_name as directory_topic
 from streams.ingest import EventBusConsumer
 from streams.kafka import aiokafka_kwargs, faust_app_kwargs, prepare_kafka
 from streams.runtime import Runtime, settle_memory
+from streams.worker_clock import worker_clock
 
 log = logging.getLogger("fencer.app")
 
@@ -228,7 +229,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         @app.timer(interval=host_watch.TICK_RESOLUTION)
         async def tick() -> None:
             # Ticks are delivered through the topic so the table is written inside a stream.
-            now = time.time()
+            # Stamped on the watch's own clock, as probe results arrive (streams.worker_clock).
+            now = worker_clock()
             policy_for = runtime.current.policy_for
             if schedule.sweep_due(now):
                 open_hosts = set()

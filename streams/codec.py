@@ -43,6 +43,7 @@ from fencing.records import (
     Notice,
     ProbeResult,
 )
+from streams.worker_clock import CLOCK_ID, worker_clock
 
 log = logging.getLogger("fencer.streams")
 
@@ -110,7 +111,7 @@ def host_input(message: Any, topics: Any) -> HostInput | str | None:
             return HostInput(_signal_event(s), s.host)
         if message.topic == topics.probe_results:
             r = ProbeResult.model_validate_json(message.value)
-            return HostInput(probe_finished(r, time.time()), r.host)
+            return HostInput(probe_finished(r, worker_clock(), CLOCK_ID), r.host)
         if message.topic == topics.fence_decisions:
             d = FenceDecision.model_validate_json(message.value)
             if d.approved:
@@ -138,10 +139,12 @@ def host_input(message: Any, topics: Any) -> HostInput | str | None:
     return f"unexpected topic {message.topic}"
 
 
-def probe_finished(r: ProbeResult, arrived_at: float) -> ProbeFinished:
+def probe_finished(r: ProbeResult, arrived_at: float, clock: str = "") -> ProbeFinished:
     """A probe result as the core's event, stamped with the watch worker's clock on arrival:
-    intervals are measured on that one clock, never on the probe's or the filer's."""
+    intervals are measured on that one clock (`clock` names it), never on the probe's or the
+    filer's."""
     return ProbeFinished(
+        clock=clock,
         at=arrived_at,
         episode=r.episode,
         check=r.check,
@@ -161,14 +164,14 @@ def probe_finished(r: ProbeResult, arrived_at: float) -> ProbeFinished:
 
 def _signal_event(s: HostSignal) -> HostEvent:
     if s.kind == "disconnected":
-        return HostDisconnected(s.at, s.status or HostStatus.DISCONNECTED)
+        return HostDisconnected(s.at, s.status or HostStatus.DISCONNECTED, clock=s.clock or "")
     if s.kind == "up":
-        return HostCameBack(s.at)
+        return HostCameBack(s.at, clock=s.clock or "")
     if s.kind == "maintenance_started":
         return MaintenanceStarted(s.at)
     if s.kind == "maintenance_ended":
-        return MaintenanceEnded(s.at)
-    return Tick(s.at)
+        return MaintenanceEnded(s.at, clock=s.clock or "")
+    return Tick(s.at, clock=s.clock or "")
 
 
 def _gate_kind(value: Any) -> str:

@@ -35,6 +35,7 @@ from fencing.events import HostStatus
 from fencing.records import HostRef, HostSignal
 from streams import parser
 from streams.poller import DOWN_STATES, HostDirectory
+from streams.worker_clock import CLOCK_ID
 
 log = logging.getLogger("fencer.streams")
 
@@ -47,6 +48,7 @@ class Ingest:
     directory: HostDirectory
     # streams.directory.DirectoryLog: the leader's poller learns of rechecks through it
     log: Any = None
+    clock_id: str = CLOCK_ID  # which clock stamps the signals' `at` (the core compares only it)
 
     async def signal(self, message: Any) -> tuple[HostSignal | None, str | None]:
         """A CloudStack event bus record as a host signal, or a dead-letter reason, or neither."""
@@ -119,6 +121,7 @@ class Ingest:
             at=at,
             reported_at=float(reported_at) if reported_at else None,
             status=status,
+            clock=self.clock_id,
         )
         return signal, None
 

@@ -20,6 +20,7 @@ from typing import Any
 from fencing.cloudstack import host_from_api
 from fencing.events import HostStatus
 from fencing.records import GateSignal, HostSignal
+from streams.worker_clock import CLOCK_ID
 
 log = logging.getLogger("fencer.streams")
 
@@ -65,6 +66,7 @@ class Poller:
     # entries of the last poll to write once its signals are delivered (`remember`)
     pending: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)  # of the last poll
+    clock_id: str = CLOCK_ID  # which clock stamps the signals' `at` (the core compares only it)
 
     async def poll(self) -> tuple[list[HostSignal], list[GateSignal]]:
         """listHosts: signals for hosts whose state changed since the last poll, cluster sizes.
@@ -131,6 +133,7 @@ class Poller:
                         host=ref,
                         at=now,
                         source="poller",
+                        clock=self.clock_id,
                         resource_state=rstate,
                     )
                 )
@@ -143,6 +146,7 @@ class Poller:
                         host=ref,
                         at=now,
                         source="poller",
+                        clock=self.clock_id,
                         resource_state=rstate,
                     )
                 )
@@ -152,6 +156,7 @@ class Poller:
                         host=ref,
                         at=now,
                         source="poller",
+                        clock=self.clock_id,
                         status=DOWN_STATES[state],
                         resource_state=rstate,
                     )
@@ -163,6 +168,7 @@ class Poller:
                         host=ref,
                         at=now,
                         source="poller",
+                        clock=self.clock_id,
                         resource_state=rstate,
                     )
                 )
@@ -172,6 +178,7 @@ class Poller:
                         host=ref,
                         at=now,
                         source="poller",
+                        clock=self.clock_id,
                         status=HostStatus.UP,
                         resource_state=rstate,
                     )

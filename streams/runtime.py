@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,7 +22,7 @@ from fencing.records import FenceDecision, FenceOutcome, Notice, ProbeRequest, P
 from fencing.settings import FencerSettings
 from streams.ingest import Ingest
 from streams.poller import HostDirectory, Poller
-from streams.tables import RowStore, reminders
+from streams.tables import RowStore, reminder_series, reminders
 from streams.watch import WORKER_ID
 
 log = logging.getLogger("fencer.streams")
@@ -61,6 +62,7 @@ class Runtime:
     # async (Notice) -> None, set by the topology: how the actuator's notices reach the topic
     notice_sink: Any = None
     _reminded: set[str] = field(default_factory=set)
+    _reminder_counts: dict[str, tuple[int, float]] = field(default_factory=dict)  # run -> n, mono
     _pins: Any = None  # streams.bmc_pins.BmcPinStore once it has read the topic
     # One start per service: the agents' actors (actuate runs 16) ask for it at the same time.
     _starting: dict[str, asyncio.Lock] = field(default_factory=dict)
@@ -199,12 +201,25 @@ class Runtime:
             self._actuator = Actuator(self.settings, notify=self.emit_notice, storage_fencer=rung)
         return self._actuator
 
-    def due_reminders(self, rows: Iterable[tuple[str, Any]], now: float) -> list[Notice]:
+    def due_reminders(
+        self, rows: Iterable[tuple[str, Any]], now: float, mono: float | None = None
+    ) -> list[Notice]:
         """The fence_failed reminders due now that this worker has not sent yet (after a
-        restart one may go out again: the same id, dropped by the notify table)."""
+        restart one may go out again: the same id, dropped by the notify table).
+
+        A run this worker reminded of is reminded again every interval on its own monotonic
+        clock `mono` even when the wall clock's count does not move on (stepped back, or
+        behind the actuator that stamped the failure): its ids were sent, and waiting for the
+        clock to catch up with them would be silence."""
         every = self.current.actuator.renotify_interval
-        due = [n for n in reminders(rows, now, every) if n.notice_id not in self._reminded]
+        mono = time.monotonic() if mono is None else mono
+        floors = {s: n + 1 for s, (n, at) in self._reminder_counts.items() if mono - at >= every}
+        notices = reminders(rows, now, every, floors)
+        due = [n for n in notices if n.notice_id not in self._reminded]
         self._reminded.update(n.notice_id for n in due)
+        for notice in due:
+            series, number = reminder_series(notice.notice_id)
+            self._reminder_counts[series] = (number, mono)
         return due
 
     async def emit_notice(self, notice: Notice) -> None:

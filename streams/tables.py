@@ -8,7 +8,7 @@ failed and which reminders are due, the `notified` table is the notifier's idemp
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 from fencing.events import NoticeKind
@@ -41,9 +41,23 @@ def failed_fence(
     return decision_id or "", entry
 
 
-def reminders(rows: Iterable[tuple[str, Any]], now: float, interval: float) -> list[Notice]:
+def reminder_series(notice_id: str) -> tuple[str, int]:
+    """A reminder's id as (the id of its failed run, its number)."""
+    series, _, n = notice_id.rpartition("/")
+    return series, int(n)
+
+
+def reminders(
+    rows: Iterable[tuple[str, Any]],
+    now: float,
+    interval: float,
+    floors: Mapping[str, int] | None = None,
+) -> list[Notice]:
     """A fence_failed notice for each host whose latest fence failed and that no operator has
-    retried or marked handled: one per `interval` since the failure, each with its own id."""
+    retried or marked handled: one per `interval` since the failure, each with its own id.
+    `floors` (run id -> number, `reminder_series`) is the least number a run's reminder has: the
+    caller's own count goes on when the clock's does not (it went back, or runs behind the
+    actuator's that stamped the failure)."""
     out: list[Notice] = []
     for host, row in rows:
         target = failed_fence(dict(row or {}))
@@ -51,13 +65,14 @@ def reminders(rows: Iterable[tuple[str, Any]], now: float, interval: float) -> l
             continue
         decision_id, entry = target
         o = FenceOutcome.model_validate(entry)
-        n = int((now - o.finished_at) // interval)
+        series = f"{decision_id}/fence_failed/{o.started_at:.0f}"
+        n = max(int((now - o.finished_at) // interval), (floors or {}).get(series, 0))
         if n < 1:
             continue
-        minutes = (now - o.finished_at) / 60
+        minutes = max(now - o.finished_at, n * interval) / 60
         out.append(
             Notice(
-                notice_id=f"{decision_id}/fence_failed/{o.started_at:.0f}/{n}",
+                notice_id=f"{series}/{n}",
                 kind=NoticeKind.FENCE_FAILED,
                 host=o.host,
                 at=now,

@@ -40,6 +40,7 @@ from streams.codec import (
     unpack_row,
     with_position,
 )
+from streams.worker_clock import CLOCK_ID
 
 log = logging.getLogger("fencer.streams")
 
@@ -124,8 +125,9 @@ class TickSchedule:
             self.next[host] = at
 
     def sweep_due(self, now: float) -> bool:
-        """Whether this timer run sweeps the whole table (taken as done)."""
-        if self.swept_at is not None and now - self.swept_at < self.period:
+        """Whether this timer run sweeps the whole table (taken as done). A clock that went
+        back past the last sweep sweeps now: waiting for it to catch up would be silence."""
+        if self.swept_at is not None and 0 <= now - self.swept_at < self.period:
             return False
         self.swept_at = now
         return True
@@ -152,7 +154,9 @@ def _open(row: Any) -> bool:
 
 def tick(row: Any, now: float) -> HostSignal:
     """A tick for this row's host."""
-    return HostSignal(kind="tick", host=HostRef(**unpack_row(row)[1]), at=now, source="timer")
+    return HostSignal(
+        kind="tick", host=HostRef(**unpack_row(row)[1]), at=now, source="timer", clock=CLOCK_ID
+    )
 
 
 def apply(

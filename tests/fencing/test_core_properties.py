@@ -435,7 +435,11 @@ class HostMachine(RuleBasedStateMachine):
         assert step(before, event, self.policy) == (new, actions)  # deterministic
         out = self.outstanding
         if isinstance(event, Tick) and out is not None:
-            if event.at - self.requested_at >= self.policy.probe_timeout:
+            if self.requested_at - event.at >= self.policy.probe_timeout:
+                # a tick a whole timeout before the request (the worker's clock went back, or an
+                # old tick read again): the request's age is measured again from this tick
+                self.requested_at = event.at
+            elif event.at - self.requested_at >= self.policy.probe_timeout:
                 self.unknowns += 1  # lost: one unknown, and the next check may go out at once
                 self.outstanding = None
         accepted = self.accepted(event)
@@ -830,11 +834,19 @@ class GateMachine(RuleBasedStateMachine):
         assert verdict.approved == (verdict.reason is None) and verdict.at == self.now
         first = self.first.get(request.decision_id)
         if verdict.repeated:
-            assert first is not None and (first.approved or first.reason not in TEMPORARY)
             if request.decision_id in self.lost:
+                assert first is not None and (first.approved or first.reason not in TEMPORARY)
                 # judged again after its verdict was lost: an approval is given again as such
                 assert verdict.approved or verdict.reason not in TEMPORARY
+            elif verdict.approved and (
+                first is None or not first.approved or self.now - first.at >= window
+            ):
+                # Its last verdict is gone from the window (or was a temporary withhold), but a
+                # repeat of its approval is logged in it: the log keeps the fence counted from
+                # that stamp (logged_grants), and the id is approved again, consuming nothing.
+                assert any(d.decision_id == v.decision_id and d.approved for d in self.log[:-1])
             else:
+                assert first is not None and (first.approved or first.reason not in TEMPORARY)
                 assert verdict == replace(first, repeated=True, at=self.now)
             return
         assert (

@@ -1311,6 +1311,155 @@ def test_a_worker_clock_stepped_back_restarts_the_window_instead_of_waiting_it_o
     assert proposed.state is (HostState.FENCE_PROPOSED if needed == 2 else HostState.SUSPECT)
 
 
+def test_a_worker_clock_stepped_back_sends_the_next_check_at_once_through_the_tick() -> None:
+    """The same step back, through the ticks: the next check goes out on the first tick after
+    the step, not once the new clock has caught up with the old result's stamp (an hour of no
+    check and no notice)."""
+    stale2, _ = step(_baselined(), reading(T0 + 71, 2), POLICY)
+    back = T0 - 3600  # the last result arrived at T0 + 71 on the old clock
+    r3, actions = step(stale2, Tick(at=back), POLICY)
+    assert actions == (probe(3),)
+    assert (r3.checks_requested, r3.probe_outstanding, r3.last_request_at) == (3, True, back)
+    rebased, _ = step(r3, reading(back + 1, 3), POLICY)
+    assert (rebased.last_evidence, rebased.stale_count) == (Evidence.BASELINE, 1)
+    waiting, actions = step(rebased, Tick(at=back + 60), POLICY)  # 59 s on the new clock
+    assert (waiting, actions) == (rebased, ())
+    r4, actions = step(rebased, Tick(at=back + 61), POLICY)
+    assert actions == (probe(4),)
+    judged4, _ = step(r4, reading(back + 62, 4), POLICY)
+    assert (judged4.last_evidence, judged4.stale_count) == (Evidence.STALE, 2)
+
+
+def test_a_probe_outstanding_across_a_clock_step_back_is_timed_out_on_the_new_clock() -> None:
+    """An unanswered probe whose request time is now in the future: its age is measured again
+    from the step (lost after probe_timeout on the new clock), never after the clock caught up."""
+    r2 = _baselined()  # check 2 requested at T0 + 70, unanswered
+    back = T0 - 3600
+    rebased, actions = step(r2, Tick(at=back), POLICY)
+    assert actions == () and rebased == replace(r2, last_request_at=back, opened_at=back)
+    same, actions = step(rebased, Tick(at=back + 179), POLICY)
+    assert (same, actions) == (rebased, ())
+    lost, actions = step(rebased, Tick(at=back + 180), POLICY)
+    assert actions == (probe(3),)
+    assert (lost.reason, lost.unknown_count, lost.last_request_at) == (
+        "probe result lost",
+        1,
+        back + 180,
+    )
+    # Its answer, arriving now, is judged on the earlier (rebased) request time: a new reference.
+    late_answer, _ = step(rebased, reading(back + 5, 2), POLICY)
+    assert late_answer.last_evidence is Evidence.BASELINE
+
+
+def test_reminders_and_resends_go_on_after_a_clock_step_back() -> None:
+    """suspect_too_long, its repeats and a proposal's re-send are due on a clock that went back
+    past their stamps: the reminder counts the episode again from the step (one alert period,
+    not the size of the step), a repeat or a re-send stamped in the future goes out at once."""
+    late = T0 + 1 + POLICY.suspect_alert_after
+    alerted, actions = step(_baselined(), Tick(at=late), POLICY)
+    assert [a.kind for a in actions if isinstance(a, Notify)] == [NoticeKind.SUSPECT_TOO_LONG]
+    back = T0 - 3600
+    rebased, actions = step(alerted, Tick(at=back), POLICY)
+    assert rebased.opened_at == back
+    assert not [a for a in actions if isinstance(a, Notify)]
+    again, actions = step(rebased, Tick(at=back + POLICY.suspect_alert_after), POLICY)
+    assert [a.kind for a in actions if isinstance(a, Notify)] == [NoticeKind.SUSPECT_TOO_LONG]
+    assert again.last_alert_at == back + POLICY.suspect_alert_after
+    # A repeat stamped after now (the step came between the reminder and this tick):
+    future = replace(again, last_alert_at=back + 10 * POLICY.suspect_renotify)
+    _, actions = step(future, Tick(at=back + POLICY.suspect_alert_after + 1), POLICY)
+    assert [a.kind for a in actions if isinstance(a, Notify)] == [NoticeKind.SUSPECT_TOO_LONG]
+    proposed, _ = to_proposal()
+    assert proposed.sent_at == T0 + 205
+    resent, actions = step(proposed, Tick(at=back), POLICY)
+    assert actions == (PROPOSAL,) and resent.sent_at == back
+    fencing = replace(proposed, state=HostState.FENCING)
+    _, actions = step(fencing, Tick(at=back), POLICY)
+    assert actions == (PROPOSAL,)
+
+
+def test_a_reference_stamped_on_another_workers_clock_measures_no_interval() -> None:
+    """The partition moves from worker A to worker B, whose clock is an hour ahead: B's first
+    tick finds A's result an hour old and requests at once; compared with A's stamp the window
+    would be an hour, in truth it is seconds. The reading is a new reference on B's clock (the
+    stale run so far kept); B's next interval is judged as usual."""
+    r1 = replace(requested(replace(SUSPECT, opened_at=T0 + 1), T0 + 1), request_clock="A")
+    base, _ = step(r1, replace(reading(T0 + 5, 1), clock="A"), POLICY)
+    r2, _ = step(base, Tick(at=T0 + 66, clock="A"), POLICY)
+    stale2, _ = step(r2, replace(reading(T0 + 67, 2), clock="A"), POLICY)
+    assert (stale2.last_evidence, stale2.stale_count, stale2.ref_clock) == (Evidence.STALE, 1, "A")
+    ahead = T0 + 67 + 3600  # B's clock, seconds after A's last result
+    r3, actions = step(stale2, Tick(at=ahead, clock="B"), POLICY)
+    # (B's clock also finds the episode an hour old: a suspect_too_long notice, early, told)
+    assert actions[-1] == probe(3) and r3.request_clock == "B"
+    rebased, actions = step(r3, replace(reading(ahead + 1, 3), clock="B"), POLICY)
+    assert (rebased.last_evidence, rebased.stale_count, actions) == (Evidence.BASELINE, 1, ())
+    assert rebased.reason == (
+        "the reference was stamped on another worker's clock (A, this check B): "
+        "this reading is the new reference"
+    )
+    assert (rebased.ref_at, rebased.ref_clock) == (ahead + 1, "B")
+    # A result that arrives on B for a check A requested: no interval either.
+    r4 = replace(requested(rebased, ahead + 62), request_clock="A")
+    again, _ = step(r4, replace(reading(ahead + 63, 4), clock="B"), POLICY)
+    assert again.last_evidence is Evidence.BASELINE and again.ref_clock == "B"
+    r5, actions = step(again, Tick(at=ahead + 124, clock="B"), POLICY)
+    assert actions == (probe(5),)
+    stale5, _ = step(r5, replace(reading(ahead + 125, 5), clock="B"), POLICY)
+    assert (stale5.last_evidence, stale5.stale_count) == (Evidence.STALE, 2)
+    # A change is a change whichever clocks stamped the readings.
+    r6 = replace(requested(stale5, ahead + 190), request_clock="A")
+    moved = ((DISK, T0 - 499), (HB, T0 - 400))
+    alive, _ = step(r6, replace(reading(ahead + 191, 6, moved), clock="B"), POLICY)
+    assert (alive.last_evidence, alive.stale_count) == (Evidence.ALIVE, 0)
+
+
+def test_workers_flapping_between_two_clocks_never_build_a_stale_run_in_seconds() -> None:
+    """Rebalances back and forth between a worker an hour ahead and one on time, a few seconds
+    apart: every switch used to be judged on the other clock's stamps (one stale check per
+    switch to the worker ahead, a fence proposed after three switches in under a minute).
+    Without a whole interval on one clock nothing is stale."""
+    record = replace(SUSPECT, opened_at=T0 + 1)
+    real = T0 + 1.0
+    for n in range(12):
+        clock, offset = ("ahead", 3600.0) if n % 2 else ("on-time", 0.0)
+        record, actions = step(record, Tick(at=real + offset, clock=clock), POLICY)
+        assert actions and isinstance(actions[-1], RunProbe)
+        check = actions[-1].check
+        record, actions = step(
+            record, replace(reading(real + offset + 1, check), clock=clock), POLICY
+        )
+        assert record.last_evidence is Evidence.BASELINE, n
+        assert record.stale_count == 0 and record.state is HostState.SUSPECT
+        real += 5.0
+
+
+def test_a_disconnection_stamped_by_another_clock_is_never_taken_for_one_before_the_return() -> (
+    None
+):
+    """The host came back, stamped by the poller on worker P; it dies; the report comes from a
+    worker whose clock is ten minutes behind P's (the poll leader moved, or the event bus is read
+    on another worker): compared with P's stamp, every report looked older than the return and
+    was ignored as late until that clock caught up: ten minutes of a dead host not watched.
+    A report of P's own clock from before the return is still late."""
+    back = replace(SUSPECT, state=HostState.IDLE, since=T0 + 600, since_clock="P")
+    down = HostDisconnected(at=T0 + 5, status=HostStatus.DOWN, clock="E")
+    opened, actions = step(back, down, POLICY)
+    assert (opened.state, opened.episode, actions) == (
+        HostState.SUSPECT,
+        2,
+        (MarkSuspect(2, T0 + 5),),
+    )
+    late = replace(down, clock="P")
+    assert step(back, late, POLICY) == (back, ())
+    # The stamp's clock comes from the signal that closed the episode:
+    up, _ = step(replace(SUSPECT, opened_at=T0), HostCameBack(at=T0 + 600, clock="P"), POLICY)
+    assert (up.since, up.since_clock) == (T0 + 600, "P")
+    maint = replace(up, state=HostState.MAINTENANCE)
+    ended, _ = step(maint, MaintenanceEnded(at=T0 + 700, clock="E"), POLICY)
+    assert (ended.state, ended.since, ended.since_clock) == (HostState.IDLE, T0 + 700, "E")
+
+
 def test_a_back_ends_own_floor_keeps_a_short_window_from_being_stale() -> None:
     r2 = _baselined()  # 65 s between the baseline's arrival and this request
     slow = replace(reading(T0 + 71, 2), min_gap=90.0)

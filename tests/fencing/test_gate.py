@@ -551,3 +551,26 @@ def test_a_published_decision_whose_two_row_writes_were_lost_counts_in_both_caps
     assert glob3.grants == whole.grants
     # Reconciled twice with the same log: nothing changes.
     assert reconcile(whole, [a, b], T + 3, 3600.0, proved) is whole
+
+
+def test_a_fence_approved_again_after_its_window_counts_though_both_row_writes_were_lost() -> None:
+    """A decision approved, and approved again once its first grant left the window (proposed
+    again after a refusal); the worker died after publishing the second approval, before either
+    row's write. The global row still holds the first, expired grant of that decision id: it
+    must not hide the logged new one (it did: the next fence in the cluster was approved, two
+    power-downs in one window against a cap of one). Found by TestGateMachine."""
+    ctx = replace(CTX, policy=replace(POLICY, fence_cap=1, global_cap=2, fence_window=60.0))
+    a, glob = ready("a"), GlobalGate()
+    r1, r2 = req(1, T, cluster="a"), req(2, T, cluster="a")
+    a, glob, v2 = judge(a, glob, r2, ctx)
+    assert v2.approved
+    log = [logged(v2)]
+    _, _, again = judge(a, reconcile(glob, [a], T + 60, 60.0), replace(r2, at=T + 60), ctx)
+    assert again.approved and not again.repeated  # a new grant: the first left the window
+    log.append(logged(again))  # published; both row writes lost: `a` and `glob` are the old
+    proved = logged_grants(log, T + 60, 60.0)
+    assert proved == (grant(r2, at=T + 60),)
+    whole = reconcile(glob, [a], T + 60, 60.0, proved)
+    assert whole.grants == (grant(r2, at=T + 60),)
+    _, _, v1 = judge(a, whole, replace(r1, at=T + 60), ctx)
+    assert v1 == replace(withheld(r1, WithheldReason.CAP_REACHED, 1, at=T + 60), budget_cap=1)

@@ -336,6 +336,40 @@ async def test_a_failed_fence_is_repeated_until_an_operator_retries_it(
     assert bmc.count("power_off") == 1
 
 
+async def test_fence_failed_reminders_go_on_when_the_wall_clock_steps_back(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    """An NTP step back of an hour on the reminding worker: the clock's count of reminders
+    falls back to numbers already sent (each id is sent once, and the notify table drops a
+    repeat): an hour of silence about a failed fence. The worker's own monotonic clock keeps
+    one reminder per interval going, each with a new id."""
+    bmc.pause()
+    settings = settings_for(cloud, {cloud.host.uuid: bmc.port}, deadline=1.5)
+    settings.actuator.renotify_interval = 60.0
+    act, _ = actuator(settings)
+    rt = shell(settings, act)
+    host = cloud.host.uuid
+    d = decision(host, cloud.cluster_uuid)
+    failed = await act.handle(d)
+    assert failed is not None and not failed.success
+    done = {host: {d.decision_id: tables.done_entry(d, failed)}}
+    t0 = failed.finished_at
+
+    def ids(now: float, mono: float) -> list[str]:
+        return [n.notice_id.rsplit("/", 1)[1] for n in rt.due_reminders(done.items(), now, mono)]
+
+    assert ids(t0 + 61, 0.0) == ["1"]
+    assert ids(t0 + 125, 64.0) == ["2"]
+    back = t0 + 125 - 3600  # the wall clock steps back an hour
+    assert ids(back + 10, 74.0) == []  # not an interval since the last one
+    assert ids(back + 60, 124.0) == ["3"]  # one interval on the worker's own clock
+    assert ids(back + 100, 164.0) == []
+    assert ids(back + 121, 185.0) == ["4"]
+    # once the wall clock's count passes the worker's own, it leads again
+    assert ids(t0 + 10 * 60 + 1, 600.0) == ["10"]
+    bmc.resume()
+
+
 async def test_marking_a_failed_fence_handled_stops_the_reminders(
     cloud: Cloud, bmc: BmcSimulator
 ) -> None:

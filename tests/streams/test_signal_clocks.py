@@ -103,3 +103,55 @@ async def test_a_lagging_management_server_clock_neither_hides_a_new_disconnecti
     finally:
         await inventory.close()
         await sim.stop()
+
+
+async def test_a_reporter_whose_clock_is_behind_the_returns_stamp_still_opens_an_episode() -> None:
+    """The poll leader P whose clock is ten minutes ahead saw the host Up; the host dies, and
+    the alert is read on worker E, whose clock is right: E's stamp is earlier than P's stamp of
+    the return. Compared, the dead host was "late" news, ignored until E's clock passed P's (ten
+    minutes unwatched, every poll of a new leader too). Different clocks are never compared;
+    only a stamp of P's own clock from before its return is late."""
+    sc = SimCloud()
+    cluster = sc.add_cluster(sc.add_zone())
+    hv1 = sc.add_host(cluster, "hv1", "10.0.0.11")
+    sc.add_host(cluster, "hv2", "10.0.0.12")
+    sim = await CloudStackSimulator(sc).start()
+    try:
+        settings = FencerSettings(
+            cloudstack=CloudStackSettings(
+                endpoint=sim.url,
+                api_key=SecretStr(sim.api_key),
+                secret_key=SecretStr(sim.secret_key),
+            )
+        )
+        inventory = Inventory(settings)
+        directory = HostDirectory()
+        poller = Poller(lambda: inventory, directory, clock_id="P")
+        ingest = Ingest(lambda: inventory, directory, clock_id="E")
+        policy = Policy()
+        record = HostRecord(hv1.uuid)
+        sc.set_host_state(hv1.uuid, "Disconnected")
+        signals, _ = await poller.poll()
+        down = next(s for s in signals if s.host.host_uuid == hv1.uuid and s.kind == "disconnected")
+        record, _ = step(record, _signal_event(down), policy)
+        sc.set_host_state(hv1.uuid, "Up")
+        signals, _ = await poller.poll()
+        up = next(s for s in signals if s.host.host_uuid == hv1.uuid and s.kind == "up")
+        assert up.clock == "P"
+        up = up.model_copy(update={"at": up.at + 600})  # P's clock runs ten minutes ahead
+        record, _ = step(record, _signal_event(up), policy)
+        assert (record.state.value, record.since_clock) == ("idle", "P")
+
+        sc.set_host_state(hv1.uuid, "Disconnected")
+        now = time.strftime("%Y-%m-%d %H:%M:%S +0000", time.gmtime())
+        signal, reason = await ingest.signal(alert(hv1.uuid, "hv1", now))
+        assert reason is None and signal is not None and signal.clock == "E"
+        assert signal.at < record.since  # E's right clock is behind P's stamp
+        opened, actions = step(record, _signal_event(signal), policy)
+        assert (opened.state.value, opened.episode) == ("suspect", 2) and actions
+        # The same report stamped by P's own clock before its return is a late one.
+        own = signal.model_copy(update={"clock": "P"})
+        assert classify(record, _signal_event(own), policy) is Trigger.LATE
+    finally:
+        await inventory.close()
+        await sim.stop()

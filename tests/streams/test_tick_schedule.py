@@ -126,3 +126,43 @@ def test_a_row_of_no_known_version_never_stops_the_timer():
     s = TickSchedule(period=5.0)
     s.note(HOST, [9, ["suspect"], []], FencerSettings().policy_for)
     assert s.next == {} and not wants_tick([9, ["suspect"], []])
+
+
+def test_a_worker_clock_stepped_back_keeps_the_ticks_and_the_checks_going():
+    """An NTP step back of an hour on the watch worker between two timer runs: the sweep goes on
+    every period (it waited for the clock to pass its last sweep: an hour without a tick), and
+    the real core sends the next check on the first tick after the step."""
+    settings = FencerSettings(policy=PolicySettings(check_interval=30.0, startup_quiet=0))
+    policy, topics = settings.policy.to_policy(), settings.kafka.topics
+    schedule = TickSchedule(period=5.0)
+    row, _ = apply(None, HostInput(HostDisconnected(0.0, HostStatus.DISCONNECTED), REF), HOST,
+                   policy, settings, topics)  # fmt: skip
+
+    def timer(now: float) -> list[str]:
+        """One run of the tick timer (app.tick's logic): the topics each tick produced."""
+        nonlocal row
+        ticks = [now] if schedule.sweep_due(now) else []
+        if not ticks and HOST in schedule.due_now(now):
+            ticks.append(now)
+        sent: list[str] = []
+        for at in ticks:
+            row, out = apply(row, HostInput(Tick(at)), HOST, policy, settings, topics)
+            schedule.note(HOST, row, settings.policy_for)
+            sent += [topic for topic, _, _ in out]
+        return sent
+
+    assert timer(1000.0) == [topics.probe_requests]  # the baseline, check 1
+    for check, at in ((1, 1000.3), (2, 1030.7)):
+        result = ProbeFinished(at=at, episode=1, check=check, mtimes=(("/d", 1.0),), complete=True)
+        row, _ = apply(row, HostInput(result), HOST, policy, settings, topics)
+        schedule.note(HOST, row, settings.policy_for)
+        if check == 1:
+            assert timer(1030.4) == [topics.probe_requests]  # check 2, due at 1030.3
+    assert unpack_row(row)[0]["stale_count"] == 1
+    # The clock steps back an hour; the timer runs every TICK_RESOLUTION from there.
+    now, requests = 1031.0 - 3600, []
+    while now < 1031.0 - 3600 + 10 and not requests:
+        requests = [t for t in timer(now) if t == topics.probe_requests]
+        now = round(now + TICK_RESOLUTION, 6)
+    assert requests, "no check within 10 s of the step back"
+    assert unpack_row(row)[0]["checks_requested"] == 3
