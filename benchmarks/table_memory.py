@@ -36,6 +36,7 @@ from fencing.settings import FencerSettings, PolicySettings
 from streams.codec import HostInput, pack_row_v2, unpack_row
 from streams.tables import host_row_serializer
 from streams.watch import apply
+from streams.worker_clock import CLOCK_ID
 
 TARGET_BYTES = 2048
 
@@ -81,7 +82,12 @@ def build_rows(
             settings, topics,
         )  # fmt: skip
         row, _ = apply(
-            row, HostInput(Tick(now + policy.check_interval)), key, policy, settings, topics
+            row,
+            HostInput(Tick(now + policy.check_interval, CLOCK_ID)),
+            key,
+            policy,
+            settings,
+            topics,
         )
         if files:
             mtime = float(int(now)) if whole_seconds else now
@@ -95,6 +101,7 @@ def build_rows(
                 complete=True,
                 files_wanted=files,
                 neighbour="kvm-neighbour-01",
+                clock=CLOCK_ID,
             )
             row, _ = apply(row, HostInput(reading), key, policy, settings, topics)
             if version_2:

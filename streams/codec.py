@@ -243,6 +243,8 @@ ROW_RECORD_FIELDS: tuple[str, ...] = (
     "newest_write", "files_checked", "unreadable", "neighbour", "reason", "neighbour_offset",
     "filer_offset", "skew_notified", "last_alert_at", "sent_at", "decision_id",
     "withheld_reason", "power_state", "error", "host",
+    # appended (a version 3 row written without them loads: trailing values may be missing)
+    "request_clock", "ref_clock", "since_clock",
 )  # fmt: skip
 _PACKED_VERSIONS = frozenset({2, ROW_VERSION})  # the list forms: [version, values, host, ...]
 ROW_HOST_FIELDS: tuple[str, ...] = (
@@ -483,6 +485,10 @@ _OWN_RECORD_FIELDS = frozenset(
     i for i, name in enumerate(ROW_RECORD_FIELDS) if name in ("ref", "host", "decision_id")
 )
 
+# A worker clock's name (`streams.worker_clock.CLOCK_ID`) is shared by every row that worker
+# stamped, whatever its length.
+_CLOCK_FIELDS = frozenset(i for i, name in enumerate(ROW_RECORD_FIELDS) if name.endswith("_clock"))
+
 
 def intern_row(row: Any) -> Any:
     """The same row with its short shared strings interned (a row read back from the
@@ -490,9 +496,15 @@ def intern_row(row: Any) -> Any:
     if not isinstance(row, list) or len(row) < 3 or row[0] not in _PACKED_VERSIONS:
         return row
     own = _OWN_RECORD_FIELDS if row[0] == ROW_VERSION else frozenset()
+    clocks = _CLOCK_FIELDS if row[0] == ROW_VERSION else frozenset()
     # list(tuple(...)): a list of exactly its length (one built by appending, as the JSON
     # decoder's, keeps room to grow: up to 3 pointers more per list, for as long as it lives).
-    values = list(tuple(v if i in own else _shared(v) for i, v in enumerate(row[1])))
+    values = list(
+        tuple(
+            v if i in own else sys.intern(v) if i in clocks and type(v) is str else _shared(v)
+            for i, v in enumerate(row[1])
+        )
+    )
     host = list(tuple(v if i in _OWN_HOST_FIELDS else _shared(v) for i, v in enumerate(row[2])))
     return [row[0], values, host, *row[3:]]
 

@@ -519,3 +519,19 @@ def test_any_bytes_in_the_ref_slot_load_or_fail_with_a_value_error(data: bytes):
     else:  # what loads packs again to a string that loads to the same
         again = pack_reference(mtimes, beats)
         assert again is None or pack_reference(*unpack_reference(again)) == again
+
+
+def test_the_worker_clocks_are_row_slots_not_extras_and_shared_after_recovery():
+    # The watch stamps a suspect row with its process's clock name (streams.worker_clock): in the
+    # row's fixed order (no key string per row), and one string for every row of that worker
+    # once read back from the changelog.
+    clock = "mgmt-worker-with-a-long-host-name.example.org:12345:1764484000.123"
+    record = HostRecord(
+        host=HOST, state=HostState.SUSPECT, request_clock=clock, ref_clock=clock
+    ).to_dict()
+    row = pack_row(record, REF.model_dump())
+    assert len(row) == 3 and clock in row[1]  # no extras dict
+    assert unpack_row(row)[0] == record
+    first, second = (intern_row(json.loads(json.dumps(row))) for _ in range(2))
+    slot = ROW_RECORD_FIELDS.index("request_clock")
+    assert first[1][slot] == clock and first[1][slot] is second[1][slot]
