@@ -168,6 +168,14 @@ def incomplete_reason(target: ProbeTarget, reading: Reading) -> str | None:
                 f"{Reason.NOT_MOUNTED}: none of the host's {len(paths)} files under "
                 f"{pool.mount_point}"
             )
+        if pool.disks and not any(p in reading.mtimes for p in pool.disks):
+            # Only the heartbeat is there: the agent writes it, so it stops with a dead agent
+            # on a live host; with none of its VMs' disks found (paths that do not resolve on
+            # the neighbour, volumes moved) nothing could show their writes. Unknown, not stale.
+            return (
+                f"{Reason.NO_FILES}: none of the host's {len(pool.disks)} disks under "
+                f"{pool.mount_point}, only its heartbeat"
+            )
     if not any(p in reading.mtimes for p in (*target.files, *target.heartbeats)):
         return f"{Reason.NO_FILES}: nothing to read"
     return None

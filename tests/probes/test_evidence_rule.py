@@ -85,7 +85,8 @@ def test_a_complete_reading_keeps_every_file_of_the_host_and_judges_nothing() ->
 
 
 def test_a_missing_disk_leaves_the_reading_complete() -> None:
-    """A VM restarted elsewhere, or a disk deleted: the core sees a file fewer, not a change."""
+    """A VM restarted elsewhere, or a disk deleted: the core sees a file fewer, not a change
+    (while at least one of the pool's disks is found: with none, see `only-the-heartbeat`)."""
     out = outcome_of(target(), reading({DISKS[0]: 900.0, HB: 900.0}, {HB: "900"}), "nfs", "n2", 0)
     assert out.complete and out.reason is None
     assert out.mtimes == {DISKS[0]: 900.0, HB: 900.0} and out.files_wanted == 3
@@ -151,6 +152,23 @@ def test_a_host_without_vms_is_read_by_its_heartbeat_file_alone() -> None:
             reading({DISKS[0]: 900.0, HB: 900.0}, mounted={MP: True, MP2: False}),
             f"{Reason.NOT_MOUNTED}: {MP2}",
             id="second-pool-not-mounted",
+        ),
+        pytest.param(
+            target(),
+            reading({HB: 900.0}, {HB: "900"}),
+            f"{Reason.NO_FILES}: none of the host's 2 disks under {MP}, only its heartbeat",
+            id="only-the-heartbeat",
+        ),
+        pytest.param(
+            target(
+                pools=(
+                    PoolTarget("p1", MP, HB, DISKS),
+                    PoolTarget("p2", MP2, HB2, ("/mnt/p2/c",)),
+                )
+            ),
+            reading({DISKS[0]: 900.0, HB: 900.0, HB2: 900.0}, mounted={MP: True, MP2: True}),
+            f"{Reason.NO_FILES}: none of the host's 1 disks under {MP2}, only its heartbeat",
+            id="second-pool-only-the-heartbeat",
         ),
     ],
 )
@@ -253,7 +271,7 @@ def test_an_unknown_outcome_and_its_wire_record() -> None:
         requested_at=1001.0,
         requested_by=None,
     )
-    done = outcome_of(target(), reading({HB: 1990.0}, {HB: "1990"}), "nfs", "n2", 0.5)
+    done = outcome_of(target(disks=()), reading({HB: 1990.0}, {HB: "1990"}), "nfs", "n2", 0.5)
     result = done.to_result(request, 1002.0)
     assert (result.episode, result.check, result.finished_at) == (2, 5, 1002.0)
     assert result.mtimes == {HB: 1990.0} and result.heartbeats == {HB: "1990"}
