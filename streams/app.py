@@ -167,6 +167,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             send=bus_send,
             make_consumer=lambda **kw: AIOKafkaConsumer(
                 **aiokafka_kwargs(settings),
+                # Named: on the embedded broker it tails at the idle fetch wait (tansu_compat).
+                client_id="fencer-event-bus",
                 # As Faust's consumer: Tansu's JoinGroup waits half the session timeout.
                 session_timeout_ms=int(settings.kafka.session_timeout * 1000),
                 heartbeat_interval_ms=int(settings.kafka.heartbeat_interval * 1000),
