@@ -33,15 +33,6 @@ COMPACTED_TOPICS = frozenset({"settings", "host_states", "bmc_pins", "audit"})
 
 TOPIC_ALREADY_EXISTS = 36
 
-# The Faust producer holds a partition's first record this long for more to join its batch
-# (aiokafka's default is 0). The topology sends several records per event (a row's changelog,
-# its host-states record, the proposal or decision); with no wait most produce requests carried
-# one or two records, and each request costs the worker's event loop a send and a response, and
-# the broker a request, in exactly the bursts where the decisions wait for both (issue 17,
-# benchmarks/README.md). A lone record is delivered at most this much later; acks, order per
-# partition and the flush before every offset commit are unchanged.
-PRODUCER_LINGER_MS = 2
-
 
 class TopicMismatchError(Exception):
     """An existing topic has another partition count than fencer needs (names the topic)."""
@@ -145,7 +136,6 @@ def faust_app_kwargs(settings: FencerSettings) -> dict[str, Any]:
         "topic_partitions": k.partitions,
         "topic_replication_factor": k.replication_factor,
         "table_standby_replicas": 0,
-        "producer_linger_ms": PRODUCER_LINGER_MS,
         "web_enabled": False,
         "store": "rocksdb://" if k.table_store == "rocksdb" else "memory://",
         "datadir": str(faust_dir / "{conf.id}"),

@@ -383,19 +383,6 @@ def test_faust_app_kwargs_carry_the_settings(tmp_path: Path) -> None:
     assert aiokafka_kwargs(settings)["sasl_plain_password"] == "pw-secret"
 
 
-def test_the_apps_producer_lingers_briefly_for_fuller_batches(tmp_path: Path) -> None:
-    import faust
-
-    from streams.kafka import PRODUCER_LINGER_MS
-
-    settings = FencerSettings(kafka={"table_store": "memory"}, data_dir=tmp_path)
-    app = faust.App("linger-test", **faust_app_kwargs(settings))
-    # what the app's aiokafka producer is built with (acks stay "all")
-    built = app.producer._settings_default()
-    assert built["linger_ms"] == PRODUCER_LINGER_MS == 2
-    assert built["acks"] == -1
-
-
 async def produce_batches(settings: FencerSettings, topic: str, n: int, keys: int) -> dict:
     """Send n keyed events in bursts (multi-record batches) and return the expected counts."""
     producer = AIOKafkaProducer(linger_ms=20, **aiokafka_kwargs(settings))
