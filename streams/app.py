@@ -133,7 +133,11 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         hosts = app.Table("hosts", help="host uuid -> the core's HostRecord + HostRef (packed)")
         # Before the store and the changelog topic exist (Faust makes both on first use).
         hosts.value_serializer = tables.host_row_serializer()  # type: ignore[attr-defined]
-        gates = app.Table("gates", partitions=1, help="cluster uuid (and '*') -> gate state")
+        gate_table = app.Table("gates", partitions=1, help="cluster uuid (and '*') -> gate state")
+        # The gate's rows as it wrote them, until the partitions change (streams.tables).
+        gates = tables.CachedRows(gate_table)
+        app.on_partitions_revoked.connect(gates.on_partitions_changed)
+        app.on_partitions_assigned.connect(gates.on_partitions_changed)
         # The watch's own rows, undecoded, until the partitions change (streams.tables).
         rows = tables.RowCache(hosts)
         app.on_partitions_revoked.connect(rows.on_partitions_changed)
@@ -168,6 +172,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             send=bus_send,
             make_consumer=lambda **kw: AIOKafkaConsumer(
                 **aiokafka_kwargs(settings),
+                # Named: on the embedded broker it tails at the idle fetch wait (tansu_compat).
+                client_id="fencer-event-bus",
                 # As Faust's consumer: Tansu's JoinGroup waits half the session timeout.
                 session_timeout_ms=int(settings.kafka.session_timeout * 1000),
                 heartbeat_interval_ms=int(settings.kafka.heartbeat_interval * 1000),

@@ -8,7 +8,7 @@ failed and which reminders are due, the `notified` table is the notifier's idemp
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from fencing.events import NoticeKind
@@ -173,6 +173,10 @@ class RowCache:
         if len(self._rows) > self._limit:
             self._rows.popitem(last=False)
 
+    def drop(self, key: str) -> None:
+        """Forget one row (its key is being deleted from the table)."""
+        self._rows.pop(key, None)
+
     def forget(self, *args: Any, **kwargs: Any) -> None:
         """Forget every row (connected to the app's partition signals)."""
         self._rows.clear()
@@ -180,3 +184,51 @@ class RowCache:
     async def on_partitions_changed(self, *args: Any, **kwargs: Any) -> None:
         """Faust's on_partitions_revoked / on_partitions_assigned receiver."""
         self.forget()
+
+
+class CachedRows(MutableMapping[str, Any]):
+    """A table as a mapping with a `RowCache` in front (the same rule: one writer per partition,
+    forgotten at every change of assignment), for code that reads and writes a table through
+    the mapping protocol: the gate's `gates` table (one partition, written only by the gate
+    agent of its owner), whose shared row and cluster row every proposal reads back (a RocksDB
+    read and a JSON decode each, and the key JSON-encoded, per read).
+
+    Reads of rows this worker wrote since its partitions last changed come from the cache;
+    iteration, `items()` and rows not written since read the table. A cached row is the object
+    written: it must be JSON-native (what the table gives back after its JSON round trip), and
+    neither the writer nor a reader changes it in place."""
+
+    def __init__(self, table: MutableMapping[str, Any], limit: int = 4096) -> None:
+        self._table = table
+        self._rows = RowCache(table, limit)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self._rows.get(key)
+        return default if row is None else row
+
+    def __getitem__(self, key: str) -> Any:
+        row = self._rows.get(key)
+        if row is None:
+            raise KeyError(key)
+        return row
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._rows.put(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._rows.drop(key)
+        del self._table[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def items(self) -> Any:
+        """The table's own items (the cached rows are equal to them)."""
+        return self._table.items()
+
+    async def on_partitions_changed(self, *args: Any, **kwargs: Any) -> None:
+        """Faust's on_partitions_revoked / on_partitions_assigned receiver."""
+        self._rows.forget()

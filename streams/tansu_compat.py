@@ -23,7 +23,11 @@ The defects (research/feasibility-kafka.md), and one cost:
   last `ACTIVE_WINDOW_S`: a hop costs ~5 ms instead of ~20 on average while records flow (an
   open episode: probe results, and its ticks at least every 5 s), and an idle consumer still
   asks the broker only once per 40 ms (each fetch costs CPU in the worker and in Tansu;
-  measured in benchmarks/README.md).
+  measured in benchmarks/README.md). A consumer that only tails a log in the background
+  (client id in `IDLE_WAIT_CLIENT_IDS`: the event bus, the host directory, the settings; nothing
+  waits on each of its records) keeps the idle wait whether records flow or not: in a burst of
+  decisions those tails fetched as often as the topology's own consumer, each fetch costing the
+  worker's one event loop and the broker CPU that the decisions needed (issue 17).
 
 The patches are process-wide monkeypatches of aiokafka classes; `apply_tansu_workarounds` is
 idempotent and `remove_tansu_workarounds` restores the originals (used by the test that shows
@@ -61,6 +65,11 @@ CONSUMER_FETCH_MAX_WAIT_MS = 40
 # last ACTIVE_WINDOW_S seconds (longer than the 5 s tick period of an open episode).
 ACTIVE_FETCH_MAX_WAIT_MS = 10
 ACTIVE_WINDOW_S = 10.0
+# Patch C: consumers (by client id) that never get the short wait (module rule). The event bus
+# (an alert waits ~20 ms more at most: nothing against the evidence windows), the host directory
+# and the settings topic; every other consumer, the topology's own and the actuator's readers
+# included, gets the short wait while records flow.
+IDLE_WAIT_CLIENT_IDS = frozenset({"fencer-event-bus", "fencer-host-directory", "fencer-settings"})
 # Other values for one process and the workers it starts, to measure the trade-off (benchmarks).
 FETCH_WAIT_ENV = "FENCER_TANSU_FETCH_WAIT_MS"
 ACTIVE_FETCH_WAIT_ENV = "FENCER_TANSU_ACTIVE_FETCH_WAIT_MS"
@@ -212,9 +221,15 @@ def _patched_consumer_init(original: Callable[..., None]) -> Callable[..., None]
 def _patched_fetch_actions(original: Callable[..., Any]) -> Callable[..., Any]:
     def _get_actions_per_node(self: Any, assignment: Any) -> Any:
         """Tansu workaround: the next fetch waits less while records flow (Patch C)."""
-        idle = self.__dict__.setdefault("_tansu_idle_wait_ms", self._fetch_max_wait_ms)
-        active = self.__dict__.setdefault("_tansu_active_wait_ms", active_fetch_max_wait_ms())
-        last = self.__dict__.get("_tansu_record_at")
+        state = self.__dict__
+        if "_tansu_active_wait_ms" not in state:  # the first fetch: read the settings once
+            state["_tansu_idle_wait_ms"] = idle = self._fetch_max_wait_ms
+            background = getattr(self._client, "_client_id", None) in IDLE_WAIT_CLIENT_IDS
+            state["_tansu_active_wait_ms"] = idle if background else active_fetch_max_wait_ms()
+        else:
+            idle = state["_tansu_idle_wait_ms"]
+        active = state["_tansu_active_wait_ms"]
+        last = state.get("_tansu_record_at")
         self._fetch_max_wait_ms = fetch_wait_for(idle, active, last, time.monotonic())
         return original(self, assignment)
 
@@ -285,6 +300,7 @@ __all__ = [
     "CONSUMER_FETCH_MAX_WAIT_MS",
     "FETCH_MAX_WAIT_MS",
     "FETCH_WAIT_ENV",
+    "IDLE_WAIT_CLIENT_IDS",
     "active_fetch_max_wait_ms",
     "apply_tansu_workarounds",
     "consumer_fetch_max_wait_ms",

@@ -307,6 +307,47 @@ async def test_a_consumer_fetches_briefly_while_records_flow_and_slowly_when_idl
         (apply_tansu_workarounds if was else remove_tansu_workarounds)()
 
 
+async def test_a_background_tail_keeps_the_idle_wait_while_records_flow(
+    fencer_settings: Any,
+) -> None:
+    from streams.tansu_compat import (
+        ACTIVE_FETCH_MAX_WAIT_MS,
+        CONSUMER_FETCH_MAX_WAIT_MS,
+        IDLE_WAIT_CLIENT_IDS,
+    )
+
+    settings = fencer_settings(isolated_topics=True)
+    topic = settings.kafka.topics.notices
+    was = tansu_workarounds_applied()
+    apply_tansu_workarounds()
+    kw = aiokafka_kwargs(settings)
+    tail = AIOKafkaConsumer(
+        topic, auto_offset_reset="earliest", client_id="fencer-host-directory", **kw
+    )
+    stream = AIOKafkaConsumer(topic, auto_offset_reset="earliest", client_id="fencer-x", **kw)
+    producer = AIOKafkaProducer(**kw)
+    assert "fencer-host-directory" in IDLE_WAIT_CLIENT_IDS
+    await tail.start()
+    await stream.start()
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"v", key=b"k")
+        async with asyncio.timeout(10):
+            assert (await tail.getone()).value == b"v"
+            assert (await stream.getone()).value == b"v"
+        # both fetched a record; only the stream's consumer fetches briefly now
+        await _until(lambda: stream._fetcher._fetch_max_wait_ms == ACTIVE_FETCH_MAX_WAIT_MS)
+        assert stream._fetcher._fetch_max_wait_ms == ACTIVE_FETCH_MAX_WAIT_MS
+        assert tail._fetcher._tansu_record_at is not None
+        assert await tail.getmany(timeout_ms=300) == {}  # several fetches since the record
+        assert tail._fetcher._fetch_max_wait_ms == CONSUMER_FETCH_MAX_WAIT_MS
+    finally:
+        await producer.stop()
+        await stream.stop()
+        await tail.stop()
+        (apply_tansu_workarounds if was else remove_tansu_workarounds)()
+
+
 def test_prepare_kafka_never_patches_for_a_real_kafka() -> None:
     from streams.kafka import prepare_kafka
 

@@ -335,3 +335,60 @@ def test_the_shared_row_is_reconciled_once_after_each_assignment_not_at_every_pr
     assert isinstance(other, FenceDecision) and not other.approved
     assert other.withheld_reason is WithheldReason.GLOBAL_CAP_REACHED
     assert table.scans == 2 and not sync.due
+
+
+class CountedTable(StoredTable):
+    """A StoredTable that counts its reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.reads += 1
+        return super().get(key, default)
+
+
+def test_the_gate_judges_the_same_through_its_row_cache_and_reads_its_own_rows_from_it() -> None:
+    from streams.tables import CachedRows
+
+    rt = runtime(fence_cap=2)
+    plain, inner = StoredTable(), CountedTable()
+    cached = CachedRows(inner)
+    inputs: list[tuple[Any, float, tuple[int, int] | None]] = []
+    for c in ("c1", "c2"):
+        sig = GateSignal(kind="cluster_size", cluster_uuid=c, at=NOW, host_count=4)
+        inputs.append((sig, NOW, None))
+    offset = 0
+    for n in range(1, 7):  # the third of a cluster is over its cap; one read again
+        cluster = "c1" if n % 2 else "c2"
+        suspect = GateSignal(kind="suspect", cluster_uuid=cluster, at=NOW + n, host_uuid=f"h{n}")
+        inputs.append((suspect, NOW + n, (0, offset)))
+        inputs.append((proposal(n, NOW + n, cluster), NOW + n, (0, offset + 1)))
+        offset += 2
+    inputs.append((proposal(5, NOW + 5, "c1"), NOW + 9, (0, 9)))  # at or before c1's position
+    out_plain, out_cached = [], []
+    reads_per_input = []
+    for item, now, position in inputs:
+        out_plain.append(gating.apply_gate(plain, item, rt, now=now, position=position))
+        before = inner.reads
+        out_cached.append(gating.apply_gate(cached, item, rt, now=now, position=position))
+        reads_per_input.append(inner.reads - before)
+    assert out_cached == out_plain
+    assert [d.approved for d in out_plain if d is not None] == [True] * 4 + [False] * 2
+    assert inner == plain and inner.writes == plain.writes
+    # What the cache serves is what the table gives back after its JSON round trip.
+    for key in inner:
+        assert cached.get(key) == inner[key]
+        assert json.dumps(cached[key], sort_keys=True) == json.dumps(inner[key], sort_keys=True)
+    # Once both rows are written, a proposal reads nothing from the table.
+    assert reads_per_input[-1] == 0 and max(reads_per_input[4:]) == 0
+    # Forgotten at a change of assignment: the rows are read from the table again.
+    asyncio.run(cached.on_partitions_changed(set()))
+    inner.reads = 0
+    assert cached.get("c1") == inner["c1"] and inner.reads == 1
+    assert cached.get("nothing") is None and "nothing" not in cached
+    del cached["c2"]
+    assert "c2" not in inner and cached.get("c2") is None
+    assert sorted(cached) == sorted(inner) and len(cached) == len(inner)
+    assert dict(cached.items()) == dict(inner.items())
