@@ -28,6 +28,15 @@ from .test_retries import actuator, decision, patient_driver, settings_for, shel
 pytestmark = pytest.mark.timeout(90)
 
 
+def acted_on(bmc: BmcSimulator) -> dict[str, int]:
+    """The commands the BMC received other than sessionless ones (a login): a request run again
+    shows as commands in a session (the GUID, the power state, the power-off). A loaded CI run
+    once counted one command here while fencer logged both records as skipped; the suspect is a
+    late login retransmit of the attempt given up on while the BMC was paused, not reproduced
+    since (4 runs beside 3 CPU hogs): the failure message shows every command counted."""
+    return {name: n for name, n in bmc.commands.items() if name != "sessionless"}
+
+
 async def produce(
     settings: FencerSettings, action: OperatorAction, timestamp_ms: int | None = None
 ) -> None:
@@ -79,7 +88,7 @@ async def test_a_retry_on_a_recreated_topic_runs_and_the_old_one_read_again_does
     # the marked record), are not run again.
     for record in old:
         assert await actuating.operator_action(rt, retry, done, host, *place(record)) is None
-    assert bmc.count() == 0 and bmc.power == "on"
+    assert acted_on(bmc) == {} and bmc.power == "on", dict(bmc.commands)
     # operator-actions is deleted and recreated: the operator's retry lands at offset 0 again.
     # The log now ends below the mark's offset: a new request, carried out.
     await recreate(settings, kafka.topics.operator_actions)
@@ -124,7 +133,7 @@ async def test_an_older_retry_whose_producers_clock_ran_ahead_is_still_read_agai
     # The restart reads both again: neither runs.
     for record in (ahead, marked):
         assert await actuating.operator_action(rt, retry, done, host, *place(record)) is None
-    assert bmc.count() == 0 and bmc.power == "on"
+    assert acted_on(bmc) == {} and bmc.power == "on", dict(bmc.commands)
     # A retry the operator sends now (after the mark) runs.
     await produce(settings, retry)
     *_, latest = await read_topic(settings, kafka.topics.operator_actions)
@@ -162,5 +171,5 @@ async def test_a_retry_below_its_mark_is_refused_when_the_log_cannot_be_asked(
     assert "send the request again" in (out.error or "")
     assert "KafkaConnectionError" in (out.error or ""), out.error
     assert time.monotonic() - started < 10
-    assert bmc.count() == 0 and bmc.power == "on"
+    assert acted_on(bmc) == {} and bmc.power == "on", dict(bmc.commands)
     assert done[host][d.decision_id]["retry"] == [0, 3, "done", t]  # no mark written
