@@ -6,7 +6,8 @@ baseline from the same run, and the figures are printed as one JSON object as we
   ingest worker) against the number of hosts suspect at once, beside the produce -> consume
   round trip of one record on the same broker;
 - memory_per_host.png: bytes per host of the `hosts` table after changelog recovery against
-  the number of hosts, packed rows (version 2) beside the same rows as version 1 stored them.
+  the number of hosts, packed rows (the current row version, with and without a 20-file
+  reference) beside the same rows as version 1 stored them.
 Needs matplotlib (`pip install fencer[bench]`).
 """
 
@@ -82,7 +83,9 @@ def draw(figures: dict[str, Any], where: Path = HERE) -> list[str]:
     mem = figures["memory_per_host"]
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [p["hosts"] for p in mem]
-    ax.plot(xs, [p["bytes_per_host"] for p in mem], "o-", label="packed row (v2)")
+    from streams.codec import ROW_VERSION
+
+    ax.plot(xs, [p["bytes_per_host"] for p in mem], "o-", label=f"packed row (v{ROW_VERSION})")
     ax.plot(xs, [p["bytes_per_host_20_files"] for p in mem], "s-", label="packed, 20 files read")
     ax.plot(xs, [p["baseline_version_1"] for p in mem], "x--", label="version 1 row (baseline)")
     ax.axhline(2048, color="grey", linestyle=":", label="target 2 KB")
