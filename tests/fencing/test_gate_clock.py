@@ -161,7 +161,7 @@ def test_old_rows_and_records_without_a_clock_name_count_as_one_unnamed_clock() 
 def test_latest_known_takes_every_stamp_of_each_clock() -> None:
     g = Grant("d1", "h1", "c1", T + 5)
     v = Verdict("d2", "h2", "c1", FenceAction.STOP, T + 9, False, WithheldReason.CAP_REACHED)
-    rows = [
+    rows: list[ClusterGate | GlobalGate] = [
         ClusterGate("c1", clock=T, grants=(g,), verdicts=(v,), clock_id="A"),
         ClusterGate("c2", clock=T + 7, clock_id="A"),
         ClusterGate("c3"),  # never judged: knows nothing
@@ -177,7 +177,7 @@ def logged_d(at: float, clock_id: str | None) -> Logged:
 
 
 def test_restamp_never_makes_a_stamp_older_than_its_age() -> None:
-    latest = {"A": T + 100}
+    latest: dict[str | None, float] = {"A": T + 100}
     assert restamp(T + 40, "B", latest, 5.0, "B") == T + 40  # own clock: as it is
     assert restamp(T + 40, "A", latest, 5.0, "B") == 5.0 - 60
     assert restamp(T + 140, "A", latest, 5.0, "B") == 5.0  # after its latest: age 0, never -40
