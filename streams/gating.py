@@ -403,7 +403,8 @@ def apply_gate(
     if isinstance(item, GateSignal) and item.kind == "gate_clock":
         if sync is not None:
             done = keep_clock(table, runtime, sync, now, clock_id)
-            log.debug("gate: clock kept (%s)", done or "nothing to do")
+            if done is not None and done.startswith("take over"):
+                log.info("gate: the rows taken over onto this process's clock %s", clock_id)
         return None
     if isinstance(item, GateSignal):
         if not item.cluster_uuid:
