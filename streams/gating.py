@@ -5,6 +5,23 @@ and the shared row, applies the live pauses and cap, stores the new rows and ret
 decision. Rows are ClusterGate / GlobalGate as JSON. The gate judges by its own clock only: a
 proposal's `proposed_at` (the watching worker's clock) is carried, never compared with it.
 
+Its clock is the gate process's never-stepped `streams.worker_clock` (an NTP step of its machine
+moves no window, nor the quiet period after its start), named `CLOCK_ID`: every row says which
+clock its stamps are on (`clock_id`) and the latest time that clock is known to have reached
+(`clock`), and every decision its `decided_clock` (signed with the rest). A process that takes
+the gates partition over (a rebalance, a restart: another clock, maybe hours off) never
+compares another clock's stamps with its own: it re-stamps them at their age on their own clock
+as of that clock's latest known time (`fencing.gate.one_clock`; rows and decisions from before
+clocks had names are one unnamed clock), so a grant counts at least as long as it should. The
+cost is the time between the old clock's latest known moment and the take-over, counted as
+none; two things keep it short. The owner refreshes its shared row's `clock` once it is
+`REFRESH_AFTER` (60 s) old, also when no proposal comes; and it takes the rows over as soon as
+they are recovered and the decision log read, not at the first proposal (which may come hours
+later). Both run in the gate agent (a table is written inside its stream), on a `gate_clock`
+record the owner's timer sends itself every `KEEP_CLOCK_EVERY` when there is work
+(`clock_work`, `keep_clock`). So after a hand-over a grant is held at most about a minute plus
+the hand-over's downtime longer than its window, never shorter.
+
 A cluster's row also remembers `position`, the fence-proposals (partition, offset) of the last
 record that wrote it. A record at or before it is one read again after a restart (at least once:
 the dead worker wrote the row, then died before its offset was committed): the row already holds
@@ -16,9 +33,10 @@ proposal is re-sent after `check_interval`, an approval without an outcome after
 `fencing_resend_after`).
 
 A decision writes two rows, the cluster's and the shared one: two changelog records, and a
-worker can die between them. Before the first judgement after a start or a change of the gate
-partition's owner (the rows were just recovered from the changelog: where a lost write shows)
-the shared row is reconciled with the grants of every cluster row (`fencing.gate.reconcile`;
+worker can die between them. After a start or a change of the gate partition's owner (the rows
+were just recovered from the changelog: where a lost write shows), at the owner's take-over or
+its first judgement, whichever comes first, every row is taken onto its clock and the shared
+row is reconciled with the grants of every cluster row (`take_over`, `fencing.gate.reconcile`;
 `Reconcile` says when), and `decide` makes the cluster row whole from the shared one, so a
 grant either write lost still counts. While one worker owns the partition both writes are in
 its store at once, so the whole table is not read again for every proposal.
@@ -32,9 +50,9 @@ the grants it merged, so a lost write of the row sets both back together; no pos
 beginning), keeps only the records whose signature it verifies as the actuator does
 (`streams.actuation.read_decision`: a forged record neither fences nor eats the budget), and
 `fencing.gate.logged_grants` / `reconcile` merge the approved power-downs still in the window by
-decision id, judged by their `decided_at` (the gate's clock) against the gate's clock. The gate
-agent awaits `Reconcile.prepare` before a proposal: a proposal after an assignment waits for the
-read.
+decision id, judged by their `decided_at` once taken onto the gate's clock (`decided_clock`
+names the clock it is on). The gate agent awaits `Reconcile.prepare` before a proposal: a
+proposal after an assignment waits for the read.
 """
 
 from __future__ import annotations
