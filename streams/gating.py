@@ -176,16 +176,27 @@ def take_over(
     glob, taken, on_clock = gatecore.one_clock(
         global_row(stored_glob), (r for _, _, r in rows), logged or (), now, clock_id
     )
+    moved = 0
     for (key, stored, before), after in zip(rows, taken, strict=True):
         if after is not before and (after.grants or after.verdicts):
             # (its position and anything else it holds kept)
             table[key] = {**stored, **_jsonable(after)}
+            moved += 1
     proved = gatecore.logged_grants(on_clock, now, window)
     whole = gatecore.reconcile(glob, taken, now, window, proved)
     whole = replace(whole, clock=now, clock_id=clock_id)
     position = log_position(stored_glob) if merged_to is None else merged_to
     if write:
         table[GLOBAL_ROW] = _shared(whole, position)
+    was = stored_glob.get("clock_id") if isinstance(stored_glob, dict) else clock_id
+    if moved or was != clock_id:
+        log.info(
+            "gate: the rows taken over onto this process's clock %s (%d cluster rows moved, "
+            "the shared row from clock %s)",
+            clock_id,
+            moved,
+            was,
+        )
     return whole, position
 
 
@@ -421,8 +432,7 @@ def apply_gate(
     if isinstance(item, GateSignal) and item.kind == "gate_clock":
         if sync is not None:
             done = keep_clock(table, runtime, sync, now, clock_id)
-            if done is not None and done.startswith("take over"):
-                log.info("gate: the rows taken over onto this process's clock %s", clock_id)
+            log.debug("gate: %s on the gate's clock record", done or "nothing to do")
         return None
     if isinstance(item, GateSignal):
         if not item.cluster_uuid:

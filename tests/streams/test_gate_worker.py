@@ -75,6 +75,21 @@ async def test_a_lost_global_row_write_still_counts_toward_the_global_cap(
                 90,
                 "the worker to poll CloudStack",
             )
+            # With no proposal yet, the gate owner's timer has its agent take the (empty) rows
+            # over onto the process's clock: a shared row on it (streams.gating, module rule).
+            deadline = time.monotonic() + 30
+            while True:
+                shared = [
+                    json.loads(r.value)
+                    for r in await changelog(tap, gates)
+                    if global_key(r) and r.value
+                ]
+                if shared and shared[-1].get("clock_id"):
+                    break
+                assert time.monotonic() < deadline, shared
+                await asyncio.sleep(0.5)
+            assert shared[-1]["grants"] == [] and not tap.of(t.fence_decisions)
+            assert any(v.get("kind") == "gate_clock" for _, v in tap.of(t.fence_proposals))
             cluster = lab.cluster.uuid
             first, second = ghost(1, cluster), ghost(2, cluster)
             for p in (first, second):
