@@ -1,5 +1,6 @@
 """No fence reaches a BMC without passing this gate; it is pure: no I/O, and no clock of its
-own: the shell passes the gate worker's wall clock as `now`.
+own: the shell passes the gate process's never-stepped clock as `now`, and its name
+(`GateContext.clock_id`; streams.worker_clock).
 
 State is split the way the shell stores it: one `ClusterGate` per cluster (a table row keyed by
 cluster uuid) and one `GlobalGate` (the row every cluster shares). `decide(cluster, glob,
@@ -42,11 +43,26 @@ A request is judged in this order; the first rule that holds is the withheld rea
 
 A grant counts while `now - grant.at < fence_window`; a grant stamped after `now` (the gate's
 clock stepped back) still counts, so no window ever holds more than the cap.
+
+One clock, never two. Every row names the clock its stamps are on (`clock_id`; None: a row
+written before clocks had names, read as one unnamed clock) and `clock`, the latest time that
+clock is known to have reached (the row's last judgement, or the owner's refresh of the shared
+row). A stamp of another clock (the gates partition moved to another worker, or the worker
+restarted) is never compared with `now`: its offset to the gate's clock is unknown. What is
+known is its AGE on its own clock as of the latest time that clock is known to have reached
+(`latest_known`: the max of its rows' `clock`, of its stamps and of its logged decisions'
+`decided_at`). `take_over` re-stamps it on the gate's clock with that age:
+`at' = now - max(0, latest - at)`. That age is never more than the true one (the clock ran on
+after its latest known moment), so a grant counts at least as long as the truth, never shorter:
+no skew between the two clocks lets the cap be exceeded. The price: the time between that
+clock's latest known moment and the take-over counts as none, so a grant is held longer by that
+gap (the shell keeps it small: the owner refreshes the shared row's `clock`, and takes the rows
+over as soon as it owns them). A row of the gate's own clock is left as it is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from fencing.decision import TEMPORARY, CoreError
@@ -77,6 +93,7 @@ class GateContext:
 
     policy: Policy
     started_at: float  # when this service started (gate clock): the quiet period counts from here
+    clock_id: str | None = None  # the name of the clock `now` and `started_at` are on
 
 
 @dataclass(frozen=True)
@@ -113,9 +130,10 @@ class ClusterGate:
     hosts: int = 0  # hosts in the cluster; 0: not known yet
     suspect: frozenset[str] = frozenset()  # hosts with an open episode
     paused: bool = False
-    clock: float = float("-inf")  # the gate's clock at the row's last judgement (display only)
+    clock: float = float("-inf")  # the latest time `clock_id` is known to have reached
     grants: tuple[Grant, ...] = ()
     verdicts: tuple[Verdict, ...] = ()  # inside the window, for redelivered requests
+    clock_id: str | None = None  # the clock of `clock` and every stamp (None: unnamed, old rows)
 
 
 @dataclass(frozen=True)
@@ -123,8 +141,9 @@ class GlobalGate:
     """The row every cluster shares."""
 
     paused: bool = False
-    clock: float = float("-inf")
+    clock: float = float("-inf")  # the latest time `clock_id` is known to have reached
     grants: tuple[Grant, ...] = ()
+    clock_id: str | None = None  # as ClusterGate.clock_id
 
 
 @dataclass(frozen=True)
@@ -201,11 +220,114 @@ class Logged:
     action: FenceAction
     approved: bool
     at: float  # the record's decided_at: the gate's clock when it judged
+    clock_id: str | None = None  # the record's decided_clock: which clock (None: unnamed, old)
+
+
+Clocks = Mapping[str | None, float]  # clock name -> the latest time it is known to have reached
+
+
+def latest_known(rows: Iterable[ClusterGate | GlobalGate], logged: Iterable[Logged] = ()) -> Clocks:
+    """The latest time each clock is known to have reached (module rule): the max of its rows'
+    `clock` and of every stamp on it (grants, verdicts, logged decisions)."""
+    latest: dict[str | None, float] = {}
+
+    def note(clock_id: str | None, at: float) -> None:
+        if at > latest.get(clock_id, float("-inf")):
+            latest[clock_id] = at
+
+    for row in rows:
+        note(row.clock_id, row.clock)
+        for g in row.grants:
+            note(row.clock_id, g.at)
+        for v in row.verdicts if isinstance(row, ClusterGate) else ():
+            note(row.clock_id, v.at)
+    for d in logged:
+        note(d.clock_id, d.at)
+    return latest
+
+
+def restamp(at: float, clock_id: str | None, latest: Clocks, now: float, own: str | None) -> float:
+    """A stamp `at` of the clock `clock_id` as a stamp of the clock `own` at `now` (module
+    rule): the same on the same clock; else `now` less its age at the latest time its clock is
+    known to have reached (an age never below 0; `at` itself when `latest` lacks the clock)."""
+    if clock_id == own:
+        return at
+    return now - max(0.0, latest.get(clock_id, at) - at)
+
+
+def _restamped(
+    grants: tuple[Grant, ...], old: str | None, latest: Clocks, now: float, own: str | None
+) -> tuple[Grant, ...]:
+    return tuple(replace(g, at=restamp(g.at, old, latest, now, own)) for g in grants)
+
+
+def take_over(row: ClusterGate, latest: Clocks, now: float, own: str | None) -> ClusterGate:
+    """The cluster row on the clock `own` at `now` (`restamp` of every stamp; `clock` = now);
+    the same row when it is on that clock already."""
+    if row.clock_id == own:
+        return row
+    old = row.clock_id
+    return replace(
+        row,
+        clock=now,
+        clock_id=own,
+        grants=_restamped(row.grants, old, latest, now, own),
+        verdicts=tuple(replace(v, at=restamp(v.at, old, latest, now, own)) for v in row.verdicts),
+    )
+
+
+def take_over_global(glob: GlobalGate, latest: Clocks, now: float, own: str | None) -> GlobalGate:
+    """The shared row on the clock `own` at `now` (as `take_over`)."""
+    if glob.clock_id == own:
+        return glob
+    grants = _restamped(glob.grants, glob.clock_id, latest, now, own)
+    return replace(glob, clock=now, clock_id=own, grants=grants)
+
+
+def take_over_logged(
+    logged: Iterable[Logged], latest: Clocks, now: float, own: str | None
+) -> tuple[Logged, ...]:
+    """Logged decisions with their `at` on the clock `own` at `now` (as `take_over`)."""
+    return tuple(
+        d
+        if d.clock_id == own
+        else replace(d, at=restamp(d.at, d.clock_id, latest, now, own), clock_id=own)
+        for d in logged
+    )
+
+
+def one_clock(
+    glob: GlobalGate,
+    clusters: Iterable[ClusterGate],
+    logged: Iterable[Logged],
+    now: float,
+    own: str | None,
+) -> tuple[GlobalGate, tuple[ClusterGate, ...], tuple[Logged, ...]]:
+    """Every row and logged decision on the clock `own` at `now`, each clock's stamps aged
+    against the latest time it is known to have reached in all of them together (the shell's
+    reconciliation after a start or a move: see `take_over`)."""
+    clusters, logged = tuple(clusters), tuple(logged)
+    latest = latest_known((glob, *clusters), logged)
+    return (
+        take_over_global(glob, latest, now, own),
+        tuple(take_over(c, latest, now, own) for c in clusters),
+        take_over_logged(logged, latest, now, own),
+    )
+
+
+def refreshed(glob: GlobalGate, now: float, own: str | None, after: float) -> GlobalGate | None:
+    """The shared row with `clock` = now when it is on the clock `own` and its `clock` is
+    `after` seconds old or more (the owner's refresh: the latest time its clock is known to have
+    reached, for the next owner's take-over); None when it needs none."""
+    if glob.clock_id != own or now - glob.clock < after:
+        return None
+    return replace(glob, clock=now)
 
 
 def logged_grants(logged: Iterable[Logged], now: float, window: float) -> tuple[Grant, ...]:
     """The grants the decision log proves at `now`: one per approved power-down decision id
-    still in the window (as `in_window` counts a row's grants), oldest first.
+    still in the window (as `in_window` counts a row's grants), oldest first. The decisions are
+    on the gate's clock (`take_over_logged` first when some are not).
 
     A decision id judged more than once in the window keeps its earliest stamp in the window:
     the first approval's, as the rows' grant has it. (A repeated approval is stamped when it was
@@ -232,7 +354,8 @@ def reconcile(
     id: a grant whose global write was lost (the worker died between the two writes) counts
     toward the global cap again. `logged` (`logged_grants` of the decision log) is merged the
     same way: a decision published whose two row writes were both lost still counts, in the
-    global row and, through `decide`, in its cluster's. The same row when it lacks nothing."""
+    global row and, through `decide`, in its cluster's. The same row when it lacks nothing.
+    Every row is on the clock of `now` (`one_clock` first when some are not)."""
     rows = (g for c in clusters for g in in_window(c.grants, now, window))
     # Only the row's grants in the window hold their decision ids: a fence approved again after
     # its first grant left the window is counted by its new grant (from a row or the log).
@@ -248,7 +371,9 @@ def decide(
     ctx: GateContext,
     now: float,
 ) -> tuple[ClusterGate, GlobalGate, Verdict]:
-    """Judge one request at the gate's clock `now`: the new rows and the verdict."""
+    """Judge one request at the gate's clock `now` (named `ctx.clock_id`): the new rows, both on
+    that clock (a row of another clock is taken over first, aged against the two rows' latest
+    known time of its clock), and the verdict."""
     if request.action in (FenceAction.START, FenceAction.TEST):
         raise IllegalRequest(
             f"decision {request.decision_id}: {request.action.value} is operator-only"
@@ -258,6 +383,10 @@ def decide(
             f"decision {request.decision_id}: cluster {request.cluster} "
             f"judged against the row of cluster {cluster.cluster}"
         )
+    if cluster.clock_id != ctx.clock_id or glob.clock_id != ctx.clock_id:
+        latest = latest_known((cluster, glob))
+        cluster = take_over(cluster, latest, now, ctx.clock_id)
+        glob = take_over_global(glob, latest, now, ctx.clock_id)
     policy = ctx.policy
     window = policy.fence_window
     verdicts = tuple(v for v in cluster.verdicts if now - v.at < window)

@@ -58,9 +58,11 @@ class HostSignal(WireRecord):
 
 class GateSignal(WireRecord):
     """What the cluster gate learns besides proposals (topic fence-proposals, key cluster uuid):
-    the cluster's host count (poller) and which hosts are suspect (the host watcher)."""
+    the cluster's host count (poller) and which hosts are suspect (the host watcher); and
+    `gate_clock` (cluster '*'), the gate owner's own timer asking its agent to keep the gate's
+    rows on its clock (streams.gating.keep_clock: a table is written inside its stream)."""
 
-    kind: Literal["cluster_size", "suspect", "cleared"] = Field(
+    kind: Literal["cluster_size", "suspect", "cleared", "gate_clock"] = Field(
         description="also tells a GateSignal from a FenceProposal on the same topic"
     )
     cluster_uuid: str
@@ -158,6 +160,11 @@ class FenceDecision(WireRecord):
     budget_cap: int = 0
     signature: dict[str, str] | None = Field(
         None, description="the gate's HMAC-SHA256 of the record without it (fencing.signing)"
+    )
+    decided_clock: str | None = Field(
+        None,
+        description="which clock decided_at is on: the gate process's (streams.worker_clock); "
+        "none in records from before clocks had names",
     )
 
 

@@ -33,9 +33,11 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer
+from faust.types import TP
 
 from fencing.records import (
     FenceOutcome,
+    GateSignal,
     IpmiTestAnswer,
     Notice,
     OperatorAction,
@@ -92,7 +94,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
     app = faust.App(app_id, **faust_app_kwargs(settings))
     names = settings.kafka.topics
     policy = settings.policy.to_policy()
-    started_at = time.time()
+    # The gate's quiet period counts on the gate process's own clock (streams.worker_clock).
+    started_at = worker_clock()
     runtime = Runtime(settings=settings, started_at=started_at)
     # Long-lived objects out of the cyclic collector's view once started and recovered.
     app.task(settle_memory)
@@ -319,11 +322,17 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     await runtime.live()
                     # After an assignment the first proposal waits for the decision log's read.
                     await gate_sync.prepare(runtime, parsed, gates)
-                    # The gate's own clock: never the proposing worker's stamp. A record read
-                    # again after a restart (at or before what its row applied) is skipped.
+                    # The gate process's own never-stepped clock (streams.worker_clock): never
+                    # the proposing worker's stamp. A record read again after a restart (at or
+                    # before what its row applied) is skipped.
                     position = (event.message.partition, event.message.offset)
                     decision = gating.apply_gate(
-                        gates, parsed, runtime, now=time.time(), position=position, sync=gate_sync
+                        gates,
+                        parsed,
+                        runtime,
+                        now=worker_clock(),
+                        position=position,
+                        sync=gate_sync,
                     )
                 except Exception as exc:
                     log.exception("gate: cannot judge a record")
@@ -335,6 +344,27 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     await fence_decisions.send(
                         key=decision.host.host_uuid.encode(), value=codec.dump(decision)
                     )
+
+        # The gate's owner keeps its rows on its clock (streams.gating, module rule): it takes
+        # them over as soon as the decision log is read after an assignment, and refreshes the
+        # shared row's clock when a minute old, also when no proposal comes. Through its own
+        # agent: a table is written inside its stream.
+        gate_partition = TP(fence_proposals.get_topic_name(), 0)
+        clock_sent = [float("-inf")]
+
+        @app.timer(interval=gating.KEEP_CLOCK_EVERY)
+        async def gate_clock() -> None:
+            if app.rebalancing or gate_partition not in app.consumer.assignment():
+                return
+            await gate_sync.on_rebalance_complete()  # the log's read, if due and none under way
+            now = worker_clock()
+            if now - clock_sent[0] < 2 * gating.KEEP_CLOCK_EVERY:
+                return  # the last one asked for may not be done yet (the agent is behind)
+            if gating.clock_work(gates, gate_sync, now) is None:
+                return
+            clock_sent[0] = now
+            signal = GateSignal(kind="gate_clock", cluster_uuid=gating.GLOBAL_ROW, at=now)
+            await fence_proposals.send(key=gating.GLOBAL_ROW.encode(), value=codec.dump(signal))
 
     # -- probe: ask a neighbour about the suspect host's storage ------------------------
     if "probe" in roles:

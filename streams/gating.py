@@ -5,6 +5,23 @@ and the shared row, applies the live pauses and cap, stores the new rows and ret
 decision. Rows are ClusterGate / GlobalGate as JSON. The gate judges by its own clock only: a
 proposal's `proposed_at` (the watching worker's clock) is carried, never compared with it.
 
+Its clock is the gate process's never-stepped `streams.worker_clock` (an NTP step of its machine
+moves no window, nor the quiet period after its start), named `CLOCK_ID`: every row says which
+clock its stamps are on (`clock_id`) and the latest time that clock is known to have reached
+(`clock`), and every decision its `decided_clock` (signed with the rest). A process that takes
+the gates partition over (a rebalance, a restart: another clock, maybe hours off) never
+compares another clock's stamps with its own: it re-stamps them at their age on their own clock
+as of that clock's latest known time (`fencing.gate.one_clock`; rows and decisions from before
+clocks had names are one unnamed clock), so a grant counts at least as long as it should. The
+cost is the time between the old clock's latest known moment and the take-over, counted as
+none; two things keep it short. The owner refreshes its shared row's `clock` once it is
+`REFRESH_AFTER` (60 s) old, also when no proposal comes; and it takes the rows over as soon as
+they are recovered and the decision log read, not at the first proposal (which may come hours
+later). Both run in the gate agent (a table is written inside its stream), on a `gate_clock`
+record the owner's timer sends itself every `KEEP_CLOCK_EVERY` when there is work
+(`clock_work`, `keep_clock`). So after a hand-over a grant is held at most about a minute plus
+the hand-over's downtime longer than its window, never shorter.
+
 A cluster's row also remembers `position`, the fence-proposals (partition, offset) of the last
 record that wrote it. A record at or before it is one read again after a restart (at least once:
 the dead worker wrote the row, then died before its offset was committed): the row already holds
@@ -16,9 +33,10 @@ proposal is re-sent after `check_interval`, an approval without an outcome after
 `fencing_resend_after`).
 
 A decision writes two rows, the cluster's and the shared one: two changelog records, and a
-worker can die between them. Before the first judgement after a start or a change of the gate
-partition's owner (the rows were just recovered from the changelog: where a lost write shows)
-the shared row is reconciled with the grants of every cluster row (`fencing.gate.reconcile`;
+worker can die between them. After a start or a change of the gate partition's owner (the rows
+were just recovered from the changelog: where a lost write shows), at the owner's take-over or
+its first judgement, whichever comes first, every row is taken onto its clock and the shared
+row is reconciled with the grants of every cluster row (`take_over`, `fencing.gate.reconcile`;
 `Reconcile` says when), and `decide` makes the cluster row whole from the shared one, so a
 grant either write lost still counts. While one worker owns the partition both writes are in
 its store at once, so the whole table is not read again for every proposal.
@@ -32,9 +50,9 @@ the grants it merged, so a lost write of the row sets both back together; no pos
 beginning), keeps only the records whose signature it verifies as the actuator does
 (`streams.actuation.read_decision`: a forged record neither fences nor eats the budget), and
 `fencing.gate.logged_grants` / `reconcile` merge the approved power-downs still in the window by
-decision id, judged by their `decided_at` (the gate's clock) against the gate's clock. The gate
-agent awaits `Reconcile.prepare` before a proposal: a proposal after an assignment waits for the
-read.
+decision id, judged by their `decided_at` once taken onto the gate's clock (`decided_clock`
+names the clock it is on). The gate agent awaits `Reconcile.prepare` before a proposal: a
+proposal after an assignment waits for the read.
 """
 
 from __future__ import annotations
@@ -55,6 +73,7 @@ from fencing.events import FenceAction, WithheldReason
 from fencing.records import FenceDecision, FenceProposal, GateSignal
 from streams.actuation import read_decision
 from streams.topic_reader import TopicReader
+from streams.worker_clock import CLOCK_ID, worker_clock
 
 if TYPE_CHECKING:
     from streams.runtime import Runtime
@@ -63,6 +82,8 @@ log = logging.getLogger("fencer.streams")
 
 GLOBAL_ROW = "*"  # the gate table's row that every cluster shares
 LOG_POSITION = "log_position"  # in the shared row: the decision log merged up to here
+REFRESH_AFTER = 60.0  # the owner writes its shared row's clock when it is this old (module rule)
+KEEP_CLOCK_EVERY = 5.0  # how often the owner looks (`keep_clock`, a timer of the app)
 
 
 def _grant(d: dict[str, Any]) -> gatecore.Grant:
@@ -110,6 +131,7 @@ def cluster_row(d: dict[str, Any] | None, cluster: str) -> gatecore.ClusterGate:
         clock=d["clock"] if d.get("clock") is not None else float("-inf"),
         grants=tuple(_grant(g) for g in d.get("grants", ())),
         verdicts=tuple(_verdict(v) for v in d.get("verdicts", ())),
+        clock_id=d.get("clock_id"),
     )
 
 
@@ -121,16 +143,108 @@ def global_row(d: dict[str, Any] | None) -> gatecore.GlobalGate:
         paused=d.get("paused", False),
         clock=d["clock"] if d.get("clock") is not None else float("-inf"),
         grants=tuple(_grant(g) for g in d.get("grants", ())),
+        clock_id=d.get("clock_id"),
     )
 
 
-def cluster_grants(table: MutableMapping[str, Any]) -> Iterator[gatecore.ClusterGate]:
-    """Every cluster row's grants (only they: the reconciliation of the shared row reads no
-    more). A key that is the shared row in another spelling only adds grants it holds."""
+def cluster_rows(
+    table: MutableMapping[str, Any],
+) -> Iterator[tuple[str, dict[str, Any], gatecore.ClusterGate]]:
+    """Every cluster row: its key, as stored, as the core's. A key that is the shared row in
+    another spelling is one more cluster row: it only adds grants it holds."""
     for key, stored in list(table.items()):
-        if key != GLOBAL_ROW and isinstance(stored, dict) and stored.get("grants"):
-            grants = tuple(_grant(g) for g in stored["grants"])
-            yield gatecore.ClusterGate(cluster=str(key), grants=grants)
+        if key != GLOBAL_ROW and isinstance(stored, dict):
+            yield key, stored, cluster_row(stored, str(key))
+
+
+def take_over(
+    table: MutableMapping[str, Any],
+    now: float,
+    clock_id: str | None,
+    window: float,
+    logged: list[gatecore.Logged] | None = None,
+    merged_to: LogPosition | None = None,
+    write: bool = True,
+) -> tuple[gatecore.GlobalGate, LogPosition]:
+    """The reconciliation (module rule): every row and the decision log read (`logged`, merged
+    up to `merged_to`) on this clock (`fencing.gate.one_clock`), the shared row made whole from
+    them; writes each cluster row whose stamps moved and (unless not `write`: the caller writes
+    it) the shared row (on this clock, `clock` = now: also the first refresh), and returns the
+    shared row with the log position it holds."""
+    stored_glob = table.get(GLOBAL_ROW)
+    rows = list(cluster_rows(table))
+    glob, taken, on_clock = gatecore.one_clock(
+        global_row(stored_glob), (r for _, _, r in rows), logged or (), now, clock_id
+    )
+    moved = 0
+    for (key, stored, before), after in zip(rows, taken, strict=True):
+        if after is not before and (after.grants or after.verdicts):
+            # (its position and anything else it holds kept)
+            table[key] = {**stored, **_jsonable(after)}
+            moved += 1
+    proved = gatecore.logged_grants(on_clock, now, window)
+    whole = gatecore.reconcile(glob, taken, now, window, proved)
+    whole = replace(whole, clock=now, clock_id=clock_id)
+    position = log_position(stored_glob) if merged_to is None else merged_to
+    if write:
+        table[GLOBAL_ROW] = _shared(whole, position)
+    was = stored_glob.get("clock_id") if isinstance(stored_glob, dict) else clock_id
+    if moved or was != clock_id:
+        log.info(
+            "gate: the rows taken over onto this process's clock %s (%d cluster rows moved, "
+            "the shared row from clock %s)",
+            clock_id,
+            moved,
+            was,
+        )
+    return whole, position
+
+
+def _shared(glob: gatecore.GlobalGate, position: LogPosition) -> dict[str, Any]:
+    return {**_jsonable(glob), LOG_POSITION: {str(p): o for p, o in position.items()}}
+
+
+def clock_work(
+    table: MutableMapping[str, Any], sync: Reconcile, now: float, clock_id: str = CLOCK_ID
+) -> str | None:
+    """What the gate owner has to do to keep its rows on its clock at `now` (module rule):
+    "take over" (the decision log is read after an assignment: every row onto this clock),
+    "take over without the log" (a shared row of another clock, no reconciliation due),
+    "refresh" (the shared row's `clock` is `REFRESH_AFTER` old), or None (nothing, or the log's
+    read is still under way)."""
+    if sync.due:
+        return None if sync.logged is None else "take over"
+    stored = table.get(GLOBAL_ROW)
+    if not isinstance(stored, dict):
+        return None
+    glob = global_row(stored)
+    if glob.clock_id != clock_id:
+        return "take over without the log"
+    if gatecore.refreshed(glob, now, clock_id, REFRESH_AFTER) is None:
+        return None
+    return "refresh"
+
+
+def keep_clock(
+    table: MutableMapping[str, Any],
+    runtime: Runtime,
+    sync: Reconcile,
+    now: float | None = None,
+    clock_id: str = CLOCK_ID,
+) -> str | None:
+    """Do the gate owner's `clock_work` (its agent, on the owner's timer's `gate_clock` record:
+    a table is written inside its stream); what it did, or None."""
+    now = worker_clock() if now is None else now
+    work = clock_work(table, sync, now, clock_id)
+    window = runtime.policy.fence_window
+    if work == "take over":
+        take_over(table, now, clock_id, window, sync.logged, sync.position)
+        sync.done()
+    elif work == "take over without the log":
+        take_over(table, now, clock_id, window)
+    elif work == "refresh":
+        table[GLOBAL_ROW] = {**table[GLOBAL_ROW], "clock": now}
+    return work
 
 
 def read_again(
@@ -200,6 +314,7 @@ async def read_decision_log(
                 d.action,
                 d.approved,
                 d.decided_at,
+                d.decided_clock,
             )
         )
 
@@ -306,13 +421,19 @@ def apply_gate(
     now: float | None = None,
     position: tuple[int, int] | None = None,
     sync: Reconcile | None = None,
+    clock_id: str = CLOCK_ID,
 ) -> FenceDecision | None:
-    """Feed the gate one record at the gate worker's clock `now`: the decision for a proposal,
-    else None.
+    """Feed the gate one record at the gate process's clock `now` (by default its never-stepped
+    `worker_clock`, named `clock_id`): the decision for a proposal, else None.
 
     `position` is the record's (partition, offset) on fence-proposals: one the cluster's row
     has already applied is skipped (None; see the module rule)."""
-    now = time.time() if now is None else now
+    now = worker_clock() if now is None else now
+    if isinstance(item, GateSignal) and item.kind == "gate_clock":
+        if sync is not None:
+            done = keep_clock(table, runtime, sync, now, clock_id)
+            log.debug("gate: %s on the gate's clock record", done or "nothing to do")
+        return None
     if isinstance(item, GateSignal):
         if not item.cluster_uuid:
             log.warning("gate: a %s signal without a cluster dropped", item.kind)
@@ -340,26 +461,26 @@ def apply_gate(
     if not cluster:
         # No cluster row to judge against: a temporary withhold, proposed again later.
         log.warning("gate: %s names no cluster: withheld until it is known", item.decision_id)
-        return _decision(item, False, WithheldReason.CLUSTER_SIZE_UNKNOWN, now, 0, 0)
+        return _decision(item, False, WithheldReason.CLUSTER_SIZE_UNKNOWN, now, 0, 0, clock_id)
     stored = table.get(cluster)
     if read_again(stored, position, f"proposal {item.decision_id}", cluster):
         return None
-    row = cluster_row(stored, cluster)
-    row = gatecore.observe(row, gatecore.ClusterPaused(runtime.cluster_paused(cluster)))
     policy = replace(runtime.policy, fence_cap=settings.fence_cap_for(cluster))
-    # The shared row as the sum of the cluster rows: a grant whose shared write was lost counts
-    # (`sync`: once after a start or a rebalance; without one, at every judgement).
-    glob = global_row(table.get(GLOBAL_ROW))
-    # The decision log position the shared row holds: the one just read up to, else its own.
-    merged_to = log_position(table.get(GLOBAL_ROW))
+    # Every row on this clock and the shared row as the sum of the cluster rows and the log: a
+    # grant whose shared write was lost counts (`sync`: once after a start or a rebalance, unless
+    # the owner's timer did it first; without one, at every judgement).
     if sync is None or sync.due:
+        logged = sync.logged if sync is not None else None
+        merged = sync.position if sync is not None and sync.logged is not None else None
         window = policy.fence_window
-        logged = gatecore.logged_grants((sync and sync.logged) or (), now, window)
-        glob = gatecore.reconcile(glob, cluster_grants(table), now, window, logged)
-        if sync is not None and sync.logged is not None:
-            merged_to = sync.position
+        glob, merged_to = take_over(table, now, clock_id, window, logged, merged, write=False)
+    else:
+        glob = global_row(table.get(GLOBAL_ROW))
+        merged_to = log_position(table.get(GLOBAL_ROW))  # the log merged up to here
+    row = cluster_row(table.get(cluster), cluster)
+    row = gatecore.observe(row, gatecore.ClusterPaused(runtime.cluster_paused(cluster)))
     glob = gatecore.pause_all(glob, runtime.globally_paused())
-    ctx = gatecore.GateContext(policy=policy, started_at=runtime.started_at)
+    ctx = gatecore.GateContext(policy=policy, started_at=runtime.started_at, clock_id=clock_id)
     request = gatecore.FenceRequest(
         item.decision_id, item.host.host_uuid, cluster, item.action, item.proposed_at
     )
@@ -369,8 +490,7 @@ def apply_gate(
         log.warning("gate refused %s: %s", item.decision_id, exc)
         return None
     table[cluster] = _with_position(_jsonable(row), position)
-    shared = _jsonable(glob)
-    table[GLOBAL_ROW] = {**shared, LOG_POSITION: {str(p): o for p, o in merged_to.items()}}
+    table[GLOBAL_ROW] = _shared(glob, merged_to)
     if sync is not None:
         sync.done()
     if position is not None:
@@ -391,6 +511,7 @@ def apply_gate(
             verdict.at,
             verdict.budget_used,
             verdict.budget_cap,
+            clock_id,
         )
     )
 
@@ -402,6 +523,7 @@ def _decision(
     at: float,
     used: int,
     cap: int,
+    clock_id: str | None,
 ) -> FenceDecision:
     return FenceDecision(
         decision_id=item.decision_id,
@@ -414,4 +536,5 @@ def _decision(
         decided_at=at,
         budget_used=used,
         budget_cap=cap,
+        decided_clock=clock_id,
     )

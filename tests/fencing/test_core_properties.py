@@ -68,8 +68,10 @@ from fencing.gate import (
     decide,
     logged_grants,
     observe,
+    one_clock,
     pause_all,
     reconcile,
+    refreshed,
 )
 from fencing.policy import Policy
 
@@ -780,7 +782,10 @@ class HostMachine(RuleBasedStateMachine):
 
 
 class GateMachine(RuleBasedStateMachine):
-    """Three clusters sharing a global budget, under random requests, facts and redeliveries."""
+    """Three clusters sharing a global budget, under random requests, facts and redeliveries,
+    and hand-overs of the gate to another process whose clock is off by hours (`hand_over`):
+    `now` is the true time, the gate judges on its owner's clock (`gate_now`), every budget is
+    checked in true time."""
 
     CLUSTERS = ("a", "b", "c")
     # Mostly both rows written; sometimes the worker dies between the two writes, or after
@@ -792,74 +797,93 @@ class GateMachine(RuleBasedStateMachine):
         global_cap=st.integers(0, 5),
         window=st.sampled_from([60.0, 600.0, 3600.0]),
         ratio=st.sampled_from([0.0, 0.5, 1.0]),
+        first_clock=st.sampled_from([None, "g0"]),  # None: rows from before clocks had names
+        quiet=st.sampled_from([0.0, 30.0]),
     )
-    def setup(self, cap: int, global_cap: int, window: float, ratio: float) -> None:
+    def setup(
+        self,
+        cap: int,
+        global_cap: int,
+        window: float,
+        ratio: float,
+        first_clock: str | None,
+        quiet: float,
+    ) -> None:
         policy = Policy(
             fence_cap=cap,
             global_cap=global_cap,
             fence_window=window,
             storm_ratio=ratio,
-            startup_quiet=30.0,
+            startup_quiet=quiet,
         )
-        self.ctx = GateContext(policy=policy, started_at=0.0)
+        self.ctx = GateContext(policy=policy, started_at=0.0, clock_id=first_clock)
         self.rows = {c: observe(ClusterGate(c), ClusterSized(4)) for c in self.CLUSTERS}
         self.glob = GlobalGate()
-        self.now = 0.0
+        self.now = 0.0  # the true time
+        self.offset = 0.0  # the gate owner's clock minus the true time
+        self.owners = 1
         self.n = 0
         self.requests: list[FenceRequest] = []
         self.first: dict[str, Verdict] = {}
-        self.grants: list[tuple[str, float]] = []  # (cluster, time) of every power-down approved
+        self.first_at: dict[str, float] = {}  # the true time of each id's first verdict
+        self.grants: list[tuple[str, float]] = []  # (cluster, true time) of every power-down
         self.lost: set[str] = set()  # decision ids whose cluster row write was lost
         self.log: list[Logged] = []  # fence-decisions: every published verdict
 
+    @property
+    def gate_now(self) -> float:
+        return self.now + self.offset
+
     def judge(self, request: FenceRequest, lose: str | None = None) -> None:
-        """Judge as the shell does (the global row reconciled with every cluster row and the
-        decision log first); `lose` names the row whose write is lost (the worker died between
-        the two writes), or "both" (it died after publishing the decision, before either)."""
-        row = self.rows[request.cluster]
+        """Judge as the shell does (every row and the decision log taken over onto the gate's
+        clock, the global row reconciled with them first); `lose` names the row whose write is
+        lost (the worker died between the two writes), or "both" (it died after publishing the
+        decision, before either)."""
+        now, own = self.gate_now, self.ctx.clock_id
         window = self.ctx.policy.fence_window
-        logged = logged_grants(self.log, self.now, window)
-        glob = reconcile(self.glob, self.rows.values(), self.now, window, logged)
-        result = decide(row, glob, request, self.ctx, self.now)
-        assert decide(row, glob, request, self.ctx, self.now) == result  # deterministic
+        glob, rows, log = one_clock(self.glob, self.rows.values(), self.log, now, own)
+        glob = reconcile(glob, rows, now, window, logged_grants(log, now, window))
+        row = next(r for r in rows if r.cluster == request.cluster)
+        result = decide(row, glob, request, self.ctx, now)
+        assert decide(row, glob, request, self.ctx, now) == result  # deterministic
         row, glob, verdict = result
         v = verdict
-        self.log.append(Logged(v.decision_id, v.host, v.cluster, v.action, v.approved, v.at))
+        self.log.append(Logged(v.decision_id, v.host, v.cluster, v.action, v.approved, v.at, own))
         if lose in ("cluster", "both"):
             self.lost.add(request.decision_id)
         else:
             self.rows[request.cluster] = row
         if lose not in ("global", "both"):
             self.glob = glob
-        assert verdict.approved == (verdict.reason is None) and verdict.at == self.now
+        assert verdict.approved == (verdict.reason is None) and verdict.at == now
         first = self.first.get(request.decision_id)
+        since = self.now - self.first_at.get(request.decision_id, self.now)  # true time
         if verdict.repeated:
             if request.decision_id in self.lost:
                 assert first is not None and (first.approved or first.reason not in TEMPORARY)
                 # judged again after its verdict was lost: an approval is given again as such
                 assert verdict.approved or verdict.reason not in TEMPORARY
-            elif verdict.approved and (
-                first is None or not first.approved or self.now - first.at >= window
-            ):
+            elif verdict.approved and (first is None or not first.approved or since >= window):
                 # Its last verdict is gone from the window (or was a temporary withhold), but a
                 # repeat of its approval is logged in it: the log keeps the fence counted from
                 # that stamp (logged_grants), and the id is approved again, consuming nothing.
                 assert any(d.decision_id == v.decision_id and d.approved for d in self.log[:-1])
             else:
                 assert first is not None and (first.approved or first.reason not in TEMPORARY)
-                assert verdict == replace(first, repeated=True, at=self.now)
+                assert verdict == replace(first, repeated=True, at=now)
             return
         assert (
             first is None
             or first.reason in TEMPORARY
-            or verdict.at - first.at >= window
+            or since >= window
             # a verdict lost with its row is judged again, unless a grant still stands for it
             or (request.decision_id in self.lost and not first.action.powers_down)
             or (request.decision_id in self.lost and not first.approved)
         ), "a redelivery was judged again"
         self.first[request.decision_id] = verdict
+        self.first_at[request.decision_id] = self.now
         if verdict.approved and request.action.powers_down:
-            self.grants.append((request.cluster, verdict.at))
+            self.grants.append((request.cluster, self.now))
 
     @rule(
         cluster=st.sampled_from(CLUSTERS),
@@ -886,6 +910,39 @@ class GateMachine(RuleBasedStateMachine):
         r = data.draw(st.sampled_from(self.requests))
         self.now += dt
         self.judge(replace(r, at=self.now), lose)
+
+    @rule(
+        down=st.floats(0, 4000),
+        offset=st.floats(-8000, 8000) | st.floats(-60, 60),
+        up=st.sampled_from([0.0, 1000.0]),
+        take_over=st.booleans(),
+        lost=st.sets(st.sampled_from(["*", *CLUSTERS])),
+    )
+    def hand_over(
+        self, down: float, offset: float, up: float, take_over: bool, lost: set[str]
+    ) -> None:
+        """The gates partition moves to another process (a restart, a rebalance) after `down`
+        seconds, whose clock is `offset` off the truth and which started `up` seconds ago; it
+        may take every row over at once (the shell's take-over), some of those writes lost."""
+        self.now += down
+        self.offset = offset
+        started = self.gate_now - up
+        self.ctx = replace(self.ctx, clock_id=f"g{self.owners}", started_at=started)
+        self.owners += 1
+        if not take_over:
+            return
+        glob, rows, _ = one_clock(
+            self.glob, self.rows.values(), (), self.gate_now, self.ctx.clock_id
+        )
+        self.glob = self.glob if "*" in lost else glob
+        self.rows = {r.cluster: self.rows[r.cluster] if r.cluster in lost else r for r in rows}
+
+    @rule(dt=st.floats(0, 400), after=st.sampled_from([0.0, 60.0]))
+    def refresh(self, dt: float, after: float) -> None:
+        """The owner writes its shared row's clock (the latest time its clock is known to have
+        reached)."""
+        self.now += dt
+        self.glob = refreshed(self.glob, self.gate_now, self.ctx.clock_id, after) or self.glob
 
     @rule(
         cluster=st.sampled_from(CLUSTERS),

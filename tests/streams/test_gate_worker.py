@@ -75,6 +75,21 @@ async def test_a_lost_global_row_write_still_counts_toward_the_global_cap(
                 90,
                 "the worker to poll CloudStack",
             )
+            # With no proposal yet, the gate owner's timer has its agent take the (empty) rows
+            # over onto the process's clock: a shared row on it (streams.gating, module rule).
+            deadline = time.monotonic() + 30
+            while True:
+                shared = [
+                    json.loads(r.value)
+                    for r in await changelog(tap, gates)
+                    if global_key(r) and r.value
+                ]
+                if shared and shared[-1].get("clock_id"):
+                    break
+                assert time.monotonic() < deadline, shared
+                await asyncio.sleep(0.5)
+            assert shared[-1]["grants"] == [] and not tap.of(t.fence_decisions)
+            assert any(v.get("kind") == "gate_clock" for _, v in tap.of(t.fence_proposals))
             cluster = lab.cluster.uuid
             first, second = ghost(1, cluster), ghost(2, cluster)
             for p in (first, second):
@@ -187,8 +202,24 @@ async def test_a_published_decision_whose_two_row_writes_were_lost_counts_at_the
                 )
                 assert older.key is not None and older.value is not None
                 await tap.send(gates, older.key, older.value)  # both writes lost
-            put_back = sum(1 for r in records if row_key(r, cluster)) + 1
             worker = WorkerProcess(file, "all", log).start()
+            # Before any proposal, the restarted gate takes the rows over onto its own clock
+            # (its timer, once the decision log is read): the shared row on the new clock holds
+            # both grants again.
+            old_clock = decisions()[0]["decided_clock"]
+            deadline = time.monotonic() + 60
+            while True:
+                records = await changelog(tap, gates)
+                shared = [json.loads(r.value) for r in records if row_key(r, "*") and r.value]
+                if shared[-1].get("clock_id") not in (None, old_clock):
+                    break
+                assert time.monotonic() < deadline, shared[-1]
+                await asyncio.sleep(0.5)
+            assert [g["decision_id"] for g in shared[-1]["grants"]] == [
+                first.decision_id,
+                second.decision_id,
+            ]
+            put_back = sum(1 for r in records if row_key(r, cluster))
 
             third = ghost(3, cluster)
             await tap.send(t.fence_proposals, cluster, third)
@@ -221,7 +252,18 @@ async def test_a_published_decision_whose_two_row_writes_were_lost_counts_at_the
         # the decision the log holds, not as a fresh grant of the replay.
         again = judged[:-1]
         assert all(d["decision_id"] == second.decision_id and d["approved"] for d in again)
-        first_at = {d["decision_id"]: d["decided_at"] for d in reversed(decisions())}
+        first_at = {d["decision_id"]: float(str(d["decided_at"])) for d in reversed(decisions())}
+        clocks = {d["decided_clock"] for d in decisions()}
+        assert len(clocks) == 2 and None not in clocks  # the restarted process's is another
         held = [(g["decision_id"], g["at"]) for g in json.loads(rows[-1].value)["grants"]]
-        assert held == [(p.decision_id, first_at[p.decision_id]) for p in (first, second)]
+        assert [d for d, _ in held] == [first.decision_id, second.decision_id]
+        # Taken over onto the restarted process's clock (streams.gating): each grant keeps its
+        # age on the clock that stamped it, as of that clock's latest known time; the restart
+        # counts as no time, so on this machine's near-equal clocks a grant is stamped no
+        # earlier than its decision (it counts a little longer, never shorter).
+        (_, at1), (_, at2) = held
+        assert at2 - at1 == pytest.approx(
+            first_at[second.decision_id] - first_at[first.decision_id]
+        )
+        assert all(at >= first_at[d] - 1.0 for d, at in held)
         assert "signed decisions from" in log.read_text()
