@@ -457,7 +457,6 @@ class LabCloud:
             "check_interval": self.default_check_interval(self.interval),
             "extra_checks": 2,
             "startup_quiet": 0.0,
-            "heartbeat_max_age": 3 * self.interval,
             "probe_timeout": 20.0,
             "unknown_alert_after": 3,
         }
