@@ -58,7 +58,9 @@ the decision, and a disconnection stamped before the host's return is late (a re
   again every `suspect_renotify`, until the episode ends. A worker clock that went back past
   one of these stamps by a whole wait (an NTP step, a worker behind taking the partition over)
   never waits for the clock to catch up: the check or re-send goes out at once, an outstanding
-  probe's and the episode's age are measured again from the step.
+  probe's and the episode's age are measured again from the step. The episode's age is one
+  clock's: on a tick of another clock (the partition moved, the worker restarted) the age the
+  old clock's own stamps measured is carried and the rest counted from that tick.
 - `HostCameBack` or `MaintenanceStarted` ends an open episode: `ClearSuspect` for the gate and
   `Notify(HOST_RECOVERED)` with `ended_by`. Maintenance ignores disconnections until it ends.
 - Results for an older episode, for an ended episode, or repeating what the record already
