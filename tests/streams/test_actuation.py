@@ -303,6 +303,32 @@ async def test_a_live_claimant_slower_than_the_lease_keeps_followers_waiting(
     assert "renewed" in [c.state for c in follower.of(d.decision_id)]
 
 
+async def test_an_outcome_is_kept_when_its_done_claim_cannot_be_written(
+    fencer_settings: Any,
+) -> None:
+    """The BMC acted, then the claim log's producer fails (here: closed under it): the outcome
+    is returned all the same (stored and sent by the caller), never lost to an exception that
+    the actuate agent logged as "nothing was fenced"."""
+    settings = fencer_settings(isolated_topics=True)
+    d = decision(at=time.time())
+    claims = ClaimLog(settings, "worker")
+    await claims.start()
+    acted: list[bool] = []
+
+    async def act(takeover: bool) -> FenceOutcome:
+        acted.append(takeover)
+        assert claims._producer is not None
+        await claims._producer.stop()  # the broker connection fails after the BMC acted
+        return outcome_of(d, "worker")
+
+    try:
+        out, did_act = await claims.run_once(d, 30.0, act)
+    finally:
+        await claims.stop()
+    assert did_act is True and acted == [False] and out.driver == "worker"
+    assert [c.state for c in claims.of(d.decision_id)] == ["claimed"]  # no done was written
+
+
 async def test_a_released_claim_lets_a_later_decision_act_at_once(fencer_settings: Any) -> None:
     settings = fencer_settings(isolated_topics=True)
     d = decision(at=time.time())
