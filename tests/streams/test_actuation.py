@@ -6,6 +6,7 @@ two workers racing for one decision, and a follower of a claimant that died."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -560,6 +561,34 @@ def test_a_refusal_is_told_once_per_reason_and_renotify_period() -> None:
     later = refused_notice(d, "decision is 73 s old (decision_max_age 10 s)", 10800.0, 3600.0)
     assert later.notice_id != old.notice_id  # and the same one again the next period
     assert d.decision_id in old.notice_id and old.reason and "73 s" in old.reason
+
+
+def test_a_lasting_refusal_is_told_every_period_across_a_wall_clock_step_back() -> None:
+    """A refusal whose reason lasts for hours (CloudStack keeps saying Up), tried every minute;
+    then NTP steps the actuator's wall clock back three hours. Counted on the wall clock, every
+    period's id was one already sent: the notify table dropped them, three hours of silence.
+    Counted on the process's monotonic clock, one new id each period; a restarted process
+    (another tag) tells at once."""
+    from streams.actuation import refused_notice
+
+    d = decision(at=1000.0)
+    why = "CloudStack says the host is Up now"
+    sent: list[str] = []
+    told_at: list[float] = []
+    wall, mono = 1_800_000_000.0, 500.0
+    for minute in range(6 * 60):
+        if minute == 3 * 60:
+            wall -= 3 * 3600  # the step back
+        n = refused_notice(d, why, wall, 3600.0, mono=mono, tag="p1")
+        if n.notice_id not in sent:
+            sent.append(n.notice_id)
+            told_at.append(mono)
+        wall, mono = wall + 60, mono + 60
+    told_at.append(mono)  # (and no silence longer than a period at the end)
+    gaps = [b - a for a, b in itertools.pairwise(told_at)]
+    assert len(sent) >= 6 and max(gaps) <= 3600.0
+    again = refused_notice(d, why, wall, 3600.0, mono=mono, tag="p2")  # after a restart
+    assert again.notice_id not in sent
 
 
 # ---------------------------------------------------------------------------------------------
