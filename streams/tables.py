@@ -55,12 +55,6 @@ def failed_fence(
     return decision_id or "", entry
 
 
-def reminder_series(notice_id: str) -> tuple[str, int]:
-    """A reminder's id as (the id of its series, its number)."""
-    series, _, n = notice_id.rpartition("/")
-    return series, int(n)
-
-
 @dataclass(frozen=True)
 class FailedRun:
     """A failed fence nobody has retried or marked handled: its reminders are due."""
