@@ -58,7 +58,9 @@ the decision, and a disconnection stamped before the host's return is late (a re
   again every `suspect_renotify`, until the episode ends. A worker clock that went back past
   one of these stamps by a whole wait (an NTP step, a worker behind taking the partition over)
   never waits for the clock to catch up: the check or re-send goes out at once, an outstanding
-  probe's and the episode's age are measured again from the step.
+  probe's and the episode's age are measured again from the step. The episode's age is one
+  clock's: on a tick of another clock (the partition moved, the worker restarted) the age the
+  old clock's own stamps measured is carried and the rest counted from that tick.
 - `HostCameBack` or `MaintenanceStarted` ends an open episode: `ClearSuspect` for the gate and
   `Notify(HOST_RECOVERED)` with `ended_by`. Maintenance ignores disconnections until it ends.
 - Results for an older episode, for an ended episode, or repeating what the record already
@@ -333,6 +335,7 @@ class HostRecord:
     request_clock: str | None = None  # the clock of `last_request_at` (`Tick.clock`)
     ref_clock: str | None = None  # the clock of `ref_at` (`ProbeFinished.clock`)
     since_clock: str | None = None  # idle: the clock of `since` (the signal that closed it)
+    opened_clock: str | None = None  # the clock of `opened_at` (`Tick.clock`)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (enums as their values) for the shell's table. (Field by
@@ -649,11 +652,14 @@ def _tick(record: HostRecord, event: Tick, policy: Policy) -> Step:
         return record, ()
     now = event.at
     actions: list[HostAction] = []
+    clock = event.clock or None
+    if record.opened_at is not None and record.opened_clock != clock:
+        record = _reopened(record, now, clock)
     if record.opened_at is None or _went_back(now, record.opened_at, policy.suspect_alert_after):
         # (Also when the worker's clock went back past the episode's first tick by a whole alert
         # period: the episode's age is measured again from now, so the reminder comes at most one
         # alert period late, never as late as the size of the step.)
-        record = replace(record, opened_at=now)
+        record = replace(record, opened_at=now, opened_clock=clock)
     assert record.opened_at is not None
     if record.state in _UNDECIDED and now - record.opened_at >= policy.suspect_alert_after:
         last = record.last_alert_at
@@ -673,6 +679,22 @@ def _tick(record: HostRecord, event: Tick, policy: Policy) -> Step:
             record = replace(record, sent_at=now)
             actions.append(_proposal(record))
     return record, tuple(actions)
+
+
+def _reopened(record: HostRecord, now: float, clock: str | None) -> HostRecord:
+    """The episode's age moved onto another clock (the partition moved, or the worker
+    restarted): the age the old clock measured (from the episode's first tick to the last check
+    it requested, both its own stamps) is kept, and the rest is measured on this clock from
+    now, so the sum is never more than the real age (a clock ahead never makes an episode look
+    older) and never restarts from zero at each move (moves never silence the notice). A
+    suspect_too_long sent on the old clock counts as sent now: its repeat comes one
+    `suspect_renotify` later on this clock, never at once."""
+    assert record.opened_at is not None
+    measured = 0.0
+    if record.last_request_at is not None and record.request_clock == record.opened_clock:
+        measured = max(0.0, record.last_request_at - record.opened_at)
+    last_alert = None if record.last_alert_at is None else now
+    return replace(record, opened_at=now - measured, opened_clock=clock, last_alert_at=last_alert)
 
 
 def _went_back(now: float, then: float, wait: float) -> bool:

@@ -22,6 +22,13 @@ from fencing.settings import FencerSettings
 from probes.rbd import image_key, spec_of
 
 NFS_POOL_TYPES = {"NetworkFilesystem"}
+# The VM states in which a VM placed on the host may run there: CloudStack's own HA restarts
+# the Starting, Running and Stopping VMs of a host declared degraded (a stop or start the
+# disconnected agent never carried out leaves the VM running in one of them), and a Migrating
+# VM runs on its source host until the switch. Only Running was read: a live host whose
+# writing VMs were Stopping or Starting had them left out, and looked stale by its idle VMs
+# and its heartbeat alone.
+PLACED_STATES = frozenset({"Starting", "Running", "Stopping", "Migrating"})
 RBD_POOL_TYPES = {"RBD"}  # listStoragePools `type` of a Ceph RBD pool (probes.rbd reads it)
 
 
@@ -69,7 +76,8 @@ class Disk:
 
 @dataclass(frozen=True)
 class HostStorage:
-    """What a suspect host writes: the disks of its running VMs and a heartbeat per NFS pool."""
+    """What a suspect host writes: the disks of the VMs that may run on it (`PLACED_STATES`)
+    and a heartbeat per NFS pool."""
 
     host: KvmHost
     pools: tuple[Pool, ...]
@@ -171,22 +179,18 @@ class Inventory:
         return [kvm_host(h) for h in await self.kvm_hosts(clusterid=cluster_uuid)]
 
     async def running_vms(self, host_uuid: str) -> Rows:
-        """VMs Running on the host, in every account and every project."""
+        """VMs that may run on the host (`PLACED_STATES`), in every account and project."""
         # As root admin, no projectid lists only non-project VMs and projectid=-1 lists only
-        # project VMs, so both are needed.
+        # project VMs, so both are needed. No state filter: a stopped VM has no host, and the
+        # states a VM on the host may still run in are kept below.
         plain, projects = await asyncio.gather(
-            self.list("listVirtualMachines", hostid=host_uuid, state="Running", listall=True),
-            self.list(
-                "listVirtualMachines",
-                hostid=host_uuid,
-                state="Running",
-                listall=True,
-                projectid="-1",
-            ),
+            self.list("listVirtualMachines", hostid=host_uuid, listall=True),
+            self.list("listVirtualMachines", hostid=host_uuid, listall=True, projectid="-1"),
         )
         seen: dict[str, dict[str, Any]] = {}
         for vm in [*plain, *projects]:
-            seen.setdefault(vm["id"], vm)
+            if vm.get("state") in PLACED_STATES:
+                seen.setdefault(vm["id"], vm)
         return list(seen.values())
 
     async def volumes(self, vm: dict[str, Any]) -> Rows:

@@ -108,7 +108,14 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
             decision.decision_id,
             exc,
         )
-        n = refused_notice(decision, str(exc), now, live.actuator.renotify_interval)
+        n = refused_notice(
+            decision,
+            str(exc),
+            now,
+            live.actuator.renotify_interval,
+            mono=time.monotonic(),
+            tag=rt.reminder_tag,
+        )
         return [
             (topics.fence_outcomes, key.encode(), dump(refusal(decision, str(exc), now))),
             (topics.notices, key.encode(), dump(n)),

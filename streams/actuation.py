@@ -461,15 +461,27 @@ def refusal(decision: FenceDecision, reason: str, now: float) -> FenceOutcome:
 
 
 def refused_notice(
-    decision: FenceDecision, reason: str, now: float, period: float = 3600.0
+    decision: FenceDecision,
+    reason: str,
+    now: float,
+    period: float = 3600.0,
+    mono: float | None = None,
+    tag: str = "",
 ) -> Notice:
     """The fence_refused notice of a refusal: one per decision, kind of reason and `period`
     (the renotify interval). A refused fence is tried again about every check interval while
     the reason lasts, and a decision read again after a restart is refused again: the notice
     id (its reason without the figures, the period) lets the notifiers tell people once a
-    period, not at every try."""
+    period, not at every try.
+
+    The period is counted on `mono` (this process's monotonic clock) when given, with `tag`
+    (unique to the process) in the id: counted on the wall clock `now`, a step back of hours
+    made every period's id one already sent while a reason lasted (dropped by the notify
+    table: silence for as long as the step). `now` is shown only."""
     kind = hashlib.sha256(re.sub(r"[0-9.+-]+", "#", reason).encode()).hexdigest()[:12]
-    slot = int(now // max(period, 1.0))
+    slot = f"{int((now if mono is None else mono) // max(period, 1.0))}"
+    if tag:
+        slot = f"{tag}-{slot}"
     return Notice(
         notice_id=f"{decision.host.host_uuid}/{decision.decision_id}/refused/{kind}/{slot}",
         kind=NoticeKind.FENCE_REFUSED,

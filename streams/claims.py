@@ -29,6 +29,9 @@ from streams.kafka import aiokafka_kwargs
 log = logging.getLogger("fencer.actuation")
 
 
+DONE_TRIES = 3  # writes of a `done` claim before the outcome goes on without it
+
+
 class NotNow(Exception):
     """A last-moment check refused the decision; the message is the reason."""
 
@@ -195,12 +198,31 @@ class ClaimLog:
                 raise
             finally:
                 renewing.cancel()
-            await self.append(
-                mine.model_copy(
-                    update={"state": "done", "outcome": outcome.model_dump(mode="json")}
-                )
-            )
+            await self._done(mine, outcome)
             return outcome, True
+
+    async def _done(self, mine: FenceClaim, outcome: FenceOutcome) -> None:
+        """Write the `done` record of a claim whose action was carried out, tried a few times;
+        never raises: the BMC acted, so its outcome is a fact the caller must store and send
+        whatever this log says (raised, the outcome was lost: no fence-outcomes record, no
+        `actuated` entry, the host's record left fencing until the proposal was re-sent). A
+        follower that finds no `done` takes over after the lease, power read first."""
+        done = mine.model_copy(update={"state": "done", "outcome": outcome.model_dump(mode="json")})
+        for attempt in range(1, DONE_TRIES + 1):
+            try:
+                await self.append(done)
+                return
+            except Exception as exc:
+                log.error(
+                    "decision %s: carried out, but its done claim was not written (attempt %d of "
+                    "%d): %s",
+                    mine.decision_id,
+                    attempt,
+                    DONE_TRIES,
+                    exc,
+                )
+            if attempt < DONE_TRIES:
+                await asyncio.sleep(0.5 * attempt)
 
     async def stop(self) -> None:
         if self._reader is not None:

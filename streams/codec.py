@@ -244,7 +244,7 @@ ROW_RECORD_FIELDS: tuple[str, ...] = (
     "filer_offset", "skew_notified", "last_alert_at", "sent_at", "decision_id",
     "withheld_reason", "power_state", "error", "host",
     # appended (a version 3 row written without them loads: trailing values may be missing)
-    "request_clock", "ref_clock", "since_clock",
+    "request_clock", "ref_clock", "since_clock", "opened_clock",
 )  # fmt: skip
 _PACKED_VERSIONS = frozenset({2, ROW_VERSION})  # the list forms: [version, values, host, ...]
 ROW_HOST_FIELDS: tuple[str, ...] = (

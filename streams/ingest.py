@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +34,7 @@ from fencing.events import HostStatus
 from fencing.records import HostRef, HostSignal
 from streams import parser
 from streams.poller import DOWN_STATES, HostDirectory
-from streams.worker_clock import CLOCK_ID
+from streams.worker_clock import CLOCK_ID, worker_clock
 
 log = logging.getLogger("fencer.streams")
 
@@ -49,6 +48,7 @@ class Ingest:
     # streams.directory.DirectoryLog: the leader's poller learns of rechecks through it
     log: Any = None
     clock_id: str = CLOCK_ID  # which clock stamps the signals' `at` (the core compares only it)
+    clock: Callable[[], float] = worker_clock  # that clock (never stepped)
 
     async def signal(self, message: Any) -> tuple[HostSignal | None, str | None]:
         """A CloudStack event bus record as a host signal, or a dead-letter reason, or neither."""
@@ -57,7 +57,9 @@ class Ingest:
             return None, parsed.reason
         # The signal's time is this worker's clock on arrival: CloudStack's own event time (the
         # management server's clock) is shown, never compared with the poller's times (rule 1).
-        at = time.time()
+        # The never-stepped clock named `clock_id` (a wall clock stepped back would make the next
+        # disconnection look earlier than the host's return on that same clock: ignored as late).
+        at = self.clock()
         reported_at = getattr(parsed, "at", None)
         kind: str | None = None
         status: HostStatus | None = None

@@ -12,7 +12,6 @@ every host).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 from fencing.cloudstack import host_from_api
 from fencing.events import HostStatus
 from fencing.records import GateSignal, HostSignal
-from streams.worker_clock import CLOCK_ID
+from streams.worker_clock import CLOCK_ID, worker_clock
 
 log = logging.getLogger("fencer.streams")
 
@@ -67,6 +66,7 @@ class Poller:
     pending: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)  # of the last poll
     clock_id: str = CLOCK_ID  # which clock stamps the signals' `at` (the core compares only it)
+    clock: Callable[[], float] = worker_clock  # that clock (never stepped)
 
     async def poll(self) -> tuple[list[HostSignal], list[GateSignal]]:
         """listHosts: signals for hosts whose state changed since the last poll, cluster sizes.
@@ -75,7 +75,9 @@ class Poller:
         since the last poll of any leader, and a host no leader ever saw is reported only when
         it is not Up (down and maintenance: as every poll); call `remember()` once the signals
         are delivered. Without it, this process's own memory (the first poll reports all)."""
-        now = time.time()
+        # The never-stepped clock named `clock_id`: a wall clock stepped back would stamp the
+        # next disconnection earlier than this worker's own stamp of the host's return (late).
+        now = self.clock()
         if self.log is not None and not self.directory.memory_ready:
             await self.log.start(within=self.log_timeout)
         shared = self.directory.memory_ready

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import secrets
 import time
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ from fencing.records import FenceDecision, FenceOutcome, Notice, ProbeRequest, P
 from fencing.settings import FencerSettings
 from streams.ingest import Ingest
 from streams.poller import HostDirectory, Poller
-from streams.tables import RowStore, reminder_series, reminders
+from streams.tables import RowStore, failed_runs, reminder
 from streams.watch import WORKER_ID
+from streams.worker_clock import CLOCK_ID
 
 log = logging.getLogger("fencer.streams")
 
@@ -61,8 +63,11 @@ class Runtime:
     _actuation: Any = None
     # async (Notice) -> None, set by the topology: how the actuator's notices reach the topic
     notice_sink: Any = None
-    _reminded: set[str] = field(default_factory=set)
-    _reminder_counts: dict[str, tuple[int, float]] = field(default_factory=dict)  # run -> n, mono
+    # run -> (the last reminder's number, when it went out on the monotonic clock)
+    _reminder_counts: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # in every reminder id: unique to this Runtime (process), so a restart never reuses an id
+    reminder_tag: str = field(default_factory=lambda: secrets.token_hex(4))
+    clock_id: str = CLOCK_ID  # this process (`written_by` of the entries its actuator wrote)
     _pins: Any = None  # streams.bmc_pins.BmcPinStore once it has read the topic
     # One start per service: the agents' actors (actuate runs 16) ask for it at the same time.
     _starting: dict[str, asyncio.Lock] = field(default_factory=dict)
@@ -204,22 +209,35 @@ class Runtime:
     def due_reminders(
         self, rows: Iterable[tuple[str, Any]], now: float, mono: float | None = None
     ) -> list[Notice]:
-        """The fence_failed reminders due now that this worker has not sent yet (after a
-        restart one may go out again: the same id, dropped by the notify table).
+        """The fence_failed reminders due now, timed on this process's monotonic clock `mono`
+        only (never the actuator's stamp against this worker's clock: two clocks).
 
-        A run this worker reminded of is reminded again every interval on its own monotonic
-        clock `mono` even when the wall clock's count does not move on (stepped back, or
-        behind the actuator that stamped the failure): its ids were sent, and waiting for the
-        clock to catch up with them would be silence."""
+        A failed run this process wrote itself (it saw the failure, whose notice went out then)
+        is reminded of every `renotify_interval` from the moment it first saw the entry; one
+        another process wrote (this worker restarted, or the partition moved here) at once,
+        then every interval. Each reminder's id carries this process's tag (`reminder_tag`),
+        so no id sent before a restart is ever computed again (the notify table would drop
+        it: silence until some clock caught up)."""
         every = self.current.actuator.renotify_interval
         mono = time.monotonic() if mono is None else mono
-        floors = {s: n + 1 for s, (n, at) in self._reminder_counts.items() if mono - at >= every}
-        notices = reminders(rows, now, every, floors)
-        due = [n for n in notices if n.notice_id not in self._reminded]
-        self._reminded.update(n.notice_id for n in due)
-        for notice in due:
-            series, number = reminder_series(notice.notice_id)
-            self._reminder_counts[series] = (number, mono)
+        due: list[Notice] = []
+        live: set[str] = set()
+        for run in failed_runs(rows):
+            series = f"{run.run_id}/{self.reminder_tag}"
+            live.add(series)
+            seen = self._reminder_counts.get(series)
+            if seen is None:
+                if run.written_by == self.clock_id:
+                    self._reminder_counts[series] = (0, mono)
+                    continue
+                seen = (0, mono - every)  # another process's failure: remind now
+            n, last = seen
+            if mono - last < every:
+                continue
+            self._reminder_counts[series] = (n + 1, mono)
+            due.append(reminder(run, f"{series}/{n + 1}", n + 1, now))
+        for gone in set(self._reminder_counts) - live:
+            del self._reminder_counts[gone]  # retried, handled, or no longer this worker's
         return due
 
     async def emit_notice(self, notice: Notice) -> None:

@@ -7,17 +7,26 @@ failed and which reminders are due, the `notified` table is the notifier's idemp
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from fencing.events import NoticeKind
 from fencing.records import FenceDecision, FenceOutcome, Notice
+from streams.worker_clock import CLOCK_ID
 
 
 def done_entry(decision: FenceDecision, outcome: FenceOutcome) -> dict[str, Any]:
-    """An `actuated` table entry: the outcome, and the decision (an operator may retry it)."""
-    return {**outcome.model_dump(mode="json"), "decision": decision.model_dump(mode="json")}
+    """An `actuated` table entry: the outcome, the decision (an operator may retry it) and the
+    clock of the process that wrote it (`written_by`: the reminders of a failure this process
+    saw itself start one interval later, those of one another process saw at once)."""
+    return {
+        **outcome.model_dump(mode="json"),
+        "decision": decision.model_dump(mode="json"),
+        "written_by": CLOCK_ID,
+    }
 
 
 def put_entry(table: MutableMapping[str, Any], key: str, decision_id: str, entry: Any) -> None:
@@ -31,62 +40,69 @@ def put_entry(table: MutableMapping[str, Any], key: str, decision_id: str, entry
 def failed_fence(
     row: dict[str, Any], decision_id: str | None = None
 ) -> tuple[str, dict[str, Any]] | None:
-    """The host's failed fence: the named decision, else the latest one if it failed."""
+    """The host's failed fence: the named decision, else the latest one if it failed.
+
+    The latest is the decision whose outcome reached the row last (the row keeps its entries
+    in the order they were first written; one writer per partition), never the largest
+    `finished_at`: those are stamped by the clocks of whichever workers ran the fences, and a
+    failure stamped behind an earlier success would be taken for the older one (no reminder)."""
     entries = {k: v for k, v in row.items() if isinstance(v, dict) and "success" in v}
     if decision_id is None and entries:
-        decision_id = max(entries, key=lambda k: entries[k].get("finished_at") or 0.0)
+        decision_id = list(entries)[-1]
     entry = entries.get(decision_id or "")
     if entry is None or entry.get("success"):
         return None
     return decision_id or "", entry
 
 
-def reminder_series(notice_id: str) -> tuple[str, int]:
-    """A reminder's id as (the id of its failed run, its number)."""
-    series, _, n = notice_id.rpartition("/")
-    return series, int(n)
+@dataclass(frozen=True)
+class FailedRun:
+    """A failed fence nobody has retried or marked handled: its reminders are due."""
+
+    host: str  # the row's key
+    decision_id: str
+    outcome: FenceOutcome
+    written_by: str | None  # the clock (process) that wrote the entry, if recorded
+
+    @property
+    def run_id(self) -> str:
+        """The failed run (a retry is a new run: a new start)."""
+        return f"{self.decision_id}/fence_failed/{self.outcome.started_at:.0f}"
 
 
-def reminders(
-    rows: Iterable[tuple[str, Any]],
-    now: float,
-    interval: float,
-    floors: Mapping[str, int] | None = None,
-) -> list[Notice]:
-    """A fence_failed notice for each host whose latest fence failed and that no operator has
-    retried or marked handled: one per `interval` since the failure, each with its own id.
-    `floors` (run id -> number, `reminder_series`) is the least number a run's reminder has: the
-    caller's own count goes on when the clock's does not (it went back, or runs behind the
-    actuator's that stamped the failure)."""
-    out: list[Notice] = []
+def failed_runs(rows: Iterable[tuple[str, Any]]) -> list[FailedRun]:
+    """Each host whose latest fence failed and that no operator has retried or marked
+    handled."""
+    out: list[FailedRun] = []
     for host, row in rows:
         target = failed_fence(dict(row or {}))
         if target is None or target[1].get("handled_at") is not None:
             continue
         decision_id, entry = target
         o = FenceOutcome.model_validate(entry)
-        series = f"{decision_id}/fence_failed/{o.started_at:.0f}"
-        n = max(int((now - o.finished_at) // interval), (floors or {}).get(series, 0))
-        if n < 1:
-            continue
-        minutes = max(now - o.finished_at, n * interval) / 60
-        out.append(
-            Notice(
-                notice_id=f"{series}/{n}",
-                kind=NoticeKind.FENCE_FAILED,
-                host=o.host,
-                at=now,
-                action=o.action,
-                decision_id=decision_id,
-                result=f"reminder {n}: not handled for {minutes:.0f} min",
-                reason=(
-                    f"the fence failed and nobody has acted: {o.error or 'no reason given'}; "
-                    f"`fencer fence retry {host}` runs it again, `fencer fence handled {host}` "
-                    "stops these reminders (or the buttons in the web UI)"
-                ),
-            )
-        )
+        written_by = entry.get("written_by")
+        out.append(FailedRun(host, decision_id, o, written_by if type(written_by) is str else None))
     return out
+
+
+def reminder(run: FailedRun, notice_id: str, n: int, at: float) -> Notice:
+    """Reminder number `n` of a failed run (`at`: the wall clock, shown only)."""
+    o = run.outcome
+    failed_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(o.finished_at))
+    return Notice(
+        notice_id=notice_id,
+        kind=NoticeKind.FENCE_FAILED,
+        host=o.host,
+        at=at,
+        action=o.action,
+        decision_id=run.decision_id,
+        result=f"reminder {n}: not handled since {failed_at} (the actuator's clock)",
+        reason=(
+            f"the fence failed and nobody has acted: {o.error or 'no reason given'}; "
+            f"`fencer fence retry {run.host}` runs it again, `fencer fence handled {run.host}` "
+            "stops these reminders (or the buttons in the web UI)"
+        ),
+    )
 
 
 class RowStore(MutableMapping[str, float]):

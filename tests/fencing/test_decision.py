@@ -1390,7 +1390,7 @@ def test_a_reference_stamped_on_another_workers_clock_measures_no_interval() -> 
     assert (stale2.last_evidence, stale2.stale_count, stale2.ref_clock) == (Evidence.STALE, 1, "A")
     ahead = T0 + 67 + 3600  # B's clock, seconds after A's last result
     r3, actions = step(stale2, Tick(at=ahead, clock="B"), POLICY)
-    # (B's clock also finds the episode an hour old: a suspect_too_long notice, early, told)
+    # (the episode's age is carried from A's stamps: no early suspect_too_long, tested below)
     assert actions[-1] == probe(3) and r3.request_clock == "B"
     rebased, actions = step(r3, replace(reading(ahead + 1, 3), clock="B"), POLICY)
     assert (rebased.last_evidence, rebased.stale_count, actions) == (Evidence.BASELINE, 1, ())
@@ -1412,6 +1412,71 @@ def test_a_reference_stamped_on_another_workers_clock_measures_no_interval() -> 
     moved = ((DISK, T0 - 499), (HB, T0 - 400))
     alive, _ = step(r6, replace(reading(ahead + 191, 6, moved), clock="B"), POLICY)
     assert (alive.last_evidence, alive.stale_count) == (Evidence.ALIVE, 0)
+
+
+def _too_long_notices(actions: tuple[HostAction, ...]) -> list[Notify]:
+    return [a for a in actions if isinstance(a, Notify) and a.kind is NoticeKind.SUSPECT_TOO_LONG]
+
+
+def test_an_episode_moved_to_a_worker_ahead_is_not_reported_too_long_early() -> None:
+    """The partition moves from worker A to worker B, whose clock is an hour ahead, 61 s into
+    the episode. Measured from A's stamp of the first tick on B's clock, the episode was an hour
+    old: suspect_too_long at B's first tick, 239 s early. The age A measured (first tick to its
+    last request, both A's stamps) is carried and the rest measured on B's clock."""
+    policy = replace(POLICY, suspect_alert_after=300.0, probe_timeout=10_000.0)
+    r1, _ = step(SUSPECT, Tick(at=T0 + 1, clock="A"), policy)
+    assert (r1.opened_at, r1.opened_clock, r1.request_clock) == (T0 + 1, "A", "A")
+    base, _ = step(r1, replace(reading(T0 + 2, 1), clock="A"), policy)
+    r2, actions = step(base, Tick(at=T0 + 62, clock="A"), policy)
+    assert actions == (probe(2),)
+    for offset in (3600.0, -3600.0):  # B an hour ahead, or an hour behind
+        b = T0 + 63 + offset
+        moved, actions = step(r2, Tick(at=b, clock="B"), policy)
+        assert _too_long_notices(actions) == [], offset
+        assert (moved.opened_at, moved.opened_clock) == (b - 61, "B")
+        moved, actions = step(moved, Tick(at=b + 238, clock="B"), policy)
+        assert _too_long_notices(actions) == []
+        _, actions = step(moved, Tick(at=b + 239, clock="B"), policy)
+        assert _too_long_notices(actions) == [too_long(300, "suspect", "no decision yet")]
+
+
+def test_a_suspect_too_long_sent_on_another_clock_is_repeated_one_renotify_later() -> None:
+    """A told suspect_too_long (A's clock); the partition moves to B, an hour ahead: B's first
+    tick neither repeats it at once (an hour since A's stamp on B's clock) nor forgets it."""
+    policy = replace(
+        POLICY, suspect_alert_after=300.0, suspect_renotify=600.0, probe_timeout=10_000.0
+    )
+    r1, _ = step(SUSPECT, Tick(at=T0 + 1, clock="A"), policy)
+    alerted, actions = step(r1, Tick(at=T0 + 301, clock="A"), policy)
+    assert _too_long_notices(actions) and alerted.last_alert_at == T0 + 301
+    b = T0 + 302 + 3600
+    moved, actions = step(alerted, Tick(at=b, clock="B"), policy)
+    assert _too_long_notices(actions) == [] and moved.last_alert_at == b
+    # (A's age up to its last request, check 1 at its first tick: 0 s carried)
+    assert (moved.opened_at, moved.opened_clock) == (b, "B")
+    moved, actions = step(moved, Tick(at=b + 599, clock="B"), policy)
+    assert _too_long_notices(actions) == []
+    _, actions = step(moved, Tick(at=b + 600, clock="B"), policy)
+    assert _too_long_notices(actions) == [too_long(600, "suspect", "no decision yet")]
+
+
+def test_an_age_not_measured_on_the_opening_clock_is_not_carried() -> None:
+    """Only two stamps of the clock that opened the episode measure its age: a last request
+    on a third clock (or none at all) carries nothing."""
+    opened = replace(
+        SUSPECT,
+        state=HostState.FENCE_PROPOSED,
+        decision_id=DID,
+        opened_at=T0 + 1,
+        opened_clock="A",
+        last_request_at=T0 + 500,
+        request_clock="C",
+        sent_at=T0 + 2000,
+    )
+    moved, _ = step(opened, Tick(at=T0 + 2000, clock="B"), POLICY)
+    assert (moved.opened_at, moved.opened_clock, moved.last_alert_at) == (T0 + 2000, "B", None)
+    never, _ = step(replace(opened, last_request_at=None), Tick(at=T0 + 2000, clock="B"), POLICY)
+    assert (never.opened_at, never.opened_clock) == (T0 + 2000, "B")
 
 
 def test_workers_flapping_between_two_clocks_never_build_a_stale_run_in_seconds() -> None:

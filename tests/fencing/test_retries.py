@@ -310,16 +310,19 @@ async def test_a_failed_fence_is_repeated_until_an_operator_retries_it(
     failed = await act.handle(d)  # what the actuate agent stores once its checks passed
     done[host] = {d.decision_id: tables.done_entry(d, failed)}
     assert failed is not None and not failed.success
-    t0, every = failed.finished_at, 60.0
-    assert tables.reminders(done.items(), t0 + 59, every) == []
-    (first,) = tables.reminders(done.items(), t0 + 61, every)
+    rt.settings.actuator.renotify_interval = 60.0
+
+    def due(mono: float) -> list[Notice]:
+        return rt.due_reminders(done.items(), time.time(), mono)
+
+    assert due(0.0) == []  # this process saw the failure (its notice went out): one interval
+    assert due(59.0) == []
+    (first,) = due(61.0)
     assert first.kind is NoticeKind.FENCE_FAILED and first.decision_id == d.decision_id
     assert first.notice_id.endswith("/1") and f"fencer fence retry {host}" in (first.reason or "")
-    (again,) = tables.reminders(done.items(), t0 + 61.5, every)
-    assert again.notice_id == first.notice_id  # the same reminder: sent once
-    (second,) = tables.reminders(done.items(), t0 + 125, every)
+    assert due(61.5) == []  # sent once
+    (second,) = due(125.0)
     assert second.notice_id.endswith("/2") and second.notice_id != first.notice_id
-
     bmc.resume()
     rt.settings = settings_for(cloud, {host: bmc.port})  # a longer deadline now
     act.driver_factory = patient_driver
@@ -330,43 +333,81 @@ async def test_a_failed_fence_is_repeated_until_an_operator_retries_it(
     assert bmc.power == "off" and bmc.count("power_off") == 1
     assert degraded_calls(cloud) == ["declareHostAsDegraded"]
     assert done[host][d.decision_id]["success"] and done[host][d.decision_id]["retried_by"] == "ops"
-    assert tables.reminders(done.items(), t0 + 1000, every) == []
+    assert due(1000.0) == [] and tables.failed_runs(done.items()) == []
     # a second retry of a fence that worked does nothing
     assert await actuating.operator_action(rt, retry, done, host) is None
     assert bmc.count("power_off") == 1
 
 
-async def test_fence_failed_reminders_go_on_when_the_wall_clock_steps_back(
+async def test_fence_failed_reminders_go_on_after_a_restart_that_follows_a_wall_clock_step_back(
     cloud: Cloud, bmc: BmcSimulator
 ) -> None:
-    """An NTP step back of an hour on the reminding worker: the clock's count of reminders
-    falls back to numbers already sent (each id is sent once, and the notify table drops a
-    repeat): an hour of silence about a failed fence. The worker's own monotonic clock keeps
-    one reminder per interval going, each with a new id."""
+    """Reminders were numbered by the reminding worker's wall clock minus the actuator's stamp
+    of the failure, floored by an in-memory count: after a restart that follows an NTP step
+    back of an hour (or on a worker whose clock is behind the actuator's), the numbers were
+    ids already sent, which the notify table drops: an hour of silence about a failed fence.
+    Timed on each process's own monotonic clock, with ids no other process computes, the
+    reminders go on: at once on the restarted worker, then every interval."""
     bmc.pause()
     settings = settings_for(cloud, {cloud.host.uuid: bmc.port}, deadline=1.5)
     settings.actuator.renotify_interval = 60.0
     act, _ = actuator(settings)
-    rt = shell(settings, act)
     host = cloud.host.uuid
     d = decision(host, cloud.cluster_uuid)
     failed = await act.handle(d)
     assert failed is not None and not failed.success
     done = {host: {d.decision_id: tables.done_entry(d, failed)}}
     t0 = failed.finished_at
+    sent: list[str] = []  # the notify table: an id already there is dropped
 
-    def ids(now: float, mono: float) -> list[str]:
-        return [n.notice_id.rsplit("/", 1)[1] for n in rt.due_reminders(done.items(), now, mono)]
+    def told(rt: Runtime, now: float, mono: float) -> list[str]:
+        new = [n.notice_id for n in rt.due_reminders(done.items(), now, mono)]
+        fresh = [i for i in new if i not in sent]
+        sent.extend(fresh)
+        return fresh
 
-    assert ids(t0 + 61, 0.0) == ["1"]
-    assert ids(t0 + 125, 64.0) == ["2"]
-    back = t0 + 125 - 3600  # the wall clock steps back an hour
-    assert ids(back + 10, 74.0) == []  # not an interval since the last one
-    assert ids(back + 60, 124.0) == ["3"]  # one interval on the worker's own clock
-    assert ids(back + 100, 164.0) == []
-    assert ids(back + 121, 185.0) == ["4"]
-    # once the wall clock's count passes the worker's own, it leads again
-    assert ids(t0 + 10 * 60 + 1, 600.0) == ["10"]
+    before = shell(settings, act)
+    assert told(before, t0 + 1, 1.0) == []
+    assert len(told(before, t0 + 61, 61.0)) == 1
+    assert len(told(before, t0 + 125, 125.0)) == 1
+    for step_back in (3600.0, 0.0):  # a step back, then a plain restart
+        after = shell(settings, act)  # the worker restarts: a new process, a new clock
+        after.clock_id = f"{before.clock_id}, restarted after {step_back:.0f} s back"
+        back = t0 + 130 - step_back
+        assert len(told(after, back, 5.0)) == 1  # another process's failure: at once
+        assert told(after, back + 59, 64.0) == []
+        assert len(told(after, back + 60, 65.0)) == 1
+        assert len(told(after, back + 120, 125.0)) == 1
+    assert len(sent) == len(set(sent)) == 8
+    bmc.resume()
+
+
+async def test_the_latest_fence_is_the_last_one_stored_not_the_latest_stamp(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    """A host fenced once (decision A, by a worker whose clock was an hour ahead) came back and
+    died again; the fence of its new episode (decision B, on a worker with the right clock)
+    fails. Taken by the largest `finished_at`, A's success was the host's latest fence: no
+    reminder and no operator retry for B's failure. The row's own order (one writer) says
+    which came last."""
+    bmc.pause()
+    settings = settings_for(cloud, {cloud.host.uuid: bmc.port}, deadline=1.5)
+    act, _ = actuator(settings)
+    host = cloud.host.uuid
+    a, b = decision(host, cloud.cluster_uuid), decision(host, cloud.cluster_uuid)
+    failed = await act.handle(b)
+    assert failed is not None and not failed.success
+    ahead = failed.finished_at + 3600
+    fenced = failed.model_copy(
+        update={"decision_id": a.decision_id, "success": True, "finished_at": ahead, "error": None}
+    )
+    done: dict[str, Any] = {}
+    tables.put_entry(done, host, a.decision_id, tables.done_entry(a, fenced))
+    tables.put_entry(done, host, b.decision_id, tables.done_entry(b, failed))
+    (run,) = tables.failed_runs(done.items())
+    assert run.decision_id == b.decision_id
+    target = tables.failed_fence(done[host])
+    assert target is not None and target[0] == b.decision_id
     bmc.resume()
 
 
@@ -383,11 +424,10 @@ async def test_marking_a_failed_fence_handled_stops_the_reminders(
     failed = await act.handle(d)
     done[host] = {d.decision_id: tables.done_entry(d, failed)}
     assert failed is not None and not failed.success
-    later = failed.finished_at + 3600
-    assert len(tables.reminders(done.items(), later, 600)) == 1
+    assert len(tables.failed_runs(done.items())) == 1
     handled = OperatorAction(kind="handled", host_uuid=host, by="ops", at=time.time())
     assert await actuating.operator_action(rt, handled, done, host) is None
-    assert tables.reminders(done.items(), later, 600) == []
+    assert tables.failed_runs(done.items()) == []
     assert bmc.count("power_off") == 0
 
 

@@ -39,6 +39,32 @@ async def test_storage_of_a_host_gives_mount_paths_and_heartbeats(world):
     assert ("listVirtualMachines", "-1") in {(c, p.get("projectid")) for c, p in cloud.calls}
 
 
+async def test_the_disks_of_vms_starting_stopping_or_migrating_on_the_host_are_read(world):
+    """A stop (or start, or migration) the disconnected agent never carried out leaves a VM
+    that still runs on the host in Stopping (Starting, Migrating): CloudStack's own HA counts
+    those VMs as the host's. Reading Running VMs only, a live host whose writing VMs were in
+    one of these states was judged by its idle VMs and heartbeat alone (stale: fenced)."""
+    cloud, host = world.cloud, world.suspect.cloud_host
+    states = ("Stopping", "Starting", "Migrating", "Stopped", "Error")
+    vols = {}
+    for state in states:
+        vm = cloud.add_vm(host, f"vm-{state.lower()}")
+        vols[state] = cloud.add_volume(vm, world.pool)
+        cloud.set_vm_state(vm.uuid, state)
+        vm.host_uuid = host.uuid  # (the simulator empties it on Stopped; a row may keep it)
+    inv = Inventory(world.settings)
+    try:
+        s = await inv.storage_of(host.uuid)
+    finally:
+        await inv.close()
+    root = world.settings.ssh.mount_root
+    paths = {d.path for d in s.disks}
+    for state in states:
+        wanted = posixpath.join(root, world.pool.uuid, vols[state].path) in paths
+        assert wanted is (state in ("Stopping", "Starting", "Migrating")), state
+    assert s.vm_count == 4 + 3
+
+
 async def test_cluster_hosts_reads_every_page(world):
     cluster = world.cloud.clusters[world.suspect.cloud_host.cluster_uuid]
     for i in range(520):

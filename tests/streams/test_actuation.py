@@ -6,6 +6,7 @@ two workers racing for one decision, and a follower of a claimant that died."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -303,6 +304,32 @@ async def test_a_live_claimant_slower_than_the_lease_keeps_followers_waiting(
     assert "renewed" in [c.state for c in follower.of(d.decision_id)]
 
 
+async def test_an_outcome_is_kept_when_its_done_claim_cannot_be_written(
+    fencer_settings: Any,
+) -> None:
+    """The BMC acted, then the claim log's producer fails (here: closed under it): the outcome
+    is returned all the same (stored and sent by the caller), never lost to an exception that
+    the actuate agent logged as "nothing was fenced"."""
+    settings = fencer_settings(isolated_topics=True)
+    d = decision(at=time.time())
+    claims = ClaimLog(settings, "worker")
+    await claims.start()
+    acted: list[bool] = []
+
+    async def act(takeover: bool) -> FenceOutcome:
+        acted.append(takeover)
+        assert claims._producer is not None
+        await claims._producer.stop()  # the broker connection fails after the BMC acted
+        return outcome_of(d, "worker")
+
+    try:
+        out, did_act = await claims.run_once(d, 30.0, act)
+    finally:
+        await claims.stop()
+    assert did_act is True and acted == [False] and out.driver == "worker"
+    assert [c.state for c in claims.of(d.decision_id)] == ["claimed"]  # no done was written
+
+
 async def test_a_released_claim_lets_a_later_decision_act_at_once(fencer_settings: Any) -> None:
     settings = fencer_settings(isolated_topics=True)
     d = decision(at=time.time())
@@ -534,6 +561,34 @@ def test_a_refusal_is_told_once_per_reason_and_renotify_period() -> None:
     later = refused_notice(d, "decision is 73 s old (decision_max_age 10 s)", 10800.0, 3600.0)
     assert later.notice_id != old.notice_id  # and the same one again the next period
     assert d.decision_id in old.notice_id and old.reason and "73 s" in old.reason
+
+
+def test_a_lasting_refusal_is_told_every_period_across_a_wall_clock_step_back() -> None:
+    """A refusal whose reason lasts for hours (CloudStack keeps saying Up), tried every minute;
+    then NTP steps the actuator's wall clock back three hours. Counted on the wall clock, every
+    period's id was one already sent: the notify table dropped them, three hours of silence.
+    Counted on the process's monotonic clock, one new id each period; a restarted process
+    (another tag) tells at once."""
+    from streams.actuation import refused_notice
+
+    d = decision(at=1000.0)
+    why = "CloudStack says the host is Up now"
+    sent: list[str] = []
+    told_at: list[float] = []
+    wall, mono = 1_800_000_000.0, 500.0
+    for minute in range(6 * 60):
+        if minute == 3 * 60:
+            wall -= 3 * 3600  # the step back
+        n = refused_notice(d, why, wall, 3600.0, mono=mono, tag="p1")
+        if n.notice_id not in sent:
+            sent.append(n.notice_id)
+            told_at.append(mono)
+        wall, mono = wall + 60, mono + 60
+    told_at.append(mono)  # (and no silence longer than a period at the end)
+    gaps = [b - a for a, b in itertools.pairwise(told_at)]
+    assert len(sent) >= 6 and max(gaps) <= 3600.0
+    again = refused_notice(d, why, wall, 3600.0, mono=mono, tag="p2")  # after a restart
+    assert again.notice_id not in sent
 
 
 # ---------------------------------------------------------------------------------------------

@@ -527,7 +527,11 @@ def test_the_worker_clocks_are_row_slots_not_extras_and_shared_after_recovery():
     # once read back from the changelog.
     clock = "mgmt-worker-with-a-long-host-name.example.org:12345:1764484000.123"
     record = HostRecord(
-        host=HOST, state=HostState.SUSPECT, request_clock=clock, ref_clock=clock
+        host=HOST,
+        state=HostState.SUSPECT,
+        request_clock=clock,
+        ref_clock=clock,
+        opened_clock=clock,
     ).to_dict()
     row = pack_row(record, REF.model_dump())
     assert len(row) == 3 and clock in row[1]  # no extras dict
@@ -535,3 +539,5 @@ def test_the_worker_clocks_are_row_slots_not_extras_and_shared_after_recovery():
     first, second = (intern_row(json.loads(json.dumps(row))) for _ in range(2))
     slot = ROW_RECORD_FIELDS.index("request_clock")
     assert first[1][slot] == clock and first[1][slot] is second[1][slot]
+    opened = ROW_RECORD_FIELDS.index("opened_clock")
+    assert first[1][opened] is first[1][slot]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from types import SimpleNamespace
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -153,5 +154,59 @@ async def test_a_reporter_whose_clock_is_behind_the_returns_stamp_still_opens_an
         own = signal.model_copy(update={"clock": "P"})
         assert classify(record, _signal_event(own), policy) is Trigger.LATE
     finally:
+        await inventory.close()
+        await sim.stop()
+
+
+async def test_a_wall_clock_step_back_on_the_reporter_never_hides_the_next_disconnection(
+    monkeypatch: Any,
+) -> None:
+    """One worker polls and reads the bus. It saw the host come back; then NTP steps its wall
+    clock back an hour and the host dies. Stamped with the wall clock under the worker's own
+    clock name, its reports of the dead host were "earlier than the return" on one clock:
+    ignored as late for an hour (a missed fence). The stamps are the worker's never-stepped
+    clock (streams.worker_clock), so the step changes nothing."""
+    sc = SimCloud()
+    cluster = sc.add_cluster(sc.add_zone())
+    hv1 = sc.add_host(cluster, "hv1", "10.0.0.11")
+    sc.add_host(cluster, "hv2", "10.0.0.12")
+    sim = await CloudStackSimulator(sc).start()
+    real = time.time
+    try:
+        settings = FencerSettings(
+            cloudstack=CloudStackSettings(
+                endpoint=sim.url,
+                api_key=SecretStr(sim.api_key),
+                secret_key=SecretStr(sim.secret_key),
+            )
+        )
+        inventory = Inventory(settings)
+        directory = HostDirectory()
+        poller, ingest = Poller(lambda: inventory, directory), Ingest(lambda: inventory, directory)
+        assert poller.clock_id == ingest.clock_id  # one worker: one clock name
+        policy = Policy()
+        record = HostRecord(hv1.uuid)
+        sc.set_host_state(hv1.uuid, "Disconnected")
+        signals, _ = await poller.poll()
+        down = next(s for s in signals if s.host.host_uuid == hv1.uuid and s.kind == "disconnected")
+        record, _ = step(record, _signal_event(down), policy)
+        sc.set_host_state(hv1.uuid, "Up")
+        signals, _ = await poller.poll()
+        up = next(s for s in signals if s.host.host_uuid == hv1.uuid and s.kind == "up")
+        record, _ = step(record, _signal_event(up), policy)
+        assert record.state.value == "idle" and record.since_clock == poller.clock_id
+
+        monkeypatch.setattr(time, "time", lambda: real() - 3600.0)  # the step back
+        sc.set_host_state(hv1.uuid, "Disconnected")
+        when = time.strftime("%Y-%m-%d %H:%M:%S +0000", time.gmtime(real()))
+        signal, reason = await ingest.signal(alert(hv1.uuid, "hv1", when))
+        assert reason is None and signal is not None and signal.kind == "disconnected"
+        assert classify(record, _signal_event(signal), policy) is Trigger.DISCONNECTED
+        signals, _ = await poller.poll()
+        down = next(s for s in signals if s.host.host_uuid == hv1.uuid and s.kind == "disconnected")
+        opened, actions = step(record, _signal_event(down), policy)
+        assert (opened.state.value, opened.episode) == ("suspect", 2) and actions
+    finally:
+        monkeypatch.undo()
         await inventory.close()
         await sim.stop()
