@@ -231,8 +231,7 @@ class DecisionTail:
                 )
             finally:
                 if consumer is not None:
-                    with contextlib.suppress(Exception):
-                        await consumer.stop()
+                    await _close(consumer)
             await asyncio.sleep(wait)
 
     async def _read(self, consumer: AIOKafkaConsumer, topic: str) -> None:
@@ -273,3 +272,16 @@ class DecisionTail:
                 # metadata, which fails when no broker answers.
                 await asyncio.wait_for(consumer.topics(), self.check_every)
                 checked = loop.time()
+
+
+async def _close(consumer: AIOKafkaConsumer) -> None:
+    """Stop `consumer`. aiokafka's stop after a lost broker can raise the CancelledError of
+    its own fetch task: only a cancellation of the tail itself ends the tail."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception as exc:
+        log.debug("gate: the decision log tail's consumer stopped with %s", exc)
