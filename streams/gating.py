@@ -53,6 +53,17 @@ beginning), keeps only the records whose signature it verifies as the actuator d
 decision id, judged by their `decided_at` once taken onto the gate's clock (`decided_clock`
 names the clock it is on). The gate agent awaits `Reconcile.prepare` before a proposal: a
 proposal after an assignment waits for the read.
+
+The log is not read once only: a former owner stalled longer than the consumer session (SIGSTOP,
+a long GC or VM pause, a network hiccup) loses the partition, then wakes and publishes a decision
+it judged before the stall, after the new owner's read (its row writes reach the changelog, not
+the new owner's store), and the actuator obeys it. So from the reconciliation on, while it owns
+the partition, the owner tails the log from where that read ended (`Reconcile.tail`,
+`streams.gate_tail.DecisionTail`: the same signature check), and each judgement first merges the
+approved power-downs the tail has read so far into the shared row by decision id (its own read
+back count once), `log_position` moving in the same record; it never waits for the broker (a
+tail that cannot read logs and retries; the gate judges with what was read). The tail halts at
+every change of assignment and follows again after the next reconciliation.
 """
 
 from __future__ import annotations
