@@ -17,6 +17,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
+from fencing import gate as gatecore
 from fencing.events import FenceAction, WithheldReason
 from fencing.records import EvidenceSummary, FenceDecision, FenceProposal, GateSignal, HostRef
 from fencing.settings import FencerSettings, PolicySettings, SigningSettings
@@ -24,7 +25,7 @@ from fencing.signing import new_key_line
 from streams import gating
 from streams.broker import EmbeddedBroker
 from streams.codec import dump
-from streams.gate_tail import DecisionTail
+from streams.gate_tail import DecisionTail, merge
 from streams.kafka import aiokafka_kwargs
 from streams.runtime import Runtime
 
@@ -387,3 +388,24 @@ async def test_a_broker_gone_is_retried_and_logged_and_the_gate_judges_on(
         assert (e.withheld_reason, e.budget_used) == (WithheldReason.CAP_REACHED, 3)
         assert "tailed again" in caplog.text
         await tail.stop()
+
+
+def test_merge_takes_other_clocks_over_and_leaves_a_row_of_another_clock() -> None:
+    """`merge` alone (no broker): a logged decision of another clock given to it is taken onto
+    the row's clock (aged against its clock's latest stamp among them, never younger); a shared
+    row not yet on the gate's clock is left as it is, its position too (the reconciliation
+    takes it over with the log); positions only move forward."""
+    glob = gatecore.GlobalGate(clock=B_T, clock_id="B")
+    logged = (
+        gatecore.Logged("h1/1/x", "h1", "c1", FenceAction.STOP, True, A_T - 600, "A"),
+        gatecore.Logged("h2/1/x", "h2", "c2", FenceAction.REBOOT, True, A_T, "A"),
+        gatecore.Logged("h3/1/x", "h3", "c1", FenceAction.STOP, True, B_T - WINDOW, "B"),
+    )
+    whole, position = merge(glob, {0: 5, 1: 2}, logged, {0: 7, 1: 1}, B_T, WINDOW, "B")
+    assert [(g.decision_id, g.at) for g in whole.grants] == [
+        ("h1/1/x", B_T - 600),
+        ("h2/1/x", B_T),
+    ]  # h3: out of the window on B's own clock
+    assert position == {0: 7, 1: 2}
+    other = gatecore.GlobalGate(clock=A_T, clock_id="A")
+    assert merge(other, {0: 5}, logged, {0: 7}, B_T, WINDOW, "B") == (other, {0: 5})
