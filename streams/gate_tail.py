@@ -198,6 +198,13 @@ class DecisionTail:
                 logged.at, logged.clock_id, self._latest, self._clock(), self.clock_id
             )
             logged = replace(logged, at=at, clock_id=self.clock_id)
+            log.warning(
+                "gate: decision %s of another clock (%s) read from the decision log after the "
+                "reconciliation: a former owner published it late; it counts at the next "
+                "judgement",
+                logged.decision_id,
+                d.decided_clock,
+            )
         self._kept.append(logged)
 
     async def _run(self) -> None:
