@@ -45,7 +45,7 @@ from fencing.records import (
     ProbeResult,
 )
 from fencing.settings import FencerSettings
-from streams import actuating, codec, gating, tables
+from streams import actuating, codec, gate_tail, gating, tables
 from streams import observability as obs
 from streams import watch as host_watch
 from streams.directory import DirectoryLog
@@ -146,7 +146,9 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         app.on_partitions_revoked.connect(rows.on_partitions_changed)
         app.on_partitions_assigned.connect(rows.on_partitions_changed)
         # The gate's shared row is made whole from the cluster rows after each (re)assignment.
-        gate_sync = gating.Reconcile(source=(runtime, gates))
+        # While it owns the gates partition it reads the log on (a stalled former owner's late
+        # decision counts): streams.gate_tail.
+        gate_sync = gating.Reconcile(source=(runtime, gates), tail=gate_tail.DecisionTail(runtime))
         app.on_partitions_revoked.connect(gate_sync.on_partitions_changed)
         app.on_partitions_assigned.connect(gate_sync.on_partitions_changed)
         app.on_rebalance_complete.connect(gate_sync.on_rebalance_complete)
@@ -485,6 +487,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         if "ingest" in roles:
             await bus.stop()
             await directory_log.stop()
+            if gate_sync.tail is not None:
+                await gate_sync.tail.stop()
         await runtime.close()
 
     app.fencer_runtime = runtime  # type: ignore[attr-defined]

@@ -53,6 +53,17 @@ beginning), keeps only the records whose signature it verifies as the actuator d
 decision id, judged by their `decided_at` once taken onto the gate's clock (`decided_clock`
 names the clock it is on). The gate agent awaits `Reconcile.prepare` before a proposal: a
 proposal after an assignment waits for the read.
+
+The log is not read once only: a former owner stalled longer than the consumer session (SIGSTOP,
+a long GC or VM pause, a network hiccup) loses the partition, then wakes and publishes a decision
+it judged before the stall, after the new owner's read (its row writes reach the changelog, not
+the new owner's store), and the actuator obeys it. So from the reconciliation on, while it owns
+the partition, the owner tails the log from where that read ended (`Reconcile.tail`,
+`streams.gate_tail.DecisionTail`: the same signature check), and each judgement first merges the
+approved power-downs the tail has read so far into the shared row by decision id (its own read
+back count once), `log_position` moving in the same record; it never waits for the broker (a
+tail that cannot read logs and retries; the gate judges with what was read). The tail halts at
+every change of assignment and follows again after the next reconciliation.
 """
 
 from __future__ import annotations
@@ -76,6 +87,7 @@ from streams.topic_reader import TopicReader
 from streams.worker_clock import CLOCK_ID, worker_clock
 
 if TYPE_CHECKING:
+    from streams.gate_tail import DecisionTail
     from streams.runtime import Runtime
 
 log = logging.getLogger("fencer.streams")
@@ -356,6 +368,7 @@ class Reconcile:
         read: Callable[[Runtime, LogPosition], Awaitable[tuple[list[gatecore.Logged], LogPosition]]]
         | None = None,
         source: tuple[Runtime, MutableMapping[str, Any]] | None = None,
+        tail: DecisionTail | None = None,
     ) -> None:
         self.due = True
         self.logged: list[gatecore.Logged] | None = None  # read for the due reconciliation
@@ -366,12 +379,17 @@ class Reconcile:
         # recovered (`on_rebalance_complete`), not when the first proposal is already waiting.
         self.source = source
         self._ahead: asyncio.Task[None] | None = None
+        # The decision log read on after the reconciliation (streams.gate_tail): halted at every
+        # change of assignment, followed again from where the reconciliation's read ended.
+        self.tail: DecisionTail | None = tail
 
     async def on_partitions_changed(self, *args: Any, **kwargs: Any) -> None:
         """Faust's on_partitions_revoked / on_partitions_assigned receiver."""
         self.due = True
         self.logged = None
         self._changes += 1
+        if self.tail is not None:
+            self.tail.halt()
 
     async def prepare(
         self, runtime: Runtime, item: FenceProposal | GateSignal, table: MutableMapping[str, Any]
@@ -409,7 +427,10 @@ class Reconcile:
             self.logged, self.position = logged, position
 
     def done(self) -> None:
-        """A judgement wrote the reconciled rows."""
+        """A judgement (or the owner's take-over) wrote the reconciled rows: the tail reads on
+        from where the reconciliation's read ended."""
+        if self.tail is not None and self.logged is not None:
+            self.tail.follow(self.position)
         self.due = False
         self.logged = None
 
@@ -477,6 +498,8 @@ def apply_gate(
     else:
         glob = global_row(table.get(GLOBAL_ROW))
         merged_to = log_position(table.get(GLOBAL_ROW))  # the log merged up to here
+        if sync is not None and sync.tail is not None:  # the log read on since (streams.gate_tail)
+            glob, merged_to = sync.tail.merge(glob, merged_to, now, policy.fence_window, clock_id)
     row = cluster_row(table.get(cluster), cluster)
     row = gatecore.observe(row, gatecore.ClusterPaused(runtime.cluster_paused(cluster)))
     glob = gatecore.pause_all(glob, runtime.globally_paused())
