@@ -296,3 +296,18 @@ def test_an_unknown_outcome_and_its_wire_record() -> None:
     assert result.mtimes == {HB: 1990.0} and result.heartbeats == {HB: "1990"}
     assert result.complete and result.filer_offset == 0.0 and result.neighbour == "n2"
     assert "evidence" not in result.model_dump()
+
+
+def test_the_missing_files_reach_the_core_and_an_older_record_without_them_still_loads() -> None:
+    from fencing.records import ProbeResult
+    from streams.codec import probe_finished
+
+    base = {"host": {"host_uuid": "h1"}, "episode": 1, "check": 2, "suspect_since": 1000.0}
+    old = ProbeResult.model_validate({**base, "finished_at": 1001.0, "complete": True})
+    assert old.missing == [] and probe_finished(old, 5.0).missing == ()
+    new = ProbeResult.model_validate_json(
+        ProbeResult.model_validate(
+            {**base, "finished_at": 1001.0, "missing": [DISKS[1], HB]}
+        ).model_dump_json()
+    )
+    assert probe_finished(new, 5.0).missing == (DISKS[1], HB)
