@@ -29,10 +29,12 @@ the decision, and a disconnection stamped before the host's return is late (a re
   else **alive** when the reading carries a direct sign of life (`live_signs`: an RBD watch held
   by the host); else **baseline** when there is no earlier complete reading; else **alive** when
   any file's mtime or any heartbeat's content changed (or a file appeared) since the previous
-  complete reading; else **stale** when at least `check_interval` (or the back end's `min_gap`,
-  if larger) passed between the two readings
-  (from the arrival of the previous one to the request of this one: both worker clock, and a
-  lower bound of the real gap); else unknown ("too soon"). Every complete reading becomes the
+  complete reading; else **unknown** when a file the reference holds was requested and could
+  not be read now (`ProbeFinished.missing`: gone, or a stat that failed, such as ESTALE or EIO;
+  it may be the one busy disk of a live host); else **stale** when at least `check_interval`
+  (or the back end's `min_gap`, if larger) passed between the two readings (from the arrival
+  of the previous one to the request of this one: both worker clock, and a lower bound of the
+  real gap); else unknown ("too soon"). Every complete reading becomes the
   reference for the next: each file keyed by the fingerprint of its path, its mtime exact, a
   heartbeat's content as itself or a 128-bit digest (`as_reference`: equality is all it needs).
 - alive: the stale and unknown runs reset. stale: the stale run grows; at `1 + extra_checks`
@@ -518,7 +520,14 @@ def _judge(
         record.ref_heartbeats, result.heartbeats, heartbeat_token
     )
     if changed is not None:
+        # (Also when a file read before could not be read now: a changed value on its own
+        # clock is positive evidence of writes, and alive never leads to a fence.)
         return Evidence.ALIVE, changed, False
+    unread = _unread(record, result.missing)
+    if unread is not None:
+        # What it lacks may be the one file that changed: a busy VM's disk gone unreadable next
+        # to idle ones (and a dead agent's heartbeat) would make a live host look stale.
+        return Evidence.UNKNOWN, unread, False
     assert record.last_request_at is not None
     if record.request_clock != record.ref_clock:
         # Another worker's clock (the partition moved, or the worker restarted): the gap between
@@ -570,6 +579,21 @@ def _changed(
         if earlier[key] != kept(value):
             return f"{path} changed"
     return None
+
+
+def _unread(record: HostRecord, missing: tuple[str, ...]) -> str | None:
+    """Why a reading cannot be judged as no change: it lacks files the reference holds (read
+    before in the episode), named by path; None when every such file was read."""
+    known = {key for key, _ in (*record.ref_mtimes, *record.ref_heartbeats)}
+    lost = [path for path in dict.fromkeys(missing) if fingerprint(path) in known]
+    if not lost:
+        return None
+    more = f" (+{len(lost) - 3} more)" if len(lost) > 3 else ""
+    return (
+        f"{len(lost)} of the files read before could not be read now (gone, or their stat "
+        f"failed): "
+        f"{', '.join(lost[:3])}{more}"
+    )
 
 
 def _clash(now: tuple[tuple[str, Any], ...]) -> str | None:
@@ -785,8 +809,10 @@ def _from_result(
         filer_offset=result.filer_offset,
     )
     if evidence is not Evidence.UNKNOWN:
-        # A file the reading lacks (gone, or a stat that failed) keeps its last known value:
-        # back unchanged, it is no change (each file is only compared with itself).
+        # A file the reading lacks keeps its last known value: back unchanged, it is no change
+        # (each file is only compared with itself). (A file no longer requested, such as the
+        # disk of a VM restarted elsewhere; one requested that could not be read made the
+        # reading unknown, unless another file changed: alive.)
         mtimes, heartbeats = as_reference(result.mtimes, result.heartbeats)
         record = replace(
             record,

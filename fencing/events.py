@@ -154,6 +154,9 @@ class ProbeFinished:
     live_signs: tuple[str, ...] = ()  # direct signs of life seen now (an RBD watch of the host)
     min_gap: float = 0.0  # a back end's own floor for a stale window (RBD: the watch timeout)
     clock: str = ""  # which worker clock stamped `at` (see `Tick.clock`)
+    # Requested files the probe could not read now (a stat that failed: gone, ESTALE, EIO, a
+    # directory it cannot search). One the reference holds makes the reading unknown.
+    missing: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,11 @@ class ProbeResult(WireRecord):
     min_gap: float = Field(0.0, description="the back end's floor for a stale window, seconds")
     duration: float = 0.0
     probe: str = "nfs"
+    missing: list[str] = Field(
+        default_factory=list,
+        description="requested files the probe could not read now (a stat that failed, an "
+        "image that is gone): one read before in the episode makes the reading unknown",
+    )
 
 
 class EvidenceSummary(BaseModel):

@@ -1293,6 +1293,74 @@ def _judge_ceph_unreachable(run: Run) -> list[str]:
     return f
 
 
+# -- busy-disk-unreadable
+
+
+async def _busy_disk_unreadable(run: Run) -> None:
+    host = run.lab.host("kvm02")
+    busy, *idle = host.vms()
+    for vm in idle:
+        run.lab.kvm.set_vm_idle(vm)
+    run.fault(
+        f"kvm02's agent dies (its heartbeat with it); one VM writes its disk, {len(idle)} idle",
+        "kvm02",
+    )
+    run.lab.agent_dies("kvm02")
+    await run.checks("kvm02", 1)  # the baseline read the busy disk
+    (disk,) = host.disk_files([busy])
+    # On the lab's one shared export the path is gone (ENOENT) for every reader; on a real NFS
+    # client a stale file handle (ESTALE) or EIO fails the neighbour's stat the same way.
+    disk.rename(disk.with_name(f".{disk.name}.unreadable"))
+    run.marks["unreadable:kvm02"] = time.time()
+    run.facts["unreadable:kvm02"] = str(disk)
+    run.fault(f"the neighbours can no longer stat kvm02's busy disk {disk.name}", "kvm02")
+    p = run.settings.policy
+    await run.wait(
+        lambda: run.notices("cannot_verify", "kvm02"),
+        p.check_interval * (p.unknown_alert_after + 3) + 30,
+        "a cannot-verify notice",
+    )
+    await run.checks("kvm02", 2 + p.extra_checks + 1)
+    await run.wait(lambda: run.lab.mail.mails and run.lab.traps.traps, 15, "mail and trap")
+
+
+def _judge_busy_disk_unreadable(run: Run) -> list[str]:
+    f: list[str] = []
+    at = run.marks.get("unreadable:kvm02")
+    if at is None:
+        return ["kvm02's busy disk was never made unreadable"]
+    disk = run.facts["unreadable:kvm02"]
+    p = run.settings.policy
+    after = [
+        c for c in run.results("kvm02") if c["requested_at"] is not None and c["requested_at"] >= at
+    ]
+    ev = [c["evidence"] for c in after]
+    need = 1 + p.extra_checks
+    _expect(f, len(after) >= need, f"{len(after)} checks after the disk went unreadable")
+    _expect(f, set(ev) == {"unknown"}, f"checks lacking the busy disk said {ev}")
+    _expect(f, run.results("kvm02", "stale") == [], "a check of a live host said stale")
+    _expect(
+        f,
+        all(disk in (c["reading"].get("missing") or []) for c in after),
+        "a check after the disk went unreadable does not list it missing",
+    )
+    _expect(
+        f,
+        all(
+            "could not be read now" in str(c["reason"]) and disk in str(c["reason"]) for c in after
+        ),
+        f"an unknown that does not name the unreadable disk: {[c['reason'] for c in after]}",
+    )
+    _expect(f, run.decisions() == [], "a fence was decided for a live host")
+    _expect(f, run.lab.bmc_power_offs("kvm02") == 0, "kvm02's BMC got a power-off")
+    _expect(f, run.lab.degraded_calls("kvm02") == [], "CloudStack was told kvm02 is degraded")
+    _expect(f, bool(run.notices("cannot_verify", "kvm02")), "no cannot-verify notice")
+    _expect(f, "cannot_verify" in {t.kind for t in run.lab.traps.traps}, "no cannot-verify trap")
+    subjects = [m.subject for m in run.lab.mail.mails]
+    _expect(f, any("CANNOT-VERIFY" in s for s in subjects), f"no cannot-verify mail: {subjects}")
+    return f
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -1445,6 +1513,13 @@ SCENARIOS: dict[str, Scenario] = {
             "it is fenced once",
             _pause_then_resume,
             _judge_pause_then_resume,
+        ),
+        Scenario(
+            "busy-disk-unreadable",
+            "the agent dies, the one busy VM's disk becomes unreadable to the neighbours, the "
+            "other VMs idle: only unknown, a cannot-verify notice, never fenced",
+            _busy_disk_unreadable,
+            _judge_busy_disk_unreadable,
         ),
     )
 }

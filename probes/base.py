@@ -84,7 +84,8 @@ class ProbeTarget:
 
 @dataclass(frozen=True)
 class Reading:
-    """What a back end saw. Missing paths are simply absent from the maps."""
+    """What a back end saw. Missing paths are simply absent from the maps (`outcome_of` lists
+    the requested ones as `missing`)."""
 
     now: float  # the reader's (neighbour's) clock when it looked: shown as an offset only
     mtimes: Mapping[str, float] = field(default_factory=dict)
@@ -112,6 +113,9 @@ class ProbeOutcome:
     filer_offset: float | None = None
     live_signs: tuple[str, ...] = ()  # direct signs of life (an RBD watch held by the host)
     min_gap: float = 0.0  # this back end's floor for a stale window (RBD: the watch timeout)
+    # Requested files it could not read (a stat that failed: gone, ESTALE, EIO, a directory it
+    # cannot search; an RBD image that is gone). Only known from an answer read to its end.
+    missing: tuple[str, ...] = ()
 
     @classmethod
     def unknown(cls, reason: str, probe: str, **kw: Any) -> ProbeOutcome:
@@ -139,6 +143,7 @@ class ProbeOutcome:
             probe=self.probe,
             live_signs=list(self.live_signs),
             min_gap=self.min_gap,
+            missing=list(self.missing),
         )
 
 
@@ -184,9 +189,18 @@ def incomplete_reason(target: ProbeTarget, reading: Reading) -> str | None:
 def outcome_of(
     target: ProbeTarget, reading: Reading, probe: str, neighbour: str | None, duration: float
 ) -> ProbeOutcome:
-    """The outcome of one reading: what was read, whether it is complete, measured offsets."""
+    """The outcome of one reading: what was read, which requested files could not be read,
+    whether it is complete, measured offsets."""
     wanted = (*target.files, *target.heartbeats)
     mtimes = {p: reading.mtimes[p] for p in wanted if p in reading.mtimes}
+    # A file whose stat failed is absent from the answer; only an answer read to its end tells
+    # an unreadable file from one the output never reached. The core decides what it means (a
+    # file read before in the episode: unknown, never "no change").
+    missing = (
+        tuple(p for p in dict.fromkeys(wanted) if p not in reading.mtimes)
+        if reading.complete
+        else ()
+    )
     beats = {
         h: reading.heartbeat_values[h] for h in target.heartbeats if h in reading.heartbeat_values
     }
@@ -215,6 +229,7 @@ def outcome_of(
         probe=probe,
         neighbour_offset=neighbour_offset,
         filer_offset=filer_offset,
+        missing=missing,
     )
 
 

@@ -29,8 +29,11 @@ from probes.base import Neighbour, ProbeOutcome, ProbeTarget, Reading, Reason, o
 
 # `N` the neighbour's clock, `M i ok|no` pool mount i usable, `H i <content>` heartbeat i, then
 # `S <mtime> <path>` per file that exists and, last, `S <mtime> /`: stat of "/" marks complete
-# output. Under bash, EPOCHSECONDS, mapfile and `exec stat` make a check cost one process image
-# (the shell becomes stat); other shells fall back to date and xargs (one sh + stat per batch).
+# output. A path whose stat fails (gone, ESTALE, EIO, a directory it cannot search) prints
+# nothing (the error goes to /dev/null): `outcome_of` lists it as `missing` and the core calls
+# the reading unknown when the file was read before in the episode. Under bash, EPOCHSECONDS,
+# mapfile and `exec stat` make a check cost one process image (the shell becomes stat); other
+# shells fall back to date and xargs (one sh + stat per batch).
 # Every file is opened (and closed, no data read) before its stat: on an NFS mount with the
 # default `cto` the open makes the client revalidate the file's attributes with the server
 # (close-to-open), so the stat reports the server's mtime, not one from the attribute cache

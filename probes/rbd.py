@@ -14,8 +14,9 @@ A dead client's watch lingers for the cluster's `osd_client_watch_timeout`, so e
 carries `min_gap = rbd.watch_timeout + rbd.watch_margin`: the core never calls a host stale on
 a window shorter than that. The reading is incomplete (unknown) when Ceph cannot be asked
 (monitor unreachable, keyring refused, `HEALTH_ERR`) or any image's status or info cannot be
-read; an image that no longer exists is simply absent, as a deleted file is for NFS. A watcher
-from any other address on one of the host's images also makes it incomplete (unless
+read; an image that no longer exists is absent and listed as `missing`, as a deleted file is
+for NFS (the core calls the reading unknown when the image was read before in the episode). A
+watcher from any other address on one of the host's images also makes it incomplete (unless
 `rbd.foreign_watchers` is `ignore`): the likeliest cause is the host itself on a storage network
 that `hosts.<uuid>.storage_ip` does not name, and then its watches would go unrecognised.
 
@@ -305,6 +306,10 @@ class RbdProbe(SshProbe):
             )
         if reason is None and not r.mtimes:
             reason = f"{Reason.NO_FILES}: none of the host's {len(specs)} RBD images exists"
+        # Images the answer (read to its end) has no modify_timestamp for: gone (ENOENT), or a
+        # line that came garbled. Any other failure of status or info already made it incomplete.
+        keys = (f"{PREFIX}{spec}" for spec in specs)
+        missing = tuple(k for k in keys if k not in r.mtimes) if r.done else ()
         return ProbeOutcome(
             mtimes=dict(r.mtimes),
             complete=reason is None,
@@ -317,6 +322,7 @@ class RbdProbe(SshProbe):
             neighbour_offset=round(r.now - local_now, 1) if r.now is not None else None,
             live_signs=signs,
             min_gap=self.min_gap,
+            missing=missing,
         )
 
     async def _read(self, n: Neighbour, specs: list[str]) -> tuple[RbdReading, float] | str:

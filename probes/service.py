@@ -104,6 +104,7 @@ def merge_outcomes(outcomes: list[ProbeOutcome], unreadable: int) -> ProbeOutcom
         filer_offset=next((o.filer_offset for o in outcomes if o.filer_offset is not None), None),
         live_signs=tuple(s for o in outcomes for s in o.live_signs),
         min_gap=max(o.min_gap for o in outcomes),
+        missing=tuple(p for o in outcomes for p in o.missing),
     )
 
 

@@ -159,6 +159,7 @@ def probe_finished(r: ProbeResult, arrived_at: float, clock: str = "") -> ProbeF
         filer_offset=r.filer_offset,
         live_signs=tuple(r.live_signs),
         min_gap=r.min_gap,
+        missing=tuple(r.missing),
     )
 
 

@@ -228,9 +228,24 @@ async def test_pause_withholds_and_resume_fences_once(
     assert any("WITHHELD" in m for m in s["mail_subjects"])
 
 
+async def test_busy_disk_unreadable_is_unknown_notified_never_fenced(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """A live host (agent dead, heartbeat stopped) whose one busy VM's disk the neighbours can
+    no longer stat, its other VM idle: every file read is unchanged, yet never stale."""
+    s = await _play("busy-disk-unreadable", broker, tmp_path)
+    checks = s["checks"]["kvm02"]
+    assert checks[0] == "baseline" and "stale" not in checks and "unknown" in checks
+    assert s["fences_executed"] == 0 and s["fences_withheld"] == 0
+    assert s["bmc_power_offs"] == {} and s["declare_degraded"] == {}
+    assert "cannot_verify" in s["notices_by_host"]["kvm02"]
+    assert "cannot_verify" in s["trap_kinds"]
+    assert any("CANNOT-VERIFY" in m and "kvm02" in m for m in s["mail_subjects"])
+
+
 def test_every_scenario_is_covered_here() -> None:
     names = {n.removeprefix("test_") for n in globals() if n.startswith("test_")}
-    assert len(SCENARIOS) == 20
+    assert len(SCENARIOS) == 21
     covered = {
         "agent-dies": "agent_dies_is_never_fenced",
         "host-crash": "host_crash_is_fenced_once_in_time",
@@ -248,6 +263,7 @@ def test_every_scenario_is_covered_here() -> None:
         "rbd-disks": "rbd_disk_is_unknown_notified_never_fenced",
         "suspect-too-long": "suspect_too_long_is_mailed_and_trapped_repeatedly",
         "pause-then-resume": "pause_withholds_and_resume_fences_once",
+        "busy-disk-unreadable": "busy_disk_unreadable_is_unknown_notified_never_fenced",
     }
     # On a real Ceph: tests/e2e/test_rbd_scenarios.py.
     from tests.e2e import test_rbd_scenarios as rbd

@@ -3,13 +3,15 @@
 The evidence rule of issue 13, as properties: a constant offset of the filer's clock (or of the
 host's) changes no verdict and no decision; a host whose files stop changing is fenced after
 exactly `1 + extra_checks` stale checks whatever it wrote before; a host with a change in every
-window never is; unknown readings never count. Then stateful machines: one host's core and the
+window never is; unknown readings never count; a file read before that cannot be read now is
+never stale. Then stateful machines: one host's core and the
 cluster gate keep their safety invariants whatever order facts, readings, verdicts and
 redeliveries arrive in.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -156,6 +158,7 @@ class Files:
 CHANGES = ("disk", "beat", "touch", "appear")
 NO_CHANGE = ("same", "vanish")
 UNKNOWNS = ("incomplete", "unreadable", "empty", "failed", "lost")
+UNSTAT = "unstat"  # the busy disk (DISK) cannot be stat'ed now: a complete reading that lacks it
 
 
 def reading_of(
@@ -166,6 +169,9 @@ def reading_of(
         return ProbeFinished(at=at, episode=episode, check=check, reason="ssh refused")
     if kind == "empty":
         return ProbeFinished(at=at, episode=episode, check=check, complete=True, neighbour="n2")
+    if kind == UNSTAT:
+        r = files.read(at, episode, check, filer=filer, host=host)
+        return replace(r, mtimes=tuple(pm for pm in r.mtimes if pm[0] != DISK), missing=(DISK,))
     return files.read(
         at,
         episode,
@@ -377,6 +383,33 @@ def test_unknown_readings_never_count_and_never_break_a_run(
     assert [p for _, _, p in proposals(noisy_trace)] == [p for _, _, p in proposals(clean_trace)]
 
 
+@PROPERTY
+@given(
+    script=steps((*CHANGES, *NO_CHANGE, *UNKNOWNS, UNSTAT), max_size=16), extra=st.integers(0, 3)
+)
+def test_a_file_read_before_that_cannot_be_read_now_is_never_stale(
+    script: list[tuple[str, float]], extra: int
+) -> None:
+    """A reading that lacks the busy disk the reference holds is unknown, or alive when another
+    file changed: never stale, never a proposal, never the reference. (Lacking it before it was
+    ever read, it is judged on the other files, as any reading.)"""
+    trace = drive(script, policy_of(extra))
+    lacking = [
+        (before, record, actions)
+        for (_, _, before, _), (_, event, record, actions) in itertools.pairwise(trace)
+        if isinstance(event, ProbeFinished)
+        and event.missing
+        and fingerprint(DISK) in dict(before.ref_mtimes)
+    ]
+    for before, record, actions in lacking:
+        assert record.last_evidence in (Evidence.UNKNOWN, Evidence.ALIVE)
+        assert not any(isinstance(a, ProposeFence) for a in actions)
+        if record.last_evidence is Evidence.UNKNOWN:
+            assert (record.ref_at, record.ref_mtimes) == (before.ref_at, before.ref_mtimes)
+            assert record.unknown_count == before.unknown_count + 1  # counted: alerts follow
+    tally(f"readings lacking a file read before: {min(len(lacking), 3)}")
+
+
 class HostMachine(RuleBasedStateMachine):
     """One host's record driven by random facts, file changes, readings, verdicts and
     redeliveries, checked against an oracle that restates the evidence rule."""
@@ -528,6 +561,8 @@ class HostMachine(RuleBasedStateMachine):
             return Evidence.ALIVE
         if any(beats.get(p) != v for p, v in r.heartbeats):
             return Evidence.ALIVE
+        if any(p in mtimes or p in beats for p in r.missing):
+            return Evidence.UNKNOWN  # a file read before, unreadable now: never "no change"
         gap = self.requested_at - self.ref_at
         if gap < 0:
             return Evidence.BASELINE  # the worker's clock went back: a new reference
@@ -608,14 +643,14 @@ class HostMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.outstanding is not None)
     @rule(
-        kind=st.sampled_from(["same", "same", "same", *CHANGES, *UNKNOWNS[:-1], "skewed"]),
+        kind=st.sampled_from(["same", "same", "same", *CHANGES, *UNKNOWNS[:-1], UNSTAT, "skewed"]),
         delay=st.floats(0, 30),
     )
     def answer(self, kind: str, delay: float) -> None:
         self.answer_with(kind, delay)
 
     @precondition(lambda self: self.open_episode is not None)
-    @rule(kind=st.sampled_from(["same", "same", "same", *CHANGES, *UNKNOWNS]))
+    @rule(kind=st.sampled_from(["same", "same", "same", *CHANGES, *UNKNOWNS, UNSTAT]))
     def check_cycle(self, kind: str) -> None:
         """One check interval passes and the probe it starts is answered: deep episodes fast."""
         self.now += self.policy.check_interval
@@ -653,6 +688,7 @@ class HostMachine(RuleBasedStateMachine):
         live=st.booleans(),
         min_gap=st.sampled_from([0.0, 0.0, 90.0, 600.0]),
         delay=st.floats(0, 30),
+        missing=st.lists(st.sampled_from([DISK, DISK2, HB, "/mnt/p1/vm9.qcow2"]), max_size=2),
     )
     def answer_anything(
         self,
@@ -663,6 +699,7 @@ class HostMachine(RuleBasedStateMachine):
         live: bool,
         min_gap: float,
         delay: float,
+        missing: list[str],
     ) -> None:
         out = self.outstanding
         assert out is not None
@@ -677,6 +714,7 @@ class HostMachine(RuleBasedStateMachine):
                 unreadable=unreadable,
                 live_signs=("watcher of 10.0.0.11 on rbd/vol-1",) if live else (),
                 min_gap=min_gap,
+                missing=tuple(missing),
             )
         )
 

@@ -98,8 +98,10 @@ def reading(
     reason: str | None = None,
     neighbour_offset: float | None = None,
     filer_offset: float | None = None,
+    missing: tuple[str, ...] = (),
 ) -> ProbeFinished:
-    """A probe's reading of h1's files, arrived at `at` (worker clock)."""
+    """A probe's reading of h1's files, arrived at `at` (worker clock); `missing` are the
+    requested files it could not read."""
     return ProbeFinished(
         at=at,
         episode=episode,
@@ -113,6 +115,7 @@ def reading(
         reason=reason,
         neighbour_offset=neighbour_offset,
         filer_offset=filer_offset,
+        missing=missing,
     )
 
 
@@ -393,20 +396,25 @@ def test_a_disk_that_left_the_host_is_no_change() -> None:
 
 
 def test_a_file_missing_from_one_reading_and_back_unchanged_is_no_change() -> None:
-    """The probe drops a file it cannot stat (ESTALE, EIO: `stat 2>/dev/null`) and the reading
-    stays complete. Back with the same mtime, it did not change: no sign of life. Otherwise a
-    flaky file resets the stale run every other check and a dead host is never fenced."""
+    """The probe cannot stat a file it read before (ESTALE, EIO) and lists it as missing: that
+    reading is unknown (it neither counts nor breaks the stale run, and never becomes the
+    reference). Back with the same mtime, the file did not change: no sign of life, so a flaky
+    file never resets the stale run and a dead host is still fenced."""
     two = ((DISK, T0 - 500), (DISK2, T0 - 300), (HB, T0 - 400))
     policy = replace(POLICY, extra_checks=1)
+    why = f"1 of the files read before could not be read now (gone, or their stat failed): {DISK2}"
     r1 = requested(replace(SUSPECT, opened_at=T0), T0)
     b1 = judged(r1, reading(T0 + 1, 1, two), Evidence.BASELINE)
     r2 = requested(b1, T0 + 61)
-    s2 = judged(r2, reading(T0 + 62, 2), Evidence.STALE, stale_count=1)
-    assert dict(s2.ref_mtimes)[fingerprint(DISK2)] == T0 - 300  # remembered while missing
-    r3 = requested(s2, T0 + 122)
-    s3 = judged(r3, reading(T0 + 123, 3, two), Evidence.STALE, stale_count=2)
+    flaky = reading(T0 + 62, 2, missing=(DISK2,))
+    u2 = judged(r2, flaky, Evidence.UNKNOWN, why, unknown_count=1)
+    assert dict(u2.ref_mtimes)[fingerprint(DISK2)] == T0 - 300  # remembered while missing
+    r3 = requested(u2, T0 + 122)
+    s3 = judged(r3, reading(T0 + 123, 3, two), Evidence.STALE, stale_count=1, unknown_count=0)
+    r4 = requested(s3, T0 + 183)
+    s4 = judged(r4, reading(T0 + 184, 4, two), Evidence.STALE, stale_count=2)
     proposed = replace(
-        s3, state=HostState.FENCE_PROPOSED, since=T0 + 123, decision_id=DID, sent_at=T0 + 123
+        s4, state=HostState.FENCE_PROPOSED, since=T0 + 184, decision_id=DID, sent_at=T0 + 184
     )
     run(
         SUSPECT,
@@ -414,10 +422,12 @@ def test_a_file_missing_from_one_reading_and_back_unchanged_is_no_change() -> No
             (Tick(at=T0), r1, (probe(1),)),
             (reading(T0 + 1, 1, two), b1, ()),
             (Tick(at=T0 + 61), r2, (probe(2),)),
-            (reading(T0 + 62, 2), s2, ()),
+            (flaky, u2, ()),
             (Tick(at=T0 + 122), r3, (probe(3),)),
+            (reading(T0 + 123, 3, two), s3, ()),
+            (Tick(at=T0 + 183), r4, (probe(4),)),
             (
-                reading(T0 + 123, 3, two),
+                reading(T0 + 184, 4, two),
                 proposed,
                 (replace(PROPOSAL, stale_checks=2, newest_write=T0 - 300, files_checked=3),),
             ),
@@ -428,6 +438,111 @@ def test_a_file_missing_from_one_reading_and_back_unchanged_is_no_change() -> No
     moved = ((DISK, T0 - 500), (DISK2, T0 - 299), (HB, T0 - 400))
     alive, _ = step(r3, reading(T0 + 123, 3, moved), policy)
     assert (alive.last_evidence, alive.reason) == (Evidence.ALIVE, f"{DISK2} changed")
+
+
+BUSY_IDLE = ((DISK, T0 - 500), (DISK2, T0 - 300), (HB, T0 - 400))
+"""A host's files: DISK the busy VM's disk, DISK2 an idle VM's, HB its heartbeat file."""
+
+
+def _busy_and_idle() -> HostRecord:
+    """h1 suspect, baseline of BUSY_IDLE read at T0 + 5, check 2 requested at T0 + 70."""
+    r1 = requested(replace(SUSPECT, opened_at=T0 + 1), T0 + 1)
+    base, _ = step(r1, reading(T0 + 5, 1, BUSY_IDLE), POLICY)
+    assert base.last_evidence is Evidence.BASELINE
+    return requested(base, T0 + 70)
+
+
+def _lost(*paths: str) -> str:
+    return (
+        f"{len(paths)} of the files read before could not be read now (gone, or their stat "
+        f"failed): {', '.join(paths)}"
+    )
+
+
+def test_a_busy_disk_read_before_and_unreadable_now_is_unknown_never_stale() -> None:
+    """A live host whose agent died (heartbeat unchanged) and whose one busy VM's disk the
+    neighbour suddenly cannot stat, the other VMs idle: every file read is unchanged, but the one
+    that would have changed was not read. Unknown (counted, alerted), never stale: no fence."""
+    policy = replace(POLICY, extra_checks=1, unknown_alert_after=3)
+    record = _busy_and_idle()
+    ref = (record.ref_at, record.ref_mtimes, record.ref_heartbeats)
+    idle = ((DISK2, T0 - 300), (HB, T0 - 400))  # DISK could not be read
+    at = T0 + 71
+    for n in range(1, 6):
+        result = reading(at, record.checks_requested, idle, BEAT, missing=(DISK,))
+        assert judge(record, result, policy) == (Evidence.UNKNOWN, _lost(DISK))
+        before = record
+        record, actions = step(record, result, policy)
+        assert record == judged(before, result, Evidence.UNKNOWN, _lost(DISK), unknown_count=n)
+        # the reference is never updated by such a reading
+        assert (record.ref_at, record.ref_mtimes, record.ref_heartbeats) == ref
+        alert = (cannot_verify(3, _lost(DISK), "n2"),) if n == 3 else ()
+        assert actions == alert and record.state is HostState.SUSPECT
+        assert record.stale_count == 0
+        at += 61
+        record = requested(record, at - 1)
+    # the same with the heartbeat file's content and mtime unreadable too (a dead agent's
+    # heartbeat file next to it, both on a path the neighbour cannot stat)
+    result = reading(at, record.checks_requested, ((DISK2, T0 - 300),), (), missing=(DISK, HB))
+    assert judge(record, result, policy) == (Evidence.UNKNOWN, _lost(DISK, HB))
+
+
+def test_a_file_read_before_and_unreadable_now_is_unknown_whatever_the_order_of_checks() -> None:
+    """Too soon, or the reference stamped on another worker's clock: the reading lacks a file
+    read before, which is the stronger reason (a failure to gather evidence: counted)."""
+    record = _busy_and_idle()
+    idle = ((DISK2, T0 - 300), (HB, T0 - 400))
+    soon = replace(record, last_request_at=T0 + 10)
+    assert judge(soon, reading(T0 + 11, 2, idle, missing=(DISK,)), POLICY) == (
+        Evidence.UNKNOWN,
+        _lost(DISK),
+    )
+    other = replace(record, request_clock="worker-b")
+    assert judge(other, reading(T0 + 71, 2, idle, missing=(DISK,)), POLICY) == (
+        Evidence.UNKNOWN,
+        _lost(DISK),
+    )
+    after, _ = step(soon, reading(T0 + 11, 2, idle, missing=(DISK,)), POLICY)
+    assert after.unknown_count == 1  # not "only early": it counts toward cannot-verify
+
+
+def test_another_file_that_changed_still_proves_the_host_alive() -> None:
+    """A changed mtime on the filer's own clock is positive evidence of writes: alive (which
+    never leads to a fence), also when a file read before could not be read now. The missing
+    file keeps its last known value in the reference."""
+    record = _busy_and_idle()
+    moved = ((DISK2, T0 - 299), (HB, T0 - 400))
+    result = reading(T0 + 71, 2, moved, missing=(DISK,))
+    assert judge(record, result, POLICY) == (Evidence.ALIVE, f"{DISK2} changed")
+    after, _ = step(record, result, POLICY)
+    assert dict(after.ref_mtimes)[fingerprint(DISK)] == T0 - 500
+    assert dict(after.ref_mtimes)[fingerprint(DISK2)] == T0 - 299
+    beat = reading(T0 + 71, 2, BUSY_IDLE[1:], ((HB, "601"),), missing=(DISK,))
+    assert judge(record, beat, POLICY) == (Evidence.ALIVE, f"{HB} changed")
+
+
+def test_a_missing_file_never_read_before_leaves_the_verdict_to_the_others() -> None:
+    """A file the reference never held (a VM whose disk never existed on the filer, a disk
+    attached since) is judged as before: the pool rules of the probe decide whether the
+    reading is complete, and the files read decide the verdict."""
+    record = _busy_and_idle()
+    result = reading(T0 + 71, 2, BUSY_IDLE, missing=("/mnt/p1/vm7.qcow2",))
+    assert judge(record, result, POLICY) == (Evidence.STALE, None)
+    # a reading with nothing missing is judged as ever
+    assert judge(record, reading(T0 + 71, 2, BUSY_IDLE), POLICY) == (Evidence.STALE, None)
+
+
+def test_the_reason_names_at_most_three_unreadable_files_and_counts_each_once() -> None:
+    disks = tuple(f"/mnt/p1/d{i}.qcow2" for i in range(5))
+    r1 = requested(replace(SUSPECT, opened_at=T0 + 1), T0 + 1)
+    base, _ = step(r1, reading(T0 + 5, 1, (*((d, T0) for d in disks), (HB, T0))), POLICY)
+    r2 = requested(base, T0 + 70)
+    result = reading(T0 + 71, 2, ((HB, T0),), missing=(*disks, disks[0], "/mnt/p1/new"))
+    why = (
+        "5 of the files read before could not be read now (gone, or their stat failed): "
+        f"{disks[0]}, {disks[1]}, {disks[2]} (+2 more)"
+    )
+    assert judge(r2, result, POLICY) == (Evidence.UNKNOWN, why)
 
 
 def test_host_without_vms_is_judged_on_its_heartbeat_file_alone() -> None:

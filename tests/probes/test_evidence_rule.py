@@ -90,6 +90,23 @@ def test_a_missing_disk_leaves_the_reading_complete() -> None:
     out = outcome_of(target(), reading({DISKS[0]: 900.0, HB: 900.0}, {HB: "900"}), "nfs", "n2", 0)
     assert out.complete and out.reason is None
     assert out.mtimes == {DISKS[0]: 900.0, HB: 900.0} and out.files_wanted == 3
+    # ...and names the requested file it could not read: the core decides what that means
+    # (unknown when the file was read before in the episode)
+    assert out.missing == (DISKS[1],)
+
+
+def test_every_requested_file_that_could_not_be_read_is_listed_missing_once() -> None:
+    tgt = target(pools=(PoolTarget("p1", MP, HB, (*DISKS, DISKS[0])), PoolTarget("p2", MP2, HB2)))
+    r = reading({DISKS[1]: 900.0, HB2: 900.0}, {HB2: "900"}, mounted={MP: True, MP2: True})
+    out = outcome_of(tgt, r, "nfs", "n2", 0)
+    assert out.complete and out.missing == (DISKS[0], HB)
+    request = ProbeRequest(
+        host=HostRef(host_uuid="h1"), episode=1, check=2, suspect_since=1000.0, requested_at=1001.0
+    )
+    assert out.to_result(request, 1002.0).missing == [DISKS[0], HB]
+    # everything read: nothing missing
+    full = reading({DISKS[0]: 1.0, DISKS[1]: 1.0, HB: 1.0}, {HB: "1"})
+    assert outcome_of(target(), full, "nfs", "n2", 0).missing == ()
 
 
 def test_a_host_without_vms_is_read_by_its_heartbeat_file_alone() -> None:
@@ -182,6 +199,8 @@ def test_an_incomplete_reading_still_reports_what_it_read() -> None:
     """What it read is shown; the core never compares an incomplete reading (it is unknown)."""
     out = outcome_of(target(), reading({DISKS[0]: 1500.0}, complete=False), "nfs", "n2", 1.0)
     assert out.mtimes == {DISKS[0]: 1500.0} and not out.complete
+    # output cut short cannot tell an unreadable file from one it never reached: none listed
+    assert out.missing == ()
 
 
 def test_unreadable_disks_are_counted_the_core_decides_what_they_mean() -> None:
@@ -277,3 +296,18 @@ def test_an_unknown_outcome_and_its_wire_record() -> None:
     assert result.mtimes == {HB: 1990.0} and result.heartbeats == {HB: "1990"}
     assert result.complete and result.filer_offset == 0.0 and result.neighbour == "n2"
     assert "evidence" not in result.model_dump()
+
+
+def test_the_missing_files_reach_the_core_and_an_older_record_without_them_still_loads() -> None:
+    from fencing.records import ProbeResult
+    from streams.codec import probe_finished
+
+    base = {"host": {"host_uuid": "h1"}, "episode": 1, "check": 2, "suspect_since": 1000.0}
+    old = ProbeResult.model_validate({**base, "finished_at": 1001.0, "complete": True})
+    assert old.missing == [] and probe_finished(old, 5.0).missing == ()
+    new = ProbeResult.model_validate_json(
+        ProbeResult.model_validate(
+            {**base, "finished_at": 1001.0, "missing": [DISKS[1], HB]}
+        ).model_dump_json()
+    )
+    assert probe_finished(new, 5.0).missing == (DISKS[1], HB)

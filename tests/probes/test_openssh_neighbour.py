@@ -57,3 +57,93 @@ async def test_openssh_neighbour_reports_stale_then_alive(sshd, tmp_path):
     # The heartbeat's content advanced between the two readings: what the core calls alive.
     assert alive.heartbeats[str(hb)] != stale.heartbeats[str(hb)]
     assert probe.pool.connects == 1 and probe.round_trips == 2
+
+
+@pytest.mark.parametrize("how", ["removed", "dangling symlink"])
+async def test_a_busy_disk_unreadable_on_the_neighbour_makes_the_core_say_unknown(
+    sshd, tmp_path, how
+):
+    """A live host whose agent died (heartbeat unchanged), its busy VM's disk suddenly not
+    readable by the neighbour, its other VMs idle: through real OpenSSH and the probe's remote
+    script, the probe lists the disk missing and the core's verdict is unknown, never stale."""
+    import getpass
+
+    from fencing.decision import HostRecord, step
+    from fencing.events import Evidence, HostDisconnected, RunProbe, Tick
+    from fencing.policy import Policy
+    from fencing.records import HostRef, ProbeRequest, ProbeResult
+    from streams.codec import probe_finished
+
+    mnt = tmp_path / "mnt"
+    pool = mnt / "pool-1"
+    (pool / "KVMHA").mkdir(parents=True)
+    (pool / "vols").mkdir()
+    old = time.time() - 1000
+    busy = pool / "vols" / "busy.qcow2"
+    idle = [pool / f"idle-{i}.qcow2" for i in range(3)]
+    for d in (busy, *idle):
+        d.write_bytes(b"")
+        os.utime(d, (old, old))
+    hb = pool / "KVMHA" / "hb-10.0.0.11"
+    hb.write_text(f"{int(old)}\n")
+    os.utime(hb, (old, old))
+    settings = FencerSettings(
+        ssh={
+            "user": getpass.getuser(),
+            "port": sshd,
+            "key_file": str(tmp_path / "client"),
+            "known_hosts": str(tmp_path / "known_hosts"),
+            "mount_root": str(mnt),
+        }
+    )
+    disks = (str(busy), *map(str, idle))
+    target = ProbeTarget(
+        "h1",
+        "kvm01",
+        "10.0.0.11",
+        old,
+        (PoolTarget("pool-1", str(pool), str(hb), disks),),
+        (Neighbour("n1", "kvm02", "127.0.0.1"),),
+    )
+    policy = Policy(check_interval=60.0, extra_checks=0, unknown_alert_after=1)
+    record, _ = step(HostRecord("h1"), HostDisconnected(at=1000.0), policy)
+    probe = NfsSshProbe(settings)
+
+    async def check(at: float) -> tuple[ProbeResult, HostRecord, tuple]:
+        nonlocal record
+        record, actions = step(record, Tick(at=at), policy)
+        (run,) = [a for a in actions if isinstance(a, RunProbe)]
+        request = ProbeRequest(
+            host=HostRef(host_uuid="h1"),
+            episode=run.episode,
+            check=run.check,
+            suspect_since=run.suspect_since,
+            requested_at=at,
+        )
+        outcome = await probe.check(target)
+        # through the wire record and the codec, as the watch worker gets it
+        wire = ProbeResult.model_validate_json(outcome.to_result(request, at).model_dump_json())
+        record, actions = step(record, probe_finished(wire, at + 1), policy)
+        return wire, record, actions
+
+    try:
+        first, record, _ = await check(1001.0)
+        assert first.complete and first.missing == [] and record.last_evidence is Evidence.BASELINE
+        # between two checks, the busy disk can no longer be read on the neighbour
+        if how == "removed":
+            busy.rename(pool / "vols" / "busy.qcow2.moved")
+        else:
+            (pool / "vols").rename(pool / "vols.moved")
+            (pool / "vols").symlink_to(tmp_path / "nowhere")
+        second, record, actions = await check(1062.0)
+    finally:
+        await probe.close()
+    assert second.complete, second.reason  # every pool answered, the idle disks were read
+    assert second.missing == [str(busy)]
+    assert set(second.mtimes) == {*map(str, idle), str(hb)}
+    assert record.last_evidence is Evidence.UNKNOWN  # was stale: the host would be fenced
+    assert record.reason == (
+        f"1 of the files read before could not be read now (gone, or their stat failed): {busy}"
+    )
+    assert record.stale_count == 0 and record.state.value == "suspect"
+    assert [a.kind.value for a in actions] == ["cannot_verify"]

@@ -22,7 +22,8 @@ from fencing.settings import FencerSettings, HostSettings
 from lab.ceph import LabRbd
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud
 from lab.kvm_hosts import KvmLab
-from probes.rbd import CEPH_HEALTH, parse_output, watcher_ip
+from probes.base import PoolTarget, ProbeTarget
+from probes.rbd import CEPH_HEALTH, RbdProbe, parse_output, watcher_ip
 from probes.service import ProbeService
 from streams.codec import probe_finished
 
@@ -207,6 +208,29 @@ async def test_missing_image_is_absent_and_the_rest_still_read(rworld):
     r = await probe(rworld)
     assert r.complete and set(r.mtimes) == {rworld.key(rworld.images[0])}
     assert r.files_wanted == 2
+    # listed as missing, as an NFS disk whose stat failed: the core calls the reading unknown
+    # when the image was read before in the episode
+    assert r.missing == [rworld.key(rworld.images[1])]
+
+
+def test_an_image_whose_status_or_info_fails_makes_the_reading_incomplete():
+    """Any failure but ENOENT (EIO, a timeout, a refused key) on one image: incomplete, so
+    unknown whatever the core knows. ENOENT: the image is gone, listed as missing."""
+    health = json.dumps({"status": "HEALTH_OK"})
+    specs = ["rbd/a", "rbd/b", "rbd/c"]
+    out = f"N 1\nH {health}\nW 0 100 []\nX 1 5 EIO\nX 2 2 No such file\nD\n"
+    r = parse_output(specs, out)
+    assert r.problem == "image unreadable: rbd/b: ceph unreachable: EIO"
+    target = ProbeTarget(
+        "h1", "kvm01", "10.0.0.11", 0.0, (PoolTarget("rbd", "rbd", None, ("rbd:rbd/a",)),)
+    )
+    probe = RbdProbe(FencerSettings())
+    outcome = probe._outcome(target, specs, r, 1.0, "kvm02", time.monotonic())
+    assert not outcome.complete and outcome.reason == r.problem
+    gone = parse_output(specs, out.replace("X 1 5 EIO", "W 1 100 []"))
+    outcome = probe._outcome(target, specs, gone, 1.0, "kvm02", time.monotonic())
+    assert outcome.complete and outcome.missing == ("rbd:rbd/c",)
+    assert set(outcome.mtimes) == {"rbd:rbd/a", "rbd:rbd/b"}
 
 
 async def test_host_with_nfs_and_rbd_disks_gets_both_back_ends_in_one_reading(mixed_world):
