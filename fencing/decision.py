@@ -384,6 +384,12 @@ def step(record: HostRecord, event: HostEvent, policy: Policy) -> Step:
         )
     new, actions = _HANDLERS[trigger](record, event, policy)
     assert new.state in allowed, (record.state, trigger, new.state)
+    if new.probe_outstanding and not probing(new):
+        # A check's answer is taken only while the host is checked: once it is not (a fence
+        # approved while a check of a temporary withhold was out), that check is answered by no
+        # one. Left outstanding, a refusal that sends the host back to checking would wait a
+        # whole probe timeout for it and count it lost (an unknown it never was).
+        new = replace(new, probe_outstanding=False)
     return new, actions
 
 

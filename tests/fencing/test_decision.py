@@ -926,7 +926,7 @@ def test_suspect_too_long_in_suspect_says_why_no_decision_was_made() -> None:
     )
     # closed states never alert
     for state in (HostState.IDLE, HostState.MAINTENANCE):
-        closed = replace(record, state=state, last_alert_at=None)
+        closed = replace(record, state=state, last_alert_at=None, probe_outstanding=False)
         assert step(closed, Tick(at=T0 + 99_999), policy) == (closed, ())
 
 
@@ -975,7 +975,10 @@ def test_an_approval_may_follow_a_temporary_withhold() -> None:
         withheld_reason=WithheldReason.QUIET_PERIOD,
     )
     r5 = requested(withheld, T0 + 265)
-    fencing = replace(r5, state=HostState.FENCING, since=T0 + 266, withheld_reason=None)
+    # (check 5 is no longer waited for: no answer is taken while fencing)
+    fencing = replace(
+        r5, state=HostState.FENCING, since=T0 + 266, withheld_reason=None, probe_outstanding=False
+    )
     rows += [
         (FenceWithheld(T0 + 206, 1, DID, WithheldReason.QUIET_PERIOD), withheld, ()),
         (Tick(at=T0 + 265), r5, (probe(5),)),
@@ -1700,6 +1703,28 @@ def test_a_refused_fence_goes_back_to_checking_and_proposes_again_on_fresh_evide
         (refused, fenced, ()),  # a refusal of another copy, after the success: late
     ]
     run(IDLE, rows)
+
+
+def test_a_check_out_when_the_fence_is_approved_is_not_waited_for_after_a_refusal() -> None:
+    """A temporary withhold keeps the host checked; its check is out when the re-judged
+    proposal is approved (FENCING: no answer is taken), then the actuator refuses. The host is
+    checked again one interval after its last check, not after a probe timeout spent waiting for
+    an answer no one takes, and no lost check (unknown) is counted. Found by TestHostMachine."""
+    _, rows = to_proposal()
+    record = run(IDLE, rows)
+    withhold = FenceWithheld(T0 + 206, 1, DID, WithheldReason.QUIET_PERIOD)
+    record, _ = step(record, withhold, POLICY)
+    record, actions = step(record, Tick(at=T0 + 265), POLICY)
+    assert actions == (probe(5),) and record.probe_outstanding
+    record, _ = step(record, FenceApproved(at=T0 + 266, episode=1, decision_id=DID), POLICY)
+    assert record.state is HostState.FENCING and not record.probe_outstanding
+    refused = FenceFinished(at=T0 + 267, episode=1, decision_id=DID, success=False, refused=True)
+    record, _ = step(record, refused, POLICY)
+    assert record.state is HostState.WITHHELD and not record.probe_outstanding
+    unknowns = record.unknown_count
+    record, actions = step(record, Tick(at=T0 + 325), POLICY)  # one interval after check 5
+    assert actions == (probe(6),) and record.probe_outstanding
+    assert record.unknown_count == unknowns
 
 
 def test_a_refusal_may_overtake_its_approval_and_a_host_alive_since_is_not_proposed() -> None:
