@@ -228,7 +228,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 )
 
         # A host gets a tick when its next check is due (streams.watch.TickSchedule), and at
-        # least every min(check_interval / 2, 5 s).
+        # least every two sweeps (a sweep every min(check_interval / 2, 5 s) ticks the open
+        # hosts without a tick since the last one).
         schedule = host_watch.TickSchedule(period=min(policy.check_interval / 2, 5.0))
         rechecked: set[str] = set()  # open hosts whose recheck this process wrote
 
@@ -240,10 +241,15 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             policy_for = runtime.current.policy_for
             if schedule.sweep_due(now):
                 open_hosts = set()
-                for host_uuid, row in list(hosts.items()):
+                # The keys from the store, each row from the watch's cache when it wrote it
+                # since the last assignment (not every row decoded again, every sweep).
+                for host_uuid in list(hosts.keys()):
+                    row = rows.get(host_uuid)
                     schedule.note(host_uuid, row, policy_for)
                     if row is not None and host_watch.wants_tick(row):
                         open_hosts.add(host_uuid)
+                        if not schedule.sweep_wants(host_uuid, now):
+                            continue  # ticked less than a period ago
                         schedule.sent(host_uuid, now)
                         tick_signal = host_watch.tick(row, now)
                         await host_signals.send(

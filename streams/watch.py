@@ -98,8 +98,9 @@ def next_tick_at(record: dict[str, Any], policy: Policy) -> float | None:
 
 
 class TickSchedule:
-    """When the tick timer sends a host a tick: every open row every `period` seconds (a sweep
-    of the table, as before: reminders and a safety net), and in between as soon as a row's
+    """When the tick timer sends a host a tick: every `period` seconds a sweep of the table
+    ticks each open row that had no tick in the last period (reminders and a safety net: at
+    least every two periods), and in between as soon as a row's
     `next_tick_at` has come, so a check goes out within TICK_RESOLUTION of being due instead of
     up to a whole period late. The due times are noted as the watch writes rows (and on each
     sweep): between sweeps only those few hosts are looked at, never the whole table."""
@@ -135,6 +136,16 @@ class TickSchedule:
     def sent(self, host: str, now: float) -> None:
         """A tick went out to `host` at `now`."""
         self.last[host] = now
+
+    def sweep_wants(self, host: str, now: float) -> bool:
+        """Whether this sweep sends `host` a tick: not when it got one (due, or from a sweep)
+        less than `period` ago. Every open row still gets a tick at least every two periods
+        (reminders, and the net under `next_tick_at`), and a host whose checks fall due every
+        check_interval no longer gets the sweep's ticks on top of its own (each a record to
+        produce, fetch and step: issue 17). A clock that went back past the last tick ticks
+        now, as `sweep_due`."""
+        last = self.last.get(host)
+        return last is None or not 0 <= now - last < self.period
 
     def due_now(self, now: float) -> list[str]:
         """Hosts whose due time has come since their last tick (taken as sent now)."""

@@ -4,6 +4,7 @@ row still gets its periodic tick. Virtual time through the real core (time arriv
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -166,3 +167,80 @@ def test_a_worker_clock_stepped_back_keeps_the_ticks_and_the_checks_going():
         now = round(now + TICK_RESOLUTION, 6)
     assert requests, "no check within 10 s of the step back"
     assert unpack_row(row)[0]["checks_requested"] == 3
+
+
+def test_the_sweep_skips_a_host_ticked_within_the_period_and_never_leaves_one_two_periods():
+    """The sweep's tick goes only to an open host without a tick in the last period (its due
+    ticks count): each open host still gets a tick at least every two sweep periods, and a clock
+    that went back past its last tick ticks it at once."""
+    s = TickSchedule(period=0.5)
+    assert s.sweep_wants(HOST, 10.0)  # never ticked
+    s.sent(HOST, 10.0)
+    assert not s.sweep_wants(HOST, 10.0) and not s.sweep_wants(HOST, 10.49)
+    assert s.sweep_wants(HOST, 10.5)
+    # a due tick just after a sweep: the next sweep skips the host, the one after ticks it
+    s.next[HOST] = 10.6
+    assert s.due_now(10.6) == [HOST]
+    assert not s.sweep_wants(HOST, 11.0)
+    assert s.sweep_wants(HOST, 11.5)
+    # the clock stepped back past the last tick: ticked now, not once the clock caught up
+    assert s.sweep_wants(HOST, 9.0)
+
+
+def test_sweeps_and_due_ticks_together_leave_no_open_host_longer_than_two_periods():
+    """Virtual time through the real core: the tick timer's logic as app.tick runs it (a sweep
+    every period that skips hosts ticked within it, due ticks every TICK_RESOLUTION), a prober
+    that answers each request alive PROBE_S later (the host stays suspect, checked every
+    check_interval): the gaps between a host's ticks stay within two periods, every check goes
+    out when due, and a fifth fewer ticks go out than with a sweep of every host every period."""
+    settings = FencerSettings(policy=PolicySettings(check_interval=1.0, startup_quiet=0))
+    policy, topics = settings.policy.to_policy(), settings.kafka.topics
+    period = 0.5
+
+    def run(skip: bool) -> tuple[list[float], list[tuple[float, float]]]:
+        schedule = TickSchedule(period=period)
+        row, _ = apply(None, HostInput(HostDisconnected(0.0, HostStatus.DISCONNECTED), REF),
+                       HOST, policy, settings, topics)  # fmt: skip
+        schedule.note(HOST, row, settings.policy_for)
+        ticks: list[float] = []
+        results: list[float] = []
+        gaps: list[tuple[float, float]] = []
+        now = 0.0
+        while now < 60.0:
+            now = round(now + TICK_RESOLUTION, 6)
+            sent = []
+            if schedule.sweep_due(now) and (not skip or schedule.sweep_wants(HOST, now)):
+                schedule.sent(HOST, now)
+                sent.append(now)
+            if HOST in schedule.due_now(now) and not sent:
+                sent.append(now)
+            for at in sent:
+                row, out = apply(row, HostInput(Tick(at)), HOST, policy, settings, topics)
+                schedule.note(HOST, row, settings.policy_for)
+                ticks.append(at)
+                for topic, _, _ in out:
+                    if topic != topics.probe_requests:
+                        continue
+                    if results:
+                        gaps.append((results[-1], at))
+                    check = unpack_row(row)[0]["checks_requested"]
+                    mtimes = (("/d", float(check)),)  # a new write every check: alive
+                    result = ProbeFinished(
+                        at=at + PROBE_S, episode=1, check=check, mtimes=mtimes, complete=True
+                    )
+                    row, _ = apply(row, HostInput(result), HOST, policy, settings, topics)
+                    schedule.note(HOST, row, settings.policy_for)
+                    results.append(at + PROBE_S)
+        return ticks, gaps
+
+    ticks, gaps = run(skip=True)
+    every_sweep, _ = run(skip=False)
+    assert len(gaps) > 40
+    assert all(interval_ok(result, request) for result, request in gaps)
+    assert max(b - a for a, b in itertools.pairwise(ticks)) <= 2 * period + 1e-6
+    assert len(ticks) <= len(every_sweep) * 0.85  # measured: 120 against 152
+
+
+def interval_ok(result: float, request: float) -> bool:
+    """A check requested check_interval (1 s) after the last result, one resolution late at most."""
+    return 1.0 <= request - result <= 1.0 + TICK_RESOLUTION + 1e-6
