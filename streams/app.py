@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import faust
@@ -238,7 +239,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             # Ticks are delivered through the topic so the table is written inside a stream.
             # Stamped on the watch's own clock, as probe results arrive (streams.worker_clock).
             now = worker_clock()
-            policy_for = runtime.current.policy_for
+            policy_for = partial(host_watch.policy_for, runtime.current)
             if schedule.sweep_due(now):
                 open_hosts = set()
                 # The keys from the store, each row from the watch's cache when it wrote it
@@ -305,7 +306,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 # changelog record, no host-states record.
                 if row is not None and row != before:
                     rows.put(key, row)
-                    schedule.note(key, row, runtime.current.policy_for)
+                    schedule.note(key, row, partial(host_watch.policy_for, runtime.current))
                     await host_states.send(key=key.encode(), value=host_watch.host_state(row))
                     judged = host_watch.judged_check(before, row)
                     if judged is not None:

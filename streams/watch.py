@@ -47,6 +47,42 @@ log = logging.getLogger("fencer.streams")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
+_UNPACKED: dict[int, tuple[Any, tuple[dict[str, Any], dict[str, Any]]]] = {}
+_UNPACKED_MAX = 64
+
+
+def _unpacked(row: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`unpack_row`, remembered for the rows unpacked last, by identity: one event's row was
+    unpacked up to six times (the step, the schedule, the host-states record, the judged check,
+    the tick timer; issue 17). A row is never changed in place (the watch writes new lists,
+    streams.tables.RowCache); the dicts returned are shared: read them, never change them."""
+    hit = _UNPACKED.get(id(row))
+    if hit is not None and hit[0] is row:
+        return hit[1]
+    out = unpack_row(row)
+    if len(_UNPACKED) >= _UNPACKED_MAX:
+        _UNPACKED.clear()
+    _UNPACKED[id(row)] = (row, out)  # (the row is held: its id is not reused meanwhile)
+    return out
+
+
+_POLICIES: dict[tuple[int, str | None], tuple[FencerSettings, Policy]] = {}
+
+
+def policy_for(settings: FencerSettings, cluster_uuid: str | None) -> Policy:
+    """`settings.policy_for(cluster_uuid)`, remembered per settings object (the live settings
+    are replaced, never changed in place, when the settings topic changes them): built twice
+    per event before, ~16 us each (issue 17)."""
+    hit = _POLICIES.get((id(settings), cluster_uuid))
+    if hit is not None and hit[0] is settings:
+        return hit[1]
+    policy = settings.policy_for(cluster_uuid)
+    if len(_POLICIES) >= 1024:
+        _POLICIES.clear()
+    _POLICIES[(id(settings), cluster_uuid)] = (settings, policy)  # (held: its id stays its own)
+    return policy
+
+
 def _merge_ref(old: HostRef | None, new: HostRef | None) -> HostRef | None:
     if old is None or new is None:
         return new or old
@@ -57,7 +93,7 @@ def _merge_ref(old: HostRef | None, new: HostRef | None) -> HostRef | None:
 def wants_tick(row: Any) -> bool:
     """Whether the host's record has an open episode (ticks check, re-send and remind)."""
     try:
-        state = unpack_row(row)[0].get("state")
+        state = _unpacked(row)[0].get("state")
     except ValueError as exc:  # never a crashed timer: the row is reported, its host skipped
         log.warning("hosts table: %s", exc)
         return False
@@ -116,7 +152,7 @@ class TickSchedule:
         at = None
         if row is not None and _open(row):
             try:
-                record, ref = unpack_row(row)
+                record, ref = _unpacked(row)
             except ValueError:
                 record, ref = {}, {}  # (wants_tick reports it)
             at = next_tick_at(record, policy_for(ref.get("cluster_uuid")))
@@ -166,7 +202,7 @@ def _open(row: Any) -> bool:
 def tick(row: Any, now: float) -> HostSignal:
     """A tick for this row's host."""
     return HostSignal(
-        kind="tick", host=HostRef(**unpack_row(row)[1]), at=now, source="timer", clock=CLOCK_ID
+        kind="tick", host=HostRef(**_unpacked(row)[1]), at=now, source="timer", clock=CLOCK_ID
     )
 
 
@@ -195,11 +231,11 @@ def apply(
                 seen[1],
             )
             return row, []
-    old_record, old_host = unpack_row(row) if row else (None, None)
+    old_record, old_host = _unpacked(row) if row else (None, None)
     record = core.HostRecord.from_dict(old_record) if old_record else core.HostRecord(host=key)
     old_ref = HostRef(**old_host) if old_host else None
     ref = _merge_ref(old_ref, item.ref) or HostRef(host_uuid=key)
-    policy = settings.policy_for(ref.cluster_uuid)  # the live settings, cluster overrides applied
+    policy = policy_for(settings, ref.cluster_uuid)  # the live settings, cluster overrides applied
     try:
         new, actions = core.step(record, item.event, policy)
     except core.CoreError as exc:
@@ -273,7 +309,7 @@ def apply(
 
 def judged_check(before: Any, row: Any) -> str | None:
     """The evidence of the check the core just judged, if this row change judged one."""
-    new, old = unpack_row(row)[0], (unpack_row(before)[0] if before else {})
+    new, old = _unpacked(row)[0], (_unpacked(before)[0] if before else {})
     judged = (new.get("episode"), new.get("last_check"), new.get("last_probe_at"))
     if judged == (old.get("episode"), old.get("last_check"), old.get("last_probe_at")):
         return None
@@ -293,7 +329,7 @@ def _late_suspect(
 
 def host_state(row: Any) -> bytes:
     """The host-states record of a hosts-table row (the record in HostRecord.to_dict() form)."""
-    record, host = unpack_row(row)
+    record, host = _unpacked(row)
     return dump(HostStateRecord(host=HostRef(**host), record=record, updated_at=time.time()))
 
 
