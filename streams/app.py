@@ -234,9 +234,9 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     "" if stats["shared_memory"] else " (no directory: this worker's own memory)",
                 )
 
-        # A host gets a tick when its next check is due (streams.watch.TickSchedule), and at
-        # least every two sweeps (a sweep every min(check_interval / 2, 5 s) ticks the open
-        # hosts without a tick since the last one).
+        # A host gets a tick when its next check is due (streams.watch.TickSchedule), and from
+        # a sweep every min(check_interval / 2, 5 s) when it had none for a while
+        # (TickSchedule.sweep_wants).
         schedule = host_watch.TickSchedule(period=min(policy.check_interval / 2, 5.0))
         rechecked: set[str] = set()  # open hosts whose recheck this process wrote
 
@@ -256,7 +256,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     if row is not None and host_watch.wants_tick(row):
                         open_hosts.add(host_uuid)
                         if not schedule.sweep_wants(host_uuid, now):
-                            continue  # ticked less than a period ago
+                            continue  # ticked lately, or its own due tick is to come
                         schedule.sent(host_uuid, now)
                         tick_signal = host_watch.tick(row, now)
                         await produce(

@@ -102,6 +102,9 @@ def wants_tick(row: Any) -> bool:
 
 # How often the tick timer looks at the rows; a check goes out at most this late.
 TICK_RESOLUTION = 0.1
+# While a row's next due tick is still to come, the sweep ticks it at most this often (the net
+# under `next_tick_at`; fencer's default check_interval of 60 s sweeps every 5 s anyway).
+SWEEP_NET = 5.0
 # Due times are this much later than the exact sum, so that the core's own `now - last >=
 # interval` (one float subtraction) agrees that the tick is due.
 _MARGIN = 0.001
@@ -135,8 +138,9 @@ def next_tick_at(record: dict[str, Any], policy: Policy) -> float | None:
 
 class TickSchedule:
     """When the tick timer sends a host a tick: every `period` seconds a sweep of the table
-    ticks each open row that had no tick in the last period (reminders and a safety net: at
-    least every two periods), and in between as soon as a row's
+    ticks each open row that had no tick in the last period, or in the last SWEEP_NET while a
+    due tick of its own is still to come (`sweep_wants`: reminders and a safety net), and in
+    between as soon as a row's
     `next_tick_at` has come, so a check goes out within TICK_RESOLUTION of being due instead of
     up to a whole period late. The due times are noted as the watch writes rows (and on each
     sweep): between sweeps only those few hosts are looked at, never the whole table."""
@@ -174,14 +178,22 @@ class TickSchedule:
         self.last[host] = now
 
     def sweep_wants(self, host: str, now: float) -> bool:
-        """Whether this sweep sends `host` a tick: not when it got one (due, or from a sweep)
-        less than `period` ago. Every open row still gets a tick at least every two periods
-        (reminders, and the net under `next_tick_at`), and a host whose checks fall due every
-        check_interval no longer gets the sweep's ticks on top of its own (each a record to
-        produce, fetch and step: issue 17). A clock that went back past the last tick ticks
-        now, as `sweep_due`."""
+        """Whether this sweep sends `host` a tick. Not when it got one (due, or from a sweep)
+        less than `period` ago; and while its next due tick is still to come (its checks,
+        lost probes and re-sent proposals are ticked when due) not before SWEEP_NET since its
+        last tick: the sweep is then only the net under `next_tick_at` (and its reminders, an
+        hour apart and more). So a row with nothing scheduled is ticked every period or two as
+        before, a row checked every check_interval no longer gets the sweep's ticks on top of
+        its own (with a 1 s interval the sweep was two ticks per host per second, each a
+        record to produce, fetch and step: issue 17). A clock that went back past the last
+        tick ticks now, as `sweep_due`."""
         last = self.last.get(host)
-        return last is None or not 0 <= now - last < self.period
+        if last is None or now < last:
+            return True
+        pending = self.next.get(host)
+        if pending is not None and pending > last:
+            return now - last >= max(self.period, SWEEP_NET)
+        return now - last >= self.period
 
     def due_now(self, now: float) -> list[str]:
         """Hosts whose due time has come since their last tick (taken as sent now)."""
