@@ -364,10 +364,16 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             batch = gating.GateBatch(gates, send=send_decision, ack=stream.ack)
             buffered = stream.channel.queue
             async for event in stream.events():
-                if batch.failed is not None:
-                    raise batch.failed
                 async with batch.lock:
-                    await judge(event, batch)
+                    try:
+                        if batch.failed is not None:
+                            raise batch.failed  # a late flush failed: as a failed send
+                        await judge(event, batch)
+                    except BaseException:
+                        # As Faust acks a record whose agent raised: never one left unacked
+                        # (a rebalance waits for every record's ack).
+                        await stream.ack(event)
+                        raise
                     if len(batch) < batch.limit and not buffered.empty():
                         batch.flush_later()
                         continue
