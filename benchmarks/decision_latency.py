@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from benchmarks.ingest_rate import isolated_settings
 from fencing.events import FenceAction
@@ -170,16 +171,27 @@ class Prober:
             auto_offset_reset="earliest",
             **kw,
         )
-        self.counter = AIOKafkaConsumer(
-            *self.counted_topics(), group_id=None, auto_offset_reset="earliest", **kw
-        )
+        self.counter: AIOKafkaConsumer | None = None
         await self.producer.start()
         await self.consumer.start()
-        await self.counter.start()
         self.loop = asyncio.create_task(self._tail())
         self.count_loop = asyncio.create_task(self._count())
 
     async def _count(self) -> None:
+        # Only once the worker has made its tables' changelogs: a consumer naming a topic that
+        # does not exist yet may have the broker create it (with the wrong partition count).
+        wanted = set(self.counted_topics())
+        admin = AIOKafkaAdminClient(**aiokafka_kwargs(self.settings))
+        await admin.start()
+        try:
+            while not wanted <= set(await admin.list_topics()):
+                await asyncio.sleep(0.2)
+        finally:
+            await admin.close()
+        self.counter = AIOKafkaConsumer(
+            *wanted, group_id=None, auto_offset_reset="earliest", **aiokafka_kwargs(self.settings)
+        )
+        await self.counter.start()
         async for msg in self.counter:
             self.created_at.append((msg.topic, msg.timestamp / 1000))
 
@@ -244,7 +256,8 @@ class Prober:
             except (asyncio.CancelledError, Exception):
                 pass
         await self.consumer.stop()
-        await self.counter.stop()
+        if self.counter is not None:
+            await self.counter.stop()
         await self.producer.stop()
 
 
@@ -339,7 +352,7 @@ async def run_once(
                 # The decisive window: the first final result sent -> the last decision, and
                 # the decisions read back by the watch (its record written) just after.
                 window = (min(prober.last_sent.values()), max(prober.created.values()))
-                await asyncio.sleep(1.0)  # the counter's tail catches up
+                await asyncio.sleep(1.5)  # the counter's tail catches up
                 records = prober.records_per_host(*window, hosts)
             finally:
                 worker.stop()
