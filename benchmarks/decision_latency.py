@@ -15,8 +15,9 @@ the same process (`baseline_former_fetch_wait`, skipped with --no-former) keeps 
 at the former fixed 40 ms. `cpu_while_deciding`: the worker's and the broker's CPU seconds from
 the first alert to the last decision; `records_per_host_in_decisive_window`: the records
 written (CreateTime) on each topic of the way to a decision, the tables' changelogs included,
-from the first final result sent to the last decision, per deciding host (a tap reads them all;
-the mean over the runs). The hosts go down 50 ms apart once the worker has polled
+from the first final result sent to the last decision, per deciding host (read once the
+decisions are in, so that no extra consumer loads the broker during the run; the mean over the
+runs). The hosts go down 50 ms apart once the worker has polled
 listHosts once (until 2026-11-30 the alerts were sent while the worker was still starting, so
 all hosts were judged in one burst). `--together`: the worker started and polled, every host
 goes down at once (a rack losing power): the burst without the worker's start-up in it.
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import TopicPartition
 
 from benchmarks.ingest_rate import isolated_settings
 from fencing.events import FenceAction
@@ -171,29 +172,37 @@ class Prober:
             auto_offset_reset="earliest",
             **kw,
         )
-        self.counter: AIOKafkaConsumer | None = None
         await self.producer.start()
         await self.consumer.start()
         self.loop = asyncio.create_task(self._tail())
-        self.count_loop = asyncio.create_task(self._count())
 
-    async def _count(self) -> None:
-        # Only once the worker has made its tables' changelogs: a consumer naming a topic that
-        # does not exist yet may have the broker create it (with the wrong partition count).
-        wanted = set(self.counted_topics())
-        admin = AIOKafkaAdminClient(**aiokafka_kwargs(self.settings))
-        await admin.start()
+    async def count(self, within: float = 10.0) -> None:
+        """Read the CreateTime of every record of `counted_topics` so far, once the decisions
+        are in (a tail during the run would be one more consumer for the broker to serve)."""
+        kw = aiokafka_kwargs(self.settings)
+        counter = AIOKafkaConsumer(group_id=None, auto_offset_reset="earliest", **kw)
+        await counter.start()
         try:
-            while not wanted <= set(await admin.list_topics()):
-                await asyncio.sleep(0.2)
+            await counter.topics()  # the metadata of every topic (all of them exist by now)
+            tps = [
+                TopicPartition(t, p)
+                for t in self.counted_topics()
+                for p in counter.partitions_for_topic(t) or ()
+            ]
+            counter.assign(tps)
+            await counter.seek_to_beginning(*tps)
+            end = await counter.end_offsets(tps)
+            deadline = time.monotonic() + within
+            left = set(tps)
+            while left:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the record count did not reach the end in {within:g} s")
+                batch = await counter.getmany(timeout_ms=500)
+                for msgs in batch.values():
+                    self.created_at.extend((m.topic, m.timestamp / 1000) for m in msgs)
+                left = {tp for tp in left if await counter.position(tp) < end[tp]}
         finally:
-            await admin.close()
-        self.counter = AIOKafkaConsumer(
-            *wanted, group_id=None, auto_offset_reset="earliest", **aiokafka_kwargs(self.settings)
-        )
-        await self.counter.start()
-        async for msg in self.counter:
-            self.created_at.append((msg.topic, msg.timestamp / 1000))
+            await counter.stop()
 
     def records_per_host(self, start: float, end: float, hosts: int) -> dict[str, float]:
         """Records the worker (and the prober) wrote per deciding host with a CreateTime in
@@ -249,15 +258,12 @@ class Prober:
 
     async def stop(self) -> None:
         self.loop.cancel()
-        self.count_loop.cancel()
-        for t in [self.loop, self.count_loop, *self.tasks]:
+        for t in [self.loop, *self.tasks]:
             try:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
         await self.consumer.stop()
-        if self.counter is not None:
-            await self.counter.stop()
         await self.producer.stop()
 
 
@@ -352,7 +358,8 @@ async def run_once(
                 # The decisive window: the first final result sent -> the last decision, and
                 # the decisions read back by the watch (its record written) just after.
                 window = (min(prober.last_sent.values()), max(prober.created.values()))
-                await asyncio.sleep(1.5)  # the counter's tail catches up
+                await asyncio.sleep(1.0)  # the decisions read back by the watch
+                await prober.count()
                 records = prober.records_per_host(*window, hosts)
             finally:
                 worker.stop()
