@@ -323,61 +323,32 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     await produce(topic_name, out_key, value)
 
         # -- gate: per-cluster budget, storm guard, quiet period, pause -----------------
-        async def send_decision(decision: Any) -> None:
-            obs.log_decision(log, decision)
-            obs.observe_decision(decision)
-            await produce(
-                names.fence_decisions, decision.host.host_uuid.encode(), codec.dump(decision)
-            )
-
-        async def judge(event: Any, batch: gating.GateBatch) -> None:
-            parsed = codec.gate_input(event.message)
-            if isinstance(parsed, str):
-                await dead(event.message, parsed)
-                batch.add(event, None)
-                return
-            try:
-                await runtime.live()
-                if gate_sync.due:
-                    batch.rows.flush()  # (the reconciliation reads the table's shared row)
-                # After an assignment the first proposal waits for the decision log's read.
-                await gate_sync.prepare(runtime, parsed, gates)
-                # The gate's own clock: never the proposing worker's stamp. A record read
-                # again after a restart (at or before what its row applied) is skipped.
-                position = (event.message.partition, event.message.offset)
-                decision = gating.apply_gate(
-                    batch.rows, parsed, runtime, now=time.time(), position=position, sync=gate_sync
-                )
-            except Exception as exc:
-                log.exception("gate: cannot judge a record")
-                await dead(event.message, f"gate failed: {type(exc).__name__}")
-                batch.add(event, None)
-                return
-            batch.add(event, decision)
-
         @app.agent(fence_proposals)
         async def gate(stream: Any) -> None:
-            # The records already buffered are judged before their decisions go out, the
-            # shared row written once for them (streams.gating "batches"); a record is acked
-            # by hand once its batch's decisions are sent.
-            stream.enable_acks = False
-            batch = gating.GateBatch(gates, send=send_decision, ack=stream.ack)
-            buffered = stream.channel.queue
             async for event in stream.events():
-                async with batch.lock:
-                    try:
-                        if batch.failed is not None:
-                            raise batch.failed  # a late flush failed: as a failed send
-                        await judge(event, batch)
-                    except BaseException:
-                        # As Faust acks a record whose agent raised: never one left unacked
-                        # (a rebalance waits for every record's ack).
-                        await stream.ack(event)
-                        raise
-                    if len(batch) < batch.limit and not buffered.empty():
-                        batch.flush_later()
-                        continue
-                    await batch.flush()
+                parsed = codec.gate_input(event.message)
+                if isinstance(parsed, str):
+                    await dead(event.message, parsed)
+                    continue
+                try:
+                    await runtime.live()
+                    # After an assignment the first proposal waits for the decision log's read.
+                    await gate_sync.prepare(runtime, parsed, gates)
+                    # The gate's own clock: never the proposing worker's stamp. A record read
+                    # again after a restart (at or before what its row applied) is skipped.
+                    position = (event.message.partition, event.message.offset)
+                    decision = gating.apply_gate(
+                        gates, parsed, runtime, now=time.time(), position=position, sync=gate_sync
+                    )
+                except Exception as exc:
+                    log.exception("gate: cannot judge a record")
+                    await dead(event.message, f"gate failed: {type(exc).__name__}")
+                    continue
+                if decision is not None:
+                    obs.log_decision(log, decision)
+                    obs.observe_decision(decision)
+                    key = decision.host.host_uuid.encode()
+                    await produce(names.fence_decisions, key, codec.dump(decision))
 
     # -- probe: ask a neighbour about the suspect host's storage ------------------------
     if "probe" in roles:
