@@ -13,7 +13,11 @@ same fetch behaviour. Every consumer (worker and benchmark) has Tansu's fetch wa
 `streams.tansu_compat` (Patch C: 10 ms while records flow, 40 ms when idle); a second run in
 the same process (`baseline_former_fetch_wait`, skipped with --no-former) keeps every consumer
 at the former fixed 40 ms. `cpu_while_deciding`: the worker's and the broker's CPU seconds from
-the first alert to the last decision. The hosts go down 50 ms apart once the worker has polled
+the first alert to the last decision; `records_per_host_in_decisive_window`: the records
+written (CreateTime) on each topic of the way to a decision, the tables' changelogs included,
+from the first final result sent to the last decision, per deciding host (read once the
+decisions are in, so that no extra consumer loads the broker during the run; the mean over the
+runs). The hosts go down 50 ms apart once the worker has polled
 listHosts once (until 2026-11-30 the alerts were sent while the worker was still starting, so
 all hosts were judged in one burst). `--together`: the worker started and polled, every host
 goes down at once (a rack losing power): the burst without the worker's start-up in it.
@@ -43,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
 
 from benchmarks.ingest_rate import isolated_settings
 from fencing.events import FenceAction
@@ -50,6 +55,7 @@ from fencing.records import FenceProposal, GateSignal, ProbeRequest, ProbeResult
 from fencing.settings import CloudStackSettings, FencerSettings, IpmiSettings, PolicySettings
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud
 from lab.pipeline import WorkerProcess, write_settings
+from streams.app import ROLES
 from streams.broker import EmbeddedBroker
 from streams.codec import gate_input
 from streams.kafka import aiokafka_kwargs
@@ -136,6 +142,24 @@ class Prober:
         self.polled = asyncio.Event()  # the worker's first listHosts poll reached the gate topic
         self.decisions: list[dict[str, Any]] = []
         self.tasks: set[asyncio.Task[None]] = set()
+        self.created_at: list[tuple[str, float]] = []  # (topic, CreateTime) of every record
+
+    def counted_topics(self) -> list[str]:
+        """Every topic the worker writes on a host's way to its decision, its tables'
+        changelogs included (their names follow Faust's `{app id}-{table}-changelog`)."""
+        t = self.topics
+        app_id = self.settings.group_for(("ingest",), ROLES)
+        return [
+            t.host_signals,
+            t.probe_requests,
+            t.probe_results,
+            t.host_states,
+            t.fence_proposals,
+            t.fence_decisions,
+            t.notices,
+            f"{app_id}-hosts-changelog",
+            f"{app_id}-gates-changelog",
+        ]
 
     async def start(self) -> None:
         kw = aiokafka_kwargs(self.settings)
@@ -151,6 +175,47 @@ class Prober:
         await self.producer.start()
         await self.consumer.start()
         self.loop = asyncio.create_task(self._tail())
+
+    async def count(self, within: float = 10.0) -> None:
+        """Read the CreateTime of every record of `counted_topics` so far, once the decisions
+        are in (a tail during the run would be one more consumer for the broker to serve)."""
+        kw = aiokafka_kwargs(self.settings)
+        counter = AIOKafkaConsumer(group_id=None, auto_offset_reset="earliest", **kw)
+        await counter.start()
+        try:
+            await counter.topics()  # the metadata of every topic (all of them exist by now)
+            tps = [
+                TopicPartition(t, p)
+                for t in self.counted_topics()
+                for p in counter.partitions_for_topic(t) or ()
+            ]
+            counter.assign(tps)
+            await counter.seek_to_beginning(*tps)
+            end = await counter.end_offsets(tps)
+            deadline = time.monotonic() + within
+            left = set(tps)
+            while left:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the record count did not reach the end in {within:g} s")
+                batch = await counter.getmany(timeout_ms=500)
+                for msgs in batch.values():
+                    self.created_at.extend((m.topic, m.timestamp / 1000) for m in msgs)
+                left = {tp for tp in left if await counter.position(tp) < end[tp]}
+        finally:
+            await counter.stop()
+
+    def records_per_host(self, start: float, end: float, hosts: int) -> dict[str, float]:
+        """Records the worker (and the prober) wrote per deciding host with a CreateTime in
+        [start, end], per topic (the topic prefix dropped) and in total."""
+        prefix = self.settings.kafka.group_id + "-ingest-"
+        names = {n: n.split(".")[-1].removeprefix(prefix) for n in self.counted_topics()}
+        counts: dict[str, float] = dict.fromkeys(names.values(), 0)
+        for topic, at in self.created_at:
+            if start <= at <= end:
+                counts[names[topic]] += 1
+        out = {k: round(v / hosts, 2) for k, v in counts.items()}
+        out["total"] = round(sum(counts.values()) / hosts, 2)
+        return out
 
     async def _tail(self) -> None:
         async for msg in self.consumer:
@@ -290,6 +355,12 @@ async def run_once(
                     "worker_cpu_s": round(cpu_seconds(worker.pid) - cpu0[2], 2),
                     "broker_cpu_s": round(cpu_seconds(broker.pid) - cpu0[0], 2),
                 }
+                # The decisive window: the first final result sent -> the last decision, and
+                # the decisions read back by the watch (its record written) just after.
+                window = (min(prober.last_sent.values()), max(prober.created.values()))
+                await asyncio.sleep(1.0)  # the decisions read back by the watch
+                await prober.count()
+                records = prober.records_per_host(*window, hosts)
             finally:
                 worker.stop()
                 await producer.stop()
@@ -319,6 +390,7 @@ async def run_once(
             "decisions": len(prober.decisions),
             "approved": approved,
             "cpu_while_deciding": cpu,
+            "records_per_host_in_decisive_window": records,
         },
         "baseline_produce_consume": {
             name: {"before": summary(before[name]), "after": summary(after[name])}
@@ -345,11 +417,21 @@ def pooled(runs: list[tuple[dict[str, Any], dict[str, list[float]]]]) -> dict[st
         },
         "decisions": sum(r["fencer"]["decisions"] for r, _ in runs),
         "approved": sum(r["fencer"]["approved"] for r, _ in runs),
+        "records_per_host_in_decisive_window": {
+            k: round(
+                statistics.mean(
+                    r["fencer"]["records_per_host_in_decisive_window"][k] for r, _ in runs
+                ),
+                2,
+            )
+            for k in runs[0][0]["fencer"]["records_per_host_in_decisive_window"]
+        },
         "runs": [
             {
                 "seen_p50_ms": r["fencer"]["seen"]["p50_ms"],
                 "seen_p99_ms": r["fencer"]["seen"]["p99_ms"],
                 **r["fencer"]["cpu_while_deciding"],
+                "records_per_host": r["fencer"]["records_per_host_in_decisive_window"]["total"],
                 "load_average_1m": r["load_average_1m"],
             }
             for r, _ in runs

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import faust
@@ -160,6 +161,12 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
     async def dead(message: Any, reason: str) -> None:
         await dead_letter.send(value=codec.dead_letter(message, reason))
 
+    async def produce(topic_name: str, key: bytes, value: bytes) -> None:
+        # The hot path's records straight to the app's producer (the same producer, the same
+        # partitioner, flushed before each offset commit as Faust's): Faust's Topic.send builds
+        # a future message and runs its sensors per record, ~half of a send's cost (issue 17).
+        await app.producer.send(topic_name, key, value, None, None, None)
+
     # -- ingest: CloudStack's event bus -> host signals ---------------------------------
     if "ingest" in roles:
         # A plain batched consumer, not a Faust agent: >99.9% of the bus is noise skipped on its
@@ -232,8 +239,9 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     "" if stats["shared_memory"] else " (no directory: this worker's own memory)",
                 )
 
-        # A host gets a tick when its next check is due (streams.watch.TickSchedule), and at
-        # least every min(check_interval / 2, 5 s).
+        # A host gets a tick when its next check is due (streams.watch.TickSchedule), and from
+        # a sweep every min(check_interval / 2, 5 s) when it had none for a while
+        # (TickSchedule.sweep_wants).
         schedule = host_watch.TickSchedule(period=min(policy.check_interval / 2, 5.0))
         rechecked: set[str] = set()  # open hosts whose recheck this process wrote
 
@@ -242,17 +250,22 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             # Ticks are delivered through the topic so the table is written inside a stream.
             # Stamped on the watch's own clock, as probe results arrive (streams.worker_clock).
             now = worker_clock()
-            policy_for = runtime.current.policy_for
+            policy_for = partial(host_watch.policy_for, runtime.current)
             if schedule.sweep_due(now):
                 open_hosts = set()
-                for host_uuid, row in list(hosts.items()):
+                # The keys from the store, each row from the watch's cache when it wrote it
+                # since the last assignment (not every row decoded again, every sweep).
+                for host_uuid in list(hosts.keys()):
+                    row = rows.get(host_uuid)
                     schedule.note(host_uuid, row, policy_for)
                     if row is not None and host_watch.wants_tick(row):
                         open_hosts.add(host_uuid)
+                        if not schedule.sweep_wants(host_uuid, now):
+                            continue  # ticked lately, or its own due tick is to come
                         schedule.sent(host_uuid, now)
                         tick_signal = host_watch.tick(row, now)
-                        await host_signals.send(
-                            key=host_uuid.encode(), value=codec.dump(tick_signal)
+                        await produce(
+                            names.host_signals, host_uuid.encode(), codec.dump(tick_signal)
                         )
                 # The leader's next poll reports each newly open host whatever its state (it
                 # may have come back while no leader polled): once per episode and process.
@@ -263,7 +276,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 row = rows.get(host_uuid)
                 if row is not None and host_watch.wants_tick(row):
                     tick_signal = host_watch.tick(row, now)
-                    await host_signals.send(key=host_uuid.encode(), value=codec.dump(tick_signal))
+                    await produce(names.host_signals, host_uuid.encode(), codec.dump(tick_signal))
 
         # -- watch: the per-host state machine ---------------------------------------------
         @app.agent(host_inputs)
@@ -304,13 +317,15 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 # changelog record, no host-states record.
                 if row is not None and row != before:
                     rows.put(key, row)
-                    schedule.note(key, row, runtime.current.policy_for)
-                    await host_states.send(key=key.encode(), value=host_watch.host_state(row))
+                    schedule.note(key, row, partial(host_watch.policy_for, runtime.current))
+                    await produce(
+                        host_states.get_topic_name(), key.encode(), host_watch.host_state(row)
+                    )
                     judged = host_watch.judged_check(before, row)
                     if judged is not None:
                         obs.observe_check(judged)
                 for topic_name, out_key, value in actions:
-                    await by_name[topic_name].send(key=out_key, value=value)
+                    await produce(topic_name, out_key, value)
 
         # -- gate: per-cluster budget, storm guard, quiet period, pause -----------------
         @app.agent(fence_proposals)
@@ -343,9 +358,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 if decision is not None:
                     obs.log_decision(log, decision)
                     obs.observe_decision(decision)
-                    await fence_decisions.send(
-                        key=decision.host.host_uuid.encode(), value=codec.dump(decision)
-                    )
+                    key = decision.host.host_uuid.encode()
+                    await produce(names.fence_decisions, key, codec.dump(decision))
 
         # The gate's owner keeps its rows on its clock (streams.gating, module rule): it takes
         # them over as soon as the decision log is read after an assignment, and refreshes the

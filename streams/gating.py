@@ -117,7 +117,36 @@ def _verdict(d: dict[str, Any]) -> gatecore.Verdict:
     )
 
 
+_SCALARS = frozenset({str, int, bool, type(None)})
+_MINUS_INF = float("-inf")
+_FIELDS: dict[type, tuple[str, ...]] = {}  # dataclass type -> its field names
+
+
 def _jsonable(obj: Any) -> Any:
+    # The types of the gate's rows, looked up by exact type first: the generic path below cost
+    # ~0.3 ms for a shared row of 30 grants, at every decision of a burst (issue 17). Same
+    # output as the generic path.
+    t = type(obj)
+    if t in _SCALARS:
+        return obj
+    if t is float:
+        return None if obj == _MINUS_INF else obj
+    if t is tuple:
+        return [_jsonable(x) for x in obj]
+    names = _FIELDS.get(t)
+    if names is None and hasattr(obj, "__dataclass_fields__") and not isinstance(obj, type):
+        names = _FIELDS.setdefault(t, tuple(obj.__dataclass_fields__))
+    if names is None:
+        return _jsonable_any(obj)
+    out = {}
+    for k in names:
+        v = getattr(obj, k)
+        tv = type(v)
+        out[k] = v if tv in _SCALARS or (tv is float and v != _MINUS_INF) else _jsonable(v)
+    return out
+
+
+def _jsonable_any(obj: Any) -> Any:
     if isinstance(obj, frozenset):
         return sorted(obj)
     if isinstance(obj, tuple):

@@ -47,6 +47,42 @@ log = logging.getLogger("fencer.streams")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
+_UNPACKED: dict[int, tuple[Any, tuple[dict[str, Any], dict[str, Any]]]] = {}
+_UNPACKED_MAX = 64
+
+
+def _unpacked(row: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`unpack_row`, remembered for the rows unpacked last, by identity: one event's row was
+    unpacked up to six times (the step, the schedule, the host-states record, the judged check,
+    the tick timer; issue 17). A row is never changed in place (the watch writes new lists,
+    streams.tables.RowCache); the dicts returned are shared: read them, never change them."""
+    hit = _UNPACKED.get(id(row))
+    if hit is not None and hit[0] is row:
+        return hit[1]
+    out = unpack_row(row)
+    if len(_UNPACKED) >= _UNPACKED_MAX:
+        _UNPACKED.clear()
+    _UNPACKED[id(row)] = (row, out)  # (the row is held: its id is not reused meanwhile)
+    return out
+
+
+_POLICIES: dict[tuple[int, str | None], tuple[FencerSettings, Policy]] = {}
+
+
+def policy_for(settings: FencerSettings, cluster_uuid: str | None) -> Policy:
+    """`settings.policy_for(cluster_uuid)`, remembered per settings object (the live settings
+    are replaced, never changed in place, when the settings topic changes them): built twice
+    per event before, ~16 us each (issue 17)."""
+    hit = _POLICIES.get((id(settings), cluster_uuid))
+    if hit is not None and hit[0] is settings:
+        return hit[1]
+    policy = settings.policy_for(cluster_uuid)
+    if len(_POLICIES) >= 1024:
+        _POLICIES.clear()
+    _POLICIES[(id(settings), cluster_uuid)] = (settings, policy)  # (held: its id stays its own)
+    return policy
+
+
 def _merge_ref(old: HostRef | None, new: HostRef | None) -> HostRef | None:
     if old is None or new is None:
         return new or old
@@ -57,7 +93,7 @@ def _merge_ref(old: HostRef | None, new: HostRef | None) -> HostRef | None:
 def wants_tick(row: Any) -> bool:
     """Whether the host's record has an open episode (ticks check, re-send and remind)."""
     try:
-        state = unpack_row(row)[0].get("state")
+        state = _unpacked(row)[0].get("state")
     except ValueError as exc:  # never a crashed timer: the row is reported, its host skipped
         log.warning("hosts table: %s", exc)
         return False
@@ -66,6 +102,9 @@ def wants_tick(row: Any) -> bool:
 
 # How often the tick timer looks at the rows; a check goes out at most this late.
 TICK_RESOLUTION = 0.1
+# While a row's next due tick is still to come, the sweep ticks it at most this often (the net
+# under `next_tick_at`; fencer's default check_interval of 60 s sweeps every 5 s anyway).
+SWEEP_NET = 5.0
 # Due times are this much later than the exact sum, so that the core's own `now - last >=
 # interval` (one float subtraction) agrees that the tick is due.
 _MARGIN = 0.001
@@ -98,8 +137,10 @@ def next_tick_at(record: dict[str, Any], policy: Policy) -> float | None:
 
 
 class TickSchedule:
-    """When the tick timer sends a host a tick: every open row every `period` seconds (a sweep
-    of the table, as before: reminders and a safety net), and in between as soon as a row's
+    """When the tick timer sends a host a tick: every `period` seconds a sweep of the table
+    ticks each open row that had no tick in the last period, or in the last SWEEP_NET while a
+    due tick of its own is still to come (`sweep_wants`: reminders and a safety net), and in
+    between as soon as a row's
     `next_tick_at` has come, so a check goes out within TICK_RESOLUTION of being due instead of
     up to a whole period late. The due times are noted as the watch writes rows (and on each
     sweep): between sweeps only those few hosts are looked at, never the whole table."""
@@ -115,7 +156,7 @@ class TickSchedule:
         at = None
         if row is not None and _open(row):
             try:
-                record, ref = unpack_row(row)
+                record, ref = _unpacked(row)
             except ValueError:
                 record, ref = {}, {}  # (wants_tick reports it)
             at = next_tick_at(record, policy_for(ref.get("cluster_uuid")))
@@ -136,6 +177,24 @@ class TickSchedule:
         """A tick went out to `host` at `now`."""
         self.last[host] = now
 
+    def sweep_wants(self, host: str, now: float) -> bool:
+        """Whether this sweep sends `host` a tick. Not when it got one (due, or from a sweep)
+        less than `period` ago; and while its next due tick is still to come (its checks,
+        lost probes and re-sent proposals are ticked when due) not before SWEEP_NET since its
+        last tick: the sweep is then only the net under `next_tick_at` (and its reminders, an
+        hour apart and more). So a row with nothing scheduled is ticked every period or two as
+        before, a row checked every check_interval no longer gets the sweep's ticks on top of
+        its own (with a 1 s interval the sweep was two ticks per host per second, each a
+        record to produce, fetch and step: issue 17). A clock that went back past the last
+        tick ticks now, as `sweep_due`."""
+        last = self.last.get(host)
+        if last is None or now < last:
+            return True
+        pending = self.next.get(host)
+        if pending is not None and pending > last:
+            return now - last >= max(self.period, SWEEP_NET)
+        return now - last >= self.period
+
     def due_now(self, now: float) -> list[str]:
         """Hosts whose due time has come since their last tick (taken as sent now)."""
         hosts = [h for h, at in self.next.items() if at <= now and self.last.get(h, -1.0) < at]
@@ -155,7 +214,7 @@ def _open(row: Any) -> bool:
 def tick(row: Any, now: float) -> HostSignal:
     """A tick for this row's host."""
     return HostSignal(
-        kind="tick", host=HostRef(**unpack_row(row)[1]), at=now, source="timer", clock=CLOCK_ID
+        kind="tick", host=HostRef(**_unpacked(row)[1]), at=now, source="timer", clock=CLOCK_ID
     )
 
 
@@ -184,11 +243,11 @@ def apply(
                 seen[1],
             )
             return row, []
-    old_record, old_host = unpack_row(row) if row else (None, None)
+    old_record, old_host = _unpacked(row) if row else (None, None)
     record = core.HostRecord.from_dict(old_record) if old_record else core.HostRecord(host=key)
     old_ref = HostRef(**old_host) if old_host else None
     ref = _merge_ref(old_ref, item.ref) or HostRef(host_uuid=key)
-    policy = settings.policy_for(ref.cluster_uuid)  # the live settings, cluster overrides applied
+    policy = policy_for(settings, ref.cluster_uuid)  # the live settings, cluster overrides applied
     try:
         new, actions = core.step(record, item.event, policy)
     except core.CoreError as exc:
@@ -262,7 +321,7 @@ def apply(
 
 def judged_check(before: Any, row: Any) -> str | None:
     """The evidence of the check the core just judged, if this row change judged one."""
-    new, old = unpack_row(row)[0], (unpack_row(before)[0] if before else {})
+    new, old = _unpacked(row)[0], (_unpacked(before)[0] if before else {})
     judged = (new.get("episode"), new.get("last_check"), new.get("last_probe_at"))
     if judged == (old.get("episode"), old.get("last_check"), old.get("last_probe_at")):
         return None
@@ -282,7 +341,7 @@ def _late_suspect(
 
 def host_state(row: Any) -> bytes:
     """The host-states record of a hosts-table row (the record in HostRecord.to_dict() form)."""
-    record, host = unpack_row(row)
+    record, host = _unpacked(row)
     return dump(HostStateRecord(host=HostRef(**host), record=record, updated_at=time.time()))
 
 

@@ -4,6 +4,7 @@ row still gets its periodic tick. Virtual time through the real core (time arriv
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -12,7 +13,14 @@ from fencing.events import HostDisconnected, HostStatus, ProbeFinished, Tick
 from fencing.records import HostRef
 from fencing.settings import FencerSettings, PolicySettings
 from streams.codec import HostInput, unpack_row
-from streams.watch import TICK_RESOLUTION, TickSchedule, apply, next_tick_at, wants_tick
+from streams.watch import (
+    SWEEP_NET,
+    TICK_RESOLUTION,
+    TickSchedule,
+    apply,
+    next_tick_at,
+    wants_tick,
+)
 
 HOST = "7650a66e-54c1-4a0e-9b7d-7865250dc275"
 REF = HostRef(host_uuid=HOST, cluster_uuid="c1")
@@ -166,3 +174,97 @@ def test_a_worker_clock_stepped_back_keeps_the_ticks_and_the_checks_going():
         now = round(now + TICK_RESOLUTION, 6)
     assert requests, "no check within 10 s of the step back"
     assert unpack_row(row)[0]["checks_requested"] == 3
+
+
+def test_the_sweep_ticks_a_row_without_a_due_tick_every_period_and_one_with_one_as_a_net():
+    """A row with nothing scheduled gets the sweep's tick when it had none for a period; a row
+    whose own due tick is still to come only when it had none for SWEEP_NET; a clock that went
+    back past its last tick ticks it at once."""
+    s = TickSchedule(period=0.5)
+    assert s.sweep_wants(HOST, 10.0)  # never ticked
+    s.sent(HOST, 10.0)
+    assert not s.sweep_wants(HOST, 10.0) and not s.sweep_wants(HOST, 10.49)
+    assert s.sweep_wants(HOST, 10.5)  # nothing scheduled: every period, as before
+    s.next[HOST] = 11.0  # its next check falls due at 11.0
+    assert not s.sweep_wants(HOST, 10.5) and not s.sweep_wants(HOST, 10.0 + SWEEP_NET - 0.01)
+    assert s.sweep_wants(HOST, 10.0 + SWEEP_NET)  # the net, should the due tick never come
+    assert s.due_now(11.0) == [HOST]
+    # ticked at its due time and nothing new scheduled (the row did not change): every period
+    assert not s.sweep_wants(HOST, 11.49) and s.sweep_wants(HOST, 11.5)
+    # the clock stepped back past the last tick: ticked now, not once the clock caught up
+    assert s.sweep_wants(HOST, 9.0)
+
+
+Run = tuple[list[float], list[float], list[tuple[float, float]]]
+
+
+def _timer_run(check_interval: float, seconds: float, answer: bool) -> Run:
+    """The tick timer's logic as app.tick runs it (a sweep every min(check_interval / 2, 5 s)
+    asking `sweep_wants`, due ticks every TICK_RESOLUTION) through the real core, a prober that
+    answers each request alive after PROBE_S (or never, `answer` false): every tick, the sweep's
+    ticks among them, and (result, next request) pairs."""
+    settings = FencerSettings(
+        policy=PolicySettings(check_interval=check_interval, probe_timeout=30, startup_quiet=0)
+    )
+    policy, topics = settings.policy.to_policy(), settings.kafka.topics
+    period = min(check_interval / 2, 5.0)
+    schedule = TickSchedule(period=period)
+    row, _ = apply(None, HostInput(HostDisconnected(0.0, HostStatus.DISCONNECTED), REF), HOST,
+                   policy, settings, topics)  # fmt: skip
+    schedule.note(HOST, row, settings.policy_for)
+    ticks: list[float] = []
+    swept: list[float] = []
+    results: list[float] = []
+    gaps: list[tuple[float, float]] = []
+    now = 0.0
+    while now < seconds:
+        now = round(now + TICK_RESOLUTION, 6)
+        sent = []
+        if schedule.sweep_due(now) and schedule.sweep_wants(HOST, now):
+            schedule.sent(HOST, now)
+            sent.append(now)
+            swept.append(now)
+        if HOST in schedule.due_now(now) and not sent:
+            sent.append(now)
+        for at in sent:
+            row, out = apply(row, HostInput(Tick(at)), HOST, policy, settings, topics)
+            schedule.note(HOST, row, settings.policy_for)
+            ticks.append(at)
+            if not answer or topics.probe_requests not in [t for t, _, _ in out]:
+                continue
+            if results:
+                gaps.append((results[-1], at))
+            check = unpack_row(row)[0]["checks_requested"]
+            mtimes = (("/d", float(check)),)  # a new write every check: alive, still suspect
+            result = ProbeFinished(
+                at=at + PROBE_S, episode=1, check=check, mtimes=mtimes, complete=True
+            )
+            row, _ = apply(row, HostInput(result), HOST, policy, settings, topics)
+            schedule.note(HOST, row, settings.policy_for)
+            results.append(at + PROBE_S)
+    return ticks, swept, gaps
+
+
+@pytest.mark.parametrize("interval", [1.0, 30.0])
+def test_a_checked_host_is_ticked_when_its_checks_are_due_and_by_the_sweep_only_as_a_net(
+    interval: float,
+) -> None:
+    """Checks every check_interval, each requested within a resolution of being due; the
+    sweep's ticks come only as the net (at most one per SWEEP_NET), no longer two per second
+    with a 1 s interval; no gap between two ticks longer than the interval plus the probe."""
+    seconds = 60 * interval
+    ticks, swept, gaps = _timer_run(interval, seconds, answer=True)
+    assert len(gaps) >= seconds / (interval + PROBE_S + TICK_RESOLUTION) - 2
+    assert all(interval <= b - a <= interval + TICK_RESOLUTION + 1e-6 for a, b in gaps)
+    assert len(swept) <= seconds / SWEEP_NET + 1
+    assert (
+        max(b - a for a, b in itertools.pairwise(ticks)) <= interval + PROBE_S + 2 * TICK_RESOLUTION
+    )
+
+
+def test_a_host_whose_probe_never_answers_still_gets_a_tick_at_least_every_net() -> None:
+    """A probe that never answers (its timeout 30 s): the lost probe's due tick comes at the
+    timeout, and meanwhile the sweep's net ticks the host every SWEEP_NET (reminders)."""
+    ticks, swept, _ = _timer_run(1.0, 120.0, answer=False)
+    assert max(b - a for a, b in itertools.pairwise(ticks)) <= SWEEP_NET + 1.0
+    assert len(swept) >= 120.0 / (SWEEP_NET + 1.0)
