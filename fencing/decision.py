@@ -717,13 +717,17 @@ def _reopened(record: HostRecord, now: float, clock: str | None) -> HostRecord:
     it requested, both its own stamps) is kept, and the rest is measured on this clock from
     now, so the sum is never more than the real age (a clock ahead never makes an episode look
     older) and never restarts from zero at each move (moves never silence the notice). A
-    suspect_too_long sent on the old clock counts as sent now: its repeat comes one
-    `suspect_renotify` later on this clock, never at once."""
+    suspect_too_long sent on the old clock keeps the age the old clock measured (from the notice
+    to its last request): its repeat comes one `suspect_renotify` after the notice at the
+    earliest, never at once, and moves more frequent than that never silence it."""
     assert record.opened_at is not None
     measured = 0.0
+    alert_age = 0.0
     if record.last_request_at is not None and record.request_clock == record.opened_clock:
         measured = max(0.0, record.last_request_at - record.opened_at)
-    last_alert = None if record.last_alert_at is None else now
+        if record.last_alert_at is not None:
+            alert_age = max(0.0, record.last_request_at - record.last_alert_at)
+    last_alert = None if record.last_alert_at is None else now - alert_age
     return replace(record, opened_at=now - measured, opened_clock=clock, last_alert_at=last_alert)
 
 

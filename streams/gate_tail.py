@@ -222,9 +222,11 @@ class DecisionTail:
                 )
                 await asyncio.wait_for(consumer.start(), self.check_every)
                 await self._read(consumer, topic)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except (asyncio.CancelledError, Exception) as exc:
+                if isinstance(exc, asyncio.CancelledError) and _cancelled():
+                    raise  # the tail's own cancellation (halt, stop): only it ends the tail
+                # (aiokafka can raise the CancelledError of a task of its own, such as its fetch
+                # task after a lost broker: the tail ended by it read nothing more, silently.)
                 self.failures += 1
                 wait = min(self.retry_first * 2 ** min(self.failures - 1, 10), RETRY_MAX)
                 log.warning(
@@ -279,6 +281,12 @@ class DecisionTail:
                 # metadata, which fails when no broker answers.
                 await asyncio.wait_for(consumer.topics(), self.check_every)
                 checked = loop.time()
+
+
+def _cancelled() -> bool:
+    """Whether the running task (the tail) is being cancelled."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 async def _close(consumer: AIOKafkaConsumer) -> None:

@@ -65,6 +65,9 @@ class Runtime:
     notice_sink: Any = None
     # run -> (the last reminder's number, when it went out on the monotonic clock)
     _reminder_counts: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # run -> the last reminder's number, kept when the run's row leaves this worker (the
+    # partition moved away, and may come back: its numbers go on, never an id already sent)
+    _reminder_numbers: dict[str, int] = field(default_factory=dict)
     # in every reminder id: unique to this Runtime (process), so a restart never reuses an id
     reminder_tag: str = field(default_factory=lambda: secrets.token_hex(4))
     clock_id: str = CLOCK_ID  # this process (`written_by` of the entries its actuator wrote)
@@ -227,14 +230,16 @@ class Runtime:
             live.add(series)
             seen = self._reminder_counts.get(series)
             if seen is None:
+                sent = self._reminder_numbers.get(series, 0)
                 if run.written_by == self.clock_id:
-                    self._reminder_counts[series] = (0, mono)
+                    self._reminder_counts[series] = (sent, mono)
                     continue
-                seen = (0, mono - every)  # another process's failure: remind now
+                seen = (sent, mono - every)  # another process's failure: remind now
             n, last = seen
             if mono - last < every:
                 continue
             self._reminder_counts[series] = (n + 1, mono)
+            self._reminder_numbers[series] = n + 1
             due.append(reminder(run, f"{series}/{n + 1}", n + 1, now))
         for gone in set(self._reminder_counts) - live:
             del self._reminder_counts[gone]  # retried, handled, or no longer this worker's

@@ -3,6 +3,7 @@ after it, and the exact actions."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -1838,3 +1839,46 @@ def test_two_files_of_one_reading_with_one_fingerprint_make_it_unknown(
     after, _ = step(r2, clashing, POLICY)
     assert after == judged(r2, clashing, Evidence.UNKNOWN, why, unknown_count=1)
     assert after.ref_mtimes == b1.ref_mtimes and after.ref_heartbeats == b1.ref_heartbeats
+
+
+def test_a_suspect_too_long_reminder_keeps_its_age_across_moves() -> None:
+    """A told suspect_too_long, then checked on for 499 s more (its own stamps); the partition
+    moves to B (an hour ahead). The reminder is due one renotify after A's notice: 101 s into
+    B's clock, not a whole renotify after the move. Counted from each move, partitions moving
+    more often than `suspect_renotify` (a worker in a restart loop, rebalances) never repeated
+    it: a stuck episode told once, then silence."""
+    policy = replace(
+        POLICY, suspect_alert_after=300.0, suspect_renotify=600.0, probe_timeout=10_000.0
+    )
+    alerted = replace(
+        SUSPECT,
+        opened_at=T0 + 1,
+        opened_clock="A",
+        last_alert_at=T0 + 301,
+        last_request_at=T0 + 800,
+        request_clock="A",
+        probe_outstanding=True,
+    )
+    b = T0 + 801 + 3600
+    moved, actions = step(alerted, Tick(at=b, clock="B"), policy)
+    assert _too_long_notices(actions) == [] and moved.last_alert_at == b - 499
+    _, actions = step(moved, Tick(at=b + 100, clock="B"), policy)
+    assert _too_long_notices(actions) == []
+    _, actions = step(moved, Tick(at=b + 101, clock="B"), policy)
+    assert len(_too_long_notices(actions)) == 1
+    # Moves every 400 s (less than the renotify): the reminder still comes every ~600 s.
+    record, real, told = alerted, 801.0, []
+    for n in range(6):
+        clock = f"W{n}"
+        offset = 3600.0 * (n % 2)
+        for t in (real, real + 200.0, real + 399.0):
+            record, actions = step(record, Tick(at=T0 + t + offset, clock=clock), policy)
+            told += [t] * len(_too_long_notices(actions))
+            record = replace(record, last_request_at=T0 + t + offset, request_clock=clock)
+        real += 400.0
+    assert told and told[0] <= 301 + 600 + 200
+    assert all(b - a <= 600 + 200 for a, b in itertools.pairwise(told))
+    # A last request on a third clock measures nothing: the reminder counts from the move.
+    third = replace(alerted, request_clock="C")
+    moved, _ = step(third, Tick(at=b, clock="B"), policy)
+    assert moved.last_alert_at == b

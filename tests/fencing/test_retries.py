@@ -382,6 +382,43 @@ async def test_fence_failed_reminders_go_on_after_a_restart_that_follows_a_wall_
     bmc.resume()
 
 
+async def test_fence_failed_reminders_go_on_when_the_partition_moves_away_and_back(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    """The partition with a failed run moves to another worker and back (a rebalance) while
+    this process runs: its count for the run was forgotten with the rows, so it numbered its
+    reminders from 1 again under its own tag: ids it had sent, dropped by the notify table:
+    silence for as many intervals as it had reminded before the move. The numbers go on."""
+    bmc.pause()
+    settings = settings_for(cloud, {cloud.host.uuid: bmc.port}, deadline=1.5)
+    settings.actuator.renotify_interval = 60.0
+    act, _ = actuator(settings)
+    host = cloud.host.uuid
+    d = decision(host, cloud.cluster_uuid)
+    failed = await act.handle(d)
+    assert failed is not None and not failed.success
+    done = {host: {d.decision_id: tables.done_entry(d, failed)}}
+    t0 = failed.finished_at
+    sent: list[str] = []  # the notify table: an id already there is dropped
+
+    def told(rt: Runtime, rows: dict[str, Any], mono: float) -> list[str]:
+        new = [n.notice_id for n in rt.due_reminders(rows.items(), t0 + mono, mono)]
+        fresh = [i for i in new if i not in sent]
+        sent.extend(fresh)
+        return fresh
+
+    rt = shell(settings, act)
+    rt.clock_id = "another process"  # the failure was written elsewhere: reminded at once
+    for mono in (1.0, 61.0, 121.0):
+        assert len(told(rt, done, mono)) == 1, mono
+    assert told(rt, {}, 150.0) == []  # the partition moved away
+    assert len(told(rt, done, 181.0)) == 1  # back: its failure reminded (not an id sent)
+    assert told(rt, done, 240.0) == []
+    assert len(told(rt, done, 241.0)) == 1
+    assert len(sent) == len(set(sent)) == 5
+    bmc.resume()
+
+
 async def test_the_latest_fence_is_the_last_one_stored_not_the_latest_stamp(
     cloud: Cloud, bmc: BmcSimulator
 ) -> None:

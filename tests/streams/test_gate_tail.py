@@ -409,3 +409,42 @@ def test_merge_takes_other_clocks_over_and_leaves_a_row_of_another_clock() -> No
     assert position == {0: 7, 1: 2}
     other = gatecore.GlobalGate(clock=A_T, clock_id="A")
     assert merge(other, {0: 5}, logged, {0: 7}, B_T, WINDOW, "B") == (other, {0: 5})
+
+
+async def test_a_cancelled_error_not_of_the_tail_itself_does_not_end_the_tail(
+    fencer_settings: FencerSettingsFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiokafka can raise the CancelledError of a task of its own (its fetch task after a lost
+    broker) out of a read: the tail took it for its own cancellation and ended for good, with no
+    word: a late approval of a stalled former owner then never counted (the cap exceeded) until
+    the next change of assignment. Only the tail's own cancellation ends it; this is retried,
+    logged, and the late decision counts."""
+    from aiokafka import AIOKafkaConsumer
+
+    rt = runtime(fencer_settings, cap=1)
+    table: dict[str, Any] = {}
+    sized(table, rt)
+    clock = Clock(B_T)
+    real = AIOKafkaConsumer.getmany
+    raised: list[int] = []
+
+    async def getmany(self: AIOKafkaConsumer, *args: Any, **kwargs: Any) -> Any:
+        if not raised:
+            raised.append(1)
+            raise asyncio.CancelledError()  # as aiokafka's own fetch task's
+        return await real(self, *args, **kwargs)
+
+    caplog.set_level(logging.WARNING, logger="fencer.streams")
+    sync, tail = await owner_b(rt, table, clock)
+    monkeypatch.setattr(AIOKafkaConsumer, "getmany", getmany)  # the tail's reads from now on
+    late = rt.sign_decision(decision(1))
+    await publish(rt, [late])
+    await read_up_to(tail, 1)
+    assert raised and tail.running
+    assert "cannot be tailed (CancelledError" in caplog.text
+    withheld = judge(table, rt, 2, B_T + 5, sync)
+    assert withheld.withheld_reason is WithheldReason.CAP_REACHED
+    await tail.stop()
+    assert not tail.running
