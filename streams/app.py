@@ -73,6 +73,16 @@ def parse_roles(text: str) -> tuple[str, ...]:
     return roles
 
 
+def _delivery_failed(topic_name: str, delivery: asyncio.Future[Any]) -> None:
+    """Log a record the producer could not deliver (its future's exception, retrieved)."""
+    if delivery.cancelled():
+        log.warning("a record for %s was not delivered: the send was cancelled", topic_name)
+        return
+    exc = delivery.exception()
+    if exc is not None:
+        log.warning("a record for %s was not delivered: %s", topic_name, exc)
+
+
 def require_signing_key(settings: FencerSettings, roles: tuple[str, ...]) -> None:
     """The gate signs decisions, the actuator verifies them: neither runs without a key
     (SettingsError naming `signing.keys_file`)."""
@@ -165,7 +175,10 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         # The hot path's records straight to the app's producer (the same producer, the same
         # partitioner, flushed before each offset commit as Faust's): Faust's Topic.send builds
         # a future message and runs its sensors per record, ~half of a send's cost (issue 17).
-        await app.producer.send(topic_name, key, value, None, None, None)
+        delivery = await app.producer.send(topic_name, key, value, None, None, None)
+        # A delivery that fails after the enqueue (the broker refused it once aiokafka's retries
+        # were spent) is logged as Faust's Topic.send logs it, never dropped without a word.
+        delivery.add_done_callback(partial(_delivery_failed, topic_name))  # type: ignore[attr-defined]
 
     # -- ingest: CloudStack's event bus -> host signals ---------------------------------
     if "ingest" in roles:

@@ -50,3 +50,30 @@ def test_the_policy_follows_replaced_settings_and_cluster_overrides():
     assert watch.policy_for(b, "c1").fence_cap == 1
     assert watch.policy_for(b, "c2") == b.policy_for("c2")
     assert watch.policy_for(a, "c1").fence_cap == a.policy_for("c1").fence_cap != 1
+
+
+async def test_a_record_the_producer_could_not_deliver_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The hot path hands records to the app's producer directly (streams.app `produce`): a
+    delivery that fails after the enqueue is logged with its topic, as Faust's Topic.send logs
+    it; a delivered one and a cancelled one are told apart."""
+    import asyncio
+
+    from aiokafka.errors import KafkaTimeoutError
+
+    from streams.app import _delivery_failed
+
+    loop = asyncio.get_running_loop()
+    failed, delivered, cancelled = loop.create_future(), loop.create_future(), loop.create_future()
+    failed.set_exception(KafkaTimeoutError("batch expired"))
+    delivered.set_result(object())
+    cancelled.cancel()
+    with caplog.at_level("WARNING", logger="fencer.app"):
+        for name, fut in (("t-failed", failed), ("t-ok", delivered), ("t-cancel", cancelled)):
+            _delivery_failed(name, fut)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "a record for t-failed was not delivered: KafkaTimeoutError: batch expired",
+        "a record for t-cancel was not delivered: the send was cancelled",
+    ], lines
