@@ -120,11 +120,15 @@ class DecisionTail:
         """Whether the tail reads (or retries)."""
         return self._task is not None and not self._task.done()
 
-    def follow(self, position: LogPosition) -> None:
+    def follow(self, position: LogPosition, latest: gatecore.Clocks | None = None) -> None:
         """Read the log from `position` on (the reconciliation's read ended there), forgetting
-        what an earlier tail read."""
+        what an earlier tail read. `latest` is the latest time each clock is known to have
+        reached in that read (`fencing.gate.latest_known`): a decision of such a clock read
+        later is aged against it too, so an old signed decision written to the log again (a
+        replay) is as old as it is, and does not eat the budget for a whole window."""
         self.halt()
         self.position = dict(position)
+        self._latest = {c: t for c, t in (latest or {}).items() if c != self.clock_id}
         self._task = asyncio.create_task(self._run(), name="fencer-gate-log-tail")
         log.info("gate: the decision log is tailed from %s", self.position or "the beginning")
 

@@ -459,7 +459,7 @@ class Reconcile:
         """A judgement (or the owner's take-over) wrote the reconciled rows: the tail reads on
         from where the reconciliation's read ended."""
         if self.tail is not None and self.logged is not None:
-            self.tail.follow(self.position)
+            self.tail.follow(self.position, gatecore.latest_known((), self.logged))
         self.due = False
         self.logged = None
 

@@ -448,3 +448,31 @@ async def test_a_cancelled_error_not_of_the_tail_itself_does_not_end_the_tail(
     assert withheld.withheld_reason is WithheldReason.CAP_REACHED
     await tail.stop()
     assert not tail.running
+
+
+async def test_an_old_approval_written_to_the_log_again_is_as_old_as_it_is(
+    fencer_settings: FencerSettingsFactory,
+) -> None:
+    """Cap 1. Owner A's log holds an approval from two windows before A's last decision (a
+    withhold, read by B's reconciliation). Someone writes A's old signed approval to the log
+    again after B's reconciliation: the tail ages it against the latest time A's clock is known
+    to have reached in that read (two windows old: out of the window), so it eats no budget:
+    the next fence's grant is the only one in the shared row. (Aged only against stamps the
+    tail read itself, it counted as new for a whole window toward the global cap.)"""
+    rt = runtime(fencer_settings)
+    old = rt.sign_decision(decision(1, cluster="c9", at=A_T))
+    last = rt.sign_decision(decision(2, cluster="c9", approved=False, at=A_T + 2 * WINDOW))
+    await publish(rt, [old, last])
+    table: dict[str, Any] = {}
+    sized(table, rt)
+    clock = Clock(B_T)
+    sync, tail = await owner_b(rt, table, clock)
+    assert grant_ids(table[gating.GLOBAL_ROW]) == []  # the old approval is out of the window
+    await publish(rt, [old])  # the replay
+    await read_up_to(tail, 1)
+    clock.now = B_T + 60
+    d = judge(table, rt, 3, clock.now, sync)
+    assert d.approved, d.withheld_reason
+    assert grant_ids(table["c1"]) == [d.decision_id]
+    assert grant_ids(table[gating.GLOBAL_ROW]) == [d.decision_id]
+    await tail.stop()
