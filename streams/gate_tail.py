@@ -40,6 +40,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from fencing import gate as gatecore
 from fencing.records import FenceDecision
 from streams.actuation import read_decision
+from streams.gating import logged_of
 from streams.kafka import aiokafka_kwargs
 from streams.worker_clock import CLOCK_ID, worker_clock
 
@@ -186,15 +187,7 @@ class DecisionTail:
             return
         if not (d.approved and d.action.powers_down and d.host.cluster_uuid):
             return
-        logged = gatecore.Logged(
-            d.decision_id,
-            d.host.host_uuid,
-            d.host.cluster_uuid,
-            d.action,
-            d.approved,
-            d.decided_at,
-            d.decided_clock,
-        )
+        logged = logged_of(d)
         if logged.clock_id != self.clock_id:
             if logged.at > self._latest.get(logged.clock_id, float("-inf")):
                 self._latest[logged.clock_id] = logged.at

@@ -327,6 +327,19 @@ def log_position(stored: Any) -> LogPosition:
         return {}  # not a position: read the whole log (more, never less)
 
 
+def logged_of(d: FenceDecision) -> gatecore.Logged:
+    """A signed decision read from the log, as the gate core counts it."""
+    return gatecore.Logged(
+        d.decision_id,
+        d.host.host_uuid,
+        d.host.cluster_uuid,
+        d.action,
+        d.approved,
+        d.decided_at,
+        d.decided_clock,
+    )
+
+
 async def read_decision_log(
     runtime: Runtime, start: LogPosition | None = None, within: float = 30.0
 ) -> tuple[list[gatecore.Logged], LogPosition]:
@@ -347,17 +360,7 @@ async def read_decision_log(
         if not isinstance(d, FenceDecision):
             unsigned += 1  # the notifier reports it (forged_record); here it counts nothing
             return
-        found.append(
-            gatecore.Logged(
-                d.decision_id,
-                d.host.host_uuid,
-                d.host.cluster_uuid,
-                d.action,
-                d.approved,
-                d.decided_at,
-                d.decided_clock,
-            )
-        )
+        found.append(logged_of(d))
 
     topic = runtime.settings.kafka.topics.fence_decisions
     started = time.monotonic()
