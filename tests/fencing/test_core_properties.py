@@ -864,6 +864,7 @@ class GateMachine(RuleBasedStateMachine):
         self.requests: list[FenceRequest] = []
         self.first: dict[str, Verdict] = {}
         self.first_at: dict[str, float] = {}  # the true time of each id's first verdict
+        self.judged: dict[str, list[Verdict]] = {}  # every verdict each id was judged to
         self.grants: list[tuple[str, float]] = []  # (cluster, true time) of every power-down
         self.lost: set[str] = set()  # decision ids whose cluster row write was lost
         self.log: list[Logged] = []  # fence-decisions: every published verdict
@@ -898,9 +899,19 @@ class GateMachine(RuleBasedStateMachine):
         since = self.now - self.first_at.get(request.decision_id, self.now)  # true time
         if verdict.repeated:
             if request.decision_id in self.lost:
-                assert first is not None and (first.approved or first.reason not in TEMPORARY)
-                # judged again after its verdict was lost: an approval is given again as such
-                assert verdict.approved or verdict.reason not in TEMPORARY
+                # Judged again after a verdict was lost with its row's write: the row still
+                # holds an earlier verdict of the id, and an approval or a final withhold is
+                # given again as such. It may be one the model saw leave the window (true
+                # time): a stamp of another clock is aged as of the latest time that clock is
+                # known to have reached, and the row that knew the latest (the shared one, taken
+                # over since) may be gone, so it is aged less: held longer, never shorter (the
+                # take-over's documented price).
+                earlier = self.judged[v.decision_id]
+                if verdict.approved:
+                    assert any(f.approved for f in earlier)
+                else:
+                    assert verdict.reason not in TEMPORARY
+                    assert verdict.reason in {f.reason for f in earlier}
             elif verdict.approved and (first is None or not first.approved or since >= window):
                 # Its last verdict is gone from the window (or was a temporary withhold), but a
                 # repeat of its approval is logged in it: the log keeps the fence counted from
@@ -920,6 +931,7 @@ class GateMachine(RuleBasedStateMachine):
         ), "a redelivery was judged again"
         self.first[request.decision_id] = verdict
         self.first_at[request.decision_id] = self.now
+        self.judged.setdefault(request.decision_id, []).append(verdict)
         if verdict.approved and request.action.powers_down:
             self.grants.append((request.cluster, self.now))
 
