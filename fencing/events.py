@@ -81,6 +81,7 @@ class NoticeKind(str, Enum):  # noqa: UP042 - str() of a member is its qualified
     LOGIN_BURST = "login_burst"  # failed API logins from one client beyond api.login_max_failures
     BLOCKLIST_LIFTED = "blocklist_lifted"  # an operator lifted a host's Ceph blocklist
     BLOCKLIST_NOT_LIFTED = "blocklist_not_lifted"  # an operator's lift failed: still cut off
+    DECISION_LOG_UNREAD = "decision_log_unread"  # the gate's decision-log tail keeps failing
 
 
 # ---------------------------------------------------------------------------------------------

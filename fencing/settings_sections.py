@@ -248,8 +248,15 @@ def _deprecated(field: str, why: str) -> None:
 
 
 class GateSettings(_Model):
-    """The cluster gate. It judges by its own clock only and has no setting left; the section
-    stays so that settings files written for older versions still load."""
+    """The cluster gate. It judges by its own clock only; `clock_tolerance` stays so that
+    settings files written for older versions still load."""
+
+    log_tail_notify_after: float = Field(
+        120.0,
+        gt=0,
+        description="seconds the gate owner's tail of the decision log may fail in a row before "
+        "a decision_log_unread notice (repeated every actuator.renotify_interval)",
+    )
 
     clock_tolerance: float | None = Field(
         None,
