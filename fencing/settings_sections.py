@@ -221,6 +221,13 @@ class ActuatorSettings(_Model):
     renotify_interval: float = Field(
         3600.0, gt=0, description="seconds between fence_failed reminders until an operator acts"
     )
+    vms_follow_for: float = Field(
+        86400.0,
+        gt=0,
+        description="seconds the VMs of a fenced host are followed after the restart call: "
+        "vms_not_restarted reminders at growing intervals (at most renotify_interval) until "
+        "they run, then a last notice",
+    )
 
 
 class SigningSettings(_Model):
