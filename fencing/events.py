@@ -158,6 +158,9 @@ class ProbeFinished:
     # Requested files the probe could not read now (a stat that failed: gone, ESTALE, EIO, a
     # directory it cannot search). One the reference holds makes the reading unknown.
     missing: tuple[str, ...] = ()
+    # Heartbeat files whose stat worked but whose content could not be read now (EIO, no read
+    # permission, empty). One whose content the reference holds makes the reading unknown.
+    unread_contents: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -147,3 +147,88 @@ async def test_a_busy_disk_unreadable_on_the_neighbour_makes_the_core_say_unknow
     )
     assert record.stale_count == 0 and record.state.value == "suspect"
     assert [a.kind.value for a in actions] == ["cannot_verify"]
+
+
+async def test_a_heartbeat_whose_content_cannot_be_read_makes_the_core_say_unknown(sshd, tmp_path):
+    """The heartbeat file's stat works (same mtime as before) but its content cannot be read
+    now: through real OpenSSH and the probe's remote script, the probe lists it in
+    `unread_contents` (not `missing`: its stat worked) and the core's verdict is unknown, never
+    stale. (The tests run as root, whom no permission stops from reading: a directory put in
+    the heartbeat's place, with its old mtime, is a file whose stat works and whose read fails.)"""
+    import getpass
+
+    from fencing.decision import HostRecord, step
+    from fencing.events import Evidence, HostDisconnected, RunProbe, Tick
+    from fencing.policy import Policy
+    from fencing.records import HostRef, ProbeRequest, ProbeResult
+    from streams.codec import probe_finished
+
+    mnt = tmp_path / "mnt"
+    pool = mnt / "pool-1"
+    (pool / "KVMHA").mkdir(parents=True)
+    old = time.time() - 1000
+    disks = [pool / f"idle-{i}.qcow2" for i in range(3)]
+    for d in disks:
+        d.write_bytes(b"")
+        os.utime(d, (old, old))
+    hb = pool / "KVMHA" / "hb-10.0.0.11"
+    hb.write_text(f"{int(old)}\n")
+    os.utime(hb, (old, old))
+    settings = FencerSettings(
+        ssh={
+            "user": getpass.getuser(),
+            "port": sshd,
+            "key_file": str(tmp_path / "client"),
+            "known_hosts": str(tmp_path / "known_hosts"),
+            "mount_root": str(mnt),
+        }
+    )
+    target = ProbeTarget(
+        "h1",
+        "kvm01",
+        "10.0.0.11",
+        old,
+        (PoolTarget("pool-1", str(pool), str(hb), tuple(map(str, disks))),),
+        (Neighbour("n1", "kvm02", "127.0.0.1"),),
+    )
+    policy = Policy(check_interval=60.0, extra_checks=0, unknown_alert_after=1)
+    record, _ = step(HostRecord("h1"), HostDisconnected(at=1000.0), policy)
+    probe = NfsSshProbe(settings)
+
+    async def check(at: float) -> tuple[ProbeResult, HostRecord, tuple]:
+        nonlocal record
+        record, actions = step(record, Tick(at=at), policy)
+        (run,) = [a for a in actions if isinstance(a, RunProbe)]
+        request = ProbeRequest(
+            host=HostRef(host_uuid="h1"),
+            episode=run.episode,
+            check=run.check,
+            suspect_since=run.suspect_since,
+            requested_at=at,
+        )
+        outcome = await probe.check(target)
+        wire = ProbeResult.model_validate_json(outcome.to_result(request, at).model_dump_json())
+        record, actions = step(record, probe_finished(wire, at + 1), policy)
+        return wire, record, actions
+
+    try:
+        first, record, _ = await check(1001.0)
+        assert first.complete and first.heartbeats == {str(hb): f"{int(old)}"}
+        assert first.unread_contents == [] and record.last_evidence is Evidence.BASELINE
+        hb.unlink()
+        hb.mkdir()
+        os.utime(hb, (old, old))
+        second, record, actions = await check(1062.0)
+    finally:
+        await probe.close()
+    assert second.complete, second.reason
+    assert second.missing == [] and second.heartbeats == {}
+    assert second.mtimes[str(hb)] == first.mtimes[str(hb)]  # its stat works, unchanged
+    assert second.unread_contents == [str(hb)]
+    assert record.last_evidence is Evidence.UNKNOWN  # was stale: the host would be fenced
+    assert record.reason == (
+        "1 of the files read before could not be read now (gone, their stat failed, or their "
+        f"content unreadable): {hb}"
+    )
+    assert record.stale_count == 0 and record.state.value == "suspect"
+    assert [a.kind.value for a in actions] == ["cannot_verify"]
