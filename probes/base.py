@@ -120,6 +120,14 @@ class ProbeOutcome:
     # read permission, empty): the core never calls such a reading "no change" when it read
     # that content before. Only known from an answer read to its end.
     unread_contents: tuple[str, ...] = ()
+    # Neighbours whose reading in this check failed, was incomplete or lacked files (the next
+    # checks ask others first: probes.neighbours). Not on the wire.
+    passed_over: tuple[str, ...] = ()
+
+    @property
+    def lacks_files(self) -> bool:
+        """Whether a requested file or heartbeat content could not be read."""
+        return bool(self.missing or self.unread_contents)
 
     @classmethod
     def unknown(cls, reason: str, probe: str, **kw: Any) -> ProbeOutcome:
