@@ -170,6 +170,7 @@ class Actuator:
                 clock=self.clock,
                 announce=self.announce,
                 ends=ends,
+                tag=self.tag,
             )
             if bmc_error is None:
                 result = await self.engine.run(
