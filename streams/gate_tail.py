@@ -26,9 +26,11 @@ cannot read (no broker) logs, retries with a back-off and checks the broker ever
 `CHECK_EVERY`; the gate judges meanwhile with its rows and what was read, as without a tail.
 Never silently (rule 5): a tail failing for `gate.log_tail_notify_after` seconds in a row (on
 this process's monotonic clock) sends a `decision_log_unread` notice through the usual notice
-path, repeated every `actuator.renotify_interval` while it still fails (not at every retry); each
-id carries the process's tag and the spell's number, so no id is ever computed twice. When it
-reads again after such a notice, a "recovered" line is logged.
+path (the runtime's; a worker without one, the ingest role alone, writes it to the notices
+topic itself), repeated every `actuator.renotify_interval` while it still fails (not at every
+retry; one that could not be sent is tried again at the next failure); each id carries the
+process's tag and the spell's number, so no id is ever computed twice. When it reads again
+after such a notice, a "recovered" line is logged.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class DecisionTail:
         self._mono = mono
         self._failing_since: float | None = None
         self._last_notice: float | None = None
+        self._spell: int | None = None  # the failing spell's number, once it was noticed
         self.spells = 0  # failing spells that were noticed (in the notice ids)
         self.notices = 0  # notices sent in the current spell
 
@@ -158,7 +161,7 @@ class DecisionTail:
             task.cancel()  # (the task closes its consumer as it ends)
         self._kept, self._latest = [], {}
         self.position, self.records, self.unsigned, self.failures = {}, 0, 0, 0
-        self._failing_since = self._last_notice = None
+        self._failing_since = self._last_notice = self._spell = None
         self.notices = 0
 
     async def stop(self) -> None:
@@ -288,7 +291,7 @@ class DecisionTail:
                 self.notices,
             )
         self.failures, self.notices = 0, 0
-        self._failing_since = self._last_notice = None
+        self._failing_since = self._last_notice = self._spell = None
         while True:
             batches = await consumer.getmany(timeout_ms=FETCH_WAIT_MS * 2)
             for records in batches.values():
@@ -311,30 +314,27 @@ class DecisionTail:
 
     async def _notify_if_due(self, topic: str) -> None:
         """Send the `decision_log_unread` notice when the failing spell has lasted
-        `notify_after`, then every `renotify` while it lasts (module rule). Never raises."""
+        `notify_after`, then every `renotify` while it lasts (module rule); a notice that
+        could not be sent is tried again at the next failure, under the same id. Never
+        raises."""
         now = self._mono()
         if self._failing_since is None:
             self._failing_since = now
         settings = self.runtime.current
-        after = (
-            settings.gate.log_tail_notify_after
-            if self._notify_after is None
-            else (self._notify_after)
-        )
+        after = settings.gate.log_tail_notify_after
+        after = after if self._notify_after is None else self._notify_after
         every = settings.actuator.renotify_interval if self._renotify is None else self._renotify
         failing = now - self._failing_since
         if failing < after:
             return
         if self._last_notice is not None and now - self._last_notice < every:
             return
-        if self.notices == 0:
+        if self._spell is None:
             self.spells += 1
-        self.notices += 1
-        self._last_notice = now
+            self._spell = self.spells
+        number = self.notices + 1
         notice = Notice(
-            notice_id=(
-                f"decision-log-unread/{self.runtime.reminder_tag}/{self.spells}/{self.notices}"
-            ),
+            notice_id=f"decision-log-unread/{self.runtime.reminder_tag}/{self._spell}/{number}",
             kind=NoticeKind.DECISION_LOG_UNREAD,
             host=HostRef(host_uuid=f"topic:{topic}"),
             at=self._clock(),
@@ -342,14 +342,32 @@ class DecisionTail:
                 f"the gate cannot read the decision log {topic} for {failing:.0f} s "
                 f"({self.failures} failed reads in a row): a decision a stalled former gate "
                 "owner publishes late does not count toward the fence caps until it reads "
-                f"again (notice {self.notices}, repeated every {every:.0f} s while it fails)"
+                f"again (notice {number}, repeated every {every:.0f} s while it fails)"
             ),
         )
         log.error("gate: %s", notice.reason)
         try:
-            await asyncio.wait_for(self.runtime.emit_notice(notice), self.check_every)
+            await self._send(notice)
         except Exception as exc:
-            log.error("gate: cannot send notice %s: %s", notice.notice_id, exc)
+            log.error(
+                "gate: cannot send notice %s (%s: %s): tried again at the next failure",
+                notice.notice_id,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        self.notices, self._last_notice = number, now
+
+    async def _send(self, notice: Notice) -> None:
+        """Through the runtime's notice path; a worker without one (the ingest role alone,
+        where the gate runs) writes it to the notices topic itself (aiokafka's own request
+        timeouts bound it: a producer cancelled while it starts would be left open)."""
+        if self.runtime.notice_sink is not None:
+            await asyncio.wait_for(self.runtime.emit_notice(notice), self.check_every)
+            return
+        from streams.actuating import send_notice
+
+        await send_notice(self.runtime.settings, notice)
 
 
 def _cancelled() -> bool:

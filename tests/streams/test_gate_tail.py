@@ -536,3 +536,48 @@ async def test_a_tail_that_keeps_failing_notifies_repeatedly_then_logs_recovered
             await asyncio.sleep(0.1)
         assert "recovered" in caplog.text
         await tail.stop()
+
+
+async def test_a_gate_without_a_notice_sink_writes_its_notice_to_the_notices_topic(
+    fencer_settings: FencerSettingsFactory,
+) -> None:
+    """The gate runs in the ingest role, which alone has no notice sink (only the actuate role
+    sets one): the tail's decision_log_unread notice goes to the notices topic itself, where
+    the notifiers read it. The broker is up; the tail fails because it cannot read its log (a
+    topic that does not exist: no partitions), as with an ACL or a deleted topic."""
+    from streams.topic_reader import TopicReader
+
+    base = fencer_settings(isolated_topics=True, policy=policy(), signing=SIGNING)
+    gone = f"{base.kafka.topics.fence_decisions}-gone"
+    settings = base.model_copy(
+        update={
+            "kafka": base.kafka.model_copy(
+                update={"topics": base.kafka.topics.model_copy(update={"fence_decisions": gone})}
+            )
+        }
+    )
+    rt = Runtime(settings=settings, started_at=B_T - 4 * 3600)
+    assert rt.notice_sink is None
+    tail = DecisionTail(
+        rt, clock=Clock(B_T), clock_id="B", check_every=1.0, retry_first=0.2, notify_after=0.5
+    )
+    tail.follow({})
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 30
+    while tail.notices < 1:
+        assert loop.time() < end, f"no notice sent after {tail.failures} failures"
+        await asyncio.sleep(0.1)
+    await tail.stop()
+    got: list[Notice] = []
+    reader = TopicReader(
+        settings,
+        [settings.kafka.topics.notices],
+        lambda r: got.append(Notice.model_validate_json(r.value or b"")),
+        client_id="test-notices",
+    )
+    await reader.start(10)
+    await reader.stop()
+    (notice,) = got
+    assert notice.kind is NoticeKind.DECISION_LOG_UNREAD
+    assert notice.host.host_uuid == f"topic:{gone}"
+    assert notice.notice_id == f"decision-log-unread/{rt.reminder_tag}/1/1"
