@@ -115,6 +115,7 @@ class Actuator:
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
         self._following: set[asyncio.Task[list[str]]] = set()
+        self._follows = 0  # followings started by this process (in the notices' ids)
 
     async def settle(self) -> None:
         """Wait until every fenced host's VMs have been followed (tests, shutdown)."""
@@ -286,6 +287,10 @@ class Actuator:
         poll = self.job_poll_interval
         sent = 0
         label = decision.host.host_name or decision.host.host_uuid
+        # Unique to this following: an operator's retry of the decision follows again, and
+        # ids already sent would be dropped by the notify table as duplicates.
+        self._follows += 1
+        series = f"{decision.decision_id}/vms_not_restarted/{self.tag}/{self._follows}"
         down: dict[str, str] = dict(vms)
         states: dict[str, str] = {}
         while down:
@@ -314,10 +319,10 @@ class Actuator:
                 elif sent > 1:
                     text += f" (reminder {sent - 1}, {now - started:.0f} s after the restart call)"
                 log.error("host %s: %s", label, text)
-                suffix = "" if sent == 1 else f"/{self.tag}/{'last' if last else sent - 1}"
+                number = "last" if last else str(sent)
                 await self._emit(
                     Notice(
-                        notice_id=f"{decision.decision_id}/vms_not_restarted{suffix}",
+                        notice_id=f"{series}/{number}",
                         kind=NoticeKind.VMS_NOT_RESTARTED,
                         host=decision.host,
                         at=self.clock(),

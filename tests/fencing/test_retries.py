@@ -20,6 +20,7 @@ from fencing.engine import Engine
 from fencing.events import FenceAction, NoticeKind
 from fencing.identity import MemoryPinStore
 from fencing.records import EvidenceSummary, FenceDecision, HostRef, Notice, OperatorAction
+from fencing.redaction import Redactor
 from fencing.settings import (
     ActuatorSettings,
     CloudStackSettings,
@@ -261,20 +262,25 @@ async def test_vms_still_down_after_the_restart_call_are_reported_again_until_gi
     await act.settle()  # up to vms_follow_for (30 s here)
     took = time.monotonic() - started
     assert 29 < took < 40
-    first, *reminders, last = notices
+    _, *reminders, last = notices
     # at 6 s, then 12 (gap 6), 20 (gap 8, capped), 28 (gap 8), last at 30
     assert len(reminders) == 3, [n.reason for n in notices]
     assert {n.kind for n in notices} == {NoticeKind.VMS_NOT_RESTARTED}
     assert {n.decision_id for n in notices} == {d.decision_id}
-    assert first.notice_id == f"{d.decision_id}/vms_not_restarted"
-    ids = [n.notice_id for n in notices]
-    assert len(set(ids)) == len(ids)
-    assert [i.rsplit("/", 1)[1] for i in ids[1:]] == ["1", "2", "3", "last"]
-    assert all(act.tag in i for i in ids[1:])
+    series = f"{d.decision_id}/vms_not_restarted/{act.tag}/1"
+    assert [n.notice_id for n in notices] == [f"{series}/{k}" for k in ("1", "2", "3", "4", "last")]
     for n in notices:
         assert "1 of 1 VM(s) not running" in (n.reason or "")
         assert "vm1 (Stopped)" in (n.reason or "")
     assert "reminder 1" in (reminders[0].reason or "")
+    # the same decision followed again (an operator's retry): ids of its own, none already sent
+    notices.clear()
+    shorter = act.settings.actuator.model_copy(update={"vms_follow_for": 7})
+    act.settings = act.settings.model_copy(update={"actuator": shorter})
+    assert await act._follow_vms(d, {cloud.vm_uuid: "vm1"}, Redactor()) == ["vm1"]
+    assert [n.notice_id for n in notices] == [
+        f"{d.decision_id}/vms_not_restarted/{act.tag}/2/{k}" for k in ("1", "last")
+    ]
     assert "stops following" in (last.reason or "")
 
 
