@@ -29,7 +29,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 
-from fencing.cloudstack import CloudStack, CloudStackError
+from fencing.cloudstack import CloudStack
 from fencing.drivers import build_driver
 from fencing.engine import Engine, EngineResult
 from fencing.events import FenceAction, NoticeKind
@@ -301,8 +301,12 @@ class Actuator:
                         states[vm_id] = found[0].get("state", "?") if found else "gone"
                         if states[vm_id] in ("Running", "gone"):
                             del down[vm_id]
-            except CloudStackError as exc:
-                log.warning("cannot follow the VMs of a fenced host: %s", redact(str(exc)))
+            except Exception as exc:  # CloudStack down for a while must not end the following
+                log.warning(
+                    "cannot follow the VMs of a fenced host (%s): %s",
+                    type(exc).__name__,
+                    redact(str(exc)),
+                )
             if not down:
                 break
             now = time.monotonic()
