@@ -12,8 +12,11 @@ once is the shell's: its outcome is kept in the `actuated` table and the fence-c
 Never gives up silently: the BMC action is retried until `actuator.fence_deadline` (the
 engine's one overall deadline), a failed or unfinished `declareHostAsDegraded` is retried with
 backoff until the same deadline, and the VMs the host ran are followed afterwards (in the
-background, for up to cloudstack.job_timeout): those still not Running are reported in a
-`vms_not_restarted` notice. What still fails is a failed outcome
+background): those still not Running at cloudstack.job_timeout are reported in a
+`vms_not_restarted` notice, repeated at growing intervals until they run (logged) or until
+`actuator.vms_follow_for`, when a last notice says fencer stops following them. The following
+lives in this process only: an actuator restart ends it silently (a known weakness). What still
+fails is a failed outcome
 (a `fence_failed` notification, repeated by the shell until an operator retries or marks it
 handled: `retry` runs the same decision again).
 """
@@ -22,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 
-from fencing.cloudstack import CloudStack, CloudStackError
+from fencing.cloudstack import CloudStack
 from fencing.drivers import build_driver
 from fencing.engine import Engine, EngineResult
 from fencing.events import FenceAction, NoticeKind
@@ -57,6 +61,8 @@ __all__ = [
 CloudStackFactory = Callable[[FencerSettings], CloudStack]
 NoticeSink = Callable[[Notice], Awaitable[None]]
 NoticeSender = Callable[[Notice], Awaitable[None]]
+
+FOLLOW_POLL_MAX = 60.0  # seconds between reads of the VMs' states once they were reported
 
 
 def engine_for(settings: FencerSettings) -> Engine:
@@ -90,8 +96,11 @@ class Actuator:
         pins: PinStore | None = None,
         announce: NoticeSender | None = None,
         storage_fencer: StorageFencer | None = None,
+        tag: str | None = None,
     ) -> None:
         self.settings = settings
+        # In every repeated notice's id: unique to this process, so a restart never reuses one.
+        self.tag = tag or secrets.token_hex(4)
         # The Ceph blocklist rung (fencing.storage_fence), built on first use.
         self.storage_fencer = storage_fencer
         self.notify = notify
@@ -106,6 +115,7 @@ class Actuator:
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
         self._following: set[asyncio.Task[list[str]]] = set()
+        self._follows = 0  # followings started by this process (in the notices' ids)
 
     async def settle(self) -> None:
         """Wait until every fenced host's VMs have been followed (tests, shutdown)."""
@@ -161,6 +171,7 @@ class Actuator:
                 clock=self.clock,
                 announce=self.announce,
                 ends=ends,
+                tag=self.tag,
             )
             if bmc_error is None:
                 result = await self.engine.run(
@@ -260,9 +271,26 @@ class Actuator:
     async def _follow_vms(
         self, decision: FenceDecision, vms: dict[str, str], redact: Redactor
     ) -> list[str]:
-        """Wait (up to cloudstack.job_timeout) for the fenced host's VMs to run again; report the
-        ones that do not in a `vms_not_restarted` notice. The names of those still down."""
-        deadline = time.monotonic() + self.settings.cloudstack.job_timeout
+        """Follow the fenced host's VMs until they run again (or are gone): those still down at
+        cloudstack.job_timeout are reported in a `vms_not_restarted` notice, repeated at growing
+        intervals (job_timeout, doubled each time, at most actuator.renotify_interval) until
+        they run, and once more, saying so, when fencer stops following them after
+        actuator.vms_follow_for. When they run after a notice, that is logged. Polls at
+        job_poll_interval until the first notice, then at a doubling interval (at most a
+        minute). The names of those still down when it stopped."""
+        started = time.monotonic()
+        job_timeout = self.settings.cloudstack.job_timeout
+        renotify = self.settings.actuator.renotify_interval
+        follow_for = max(self.settings.actuator.vms_follow_for, job_timeout)
+        due = started + job_timeout  # the next notice, on this process's monotonic clock
+        gap = job_timeout  # the gap to the notice after it
+        poll = self.job_poll_interval
+        sent = 0
+        label = decision.host.host_name or decision.host.host_uuid
+        # Unique to this following: an operator's retry of the decision follows again, and
+        # ids already sent would be dropped by the notify table as duplicates.
+        self._follows += 1
+        series = f"{decision.decision_id}/vms_not_restarted/{self.tag}/{self._follows}"
         down: dict[str, str] = dict(vms)
         states: dict[str, str] = {}
         while down:
@@ -273,26 +301,56 @@ class Actuator:
                         states[vm_id] = found[0].get("state", "?") if found else "gone"
                         if states[vm_id] in ("Running", "gone"):
                             del down[vm_id]
-            except CloudStackError as exc:
-                log.warning("cannot follow the VMs of a fenced host: %s", redact(str(exc)))
-            if not down or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(self.job_poll_interval)
-        if down:
-            names = ", ".join(f"{name} ({states.get(i, '?')})" for i, name in down.items())
-            text = f"{len(down)} of {len(vms)} VM(s) not running after the fence: {names}"
-            log.error("host %s: %s", decision.host.host_name or decision.host.host_uuid, text)
-            await self._emit(
-                Notice(
-                    notice_id=f"{decision.decision_id}/vms_not_restarted",
-                    kind=NoticeKind.VMS_NOT_RESTARTED,
-                    host=decision.host,
-                    at=self.clock(),
-                    action=decision.action,
-                    decision_id=decision.decision_id,
-                    reason=text,
-                    evidence=decision.evidence,
+            except Exception as exc:  # CloudStack down for a while must not end the following
+                log.warning(
+                    "cannot follow the VMs of a fenced host (%s): %s",
+                    type(exc).__name__,
+                    redact(str(exc)),
                 )
+            if not down:
+                break
+            now = time.monotonic()
+            last = now - started >= follow_for
+            if now >= due or last:
+                sent += 1
+                names = ", ".join(f"{name} ({states.get(i, '?')})" for i, name in down.items())
+                text = f"{len(down)} of {len(vms)} VM(s) not running after the fence: {names}"
+                if last:
+                    text += (
+                        f"; fencer stops following them now ({now - started:.0f} s after the "
+                        "restart call, actuator.vms_follow_for): no further reminder"
+                    )
+                elif sent > 1:
+                    text += f" (reminder {sent - 1}, {now - started:.0f} s after the restart call)"
+                log.error("host %s: %s", label, text)
+                number = "last" if last else str(sent)
+                await self._emit(
+                    Notice(
+                        notice_id=f"{series}/{number}",
+                        kind=NoticeKind.VMS_NOT_RESTARTED,
+                        host=decision.host,
+                        at=self.clock(),
+                        action=decision.action,
+                        decision_id=decision.decision_id,
+                        reason=text,
+                        evidence=decision.evidence,
+                    )
+                )
+                if last:
+                    return list(down.values())
+                due = now + gap
+                gap = min(gap * 2, max(renotify, job_timeout))
+            if sent:
+                poll = min(poll * 2, max(self.job_poll_interval, min(FOLLOW_POLL_MAX, gap)))
+            wait = min(poll, max(0.0, due - time.monotonic()), follow_for - (now - started))
+            await asyncio.sleep(max(wait, self.job_poll_interval))
+        if sent:
+            log.warning(
+                "host %s: all %d VM(s) of the fenced host run again (or are gone) after %d "
+                "vms_not_restarted notice(s)",
+                label,
+                len(vms),
+                sent,
             )
         return list(down.values())
 

@@ -31,7 +31,9 @@ the decision, and a disconnection stamped before the host's return is late (a re
   any file's mtime or any heartbeat's content changed (or a file appeared) since the previous
   complete reading; else **unknown** when a file the reference holds was requested and could
   not be read now (`ProbeFinished.missing`: gone, or a stat that failed, such as ESTALE or EIO;
-  it may be the one busy disk of a live host); else **stale** when at least `check_interval`
+  it may be the one busy disk of a live host), or when a heartbeat whose content the reference
+  holds was stat'ed but its content could not be read now (`ProbeFinished.unread_contents`);
+  else **stale** when at least `check_interval`
   (or the back end's `min_gap`, if larger) passed between the two readings (from the arrival
   of the previous one to the request of this one: both worker clock, and a lower bound of the
   real gap); else unknown ("too soon"). Every complete reading becomes the
@@ -529,7 +531,7 @@ def _judge(
         # (Also when a file read before could not be read now: a changed value on its own
         # clock is positive evidence of writes, and alive never leads to a fence.)
         return Evidence.ALIVE, changed, False
-    unread = _unread(record, result.missing)
+    unread = _unread(record, result.missing, result.unread_contents)
     if unread is not None:
         # What it lacks may be the one file that changed: a busy VM's disk gone unreadable next
         # to idle ones (and a dead agent's heartbeat) would make a live host look stale.
@@ -587,17 +589,25 @@ def _changed(
     return None
 
 
-def _unread(record: HostRecord, missing: tuple[str, ...]) -> str | None:
+def _unread(record: HostRecord, missing: tuple[str, ...], contents: tuple[str, ...]) -> str | None:
     """Why a reading cannot be judged as no change: it lacks files the reference holds (read
-    before in the episode), named by path; None when every such file was read."""
+    before in the episode), or heartbeat contents the reference holds (`contents`: stat'ed, not
+    read), named by path; None when every such file was read."""
     known = {key for key, _ in (*record.ref_mtimes, *record.ref_heartbeats)}
     lost = [path for path in dict.fromkeys(missing) if fingerprint(path) in known]
+    beats = {key for key, _ in record.ref_heartbeats}
+    unread = [p for p in dict.fromkeys(contents) if fingerprint(p) in beats and p not in lost]
+    lost += unread
     if not lost:
         return None
     more = f" (+{len(lost) - 3} more)" if len(lost) > 3 else ""
+    how = (
+        "gone, their stat failed, or their content unreadable"
+        if unread
+        else "gone, or their stat failed"
+    )
     return (
-        f"{len(lost)} of the files read before could not be read now (gone, or their stat "
-        f"failed): "
+        f"{len(lost)} of the files read before could not be read now ({how}): "
         f"{', '.join(lost[:3])}{more}"
     )
 

@@ -81,6 +81,7 @@ class NoticeKind(str, Enum):  # noqa: UP042 - str() of a member is its qualified
     LOGIN_BURST = "login_burst"  # failed API logins from one client beyond api.login_max_failures
     BLOCKLIST_LIFTED = "blocklist_lifted"  # an operator lifted a host's Ceph blocklist
     BLOCKLIST_NOT_LIFTED = "blocklist_not_lifted"  # an operator's lift failed: still cut off
+    DECISION_LOG_UNREAD = "decision_log_unread"  # the gate's decision-log tail keeps failing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +158,9 @@ class ProbeFinished:
     # Requested files the probe could not read now (a stat that failed: gone, ESTALE, EIO, a
     # directory it cannot search). One the reference holds makes the reading unknown.
     missing: tuple[str, ...] = ()
+    # Heartbeat files whose stat worked but whose content could not be read now (EIO, no read
+    # permission, empty). One whose content the reference holds makes the reading unknown.
+    unread_contents: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

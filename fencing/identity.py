@@ -200,12 +200,25 @@ async def pin_current(
     return old, new
 
 
-def identity_notice(check: IdentityCheck, host: HostRef, at: float) -> Notice:
-    """The BMC_IDENTITY_CHANGED notice of a changed GUID; one id per host, GUID and day, so a
-    pre-flight repeats it daily until an operator acts, and a receiver can drop duplicates."""
-    day = int(at // 86400)
+DAY = 86400.0
+
+
+def daily_slot(mono: float) -> int:
+    """The day slot of a daily notice's id, on this process's monotonic clock `mono`: never the
+    wall clock, whose step back would compute again ids the notify table already dropped as
+    duplicates (silence until the wall clock caught up). The id also carries the process's tag:
+    another process's monotonic clock starts elsewhere, and a restart must not repeat an id."""
+    return int(mono // DAY)
+
+
+def identity_notice(
+    check: IdentityCheck, host: HostRef, at: float, *, tag: str, mono: float
+) -> Notice:
+    """The BMC_IDENTITY_CHANGED notice of a changed GUID; one id per host, GUID, process (`tag`)
+    and day of this process's monotonic clock (`daily_slot`), so a pre-flight repeats it daily
+    until an operator acts, and a receiver can drop duplicates. `at` (wall) is only shown."""
     return Notice(
-        notice_id=f"{host.host_uuid}/bmc-identity/{check.guid}/{day}",
+        notice_id=f"{host.host_uuid}/bmc-identity/{check.guid}/{tag}/{daily_slot(mono)}",
         kind=NoticeKind.BMC_IDENTITY_CHANGED,
         host=host,
         at=at,
@@ -226,8 +239,10 @@ async def identity_refusal(
     clock: Callable[[], float] = time.time,
     announce: Callable[[Notice], Awaitable[None]] | None = None,
     ends: float | None = None,
+    tag: str,
 ) -> str | None:
-    """Why this BMC must not be used (its GUID is not the host's pin), or None."""
+    """Why this BMC must not be used (its GUID is not the host's pin), or None. `tag` names
+    the process in the notice's id (`identity_notice`)."""
     if pins is None or decision.action is FenceAction.NOTHING:
         return None
     host = decision.host
@@ -276,7 +291,8 @@ async def identity_refusal(
         log.debug("closing the %s driver failed: %s", driver.name, redact(str(exc)))
     if check.verdict == "changed" and announce is not None:
         try:
-            await announce(identity_notice(check, host, clock()))
+            notice = identity_notice(check, host, clock(), tag=tag, mono=time.monotonic())
+            await announce(notice)
         except Exception as exc:  # the outcome still carries the reason to the notifiers
             log.warning("host %s: cannot send the BMC identity notice: %s", host.host_uuid, exc)
     return reason

@@ -121,6 +121,12 @@ class ProbeResult(WireRecord):
         description="requested files the probe could not read now (a stat that failed, an "
         "image that is gone): one read before in the episode makes the reading unknown",
     )
+    unread_contents: list[str] = Field(
+        default_factory=list,
+        description="heartbeat files whose stat worked but whose content could not be read now "
+        "(EIO, no read permission, empty): one whose content was read before in the episode "
+        "makes the reading unknown",
+    )
 
 
 class EvidenceSummary(BaseModel):

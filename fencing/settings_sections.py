@@ -221,6 +221,13 @@ class ActuatorSettings(_Model):
     renotify_interval: float = Field(
         3600.0, gt=0, description="seconds between fence_failed reminders until an operator acts"
     )
+    vms_follow_for: float = Field(
+        86400.0,
+        gt=0,
+        description="seconds the VMs of a fenced host are followed after the restart call: "
+        "vms_not_restarted reminders at growing intervals (at most renotify_interval) until "
+        "they run, then a last notice",
+    )
 
 
 class SigningSettings(_Model):
@@ -248,8 +255,15 @@ def _deprecated(field: str, why: str) -> None:
 
 
 class GateSettings(_Model):
-    """The cluster gate. It judges by its own clock only and has no setting left; the section
-    stays so that settings files written for older versions still load."""
+    """The cluster gate. It judges by its own clock only; `clock_tolerance` stays so that
+    settings files written for older versions still load."""
+
+    log_tail_notify_after: float = Field(
+        120.0,
+        gt=0,
+        description="seconds the gate owner's tail of the decision log may fail in a row before "
+        "a decision_log_unread notice (repeated every actuator.renotify_interval)",
+    )
 
     clock_tolerance: float | None = Field(
         None,

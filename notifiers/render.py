@@ -52,6 +52,7 @@ KINDS: dict[NoticeKind, tuple[str, Severity, int]] = {
     NoticeKind.LOGIN_BURST: ("LOGIN-BURST", Severity.WARNING, 23),
     NoticeKind.BLOCKLIST_LIFTED: ("BLOCKLIST-LIFTED", Severity.WARNING, 24),
     NoticeKind.BLOCKLIST_NOT_LIFTED: ("BLOCKLIST-NOT-LIFTED", Severity.CRITICAL, 25),
+    NoticeKind.DECISION_LOG_UNREAD: ("DECISION-LOG-UNREAD", Severity.CRITICAL, 26),
 }
 
 # FENCER-MIB FencerActionKind; none(0) when the notification concerns no action.

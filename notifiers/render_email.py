@@ -91,6 +91,11 @@ _LEADS: dict[NoticeKind, str] = {
         "An operator asked to lift this host's Ceph blocklist, but it was NOT lifted: the host "
         "still cannot write to Ceph. Retry, or lift it where the fence key is."
     ),
+    NoticeKind.DECISION_LOG_UNREAD: (
+        "The gate cannot read fencer's decision log: a fence a stalled former gate owner "
+        "approved late does not count toward the caps, so more hosts than the cap may be "
+        "fenced. Fix the gate worker's access to Kafka (broker, ACLs, TLS)."
+    ),
 }
 
 

@@ -116,6 +116,18 @@ class ProbeOutcome:
     # Requested files it could not read (a stat that failed: gone, ESTALE, EIO, a directory it
     # cannot search; an RBD image that is gone). Only known from an answer read to its end.
     missing: tuple[str, ...] = ()
+    # Requested heartbeat files whose stat worked but whose content could not be read (EIO, no
+    # read permission, empty): the core never calls such a reading "no change" when it read
+    # that content before. Only known from an answer read to its end.
+    unread_contents: tuple[str, ...] = ()
+    # Neighbours whose reading in this check failed, was incomplete or lacked files (the next
+    # checks ask others first: probes.neighbours). Not on the wire.
+    passed_over: tuple[str, ...] = ()
+
+    @property
+    def lacks_files(self) -> bool:
+        """Whether a requested file or heartbeat content could not be read."""
+        return bool(self.missing or self.unread_contents)
 
     @classmethod
     def unknown(cls, reason: str, probe: str, **kw: Any) -> ProbeOutcome:
@@ -144,6 +156,7 @@ class ProbeOutcome:
             live_signs=list(self.live_signs),
             min_gap=self.min_gap,
             missing=list(self.missing),
+            unread_contents=list(self.unread_contents),
         )
 
 
@@ -204,6 +217,12 @@ def outcome_of(
     beats = {
         h: reading.heartbeat_values[h] for h in target.heartbeats if h in reading.heartbeat_values
     }
+    # A heartbeat stat'ed (so not missing) without its content: unreadable, never "unchanged".
+    unread_contents = (
+        tuple(h for h in dict.fromkeys(target.heartbeats) if h in mtimes and h not in beats)
+        if reading.complete
+        else ()
+    )
     reason = incomplete_reason(target, reading)
     neighbour_offset = None
     if reading.local_now is not None:
@@ -230,6 +249,7 @@ def outcome_of(
         neighbour_offset=neighbour_offset,
         filer_offset=filer_offset,
         missing=missing,
+        unread_contents=unread_contents,
     )
 
 

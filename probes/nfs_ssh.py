@@ -5,8 +5,9 @@ Rule: host keys are always verified against `ssh.known_hosts` (the bypass exists
 lab, behind `insecure_skip_host_key_check`); key authentication only; one pooled connection per
 neighbour, reused across checks with keepalives. Every failure is an unknown outcome whose reason
 names it (auth failed, host key mismatch, timeout, unreachable, storage not mounted, no files),
-and the next neighbour is tried. What the reading means is decided by the core
-(`fencing.decision.judge`), against the previous reading of the same files.
+and the next neighbour is tried; so is it after a complete reading that lacks files (a stat or a
+heartbeat read that failed: another neighbour may read them). What the reading means is decided
+by the core (`fencing.decision.judge`), against the previous reading of the same files.
 
 The remote side is a POSIX shell script (bash, dash) plus GNU `xargs` and `stat`: pool mount
 points and heartbeat files go in the script's arguments (a few per host), file paths go on stdin
@@ -281,7 +282,9 @@ class NfsSshProbe(SshProbe):
     name = "nfs"
 
     async def check(self, target: ProbeTarget) -> ProbeOutcome:
-        """Try each neighbour until one gives a complete reading; else the reasons of each."""
+        """Try each neighbour until one gives a complete reading that lacks no file; else the
+        first complete one (lacking files), else the reasons of each. One neighbour's reading,
+        never a mix; the neighbours passed over are named (`ProbeOutcome.passed_over`)."""
         started = time.monotonic()
         problem = self.config_problem()
         if problem is not None:
@@ -291,26 +294,38 @@ class NfsSshProbe(SshProbe):
                 f"{Reason.NO_NEIGHBOUR}: no Up, Enabled KVM host in the cluster", self.name
             )
         reasons: list[str] = []
+        passed: list[str] = []
         last = None
+        lacking = None  # the first complete reading that lacks files
         for n in target.neighbours:
             got = await self._read(n, target)
+            passed.append(n.name)
             if isinstance(got, str):
                 reasons.append(f"{got} [{n.name}]")
                 continue
             outcome = outcome_of(target, got, self.name, n.name, time.monotonic() - started)
+            if outcome.complete and not outcome.lacks_files:
+                return replace(outcome, passed_over=tuple(passed[:-1]))
             if outcome.complete:
-                return outcome
+                # Another neighbour may read what this one cannot (a busy disk it cannot stat).
+                lacking = lacking or outcome
+                continue
             reasons.append(f"{outcome.reason} [{n.name}]")
             last = outcome
+        if lacking is not None:
+            return replace(lacking, duration=time.monotonic() - started, passed_over=tuple(passed))
         reason = "; ".join(reasons)
         if last is not None:
-            return replace(last, reason=reason, duration=time.monotonic() - started)
+            return replace(
+                last, reason=reason, duration=time.monotonic() - started, passed_over=tuple(passed)
+            )
         return ProbeOutcome.unknown(
             reason,
             self.name,
             duration=time.monotonic() - started,
             files_wanted=len(target.files) + len(target.heartbeats),
             unreadable=target.unreadable,
+            passed_over=tuple(passed),
         )
 
     async def _read(self, n: Neighbour, target: ProbeTarget) -> Reading | str:

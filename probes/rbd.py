@@ -33,7 +33,7 @@ import json
 import re
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncssh
@@ -261,17 +261,22 @@ class RbdProbe(SshProbe):
                 f"{Reason.NO_NEIGHBOUR}: no Up, Enabled KVM host in the cluster", target, started
             )
         reasons: list[str] = []
+        passed: list[str] = []  # neighbours that failed: asked after the others next time
         for n in target.neighbours:
             got = await self._read(n, specs)
             if isinstance(got, str):
                 reasons.append(f"{got} [{n.name}]")
+                passed.append(n.name)
                 continue
             reading, local_now = got
             outcome = self._outcome(target, specs, reading, local_now, n.name, started)
             if outcome.complete:
-                return outcome
+                # (An image that is gone is gone for every neighbour: one Ceph cluster.)
+                return replace(outcome, passed_over=tuple(passed))
             reasons.append(f"{outcome.reason} [{n.name}]")
-        return self._unknown("; ".join(reasons), target, started)
+            passed.append(n.name)
+        unknown = self._unknown("; ".join(reasons), target, started)
+        return replace(unknown, passed_over=tuple(passed))
 
     def _outcome(
         self,

@@ -105,6 +105,8 @@ def merge_outcomes(outcomes: list[ProbeOutcome], unreadable: int) -> ProbeOutcom
         live_signs=tuple(s for o in outcomes for s in o.live_signs),
         min_gap=max(o.min_gap for o in outcomes),
         missing=tuple(p for o in outcomes for p in o.missing),
+        unread_contents=tuple(p for o in outcomes for p in o.unread_contents),
+        passed_over=tuple(dict.fromkeys(p for o in outcomes for p in o.passed_over)),
     )
 
 
@@ -179,10 +181,13 @@ class ProbeService:
             return outcome.to_result(request, self.clock())
         outcomes = list(await asyncio.gather(*(p.check(t) for p, t in chosen)))
         for (_, target), outcome in zip(chosen, outcomes, strict=True):
-            if outcome.complete and outcome.neighbour:
-                for n in target.neighbours:
-                    if n.name == outcome.neighbour:
-                        self.neighbours.answered(target.cluster_uuid, n.uuid)
+            for n in target.neighbours:
+                if n.name in outcome.passed_over:
+                    # The next checks of this suspect ask another neighbour first (rotation).
+                    self.neighbours.passed_over(target.host_uuid, n.uuid)
+                elif outcome.complete and n.name == outcome.neighbour:
+                    self.neighbours.answered(target.cluster_uuid, n.uuid)
+                    self.neighbours.read_cleanly(target.host_uuid, n.uuid)
         return merge_outcomes(outcomes, unreadable).to_result(request, self.clock())
 
 

@@ -695,10 +695,12 @@ async def carry_out(rt: Runtime, decision: FenceDecision, takeover: bool) -> Fen
 async def preflight(rt: Runtime) -> list[Notice]:
     """A PREFLIGHT_FAILED notice for each host whose BMC would not answer a fence now, a
     BMC_IDENTITY_CHANGED one for each BMC whose system GUID is not the pinned one (at most
-    one per host per day: the notice id carries the day). GUIDs are pinned on first read."""
+    one per host per day: the notice id carries the process's tag and the day of its monotonic
+    clock, never of the wall clock: `fencing.identity.daily_slot`). GUIDs are pinned on first
+    read."""
     from fencing.actuator import preflight
     from fencing.cloudstack import host_from_api
-    from fencing.identity import IdentityCheck, identity_notice
+    from fencing.identity import IdentityCheck, daily_slot, identity_notice
 
     try:
         hosts = [host_from_api(h) for h in await rt.inventory().kvm_hosts()]
@@ -711,16 +713,18 @@ async def preflight(rt: Runtime) -> list[Notice]:
     }
     pins = await rt.bmc_pins()
     results = await preflight(live, list(refs.values()), pins=pins)
-    day = int(time.time() // 86400)
+    mono, tag = time.monotonic(), rt.reminder_tag
     return [
         identity_notice(
             IdentityCheck(r.host_uuid, "changed", guid=r.guid, reason=r.error),
             refs[r.host_uuid],
             r.checked_at,
+            tag=tag,
+            mono=mono,
         )
         if r.identity == "changed"
         else Notice(
-            notice_id=f"{r.host_uuid}/preflight/{day}",
+            notice_id=f"{r.host_uuid}/preflight/{tag}/{daily_slot(mono)}",
             kind=NoticeKind.PREFLIGHT_FAILED,
             host=refs[r.host_uuid],
             at=r.checked_at,

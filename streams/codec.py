@@ -160,6 +160,7 @@ def probe_finished(r: ProbeResult, arrived_at: float, clock: str = "") -> ProbeF
         live_signs=tuple(r.live_signs),
         min_gap=r.min_gap,
         missing=tuple(r.missing),
+        unread_contents=tuple(r.unread_contents),
     )
 
 

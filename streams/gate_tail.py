@@ -24,6 +24,13 @@ forgotten; the next reconciliation reads the log again from the shared row's pos
 started again by the next reconciliation (`follow`, from where its read ended). A tail that
 cannot read (no broker) logs, retries with a back-off and checks the broker every
 `CHECK_EVERY`; the gate judges meanwhile with its rows and what was read, as without a tail.
+Never silently (rule 5): a tail failing for `gate.log_tail_notify_after` seconds in a row (on
+this process's monotonic clock) sends a `decision_log_unread` notice through the usual notice
+path (the runtime's; a worker without one, the ingest role alone, writes it to the notices
+topic itself), repeated every `actuator.renotify_interval` while it still fails (not at every
+retry; one that could not be sent is tried again at the next failure); each id carries the
+process's tag and the spell's number, so no id is ever computed twice. When it reads again
+after such a notice, a "recovered" line is logged.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -38,7 +46,8 @@ from typing import TYPE_CHECKING
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from fencing import gate as gatecore
-from fencing.records import FenceDecision
+from fencing.events import NoticeKind
+from fencing.records import FenceDecision, HostRef, Notice
 from streams.actuation import read_decision
 from streams.gating import logged_of
 from streams.kafka import aiokafka_kwargs
@@ -102,6 +111,9 @@ class DecisionTail:
         clock_id: str | None = CLOCK_ID,
         retry_first: float = RETRY_FIRST,
         check_every: float = CHECK_EVERY,
+        notify_after: float | None = None,
+        renotify: float | None = None,
+        mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runtime = runtime
         self._clock = clock
@@ -115,6 +127,15 @@ class DecisionTail:
         self.records = 0  # records read since `follow`
         self.unsigned = 0  # of them, records fencer did not sign (counted nothing)
         self.failures = 0  # reads failed in a row (0: reading)
+        # Rule 5 (module rule): the failing spell, timed on this process's monotonic clock.
+        self._notify_after = notify_after  # None: gate.log_tail_notify_after of the settings
+        self._renotify = renotify  # None: actuator.renotify_interval of the settings
+        self._mono = mono
+        self._failing_since: float | None = None
+        self._last_notice: float | None = None
+        self._spell: int | None = None  # the failing spell's number, once it was noticed
+        self.spells = 0  # failing spells that were noticed (in the notice ids)
+        self.notices = 0  # notices sent in the current spell
 
     @property
     def running(self) -> bool:
@@ -140,6 +161,8 @@ class DecisionTail:
             task.cancel()  # (the task closes its consumer as it ends)
         self._kept, self._latest = [], {}
         self.position, self.records, self.unsigned, self.failures = {}, 0, 0, 0
+        self._failing_since = self._last_notice = self._spell = None
+        self.notices = 0
 
     async def stop(self) -> None:
         """`halt`, and wait for the consumer to be closed (the app's shutdown)."""
@@ -238,6 +261,8 @@ class DecisionTail:
             finally:
                 if consumer is not None:
                     await _close(consumer)
+            if self.failures:
+                await self._notify_if_due(topic)
             await asyncio.sleep(wait)
 
     async def _read(self, consumer: AIOKafkaConsumer, topic: str) -> None:
@@ -258,7 +283,15 @@ class DecisionTail:
         checked = loop.time()
         if self.failures:
             log.info("gate: the decision log is tailed again after %d failures", self.failures)
-        self.failures = 0
+        if self.notices:
+            log.warning(
+                "gate: the decision log %s is read again (recovered) after %d "
+                "decision_log_unread notice(s)",
+                topic,
+                self.notices,
+            )
+        self.failures, self.notices = 0, 0
+        self._failing_since = self._last_notice = self._spell = None
         while True:
             batches = await consumer.getmany(timeout_ms=FETCH_WAIT_MS * 2)
             for records in batches.values():
@@ -278,6 +311,63 @@ class DecisionTail:
                 # metadata, which fails when no broker answers.
                 await asyncio.wait_for(consumer.topics(), self.check_every)
                 checked = loop.time()
+
+    async def _notify_if_due(self, topic: str) -> None:
+        """Send the `decision_log_unread` notice when the failing spell has lasted
+        `notify_after`, then every `renotify` while it lasts (module rule); a notice that
+        could not be sent is tried again at the next failure, under the same id. Never
+        raises."""
+        now = self._mono()
+        if self._failing_since is None:
+            self._failing_since = now
+        settings = self.runtime.current
+        after = settings.gate.log_tail_notify_after
+        after = after if self._notify_after is None else self._notify_after
+        every = settings.actuator.renotify_interval if self._renotify is None else self._renotify
+        failing = now - self._failing_since
+        if failing < after:
+            return
+        if self._last_notice is not None and now - self._last_notice < every:
+            return
+        if self._spell is None:
+            self.spells += 1
+            self._spell = self.spells
+        number = self.notices + 1
+        notice = Notice(
+            notice_id=f"decision-log-unread/{self.runtime.reminder_tag}/{self._spell}/{number}",
+            kind=NoticeKind.DECISION_LOG_UNREAD,
+            host=HostRef(host_uuid=f"topic:{topic}"),
+            at=self._clock(),
+            reason=(
+                f"the gate cannot read the decision log {topic} for {failing:.0f} s "
+                f"({self.failures} failed reads in a row): a decision a stalled former gate "
+                "owner publishes late does not count toward the fence caps until it reads "
+                f"again (notice {number}, repeated every {every:.0f} s while it fails)"
+            ),
+        )
+        log.error("gate: %s", notice.reason)
+        try:
+            await self._send(notice)
+        except Exception as exc:
+            log.error(
+                "gate: cannot send notice %s (%s: %s): tried again at the next failure",
+                notice.notice_id,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        self.notices, self._last_notice = number, now
+
+    async def _send(self, notice: Notice) -> None:
+        """Through the runtime's notice path; a worker without one (the ingest role alone,
+        where the gate runs) writes it to the notices topic itself (aiokafka's own request
+        timeouts bound it: a producer cancelled while it starts would be left open)."""
+        if self.runtime.notice_sink is not None:
+            await asyncio.wait_for(self.runtime.emit_notice(notice), self.check_every)
+            return
+        from streams.actuating import send_notice
+
+        await send_notice(self.runtime.settings, notice)
 
 
 def _cancelled() -> bool:

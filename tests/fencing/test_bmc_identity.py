@@ -30,7 +30,14 @@ from fencing.drivers.redfish import RedfishDriver
 from fencing.drivers.template import TemplateDriver
 from fencing.engine import Engine
 from fencing.events import FenceAction, NoticeKind
-from fencing.identity import MemoryPinStore, verify_identity
+from fencing.identity import (
+    DAY,
+    IdentityCheck,
+    MemoryPinStore,
+    daily_slot,
+    identity_notice,
+    verify_identity,
+)
 from fencing.records import EvidenceSummary, FenceDecision, HostRef, Notice
 from fencing.settings import (
     ActuatorSettings,
@@ -519,10 +526,14 @@ async def test_worker_runtime_preflight_pins_then_notices_and_refuses_a_changed_
             assert pins.get(cloud.host.uuid).pinned_by == "preflight"
 
             bmc.guid = GUID_B
+            slot = daily_slot(time.monotonic())
             notices = await preflight(runtime)
+            slots = {slot, daily_slot(time.monotonic())}
             assert [n.kind for n in notices] == [NoticeKind.BMC_IDENTITY_CHANGED]
             assert GUID_B in (notices[0].reason or "")
-            assert notices[0].notice_id.startswith(f"{cloud.host.uuid}/bmc-identity/{GUID_B}/")
+            assert notices[0].notice_id in {
+                f"{cloud.host.uuid}/bmc-identity/{GUID_B}/{runtime.reminder_tag}/{s}" for s in slots
+            }  # the process's tag and its monotonic day, never the wall clock's day
 
             d = FenceDecision(
                 decision_id=str(uuid.uuid4()),
@@ -603,3 +614,30 @@ async def test_back_to_the_pinned_board_clears_the_other_guid() -> None:
     back = await verify_identity(HOST, fake, pins, address="10.0.0.1")
     assert back.verdict == "matches" and back.ok
     assert pins.pins[HOST].seen_guid is None and pins.pins[HOST].guid == GUID_A
+
+
+def test_daily_notice_ids_never_repeat_when_the_wall_clock_steps_back() -> None:
+    """BMC_IDENTITY_CHANGED (and PREFLIGHT_FAILED) repeat at most once a day with an id of the
+    day: it was the wall clock's day, so a wall clock stepped back a day computed again the id
+    sent the day before, which the notify table drops as a duplicate: a day of silence (a week
+    back: a week). The day is now of the process's monotonic clock, which never goes back, and
+    the id carries the process's tag (another process, a restart: other ids)."""
+    check = IdentityCheck(HOST, "changed", guid=GUID_B, reason="BMC identity changed")
+    host = HostRef(host_uuid=HOST)
+    wall = 1_800_000_000.0
+    mono = 5_000.0
+    # a day apart on the monotonic clock; before the third, the wall clock was set back a day
+    walls = (wall, wall + DAY, wall + DAY)
+    ids = []
+    for day, at in enumerate(walls):
+        n = identity_notice(check, host, at, tag="p1", mono=mono + day * DAY)
+        assert n.kind is NoticeKind.BMC_IDENTITY_CHANGED and n.at == at
+        ids.append(n.notice_id)
+    assert len(set(ids)) == 3, ids  # the wall clock's day: the third repeated the second's
+    # within one day of one process: one id (a receiver drops the repeats); another process:
+    # another id
+    again = identity_notice(check, host, wall + 3600, tag="p1", mono=mono + 2 * DAY + 60)
+    assert again.notice_id == ids[2]
+    other = identity_notice(check, host, wall, tag="p2", mono=mono)
+    assert other.notice_id != ids[0]
+    assert daily_slot(DAY - 0.5) == 0 and daily_slot(DAY) == 1

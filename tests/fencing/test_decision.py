@@ -100,6 +100,7 @@ def reading(
     neighbour_offset: float | None = None,
     filer_offset: float | None = None,
     missing: tuple[str, ...] = (),
+    unread_contents: tuple[str, ...] = (),
 ) -> ProbeFinished:
     """A probe's reading of h1's files, arrived at `at` (worker clock); `missing` are the
     requested files it could not read."""
@@ -117,6 +118,7 @@ def reading(
         neighbour_offset=neighbour_offset,
         filer_offset=filer_offset,
         missing=missing,
+        unread_contents=unread_contents,
     )
 
 
@@ -544,6 +546,31 @@ def test_the_reason_names_at_most_three_unreadable_files_and_counts_each_once() 
         f"{disks[0]}, {disks[1]}, {disks[2]} (+2 more)"
     )
     assert judge(r2, result, POLICY) == (Evidence.UNKNOWN, why)
+
+
+def test_a_heartbeat_read_before_whose_content_cannot_be_read_now_is_unknown_never_stale() -> None:
+    """The heartbeat's stat works (its mtime is in the reading, not missing) but its content
+    cannot be read (EIO, no read permission): its content may be what changed (the host's own
+    clock), so the reading is unknown, never "unchanged". A heartbeat whose content was never
+    read leaves the verdict to the others; a file missing and its content unread count once;
+    a changed file still proves the host alive."""
+    record = _busy_and_idle()
+    why = (
+        "1 of the files read before could not be read now (gone, their stat failed, or their "
+        f"content unreadable): {HB}"
+    )
+    result = reading(T0 + 71, 2, BUSY_IDLE, (), unread_contents=(HB, HB))
+    assert judge(record, result, POLICY) == (Evidence.UNKNOWN, why)
+    after, _ = step(record, result, POLICY)
+    assert after.unknown_count == 1 and after.stale_count == record.stale_count
+    assert (after.ref_at, after.ref_heartbeats) == (record.ref_at, record.ref_heartbeats)
+    both = reading(T0 + 71, 2, BUSY_IDLE[1:], (), missing=(HB,), unread_contents=(HB,))
+    assert judge(record, both, POLICY) == (Evidence.UNKNOWN, _lost(HB))
+    never = replace(record, ref_heartbeats=())
+    assert judge(never, result, POLICY) == (Evidence.STALE, None)
+    moved = ((BUSY_IDLE[0][0], BUSY_IDLE[0][1] + 1), *BUSY_IDLE[1:])
+    alive = reading(T0 + 71, 2, moved, (), unread_contents=(HB,))
+    assert judge(record, alive, POLICY)[0] is Evidence.ALIVE
 
 
 def test_host_without_vms_is_judged_on_its_heartbeat_file_alone() -> None:

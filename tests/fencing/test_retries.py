@@ -20,6 +20,7 @@ from fencing.engine import Engine
 from fencing.events import FenceAction, NoticeKind
 from fencing.identity import MemoryPinStore
 from fencing.records import EvidenceSummary, FenceDecision, HostRef, Notice, OperatorAction
+from fencing.redaction import Redactor
 from fencing.settings import (
     ActuatorSettings,
     CloudStackSettings,
@@ -232,29 +233,75 @@ async def test_declare_degraded_failing_past_the_deadline_is_a_failed_outcome(
     assert len(degraded_calls(cloud)) >= 3
 
 
-async def test_vms_still_down_after_the_restart_call_are_reported(
-    cloud: Cloud, bmc: BmcSimulator
-) -> None:
+def nowhere_to_restart(cloud: Cloud) -> None:
     for h in cloud.cloud.hosts.values():
         if h.uuid != cloud.host.uuid:
             h.state = "Disconnected"  # nowhere to restart the VM
+
+
+async def test_vms_still_down_after_the_restart_call_are_reported_again_until_given_up(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    """Rule 5: the notice went out once, at job_timeout, and the actuator stopped following.
+    Now: the first notice at job_timeout (its id as before), reminders at growing intervals
+    (job_timeout, doubled, at most renotify_interval), each id new, and a last notice saying
+    fencer stops following at actuator.vms_follow_for."""
+    nowhere_to_restart(cloud)
     settings = settings_for(cloud, {cloud.host.uuid: bmc.port})
     # The VMs are watched for job_timeout: long enough that an outcome waiting for them could
     # never pass for one that did not, even on a loaded CI machine.
-    cs = settings.cloudstack.model_copy(update={"job_timeout": 8})
-    act, notices = actuator(settings.model_copy(update={"cloudstack": cs}))
+    cs = settings.cloudstack.model_copy(update={"job_timeout": 6})
+    a = settings.actuator.model_copy(update={"renotify_interval": 8, "vms_follow_for": 30})
+    act, notices = actuator(settings.model_copy(update={"cloudstack": cs, "actuator": a}))
     d = decision(cloud.host.uuid, cloud.cluster_uuid)
     started = time.monotonic()
     out = await act.handle(d)
     assert out is not None and out.success
-    assert time.monotonic() - started < 5  # the outcome does not wait for the VMs (8 s)
+    assert time.monotonic() - started < 5  # the outcome does not wait for the VMs (6 s)
     assert notices == []
-    await act.settle()  # up to cloudstack.job_timeout (8 s here)
-    (notice,) = notices
-    assert notice.kind is NoticeKind.VMS_NOT_RESTARTED and notice.decision_id == d.decision_id
-    assert notice.notice_id == f"{d.decision_id}/vms_not_restarted"
-    assert "1 of 1 VM(s) not running" in (notice.reason or "")
-    assert "vm1 (Stopped)" in (notice.reason or "")
+    await act.settle()  # up to vms_follow_for (30 s here)
+    took = time.monotonic() - started
+    assert 29 < took < 40
+    _, *reminders, last = notices
+    # at 6 s, then 12 (gap 6), 20 (gap 8, capped), 28 (gap 8), last at 30
+    assert len(reminders) == 3, [n.reason for n in notices]
+    assert {n.kind for n in notices} == {NoticeKind.VMS_NOT_RESTARTED}
+    assert {n.decision_id for n in notices} == {d.decision_id}
+    series = f"{d.decision_id}/vms_not_restarted/{act.tag}/1"
+    assert [n.notice_id for n in notices] == [f"{series}/{k}" for k in ("1", "2", "3", "4", "last")]
+    for n in notices:
+        assert "1 of 1 VM(s) not running" in (n.reason or "")
+        assert "vm1 (Stopped)" in (n.reason or "")
+    assert "reminder 1" in (reminders[0].reason or "")
+    # the same decision followed again (an operator's retry): ids of its own, none already sent
+    notices.clear()
+    shorter = act.settings.actuator.model_copy(update={"vms_follow_for": 7})
+    act.settings = act.settings.model_copy(update={"actuator": shorter})
+    assert await act._follow_vms(d, {cloud.vm_uuid: "vm1"}, Redactor()) == ["vm1"]
+    assert [n.notice_id for n in notices] == [
+        f"{d.decision_id}/vms_not_restarted/{act.tag}/2/{k}" for k in ("1", "last")
+    ]
+    assert "stops following" in (last.reason or "")
+
+
+async def test_vms_that_run_after_a_notice_end_the_reminders_with_a_log_line(
+    cloud: Cloud, bmc: BmcSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    nowhere_to_restart(cloud)
+    settings = settings_for(cloud, {cloud.host.uuid: bmc.port})
+    cs = settings.cloudstack.model_copy(update={"job_timeout": 2})
+    a = settings.actuator.model_copy(update={"renotify_interval": 2, "vms_follow_for": 40})
+    act, notices = actuator(settings.model_copy(update={"cloudstack": cs, "actuator": a}))
+    out = await act.handle(decision(cloud.host.uuid, cloud.cluster_uuid))
+    assert out is not None and out.success
+    end = time.monotonic() + 20
+    while len(notices) < 2:
+        assert time.monotonic() < end, notices
+        await asyncio.sleep(0.1)
+    cloud.cloud.vms[cloud.vm_uuid].state = "Running"  # an operator started it
+    await asyncio.wait_for(act.settle(), 10)  # the next read sees it run
+    assert len(notices) == 2
+    assert "run again (or are gone) after 2 vms_not_restarted notice(s)" in caplog.text
 
 
 async def test_one_hosts_retries_never_hold_up_another_host(cloud: Cloud) -> None:

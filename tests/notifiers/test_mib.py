@@ -33,6 +33,7 @@ NOTIFICATION_NAMES = {
     NoticeKind.LOGIN_BURST: "fencerLoginBurst",
     NoticeKind.BLOCKLIST_LIFTED: "fencerBlocklistLifted",
     NoticeKind.BLOCKLIST_NOT_LIFTED: "fencerBlocklistNotLifted",
+    NoticeKind.DECISION_LOG_UNREAD: "fencerDecisionLogUnread",
 }
 
 

@@ -276,3 +276,28 @@ async def test_host_without_files_still_gets_an_answer(world, nfs):
     )
     out = await nfs.check(target)
     assert not out.complete and out.reason.startswith("no files")
+
+
+async def test_a_neighbour_that_failed_is_asked_after_the_others_at_the_next_check(world):
+    """One neighbour per check (max_neighbours 1): kvm02 refuses SSH, the check is unknown.
+    The next check of the suspect asks kvm03 first (rotation), not kvm02 again: a host that one
+    neighbour cannot look at does not stay unknown while another can."""
+    suspect = time.time() - 100
+    world.age_everything(suspect - 500)
+    ssh = world.settings.ssh.model_copy(update={"max_neighbours": 1})
+    svc = ProbeService(world.settings.model_copy(update={"ssh": ssh}))
+    kvm02, kvm03 = world.lab.by_name("kvm02"), world.lab.by_name("kvm03")
+    try:
+        await kvm02.ssh_unreachable("refuse")
+        r1 = await svc.run(request(world, suspect))
+        assert not r1.complete and "[kvm02]" in r1.reason and kvm03.execs == 0
+        await kvm02.recover()
+        r2 = await svc.run(request(world, suspect))
+        assert r2.complete and r2.neighbour == "kvm03"
+        world.disks()[0].unlink()  # a disk kvm03 (and every neighbour) cannot stat now
+        r3 = await svc.run(request(world, suspect))
+        assert r3.complete and r3.neighbour == "kvm03" and r3.missing
+        r4 = await svc.run(request(world, suspect))
+        assert r4.neighbour == "kvm02"  # kvm03 lacked a file: the other is asked first
+    finally:
+        await svc.close()

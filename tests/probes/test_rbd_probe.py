@@ -329,3 +329,20 @@ async def test_neighbour_without_the_ceph_python_modules_is_an_incomplete_readin
     r = await probe(rworld, rworld.settings.model_copy(update={"rbd": rbd}))
     assert not r.complete and r.reason is not None
     assert "command failed: no python3-rados/python3-rbd on the neighbour" in r.reason
+
+
+async def test_rbd_neighbours_that_failed_are_asked_after_the_others_next_time(rworld):
+    """One neighbour per check: the RBD reading through kvm02 fails (no python3-rados there,
+    as in the test above); the suspect's next check asks kvm03 first (rotation), not kvm02."""
+    rbd = rworld.settings.rbd.model_copy(update={"python": sys.executable})
+    ssh = rworld.settings.ssh.model_copy(update={"max_neighbours": 1})
+    svc = ProbeService(rworld.settings.model_copy(update={"rbd": rbd, "ssh": ssh}))
+    try:
+        first = await svc.run(request(rworld))
+        assert not first.complete and "[kvm02]" in (first.reason or "")
+        second = await svc.run(request(rworld, check=2))
+        assert "[kvm03]" in (second.reason or "")  # the next neighbour, though it fails too
+        third = await svc.run(request(rworld, check=3))
+        assert "[kvm02]" in (third.reason or "")  # passed over longest ago: its turn again
+    finally:
+        await svc.close()

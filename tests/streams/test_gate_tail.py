@@ -18,8 +18,15 @@ from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
 from fencing import gate as gatecore
-from fencing.events import FenceAction, WithheldReason
-from fencing.records import EvidenceSummary, FenceDecision, FenceProposal, GateSignal, HostRef
+from fencing.events import FenceAction, NoticeKind, WithheldReason
+from fencing.records import (
+    EvidenceSummary,
+    FenceDecision,
+    FenceProposal,
+    GateSignal,
+    HostRef,
+    Notice,
+)
 from fencing.settings import FencerSettings, PolicySettings, SigningSettings
 from fencing.signing import new_key_line
 from streams import gating
@@ -476,3 +483,101 @@ async def test_an_old_approval_written_to_the_log_again_is_as_old_as_it_is(
     assert grant_ids(table["c1"]) == [d.decision_id]
     assert grant_ids(table[gating.GLOBAL_ROW]) == [d.decision_id]
     await tail.stop()
+
+
+async def test_a_tail_that_keeps_failing_notifies_repeatedly_then_logs_recovered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Rule 5: a tail failing only logged a warning, forever. Failing for `notify_after` in a
+    row it sends a decision_log_unread notice through the runtime's notice path, then again
+    every `renotify` while it still fails (not at every retry), each with an id of its own;
+    reading again it logs "recovered"."""
+    caplog.set_level(logging.INFO, logger="fencer.streams")
+    sent: list[Notice] = []
+
+    async def sink(notice: Notice) -> None:
+        sent.append(notice)
+
+    async with EmbeddedBroker() as broker:
+        settings = broker.fencer_settings(policy=policy(cap=3), signing=SIGNING)
+        rt = Runtime(settings=settings, started_at=B_T - 4 * 3600)
+        rt.notice_sink = sink
+        clock = Clock(B_T)
+        tail = DecisionTail(
+            rt,
+            clock=clock,
+            clock_id="B",
+            check_every=1.0,
+            retry_first=0.2,
+            notify_after=1.5,
+            renotify=2.5,
+        )
+        tail.follow({})
+        await publish(rt, [rt.sign_decision(decision(1))])
+        await read_up_to(tail, 1)
+        port = broker.port
+        assert port is not None
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 40
+    while len(sent) < 3:
+        assert loop.time() < end, f"{len(sent)} notices after {tail.failures} failures"
+        await asyncio.sleep(0.1)
+    assert tail.running and tail.failures > len(sent)  # not one at every retry
+    assert {n.kind for n in sent} == {NoticeKind.DECISION_LOG_UNREAD}
+    ids = [n.notice_id for n in sent]
+    assert len(set(ids)) == len(ids) and all(rt.reminder_tag in i for i in ids)
+    assert sent[0].host.host_uuid == f"topic:{rt.settings.kafka.topics.fence_decisions}"
+    assert "decision log" in (sent[0].reason or "")
+    assert "recovered" not in caplog.text
+    async with EmbeddedBroker(port):
+        end = loop.time() + 30
+        while tail.failures:
+            assert loop.time() < end, "the tail did not read on after the broker came back"
+            await asyncio.sleep(0.1)
+        assert "recovered" in caplog.text
+        await tail.stop()
+
+
+async def test_a_gate_without_a_notice_sink_writes_its_notice_to_the_notices_topic(
+    fencer_settings: FencerSettingsFactory,
+) -> None:
+    """The gate runs in the ingest role, which alone has no notice sink (only the actuate role
+    sets one): the tail's decision_log_unread notice goes to the notices topic itself, where
+    the notifiers read it. The broker is up; the tail fails because it cannot read its log (a
+    topic that does not exist: no partitions), as with an ACL or a deleted topic."""
+    from streams.topic_reader import TopicReader
+
+    base = fencer_settings(isolated_topics=True, policy=policy(), signing=SIGNING)
+    gone = f"{base.kafka.topics.fence_decisions}-gone"
+    settings = base.model_copy(
+        update={
+            "kafka": base.kafka.model_copy(
+                update={"topics": base.kafka.topics.model_copy(update={"fence_decisions": gone})}
+            )
+        }
+    )
+    rt = Runtime(settings=settings, started_at=B_T - 4 * 3600)
+    assert rt.notice_sink is None
+    tail = DecisionTail(
+        rt, clock=Clock(B_T), clock_id="B", check_every=1.0, retry_first=0.2, notify_after=0.5
+    )
+    tail.follow({})
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 30
+    while tail.notices < 1:
+        assert loop.time() < end, f"no notice sent after {tail.failures} failures"
+        await asyncio.sleep(0.1)
+    await tail.stop()
+    got: list[Notice] = []
+    reader = TopicReader(
+        settings,
+        [settings.kafka.topics.notices],
+        lambda r: got.append(Notice.model_validate_json(r.value or b"")),
+        client_id="test-notices",
+    )
+    await reader.start(10)
+    await reader.stop()
+    (notice,) = got
+    assert notice.kind is NoticeKind.DECISION_LOG_UNREAD
+    assert notice.host.host_uuid == f"topic:{gone}"
+    assert notice.notice_id == f"decision-log-unread/{rt.reminder_tag}/1/1"
