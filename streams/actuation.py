@@ -596,6 +596,51 @@ class Actuation:
         """Raise NotNow unless CloudStack says now: Disconnected/Alert/Down and Enabled."""
         await cloudstack_confirms(decision, self.cloudstack_host)
 
+    def recheck(self, decision: FenceDecision) -> CloudStackRecheck:
+        """The CloudStack check asked again before each power-down command (`fencing.engine`):
+        see `recheck`."""
+        return recheck(decision, self.cloudstack_host, self.clock)
+
+
+RECHECK_AFTER = 5.0  # seconds (this worker's monotonic clock) a CloudStack "down" is taken as now
+
+
+class CloudStackRecheck:
+    """CloudStack asked again before a power-down command, unless it confirmed the host down
+    less than `RECHECK_AFTER` seconds ago (`confirmed()` notes a confirmation made elsewhere).
+
+    The last-moment check is made once before the claim; a fence then retries its BMC for up
+    to `actuator.fence_deadline` (minutes). A host CloudStack sees back in the meantime (the
+    network that cut it off healed) must not be powered off by the next retry: NotNow, the
+    claim is released and the decision refused (or, after an off was sent, the fence fails
+    without a VM restart). The first command, moments after the last-moment check, costs no
+    extra call."""
+
+    def __init__(
+        self, decision: FenceDecision, ask: HostLookup, clock: Callable[[], float]
+    ) -> None:
+        self.decision, self.ask, self.clock = decision, ask, clock
+        self.at: float | None = None
+
+    def confirmed(self) -> None:
+        self.at = self.clock()
+
+    async def __call__(self) -> None:
+        if self.at is not None and self.clock() - self.at < RECHECK_AFTER:
+            return
+        try:
+            await cloudstack_confirms(self.decision, self.ask)
+        except NotNow as exc:
+            raise NotNow(f"{exc} (asked again before the power command)") from None
+        self.confirmed()
+
+
+def recheck(
+    decision: FenceDecision, ask: HostLookup, clock: Callable[[], float] = time.monotonic
+) -> CloudStackRecheck:
+    """A `CloudStackRecheck` of the decision's host, CloudStack asked through `ask`."""
+    return CloudStackRecheck(decision, ask, clock)
+
 
 async def operator_checks(decision: FenceDecision, live: FencerSettings, ask: HostLookup) -> None:
     """An operator's retry: no age or record check (the operator decided), but never driver

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
+from fencing.engine import Withdrawn
 from fencing.records import (
     FenceClaim,
     FenceDecision,
@@ -32,8 +33,9 @@ log = logging.getLogger("fencer.actuation")
 DONE_TRIES = 3  # writes of a `done` claim before the outcome goes on without it
 
 
-class NotNow(Exception):
-    """A last-moment check refused the decision; the message is the reason."""
+class NotNow(Withdrawn):
+    """A last-moment check refused the decision; the message is the reason. A Withdrawn: the
+    same checks asked again before each power-down command (`fencing.engine`) stop it."""
 
 
 class ClaimLog:

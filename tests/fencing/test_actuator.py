@@ -262,3 +262,83 @@ def test_cli_ipmi_test_reads_without_changing_power(
     captured = capsys.readouterr()
     assert "refused the credentials" in captured.err and "bad-pass" not in captured.err
     assert bmc.power == "on" and bmc.count("power_off") == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A fence retried for minutes asks CloudStack again before each power-down command
+
+
+async def _back_up_while_the_bmc_is_out(cloud: Cloud, bmc: BmcSimulator, after: float) -> None:
+    await asyncio.sleep(after)
+    cloud.cloud.set_host_state(cloud.host.uuid, "Up")  # the network healed: the agent is back
+    await asyncio.sleep(0.3)
+    bmc.resume()
+
+
+def _cloudstack_recheck(cloud: Cloud, settings: FencerSettings) -> Any:
+    """The shell's recheck, in miniature: raise Withdrawn unless the simulator (asked through
+    fencer's own client) still shows the host Disconnected/Alert/Down."""
+    from fencing.cloudstack import CloudStack
+    from fencing.engine import Withdrawn
+
+    asked: list[str] = []
+
+    async def recheck() -> None:
+        async with CloudStack(settings) as cs:
+            (h,) = await cs.list("listHosts", id=cloud.host.uuid)
+        asked.append(h["state"])
+        if h["state"] not in ("Disconnected", "Alert", "Down"):
+            raise Withdrawn(f"CloudStack says the host is {h['state']} now")
+
+    recheck.asked = asked  # type: ignore[attr-defined]
+    return recheck
+
+
+async def test_a_host_back_up_during_the_bmc_retries_is_never_powered_off(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    from fencing.engine import Withdrawn
+
+    settings = make_settings(cloud, bmc.port)
+    settings.actuator.fence_deadline = 20
+    settings.actuator.retry_backoff = 0.2
+    settings.actuator.power_timeout = 1
+    recheck = _cloudstack_recheck(cloud, settings)
+    bmc.pause()  # the BMC does not answer at first: the fence retries
+    back = asyncio.create_task(_back_up_while_the_bmc_is_out(cloud, bmc, 1.5))
+    act = actuator(settings)
+    with pytest.raises(Withdrawn, match="is Up now"):
+        await act.handle(decision(cloud), recheck)
+    await back
+    assert bmc.power == "on" and bmc.count("power_off") == 0  # the live host kept its power
+    assert restart_calls(cloud) == []
+    assert recheck.asked[-1] == "Up"
+
+
+async def test_a_recheck_failing_after_an_off_was_sent_fails_the_fence_without_a_restart(
+    cloud: Cloud,
+) -> None:
+    from fencing.drivers.fake import FakeDriver
+    from fencing.engine import Withdrawn
+
+    drv = FakeDriver()
+    drv.ignore_off = True  # the BMC takes the off, the host keeps running: verification fails
+    settings = make_settings(cloud, 1)
+    settings.actuator.fence_deadline = 10
+    settings.actuator.retry_backoff = 0.1
+    settings.actuator.power_timeout = 0.3
+    calls = 0
+
+    async def recheck() -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise Withdrawn("CloudStack says the host is Up now")
+
+    act = Actuator(settings, job_poll_interval=0.05, driver_factory=lambda *_: drv)
+    out = await act.handle(decision(cloud), recheck)
+    assert out is not None and not out.success and not out.verified
+    assert "stopped, not retried: CloudStack says the host is Up now" in (out.error or "")
+    assert "set off" in (out.error or "")
+    assert calls == 2 and drv.calls.count("set_power:off") == 1
+    assert restart_calls(cloud) == [] and out.cloudstack_call is None

@@ -712,3 +712,78 @@ async def test_backlog_is_refused_and_a_decision_read_then_stalled_past_max_age_
         await producer.stop()
         await inventory.close()
         await sim.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# CloudStack asked again before each power-down command of a fence that retries
+
+
+async def test_a_fence_retrying_its_bmc_asks_cloudstack_again_and_spares_a_host_back_up(
+    fencer_settings: Any,
+) -> None:
+    """The last-moment check passed, then the BMC did not answer for a while (the fence retries
+    up to fence_deadline): meanwhile the host came back Up in CloudStack. The retry that
+    reaches the BMC must not power it off: NotNow (the claim is released, the decision refused
+    and told), the BMC untouched. A confirmation younger than RECHECK_AFTER costs no call."""
+    from pydantic import SecretStr
+
+    from fencing.settings import CloudStackSettings
+    from lab.bmc import BmcSimulator
+    from lab.cloudstack_sim import CloudStackSimulator, SimCloud
+    from probes.inventory import Inventory
+    from streams.actuation import RECHECK_AFTER, recheck
+
+    sc = SimCloud()
+    cluster = sc.add_cluster(sc.add_zone())
+    hv = sc.add_host(cluster, "hv1", "10.0.0.11", state="Disconnected")
+    sim = CloudStackSimulator(sc)
+    await sim.start()
+    cs = fencer_settings(
+        cloudstack=CloudStackSettings(
+            endpoint=sim.url, api_key=SecretStr(sim.api_key), secret_key=SecretStr(sim.secret_key)
+        )
+    )
+    inventory = Inventory(cs)
+    asked: list[str] = []
+
+    async def ask(host_uuid: str) -> Any:
+        h = await inventory.host(host_uuid)
+        asked.append(h.state)
+        return h
+
+    step = 0.0
+    d = decision(at=time.time(), host=HostRef(host_uuid=hv.uuid, cluster_uuid=cluster.uuid))
+    again = recheck(d, ask, clock=lambda: time.monotonic() + step)
+    try:
+        again.confirmed()  # the last-moment check just passed
+        await again()
+        assert asked == []  # younger than RECHECK_AFTER: no extra call
+        step = RECHECK_AFTER + 1
+        await again()
+        assert asked == ["Disconnected"]
+        with BmcSimulator(password="pw") as bmc:
+            rt = _runtime_for(bmc, FenceAction.STOP)
+            rt.actuator().settings.actuator.fence_deadline = 20
+            rt.actuator().settings.actuator.retry_backoff = 0.2
+            rt.actuator().settings.actuator.power_timeout = 1
+            bmc.pause()
+
+            async def back_up() -> None:
+                nonlocal step
+                await asyncio.sleep(1.5)
+                sc.set_host_state(hv.uuid, "Up")
+                step += RECHECK_AFTER + 1
+                await asyncio.sleep(0.3)
+                bmc.resume()
+
+            task = asyncio.create_task(back_up())
+            with pytest.raises(NotNow, match=r"Up now.*asked again before the power command"):
+                await carry_out(
+                    rt, d.model_copy(update={"host": HostRef(host_uuid="h1")}), False, again
+                )
+            await task
+            assert bmc.power == "on" and bmc.count("power_off") == 0
+        assert asked[-1] == "Up"
+    finally:
+        await inventory.close()
+        await sim.stop()
