@@ -44,7 +44,9 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
     clock), backed by fencer's own host record, confirmed by CloudStack now and claimed once
     is carried out (streams.actuation). A decision already carried out is answered with its
     outcome before anything else, also when read again after a restart."""
+    from fencing.settings import RestartVia
     from streams.actuation import (
+        LEFT_BY_RESTART,
         Forged,
         NotNow,
         forged_notice,
@@ -92,16 +94,21 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
     # CloudStack asked again before each power-down command a fence sends later (its retries
     # run for minutes): a host back meanwhile is not powered off (streams.actuation).
     again = act.recheck(decision)
+    # A claim without its `done`: its claimant may have acted (CloudStack shows the resource
+    # state its restart call left) and died; the claim log settles it (streams.actuation).
+    unfinished = bool(act.claims.open_claims(decision.decision_id))
     try:
         # Read live and soon on this worker's clock: the record's place in its partition.
-        await act.last_moment(decision, live, position=(message.partition, message.offset))
+        position = (message.partition, message.offset)
+        await act.last_moment(decision, live, position=position, after_claim=unfinished)
         again.confirmed()
 
         async def run(takeover: bool) -> FenceOutcome:
             if takeover:
                 # Time passed while the dead claimant's lease ran out: ask again.
-                await act.last_moment(decision, live, fresh=False)
-                again.confirmed()
+                await act.last_moment(decision, live, fresh=False, after_claim=True)
+                eff = live.effective_ipmi(key, decision.host.cluster_uuid).values
+                again.confirmed(LEFT_BY_RESTART[RestartVia(eff.restart_via)])
             return await carry_out(rt, decision, takeover, again)
 
         outcome, _acted = await act.claims.run_once(decision, live.actuator.claim_lease, run)

@@ -58,7 +58,7 @@ from fencing.records import (
     HostStateRecord,
     Notice,
 )
-from fencing.settings import Driver, FencerSettings
+from fencing.settings import Driver, FencerSettings, RestartVia
 from fencing.signing import DECISION, Keyring, SignatureError, verify_bytes
 
 # Claimed once (check 5) lives in streams.claims, with the refusal every check raises.
@@ -397,11 +397,20 @@ def check_record(decision: FenceDecision, row: Mapping[str, Any] | None) -> None
         raise NotNow(f"the host's last check is {rec.get('last_evidence')}, not stale")
 
 
-def check_cloudstack(state: str, resourcestate: str) -> None:
-    """Raise NotNow unless CloudStack's answer allows a fence."""
+# The resource state fencer's own call to restart the VMs leaves a host in (fencing.restart).
+LEFT_BY_RESTART = {
+    RestartVia.DECLARE_DEGRADED: frozenset({"Degraded"}),
+    RestartVia.MAINTENANCE: frozenset({"PrepareForMaintenance", "Maintenance"}),
+    RestartVia.NONE: frozenset(),
+}
+
+
+def check_cloudstack(state: str, resourcestate: str, also: frozenset[str] = frozenset()) -> None:
+    """Raise NotNow unless CloudStack's answer allows a fence: down and Enabled (or one of the
+    resource states `also` allows: see `after_claim` in `Actuation.last_moment`)."""
     if state not in DOWN_STATES:
         raise NotNow(f"CloudStack says the host is {state or 'unknown'} now")
-    if resourcestate != "Enabled":
+    if resourcestate != "Enabled" and resourcestate not in also:
         raise NotNow(f"CloudStack says the host's resource state is {resourcestate or 'unknown'}")
 
 
@@ -559,6 +568,7 @@ class Actuation:
         live: FencerSettings,
         fresh: bool = True,
         position: tuple[int, int] | None = None,
+        after_claim: bool = False,
     ) -> None:
         """Raise NotNow with the reason unless every last-moment check passes.
 
@@ -566,10 +576,19 @@ class Actuation:
         within decision_max_age, checked first and again once the record and CloudStack
         agreed (time spent here counts). `fresh=False` skips it: a takeover follows a claim
         that passed it, and waiting out the dead claimant's lease must not turn the decision
-        down by itself."""
+        down by itself.
+
+        `after_claim`: the decision has a claim without its `done` (a claimant that may have
+        acted, then died before writing it): CloudStack may also show the resource state the
+        host's own restart call leaves (Degraded for declareHostAsDegraded). Refused for it, a
+        fence carried out by a claimant that died before its `done` was refused at every
+        re-proposal: never an outcome, people told "refused" about a host fenced and its VMs
+        restarted. The claim log then lets one worker take over, the power read first (off:
+        fenced, the restart call answers "already done"; a reboot never repeated blindly)."""
         if fresh:
             self.check_fresh(live, position)
         eff = live.effective_ipmi(decision.host.host_uuid, decision.host.cluster_uuid)
+        also = LEFT_BY_RESTART[RestartVia(eff.values.restart_via)] if after_claim else frozenset()
         if eff.values.driver is Driver.FAKE and not live.lab:
             # A settings-topic record can choose a driver the file check never saw.
             raise NotNow("driver fake powers off nothing: allowed only with lab: true")
@@ -583,7 +602,7 @@ class Actuation:
                 if time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(0.2)
-        await self.cloudstack_confirms(decision)
+        await cloudstack_confirms(decision, self.cloudstack_host, also)
         if fresh:
             age = self.check_fresh(live, position)
             log.info(
@@ -621,15 +640,18 @@ class CloudStackRecheck:
     ) -> None:
         self.decision, self.ask, self.clock = decision, ask, clock
         self.at: float | None = None
+        self.also: frozenset[str] = frozenset()  # resource states allowed too (check_cloudstack)
 
-    def confirmed(self) -> None:
+    def confirmed(self, also: frozenset[str] | None = None) -> None:
         self.at = self.clock()
+        if also is not None:
+            self.also = also
 
     async def __call__(self) -> None:
         if self.at is not None and self.clock() - self.at < RECHECK_AFTER:
             return
         try:
-            await cloudstack_confirms(self.decision, self.ask)
+            await cloudstack_confirms(self.decision, self.ask, self.also)
         except NotNow as exc:
             raise NotNow(f"{exc} (asked again before the power command)") from None
         self.confirmed()
@@ -651,8 +673,11 @@ async def operator_checks(decision: FenceDecision, live: FencerSettings, ask: Ho
     await cloudstack_confirms(decision, ask)
 
 
-async def cloudstack_confirms(decision: FenceDecision, ask: HostLookup) -> None:
-    """Raise NotNow unless CloudStack says now: Disconnected/Alert/Down and Enabled."""
+async def cloudstack_confirms(
+    decision: FenceDecision, ask: HostLookup, also: frozenset[str] = frozenset()
+) -> None:
+    """Raise NotNow unless CloudStack says now: Disconnected/Alert/Down and Enabled (or a
+    resource state in `also`)."""
     last_error = ""
     for attempt in range(CLOUDSTACK_TRIES):
         try:
@@ -662,6 +687,6 @@ async def cloudstack_confirms(decision: FenceDecision, ask: HostLookup) -> None:
             log.warning("cannot ask CloudStack about %s: %s", decision.host.host_uuid, last_error)
             await asyncio.sleep(1.0 + attempt)
             continue
-        check_cloudstack(host.state, host.resourcestate)
+        check_cloudstack(host.state, host.resourcestate, also)
         return
     raise NotNow(f"CloudStack cannot be asked now ({last_error}); not a yes")

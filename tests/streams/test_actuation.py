@@ -787,3 +787,118 @@ async def test_a_fence_retrying_its_bmc_asks_cloudstack_again_and_spares_a_host_
     finally:
         await inventory.close()
         await sim.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# A claimant that fenced, had CloudStack restart the VMs, and died before its `done`
+
+
+@pytest.mark.parametrize("claim_left", [True, False])
+async def test_a_fence_done_by_a_claimant_that_died_before_its_done_ends_in_an_outcome(
+    fencer_settings: Any, claim_left: bool
+) -> None:
+    """Worker A claimed the decision, powered the host off (verified), declareHostAsDegraded
+    ran (resource state Degraded, the VM restarted elsewhere), and A died before writing its
+    `done`. The decision comes again (re-proposed): CloudStack now says Disconnected and
+    Degraded. With A's claim open, the follower waits out A's lease, takes over, reads the power
+    (off: fenced, no power command) and ends the decision with a success outcome (the restart
+    call answers "already done"). Before, every re-proposal was refused ("resource state is
+    Degraded"): no outcome ever, "refused" told about a fenced host. Without an open claim
+    (someone else declared the host Degraded) it is refused as before."""
+    from aiokafka import AIOKafkaProducer
+    from pydantic import SecretStr
+
+    from fencing.records import HostStateRecord
+    from fencing.settings import (
+        ActuatorSettings,
+        CloudStackSettings,
+        HostSettings,
+        IpmiOverrides,
+        IpmiSettings,
+        SigningSettings,
+    )
+    from lab.bmc import BmcSimulator
+    from lab.cloudstack_sim import CloudStackSimulator, SimCloud
+    from streams.actuating import actuate
+    from streams.kafka import aiokafka_kwargs
+    from streams.runtime import Runtime
+
+    sc = SimCloud()
+    cluster = sc.add_cluster(sc.add_zone())
+    hv = sc.add_host(cluster, "hv1", "10.0.0.11", state="Disconnected")
+    sc.add_host(cluster, "hv2", "10.0.0.12")
+    vm = sc.add_vm(hv, "vm1")
+    sc.run_declare_degraded(hv)  # what worker A's restart call did before it died
+    assert hv.resourcestate == "Degraded" and sc.vms[vm.uuid].host_uuid != hv.uuid
+    sim = CloudStackSimulator(sc)
+    await sim.start()
+    host = HostRef(host_uuid=hv.uuid, host_name="hv1", cluster_uuid=cluster.uuid)
+    d = decision(at=time.time(), decision_id=f"{hv.uuid}/1", host=host, episode=1)
+    with BmcSimulator(password="pw", power="off") as bmc:  # A powered it off
+        settings = fencer_settings(
+            isolated_topics=True,
+            signing=SigningSettings(keys=SecretStr("k1 " + "s" * 40)),
+            cloudstack=CloudStackSettings(
+                endpoint=sim.url,
+                api_key=SecretStr(sim.api_key),
+                secret_key=SecretStr(sim.secret_key),
+                job_timeout=10,
+            ),
+            defaults=IpmiSettings(password=SecretStr("pw"), port=bmc.port),
+            hosts={hv.uuid: HostSettings(ipmi=IpmiOverrides(address="127.0.0.1"))},
+            actuator=ActuatorSettings(claim_lease=2.0, decision_max_age=60.0),
+        )
+        t = settings.kafka.topics
+        if claim_left:
+            dead = ClaimLog(settings, "worker-a")
+            await dead.start()
+            claim = FenceClaim(
+                decision_id=d.decision_id,
+                host_uuid=hv.uuid,
+                claim_id="a-claim",
+                claimed_by="worker-a",
+                state="claimed",
+            )
+            await dead.append(claim)
+            await dead.stop()
+        runtime = Runtime(settings=settings, started_at=0.0)
+        producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
+        await producer.start()
+        try:
+            await runtime.start_actuation()  # listening before the decision comes again
+            record = {
+                "decision_id": d.decision_id,
+                "episode": 1,
+                "state": "fencing",
+                "last_evidence": "stale",
+            }
+            row = HostStateRecord(host=host, record=record, updated_at=time.time())
+            await producer.send_and_wait(
+                t.host_states, key=hv.uuid.encode(), value=row.model_dump_json().encode()
+            )
+            meta = await producer.send_and_wait(
+                t.fence_decisions, key=hv.uuid.encode(), value=signed(d)
+            )
+            msg = SimpleNamespace(
+                key=hv.uuid.encode(),
+                value=signed(d),
+                topic=t.fence_decisions,
+                partition=meta.partition,
+                offset=meta.offset,
+            )
+            table: dict[str, Any] = {}
+            out = await actuate(runtime, msg, table)
+        finally:
+            await producer.stop()
+            await runtime.close()
+            await sim.stop()
+        assert bmc.count("power_off") == 0 and bmc.count("power_on") == 0
+    outcome = FenceOutcome.model_validate_json(
+        next(v for topic, _, v in out if topic == t.fence_outcomes)
+    )
+    if claim_left:
+        assert outcome.success and outcome.verified and outcome.power_before == "off"
+        assert (outcome.cloudstack_result or "").startswith("already done")
+        assert table[hv.uuid][d.decision_id]  # the outcome is kept: a redelivery gets it
+    else:
+        assert outcome.refused and "resource state is Degraded" in (outcome.error or "")
