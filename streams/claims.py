@@ -129,15 +129,23 @@ class ClaimLog:
     def _moved(self, decision_id: str, seen: int) -> bool:
         return self.done(decision_id) is not None or len(self.of(decision_id)) > seen
 
-    async def _wait_while_renewed(self, decision_id: str, lease: float) -> FenceClaim | None:
-        """The `done` record, or None once `lease` seconds (this worker's clock) passed without
-        any new record for the decision: its claimant stopped renewing, so it is dead."""
+    async def _wait_while_renewed(
+        self, decision_id: str, lease: float, claim_id: str | None = None
+    ) -> FenceClaim | str | None:
+        """The `done` record, "released" once claim `claim_id` is released (its claimant was
+        refused before acting: go on as a first claimant, at once, not a lease later as the
+        takeover of a dead one), or None once `lease` seconds (this worker's clock) passed
+        without any new record for the decision: its claimant stopped renewing, so it is dead."""
         seen = len(self.of(decision_id))
         deadline = time.monotonic() + lease
         while True:
             done = self.done(decision_id)
             if done is not None:
                 return done
+            if claim_id is not None and all(
+                c.claim_id != claim_id for c in self.open_claims(decision_id)
+            ):
+                return "released"
             now = len(self.of(decision_id))
             if now > seen:
                 seen, deadline = now, time.monotonic() + lease
@@ -169,7 +177,7 @@ class ClaimLog:
                     open_claims[-1].claimed_by,
                     lease,
                 )
-                if await self._wait_while_renewed(did, lease):
+                if await self._wait_while_renewed(did, lease, open_claims[-1].claim_id):
                     continue
                 takeover = True
                 log.warning(

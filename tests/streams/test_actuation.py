@@ -902,3 +902,40 @@ async def test_a_fence_done_by_a_claimant_that_died_before_its_done_ends_in_an_o
         assert table[hv.uuid][d.decision_id]  # the outcome is kept: a redelivery gets it
     else:
         assert outcome.refused and "resource state is Degraded" in (outcome.error or "")
+
+
+async def test_a_follower_waiting_on_a_claim_that_is_released_acts_at_once_not_as_takeover(
+    fencer_settings: Any,
+) -> None:
+    """A decision read twice (a rebalance): B waits on A's claim; A is refused after claiming
+    (its recheck found the host back, or CloudStack unanswering) and releases it. B goes on at
+    once as a first claimant, not a lease later as the takeover of a dead claimant (which
+    reads the power first and never repeats a reboot: an operator would be asked for nothing)."""
+    settings = fencer_settings(isolated_topics=True)
+    d = decision(at=time.time())
+    a, b = ClaimLog(settings, "worker-a"), ClaimLog(settings, "worker-b")
+    await a.start()
+    await b.start()
+    seen: list[bool] = []
+
+    async def refuse(takeover: bool) -> FenceOutcome:
+        await asyncio.sleep(1.0)  # the BMC retries, then the recheck refuses
+        raise NotNow("CloudStack says the host is Up now")
+
+    async def act(takeover: bool) -> FenceOutcome:
+        seen.append(takeover)
+        return outcome_of(d, "worker-b")
+
+    try:
+        first = asyncio.create_task(a.run_once(d, 20.0, refuse))
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        out, acted = await b.run_once(d, 20.0, act)
+        waited = time.monotonic() - started
+        with pytest.raises(NotNow):
+            await first
+    finally:
+        await a.stop()
+        await b.stop()
+    assert acted and seen == [False] and out.driver == "worker-b"
+    assert waited < 10  # not the 20 s lease
