@@ -342,3 +342,17 @@ async def test_a_recheck_failing_after_an_off_was_sent_fails_the_fence_without_a
     assert "set off" in (out.error or "")
     assert calls == 2 and drv.calls.count("set_power:off") == 1
     assert restart_calls(cloud) == [] and out.cloudstack_call is None
+
+
+async def test_a_host_cloudstack_found_down_is_fenced_not_reported_failed(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    """CloudStack's investigators marked the host Down (its own HA restarts the HA-enabled VMs)
+    and declareHostAsDegraded is refused for a Down host (Alert or Disconnected only): the
+    verified power-off is a fenced host, not a fence_failed reminded every hour (the VMs are
+    then followed, as after any restart call)."""
+    cloud.cloud.set_host_state(cloud.host.uuid, "Down")
+    out = await actuator(make_settings(cloud, bmc.port)).handle(decision(cloud))
+    assert out is not None and out.success and out.verified and bmc.power == "off"
+    assert (out.cloudstack_result or "").startswith("not needed: CloudStack marked the host Down")
+    assert restart_calls(cloud) == ["declareHostAsDegraded"]  # once: not retried for 6 s
