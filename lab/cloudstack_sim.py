@@ -289,6 +289,11 @@ class SimCloud:
         self.pools: dict[str, StoragePool] = {}
         self.jobs: dict[str, Job] = {}
         self.job_delay = 0.05
+        # Seconds after a declareHostAsDegraded job ends before VM-HA restarts the host's VMs
+        # (0: within the job, as before). CloudStack's job only schedules the HA work
+        # (HighAvailabilityManager.scheduleRestartForVmsOnHost); its workers stop and restart
+        # the VMs later, so right after the job they still show Running on the fenced host.
+        self.ha_delay = 0.0
         # command name (case-insensitive) -> error text: that async command's jobs fail.
         self.fail_jobs: dict[str, str] = {}
         # command name (lower case) -> how many of its next jobs fail, then they work again.
@@ -541,7 +546,10 @@ class SimCloud:
             h, "HOST.DECLARE.DEGRADED", "Started", f"declaring host: {h.uuid} as Degraded"
         )
         h.resourcestate = "Degraded"
-        self.restart_vms_elsewhere(h.uuid)
+        if self.ha_delay > 0:
+            asyncio.get_running_loop().call_later(self.ha_delay, self.restart_vms_elsewhere, h.uuid)
+        else:
+            self.restart_vms_elsewhere(h.uuid)
         self._action_event(
             h, "HOST.DECLARE.DEGRADED", "Completed", f"declaring host: {h.uuid} as Degraded"
         )
