@@ -939,3 +939,45 @@ async def test_a_follower_waiting_on_a_claim_that_is_released_acts_at_once_not_a
         await b.stop()
     assert acted and seen == [False] and out.driver == "worker-b"
     assert waited < 10  # not the 20 s lease
+
+
+async def test_the_last_moment_cloudstack_check_retries_a_failing_api_and_never_takes_it_as_yes(
+    fencer_settings: Any,
+) -> None:
+    """CloudStack's API answers 530 (or too slowly) at the last moment: tried three times, a
+    yes only from an answer; three failures refuse (NotNow), the host is never taken as down."""
+    from pydantic import SecretStr
+
+    from fencing.settings import CloudStackSettings
+    from lab.cloudstack_sim import CloudStackSimulator, SimCloud
+    from probes.inventory import Inventory
+    from streams.actuation import cloudstack_confirms
+
+    sc = SimCloud()
+    cluster = sc.add_cluster(sc.add_zone())
+    hv = sc.add_host(cluster, "hv1", "10.0.0.11", state="Disconnected")
+    sim = CloudStackSimulator(sc)
+    await sim.start()
+    settings = fencer_settings(
+        cloudstack=CloudStackSettings(
+            endpoint=sim.url,
+            api_key=SecretStr(sim.api_key),
+            secret_key=SecretStr(sim.secret_key),
+            timeout=1,
+        )
+    )
+    inventory = Inventory(settings)
+    d = decision(at=time.time(), host=HostRef(host_uuid=hv.uuid))
+    try:
+        sc.fail_next_calls["listhosts"] = 2
+        await cloudstack_confirms(d, inventory.host)  # the third answer says Disconnected
+        sc.fail_next_calls["listhosts"] = 3
+        with pytest.raises(NotNow, match="cannot be asked now.*530.*not a yes"):
+            await cloudstack_confirms(d, inventory.host)
+        sc.api_stall, sc.stall_next_calls["listhosts"] = 5.0, 3  # longer than 3 x timeout
+        with pytest.raises(NotNow, match="no answer .* within 3 s"):
+            await cloudstack_confirms(d, inventory.host)
+        assert sc.fail_next_calls["listhosts"] == 0 and sc.stall_next_calls["listhosts"] == 0
+    finally:
+        await inventory.close()
+        await sim.stop()
