@@ -972,10 +972,10 @@ async def test_the_last_moment_cloudstack_check_retries_a_failing_api_and_never_
         sc.fail_next_calls["listhosts"] = 2
         await cloudstack_confirms(d, inventory.host)  # the third answer says Disconnected
         sc.fail_next_calls["listhosts"] = 3
-        with pytest.raises(NotNow, match="cannot be asked now.*530.*not a yes"):
+        with pytest.raises(NotNow, match=r"cannot be asked now.*530.*not a yes"):
             await cloudstack_confirms(d, inventory.host)
         sc.api_stall, sc.stall_next_calls["listhosts"] = 5.0, 3  # longer than 3 x timeout
-        with pytest.raises(NotNow, match="no answer .* within 3 s"):
+        with pytest.raises(NotNow, match=r"no answer .* within 3 s"):
             await cloudstack_confirms(d, inventory.host)
         assert sc.fail_next_calls["listhosts"] == 0 and sc.stall_next_calls["listhosts"] == 0
     finally:
