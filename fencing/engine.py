@@ -13,6 +13,9 @@ only a failure that retrying cannot fix (credentials refused) ends it sooner. Th
 checked between BMC calls (a call is never cancelled half-way), so the last call may overrun it
 by its own timeout. Without a
 deadline, `retries` counts the extra attempts (pre-flight and `fencer ipmi test` use 0).
+Before every power-down command (off, reset), retries included, the caller's `recheck` (the
+actuator's CloudStack check) is asked again: retried for minutes, a fence must not power off a
+host that came back meanwhile (`Withdrawn`).
 
 Reboot is off, verified off, on, verified on ("onoff", as fence-agents does by default): it
 proves the host really went down. "cycle" sends one reset and verifies the host is on again,
