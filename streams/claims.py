@@ -193,23 +193,40 @@ class ClaimLog:
                 state="claimed",
                 takeover_of=base,
             )
-            await self.append(mine)
+            await self._append_before_acting(mine)
             first = next(c for c in self.open_claims(did) if c.takeover_of == base)
             if first.claim_id != mine.claim_id:
                 log.warning("decision %s: %s claimed it first", did, first.claimed_by)
-                await self.append(mine.model_copy(update={"state": "released"}))
+                await self._append_before_acting(mine.model_copy(update={"state": "released"}))
                 continue
             renewing = asyncio.create_task(self._renew(mine, lease / 3))
             try:
                 outcome = await act(takeover)
             except NotNow:
                 # Refused after the claim (a takeover re-checks): nothing was done, let go.
-                await self.append(mine.model_copy(update={"state": "released"}))
+                try:
+                    await self.append(mine.model_copy(update={"state": "released"}))
+                except Exception as exc:  # the refusal stands; followers wait out the lease
+                    log.warning("decision %s: claim %s not released: %s", did, mine.claim_id, exc)
                 raise
             finally:
                 renewing.cancel()
             await self._done(mine, outcome)
             return outcome, True
+
+    async def _append_before_acting(self, claim: FenceClaim) -> None:
+        """`append`, before anything was done: a claim log that cannot be written (the broker
+        refuses, or the record is not read back) is a refusal (NotNow: an outcome and a
+        fence_refused notice, the host checked again and proposed again), never an exception
+        the actuate agent only dead-letters while the host's record waits 15 minutes
+        (fencing_resend_after) with nobody told."""
+        try:
+            await self.append(claim)
+        except Exception as exc:
+            raise NotNow(
+                f"the claim could not be written to {self.topic} ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); nothing was done"
+            ) from None
 
     async def _done(self, mine: FenceClaim, outcome: FenceOutcome) -> None:
         """Write the `done` record of a claim whose action was carried out, tried a few times;

@@ -981,3 +981,29 @@ async def test_the_last_moment_cloudstack_check_retries_a_failing_api_and_never_
     finally:
         await inventory.close()
         await sim.stop()
+
+
+async def test_a_claim_log_that_cannot_be_written_refuses_and_nothing_is_done(
+    fencer_settings: Any,
+) -> None:
+    """The fence-claims producer fails before the claim: a refusal (NotNow, so an outcome and
+    a fence_refused notice), the action never run; it was an exception the actuate agent only
+    dead-lettered, nobody told, the host's record waiting fencing_resend_after."""
+    settings = fencer_settings(isolated_topics=True)
+    d = decision(at=time.time())
+    claims = ClaimLog(settings, "worker")
+    await claims.start()
+    acted: list[bool] = []
+
+    async def act(takeover: bool) -> FenceOutcome:
+        acted.append(takeover)
+        return outcome_of(d, "worker")
+
+    try:
+        assert claims._producer is not None
+        await claims._producer.stop()  # the broker connection fails before the claim
+        with pytest.raises(NotNow, match="claim could not be written"):
+            await claims.run_once(d, 30.0, act)
+    finally:
+        await claims.stop()
+    assert acted == [] and claims.of(d.decision_id) == []
