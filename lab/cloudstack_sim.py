@@ -15,8 +15,9 @@ later, as CloudStack's job executor does; a failing precondition (e.g. declaring
 degraded) therefore fails the job with the error code CloudStack would use, and
 `SimCloud.fail_jobs` makes any async command fail on purpose; `SimCloud.fail_next_jobs` makes
 the next N jobs of a command fail, then work again. API faults: `SimCloud.fail_next_calls`
-answers the next N calls of a command with CloudStack's 530, `stall_next_calls` holds them
-`api_stall` seconds (the management server under load, or a request that times out).
+answers the next N calls of a command with CloudStack's 530, `stall_next_calls` holds their
+answers `api_stall` seconds (made, then late: the cloud may have changed before they arrive; a
+management server under load, or a request that times out).
 """
 
 from __future__ import annotations
@@ -297,8 +298,8 @@ class SimCloud:
         # the VMs later, so right after the job they still show Running on the fenced host.
         self.ha_delay = 0.0
         # API faults, command name (lower case) -> how many of its next calls: answered with
-        # CloudStack's 530 internal error (a database or management-server failure), or held
-        # `api_stall` seconds before the answer (a management server under load).
+        # CloudStack's 530 internal error (a database or management-server failure), or their
+        # answer, made at once, held `api_stall` seconds (a management server under load).
         self.fail_next_calls: dict[str, int] = {}
         self.stall_next_calls: dict[str, int] = {}
         self.api_stall = 0.0
@@ -886,9 +887,6 @@ class CloudStackSimulator:
             return self._error(name, ApiError(UNAUTHORIZED, SIGNATURE_ERROR))
         self.cloud.calls.append((command, {k: v for k, v in params.items() if k != "signature"}))
         low = command.lower()
-        if self.cloud.stall_next_calls.get(low, 0) > 0:
-            self.cloud.stall_next_calls[low] -= 1
-            await asyncio.sleep(self.cloud.api_stall)
         if self.cloud.fail_next_calls.get(low, 0) > 0:
             self.cloud.fail_next_calls[low] -= 1
             return self._error(
@@ -898,6 +896,10 @@ class CloudStackSimulator:
             body = handler(params)
         except ApiError as err:
             return self._error(name, err)
+        if self.cloud.stall_next_calls.get(low, 0) > 0:
+            # The answer is made now and arrives late: the cloud may have changed meanwhile.
+            self.cloud.stall_next_calls[low] -= 1
+            await asyncio.sleep(self.cloud.api_stall)
         return self._reply(name, body)
 
     def _page(

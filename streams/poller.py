@@ -94,6 +94,11 @@ class Poller:
         shared = self.directory.memory_ready
         self.pending = []
         self.stats = {}
+        # Rechecks asked before the request: one asked while its answer is on the way (an alert
+        # called the host down) may be newer than the answer (`_older_than_a_recheck`).
+        asked_before = set(self.directory.recheck) | {
+            u for u, s in self.directory.seen.items() if s is None
+        }
         try:
             hosts = await self.inventory().kvm_hosts()
         except Exception as exc:
@@ -122,6 +127,8 @@ class Poller:
             previous = self.directory.placed.get(uuid)
             self.directory.placed[uuid] = (cluster, h.get("ipaddress", ""))
             key = f"{state}/{rstate}"
+            if state not in DOWN_STATES and self._older_than_a_recheck(uuid, asked_before):
+                continue
             # Non-Up hosts are reported on every poll (the core ignores repeats, and a host whose
             # maintenance ended while it is still down must open a new episode); Up hosts and
             # maintenance only when they change.
@@ -216,6 +223,23 @@ class Poller:
             "shared_memory": int(shared),
         }
         return signals, gates
+
+    def _older_than_a_recheck(self, uuid: str, asked_before: set[str]) -> bool:
+        """Whether a recheck of the host was asked while this poll's answer was on its way:
+        then an answer that is not down may predate the alert that asked it (listHosts made
+        its page before the host died, the answer arrived late). Stamped when the poll began,
+        its "up" would end the episode that alert opened (on this process's clock the
+        alert's stamp is later: a host_recovered for a dead host, its checks started over).
+        Nothing is reported; the recheck stays, and the next poll reports the host as
+        CloudStack then sees it."""
+        if uuid in asked_before:
+            return False
+        asked = uuid in self.directory.recheck or (
+            uuid in self.directory.seen and self.directory.seen[uuid] is None
+        )
+        if asked:
+            log.info("host %s: listHosts answer older than its recheck: reported next poll", uuid)
+        return asked
 
     async def _failed(self, now: float, exc: Exception) -> None:
         """Count a failed poll; tell people once `outage_after` failed in a row, and again every
