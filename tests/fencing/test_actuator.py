@@ -388,3 +388,31 @@ async def test_a_vm_whose_ha_restart_fails_after_the_degraded_job_is_told(
     assert out is not None and out.success and bmc.power == "off"
     assert cloud.cloud.vms[cloud.vm_uuid].state == "Stopped"  # HA found no host for it
     assert [n.kind.value for n in notices] == ["vms_not_restarted"]
+
+
+async def test_a_power_off_that_lands_late_is_verified_by_polling_the_real_bmc(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    """The lab BMC acknowledges the off and the chassis goes off 1.5 s later (the status reads
+    on meanwhile): the engine polls until it reads off; only then are the VMs restarted."""
+    bmc.set_power_faults(lag=1.5)
+    out = await actuator(make_settings(cloud, bmc.port)).handle(decision(cloud))
+    assert out is not None and out.success and out.verified and out.power_after == "off"
+    assert bmc.count("power_off") == 1 and bmc.count("get_power") >= 3
+    assert restart_calls(cloud) == ["declareHostAsDegraded"]
+
+
+async def test_a_bmc_that_acknowledges_an_off_it_never_does_fails_without_a_restart(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    """Acknowledged, never done (the host stays on): no verified power-off, no VM restart."""
+    bmc.set_power_faults(obeys=False)
+    settings = make_settings(cloud, bmc.port)
+    settings.actuator.power_timeout = 1
+    settings.actuator.fence_deadline = 3
+    out = await actuator(settings).handle(decision(cloud))
+    assert out is not None and not out.success and not out.verified
+    assert "did not read off" in (out.error or "") and bmc.power == "on"
+    assert (
+        restart_calls(cloud) == [] and cloud.cloud.vms[cloud.vm_uuid].host_uuid == cloud.host.uuid
+    )
