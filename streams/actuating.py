@@ -196,6 +196,7 @@ async def operator_action(
     actuator = rt.actuator()
     actuator.settings = await rt.live()
     log.info("fence %s retried by %s", decision_id, action.by or "an operator")
+    marked = False
     try:
         # The operator is the authority on age and evidence; CloudStack must still agree.
         ask = lambda h: rt.inventory().host(h)  # noqa: E731
@@ -206,6 +207,7 @@ async def operator_action(
             put_entry(
                 table, key, decision_id, {**entry, "retry": _mark(position, "started", stamp)}
             )
+            marked = True
         outcome: FenceOutcome | None
         if stage == "started":
             log.warning(
@@ -217,6 +219,10 @@ async def operator_action(
             outcome = await actuator.handle(decision, again)
     except NotNow as exc:
         log.warning("fence %s: operator retry refused: %s", decision_id, exc)
+        if marked and position is not None:
+            # Refused before any power command (the recheck found the host back): this record
+            # is handled; left "started", a restart would carry it out as a takeover.
+            put_entry(table, key, decision_id, {**entry, "retry": _mark(position, "done", stamp)})
         return refusal(decision, str(exc), time.time())
     if outcome is not None:
         done = {**done_entry(decision, outcome), "retried_by": action.by}
