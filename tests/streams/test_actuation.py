@@ -1007,3 +1007,45 @@ async def test_a_claim_log_that_cannot_be_written_refuses_and_nothing_is_done(
     finally:
         await claims.stop()
     assert acted == [] and claims.of(d.decision_id) == []
+
+
+async def test_the_claim_log_reader_survives_a_cancelled_error_of_aiokafka_own(
+    fencer_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka can raise its own fetch task's CancelledError out of a read (a lost broker):
+    the fence-claims reader (a TopicReader, like the host-states view and the pins) ended for
+    good with no word, every later claim was never read back (every fence refused after 30 s),
+    and a view frozen. It reads on through a new consumer, each record once."""
+    from aiokafka import AIOKafkaConsumer
+
+    settings = fencer_settings(isolated_topics=True)
+    d = decision(at=time.time())
+    claims = ClaimLog(settings, "worker")
+    await claims.start()
+    real = AIOKafkaConsumer.getmany
+    raised: list[int] = []
+
+    async def getmany(self: AIOKafkaConsumer, *args: Any, **kwargs: Any) -> Any:
+        if not raised:
+            raised.append(1)
+            raise asyncio.CancelledError()  # as aiokafka's own fetch task's
+        return await real(self, *args, **kwargs)
+
+    def claim(n: int) -> FenceClaim:
+        return FenceClaim(
+            decision_id=d.decision_id,
+            host_uuid="h1",
+            claim_id=f"c{n}",
+            claimed_by="worker",
+            state="claimed",
+        )
+
+    try:
+        await claims.append(claim(1))  # written and read back
+        monkeypatch.setattr(AIOKafkaConsumer, "getmany", getmany)
+        await asyncio.sleep(1.0)
+        assert raised
+        await claims.append(claim(2))  # read back: the reader read on
+        assert [c.claim_id for c in claims.of(d.decision_id)] == ["c1", "c2"]
+    finally:
+        await claims.stop()
