@@ -362,8 +362,12 @@ class DecisionLog:
                 if self._failing:
                     log.info("the end offsets of %s are read again", self.topic)
                 self._failing = False
-            except Exception as exc:
-                # Decisions then look older and older: refused, never taken for fresh.
+            except (asyncio.CancelledError, Exception) as exc:
+                if isinstance(exc, asyncio.CancelledError) and _cancelled():
+                    raise  # the sampler's own stop
+                # Decisions then look older and older: refused, never taken for fresh. (A
+                # CancelledError of aiokafka's own, after a lost broker, ended the sampler for
+                # good: every later decision refused as lagged until a restart.)
                 if not self._failing:
                     log.warning("cannot read the end offsets of %s: %s", self.topic, exc)
                 self._failing = True
@@ -374,6 +378,12 @@ class DecisionLog:
         task, consumer = self._task, self._consumer
         self._task, self._consumer = None, None
         await stop_tailing(task, consumer)
+
+
+def _cancelled() -> bool:
+    """Whether the running task is being cancelled (not a CancelledError of aiokafka's own)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def sample_period(max_age: float) -> float:

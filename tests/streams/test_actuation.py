@@ -1049,3 +1049,37 @@ async def test_the_claim_log_reader_survives_a_cancelled_error_of_aiokafka_own(
         assert [c.claim_id for c in claims.of(d.decision_id)] == ["c1", "c2"]
     finally:
         await claims.stop()
+
+
+async def test_the_end_offset_sampler_survives_a_cancelled_error_of_aiokafka_own(
+    fencer_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fence-decisions end-offset sampler (freshness on this worker's clock) ended for good
+    on a CancelledError that aiokafka raised of its own task: every later decision looked older
+    and older and was refused as lagged until a restart. It samples on."""
+    from aiokafka import AIOKafkaConsumer
+
+    from streams.actuation import DecisionLog
+
+    settings = fencer_settings(isolated_topics=True)
+    sampler = DecisionLog(settings, period=0.1)
+    real = AIOKafkaConsumer.end_offsets
+    raised: list[int] = []
+
+    async def end_offsets(self: AIOKafkaConsumer, *args: Any, **kwargs: Any) -> Any:
+        if not raised:
+            raised.append(1)
+            raise asyncio.CancelledError()  # as aiokafka's own task's
+        return await real(self, *args, **kwargs)
+
+    await sampler.start()
+    try:
+        monkeypatch.setattr(AIOKafkaConsumer, "end_offsets", end_offsets)
+        await asyncio.sleep(0.5)
+        assert raised
+        before = max(t for t, _ in sampler.edges.samples[0])
+        await asyncio.sleep(0.5)
+        assert max(t for t, _ in sampler.edges.samples[0]) > before  # still sampling
+        assert sampler._task is not None and not sampler._task.done()
+    finally:
+        await sampler.stop()
