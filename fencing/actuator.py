@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 
 from fencing.cloudstack import CloudStack
 from fencing.drivers import build_driver
-from fencing.engine import Engine, EngineResult
+from fencing.engine import Engine, EngineResult, Recheck, Withdrawn
 from fencing.events import FenceAction, NoticeKind
 from fencing.identity import PinStore, identity_refusal
 from fencing.outcome import fence_outcome, fence_result, storage_notice
@@ -128,14 +128,20 @@ class Actuator:
             lock = self._locks[host] = asyncio.Lock()
         return lock
 
-    async def handle(self, decision: FenceDecision) -> FenceOutcome | None:
-        """Act on an approved decision (one at a time per host); None for a withheld one."""
+    async def handle(
+        self, decision: FenceDecision, recheck: Recheck | None = None
+    ) -> FenceOutcome | None:
+        """Act on an approved decision (one at a time per host); None for a withheld one.
+
+        `recheck` (the shell's last-moment CloudStack check) is asked again before every
+        power-down command, retries included (`Engine.run`): Withdrawn is raised when it
+        fails before anything was done (no power command, no blocklist)."""
         if not decision.approved:
             return None
         async with self._lock(decision.host.host_uuid):
-            return await self._act(decision)
+            return await self._act(decision, recheck)
 
-    async def _act(self, decision: FenceDecision) -> FenceOutcome:
+    async def _act(self, decision: FenceDecision, recheck: Recheck | None = None) -> FenceOutcome:
         host = decision.host
         started = self.clock()
         eff = self.settings.effective_ipmi(host.host_uuid, host.cluster_uuid)
@@ -153,6 +159,7 @@ class Actuator:
         ends = time.monotonic() + deadline
         driver_name = ipmi.driver.value
         bmc_error: str | None = None
+        withdrawn = False
         result: EngineResult | None = None
         try:
             driver = self.driver_factory(ipmi, eff.address, call_timeout(self.settings))
@@ -174,15 +181,24 @@ class Actuator:
                 tag=self.tag,
             )
             if bmc_error is None:
-                result = await self.engine.run(
-                    host.host_uuid,
-                    driver,
-                    action,
-                    secrets=secrets_of(self.settings, ipmi),
-                    deadline=max(0.0, ends - time.monotonic()),
-                )
+                try:
+                    result = await self.engine.run(
+                        host.host_uuid,
+                        driver,
+                        action,
+                        secrets=secrets_of(self.settings, ipmi),
+                        deadline=max(0.0, ends - time.monotonic()),
+                        recheck=recheck,
+                    )
+                except Withdrawn as exc:
+                    if storage is None:
+                        raise  # nothing was done: the shell refuses
+                    bmc_error, withdrawn = redact(f"stopped before the power command: {exc}"), True
         fenced = result is not None and result.success and result.verified and action.powers_down
-        if ladder is StorageFence.FALLBACK and not fenced:
+        # A host the recheck found back (or CloudStack unanswering) gets no blocklist and no
+        # VM restart, whatever a rung before did.
+        withdrawn = withdrawn or (result is not None and result.withdrawn)
+        if ladder is StorageFence.FALLBACK and not fenced and not withdrawn:
             storage = await self._storage_fence(decision)
         if bmc_error is not None and storage is None:
             return fence_outcome(
@@ -197,7 +213,9 @@ class Actuator:
         ) and ipmi.restart_without_fence
         # Without a verified power-off, a verified blocklist restarts the VMs of an RBD-only
         # host (never one with an NFS disk: a Ceph blocklist does not stop NFS writes).
-        storage_fenced = not fenced and storage is not None and storage.allows_restart
+        storage_fenced = (
+            not fenced and not withdrawn and storage is not None and storage.allows_restart
+        )
         if restart_via is not RestartVia.NONE and (fenced or unfenced_ok or storage_fenced):
             vms = await self._vms_on(host, redact)
             cloud = await self._restart_until(host, restart_via, redact, ends)

@@ -13,6 +13,9 @@ only a failure that retrying cannot fix (credentials refused) ends it sooner. Th
 checked between BMC calls (a call is never cancelled half-way), so the last call may overrun it
 by its own timeout. Without a
 deadline, `retries` counts the extra attempts (pre-flight and `fencer ipmi test` use 0).
+Before every power-down command (off, reset), retries included, the caller's `recheck` (the
+actuator's CloudStack check) is asked again: retried for minutes, a fence must not power off a
+host that came back meanwhile (`Withdrawn`).
 
 Reboot is off, verified off, on, verified on ("onoff", as fence-agents does by default): it
 proves the host really went down. "cycle" sends one reset and verifies the host is on again,
@@ -25,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,6 +55,7 @@ class EngineResult:
     detail: str | None = None  # the test action's output, "already off", ...
     error: str | None = None
     steps: list[str] = field(default_factory=list)
+    withdrawn: bool = False  # stopped by a failed recheck after a power command (`Engine.run`)
 
     @property
     def duration(self) -> float:
@@ -61,6 +65,15 @@ class EngineResult:
 
 class _VerifyTimeout(Exception):
     """The power state did not show within power_timeout."""
+
+
+class Withdrawn(Exception):
+    """A last-moment check, asked again before a power-down command (`Engine.run`'s `recheck`),
+    no longer holds: nothing more goes to the BMC. Raised out of `Engine.run` only while no
+    power command was sent in that run (nothing was done); after one, the run fails with it."""
+
+
+Recheck = Callable[[], Awaitable[None]]  # raises Withdrawn (or a subclass) when it no longer holds
 
 
 class Engine:
@@ -93,9 +106,15 @@ class Engine:
         action: FenceAction,
         secrets: Iterable[str | None] = (),
         deadline: float | None = None,
+        recheck: Recheck | None = None,
     ) -> EngineResult:
         """Carry out `action` on `host` through `driver`, retrying until `deadline` seconds
-        (see the module docstring); never raises."""
+        (see the module docstring); never raises but `Withdrawn`.
+
+        `recheck` is awaited before every power-down command (off, reset), the retries' too:
+        a fence retried for minutes must not power off a host that came back meanwhile. It
+        raises Withdrawn when its check fails: raised on while no power command was sent in
+        this run (nothing done: a refusal), else the run fails with its reason, not retried."""
         redact = Redactor(secrets)
         result = EngineResult(action=action, driver=driver.name, success=False)
         result.started_at = self.clock()
@@ -103,7 +122,21 @@ class Engine:
             # The deadline is kept between calls, never by cancelling one: a pyghmi call
             # cancelled mid-login leaves a half-made session that later logins to the same
             # BMC join and hang on. The overrun is at most one BMC call's own timeout.
-            await self._with_retries(host, driver, action, result, redact, deadline)
+            await self._with_retries(host, driver, action, result, redact, deadline, recheck)
+        except Withdrawn as exc:
+            if not any(step.startswith("set ") for step in result.steps):
+                log.warning(
+                    "host %s: %s withdrawn before any power command: %s",
+                    host,
+                    action.value,
+                    redact(str(exc)),
+                )
+                raise  # (the driver is closed below)
+            result.success, result.withdrawn = False, True
+            result.error = redact(
+                f"stopped, not retried: {exc} (a power command was sent before: "
+                f"{', '.join(result.steps)})"
+            )
         except Exception as exc:  # the engine's promise: an outcome, never a traceback
             result.success = False
             result.error = redact(_describe(exc))
@@ -143,6 +176,7 @@ class Engine:
         result: EngineResult,
         redact: Redactor,
         deadline: float | None = None,
+        recheck: Recheck | None = None,
     ) -> None:
         if action is FenceAction.NOTHING:
             result.success, result.detail = True, "no BMC action configured"
@@ -154,7 +188,7 @@ class Engine:
             attempt += 1
             result.attempts = attempt
             try:
-                await self._once(driver, action, result, ends)
+                await self._once(driver, action, result, ends, recheck)
                 result.success, result.error = True, None
                 return
             except (DriverError, _VerifyTimeout) as exc:
@@ -184,7 +218,12 @@ class Engine:
             delay = min(self.max_backoff, max(delay, self.retry_backoff) * 2)
 
     async def _once(
-        self, driver: PowerDriver, action: FenceAction, r: EngineResult, ends: float | None = None
+        self,
+        driver: PowerDriver,
+        action: FenceAction,
+        r: EngineResult,
+        ends: float | None = None,
+        recheck: Recheck | None = None,
     ) -> None:
         if action is FenceAction.TEST:
             r.detail = await driver.test()
@@ -198,6 +237,8 @@ class Engine:
             if power == "off":
                 r.detail, r.verified, r.power_after = "already off", True, "off"
                 return
+            if recheck is not None:
+                await recheck()
             await driver.set_power("off")
             r.steps.append("set off")
             r.power_after = await self._wait_for(driver, "off", r, ends)
@@ -212,10 +253,14 @@ class Engine:
             if power == "off":
                 r.detail = "was off: powered on"
             elif self.reboot_method == "cycle":
+                if recheck is not None:
+                    await recheck()
                 await driver.set_power("reset")
                 r.steps.append("set reset")
                 r.detail = "reset acknowledged"
             else:
+                if recheck is not None:
+                    await recheck()
                 await driver.set_power("off")
                 r.steps.append("set off")
                 await self._wait_for(driver, "off", r, ends)

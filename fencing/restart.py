@@ -20,6 +20,11 @@ from fencing.settings import RestartVia
 log = logging.getLogger("fencer.actuator")
 
 _ALREADY_DONE = re.compile(r"already marked as Degraded|is already in Maintenance", re.IGNORECASE)
+# declareHostAsDegraded is refused for a host CloudStack itself found Down (allowed in Alert or
+# Disconnected only): CloudStack's own HA restarts that host's HA-enabled VMs ("Host down ...
+# Starting HA on the VMs"). The host is fenced (verified off); the VMs are followed
+# (vms_not_restarted tells of those that do not run again), not the fence reported failed.
+_DOWN_ALREADY = re.compile(r"as 'Degraded' when host is in Down status", re.IGNORECASE)
 
 
 @dataclass
@@ -72,6 +77,16 @@ async def restart_vms(
                     if _ALREADY_DONE.search(text):
                         # An earlier decision for this host already got the VMs restarted.
                         return CloudStackResult(call, job, True, redact(f"already done: {text}"))
+                    if _DOWN_ALREADY.search(text):
+                        return CloudStackResult(
+                            call,
+                            job,
+                            True,
+                            redact(
+                                "not needed: CloudStack marked the host Down, its own HA "
+                                f"restarts the HA-enabled VMs (it answered: {text})"
+                            ),
+                        )
                     return CloudStackResult(
                         call, job, False, redact(f"job failed ({r.get('errorcode')}): {text}")
                     )

@@ -114,6 +114,11 @@ class SimBmc(ipmibmc.Bmc):
         self.commands: Counter[str] = Counter()
         self.history: list[tuple[float, str]] = []
         self._lock = threading.Lock()
+        # Faults (`BmcSimulator.set_power_faults`): an off or on lands `power_lag` seconds after
+        # the BMC acknowledged it (a real chassis takes seconds; the status shows the old state
+        # meanwhile), and with `power_obeys` False it never lands (acknowledged, not done).
+        self.power_lag = 0.0
+        self.power_obeys = True
 
     # -- state the lab reads --------------------------------------------------------------
 
@@ -139,13 +144,23 @@ class SimBmc(ipmibmc.Bmc):
     def is_active(self) -> bool:
         return self.powerstate == "on"
 
+    def _land(self, state: str, cause: str) -> None:
+        if not self.power_obeys:
+            return
+        if self.power_lag > 0:
+            timer = threading.Timer(self.power_lag, self._set_power, (state, cause))
+            timer.daemon = True
+            timer.start()
+            return
+        self._set_power(state, cause)
+
     def power_off(self) -> None:
         self._record("power_off")
-        self._set_power("off", "off")
+        self._land("off", "off")
 
     def power_on(self) -> None:
         self._record("power_on")
-        self._set_power("on", "on")
+        self._land("on", "on")
 
     def power_shutdown(self) -> None:
         self._record("power_shutdown")
@@ -396,6 +411,13 @@ class BmcSimulator:
         self._send(("resume",))
         self._sync()
 
+    def set_power_faults(self, lag: float = 0.0, obeys: bool = True) -> None:
+        """Power off and on land `lag` seconds after they were acknowledged (the status reads
+        the old state meanwhile); `obeys=False`: acknowledged, never done (a broken chassis
+        control, a BMC of another board: the host stays on)."""
+        self._send(("faults", float(lag), bool(obeys)))
+        self._sync()
+
     def stop(self) -> None:
         """Stop the BMC process and free its port; idempotent."""
         if self._conn is not None:
@@ -462,6 +484,8 @@ def _serve_child(conn: Any) -> None:
                 bmc.powerstate = message[1]
             elif kind == "guid":
                 bmc.uuid = uuid.UUID(message[1])
+            elif kind == "faults":
+                bmc.power_lag, bmc.power_obeys = message[1], message[2]
             elif kind == "sync":
                 send(("synced", message[1]))
             elif kind == "stop":

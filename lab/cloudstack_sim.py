@@ -14,7 +14,10 @@ Asynchronous commands return a `jobid` at once and run their effect `SimCloud.jo
 later, as CloudStack's job executor does; a failing precondition (e.g. declaring an Up host
 degraded) therefore fails the job with the error code CloudStack would use, and
 `SimCloud.fail_jobs` makes any async command fail on purpose; `SimCloud.fail_next_jobs` makes
-the next N jobs of a command fail, then work again.
+the next N jobs of a command fail, then work again. API faults: `SimCloud.fail_next_calls`
+answers the next N calls of a command with CloudStack's 530, `stall_next_calls` holds their
+answers `api_stall` seconds (made, then late: the cloud may have changed before they arrive; a
+management server under load, or a request that times out).
 """
 
 from __future__ import annotations
@@ -289,6 +292,17 @@ class SimCloud:
         self.pools: dict[str, StoragePool] = {}
         self.jobs: dict[str, Job] = {}
         self.job_delay = 0.05
+        # Seconds after a declareHostAsDegraded job ends before VM-HA restarts the host's VMs
+        # (0: within the job, as before). CloudStack's job only schedules the HA work
+        # (HighAvailabilityManager.scheduleRestartForVmsOnHost); its workers stop and restart
+        # the VMs later, so right after the job they still show Running on the fenced host.
+        self.ha_delay = 0.0
+        # API faults, command name (lower case) -> how many of its next calls: answered with
+        # CloudStack's 530 internal error (a database or management-server failure), or their
+        # answer, made at once, held `api_stall` seconds (a management server under load).
+        self.fail_next_calls: dict[str, int] = {}
+        self.stall_next_calls: dict[str, int] = {}
+        self.api_stall = 0.0
         # command name (case-insensitive) -> error text: that async command's jobs fail.
         self.fail_jobs: dict[str, str] = {}
         # command name (lower case) -> how many of its next jobs fail, then they work again.
@@ -541,7 +555,10 @@ class SimCloud:
             h, "HOST.DECLARE.DEGRADED", "Started", f"declaring host: {h.uuid} as Degraded"
         )
         h.resourcestate = "Degraded"
-        self.restart_vms_elsewhere(h.uuid)
+        if self.ha_delay > 0:
+            asyncio.get_running_loop().call_later(self.ha_delay, self.restart_vms_elsewhere, h.uuid)
+        else:
+            self.restart_vms_elsewhere(h.uuid)
         self._action_event(
             h, "HOST.DECLARE.DEGRADED", "Completed", f"declaring host: {h.uuid} as Degraded"
         )
@@ -869,10 +886,20 @@ class CloudStackSimulator:
         if not self.verify(params):
             return self._error(name, ApiError(UNAUTHORIZED, SIGNATURE_ERROR))
         self.cloud.calls.append((command, {k: v for k, v in params.items() if k != "signature"}))
+        low = command.lower()
+        if self.cloud.fail_next_calls.get(low, 0) > 0:
+            self.cloud.fail_next_calls[low] -= 1
+            return self._error(
+                name, ApiError(INTERNAL_ERROR, f"Internal error executing command {command}")
+            )
         try:
             body = handler(params)
         except ApiError as err:
             return self._error(name, err)
+        if self.cloud.stall_next_calls.get(low, 0) > 0:
+            # The answer is made now and arrives late: the cloud may have changed meanwhile.
+            self.cloud.stall_next_calls[low] -= 1
+            await asyncio.sleep(self.cloud.api_stall)
         return self._reply(name, body)
 
     def _page(

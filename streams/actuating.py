@@ -44,7 +44,9 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
     clock), backed by fencer's own host record, confirmed by CloudStack now and claimed once
     is carried out (streams.actuation). A decision already carried out is answered with its
     outcome before anything else, also when read again after a restart."""
+    from fencing.settings import RestartVia
     from streams.actuation import (
+        LEFT_BY_RESTART,
         Forged,
         NotNow,
         forged_notice,
@@ -89,15 +91,25 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
     if first is not None:
         log.info("decision %s already carried out: not acting again", decision.decision_id)
         return [(topics.fence_outcomes, key.encode(), dump(FenceOutcome.model_validate(first)))]
+    # CloudStack asked again before each power-down command a fence sends later (its retries
+    # run for minutes): a host back meanwhile is not powered off (streams.actuation).
+    again = act.recheck(decision)
+    # A claim without its `done`: its claimant may have acted (CloudStack shows the resource
+    # state its restart call left) and died; the claim log settles it (streams.actuation).
+    unfinished = bool(act.claims.open_claims(decision.decision_id))
     try:
         # Read live and soon on this worker's clock: the record's place in its partition.
-        await act.last_moment(decision, live, position=(message.partition, message.offset))
+        position = (message.partition, message.offset)
+        await act.last_moment(decision, live, position=position, after_claim=unfinished)
+        again.confirmed()
 
         async def run(takeover: bool) -> FenceOutcome:
             if takeover:
                 # Time passed while the dead claimant's lease ran out: ask again.
-                await act.last_moment(decision, live, fresh=False)
-            return await carry_out(rt, decision, takeover)
+                await act.last_moment(decision, live, fresh=False, after_claim=True)
+                eff = live.effective_ipmi(key, decision.host.cluster_uuid).values
+                again.confirmed(LEFT_BY_RESTART[RestartVia(eff.restart_via)])
+            return await carry_out(rt, decision, takeover, again)
 
         outcome, _acted = await act.claims.run_once(decision, live.actuator.claim_lease, run)
     except NotNow as exc:
@@ -164,7 +176,7 @@ async def operator_action(
     if "decision" not in entry:
         log.warning("fence %s cannot be retried: its decision was not kept", decision_id)
         return None
-    from streams.actuation import NotNow, operator_checks, refusal
+    from streams.actuation import NotNow, operator_checks, recheck, refusal
 
     mark = entry.get("retry")
     verdict, detail = await judge_mark(rt, mark, position, stamp)
@@ -184,24 +196,33 @@ async def operator_action(
     actuator = rt.actuator()
     actuator.settings = await rt.live()
     log.info("fence %s retried by %s", decision_id, action.by or "an operator")
+    marked = False
     try:
         # The operator is the authority on age and evidence; CloudStack must still agree.
-        await operator_checks(decision, actuator.settings, lambda h: rt.inventory().host(h))
+        ask = lambda h: rt.inventory().host(h)  # noqa: E731
+        await operator_checks(decision, actuator.settings, ask)
+        again = recheck(decision, ask)
+        again.confirmed()
         if position is not None:
             put_entry(
                 table, key, decision_id, {**entry, "retry": _mark(position, "started", stamp)}
             )
+            marked = True
         outcome: FenceOutcome | None
         if stage == "started":
             log.warning(
                 "operator retry of fence %s was cut short by a restart: reading the power first",
                 decision_id,
             )
-            outcome = await carry_out(rt, decision, takeover=True)
+            outcome = await carry_out(rt, decision, takeover=True, recheck=again)
         else:
-            outcome = await actuator.handle(decision)
+            outcome = await actuator.handle(decision, again)
     except NotNow as exc:
         log.warning("fence %s: operator retry refused: %s", decision_id, exc)
+        if marked and position is not None:
+            # Refused before any power command (the recheck found the host back): this record
+            # is handled; left "started", a restart would carry it out as a takeover.
+            put_entry(table, key, decision_id, {**entry, "retry": _mark(position, "done", stamp)})
         return refusal(decision, str(exc), time.time())
     if outcome is not None:
         done = {**done_entry(decision, outcome), "retried_by": action.by}
@@ -657,12 +678,15 @@ def lift_notice(
     )
 
 
-async def carry_out(rt: Runtime, decision: FenceDecision, takeover: bool) -> FenceOutcome:
-    """The BMC action; after a dead claimant, read the power first (never reboot twice)."""
+async def carry_out(
+    rt: Runtime, decision: FenceDecision, takeover: bool, recheck: Any = None
+) -> FenceOutcome:
+    """The BMC action; after a dead claimant, read the power first (never reboot twice).
+    `recheck` is asked before each power-down command (`Actuator.handle`)."""
     actuator = rt.actuator()
     if not takeover or decision.action is not FenceAction.REBOOT:
         # The engine reads power first: a stop finds a host already off and calls it fenced.
-        outcome: FenceOutcome = await actuator.handle(decision)
+        outcome: FenceOutcome = await actuator.handle(decision, recheck)
         return outcome
     from fencing.actuator import check_host
 
@@ -670,7 +694,7 @@ async def carry_out(rt: Runtime, decision: FenceDecision, takeover: bool) -> Fen
     read = await check_host(live, decision.host.host_uuid, decision.host.cluster_uuid)
     if read.power == "off":
         stop = decision.model_copy(update={"action": FenceAction.STOP})
-        outcome = await actuator.handle(stop)
+        outcome = await actuator.handle(stop, recheck)
         return outcome.model_copy(update={"action": decision.action})
     now = time.time()
     return FenceOutcome(

@@ -58,7 +58,7 @@ from fencing.records import (
     HostStateRecord,
     Notice,
 )
-from fencing.settings import Driver, FencerSettings
+from fencing.settings import Driver, FencerSettings, RestartVia
 from fencing.signing import DECISION, Keyring, SignatureError, verify_bytes
 
 # Claimed once (check 5) lives in streams.claims, with the refusal every check raises.
@@ -362,8 +362,12 @@ class DecisionLog:
                 if self._failing:
                     log.info("the end offsets of %s are read again", self.topic)
                 self._failing = False
-            except Exception as exc:
-                # Decisions then look older and older: refused, never taken for fresh.
+            except (asyncio.CancelledError, Exception) as exc:
+                if isinstance(exc, asyncio.CancelledError) and _cancelled():
+                    raise  # the sampler's own stop
+                # Decisions then look older and older: refused, never taken for fresh. (A
+                # CancelledError of aiokafka's own, after a lost broker, ended the sampler for
+                # good: every later decision refused as lagged until a restart.)
                 if not self._failing:
                     log.warning("cannot read the end offsets of %s: %s", self.topic, exc)
                 self._failing = True
@@ -374,6 +378,12 @@ class DecisionLog:
         task, consumer = self._task, self._consumer
         self._task, self._consumer = None, None
         await stop_tailing(task, consumer)
+
+
+def _cancelled() -> bool:
+    """Whether the running task is being cancelled (not a CancelledError of aiokafka's own)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def sample_period(max_age: float) -> float:
@@ -397,11 +407,20 @@ def check_record(decision: FenceDecision, row: Mapping[str, Any] | None) -> None
         raise NotNow(f"the host's last check is {rec.get('last_evidence')}, not stale")
 
 
-def check_cloudstack(state: str, resourcestate: str) -> None:
-    """Raise NotNow unless CloudStack's answer allows a fence."""
+# The resource state fencer's own call to restart the VMs leaves a host in (fencing.restart).
+LEFT_BY_RESTART = {
+    RestartVia.DECLARE_DEGRADED: frozenset({"Degraded"}),
+    RestartVia.MAINTENANCE: frozenset({"PrepareForMaintenance", "Maintenance"}),
+    RestartVia.NONE: frozenset(),
+}
+
+
+def check_cloudstack(state: str, resourcestate: str, also: frozenset[str] = frozenset()) -> None:
+    """Raise NotNow unless CloudStack's answer allows a fence: down and Enabled (or one of the
+    resource states `also` allows: see `after_claim` in `Actuation.last_moment`)."""
     if state not in DOWN_STATES:
         raise NotNow(f"CloudStack says the host is {state or 'unknown'} now")
-    if resourcestate != "Enabled":
+    if resourcestate != "Enabled" and resourcestate not in also:
         raise NotNow(f"CloudStack says the host's resource state is {resourcestate or 'unknown'}")
 
 
@@ -559,6 +578,7 @@ class Actuation:
         live: FencerSettings,
         fresh: bool = True,
         position: tuple[int, int] | None = None,
+        after_claim: bool = False,
     ) -> None:
         """Raise NotNow with the reason unless every last-moment check passes.
 
@@ -566,10 +586,19 @@ class Actuation:
         within decision_max_age, checked first and again once the record and CloudStack
         agreed (time spent here counts). `fresh=False` skips it: a takeover follows a claim
         that passed it, and waiting out the dead claimant's lease must not turn the decision
-        down by itself."""
+        down by itself.
+
+        `after_claim`: the decision has a claim without its `done` (a claimant that may have
+        acted, then died before writing it): CloudStack may also show the resource state the
+        host's own restart call leaves (Degraded for declareHostAsDegraded). Refused for it, a
+        fence carried out by a claimant that died before its `done` was refused at every
+        re-proposal: never an outcome, people told "refused" about a host fenced and its VMs
+        restarted. The claim log then lets one worker take over, the power read first (off:
+        fenced, the restart call answers "already done"; a reboot never repeated blindly)."""
         if fresh:
             self.check_fresh(live, position)
         eff = live.effective_ipmi(decision.host.host_uuid, decision.host.cluster_uuid)
+        also = LEFT_BY_RESTART[RestartVia(eff.values.restart_via)] if after_claim else frozenset()
         if eff.values.driver is Driver.FAKE and not live.lab:
             # A settings-topic record can choose a driver the file check never saw.
             raise NotNow("driver fake powers off nothing: allowed only with lab: true")
@@ -583,7 +612,7 @@ class Actuation:
                 if time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(0.2)
-        await self.cloudstack_confirms(decision)
+        await cloudstack_confirms(decision, self.cloudstack_host, also)
         if fresh:
             age = self.check_fresh(live, position)
             log.info(
@@ -596,6 +625,54 @@ class Actuation:
         """Raise NotNow unless CloudStack says now: Disconnected/Alert/Down and Enabled."""
         await cloudstack_confirms(decision, self.cloudstack_host)
 
+    def recheck(self, decision: FenceDecision) -> CloudStackRecheck:
+        """The CloudStack check asked again before each power-down command (`fencing.engine`):
+        see `recheck`."""
+        return recheck(decision, self.cloudstack_host, self.clock)
+
+
+RECHECK_AFTER = 5.0  # seconds (this worker's monotonic clock) a CloudStack "down" is taken as now
+
+
+class CloudStackRecheck:
+    """CloudStack asked again before a power-down command, unless it confirmed the host down
+    less than `RECHECK_AFTER` seconds ago (`confirmed()` notes a confirmation made elsewhere).
+
+    The last-moment check is made once before the claim; a fence then retries its BMC for up
+    to `actuator.fence_deadline` (minutes). A host CloudStack sees back in the meantime (the
+    network that cut it off healed) must not be powered off by the next retry: NotNow, the
+    claim is released and the decision refused (or, after an off was sent, the fence fails
+    without a VM restart). The first command, moments after the last-moment check, costs no
+    extra call."""
+
+    def __init__(
+        self, decision: FenceDecision, ask: HostLookup, clock: Callable[[], float]
+    ) -> None:
+        self.decision, self.ask, self.clock = decision, ask, clock
+        self.at: float | None = None
+        self.also: frozenset[str] = frozenset()  # resource states allowed too (check_cloudstack)
+
+    def confirmed(self, also: frozenset[str] | None = None) -> None:
+        self.at = self.clock()
+        if also is not None:
+            self.also = also
+
+    async def __call__(self) -> None:
+        if self.at is not None and self.clock() - self.at < RECHECK_AFTER:
+            return
+        try:
+            await cloudstack_confirms(self.decision, self.ask, self.also)
+        except NotNow as exc:
+            raise NotNow(f"{exc} (asked again before the power command)") from None
+        self.confirmed()
+
+
+def recheck(
+    decision: FenceDecision, ask: HostLookup, clock: Callable[[], float] = time.monotonic
+) -> CloudStackRecheck:
+    """A `CloudStackRecheck` of the decision's host, CloudStack asked through `ask`."""
+    return CloudStackRecheck(decision, ask, clock)
+
 
 async def operator_checks(decision: FenceDecision, live: FencerSettings, ask: HostLookup) -> None:
     """An operator's retry: no age or record check (the operator decided), but never driver
@@ -606,8 +683,11 @@ async def operator_checks(decision: FenceDecision, live: FencerSettings, ask: Ho
     await cloudstack_confirms(decision, ask)
 
 
-async def cloudstack_confirms(decision: FenceDecision, ask: HostLookup) -> None:
-    """Raise NotNow unless CloudStack says now: Disconnected/Alert/Down and Enabled."""
+async def cloudstack_confirms(
+    decision: FenceDecision, ask: HostLookup, also: frozenset[str] = frozenset()
+) -> None:
+    """Raise NotNow unless CloudStack says now: Disconnected/Alert/Down and Enabled (or a
+    resource state in `also`)."""
     last_error = ""
     for attempt in range(CLOUDSTACK_TRIES):
         try:
@@ -617,6 +697,6 @@ async def cloudstack_confirms(decision: FenceDecision, ask: HostLookup) -> None:
             log.warning("cannot ask CloudStack about %s: %s", decision.host.host_uuid, last_error)
             await asyncio.sleep(1.0 + attempt)
             continue
-        check_cloudstack(host.state, host.resourcestate)
+        check_cloudstack(host.state, host.resourcestate, also)
         return
     raise NotNow(f"CloudStack cannot be asked now ({last_error}); not a yes")

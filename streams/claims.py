@@ -18,6 +18,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
+from fencing.engine import Withdrawn
 from fencing.records import (
     FenceClaim,
     FenceDecision,
@@ -32,8 +33,9 @@ log = logging.getLogger("fencer.actuation")
 DONE_TRIES = 3  # writes of a `done` claim before the outcome goes on without it
 
 
-class NotNow(Exception):
-    """A last-moment check refused the decision; the message is the reason."""
+class NotNow(Withdrawn):
+    """A last-moment check refused the decision; the message is the reason. A Withdrawn: the
+    same checks asked again before each power-down command (`fencing.engine`) stop it."""
 
 
 class ClaimLog:
@@ -127,15 +129,23 @@ class ClaimLog:
     def _moved(self, decision_id: str, seen: int) -> bool:
         return self.done(decision_id) is not None or len(self.of(decision_id)) > seen
 
-    async def _wait_while_renewed(self, decision_id: str, lease: float) -> FenceClaim | None:
-        """The `done` record, or None once `lease` seconds (this worker's clock) passed without
-        any new record for the decision: its claimant stopped renewing, so it is dead."""
+    async def _wait_while_renewed(
+        self, decision_id: str, lease: float, claim_id: str | None = None
+    ) -> FenceClaim | str | None:
+        """The `done` record, "released" once claim `claim_id` is released (its claimant was
+        refused before acting: go on as a first claimant, at once, not a lease later as the
+        takeover of a dead one), or None once `lease` seconds (this worker's clock) passed
+        without any new record for the decision: its claimant stopped renewing, so it is dead."""
         seen = len(self.of(decision_id))
         deadline = time.monotonic() + lease
         while True:
             done = self.done(decision_id)
             if done is not None:
                 return done
+            if claim_id is not None and all(
+                c.claim_id != claim_id for c in self.open_claims(decision_id)
+            ):
+                return "released"
             now = len(self.of(decision_id))
             if now > seen:
                 seen, deadline = now, time.monotonic() + lease
@@ -167,7 +177,7 @@ class ClaimLog:
                     open_claims[-1].claimed_by,
                     lease,
                 )
-                if await self._wait_while_renewed(did, lease):
+                if await self._wait_while_renewed(did, lease, open_claims[-1].claim_id):
                     continue
                 takeover = True
                 log.warning(
@@ -183,23 +193,40 @@ class ClaimLog:
                 state="claimed",
                 takeover_of=base,
             )
-            await self.append(mine)
+            await self._append_before_acting(mine)
             first = next(c for c in self.open_claims(did) if c.takeover_of == base)
             if first.claim_id != mine.claim_id:
                 log.warning("decision %s: %s claimed it first", did, first.claimed_by)
-                await self.append(mine.model_copy(update={"state": "released"}))
+                await self._append_before_acting(mine.model_copy(update={"state": "released"}))
                 continue
             renewing = asyncio.create_task(self._renew(mine, lease / 3))
             try:
                 outcome = await act(takeover)
             except NotNow:
                 # Refused after the claim (a takeover re-checks): nothing was done, let go.
-                await self.append(mine.model_copy(update={"state": "released"}))
+                try:
+                    await self.append(mine.model_copy(update={"state": "released"}))
+                except Exception as exc:  # the refusal stands; followers wait out the lease
+                    log.warning("decision %s: claim %s not released: %s", did, mine.claim_id, exc)
                 raise
             finally:
                 renewing.cancel()
             await self._done(mine, outcome)
             return outcome, True
+
+    async def _append_before_acting(self, claim: FenceClaim) -> None:
+        """`append`, before anything was done: a claim log that cannot be written (the broker
+        refuses, or the record is not read back) is a refusal (NotNow: an outcome and a
+        fence_refused notice, the host checked again and proposed again), never an exception
+        the actuate agent only dead-letters while the host's record waits 15 minutes
+        (fencing_resend_after) with nobody told."""
+        try:
+            await self.append(claim)
+        except Exception as exc:
+            raise NotNow(
+                f"the claim could not be written to {self.topic} ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); nothing was done"
+            ) from None
 
     async def _done(self, mine: FenceClaim, outcome: FenceOutcome) -> None:
         """Write the `done` record of a claim whose action was carried out, tried a few times;

@@ -12,13 +12,13 @@ every host).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fencing.cloudstack import host_from_api
-from fencing.events import HostStatus
-from fencing.records import GateSignal, HostSignal
+from fencing.events import HostStatus, NoticeKind
+from fencing.records import GateSignal, HostRef, HostSignal, Notice
 from streams.worker_clock import CLOCK_ID, worker_clock
 
 log = logging.getLogger("fencer.streams")
@@ -67,6 +67,17 @@ class Poller:
     stats: dict[str, int] = field(default_factory=dict)  # of the last poll
     clock_id: str = CLOCK_ID  # which clock stamps the signals' `at` (the core compares only it)
     clock: Callable[[], float] = worker_clock  # that clock (never stepped)
+    # Where a listHosts outage is told (async Notice -> None; None: logged only). A poll that
+    # fails is logged; `outage_after` failed polls in a row are told (cannot_verify), again
+    # every `outage_renotify` seconds of this clock while they last: with CloudStack's API
+    # down, no host coming back is seen and every fence is refused, and with no host suspect
+    # nothing else would tell anyone.
+    notify: Callable[[Notice], Awaitable[None]] | None = None
+    outage_after: int = 3
+    outage_renotify: float = 3600.0
+    failures: int = 0  # failed polls in a row
+    failing_since: float | None = None  # the first of them, on `clock`
+    outage_told: tuple[int, float] | None = None  # (reminders sent, the last one's time)
 
     async def poll(self) -> tuple[list[HostSignal], list[GateSignal]]:
         """listHosts: signals for hosts whose state changed since the last poll, cluster sizes.
@@ -83,11 +94,24 @@ class Poller:
         shared = self.directory.memory_ready
         self.pending = []
         self.stats = {}
+        # Rechecks asked before the request: one asked while its answer is on the way (an alert
+        # called the host down) may be newer than the answer (`_older_than_a_recheck`).
+        asked_before = set(self.directory.recheck) | {
+            u for u, s in self.directory.seen.items() if s is None
+        }
         try:
             hosts = await self.inventory().kvm_hosts()
         except Exception as exc:
             log.warning("listHosts poll failed: %s", exc)
+            await self._failed(now, exc)
             return [], []
+        if self.failures:
+            log.warning(
+                "listHosts answers again after %d failed poll(s) (%.0f s)",
+                self.failures,
+                now - (self.failing_since or now),
+            )
+        self.failures, self.failing_since, self.outage_told = 0, None, None
         signals: list[HostSignal] = []
         sizes: dict[str, int] = {}
         for h in hosts:
@@ -103,6 +127,8 @@ class Poller:
             previous = self.directory.placed.get(uuid)
             self.directory.placed[uuid] = (cluster, h.get("ipaddress", ""))
             key = f"{state}/{rstate}"
+            if state not in DOWN_STATES and self._older_than_a_recheck(uuid, asked_before):
+                continue
             # Non-Up hosts are reported on every poll (the core ignores repeats, and a host whose
             # maintenance ended while it is still down must open a new episode); Up hosts and
             # maintenance only when they change.
@@ -198,6 +224,47 @@ class Poller:
         }
         return signals, gates
 
+    def _older_than_a_recheck(self, uuid: str, asked_before: set[str]) -> bool:
+        """Whether a recheck of the host was asked while this poll's answer was on its way:
+        then an answer that is not down may predate the alert that asked it (listHosts made
+        its page before the host died, the answer arrived late). Stamped when the poll began,
+        its "up" would end the episode that alert opened (on this process's clock the
+        alert's stamp is later: a host_recovered for a dead host, its checks started over).
+        Nothing is reported; the recheck stays, and the next poll reports the host as
+        CloudStack then sees it."""
+        if uuid in asked_before:
+            return False
+        asked = uuid in self.directory.recheck or (
+            uuid in self.directory.seen and self.directory.seen[uuid] is None
+        )
+        if asked:
+            log.info("host %s: listHosts answer older than its recheck: reported next poll", uuid)
+        return asked
+
+    async def _failed(self, now: float, exc: Exception) -> None:
+        """Count a failed poll; tell people once `outage_after` failed in a row, and again every
+        `outage_renotify` seconds while the outage lasts (never raises)."""
+        self.failures += 1
+        if self.failing_since is None:
+            self.failing_since = now
+        if self.failures < self.outage_after:
+            return
+        told = self.outage_told
+        if told is not None and now - told[1] < self.outage_renotify:
+            return
+        number = 1 if told is None else told[0] + 1
+        self.outage_told = (number, now)
+        notice = outage_notice(
+            self.clock_id, self.failing_since, now, self.failures, number, str(exc)
+        )
+        log.error("%s", notice.reason)
+        if self.notify is None:
+            return
+        try:
+            await self.notify(notice)
+        except Exception as err:  # the error log above stands; the next reminder comes anyway
+            log.error("cannot send the listHosts outage notice: %s", err)
+
     async def remember(self) -> int:
         """Write the last poll's changed entries to the directory log (after its signals were
         delivered: a leader killed in between leaves them unwritten, and the next leader reports
@@ -224,3 +291,22 @@ def _entry(h: dict[str, Any], key: str) -> dict[str, Any]:
         "z": h.get("zoneid"),
     }
     return {k: v for k, v in entry.items() if k == "s" or v is not None}
+
+
+def outage_notice(
+    clock_id: str, since: float, now: float, failures: int, number: int, error: str
+) -> Notice:
+    """The cannot_verify notice of a listHosts outage: its id names this process's clock, the
+    outage's start on it and the reminder's number (each reminder is a new id, the same one
+    read again is not)."""
+    return Notice(
+        notice_id=f"listhosts-outage/{clock_id}/{since:.3f}/{number}",
+        kind=NoticeKind.CANNOT_VERIFY,
+        host=HostRef(host_uuid="unknown"),
+        at=now,
+        reason=(
+            f"CloudStack's listHosts has failed {failures} poll(s) in a row for {now - since:.0f} "
+            f"s ({error[:300]}): hosts coming back are not seen, and every fence is refused "
+            "while CloudStack cannot confirm the host down"
+        ),
+    )

@@ -77,6 +77,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.poller = Poller(self.inventory, self.directory)
+        self.poller.notify = self.emit_notice  # a listHosts outage is told (streams.poller)
         self.ingest = Ingest(self.inventory, self.directory)
 
     @property

@@ -46,16 +46,21 @@ class TopicReader:
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self.caught_up = asyncio.Event()
+        self._next: dict[TopicPartition, int] = {}  # the offset after the last record read
+        self.failures = 0  # failed reads in a row (each one logged, the read retried)
 
-    async def start(self, within: float = 30.0) -> None:
-        """Connect, assign every partition, and return once everything present has been read."""
-        consumer = AIOKafkaConsumer(
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
             client_id=self._client_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=200,
             **aiokafka_kwargs(self._settings),
         )
+
+    async def start(self, within: float = 30.0) -> None:
+        """Connect, assign every partition, and return once everything present has been read."""
+        consumer = self._new_consumer()
         try:
             await asyncio.wait_for(consumer.start(), within)
             parts = await asyncio.wait_for(self._partitions(consumer), within)
@@ -101,12 +106,39 @@ class TopicReader:
             await asyncio.sleep(0.2)
 
     async def _run(self, parts: list[TopicPartition]) -> None:
-        assert self._consumer is not None
-        consumer = self._consumer
         while True:
-            batches = await consumer.getmany(timeout_ms=300)
-            for records in batches.values():
+            consumer = self._consumer
+            assert consumer is not None
+            try:
+                batches = await consumer.getmany(timeout_ms=300)
+            except (asyncio.CancelledError, Exception) as exc:
+                if isinstance(exc, asyncio.CancelledError) and _cancelled():
+                    raise  # the reader's own stop: only it ends the tail
+                # A lost broker (aiokafka can raise its own fetch task's CancelledError out of
+                # a read, and raises it again at every read after): it ended the tail for good,
+                # with no word, and the view (claims, host records, pins) froze. Logged, and
+                # read on from where it was through a new consumer.
+                self.failures += 1
+                wait = min(0.2 * 2 ** min(self.failures - 1, 5), 5.0)
+                log.warning(
+                    "%s cannot be read (%s: %s): reading on in %.1f s (failure %d in a row)",
+                    ", ".join(self._topics),
+                    type(exc).__name__,
+                    exc,
+                    wait,
+                    self.failures,
+                )
+                await asyncio.sleep(wait)
+                await self._reopen(parts)
+                continue
+            if self.failures:
+                log.warning(
+                    "%s read again after %d failure(s)", ", ".join(self._topics), self.failures
+                )
+                self.failures = 0
+            for tp, records in batches.items():
                 for record in records:
+                    self._next[tp] = record.offset + 1
                     try:
                         self._on_record(record)
                     except Exception:
@@ -119,6 +151,30 @@ class TopicReader:
                         )
             if not self.caught_up.is_set() and await self._at_end(parts):
                 self.caught_up.set()
+
+    async def _reopen(self, parts: list[TopicPartition]) -> None:
+        """A new consumer, each partition at the offset after its last record read (the first
+        one's start otherwise); the old one closed. Never raises: a broker still away leaves
+        the old consumer, whose next read fails and is retried."""
+        consumer = self._new_consumer()
+        try:
+            await asyncio.wait_for(consumer.start(), 10.0)
+            consumer.assign(parts)
+            await consumer.seek_to_beginning(*parts)
+            for tp in parts:
+                at = self._next.get(tp, self._start.get(tp.partition))
+                if at is not None:
+                    consumer.seek(tp, at)
+        except (asyncio.CancelledError, Exception) as exc:
+            if isinstance(exc, asyncio.CancelledError) and _cancelled():
+                await _quiet_stop(consumer)
+                raise
+            log.warning("%s: no new consumer yet: %s", ", ".join(self._topics), exc)
+            await _quiet_stop(consumer)
+            return
+        old, self._consumer = self._consumer, consumer
+        if old is not None:
+            await _quiet_stop(old)
 
     async def _at_end(self, parts: list[TopicPartition]) -> bool:
         assert self._consumer is not None
@@ -133,6 +189,23 @@ class TopicReader:
         task, consumer = self._task, self._consumer
         self._task, self._consumer = None, None
         await stop_tailing(task, consumer)
+
+
+def _cancelled() -> bool:
+    """Whether the running task (the tail) is being cancelled."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+async def _quiet_stop(consumer: AIOKafkaConsumer) -> None:
+    """Stop a consumer given up on; aiokafka's stop after a lost broker can raise its own
+    fetch task's CancelledError."""
+    try:
+        await consumer.stop()
+    except (asyncio.CancelledError, Exception) as exc:
+        if isinstance(exc, asyncio.CancelledError) and _cancelled():
+            raise
+        log.debug("closing a consumer given up on: %s", exc)
 
 
 async def stop_tailing(task: asyncio.Task[None] | None, consumer: AIOKafkaConsumer | None) -> None:

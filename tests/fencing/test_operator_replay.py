@@ -103,3 +103,40 @@ async def test_a_stop_retry_cut_short_finds_the_host_off_and_calls_it_fenced(
     out = await actuating.operator_action(rt, retry, done, host, (0, 5))
     assert out is not None and out.success and out.power_before == "off", out
     assert bmc.count("power_off") == offs == 0  # already off: not powered off again
+
+
+async def test_a_retry_refused_mid_way_because_the_host_came_back_is_not_run_after_a_restart(
+    cloud: Cloud, bmc: BmcSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's retry passes CloudStack's check, then the BMC does not answer for a while;
+    meanwhile the host comes back Up. Before the power command CloudStack is asked again: the
+    retry is refused, the BMC untouched, and the record is marked done: read again after a
+    restart it is not carried out as a takeover of a retry cut short."""
+    import asyncio
+
+    from streams import actuation
+
+    monkeypatch.setattr(actuation, "RECHECK_AFTER", 0.5)  # (5 s in production)
+    settings = settings_for(cloud, {cloud.host.uuid: bmc.port}, deadline=10.0)
+    act, _ = actuator(settings)
+    rt = shell(settings, act)
+    host = cloud.host.uuid
+    d = decision(host, cloud.cluster_uuid)
+    bmc.pause()
+    failed = await act.handle(d)
+    assert failed is not None and not failed.success
+    done: dict[str, Any] = {host: {d.decision_id: tables.done_entry(d, failed)}}
+    retry = OperatorAction(kind="retry", host_uuid=host, by="ops", at=time.time())
+
+    async def back_up() -> None:
+        await asyncio.sleep(1.0)
+        cloud.cloud.set_host_state(host, "Up")
+        bmc.resume()
+
+    task = asyncio.create_task(back_up())
+    out = await actuating.operator_action(rt, retry, done, host, (0, 7))
+    await task
+    assert out is not None and out.refused and "Up now" in (out.error or "")
+    assert power_changes(bmc) == 0 and bmc.power == "on"
+    assert done[host][d.decision_id]["retry"] == [0, 7, "done"]
+    assert await actuating.operator_action(rt, retry, done, host, (0, 7)) is None

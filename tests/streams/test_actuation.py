@@ -712,3 +712,374 @@ async def test_backlog_is_refused_and_a_decision_read_then_stalled_past_max_age_
         await producer.stop()
         await inventory.close()
         await sim.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# CloudStack asked again before each power-down command of a fence that retries
+
+
+async def test_a_fence_retrying_its_bmc_asks_cloudstack_again_and_spares_a_host_back_up(
+    fencer_settings: Any,
+) -> None:
+    """The last-moment check passed, then the BMC did not answer for a while (the fence retries
+    up to fence_deadline): meanwhile the host came back Up in CloudStack. The retry that
+    reaches the BMC must not power it off: NotNow (the claim is released, the decision refused
+    and told), the BMC untouched. A confirmation younger than RECHECK_AFTER costs no call."""
+    from pydantic import SecretStr
+
+    from fencing.settings import CloudStackSettings
+    from lab.bmc import BmcSimulator
+    from lab.cloudstack_sim import CloudStackSimulator, SimCloud
+    from probes.inventory import Inventory
+    from streams.actuation import RECHECK_AFTER, recheck
+
+    sc = SimCloud()
+    cluster = sc.add_cluster(sc.add_zone())
+    hv = sc.add_host(cluster, "hv1", "10.0.0.11", state="Disconnected")
+    sim = CloudStackSimulator(sc)
+    await sim.start()
+    cs = fencer_settings(
+        cloudstack=CloudStackSettings(
+            endpoint=sim.url, api_key=SecretStr(sim.api_key), secret_key=SecretStr(sim.secret_key)
+        )
+    )
+    inventory = Inventory(cs)
+    asked: list[str] = []
+
+    async def ask(host_uuid: str) -> Any:
+        h = await inventory.host(host_uuid)
+        asked.append(h.state)
+        return h
+
+    step = 0.0
+    d = decision(at=time.time(), host=HostRef(host_uuid=hv.uuid, cluster_uuid=cluster.uuid))
+    again = recheck(d, ask, clock=lambda: time.monotonic() + step)
+    try:
+        again.confirmed()  # the last-moment check just passed
+        await again()
+        assert asked == []  # younger than RECHECK_AFTER: no extra call
+        step = RECHECK_AFTER + 1
+        await again()
+        assert asked == ["Disconnected"]
+        with BmcSimulator(password="pw") as bmc:
+            rt = _runtime_for(bmc, FenceAction.STOP)
+            rt.actuator().settings.actuator.fence_deadline = 20
+            rt.actuator().settings.actuator.retry_backoff = 0.2
+            rt.actuator().settings.actuator.power_timeout = 1
+            bmc.pause()
+
+            async def back_up() -> None:
+                nonlocal step
+                await asyncio.sleep(1.5)
+                sc.set_host_state(hv.uuid, "Up")
+                step += RECHECK_AFTER + 1
+                await asyncio.sleep(0.3)
+                bmc.resume()
+
+            task = asyncio.create_task(back_up())
+            with pytest.raises(NotNow, match=r"Up now.*asked again before the power command"):
+                await carry_out(
+                    rt, d.model_copy(update={"host": HostRef(host_uuid="h1")}), False, again
+                )
+            await task
+            assert bmc.power == "on" and bmc.count("power_off") == 0
+        assert asked[-1] == "Up"
+    finally:
+        await inventory.close()
+        await sim.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# A claimant that fenced, had CloudStack restart the VMs, and died before its `done`
+
+
+@pytest.mark.parametrize("claim_left", [True, False])
+async def test_a_fence_done_by_a_claimant_that_died_before_its_done_ends_in_an_outcome(
+    fencer_settings: Any, claim_left: bool
+) -> None:
+    """Worker A claimed the decision, powered the host off (verified), declareHostAsDegraded
+    ran (resource state Degraded, the VM restarted elsewhere), and A died before writing its
+    `done`. The decision comes again (re-proposed): CloudStack now says Disconnected and
+    Degraded. With A's claim open, the follower waits out A's lease, takes over, reads the power
+    (off: fenced, no power command) and ends the decision with a success outcome (the restart
+    call answers "already done"). Before, every re-proposal was refused ("resource state is
+    Degraded"): no outcome ever, "refused" told about a fenced host. Without an open claim
+    (someone else declared the host Degraded) it is refused as before."""
+    from aiokafka import AIOKafkaProducer
+    from pydantic import SecretStr
+
+    from fencing.records import HostStateRecord
+    from fencing.settings import (
+        ActuatorSettings,
+        CloudStackSettings,
+        HostSettings,
+        IpmiOverrides,
+        IpmiSettings,
+        SigningSettings,
+    )
+    from lab.bmc import BmcSimulator
+    from lab.cloudstack_sim import CloudStackSimulator, SimCloud
+    from streams.actuating import actuate
+    from streams.kafka import aiokafka_kwargs
+    from streams.runtime import Runtime
+
+    sc = SimCloud()
+    cluster = sc.add_cluster(sc.add_zone())
+    hv = sc.add_host(cluster, "hv1", "10.0.0.11", state="Disconnected")
+    sc.add_host(cluster, "hv2", "10.0.0.12")
+    vm = sc.add_vm(hv, "vm1")
+    sc.run_declare_degraded(hv)  # what worker A's restart call did before it died
+    assert hv.resourcestate == "Degraded" and sc.vms[vm.uuid].host_uuid != hv.uuid
+    sim = CloudStackSimulator(sc)
+    await sim.start()
+    host = HostRef(host_uuid=hv.uuid, host_name="hv1", cluster_uuid=cluster.uuid)
+    d = decision(at=time.time(), decision_id=f"{hv.uuid}/1", host=host, episode=1)
+    with BmcSimulator(password="pw", power="off") as bmc:  # A powered it off
+        settings = fencer_settings(
+            isolated_topics=True,
+            signing=SigningSettings(keys=SecretStr("k1 " + "s" * 40)),
+            cloudstack=CloudStackSettings(
+                endpoint=sim.url,
+                api_key=SecretStr(sim.api_key),
+                secret_key=SecretStr(sim.secret_key),
+                job_timeout=10,
+            ),
+            defaults=IpmiSettings(password=SecretStr("pw"), port=bmc.port),
+            hosts={hv.uuid: HostSettings(ipmi=IpmiOverrides(address="127.0.0.1"))},
+            actuator=ActuatorSettings(claim_lease=2.0, decision_max_age=60.0),
+        )
+        t = settings.kafka.topics
+        if claim_left:
+            dead = ClaimLog(settings, "worker-a")
+            await dead.start()
+            claim = FenceClaim(
+                decision_id=d.decision_id,
+                host_uuid=hv.uuid,
+                claim_id="a-claim",
+                claimed_by="worker-a",
+                state="claimed",
+            )
+            await dead.append(claim)
+            await dead.stop()
+        runtime = Runtime(settings=settings, started_at=0.0)
+        producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
+        await producer.start()
+        try:
+            await runtime.start_actuation()  # listening before the decision comes again
+            record = {
+                "decision_id": d.decision_id,
+                "episode": 1,
+                "state": "fencing",
+                "last_evidence": "stale",
+            }
+            row = HostStateRecord(host=host, record=record, updated_at=time.time())
+            await producer.send_and_wait(
+                t.host_states, key=hv.uuid.encode(), value=row.model_dump_json().encode()
+            )
+            meta = await producer.send_and_wait(
+                t.fence_decisions, key=hv.uuid.encode(), value=signed(d)
+            )
+            msg = SimpleNamespace(
+                key=hv.uuid.encode(),
+                value=signed(d),
+                topic=t.fence_decisions,
+                partition=meta.partition,
+                offset=meta.offset,
+            )
+            table: dict[str, Any] = {}
+            out = await actuate(runtime, msg, table)
+        finally:
+            await producer.stop()
+            await runtime.close()
+            await sim.stop()
+        assert bmc.count("power_off") == 0 and bmc.count("power_on") == 0
+    outcome = FenceOutcome.model_validate_json(
+        next(v for topic, _, v in out if topic == t.fence_outcomes)
+    )
+    if claim_left:
+        assert outcome.success and outcome.verified and outcome.power_before == "off"
+        assert (outcome.cloudstack_result or "").startswith("already done")
+        assert table[hv.uuid][d.decision_id]  # the outcome is kept: a redelivery gets it
+    else:
+        assert outcome.refused and "resource state is Degraded" in (outcome.error or "")
+
+
+async def test_a_follower_waiting_on_a_claim_that_is_released_acts_at_once_not_as_takeover(
+    fencer_settings: Any,
+) -> None:
+    """A decision read twice (a rebalance): B waits on A's claim; A is refused after claiming
+    (its recheck found the host back, or CloudStack unanswering) and releases it. B goes on at
+    once as a first claimant, not a lease later as the takeover of a dead claimant (which
+    reads the power first and never repeats a reboot: an operator would be asked for nothing)."""
+    settings = fencer_settings(isolated_topics=True)
+    d = decision(at=time.time())
+    a, b = ClaimLog(settings, "worker-a"), ClaimLog(settings, "worker-b")
+    await a.start()
+    await b.start()
+    seen: list[bool] = []
+
+    async def refuse(takeover: bool) -> FenceOutcome:
+        await asyncio.sleep(1.0)  # the BMC retries, then the recheck refuses
+        raise NotNow("CloudStack says the host is Up now")
+
+    async def act(takeover: bool) -> FenceOutcome:
+        seen.append(takeover)
+        return outcome_of(d, "worker-b")
+
+    try:
+        first = asyncio.create_task(a.run_once(d, 20.0, refuse))
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        out, acted = await b.run_once(d, 20.0, act)
+        waited = time.monotonic() - started
+        with pytest.raises(NotNow):
+            await first
+    finally:
+        await a.stop()
+        await b.stop()
+    assert acted and seen == [False] and out.driver == "worker-b"
+    assert waited < 10  # not the 20 s lease
+
+
+async def test_the_last_moment_cloudstack_check_retries_a_failing_api_and_never_takes_it_as_yes(
+    fencer_settings: Any,
+) -> None:
+    """CloudStack's API answers 530 (or too slowly) at the last moment: tried three times, a
+    yes only from an answer; three failures refuse (NotNow), the host is never taken as down."""
+    from pydantic import SecretStr
+
+    from fencing.settings import CloudStackSettings
+    from lab.cloudstack_sim import CloudStackSimulator, SimCloud
+    from probes.inventory import Inventory
+    from streams.actuation import cloudstack_confirms
+
+    sc = SimCloud()
+    cluster = sc.add_cluster(sc.add_zone())
+    hv = sc.add_host(cluster, "hv1", "10.0.0.11", state="Disconnected")
+    sim = CloudStackSimulator(sc)
+    await sim.start()
+    settings = fencer_settings(
+        cloudstack=CloudStackSettings(
+            endpoint=sim.url,
+            api_key=SecretStr(sim.api_key),
+            secret_key=SecretStr(sim.secret_key),
+            timeout=1,
+        )
+    )
+    inventory = Inventory(settings)
+    d = decision(at=time.time(), host=HostRef(host_uuid=hv.uuid))
+    try:
+        sc.fail_next_calls["listhosts"] = 2
+        await cloudstack_confirms(d, inventory.host)  # the third answer says Disconnected
+        sc.fail_next_calls["listhosts"] = 3
+        with pytest.raises(NotNow, match=r"cannot be asked now.*530.*not a yes"):
+            await cloudstack_confirms(d, inventory.host)
+        sc.api_stall, sc.stall_next_calls["listhosts"] = 5.0, 3  # longer than 3 x timeout
+        with pytest.raises(NotNow, match=r"no answer .* within 3 s"):
+            await cloudstack_confirms(d, inventory.host)
+        assert sc.fail_next_calls["listhosts"] == 0 and sc.stall_next_calls["listhosts"] == 0
+    finally:
+        await inventory.close()
+        await sim.stop()
+
+
+async def test_a_claim_log_that_cannot_be_written_refuses_and_nothing_is_done(
+    fencer_settings: Any,
+) -> None:
+    """The fence-claims producer fails before the claim: a refusal (NotNow, so an outcome and
+    a fence_refused notice), the action never run; it was an exception the actuate agent only
+    dead-lettered, nobody told, the host's record waiting fencing_resend_after."""
+    settings = fencer_settings(isolated_topics=True)
+    d = decision(at=time.time())
+    claims = ClaimLog(settings, "worker")
+    await claims.start()
+    acted: list[bool] = []
+
+    async def act(takeover: bool) -> FenceOutcome:
+        acted.append(takeover)
+        return outcome_of(d, "worker")
+
+    try:
+        assert claims._producer is not None
+        await claims._producer.stop()  # the broker connection fails before the claim
+        with pytest.raises(NotNow, match="claim could not be written"):
+            await claims.run_once(d, 30.0, act)
+    finally:
+        await claims.stop()
+    assert acted == [] and claims.of(d.decision_id) == []
+
+
+async def test_the_claim_log_reader_survives_a_cancelled_error_of_aiokafka_own(
+    fencer_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka can raise its own fetch task's CancelledError out of a read (a lost broker):
+    the fence-claims reader (a TopicReader, like the host-states view and the pins) ended for
+    good with no word, every later claim was never read back (every fence refused after 30 s),
+    and a view frozen. It reads on through a new consumer, each record once."""
+    from aiokafka import AIOKafkaConsumer
+
+    settings = fencer_settings(isolated_topics=True)
+    d = decision(at=time.time())
+    claims = ClaimLog(settings, "worker")
+    await claims.start()
+    real = AIOKafkaConsumer.getmany
+    raised: list[int] = []
+
+    async def getmany(self: AIOKafkaConsumer, *args: Any, **kwargs: Any) -> Any:
+        if not raised:
+            raised.append(1)
+            raise asyncio.CancelledError()  # as aiokafka's own fetch task's
+        return await real(self, *args, **kwargs)
+
+    def claim(n: int) -> FenceClaim:
+        return FenceClaim(
+            decision_id=d.decision_id,
+            host_uuid="h1",
+            claim_id=f"c{n}",
+            claimed_by="worker",
+            state="claimed",
+        )
+
+    try:
+        await claims.append(claim(1))  # written and read back
+        monkeypatch.setattr(AIOKafkaConsumer, "getmany", getmany)
+        await asyncio.sleep(1.0)
+        assert raised
+        await claims.append(claim(2))  # read back: the reader read on
+        assert [c.claim_id for c in claims.of(d.decision_id)] == ["c1", "c2"]
+    finally:
+        await claims.stop()
+
+
+async def test_the_end_offset_sampler_survives_a_cancelled_error_of_aiokafka_own(
+    fencer_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fence-decisions end-offset sampler (freshness on this worker's clock) ended for good
+    on a CancelledError that aiokafka raised of its own task: every later decision looked older
+    and older and was refused as lagged until a restart. It samples on."""
+    from aiokafka import AIOKafkaConsumer
+
+    from streams.actuation import DecisionLog
+
+    settings = fencer_settings(isolated_topics=True)
+    sampler = DecisionLog(settings, period=0.1)
+    real = AIOKafkaConsumer.end_offsets
+    raised: list[int] = []
+
+    async def end_offsets(self: AIOKafkaConsumer, *args: Any, **kwargs: Any) -> Any:
+        if not raised:
+            raised.append(1)
+            raise asyncio.CancelledError()  # as aiokafka's own task's
+        return await real(self, *args, **kwargs)
+
+    await sampler.start()
+    try:
+        monkeypatch.setattr(AIOKafkaConsumer, "end_offsets", end_offsets)
+        await asyncio.sleep(0.5)
+        assert raised
+        before = max(t for t, _ in sampler.edges.samples[0])
+        await asyncio.sleep(0.5)
+        assert max(t for t, _ in sampler.edges.samples[0]) > before  # still sampling
+        assert sampler._task is not None and not sampler._task.done()
+    finally:
+        await sampler.stop()

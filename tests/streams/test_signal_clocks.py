@@ -6,6 +6,7 @@ Against the CloudStack simulator (real request signing) and the real parser and 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from types import SimpleNamespace
@@ -209,4 +210,54 @@ async def test_a_wall_clock_step_back_on_the_reporter_never_hides_the_next_disco
     finally:
         monkeypatch.undo()
         await inventory.close()
+        await sim.stop()
+
+
+async def test_a_poll_answer_older_than_an_alert_that_came_during_the_poll_ends_nothing() -> None:
+    """listHosts answered "Up" (its page made before the host died), the answer arrived late;
+    meanwhile the host's "Host disconnected" alert was ingested in this process (the same
+    clock, stamped later). The poll's "up" (stamped when the poll began: earlier) must not end
+    the episode the alert opened (a false host_recovered, the checks started again a poll
+    later): the host is reported by the next poll instead, as CloudStack then sees it."""
+    sc = SimCloud()
+    cluster = sc.add_cluster(sc.add_zone())
+    hv1 = sc.add_host(cluster, "hv1", "10.0.0.11")
+    sc.add_host(cluster, "hv2", "10.0.0.12")
+    sim = await CloudStackSimulator(sc).start()
+    inventory: Inventory | None = None
+    try:
+        settings = FencerSettings(
+            cloudstack=CloudStackSettings(
+                endpoint=sim.url,
+                api_key=SecretStr(sim.api_key),
+                secret_key=SecretStr(sim.secret_key),
+            )
+        )
+        inventory = Inventory(settings)
+        directory = HostDirectory()
+        poller = Poller(lambda: inventory, directory)
+        ingest = Ingest(lambda: inventory, directory)
+        policy = Policy()
+        await poller.poll()  # both hosts known Up
+        record = HostRecord(hv1.uuid)
+
+        sc.api_stall, sc.stall_next_calls["listhosts"] = 1.0, 1
+        polling = asyncio.create_task(poller.poll())  # its answer says Up, and arrives late
+        await asyncio.sleep(0.3)
+        sc.set_host_state(hv1.uuid, "Disconnected")
+        down, reason = await ingest.signal(
+            alert(hv1.uuid, "hv1", time.strftime("%Y-%m-%d %H:%M:%S +0000", time.gmtime()))
+        )
+        assert reason is None and down is not None and down.kind == "disconnected"
+        record, _ = step(record, _signal_event(down), policy)
+        assert record.state.value == "suspect"
+        signals, _ = await polling
+        late = [s for s in signals if s.host.host_uuid == hv1.uuid]
+        assert late == [], f"a poll answer older than the alert ended the episode: {late}"
+        signals, _ = await poller.poll()  # the next poll reports the host as it is now
+        now = [s.kind for s in signals if s.host.host_uuid == hv1.uuid]
+        assert "disconnected" in now and "up" not in now
+    finally:
+        if inventory is not None:
+            await inventory.close()
         await sim.stop()
