@@ -28,6 +28,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fencing.cloudstack import CloudStack
 from fencing.drivers import build_driver
@@ -316,7 +317,7 @@ class Actuator:
                 async with self.cloudstack_factory(self.settings) as cs:
                     for vm_id in list(down):
                         found = await cs.list("listVirtualMachines", id=vm_id, listall=True)
-                        states[vm_id] = found[0].get("state", "?") if found else "gone"
+                        states[vm_id] = _restart_state(found, decision.host.host_uuid)
                         if states[vm_id] in ("Running", "gone"):
                             del down[vm_id]
             except Exception as exc:  # CloudStack down for a while must not end the following
@@ -392,3 +393,16 @@ class Actuator:
             self.settings.cloudstack.job_timeout,
             self.job_poll_interval,
         )
+
+
+def _restart_state(found: list[dict[str, Any]], fenced_host: str) -> str:
+    """A fenced host's VM as `_follow_vms` counts it: "gone", its state, or "Running on the
+    fenced host" while CloudStack still shows it there (declareHostAsDegraded's job only
+    schedules the HA restarts; until its HA workers stop and restart the VM it shows Running on
+    the powered-off host): not restarted."""
+    if not found:
+        return "gone"
+    state = str(found[0].get("state", "?"))
+    if state == "Running" and found[0].get("hostid") == fenced_host:
+        return "Running on the fenced host"
+    return state
