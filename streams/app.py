@@ -171,6 +171,13 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
     async def dead(message: Any, reason: str) -> None:
         await dead_letter.send(value=codec.dead_letter(message, reason))
 
+    async def send_notice(notice: Notice) -> None:
+        await notices.send(key=notice.host.host_uuid.encode(), value=codec.dump(notice))
+
+    # Every role's notices (the actuator's, the poller's listHosts outage, the gate's decision
+    # log tail) go to the notices topic, whichever roles this worker runs.
+    runtime.notice_sink = send_notice
+
     async def produce(topic_name: str, key: bytes, value: bytes) -> None:
         # The hot path's records straight to the app's producer (the same producer, the same
         # partitioner, flushed before each offset commit as Faust's): Faust's Topic.send builds
@@ -414,11 +421,6 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
     if "actuate" in roles:
         operator_actions = app.topic(names.operator_actions, **RAW)
         ipmi_tests = app.topic(names.ipmi_tests, **RAW)
-
-        async def send_notice(notice: Notice) -> None:
-            await notices.send(key=notice.host.host_uuid.encode(), value=codec.dump(notice))
-
-        runtime.notice_sink = send_notice
 
         # A fence retries for up to actuator.fence_deadline: decisions run concurrently (one
         # lock per host inside the actuator), so one host's retries never hold up another's.

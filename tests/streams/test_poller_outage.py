@@ -7,11 +7,15 @@ then answering again."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from pydantic import SecretStr
 
 from fencing.events import NoticeKind
 from fencing.records import Notice
-from fencing.settings import CloudStackSettings, FencerSettings
+from fencing.settings import CloudStackSettings, FencerSettings, SigningSettings
+from fencing.signing import new_key_line
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud
 from probes.inventory import Inventory
 from streams.poller import HostDirectory, Poller
@@ -78,3 +82,20 @@ async def test_a_listhosts_outage_is_told_after_three_failed_polls_and_again_eac
     finally:
         await inventory.close()
         await sim.stop()
+
+
+@pytest.mark.parametrize("roles", [("ingest",), ("ingest", "probe"), ("actuate",)])
+def test_every_worker_that_notices_has_somewhere_to_send_it(
+    roles: tuple[str, ...], tmp_path: Path
+) -> None:
+    """The poller's listHosts outage and the gate's decision-log tail run in the ingest role:
+    a worker without the actuate role sent them nowhere (logged as "has nowhere to go")."""
+    from streams.app import create_app
+
+    s = FencerSettings(
+        data_dir=tmp_path,
+        signing=SigningSettings(keys=SecretStr(new_key_line("notice-sink-test"))),
+        kafka={"table_store": "memory"},
+    )
+    app = create_app(s, roles)
+    assert app.fencer_runtime.notice_sink is not None  # type: ignore[attr-defined]
