@@ -382,7 +382,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         gate_partition = TP(fence_proposals.get_topic_name(), 0)
         clock_sent = [float("-inf")]
 
-        @app.timer(interval=gating.KEEP_CLOCK_EVERY)
+        @app.timer(interval=gating.CLOCK_LOOK_EVERY)
         async def gate_clock() -> None:
             if app.rebalancing or gate_partition not in app.consumer.assignment():
                 return

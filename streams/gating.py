@@ -95,7 +95,11 @@ log = logging.getLogger("fencer.streams")
 GLOBAL_ROW = "*"  # the gate table's row that every cluster shares
 LOG_POSITION = "log_position"  # in the shared row: the decision log merged up to here
 REFRESH_AFTER = 60.0  # the owner writes its shared row's clock when it is this old (module rule)
-KEEP_CLOCK_EVERY = 5.0  # how often the owner looks (`keep_clock`, a timer of the app)
+KEEP_CLOCK_EVERY = 5.0  # the owner's clock records go out at most every 2 x this (`keep_clock`)
+# How often the owner's timer looks for clock work: the take-over follows the decision log's
+# read within about this long (after a start: before the first burst of proposals, which
+# otherwise paid for it and for starting the log's tail; issue 17), the refresh as before.
+CLOCK_LOOK_EVERY = 1.0
 
 
 def _grant(d: dict[str, Any]) -> gatecore.Grant:
