@@ -148,6 +148,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         # Before the store and the changelog topic exist (Faust makes both on first use).
         hosts.value_serializer = tables.host_row_serializer()  # type: ignore[attr-defined]
         gate_table = app.Table("gates", partitions=1, help="cluster uuid (and '*') -> gate state")
+        gate_table.value_serializer = tables.gate_row_serializer()  # type: ignore[attr-defined]
         # The gate's rows as it wrote them, until the partitions change (streams.tables).
         gates = tables.CachedRows(gate_table)
         app.on_partitions_revoked.connect(gates.on_partitions_changed)
@@ -388,7 +389,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         gate_partition = TP(fence_proposals.get_topic_name(), 0)
         clock_sent = [float("-inf")]
 
-        @app.timer(interval=gating.KEEP_CLOCK_EVERY)
+        @app.timer(interval=gating.CLOCK_LOOK_EVERY)
         async def gate_clock() -> None:
             if app.rebalancing or gate_partition not in app.consumer.assignment():
                 return
