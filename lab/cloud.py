@@ -373,9 +373,12 @@ class LabCloud:
             update={
                 "topics": self.topics,
                 "group_id": f"fencer-lab-{self.name}",
-                # Tansu's join waits half the session timeout: a shorter one starts workers
-                # (and takes over from a killed one) sooner; loopback never misses heartbeats.
-                "session_timeout": 3.0,
+                # Tansu's join waits half the session timeout (in whole seconds: 3 s -> 2 s,
+                # 2 s -> 1 s), and a killed member is dropped one session timeout after it
+                # stopped (a restart took 7.1 s at 3 s, 4.1 s at 2 s). Tansu 0.6 drops a member
+                # that missed heartbeats only when another joins: a single worker stalled 4 s
+                # with 2 s kept its partitions (measured); loopback never loses heartbeats.
+                "session_timeout": 2.0,
                 "heartbeat_interval": 0.5,
             }
         )

@@ -236,7 +236,6 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         async def ingest() -> None:
             await bus.run()
 
-        @app.timer(interval=settings.cloudstack.poll_interval, on_leader=True)
         async def poll_hosts() -> None:
             # CloudStack publishes nothing when a host comes back Up: listHosts tells us.
             signals, sizes = await runtime.poller.poll()
@@ -259,6 +258,21 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     written,
                     "" if stats["shared_memory"] else " (no directory: this worker's own memory)",
                 )
+
+        polling = asyncio.Lock()  # one poll at a time: the start's and the timer's
+
+        @app.timer(interval=settings.cloudstack.poll_interval, on_leader=True)
+        async def poll_hosts_now() -> None:
+            async with polling:
+                await poll_hosts()
+
+        @app.task
+        async def first_poll() -> None:
+            # Faust's timer first runs a whole poll_interval (30 s by default) after the tables
+            # are recovered: a started or restarted leader polls at once instead.
+            if app.is_leader():
+                async with polling:
+                    await poll_hosts()
 
         # A host gets a tick when its next check is due (streams.watch.TickSchedule), and from
         # a sweep every min(check_interval / 2, 5 s) when it had none for a while

@@ -10,6 +10,7 @@ recovery were dropped: a worker restarted at once after a crash did not read the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Mapping
@@ -160,6 +161,7 @@ def prepare_kafka(settings: FencerSettings) -> None:
     """Call before building any client or Faust app: applies the Faust workaround (any broker)
     and the Tansu workarounds if embedded."""
     apply_faust_workarounds()
+    apply_faust_start_settings()
     if settings.kafka.embedded:
         from streams.tansu_compat import apply_tansu_workarounds
 
@@ -353,3 +355,43 @@ def remove_faust_workarounds() -> None:
     setattr(thread, "_fetch_records", _faust_originals.pop("fetch_records"))  # noqa: B010
     setattr(faust_consumer.Consumer, "getmany", _faust_originals.pop("getmany"))  # noqa: B010
     setattr(FlowControlEvent, "resume", _faust_originals.pop("flow_resume"))  # noqa: B010
+
+
+# -- Faust 0.15 start: a fixed one-second sleep before the tables register ---------------------
+#
+# Faust's TableManager sleeps 1.0 s when it starts, before it registers the tables' changelog
+# channels and starts the recovery: a grace period for tables created after the app started
+# (once registered, `TableManager.add` refuses new ones). The conductor subscribes the
+# consumer only once the tables are registered, so every worker start (and restart) joined its
+# group a second later than it could. Fencer creates every table in `create_app`, before the
+# app starts, so the grace period serves nothing: the patch yields to the loop once instead.
+# A table added after the start still fails loudly, as it would after Faust's second.
+
+_faust_start_originals: dict[str, Any] = {}
+
+
+async def _table_manager_on_start(self: Any) -> None:
+    """Faust's `TableManager.on_start` (faust-streaming 0.15.3) without its 1 s sleep."""
+    await asyncio.sleep(0)
+    if not self.should_stop:
+        await self._update_channels()
+        await self.recovery.start()
+
+
+def apply_faust_start_settings() -> None:
+    """Patch Faust's table manager start (see above); idempotent. Every broker."""
+    if _faust_start_originals:
+        return
+    from faust.tables.manager import TableManager
+
+    _faust_start_originals["on_start"] = TableManager.on_start
+    setattr(TableManager, "on_start", _table_manager_on_start)  # noqa: B010  (typed class)
+
+
+def remove_faust_start_settings() -> None:
+    """Restore Faust's table manager start as it was."""
+    if not _faust_start_originals:
+        return
+    from faust.tables.manager import TableManager
+
+    setattr(TableManager, "on_start", _faust_start_originals.pop("on_start"))  # noqa: B010

@@ -9,9 +9,10 @@
 - `fencer_settings` (function scope): a factory
   `fencer_settings(isolated_topics=False, **update) -> FencerSettings` pointing at `broker`
   with `kafka.embedded=True` (so `streams.kafka.prepare_kafka` applies the Tansu workarounds),
-  a fresh `data_dir` under the test's tmp_path, and a unique `kafka.group_id` (Faust app id,
-  hence also unique table changelog topics). With `isolated_topics=True` every topic name gets
-  a unique prefix and those topics are created before the factory returns. `update` is passed
+  a fresh `data_dir` under the test's tmp_path, a unique `kafka.group_id` (Faust app id,
+  hence also unique table changelog topics) and the lab's short session timeout (2 s). With
+  `isolated_topics=True` every topic name gets a unique prefix and those topics are created
+  before the factory returns. `update` is passed
   to `FencerSettings.model_copy(update=...)`, e.g. `fencer_settings(policy=PolicySettings(...))`.
 - `kafka_settings` (function scope): `fencer_settings().kafka`, for code that only needs Kafka.
 - `ceph` (session scope): a real single-node Ceph (lab.ceph.CephCluster: one monitor, one
@@ -57,7 +58,16 @@ def fencer_settings(broker: EmbeddedBroker, tmp_path: Path) -> FencerSettingsFac
     def make(isolated_topics: bool = False, **update: Any) -> FencerSettings:
         n = next(counter)
         unique = uuid.uuid4().hex[:8]
-        kafka = broker.kafka_settings().model_copy(update={"group_id": f"fencer-test-{unique}"})
+        kafka = broker.kafka_settings().model_copy(
+            # The lab's session timeout (lab.cloud): Tansu's join waits half of it, a killed
+            # worker's partitions move one session timeout after the kill (default 6 s: a
+            # 3 s join at every worker start).
+            update={
+                "group_id": f"fencer-test-{unique}",
+                "session_timeout": 2.0,
+                "heartbeat_interval": 0.5,
+            }
+        )
         if isolated_topics:
             names = {f: f"t{unique}.{name}" for f, name in TopicNames().model_dump().items()}
             kafka = kafka.model_copy(update={"topics": TopicNames(**names)})

@@ -222,6 +222,54 @@ async def test_workaround_is_idempotent_and_removable() -> None:
         (apply_tansu_workarounds if was else remove_tansu_workarounds)()
 
 
+class _TableManagerDouble:
+    """What `TableManager.on_start` touches: its sleep, the stop flag, the channels, the
+    recovery."""
+
+    def __init__(self, should_stop: bool = False) -> None:
+        self.should_stop = should_stop
+        self.calls: list[str] = []
+        self.recovery = self
+
+    async def sleep(self, seconds: float) -> None:  # mode's Service.sleep
+        await asyncio.sleep(seconds)
+
+    async def _update_channels(self) -> None:
+        self.calls.append("channels")
+
+    async def start(self) -> None:
+        self.calls.append("recovery")
+
+
+async def test_faust_tables_register_without_the_one_second_sleep() -> None:
+    from faust.tables.manager import TableManager
+
+    from streams.kafka import apply_faust_start_settings, remove_faust_start_settings
+
+    apply_faust_start_settings()
+    patched = TableManager.on_start
+    apply_faust_start_settings()  # idempotent
+    assert TableManager.on_start is patched
+    try:
+        remove_faust_start_settings()
+        plain = TableManager.on_start
+        assert plain is not patched
+        started = time.monotonic()
+        await plain(_TableManagerDouble())  # type: ignore[arg-type]
+        assert time.monotonic() - started >= 1.0  # Faust's own sleep
+    finally:
+        apply_faust_start_settings()  # as every fencer process has it (prepare_kafka)
+    assert TableManager.on_start is patched
+    manager = _TableManagerDouble()
+    started = time.monotonic()
+    await TableManager.on_start(manager)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 0.5
+    assert manager.calls == ["channels", "recovery"]  # Faust's order, nothing left out
+    stopping = _TableManagerDouble(should_stop=True)
+    await TableManager.on_start(stopping)  # type: ignore[arg-type]
+    assert stopping.calls == []
+
+
 async def test_consumers_fetch_wait_is_capped_only_while_patched() -> None:
     from streams.tansu_compat import CONSUMER_FETCH_MAX_WAIT_MS
 

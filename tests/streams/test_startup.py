@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import subprocess
@@ -13,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from fencing.settings import CloudStackSettings, FencerSettings, KafkaSettings
+from fencing.settings import CloudStackSettings, FencerSettings, KafkaSettings, SigningSettings
+from fencing.signing import write_keys_file
 from lab.cloudstack_sim import CloudStackSimulator, SimCloud
-from lab.pipeline import write_settings
+from lab.pipeline import Tap, WorkerProcess, write_settings
 from streams.startup import wait_for_dependencies
 
 pytestmark = pytest.mark.timeout(60)
@@ -98,3 +100,40 @@ def test_worker_started_before_kafka_waits_without_a_traceback(tmp_path: Path) -
     out = "".join(lines)
     assert expected in out
     assert "Traceback" not in out
+
+
+async def test_a_started_leader_polls_cloudstack_at_once_not_a_poll_interval_later(
+    fencer_settings: Any, tmp_path: Path
+) -> None:
+    """Faust's timer first runs a whole interval after the start: with the default 30 s (here
+    120 s) a started or restarted worker would know nothing of CloudStack's hosts until then."""
+    cloud = SimCloud()
+    cluster = cloud.add_cluster(cloud.add_zone("zone1"), "cluster1")
+    for i in range(1, 4):
+        cloud.add_host(cluster, f"kvm{i:02d}", f"10.1.0.{i}")
+    sim = await CloudStackSimulator(cloud).start()
+    settings = fencer_settings(
+        isolated_topics=True,
+        cloudstack=CloudStackSettings(
+            endpoint=sim.url, api_key=sim.api_key, secret_key=sim.secret_key, poll_interval=120.0
+        ),
+        signing=SigningSettings(keys_file=write_keys_file(tmp_path / "signing.keys")),
+    )
+    t = settings.kafka.topics
+    tap = await Tap(settings).start([t.fence_proposals])
+    worker = WorkerProcess(write_settings(settings, tmp_path / "fencer.yaml"), "ingest")
+    try:
+        worker.start()
+        # The first poll's cluster size (a start on a loaded machine takes seconds, not 120).
+        [(key, size)] = await tap.wait_for(
+            lambda: [
+                (k, v) for k, v in tap.of(t.fence_proposals) if v.get("kind") == "cluster_size"
+            ],
+            45,
+            "the first listHosts poll",
+        )
+        assert key == cluster.uuid and size["host_count"] == 3
+    finally:
+        await asyncio.to_thread(worker.stop, 10)
+        await tap.stop()
+        await sim.stop()

@@ -164,6 +164,9 @@ def api_settings(broker: EmbeddedBroker, lab: Lab, secrets_key_file: Path | None
             "bootstrap_servers": broker.bootstrap_servers,
             "embedded": True,
             "topics": topics,
+            # As tests/conftest.py and the lab: a worker joins in 1 s on Tansu, not 3 s.
+            "session_timeout": 2.0,
+            "heartbeat_interval": 0.5,
         },
         "cloudstack": {
             "endpoint": lab.sim.url,
