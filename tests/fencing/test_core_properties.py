@@ -159,6 +159,7 @@ CHANGES = ("disk", "beat", "touch", "appear")
 NO_CHANGE = ("same", "vanish")
 UNKNOWNS = ("incomplete", "unreadable", "empty", "failed", "lost")
 UNSTAT = "unstat"  # the busy disk (DISK) cannot be stat'ed now: a complete reading that lacks it
+UNREAD = "unread"  # the heartbeat is stat'ed but its content cannot be read now
 
 
 def reading_of(
@@ -172,6 +173,9 @@ def reading_of(
     if kind == UNSTAT:
         r = files.read(at, episode, check, filer=filer, host=host)
         return replace(r, mtimes=tuple(pm for pm in r.mtimes if pm[0] != DISK), missing=(DISK,))
+    if kind == UNREAD:
+        r = files.read(at, episode, check, filer=filer, host=host)
+        return replace(r, heartbeats=(), unread_contents=tuple(p for p, _ in r.heartbeats))
     return files.read(
         at,
         episode,
@@ -563,6 +567,8 @@ class HostMachine(RuleBasedStateMachine):
             return Evidence.ALIVE
         if any(p in mtimes or p in beats for p in r.missing):
             return Evidence.UNKNOWN  # a file read before, unreadable now: never "no change"
+        if any(p in beats for p in r.unread_contents):
+            return Evidence.UNKNOWN  # a heartbeat's content read before, unreadable now
         gap = self.requested_at - self.ref_at
         if gap < 0:
             return Evidence.BASELINE  # the worker's clock went back: a new reference
@@ -643,14 +649,16 @@ class HostMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.outstanding is not None)
     @rule(
-        kind=st.sampled_from(["same", "same", "same", *CHANGES, *UNKNOWNS[:-1], UNSTAT, "skewed"]),
+        kind=st.sampled_from(
+            ["same", "same", "same", *CHANGES, *UNKNOWNS[:-1], UNSTAT, UNREAD, "skewed"]
+        ),
         delay=st.floats(0, 30),
     )
     def answer(self, kind: str, delay: float) -> None:
         self.answer_with(kind, delay)
 
     @precondition(lambda self: self.open_episode is not None)
-    @rule(kind=st.sampled_from(["same", "same", "same", *CHANGES, *UNKNOWNS, UNSTAT]))
+    @rule(kind=st.sampled_from(["same", "same", "same", *CHANGES, *UNKNOWNS, UNSTAT, UNREAD]))
     def check_cycle(self, kind: str) -> None:
         """One check interval passes and the probe it starts is answered: deep episodes fast."""
         self.now += self.policy.check_interval
@@ -689,6 +697,7 @@ class HostMachine(RuleBasedStateMachine):
         min_gap=st.sampled_from([0.0, 0.0, 90.0, 600.0]),
         delay=st.floats(0, 30),
         missing=st.lists(st.sampled_from([DISK, DISK2, HB, "/mnt/p1/vm9.qcow2"]), max_size=2),
+        unread_contents=st.lists(st.sampled_from([HB, DISK, "/mnt/p1/hb9"]), max_size=1),
     )
     def answer_anything(
         self,
@@ -700,6 +709,7 @@ class HostMachine(RuleBasedStateMachine):
         min_gap: float,
         delay: float,
         missing: list[str],
+        unread_contents: list[str],
     ) -> None:
         out = self.outstanding
         assert out is not None
@@ -715,6 +725,7 @@ class HostMachine(RuleBasedStateMachine):
                 live_signs=("watcher of 10.0.0.11 on rbd/vol-1",) if live else (),
                 min_gap=min_gap,
                 missing=tuple(missing),
+                unread_contents=tuple(unread_contents),
             )
         )
 
