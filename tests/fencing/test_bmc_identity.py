@@ -800,3 +800,41 @@ async def test_worker_preflight_tells_of_a_bmc_that_is_off_while_its_host_is_up(
             assert pins.get(cloud.host.uuid).guid == GUID_A
         finally:
             await runtime.close()
+
+
+async def test_two_hosts_preflighted_at_once_through_one_bmc_pin_it_once() -> None:
+    # Both pre-flights read the GUID before either pins it: the second to pin asks the store
+    # again and finds the GUID pinned for the other host.
+    from fencing.preflight import preflight
+
+    with openipmi.IpmiSim(guid=GUID_A) as sim:
+        settings = two_hosts_one_bmc(sim.port, sim.username, sim.password)
+        pins = MemoryPinStore()
+        refs = [HostRef(host_uuid=HOST), HostRef(host_uuid=HOST2)]
+        results = await preflight(settings, refs, pins=pins)
+        assert sorted(r.identity or "" for r in results) == ["elsewhere", "pinned"]
+        (won,) = [r.host_uuid for r in results if r.identity == "pinned"]
+        (lost,) = [r for r in results if r.identity == "elsewhere"]
+        assert not lost.ok and won in (lost.error or "")
+        assert pins.get(lost.host_uuid) is None and pins.holders(lost.guid or "") == [won]
+        assert sim.power_commands == []
+
+
+async def test_a_guid_pinned_for_two_hosts_fences_neither(ipmi_sim: openipmi.IpmiSim) -> None:
+    # Pins an older fencer left (the second host's first fence pinned the first host's BMC):
+    # one of them is wrong, so neither consents until an operator re-pins the wrong one.
+    settings = two_hosts_one_bmc(ipmi_sim.port, ipmi_sim.username, ipmi_sim.password)
+    pins = MemoryPinStore()
+    assert (await check_host(settings, HOST, None, pins=pins)).identity == "pinned"
+    first = pins.get(HOST)
+    assert first is not None
+    await pins.put(first.model_copy(update={"host_uuid": HOST2}))
+    for me, other in ((HOST, HOST2), (HOST2, HOST)):
+        notices = Notices()
+        outcome = await Actuator(settings, pins=pins, announce=notices).handle(
+            decision_for(me, "hv")
+        )
+        assert outcome is not None and not outcome.success
+        assert f"pinned for another host, {other}" in (outcome.error or "")
+        assert [n.kind for n in notices.sent] == [NoticeKind.BMC_IDENTITY_CHANGED]
+    assert ipmi_sim.power == "on" and ipmi_sim.power_commands == []
