@@ -6,6 +6,10 @@ another machine) is not used for fencing until an operator confirms it (`fencer 
 or the UI's "confirm BMC identity"), because powering off the wrong machine is the classic
 catastrophic fencing mistake. A host with no pin yet is pinned by the pre-flight, or at its
 first fence (read the GUID, pin it, go on): the first read is trusted, later ones are compared.
+Two first reads are not trusted: a GUID already pinned for another host (an address copied from
+another host's settings reaches that host's BMC) is never pinned for this one and never consents
+(verdict "elsewhere", the BMC_IDENTITY_CHANGED notice names both hosts); and the pre-flight does
+not pin a BMC whose chassis is not on while CloudStack shows the host Up (fencing.preflight).
 A GUID that cannot be read refuses the fence (unknown is never consent); a driver that has no
 way to read one (the command template) is reported as unchecked, never as checked.
 
@@ -30,7 +34,11 @@ from fencing.records import BmcPin, FenceDecision, HostRef, Notice
 # The refusal is logged as the actuator's: it is the actuator that refuses to act.
 log = logging.getLogger("fencer.actuator")
 
-Verdict = Literal["pinned", "matches", "changed", "unsupported", "unreadable"]
+# elsewhere: the GUID is pinned for another host; unpinned: read, no pin, pinning left to the
+# caller (verify_identity(may_pin=False)); refused: the caller would not pin it (fencing.preflight).
+Verdict = Literal[
+    "pinned", "matches", "changed", "elsewhere", "unpinned", "refused", "unsupported", "unreadable"
+]
 
 
 class PinStoreError(Exception):
@@ -48,6 +56,10 @@ class PinStore(Protocol):
         """Store (replace) the host's pin."""
         ...
 
+    def holders(self, guid: str) -> list[str]:
+        """The uuids of the hosts pinned with this GUID, sorted; raises PinStoreError."""
+        ...
+
 
 class MemoryPinStore:
     """Pins in a dict: tests, and a process that has no Kafka."""
@@ -60,6 +72,9 @@ class MemoryPinStore:
 
     async def put(self, pin: BmcPin) -> None:
         self.pins[pin.host_uuid] = pin
+
+    def holders(self, guid: str) -> list[str]:
+        return sorted(h for h, p in self.pins.items() if p.guid == guid)
 
 
 @dataclass(frozen=True)
@@ -87,8 +102,11 @@ async def verify_identity(
     address: str | None = None,
     pinned_by: str = "first-fence",
     clock: Callable[[], float] = time.time,
+    may_pin: bool = True,
 ) -> IdentityCheck:
-    """Read the BMC's GUID and compare it with the host's pin (pinning it if there is none).
+    """Read the BMC's GUID and compare it with the host's pin (pinning it if there is none;
+    with may_pin=False, verdict "unpinned" and `pin_new` pins it later). A GUID pinned for another
+    host is refused ("elsewhere"), whether this host has a pin or not.
 
     Never raises: an unreadable GUID or pin store is a refusal with its reason."""
     where = address or "its BMC"
@@ -110,6 +128,21 @@ async def verify_identity(
         )
     try:
         pin = pins.get(host_uuid)
+        others = [h for h in pins.holders(guid) if h != host_uuid]
+        if others:
+            if (
+                pin is not None
+                and pin.guid != guid
+                and (pin.seen_guid != guid or pin.seen_address != address)
+            ):
+                await pins.put(
+                    pin.model_copy(
+                        update={"seen_guid": guid, "seen_address": address, "seen_at": clock()}
+                    )
+                )
+            return _elsewhere(host_uuid, guid, where, pins.get(others[0]), others[0], pin)
+        if pin is None and not may_pin:
+            return IdentityCheck(host_uuid, "unpinned", guid=guid)
         if pin is None:
             await pins.put(
                 BmcPin(
@@ -168,6 +201,85 @@ async def verify_identity(
     )
 
 
+def _elsewhere(
+    host_uuid: str,
+    guid: str,
+    where: str,
+    other_pin: BmcPin | None,
+    other: str,
+    pin: BmcPin | None,
+) -> IdentityCheck:
+    """The refusal of a GUID pinned for another host (`other`), naming both hosts."""
+    at = f" at {other_pin.address}" if other_pin is not None and other_pin.address else ""
+    by = f", pinned by {other_pin.pinned_by}" if other_pin is not None else ""
+    own = f"this host's pin is {pin.guid}" if pin is not None else "this host has no pin yet"
+    return IdentityCheck(
+        host_uuid,
+        "elsewhere",
+        guid=guid,
+        pinned=pin.guid if pin is not None else None,
+        reason=(
+            f"BMC identity of another host: {where} reports system GUID {guid}, which is "
+            f"pinned for another host, {other} (its BMC{at}{by}); {own}. The BMC address of "
+            f"host {host_uuid} reaches host {other}'s BMC (an address copied from its "
+            f"settings?): not pinned and not used to fence host {host_uuid} until its address "
+            f"is corrected and an operator confirms it: fencer ipmi pin {host_uuid}"
+        ),
+    )
+
+
+async def pin_new(
+    check: IdentityCheck,
+    driver: PowerDriver,
+    pins: PinStore,
+    *,
+    address: str | None,
+    pinned_by: str,
+    clock: Callable[[], float] = time.time,
+) -> IdentityCheck:
+    """Pin the GUID of an "unpinned" check (verify_identity(may_pin=False)) once the caller
+    trusts it; the store is asked again (a pin, or another host's, may have come since)."""
+    guid = check.guid or ""
+    try:
+        pin = pins.get(check.host_uuid)
+        others = [h for h in pins.holders(guid) if h != check.host_uuid]
+        if others:
+            return _elsewhere(
+                check.host_uuid, guid, address or "its BMC", pins.get(others[0]), others[0], pin
+            )
+        if pin is not None:
+            if pin.guid == guid:
+                return IdentityCheck(check.host_uuid, "matches", guid=guid, pinned=pin.guid)
+            return IdentityCheck(
+                check.host_uuid,
+                "changed",
+                guid=guid,
+                pinned=pin.guid,
+                reason=f"BMC identity changed: {address or 'its BMC'} reports system GUID "
+                f"{guid}, but the host's BMC was pinned as {pin.guid} meanwhile (by "
+                f"{pin.pinned_by}); fencer ipmi pin {check.host_uuid}",
+            )
+        await pins.put(
+            BmcPin(
+                host_uuid=check.host_uuid,
+                guid=guid,
+                address=address,
+                driver=driver.name,
+                pinned_at=clock(),
+                pinned_by=pinned_by,
+            )
+        )
+    except Exception as exc:  # a pin store that cannot answer is not a yes
+        return IdentityCheck(
+            check.host_uuid,
+            "unreadable",
+            guid=guid,
+            reason=f"cannot read or write the BMC pin of host {check.host_uuid}: "
+            f"{type(exc).__name__}: {exc}",
+        )
+    return IdentityCheck(check.host_uuid, "pinned", guid=guid)
+
+
 async def pin_current(
     host_uuid: str,
     driver: PowerDriver,
@@ -181,12 +293,20 @@ async def pin_current(
     """An operator's confirmation: pin the GUID the BMC reports now; (old pin, new pin).
 
     `expect` refuses the pin unless the BMC reports that GUID (the operator read it elsewhere).
-    Raises DriverError (the BMC) or ValueError (no GUID, or not the expected one)."""
+    Raises DriverError (the BMC) or ValueError (no GUID, not the expected one, or one pinned
+    for another host)."""
     guid = await read_system_guid(driver)
     if guid is None:
         raise ValueError(f"the {driver.name} driver cannot read a system GUID: nothing to pin")
     if expect is not None and expect.strip().lower() != guid:
         raise ValueError(f"the BMC reports system GUID {guid}, not {expect.strip().lower()}")
+    others = [h for h in pins.holders(guid) if h != host_uuid]
+    if others:
+        raise ValueError(
+            f"the BMC reports system GUID {guid}, which is pinned for another host, "
+            f"{others[0]}: the address of host {host_uuid} reaches that host's BMC; correct it "
+            f"(or pin host {others[0]} through its own BMC first)"
+        )
     old = pins.get(host_uuid)
     new = BmcPin(
         host_uuid=host_uuid,
@@ -214,7 +334,8 @@ def daily_slot(mono: float) -> int:
 def identity_notice(
     check: IdentityCheck, host: HostRef, at: float, *, tag: str, mono: float
 ) -> Notice:
-    """The BMC_IDENTITY_CHANGED notice of a changed GUID; one id per host, GUID, process (`tag`)
+    """The BMC_IDENTITY_CHANGED notice of a changed GUID (or one pinned for another host, the
+    reason naming it); one id per host, GUID, process (`tag`)
     and day of this process's monotonic clock (`daily_slot`), so a pre-flight repeats it daily
     until an operator acts, and a receiver can drop duplicates. `at` (wall) is only shown."""
     return Notice(
@@ -289,7 +410,7 @@ async def identity_refusal(
         await driver.aclose()
     except Exception as exc:  # the refusal stands; a failed logout changes nothing
         log.debug("closing the %s driver failed: %s", driver.name, redact(str(exc)))
-    if check.verdict == "changed" and announce is not None:
+    if check.verdict in ("changed", "elsewhere") and announce is not None:
         try:
             notice = identity_notice(check, host, clock(), tag=tag, mono=time.monotonic())
             await announce(notice)

@@ -1,20 +1,22 @@
 """Pre-flight: read a host's BMC through its effective settings (the test action), change
 nothing, and say whether a fence of it could work right now (`fencer ipmi test`, the periodic
 pre-flight of the actuate role, the UI's test button). With a pin store it also reads the BMC's
-system GUID and pins or compares it (fencing.identity)."""
+system GUID and pins or compares it (fencing.identity); given the host's CloudStack state, it
+does not pin a BMC whose chassis is not on while CloudStack shows the host Up (its agent is
+connected, so the host runs: that BMC is another machine's)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from fencing.drivers import build_driver
 from fencing.drivers.base import PowerDriver
 from fencing.engine import Engine
 from fencing.events import FenceAction
-from fencing.identity import PinStore, verify_identity
+from fencing.identity import IdentityCheck, PinStore, pin_new, verify_identity
 from fencing.records import HostRef
 from fencing.redaction import Redactor, secrets_of
 from fencing.settings import FencerSettings, IpmiSettings
@@ -40,7 +42,8 @@ class PreflightResult:
     error: str | None
     checked_at: float
     # BMC identity (fencing.identity), when a pin store was given: pinned, matches, changed,
-    # unsupported or unreadable, and the GUID the BMC reported.
+    # elsewhere (pinned for another host), refused (not pinned: off while CloudStack shows the
+    # host Up), unsupported or unreadable, and the GUID the BMC reported.
     identity: str | None = None
     guid: str | None = None
 
@@ -52,11 +55,14 @@ async def check_host(
     engine: Engine | None = None,
     driver_factory: DriverFactory = build_driver,
     pins: PinStore | None = None,
+    cloud_state: str | None = None,
 ) -> PreflightResult:
     """Run the test action through the host's effective settings; never changes power.
 
-    With `pins`, first read the BMC's system GUID: pin it if the host has no pin yet, else
-    compare (a changed GUID makes the result not ok, with the reason)."""
+    With `pins`, first read the BMC's system GUID: compare it with the host's pin (a changed
+    GUID, or one pinned for another host, makes the result not ok, with the reason); a host
+    with no pin is pinned after the power read, unless `cloud_state` (CloudStack's state of the
+    host) is Up and the chassis does not read on."""
     eff = settings.effective_ipmi(host_uuid, cluster_uuid)
     redact = Redactor(secrets_of(settings, eff.values))
     now = time.time()
@@ -76,7 +82,7 @@ async def check_host(
     identity = None
     if pins is not None:
         identity = await verify_identity(
-            host_uuid, driver, pins, address=eff.address, pinned_by="preflight"
+            host_uuid, driver, pins, address=eff.address, pinned_by="preflight", may_pin=False
         )
         if identity.verdict == "unreadable":
             # The BMC did not answer the GUID read: a power read would wait as long again.
@@ -100,6 +106,25 @@ async def check_host(
     )
     r = await eng.run(host_uuid, driver, FenceAction.TEST, secrets_of(settings, eff.values))
     ok, error = r.success, r.error
+    if pins is not None and identity is not None and identity.verdict == "unpinned":
+        if cloud_state == "Up" and r.power_after != "on":
+            # Trusted on first use only when nothing contradicts it: a host whose agent is
+            # connected runs, so a BMC whose chassis is off is another machine's.
+            where = f"BMC {eff.address or '?'} (system GUID {identity.guid})"
+            why = (
+                f"{where} not pinned: its chassis reads off while CloudStack shows the host Up "
+                "(its agent connected), so this BMC is not the host's; check the host's BMC "
+                f"address, then: fencer ipmi pin {host_uuid}"
+                if r.power_after == "off"
+                else f"{where} not pinned: its chassis power could not be read "
+                f"({r.error or 'no answer'}) while CloudStack shows the host Up; pinned once "
+                "it reads on"
+            )
+            identity = IdentityCheck(host_uuid, "refused", guid=identity.guid, reason=why)
+        else:
+            identity = await pin_new(
+                identity, driver, pins, address=eff.address, pinned_by="preflight"
+            )
     if identity is not None and not identity.ok:
         ok, error = False, redact(identity.reason or "")
     return PreflightResult(
@@ -122,15 +147,21 @@ async def preflight(
     engine: Engine | None = None,
     limit: int = 8,
     pins: PinStore | None = None,
+    states: Mapping[str, str] | None = None,
 ) -> list[PreflightResult]:
     """Read every host's BMC (test action); a result with ok=False means a fence would fail.
 
-    With `pins`, each BMC's system GUID is pinned on first success and compared afterwards."""
+    With `pins`, each BMC's system GUID is pinned on first success and compared afterwards;
+    `states` (host uuid -> CloudStack's state) keeps a BMC that reads off while its host is Up
+    from being pinned (check_host)."""
     sem = asyncio.Semaphore(limit)
 
     async def one(h: HostRef | tuple[str, str | None]) -> PreflightResult:
         host_uuid, cluster = (h.host_uuid, h.cluster_uuid) if isinstance(h, HostRef) else h
         async with sem:
-            return await check_host(settings, host_uuid, cluster, engine, pins=pins)
+            state = states.get(host_uuid) if states is not None else None
+            return await check_host(
+                settings, host_uuid, cluster, engine, pins=pins, cloud_state=state
+            )
 
     return list(await asyncio.gather(*(one(h) for h in hosts)))

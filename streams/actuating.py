@@ -727,16 +727,19 @@ async def preflight(rt: Runtime) -> list[Notice]:
     from fencing.identity import IdentityCheck, daily_slot, identity_notice
 
     try:
-        hosts = [host_from_api(h) for h in await rt.inventory().kvm_hosts()]
+        rows = await rt.inventory().kvm_hosts()
+        hosts = [host_from_api(h) for h in rows]
     except Exception as exc:
         log.warning("pre-flight: cannot list hosts: %s", exc)
         return []
+    # CloudStack's state of each host: a BMC that reads off while its host is Up is not pinned.
+    states = {str(h["id"]): str(h["state"]) for h in rows if h.get("state")}
     live = await rt.live()
     refs = {
         h.host_uuid: h for h in hosts if live.effective_ipmi(h.host_uuid, h.cluster_uuid).address
     }
     pins = await rt.bmc_pins()
-    results = await preflight(live, list(refs.values()), pins=pins)
+    results = await preflight(live, list(refs.values()), pins=pins, states=states)
     mono, tag = time.monotonic(), rt.reminder_tag
     return [
         identity_notice(
@@ -746,7 +749,7 @@ async def preflight(rt: Runtime) -> list[Notice]:
             tag=tag,
             mono=mono,
         )
-        if r.identity == "changed"
+        if r.identity in ("changed", "elsewhere")
         else Notice(
             notice_id=f"{r.host_uuid}/preflight/{tag}/{daily_slot(mono)}",
             kind=NoticeKind.PREFLIGHT_FAILED,

@@ -92,6 +92,13 @@ class BmcPinStore:
             raise PinStoreError(f"the BMC pins topic {self._topic} is not read")
         return self._pins.get(host_uuid)
 
+    def holders(self, guid: str) -> list[str]:
+        """The uuids of the hosts pinned with this GUID, sorted (the reverse lookup that keeps
+        one BMC from being pinned for two hosts)."""
+        if not self._started:
+            raise PinStoreError(f"the BMC pins topic {self._topic} is not read")
+        return sorted(h for h, p in self._pins.items() if p.guid == guid)
+
     def all(self) -> dict[str, BmcPin]:
         """Every pin, by host uuid."""
         return dict(self._pins)

@@ -317,3 +317,8 @@ class _UnreadablePins:
         from fencing.identity import PinStoreError
 
         raise PinStoreError(self.reason)
+
+    def holders(self, guid: str) -> list[str]:
+        from fencing.identity import PinStoreError
+
+        raise PinStoreError(self.reason)

@@ -641,3 +641,200 @@ def test_daily_notice_ids_never_repeat_when_the_wall_clock_steps_back() -> None:
     other = identity_notice(check, host, wall, tag="p2", mono=mono)
     assert other.notice_id != ids[0]
     assert daily_slot(DAY - 0.5) == 0 and daily_slot(DAY) == 1
+
+
+# -- a BMC address that reaches another host's BMC, a BMC off while CloudStack says Up ------
+
+HOST2 = "99999999-8888-7777-6666-555555555555"
+
+
+def two_hosts_one_bmc(port: int, user: str, password: str, **kw: Any) -> Any:
+    """HOST and HOST2 configured with the same BMC address (HOST2's a copy-paste typo)."""
+    base = settings_for(port, user, password, **kw)
+    return base.model_copy(update={"hosts": {HOST: base.hosts[HOST], HOST2: base.hosts[HOST]}})
+
+
+def decision_for(host_uuid: str, name: str) -> FenceDecision:
+    d = decision()
+    return d.model_copy(
+        update={
+            "decision_id": f"{host_uuid}/1/1",
+            "host": HostRef(host_uuid=host_uuid, host_name=name, cluster_uuid="c1"),
+        }
+    )
+
+
+async def test_address_of_another_hosts_bmc_is_never_pinned_nor_fenced(
+    ipmi_sim: openipmi.IpmiSim,
+) -> None:
+    settings = two_hosts_one_bmc(ipmi_sim.port, ipmi_sim.username, ipmi_sim.password)
+    pins = MemoryPinStore()
+    first = await check_host(settings, HOST, None, pins=pins)
+    assert first.ok and first.identity == "pinned"
+
+    # The pre-flight of HOST2 reaches HOST's BMC: no pin, not ok, both hosts named.
+    typo = await check_host(settings, HOST2, None, pins=pins)
+    assert not typo.ok and typo.identity == "elsewhere" and typo.guid == first.guid
+    assert HOST in (typo.error or "") and HOST2 in (typo.error or "")
+    assert pins.get(HOST2) is None
+
+    # Its first fence: refused before any power command, a BMC_IDENTITY_CHANGED notice.
+    notices = Notices()
+    outcome = await Actuator(settings, pins=pins, announce=notices).handle(
+        decision_for(HOST2, "hv2")
+    )
+    assert outcome is not None and not outcome.success and not outcome.verified
+    assert HOST in (outcome.error or "") and HOST2 in (outcome.error or "")
+    assert ipmi_sim.power == "on" and ipmi_sim.power_commands == []
+    assert pins.get(HOST2) is None
+    assert [n.kind for n in notices.sent] == [NoticeKind.BMC_IDENTITY_CHANGED]
+    (n,) = notices.sent
+    assert n.host.host_uuid == HOST2 and HOST in (n.reason or "")
+    assert ipmi_sim.password not in n.model_dump_json()
+    # HOST itself still fences through its own BMC.
+    own = await Actuator(settings, pins=pins).handle(decision_for(HOST, "hv1"))
+    assert own is not None and own.success and own.verified, own
+    assert ipmi_sim.power == "off"
+    assert pins.holders(first.guid or "") == [HOST]  # the reverse lookup
+
+
+async def test_pins_topic_answers_which_hosts_a_guid_is_pinned_for(
+    sim_bmc: BmcSimulator, fencer_settings: Any
+) -> None:
+    settings = two_hosts_one_bmc(
+        sim_bmc.port, "admin", BMC_PASSWORD, base=fencer_settings(isolated_topics=True)
+    )
+    pins = BmcPinStore(settings)
+    await pins.start()
+    try:
+        assert (await check_host(settings, HOST, None, pins=pins)).identity == "pinned"
+        outcome = await Actuator(settings, pins=pins, announce=pins.send_notice).handle(
+            decision_for(HOST2, "hv2")
+        )
+        assert outcome is not None and not outcome.success
+        assert HOST in (outcome.error or "")
+        assert sim_bmc.power == "on" and sim_bmc.count("power_off") == 0
+    finally:
+        await pins.stop()
+    again = BmcPinStore(settings)  # another process: the reverse lookup reads the topic too
+    await again.start()
+    try:
+        assert again.holders(GUID_A) == [HOST] and again.get(HOST2) is None
+        assert again.holders(GUID_B) == []
+    finally:
+        await again.stop()
+    sent = [n for n in await _notices_on(settings) if n.host.host_uuid == HOST2]
+    assert [n.kind for n in sent] == [NoticeKind.BMC_IDENTITY_CHANGED]
+    assert HOST in (sent[0].reason or "") and BMC_PASSWORD not in (sent[0].reason or "")
+
+
+async def test_operator_pin_refuses_a_guid_pinned_for_another_host(sim_bmc: BmcSimulator) -> None:
+    from fencing.identity import pin_current
+
+    settings = two_hosts_one_bmc(sim_bmc.port, "admin", BMC_PASSWORD)
+    pins = MemoryPinStore()
+    assert (await check_host(settings, HOST, None, pins=pins)).identity == "pinned"
+    driver = IpmiDriver("127.0.0.1", "admin", SecretStr(BMC_PASSWORD), sim_bmc.port, timeout=5)
+    try:
+        with pytest.raises(ValueError, match=f"pinned for another host, {HOST}"):
+            await pin_current(HOST2, driver, pins, address="127.0.0.1", by="operator bob")
+    finally:
+        await driver.aclose()
+    assert pins.get(HOST2) is None
+
+
+@pytest.mark.parametrize("state", ["Up", "Alert", None])
+async def test_preflight_does_not_pin_a_bmc_that_is_off_while_cloudstack_shows_the_host_up(
+    state: str | None,
+) -> None:
+    from fencing.preflight import preflight
+
+    with openipmi.IpmiSim(guid=GUID_A, power="off") as sim:
+        settings = settings_for(sim.port, sim.username, sim.password)
+        pins = MemoryPinStore()
+        ref = HostRef(host_uuid=HOST, cluster_uuid="c1")
+        states = {HOST: state} if state else None
+        (r,) = await preflight(settings, [ref], pins=pins, states=states)
+        assert r.power == "off"
+        if state == "Up":
+            # Its agent is connected, so the host runs: this BMC is not the host's.
+            assert not r.ok and r.identity == "refused" and pins.get(HOST) is None
+            assert "CloudStack shows the host Up" in (r.error or "")
+            assert "off" in (r.error or "") and sim.password not in (r.error or "")
+        else:  # the host may really be off: trusted on first use as before
+            assert r.ok and r.identity == "pinned" and pins.get(HOST) is not None
+        assert sim.power_commands == []
+
+
+async def test_worker_preflight_tells_of_a_bmc_that_is_off_while_its_host_is_up(
+    cloud: Cloud, fencer_settings: Any
+) -> None:
+    from streams.actuating import preflight
+    from streams.runtime import Runtime
+
+    cloud.host.state = "Up"  # the agent is connected
+    with BmcSimulator("admin", BMC_PASSWORD, guid=GUID_A, power="off") as bmc:
+        from fencing.settings import SigningSettings
+        from fencing.signing import write_keys_file
+
+        base = fencer_settings(isolated_topics=True)
+        keys = write_keys_file(base.data_dir / "signing.keys", "test")
+        settings = make_settings(cloud, bmc.port).model_copy(
+            update={
+                "kafka": base.kafka,
+                "data_dir": base.data_dir,
+                "signing": SigningSettings(keys_file=keys),
+            }
+        )
+        runtime = Runtime(settings=settings, started_at=time.time())
+        try:
+            notices = await preflight(runtime)
+            assert [n.kind for n in notices] == [NoticeKind.PREFLIGHT_FAILED]
+            assert "CloudStack shows the host Up" in (notices[0].reason or "")
+            assert notices[0].host.host_uuid == cloud.host.uuid
+            pins = await runtime.bmc_pins()
+            assert pins.get(cloud.host.uuid) is None
+            assert bmc.count("power_off") == 0 and bmc.power == "off"
+            cloud.host.state = "Down"  # CloudStack agrees the host is off: pinned
+            assert await preflight(runtime) == []
+            assert pins.get(cloud.host.uuid).guid == GUID_A
+        finally:
+            await runtime.close()
+
+
+async def test_two_hosts_preflighted_at_once_through_one_bmc_pin_it_once() -> None:
+    # Both pre-flights read the GUID before either pins it: the second to pin asks the store
+    # again and finds the GUID pinned for the other host.
+    from fencing.preflight import preflight
+
+    with openipmi.IpmiSim(guid=GUID_A) as sim:
+        settings = two_hosts_one_bmc(sim.port, sim.username, sim.password)
+        pins = MemoryPinStore()
+        refs = [HostRef(host_uuid=HOST), HostRef(host_uuid=HOST2)]
+        results = await preflight(settings, refs, pins=pins)
+        assert sorted(r.identity or "" for r in results) == ["elsewhere", "pinned"]
+        (won,) = [r.host_uuid for r in results if r.identity == "pinned"]
+        (lost,) = [r for r in results if r.identity == "elsewhere"]
+        assert not lost.ok and won in (lost.error or "")
+        assert pins.get(lost.host_uuid) is None and pins.holders(lost.guid or "") == [won]
+        assert sim.power_commands == []
+
+
+async def test_a_guid_pinned_for_two_hosts_fences_neither(ipmi_sim: openipmi.IpmiSim) -> None:
+    # Pins an older fencer left (the second host's first fence pinned the first host's BMC):
+    # one of them is wrong, so neither consents until an operator re-pins the wrong one.
+    settings = two_hosts_one_bmc(ipmi_sim.port, ipmi_sim.username, ipmi_sim.password)
+    pins = MemoryPinStore()
+    assert (await check_host(settings, HOST, None, pins=pins)).identity == "pinned"
+    first = pins.get(HOST)
+    assert first is not None
+    await pins.put(first.model_copy(update={"host_uuid": HOST2}))
+    for me, other in ((HOST, HOST2), (HOST2, HOST)):
+        notices = Notices()
+        outcome = await Actuator(settings, pins=pins, announce=notices).handle(
+            decision_for(me, "hv")
+        )
+        assert outcome is not None and not outcome.success
+        assert f"pinned for another host, {other}" in (outcome.error or "")
+        assert [n.kind for n in notices.sent] == [NoticeKind.BMC_IDENTITY_CHANGED]
+    assert ipmi_sim.power == "on" and ipmi_sim.power_commands == []
