@@ -129,7 +129,7 @@ async def verify_identity(
     try:
         pin = pins.get(host_uuid)
         others = [h for h in pins.holders(guid) if h != host_uuid]
-        if others:
+        if others and not _confirmed(pin, guid):
             if (
                 pin is not None
                 and pin.guid != guid
@@ -201,6 +201,17 @@ async def verify_identity(
     )
 
 
+# Pins made without a person: a first fence's or a pre-flight's first read.
+AUTOMATIC_PINS = frozenset({"first-fence", "preflight"})
+
+
+def _confirmed(pin: BmcPin | None, guid: str) -> bool:
+    """Whether this host's pin is `guid` as a person confirmed it (`pin_current`): a GUID other
+    hosts hold too then consents for this host (boards that all report one GUID); a pin a first
+    read made never does."""
+    return pin is not None and pin.guid == guid and pin.pinned_by not in AUTOMATIC_PINS
+
+
 def _elsewhere(
     host_uuid: str,
     guid: str,
@@ -243,7 +254,7 @@ async def pin_new(
     try:
         pin = pins.get(check.host_uuid)
         others = [h for h in pins.holders(guid) if h != check.host_uuid]
-        if others:
+        if others and not _confirmed(pin, guid):
             return _elsewhere(
                 check.host_uuid, guid, address or "its BMC", pins.get(others[0]), others[0], pin
             )
@@ -301,11 +312,23 @@ async def pin_current(
     if expect is not None and expect.strip().lower() != guid:
         raise ValueError(f"the BMC reports system GUID {guid}, not {expect.strip().lower()}")
     others = [h for h in pins.holders(guid) if h != host_uuid]
-    if others:
+    if others and expect is None:
+        # An operator who names the GUID (--expect, the UI's confirm of the GUID it shows) may
+        # pin one another host holds: boards that all report one GUID (unset, or a vendor's
+        # placeholder) are fenced again, each host confirmed by a person (_confirmed).
         raise ValueError(
             f"the BMC reports system GUID {guid}, which is pinned for another host, "
             f"{others[0]}: the address of host {host_uuid} reaches that host's BMC; correct it "
-            f"(or pin host {others[0]} through its own BMC first)"
+            f"(or pin host {others[0]} through its own BMC first); if the boards really report "
+            f"one GUID, confirm it by name: --expect {guid}"
+        )
+    if others:
+        log.warning(
+            "host %s: BMC GUID %s pinned by %s, though host(s) %s hold it too (confirmed by name)",
+            host_uuid,
+            guid,
+            by,
+            ", ".join(others),
         )
     old = pins.get(host_uuid)
     new = BmcPin(

@@ -838,3 +838,43 @@ async def test_a_guid_pinned_for_two_hosts_fences_neither(ipmi_sim: openipmi.Ipm
         assert f"pinned for another host, {other}" in (outcome.error or "")
         assert [n.kind for n in notices.sent] == [NoticeKind.BMC_IDENTITY_CHANGED]
     assert ipmi_sim.power == "on" and ipmi_sim.power_commands == []
+
+
+async def test_boards_that_all_report_one_guid_fence_again_once_a_person_confirms_each_host(
+    ipmi_sim: openipmi.IpmiSim,
+) -> None:
+    """Boards whose GUID is unset (or a vendor's placeholder) all report one GUID: the second
+    host's first read is refused as another host's BMC. An operator who confirms it BY NAME
+    (--expect, the UI's confirm of the GUID it shows) pins it; once each host holding it was
+    confirmed by a person, each consents again (a pin a first read made still does not)."""
+    from fencing.identity import pin_current
+
+    settings = two_hosts_one_bmc(ipmi_sim.port, ipmi_sim.username, ipmi_sim.password)
+    pins = MemoryPinStore()
+    assert (await check_host(settings, HOST, None, pins=pins)).identity == "pinned"
+    first = pins.get(HOST)
+    assert first is not None and first.pinned_by == "preflight"
+    driver = IpmiDriver(
+        "127.0.0.1", ipmi_sim.username, SecretStr(ipmi_sim.password), ipmi_sim.port, timeout=5
+    )
+    try:
+        with pytest.raises(ValueError, match=f"--expect {first.guid}"):
+            await pin_current(HOST2, driver, pins, address="127.0.0.1", by="operator bob")
+        await pin_current(
+            HOST2, driver, pins, address="127.0.0.1", by="operator bob", expect=first.guid
+        )
+    finally:
+        await driver.aclose()
+    # HOST's pin came from a first read: still not consent while another host holds its GUID
+    outcome = await Actuator(settings, pins=pins, announce=Notices()).handle(
+        decision_for(HOST, "hv")
+    )
+    assert outcome is not None and not outcome.success
+    assert f"pinned for another host, {HOST2}" in (outcome.error or "")
+    assert ipmi_sim.power_commands == []
+    # HOST2 was confirmed by a person: its fence goes through the shared GUID
+    outcome = await Actuator(settings, pins=pins, announce=Notices()).handle(
+        decision_for(HOST2, "hv")
+    )
+    assert outcome is not None and outcome.success, outcome.error
+    assert ipmi_sim.power == "off"
