@@ -8,7 +8,9 @@ client all talk to the same state.
 `BmcSimulator` serves the BMC from a child process and mirrors its state in a thread of the
 caller. It is a separate process, like a real BMC, because pyghmi runs client and server
 sessions on one process-wide event loop: with a server thread and a client thread pumping it
-together, a client login occasionally waits forever (seen about once in 50 logins).
+together, a client login occasionally waits forever (seen about once in 50 logins). The
+processes fork from one zygote per caller process that imported pyghmi once (see
+`_serve_zygote`), a fresh interpreter each if the zygote cannot start or died.
 
 Two patches to pyghmi's server side, applied once on import:
 - pyghmi's server only implements cipher suite 3 (HMAC-SHA1) but answers OK to any proposal,

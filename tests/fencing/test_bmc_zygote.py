@@ -171,3 +171,31 @@ def test_concurrent_starts_share_the_zygote(fresh_zygote: None) -> None:
         with ThreadPoolExecutor(6) as ex:
             list(ex.map(lambda s: s.stop(), sims))
     assert all(_wait_gone(pid, 5) for pid in pids)
+
+
+def test_a_zygote_that_cannot_start_falls_back_to_new_processes(
+    fresh_zygote: None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No interpreter imports pyghmi in a microsecond: the zygote is not ready in time.
+    monkeypatch.setattr(labbmc, "_ZYGOTE_TIMEOUT", 1e-6)
+    before = set(_children())
+    with caplog.at_level(logging.WARNING, logger="lab.bmc"), BmcSimulator() as sim:
+        assert "cannot start the BMC zygote" in caplog.text
+        assert labbmc._zygote is None and labbmc._zygote_broken
+        assert isinstance(sim._proc, subprocess.Popen)
+        assert _power_status(sim) == "Chassis Power is on"
+        # the zygote that was too slow was killed and reaped, not left behind
+        assert set(_children()) - before == {sim._proc.pid}
+
+
+def _children() -> list[int]:
+    me = os.getpid()
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if _ppid(int(entry)) == me:
+                    out.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return out
