@@ -354,6 +354,10 @@ class BmcSimulator:
         ours, theirs = socket.socketpair()
         self._proc = _zygote_fork(theirs)
         if self._proc is None:
+            # A fresh pair: a zygote that failed mid-request may have handed this one on.
+            ours.close()
+            theirs.close()
+            ours, theirs = socket.socketpair()
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "lab.bmc", "--child-fd", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
@@ -713,7 +717,12 @@ def _serve_zygote(fd: int) -> None:
                 sys.stderr.flush()
                 os._exit(code)
         os.close(fds[0])
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as exc:  # no pidfds here: the caller cannot wait for it safely
+            os.kill(pid, signal.SIGKILL)
+            sock.sendall(struct.pack("!q", -(exc.errno or 1)))
+            continue
         try:
             socket.send_fds(sock, [struct.pack("!q", pid)], [pidfd])
         except OSError:
