@@ -8,7 +8,9 @@ client all talk to the same state.
 `BmcSimulator` serves the BMC from a child process and mirrors its state in a thread of the
 caller. It is a separate process, like a real BMC, because pyghmi runs client and server
 sessions on one process-wide event loop: with a server thread and a client thread pumping it
-together, a client login occasionally waits forever (seen about once in 50 logins).
+together, a client login occasionally waits forever (seen about once in 50 logins). The
+processes fork from one zygote per caller process that imported pyghmi once (see
+`_serve_zygote`), a fresh interpreter each if the zygote cannot start or died.
 
 Two patches to pyghmi's server side, applied once on import:
 - pyghmi's server only implements cipher suite 3 (HMAC-SHA1) but answers OK to any proposal,
@@ -23,9 +25,15 @@ Two patches to pyghmi's server side, applied once on import:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
 import os
+import random
+import select
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -40,6 +48,8 @@ import pyghmi.ipmi.bmc as ipmibmc
 import pyghmi.ipmi.private.constants as constants
 import pyghmi.ipmi.private.serversession as serversession
 import pyghmi.ipmi.private.session as ipmisession
+
+log = logging.getLogger(__name__)
 
 PowerCallback = Callable[[str, str], None]
 """Called as callback(new_state, cause) after every power change ('on'/'off'; cause names
@@ -339,11 +349,19 @@ class BmcSimulator:
         """Start the BMC process, wait until it listens, and start the listener thread."""
         # A plain child process with a socketpair, not multiprocessing's spawn, so the caller's
         # __main__ is never re-imported; the password travels over the pipe, not argv.
+        # The zygote forks it from a process that imported pyghmi once (saves ~0.2-1 s of CPU
+        # per BMC); without a zygote, a fresh interpreter.
         ours, theirs = socket.socketpair()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "lab.bmc", "--child-fd", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-        )
+        self._proc = _zygote_fork(theirs)
+        if self._proc is None:
+            # A fresh pair: a zygote that failed mid-request may have handed this one on.
+            ours.close()
+            theirs.close()
+            ours, theirs = socket.socketpair()
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "lab.bmc", "--child-fd", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+            )
         theirs.close()
         self._conn = Connection(ours.detach())
         self._send(
@@ -429,6 +447,8 @@ class BmcSimulator:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait(timeout=3)
+            if isinstance(self._proc, _ForkedBmc):
+                self._proc.close()
             self._proc = None
         if self._conn is not None:
             self._conn.close()
@@ -505,6 +525,212 @@ def _serve_child(conn: Any) -> None:
     os._exit(0)
 
 
+# -- the zygote: one process that imported pyghmi, forking every BMC process -----------------
+#
+# Importing pyghmi costs 0.2-1.4 s of CPU (its OEM plugin scan runs at import), and a lab
+# starts ~10 BMCs. The zygote (`python -m lab.bmc --zygote-fd N`, one per process that starts
+# BMCs, started on first use) imports it once, stays single-threaded, and forks a BMC process
+# per request: the caller sends the child's end of its socketpair over a unix socket, the
+# zygote forks, the child serves `_serve_child` on it, and the zygote answers the child's pid
+# and a pidfd of it (so the caller can wait for and kill exactly that process, never a reused
+# pid). The zygote reaps its children and exits at EOF on its socket (its parent is gone).
+# If it cannot start or dies, BMCs start as fresh interpreters again (logged).
+
+_ZYGOTE_TIMEOUT = 30.0  # its first answer includes importing pyghmi on a busy machine
+_zygote_lock = threading.Lock()
+_zygote: tuple[subprocess.Popen[bytes], socket.socket, int] | None = None  # proc, socket, owner
+_zygote_broken = False
+
+
+class _ForkedBmc:
+    """A BMC process forked by the zygote (not our child): wait and kill it through a pidfd."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self._pidfd = pidfd
+
+    def poll(self) -> int | None:
+        """0 once the process has ended (its exit code belongs to the zygote), else None."""
+        ready, _, _ = select.select([self._pidfd], [], [], 0)
+        return 0 if ready else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        ready, _, _ = select.select([self._pidfd], [], [], timeout)
+        if not ready:
+            raise subprocess.TimeoutExpired(f"bmc pid {self.pid}", timeout or 0)
+        return 0
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError("the BMC zygote closed its socket")
+        data += chunk
+    return data
+
+
+def _start_zygote() -> tuple[subprocess.Popen[bytes], socket.socket, int]:
+    ours, theirs = socket.socketpair()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lab.bmc", "--zygote-fd", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    ours.settimeout(_ZYGOTE_TIMEOUT)
+    try:
+        if _recv_exact(ours, 1) != b"R":
+            raise OSError("the BMC zygote did not say it is ready")
+    except BaseException:
+        ours.close()
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, ours, os.getpid()
+
+
+def _zygote_fork(child_end: socket.socket) -> _ForkedBmc | None:
+    """A BMC process forked by this process's zygote, serving on `child_end`; None if there is
+    no working zygote (the caller starts a fresh interpreter instead)."""
+    global _zygote, _zygote_broken
+    with _zygote_lock:
+        if _zygote is not None and _zygote[2] != os.getpid():
+            _zygote = None  # a forked copy of the process that started it: start our own
+        if _zygote_broken:
+            return None
+        if _zygote is None:
+            try:
+                _zygote = _start_zygote()
+            except (OSError, EOFError, subprocess.SubprocessError) as exc:
+                _zygote_broken = True
+                log.warning("cannot start the BMC zygote (%s): BMCs start as new processes", exc)
+                return None
+        proc, sock, _owner = _zygote
+        try:
+            socket.send_fds(sock, [b"F"], [child_end.fileno()])
+            reply, fds, _flags, _addr = socket.recv_fds(sock, 8, 1)
+            if len(reply) < 8:
+                reply += _recv_exact(sock, 8 - len(reply))
+            (pid,) = struct.unpack("!q", reply)
+            if pid <= 0 or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                raise OSError(f"the BMC zygote could not fork (errno {-pid})")
+        except (OSError, EOFError, struct.error) as exc:
+            _zygote_broken = True
+            _zygote = None
+            log.warning("the BMC zygote failed (%s): BMCs start as new processes", exc)
+            sock.close()
+            with contextlib.suppress(OSError):
+                proc.kill()
+            with contextlib.suppress(subprocess.SubprocessError):
+                proc.wait(timeout=3)
+            return None
+        return _ForkedBmc(pid, fds[0])
+
+
+def _shutdown_zygote() -> None:
+    """Close this process's zygote and wait for it to exit (at exit; tests, benchmarks)."""
+    global _zygote
+    with _zygote_lock:
+        zygote, _zygote = _zygote, None
+    if zygote is None or zygote[2] != os.getpid():
+        return
+    proc, sock, _owner = zygote
+    sock.close()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+atexit.register(_shutdown_zygote)
+
+
+def _reap_children() -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def _serve_zygote(fd: int) -> None:
+    """The zygote: fork a BMC process per request until its parent closes the socket."""
+    # Ctrl-C in a terminal reaches the whole process group; the zygote ends with its parent.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    sock.sendall(b"R")
+    while True:
+        _reap_children()
+        ready, _, _ = select.select([sock], [], [], 1.0)
+        if not ready:
+            continue
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
+        except OSError:
+            return
+        if not msg:
+            return  # the parent is gone
+        if len(fds) != 1:
+            for extra in fds:
+                os.close(extra)
+            sock.sendall(struct.pack("!q", -22))  # EINVAL
+            continue
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(fds[0])
+            sock.sendall(struct.pack("!q", -(exc.errno or 1)))
+            continue
+        if pid == 0:
+            code = 1
+            try:
+                sock.close()
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                random.seed()  # not the zygote's sequence, shared by every sibling
+                _serve_child(Connection(fds[0]))
+                code = 0
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(fds[0])
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as exc:  # no pidfds here: the caller cannot wait for it safely
+            os.kill(pid, signal.SIGKILL)
+            sock.sendall(struct.pack("!q", -(exc.errno or 1)))
+            continue
+        try:
+            socket.send_fds(sock, [struct.pack("!q", pid)], [pidfd])
+        except OSError:
+            return
+        finally:
+            os.close(pidfd)
+
+
 def free_udp_port() -> int:
     """A UDP port on 127.0.0.1 nothing listens on (for 'unreachable BMC' cases)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -521,7 +747,11 @@ if __name__ == "__main__":
     ap.add_argument("--username", default="admin")
     ap.add_argument("--password", default="password")
     ap.add_argument("--child-fd", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--zygote-fd", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.zygote_fd is not None:
+        _serve_zygote(a.zygote_fd)
+        sys.exit(0)
     if a.child_fd is not None:
         _serve_child(Connection(a.child_fd))
         sys.exit(0)
