@@ -32,6 +32,7 @@ from fencing.settings import FencerSettings, SigningSettings
 
 DECISION = "fencer.fence-decision.v1"
 SETTINGS = "fencer.settings.v1"
+CLAIM = "fencer.fence-claim.v1"  # streams.claims: the actuators' fence-claims log
 ALGORITHM = "HMAC-SHA256"
 MIN_SECRET = 32
 SIGNATURE_FIELD = "signature"

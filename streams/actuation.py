@@ -529,7 +529,7 @@ class Actuation:
         self.cloudstack_host = cloudstack_host
         self.clock = clock  # monotonic: only ever compared with itself
         self.states = HostStatesView(settings)
-        self.claims = ClaimLog(settings, worker)
+        self.claims = ClaimLog(settings, worker, ring)
         period = sample_period(settings.decision_max_age())
         self.decisions = DecisionLog(settings, period, clock)
         # An operator's lift that names no blocklist entry is carried out only if read live.
@@ -540,6 +540,7 @@ class Actuation:
         """Where the end-offset samplers tell people of a new log (the runtime's emit_notice)."""
         self.decisions.notify = send
         self.actions.notify = send
+        self.claims.notify = send  # a forged or foreign claim, ignored, is told
 
     async def start(self) -> None:
         if not self._started:
