@@ -16,8 +16,14 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from fencing.events import FenceAction, NoticeKind
-from fencing.records import EvidenceSummary, FenceClaim, FenceDecision, FenceOutcome, HostRef
-from fencing.records import Notice
+from fencing.records import (
+    EvidenceSummary,
+    FenceClaim,
+    FenceDecision,
+    FenceOutcome,
+    HostRef,
+    Notice,
+)
 from fencing.signing import CLAIM, DECISION, parse_keys, sign
 from streams.claims import ClaimLog
 from streams.kafka import aiokafka_kwargs
@@ -278,7 +284,9 @@ async def test_a_forged_done_does_not_stop_a_fence_on_the_lab_bmc(fencer_setting
             await producer.send_and_wait(
                 t.host_states, key=hv.uuid.encode(), value=row.model_dump_json().encode()
             )
-            meta = await producer.send_and_wait(t.fence_decisions, key=hv.uuid.encode(), value=value)
+            meta = await producer.send_and_wait(
+                t.fence_decisions, key=hv.uuid.encode(), value=value
+            )
             msg = SimpleNamespace(
                 key=hv.uuid.encode(),
                 value=value,
