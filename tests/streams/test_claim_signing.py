@@ -204,11 +204,17 @@ async def test_claims_are_signed_and_a_worker_with_other_keys_is_not_believed(
         await mine.append(claim(d, "claimed", claim_id="m1"))
         assert [c.claim_id for c in mine.of(d.decision_id)] == ["m1"]
         assert [c.claim_id for c in stranger.of(d.decision_id)] == ["s1"]
+        # Fencer's key, but not a claim: a decision signed by the gate, a claim-signed half record.
+        decision_record = sign(RING, DECISION, {**d.model_dump(mode="json"), "state": "done"})
+        half = sign(RING, CLAIM, {"decision_id": d.decision_id, "state": "done"})
+        await write(settings, d, json.dumps(decision_record).encode(), json.dumps(half).encode())
+        await mine.append(claim(d, "released", claim_id="m1"))  # read after both
+        assert [c.state for c in mine.of(d.decision_id)] == ["claimed", "released"]
         await asyncio.sleep(0.2)
     finally:
         await mine.stop()
         await stranger.stop()
-    assert mine.ignored == {d.decision_id: 1} and len(told) == 1
+    assert mine.ignored == {d.decision_id: 3} and len(told) == 1
     assert "unknown key id 'k9'" in (told[0].reason or "")
     # The record as written: signed under the claim purpose, with the key id.
     value = signed_by(RING, claim(d, "claimed", claim_id="m1"))
