@@ -27,7 +27,8 @@ samples in a row, it is a new log (fence-decisions deleted and recreated): that 
 starts again as at a first sample, and people are told once (`LogEdges`, `NewLog`).
 
 Exactly once: the claim is a record on the one-partition topic `fencer.fence-claims`, keyed by
-decision id and written with `acks=all` before the BMC is touched; the log's order decides
+decision id, signed with the keyring and written with `acks=all` before the BMC is touched
+(a claim no held key signed is ignored: streams.claims); the log's order decides
 between two claimants (the first `claimed` record of a round wins, the other waits for its
 `done`). The claimant renews its claim every `actuator.claim_lease` / 3 while it acts; a claim
 neither renewed nor done for `claim_lease` (this worker's clock) belongs to a claimant that died:
