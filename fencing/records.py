@@ -238,6 +238,9 @@ class FenceClaim(WireRecord):
     state: Literal["claimed", "renewed", "done", "released"]
     takeover_of: str | None = Field(None, description="the dead claim this one follows")
     outcome: dict[str, Any] | None = Field(None, description="done: the FenceOutcome")
+    signature: dict[str, str] | None = Field(
+        None, description="the claimant's HMAC-SHA256 of the record without it (fencing.signing)"
+    )
 
 
 class HostStateRecord(WireRecord):

@@ -32,6 +32,7 @@ from fencing.settings import FencerSettings, SigningSettings
 
 DECISION = "fencer.fence-decision.v1"
 SETTINGS = "fencer.settings.v1"
+CLAIM = "fencer.fence-claim.v1"  # streams.claims: the actuators' fence-claims log
 ALGORITHM = "HMAC-SHA256"
 MIN_SECRET = 32
 SIGNATURE_FIELD = "signature"
@@ -105,8 +106,9 @@ def load_keyring(settings: FencerSettings | SigningSettings) -> Keyring:
             raise KeyringError(f"cannot read {where}: {exc.strerror}") from None
         return parse_keys(text, where)
     raise KeyringError(
-        "signing.keys_file is not set: fence decisions and settings cannot be signed or "
-        "verified (a file of 'KEY_ID SECRET' lines, mode 0600; see the operators' guide)"
+        "signing.keys_file is not set: fence decisions, settings and fence claims cannot be "
+        "signed or verified (a file of 'KEY_ID SECRET' lines, mode 0600; see the operators' "
+        "guide)"
     )
 
 

@@ -27,7 +27,8 @@ samples in a row, it is a new log (fence-decisions deleted and recreated): that 
 starts again as at a first sample, and people are told once (`LogEdges`, `NewLog`).
 
 Exactly once: the claim is a record on the one-partition topic `fencer.fence-claims`, keyed by
-decision id and written with `acks=all` before the BMC is touched; the log's order decides
+decision id, signed with the keyring and written with `acks=all` before the BMC is touched
+(a claim no held key signed is ignored: streams.claims); the log's order decides
 between two claimants (the first `claimed` record of a round wins, the other waits for its
 `done`). The claimant renews its claim every `actuator.claim_lease` / 3 while it acts; a claim
 neither renewed nor done for `claim_lease` (this worker's clock) belongs to a claimant that died:
@@ -529,7 +530,7 @@ class Actuation:
         self.cloudstack_host = cloudstack_host
         self.clock = clock  # monotonic: only ever compared with itself
         self.states = HostStatesView(settings)
-        self.claims = ClaimLog(settings, worker)
+        self.claims = ClaimLog(settings, worker, ring)
         period = sample_period(settings.decision_max_age())
         self.decisions = DecisionLog(settings, period, clock)
         # An operator's lift that names no blocklist entry is carried out only if read live.
@@ -540,6 +541,7 @@ class Actuation:
         """Where the end-offset samplers tell people of a new log (the runtime's emit_notice)."""
         self.decisions.notify = send
         self.actions.notify = send
+        self.claims.notify = send  # a forged or foreign claim, ignored, is told
 
     async def start(self) -> None:
         if not self._started:

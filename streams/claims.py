@@ -4,11 +4,21 @@ last-moment check of streams.actuation, whose docstring states the rule).
 The claim is a record on the one-partition topic `fencer.fence-claims`, keyed by decision id
 and written with `acks=all`; the log's order decides between two claimants, a claim neither
 renewed nor done for `claim_lease` (this worker's clock) belongs to a claimant that died.
+
+Signed: every claim is signed with the keyring (purpose `fencing.signing.CLAIM`, the key id in
+its `signature`, as the gate signs decisions) and every claim read is verified. A record that is
+unsigned, signed by no key this worker holds, or fails verification is ignored for every rule:
+never a claim, a renewal, a release nor a `done` (a forged `done` made the actuator take a fence
+nobody carried out for done; a forged claim made it wait a lease, then act as a takeover). It is
+logged and told once per decision id per process (a forged_record notice), never per record.
+An unsigned claim of a fencer from before signing is ignored the same way: run one version of
+the actuate role at a time (docs/operators-guide.md, "Upgrading").
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -17,14 +27,19 @@ from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
+from pydantic import ValidationError
 
 from fencing.engine import Withdrawn
+from fencing.events import NoticeKind
 from fencing.records import (
     FenceClaim,
     FenceDecision,
     FenceOutcome,
+    HostRef,
+    Notice,
 )
 from fencing.settings import FencerSettings
+from fencing.signing import CLAIM, Keyring, SignatureError, sign, verify_bytes
 from streams.kafka import aiokafka_kwargs
 
 log = logging.getLogger("fencer.actuation")
@@ -39,11 +54,17 @@ class NotNow(Withdrawn):
 
 
 class ClaimLog:
-    """The fence-claims log: written with acks=all, read back from the beginning."""
+    """The fence-claims log: written with acks=all, signed, read back from the beginning and
+    verified (a record fencer's keyring did not sign is ignored, logged and told once)."""
 
-    def __init__(self, settings: FencerSettings, worker: str) -> None:
+    def __init__(self, settings: FencerSettings, worker: str, ring: Keyring) -> None:
         self.settings = settings
         self.worker = worker
+        self.ring = ring
+        # Where an ignored (forged or foreign) claim is told: the runtime's emit_notice.
+        self.notify: Callable[[Notice], Awaitable[None]] | None = None
+        self.ignored: dict[str, int] = {}  # decision id ("" if none) -> records ignored
+        self._telling: set[asyncio.Task[None]] = set()
         self.topic = settings.kafka.topics.fence_claims
         self.claims: dict[str, list[tuple[int, FenceClaim]]] = {}
         self._seen = asyncio.Condition()
@@ -67,10 +88,64 @@ class ClaimLog:
     def _on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
         if record.value is None:
             return
-        claim = FenceClaim.model_validate_json(record.value)
+        try:
+            claim = FenceClaim.model_validate(verify_bytes(self.ring, CLAIM, record.value))
+        except SignatureError as exc:
+            self._ignore(record, str(exc))
+            return
+        except ValidationError:
+            self._ignore(record, "signed, but not a fence claim")
+            return
         self.claims.setdefault(claim.decision_id, []).append((record.offset, claim))
         self._high = max(self._high, record.offset)
         asyncio.get_running_loop().create_task(self._notify())
+
+    def _ignore(self, record: ConsumerRecord[bytes, bytes], reason: str) -> None:
+        """A record fencer did not sign: never a claim; logged, told once per decision id."""
+        did, host, state = _named(record.value)
+        where = f"{record.topic} partition {record.partition} offset {record.offset}"
+        log.warning(
+            "ignored %s: a fence claim fencer did not sign (%s); it names decision %s, state %s",
+            where,
+            reason,
+            did,
+            state,
+        )
+        first = (did or "") not in self.ignored
+        self.ignored[did or ""] = self.ignored.get(did or "", 0) + 1
+        if not first:
+            return
+        notice = Notice(
+            notice_id=f"forged-claim/{record.topic}/{did}/{record.offset}",
+            kind=NoticeKind.FORGED_RECORD,
+            host=HostRef(host_uuid=host or "unknown"),
+            at=time.time(),
+            decision_id=did,
+            reason=(
+                f"ignored {where} ({reason}): a fence claim (state {state}) fencer's actuators "
+                f"did not sign; it names host {host}. Neither a claim nor a done: the actuator "
+                "goes by signed claims only. Whoever wrote it can write fence-claims (check "
+                "its ACLs), or it is a fencer from before claims were signed, or one with "
+                "other keys. Told once per decision."
+            ),
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            claimed_host=host,
+        )
+        if self.notify is None:
+            log.error("notice %s has nowhere to go", notice.notice_id)
+            return
+        task = asyncio.get_running_loop().create_task(self._tell(notice))
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
+
+    async def _tell(self, notice: Notice) -> None:
+        assert self.notify is not None
+        try:
+            await self.notify(notice)
+        except Exception as exc:  # the record stays ignored whether or not it was told
+            log.error("cannot send notice %s: %s", notice.notice_id, exc)
 
     async def _notify(self) -> None:
         async with self._seen:
@@ -104,9 +179,9 @@ class ClaimLog:
     async def append(self, claim: FenceClaim) -> None:
         """Write a claim record and wait until it is read back (its place in the log known)."""
         assert self._producer is not None
-        await self._producer.send_and_wait(
-            self.topic, key=claim.decision_id.encode(), value=claim.model_dump_json().encode()
-        )
+        body = claim.model_dump(mode="json", exclude={"signature"})
+        value = json.dumps(sign(self.ring, CLAIM, body), separators=(",", ":")).encode()
+        await self._producer.send_and_wait(self.topic, key=claim.decision_id.encode(), value=value)
         seen = await self._wait(
             lambda: any(
                 c.claim_id == claim.claim_id and c.state == claim.state
@@ -252,8 +327,21 @@ class ClaimLog:
                 await asyncio.sleep(0.5 * attempt)
 
     async def stop(self) -> None:
+        for task in list(self._telling):
+            await asyncio.wait([task], timeout=5.0)
         if self._reader is not None:
             await self._reader.stop()
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
+
+
+def _named(value: bytes | None) -> tuple[str | None, str | None, str | None]:
+    """The decision id, host and state an unverified record names (shown, never believed)."""
+    try:
+        data = json.loads(value or b"")
+        got = [data.get(k) for k in ("decision_id", "host_uuid", "state")]
+    except (ValueError, AttributeError, TypeError):
+        return None, None, None
+    shown = [str(v)[:200] if v is not None else None for v in got]
+    return shown[0], shown[1], shown[2]

@@ -201,7 +201,7 @@ def outcome_of(d: FenceDecision, by: str) -> FenceOutcome:
 
 async def test_two_claimants_racing_act_once(fencer_settings: Any) -> None:
     settings = fencer_settings(isolated_topics=True)
-    a, b = ClaimLog(settings, "worker-a"), ClaimLog(settings, "worker-b")
+    a, b = ClaimLog(settings, "worker-a", RING), ClaimLog(settings, "worker-b", RING)
     await a.start()
     await b.start()
     acted: list[str] = []
@@ -222,7 +222,7 @@ async def test_two_claimants_racing_act_once(fencer_settings: Any) -> None:
         assert len(acted) == 1 and acted_a != acted_b
         assert oa == ob  # the loser returns the winner's outcome
         # A third worker started later sees the outcome and does not act.
-        c = ClaimLog(settings, "worker-c")
+        c = ClaimLog(settings, "worker-c", RING)
         await c.start()
         try:
             oc, acted_c = await c.run_once(d, 30.0, actor("c"))
@@ -239,7 +239,7 @@ async def test_a_dead_claimant_is_followed_after_the_lease_with_takeover(
 ) -> None:
     settings = fencer_settings(isolated_topics=True)
     d = decision(at=time.time())
-    dead = ClaimLog(settings, "dead-worker")
+    dead = ClaimLog(settings, "dead-worker", RING)
     await dead.start()
     # It claimed, then died before the BMC call: no `done` follows.
     await dead.append(
@@ -252,7 +252,7 @@ async def test_a_dead_claimant_is_followed_after_the_lease_with_takeover(
         )
     )
     await dead.stop()
-    follower = ClaimLog(settings, "follower")
+    follower = ClaimLog(settings, "follower", RING)
     await follower.start()
     seen: list[bool] = []
 
@@ -278,7 +278,7 @@ async def test_a_live_claimant_slower_than_the_lease_keeps_followers_waiting(
 ) -> None:
     settings = fencer_settings(isolated_topics=True)
     d = decision(at=time.time())
-    slow, follower = ClaimLog(settings, "slow"), ClaimLog(settings, "follower")
+    slow, follower = ClaimLog(settings, "slow", RING), ClaimLog(settings, "follower", RING)
     await slow.start()
     await follower.start()
     acted: list[str] = []
@@ -312,7 +312,7 @@ async def test_an_outcome_is_kept_when_its_done_claim_cannot_be_written(
     the actuate agent logged as "nothing was fenced"."""
     settings = fencer_settings(isolated_topics=True)
     d = decision(at=time.time())
-    claims = ClaimLog(settings, "worker")
+    claims = ClaimLog(settings, "worker", RING)
     await claims.start()
     acted: list[bool] = []
 
@@ -333,7 +333,7 @@ async def test_an_outcome_is_kept_when_its_done_claim_cannot_be_written(
 async def test_a_released_claim_lets_a_later_decision_act_at_once(fencer_settings: Any) -> None:
     settings = fencer_settings(isolated_topics=True)
     d = decision(at=time.time())
-    log = ClaimLog(settings, "w")
+    log = ClaimLog(settings, "w", RING)
     await log.start()
 
     async def refuse(takeover: bool) -> FenceOutcome:
@@ -850,7 +850,7 @@ async def test_a_fence_done_by_a_claimant_that_died_before_its_done_ends_in_an_o
         )
         t = settings.kafka.topics
         if claim_left:
-            dead = ClaimLog(settings, "worker-a")
+            dead = ClaimLog(settings, "worker-a", RING)
             await dead.start()
             claim = FenceClaim(
                 decision_id=d.decision_id,
@@ -913,7 +913,7 @@ async def test_a_follower_waiting_on_a_claim_that_is_released_acts_at_once_not_a
     reads the power first and never repeats a reboot: an operator would be asked for nothing)."""
     settings = fencer_settings(isolated_topics=True)
     d = decision(at=time.time())
-    a, b = ClaimLog(settings, "worker-a"), ClaimLog(settings, "worker-b")
+    a, b = ClaimLog(settings, "worker-a", RING), ClaimLog(settings, "worker-b", RING)
     await a.start()
     await b.start()
     seen: list[bool] = []
@@ -991,7 +991,7 @@ async def test_a_claim_log_that_cannot_be_written_refuses_and_nothing_is_done(
     dead-lettered, nobody told, the host's record waiting fencing_resend_after."""
     settings = fencer_settings(isolated_topics=True)
     d = decision(at=time.time())
-    claims = ClaimLog(settings, "worker")
+    claims = ClaimLog(settings, "worker", RING)
     await claims.start()
     acted: list[bool] = []
 
@@ -1020,7 +1020,7 @@ async def test_the_claim_log_reader_survives_a_cancelled_error_of_aiokafka_own(
 
     settings = fencer_settings(isolated_topics=True)
     d = decision(at=time.time())
-    claims = ClaimLog(settings, "worker")
+    claims = ClaimLog(settings, "worker", RING)
     await claims.start()
     real = AIOKafkaConsumer.getmany
     raised: list[int] = []
