@@ -213,10 +213,14 @@ async def test_replayed_and_unconfirmed_decisions_are_refused(stage: Stage) -> N
     def refused(h: Any) -> list[dict[str, Any]]:
         return s.notices("fence_refused", h.uuid)
 
+    def outcome_of(h: Any) -> list[dict[str, Any]]:
+        return [v for v in s.of(s.t.fence_outcomes) if v["host"]["host_uuid"] == h.uuid]
+
+    # The notice and the outcome go to two topics: either may be read first.
     await s.tap.wait_for(
-        lambda: refused(old_host) and refused(connecting) and refused(maint),
+        lambda: all(refused(h) and outcome_of(h) for h in (old_host, connecting, maint)),
         60,
-        "three fence_refused notices",
+        "three fence_refused notices and their outcomes",
     )
     why = refused(old_host)[0]["reason"]
     assert "not this one" in why or "no record of this host" in why, why
