@@ -210,9 +210,17 @@ class ClaimLog:
         """The `done` record, "released" once claim `claim_id` is released (its claimant was
         refused before acting: go on as a first claimant, at once, not a lease later as the
         takeover of a dead one), or None once `lease` seconds (this worker's clock) passed
-        without any new record for the decision: its claimant stopped renewing, so it is dead."""
+        without any new record for the decision: its claimant stopped renewing, so it is dead.
+
+        Also None, renewals or not, once the wait passed what any fence takes (its BMC retries,
+        actuator.fence_deadline, and its restart call's job, cloudstack.job_timeout) and two
+        leases more: a claimant that renews for ever (its action hung while its renewal task
+        runs, or genuine renewals written to the log again and again) would hold the fence up
+        for good with one warning at its start. The takeover reads the power first and never repeats a reboot."""
         seen = len(self.of(decision_id))
         deadline = time.monotonic() + lease
+        s = self.settings
+        limit = time.monotonic() + s.actuator.fence_deadline + s.cloudstack.job_timeout + 2 * lease
         while True:
             done = self.done(decision_id)
             if done is not None:
@@ -226,6 +234,14 @@ class ClaimLog:
                 seen, deadline = now, time.monotonic() + lease
             left = deadline - time.monotonic()
             if left <= 0:
+                return None
+            if time.monotonic() >= limit:
+                log.error(
+                    "decision %s: its claim was renewed for longer than any fence takes "
+                    "(fence_deadline, job_timeout, two leases): a hung claimant or renewals "
+                    "written again; taken as lapsed",
+                    decision_id,
+                )
                 return None
             await self._wait(partial(self._moved, decision_id, seen), min(left, 1.0))
 

@@ -941,6 +941,46 @@ async def test_a_follower_waiting_on_a_claim_that_is_released_acts_at_once_not_a
     assert waited < 10  # not the 20 s lease
 
 
+async def test_a_claim_renewed_for_ever_lapses_after_the_fence_deadline_and_two_leases(
+    fencer_settings: Any,
+) -> None:
+    """A claimant whose action hangs while its renewal task runs (or its genuine renewals
+    written to the log again and again) held a follower waiting for good, told once at the
+    start. The follower takes over once the wait passed actuator.fence_deadline,
+    cloudstack.job_timeout and two leases:
+    as a takeover (the power read first, a reboot never repeated)."""
+    settings = fencer_settings(isolated_topics=True)
+    settings.actuator.fence_deadline = 2.0
+    settings.cloudstack.job_timeout = 1
+    d = decision(at=time.time())
+    a, b = ClaimLog(settings, "worker-a", RING), ClaimLog(settings, "worker-b", RING)
+    await a.start()
+    await b.start()
+    seen: list[bool] = []
+
+    async def hang(takeover: bool) -> FenceOutcome:
+        await asyncio.sleep(3600)  # an action that never returns; the renewals go on
+        raise AssertionError("unreachable")
+
+    async def act(takeover: bool) -> FenceOutcome:
+        seen.append(takeover)
+        return outcome_of(d, "worker-b")
+
+    lease = 1.5
+    try:
+        first = asyncio.create_task(a.run_once(d, lease, hang))
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        out, acted = await asyncio.wait_for(b.run_once(d, lease, act), 30)
+        waited = time.monotonic() - started
+        first.cancel()
+    finally:
+        await a.stop()
+        await b.stop()
+    assert acted and seen == [True] and out.driver == "worker-b"
+    assert 3.0 + 2 * lease - 0.5 <= waited < 3.0 + 2 * lease + 5
+
+
 async def test_the_last_moment_cloudstack_check_retries_a_failing_api_and_never_takes_it_as_yes(
     fencer_settings: Any,
 ) -> None:
