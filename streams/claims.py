@@ -216,7 +216,8 @@ class ClaimLog:
         actuator.fence_deadline, and its restart call's job, cloudstack.job_timeout) and two
         leases more: a claimant that renews for ever (its action hung while its renewal task
         runs, or genuine renewals written to the log again and again) would hold the fence up
-        for good with one warning at its start. The takeover reads the power first and never repeats a reboot."""
+        for good with one warning at its start. The takeover reads the power first and never
+        repeats a reboot."""
         seen = len(self.of(decision_id))
         deadline = time.monotonic() + lease
         s = self.settings
