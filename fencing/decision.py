@@ -29,9 +29,10 @@ the decision, and a disconnection stamped before the host's return is late (a re
   else **alive** when the reading carries a direct sign of life (`live_signs`: an RBD watch held
   by the host); else **baseline** when there is no earlier complete reading; else **alive** when
   any file's mtime or any heartbeat's content changed (or a file appeared) since the previous
-  complete reading; else **unknown** when a file the reference holds was requested and could
-  not be read now (`ProbeFinished.missing`: gone, or a stat that failed, such as ESTALE or EIO;
-  it may be the one busy disk of a live host), or when a heartbeat whose content the reference
+  complete reading; else **unknown** when a requested file could not be read now
+  (`ProbeFinished.missing`: gone, or a stat that failed, such as ESTALE or EIO; it may be the
+  one busy disk of a live host, whether the reference holds it or no check of the episode could
+  ever read it), or when a heartbeat whose content the reference
   holds was stat'ed but its content could not be read now (`ProbeFinished.unread_contents`);
   else **stale** when at least `check_interval`
   (or the back end's `min_gap`, if larger) passed between the two readings (from the arrival
@@ -533,8 +534,9 @@ def _judge(
         return Evidence.ALIVE, changed, False
     unread = _unread(record, result.missing, result.unread_contents)
     if unread is not None:
-        # What it lacks may be the one file that changed: a busy VM's disk gone unreadable next
-        # to idle ones (and a dead agent's heartbeat) would make a live host look stale.
+        # What it lacks may be the one file that changed: a busy VM's disk unreadable next to
+        # idle ones (and a dead agent's heartbeat) would make a live host look stale, whether
+        # it was read earlier in the episode or never (unknown is never death).
         return Evidence.UNKNOWN, unread, False
     assert record.last_request_at is not None
     if record.request_clock != record.ref_clock:
@@ -590,16 +592,25 @@ def _changed(
 
 
 def _unread(record: HostRecord, missing: tuple[str, ...], contents: tuple[str, ...]) -> str | None:
-    """Why a reading cannot be judged as no change: it lacks files the reference holds (read
-    before in the episode), or heartbeat contents the reference holds (`contents`: stat'ed, not
-    read), named by path; None when every such file was read."""
+    """Why a reading cannot be judged as no change: it lacks a requested file (read before in
+    the episode, or never: a busy disk no neighbour could read since the first check is as
+    unknown as one that went unreadable), or a heartbeat content the reference holds
+    (`contents`: stat'ed, not read), named by path; None when every such file was read."""
     known = {key for key, _ in (*record.ref_mtimes, *record.ref_heartbeats)}
-    lost = [path for path in dict.fromkeys(missing) if fingerprint(path) in known]
+    missing = tuple(dict.fromkeys(missing))
+    lost = [path for path in missing if fingerprint(path) in known]
+    never = [path for path in missing if fingerprint(path) not in known]
     beats = {key for key, _ in record.ref_heartbeats}
     unread = [p for p in dict.fromkeys(contents) if fingerprint(p) in beats and p not in lost]
     lost += unread
-    if not lost:
+    if not lost and not never:
         return None
+    if not lost:
+        more = f" (+{len(never) - 3} more)" if len(never) > 3 else ""
+        return (
+            f"{len(never)} of the requested files could not be read at any check of this "
+            f"episode (gone, or their stat failed): {', '.join(never[:3])}{more}"
+        )
     more = f" (+{len(lost) - 3} more)" if len(lost) > 3 else ""
     how = (
         "gone, their stat failed, or their content unreadable"

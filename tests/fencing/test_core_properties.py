@@ -395,8 +395,8 @@ def test_a_file_read_before_that_cannot_be_read_now_is_never_stale(
     script: list[tuple[str, float]], extra: int
 ) -> None:
     """A reading that lacks the busy disk the reference holds is unknown, or alive when another
-    file changed: never stale, never a proposal, never the reference. (Lacking it before it was
-    ever read, it is judged on the other files, as any reading.)"""
+    file changed: never stale, never a proposal, never the reference. (So is one lacking a
+    requested file that was never read: `HostMachine`'s oracle.)"""
     trace = drive(script, policy_of(extra))
     lacking = [
         (before, record, actions)
@@ -565,8 +565,8 @@ class HostMachine(RuleBasedStateMachine):
             return Evidence.ALIVE
         if any(beats.get(p) != v for p, v in r.heartbeats):
             return Evidence.ALIVE
-        if any(p in mtimes or p in beats for p in r.missing):
-            return Evidence.UNKNOWN  # a file read before, unreadable now: never "no change"
+        if r.missing:
+            return Evidence.UNKNOWN  # a requested file unreadable now: never "no change"
         if any(p in beats for p in r.unread_contents):
             return Evidence.UNKNOWN  # a heartbeat's content read before, unreadable now
         gap = self.requested_at - self.ref_at

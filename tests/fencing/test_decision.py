@@ -524,14 +524,32 @@ def test_another_file_that_changed_still_proves_the_host_alive() -> None:
     assert judge(record, beat, POLICY) == (Evidence.ALIVE, f"{HB} changed")
 
 
-def test_a_missing_file_never_read_before_leaves_the_verdict_to_the_others() -> None:
-    """A file the reference never held (a VM whose disk never existed on the filer, a disk
-    attached since) is judged as before: the pool rules of the probe decide whether the
-    reading is complete, and the files read decide the verdict."""
+def test_a_requested_file_never_read_in_the_episode_makes_the_reading_unknown() -> None:
+    """A requested file the reference never held (a busy disk no neighbour could read since
+    the first check, next to idle disks and a dead agent's stopped heartbeat) may be the one
+    file a live host writes: unknown, never stale (it was judged on the other files, and a
+    live host could be proposed for a fence at the last check). A file that changed still
+    proves the host alive; a reading with nothing missing is judged as ever."""
     record = _busy_and_idle()
-    result = reading(T0 + 71, 2, BUSY_IDLE, missing=("/mnt/p1/vm7.qcow2",))
-    assert judge(record, result, POLICY) == (Evidence.STALE, None)
-    # a reading with nothing missing is judged as ever
+    result = reading(T0 + 71, 2, BUSY_IDLE, missing=("/mnt/p1/vm7.qcow2", "/mnt/p1/vm7.qcow2"))
+    why = (
+        "1 of the requested files could not be read at any check of this episode (gone, or "
+        "their stat failed): /mnt/p1/vm7.qcow2"
+    )
+    assert judge(record, result, POLICY) == (Evidence.UNKNOWN, why)
+    after, _ = step(record, result, POLICY)
+    assert after.unknown_count == 1 and after.stale_count == record.stale_count
+    assert (after.ref_at, after.ref_mtimes) == (record.ref_at, record.ref_mtimes)
+    many = reading(T0 + 71, 2, BUSY_IDLE, missing=tuple(f"/mnt/p1/n{i}" for i in range(4)))
+    assert judge(record, many, POLICY)[1] == (
+        "4 of the requested files could not be read at any check of this episode (gone, or "
+        "their stat failed): /mnt/p1/n0, /mnt/p1/n1, /mnt/p1/n2 (+1 more)"
+    )
+    moved = ((DISK, T0 + 60), *BUSY_IDLE[1:])
+    assert judge(record, reading(T0 + 71, 2, moved, missing=("/mnt/p1/vm7.qcow2",)), POLICY) == (
+        Evidence.ALIVE,
+        f"{DISK} changed",
+    )
     assert judge(record, reading(T0 + 71, 2, BUSY_IDLE), POLICY) == (Evidence.STALE, None)
 
 
