@@ -45,7 +45,7 @@ def test_an_answer_cut_right_after_a_paths_first_slash_is_not_complete(tmp_path)
     first "/" of a file's line (a remote process killed with its output flushed in 4 KiB
     blocks, a channel closed mid-line) ends in exactly those characters: a partial answer
     must never pass for a complete one."""
-    target, files, hb = _pool(tmp_path)
+    target, files, _hb = _pool(tmp_path)
     command, stdin = build_command(target)
     out = subprocess.run(
         ["bash", "-c", command], input=stdin, capture_output=True, text=True, check=False
@@ -71,13 +71,13 @@ def test_a_stat_killed_by_a_signal_mid_way_gives_no_complete_reading(tmp_path, s
     an operator, a hung NFS call interrupted): the answer lacks the end marker under bash and
     dash alike. (Under dash the files go through xargs, and the script went on to print the
     marker after xargs' command was killed: a reading of some files taken for a complete one.)"""
-    target, files, _hb = _pool(tmp_path)
+    target, _files, _hb = _pool(tmp_path)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     wrapper = bin_dir / "stat"
     # stat dies on the host's disks (not on the marker's stat of "/" alone)
     wrapper.write_text(
-        "#!/bin/sh\ncase \"$*\" in *disk-*) kill -KILL $$ ;; esac\nexec /usr/bin/stat \"$@\"\n"
+        '#!/bin/sh\ncase "$*" in *disk-*) kill -KILL $$ ;; esac\nexec /usr/bin/stat "$@"\n'
     )
     wrapper.chmod(0o755)
     command, stdin = build_command(target)
