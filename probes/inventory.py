@@ -30,6 +30,11 @@ NFS_POOL_TYPES = {"NetworkFilesystem"}
 # and its heartbeat alone.
 PLACED_STATES = frozenset({"Starting", "Running", "Stopping", "Migrating"})
 RBD_POOL_TYPES = {"RBD"}  # listStoragePools `type` of a Ceph RBD pool (probes.rbd reads it)
+# Pool states in which CloudStack has unmounted the pool from every host (and taken it out of
+# the KVM heartbeat): a pool that holds none of the host's disks is then not read at all (no
+# neighbour has it mounted, so each check of every host would be "storage not mounted",
+# unknown). One that holds a disk of the host is read whatever its state.
+UNMOUNTED_POOL_STATES = frozenset({"Maintenance"})
 
 
 # CloudStack could not tell us what we needed; the message is safe to publish.
@@ -62,6 +67,7 @@ class Pool:
     cluster_uuid: str | None
     zone_uuid: str | None
     scope: str | None
+    state: str | None = None  # listStoragePools `state` (Up, Disabled, Maintenance, ...)
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,7 @@ def _pool_from_api(p: dict[str, Any]) -> Pool:
         cluster_uuid=p.get("clusterid"),
         zone_uuid=p.get("zoneid"),
         scope=p.get("scope"),
+        state=p.get("state"),
     )
 
 
@@ -215,11 +222,13 @@ class Inventory:
                 f"CloudStack listHosts: host {host.name} has no ipaddress", "listHosts"
             )
         by_uuid = {p.uuid: p for p in pools}
-        # The pools a KVM host mounts: its cluster's, and the zone-wide ones of its zone.
+        # The pools a KVM host mounts: its cluster's, and the zone-wide ones of its zone (not one
+        # CloudStack unmounted for maintenance, unless it holds a disk of the host: below).
         mounted = [
             p
             for p in pools
             if p.type in NFS_POOL_TYPES
+            and p.state not in UNMOUNTED_POOL_STATES
             and (
                 (p.cluster_uuid is not None and p.cluster_uuid == host.cluster_uuid)
                 or (p.scope == "ZONE" and p.zone_uuid in (None, host.zone_uuid))

@@ -41,6 +41,10 @@ from probes.base import Neighbour, ProbeOutcome, ProbeTarget, Reading, Reason, o
 # (up to acregmax, 60 s, old). `true <file` is a builtin with a redirection: no process per
 # file; a failed open (no read permission, a socket) changes nothing, the stat still runs
 # (`true`, not `:`: a failed redirection on a special builtin exits a POSIX shell).
+# The end marker counts only as a whole line (an answer cut after the "/" of a file's line ends
+# in the same characters), and xargs' status 124 and up (its command died of a signal, or could
+# not run; 123 is a stat that failed for some file) ends the script before the marker: a stat
+# killed part-way is an incomplete reading under dash as under bash (`exec stat`).
 REMOTE_SCRIPT = r"""
 printf 'N %s\n' "${EPOCHSECONDS:-$(date +%s)}"
 i=0
@@ -58,6 +62,7 @@ if [ -n "$BASH_VERSION" ]; then
 fi
 xargs -r -d '\n' sh -c 'for p in "$@"; do true <"$p"; done; exec stat -c "S %Y %n" -- "$@"' sh \
   2>/dev/null
+s=$?; [ "$s" -lt 124 ] || exit "$s"
 exec stat -c 'S %Y %n' /
 """
 
@@ -99,7 +104,11 @@ def parse_output(target: ProbeTarget, stdout: str, local_now: float) -> Reading:
     beats: dict[str, str] = {}
     mounted: dict[str, bool] = {}
     complete = False
-    for line in stdout.splitlines():
+    lines = stdout.splitlines()
+    if lines and not stdout.endswith("\n"):
+        # The last line was cut mid-way: "S <mtime> /" may be the start of any file's line.
+        lines.pop()
+    for line in lines:
         kind, _, rest = line.partition(" ")
         try:
             if kind == "N":
@@ -113,10 +122,11 @@ def parse_output(target: ProbeTarget, stdout: str, local_now: float) -> Reading:
                     beats[args[int(idx)][1]] = value
             elif kind == "S":
                 mtime, _, path = rest.partition(" ")
+                value = float(mtime)
                 if path == "/":
                     complete = True
                 else:
-                    mtimes[path] = float(mtime)
+                    mtimes[path] = value
         except (ValueError, IndexError):
             continue  # a garbled line (cut mid-way) is as good as absent
     return Reading(
