@@ -3,7 +3,8 @@
 Rule: every call to the management server goes through `CloudStack`: requests signed by the
 `cs` package (its async client, one aiohttp session per client until `close()`), one TLS
 convention (`cloudstack.verify_tls: false` turns certificate checks off, nothing else does),
-every page of a list fetched, an optional short cache for the UI, one deadline per command.
+every page of a list fetched and checked whole (`_list`), an optional short cache for the UI,
+one deadline per command.
 A failure raises `CloudStackError` whose text is safe to log and publish: it names the command,
 CloudStack's own error code and text, or the failure's type and the endpoint's host and port;
 never the request URL (it carries the API key and the signature), never a key.
@@ -37,6 +38,8 @@ from fencing.settings import CloudStackSettings, FencerSettings
 
 Row = dict[str, Any]
 Rows = list[Row]  # (inside the class, `list` is the method)
+PAGE_SIZE = 500  # rows asked per page of a list (the `cs` client's and CloudStack's default)
+LIST_TRIES = 3  # readings of a list whose rows moved between pages before giving up
 
 
 class CloudStackError(Exception):
@@ -153,10 +156,61 @@ class CloudStack:
             return list(rows)
 
     async def _list(self, command: str, params: dict[str, Any]) -> Rows:
-        result = await self._run(command, params, fetch_list=True)
-        if not isinstance(result, list):
-            raise CloudStackError(f"CloudStack {command}: unexpected answer", command)
-        return [r for r in result if isinstance(r, dict)]
+        """Every page, whole: listed again while the rows moved between pages (the count changed,
+        a row came twice, or a page ended before the count), then an error, never fewer rows
+        than CloudStack counts (a VM left out of listVirtualMachines would be a disk never read,
+        a host left out of listHosts one never polled)."""
+        try:
+            async with asyncio.timeout(self.deadline):
+                why = ""
+                for _ in range(LIST_TRIES):
+                    rows, why = await self._pages(command, params)
+                    if not why:
+                        return rows
+        except TimeoutError:
+            raise CloudStackUnreachable(
+                f"CloudStack {command}: no answer from {self.where} within "
+                f"{self.deadline:g} s (cloudstack.timeout)",
+                command,
+            ) from None
+        raise CloudStackError(
+            f"CloudStack {command}: no whole list in {LIST_TRIES} readings ({why})", command
+        )
+
+    async def _pages(self, command: str, params: dict[str, Any]) -> tuple[Rows, str]:
+        """One reading of every page: the rows, and why they are not the whole list ('' when
+        they are)."""
+        rows: Rows = []
+        ids: set[str] = set()
+        counts: set[int] = set()
+        page = 1
+        while True:
+            answer = await self._run(
+                command, {**params, "page": page, "pagesize": PAGE_SIZE}, fetch_list=False
+            )
+            items = [k for k in answer if k != "count"]
+            if len(items) > 1 or (items and not isinstance(answer[items[0]], list)):
+                raise CloudStackError(f"CloudStack {command}: unexpected answer", command)
+            chunk = [r for r in answer[items[0]] if isinstance(r, dict)] if items else []
+            count = answer.get("count")
+            if isinstance(count, int):
+                counts.add(count)
+            for row in chunk:
+                key = row.get("id")
+                if isinstance(key, str):
+                    if key in ids:
+                        return rows, f"{key} came twice"
+                    ids.add(key)
+                rows.append(row)
+            if len(counts) > 1:
+                return rows, f"the count changed from {min(counts)} to {max(counts)}"
+            total = next(iter(counts), None)
+            if not chunk or len(chunk) < PAGE_SIZE or (total is not None and len(rows) >= total):
+                break
+            page += 1
+        if total is not None and len(rows) != total:
+            return rows, f"{len(rows)} rows of the {total} counted"
+        return rows, ""
 
     async def call(self, command: str, **params: Any) -> Row:
         """One command, its answer as CloudStack gives it (an async command's `jobid` is not

@@ -63,6 +63,54 @@ async def test_list_reads_every_page_with_signed_requests(sim):
     assert [p.get("page") for c, p in sim.cloud.calls if c == "listHosts"] == ["1", "2"]
 
 
+def _moving_hosts(sim: CloudStackSimulator, times: int) -> list[str]:
+    """After answering page 1 of listHosts (up to `times` times), remove a host of that page,
+    as CloudStack does when a host is deleted while a client pages: every later row moves up
+    one place, and the first row of page 2 slips onto page 1, already read."""
+    answer = sim._cmd_listhosts
+    removed: list[str] = []
+
+    def moving(p: dict[str, str]) -> dict[str, object]:
+        body = answer(p)
+        if p.get("page") == "1" and len(removed) < times:
+            uuid = next(iter(sim.cloud.hosts))
+            del sim.cloud.hosts[uuid]
+            removed.append(uuid)
+        return body
+
+    sim._cmd_listhosts = moving  # type: ignore[method-assign]
+    return removed
+
+
+async def test_rows_moved_between_pages_are_listed_again_whole(sim):
+    """A naive reading (the `cs` client's own paging) returns 511 rows for 511 hosts, one of
+    them the removed host and one live host missing: a host never polled, or a VM whose disk
+    is never read. The list is read again, and is whole."""
+    cluster = next(iter(sim.cloud.clusters.values()))
+    for i in range(510):
+        sim.cloud.add_host(cluster, f"extra{i:03d}", f"10.9.{i // 250}.{i % 250}")
+    removed = _moving_hosts(sim, times=1)
+    async with CloudStack(settings_of(sim)) as cs:
+        rows = await cs.list("listHosts", type="Routing")
+    assert len(removed) == 1
+    assert sorted(r["id"] for r in rows) == sorted(sim.cloud.hosts)
+    pages = [p.get("page") for c, p in sim.cloud.calls if c == "listHosts"]
+    assert pages == ["1", "2", "1", "2"]
+
+
+async def test_a_list_that_never_holds_still_is_an_error_naming_the_command(sim):
+    cluster = next(iter(sim.cloud.clusters.values()))
+    for i in range(510):
+        sim.cloud.add_host(cluster, f"extra{i:03d}", f"10.9.{i // 250}.{i % 250}")
+    _moving_hosts(sim, times=10)
+    async with CloudStack(settings_of(sim)) as cs:
+        with pytest.raises(CloudStackError) as err:
+            await cs.list("listHosts", type="Routing")
+    assert str(err.value).startswith("CloudStack listHosts: no whole list in 3 readings")
+    assert "the count changed from" in str(err.value)
+    assert_no_secret(str(err.value), sim)
+
+
 async def test_host_from_api_maps_a_real_listhosts_row(sim):
     async with CloudStack(settings_of(sim)) as cs:
         rows = await cs.list("listHosts", name="kvm01")
