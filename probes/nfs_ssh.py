@@ -122,11 +122,11 @@ def parse_output(target: ProbeTarget, stdout: str, local_now: float) -> Reading:
                     beats[args[int(idx)][1]] = value
             elif kind == "S":
                 mtime, _, path = rest.partition(" ")
-                value = float(mtime)
+                stamp = float(mtime)
                 if path == "/":
                     complete = True
                 else:
-                    mtimes[path] = value
+                    mtimes[path] = stamp
         except (ValueError, IndexError):
             continue  # a garbled line (cut mid-way) is as good as absent
     return Reading(

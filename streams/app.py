@@ -157,6 +157,10 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         rows = tables.RowCache(hosts)
         app.on_partitions_revoked.connect(rows.on_partitions_changed)
         app.on_partitions_assigned.connect(rows.on_partitions_changed)
+        # The hosts whose partition this worker holds now (a memory store keeps others' rows).
+        held = tables.HeldKeys(names.host_signals)
+        app.on_partitions_revoked.connect(held.on_partitions_revoked)
+        app.on_partitions_assigned.connect(held.on_partitions_assigned)
         # The gate's shared row is made whole from the cluster rows after each (re)assignment.
         # While it owns the gates partition it reads the log on (a stalled former owner's late
         # decision counts): streams.gate_tail.
@@ -291,6 +295,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 # The keys from the store, each row from the watch's cache when it wrote it
                 # since the last assignment (not every row decoded again, every sweep).
                 for host_uuid in list(hosts.keys()):
+                    if not held.held(host_uuid):
+                        continue  # a row another worker owns now (memory store)
                     row = rows.get(host_uuid)
                     schedule.note(host_uuid, row, policy_for)
                     if row is not None and host_watch.wants_tick(row):
@@ -308,6 +314,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 if open_hosts - rechecked and await directory_log.recheck(open_hosts - rechecked):
                     rechecked.update(open_hosts)
             for host_uuid in schedule.due_now(now):
+                if not held.held(host_uuid):
+                    continue
                 row = rows.get(host_uuid)
                 if row is not None and host_watch.wants_tick(row):
                     tick_signal = host_watch.tick(row, now)
@@ -331,6 +339,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     await dead(event.message, parsed)
                     continue
                 key = event.message.key.decode()
+                held.note(key, event.message.partition)
                 before = rows.get(key)
                 try:
                     live = await runtime.live()

@@ -250,6 +250,44 @@ class RowCache:
         self.forget()
 
 
+class HeldKeys:
+    """Whether this worker holds a key's partition now, for code that walks a table's keys
+    outside its stream (the tick timer).
+
+    Rule: Faust's memory store keeps the rows this worker wrote after their partition was
+    revoked (it drops only rows it recovered from the changelog, `on_recovery_completed`), so
+    its `keys()` lists hosts another worker owns now; a tick sent from here, stamped on this
+    worker's clock, raced the owner's: each reopened the episode's age on the other clock, and
+    a check requested by the old owner's tick made every reading a new baseline (review3). The
+    watch notes the partition each key's records come from (the inputs are co-partitioned by
+    host); a key is held while that partition is among the assigned ones of `topic`. A key
+    never noted (recovered, not yet read) is held: the store keeps only its own of those.
+    RocksDB lists only assigned partitions, so there the rule changes nothing."""
+
+    def __init__(self, topic: str) -> None:
+        self._topic = topic
+        self._partition: dict[str, int] = {}
+        self._assigned: set[int] | None = None  # None: no assignment seen yet
+
+    def note(self, key: str, partition: int) -> None:
+        """The watch applied a record of `key` from `partition`."""
+        self._partition[key] = partition
+
+    def held(self, key: str) -> bool:
+        """False only for a key last applied from a partition this worker no longer holds."""
+        p = self._partition.get(key)
+        return p is None or self._assigned is None or p in self._assigned
+
+    async def on_partitions_revoked(self, *args: Any, **kwargs: Any) -> None:
+        """Faust's on_partitions_revoked receiver: (sender, revoked)."""
+        if self._assigned is not None:
+            self._assigned -= {tp.partition for tp in args[-1] if tp.topic == self._topic}
+
+    async def on_partitions_assigned(self, *args: Any, **kwargs: Any) -> None:
+        """Faust's on_partitions_assigned receiver: (sender, the whole new assignment)."""
+        self._assigned = {tp.partition for tp in args[-1] if tp.topic == self._topic}
+
+
 class CachedRows(MutableMapping[str, Any]):
     """A table as a mapping with a `RowCache` in front (the same rule: one writer per partition,
     forgotten at every change of assignment), for code that reads and writes a table through
