@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -109,7 +109,9 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
                 await act.last_moment(decision, live, fresh=False, after_claim=True)
                 eff = live.effective_ipmi(key, decision.host.cluster_uuid).values
                 again.confirmed(LEFT_BY_RESTART[RestartVia(eff.restart_via)])
-            return await carry_out(rt, decision, takeover, again)
+            return await bounded(
+                rt, decision, lambda: carry_out(rt, decision, takeover, again), live
+            )
 
         outcome, _acted = await act.claims.run_once(decision, live.actuator.claim_lease, run)
     except NotNow as exc:
@@ -132,8 +134,96 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
             (topics.fence_outcomes, key.encode(), dump(refusal(decision, str(exc), now))),
             (topics.notices, key.encode(), dump(n)),
         ]
-    put_entry(table, key, decision.decision_id, done_entry(decision, outcome))
+    put_entry(table, key, decision.decision_id, entry_of(decision, outcome))
     return [(topics.fence_outcomes, key.encode(), dump(outcome))]
+
+
+# Seconds a fence cut at its bound is given to end once cancelled (its BMC call's thread, the
+# driver's logout) before the timed-out outcome goes on without it.
+CANCEL_GRACE = 5.0
+TIMED_OUT = "timed out"  # the start of a timed-out outcome's error (`bounded`)
+
+
+def fence_bound(live: FencerSettings) -> float:
+    """Seconds one fence may take in its process, all of it: its BMC retries
+    (actuator.fence_deadline) and its restart call's job (cloudstack.job_timeout). A follower
+    waits that and two leases more before it takes a renewed claim over (streams.claims)."""
+    return live.actuator.fence_deadline + live.cloudstack.job_timeout
+
+
+async def bounded(
+    rt: Runtime,
+    decision: FenceDecision,
+    work: Callable[[], Awaitable[FenceOutcome]],
+    live: FencerSettings | None = None,
+) -> FenceOutcome:
+    """`work()` (the fence), cut at `fence_bound`: a BMC call, a CloudStack job wait or a
+    verification that hangs must not hold the claim (its renewals alive) for ever with nobody
+    told. Cut, the fence is cancelled and ends in a failed outcome whose error starts with
+    "timed out" (stored and sent like any failure: a fence_failed notice, then reminders): the
+    VMs are not restarted by it (a cancelled fence never reaches its restart call, and one made
+    before came after a verified power-off), and a retry reads the power first (`entry_of`: a
+    reboot is never repeated blindly after an off that may have been sent). NotNow (withdrawn
+    before any power command) and every other exception of `work` pass through."""
+    live = live or rt.actuator().settings
+    limit = fence_bound(live)
+    started = time.time()
+    task = asyncio.ensure_future(work())
+    try:
+        finished, _ = await asyncio.wait({task}, timeout=limit)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if finished:
+        return task.result()
+    task.cancel()
+    ended, _ = await asyncio.wait({task}, timeout=CANCEL_GRACE)
+    if not ended:
+        log.error(
+            "host %s: fence %s cut at %g s did not end %g s after it was cancelled: left "
+            "running in the background",
+            decision.host.host_name or decision.host.host_uuid,
+            decision.decision_id,
+            limit,
+            CANCEL_GRACE,
+        )
+    elif not task.cancelled() and task.exception() is None:
+        return task.result()  # it finished as it was cut: its own outcome stands
+    log.error(
+        "host %s: fence %s TIMED OUT: not ended within %g s (actuator.fence_deadline + "
+        "cloudstack.job_timeout); cancelled, told as failed",
+        decision.host.host_name or decision.host.host_uuid,
+        decision.decision_id,
+        limit,
+    )
+    eff = live.effective_ipmi(decision.host.host_uuid, decision.host.cluster_uuid)
+    return FenceOutcome(
+        decision_id=decision.decision_id,
+        host=decision.host,
+        episode=decision.episode,
+        action=decision.action,
+        driver=eff.values.driver.value,
+        success=False,
+        started_at=started,
+        finished_at=time.time(),
+        attempts=0,
+        error=(
+            f"{TIMED_OUT}: the fence did not end within {limit:g} s (actuator.fence_deadline + "
+            "cloudstack.job_timeout: a BMC call, a verification or a CloudStack job hung) and "
+            "was cancelled; a power command may have been sent, so the power state is unknown "
+            "and no VM restart follows this run; a retry reads the power first (a reboot is "
+            "never repeated blindly)"
+        ),
+    )
+
+
+def entry_of(decision: FenceDecision, outcome: FenceOutcome) -> dict[str, Any]:
+    """The `actuated` entry of an outcome (`done_entry`); a timed-out one is marked
+    `timed_out`, so an operator's retry reads the power first (`operator_action`)."""
+    entry = done_entry(decision, outcome)
+    if not outcome.success and (outcome.error or "").startswith(TIMED_OUT):
+        entry["timed_out"] = True
+    return entry
 
 
 async def operator_action(
@@ -209,14 +299,14 @@ async def operator_action(
             )
             marked = True
         outcome: FenceOutcome | None
-        if stage == "started":
-            log.warning(
-                "operator retry of fence %s was cut short by a restart: reading the power first",
-                decision_id,
+        if stage == "started" or entry.get("timed_out"):
+            why = "was cut short by a restart" if stage == "started" else "timed out before"
+            log.warning("operator retry of fence %s %s: reading the power first", decision_id, why)
+            outcome = await bounded(
+                rt, decision, lambda: carry_out(rt, decision, takeover=True, recheck=again)
             )
-            outcome = await carry_out(rt, decision, takeover=True, recheck=again)
         else:
-            outcome = await actuator.handle(decision, again)
+            outcome = await bounded(rt, decision, lambda: _sure(actuator.handle(decision, again)))
     except NotNow as exc:
         log.warning("fence %s: operator retry refused: %s", decision_id, exc)
         if marked and position is not None:
@@ -225,11 +315,18 @@ async def operator_action(
             put_entry(table, key, decision_id, {**entry, "retry": _mark(position, "done", stamp)})
         return refusal(decision, str(exc), time.time())
     if outcome is not None:
-        done = {**done_entry(decision, outcome), "retried_by": action.by}
+        done = {**entry_of(decision, outcome), "retried_by": action.by}
         if position is not None:
             done["retry"] = _mark(position, "done", stamp)
         put_entry(table, key, decision_id, done)
     return outcome
+
+
+async def _sure(outcome: Awaitable[FenceOutcome | None]) -> FenceOutcome:
+    """The outcome of `Actuator.handle` on an approved decision (never None for one)."""
+    out = await outcome
+    assert out is not None
+    return out
 
 
 def _retry_stage(mark: Any, position: tuple[int, int] | None, verdict: Verdict) -> str | None:

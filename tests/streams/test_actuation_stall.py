@@ -1,0 +1,211 @@
+"""Nothing stalls silently on the actuation path (rule 5): a fence whose own action hangs is
+cut in its process and told as failed; outcome sends that fail are retried in place.
+
+Real peers: the embedded broker, a pyghmi BMC of the lab, the CloudStack simulator."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fencing.events import FenceAction
+from fencing.records import EvidenceSummary, FenceDecision, FenceOutcome, HostRef
+from fencing.signing import DECISION, parse_keys, sign
+
+pytestmark = pytest.mark.timeout(180)
+
+KEYS = "k1 " + "s" * 40
+RING = parse_keys(KEYS, "test")
+
+
+def signed(d: FenceDecision) -> bytes:
+    import json
+
+    body = sign(RING, DECISION, d.model_dump(mode="json", exclude={"signature"}))
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+@dataclass
+class Lab:
+    """A fenceable host (hv1, Disconnected, one VM) behind a lab BMC and the CloudStack
+    simulator, and an actuate runtime listening on isolated topics."""
+
+    settings: Any
+    runtime: Any
+    producer: Any
+    sc: Any
+    hv: Any
+    vm: Any
+    bmc: Any
+    host: HostRef
+
+    async def decide(self, n: int = 1, action: FenceAction = FenceAction.STOP) -> Any:
+        """Back a decision with fencer's host record and write it: the message to actuate."""
+        from fencing.records import HostStateRecord
+
+        t = self.settings.kafka.topics
+        d = FenceDecision(
+            decision_id=f"{self.hv.uuid}/{n}",
+            host=self.host,
+            episode=n,
+            action=action,
+            approved=True,
+            evidence=EvidenceSummary(suspect_since=900.0, stale_checks=3),
+            decided_at=time.time(),
+        )
+        record = {
+            "decision_id": d.decision_id,
+            "episode": n,
+            "state": "fencing",
+            "last_evidence": "stale",
+        }
+        row = HostStateRecord(host=self.host, record=record, updated_at=time.time())
+        key = self.hv.uuid.encode()
+        await self.producer.send_and_wait(
+            t.host_states, key=key, value=row.model_dump_json().encode()
+        )
+        meta = await self.producer.send_and_wait(t.fence_decisions, key=key, value=signed(d))
+        return SimpleNamespace(
+            key=key,
+            value=signed(d),
+            topic=t.fence_decisions,
+            partition=meta.partition,
+            offset=meta.offset,
+        )
+
+
+@contextlib.asynccontextmanager
+async def lab(fencer_settings: Any, **actuator: Any) -> AsyncIterator[Lab]:
+    from aiokafka import AIOKafkaProducer
+    from pydantic import SecretStr
+
+    from fencing.settings import (
+        ActuatorSettings,
+        CloudStackSettings,
+        HostSettings,
+        IpmiOverrides,
+        IpmiSettings,
+        SigningSettings,
+    )
+    from lab.bmc import BmcSimulator
+    from lab.cloudstack_sim import CloudStackSimulator, SimCloud
+    from streams.kafka import aiokafka_kwargs
+    from streams.runtime import Runtime
+
+    job_timeout = actuator.pop("job_timeout", 2)
+    sc = SimCloud()
+    cluster = sc.add_cluster(sc.add_zone())
+    hv = sc.add_host(cluster, "hv1", "10.0.0.11", state="Disconnected")
+    sc.add_host(cluster, "hv2", "10.0.0.12")
+    vm = sc.add_vm(hv, "vm1")
+    sim = CloudStackSimulator(sc)
+    await sim.start()
+    host = HostRef(host_uuid=hv.uuid, host_name="hv1", cluster_uuid=cluster.uuid)
+    with BmcSimulator(password="pw", power="on") as bmc:
+        settings = fencer_settings(
+            isolated_topics=True,
+            signing=SigningSettings(keys=SecretStr(KEYS)),
+            cloudstack=CloudStackSettings(
+                endpoint=sim.url,
+                api_key=SecretStr(sim.api_key),
+                secret_key=SecretStr(sim.secret_key),
+                job_timeout=job_timeout,
+                timeout=2,
+            ),
+            defaults=IpmiSettings(password=SecretStr("pw"), port=bmc.port),
+            hosts={hv.uuid: HostSettings(ipmi=IpmiOverrides(address="127.0.0.1"))},
+            actuator=ActuatorSettings(
+                **{
+                    "claim_lease": 3.0,
+                    "decision_max_age": 60.0,
+                    "power_timeout": 5,
+                    "poll_interval": 0.2,
+                    **actuator,
+                }
+            ),
+        )
+        runtime = Runtime(settings=settings, started_at=0.0)
+        producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
+        await producer.start()
+        try:
+            await runtime.start_actuation()  # listening before the decision comes
+            yield Lab(settings, runtime, producer, sc, hv, vm, bmc, host)
+        finally:
+            await producer.stop()
+            await runtime.close()
+            await sim.stop()
+
+
+def outcome_in(out: list[Any], topic: str) -> FenceOutcome:
+    return FenceOutcome.model_validate_json(next(v for t, _, v in out if t == topic))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A claimant whose own action hangs is cut in its process
+
+
+async def test_a_fence_whose_cloudstack_job_hangs_is_cut_at_its_bound_and_told_failed(
+    fencer_settings: Any,
+) -> None:
+    """The BMC powers the host off (verified), then CloudStack's declareHostAsDegraded job
+    never ends. Uncut, the claimant held its claim (renewals alive) for the job's retries and
+    beyond; now the whole fence ends at actuator.fence_deadline + cloudstack.job_timeout in
+    a failed outcome "timed out" (a fence_failed notice, then reminders), its claim `done`
+    with it (a redelivery is answered, never run again), its entry marked so a retry reads the
+    power first; no VM restarted by the cut run."""
+    from streams.actuating import actuate
+
+    async with lab(fencer_settings, fence_deadline=2.0, job_timeout=2) as s:
+        s.sc.job_delay = 3600.0  # the job is accepted and never finishes
+        msg = await s.decide()
+        table: dict[str, Any] = {}
+        started = time.monotonic()
+        out = await actuate(s.runtime, msg, table)
+        took = time.monotonic() - started
+        t = s.settings.kafka.topics
+        outcome = outcome_in(out, t.fence_outcomes)
+        assert s.bmc.power == "off" and s.bmc.count("power_off") == 1  # the off was sent
+        assert s.sc.vms[s.vm.uuid].host_uuid == s.hv.uuid  # no VM moved
+        act = await s.runtime.actuation()
+        done = act.claims.done(outcome.decision_id)
+        # Redelivered: answered from the table, the BMC not driven again.
+        again = await actuate(s.runtime, msg, table)
+    assert not outcome.success and (outcome.error or "").startswith("timed out")
+    assert "reads the power first" in (outcome.error or "")
+    assert took < 4.0 + 5.0 + 3.0  # the bound, the cancel's grace, the checks around it
+    assert table[s.hv.uuid][outcome.decision_id]["timed_out"] is True
+    assert done is not None and done.outcome is not None and not done.outcome["success"]
+    assert outcome_in(again, t.fence_outcomes) == outcome
+
+
+async def test_an_operator_retry_of_a_timed_out_reboot_reads_the_power_first(
+    fencer_settings: Any,
+) -> None:
+    """A reboot cut at its bound (here in its restart call's job, after off and on: the
+    power may have been cut or not, as far as the outcome knows): the operator's retry reads
+    the power and never sends a reboot blindly (the host is on); it fails, saying so."""
+    from fencing.records import OperatorAction
+    from streams.actuating import actuate, operator_action
+
+    async with lab(fencer_settings, fence_deadline=3.0, job_timeout=2) as s:
+        s.sc.job_delay = 3600.0
+        msg = await s.decide(action=FenceAction.REBOOT)
+        table: dict[str, Any] = {}
+        out = await actuate(s.runtime, msg, table)
+        outcome = outcome_in(out, s.settings.kafka.topics.fence_outcomes)
+        assert (outcome.error or "").startswith("timed out")
+        assert s.bmc.power == "on"
+        offs = s.bmc.count("power_off")
+        action = OperatorAction(
+            kind="retry", host_uuid=s.hv.uuid, decision_id=outcome.decision_id, at=time.time()
+        )
+        retried = await operator_action(s.runtime, action, table, s.hv.uuid)
+        assert s.bmc.count("power_off") == offs and s.bmc.count("power_reset") == 0
+    assert retried is not None and not retried.success
+    assert "never repeated blindly" in (retried.error or "")
