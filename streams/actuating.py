@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -1053,3 +1053,79 @@ async def _send_one(settings: FencerSettings, topic: str, key: str, record: Any)
         await producer.send_and_wait(topic, key=key.encode(), value=dump(record))
     finally:
         await producer.stop()
+
+
+# A send of an outcome or notice that fails is tried again in place, at a doubling pause: the
+# BMC acted (or refused) already, and only the record is missing. Never the action again: a
+# decision read again is answered from the `actuated` table and the claim's `done`.
+SEND_TRIES = 6
+SEND_BACKOFF = 0.5  # seconds before the second try, doubled each time, at most SEND_BACKOFF_MAX
+SEND_BACKOFF_MAX = 10.0
+SEND_WAIT = 30.0  # seconds one send may wait for the broker's acknowledgement
+
+Send = Callable[[str, bytes, bytes], Awaitable[Any]]  # (topic name, key, value) -> delivered
+
+
+def topic_sender(topics: Mapping[str, Any]) -> Send:
+    """A `Send` through Faust topics by name that returns once the broker acknowledged the
+    record (Faust's send only enqueues it: a delivery that fails later would not be retried)."""
+
+    async def send(topic: str, key: bytes, value: bytes) -> Any:
+        delivery = await topics[topic].send(key=key, value=value)
+        return await asyncio.wait_for(asyncio.shield(delivery), SEND_WAIT)
+
+    return send
+
+
+async def send_out(
+    out: Iterable[Out],
+    send: Send,
+    tries: int = SEND_TRIES,
+    backoff: float = SEND_BACKOFF,
+) -> list[Out]:
+    """Send each record of `out` in order; a send that fails is tried again in place (up to
+    `tries` times, `backoff` doubling to SEND_BACKOFF_MAX), each failure logged, a record
+    given up on logged as an error (what it was, never its value) and the others still sent.
+    Never raises (but a cancellation): an agent that crashed on a producer error left its
+    outcome unsent until a restart. The records not sent."""
+    lost: list[Out] = []
+    for record in out:
+        topic, key, value = record
+        pause = backoff
+        for attempt in range(1, tries + 1):
+            try:
+                await send(topic, key, value)
+                if attempt > 1:
+                    log.warning(
+                        "record for %s (key %s) sent at attempt %d",
+                        topic,
+                        key.decode("utf-8", "replace"),
+                        attempt,
+                    )
+                break
+            except Exception as exc:
+                if attempt == tries:
+                    log.error(
+                        "record for %s (key %s) NOT sent after %d attempts: %s: %s; the "
+                        "decision is answered from its `done` when read again",
+                        topic,
+                        key.decode("utf-8", "replace"),
+                        tries,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    lost.append(record)
+                    break
+                log.warning(
+                    "record for %s (key %s) not sent (attempt %d of %d, again in %.1f s): %s: %s",
+                    topic,
+                    key.decode("utf-8", "replace"),
+                    attempt,
+                    tries,
+                    pause,
+                    type(exc).__name__,
+                    exc,
+                )
+            await asyncio.sleep(pause)
+            pause = min(SEND_BACKOFF_MAX, pause * 2)
+    return lost

@@ -451,12 +451,14 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     log.exception("actuate: cannot handle a decision")
                     await dead(event.message, f"actuate failed: {type(exc).__name__}")
                     continue
-                for topic_name, out_key, value in out:
+                for topic_name, _out_key, value in out:
                     if topic_name == names.fence_outcomes:
                         outcome = codec.load(FenceOutcome, value)
                         if outcome is not None:
                             obs.observe_outcome(outcome)
-                    await by_name[topic_name].send(key=out_key, value=value)
+                # A failing send is retried in place, never raised out of the agent; the
+                # decision read again is answered from its `done`, never acted on again.
+                await actuating.send_out(out, actuating.topic_sender(by_name))
 
         @app.agent(operator_actions, concurrency=4)
         async def operator(stream: Any) -> None:
@@ -489,7 +491,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 if outcome is not None:
                     obs.observe_outcome(outcome)
                     key = outcome.host.host_uuid.encode()
-                    await fence_outcomes.send(key=key, value=codec.dump(outcome))
+                    sent = [(names.fence_outcomes, key, codec.dump(outcome))]
+                    await actuating.send_out(sent, actuating.topic_sender(by_name))
 
         renotify = settings.actuator.renotify_interval
 

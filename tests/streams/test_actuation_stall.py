@@ -5,6 +5,7 @@ Real peers: the embedded broker, a pyghmi BMC of the lab, the CloudStack simulat
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -209,3 +210,98 @@ async def test_an_operator_retry_of_a_timed_out_reboot_reads_the_power_first(
         assert s.bmc.count("power_off") == offs and s.bmc.count("power_reset") == 0
     assert retried is not None and not retried.success
     assert "never repeated blindly" in (retried.error or "")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Outcome and notice sends that fail are retried in place, never raised out of the agent
+
+
+class FlakyProducer:
+    """Sends through a real producer to the embedded broker; the first `fail` sends raise as
+    a producer that lost the broker does."""
+
+    def __init__(self, producer: Any, fail: int) -> None:
+        self.producer, self.fail, self.calls = producer, fail, 0
+
+    async def send(self, topic: str, key: bytes, value: bytes) -> Any:
+        from aiokafka.errors import KafkaConnectionError
+
+        self.calls += 1
+        if self.calls <= self.fail:
+            raise KafkaConnectionError("the broker went away (injected)")
+        return await self.producer.send_and_wait(topic, key=key, value=value)
+
+
+async def _read_all(settings: Any, topic: str, want: int) -> list[tuple[bytes, bytes]]:
+    from streams.topic_reader import TopicReader
+
+    got: list[tuple[bytes, bytes]] = []
+    reader = TopicReader(settings, [topic], lambda r: got.append((r.key, r.value)))
+    await reader.start(30.0)
+    try:
+        for _ in range(100):
+            if len(got) >= want:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await reader.stop()
+    return got
+
+
+async def test_an_outcome_send_that_fails_is_retried_in_place_until_the_broker_takes_it(
+    fencer_settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The actuate agent's sends raised out of its loop (Faust logs the crash; the outcome
+    waited for a restart). Now each send is tried again at a growing pause, in order, and the
+    record reaches the topic once the producer works again; nothing is re-run."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.actuating import send_out
+    from streams.kafka import aiokafka_kwargs
+
+    settings = fencer_settings(isolated_topics=True)
+    t = settings.kafka.topics
+    producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
+    await producer.start()
+    try:
+        flaky = FlakyProducer(producer, fail=3)
+        out = [(t.fence_outcomes, b"h1", b'{"o":1}'), (t.notices, b"h1", b'{"n":1}')]
+        with caplog.at_level("WARNING", logger="fencer.streams"):
+            started = time.monotonic()
+            lost = await send_out(out, flaky.send, backoff=0.1)
+            took = time.monotonic() - started
+    finally:
+        await producer.stop()
+    assert lost == [] and flaky.calls == 5  # 3 failures, then each record once
+    assert 0.1 + 0.2 + 0.4 - 0.05 <= took < 10  # the pauses doubled
+    assert await _read_all(settings, t.fence_outcomes, 1) == [(b"h1", b'{"o":1}')]
+    assert await _read_all(settings, t.notices, 1) == [(b"h1", b'{"n":1}')]
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("not sent (attempt" in line for line in lines) == 3
+    assert any("sent at attempt 4" in line for line in lines)
+
+
+async def test_a_send_that_keeps_failing_is_logged_as_an_error_and_the_rest_still_go(
+    fencer_settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from streams.actuating import send_out
+    from streams.kafka import aiokafka_kwargs
+
+    settings = fencer_settings(isolated_topics=True)
+    t = settings.kafka.topics
+    producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
+    await producer.start()
+    try:
+        flaky = FlakyProducer(producer, fail=4)
+        out = [(t.fence_outcomes, b"h1", b'{"o":1}'), (t.notices, b"h1", b'{"n":1}')]
+        with caplog.at_level("WARNING", logger="fencer.streams"):
+            lost = await send_out(out, flaky.send, tries=4, backoff=0.05)
+    finally:
+        await producer.stop()
+    assert lost == [out[0]]
+    assert await _read_all(settings, t.notices, 1) == [(b"h1", b'{"n":1}')]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "NOT sent after 4 attempts" in errors[0]
+    assert t.fence_outcomes in errors[0] and '{"o":1}' not in errors[0]
