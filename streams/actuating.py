@@ -1129,3 +1129,30 @@ async def send_out(
             await asyncio.sleep(pause)
             pause = min(SEND_BACKOFF_MAX, pause * 2)
     return lost
+
+
+async def resume_follows(rt: Runtime, rows: Iterable[tuple[str, Any]]) -> int:
+    """Follow again the VMs of the fences in this worker's `actuated` rows that this process
+    has not followed yet (it restarted, or took the partition over), while fencer's own host
+    record (host-states) still shows the host fenced by that decision: a fenced host's VMs
+    still down after a restart are told, never forgotten (fencing.actuator `follow`). Those
+    already running are found so at the first look, logged only. Run from the reminder timer;
+    how many followings it started."""
+    act = await rt.actuation()
+    actuator = rt.actuator()
+    actuator.settings = await rt.live()
+    started = 0
+    for host, row in rows:
+        for decision_id, entry in dict(row or {}).items():
+            if not isinstance(entry, dict) or not entry.get("success") or not entry.get("vms"):
+                continue
+            record = (act.states.rows.get(host) or {}).get("record") or {}
+            if record.get("decision_id") != decision_id or record.get("state") != "fenced":
+                continue  # the episode is over (the host back, a later fence): nothing to follow
+            if "decision" not in entry:
+                continue
+            decision = FenceDecision.model_validate(entry["decision"])
+            vms = {str(k): str(v) for k, v in dict(entry["vms"]).items()}
+            if actuator.follow(decision, vms, resumed=True):
+                started += 1
+    return started

@@ -502,6 +502,11 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
             # reminder has its own stable id: the notify table delivers it once).
             for notice in runtime.due_reminders(list(done.items()), time.time()):
                 await send_notice(notice)
+            # The VMs of a host fenced before this worker (re)started are followed again.
+            try:
+                await actuating.resume_follows(runtime, list(done.items()))
+            except Exception as exc:  # tried again at the next tick
+                log.warning("cannot follow the VMs of fenced hosts again: %s", exc)
 
         if settings.actuator.preflight_interval > 0:
 

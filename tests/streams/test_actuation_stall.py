@@ -305,3 +305,104 @@ async def test_a_send_that_keeps_failing_is_logged_as_an_error_and_the_rest_stil
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "NOT sent after 4 attempts" in errors[0]
     assert t.fence_outcomes in errors[0] and '{"o":1}' not in errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The VMs of a fenced host are followed again after an actuator restart
+
+
+async def test_the_vms_of_a_fenced_host_are_followed_again_after_the_actuator_restarts(
+    fencer_settings: Any,
+) -> None:
+    """Worker A fences the host (verified off, declareHostAsDegraded done) and follows its VM,
+    which CloudStack's HA never restarts; A dies before the first vms_not_restarted notice is
+    due. Before, the following ended with A: nobody was told. Now the outcome keeps the VMs
+    (`vms`, in the `actuated` entry) and the restarted worker's reminder timer follows them
+    again while fencer's host record shows the host fenced by that decision: the VM is told.
+    Once per process; a host whose record moved on (back Up: idle) is not followed again."""
+    from fencing.events import NoticeKind
+    from fencing.records import HostStateRecord, Notice
+    from streams.actuating import actuate, resume_follows
+    from streams.runtime import Runtime
+
+    async with lab(fencer_settings, fence_deadline=10.0, job_timeout=2) as s:
+        s.sc.ha_delay = 3600.0  # the job ends, the VM is never restarted elsewhere
+        told_a: list[Notice] = []
+
+        async def sink_a(n: Notice) -> None:
+            told_a.append(n)
+
+        s.runtime.notice_sink = sink_a
+        msg = await s.decide()
+        table: dict[str, Any] = {}
+        out = await actuate(s.runtime, msg, table)
+        outcome = outcome_in(out, s.settings.kafka.topics.fence_outcomes)
+        assert outcome.success and outcome.vms == {s.vm.uuid: "vm1"}
+        entry = table[s.hv.uuid][outcome.decision_id]
+        assert entry["vms"] == {s.vm.uuid: "vm1"}
+        # The core takes the outcome: the host is fenced by this decision (host-states).
+        fenced = {
+            "decision_id": outcome.decision_id,
+            "episode": 1,
+            "state": "fenced",
+            "last_evidence": "stale",
+        }
+        row = HostStateRecord(host=s.host, record=fenced, updated_at=time.time())
+        await s.producer.send_and_wait(
+            s.settings.kafka.topics.host_states,
+            key=s.hv.uuid.encode(),
+            value=row.model_dump_json().encode(),
+        )
+        # Worker A dies mid-follow: its following ends with it, nothing told yet.
+        a = s.runtime.actuator()
+        for task in list(a._following):
+            task.cancel()
+        await asyncio.sleep(0.1)
+        assert not a._following and not [n for n in told_a if n.kind == "vms_not_restarted"]
+
+        b = Runtime(settings=s.settings, started_at=0.0)
+        told: list[Notice] = []
+
+        async def sink_b(n: Notice) -> None:
+            told.append(n)
+
+        b.notice_sink = sink_b
+        try:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 20
+            started = 0
+            while started == 0:  # the timer's ticks, until B's view of host-states has the row
+                assert loop.time() < end, "B never followed the VMs again"
+                started = await resume_follows(b, list(table.items()))
+                await asyncio.sleep(0.2)
+            assert await resume_follows(b, list(table.items())) == 0  # once per process
+            end = loop.time() + 20
+            while not told:
+                assert loop.time() < end, "the VM that never restarted was not told"
+                await asyncio.sleep(0.2)
+            # A host whose record moved on is not followed again (a third process).
+            idle = HostStateRecord(host=s.host, record={"state": "idle"}, updated_at=time.time())
+            await s.producer.send_and_wait(
+                s.settings.kafka.topics.host_states,
+                key=s.hv.uuid.encode(),
+                value=idle.model_dump_json().encode(),
+            )
+            c = Runtime(settings=s.settings, started_at=0.0)
+            try:
+                act_c = await c.actuation()
+                while (act_c.states.rows.get(s.hv.uuid) or {}).get("record", {}).get(
+                    "state"
+                ) != "idle":
+                    assert loop.time() < end + 20
+                    await asyncio.sleep(0.1)
+                assert await resume_follows(c, list(table.items())) == 0
+            finally:
+                await c.close()
+        finally:
+            for task in list(b.actuator()._following):
+                task.cancel()  # it would follow for vms_follow_for
+            await b.close()
+    notice = told[0]
+    assert notice.kind is NoticeKind.VMS_NOT_RESTARTED
+    assert notice.decision_id == outcome.decision_id and "vm1" in (notice.reason or "")
+    assert "followed again after an actuator restart" in (notice.reason or "")
