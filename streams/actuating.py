@@ -1156,3 +1156,72 @@ async def resume_follows(rt: Runtime, rows: Iterable[tuple[str, Any]]) -> int:
             if actuator.follow(decision, vms, resumed=True):
                 started += 1
     return started
+
+
+REMOVED_BY = "fencer (the host no longer exists in CloudStack)"
+
+
+async def host_removed(rt: Runtime, host: HostRef) -> bool:
+    """Whether CloudStack says the host no longer exists: listHosts by its id answers no row
+    (a host deleted from CloudStack, force-removed mid-episode; its uuid is not listed, as the
+    simulator answers too), while the same key does list other hosts (of its cluster, else
+    any: an API key that sees no host at all proves nothing). Any failure to ask is not a
+    yes (unknown is never gone): False."""
+    inv = rt.inventory()
+    try:
+        if await inv.list("listHosts", id=host.host_uuid):
+            return False
+        params = {"clusterid": host.cluster_uuid} if host.cluster_uuid else {}
+        others = await inv.kvm_hosts(**params) or await inv.kvm_hosts()
+    except Exception as exc:
+        log.info("host %s: cannot ask CloudStack whether it exists: %s", host.host_uuid, exc)
+        return False
+    return bool(others)
+
+
+async def reminders_of_listed_hosts(rt: Runtime, due: list[Notice]) -> list[Notice]:
+    """The fence_failed reminders `due` (Runtime.due_reminders) whose host CloudStack still
+    lists. A host it says no longer exists (`host_removed`) gets one last notice instead,
+    saying so, and its failed fence is marked handled by fencer (an operator-actions record,
+    as `fencer fence handled` writes it: stored by the operator agent, so the reminders end
+    for good, after a restart too); a host that cannot be asked about keeps its reminders.
+    CloudStack is asked only for a reminder due (once a renotify_interval per failed fence)."""
+    from fencing.records import OperatorAction
+
+    keep: list[Notice] = []
+    for notice in due:
+        if not await host_removed(rt, notice.host):
+            keep.append(notice)
+            continue
+        host = notice.host.host_name or notice.host.host_uuid
+        log.warning(
+            "host %s: CloudStack no longer lists it: the reminders of its failed fence %s end",
+            host,
+            notice.decision_id,
+        )
+        keep.append(
+            notice.model_copy(
+                update={
+                    "notice_id": f"{notice.decision_id}/host-removed",
+                    "result": "last notice: the host no longer exists in CloudStack",
+                    "reason": (
+                        f"CloudStack no longer lists host {host} (removed from CloudStack): "
+                        "fencer stops reminding of its failed fence; no further reminder. "
+                        f"Before: {notice.reason or ''}"
+                    ),
+                }
+            )
+        )
+        action = OperatorAction(
+            kind="handled",
+            host_uuid=notice.host.host_uuid,
+            decision_id=notice.decision_id,
+            by=REMOVED_BY,
+            note="the host no longer exists in CloudStack",
+            at=time.time(),
+        )
+        try:
+            await send_operator_action(rt.settings, action)
+        except Exception as exc:  # the next due reminder asks again and tries again
+            log.error("host %s: cannot mark its failed fence handled: %s", host, exc)
+    return keep

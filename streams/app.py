@@ -500,7 +500,9 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         async def remind() -> None:
             # A failed fence nobody acted on is told again every renotify_interval (each
             # reminder has its own stable id: the notify table delivers it once).
-            for notice in runtime.due_reminders(list(done.items()), time.time()):
+            due = runtime.due_reminders(list(done.items()), time.time())
+            # A host CloudStack no longer lists gets a last notice instead; its reminders end.
+            for notice in await actuating.reminders_of_listed_hosts(runtime, due):
                 await send_notice(notice)
             # The VMs of a host fenced before this worker (re)started are followed again.
             try:

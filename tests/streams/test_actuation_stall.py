@@ -406,3 +406,74 @@ async def test_the_vms_of_a_fenced_host_are_followed_again_after_the_actuator_re
     assert notice.kind is NoticeKind.VMS_NOT_RESTARTED
     assert notice.decision_id == outcome.decision_id and "vm1" in (notice.reason or "")
     assert "followed again after an actuator restart" in (notice.reason or "")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A host removed from CloudStack: one last notice, and its reminders end
+
+
+async def test_a_failed_fence_of_a_host_removed_from_cloudstack_ends_with_one_last_notice(
+    fencer_settings: Any,
+) -> None:
+    """A failed fence is reminded of every renotify_interval until an operator acts: for a
+    host force-removed from CloudStack mid-episode, for ever. Now, when a reminder is due and
+    CloudStack's listHosts no longer lists the host (while it lists the others), a last
+    notice says so instead and fencer marks the failed fence handled (an operator-actions
+    record): the reminders end. CloudStack failing to answer is not "removed": the reminder
+    goes out as before (unknown is never gone)."""
+    from fencing.events import NoticeKind
+    from fencing.records import OperatorAction
+    from streams.actuating import REMOVED_BY, operator_action, reminders_of_listed_hosts
+    from streams.actuation import read_decision
+    from streams.tables import done_entry, failed_runs
+
+    async with lab(fencer_settings) as s:
+        rt = s.runtime
+        t = s.settings.kafka.topics
+        msg = await s.decide()
+        d = read_decision((await rt.actuation()).ring, msg)
+        assert isinstance(d, FenceDecision)
+        now = time.time()
+        failed = FenceOutcome(
+            decision_id=d.decision_id,
+            host=d.host,
+            episode=d.episode,
+            action=d.action,
+            driver="ipmi",
+            success=False,
+            started_at=now,
+            finished_at=now,
+            error="the BMC did not answer",
+        )
+        # Written by another process (a restart): reminded at once.
+        table = {s.hv.uuid: {d.decision_id: {**done_entry(d, failed), "written_by": "other"}}}
+        due = rt.due_reminders(list(table.items()), now, mono=1000.0)
+        assert len(due) == 1 and due[0].kind is NoticeKind.FENCE_FAILED
+        assert await reminders_of_listed_hosts(rt, due) == due  # listed: reminded
+        s.sc.fail_next_calls["listhosts"] = 10  # CloudStack answers 530: unknown
+        assert await reminders_of_listed_hosts(rt, due) == due
+        assert s.sc.fail_next_calls["listhosts"] < 10  # it was asked, and failed
+        s.sc.fail_next_calls.clear()
+        del s.sc.hosts[s.hv.uuid]  # force-removed from CloudStack
+        (last,) = await reminders_of_listed_hosts(rt, due)
+        from streams.topic_reader import TopicReader
+
+        actions: list[OperatorAction] = []
+        reader = TopicReader(
+            s.settings,
+            [t.operator_actions],
+            lambda r: actions.append(OperatorAction.model_validate_json(r.value)),
+        )
+        await reader.start(30.0)
+        await reader.stop()
+        (handled,) = actions
+        assert handled.kind == "handled" and handled.by == REMOVED_BY
+        assert handled.decision_id == d.decision_id and handled.host_uuid == s.hv.uuid
+        # The operator agent stores it: no reminder any more.
+        assert await operator_action(rt, handled, table, s.hv.uuid) is None
+        assert failed_runs(table.items()) == []
+        assert rt.due_reminders(list(table.items()), now, mono=1000.0 + 7200) == []
+    assert last.kind is NoticeKind.FENCE_FAILED
+    assert last.notice_id == f"{d.decision_id}/host-removed"
+    assert "no longer exists in CloudStack" in (last.result or "")
+    assert "no further reminder" in (last.reason or "")
