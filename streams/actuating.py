@@ -1162,15 +1162,23 @@ REMOVED_BY = "fencer (the host no longer exists in CloudStack)"
 
 
 async def host_removed(rt: Runtime, host: HostRef) -> bool:
-    """Whether CloudStack says the host no longer exists: listHosts by its id answers no row
-    (a host deleted from CloudStack, force-removed mid-episode; its uuid is not listed, as the
-    simulator answers too), while the same key does list other hosts (of its cluster, else
-    any: an API key that sees no host at all proves nothing). Any failure to ask is not a
-    yes (unknown is never gone): False."""
+    """Whether CloudStack says the host no longer exists: listHosts by its id answers no row,
+    or 431 "entity does not exist", while the same key does list other hosts (of its cluster,
+    else any: an API key that sees no host at all proves nothing). CloudStack translates an
+    id parameter to its database row removed rows included (ParamProcessWorker
+    `findByUuidIncludingRemoved`), so a deleted host's uuid answers an empty list (the
+    simulator answers so too); one not in the database at all answers 431. Any other failure
+    to ask is not a yes (unknown is never gone): False."""
+    from fencing.cloudstack import CloudStackApiError
+
     inv = rt.inventory()
     try:
-        if await inv.list("listHosts", id=host.host_uuid):
-            return False
+        try:
+            if await inv.list("listHosts", id=host.host_uuid):
+                return False
+        except CloudStackApiError as exc:
+            if str(exc.code) != "431" or "does not exist" not in exc.text:
+                raise
         params = {"clusterid": host.cluster_uuid} if host.cluster_uuid else {}
         others = await inv.kvm_hosts(**params) or await inv.kvm_hosts()
     except Exception as exc:
