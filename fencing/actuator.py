@@ -9,19 +9,20 @@ never wait for each other: the shell runs decisions concurrently). That a decisi
 once is the shell's: its outcome is kept in the `actuated` table and the fence-claims log
 (streams.actuating, streams.claims), which answer a redelivered decision without the BMC.
 
-Never gives up silently: the BMC action is retried until `actuator.fence_deadline` (the
-engine's one overall deadline), a failed or unfinished `declareHostAsDegraded` is retried with
-backoff until the same deadline, and the VMs the host ran are followed afterwards (in the
-background): those still not Running at cloudstack.job_timeout are reported in a
-`vms_not_restarted` notice, repeated at growing intervals until they run (logged) or until
-`actuator.vms_follow_for`, when a last notice says fencer stops following them. The VMs
-followed are in the success outcome (`vms`, kept in the shell's `actuated` table): after an
-actuator restart the shell follows them again (`follow`, streams.actuating.resume_follows) while
-fencer's host record still shows the host fenced by that decision; the time followed and the
-notices sent before the restart do not survive (the resumed following counts vms_follow_for
-afresh, on this process's clock). What still fails is a failed outcome
-(a `fence_failed` notification, repeated by the shell until an operator retries or marks it
-handled: `retry` runs the same decision again).
+Never gives up silently: the BMC action is retried until `actuator.fence_deadline` (the engine's
+one overall deadline; the shell cuts the whole fence, hung calls included, at fence_deadline +
+cloudstack.job_timeout: streams.actuating.bounded), a failed or unfinished
+`declareHostAsDegraded` is retried with backoff until the same deadline, and the VMs the host
+ran are followed afterwards (in the background): those still not Running at
+cloudstack.job_timeout are reported in a `vms_not_restarted` notice, repeated at growing
+intervals until they run (logged) or until `actuator.vms_follow_for`, when a last notice says
+fencer stops following them. The VMs followed are in the success outcome (`vms`, kept in the
+shell's `actuated` table): after an actuator restart the shell follows them again (`follow`,
+streams.actuating.resume_follows) while fencer's host record still shows the host fenced by that
+decision; the time followed and the notices sent before the restart do not survive (the resumed
+following counts vms_follow_for afresh, on this process's clock). What still fails is a failed
+outcome (a `fence_failed` notification, repeated by the shell until an operator retries or marks
+it handled: `retry` runs the same decision again).
 """
 
 from __future__ import annotations
