@@ -4,6 +4,12 @@ Rule: a BMC is driven only for a decision fencer's gate signed, that is fresh, b
 own host record, confirmed by CloudStack now and claimed once (the checks are
 streams.actuation; the BMC calls fencing.actuator), or for an operator's retry that CloudStack
 still confirms. Every outcome is stored in the `actuated` table (streams.tables).
+
+Nothing stalls silently (rule 5): a fence is cut in its process at actuator.fence_deadline +
+cloudstack.job_timeout (`bounded`: a failed outcome "timed out", its retry reads the power
+first); outcome and notice sends are retried in place (`send_out`); the VMs of a fenced host are
+followed again after a restart (`resume_follows`); a failed fence of a host CloudStack no longer
+lists ends its reminders with a last notice (`reminders_of_listed_hosts`).
 """
 
 from __future__ import annotations
