@@ -307,6 +307,66 @@ async def test_a_send_that_keeps_failing_is_logged_as_an_error_and_the_rest_stil
     assert t.fence_outcomes in errors[0] and '{"o":1}' not in errors[0]
 
 
+class ProducerTopic:
+    """A topic as Faust's `Topic.send` hands it to the agent: the record enqueued on a real
+    producer, the delivery's future returned (it fails later if the broker never takes it)."""
+
+    def __init__(self, producer: Any, name: str) -> None:
+        self.producer, self.name = producer, name
+
+    async def send(self, *, key: bytes, value: bytes) -> Any:
+        return await self.producer.send(self.name, value, key=key)
+
+
+async def test_an_outcome_the_broker_does_not_take_is_sent_again_not_lost(
+    fencer_settings: Any,
+) -> None:
+    """The broker stops taking records (a proxy drops every Produce request; metadata passes):
+    the agent's send only enqueued the outcome, its delivery failed (the connection closed, or
+    the producer's request timed out) and the outcome was lost with a log line. Now each send
+    waits for the broker's acknowledgement and is sent again: once the broker takes records
+    again, the outcome is on the topic."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaError
+
+    from streams.actuating import send_out, topic_sender
+    from streams.kafka import aiokafka_kwargs
+    from tests.streams.kafka_proxy import PRODUCE, KafkaProxy, ProxiedBroker
+
+    proxy = KafkaProxy()
+    await proxy.start()
+    try:
+        async with ProxiedBroker(proxy) as broker:
+            settings = broker.fencer_settings()
+            name = settings.kafka.topics.fence_outcomes
+            producer = AIOKafkaProducer(
+                acks="all", request_timeout_ms=1500, **aiokafka_kwargs(settings)
+            )
+            await producer.start()
+            try:
+                topic = ProducerTopic(producer, name)
+                await (await topic.send(key=b"h0", value=b"warm"))  # metadata, a connection
+                proxy.drop.add(PRODUCE)
+                # What the agent did: enqueued, never delivered.
+                before = await topic.send(key=b"h1", value=b"lost")
+                with pytest.raises(KafkaError):
+                    await asyncio.wait_for(before, 20)
+                sending = asyncio.create_task(
+                    send_out([(name, b"h2", b"kept")], topic_sender({name: topic}), backoff=0.5)
+                )
+                await asyncio.sleep(4.0)
+                assert not sending.done() and proxy.dropped >= 2
+                proxy.drop.clear()
+                assert await asyncio.wait_for(sending, 30) == []
+            finally:
+                await producer.stop()
+            got = await _read_all(settings, name, 2)
+    finally:
+        await proxy.stop()
+    values = [v for _, v in got]
+    assert b"kept" in values and b"lost" not in values
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. The VMs of a fenced host are followed again after an actuator restart
 

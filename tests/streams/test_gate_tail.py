@@ -35,6 +35,7 @@ from streams.codec import dump
 from streams.gate_tail import DecisionTail, merge
 from streams.kafka import aiokafka_kwargs
 from streams.runtime import Runtime
+from tests.streams.kafka_proxy import FETCH, KafkaProxy, ProxiedBroker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -583,113 +584,6 @@ async def test_a_gate_without_a_notice_sink_writes_its_notice_to_the_notices_top
     assert notice.notice_id == f"decision-log-unread/{rt.reminder_tag}/1/1"
 
 
-class KafkaProxy:
-    """A loopback TCP proxy in front of a broker that advertises it (every client connection
-    goes through it), reading Kafka's request frames (4-byte size, then the API key): with
-    `drop_fetch` it closes a connection when a Fetch request comes (a broker, a firewall or a
-    load balancer that lets metadata through and breaks reads). aiokafka then reconnects and
-    fetches again without a word: the consumer stays connected and never reads."""
-
-    FETCH = 1  # Kafka's API key of Fetch
-
-    def __init__(self) -> None:
-        self.upstream = 0
-        self.drop_fetch = False
-        self.dropped = 0
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            for w in list(self.writers):
-                w.close()
-            await self.server.wait_closed()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream)
-        except OSError:
-            writer.close()
-            return
-        self.writers |= {writer, up_w}
-
-        async def requests() -> None:
-            while True:
-                head = await reader.readexactly(4)
-                body = await reader.readexactly(int.from_bytes(head, "big"))
-                if self.drop_fetch and int.from_bytes(body[:2], "big") == self.FETCH:
-                    self.dropped += 1
-                    return
-                up_w.write(head + body)
-                await up_w.drain()
-
-        async def answers() -> None:
-            while data := await up_r.read(65536):
-                writer.write(data)
-                await writer.drain()
-
-        tasks = [asyncio.ensure_future(requests()), asyncio.ensure_future(answers())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for w in (writer, up_w):
-                w.close()
-                self.writers.discard(w)
-
-
-class ProxiedBroker(EmbeddedBroker):
-    """The embedded broker (Tansu) advertising `proxy`: clients reach it only through it."""
-
-    def __init__(self, proxy: KafkaProxy) -> None:
-        super().__init__()
-        self.proxy = proxy
-
-    def _spawn(self, port: int) -> Any:
-        # EmbeddedBroker._spawn with the proxy as the advertised listener.
-        import os
-        import subprocess
-
-        from streams.broker import die_with_parent, tansu_binary
-
-        self.proxy.upstream = port
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RUST_", "TANSU_"))}
-        env["RUST_LOG"] = self.log_level
-        argv = [
-            str(tansu_binary()),
-            "broker",
-            "--cluster-id",
-            self.cluster_id,
-            "--listener-url",
-            f"tcp://127.0.0.1:{port}",
-            "--advertised-listener-url",
-            f"tcp://127.0.0.1:{self.proxy.port}",
-            "--storage-engine",
-            "memory://tansu/",
-        ]
-        parent = os.getpid()
-        return subprocess.Popen(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=2,
-            start_new_session=True,
-            preexec_fn=lambda: die_with_parent(parent),
-        )
-
-    @property
-    def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.proxy.port}"
-
-
 async def test_a_tail_connected_but_never_answered_a_fetch_is_told_unread(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -725,7 +619,7 @@ async def test_a_tail_connected_but_never_answered_a_fetch_is_told_unread(
             await read_up_to(tail, 1)
             await asyncio.sleep(3.0)  # reading, idle: no notice
             assert sent == []
-            proxy.drop_fetch = True
+            proxy.drop.add(FETCH)
             await asyncio.sleep(1.5)  # the fetch in flight (held 0.5 s) is answered
             await publish(rt, [rt.sign_decision(decision(2))])
             loop = asyncio.get_running_loop()
@@ -738,7 +632,7 @@ async def test_a_tail_connected_but_never_answered_a_fetch_is_told_unread(
             assert len({n.notice_id for n in sent}) == 2
             assert "has not read the decision log" in (sent[0].reason or "")
             assert "recovered" not in caplog.text
-            proxy.drop_fetch = False
+            proxy.drop.clear()
             await read_up_to(tail, 2, within=30)
             end = loop.time() + 10
             while "recovered" not in caplog.text:
