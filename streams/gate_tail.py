@@ -360,6 +360,11 @@ class DecisionTail:
             self.spells += 1
             self._spell = self.spells
         number = self.notices + 1
+        why = (
+            f"{self.failures} failed attempts since"
+            if self.failures
+            else "connected, but no fetch was answered"
+        )
         notice = Notice(
             notice_id=f"decision-log-unread/{self.runtime.reminder_tag}/{self._spell}/{number}",
             kind=NoticeKind.DECISION_LOG_UNREAD,
@@ -367,7 +372,7 @@ class DecisionTail:
             at=self._clock(),
             reason=(
                 f"the gate has not read the decision log {topic} for {failing:.0f} s "
-                f"({self.failures} failures since): a decision a stalled former gate "
+                f"({why}): a decision a stalled former gate "
                 "owner publishes late does not count toward the fence caps until it reads "
                 f"again (notice {number}, repeated every {every:.0f} s while it fails)"
             ),
