@@ -9,16 +9,20 @@ never wait for each other: the shell runs decisions concurrently). That a decisi
 once is the shell's: its outcome is kept in the `actuated` table and the fence-claims log
 (streams.actuating, streams.claims), which answer a redelivered decision without the BMC.
 
-Never gives up silently: the BMC action is retried until `actuator.fence_deadline` (the
-engine's one overall deadline), a failed or unfinished `declareHostAsDegraded` is retried with
-backoff until the same deadline, and the VMs the host ran are followed afterwards (in the
-background): those still not Running at cloudstack.job_timeout are reported in a
-`vms_not_restarted` notice, repeated at growing intervals until they run (logged) or until
-`actuator.vms_follow_for`, when a last notice says fencer stops following them. The following
-lives in this process only: an actuator restart ends it silently (a known weakness). What still
-fails is a failed outcome
-(a `fence_failed` notification, repeated by the shell until an operator retries or marks it
-handled: `retry` runs the same decision again).
+Never gives up silently: the BMC action is retried until `actuator.fence_deadline` (the engine's
+one overall deadline; the shell cuts the whole fence, hung calls included, at fence_deadline +
+cloudstack.job_timeout: streams.actuating.bounded), a failed or unfinished
+`declareHostAsDegraded` is retried with backoff until the same deadline, and the VMs the host
+ran are followed afterwards (in the background): those still not Running at
+cloudstack.job_timeout are reported in a `vms_not_restarted` notice, repeated at growing
+intervals until they run (logged) or until `actuator.vms_follow_for`, when a last notice says
+fencer stops following them. The VMs followed are in the success outcome (`vms`, kept in the
+shell's `actuated` table): after an actuator restart the shell follows them again (`follow`,
+streams.actuating.resume_follows) while fencer's host record still shows the host fenced by that
+decision; the time followed and the notices sent before the restart do not survive (the resumed
+following counts vms_follow_for afresh, on this process's clock). What still fails is a failed
+outcome (a `fence_failed` notification, repeated by the shell until an operator retries or marks
+it handled: `retry` runs the same decision again).
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ class Actuator:
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
         self._following: set[asyncio.Task[list[str]]] = set()
+        self._followed: set[str] = set()  # decisions whose VMs this process followed
         self._follows = 0  # followings started by this process (in the notices' ids)
 
     async def settle(self) -> None:
@@ -223,19 +228,44 @@ class Actuator:
             if cloud.success and vms:
                 # Followed in the background: the outcome (fence succeeded) is not held back
                 # while CloudStack's HA restarts the VMs, nor the host's lock.
-                task = asyncio.get_running_loop().create_task(
-                    self._follow_vms(decision, vms, redact)
-                )
-                self._following.add(task)
-                task.add_done_callback(self._following.discard)
+                self._followed.discard(decision.decision_id)  # an operator's retry: again
+                self.follow(decision, vms, redact)
         success, error = fence_result(
             decision, bmc_error, result, storage, fenced, storage_fenced, cloud
         )
         if storage is not None:
             await self._emit(storage_notice(decision, storage, success, cloud, self.clock()))
-        return fence_outcome(
+        outcome = fence_outcome(
             decision, driver_name, started, self.clock(), success, result, cloud, error
         )
+        if success and cloud is not None and cloud.success and vms:
+            # Kept with the outcome: a restarted actuator follows them again (module rule).
+            outcome = outcome.model_copy(update={"vms": vms})
+        return outcome
+
+    def follow(
+        self,
+        decision: FenceDecision,
+        vms: dict[str, str],
+        redact: Redactor | None = None,
+        resumed: bool = False,
+    ) -> bool:
+        """Follow the VMs of a fenced host in the background (`_follow_vms`), once per
+        decision in this process; `resumed`: the following of another process (before a
+        restart) taken up again. Whether it started."""
+        if decision.decision_id in self._followed:
+            return False
+        self._followed.add(decision.decision_id)
+        if redact is None:
+            host = decision.host
+            eff = self.settings.effective_ipmi(host.host_uuid, host.cluster_uuid)
+            redact = Redactor(secrets_of(self.settings, eff.values))
+        task = asyncio.get_running_loop().create_task(
+            self._follow_vms(decision, vms, redact, resumed)
+        )
+        self._following.add(task)
+        task.add_done_callback(self._following.discard)
+        return True
 
     async def _storage_fence(self, decision: FenceDecision) -> StorageFenceResult:
         """Blocklist the host's storage address and verify it (never raises)."""
@@ -288,7 +318,7 @@ class Actuator:
         return await vms_on(self.cloudstack_factory(self.settings), host, redact)
 
     async def _follow_vms(
-        self, decision: FenceDecision, vms: dict[str, str], redact: Redactor
+        self, decision: FenceDecision, vms: dict[str, str], redact: Redactor, resumed: bool = False
     ) -> list[str]:
         """Follow the fenced host's VMs until they run again (or are gone): those still down at
         cloudstack.job_timeout are reported in a `vms_not_restarted` notice, repeated at growing
@@ -310,6 +340,13 @@ class Actuator:
         # ids already sent would be dropped by the notify table as duplicates.
         self._follows += 1
         series = f"{decision.decision_id}/vms_not_restarted/{self.tag}/{self._follows}"
+        if resumed:
+            log.warning(
+                "host %s: following %d VM(s) of fence %s again after an actuator restart",
+                label,
+                len(vms),
+                decision.decision_id,
+            )
         down: dict[str, str] = dict(vms)
         states: dict[str, str] = {}
         while down:
@@ -341,6 +378,8 @@ class Actuator:
                     )
                 elif sent > 1:
                     text += f" (reminder {sent - 1}, {now - started:.0f} s after the restart call)"
+                if resumed:
+                    text += "; followed again after an actuator restart (times counted from then)"
                 log.error("host %s: %s", label, text)
                 number = "last" if last else str(sent)
                 await self._emit(

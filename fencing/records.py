@@ -201,6 +201,11 @@ class FenceOutcome(WireRecord):
     refused: bool = Field(
         False, description="the actuator's last-moment checks refused it: nothing was done"
     )
+    vms: dict[str, str] | None = Field(
+        None,
+        description="the VMs the host ran when it was fenced (id -> name), followed until they "
+        "run again: after an actuator restart too (fencing.actuator `follow`)",
+    )
 
 
 class Notice(WireRecord):

@@ -4,6 +4,12 @@ Rule: a BMC is driven only for a decision fencer's gate signed, that is fresh, b
 own host record, confirmed by CloudStack now and claimed once (the checks are
 streams.actuation; the BMC calls fencing.actuator), or for an operator's retry that CloudStack
 still confirms. Every outcome is stored in the `actuated` table (streams.tables).
+
+Nothing stalls silently (rule 5): a fence is cut in its process at actuator.fence_deadline +
+cloudstack.job_timeout (`bounded`: a failed outcome "timed out", its retry reads the power
+first); outcome and notice sends are retried in place (`send_out`); the VMs of a fenced host are
+followed again after a restart (`resume_follows`); a failed fence of a host CloudStack no longer
+lists ends its reminders with a last notice (`reminders_of_listed_hosts`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -109,7 +115,9 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
                 await act.last_moment(decision, live, fresh=False, after_claim=True)
                 eff = live.effective_ipmi(key, decision.host.cluster_uuid).values
                 again.confirmed(LEFT_BY_RESTART[RestartVia(eff.restart_via)])
-            return await carry_out(rt, decision, takeover, again)
+            return await bounded(
+                rt, decision, lambda: carry_out(rt, decision, takeover, again), live
+            )
 
         outcome, _acted = await act.claims.run_once(decision, live.actuator.claim_lease, run)
     except NotNow as exc:
@@ -132,8 +140,96 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
             (topics.fence_outcomes, key.encode(), dump(refusal(decision, str(exc), now))),
             (topics.notices, key.encode(), dump(n)),
         ]
-    put_entry(table, key, decision.decision_id, done_entry(decision, outcome))
+    put_entry(table, key, decision.decision_id, entry_of(decision, outcome))
     return [(topics.fence_outcomes, key.encode(), dump(outcome))]
+
+
+# Seconds a fence cut at its bound is given to end once cancelled (its BMC call's thread, the
+# driver's logout) before the timed-out outcome goes on without it.
+CANCEL_GRACE = 5.0
+TIMED_OUT = "timed out"  # the start of a timed-out outcome's error (`bounded`)
+
+
+def fence_bound(live: FencerSettings) -> float:
+    """Seconds one fence may take in its process, all of it: its BMC retries
+    (actuator.fence_deadline) and its restart call's job (cloudstack.job_timeout). A follower
+    waits that and two leases more before it takes a renewed claim over (streams.claims)."""
+    return live.actuator.fence_deadline + live.cloudstack.job_timeout
+
+
+async def bounded(
+    rt: Runtime,
+    decision: FenceDecision,
+    work: Callable[[], Awaitable[FenceOutcome]],
+    live: FencerSettings | None = None,
+) -> FenceOutcome:
+    """`work()` (the fence), cut at `fence_bound`: a BMC call, a CloudStack job wait or a
+    verification that hangs must not hold the claim (its renewals alive) for ever with nobody
+    told. Cut, the fence is cancelled and ends in a failed outcome whose error starts with
+    "timed out" (stored and sent like any failure: a fence_failed notice, then reminders): the
+    VMs are not restarted by it (a cancelled fence never reaches its restart call, and one made
+    before came after a verified power-off), and a retry reads the power first (`entry_of`: a
+    reboot is never repeated blindly after an off that may have been sent). NotNow (withdrawn
+    before any power command) and every other exception of `work` pass through."""
+    live = live or rt.actuator().settings
+    limit = fence_bound(live)
+    started = time.time()
+    task = asyncio.ensure_future(work())
+    try:
+        finished, _ = await asyncio.wait({task}, timeout=limit)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if finished:
+        return task.result()
+    task.cancel()
+    ended, _ = await asyncio.wait({task}, timeout=CANCEL_GRACE)
+    if not ended:
+        log.error(
+            "host %s: fence %s cut at %g s did not end %g s after it was cancelled: left "
+            "running in the background",
+            decision.host.host_name or decision.host.host_uuid,
+            decision.decision_id,
+            limit,
+            CANCEL_GRACE,
+        )
+    elif not task.cancelled() and task.exception() is None:
+        return task.result()  # it finished as it was cut: its own outcome stands
+    log.error(
+        "host %s: fence %s TIMED OUT: not ended within %g s (actuator.fence_deadline + "
+        "cloudstack.job_timeout); cancelled, told as failed",
+        decision.host.host_name or decision.host.host_uuid,
+        decision.decision_id,
+        limit,
+    )
+    eff = live.effective_ipmi(decision.host.host_uuid, decision.host.cluster_uuid)
+    return FenceOutcome(
+        decision_id=decision.decision_id,
+        host=decision.host,
+        episode=decision.episode,
+        action=decision.action,
+        driver=eff.values.driver.value,
+        success=False,
+        started_at=started,
+        finished_at=time.time(),
+        attempts=0,
+        error=(
+            f"{TIMED_OUT}: the fence did not end within {limit:g} s (actuator.fence_deadline + "
+            "cloudstack.job_timeout: a BMC call, a verification or a CloudStack job hung) and "
+            "was cancelled; a power command may have been sent, so the power state is unknown "
+            "and no VM restart follows this run; a retry reads the power first (a reboot is "
+            "never repeated blindly)"
+        ),
+    )
+
+
+def entry_of(decision: FenceDecision, outcome: FenceOutcome) -> dict[str, Any]:
+    """The `actuated` entry of an outcome (`done_entry`); a timed-out one is marked
+    `timed_out`, so an operator's retry reads the power first (`operator_action`)."""
+    entry = done_entry(decision, outcome)
+    if not outcome.success and (outcome.error or "").startswith(TIMED_OUT):
+        entry["timed_out"] = True
+    return entry
 
 
 async def operator_action(
@@ -209,14 +305,14 @@ async def operator_action(
             )
             marked = True
         outcome: FenceOutcome | None
-        if stage == "started":
-            log.warning(
-                "operator retry of fence %s was cut short by a restart: reading the power first",
-                decision_id,
+        if stage == "started" or entry.get("timed_out"):
+            why = "was cut short by a restart" if stage == "started" else "timed out before"
+            log.warning("operator retry of fence %s %s: reading the power first", decision_id, why)
+            outcome = await bounded(
+                rt, decision, lambda: carry_out(rt, decision, takeover=True, recheck=again)
             )
-            outcome = await carry_out(rt, decision, takeover=True, recheck=again)
         else:
-            outcome = await actuator.handle(decision, again)
+            outcome = await bounded(rt, decision, lambda: _sure(actuator.handle(decision, again)))
     except NotNow as exc:
         log.warning("fence %s: operator retry refused: %s", decision_id, exc)
         if marked and position is not None:
@@ -225,11 +321,18 @@ async def operator_action(
             put_entry(table, key, decision_id, {**entry, "retry": _mark(position, "done", stamp)})
         return refusal(decision, str(exc), time.time())
     if outcome is not None:
-        done = {**done_entry(decision, outcome), "retried_by": action.by}
+        done = {**entry_of(decision, outcome), "retried_by": action.by}
         if position is not None:
             done["retry"] = _mark(position, "done", stamp)
         put_entry(table, key, decision_id, done)
     return outcome
+
+
+async def _sure(outcome: Awaitable[FenceOutcome | None]) -> FenceOutcome:
+    """The outcome of `Actuator.handle` on an approved decision (never None for one)."""
+    out = await outcome
+    assert out is not None
+    return out
 
 
 def _retry_stage(mark: Any, position: tuple[int, int] | None, verdict: Verdict) -> str | None:
@@ -956,3 +1059,183 @@ async def _send_one(settings: FencerSettings, topic: str, key: str, record: Any)
         await producer.send_and_wait(topic, key=key.encode(), value=dump(record))
     finally:
         await producer.stop()
+
+
+# A send of an outcome or notice that fails is tried again in place, at a doubling pause: the
+# BMC acted (or refused) already, and only the record is missing. Never the action again: a
+# decision read again is answered from the `actuated` table and the claim's `done`.
+SEND_TRIES = 6
+SEND_BACKOFF = 0.5  # seconds before the second try, doubled each time, at most SEND_BACKOFF_MAX
+SEND_BACKOFF_MAX = 10.0
+SEND_WAIT = 30.0  # seconds one send may wait for the broker's acknowledgement
+
+Send = Callable[[str, bytes, bytes], Awaitable[Any]]  # (topic name, key, value) -> delivered
+
+
+def topic_sender(topics: Mapping[str, Any]) -> Send:
+    """A `Send` through Faust topics by name that returns once the broker acknowledged the
+    record (Faust's send only enqueues it: a delivery that fails later would not be retried)."""
+
+    async def send(topic: str, key: bytes, value: bytes) -> Any:
+        delivery = await topics[topic].send(key=key, value=value)
+        return await asyncio.wait_for(asyncio.shield(delivery), SEND_WAIT)
+
+    return send
+
+
+async def send_out(
+    out: Iterable[Out],
+    send: Send,
+    tries: int = SEND_TRIES,
+    backoff: float = SEND_BACKOFF,
+) -> list[Out]:
+    """Send each record of `out` in order; a send that fails is tried again in place (up to
+    `tries` times, `backoff` doubling to SEND_BACKOFF_MAX), each failure logged, a record
+    given up on logged as an error (what it was, never its value) and the others still sent.
+    Never raises (but a cancellation): an agent that crashed on a producer error left its
+    outcome unsent until a restart. The records not sent."""
+    lost: list[Out] = []
+    for record in out:
+        topic, key, value = record
+        pause = backoff
+        for attempt in range(1, tries + 1):
+            try:
+                await send(topic, key, value)
+                if attempt > 1:
+                    log.warning(
+                        "record for %s (key %s) sent at attempt %d",
+                        topic,
+                        key.decode("utf-8", "replace"),
+                        attempt,
+                    )
+                break
+            except Exception as exc:
+                if attempt == tries:
+                    log.error(
+                        "record for %s (key %s) NOT sent after %d attempts: %s: %s; the "
+                        "decision is answered from its `done` when read again",
+                        topic,
+                        key.decode("utf-8", "replace"),
+                        tries,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    lost.append(record)
+                    break
+                log.warning(
+                    "record for %s (key %s) not sent (attempt %d of %d, again in %.1f s): %s: %s",
+                    topic,
+                    key.decode("utf-8", "replace"),
+                    attempt,
+                    tries,
+                    pause,
+                    type(exc).__name__,
+                    exc,
+                )
+            await asyncio.sleep(pause)
+            pause = min(SEND_BACKOFF_MAX, pause * 2)
+    return lost
+
+
+async def resume_follows(rt: Runtime, rows: Iterable[tuple[str, Any]]) -> int:
+    """Follow again the VMs of the fences in this worker's `actuated` rows that this process
+    has not followed yet (it restarted, or took the partition over), while fencer's own host
+    record (host-states) still shows the host fenced by that decision: a fenced host's VMs
+    still down after a restart are told, never forgotten (fencing.actuator `follow`). Those
+    already running are found so at the first look, logged only. Run from the reminder timer;
+    how many followings it started."""
+    act = await rt.actuation()
+    actuator = rt.actuator()
+    actuator.settings = await rt.live()
+    started = 0
+    for host, row in rows:
+        for decision_id, entry in dict(row or {}).items():
+            if not isinstance(entry, dict) or not entry.get("success") or not entry.get("vms"):
+                continue
+            record = (act.states.rows.get(host) or {}).get("record") or {}
+            if record.get("decision_id") != decision_id or record.get("state") != "fenced":
+                continue  # the episode is over (the host back, a later fence): nothing to follow
+            if "decision" not in entry:
+                continue
+            decision = FenceDecision.model_validate(entry["decision"])
+            vms = {str(k): str(v) for k, v in dict(entry["vms"]).items()}
+            if actuator.follow(decision, vms, resumed=True):
+                started += 1
+    return started
+
+
+REMOVED_BY = "fencer (the host no longer exists in CloudStack)"
+
+
+async def host_removed(rt: Runtime, host: HostRef) -> bool:
+    """Whether CloudStack says the host no longer exists: listHosts by its id answers no row,
+    or 431 "entity does not exist", while the same key does list other hosts (of its cluster,
+    else any: an API key that sees no host at all proves nothing). CloudStack translates an
+    id parameter to its database row removed rows included (ParamProcessWorker
+    `findByUuidIncludingRemoved`), so a deleted host's uuid answers an empty list (the
+    simulator answers so too); one not in the database at all answers 431. Any other failure
+    to ask is not a yes (unknown is never gone): False."""
+    from fencing.cloudstack import CloudStackApiError
+
+    inv = rt.inventory()
+    try:
+        try:
+            if await inv.list("listHosts", id=host.host_uuid):
+                return False
+        except CloudStackApiError as exc:
+            if str(exc.code) != "431" or "does not exist" not in exc.text:
+                raise
+        params = {"clusterid": host.cluster_uuid} if host.cluster_uuid else {}
+        others = await inv.kvm_hosts(**params) or await inv.kvm_hosts()
+    except Exception as exc:
+        log.info("host %s: cannot ask CloudStack whether it exists: %s", host.host_uuid, exc)
+        return False
+    return bool(others)
+
+
+async def reminders_of_listed_hosts(rt: Runtime, due: list[Notice]) -> list[Notice]:
+    """The fence_failed reminders `due` (Runtime.due_reminders) whose host CloudStack still
+    lists. A host it says no longer exists (`host_removed`) gets one last notice instead,
+    saying so, and its failed fence is marked handled by fencer (an operator-actions record,
+    as `fencer fence handled` writes it: stored by the operator agent, so the reminders end
+    for good, after a restart too); a host that cannot be asked about keeps its reminders.
+    CloudStack is asked only for a reminder due (once a renotify_interval per failed fence)."""
+    from fencing.records import OperatorAction
+
+    keep: list[Notice] = []
+    for notice in due:
+        if not await host_removed(rt, notice.host):
+            keep.append(notice)
+            continue
+        host = notice.host.host_name or notice.host.host_uuid
+        log.warning(
+            "host %s: CloudStack no longer lists it: the reminders of its failed fence %s end",
+            host,
+            notice.decision_id,
+        )
+        keep.append(
+            notice.model_copy(
+                update={
+                    "notice_id": f"{notice.decision_id}/host-removed",
+                    "result": "last notice: the host no longer exists in CloudStack",
+                    "reason": (
+                        f"CloudStack no longer lists host {host} (removed from CloudStack): "
+                        "fencer stops reminding of its failed fence; no further reminder. "
+                        f"Before: {notice.reason or ''}"
+                    ),
+                }
+            )
+        )
+        action = OperatorAction(
+            kind="handled",
+            host_uuid=notice.host.host_uuid,
+            decision_id=notice.decision_id,
+            by=REMOVED_BY,
+            note="the host no longer exists in CloudStack",
+            at=time.time(),
+        )
+        try:
+            await send_operator_action(rt.settings, action)
+        except Exception as exc:  # the next due reminder asks again and tries again
+            log.error("host %s: cannot mark its failed fence handled: %s", host, exc)
+    return keep

@@ -460,12 +460,14 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                     log.exception("actuate: cannot handle a decision")
                     await dead(event.message, f"actuate failed: {type(exc).__name__}")
                     continue
-                for topic_name, out_key, value in out:
+                for topic_name, _out_key, value in out:
                     if topic_name == names.fence_outcomes:
                         outcome = codec.load(FenceOutcome, value)
                         if outcome is not None:
                             obs.observe_outcome(outcome)
-                    await by_name[topic_name].send(key=out_key, value=value)
+                # A failing send is retried in place, never raised out of the agent; the
+                # decision read again is answered from its `done`, never acted on again.
+                await actuating.send_out(out, actuating.topic_sender(by_name))
 
         @app.agent(operator_actions, concurrency=4)
         async def operator(stream: Any) -> None:
@@ -498,7 +500,8 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 if outcome is not None:
                     obs.observe_outcome(outcome)
                     key = outcome.host.host_uuid.encode()
-                    await fence_outcomes.send(key=key, value=codec.dump(outcome))
+                    sent = [(names.fence_outcomes, key, codec.dump(outcome))]
+                    await actuating.send_out(sent, actuating.topic_sender(by_name))
 
         renotify = settings.actuator.renotify_interval
 
@@ -506,8 +509,15 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         async def remind() -> None:
             # A failed fence nobody acted on is told again every renotify_interval (each
             # reminder has its own stable id: the notify table delivers it once).
-            for notice in runtime.due_reminders(list(done.items()), time.time()):
+            due = runtime.due_reminders(list(done.items()), time.time())
+            # A host CloudStack no longer lists gets a last notice instead; its reminders end.
+            for notice in await actuating.reminders_of_listed_hosts(runtime, due):
                 await send_notice(notice)
+            # The VMs of a host fenced before this worker (re)started are followed again.
+            try:
+                await actuating.resume_follows(runtime, list(done.items()))
+            except Exception as exc:  # tried again at the next tick
+                log.warning("cannot follow the VMs of fenced hosts again: %s", exc)
 
         if settings.actuator.preflight_interval > 0:
 

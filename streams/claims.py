@@ -217,7 +217,8 @@ class ClaimLog:
         leases more: a claimant that renews for ever (its action hung while its renewal task
         runs, or genuine renewals written to the log again and again) would hold the fence up
         for good with one warning at its start. The takeover reads the power first and never
-        repeats a reboot."""
+        repeats a reboot. (A live claimant cuts its own fence at fence_deadline + job_timeout,
+        streams.actuating.bounded, and writes its `done`: this bound is for one that could not.)"""
         seen = len(self.of(decision_id))
         deadline = time.monotonic() + lease
         s = self.settings

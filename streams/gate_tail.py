@@ -24,13 +24,16 @@ forgotten; the next reconciliation reads the log again from the shared row's pos
 started again by the next reconciliation (`follow`, from where its read ended). A tail that
 cannot read (no broker) logs, retries with a back-off and checks the broker every
 `CHECK_EVERY`; the gate judges meanwhile with its rows and what was read, as without a tail.
-Never silently (rule 5): a tail failing for `gate.log_tail_notify_after` seconds in a row (on
-this process's monotonic clock) sends a `decision_log_unread` notice through the usual notice
-path (the runtime's; a worker without one, the ingest role alone, writes it to the notices
-topic itself), repeated every `actuator.renotify_interval` while it still fails (not at every
-retry; one that could not be sent is tried again at the next failure); each id carries the
-process's tag and the spell's number, so no id is ever computed twice. When it reads again
-after such a notice, a "recovered" line is logged.
+Never silently (rule 5): a tail that has not read for `gate.log_tail_notify_after` seconds (on
+this process's monotonic clock, counted from when it last READ: a fetch answered for every
+partition, records or none, or records returned; never from when it last connected: a tail
+that connects and fails again at once, or connects and is never answered a fetch, which
+aiokafka retries without a word, is not reading) sends a `decision_log_unread` notice through
+the usual notice path (the runtime's; a worker without one, the ingest role alone, writes it
+to the notices topic itself), repeated every `actuator.renotify_interval` while it still does
+not read (not at every retry; one that could not be sent is tried again at the next failure);
+each id carries the process's tag and the spell's number, so no id is ever computed twice. When
+it reads again after such a notice, a "recovered" line is logged.
 """
 
 from __future__ import annotations
@@ -126,12 +129,12 @@ class DecisionTail:
         self.position: LogPosition = {}  # the next offset to read, per partition
         self.records = 0  # records read since `follow`
         self.unsigned = 0  # of them, records fencer did not sign (counted nothing)
-        self.failures = 0  # reads failed in a row (0: reading)
+        self.failures = 0  # failures since the tail last read (0: reading)
         # Rule 5 (module rule): the failing spell, timed on this process's monotonic clock.
         self._notify_after = notify_after  # None: gate.log_tail_notify_after of the settings
         self._renotify = renotify  # None: actuator.renotify_interval of the settings
         self._mono = mono
-        self._failing_since: float | None = None
+        self._unread_since: float | None = None  # when the tail last read (or began to)
         self._last_notice: float | None = None
         self._spell: int | None = None  # the failing spell's number, once it was noticed
         self.spells = 0  # failing spells that were noticed (in the notice ids)
@@ -150,6 +153,7 @@ class DecisionTail:
         replay) is as old as it is, and does not eat the budget for a whole window."""
         self.halt()
         self.position = dict(position)
+        self._unread_since = self._mono()
         self._latest = {c: t for c, t in (latest or {}).items() if c != self.clock_id}
         self._task = asyncio.create_task(self._run(), name="fencer-gate-log-tail")
         log.info("gate: the decision log is tailed from %s", self.position or "the beginning")
@@ -161,7 +165,7 @@ class DecisionTail:
             task.cancel()  # (the task closes its consumer as it ends)
         self._kept, self._latest = [], {}
         self.position, self.records, self.unsigned, self.failures = {}, 0, 0, 0
-        self._failing_since = self._last_notice = self._spell = None
+        self._unread_since = self._last_notice = self._spell = None
         self.notices = 0
 
     async def stop(self) -> None:
@@ -282,18 +286,22 @@ class DecisionTail:
         loop = asyncio.get_running_loop()
         checked = loop.time()
         if self.failures:
-            log.info("gate: the decision log is tailed again after %d failures", self.failures)
-        if self.notices:
-            log.warning(
-                "gate: the decision log %s is read again (recovered) after %d "
-                "decision_log_unread notice(s)",
-                topic,
-                self.notices,
-            )
-        self.failures, self.notices = 0, 0
-        self._failing_since = self._last_notice = self._spell = None
+            log.info("gate: the decision log is connected again after %d failures", self.failures)
+        # The fetch answers each partition's last one had when the tail last read.
+        polled = {tp: consumer.last_poll_timestamp(tp) for tp in parts}
+        answered: set[TopicPartition] = set()
         while True:
             batches = await consumer.getmany(timeout_ms=FETCH_WAIT_MS * 2)
+            # A fetch answered without error stamps its partition (aiokafka's own stamp,
+            # compared only with itself): every partition answered, or records returned, is a
+            # read; anything else (a fetch dropped, failing, never answered) is not.
+            answered |= {tp for tp in parts if consumer.last_poll_timestamp(tp) != polled[tp]}
+            if batches or answered >= set(parts):
+                polled = {tp: consumer.last_poll_timestamp(tp) for tp in parts}
+                answered = set()
+                self._has_read(topic)
+            elif self._mono() - (self._unread_since or self._mono()) >= self._after():
+                await self._notify_if_due(topic)
             for records in batches.values():
                 for record in records:
                     try:
@@ -312,19 +320,38 @@ class DecisionTail:
                 await asyncio.wait_for(consumer.topics(), self.check_every)
                 checked = loop.time()
 
+    def _has_read(self, topic: str) -> None:
+        """The tail read: the unread spell (its failures, its notices) ends here."""
+        if self.failures:
+            log.info("gate: the decision log is tailed again after %d failures", self.failures)
+        if self.notices:
+            log.warning(
+                "gate: the decision log %s is read again (recovered) after %d "
+                "decision_log_unread notice(s)",
+                topic,
+                self.notices,
+            )
+        self.failures, self.notices = 0, 0
+        self._last_notice = self._spell = None
+        self._unread_since = self._mono()
+
+    def _after(self) -> float:
+        """Seconds unread before the first notice (`gate.log_tail_notify_after`)."""
+        after = self.runtime.current.gate.log_tail_notify_after
+        return after if self._notify_after is None else self._notify_after
+
     async def _notify_if_due(self, topic: str) -> None:
-        """Send the `decision_log_unread` notice when the failing spell has lasted
-        `notify_after`, then every `renotify` while it lasts (module rule); a notice that
-        could not be sent is tried again at the next failure, under the same id. Never
+        """Send the `decision_log_unread` notice when the tail has not read for
+        `notify_after`, then every `renotify` while it still does not (module rule); a notice
+        that could not be sent is tried again at the next failure, under the same id. Never
         raises."""
         now = self._mono()
-        if self._failing_since is None:
-            self._failing_since = now
+        if self._unread_since is None:
+            self._unread_since = now
         settings = self.runtime.current
-        after = settings.gate.log_tail_notify_after
-        after = after if self._notify_after is None else self._notify_after
+        after = self._after()
         every = settings.actuator.renotify_interval if self._renotify is None else self._renotify
-        failing = now - self._failing_since
+        failing = now - self._unread_since
         if failing < after:
             return
         if self._last_notice is not None and now - self._last_notice < every:
@@ -333,14 +360,19 @@ class DecisionTail:
             self.spells += 1
             self._spell = self.spells
         number = self.notices + 1
+        why = (
+            f"{self.failures} failed attempts since"
+            if self.failures
+            else "connected, but no fetch was answered"
+        )
         notice = Notice(
             notice_id=f"decision-log-unread/{self.runtime.reminder_tag}/{self._spell}/{number}",
             kind=NoticeKind.DECISION_LOG_UNREAD,
             host=HostRef(host_uuid=f"topic:{topic}"),
             at=self._clock(),
             reason=(
-                f"the gate cannot read the decision log {topic} for {failing:.0f} s "
-                f"({self.failures} failed reads in a row): a decision a stalled former gate "
+                f"the gate has not read the decision log {topic} for {failing:.0f} s "
+                f"({why}): a decision a stalled former gate "
                 "owner publishes late does not count toward the fence caps until it reads "
                 f"again (notice {number}, repeated every {every:.0f} s while it fails)"
             ),

@@ -35,6 +35,7 @@ from streams.codec import dump
 from streams.gate_tail import DecisionTail, merge
 from streams.kafka import aiokafka_kwargs
 from streams.runtime import Runtime
+from tests.streams.kafka_proxy import FETCH, KafkaProxy, ProxiedBroker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -581,3 +582,62 @@ async def test_a_gate_without_a_notice_sink_writes_its_notice_to_the_notices_top
     assert notice.kind is NoticeKind.DECISION_LOG_UNREAD
     assert notice.host.host_uuid == f"topic:{gone}"
     assert notice.notice_id == f"decision-log-unread/{rt.reminder_tag}/1/1"
+
+
+async def test_a_tail_connected_but_never_answered_a_fetch_is_told_unread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker answers metadata (the tail connects, its checks pass) but every fetch is
+    dropped: aiokafka retries it without a word, so the tail saw no failure, or failed and
+    connected again at once, resetting its count at each connect: never a notice. The time
+    since the tail last READ (a fetch answered) counts now: decision_log_unread after
+    `notify_after`, repeated; reading again ends the spell ("recovered")."""
+    caplog.set_level(logging.INFO, logger="fencer.streams")
+    sent: list[Notice] = []
+
+    async def sink(notice: Notice) -> None:
+        sent.append(notice)
+
+    proxy = KafkaProxy()
+    await proxy.start()
+    try:
+        async with ProxiedBroker(proxy) as broker:
+            settings = broker.fencer_settings(policy=policy(cap=3), signing=SIGNING)
+            rt = Runtime(settings=settings, started_at=B_T - 4 * 3600)
+            rt.notice_sink = sink
+            tail = DecisionTail(
+                rt,
+                clock=Clock(B_T),
+                clock_id="B",
+                check_every=1.0,
+                retry_first=0.2,
+                notify_after=2.0,
+                renotify=2.5,
+            )
+            tail.follow({})
+            await publish(rt, [rt.sign_decision(decision(1))])
+            await read_up_to(tail, 1)
+            await asyncio.sleep(3.0)  # reading, idle: no notice
+            assert sent == []
+            proxy.drop.add(FETCH)
+            await asyncio.sleep(1.5)  # the fetch in flight (held 0.5 s) is answered
+            await publish(rt, [rt.sign_decision(decision(2))])
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 40
+            while len(sent) < 2:
+                assert loop.time() < end, f"{len(sent)} notices, {proxy.dropped} fetches dropped"
+                await asyncio.sleep(0.1)
+            assert proxy.dropped > 0 and tail.records == 1  # nothing read meanwhile
+            assert {n.kind for n in sent} == {NoticeKind.DECISION_LOG_UNREAD}
+            assert len({n.notice_id for n in sent}) == 2
+            assert "has not read the decision log" in (sent[0].reason or "")
+            assert "recovered" not in caplog.text
+            proxy.drop.clear()
+            await read_up_to(tail, 2, within=30)
+            end = loop.time() + 10
+            while "recovered" not in caplog.text:
+                assert loop.time() < end
+                await asyncio.sleep(0.1)
+            await tail.stop()
+    finally:
+        await proxy.stop()
