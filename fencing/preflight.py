@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from fencing.drivers import build_driver
 from fencing.drivers.base import PowerDriver
@@ -145,7 +146,7 @@ async def preflight(
     settings: FencerSettings,
     hosts: Iterable[HostRef | tuple[str, str | None]],
     engine: Engine | None = None,
-    limit: int = 8,
+    limit: int | None = None,
     pins: PinStore | None = None,
     states: Mapping[str, str] | None = None,
 ) -> list[PreflightResult]:
@@ -153,8 +154,10 @@ async def preflight(
 
     With `pins`, each BMC's system GUID is pinned on first success and compared afterwards;
     `states` (host uuid -> CloudStack's state) keeps a BMC that reads off while its host is Up
-    from being pinned (check_host)."""
-    sem = asyncio.Semaphore(limit)
+    from being pinned (check_host). At most `limit` BMCs are read at once
+    (PREFLIGHT_CONCURRENCY by default): the others wait their turn, so a run over thousands
+    of hosts spreads over time instead of opening thousands of sessions at once."""
+    sem = asyncio.Semaphore(limit or PREFLIGHT_CONCURRENCY)
 
     async def one(h: HostRef | tuple[str, str | None]) -> PreflightResult:
         host_uuid, cluster = (h.host_uuid, h.cluster_uuid) if isinstance(h, HostRef) else h
@@ -165,3 +168,61 @@ async def preflight(
             )
 
     return list(await asyncio.gather(*(one(h) for h in hosts)))
+
+
+# The actuate leader's schedule (streams.app's pre-flight timer, streams.actuating.preflight).
+PREFLIGHT_TICK = 5.0  # seconds between the leader's looks at whether a pre-flight is due
+NEW_HOSTS_EVERY = 300.0  # seconds between looks for hosts no pre-flight of this process read
+RETRY_AFTER = 60.0  # seconds before a run that could not list the hosts is tried again
+PREFLIGHT_CONCURRENCY = 16  # BMCs read at once: a cloud has thousands, each a session
+
+Run = Literal["all", "new"]
+
+
+class PreflightSchedule:
+    """When the actuate leader reads its BMCs, on this process's monotonic clock.
+
+    A full run (every host) at its first tick as leader, so hosts are pinned while they are Up
+    rather than at their first fence, then every `interval`. Between full runs, every
+    `new_hosts_every` (at most `interval`), a run of only the hosts no run read yet at their
+    current BMC address (new in listHosts, or given an address since): pinned within minutes.
+    A host whose read failed is read again by the next full run, not at every look (its
+    notice is daily anyway). A run that could not list the hosts is due again after
+    RETRY_AFTER, not at every tick."""
+
+    def __init__(self, interval: float, new_hosts_every: float = NEW_HOSTS_EVERY) -> None:
+        if interval <= 0:
+            raise ValueError(f"actuator.preflight_interval must be > 0 here, not {interval!r}")
+        self.interval = interval
+        self.new_hosts_every = min(interval, new_hosts_every)
+        self.tick = min(PREFLIGHT_TICK, interval)  # the timer's interval
+        self._last_full: float | None = None
+        self._last_any: float | None = None
+        self._not_before: float | None = None
+        self._read: set[tuple[str, str | None]] = set()
+
+    def due(self, mono: float) -> Run | None:
+        """Which run is due now: "all" hosts, the "new" ones, or none."""
+        if self._not_before is not None and mono < self._not_before:
+            return None
+        if self._last_full is None or mono - self._last_full >= self.interval:
+            return "all"
+        if self._last_any is None or mono - self._last_any >= self.new_hosts_every:
+            return "new"
+        return None
+
+    def is_new(self, host_uuid: str, address: str | None) -> bool:
+        """Whether no run of this schedule read this host at this BMC address."""
+        return (host_uuid, address) not in self._read
+
+    def ran(self, run: Run, mono: float, read: Iterable[tuple[str, str | None]]) -> None:
+        """Record a run that listed the hosts, and the (host, BMC address) pairs it read."""
+        self._read.update(read)
+        if run == "all":
+            self._last_full = mono
+        self._last_any = mono
+        self._not_before = None
+
+    def failed(self, mono: float) -> None:
+        """A run that could not list the hosts: due again after RETRY_AFTER."""
+        self._not_before = mono + min(RETRY_AFTER, self.new_hosts_every)

@@ -4,6 +4,7 @@ embedded Kafka broker for the pins topic, and the `fencer` CLI as operators run 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -878,3 +879,97 @@ async def test_boards_that_all_report_one_guid_fence_again_once_a_person_confirm
     )
     assert outcome is not None and outcome.success, outcome.error
     assert ipmi_sim.power == "off"
+
+
+# -- the pre-flight is on by default: hosts are pinned while Up, new ones within minutes ----
+
+
+def test_preflight_is_on_by_default_and_runs_at_once_then_every_interval() -> None:
+    from fencing.preflight import RETRY_AFTER, PreflightSchedule
+
+    interval = FencerSettings().actuator.preflight_interval
+    assert interval > 0  # an operator expects it, as CloudStack's own OOBM syncs power
+    s = PreflightSchedule(interval)
+    assert s.tick <= 5.0
+    assert s.due(1000.0) == "all"  # at the first tick as leader, not one interval later
+    s.ran("all", 1000.0, [(HOST, "10.0.0.1")])
+    assert s.due(1000.0 + s.tick) is None
+    assert s.due(1000.0 + s.new_hosts_every) == "new"
+    assert s.is_new("other", "10.0.0.2") and not s.is_new(HOST, "10.0.0.1")
+    assert s.is_new(HOST, "10.0.0.9")  # its address changed: read again within minutes
+    s.ran("new", 1000.0 + s.new_hosts_every, [("other", "10.0.0.2")])
+    assert not s.is_new("other", "10.0.0.2")
+    assert s.due(1000.0 + s.new_hosts_every + 1) is None
+    assert s.due(1000.0 + interval) == "all"
+    s.failed(1000.0 + interval)  # listHosts did not answer: not asked again at every tick
+    assert s.due(1000.0 + interval + s.tick) is None
+    assert s.due(1000.0 + interval + RETRY_AFTER) == "all"
+    short = PreflightSchedule(1.0)
+    assert short.tick == 1.0 and short.new_hosts_every == 1.0
+    with pytest.raises(ValueError, match="actuator.preflight_interval"):
+        PreflightSchedule(0)
+
+
+async def test_worker_preflight_schedule_pins_every_host_at_once_then_new_hosts_only(
+    cloud: Cloud, fencer_settings: Any
+) -> None:
+    """The leader's first run pins every host while it is Up; a later look reads only the host
+    that appeared in listHosts since (not every BMC again), and pins it."""
+    from fencing.preflight import PreflightSchedule
+    from fencing.settings import SigningSettings
+    from fencing.signing import write_keys_file
+    from streams.actuating import preflight
+    from streams.runtime import Runtime
+
+    new_host = str(uuid.uuid4())
+    with (
+        BmcSimulator("admin", BMC_PASSWORD, guid=GUID_A) as bmc,
+        BmcSimulator("admin", BMC_PASSWORD, guid=GUID_B) as bmc_new,
+    ):
+        base = fencer_settings(isolated_topics=True)
+        keys = write_keys_file(base.data_dir / "signing.keys", "test")
+        settings = make_settings(cloud, bmc.port)
+        hosts = {
+            **settings.hosts,
+            new_host: HostSettings(
+                ipmi=IpmiOverrides(
+                    address="127.0.0.1",
+                    port=bmc_new.port,
+                    username="admin",
+                    password=SecretStr(BMC_PASSWORD),
+                )
+            ),
+        }
+        settings = settings.model_copy(
+            update={
+                "kafka": base.kafka,
+                "data_dir": base.data_dir,
+                "signing": SigningSettings(keys_file=keys),
+                "hosts": hosts,
+            }
+        )
+        cloud.host.state = "Up"
+        runtime = Runtime(settings=settings, started_at=time.time())
+        schedule = PreflightSchedule(3600.0, new_hosts_every=0.5)
+        try:
+            assert await preflight(runtime, schedule) == []
+            pins = await runtime.bmc_pins()
+            first = pins.get(cloud.host.uuid)
+            assert first is not None and first.guid == GUID_A and first.pinned_by == "preflight"
+            reads = bmc.count()
+            assert reads > 0 and bmc_new.count() == 0  # not in listHosts yet
+            assert await preflight(runtime, schedule) == []  # nothing due yet: no BMC read
+            assert bmc.count() == reads
+
+            cluster = cloud.cloud.clusters[cloud.cluster_uuid]
+            cloud.cloud.add_host(cluster, "hv3", "10.0.0.13", uuid=new_host)
+            await asyncio.sleep(0.6)
+            assert await preflight(runtime, schedule) == []
+            pin = pins.get(new_host)
+            assert pin is not None and pin.guid == GUID_B and pin.pinned_by == "preflight"
+            assert bmc.count() == reads  # the pinned host's BMC was not read again
+            assert pins.get(cloud.host.uuid) == first
+            assert bmc.power == "on" and bmc_new.power == "on"
+            assert bmc.count("power_off") == 0 and bmc_new.count("power_off") == 0
+        finally:
+            await runtime.close()
