@@ -906,7 +906,7 @@ def test_preflight_is_on_by_default_and_runs_at_once_then_every_interval() -> No
     assert s.due(1000.0 + interval + RETRY_AFTER) == "all"
     short = PreflightSchedule(1.0)
     assert short.tick == 1.0 and short.new_hosts_every == 1.0
-    with pytest.raises(ValueError, match="actuator.preflight_interval"):
+    with pytest.raises(ValueError, match=r"actuator\.preflight_interval"):
         PreflightSchedule(0)
 
 
