@@ -108,12 +108,20 @@ class BmcPinStore:
         await self._send(self._topic, pin.host_uuid, pin.model_dump_json().encode())
         self._pins[pin.host_uuid] = pin
 
+    async def delete(self, host_uuid: str) -> BmcPin | None:
+        """Write the host's null record (the compacted topic's tombstone, acks=all) and forget
+        the pin here at once; the pin it removed (None: the host had none)."""
+        old = self.get(host_uuid)
+        await self._send(self._topic, host_uuid, None)
+        self._pins.pop(host_uuid, None)
+        return old
+
     async def send_notice(self, notice: Notice) -> None:
         """Hand a notice to the notifiers (topic notices, key host uuid)."""
         topic = self._settings.kafka.topics.notices
         await self._send(topic, notice.host.host_uuid, notice.model_dump_json().encode())
 
-    async def _send(self, topic: str, key: str, value: bytes) -> None:
+    async def _send(self, topic: str, key: str, value: bytes | None) -> None:
         if self.read_only:
             raise PinStoreError(f"this BMC pins store only reads (writing {topic})")
         if self._producer is None:
@@ -172,6 +180,40 @@ async def confirm_pin(
         await driver.aclose()
         if own:
             await pins.stop()
+
+
+async def remove_pin(
+    settings: FencerSettings, host_uuid: str, *, by: str, store: BmcPinStore | None = None
+) -> BmcPin:
+    """Remove the host's pin (`fencer ipmi unpin`): the null record on bmc-pins; the removed pin.
+
+    The host's next pre-flight (or its first fence) pins what its BMC reports then. Raises
+    LookupError (the host has no pin: a mistyped uuid removes nothing) or PinStoreError."""
+    own = store is None
+    pins = store or BmcPinStore(settings, client_id="fencer-ipmi-unpin")
+    try:
+        if own:
+            await pins.start()
+        old = pins.get(host_uuid)
+        if old is None:
+            raise LookupError(
+                f"host {host_uuid} has no BMC pin on {settings.kafka.topics.bmc_pins}: "
+                "nothing removed (is the host uuid right?)"
+            )
+        await pins.delete(host_uuid)
+    finally:
+        if own:
+            await pins.stop()
+    log.warning(
+        "host %s: BMC pin removed by %s (system GUID %s, address %s, pinned by %s); the next "
+        "pre-flight or fence pins what its BMC reports then",
+        host_uuid,
+        by,
+        old.guid,
+        old.address or "?",
+        old.pinned_by,
+    )
+    return old
 
 
 def cli_ipmi_pin(args: argparse.Namespace) -> int:

@@ -973,3 +973,60 @@ async def test_worker_preflight_schedule_pins_every_host_at_once_then_new_hosts_
             assert bmc.count("power_off") == 0 and bmc_new.count("power_off") == 0
         finally:
             await runtime.close()
+
+
+# -- `fencer ipmi unpin`: the null record, then the next pre-flight pins anew ---------------
+
+
+async def test_cli_unpin_writes_the_null_record_then_the_next_preflight_pins_anew(
+    sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path
+) -> None:
+    """A board moved from a host removed from CloudStack (HOST) to a new one (HOST2): HOST's
+    pin holds its GUID, so HOST2's pre-flight refuses it as another host's BMC. `fencer ipmi
+    unpin HOST` writes HOST's null record; a running worker's pin store forgets the pin, and
+    the next pre-flight pins the board for HOST2."""
+    settings = two_hosts_one_bmc(
+        sim_bmc.port, "admin", BMC_PASSWORD, base=fencer_settings(isolated_topics=True)
+    )
+    conf = tmp_path / "fencer.yaml"
+    conf.write_text(yaml.safe_dump({"kafka": settings.kafka.model_dump(mode="json")}))
+    worker = BmcPinStore(settings, client_id="test-worker-pins")
+    await worker.start()
+    try:
+        assert (await check_host(settings, HOST, None, pins=worker)).identity == "pinned"
+        moved = await check_host(settings, HOST2, None, pins=worker)
+        assert not moved.ok and moved.identity == "elsewhere" and HOST in (moved.error or "")
+
+        typo = await asyncio.to_thread(fencer_cli, "ipmi", "unpin", HOST2, "-c", str(conf))
+        assert typo.returncode == 1 and typo.stdout == ""
+        assert f"BMC pin of host {HOST2} not removed" in typo.stderr
+        assert "has no BMC pin" in typo.stderr
+
+        r = await asyncio.to_thread(
+            fencer_cli, "ipmi", "unpin", HOST, "--by", "alice", "-c", str(conf)
+        )
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["host_uuid"] == HOST and out["removed_guid"] == GUID_A
+        assert out["pinned_by"] == "preflight" and out["removed_by"] == "operator alice"
+        assert f"host {HOST}: BMC pin removed by operator alice" in r.stderr  # the log says who
+        assert BMC_PASSWORD not in r.stderr + r.stdout
+
+        deadline = time.monotonic() + 15
+        while worker.get(HOST) is not None:  # the running worker reads the null record
+            assert time.monotonic() < deadline, "the worker's pin store kept the removed pin"
+            await asyncio.sleep(0.1)
+        again = await check_host(settings, HOST2, None, pins=worker)
+        assert again.ok and again.identity == "pinned", again.error
+        pin = worker.get(HOST2)
+        assert pin is not None and pin.guid == GUID_A and pin.pinned_by == "preflight"
+    finally:
+        await worker.stop()
+
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    reader = TopicReader(settings, [settings.kafka.topics.bmc_pins], records.append)
+    await reader.start(10)
+    await reader.stop()
+    mine = [(r.key, r.value is None) for r in records if r.key in (HOST.encode(), HOST2.encode())]
+    assert mine == [(HOST.encode(), False), (HOST.encode(), True), (HOST2.encode(), False)]
+    assert sim_bmc.count("power_off") == 0 and sim_bmc.power == "on"
