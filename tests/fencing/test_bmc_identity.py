@@ -39,7 +39,7 @@ from fencing.identity import (
     identity_notice,
     verify_identity,
 )
-from fencing.records import EvidenceSummary, FenceDecision, HostRef, Notice
+from fencing.records import BmcPin, EvidenceSummary, FenceDecision, HostRef, Notice
 from fencing.settings import (
     ActuatorSettings,
     FencerSettings,
@@ -985,11 +985,25 @@ async def test_cli_unpin_writes_the_null_record_then_the_next_preflight_pins_ane
     pin holds its GUID, so HOST2's pre-flight refuses it as another host's BMC. `fencer ipmi
     unpin HOST` writes HOST's null record; a running worker's pin store forgets the pin, and
     the next pre-flight pins the board for HOST2."""
+    from fencing.settings import SigningSettings
+    from fencing.signing import BMC_UNPIN, load_keyring, verify_bytes, write_keys_file
+
+    keys = write_keys_file(tmp_path / "signing.keys", "test")
     settings = two_hosts_one_bmc(
-        sim_bmc.port, "admin", BMC_PASSWORD, base=fencer_settings(isolated_topics=True)
+        sim_bmc.port,
+        "admin",
+        BMC_PASSWORD,
+        base=fencer_settings(isolated_topics=True, signing=SigningSettings(keys_file=keys)),
     )
     conf = tmp_path / "fencer.yaml"
-    conf.write_text(yaml.safe_dump({"kafka": settings.kafka.model_dump(mode="json")}))
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": settings.kafka.model_dump(mode="json"),
+                "signing": {"keys_file": str(keys)},
+            }
+        )
+    )
     worker = BmcPinStore(settings, client_id="test-worker-pins")
     await worker.start()
     try:
@@ -1027,6 +1041,181 @@ async def test_cli_unpin_writes_the_null_record_then_the_next_preflight_pins_ane
     reader = TopicReader(settings, [settings.kafka.topics.bmc_pins], records.append)
     await reader.start(10)
     await reader.stop()
-    mine = [(r.key, r.value is None) for r in records if r.key in (HOST.encode(), HOST2.encode())]
-    assert mine == [(HOST.encode(), False), (HOST.encode(), True), (HOST2.encode(), False)]
+    of_host = [r for r in records if r.key == HOST.encode()]
+    assert [r.value is None for r in of_host] == [False, True]
+    assert [r.value is None for r in records if r.key == HOST2.encode()] == [False]
+    # the tombstone carries the signed removal of that pin, and who removed it
+    removal = verify_bytes(
+        load_keyring(settings), BMC_UNPIN, dict(of_host[1].headers)["fencer-unpin"]
+    )
+    assert removal["guid"] == GUID_A and removal["removed_by"] == "operator alice"
     assert sim_bmc.count("power_off") == 0 and sim_bmc.power == "on"
+
+
+# -- signed pins: a record fencer's keys did not sign is never a pin -------------------------
+
+
+def signed_settings(base: FencerSettings, tmp_path: Path, *ports: int) -> FencerSettings:
+    """HOST (and HOST2) fenced through the lab BMCs on `ports`, with the signing keys."""
+    from fencing.settings import SigningSettings
+    from fencing.signing import write_keys_file
+
+    keys = write_keys_file(tmp_path / "signing.keys", "test")
+    settings = settings_for(
+        ports[0], base=base.model_copy(update={"signing": SigningSettings(keys_file=keys)})
+    )
+    hosts = {
+        h: HostSettings(
+            ipmi=IpmiOverrides(address="127.0.0.1", port=port, password=SecretStr(BMC_PASSWORD))
+        )
+        for h, port in zip((HOST, HOST2), ports, strict=False)
+    }
+    return settings.model_copy(update={"hosts": hosts})
+
+
+async def _raw_send(settings: FencerSettings, key: str, value: bytes | None) -> None:
+    """Write a record on bmc-pins as anyone with write access could, without fencer's keys."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.kafka import aiokafka_kwargs
+
+    producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.kafka.topics.bmc_pins, key=key.encode(), value=value)
+    finally:
+        await producer.stop()
+
+
+async def _until(what: str, predicate: Any, within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_pins_are_signed_and_a_record_fencer_did_not_sign_is_never_a_pin(
+    sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path
+) -> None:
+    from fencing.signing import BMC_PIN, load_keyring, parse_keys, sign, verify_bytes
+
+    settings = signed_settings(fencer_settings(isolated_topics=True), tmp_path, sim_bmc.port)
+    worker = BmcPinStore(settings, client_id="test-worker-pins")
+    await worker.start()
+    try:
+        assert (await check_host(settings, HOST, None, pins=worker)).identity == "pinned"
+        pinned = worker.get(HOST)
+        assert pinned is not None and pinned.guid == GUID_A
+
+        # Unsigned, naming another board and a person: not a pin, the signed one stays.
+        forged = pinned.model_copy(update={"guid": GUID_B, "pinned_by": "operator mallory"})
+        await _raw_send(settings, HOST, forged.model_dump_json().encode())
+        # Signed with keys fencer does not hold (twice): ignored, told once for the host.
+        other = parse_keys("mallory " + "m" * 40, "test")
+        alien = sign(other, BMC_PIN, forged.model_dump(mode="json") | {"host_uuid": HOST2})
+        for _ in range(2):
+            await _raw_send(settings, HOST2, json.dumps(alien).encode())
+        # A genuine signed pin of HOST written under HOST2's key: signed for another host.
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        reader = TopicReader(settings, [settings.kafka.topics.bmc_pins], records.append)
+        await reader.start(10)
+        await reader.stop()
+        genuine = next(r for r in records if r.key == HOST.encode() and r.value)
+        assert verify_bytes(load_keyring(settings), BMC_PIN, genuine.value)["guid"] == GUID_A
+        await _raw_send(settings, HOST2, genuine.value)
+        # A bare tombstone (no signed removal): removes nothing.
+        await _raw_send(settings, HOST, None)
+
+        await _until(
+            "the worker to read the records",
+            lambda: worker.ignored.get(HOST) == 2 and worker.ignored.get(HOST2) == 3,
+        )
+        assert worker.get(HOST) == pinned and worker.get(HOST2) is None
+        assert worker.holders(GUID_B) == [] and worker.holders(GUID_A) == [HOST]
+
+        fresh = BmcPinStore(settings, client_id="test-fresh-pins", tell_forged=False)
+        await fresh.start()  # a worker started later reads the same pins
+        try:
+            assert fresh.get(HOST) == pinned and fresh.get(HOST2) is None
+        finally:
+            await fresh.stop()
+        outcome = await Actuator(settings, pins=worker, announce=Notices()).handle(decision())
+        assert outcome is not None and outcome.success, outcome.error  # through GUID_A
+    finally:
+        await worker.stop()
+    forged_notices = [n for n in await _notices_on(settings) if n.kind is NoticeKind.FORGED_RECORD]
+    assert sorted(n.host.host_uuid for n in forged_notices) == sorted([HOST, HOST2])
+    (bare,) = [n for n in forged_notices if n.host.host_uuid == HOST]
+    assert "bare tombstone" in (bare.reason or "")
+    (alien_notice,) = [n for n in forged_notices if n.host.host_uuid == HOST2]
+    assert "unknown key id 'mallory'" in (alien_notice.reason or "")
+
+
+async def test_upgrade_from_unsigned_pins_repins_the_same_board_never_a_changed_one(
+    sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path
+) -> None:
+    """Pins an older fencer wrote unsigned: the first pre-flight after the upgrade pins a host
+    anew (signed, as a first read: never as the person the record names) only when its BMC
+    reports the GUID the record names; a board changed meanwhile is refused until an operator
+    pins it, and its GUID stays held against other hosts meanwhile."""
+    from fencing.identity import pin_current
+
+    with BmcSimulator("admin", BMC_PASSWORD, guid=GUID_B) as changed:
+        settings = signed_settings(
+            fencer_settings(isolated_topics=True), tmp_path, sim_bmc.port, changed.port
+        )
+        old = BmcPinStore(settings, client_id="old-fencer", keyring=None)  # before signing
+        await old.start()
+        try:
+            for host, guid in ((HOST, GUID_A), (HOST2, "6a8c1f33-0000-4000-8000-00000000c0de")):
+                await old.put(
+                    BmcPin(
+                        host_uuid=host,
+                        guid=guid,
+                        address="127.0.0.1",
+                        driver="ipmi",
+                        pinned_at=1.0,
+                        pinned_by="operator bob",
+                    )
+                )
+        finally:
+            await old.stop()
+
+        worker = BmcPinStore(settings, client_id="test-worker-pins")
+        await worker.start()
+        try:
+            assert worker.get(HOST) is None and worker.get(HOST2) is None
+            assert worker.unsigned(HOST) is not None
+            assert worker.holders("6a8c1f33-0000-4000-8000-00000000c0de") == [HOST2]
+
+            same = await check_host(settings, HOST, None, pins=worker, cloud_state="Up")
+            assert same.ok and same.identity == "pinned"
+            pin = worker.get(HOST)
+            assert pin is not None and pin.guid == GUID_A
+            assert pin.pinned_by == "preflight"  # a first read, never "operator bob"
+
+            moved = await check_host(settings, HOST2, None, pins=worker, cloud_state="Up")
+            assert not moved.ok and moved.identity == "changed" and moved.guid == GUID_B
+            assert "did not sign" in (moved.error or "") and worker.get(HOST2) is None
+            asked = changed.count("get_power")
+            notices = Notices()
+            d2 = decision_for(HOST2, "hv2")
+            outcome = await Actuator(settings, pins=worker, announce=notices).handle(d2)
+            assert outcome is not None and not outcome.success
+            assert "did not sign" in (outcome.error or "")
+            assert [n.kind for n in notices.sent] == [NoticeKind.BMC_IDENTITY_CHANGED]
+            assert changed.power == "on" and changed.count("power_off") == 0
+            assert changed.count("get_power") == asked  # the fence read no power
+
+            driver = IpmiDriver(
+                "127.0.0.1", "admin", SecretStr(BMC_PASSWORD), changed.port, timeout=5
+            )
+            try:  # the operator checked the machine and confirms the new board
+                await pin_current(HOST2, driver, worker, address="127.0.0.1", by="operator al")
+            finally:
+                await driver.aclose()
+            assert worker.get(HOST2) is not None and worker.unsigned(HOST2) is None
+            again = await check_host(settings, HOST2, None, pins=worker)
+            assert again.ok and again.identity == "matches"
+        finally:
+            await worker.stop()
