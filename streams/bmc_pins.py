@@ -345,6 +345,15 @@ class BmcPinStore:
 # `fencer ipmi pin HOST`: an operator confirms the GUID the host's BMC reports now
 
 
+def require_signing(settings: FencerSettings) -> None:
+    """The CLI writes pins only with the signing keys: the workers ignore an unsigned one."""
+    if settings.signing.keys_file is None and settings.signing.keys is None:
+        raise PinStoreError(
+            "signing.keys_file (or signing.keys) is not set: fencer's workers ignore a BMC pin "
+            "record their keys did not sign; run this with the workers' settings file"
+        )
+
+
 async def confirm_pin(
     settings: FencerSettings,
     host_uuid: str,
@@ -425,6 +434,7 @@ def cli_ipmi_pin(args: argparse.Namespace) -> int:
     by = f"operator {args.by or getpass.getuser()}"
 
     async def run() -> tuple[BmcPin | None, BmcPin]:
+        require_signing(settings)
         cluster = await cluster_for_cli(settings, args.host, args.cluster)
         return await confirm_pin(settings, args.host, cluster, by=by, expect=args.expect)
 

@@ -87,7 +87,7 @@ def cli_ipmi_unpin(args: argparse.Namespace) -> int:
     pin as JSON; a host with no pin, or pins that cannot be read or written, exit 1."""
     from fencing.identity import PinStoreError
     from fencing.settings import load_settings
-    from streams.bmc_pins import remove_pin
+    from streams.bmc_pins import remove_pin, require_signing
     from streams.observability import configure_logging, install_secret_scrubber
 
     settings = load_settings(getattr(args, "config", None))
@@ -95,6 +95,7 @@ def cli_ipmi_unpin(args: argparse.Namespace) -> int:
     install_secret_scrubber(settings)
     by = f"operator {args.by or getpass.getuser()}"
     try:
+        require_signing(settings)
         old = asyncio.run(remove_pin(settings, args.host, by=by))
     except (LookupError, PinStoreError) as exc:
         print(f"fencer: BMC pin of host {args.host} not removed: {exc}", file=sys.stderr)

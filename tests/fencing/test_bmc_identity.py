@@ -280,12 +280,15 @@ async def test_changed_guid_no_power_action_notice_then_operator_pin_and_fence(
 def test_cli_pin_refuses_a_guid_other_than_the_expected_one(
     sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path
 ) -> None:
+    from fencing.signing import write_keys_file
+
     settings = fencer_settings(isolated_topics=True)
     conf = tmp_path / "fencer.yaml"
     conf.write_text(
         yaml.safe_dump(
             {
                 "kafka": settings.kafka.model_dump(mode="json"),
+                "signing": {"keys_file": str(write_keys_file(tmp_path / "k", "test"))},
                 "hosts": {
                     HOST: {
                         "ipmi": {
@@ -1219,3 +1222,17 @@ async def test_upgrade_from_unsigned_pins_repins_the_same_board_never_a_changed_
             assert again.ok and again.identity == "matches"
         finally:
             await worker.stop()
+
+
+def test_cli_pin_and_unpin_refuse_without_the_signing_keys(
+    sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path
+) -> None:
+    # The workers ignore a pin their keys did not sign: writing one would only look done.
+    settings = fencer_settings(isolated_topics=True)
+    conf = tmp_path / "fencer.yaml"
+    conf.write_text(yaml.safe_dump({"kafka": settings.kafka.model_dump(mode="json")}))
+    for argv in (("pin", HOST, "--cluster", "c1"), ("unpin", HOST)):
+        r = fencer_cli("ipmi", *argv, "-c", str(conf))
+        assert r.returncode == 1 and r.stdout == "", r.stderr
+        assert "signing.keys_file (or signing.keys) is not set" in r.stderr
+    assert sim_bmc.count() == 0
