@@ -175,6 +175,7 @@ PREFLIGHT_TICK = 5.0  # seconds between the leader's looks at whether a pre-flig
 NEW_HOSTS_EVERY = 300.0  # seconds between looks for hosts no pre-flight of this process read
 RETRY_AFTER = 60.0  # seconds before a run that could not list the hosts is tried again
 PREFLIGHT_CONCURRENCY = 16  # BMCs read at once: a cloud has thousands, each a session
+PREFLIGHT_RETRY_AFTER = 5.0  # seconds before a BMC that failed is read again, then told
 
 Run = Literal["all", "new"]
 

@@ -717,7 +717,9 @@ async def carry_out(
     )
 
 
-async def preflight(rt: Runtime, schedule: PreflightSchedule | None = None) -> list[Notice]:
+async def preflight(
+    rt: Runtime, schedule: PreflightSchedule | None = None, retry_after: float | None = None
+) -> list[Notice]:
     """A PREFLIGHT_FAILED notice for each host whose BMC would not answer a fence now, a
     BMC_IDENTITY_CHANGED one for each BMC whose system GUID is not the pinned one (at most
     one per host per day: the notice id carries the process's tag and the day of its monotonic
@@ -726,10 +728,13 @@ async def preflight(rt: Runtime, schedule: PreflightSchedule | None = None) -> l
 
     With a `schedule` (fencing.preflight.PreflightSchedule, the leader's timer), only the run
     it says is due: every host, or only those it has not read yet at their BMC address; none
-    is nothing. At most PREFLIGHT_CONCURRENCY BMCs are read at once."""
+    is nothing. At most PREFLIGHT_CONCURRENCY BMCs are read at once. A BMC that did not answer
+    is read again after `retry_after` seconds (PREFLIGHT_RETRY_AFTER) before it is told: a
+    busy BMC or a lost packet is not a notice; a changed identity is told at once."""
     from fencing.actuator import preflight
     from fencing.cloudstack import host_from_api
     from fencing.identity import IdentityCheck, daily_slot, identity_notice
+    from fencing.preflight import PREFLIGHT_RETRY_AFTER
 
     run = schedule.due(time.monotonic()) if schedule is not None else "all"
     if run is None:
@@ -758,6 +763,18 @@ async def preflight(rt: Runtime, schedule: PreflightSchedule | None = None) -> l
     log.info("pre-flight: reading the BMCs of %d host(s) (%s)", len(refs), run)
     pins = await rt.bmc_pins()
     results = await preflight(live, list(refs.values()), pins=pins, states=states)
+    # A changed identity reads the same again; a BMC that did not answer may answer now.
+    failed = [
+        refs[r.host_uuid]
+        for r in results
+        if not r.ok and r.identity not in ("changed", "elsewhere")
+    ]
+    if failed:
+        wait = PREFLIGHT_RETRY_AFTER if retry_after is None else retry_after
+        log.info("pre-flight: %d BMC(s) failed, read again in %g s", len(failed), wait)
+        await asyncio.sleep(wait)
+        again = {r.host_uuid: r for r in await preflight(live, failed, pins=pins, states=states)}
+        results = [again.get(r.host_uuid, r) for r in results]
     if schedule is not None:
         schedule.ran(run, time.monotonic(), [(h, address[h]) for h in refs])
     mono, tag = time.monotonic(), rt.reminder_tag

@@ -1236,3 +1236,47 @@ def test_cli_pin_and_unpin_refuse_without_the_signing_keys(
         assert r.returncode == 1 and r.stdout == "", r.stderr
         assert "signing.keys_file (or signing.keys) is not set" in r.stderr
     assert sim_bmc.count() == 0
+
+
+async def test_worker_preflight_reads_a_silent_bmc_again_before_telling(
+    cloud: Cloud, fencer_settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rule 5, retries then notifies: a BMC that does not answer the pre-flight is read again
+    a little later; only one that fails again is told (PREFLIGHT_FAILED)."""
+    import logging
+
+    from fencing.settings import SigningSettings
+    from fencing.signing import write_keys_file
+    from streams.actuating import preflight
+    from streams.runtime import Runtime
+
+    caplog.set_level(logging.INFO, logger="fencer.streams")
+    with BmcSimulator("admin", BMC_PASSWORD, guid=GUID_A) as bmc:
+        base = fencer_settings(isolated_topics=True)
+        keys = write_keys_file(base.data_dir / "signing.keys", "test")
+        settings = make_settings(cloud, bmc.port).model_copy(
+            update={
+                "kafka": base.kafka,
+                "data_dir": base.data_dir,
+                "signing": SigningSettings(keys_file=keys),
+            }
+        )
+        runtime = Runtime(settings=settings, started_at=time.time())
+        try:
+            bmc.pause()  # busy, or a lost packet: the first read gets no answer
+            run = asyncio.create_task(preflight(runtime, retry_after=10.0))
+            await _until(
+                "the pre-flight to read it again", lambda: "read again in" in caplog.text, 30
+            )
+            bmc.resume()
+            assert await asyncio.wait_for(run, 60) == []  # answered the second time: no notice
+            pins = await runtime.bmc_pins()
+            assert pins.get(cloud.host.uuid).guid == GUID_A
+
+            bmc.pause()  # silent for good: told after the second read
+            notices = await preflight(runtime, retry_after=0.5)
+            assert [n.kind for n in notices] == [NoticeKind.PREFLIGHT_FAILED]
+            assert caplog.text.count("read again in") == 2
+        finally:
+            bmc.resume()
+            await runtime.close()
