@@ -8,8 +8,10 @@ catastrophic fencing mistake. A host with no pin yet is pinned by the pre-flight
 first fence (read the GUID, pin it, go on): the first read is trusted, later ones are compared.
 Two first reads are not trusted: a GUID already pinned for another host (an address copied from
 another host's settings reaches that host's BMC) is never pinned for this one and never consents
-(verdict "elsewhere", the BMC_IDENTITY_CHANGED notice names both hosts); and the pre-flight does
-not pin a BMC whose chassis is not on while CloudStack shows the host Up (fencing.preflight).
+(verdict "elsewhere", the BMC_IDENTITY_CHANGED notice names both hosts); two hosts that first
+read one GUID in the same pre-flight are both pinned with it, so neither fences until an
+operator confirms one (fencing.preflight: the first to pin only won a race); and the pre-flight
+does not pin a BMC whose chassis is not on while CloudStack shows the host Up (fencing.preflight).
 A GUID that cannot be read refuses the fence (unknown is never consent); a driver that has no
 way to read one (the command template) is reported as unchecked, never as checked.
 

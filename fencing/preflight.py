@@ -8,9 +8,10 @@ connected, so the host runs: that BMC is another machine's)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from fencing.drivers import build_driver
@@ -21,6 +22,8 @@ from fencing.identity import IdentityCheck, PinStore, pin_new, verify_identity
 from fencing.records import HostRef
 from fencing.redaction import Redactor, secrets_of
 from fencing.settings import FencerSettings, IpmiSettings
+
+log = logging.getLogger("fencer.actuator")
 
 DriverFactory = Callable[[IpmiSettings, str | None, float], PowerDriver]
 
@@ -167,7 +170,70 @@ async def preflight(
                 settings, host_uuid, cluster, engine, pins=pins, cloud_state=state
             )
 
-    return list(await asyncio.gather(*(one(h) for h in hosts)))
+    results = list(await asyncio.gather(*(one(h) for h in hosts)))
+    if pins is not None:
+        results = await _one_bmc_first_read_twice(settings, results, pins)
+    return results
+
+
+async def _one_bmc_first_read_twice(
+    settings: FencerSettings, results: list[PreflightResult], pins: PinStore
+) -> list[PreflightResult]:
+    """Hosts whose BMC addresses reached one BMC (one GUID) in the same run, none pinned
+    before it: the one that pinned first only won a race (the first run of a cloud reads every
+    host at once), so nothing tells whose address is the right one. None is trusted: the others
+    are pinned with that GUID too (as first reads), so it is held by several hosts and none
+    fences through it (fencing.identity) until the wrong address is corrected and an operator
+    confirms each host's BMC (`fencer ipmi pin`); every result says so. (A host pinned on an
+    earlier run keeps its pin: a host added later with its BMC's address is the newcomer.)"""
+    won = {r.guid: r for r in results if r.identity == "pinned" and r.guid}
+    losers: dict[str, list[str]] = {}
+    for r in results:
+        if r.identity != "elsewhere" or r.guid not in won:
+            continue
+        guid = r.guid
+        try:
+            first = pins.get(won[guid].host_uuid)
+            if pins.get(r.host_uuid) is not None or first is None or first.guid != guid:
+                continue
+            eff = settings.effective_ipmi(r.host_uuid, r.cluster_uuid)
+            await pins.put(
+                first.model_copy(
+                    update={
+                        "host_uuid": r.host_uuid,
+                        "address": eff.address,
+                        "driver": r.driver,
+                        "pinned_at": time.time(),
+                        "pinned_by": "preflight",
+                    }
+                )
+            )
+        except Exception as exc:  # the loser stays refused; the winner is told below anyway
+            log.warning("host %s: cannot pin BMC GUID %s too: %s", r.host_uuid, guid, exc)
+        losers.setdefault(guid, []).append(r.host_uuid)
+    out = []
+    for r in results:
+        others = losers.get(r.guid or "") if r.identity == "pinned" else None
+        if not others:
+            out.append(r)
+            continue
+        named = ", ".join(others)
+        out.append(
+            replace(
+                r,
+                ok=False,
+                identity="elsewhere",
+                error=(
+                    f"BMC identity of another host: the BMC address of host {r.host_uuid} and "
+                    f"that of host(s) {named} reach one BMC (system GUID {r.guid}), read in "
+                    "the same pre-flight with no pin before it: one address is wrong (copied "
+                    "from another host's settings?), and nothing tells which. Neither host is "
+                    "fenced through it until the wrong address is corrected and an operator "
+                    f"confirms each host's BMC: fencer ipmi pin {r.host_uuid}"
+                ),
+            )
+        )
+    return out
 
 
 # The actuate leader's schedule (streams.app's pre-flight timer, streams.actuating.preflight).

@@ -210,7 +210,12 @@ async def _notices_on(settings: FencerSettings, within: float = 10) -> list[Noti
 async def test_changed_guid_no_power_action_notice_then_operator_pin_and_fence(
     sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path
 ) -> None:
-    settings = settings_for(sim_bmc.port, base=fencer_settings(isolated_topics=True))
+    from fencing.settings import SigningSettings
+    from fencing.signing import write_keys_file
+
+    keys = write_keys_file(tmp_path / "signing.keys", "test")
+    base = fencer_settings(isolated_topics=True, signing=SigningSettings(keys_file=keys))
+    settings = settings_for(sim_bmc.port, base=base)
     pins = BmcPinStore(settings)
     await pins.start()
     try:
@@ -245,6 +250,7 @@ async def test_changed_guid_no_power_action_notice_then_operator_pin_and_fence(
         yaml.safe_dump(
             {
                 "kafka": settings.kafka.model_dump(mode="json"),
+                "signing": {"keys_file": str(keys)},
                 "defaults": {"action": "stop", "username": "admin", "restart_via": "none"},
                 "hosts": {
                     HOST: {
@@ -806,9 +812,11 @@ async def test_worker_preflight_tells_of_a_bmc_that_is_off_while_its_host_is_up(
             await runtime.close()
 
 
-async def test_two_hosts_preflighted_at_once_through_one_bmc_pin_it_once() -> None:
-    # Both pre-flights read the GUID before either pins it: the second to pin asks the store
-    # again and finds the GUID pinned for the other host.
+async def test_two_hosts_first_read_through_one_bmc_in_one_preflight_fence_neither() -> None:
+    # The first pre-flight of a cloud reads every host at once: two hosts whose addresses reach
+    # one BMC both read its GUID; the first to pin only won a race, nothing tells whose address
+    # is right. Neither is trusted: both hold the GUID, neither fences, both results say why.
+    from fencing.identity import pin_current
     from fencing.preflight import preflight
 
     with openipmi.IpmiSim(guid=GUID_A) as sim:
@@ -816,12 +824,72 @@ async def test_two_hosts_preflighted_at_once_through_one_bmc_pin_it_once() -> No
         pins = MemoryPinStore()
         refs = [HostRef(host_uuid=HOST), HostRef(host_uuid=HOST2)]
         results = await preflight(settings, refs, pins=pins)
-        assert sorted(r.identity or "" for r in results) == ["elsewhere", "pinned"]
-        (won,) = [r.host_uuid for r in results if r.identity == "pinned"]
-        (lost,) = [r for r in results if r.identity == "elsewhere"]
-        assert not lost.ok and won in (lost.error or "")
-        assert pins.get(lost.host_uuid) is None and pins.holders(lost.guid or "") == [won]
-        assert sim.power_commands == []
+        assert [r.identity for r in results] == ["elsewhere", "elsewhere"]
+        assert not any(r.ok for r in results)
+        for r, other in zip(results, (HOST2, HOST), strict=True):
+            assert other in (r.error or "") and sim.password not in (r.error or "")
+        guid = results[0].guid or ""
+        assert guid and results[1].guid == guid
+        assert pins.holders(guid) == sorted([HOST, HOST2])
+        assert {pins.get(h).pinned_by for h in (HOST, HOST2)} == {"preflight"}  # type: ignore[union-attr]
+        for me in (HOST, HOST2):
+            outcome = await Actuator(settings, pins=pins, announce=Notices()).handle(
+                decision_for(me, "hv")
+            )
+            assert outcome is not None and not outcome.success
+        assert sim.power == "on" and sim.power_commands == []
+        # The next run says the same (a GUID two first reads hold consents for neither).
+        again = await preflight(settings, refs, pins=pins)
+        assert [r.identity for r in again] == ["elsewhere", "elsewhere"]
+
+        # HOST2's address is corrected (its own BMC, another GUID) and an operator pins it:
+        # HOST alone holds the GUID and fences again.
+        with openipmi.IpmiSim(guid=GUID_B) as own:
+            fixed = settings.model_copy(
+                update={
+                    "hosts": {
+                        **settings.hosts,
+                        HOST2: HostSettings(
+                            ipmi=IpmiOverrides(
+                                address="127.0.0.1",
+                                port=own.port,
+                                password=SecretStr(own.password),
+                            )
+                        ),
+                    },
+                    "defaults": settings.defaults.model_copy(update={"username": own.username}),
+                }
+            )
+            driver = IpmiDriver(
+                "127.0.0.1", own.username, SecretStr(own.password), own.port, timeout=5
+            )
+            try:
+                await pin_current(HOST2, driver, pins, address="127.0.0.1", by="operator bob")
+            finally:
+                await driver.aclose()
+            assert pins.holders(guid) == [HOST]
+            outcome = await Actuator(fixed, pins=pins, announce=Notices()).handle(
+                decision_for(HOST, "hv1")
+            )
+            assert outcome is not None and outcome.success, outcome.error
+            assert sim.power == "off"
+
+
+async def test_a_host_pinned_on_an_earlier_run_keeps_its_pin_against_a_newcomer() -> None:
+    # A host added later with a copy of another host's BMC address is the newcomer: refused,
+    # not pinned; the host pinned before keeps fencing through its own BMC.
+    from fencing.preflight import preflight
+
+    with openipmi.IpmiSim(guid=GUID_A) as sim:
+        settings = two_hosts_one_bmc(sim.port, sim.username, sim.password)
+        pins = MemoryPinStore()
+        (first,) = await preflight(settings, [HostRef(host_uuid=HOST)], pins=pins)
+        assert first.ok and first.identity == "pinned"
+        refs = [HostRef(host_uuid=HOST), HostRef(host_uuid=HOST2)]
+        results = await preflight(settings, refs, pins=pins)
+        assert [r.identity for r in results] == ["matches", "elsewhere"]
+        assert results[0].ok and pins.holders(first.guid or "") == [HOST]
+        assert pins.get(HOST2) is None
 
 
 async def test_a_guid_pinned_for_two_hosts_fences_neither(ipmi_sim: openipmi.IpmiSim) -> None:
