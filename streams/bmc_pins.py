@@ -91,7 +91,9 @@ class BmcPinStore:
         self._client_id = client_id
         # The API reads pins only: an actuate worker pins (its Kafka principal may not write).
         self.read_only = read_only
-        self._ring: Keyring | None = _ring_or_none(settings) if keyring is _UNSET else keyring
+        # The signing keys, loaded by start() unless given (None: neither signed nor verified).
+        self._ring: Keyring | None = None if keyring is _UNSET else keyring
+        self._load_ring = keyring is _UNSET
         # A worker tells of badly signed records (forged_record); a CLI run only logs them.
         self._tell_forged = tell_forged and not read_only
         self._pins: dict[str, BmcPin] = {}  # signed (verified) pins
@@ -105,7 +107,12 @@ class BmcPinStore:
         self._started = False
 
     async def start(self, within: float = 30.0) -> None:
-        """Create the topics if missing, read the pins topic to its end, open a producer."""
+        """Create the topics if missing, read the pins topic to its end, open a producer.
+
+        Raises PinStoreError (the keys, the broker or the topic)."""
+        if self._load_ring:
+            self._ring = _ring_or_none(self._settings)
+            self._load_ring = False
         prepare_kafka(self._settings)
         try:
             await asyncio.wait_for(ensure_topics(self._settings), within)
