@@ -277,6 +277,12 @@ class BmcPinStore:
                 removal.get("pinned_at"),
             ):
                 del held[key]
+                log.warning(
+                    "host %s: BMC pin (system GUID %s) removed by %s",
+                    key,
+                    pin.guid,
+                    str(removal.get("removed_by"))[:200],
+                )
                 return
         # A removal of a pin no longer in force (written since, or compacted away): nothing.
         log.info(
