@@ -1050,7 +1050,7 @@ async def test_worker_preflight_schedule_pins_every_host_at_once_then_new_hosts_
 
 
 async def test_cli_unpin_writes_the_null_record_then_the_next_preflight_pins_anew(
-    sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path
+    sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A board moved from a host removed from CloudStack (HOST) to a new one (HOST2): HOST's
     pin holds its GUID, so HOST2's pre-flight refuses it as another host's BMC. `fencer ipmi
@@ -1101,6 +1101,10 @@ async def test_cli_unpin_writes_the_null_record_then_the_next_preflight_pins_ane
         while worker.get(HOST) is not None:  # the running worker reads the null record
             assert time.monotonic() < deadline, "the worker's pin store kept the removed pin"
             await asyncio.sleep(0.1)
+        # the worker's log says whose removal it applied
+        assert f"host {HOST}: BMC pin (system GUID {GUID_A}) removed by operator alice" in (
+            caplog.text
+        )
         again = await check_host(settings, HOST2, None, pins=worker)
         assert again.ok and again.identity == "pinned", again.error
         pin = worker.get(HOST2)
