@@ -8,8 +8,10 @@ catastrophic fencing mistake. A host with no pin yet is pinned by the pre-flight
 first fence (read the GUID, pin it, go on): the first read is trusted, later ones are compared.
 Two first reads are not trusted: a GUID already pinned for another host (an address copied from
 another host's settings reaches that host's BMC) is never pinned for this one and never consents
-(verdict "elsewhere", the BMC_IDENTITY_CHANGED notice names both hosts); and the pre-flight does
-not pin a BMC whose chassis is not on while CloudStack shows the host Up (fencing.preflight).
+(verdict "elsewhere", the BMC_IDENTITY_CHANGED notice names both hosts); two hosts that first
+read one GUID in the same pre-flight are both pinned with it, so neither fences until an
+operator confirms one (fencing.preflight: the first to pin only won a race); and the pre-flight
+does not pin a BMC whose chassis is not on while CloudStack shows the host Up (fencing.preflight).
 A GUID that cannot be read refuses the fence (unknown is never consent); a driver that has no
 way to read one (the command template) is reported as unchecked, never as checked.
 
@@ -141,6 +143,8 @@ async def verify_identity(
                     )
                 )
             return _elsewhere(host_uuid, guid, where, pins.get(others[0]), others[0], pin)
+        if pin is None and (stale := _unsigned_other(pins, host_uuid, guid)) is not None:
+            return _unsigned_refusal(host_uuid, guid, where, stale)
         if pin is None and not may_pin:
             return IdentityCheck(host_uuid, "unpinned", guid=guid)
         if pin is None:
@@ -212,6 +216,33 @@ def _confirmed(pin: BmcPin | None, guid: str) -> bool:
     return pin is not None and pin.guid == guid and pin.pinned_by not in AUTOMATIC_PINS
 
 
+def _unsigned_other(pins: PinStore, host_uuid: str, guid: str) -> BmcPin | None:
+    """The unsigned pin record in force for a host with no signed pin (an older fencer's, or
+    forged: streams.bmc_pins) when it names another GUID than the BMC reports; else None.
+    Only a store that verifies signatures has such records."""
+    unsigned = getattr(pins, "unsigned", None)
+    stale: BmcPin | None = unsigned(host_uuid) if unsigned is not None else None
+    return stale if stale is not None and stale.guid != guid else None
+
+
+def _unsigned_refusal(host_uuid: str, guid: str, where: str, stale: BmcPin) -> IdentityCheck:
+    """A first read that an unsigned record contradicts: not pinned, not consent. Pinned anew
+    automatically only when the BMC reports the GUID that record names (the upgrade from
+    unsigned pins), so a board changed meanwhile waits for an operator."""
+    return IdentityCheck(
+        host_uuid,
+        "changed",
+        guid=guid,
+        pinned=stale.guid,
+        reason=(
+            f"BMC identity changed: {where} reports system GUID {guid}, but the host's last "
+            f"pin record names {stale.guid} (by {stale.pinned_by}) and fencer's keys did not "
+            "sign it (an older fencer's pin, or a forged one): not pinned automatically, nor "
+            f"used for fencing until an operator confirms it: fencer ipmi pin {host_uuid}"
+        ),
+    )
+
+
 def _elsewhere(
     host_uuid: str,
     guid: str,
@@ -258,6 +289,8 @@ async def pin_new(
             return _elsewhere(
                 check.host_uuid, guid, address or "its BMC", pins.get(others[0]), others[0], pin
             )
+        if pin is None and (stale := _unsigned_other(pins, check.host_uuid, guid)) is not None:
+            return _unsigned_refusal(check.host_uuid, guid, address or "its BMC", stale)
         if pin is not None:
             if pin.guid == guid:
                 return IdentityCheck(check.host_uuid, "matches", guid=guid, pinned=pin.guid)

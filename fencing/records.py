@@ -348,3 +348,6 @@ class BmcPin(WireRecord):
     )
     seen_address: str | None = None
     seen_at: float | None = None
+    signature: dict[str, str] | None = Field(
+        None, description="the writer's HMAC-SHA256 of the record without it (fencing.signing)"
+    )

@@ -201,7 +201,12 @@ class ActuatorSettings(_Model):
     poll_interval: float = Field(1.0, gt=0)
     retries: int = Field(2, ge=0)
     retry_backoff: float = Field(2.0, ge=0)
-    preflight_interval: float = Field(0.0, ge=0, description="0 = no periodic BMC pre-flight")
+    preflight_interval: float = Field(
+        3600.0,
+        ge=0,
+        description="seconds between BMC pre-flights of every host (the first soon after the "
+        "actuate leader starts, hosts new since within minutes: pinned while Up); 0 = none",
+    )
     decision_max_age: float | None = Field(
         None,
         gt=0,

@@ -33,6 +33,8 @@ from fencing.settings import FencerSettings, SigningSettings
 DECISION = "fencer.fence-decision.v1"
 SETTINGS = "fencer.settings.v1"
 CLAIM = "fencer.fence-claim.v1"  # streams.claims: the actuators' fence-claims log
+BMC_PIN = "fencer.bmc-pin.v1"  # streams.bmc_pins: a host's pinned BMC system GUID
+BMC_UNPIN = "fencer.bmc-unpin.v1"  # streams.bmc_pins: the removal a pin's tombstone carries
 ALGORITHM = "HMAC-SHA256"
 MIN_SECRET = 32
 SIGNATURE_FIELD = "signature"

@@ -38,6 +38,7 @@ from streams.codec import Out, dead_letter, dump
 from streams.tables import done_entry, failed_fence, put_entry
 
 if TYPE_CHECKING:
+    from fencing.preflight import PreflightSchedule
     from streams.runtime import Runtime
 
 log = logging.getLogger("fencer.streams")
@@ -819,30 +820,66 @@ async def carry_out(
     )
 
 
-async def preflight(rt: Runtime) -> list[Notice]:
+async def preflight(
+    rt: Runtime, schedule: PreflightSchedule | None = None, retry_after: float | None = None
+) -> list[Notice]:
     """A PREFLIGHT_FAILED notice for each host whose BMC would not answer a fence now, a
     BMC_IDENTITY_CHANGED one for each BMC whose system GUID is not the pinned one (at most
     one per host per day: the notice id carries the process's tag and the day of its monotonic
     clock, never of the wall clock: `fencing.identity.daily_slot`). GUIDs are pinned on first
-    read."""
+    read.
+
+    With a `schedule` (fencing.preflight.PreflightSchedule, the leader's timer), only the run
+    it says is due: every host, or only those it has not read yet at their BMC address; none
+    is nothing. At most PREFLIGHT_CONCURRENCY BMCs are read at once. A BMC that did not answer
+    is read again after `retry_after` seconds (PREFLIGHT_RETRY_AFTER) before it is told: a
+    busy BMC or a lost packet is not a notice; a changed identity is told at once."""
     from fencing.actuator import preflight
     from fencing.cloudstack import host_from_api
     from fencing.identity import IdentityCheck, daily_slot, identity_notice
+    from fencing.preflight import PREFLIGHT_RETRY_AFTER
 
+    run = schedule.due(time.monotonic()) if schedule is not None else "all"
+    if run is None:
+        return []
     try:
         rows = await rt.inventory().kvm_hosts()
         hosts = [host_from_api(h) for h in rows]
     except Exception as exc:
         log.warning("pre-flight: cannot list hosts: %s", exc)
+        if schedule is not None:
+            schedule.failed(time.monotonic())
         return []
     # CloudStack's state of each host: a BMC that reads off while its host is Up is not pinned.
     states = {str(h["id"]): str(h["state"]) for h in rows if h.get("state")}
     live = await rt.live()
+    address = {h.host_uuid: live.effective_ipmi(h.host_uuid, h.cluster_uuid).address for h in hosts}
     refs = {
-        h.host_uuid: h for h in hosts if live.effective_ipmi(h.host_uuid, h.cluster_uuid).address
+        h.host_uuid: h
+        for h in hosts
+        if address[h.host_uuid]
+        and (schedule is None or run == "all" or schedule.is_new(h.host_uuid, address[h.host_uuid]))
     }
+    if schedule is not None and run == "new" and not refs:
+        schedule.ran(run, time.monotonic(), [])
+        return []
+    log.info("pre-flight: reading the BMCs of %d host(s) (%s)", len(refs), run)
     pins = await rt.bmc_pins()
     results = await preflight(live, list(refs.values()), pins=pins, states=states)
+    # A changed identity reads the same again; a BMC that did not answer may answer now.
+    failed = [
+        refs[r.host_uuid]
+        for r in results
+        if not r.ok and r.identity not in ("changed", "elsewhere")
+    ]
+    if failed:
+        wait = PREFLIGHT_RETRY_AFTER if retry_after is None else retry_after
+        log.info("pre-flight: %d BMC(s) failed, read again in %g s", len(failed), wait)
+        await asyncio.sleep(wait)
+        again = {r.host_uuid: r for r in await preflight(live, failed, pins=pins, states=states)}
+        results = [again.get(r.host_uuid, r) for r in results]
+    if schedule is not None:
+        schedule.ran(run, time.monotonic(), [(h, address[h]) for h in refs])
     mono, tag = time.monotonic(), rt.reminder_tag
     return [
         identity_notice(

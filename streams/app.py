@@ -520,11 +520,15 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                 log.warning("cannot follow the VMs of fenced hosts again: %s", exc)
 
         if settings.actuator.preflight_interval > 0:
+            from fencing.preflight import PreflightSchedule
 
-            @app.timer(interval=settings.actuator.preflight_interval, on_leader=True)
+            preflight_schedule = PreflightSchedule(settings.actuator.preflight_interval)
+
+            @app.timer(interval=preflight_schedule.tick, on_leader=True)
             async def preflight() -> None:
-                # Read every BMC now, so a wrong password is found before a fence needs it.
-                for notice in await actuating.preflight(runtime):
+                # Read every BMC soon after this worker leads, then every preflight_interval
+                # (new hosts sooner): pinned while Up, a wrong password found before a fence.
+                for notice in await actuating.preflight(runtime, preflight_schedule):
                     await notices.send(key=notice.host.host_uuid.encode(), value=codec.dump(notice))
 
     # -- notify: email and SNMP for every step ------------------------------------------

@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--by", help="who confirms (default: the login name)")
     ip.add_argument("-c", "--config", help="settings file (YAML)")
     ip.set_defaults(func=_lazy("streams.bmc_pins:cli_ipmi_pin"))
+    iu = isub.add_parser(
+        "unpin", help="remove a host's BMC pin: its next pre-flight pins what the BMC reports"
+    )
+    iu.add_argument("host", help="CloudStack host uuid")
+    iu.add_argument("--by", help="who removes it (default: the login name)")
+    iu.add_argument("-c", "--config", help="settings file (YAML)")
+    iu.set_defaults(func=_lazy("streams.ipmi_cli:cli_ipmi_unpin"))
 
     f = sub.add_parser("fence", help="answer a failed fence (stops the fence_failed reminders)")
     fsub = f.add_subparsers(dest="fence_command", required=True, metavar="SUBCOMMAND")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
+import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -75,3 +77,39 @@ def cli_ipmi_test(args: argparse.Namespace) -> int:
     if not r.ok:
         log.error("IPMI test failed for host %s: %s", args.host, r.error)
     return 0 if r.ok else 1
+
+
+def cli_ipmi_unpin(args: argparse.Namespace) -> int:
+    """`fencer ipmi unpin HOST [--by NAME] [-c FILE]`: remove the host's BMC pin (the null
+    record on bmc-pins), so its next pre-flight pins the GUID its BMC reports then: a board
+    moved from a host removed from CloudStack, or a host re-installed behind a new board that
+    `fencer ipmi pin` cannot confirm because the old pin holds its GUID. Prints the removed
+    pin as JSON; a host with no pin, or pins that cannot be read or written, exit 1."""
+    from fencing.identity import PinStoreError
+    from fencing.settings import load_settings
+    from streams.bmc_pins import remove_pin, require_signing
+    from streams.observability import configure_logging, install_secret_scrubber
+
+    settings = load_settings(getattr(args, "config", None))
+    configure_logging(settings.log_level, json=settings.log_json)
+    install_secret_scrubber(settings)
+    by = f"operator {args.by or getpass.getuser()}"
+    try:
+        require_signing(settings)
+        old = asyncio.run(remove_pin(settings, args.host, by=by))
+    except (LookupError, PinStoreError) as exc:
+        print(f"fencer: BMC pin of host {args.host} not removed: {exc}", file=sys.stderr)
+        return 1
+    print(
+        json.dumps(
+            {
+                "host_uuid": old.host_uuid,
+                "removed_guid": old.guid,
+                "address": old.address,
+                "pinned_by": old.pinned_by,
+                "removed_by": by,
+            },
+            indent=2,
+        )
+    )
+    return 0

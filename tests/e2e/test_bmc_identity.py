@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,4 +101,52 @@ async def test_swapped_bmc_is_never_powered_off_until_an_operator_pins_it(
             )
             assert lab.bmc_power_offs("kvm03") == 1
         finally:
+            await run.stop()
+
+
+async def test_preflight_on_by_default_pins_hosts_while_up_then_fences_through_that_pin(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """With the product's default settings the actuate leader reads every BMC soon after it
+    starts: each host is pinned while CloudStack shows it Up and its chassis reads on, not at
+    its first fence (when nothing could tell its BMC from another machine's). The crashed host
+    is then fenced through that pin, which stays as the pre-flight wrote it."""
+    from fencing.settings import ActuatorSettings
+    from streams.bmc_pins import BmcPinStore
+
+    async with LabCloud(broker, root=tmp_path / "lab", hosts=4, interval=0.5) as lab:
+        run = Run("preflight-default", lab, tmp_path, True, None)
+        pins: BmcPinStore | None = None
+        try:
+            await run.start()
+            default = ActuatorSettings.model_fields["preflight_interval"].default
+            assert default > 0 and run.settings.actuator.preflight_interval == default
+            pins = BmcPinStore(run.settings, client_id="test-pins", read_only=True)
+            await pins.start()
+            names = lab.names()
+            store = pins
+
+            def pinned() -> dict[str, Any]:
+                got = {n: store.get(lab.host(n).uuid) for n in names}
+                return got if all(got.values()) else {}
+
+            got = await run.wait(pinned, 60, "every host pinned by the pre-flight")
+            for name, pin in got.items():
+                assert pin.pinned_by == "preflight" and pin.guid == lab.bmcs[name].guid, name
+                assert lab.cloud.hosts[lab.host(name).uuid].state == "Up"
+            assert run.notices("preflight_failed") == []
+            before = got["kvm02"]
+
+            await lab.crash("kvm02")
+            await run.wait(
+                lambda: any(o.get("success") for o in run.outcomes("kvm02")),
+                run.fence_deadline + 40,
+                "kvm02 fenced",
+            )
+            assert lab.bmc_power_offs("kvm02") == 1 and lab.bmcs["kvm02"].power == "off"
+            assert store.get(lab.host("kvm02").uuid) == before  # fenced through that pin
+            assert all(lab.bmc_power_offs(n) == 0 for n in names if n != "kvm02")
+        finally:
+            if pins is not None:
+                await pins.stop()
             await run.stop()

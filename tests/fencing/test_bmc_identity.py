@@ -4,6 +4,7 @@ embedded Kafka broker for the pins topic, and the `fencer` CLI as operators run 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -38,7 +39,7 @@ from fencing.identity import (
     identity_notice,
     verify_identity,
 )
-from fencing.records import EvidenceSummary, FenceDecision, HostRef, Notice
+from fencing.records import BmcPin, EvidenceSummary, FenceDecision, HostRef, Notice
 from fencing.settings import (
     ActuatorSettings,
     FencerSettings,
@@ -209,7 +210,12 @@ async def _notices_on(settings: FencerSettings, within: float = 10) -> list[Noti
 async def test_changed_guid_no_power_action_notice_then_operator_pin_and_fence(
     sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path
 ) -> None:
-    settings = settings_for(sim_bmc.port, base=fencer_settings(isolated_topics=True))
+    from fencing.settings import SigningSettings
+    from fencing.signing import write_keys_file
+
+    keys = write_keys_file(tmp_path / "signing.keys", "test")
+    base = fencer_settings(isolated_topics=True, signing=SigningSettings(keys_file=keys))
+    settings = settings_for(sim_bmc.port, base=base)
     pins = BmcPinStore(settings)
     await pins.start()
     try:
@@ -244,6 +250,7 @@ async def test_changed_guid_no_power_action_notice_then_operator_pin_and_fence(
         yaml.safe_dump(
             {
                 "kafka": settings.kafka.model_dump(mode="json"),
+                "signing": {"keys_file": str(keys)},
                 "defaults": {"action": "stop", "username": "admin", "restart_via": "none"},
                 "hosts": {
                     HOST: {
@@ -279,12 +286,15 @@ async def test_changed_guid_no_power_action_notice_then_operator_pin_and_fence(
 def test_cli_pin_refuses_a_guid_other_than_the_expected_one(
     sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path
 ) -> None:
+    from fencing.signing import write_keys_file
+
     settings = fencer_settings(isolated_topics=True)
     conf = tmp_path / "fencer.yaml"
     conf.write_text(
         yaml.safe_dump(
             {
                 "kafka": settings.kafka.model_dump(mode="json"),
+                "signing": {"keys_file": str(write_keys_file(tmp_path / "k", "test"))},
                 "hosts": {
                     HOST: {
                         "ipmi": {
@@ -802,9 +812,11 @@ async def test_worker_preflight_tells_of_a_bmc_that_is_off_while_its_host_is_up(
             await runtime.close()
 
 
-async def test_two_hosts_preflighted_at_once_through_one_bmc_pin_it_once() -> None:
-    # Both pre-flights read the GUID before either pins it: the second to pin asks the store
-    # again and finds the GUID pinned for the other host.
+async def test_two_hosts_first_read_through_one_bmc_in_one_preflight_fence_neither() -> None:
+    # The first pre-flight of a cloud reads every host at once: two hosts whose addresses reach
+    # one BMC both read its GUID; the first to pin only won a race, nothing tells whose address
+    # is right. Neither is trusted: both hold the GUID, neither fences, both results say why.
+    from fencing.identity import pin_current
     from fencing.preflight import preflight
 
     with openipmi.IpmiSim(guid=GUID_A) as sim:
@@ -812,12 +824,72 @@ async def test_two_hosts_preflighted_at_once_through_one_bmc_pin_it_once() -> No
         pins = MemoryPinStore()
         refs = [HostRef(host_uuid=HOST), HostRef(host_uuid=HOST2)]
         results = await preflight(settings, refs, pins=pins)
-        assert sorted(r.identity or "" for r in results) == ["elsewhere", "pinned"]
-        (won,) = [r.host_uuid for r in results if r.identity == "pinned"]
-        (lost,) = [r for r in results if r.identity == "elsewhere"]
-        assert not lost.ok and won in (lost.error or "")
-        assert pins.get(lost.host_uuid) is None and pins.holders(lost.guid or "") == [won]
-        assert sim.power_commands == []
+        assert [r.identity for r in results] == ["elsewhere", "elsewhere"]
+        assert not any(r.ok for r in results)
+        for r, other in zip(results, (HOST2, HOST), strict=True):
+            assert other in (r.error or "") and sim.password not in (r.error or "")
+        guid = results[0].guid or ""
+        assert guid and results[1].guid == guid
+        assert pins.holders(guid) == sorted([HOST, HOST2])
+        assert {pins.get(h).pinned_by for h in (HOST, HOST2)} == {"preflight"}  # type: ignore[union-attr]
+        for me in (HOST, HOST2):
+            outcome = await Actuator(settings, pins=pins, announce=Notices()).handle(
+                decision_for(me, "hv")
+            )
+            assert outcome is not None and not outcome.success
+        assert sim.power == "on" and sim.power_commands == []
+        # The next run says the same (a GUID two first reads hold consents for neither).
+        again = await preflight(settings, refs, pins=pins)
+        assert [r.identity for r in again] == ["elsewhere", "elsewhere"]
+
+        # HOST2's address is corrected (its own BMC, another GUID) and an operator pins it:
+        # HOST alone holds the GUID and fences again.
+        with openipmi.IpmiSim(guid=GUID_B) as own:
+            fixed = settings.model_copy(
+                update={
+                    "hosts": {
+                        **settings.hosts,
+                        HOST2: HostSettings(
+                            ipmi=IpmiOverrides(
+                                address="127.0.0.1",
+                                port=own.port,
+                                password=SecretStr(own.password),
+                            )
+                        ),
+                    },
+                    "defaults": settings.defaults.model_copy(update={"username": own.username}),
+                }
+            )
+            driver = IpmiDriver(
+                "127.0.0.1", own.username, SecretStr(own.password), own.port, timeout=5
+            )
+            try:
+                await pin_current(HOST2, driver, pins, address="127.0.0.1", by="operator bob")
+            finally:
+                await driver.aclose()
+            assert pins.holders(guid) == [HOST]
+            outcome = await Actuator(fixed, pins=pins, announce=Notices()).handle(
+                decision_for(HOST, "hv1")
+            )
+            assert outcome is not None and outcome.success, outcome.error
+            assert sim.power == "off"
+
+
+async def test_a_host_pinned_on_an_earlier_run_keeps_its_pin_against_a_newcomer() -> None:
+    # A host added later with a copy of another host's BMC address is the newcomer: refused,
+    # not pinned; the host pinned before keeps fencing through its own BMC.
+    from fencing.preflight import preflight
+
+    with openipmi.IpmiSim(guid=GUID_A) as sim:
+        settings = two_hosts_one_bmc(sim.port, sim.username, sim.password)
+        pins = MemoryPinStore()
+        (first,) = await preflight(settings, [HostRef(host_uuid=HOST)], pins=pins)
+        assert first.ok and first.identity == "pinned"
+        refs = [HostRef(host_uuid=HOST), HostRef(host_uuid=HOST2)]
+        results = await preflight(settings, refs, pins=pins)
+        assert [r.identity for r in results] == ["matches", "elsewhere"]
+        assert results[0].ok and pins.holders(first.guid or "") == [HOST]
+        assert pins.get(HOST2) is None
 
 
 async def test_a_guid_pinned_for_two_hosts_fences_neither(ipmi_sim: openipmi.IpmiSim) -> None:
@@ -878,3 +950,405 @@ async def test_boards_that_all_report_one_guid_fence_again_once_a_person_confirm
     )
     assert outcome is not None and outcome.success, outcome.error
     assert ipmi_sim.power == "off"
+
+
+# -- the pre-flight is on by default: hosts are pinned while Up, new ones within minutes ----
+
+
+def test_preflight_is_on_by_default_and_runs_at_once_then_every_interval() -> None:
+    from fencing.preflight import RETRY_AFTER, PreflightSchedule
+
+    interval = FencerSettings().actuator.preflight_interval
+    assert interval > 0  # an operator expects it, as CloudStack's own OOBM syncs power
+    s = PreflightSchedule(interval)
+    assert s.tick <= 5.0
+    assert s.due(1000.0) == "all"  # at the first tick as leader, not one interval later
+    s.ran("all", 1000.0, [(HOST, "10.0.0.1")])
+    assert s.due(1000.0 + s.tick) is None
+    assert s.due(1000.0 + s.new_hosts_every) == "new"
+    assert s.is_new("other", "10.0.0.2") and not s.is_new(HOST, "10.0.0.1")
+    assert s.is_new(HOST, "10.0.0.9")  # its address changed: read again within minutes
+    s.ran("new", 1000.0 + s.new_hosts_every, [("other", "10.0.0.2")])
+    assert not s.is_new("other", "10.0.0.2")
+    assert s.due(1000.0 + s.new_hosts_every + 1) is None
+    assert s.due(1000.0 + interval) == "all"
+    s.failed(1000.0 + interval)  # listHosts did not answer: not asked again at every tick
+    assert s.due(1000.0 + interval + s.tick) is None
+    assert s.due(1000.0 + interval + RETRY_AFTER) == "all"
+    short = PreflightSchedule(1.0)
+    assert short.tick == 1.0 and short.new_hosts_every == 1.0
+    with pytest.raises(ValueError, match=r"actuator\.preflight_interval"):
+        PreflightSchedule(0)
+
+
+async def test_worker_preflight_schedule_pins_every_host_at_once_then_new_hosts_only(
+    cloud: Cloud, fencer_settings: Any
+) -> None:
+    """The leader's first run pins every host while it is Up; a later look reads only the host
+    that appeared in listHosts since (not every BMC again), and pins it."""
+    from fencing.preflight import PreflightSchedule
+    from fencing.settings import SigningSettings
+    from fencing.signing import write_keys_file
+    from streams.actuating import preflight
+    from streams.runtime import Runtime
+
+    new_host = str(uuid.uuid4())
+    with (
+        BmcSimulator("admin", BMC_PASSWORD, guid=GUID_A) as bmc,
+        BmcSimulator("admin", BMC_PASSWORD, guid=GUID_B) as bmc_new,
+    ):
+        base = fencer_settings(isolated_topics=True)
+        keys = write_keys_file(base.data_dir / "signing.keys", "test")
+        settings = make_settings(cloud, bmc.port)
+        hosts = {
+            **settings.hosts,
+            new_host: HostSettings(
+                ipmi=IpmiOverrides(
+                    address="127.0.0.1",
+                    port=bmc_new.port,
+                    username="admin",
+                    password=SecretStr(BMC_PASSWORD),
+                )
+            ),
+        }
+        settings = settings.model_copy(
+            update={
+                "kafka": base.kafka,
+                "data_dir": base.data_dir,
+                "signing": SigningSettings(keys_file=keys),
+                "hosts": hosts,
+            }
+        )
+        cloud.host.state = "Up"
+        runtime = Runtime(settings=settings, started_at=time.time())
+        schedule = PreflightSchedule(3600.0, new_hosts_every=0.5)
+        try:
+            assert await preflight(runtime, schedule) == []
+            pins = await runtime.bmc_pins()
+            first = pins.get(cloud.host.uuid)
+            assert first is not None and first.guid == GUID_A and first.pinned_by == "preflight"
+            reads = bmc.count()
+            assert reads > 0 and bmc_new.count() == 0  # not in listHosts yet
+            assert await preflight(runtime, schedule) == []  # nothing due yet: no BMC read
+            assert bmc.count() == reads
+
+            cluster = cloud.cloud.clusters[cloud.cluster_uuid]
+            cloud.cloud.add_host(cluster, "hv3", "10.0.0.13", uuid=new_host)
+            await asyncio.sleep(0.6)
+            assert await preflight(runtime, schedule) == []
+            pin = pins.get(new_host)
+            assert pin is not None and pin.guid == GUID_B and pin.pinned_by == "preflight"
+            assert bmc.count() == reads  # the pinned host's BMC was not read again
+            assert pins.get(cloud.host.uuid) == first
+            assert bmc.power == "on" and bmc_new.power == "on"
+            assert bmc.count("power_off") == 0 and bmc_new.count("power_off") == 0
+        finally:
+            await runtime.close()
+
+
+# -- `fencer ipmi unpin`: the null record, then the next pre-flight pins anew ---------------
+
+
+async def test_cli_unpin_writes_the_null_record_then_the_next_preflight_pins_anew(
+    sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A board moved from a host removed from CloudStack (HOST) to a new one (HOST2): HOST's
+    pin holds its GUID, so HOST2's pre-flight refuses it as another host's BMC. `fencer ipmi
+    unpin HOST` writes HOST's null record; a running worker's pin store forgets the pin, and
+    the next pre-flight pins the board for HOST2."""
+    from fencing.settings import SigningSettings
+    from fencing.signing import BMC_UNPIN, load_keyring, verify_bytes, write_keys_file
+
+    keys = write_keys_file(tmp_path / "signing.keys", "test")
+    settings = two_hosts_one_bmc(
+        sim_bmc.port,
+        "admin",
+        BMC_PASSWORD,
+        base=fencer_settings(isolated_topics=True, signing=SigningSettings(keys_file=keys)),
+    )
+    conf = tmp_path / "fencer.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": settings.kafka.model_dump(mode="json"),
+                "signing": {"keys_file": str(keys)},
+            }
+        )
+    )
+    worker = BmcPinStore(settings, client_id="test-worker-pins")
+    await worker.start()
+    try:
+        assert (await check_host(settings, HOST, None, pins=worker)).identity == "pinned"
+        moved = await check_host(settings, HOST2, None, pins=worker)
+        assert not moved.ok and moved.identity == "elsewhere" and HOST in (moved.error or "")
+
+        typo = await asyncio.to_thread(fencer_cli, "ipmi", "unpin", HOST2, "-c", str(conf))
+        assert typo.returncode == 1 and typo.stdout == ""
+        assert f"BMC pin of host {HOST2} not removed" in typo.stderr
+        assert "has no BMC pin" in typo.stderr
+
+        r = await asyncio.to_thread(
+            fencer_cli, "ipmi", "unpin", HOST, "--by", "alice", "-c", str(conf)
+        )
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["host_uuid"] == HOST and out["removed_guid"] == GUID_A
+        assert out["pinned_by"] == "preflight" and out["removed_by"] == "operator alice"
+        assert f"host {HOST}: BMC pin removed by operator alice" in r.stderr  # the log says who
+        assert BMC_PASSWORD not in r.stderr + r.stdout
+
+        deadline = time.monotonic() + 15
+        while worker.get(HOST) is not None:  # the running worker reads the null record
+            assert time.monotonic() < deadline, "the worker's pin store kept the removed pin"
+            await asyncio.sleep(0.1)
+        # the worker's log says whose removal it applied
+        assert f"host {HOST}: BMC pin (system GUID {GUID_A}) removed by operator alice" in (
+            caplog.text
+        )
+        again = await check_host(settings, HOST2, None, pins=worker)
+        assert again.ok and again.identity == "pinned", again.error
+        pin = worker.get(HOST2)
+        assert pin is not None and pin.guid == GUID_A and pin.pinned_by == "preflight"
+    finally:
+        await worker.stop()
+
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    reader = TopicReader(settings, [settings.kafka.topics.bmc_pins], records.append)
+    await reader.start(10)
+    await reader.stop()
+    of_host = [r for r in records if r.key == HOST.encode()]
+    assert [r.value is None for r in of_host] == [False, True]
+    assert [r.value is None for r in records if r.key == HOST2.encode()] == [False]
+    # the tombstone carries the signed removal of that pin, and who removed it
+    removal = verify_bytes(
+        load_keyring(settings), BMC_UNPIN, dict(of_host[1].headers)["fencer-unpin"]
+    )
+    assert removal["guid"] == GUID_A and removal["removed_by"] == "operator alice"
+    assert sim_bmc.count("power_off") == 0 and sim_bmc.power == "on"
+
+
+# -- signed pins: a record fencer's keys did not sign is never a pin -------------------------
+
+
+def signed_settings(base: FencerSettings, tmp_path: Path, *ports: int) -> FencerSettings:
+    """HOST (and HOST2) fenced through the lab BMCs on `ports`, with the signing keys."""
+    from fencing.settings import SigningSettings
+    from fencing.signing import write_keys_file
+
+    keys = write_keys_file(tmp_path / "signing.keys", "test")
+    settings = settings_for(
+        ports[0], base=base.model_copy(update={"signing": SigningSettings(keys_file=keys)})
+    )
+    hosts = {
+        h: HostSettings(
+            ipmi=IpmiOverrides(address="127.0.0.1", port=port, password=SecretStr(BMC_PASSWORD))
+        )
+        for h, port in zip((HOST, HOST2), ports, strict=False)
+    }
+    return settings.model_copy(update={"hosts": hosts})
+
+
+async def _raw_send(settings: FencerSettings, key: str, value: bytes | None) -> None:
+    """Write a record on bmc-pins as anyone with write access could, without fencer's keys."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.kafka import aiokafka_kwargs
+
+    producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings))
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.kafka.topics.bmc_pins, key=key.encode(), value=value)
+    finally:
+        await producer.stop()
+
+
+async def _until(what: str, predicate: Any, within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_pins_are_signed_and_a_record_fencer_did_not_sign_is_never_a_pin(
+    sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path
+) -> None:
+    from fencing.signing import BMC_PIN, load_keyring, parse_keys, sign, verify_bytes
+
+    settings = signed_settings(fencer_settings(isolated_topics=True), tmp_path, sim_bmc.port)
+    worker = BmcPinStore(settings, client_id="test-worker-pins")
+    await worker.start()
+    try:
+        assert (await check_host(settings, HOST, None, pins=worker)).identity == "pinned"
+        pinned = worker.get(HOST)
+        assert pinned is not None and pinned.guid == GUID_A
+
+        # Unsigned, naming another board and a person: not a pin, the signed one stays.
+        forged = pinned.model_copy(update={"guid": GUID_B, "pinned_by": "operator mallory"})
+        await _raw_send(settings, HOST, forged.model_dump_json().encode())
+        # Signed with keys fencer does not hold (twice): ignored, told once for the host.
+        other = parse_keys("mallory " + "m" * 40, "test")
+        alien = sign(other, BMC_PIN, forged.model_dump(mode="json") | {"host_uuid": HOST2})
+        for _ in range(2):
+            await _raw_send(settings, HOST2, json.dumps(alien).encode())
+        # A genuine signed pin of HOST written under HOST2's key: signed for another host.
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        reader = TopicReader(settings, [settings.kafka.topics.bmc_pins], records.append)
+        await reader.start(10)
+        await reader.stop()
+        genuine = next(r for r in records if r.key == HOST.encode() and r.value)
+        assert verify_bytes(load_keyring(settings), BMC_PIN, genuine.value)["guid"] == GUID_A
+        await _raw_send(settings, HOST2, genuine.value)
+        # A bare tombstone (no signed removal): removes nothing.
+        await _raw_send(settings, HOST, None)
+
+        await _until(
+            "the worker to read the records",
+            lambda: worker.ignored.get(HOST) == 2 and worker.ignored.get(HOST2) == 3,
+        )
+        assert worker.get(HOST) == pinned and worker.get(HOST2) is None
+        assert worker.holders(GUID_B) == [] and worker.holders(GUID_A) == [HOST]
+
+        fresh = BmcPinStore(settings, client_id="test-fresh-pins", tell_forged=False)
+        await fresh.start()  # a worker started later reads the same pins
+        try:
+            assert fresh.get(HOST) == pinned and fresh.get(HOST2) is None
+        finally:
+            await fresh.stop()
+        outcome = await Actuator(settings, pins=worker, announce=Notices()).handle(decision())
+        assert outcome is not None and outcome.success, outcome.error  # through GUID_A
+    finally:
+        await worker.stop()
+    forged_notices = [n for n in await _notices_on(settings) if n.kind is NoticeKind.FORGED_RECORD]
+    assert sorted(n.host.host_uuid for n in forged_notices) == sorted([HOST, HOST2])
+    (bare,) = [n for n in forged_notices if n.host.host_uuid == HOST]
+    assert "bare tombstone" in (bare.reason or "")
+    (alien_notice,) = [n for n in forged_notices if n.host.host_uuid == HOST2]
+    assert "unknown key id 'mallory'" in (alien_notice.reason or "")
+
+
+async def test_upgrade_from_unsigned_pins_repins_the_same_board_never_a_changed_one(
+    sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path
+) -> None:
+    """Pins an older fencer wrote unsigned: the first pre-flight after the upgrade pins a host
+    anew (signed, as a first read: never as the person the record names) only when its BMC
+    reports the GUID the record names; a board changed meanwhile is refused until an operator
+    pins it, and its GUID stays held against other hosts meanwhile."""
+    from fencing.identity import pin_current
+
+    with BmcSimulator("admin", BMC_PASSWORD, guid=GUID_B) as changed:
+        settings = signed_settings(
+            fencer_settings(isolated_topics=True), tmp_path, sim_bmc.port, changed.port
+        )
+        old = BmcPinStore(settings, client_id="old-fencer", keyring=None)  # before signing
+        await old.start()
+        try:
+            for host, guid in ((HOST, GUID_A), (HOST2, "6a8c1f33-0000-4000-8000-00000000c0de")):
+                await old.put(
+                    BmcPin(
+                        host_uuid=host,
+                        guid=guid,
+                        address="127.0.0.1",
+                        driver="ipmi",
+                        pinned_at=1.0,
+                        pinned_by="operator bob",
+                    )
+                )
+        finally:
+            await old.stop()
+
+        worker = BmcPinStore(settings, client_id="test-worker-pins")
+        await worker.start()
+        try:
+            assert worker.get(HOST) is None and worker.get(HOST2) is None
+            assert worker.unsigned(HOST) is not None
+            assert worker.holders("6a8c1f33-0000-4000-8000-00000000c0de") == [HOST2]
+
+            same = await check_host(settings, HOST, None, pins=worker, cloud_state="Up")
+            assert same.ok and same.identity == "pinned"
+            pin = worker.get(HOST)
+            assert pin is not None and pin.guid == GUID_A
+            assert pin.pinned_by == "preflight"  # a first read, never "operator bob"
+
+            moved = await check_host(settings, HOST2, None, pins=worker, cloud_state="Up")
+            assert not moved.ok and moved.identity == "changed" and moved.guid == GUID_B
+            assert "did not sign" in (moved.error or "") and worker.get(HOST2) is None
+            asked = changed.count("get_power")
+            notices = Notices()
+            d2 = decision_for(HOST2, "hv2")
+            outcome = await Actuator(settings, pins=worker, announce=notices).handle(d2)
+            assert outcome is not None and not outcome.success
+            assert "did not sign" in (outcome.error or "")
+            assert [n.kind for n in notices.sent] == [NoticeKind.BMC_IDENTITY_CHANGED]
+            assert changed.power == "on" and changed.count("power_off") == 0
+            assert changed.count("get_power") == asked  # the fence read no power
+
+            driver = IpmiDriver(
+                "127.0.0.1", "admin", SecretStr(BMC_PASSWORD), changed.port, timeout=5
+            )
+            try:  # the operator checked the machine and confirms the new board
+                await pin_current(HOST2, driver, worker, address="127.0.0.1", by="operator al")
+            finally:
+                await driver.aclose()
+            assert worker.get(HOST2) is not None and worker.unsigned(HOST2) is None
+            again = await check_host(settings, HOST2, None, pins=worker)
+            assert again.ok and again.identity == "matches"
+        finally:
+            await worker.stop()
+
+
+def test_cli_pin_and_unpin_refuse_without_the_signing_keys(
+    sim_bmc: BmcSimulator, fencer_settings: Any, tmp_path: Path
+) -> None:
+    # The workers ignore a pin their keys did not sign: writing one would only look done.
+    settings = fencer_settings(isolated_topics=True)
+    conf = tmp_path / "fencer.yaml"
+    conf.write_text(yaml.safe_dump({"kafka": settings.kafka.model_dump(mode="json")}))
+    for argv in (("pin", HOST, "--cluster", "c1"), ("unpin", HOST)):
+        r = fencer_cli("ipmi", *argv, "-c", str(conf))
+        assert r.returncode == 1 and r.stdout == "", r.stderr
+        assert "signing.keys_file (or signing.keys) is not set" in r.stderr
+    assert sim_bmc.count() == 0
+
+
+async def test_worker_preflight_reads_a_silent_bmc_again_before_telling(
+    cloud: Cloud, fencer_settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rule 5, retries then notifies: a BMC that does not answer the pre-flight is read again
+    a little later; only one that fails again is told (PREFLIGHT_FAILED)."""
+    import logging
+
+    from fencing.settings import SigningSettings
+    from fencing.signing import write_keys_file
+    from streams.actuating import preflight
+    from streams.runtime import Runtime
+
+    caplog.set_level(logging.INFO, logger="fencer.streams")
+    with BmcSimulator("admin", BMC_PASSWORD, guid=GUID_A) as bmc:
+        base = fencer_settings(isolated_topics=True)
+        keys = write_keys_file(base.data_dir / "signing.keys", "test")
+        settings = make_settings(cloud, bmc.port).model_copy(
+            update={
+                "kafka": base.kafka,
+                "data_dir": base.data_dir,
+                "signing": SigningSettings(keys_file=keys),
+            }
+        )
+        runtime = Runtime(settings=settings, started_at=time.time())
+        try:
+            bmc.pause()  # busy, or a lost packet: the first read gets no answer
+            run = asyncio.create_task(preflight(runtime, retry_after=10.0))
+            await _until(
+                "the pre-flight to read it again", lambda: "read again in" in caplog.text, 30
+            )
+            bmc.resume()
+            assert await asyncio.wait_for(run, 60) == []  # answered the second time: no notice
+            pins = await runtime.bmc_pins()
+            assert pins.get(cloud.host.uuid).guid == GUID_A
+
+            bmc.pause()  # silent for good: told after the second read
+            notices = await preflight(runtime, retry_after=0.5)
+            assert [n.kind for n in notices] == [NoticeKind.PREFLIGHT_FAILED]
+            assert caplog.text.count("read again in") == 2
+        finally:
+            bmc.resume()
+            await runtime.close()
