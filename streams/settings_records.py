@@ -120,22 +120,35 @@ def _ring_or_none(settings: FencerSettings) -> Keyring | None:
         return None
 
 
-def sign_settings_value(ring: Keyring, key: str, value: bytes | None) -> bytes:
-    """A settings record as written: signed over its key and value (a deletion is signed too,
-    with a null value, so nobody can clear an operator's pause with a bare tombstone)."""
-    body = {"key": key, "value": None if value is None else json.loads(value)}
+def sign_settings_value(ring: Keyring, key: str, value: bytes | None, seq: int = 0) -> bytes:
+    """A settings record as written: signed over its key, value and sequence (a deletion is
+    signed too, with a null value, so nobody can clear an operator's pause with a bare
+    tombstone). `seq` counts the writes of this key (one more than the last one read): an
+    old record written to the topic again carries a lower one and is refused."""
+    body: dict[str, Any] = {"key": key, "value": None if value is None else json.loads(value)}
+    if seq:
+        body["seq"] = seq
     return json.dumps(sign(ring, SETTINGS, body)).encode()
 
 
-def verify_settings_value(ring: Keyring, key: str, raw: bytes | None) -> bytes | None:
-    """The value a signed settings record carries (None: deleted); SignatureError if forged."""
+def verify_settings_record(ring: Keyring, key: str, raw: bytes | None) -> tuple[bytes | None, int]:
+    """The value a signed settings record carries (None: deleted) and its signed sequence (0
+    for a record written before sequences); SignatureError if forged."""
     if raw is None:
         raise SignatureError("unsigned deletion (tombstone)")
     body = verify_bytes(ring, SETTINGS, raw)
     if body.get("key") != key:
         raise SignatureError(f"signed for key {str(body.get('key'))[:100]!r}, not this key")
+    seq = body.get("seq", 0)
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise SignatureError(f"seq: not a sequence number: {str(seq)[:40]!r}")
     value = body.get("value")
-    return None if value is None else json.dumps(value).encode()
+    return (None if value is None else json.dumps(value).encode()), seq
+
+
+def verify_settings_value(ring: Keyring, key: str, raw: bytes | None) -> bytes | None:
+    """The value a signed settings record carries (None: deleted); SignatureError if forged."""
+    return verify_settings_record(ring, key, raw)[0]
 
 
 def forged_settings_notice(record: ConsumerRecord[bytes, bytes], key: str, reason: str) -> Notice:

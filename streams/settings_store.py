@@ -64,6 +64,7 @@ from streams.settings_records import (
     pause_key,
     sign_settings_value,
     undecryptable_notice,
+    verify_settings_record,
     verify_settings_value,
 )
 from streams.topic_reader import TopicReader
@@ -121,6 +122,10 @@ class SettingsStore:
         # Where this writer's own latest record of a key landed ((partition, offset)): the
         # tail, which may lag, must not apply an older record of that key over it.
         self._written: dict[str, tuple[int, int]] = {}
+        # Per key: the highest signed sequence applied, and that record's bytes as read (an
+        # older record written again is refused, and this one written again after it).
+        self._seq: dict[str, int] = {}
+        self._current: dict[str, bytes] = {}
         self._merged = settings
         self._reader = TopicReader(settings, [self._topic], self._on_record, client_id=client_id)
         self._producer: AIOKafkaProducer | None = None
@@ -249,8 +254,9 @@ class SettingsStore:
         if self._producer is None:
             raise SettingsStoreError("the settings store is not started")
         plain = value
+        seq = self._seq.get(key, 0) + 1
         if self._ring is not None:
-            value = sign_settings_value(self._ring, key, value)
+            value = sign_settings_value(self._ring, key, value, seq)
         try:
             meta = await self._producer.send_and_wait(self._topic, key=key.encode(), value=value)
         except Exception as exc:
@@ -261,6 +267,8 @@ class SettingsStore:
         # and skips the older records of that key it has not read yet (a pause then a resume:
         # the tail's pause must not undo the resume).
         self._written[key] = (meta.partition, meta.offset)
+        if self._ring is not None and value is not None:
+            self._seq[key], self._current[key] = seq, value
         self._apply(key, plain)
 
     # -- the topic ------------------------------------------------------------------------------
@@ -275,11 +283,39 @@ class SettingsStore:
         value = record.value
         if self._ring is not None:
             try:
-                value = verify_settings_value(self._ring, key, value)
+                value, seq = verify_settings_record(self._ring, key, value)
             except SignatureError as exc:
                 self._refuse(record, key, str(exc))
                 return
+            last = self._seq.get(key, 0)
+            if seq < last:
+                # A genuine record, but an older one written again (review4): applying it
+                # rolled the key back silently (a pause undone by the resume before it).
+                self._refuse(
+                    record,
+                    key,
+                    f"replayed: an older signed record of this key (sequence {seq}, "
+                    f"{last} already applied)",
+                )
+                self._write_again(key)
+                return
+            self._seq[key] = seq
+            if record.value is not None:
+                self._current[key] = record.value
         self._apply(key, value)
+
+    def _write_again(self, key: str) -> None:
+        """Write the current record of `key` after a replayed one, so that compaction keeps the
+        current one and a store that starts later reads the same (its copy is applied again,
+        harmlessly: same sequence)."""
+        current = self._current.get(key)
+        if self._producer is None or current is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._producer.send_and_wait(self._topic, key=key.encode(), value=current)
+        )
+        self._notices.add(task)
+        task.add_done_callback(self._notice_sent)
 
     def _refuse(self, record: ConsumerRecord[bytes, bytes], key: str, reason: str) -> None:
         log.error(

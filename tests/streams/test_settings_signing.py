@@ -97,3 +97,55 @@ async def test_unsigned_or_foreign_settings_records_are_refused(
             await s.stop()
         await producer.stop()
         await tap.stop()
+
+
+async def test_an_old_signed_record_written_again_does_not_roll_the_settings_back(
+    fencer_settings: Any, tmp_path: Path
+) -> None:
+    """review4: the signature covered only key and value, so a genuine OLD record copied back
+    onto the topic (by anyone who may write to it, no key needed) was applied: an operator's
+    pause undone by the earlier resume, silently. Each record now carries a signed sequence per
+    key; an older one is refused (forged_record notice), and the current record is written
+    again so compaction keeps it, not the replay (a store started later reads the same)."""
+    keys = write_keys_file(tmp_path / "signing.keys", "k1")
+    settings = fencer_settings(isolated_topics=True, signing=SigningSettings(keys_file=keys))
+    t = settings.kafka.topics
+    api, worker = SettingsStore(settings, client_id="api"), SettingsStore(settings, client_id="w")
+    tap = Tap(settings)
+    await tap.start([t.settings])
+    producer = AIOKafkaProducer(**aiokafka_kwargs(settings))
+    await producer.start()
+    await api.start()
+    await worker.start()
+    later: SettingsStore | None = None
+    try:
+        await api.resume(None, by="alice")
+        await api.pause(None, reason="storage maintenance", by="bob")
+        await _wait(lambda: worker.is_paused(None), "the pause")
+        old = await tap.wait_for(
+            lambda: [v for k, v in tap.of(t.settings) if k == "pause:global"][:1], 30, "resume"
+        )
+        assert old[0]["value"]["paused"] is False
+        # The old, genuinely signed resume written again, byte for byte as it was.
+        await producer.send_and_wait(
+            t.settings, key=b"pause:global", value=json.dumps(old[0]).encode()
+        )
+        await _wait(lambda: any(k == "pause:global" for k, *_ in worker.refused), "the refusal")
+        assert worker.is_paused(None) and api.is_paused(None)
+        (reason,) = [r for k, _p, _o, r in worker.refused if k == "pause:global"][:1]
+        assert "older" in reason
+        # The current record (the pause) is the topic's last word on the key again.
+        await tap.wait_for(
+            lambda: [v for k, v in tap.of(t.settings) if k == "pause:global"][3:], 30, "heal"
+        )
+        last = [v for k, v in tap.of(t.settings) if k == "pause:global"][-1]
+        assert last["value"]["paused"] is True
+        later = SettingsStore(settings, client_id="later")
+        await later.start()
+        assert later.is_paused(None)
+    finally:
+        for s in (api, worker, later):
+            if s is not None:
+                await s.stop()
+        await producer.stop()
+        await tap.stop()
