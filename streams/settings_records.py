@@ -18,7 +18,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 from cryptography.fernet import Fernet, MultiFernet
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fencing.events import NoticeKind
 from fencing.records import HostRef, Notice
@@ -151,14 +151,31 @@ def verify_settings_value(ring: Keyring, key: str, raw: bytes | None) -> bytes |
     return verify_settings_record(ring, key, raw)[0]
 
 
-def forged_settings_notice(record: ConsumerRecord[bytes, bytes], key: str, reason: str) -> Notice:
-    """The forged_record notice of a settings record fencer did not sign."""
+def invalid_fields(exc: ValueError) -> str:
+    """Which fields a settings record got wrong, one line: `fence_cap: Input should be ...`
+    (never the values: a record may carry secrets)."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(record)'}: {e['msg']}" for e in exc.errors()
+        )
+    return f"not a settings record ({type(exc).__name__})"
+
+
+def forged_settings_notice(
+    record: ConsumerRecord[bytes, bytes],
+    key: str,
+    reason: str,
+    notice_kind: NoticeKind = NoticeKind.FORGED_RECORD,
+) -> Notice:
+    """The forged_record notice of a settings record fencer did not sign (or, with another
+    kind, of a genuine record refused for another reason)."""
     where = f"{record.topic} partition {record.partition} offset {record.offset}"
     kind, _, uuid = key.partition(":")
     host = uuid if kind == "host" else None
+    prefix = "forged" if notice_kind is NoticeKind.FORGED_RECORD else "refused"
     return Notice(
-        notice_id=f"forged/{record.topic}/{record.partition}/{record.offset}",
-        kind=NoticeKind.FORGED_RECORD,
+        notice_id=f"{prefix}/{record.topic}/{record.partition}/{record.offset}",
+        kind=notice_kind,
         host=HostRef(host_uuid=host or f"settings:{key[:100]}"),
         at=time.time(),
         reason=f"refused settings record {where}, key {key[:100]!r} ({reason})",

@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pydantic import SecretStr
 
+from fencing.events import NoticeKind
 from fencing.records import Notice
 from fencing.settings import (
     ClusterSettings,
@@ -60,6 +61,7 @@ from streams.settings_records import (
     forged_settings_notice,
     generate_secrets_key,
     host_key,
+    invalid_fields,
     load_secrets_key,
     pause_key,
     sign_settings_value,
@@ -299,10 +301,20 @@ class SettingsStore:
                 )
                 self._write_again(key)
                 return
+        try:
+            self._apply(key, value)
+        except ValueError as exc:
+            # A genuine record the models refuse (another fencer version wrote it): it was a
+            # traceback in the log and nothing else (review4). The key's previous settings
+            # stay in force; the refusal names the field and is sent as a notice.
+            self._refuse(
+                record, key, f"invalid: {invalid_fields(exc)}", NoticeKind.PREFLIGHT_FAILED
+            )
+            return
+        if self._ring is not None:
             self._seq[key] = seq
             if record.value is not None:
                 self._current[key] = record.value
-        self._apply(key, value)
 
     def _write_again(self, key: str) -> None:
         """Write the current record of `key` after a replayed one, so that compaction keeps the
@@ -317,7 +329,13 @@ class SettingsStore:
         self._notices.add(task)
         task.add_done_callback(self._notice_sent)
 
-    def _refuse(self, record: ConsumerRecord[bytes, bytes], key: str, reason: str) -> None:
+    def _refuse(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        key: str,
+        reason: str,
+        kind: NoticeKind = NoticeKind.FORGED_RECORD,
+    ) -> None:
         log.error(
             "REFUSED settings record %s partition %d offset %d (key %r): %s",
             record.topic,
@@ -328,7 +346,7 @@ class SettingsStore:
         )
         self.refused.append((key, record.partition, record.offset, reason))
         if self._producer is not None:
-            self._send_notice(forged_settings_notice(record, key, reason))
+            self._send_notice(forged_settings_notice(record, key, reason, kind))
 
     def _notice_sent(self, task: asyncio.Task[Any]) -> None:
         self._notices.discard(task)

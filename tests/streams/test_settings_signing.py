@@ -149,3 +149,44 @@ async def test_an_old_signed_record_written_again_does_not_roll_the_settings_bac
                 await s.stop()
         await producer.stop()
         await tap.stop()
+
+
+async def test_a_signed_record_that_fails_validation_keeps_the_old_settings_and_is_told(
+    fencer_settings: Any, tmp_path: Path
+) -> None:
+    """review4: a genuine record the models refuse (an older or newer fencer wrote it) was only
+    a traceback in the log ("skipped record"); nobody was told, and its sequence was not
+    checked. Now: the key's previous settings stay, and a notice names the key and the field."""
+    from fencing.signing import load_keyring
+    from streams.settings_records import sign_settings_value
+
+    keys = write_keys_file(tmp_path / "signing.keys", "k1")
+    settings = fencer_settings(isolated_topics=True, signing=SigningSettings(keys_file=keys))
+    t = settings.kafka.topics
+    api, worker = SettingsStore(settings, client_id="api"), SettingsStore(settings, client_id="w")
+    producer = AIOKafkaProducer(**aiokafka_kwargs(settings))
+    await producer.start()
+    await api.start()
+    await worker.start()
+    notices: list[dict[str, Any]] = []
+    reader = TopicReader(settings, [t.notices], lambda r: notices.append(json.loads(r.value)))
+    await reader.start(30)
+    try:
+        await api.put_cluster("c1", ClusterSettings(ipmi=IpmiOverrides(action=FenceAction.STOP)))
+        await _wait(lambda: worker.cluster("c1").ipmi.action is FenceAction.STOP, "c1")
+        bad = json.dumps({"settings": {"fence_cap": -3}}).encode()
+        value = sign_settings_value(load_keyring(settings), "cluster:c1", bad, 2)
+        await producer.send_and_wait(t.settings, key=b"cluster:c1", value=value)
+        await _wait(lambda: any("fence_cap" in n.get("reason", "") for n in notices), "notice")
+        told = [n for n in notices if "fence_cap" in n.get("reason", "")]
+        assert len({n["notice_id"] for n in told}) == 1  # every store tells it, with one id
+        n = told[0]
+        assert n["kind"] == "preflight_failed"
+        assert "cluster:c1" in n["reason"] and n["offset"] is not None
+        assert worker.cluster("c1").ipmi.action is FenceAction.STOP
+        assert any(k == "cluster:c1" and "fence_cap" in r for k, _p, _o, r in worker.refused)
+    finally:
+        await reader.stop()
+        for s in (api, worker):
+            await s.stop()
+        await producer.stop()
