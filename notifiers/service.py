@@ -14,8 +14,8 @@ Rules:
   `X-Fencer-Notice-Id`, varbind `fencerNoticeId`), so receivers can drop the duplicate; a
   redelivered record is sent only on the channels that have not accepted it yet.
 - `deliver()` returns only when every channel accepted (or, with `forever`, keeps retrying a
-  peer that is down with capped backoff), so the Kafka offset is committed after delivery,
-  never before.
+  peer that is down or refuses the credentials, with capped backoff), so the Kafka offset is
+  committed after delivery, never before.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ class Notifier:
         """Send the record on every channel that has not accepted it yet; True once all have.
 
         With `forever`, a channel whose peer is down is retried (backoff up to `max_backoff`)
-        until it accepts; only a refusal that retrying cannot fix (credentials) ends it."""
+        until it accepts; so is one that refuses the credentials (an error logged each time):
+        the caller commits its offset when this returns, so returning would lose the record."""
         try:
             key = record_id(record)
             message = to_message(record)
@@ -132,17 +133,21 @@ class Notifier:
                     store[f"{key}@{channel_key(ch)}"] = self._clock()
             failed = [ch for ch, r in zip(todo, results, strict=True) if r == FAILED]
             refused = [ch for ch, r in zip(todo, results, strict=True) if r == REFUSED]
-            if refused or not failed or not forever:
+            # Refused credentials too (review4): returning unmarked let the worker commit the
+            # offset, and the notification was never sent, not even after the fix. Each try
+            # logs the refusal as an error; a restart with the right password delivers it.
+            again = failed + refused
+            if not again or not forever:
                 break
             log.warning(
                 "notification %s: still not accepted by %s; trying again in %g s",
                 key,
-                ", ".join(ch.name for ch in failed),
+                ", ".join(ch.name for ch in again),
                 delay,
             )
             await asyncio.sleep(delay)
             delay = min(self.max_backoff, delay * 2)
-            todo = failed
+            todo = again
         if failed or refused:
             return False  # not marked: a redelivery (or a restart) sends it again
         for ch in self.channels:
