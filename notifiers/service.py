@@ -53,11 +53,17 @@ def channel_key(channel: Channel) -> str:
     return f"{channel.name} {peer}" if peer and peer not in channel.name else channel.name
 
 
-def channels_from_settings(settings: FencerSettings) -> list[Channel]:
-    """The enabled channels: email (per-cluster recipients) and one per SNMP receiver."""
+def channels_from_settings(
+    settings: FencerSettings,
+    recipients_for: Callable[[str | None], list[str]] | None = None,
+) -> list[Channel]:
+    """The enabled channels: email (per-cluster recipients) and one per SNMP receiver.
+
+    `recipients_for`: a cluster's mail recipients at send time (the live settings, which the
+    API changes); the given settings' lists otherwise."""
     channels: list[Channel] = []
     if settings.email.enabled:
-        channels.append(EmailChannel(settings.email, settings.email_to_for))
+        channels.append(EmailChannel(settings.email, recipients_for or settings.email_to_for))
     if settings.snmp.enabled:
         channels.extend(snmp_channels(settings.snmp))
     return channels
@@ -90,9 +96,11 @@ class Notifier:
         *,
         retries: int = 4,
         backoff: float = 1.0,
+        recipients_for: Callable[[str | None], list[str]] | None = None,
     ) -> Notifier:
         """A notifier with every channel the settings enable."""
-        return cls(channels_from_settings(settings), retries=retries, backoff=backoff)
+        channels = channels_from_settings(settings, recipients_for)
+        return cls(channels, retries=retries, backoff=backoff)
 
     async def deliver(
         self,
