@@ -128,6 +128,7 @@ class SettingsStore:
         # older record written again is refused, and this one written again after it).
         self._seq: dict[str, int] = {}
         self._current: dict[str, bytes] = {}
+        self._heal: set[str] = set()  # keys whose last record read at start is a replay
         self._merged = settings
         self._reader = TopicReader(settings, [self._topic], self._on_record, client_id=client_id)
         self._producer: AIOKafkaProducer | None = None
@@ -159,6 +160,11 @@ class SettingsStore:
         pending, self._pending_notices = self._pending_notices, []
         for notice in pending:
             self._send_notice(notice)
+        # A replay still last of its key when the topic was read (once per replay, not once
+        # per start: the copy written now follows it).
+        heal, self._heal = self._heal, set()
+        for key in sorted(heal):
+            self._write_again(key)
 
     async def _ensure_topic(self, within: float) -> None:
         try:
@@ -299,7 +305,10 @@ class SettingsStore:
                     f"replayed: an older signed record of this key (sequence {seq}, "
                     f"{last} already applied)",
                 )
-                self._write_again(key)
+                if self._reader.caught_up.is_set():
+                    self._write_again(key)
+                else:
+                    self._heal.add(key)  # unless a later record of the key follows (start)
                 return
         try:
             self._apply(key, value)
@@ -312,6 +321,7 @@ class SettingsStore:
             )
             return
         if self._ring is not None:
+            self._heal.discard(key)
             self._seq[key] = seq
             if record.value is not None:
                 self._current[key] = record.value

@@ -5,6 +5,7 @@ written straight to the topic by something else (unsigned, a tombstone, another 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -140,9 +141,14 @@ async def test_an_old_signed_record_written_again_does_not_roll_the_settings_bac
         )
         last = [v for k, v in tap.of(t.settings) if k == "pause:global"][-1]
         assert last["value"]["paused"] is True
+        await asyncio.sleep(1.0)  # each running store wrote its copy
+        written = len([k for k, _ in tap.of(t.settings) if k == "pause:global"])
         later = SettingsStore(settings, client_id="later")
         await later.start()
         assert later.is_paused(None)
+        # the replay is followed by a copy already: a store starting later writes no other
+        await asyncio.sleep(1.0)
+        assert len([k for k, _ in tap.of(t.settings) if k == "pause:global"]) == written
     finally:
         for s in (api, worker, later):
             if s is not None:
