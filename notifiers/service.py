@@ -88,6 +88,7 @@ class Notifier:
         self.max_backoff = max_backoff
         self.send_timeout = send_timeout
         self._clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}  # one sender per channel (_until_accepted)
 
     @classmethod
     def from_settings(
@@ -132,31 +133,10 @@ class Notifier:
         if key in store:
             return True
         todo = [ch for ch in self.channels if f"{key}@{channel_key(ch)}" not in store]
-        delay = self.backoff
-        while True:
-            results = await asyncio.gather(*(self._send(ch, message) for ch in todo))
-            for ch, result in zip(todo, results, strict=True):
-                if result == SENT:
-                    # Marked as soon as this peer accepted: a crash now re-sends elsewhere only.
-                    store[f"{key}@{channel_key(ch)}"] = self._clock()
-            failed = [ch for ch, r in zip(todo, results, strict=True) if r == FAILED]
-            refused = [ch for ch, r in zip(todo, results, strict=True) if r == REFUSED]
-            # Refused credentials too (review4): returning unmarked let the worker commit the
-            # offset, and the notification was never sent, not even after the fix. Each try
-            # logs the refusal as an error; a restart with the right password delivers it.
-            again = failed + refused
-            if not again or not forever:
-                break
-            log.warning(
-                "notification %s: still not accepted by %s; trying again in %g s",
-                key,
-                ", ".join(ch.name for ch in again),
-                delay,
-            )
-            await asyncio.sleep(delay)
-            delay = min(self.max_backoff, delay * 2)
-            todo = again
-        if failed or refused:
+        results = await asyncio.gather(
+            *(self._until_accepted(ch, key, message, store, forever) for ch in todo)
+        )
+        if any(r != SENT for r in results):
             return False  # not marked: a redelivery (or a restart) sends it again
         for ch in self.channels:
             store.pop(f"{key}@{channel_key(ch)}", None)
@@ -169,6 +149,44 @@ class Notifier:
             extra={"fields": fields},
         )
         return True
+
+    async def _until_accepted(
+        self,
+        ch: Channel,
+        key: str,
+        message: Message,
+        store: MutableMapping[str, float],
+        forever: bool,
+    ) -> str:
+        """One channel's delivery: SENT and marked once its peer accepted; with `forever`
+        retried until then, refused credentials too (review4: returning unmarked let the
+        worker commit the offset, and the notification was never sent, not even after the
+        fix; each try logs the refusal as an error).
+
+        One sender per channel at a time, for the whole of its retries (review4): the worker
+        delivers several records at once, each retrying a peer that is down on its own
+        backoff, and when the peer came back the record that came last could reach it first.
+        Behind the lock they reach it in the order they came, and a peer that is down is not
+        hammered by every record at once."""
+        name = channel_key(ch)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            delay = self.backoff
+            while True:
+                result = await self._send(ch, message)
+                if result == SENT:
+                    # Marked as soon as this peer accepted: a crash now re-sends elsewhere only.
+                    store[f"{key}@{name}"] = self._clock()
+                    return SENT
+                if not forever:
+                    return result
+                log.warning(
+                    "notification %s: still not accepted by %s; trying again in %g s",
+                    key,
+                    ch.name,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(self.max_backoff, delay * 2)
 
     async def _send(self, channel: Channel, message: Message) -> str:
         attempts = self.retries + 1

@@ -127,3 +127,30 @@ async def test_a_server_that_fails_the_data_is_retried_and_marked_only_after_it_
         assert len(box.envelopes) == 1 and list(store) == ["decision:dec-0001:fence_decided"]
     finally:
         controller.stop()
+
+
+async def test_notifications_held_by_a_server_that_was_down_arrive_in_the_order_they_came(
+    decision: FenceDecision,
+) -> None:
+    """The worker delivers up to four records at once (agent concurrency), each retrying a
+    server that is down on its own backoff: when the server came back, the record that came
+    last (shortest backoff) was mailed first. One sender per channel at a time keeps the order
+    the records came in."""
+    port = free_port()
+    notifier = Notifier([plain(port, ["ops@example.org"])], retries=0, backoff=0.05)
+    notifier.max_backoff = 0.8
+    stores: list[dict[str, float]] = [{}, {}, {}]
+    records = [decision.model_copy(update={"decision_id": f"dec-{n}"}) for n in range(3)]
+    tasks = []
+    for record, store in zip(records, stores, strict=True):
+        tasks.append(asyncio.create_task(notifier.deliver(record, store, forever=True)))
+        await asyncio.sleep(0.5)  # the first one's backoff has grown meanwhile
+    box = Mailbox()
+    smtp = Controller(box, hostname="127.0.0.1", port=port)
+    smtp.start()
+    try:
+        assert all(await asyncio.wait_for(asyncio.gather(*tasks), 10))
+    finally:
+        smtp.stop()
+    ids = [e.original_content.split(b"X-Fencer-Decision-Id: ")[1][:5] for e in box.envelopes]
+    assert ids == [b"dec-0", b"dec-1", b"dec-2"]
