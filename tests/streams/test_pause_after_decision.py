@@ -32,6 +32,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.mark.xfail(
     strict=True,
+    raises=pytest.fail.Exception,
     reason="review4, not fixed: the last-moment checks ignore a pause set after the decision",
 )
 async def test_a_pause_set_after_the_decision_stops_it_at_the_last_moment(
