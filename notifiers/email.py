@@ -7,6 +7,7 @@ read at the call into aiosmtplib and never appears in an error or a log.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable, Sequence
 from email.message import EmailMessage
@@ -19,6 +20,8 @@ from fencing.settings import EmailSettings
 from notifiers.channel import AuthenticationFailed, DeliveryFailed, NotifyError
 from notifiers.render import EmailContent, Message
 from notifiers.render_email import render_email
+
+log = logging.getLogger("fencer.notifiers")
 
 
 def build_email(
@@ -85,7 +88,7 @@ class EmailChannel:
             tls = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
         password = s.password.get_secret_value() if s.password is not None else None
         try:
-            await aiosmtplib.send(
+            refused, _ = await aiosmtplib.send(
                 mail,
                 sender=s.sender,
                 recipients=list(to),
@@ -101,6 +104,18 @@ class EmailChannel:
             )
         except Exception as exc:
             raise self._error(exc, password) from None
+        if refused:
+            # The server took the mail for the others (sending again would duplicate it for
+            # them, forever): not retried, but never silent (review4).
+            log.error(
+                "email: SMTP server %s refused %d of %d recipient(s): %s; the others got it",
+                self.peer,
+                len(refused),
+                len(to),
+                "; ".join(
+                    f"{who}: {r.code} {' '.join(r.message.split())}" for who, r in refused.items()
+                ),
+            )
 
     def _error(self, exc: Exception, password: str | None) -> NotifyError:
         where = f"email: SMTP server {self.peer}"

@@ -14,8 +14,8 @@ Rules:
   `X-Fencer-Notice-Id`, varbind `fencerNoticeId`), so receivers can drop the duplicate; a
   redelivered record is sent only on the channels that have not accepted it yet.
 - `deliver()` returns only when every channel accepted (or, with `forever`, keeps retrying a
-  peer that is down with capped backoff), so the Kafka offset is committed after delivery,
-  never before.
+  peer that is down or refuses the credentials, with capped backoff), so the Kafka offset is
+  committed after delivery, never before.
 """
 
 from __future__ import annotations
@@ -53,11 +53,17 @@ def channel_key(channel: Channel) -> str:
     return f"{channel.name} {peer}" if peer and peer not in channel.name else channel.name
 
 
-def channels_from_settings(settings: FencerSettings) -> list[Channel]:
-    """The enabled channels: email (per-cluster recipients) and one per SNMP receiver."""
+def channels_from_settings(
+    settings: FencerSettings,
+    recipients_for: Callable[[str | None], list[str]] | None = None,
+) -> list[Channel]:
+    """The enabled channels: email (per-cluster recipients) and one per SNMP receiver.
+
+    `recipients_for`: a cluster's mail recipients at send time (the live settings, which the
+    API changes); the given settings' lists otherwise."""
     channels: list[Channel] = []
     if settings.email.enabled:
-        channels.append(EmailChannel(settings.email, settings.email_to_for))
+        channels.append(EmailChannel(settings.email, recipients_for or settings.email_to_for))
     if settings.snmp.enabled:
         channels.extend(snmp_channels(settings.snmp))
     return channels
@@ -82,6 +88,7 @@ class Notifier:
         self.max_backoff = max_backoff
         self.send_timeout = send_timeout
         self._clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}  # one sender per channel (_until_accepted)
 
     @classmethod
     def from_settings(
@@ -90,9 +97,11 @@ class Notifier:
         *,
         retries: int = 4,
         backoff: float = 1.0,
+        recipients_for: Callable[[str | None], list[str]] | None = None,
     ) -> Notifier:
         """A notifier with every channel the settings enable."""
-        return cls(channels_from_settings(settings), retries=retries, backoff=backoff)
+        channels = channels_from_settings(settings, recipients_for)
+        return cls(channels, retries=retries, backoff=backoff)
 
     async def deliver(
         self,
@@ -104,7 +113,8 @@ class Notifier:
         """Send the record on every channel that has not accepted it yet; True once all have.
 
         With `forever`, a channel whose peer is down is retried (backoff up to `max_backoff`)
-        until it accepts; only a refusal that retrying cannot fix (credentials) ends it."""
+        until it accepts; so is one that refuses the credentials (an error logged each time):
+        the caller commits its offset when this returns, so returning would lose the record."""
         try:
             key = record_id(record)
             message = to_message(record)
@@ -123,27 +133,10 @@ class Notifier:
         if key in store:
             return True
         todo = [ch for ch in self.channels if f"{key}@{channel_key(ch)}" not in store]
-        delay = self.backoff
-        while True:
-            results = await asyncio.gather(*(self._send(ch, message) for ch in todo))
-            for ch, result in zip(todo, results, strict=True):
-                if result == SENT:
-                    # Marked as soon as this peer accepted: a crash now re-sends elsewhere only.
-                    store[f"{key}@{channel_key(ch)}"] = self._clock()
-            failed = [ch for ch, r in zip(todo, results, strict=True) if r == FAILED]
-            refused = [ch for ch, r in zip(todo, results, strict=True) if r == REFUSED]
-            if refused or not failed or not forever:
-                break
-            log.warning(
-                "notification %s: still not accepted by %s; trying again in %g s",
-                key,
-                ", ".join(ch.name for ch in failed),
-                delay,
-            )
-            await asyncio.sleep(delay)
-            delay = min(self.max_backoff, delay * 2)
-            todo = failed
-        if failed or refused:
+        results = await asyncio.gather(
+            *(self._until_accepted(ch, key, message, store, forever) for ch in todo)
+        )
+        if any(r != SENT for r in results):
             return False  # not marked: a redelivery (or a restart) sends it again
         for ch in self.channels:
             store.pop(f"{key}@{channel_key(ch)}", None)
@@ -156,6 +149,44 @@ class Notifier:
             extra={"fields": fields},
         )
         return True
+
+    async def _until_accepted(
+        self,
+        ch: Channel,
+        key: str,
+        message: Message,
+        store: MutableMapping[str, float],
+        forever: bool,
+    ) -> str:
+        """One channel's delivery: SENT and marked once its peer accepted; with `forever`
+        retried until then, refused credentials too (review4: returning unmarked let the
+        worker commit the offset, and the notification was never sent, not even after the
+        fix; each try logs the refusal as an error).
+
+        One sender per channel at a time, for the whole of its retries (review4): the worker
+        delivers several records at once, each retrying a peer that is down on its own
+        backoff, and when the peer came back the record that came last could reach it first.
+        Behind the lock they reach it in the order they came, and a peer that is down is not
+        hammered by every record at once."""
+        name = channel_key(ch)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            delay = self.backoff
+            while True:
+                result = await self._send(ch, message)
+                if result == SENT:
+                    # Marked as soon as this peer accepted: a crash now re-sends elsewhere only.
+                    store[f"{key}@{name}"] = self._clock()
+                    return SENT
+                if not forever:
+                    return result
+                log.warning(
+                    "notification %s: still not accepted by %s; trying again in %g s",
+                    key,
+                    ch.name,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(self.max_backoff, delay * 2)
 
     async def _send(self, channel: Channel, message: Message) -> str:
         attempts = self.retries + 1

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 from cryptography.fernet import Fernet, MultiFernet
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fencing.events import NoticeKind
 from fencing.records import HostRef, Notice
@@ -120,32 +120,62 @@ def _ring_or_none(settings: FencerSettings) -> Keyring | None:
         return None
 
 
-def sign_settings_value(ring: Keyring, key: str, value: bytes | None) -> bytes:
-    """A settings record as written: signed over its key and value (a deletion is signed too,
-    with a null value, so nobody can clear an operator's pause with a bare tombstone)."""
-    body = {"key": key, "value": None if value is None else json.loads(value)}
+def sign_settings_value(ring: Keyring, key: str, value: bytes | None, seq: int = 0) -> bytes:
+    """A settings record as written: signed over its key, value and sequence (a deletion is
+    signed too, with a null value, so nobody can clear an operator's pause with a bare
+    tombstone). `seq` counts the writes of this key (one more than the last one read): an
+    old record written to the topic again carries a lower one and is refused."""
+    body: dict[str, Any] = {"key": key, "value": None if value is None else json.loads(value)}
+    if seq:
+        body["seq"] = seq
     return json.dumps(sign(ring, SETTINGS, body)).encode()
 
 
-def verify_settings_value(ring: Keyring, key: str, raw: bytes | None) -> bytes | None:
-    """The value a signed settings record carries (None: deleted); SignatureError if forged."""
+def verify_settings_record(ring: Keyring, key: str, raw: bytes | None) -> tuple[bytes | None, int]:
+    """The value a signed settings record carries (None: deleted) and its signed sequence (0
+    for a record written before sequences); SignatureError if forged."""
     if raw is None:
         raise SignatureError("unsigned deletion (tombstone)")
     body = verify_bytes(ring, SETTINGS, raw)
     if body.get("key") != key:
         raise SignatureError(f"signed for key {str(body.get('key'))[:100]!r}, not this key")
+    seq = body.get("seq", 0)
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise SignatureError(f"seq: not a sequence number: {str(seq)[:40]!r}")
     value = body.get("value")
-    return None if value is None else json.dumps(value).encode()
+    return (None if value is None else json.dumps(value).encode()), seq
 
 
-def forged_settings_notice(record: ConsumerRecord[bytes, bytes], key: str, reason: str) -> Notice:
-    """The forged_record notice of a settings record fencer did not sign."""
+def verify_settings_value(ring: Keyring, key: str, raw: bytes | None) -> bytes | None:
+    """The value a signed settings record carries (None: deleted); SignatureError if forged."""
+    return verify_settings_record(ring, key, raw)[0]
+
+
+def invalid_fields(exc: ValueError) -> str:
+    """Which fields a settings record got wrong, one line: `fence_cap: Input should be ...`
+    (never the values: a record may carry secrets)."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(record)'}: {e['msg']}" for e in exc.errors()
+        )
+    return f"not a settings record ({type(exc).__name__})"
+
+
+def forged_settings_notice(
+    record: ConsumerRecord[bytes, bytes],
+    key: str,
+    reason: str,
+    notice_kind: NoticeKind = NoticeKind.FORGED_RECORD,
+) -> Notice:
+    """The forged_record notice of a settings record fencer did not sign (or, with another
+    kind, of a genuine record refused for another reason)."""
     where = f"{record.topic} partition {record.partition} offset {record.offset}"
     kind, _, uuid = key.partition(":")
     host = uuid if kind == "host" else None
+    prefix = "forged" if notice_kind is NoticeKind.FORGED_RECORD else "refused"
     return Notice(
-        notice_id=f"forged/{record.topic}/{record.partition}/{record.offset}",
-        kind=NoticeKind.FORGED_RECORD,
+        notice_id=f"{prefix}/{record.topic}/{record.partition}/{record.offset}",
+        kind=notice_kind,
         host=HostRef(host_uuid=host or f"settings:{key[:100]}"),
         at=time.time(),
         reason=f"refused settings record {where}, key {key[:100]!r} ({reason})",

@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pydantic import SecretStr
 
+from fencing.events import NoticeKind
 from fencing.records import Notice
 from fencing.settings import (
     ClusterSettings,
@@ -60,10 +61,12 @@ from streams.settings_records import (
     forged_settings_notice,
     generate_secrets_key,
     host_key,
+    invalid_fields,
     load_secrets_key,
     pause_key,
     sign_settings_value,
     undecryptable_notice,
+    verify_settings_record,
     verify_settings_value,
 )
 from streams.topic_reader import TopicReader
@@ -121,6 +124,11 @@ class SettingsStore:
         # Where this writer's own latest record of a key landed ((partition, offset)): the
         # tail, which may lag, must not apply an older record of that key over it.
         self._written: dict[str, tuple[int, int]] = {}
+        # Per key: the highest signed sequence applied, and that record's bytes as read (an
+        # older record written again is refused, and this one written again after it).
+        self._seq: dict[str, int] = {}
+        self._current: dict[str, bytes] = {}
+        self._heal: set[str] = set()  # keys whose last record read at start is a replay
         self._merged = settings
         self._reader = TopicReader(settings, [self._topic], self._on_record, client_id=client_id)
         self._producer: AIOKafkaProducer | None = None
@@ -152,6 +160,11 @@ class SettingsStore:
         pending, self._pending_notices = self._pending_notices, []
         for notice in pending:
             self._send_notice(notice)
+        # A replay still last of its key when the topic was read (once per replay, not once
+        # per start: the copy written now follows it).
+        heal, self._heal = self._heal, set()
+        for key in sorted(heal):
+            self._write_again(key)
 
     async def _ensure_topic(self, within: float) -> None:
         try:
@@ -249,8 +262,9 @@ class SettingsStore:
         if self._producer is None:
             raise SettingsStoreError("the settings store is not started")
         plain = value
+        seq = self._seq.get(key, 0) + 1
         if self._ring is not None:
-            value = sign_settings_value(self._ring, key, value)
+            value = sign_settings_value(self._ring, key, value, seq)
         try:
             meta = await self._producer.send_and_wait(self._topic, key=key.encode(), value=value)
         except Exception as exc:
@@ -261,6 +275,8 @@ class SettingsStore:
         # and skips the older records of that key it has not read yet (a pause then a resume:
         # the tail's pause must not undo the resume).
         self._written[key] = (meta.partition, meta.offset)
+        if self._ring is not None and value is not None:
+            self._seq[key], self._current[key] = seq, value
         self._apply(key, plain)
 
     # -- the topic ------------------------------------------------------------------------------
@@ -275,13 +291,61 @@ class SettingsStore:
         value = record.value
         if self._ring is not None:
             try:
-                value = verify_settings_value(self._ring, key, value)
+                value, seq = verify_settings_record(self._ring, key, value)
             except SignatureError as exc:
                 self._refuse(record, key, str(exc))
                 return
-        self._apply(key, value)
+            last = self._seq.get(key, 0)
+            if seq < last:
+                # A genuine record, but an older one written again (review4): applying it
+                # rolled the key back silently (a pause undone by the resume before it).
+                self._refuse(
+                    record,
+                    key,
+                    f"replayed: an older signed record of this key (sequence {seq}, "
+                    f"{last} already applied)",
+                )
+                if self._reader.caught_up.is_set():
+                    self._write_again(key)
+                else:
+                    self._heal.add(key)  # unless a later record of the key follows (start)
+                return
+        try:
+            self._apply(key, value)
+        except ValueError as exc:
+            # A genuine record the models refuse (another fencer version wrote it): it was a
+            # traceback in the log and nothing else (review4). The key's previous settings
+            # stay in force; the refusal names the field and is sent as a notice.
+            self._refuse(
+                record, key, f"invalid: {invalid_fields(exc)}", NoticeKind.PREFLIGHT_FAILED
+            )
+            return
+        if self._ring is not None:
+            self._heal.discard(key)
+            self._seq[key] = seq
+            if record.value is not None:
+                self._current[key] = record.value
 
-    def _refuse(self, record: ConsumerRecord[bytes, bytes], key: str, reason: str) -> None:
+    def _write_again(self, key: str) -> None:
+        """Write the current record of `key` after a replayed one, so that compaction keeps the
+        current one and a store that starts later reads the same (its copy is applied again,
+        harmlessly: same sequence)."""
+        current = self._current.get(key)
+        if self._producer is None or current is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._producer.send_and_wait(self._topic, key=key.encode(), value=current)
+        )
+        self._notices.add(task)
+        task.add_done_callback(self._notice_sent)
+
+    def _refuse(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        key: str,
+        reason: str,
+        kind: NoticeKind = NoticeKind.FORGED_RECORD,
+    ) -> None:
         log.error(
             "REFUSED settings record %s partition %d offset %d (key %r): %s",
             record.topic,
@@ -292,7 +356,7 @@ class SettingsStore:
         )
         self.refused.append((key, record.partition, record.offset, reason))
         if self._producer is not None:
-            self._send_notice(forged_settings_notice(record, key, reason))
+            self._send_notice(forged_settings_notice(record, key, reason, kind))
 
     def _notice_sent(self, task: asyncio.Task[Any]) -> None:
         self._notices.discard(task)

@@ -1,0 +1,35 @@
+"""review4: settings changed between the decision and the action. The operator turns a host's
+fence action from stop to nothing (or blink) after the gate signed a decision to stop it: the
+actuator runs the signed decision's action, so the host is powered off anyway, while every
+other setting (driver, address, storage rung, restart) is read live at action time.
+ARCHITECTURE.md step 6 says the actuator "runs the host's effective action"; an operator who
+just chose "nothing" expects no power-off. Not fixed here (fencing/actuator.py and
+streams/actuating.py belong to the actuation path): strict xfail, so the fix turns it red
+until the marker is removed."""
+
+from __future__ import annotations
+
+import pytest
+
+from fencing.events import FenceAction
+from lab.bmc import BmcSimulator
+
+from .conftest import Cloud
+from .test_actuator import actuator, decision, make_settings
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="review4, not fixed: the signed decision's action wins over the action set live "
+    "after it (a less destructive live action should win, or the decision be refused)",
+)
+async def test_an_action_changed_to_nothing_after_the_decision_powers_nothing_off(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    live = make_settings(cloud, bmc.port, action="nothing")  # changed after the decision
+    out = await actuator(live).handle(decision(cloud, FenceAction.STOP))
+    assert out is not None
+    assert bmc.power == "on" and bmc.count("power_off") == 0
