@@ -153,6 +153,20 @@ class Actuator:
         eff = self.settings.effective_ipmi(host.host_uuid, host.cluster_uuid)
         ipmi = eff.values
         redact = Redactor(secrets_of(self.settings, ipmi))
+        if decision.action.powers_down and not ipmi.action.powers_down:
+            # The host's action was lowered after the gate signed the decision (stop -> nothing
+            # or blink): the operator's latest choice wins when it is the gentler one; never the
+            # other way round (review4: the host was powered off anyway, though every other
+            # setting is read live here). The outcome names the action run.
+            log.warning(
+                "host %s: decision %s says %s, the host's action is now %s: running %s",
+                host.host_name or host.host_uuid,
+                decision.decision_id,
+                decision.action.value,
+                ipmi.action.value,
+                ipmi.action.value,
+            )
+            decision = decision.model_copy(update={"action": ipmi.action})
         action = decision.action
         # The storage rung (fencing.storage_fence): a Ceph blocklist before the BMC action, or
         # as its fallback; only for actions that take the host down.

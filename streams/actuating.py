@@ -101,12 +101,16 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
     # CloudStack asked again before each power-down command a fence sends later (its retries
     # run for minutes): a host back meanwhile is not powered off (streams.actuation).
     again = act.recheck(decision)
+    again.paused = partial(pause_reason, rt, decision)
     # A claim without its `done`: its claimant may have acted (CloudStack shows the resource
     # state its restart call left) and died; the claim log settles it (streams.actuation).
     unfinished = bool(act.claims.open_claims(decision.decision_id))
     try:
         # Read live and soon on this worker's clock: the record's place in its partition.
         position = (message.partition, message.offset)
+        why = pause_reason(rt, decision)
+        if why is not None:
+            raise NotNow(why)
         await act.last_moment(decision, live, position=position, after_claim=unfinished)
         again.confirmed()
 
@@ -149,6 +153,19 @@ async def actuate(rt: Runtime, message: Any, table: MutableMapping[str, Any]) ->
 # driver's logout) before the timed-out outcome goes on without it.
 CANCEL_GRACE = 5.0
 TIMED_OUT = "timed out"  # the start of a timed-out outcome's error (`bounded`)
+
+
+def pause_reason(rt: Runtime, decision: FenceDecision) -> str | None:
+    """Why fencing is paused now for the decision's host (None: it is not): the global pause
+    (kept by the settings store only) or its cluster's. Asked before the claim and before every
+    power-down command (review4: a pause pressed after the gate signed a decision stopped
+    nothing, its BMC retries included)."""
+    if rt.globally_paused():
+        return "fencing is paused for every cluster (paused after the decision)"
+    cluster = decision.host.cluster_uuid
+    if cluster and rt.cluster_paused(cluster):
+        return f"fencing is paused for the host's cluster {cluster} (paused after the decision)"
+    return None
 
 
 def fence_bound(live: FencerSettings) -> float:

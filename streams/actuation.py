@@ -599,6 +599,7 @@ class Actuation:
         fenced, the restart call answers "already done"; a reboot never repeated blindly)."""
         if fresh:
             self.check_fresh(live, position)
+        check_not_paused(decision, live)
         eff = live.effective_ipmi(decision.host.host_uuid, decision.host.cluster_uuid)
         also = LEFT_BY_RESTART[RestartVia(eff.values.restart_via)] if after_claim else frozenset()
         if eff.values.driver is Driver.FAKE and not live.lab:
@@ -636,6 +637,19 @@ class Actuation:
 RECHECK_AFTER = 5.0  # seconds (this worker's monotonic clock) a CloudStack "down" is taken as now
 
 
+def check_not_paused(decision: FenceDecision, live: FencerSettings) -> None:
+    """Raise NotNow when the decision's cluster is paused in `live` (review4: a pause pressed
+    after the gate signed a decision did not stop it; the gate honours a pause only for the
+    decisions it makes after it). Resumed, the next stale check proposes again and the gate
+    decides anew."""
+    cluster = decision.host.cluster_uuid
+    c = live.clusters.get(cluster) if cluster else None
+    if c is not None and c.paused:
+        raise NotNow(
+            f"fencing is paused for the host's cluster {cluster} (paused after the decision)"
+        )
+
+
 class CloudStackRecheck:
     """CloudStack asked again before a power-down command, unless it confirmed the host down
     less than `RECHECK_AFTER` seconds ago (`confirmed()` notes a confirmation made elsewhere).
@@ -653,6 +667,9 @@ class CloudStackRecheck:
         self.decision, self.ask, self.clock = decision, ask, clock
         self.at: float | None = None
         self.also: frozenset[str] = frozenset()  # resource states allowed too (check_cloudstack)
+        # Why fencing is paused now (None: it is not), asked before every command too: a pause
+        # pressed during a fence's BMC retries stops the next power-down command.
+        self.paused: Callable[[], str | None] = lambda: None
 
     def confirmed(self, also: frozenset[str] | None = None) -> None:
         self.at = self.clock()
@@ -660,6 +677,9 @@ class CloudStackRecheck:
             self.also = also
 
     async def __call__(self) -> None:
+        why = self.paused()
+        if why is not None:
+            raise NotNow(f"{why} (asked again before the power command)")
         if self.at is not None and self.clock() - self.at < RECHECK_AFTER:
             return
         try:

@@ -3,9 +3,8 @@ fence action from stop to nothing (or blink) after the gate signed a decision to
 actuator runs the signed decision's action, so the host is powered off anyway, while every
 other setting (driver, address, storage rung, restart) is read live at action time.
 ARCHITECTURE.md step 6 says the actuator "runs the host's effective action"; an operator who
-just chose "nothing" expects no power-off. Not fixed here (fencing/actuator.py and
-streams/actuating.py belong to the actuation path): strict xfail, so the fix turns it red
-until the marker is removed."""
+just chose "nothing" expects no power-off. Fixed (fencing/actuator.py `_act`): the live action
+wins when it is the gentler one (it does not power the host down), never the other way round."""
 
 from __future__ import annotations
 
@@ -20,16 +19,21 @@ from .test_actuator import actuator, decision, make_settings
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="review4, not fixed: the signed decision's action wins over the action set live "
-    "after it (a less destructive live action should win, or the decision be refused)",
-)
 async def test_an_action_changed_to_nothing_after_the_decision_powers_nothing_off(
     cloud: Cloud, bmc: BmcSimulator
 ) -> None:
     live = make_settings(cloud, bmc.port, action="nothing")  # changed after the decision
     out = await actuator(live).handle(decision(cloud, FenceAction.STOP))
+    assert out is not None
+    assert bmc.power == "on" and bmc.count("power_off") == 0
+
+
+async def test_an_action_raised_to_stop_after_a_blink_decision_still_only_blinks(
+    cloud: Cloud, bmc: BmcSimulator
+) -> None:
+    """Never the other way round: a decision the gate signed to blink (not counted against the
+    cap as a power-down) is not turned into a power-off by a later setting."""
+    live = make_settings(cloud, bmc.port, action="stop")
+    out = await actuator(live).handle(decision(cloud, FenceAction.BLINK))
     assert out is not None
     assert bmc.power == "on" and bmc.count("power_off") == 0

@@ -119,7 +119,9 @@ async def lab(fencer_settings: Any, **actuator: Any) -> AsyncIterator[Lab]:
                 job_timeout=job_timeout,
                 timeout=2,
             ),
-            defaults=IpmiSettings(password=SecretStr("pw"), port=bmc.port),
+            # The host's action is what the tests' decisions say (a live action gentler than
+            # the decision's wins: fencing/actuator.py).
+            defaults=IpmiSettings(password=SecretStr("pw"), port=bmc.port, action="stop"),
             hosts={hv.uuid: HostSettings(ipmi=IpmiOverrides(address="127.0.0.1"))},
             actuator=ActuatorSettings(
                 **{

@@ -261,7 +261,7 @@ async def test_a_forged_done_does_not_stop_a_fence_on_the_lab_bmc(fencer_setting
                 secret_key=SecretStr(sim.secret_key),
                 job_timeout=10,
             ),
-            defaults=IpmiSettings(password=SecretStr("pw"), port=bmc.port),
+            defaults=IpmiSettings(password=SecretStr("pw"), port=bmc.port, action="stop"),
             hosts={hv.uuid: HostSettings(ipmi=IpmiOverrides(address="127.0.0.1"))},
             actuator=ActuatorSettings(claim_lease=2.0, decision_max_age=60.0),
         )

@@ -3,10 +3,11 @@ acts on it. The gate honours a pause only for the decisions it makes after it; t
 last-moment checks (streams/actuation.py `last_moment`, streams/actuating.py `actuate`) never
 look at a pause, so the decision is carried out (within decision_max_age, and its BMC retries
 go on for actuator.fence_deadline). An operator who pressed pause expects no power-off from
-then on. Not fixed here (the actuation path is not this review's to change): strict xfail on a
-real Actuation (embedded broker, CloudStack simulator), so the fix turns it red until the
-marker is removed. A global pause is not even in the live settings the actuator is given (it is
-only in the settings store's pause flags); this test uses the cluster pause, which is."""
+then on. Fixed: the last-moment checks refuse a decision whose cluster is paused now
+(streams.actuation.check_not_paused), the actuate agent also a global pause (kept only by the
+settings store: streams.actuating.pause_reason), and the CloudStack recheck asked before every
+power-down command asks it again, so a pause pressed during a fence's BMC retries stops the
+next command. On a real Actuation (embedded broker, CloudStack simulator)."""
 
 from __future__ import annotations
 
@@ -30,11 +31,6 @@ from .test_actuation import RING, decision, signed
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="review4, not fixed: the last-moment checks ignore a pause set after the decision",
-)
 async def test_a_pause_set_after_the_decision_stops_it_at_the_last_moment(
     fencer_settings: Any,
 ) -> None:
@@ -94,3 +90,25 @@ async def test_a_pause_set_after_the_decision_stops_it_at_the_last_moment(
         await inventory.close()
         await producer.stop()
         await sim.stop()
+
+
+async def test_a_pause_pressed_during_the_bmc_retries_stops_the_next_power_command() -> None:
+    """The recheck before each power-down command (retries included) asks the pause first, even
+    within the seconds a CloudStack "down" is taken as now."""
+    from streams.actuation import CloudStackRecheck
+
+    asked: list[str] = []
+
+    async def ask(uuid: str) -> Any:
+        asked.append(uuid)
+        raise AssertionError("CloudStack must not be needed: the pause answers first")
+
+    host = HostRef(host_uuid="h1", host_name="hv1", cluster_uuid="c1")
+    d = decision(at=time.time(), decision_id="h1/1", host=host, episode=1)
+    again = CloudStackRecheck(d, ask, time.monotonic)
+    again.confirmed()  # CloudStack said "down" a moment ago
+    await again()  # not paused: no question needed within RECHECK_AFTER
+    again.paused = lambda: "fencing is paused for every cluster (paused after the decision)"
+    with pytest.raises(NotNow, match="paused for every cluster"):
+        await again()
+    assert asked == []
