@@ -68,6 +68,8 @@ SIGNATURE_ERROR = "unable to verify user credentials and/or request signature"
 DEFAULT_PAGE_SIZE = 500
 
 ALERT_TYPE_HOST = "ALERT.COMPUTE.HOST"
+# Status.lostConnection() among the states the simulator shows.
+LOST_CONNECTION = frozenset({"Disconnected", "Alert", "Down"})
 MAINTENANCE_STATES = {
     "PrepareForMaintenance",
     "ErrorInPrepareForMaintenance",
@@ -464,10 +466,11 @@ class SimCloud:
         now = self.clock()
         if state == old:
             return
-        if state in ("Disconnected", "Alert", "Down") and h.disconnected is None:
+        if state in LOST_CONNECTION:
+            # AgentManagerImpl.disconnectAgent stamps disconnectedOn at every disconnection it
+            # handles; nothing clears it (an Up host shows its last one).
             h.disconnected = now
         if state == "Up":
-            h.disconnected = None
             h.lastpinged = now
             return  # an agent reconnect publishes nothing
         desc = self._host_desc(h)
@@ -626,7 +629,7 @@ class SimCloud:
 
     def _move(self, h: Host, state: str) -> None:
         """A state change CloudStack publishes nothing for."""
-        if state in ("Disconnected", "Alert", "Down") and h.disconnected is None:
+        if state in LOST_CONNECTION:
             h.disconnected = self.clock()
         h.state = state
 
@@ -855,7 +858,11 @@ class SimCloud:
             "version": "4.20.0.0",
             "hypervisor": h.hypervisor,
             "lastpinged": api_time(lastpinged_shown(h.lastpinged)),
-            "managementserverid": "5e1d8b5a-7c1e-4c55-9f3b-2b9c1d0e2f11",
+            # HostDaoImpl.updateState clears the management server of a host that lost its
+            # connection: the field is then absent.
+            "managementserverid": None
+            if h.state in LOST_CONNECTION
+            else "5e1d8b5a-7c1e-4c55-9f3b-2b9c1d0e2f11",
             "clusterid": c.uuid,
             "clustername": c.name,
             "clustertype": "CloudManaged",

@@ -418,13 +418,19 @@ async def test_a_crash_is_noticed_at_the_ping_timeout_and_goes_to_alert_after_al
         ((subject, body),) = _alerts(lab, "kvm02")
         assert subject.startswith("Host disconnected, name: kvm02 (id:")
         assert "is not restarted within alert.wait seconds, host will go to Alert state" in body
-        assert (await _listed(lab, "kvm02"))["disconnected"]
+        shown = await _listed(lab, "kvm02")
+        # A host that lost its connection has no management server; the date of its
+        # disconnection stays after it is Up again.
+        assert shown["disconnected"] and "managementserverid" not in shown
         # alert.wait after its last ping: Alert (WaitedTooLong publishes nothing).
         assert await _until(lambda: c.hosts[uuid].state == "Alert", c.alert_wait + 5)
         assert time.time() - pinged >= c.alert_wait
         assert len(_alerts(lab, "kvm02")) == 1
         assert c.hosts[uuid].lastpinged == pinged
         assert c.investigations and set(d for n, d in c.investigations) == {"Disconnected"}
+        # disconnectAgent stamps `disconnected` again at the Alert.
+        alerted = (await _listed(lab, "kvm02"))["disconnected"]
+        assert alerted > shown["disconnected"]
         # Powered on again: its agent reconnects, Connecting first, then Up, pinging again.
         await lab.recovers("kvm02")
         assert c.hosts[uuid].state == "Connecting"
@@ -432,6 +438,10 @@ async def test_a_crash_is_noticed_at_the_ping_timeout_and_goes_to_alert_after_al
         assert await _until(lambda: c.hosts[uuid].state == "Up", 3 * c.ping_interval)
         assert c.hosts[uuid].lastpinged > pinged
         assert len(_alerts(lab, "kvm02")) == 1  # a reconnect publishes nothing
+        back = await _listed(lab, "kvm02")
+        assert back["state"] == "Up" and back["managementserverid"]
+        assert back["disconnected"] == alerted
+        assert "disconnected" not in await _listed(lab, "kvm03")  # never disconnected
 
 
 async def test_the_investigator_finds_a_crashed_host_down_and_cloudstack_restarts_its_vms(
