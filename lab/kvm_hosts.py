@@ -430,7 +430,8 @@ class KvmLab:
                 beats.append(int(lab_host.heartbeat_file(pool).read_text().strip()))
             except (OSError, ValueError):
                 continue
-        return time.time() - max(beats) if beats else None
+        # kvmheartbeat.sh -r: `expr $(date +%s) - $(cat hb-<ip>)`, whole seconds.
+        return float(int(time.time()) - max(beats)) if beats else None
 
     def write_identity(self) -> None:
         """The client key and a known_hosts file naming every host's key at its address."""

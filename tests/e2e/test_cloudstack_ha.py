@@ -41,7 +41,7 @@ async def test_cloudstack_marks_a_crashed_host_down_and_fencer_still_fences_it_o
     s = await _play("cloudstack-marks-down", broker, tmp_path)
     marks = s["marks"]
     # CloudStack noticed at the ping timeout, not at the crash.
-    assert marks["down:kvm03"] - marks["crash:kvm03"] >= 2.0
+    assert marks["down:kvm03"] - marks["crash:kvm03"] >= 1.5
     assert s["checks"]["kvm03"][:4] == ["baseline", "stale", "stale", "stale"]
     assert s["bmc_power_offs"] == {"kvm03": 1} and s["fences_executed"] == 1
     assert s["restarted"] == {"kvm03": 2}  # by CloudStack's own HA

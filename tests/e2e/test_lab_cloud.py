@@ -413,7 +413,8 @@ async def test_a_crash_is_noticed_at_the_ping_timeout_and_goes_to_alert_after_al
         assert c.hosts[uuid].state == "Up" and _alerts(lab, "kvm02") == []
         assert await _until(lambda: c.hosts[uuid].state != "Up", 3 * c.ping_interval)
         noticed = time.monotonic() - crashed
-        assert c.ping_interval * c.ping_timeout * 0.9 <= noticed
+        # (the monitor's passes are one ping.interval apart: the crash fell between two)
+        assert c.ping_interval * (c.ping_timeout - 1) <= noticed
         assert c.hosts[uuid].state == "Disconnected"
         ((subject, body),) = _alerts(lab, "kvm02")
         assert subject.startswith("Host disconnected, name: kvm02 (id:")
@@ -455,10 +456,14 @@ async def test_the_investigator_finds_a_crashed_host_down_and_cloudstack_restart
         vms = lab.vms_of("kvm02")
         await lab.crash("kvm02")
         assert await _until(lambda: h.state == "Down", c.ping_interval * (c.ping_timeout + 3))
-        subjects = [s for s, _b in _alerts(lab, "kvm02")]
-        assert subjects[0] == f"Host down, {h.numeric_id}"
-        assert subjects[1].startswith("Host is down, name: kvm02 (id:")
-        (_s, body), (_s2, body2) = _alerts(lab, "kvm02")[:2]
+        # (a heartbeat written just before the crash may still be fresh at the first
+        # investigation: Disconnected then, Down at the monitor's next pass)
+        alerts = _alerts(lab, "kvm02")
+        subjects = [s for s, _b in alerts]
+        first = subjects.index(f"Host down, {h.numeric_id}")
+        assert all(s.startswith("Host disconnected, ") for s in subjects[:first]), subjects
+        assert subjects[first + 1].startswith("Host is down, name: kvm02 (id:")
+        (_s, body), (_s2, body2) = alerts[first : first + 2]
         assert body == f'Host Host {{"id":{h.numeric_id},"name":"kvm02","type":"Routing",' + (
             f'"uuid":"{h.uuid}"}} is down. Starting HA on the VMs'
         )
