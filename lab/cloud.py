@@ -81,7 +81,12 @@ class LabCloud:
     `rbd_only_hosts` (every VM of those hosts is on the RBD pool: no NFS disk; its agent still
     heartbeats on the cluster's NFS pools, as CloudStack's KVMHAMonitor does on every NFS pool),
     `ceph` (the real cluster behind the RBD pool, see the module docstring), `storage_fence`
-    (host name -> none|before|fallback: the Ceph blocklist rung of that host's fencing ladder).
+    (host name -> none|before|fallback: the Ceph blocklist rung of that host's fencing ladder),
+    `cloudstack_fsm` (default on: CloudStack's host agent state machine, times scaled so one
+    ping.interval is one check interval: hosts move Up -> Disconnected/Alert/Down by themselves,
+    a crash is noticed at the ping timeout, an agent back is Connecting first; see
+    lab.cloudstack_sim), `investigator` (default off: CloudStack's KVM investigator finds a host
+    whose NFS heartbeat went stale Down and restarts its VMs itself, without a fence).
     """
 
     def __init__(
@@ -101,6 +106,8 @@ class LabCloud:
         interval: float = 1.0,
         root: Path | None = None,
         name: str | None = None,
+        cloudstack_fsm: bool = True,
+        investigator: bool = False,
     ) -> None:
         self.broker = broker
         self._own_broker = broker is None
@@ -125,12 +132,14 @@ class LabCloud:
             **{f: f"lab{self.name}.{n}" for f, n in TopicNames().model_dump().items()}
         )
         self.cloud = SimCloud(on_event=self._on_event)
+        self._monitor: asyncio.Task[None] | None = None
         self.zone = self.cloud.add_zone("zone1")
         self.cluster = self.cloud.add_cluster(self.zone, "cluster1")
         self.pools: list[StoragePool] = []
         self.rbd_pool: StoragePool | None = None
         self.kvm = KvmLab(self.cloud, self.root / "kvm", interval=interval)
         self.kvm.set_filer_offset(filer_offset)
+        self._configure_cloudstack(cloudstack_fsm, investigator)
         self.sim: CloudStackSimulator | None = None
         self.bmcs: dict[str, BmcSimulator] = {}  # host name -> BMC
         self.bmc_passwords: dict[str, str] = {}
@@ -180,6 +189,38 @@ class LabCloud:
                 else:
                     self.cloud.add_volume(vm, self.pools[(i + j) % len(self.pools)])
 
+    def _configure_cloudstack(self, fsm: bool, investigator: bool) -> None:
+        """CloudStack's host state machine, its times scaled so that one CloudStack minute
+        (ping.interval) is one lab check interval (60 s, fencer's default check_interval)."""
+        minute = self.default_check_interval(self.interval)
+        c = self.cloud
+        c.host_fsm = fsm
+        c.ping_interval = minute  # ping.interval 60 s
+        c.ping_timeout = 2.5  # x ping.interval: 150 s behind on ping
+        c.alert_wait = 30 * minute  # alert.wait 1800 s
+        c.connect_delay = 0.0  # Up at the monitor's next pass
+        c.investigator = investigator
+        c.hb_timeout = 2 * minute  # a heartbeat older than 120 s is "DEAD" to a neighbour
+        c.vm_ha_delay = minute / 2  # the HA workers restart the VMs about 30 s later
+        c.heartbeat_age = self.kvm.heartbeat_age
+        c.vm_ha = self._cloudstack_vm_ha
+
+    def _cloudstack_vm_ha(self, host_uuid: str) -> None:
+        """CloudStack's own VM-HA for a host it found Down: the VMs restart elsewhere, and a host
+        that still runs keeps running them (split brain, #2890)."""
+        h = self.kvm.hosts[host_uuid]
+        moved = h.vms_restarted_elsewhere()
+        log.info("lab: CloudStack's VM-HA restarted %d VM(s) of %s elsewhere", len(moved), h.name)
+
+    async def _cloudstack_monitor(self) -> None:
+        """AgentManagerImpl's MonitorTask: one pass every ping.interval."""
+        while True:
+            await asyncio.sleep(self.cloud.ping_interval)
+            try:
+                self.cloud.monitor()
+            except Exception as exc:  # a lab that stops moving hosts on must say so
+                log.warning("lab: CloudStack's host monitor failed: %s", exc)
+
     def host(self, name: str) -> LabKvmHost:
         """A lab host by name (kvm01, kvm02, ...)."""
         return self.kvm.by_name(name)
@@ -198,6 +239,8 @@ class LabCloud:
                 self.broker = await EmbeddedBroker(create_topics=False).astart()
             self.sim = await CloudStackSimulator(self.cloud).start()
             await self.kvm.start()
+            if self.cloud.host_fsm:
+                self._monitor = asyncio.create_task(self._cloudstack_monitor())
             if self.rbd is not None:
                 self._rbd_thread = ThreadPoolExecutor(1, thread_name_prefix="lab-rbd")
                 await self._in_rbd_thread(self.rbd.create_images)
@@ -239,6 +282,11 @@ class LabCloud:
             self._forwarder = None
         for t in list(self._tasks):
             t.cancel()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._monitor
+            self._monitor = None
         if self._rbd_sync is not None:
             self._rbd_sync.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -359,8 +407,9 @@ class LabCloud:
             self.power_offs.append((time.time(), name))
             await h.power_off()
             await self._rbd_host_died(h)
-            if self.cloud.hosts[h.uuid].state == "Up":
-                # The agent's connection drops with the power.
+            if not self.cloud.host_fsm and self.cloud.hosts[h.uuid].state == "Up":
+                # Without the host FSM the agent's connection drops with the power (with it,
+                # CloudStack notices when the agent is behind on ping).
                 self.cloud.set_host_state(h.uuid, "Disconnected")
         else:
             await h.power_on(reconnect=True)
@@ -492,11 +541,10 @@ class LabCloud:
         return {u: self.cloud.hosts[h].name for u, h in moved.items()}
 
     async def crash(self, name: str) -> None:
-        """The host dies: writes stop, SSH is gone, CloudStack sees it Disconnected.
-
-        It stays Disconnected (not Down): CloudStack's declareHostAsDegraded accepts only
-        Disconnected or Alert hosts, and a KVM host without host-HA stays there.
-        """
+        """The host dies: writes stop, SSH is gone. With the host FSM (the default) CloudStack
+        notices when the agent is behind on ping (ping.interval x ping.timeout later): then
+        Disconnected, Alert after alert.wait; with `investigator` Down, and CloudStack's own
+        VM-HA restarts its VMs elsewhere. Without it, Disconnected at once."""
         await self.host(name).crash("Disconnected")
         await self._rbd_host_died(self.host(name))
 

@@ -18,6 +18,21 @@ the next N jobs of a command fail, then work again. API faults: `SimCloud.fail_n
 answers the next N calls of a command with CloudStack's 530, `stall_next_calls` holds their
 answers `api_stall` seconds (made, then late: the cloud may have changed before they arrive; a
 management server under load, or a request that times out).
+
+The host agent state machine (`SimCloud.host_fsm`, off for a bare SimCloud, on in the lab
+cloud): a host's state then moves on by itself as AgentManagerImpl moves it. The agent pings
+every `ping_interval` (listHosts `lastpinged` moves); an agent whose connection closes (it died)
+is investigated at once (`agent_lost`), one that just goes silent (the host crashed, the network
+dropped) when the monitor finds it behind on ping by `ping_interval x ping_timeout`
+(`agent_silent`, then `monitor`). The investigator (`investigator`, off by default: KVM's
+CheckOnHostCommand to the Up neighbours, which read the host's NFS heartbeat through
+`heartbeat_age`) finds a host Down when its heartbeat is older than `hb_timeout`, and CloudStack
+then starts its own VM-HA (`vm_ha`, after `vm_ha_delay`): "Host down" alerts, the VMs restarted
+elsewhere without any fence. Undetermined, the host is Disconnected ("Host disconnected"
+alert), and Alert once `alert_wait` passed since it last pinged (WaitedTooLong: no alert). An
+agent that comes back is Connecting (`agent_connected`) for `connect_delay`, then Up with a new
+`lastpinged`; nothing is published. `lastpinged` is shown as CloudStack shows it: the HostVO
+stores `currentTimeMillis() >> 10` and the API formats it as milliseconds (a date in 1970).
 """
 
 from __future__ import annotations
@@ -53,6 +68,8 @@ SIGNATURE_ERROR = "unable to verify user credentials and/or request signature"
 DEFAULT_PAGE_SIZE = 500
 
 ALERT_TYPE_HOST = "ALERT.COMPUTE.HOST"
+# Status.lostConnection() among the states the simulator shows.
+LOST_CONNECTION = frozenset({"Disconnected", "Alert", "Down"})
 MAINTENANCE_STATES = {
     "PrepareForMaintenance",
     "ErrorInPrepareForMaintenance",
@@ -160,6 +177,13 @@ def api_time(at: float | None) -> str | None:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S+0000")
 
 
+def lastpinged_shown(at: float) -> float:
+    """listHosts' `lastpinged`: HostVO keeps `System.currentTimeMillis() >> 10` (about seconds)
+    and the API formats it as milliseconds, so CloudStack shows a date in January 1970 that
+    moves by about a second per 17 minutes."""
+    return (int(at * 1000) >> 10) / 1000.0
+
+
 # ---------------------------------------------------------------------------------------------
 # The cloud model
 
@@ -203,6 +227,10 @@ class Host:
     disconnected: float | None = None
     lastpinged: float = field(default_factory=time.time)
     created: float = field(default_factory=time.time)
+    # The agent's connection (host_fsm): it pings while True; `connecting_since` is when an
+    # agent that came back connected (Connecting until `SimCloud.connect_delay` passed).
+    agent: bool = True
+    connecting_since: float | None = None
 
 
 @dataclass
@@ -313,6 +341,23 @@ class SimCloud:
         self.events: list[tuple[str | None, str]] = []
         self._ids = itertools.count(1)
         self.clock: Callable[[], float] = time.time
+        # The host agent state machine (see the module docstring); CloudStack's defaults, which
+        # the lab scales down (lab.cloud.LabCloud).
+        self.host_fsm = False
+        self.ping_interval = 60.0  # ping.interval
+        self.ping_timeout = 2.5  # ping.timeout (x ping.interval)
+        self.alert_wait = 1800.0  # alert.wait
+        self.connect_delay = 5.0  # an agent's Connecting -> Up (its startup commands)
+        self.investigator = False  # KVMInvestigator: CheckOnHostCommand through the neighbours
+        self.hb_timeout = 120.0  # kvmheartbeat.sh -r -t: older is "DEAD" to a neighbour
+        self.vm_ha_delay = 0.0  # from the Down to VM-HA restarting the VMs
+        # (host, neighbour) -> seconds since the host's last heartbeat as that neighbour reads
+        # it (its clock minus the content), None when it cannot read it (no NFS, storage out).
+        self.heartbeat_age: Callable[[Host, Host], float | None] | None = None
+        # VM-HA for a host CloudStack found Down: host uuid -> restarts its VMs elsewhere (the
+        # lab's keeps a still-running host running them: split brain).
+        self.vm_ha: Callable[[str], Any] | None = None
+        self.investigations: list[tuple[str, str]] = []  # (host name, determined state)
 
     # --- building -----------------------------------------------------------------------------
 
@@ -410,10 +455,9 @@ class SimCloud:
         )
 
     def _java_host(self, h: Host) -> str:
-        return json.dumps(
-            {"id": h.numeric_id, "name": h.name, "type": h.type, "uuid": h.uuid},
-            separators=(",", ":"),
-        )
+        """HostVO.toString(): `Host {"id":12,"name":"kvm03","type":"Routing","uuid":"..."}`."""
+        fields = {"id": h.numeric_id, "name": h.name, "type": h.type, "uuid": h.uuid}
+        return "Host " + json.dumps(fields, separators=(",", ":"))
 
     def set_host_state(self, host_uuid: str, state: str) -> None:
         """Change a host's agent status; publish the alert AgentManagerImpl would send."""
@@ -422,10 +466,11 @@ class SimCloud:
         now = self.clock()
         if state == old:
             return
-        if state in ("Disconnected", "Alert", "Down") and h.disconnected is None:
+        if state in LOST_CONNECTION:
+            # AgentManagerImpl.disconnectAgent stamps disconnectedOn at every disconnection it
+            # handles; nothing clears it (an Up host shows its last one).
             h.disconnected = now
         if state == "Up":
-            h.disconnected = None
             h.lastpinged = now
             return  # an agent reconnect publishes nothing
         desc = self._host_desc(h)
@@ -465,6 +510,147 @@ class SimCloud:
                 f"Host is down, {hd}",
                 f"Host [{hd}] is down.  Starting HA on the following VMs: {names}",
             )
+
+    # --- the host agent state machine (host_fsm) -----------------------------------------------
+
+    # Status.java's transitions for the events the simulator raises.
+    TRANSITIONS: dict[tuple[str, str], str] = {
+        ("Up", "PingTimeout"): "Alert",
+        ("Up", "AgentDisconnected"): "Alert",
+        ("Up", "HostDown"): "Down",
+        ("Up", "ShutdownRequested"): "Disconnected",
+        ("Connecting", "PingTimeout"): "Alert",
+        ("Connecting", "AgentDisconnected"): "Alert",
+        ("Connecting", "HostDown"): "Down",
+        ("Disconnected", "PingTimeout"): "Alert",
+        ("Disconnected", "HostDown"): "Down",
+        ("Disconnected", "WaitedTooLong"): "Alert",
+        ("Disconnected", "AgentDisconnected"): "Disconnected",
+        ("Alert", "HostDown"): "Down",
+        ("Alert", "AgentDisconnected"): "Alert",
+        ("Down", "AgentDisconnected"): "Down",
+        ("Down", "PingTimeout"): "Down",
+    }
+
+    def agent_lost(self, host_uuid: str) -> None:
+        """The agent's connection closed (the agent died): AgentDisconnected, investigated now.
+        Without host_fsm: Disconnected at once, as before."""
+        h = self.hosts[host_uuid]
+        h.agent, h.connecting_since = False, None
+        if not self.host_fsm:
+            self.set_host_state(host_uuid, "Disconnected")
+            return
+        self._disconnect_with_investigation(h, "AgentDisconnected")
+
+    def agent_silent(self, host_uuid: str) -> None:
+        """The agent stops pinging without closing its connection (the host crashed or lost
+        power): nothing now; the monitor finds it behind on ping. Without host_fsm: nothing."""
+        h = self.hosts[host_uuid]
+        h.agent, h.connecting_since = False, None
+
+    def agent_connected(self, host_uuid: str) -> None:
+        """The agent (re)connects: Connecting, then Up after `connect_delay` (`monitor`).
+        Nothing is published. Without host_fsm: Up at once, as before."""
+        h = self.hosts[host_uuid]
+        h.agent = True
+        if not self.host_fsm:
+            self.set_host_state(host_uuid, "Up")
+            return
+        if h.state != "Up":
+            h.state, h.connecting_since = "Connecting", self.clock()
+
+    def monitor(self) -> None:
+        """One pass of AgentManagerImpl's MonitorTask (every ping_interval): pings recorded,
+        connecting agents made Up, hosts behind on ping investigated."""
+        now = self.clock()
+        for h in list(self.hosts.values()):
+            if h.agent:
+                if h.state == "Connecting":
+                    if now - (h.connecting_since or now) >= self.connect_delay:
+                        h.connecting_since = None
+                        h.lastpinged = now
+                        self.set_host_state(h.uuid, "Up")
+                elif h.state == "Up" and now - h.lastpinged >= self.ping_interval:
+                    h.lastpinged = now
+                continue
+            if now - h.lastpinged <= self.ping_interval * self.ping_timeout:
+                continue
+            if h.resourcestate in ("Disabled", "Maintenance", "ErrorInMaintenance"):
+                # No investigation for a host out of operation: ShutdownRequested.
+                if h.state == "Up":
+                    self._move(h, "Disconnected")
+                continue
+            self._disconnect_with_investigation(h, "PingTimeout")
+
+    def investigate(self, h: Host) -> str:
+        """KVMInvestigator.isAgentAlive for a host whose agent does not answer: Down when an Up
+        neighbour finds its heartbeat older than hb_timeout, Disconnected when one finds it
+        fresh or none can tell (or the investigator is off)."""
+        if not self.investigator:
+            return "Disconnected"
+        if h.agent:
+            return "Up"
+        neighbour_says: str | None = None
+        for n in self.hosts.values():
+            if n.uuid == h.uuid or n.cluster_uuid != h.cluster_uuid or n.state != "Up":
+                continue
+            if n.hypervisor != "KVM" or self.heartbeat_age is None:
+                continue
+            age = self.heartbeat_age(h, n)
+            if age is None:
+                continue  # no answer from this neighbour
+            neighbour_says = "Down" if age > self.hb_timeout else "Up"
+            if neighbour_says == "Up":
+                break
+        return "Down" if neighbour_says == "Down" else "Disconnected"
+
+    def _disconnect_with_investigation(self, h: Host, event: str) -> None:
+        """AgentManagerImpl.handleDisconnectWithInvestigation."""
+        nxt = self.TRANSITIONS.get((h.state, event))
+        if nxt != "Alert":
+            if nxt is not None and nxt != h.state:
+                self._move(h, nxt)
+            return
+        determined = self.investigate(h)
+        self.investigations.append((h.name, determined))
+        now = self.clock()
+        if determined == "Down":
+            self.set_host_state(h.uuid, "Down")  # the "Host down" alerts
+            self._start_vm_ha(h)
+        elif determined == "Up":
+            h.lastpinged = now
+            self.set_host_state(h.uuid, "Up")
+        elif h.state == "Disconnected":
+            if now - h.lastpinged > self.alert_wait:
+                self._move(h, "Alert")  # WaitedTooLong: no alert is sent
+        else:
+            # Determined Disconnected, the host was Up: the "Host disconnected" alert.
+            self.set_host_state(h.uuid, "Disconnected")
+
+    def _move(self, h: Host, state: str) -> None:
+        """A state change CloudStack publishes nothing for."""
+        if state in LOST_CONNECTION:
+            h.disconnected = self.clock()
+        h.state = state
+
+    def _start_vm_ha(self, h: Host) -> None:
+        """HighAvailabilityManagerImpl.scheduleRestartForVmsOnHost: its HA workers restart the
+        host's VMs elsewhere, `vm_ha_delay` later (no fence: CloudStack trusts the Down)."""
+
+        def run() -> None:
+            if self.hosts[h.uuid].state != "Down":
+                return
+            if self.vm_ha is not None:
+                self.vm_ha(h.uuid)
+            else:
+                self.restart_vms_elsewhere(h.uuid)
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            run()
+            return
+        loop.call_later(self.vm_ha_delay, run)
 
     def set_vm_state(self, vm_uuid: str, new_state: str, host_uuid: str | None = None) -> None:
         """Change a VM's state (and host); publish UserVmStateListener's pre and post records."""
@@ -671,8 +857,12 @@ class SimCloud:
             "podname": z.pod_name,
             "version": "4.20.0.0",
             "hypervisor": h.hypervisor,
-            "lastpinged": api_time(h.lastpinged),
-            "managementserverid": "5e1d8b5a-7c1e-4c55-9f3b-2b9c1d0e2f11",
+            "lastpinged": api_time(lastpinged_shown(h.lastpinged)),
+            # HostDaoImpl.updateState clears the management server of a host that lost its
+            # connection: the field is then absent.
+            "managementserverid": None
+            if h.state in LOST_CONNECTION
+            else "5e1d8b5a-7c1e-4c55-9f3b-2b9c1d0e2f11",
             "clusterid": c.uuid,
             "clustername": c.name,
             "clustertype": "CloudManaged",

@@ -450,17 +450,36 @@ class Run:
         return float(p.check_interval * (1 + p.extra_checks))
 
     @property
+    def cloudstack_notices(self) -> float:
+        """How long CloudStack may take to notice a crash: nothing closes the agent's
+        connection, so the host stays Up until its monitor finds the agent behind on ping
+        (ping.interval x ping.timeout, and up to one monitor pass more). 0 without the
+        simulator's host state machine (it showed the crash at once)."""
+        c = self.lab.cloud
+        return c.ping_interval * (c.ping_timeout + 1) if c.host_fsm else 0.0
+
+    @property
     def fence_deadline(self) -> float:
-        """The ideal plus the pipeline's slack (baseline and 1 + extra_checks checks): the
-        verified power-off must be done by then after a crash that causes the disconnect."""
+        """The ideal plus the pipeline's slack (baseline and 1 + extra_checks checks) and the
+        time CloudStack takes to notice: the verified power-off must be done by then after a
+        crash that causes the disconnect."""
+        return self._fence_deadline_after_disconnect + self.cloudstack_notices
+
+    @property
+    def _fence_deadline_after_disconnect(self) -> float:
         checks = 2 + self.settings.policy.extra_checks
         return self.fence_ideal + checks * PIPELINE_PER_CHECK + PIPELINE_ONCE
 
     @property
     def fence_deadline_mid_episode(self) -> float:
-        """The same for a crash of a host already suspect: the first check after the crash may
-        still see the writes it made just before dying, which costs at most one check more."""
-        return self.fence_deadline + self.settings.policy.check_interval + PIPELINE_PER_CHECK
+        """The same for a crash of a host already suspect (CloudStack shows it disconnected
+        already): the first check after the crash may still see the writes it made just before
+        dying, which costs at most one check more."""
+        return (
+            self._fence_deadline_after_disconnect
+            + self.settings.policy.check_interval
+            + PIPELINE_PER_CHECK
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -874,7 +893,9 @@ async def _vms_restarted_elsewhere(run: Run) -> None:
         f"{', '.join(sorted(set(moved.values())))}: their disks are written there now",
     )
     await run.wait(
-        lambda: run.outcomes("kvm05"), run.fence_deadline_mid_episode + 20, "kvm05 fenced"
+        lambda: run.outcomes("kvm05"),
+        run.fence_deadline_mid_episode + run.cloudstack_notices + 20,
+        "kvm05 fenced",
     )
     await run.wait(lambda: run.lab.mail.mails and run.lab.traps.traps, 15, "a mail and a trap")
     await asyncio.sleep(run.settings.policy.check_interval * 2)
@@ -898,7 +919,9 @@ def _judge_vms_restarted_elsewhere(run: Run) -> list[str]:
         len(written) == len(run.moved_disks) > 0,
         "the new host did not keep writing the moved VMs' disks",
     )
-    _fenced_once(run, f, "kvm05", run.fence_deadline_mid_episode, "crash:kvm05")
+    # From the crash: CloudStack notices it at the ping timeout, the VMs move mid-episode.
+    deadline = run.fence_deadline_mid_episode + run.cloudstack_notices
+    _fenced_once(run, f, "kvm05", deadline, "crash:kvm05")
     return f
 
 
@@ -1087,7 +1110,8 @@ def _rbd_fence_deadline(run: Run) -> float:
     # check_interval >= min_gap each one may be stale; below it, the first tick past min_gap.
     per_check = (ci if ci >= gap else gap + ci) + PIPELINE_PER_RBD_CHECK
     return (
-        run.settings.rbd.watch_timeout
+        run.cloudstack_notices
+        + run.settings.rbd.watch_timeout
         + PIPELINE_PER_RBD_CHECK
         + (1 + p.extra_checks) * per_check
         + PIPELINE_ONCE
@@ -1361,6 +1385,139 @@ def _judge_busy_disk_unreadable(run: Run) -> list[str]:
     return f
 
 
+# -- cloudstack-marks-down (CloudStack's KVM investigator and VM-HA on)
+
+
+def _cloudstack_state(run: Run, name: str) -> str:
+    return run.lab.cloud.hosts[run.uuid(name)].state
+
+
+async def _cloudstack_marks_down(run: Run) -> None:
+    run.marks["crash:kvm03"] = time.time()
+    run.fault("kvm03 crashes (CloudStack's KVM investigator is on)", "kvm03")
+    await run.lab.crash("kvm03")
+    await run.wait(
+        lambda: _cloudstack_state(run, "kvm03") == "Down",
+        run.cloudstack_notices + 10,
+        "CloudStack to find kvm03 Down",
+    )
+    run.marks["down:kvm03"] = time.time()
+    run.event(
+        "cloud",
+        "kvm03",
+        "CloudStack's investigator: the neighbours find kvm03's heartbeat stale, Down; "
+        "'Host down ... Starting HA on the VMs': its own VM-HA restarts them, no fence",
+    )
+    await run.wait(lambda: run.outcomes("kvm03"), run.fence_deadline + 10, "kvm03 fenced")
+    vms = sorted(run.lab.vms_of("kvm03"))
+    await run.wait(
+        lambda: (
+            sorted(run.lab.restarted_elsewhere("kvm03")) == vms
+            and run.lab.mail.mails
+            and run.lab.traps.traps
+        ),
+        15,
+        "the VMs restarted, a mail and a trap",
+    )
+    await asyncio.sleep(run.settings.policy.check_interval * 2)  # nothing more may happen
+
+
+def _judge_cloudstack_marks_down(run: Run) -> list[str]:
+    f: list[str] = []
+    if run.marks.get("down:kvm03") is None:
+        return ["CloudStack never found kvm03 Down"]
+    outs = run.outcomes("kvm03")
+    _expect(f, len(run.decisions("kvm03")) == 1, "not exactly one decision for kvm03")
+    _expect(f, len(outs) == 1 and bool(outs[0].get("success")), "kvm03 was not fenced once")
+    _expect(f, bool(outs) and bool(outs[0].get("verified")), "the power-off was not verified")
+    offs = run.lab.bmc_power_offs("kvm03")
+    _expect(f, offs == 1, f"kvm03's BMC got {offs} power-offs, not 1")
+    _expect(f, run.lab.bmcs["kvm03"].power == "off", "kvm03's BMC does not report power off")
+    result = str(outs[0].get("cloudstack_result")) if outs else ""
+    _expect(
+        f,
+        "CloudStack marked the host Down" in result,
+        f"the outcome does not say CloudStack's own HA restarts the VMs: {result}",
+    )
+    vms = run.lab.vms_of("kvm03")
+    _expect(f, sorted(run.lab.restarted_elsewhere("kvm03")) == sorted(vms), "VMs not restarted")
+    _expect(f, len(run.fenced()) == 1, "some other host was fenced")
+    stale = run.results("kvm03", "stale")
+    need = 1 + run.settings.policy.extra_checks
+    _expect(f, len(stale) >= need, f"fenced after {len(stale)} stale checks, not {need}")
+    at = run.marks["crash:kvm03"]
+    if outs:
+        took = outs[0]["finished_at"] - at
+        _expect(f, took <= run.fence_deadline, f"fenced {took:.1f} s after the crash")
+    return f
+
+
+# -- agent-dies-cloudstack-says-down (#2890: the investigator takes a live host for Down)
+
+
+async def _agent_dies_cloudstack_says_down(run: Run) -> None:
+    run.marks["agent:kvm02"] = time.time()
+    run.fault(
+        "kvm02's agent dies (its NFS heartbeat with it); the host and its VMs keep running "
+        "(CloudStack's KVM investigator is on)",
+        "kvm02",
+    )
+    run.lab.agent_dies("kvm02")
+    await run.wait(
+        lambda: _cloudstack_state(run, "kvm02") == "Down",
+        run.cloudstack_notices + 10,
+        "CloudStack to take kvm02 for Down",
+    )
+    run.marks["down:kvm02"] = time.time()
+    run.event(
+        "cloud",
+        "kvm02",
+        "CloudStack's investigator: kvm02's heartbeat is stale, Down (it is alive: #2890); "
+        "its own VM-HA restarts the VMs elsewhere while kvm02 still runs them",
+    )
+    vms = sorted(run.lab.vms_of("kvm02"))
+    await run.wait(
+        lambda: sorted(run.lab.restarted_elsewhere("kvm02")) == vms,
+        15,
+        "CloudStack's VM-HA to restart kvm02's VMs",
+    )
+    run.marks["moved:kvm02"] = time.time()
+    # Long enough for a fence on fresh evidence after the VMs moved, and then some.
+    await asyncio.sleep(run.fence_deadline_mid_episode + run.settings.policy.check_interval * 2)
+
+
+def _judge_agent_dies_cloudstack_says_down(run: Run) -> list[str]:
+    """What fencer must not do whatever it makes of the split brain: judge the live host dead
+    or decide a fence while its VMs were its own and writing, fence it more than once, or ask
+    CloudStack for a restart that would start the VMs a third time. What it did after the
+    move is recorded (`facts`), for the test and the report to state."""
+    f: list[str] = []
+    down, moved = run.marks.get("down:kvm02"), run.marks.get("moved:kvm02")
+    if down is None or moved is None:
+        return ["CloudStack never took kvm02 for Down and restarted its VMs"]
+    started = run.marks["agent:kvm02"]
+    before = _checks_between(run, "kvm02", started, down)
+    _expect(f, "stale" not in before, f"a check of the live host said stale: {before}")
+    _expect(f, "alive" in before, f"no alive check while kvm02's VMs were its own: {before}")
+    early = [d for d in run.decisions("kvm02") if float(d.get("decided_at") or 0) < down]
+    _expect(f, early == [], "a fence was decided before CloudStack took the host for Down")
+    offs = run.lab.bmc_power_offs("kvm02")
+    _expect(f, offs <= 1, f"kvm02's BMC got {offs} power-offs")
+    _expect(f, len(run.outcomes("kvm02")) <= 1, "more than one outcome for kvm02")
+    for o in run.outcomes("kvm02"):
+        result = str(o.get("cloudstack_result"))
+        _expect(f, "CloudStack marked the host Down" in result, f"a restart was asked: {result}")
+    _expect(f, len(run.fenced()) == offs, "some other host was fenced")
+    run.facts["after the move"] = _checks_between(run, "kvm02", moved)
+    run.facts["fenced the live host"] = offs == 1
+    run.facts["files read after the move"] = [
+        r.get("files_checked")
+        for r in run.results("kvm02")
+        if r["requested_at"] is not None and r["requested_at"] >= moved
+    ]
+    return f
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -1513,6 +1670,22 @@ SCENARIOS: dict[str, Scenario] = {
             "it is fenced once",
             _pause_then_resume,
             _judge_pause_then_resume,
+        ),
+        Scenario(
+            "cloudstack-marks-down",
+            "CloudStack's investigator finds a crashed host Down and restarts its VMs itself: "
+            "fenced once all the same (verified off), the restart left to CloudStack",
+            _cloudstack_marks_down,
+            _judge_cloudstack_marks_down,
+            lab={"investigator": True},
+        ),
+        Scenario(
+            "agent-dies-cloudstack-says-down",
+            "the agent dies, the host lives, CloudStack's investigator takes it for Down and "
+            "restarts its VMs elsewhere (#2890)",
+            _agent_dies_cloudstack_says_down,
+            _judge_agent_dies_cloudstack_says_down,
+            lab={"investigator": True},
         ),
         Scenario(
             "busy-disk-unreadable",

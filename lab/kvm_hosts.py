@@ -17,6 +17,7 @@ on any neighbour reports the filer's clock, as on NFS. Pools of other types (RBD
 mount point and no heartbeat; their volumes are written by no file a probe could stat.
 
 Faults: `agent_dies` (CloudStack loses the agent; its heartbeat stops, the VMs keep writing),
+`heartbeat_age` (what CloudStack's investigator reads through a neighbour),
 `agent_recovers`, `crash` (every write stops, SSH is gone), `power_off`/`power_on` (for the BMC
 simulator), idle VMs (`KvmLab.set_vm_idle`, `LabKvmHost.idle`: disks not written),
 `vms_restarted_elsewhere` (a still-running host keeps writing the VMs CloudStack restarted
@@ -244,25 +245,34 @@ class LabKvmHost:
     # --- faults -------------------------------------------------------------------------------
 
     def agent_dies(self, state: str = "Disconnected") -> None:
-        """The agent dies: CloudStack loses it and its heartbeat writes stop; the host and its
-        VMs keep running (their disks keep being written), SSH still answers."""
+        """The agent dies: its connection closes (CloudStack investigates at once: see
+        SimCloud.agent_lost) and its heartbeat writes stop; the host and its VMs keep running
+        (their disks keep being written), SSH still answers. Without the simulator's host FSM,
+        CloudStack shows `state` at once."""
         self.agent_running = False
-        self.lab.cloud.set_host_state(self.uuid, state)
+        self.lab.cloud.agent_lost(self.uuid)
+        if not self.lab.cloud.host_fsm and state != "Disconnected":
+            self.lab.cloud.set_host_state(self.uuid, state)
 
     def agent_recovers(self) -> None:
-        """The agent is restarted: it reconnects (Up) and its heartbeat resumes at once."""
+        """The agent is restarted: it reconnects (Connecting, then Up with the simulator's host
+        FSM; Up at once without) and its heartbeat resumes at once."""
         self.agent_running = True
-        self.lab.cloud.set_host_state(self.uuid, "Up")
+        self.lab.cloud.agent_connected(self.uuid)
         if self.powered:
             self.write_once()
 
     async def crash(self, state: str | None = "Disconnected") -> None:
-        """The host dies: every write stops, SSH is gone (its BMC stays up elsewhere)."""
+        """The host dies: every write stops, SSH is gone (its BMC stays up elsewhere). Its
+        agent's connection does not close: with the simulator's host FSM CloudStack notices
+        only when the agent is behind on ping (`state` is not used); without it, CloudStack
+        shows `state` at once (None: not yet)."""
         self.powered = False
         self.agent_running = False
         self.lingering.clear()  # its qemu processes died with it
         await self.stop_ssh()
-        if state is not None:
+        self.lab.cloud.agent_silent(self.uuid)
+        if state is not None and not self.lab.cloud.host_fsm:
             self.lab.cloud.set_host_state(self.uuid, state)
 
     async def power_off(self) -> None:
@@ -277,7 +287,7 @@ class LabKvmHost:
         await self.start_ssh()
         if reconnect:
             self.agent_running = True
-            self.lab.cloud.set_host_state(self.uuid, "Up")
+            self.lab.cloud.agent_connected(self.uuid)
 
     def vms_restarted_elsewhere(
         self, vms: Iterable[str] | None = None, target: str | None = None
@@ -404,6 +414,24 @@ class KvmLab:
             self.idle_vms.add(vm_uuid)
         else:
             self.idle_vms.discard(vm_uuid)
+
+    def heartbeat_age(self, host: Host, neighbour: Host) -> float | None:
+        """What CloudStack's investigator learns from `neighbour` (kvmheartbeat.sh -r): the
+        neighbour's clock minus the newest heartbeat content of `host` on the NFS pools it
+        mounts (as CloudStack compares them: two machines' clocks); None when it reads none
+        (no NFS pool, storage out, the neighbour powered off)."""
+        lab_host = self.hosts.get(host.uuid)
+        near = self.hosts.get(neighbour.uuid)
+        if lab_host is None or near is None or not near.powered:
+            return None
+        beats: list[int] = []
+        for pool in lab_host.pools():
+            try:
+                beats.append(int(lab_host.heartbeat_file(pool).read_text().strip()))
+            except (OSError, ValueError):
+                continue
+        # kvmheartbeat.sh -r: `expr $(date +%s) - $(cat hb-<ip>)`, whole seconds.
+        return float(int(time.time()) - max(beats)) if beats else None
 
     def write_identity(self) -> None:
         """The client key and a known_hosts file naming every host's key at its address."""

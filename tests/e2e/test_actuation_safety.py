@@ -189,9 +189,13 @@ async def test_replayed_and_unconfirmed_decisions_are_refused(stage: Stage) -> N
     lab.agent_dies("kvm01")
     replay = signed(decision_for(lab, "kvm01", time.time() - 3600, episode=7), ring)
     await s.tap.send(s.t.fence_decisions, old_host.uuid, replay)
-    # Agent coming back: CloudStack says Connecting.
+    # Agent coming back: CloudStack says Connecting (its agent died and reconnected, and its
+    # startup takes long: the lab's CloudStack would otherwise make it Up at its next pass).
     connecting = lab.host("kvm03")
-    lab.cloud.set_host_state(connecting.uuid, "Connecting")
+    lab.cloud.connect_delay = 600.0
+    lab.agent_dies("kvm03")
+    lab.agent_recovers("kvm03")
+    assert lab.cloud.hosts[connecting.uuid].state == "Connecting"
     d3 = signed(decision_for(lab, "kvm03", time.time()), ring)
     await back_with_record(s, d3)
     await s.tap.send(s.t.fence_decisions, connecting.uuid, d3)

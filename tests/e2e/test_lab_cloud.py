@@ -15,6 +15,7 @@ import shlex
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import asyncssh
@@ -83,7 +84,11 @@ async def test_bmc_power_off_stops_the_host(broker: EmbeddedBroker, tmp_path: Pa
             await asyncio.sleep(0.05)
         assert not h.powered
         assert lab.power_offs and lab.power_offs[0][1] == "kvm02"
-        assert lab.cloud.hosts[h.uuid].state == "Disconnected"
+        # The agent's connection does not close with the power: CloudStack notices when it is
+        # behind on ping (ping.interval x ping.timeout), as it would a crash.
+        assert lab.cloud.hosts[h.uuid].state == "Up"
+        limit = lab.cloud.ping_interval * (lab.cloud.ping_timeout + 2)
+        assert await _until(lambda: lab.cloud.hosts[h.uuid].state == "Disconnected", limit)
         before = hb.stat().st_mtime
         other = lab.host("kvm01").heartbeat_file(pool)
         other_before = other.stat().st_mtime
@@ -154,6 +159,16 @@ async def _read(lab: LabCloud, via: str, files: list[Path]) -> dict[Path, tuple[
     return {f: (float(lines[2 * i]), lines[2 * i + 1]) for i, f in enumerate(files)}
 
 
+async def _until(predicate: Any, within: float) -> bool:
+    """Whether `predicate()` becomes true within `within` seconds (polled)."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
 def _mtime(seen: dict[Path, tuple[float, str]], f: Path) -> float:
     return seen[f][0]
 
@@ -186,7 +201,9 @@ async def test_agent_death_stops_the_heartbeat_not_the_disks(
 
         lab.agent_recovers("kvm02")
         recovered = int(time.time())
-        assert lab.cloud.hosts[h.uuid].state == "Up"
+        # CloudStack: Connecting until its monitor's next pass, then Up.
+        assert lab.cloud.hosts[h.uuid].state == "Connecting"
+        assert await _until(lambda: lab.cloud.hosts[h.uuid].state == "Up", 5)
         await asyncio.sleep(1.2)
         c = await _read(lab, "kvm01", files)
         assert _mtime(c, hb) > _mtime(b, hb) and int(c[hb][1]) > int(b[hb][1])
@@ -274,6 +291,7 @@ async def test_cloudstack_ha_restart_moves_the_vm_and_its_writes(
         with pytest.raises(ValueError, match="Up"):
             lab.vms_restarted_elsewhere("kvm02")  # CloudStack restarts nothing of an Up host
         await lab.crash("kvm02")
+        assert await _until(lambda: lab.cloud.hosts[suspect.uuid].state == "Disconnected", 10)
         moved = lab.vms_restarted_elsewhere("kvm02", [moved_vm])
         assert moved == {moved_vm: "kvm01"}
         async with AIOCloudStack(lab.sim.url, lab.sim.api_key, lab.sim.secret_key) as api:
@@ -348,3 +366,150 @@ async def test_rbd_volume_is_listed_as_cloudstack_lists_it_and_has_no_file(
         await asyncio.sleep(1.2)
         b = await _read(lab, "kvm01", [nfs_disk])
         assert _mtime(b, nfs_disk) > _mtime(a, nfs_disk)
+
+
+# ---------------------------------------------------------------------------------------------
+# CloudStack's host state machine: hosts move on by themselves, as AgentManagerImpl moves them
+
+
+def _alerts(lab: LabCloud, host: str) -> list[tuple[str, str]]:
+    """(subject, body) of every host alert published about host `host` (name or numeric id)."""
+    h = lab.cloud.hosts[lab.host(host).uuid]
+    out = []
+    for key, value in lab.cloud.events:
+        v = json.loads(value)
+        if key is None and v.get("event") == "ALERT.COMPUTE.HOST":
+            s = v["subject"]
+            if f"name: {h.name} " in s or s == f"Host down, {h.numeric_id}":
+                out.append((s, v["body"]))
+    return out
+
+
+async def _listed(lab: LabCloud, name: str) -> dict[str, Any]:
+    """The host as listHosts answers it, over the simulator's signed HTTP API."""
+    assert lab.sim is not None
+    async with AIOCloudStack(lab.sim.url, lab.sim.api_key, lab.sim.secret_key) as api:
+        (h,) = (await api.listHosts(id=lab.host(name).uuid))["host"]
+    return dict(h)
+
+
+async def test_a_crash_is_noticed_at_the_ping_timeout_and_goes_to_alert_after_alert_wait(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    async with LabCloud(broker, hosts=3, root=tmp_path / "lab", interval=0.5) as lab:
+        c = lab.cloud
+        c.alert_wait = 6.0  # alert.wait, scaled further for the test
+        uuid = lab.host("kvm02").uuid
+        # An Up agent pings: lastpinged moves, shown as CloudStack shows it (January 1970).
+        first = c.hosts[uuid].lastpinged
+        assert await _until(lambda: c.hosts[uuid].lastpinged > first, 3 * c.ping_interval)
+        shown = await _listed(lab, "kvm02")
+        assert shown["state"] == "Up" and shown["lastpinged"].startswith("1970-01-")
+        await lab.crash("kvm02")
+        crashed = time.monotonic()
+        pinged = c.hosts[uuid].lastpinged
+        # Nothing closes the agent's connection: Up until it is behind on ping.
+        await asyncio.sleep(c.ping_interval * c.ping_timeout * 0.6)
+        assert c.hosts[uuid].state == "Up" and _alerts(lab, "kvm02") == []
+        assert await _until(lambda: c.hosts[uuid].state != "Up", 3 * c.ping_interval)
+        noticed = time.monotonic() - crashed
+        # (the monitor's passes are one ping.interval apart: the crash fell between two)
+        assert c.ping_interval * (c.ping_timeout - 1) <= noticed
+        assert c.hosts[uuid].state == "Disconnected"
+        ((subject, body),) = _alerts(lab, "kvm02")
+        assert subject.startswith("Host disconnected, name: kvm02 (id:")
+        assert "is not restarted within alert.wait seconds, host will go to Alert state" in body
+        shown = await _listed(lab, "kvm02")
+        # A host that lost its connection has no management server; the date of its
+        # disconnection stays after it is Up again.
+        assert shown["disconnected"] and "managementserverid" not in shown
+        # alert.wait after its last ping: Alert (WaitedTooLong publishes nothing).
+        assert await _until(lambda: c.hosts[uuid].state == "Alert", c.alert_wait + 5)
+        assert time.time() - pinged >= c.alert_wait
+        assert len(_alerts(lab, "kvm02")) == 1
+        assert c.hosts[uuid].lastpinged == pinged
+        assert c.investigations and set(d for n, d in c.investigations) == {"Disconnected"}
+        # disconnectAgent stamps `disconnected` again at the Alert.
+        alerted = (await _listed(lab, "kvm02"))["disconnected"]
+        assert alerted > shown["disconnected"]
+        # Powered on again: its agent reconnects, Connecting first, then Up, pinging again.
+        await lab.recovers("kvm02")
+        assert c.hosts[uuid].state == "Connecting"
+        assert (await _listed(lab, "kvm02"))["state"] == "Connecting"
+        assert await _until(lambda: c.hosts[uuid].state == "Up", 3 * c.ping_interval)
+        assert c.hosts[uuid].lastpinged > pinged
+        assert len(_alerts(lab, "kvm02")) == 1  # a reconnect publishes nothing
+        back = await _listed(lab, "kvm02")
+        assert back["state"] == "Up" and back["managementserverid"]
+        assert back["disconnected"] == alerted
+        assert "disconnected" not in await _listed(lab, "kvm03")  # never disconnected
+
+
+async def test_the_investigator_finds_a_crashed_host_down_and_cloudstack_restarts_its_vms(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    async with LabCloud(
+        broker, hosts=3, root=tmp_path / "lab", interval=0.5, investigator=True
+    ) as lab:
+        c = lab.cloud
+        h = c.hosts[lab.host("kvm02").uuid]
+        vms = lab.vms_of("kvm02")
+        await lab.crash("kvm02")
+        assert await _until(lambda: h.state == "Down", c.ping_interval * (c.ping_timeout + 3))
+        # (a heartbeat written just before the crash may still be fresh at the first
+        # investigation: Disconnected then, Down at the monitor's next pass)
+        alerts = _alerts(lab, "kvm02")
+        subjects = [s for s, _b in alerts]
+        first = subjects.index(f"Host down, {h.numeric_id}")
+        assert all(s.startswith("Host disconnected, ") for s in subjects[:first]), subjects
+        assert subjects[first + 1].startswith("Host is down, name: kvm02 (id:")
+        (_s, body), (_s2, body2) = alerts[first : first + 2]
+        assert body == f'Host Host {{"id":{h.numeric_id},"name":"kvm02","type":"Routing",' + (
+            f'"uuid":"{h.uuid}"}} is down. Starting HA on the VMs'
+        )
+        assert "Starting HA on the following VMs: " in body2
+        # CloudStack's own VM-HA, no fence: the VMs run elsewhere; the BMC was never asked.
+        assert await _until(lambda: sorted(lab.restarted_elsewhere("kvm02")) == sorted(vms), 10)
+        assert lab.bmc_power_offs("kvm02") == 0
+        assert ("kvm02", "Down") in c.investigations
+
+
+async def test_the_investigator_takes_a_live_host_whose_agent_died_for_down_split_brain(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """#2890: the heartbeat lives in the agent; the agent dies, the host and its VMs live on,
+    the neighbours find the heartbeat stale and CloudStack restarts the VMs elsewhere: each VM
+    then runs twice, its disk written from two hosts."""
+    async with LabCloud(
+        broker, hosts=3, root=tmp_path / "lab", interval=0.5, investigator=True
+    ) as lab:
+        c = lab.cloud
+        live = lab.host("kvm02")
+        h = c.hosts[live.uuid]
+        vms = lab.vms_of("kvm02")
+        lab.agent_dies("kvm02")
+        # Investigated at once: the heartbeat is fresh, the neighbours say Up: Disconnected.
+        assert h.state == "Disconnected" and c.investigations[-1] == ("kvm02", "Disconnected")
+        assert await _until(lambda: h.state == "Down", c.ping_interval * (c.ping_timeout + 3))
+        assert await _until(lambda: sorted(lab.restarted_elsewhere("kvm02")) == sorted(vms), 10)
+        assert live.powered and sorted(live.vms()) == sorted(vms)  # still running them
+        disks = live.disk_files(vms)
+        before = {d: d.stat().st_mtime for d in disks}
+        await asyncio.sleep(1.0)
+        assert all(d.stat().st_mtime > before[d] for d in disks)
+
+
+async def test_the_investigator_cannot_read_the_heartbeat_in_a_storage_outage(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    async with LabCloud(
+        broker, hosts=3, root=tmp_path / "lab", interval=0.5, investigator=True
+    ) as lab:
+        c = lab.cloud
+        h = c.hosts[lab.host("kvm02").uuid]
+        lab.storage_outage()
+        await lab.crash("kvm02")
+        assert await _until(lambda: h.state != "Up", c.ping_interval * (c.ping_timeout + 3))
+        await asyncio.sleep(2 * c.ping_interval)
+        assert h.state == "Disconnected" and lab.restarted_elsewhere("kvm02") == []
+        assert "Down" not in {d for _n, d in c.investigations}

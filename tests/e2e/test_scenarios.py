@@ -245,7 +245,7 @@ async def test_busy_disk_unreadable_is_unknown_notified_never_fenced(
 
 def test_every_scenario_is_covered_here() -> None:
     names = {n.removeprefix("test_") for n in globals() if n.startswith("test_")}
-    assert len(SCENARIOS) == 21
+    assert len(SCENARIOS) == 23
     covered = {
         "agent-dies": "agent_dies_is_never_fenced",
         "host-crash": "host_crash_is_fenced_once_in_time",
@@ -274,9 +274,21 @@ def test_every_scenario_is_covered_here() -> None:
         "rbd-bmc-unreachable": "rbd_bmc_unreachable_blocklist_fallback_restarts_the_vms",
         "ceph-unreachable": "ceph_unreachable_is_unknown_notified_never_fenced",
     }
-    assert {**covered, **on_ceph}.keys() == SCENARIOS.keys()
+    # With CloudStack's own investigator and VM-HA: tests/e2e/test_cloudstack_ha.py.
+    from tests.e2e import test_cloudstack_ha as cs_ha
+
+    cloudstack_ha = {
+        "cloudstack-marks-down": (
+            "cloudstack_marks_a_crashed_host_down_and_fencer_still_fences_it_once"
+        ),
+        "agent-dies-cloudstack-says-down": (
+            "a_live_host_cloudstack_takes_for_down_is_never_judged_dead_on_its_own_vms"
+        ),
+    }
+    assert {**covered, **on_ceph, **cloudstack_ha}.keys() == SCENARIOS.keys()
     assert set(covered.values()) <= names
     assert all(hasattr(rbd, f"test_{n}") for n in on_ceph.values())
+    assert all(hasattr(cs_ha, f"test_{n}") for n in cloudstack_ha.values())
 
 
 # ---------------------------------------------------------------------------------------------
