@@ -533,21 +533,31 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
 
     # -- notify: email and SNMP for every step ------------------------------------------
     if "notify" in roles:
-        # Each record is delivered before its offset is committed (at least once); a peer that
-        # is down holds one actor, not every notification.
-        @app.agent(
-            app.topic(names.fence_decisions, names.fence_outcomes, names.notices, **RAW),
-            concurrency=4,
-        )
-        async def notify(stream: Any) -> None:
-            async for event in stream.events():
-                if event.message.topic == names.fence_decisions and not runtime.decision_is_signed(
-                    event.message, required=False
-                ):
-                    continue  # a forged decision is told as a forged_record notice, not as news
-                record = codec.notifiable(event.message, names)
-                if record is not None:
-                    await runtime.notify(record, notified, event.message.key.decode())
+        # Each record is delivered before its offset is committed (at least once). One agent
+        # per channel, each reading every record: a peer that is down holds its own channel's
+        # agent only (review4: with one agent for all, a mail server down held four records,
+        # then nothing more was read and no trap went out either); the other channels' agents
+        # read on (Faust buffers each agent's records).
+        def notify_agent(channel: str, index: int) -> None:
+            @app.agent(
+                app.topic(names.fence_decisions, names.fence_outcomes, names.notices, **RAW),
+                name=f"notify-{index}",
+                concurrency=4,
+            )
+            async def notify(stream: Any) -> None:
+                async for event in stream.events():
+                    if (
+                        event.message.topic == names.fence_decisions
+                        and not runtime.decision_is_signed(event.message, required=False)
+                    ):
+                        continue  # a forged decision is told as a forged_record notice
+                    record = codec.notifiable(event.message, names)
+                    if record is not None:
+                        key = event.message.key.decode()
+                        await runtime.notify(record, notified, key, channel=channel)
+
+        for index, channel in enumerate(runtime.notifier().channel_keys()):
+            notify_agent(channel, index)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def close_clients(app: faust.App, **kwargs: Any) -> None:

@@ -275,16 +275,8 @@ class Runtime:
         self._pins = store
         return store
 
-    async def notify(
-        self,
-        record: FenceDecision | FenceOutcome | Notice,
-        table: MutableMapping[str, Any],
-        key: str,
-    ) -> None:
-        """Deliver a record's notification before returning (so the offset is committed after
-        delivery): marked in the table per channel once its peer accepted it, at least once."""
-        from fencing.signing import KeyringError
-
+    def notifier(self) -> Any:
+        """The notify role's Notifier (built once, from the settings file's channels)."""
         if self._notifier is None:
             from notifiers.service import Notifier
 
@@ -293,11 +285,26 @@ class Runtime:
             self._notifier = Notifier.from_settings(
                 self.settings, recipients_for=lambda c: self.current.email_to_for(c)
             )
+        return self._notifier
+
+    async def notify(
+        self,
+        record: FenceDecision | FenceOutcome | Notice,
+        table: MutableMapping[str, Any],
+        key: str,
+        channel: str | None = None,
+    ) -> None:
+        """Deliver a record's notification before returning (so the offset is committed after
+        delivery): marked in the table per channel once its peer accepted it, at least once.
+        `channel`: that channel only (the notify role's agent of that channel)."""
+        from fencing.signing import KeyringError
+
+        notifier = self.notifier()
         try:
             await self.live()
         except KeyringError:
             pass  # no signing key: the settings topic cannot be trusted, the file's lists apply
-        await self._notifier.deliver(record, RowStore(table, key), forever=True)
+        await notifier.deliver(record, RowStore(table, key), forever=True, channel=channel)
 
     async def close(self) -> None:
         """Close every client."""

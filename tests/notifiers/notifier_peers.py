@@ -130,9 +130,9 @@ def smtp_server() -> Iterator[SmtpFactory]:
     """Start aiosmtpd servers on loopback: mode plain | starttls | smtps."""
     controllers: list[Controller] = []
 
-    def start(mode: str = "plain", tls: Tls | None = None) -> SmtpServer:
+    def start(mode: str = "plain", tls: Tls | None = None, port: int | None = None) -> SmtpServer:
         box = Mailbox()
-        port = free_port()
+        port = port or free_port()
         kwargs: dict[str, object] = {}
         if mode == "starttls":
             assert tls is not None
