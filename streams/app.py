@@ -538,7 +538,7 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
         # agent only (review4: with one agent for all, a mail server down held four records,
         # then nothing more was read and no trap went out either); the other channels' agents
         # read on (Faust buffers each agent's records).
-        def notify_agent(channel: str, index: int) -> None:
+        def notify_agent(channel: str | None, index: int) -> None:
             @app.agent(
                 app.topic(names.fence_decisions, names.fence_outcomes, names.notices, **RAW),
                 name=f"notify-{index}",
@@ -556,7 +556,10 @@ def create_app(settings: FencerSettings, roles: tuple[str, ...] = ROLES) -> faus
                         key = event.message.key.decode()
                         await runtime.notify(record, notified, key, channel=channel)
 
-        for index, channel in enumerate(runtime.notifier().channel_keys()):
+        channels = runtime.notifier().channel_keys()
+        if not channels:
+            log.warning("the notify role has no channel enabled (email, snmp): nothing is sent")
+        for index, channel in enumerate(channels or [None]):
             notify_agent(channel, index)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]

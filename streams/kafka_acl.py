@@ -102,7 +102,8 @@ PRINCIPALS: tuple[Principal, ...] = (
         "fencer-notify",
         "notifier",
         ("notify",),
-        read=_f("fence_decisions", "fence_outcomes", "notices"),
+        # The settings: a cluster's mail recipients as the UI set them, read at each send.
+        read=_f("fence_decisions", "fence_outcomes", "notices", "settings"),
         write=_f(),
         why="mails and traps: only reads fencer's topics",
     ),

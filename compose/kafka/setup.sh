@@ -180,6 +180,7 @@ acl --allow-principal User:fencer-notify --operation Read --topic fencer-notify-
 acl --allow-principal User:fencer-notify --operation Read --topic fencer.fence-decisions
 acl --allow-principal User:fencer-notify --operation Read --topic fencer.fence-outcomes
 acl --allow-principal User:fencer-notify --operation Read --topic fencer.notices
+acl --allow-principal User:fencer-notify --operation Read --topic fencer.settings
 acl --allow-principal User:fencer-notify --operation Write --topic fencer-notify- --resource-pattern-type prefixed
 # fencer-probe: asks a neighbour over SSH, answers with a probe result
 acl --allow-principal User:fencer-probe --operation Create --topic fencer-probe- --resource-pattern-type prefixed

@@ -268,6 +268,7 @@ def test_the_acls_of_the_script_are_the_table_and_the_rules(settings: FencerSett
         t.fence_decisions,
         t.fence_outcomes,
         t.notices,
+        t.settings,  # a cluster's mail recipients as the UI set them (read at each send)
     }
     cloudstack = [g for g in acls if g.principal == "cloudstack-events"]
     assert cloudstack == [Grant("cloudstack-events", "Write", "topic", t.cloudstack)]

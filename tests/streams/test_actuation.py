@@ -475,7 +475,7 @@ async def test_a_redelivered_decision_is_answered_from_the_actuated_table(
         settings = fencer_settings(
             isolated_topics=True,
             signing=SigningSettings(keys=SecretStr("k1 " + "s" * 40)),
-            defaults=IpmiSettings(password=SecretStr("pw"), port=bmc.port),
+            defaults=IpmiSettings(password=SecretStr("pw"), port=bmc.port, action="stop"),
             hosts={"h1": HostSettings(ipmi=IpmiOverrides(address="127.0.0.1"))},
         )
         runtime = Runtime(settings=settings, started_at=0.0)
@@ -844,7 +844,7 @@ async def test_a_fence_done_by_a_claimant_that_died_before_its_done_ends_in_an_o
                 secret_key=SecretStr(sim.secret_key),
                 job_timeout=10,
             ),
-            defaults=IpmiSettings(password=SecretStr("pw"), port=bmc.port),
+            defaults=IpmiSettings(password=SecretStr("pw"), port=bmc.port, action="stop"),
             hosts={hv.uuid: HostSettings(ipmi=IpmiOverrides(address="127.0.0.1"))},
             actuator=ActuatorSettings(claim_lease=2.0, decision_max_age=60.0),
         )
